@@ -9,6 +9,7 @@
 //! all of them.
 
 pub mod dispatch;
+pub mod fused;
 pub mod ops;
 
 use kiln_core::OpRegistry;
