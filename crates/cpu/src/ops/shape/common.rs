@@ -307,6 +307,66 @@ impl Mover for ViewMover {
     }
 }
 
+/// A mover that copies `block`-element runs: output block k is
+/// `src[offsets[k]..offsets[k] + block]` (`None` leaves the pre-filled default, zero).
+pub(crate) struct BlockGather {
+    /// Source offset of each output block.
+    pub offsets: Vec<Option<usize>>,
+    /// Elements per block.
+    pub block: usize,
+}
+
+impl Mover for BlockGather {
+    fn run<T: Clone + Send + Sync>(&self, srcs: &[&[T]], dst: &mut [T]) -> Result<()> {
+        let src = srcs[0];
+        let b = self.block;
+        if b == 0 || dst.is_empty() {
+            return Ok(());
+        }
+        if self.offsets.len() * b != dst.len() {
+            return Err(kerr("gather", "internal error: block count does not match output size"));
+        }
+        for o in self.offsets.iter().flatten() {
+            if o + b > src.len() {
+                return Err(kerr("gather", "internal error: block out of range"));
+            }
+        }
+        if b == 1 {
+            for (d, o) in dst.iter_mut().zip(&self.offsets) {
+                if let Some(o) = o {
+                    *d = src[*o].clone();
+                }
+            }
+            return Ok(());
+        }
+        par_blocks(dst, b, self.offsets.len(), |chunk, first| {
+            for (k, out) in chunk.chunks_mut(b).enumerate() {
+                if let Some(o) = self.offsets[first + k] {
+                    out.clone_from_slice(&src[o..o + b]);
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Index values of an integer tensor normalised against `dim` (negative counts from the
+/// end); errors name the op and the bad index.
+pub(crate) fn norm_indices(op: &str, t: &Tensor, dim: usize) -> Result<Vec<usize>> {
+    let v = t.to_i64_vec().map_err(|e| kerr(op, format!("indices: {e}")))?;
+    let d = dim as i64;
+    v.iter()
+        .map(|&i| {
+            let j = if i < 0 { i + d } else { i };
+            if j < 0 || j >= d {
+                Err(kerr(op, format!("index {i} is out of range for a dim of size {dim}")))
+            } else {
+                Ok(j as usize)
+            }
+        })
+        .collect()
+}
+
 /// Row-major strides as isize.
 pub(crate) fn istrides(shape: &[usize]) -> Vec<isize> {
     kiln_core::strides(shape).iter().map(|&s| s as isize).collect()
