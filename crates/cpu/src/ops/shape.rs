@@ -16,6 +16,9 @@ pub mod pad;
 pub mod slice;
 pub mod transpose;
 
+#[cfg(test)]
+mod local_conformance;
+
 /// Registers this family's ops.
 pub fn register(reg: &mut OpRegistry) {
     reg.register("Shape", basic::build_shape);

@@ -38,12 +38,17 @@ impl Op for Compress {
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let x = fact_at(inputs, 0);
         let dtype = x.and_then(|f| f.dtype);
+        let cond = fact_at(inputs, 1).and_then(|f| f.konst.as_ref()).and_then(|t| truth_values(t).ok());
+        let selected = match cond {
+            Some(c) => Dim::Known(c.iter().filter(|b| **b).count()),
+            None => Dim::Unknown,
+        };
         let shape = match (self.axis, x.and_then(|f| f.shape.as_ref())) {
-            (None, _) => Some(vec![Dim::Unknown]),
+            (None, _) => Some(vec![selected]),
             (Some(a), Some(s)) => {
                 let a = norm_axis("Compress", a, s.len()).map_err(|e| ierr("Compress", e.to_string()))?;
                 let mut s = s.clone();
-                s[a] = Dim::Unknown;
+                s[a] = selected;
                 Some(s)
             }
             _ => None,
@@ -313,9 +318,15 @@ impl Op for Unique {
             }
             _ => None,
         };
+        let n_rows = match (self.axis, x.and_then(|f| f.shape.as_ref())) {
+            (None, Some(s)) => super::super::shape::basic::dims_product(s),
+            (Some(a), Some(s)) => norm_axis("Unique", a, s.len()).map(|a| s[a].clone()).unwrap_or(Dim::Unknown),
+            _ => Dim::Unknown,
+        };
         let mut out = vec![tensor_fact(dtype, y_shape)];
-        for _ in 1..n {
-            out.push(Fact::tensor(DType::I64, vec![Dim::Unknown]));
+        for i in 1..n {
+            let d = if i == 2 { n_rows.clone() } else { Dim::Unknown };
+            out.push(Fact::tensor(DType::I64, vec![d]));
         }
         Ok(out)
     }
