@@ -198,6 +198,25 @@ pub(crate) fn stack(op: &str, parts: &[Tensor], axis: usize) -> Result<Tensor> {
     concat(op, &expanded, axis)
 }
 
+/// The elements of `t` (flattened) at `idx`, as a tensor of `shape`.
+pub(crate) fn gather_flat(op: &str, t: &Tensor, idx: &[usize], shape: &[usize]) -> Result<Tensor> {
+    if let Some(bad) = idx.iter().find(|i| **i >= t.len()) {
+        return Err(KilnError::kernel(
+            op,
+            format!("index {bad} is out of range for {} elements", t.len()),
+        ));
+    }
+    if t.dtype() == DType::String {
+        let s = t.as_strings()?;
+        return Tensor::from_strings(shape, idx.iter().map(|&i| s[i].clone()).collect());
+    }
+    crate::dispatch_pod!(t.dtype(), T => {
+        let d = t.as_raw::<T>()?;
+        let v: Vec<T> = idx.iter().map(|&i| d[i]).collect();
+        Tensor::from_raw(t.dtype(), shape, &v)
+    }, _ => Err(KilnError::kernel(op, format!("unsupported dtype {}", t.dtype()))))
+}
+
 /// A tensor is "true" when it holds one non-zero element (bool or numeric).
 pub(crate) fn truthy(op: &str, t: &Tensor) -> Result<bool> {
     if t.len() != 1 {
