@@ -8,6 +8,7 @@
 //!
 //! Floats are computed in f32 (f16/bf16 are widened) or f64 for f64 inputs.
 
+use super::linalg::blas::{self, GemmFloat, MatRef};
 use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
 
 /// Registers this family's ops.
@@ -135,7 +136,7 @@ fn sigmoid<T: RnnFloat>(x: T) -> T {
 // ---------------------------------------------------------------------------------------
 
 /// The float types the recurrent kernels compute in.
-pub trait RnnFloat: num_traits::Float + Send + Sync + std::fmt::Debug + 'static {
+pub trait RnnFloat: GemmFloat + std::fmt::Debug {
     /// Converts an attribute value.
     fn from_f32(v: f32) -> Self;
 }
@@ -170,38 +171,15 @@ fn matmul_bt<T: RnnFloat>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mu
         }
         return;
     }
-    let par = if m * n * k >= 1 << 18 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the slices above were bounds-checked to hold exactly m×k, n×k and m×n
-    // elements; the strides describe those row-major buffers (lhs row stride k, rhs read
-    // as bᵀ: row stride 1, column stride k, dst row stride n), T is f32 or f64 (the only
-    // RnnFloat impls, both supported by gemm), and dst does not alias the inputs.
-    #[allow(unsafe_code)]
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            k as isize,
-            1,
-            T::zero(),
-            T::one(),
-            false,
-            false,
-            false,
-            par,
-        );
+    // c = a · bᵀ: b (n×k row-major) read transposed. The shapes were checked above, so the
+    // wrapper cannot fail; fall back to dot products if it ever does.
+    let parallel = m * n * k >= blas::PARALLEL_THRESHOLD;
+    if blas::gemm(m, n, k, c, n, false, MatRef::row_major(a, k), MatRef::transposed(b, k), T::one(), parallel).is_err() {
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
+            }
+        }
     }
 }
 

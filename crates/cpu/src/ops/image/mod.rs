@@ -2,9 +2,13 @@
 
 use kiln_core::OpRegistry;
 
+pub mod grid;
 pub mod resize;
+pub mod roi;
 
 /// Registers this family's ops.
 pub fn register(reg: &mut OpRegistry) {
     resize::register(reg);
+    grid::register(reg);
+    roi::register(reg);
 }
