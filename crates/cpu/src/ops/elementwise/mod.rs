@@ -14,9 +14,10 @@ mod cast;
 mod unary;
 mod variadic;
 
-use kiln_core::{
-    AlignedBuf, DType, Dim, Fact, KilnError, OpRegistry, Result, Tensor, Value, ValueKind,
-};
+#[cfg(test)]
+mod localconf;
+
+use kiln_core::{AlignedBuf, DType, Dim, Fact, KilnError, OpRegistry, Result, Tensor, Value, ValueKind};
 
 pub use broadcast::{broadcast_shape, map_into, Plan};
 pub use cast::cast_tensor;
@@ -55,37 +56,21 @@ pub fn checked_numel(shape: &[usize]) -> Result<usize> {
 
 /// A shape-inference error naming the op.
 pub fn infer_err(op: &str, msg: impl Into<String>) -> KilnError {
-    KilnError::Inference {
-        node: String::new(),
-        op: op.to_string(),
-        msg: msg.into(),
-    }
+    KilnError::Inference { node: String::new(), op: op.to_string(), msg: msg.into() }
 }
 
 /// Output fact of a shape-preserving op: the first input's shape, with `dtype` (or the
 /// input's dtype when `None`).
 pub fn infer_unary(inputs: &[Option<&Fact>], dtype: Option<DType>) -> Result<Vec<Fact>> {
     Ok(vec![match inputs.first().copied().flatten() {
-        Some(f) => Fact {
-            kind: ValueKind::Tensor,
-            dtype: dtype.or(f.dtype),
-            shape: f.shape.clone(),
-            konst: None,
-        },
-        None => Fact {
-            dtype,
-            ..Fact::unknown()
-        },
+        Some(f) => Fact { kind: ValueKind::Tensor, dtype: dtype.or(f.dtype), shape: f.shape.clone(), konst: None },
+        None => Fact { dtype, ..Fact::unknown() },
     }])
 }
 
 /// Output fact of a broadcasting op over all present inputs: the broadcast shape, with
 /// `dtype` (or the first input's dtype when `None`).
-pub fn infer_broadcast(
-    op: &str,
-    inputs: &[Option<&Fact>],
-    dtype: Option<DType>,
-) -> Result<Vec<Fact>> {
+pub fn infer_broadcast(op: &str, inputs: &[Option<&Fact>], dtype: Option<DType>) -> Result<Vec<Fact>> {
     let dtype = dtype.or_else(|| inputs.first().copied().flatten().and_then(|f| f.dtype));
     let mut shape: Option<Vec<Dim>> = Some(Vec::new());
     for f in inputs {
@@ -95,26 +80,13 @@ pub fn infer_broadcast(
             _ => None,
         };
     }
-    Ok(vec![Fact {
-        kind: ValueKind::Tensor,
-        dtype,
-        shape,
-        konst: None,
-    }])
+    Ok(vec![Fact { kind: ValueKind::Tensor, dtype, shape, konst: None }])
 }
 
 fn fact_broadcast(op: &str, a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>> {
     kiln_core::fact::broadcast_dims(a, b).ok_or_else(|| {
-        let show = |s: &[Dim]| {
-            s.iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        infer_err(
-            op,
-            format!("shapes [{}] and [{}] cannot be broadcast", show(a), show(b)),
-        )
+        let show = |s: &[Dim]| s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+        infer_err(op, format!("shapes [{}] and [{}] cannot be broadcast", show(a), show(b)))
     })
 }
 
@@ -135,47 +107,25 @@ pub(crate) mod testutil {
     use kiln_core::{Attr, BuildCtx, Op, OpDesc, Tensor, Value};
 
     /// Builds an op through the full registry.
-    pub fn build(
-        op: &str,
-        opset: i64,
-        attrs: Vec<(&str, Attr)>,
-        n_in: usize,
-        n_out: usize,
-    ) -> kiln_core::Result<std::sync::Arc<dyn Op>> {
+    pub fn build(op: &str, opset: i64, attrs: Vec<(&str, Attr)>, n_in: usize, n_out: usize) -> kiln_core::Result<std::sync::Arc<dyn Op>> {
         let mut desc = OpDesc::new("", op, opset);
         for (k, v) in attrs {
             desc.attrs.insert(k.to_string(), v);
         }
         let reg = crate::registry();
-        let ctx = BuildCtx {
-            node: "n",
-            desc: &desc,
-            n_inputs: n_in,
-            n_outputs: n_out,
-        };
+        let ctx = BuildCtx { node: "n", desc: &desc, n_inputs: n_in, n_outputs: n_out };
         reg.build(&ctx)
     }
 
     /// Runs an op on tensors (None for absent optional inputs).
     pub fn run(op: &dyn Op, inputs: &[Option<Tensor>]) -> kiln_core::Result<Vec<Tensor>> {
-        let vals: Vec<Option<Value>> = inputs
-            .iter()
-            .map(|t| t.clone().map(Value::Tensor))
-            .collect();
+        let vals: Vec<Option<Value>> = inputs.iter().map(|t| t.clone().map(Value::Tensor)).collect();
         let refs: Vec<Option<&Value>> = vals.iter().map(|v| v.as_ref()).collect();
-        op.eval(&refs)?
-            .into_iter()
-            .map(|v| v.into_tensor())
-            .collect()
+        op.eval(&refs)?.into_iter().map(|v| v.into_tensor()).collect()
     }
 
     /// Builds and runs in one go, returning the first output.
-    pub fn run1(
-        op: &str,
-        opset: i64,
-        attrs: Vec<(&str, Attr)>,
-        inputs: &[Option<Tensor>],
-    ) -> kiln_core::Result<Tensor> {
+    pub fn run1(op: &str, opset: i64, attrs: Vec<(&str, Attr)>, inputs: &[Option<Tensor>]) -> kiln_core::Result<Tensor> {
         let o = build(op, opset, attrs, inputs.len(), 1)?;
         Ok(run(o.as_ref(), inputs)?.remove(0))
     }
@@ -187,14 +137,10 @@ pub(crate) mod testutil {
 
     /// Deterministic pseudo-random non-zero values in [-2, 2].
     pub fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let v = ((s >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0;
                 if v == 0.0 {
                     0.5
