@@ -405,7 +405,7 @@ impl Op for Unique {
             }
         };
         let n = rows_t.shape().first().copied().unwrap_or(1);
-        let row = if n == 0 { 0 } else { rows_t.len() / n };
+        let row = rows_t.len().checked_div(n).unwrap_or(0);
         let (firsts, inverse, counts) = match rows_t.dtype() {
             DType::String => {
                 let d = rows_t.as_strings()?;

@@ -176,7 +176,7 @@ pub(crate) fn reshape_dims(
             .ok_or_else(|| kerr(op, format!("shape {target:?} is too large")))?;
     }
     if let Some(i) = infer_at {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(kerr(op, format!("cannot reshape {input:?} to {target:?}")));
         }
         out[i] = total / known;
@@ -237,7 +237,9 @@ fn solve_missing(input: &[Dim], out: &[Dim], at: usize) -> Dim {
         }
     }
     match in_syms.len() {
-        0 if out_known != 0 && in_known % out_known == 0 => Dim::Known(in_known / out_known),
+        0 if out_known != 0 && in_known.is_multiple_of(out_known) => {
+            Dim::Known(in_known / out_known)
+        }
         1 if in_known == out_known && out_known != 0 => Dim::Sym(in_syms[0].to_string()),
         _ => Dim::Unknown,
     }

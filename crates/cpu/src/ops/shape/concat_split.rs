@@ -191,7 +191,7 @@ fn equal_parts(op: &str, d: usize, n: usize, uneven_ok: bool) -> Result<Vec<usiz
     if n == 0 {
         return Err(kerr(op, "no outputs"));
     }
-    if d % n == 0 {
+    if d.is_multiple_of(n) {
         return Ok(vec![d / n; n]);
     }
     if !uneven_ok {

@@ -11,8 +11,11 @@ use super::common::*;
 /// (opset 10+).
 #[derive(Debug)]
 pub struct Slice {
-    attrs: Option<(Vec<i64>, Vec<i64>, Option<Vec<i64>>)>,
+    attrs: Option<SliceAttrs>,
 }
+
+/// Opset 1-9 attributes: starts, ends, axes.
+type SliceAttrs = (Vec<i64>, Vec<i64>, Option<Vec<i64>>);
 
 /// Builds `Slice`.
 pub fn build_slice(ctx: &BuildCtx) -> Result<Box<dyn Op>> {

@@ -152,7 +152,7 @@ impl DepthSpace {
         }
         let (n, c, h, w, b) = (s[0], s[1], s[2], s[3], self.block);
         if self.to_space {
-            if c % (b * b) != 0 {
+            if !c.is_multiple_of(b * b) {
                 return Err(kerr(
                     op,
                     format!("channels {c} not divisible by blocksize² {}", b * b),
@@ -166,7 +166,7 @@ impl DepthSpace {
                 Ok((vec![n, b, b, c2, h, w], vec![0, 3, 4, 1, 5, 2], out))
             }
         } else {
-            if h % b != 0 || w % b != 0 {
+            if !h.is_multiple_of(b) || !w.is_multiple_of(b) {
                 return Err(kerr(
                     op,
                     format!("spatial dims {h}x{w} not divisible by blocksize {b}"),
@@ -192,7 +192,7 @@ impl Op for DepthSpace {
         let shape = x.and_then(|f| f.shape.as_ref()).map(|s| {
             let scale = |d: &Dim, up: bool| match d.known() {
                 Some(k) if up => Dim::Known(k * b),
-                Some(k) if k % b == 0 => Dim::Known(k / b),
+                Some(k) if k.is_multiple_of(b) => Dim::Known(k / b),
                 _ => Dim::Unknown,
             };
             if s.len() != 4 {
