@@ -169,6 +169,12 @@ impl Graph {
     /// Runs shape and type inference over all nodes in order, refining value facts.
     /// Facts already declared (model `value_info`) are kept where inference knows less.
     pub fn infer_facts(&mut self) -> Result<()> {
+        self.infer_facts_with(false)
+    }
+
+    /// Like [`Graph::infer_facts`]; when `lenient`, a node whose inference fails gets unknown
+    /// output facts instead of failing the whole graph (its kernel reports at run time).
+    pub fn infer_facts_with(&mut self, lenient: bool) -> Result<()> {
         for (id, t) in &self.constants {
             self.values[*id].fact = Fact::constant(t.clone());
         }
@@ -176,7 +182,15 @@ impl Graph {
             let node = &self.nodes[ni];
             let in_facts: Vec<Option<&Fact>> =
                 node.inputs.iter().map(|i| i.map(|i| &self.values[i].fact)).collect();
-            let out = node.op.infer(&in_facts, node.outputs.len()).map_err(|e| match e {
+            let inferred = node.op.infer(&in_facts, node.outputs.len());
+            let inferred = match inferred {
+                Err(e) if lenient => {
+                    tracing::debug!(node = %node.name, error = %e, "shape inference failed; outputs left unknown");
+                    Ok(vec![Fact::unknown(); node.outputs.len()])
+                }
+                other => other,
+            };
+            let out = inferred.map_err(|e| match e {
                 KilnError::Inference { msg, .. } | KilnError::Kernel { msg, .. } | KilnError::Other(msg) => {
                     KilnError::Inference { node: node.name.clone(), op: node.desc.op_type.clone(), msg }
                 }

@@ -484,7 +484,7 @@ impl<'a> TensorMut<'a> {
 
     /// Copies a tensor of the same dtype and element count into this slot.
     pub fn copy_from(&mut self, t: &Tensor) -> Result<()> {
-        if t.dtype() != self.dtype || t.len() != numel(self.shape) {
+        if t.dtype() != self.dtype || t.shape() != self.shape {
             return Err(KilnError::Other(format!(
                 "kernel produced {} {:?}, the plan expected {} {:?}",
                 t.dtype(),

@@ -7,7 +7,7 @@
 //! subgraph's `graph.captures` and appends their values to the owning node's inputs, after
 //! the node's formal ONNX inputs:
 //!
-//! - `If`: inputs are `[cond, then_branch captures..., else_branch captures...]`; a name
+//! - `If`: inputs are `[cond, captures...]`; both branches share one capture list; a name
 //!   captured by both branches appears twice.
 //! - `Loop`: `[M, cond, v_initial..., body captures...]`.
 //! - `Scan`: `[(sequence_lens, opset 8), initial states..., scan inputs..., body captures...]`.
@@ -93,25 +93,18 @@ impl Op for If {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let cond = kiln_core::input_tensor(inputs, 0, "If")?;
         let cond = truthy("If", cond)?;
-        let n_then = self.then_branch.captures.len();
-        let n_else = self.else_branch.captures.len();
+        // Both branches share one capture list (the importer's contract): the node's
+        // trailing inputs after `cond`, in the order of each branch's `captures`.
+        let branch = if cond { &self.then_branch } else { &self.else_branch };
+        let n_caps = branch.captures.len();
         let start = inputs
             .len()
-            .checked_sub(n_then + n_else)
+            .checked_sub(n_caps)
             .filter(|s| *s >= 1)
-            .ok_or_else(|| {
-                KilnError::kernel(
-                    "If",
-                    format!("expected {} captured values after cond", n_then + n_else),
-                )
-            })?;
-        if cond {
-            let caps = captures("If", inputs, start, n_then)?;
-            run_body("If", "then_branch", &self.then_branch, &[], &caps)
-        } else {
-            let caps = captures("If", inputs, start + n_then, n_else)?;
-            run_body("If", "else_branch", &self.else_branch, &[], &caps)
-        }
+            .ok_or_else(|| KilnError::kernel("If", format!("expected {n_caps} captured values after cond")))?;
+        let caps = captures("If", inputs, start, n_caps)?;
+        let name = if cond { "then_branch" } else { "else_branch" };
+        run_body("If", name, branch, &[], &caps)
     }
 
     fn subgraphs(&self) -> Vec<Arc<Graph>> {
