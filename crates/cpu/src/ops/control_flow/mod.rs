@@ -678,16 +678,16 @@ impl Op for Scan {
         } else {
             None
         };
-        for i in 0..n {
+        for (i, body_f) in body_out.iter().enumerate().take(n) {
             let f = match inputs.get(off + i).copied().flatten() {
-                Some(init) if !self.batched => merge_facts(init, &body_out[i]),
+                Some(init) if !self.batched => merge_facts(init, body_f),
                 Some(init) => Fact {
                     konst: None,
                     ..init.clone()
                 },
                 None => Fact {
                     konst: None,
-                    ..body_out[i].clone()
+                    ..body_f.clone()
                 },
             };
             out.push(f);
