@@ -76,10 +76,10 @@ Examples:
 #[command(name = "kiln", version, after_help = TOP_EXAMPLES, propagate_version = true)]
 struct Cli {
     /// More logging on stderr: -v info, -vv debug, -vvv trace.
-    #[arg(short, long, action = ArgAction::Count, global = true)]
+    #[arg(short, long, action = ArgAction::Count, global = true, help_heading = "Global options")]
     verbose: u8,
     /// Only errors on stderr: no progress spinners, no warnings.
-    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = "Global options")]
     quiet: bool,
     #[command(subcommand)]
     command: Command,
