@@ -50,6 +50,20 @@ pub struct OpDesc {
 }
 
 impl OpDesc {
+    /// How many trailing node inputs are captured outer values rather than formal inputs.
+    /// All subgraph attributes of one node share one capture list (the importer's
+    /// contract), so this is the capture count of the first subgraph attribute.
+    pub fn capture_count(&self) -> usize {
+        self.attrs
+            .values()
+            .find_map(|a| match a {
+                Attr::Graph(g) => Some(g.captures.len()),
+                Attr::Graphs(gs) => gs.first().map(|g| g.captures.len()),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
     /// A description with no attributes.
     pub fn new(domain: &str, op_type: &str, opset: i64) -> Self {
         OpDesc { domain: domain.into(), op_type: op_type.into(), opset, attrs: BTreeMap::new() }

@@ -54,7 +54,7 @@ fn rebuild(graph: &mut Graph, node: usize, registry: &OpRegistry) -> Result<()> 
     let op = registry.build(&BuildCtx {
         node: &n.name,
         desc: &n.desc,
-        n_inputs: n.inputs.len(),
+        n_inputs: n.inputs.len().saturating_sub(n.desc.capture_count()),
         n_outputs: n.outputs.len(),
     })?;
     graph.nodes[node].op = op;

@@ -258,7 +258,7 @@ impl GraphReader<'_> {
             let op = self.registry.build(&BuildCtx {
                 node: &n.name,
                 desc: &desc,
-                n_inputs: n.inputs.len(),
+                n_inputs: n.inputs.len().saturating_sub(desc.capture_count()),
                 n_outputs: n.outputs.len(),
             })?;
             g.nodes.push(Node {

@@ -210,3 +210,84 @@ pub fn load_plan(path: &Path, registry: &OpRegistry, here: &Fingerprint) -> Resu
         source: meta.source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::{DType, Fact, Tensor};
+
+    fn sample_plan() -> Vec<u8> {
+        let mut g = Graph::default();
+        let w = g.add_value("w", Fact::concrete(DType::F32, &[4, 8]));
+        let data: Vec<f32> = (0..32).map(|i| i as f32 * 0.5 - 3.0).collect();
+        g.constants.insert(w, Tensor::from_vec(&[4, 8], data).unwrap());
+        let s = g.add_value("s", Fact::concrete(DType::I64, &[2]));
+        g.constants.insert(s, Tensor::from_vec(&[2], vec![7i64, -1]).unwrap());
+        g.outputs = vec![w, s];
+        write_plan(&g, &Fingerprint::cpu(), &BTreeMap::new(), &OptimizeReport::default(), &BTreeMap::new(), "t.onnx")
+            .unwrap()
+    }
+
+    #[test]
+    fn round_trip_maps_weights() {
+        let bytes = sample_plan();
+        let header = read_header(&bytes).unwrap();
+        assert_eq!(header.weights_offset % 64, 0);
+        let path = std::env::temp_dir().join(format!("kiln-plan-rt-{}.plan", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let loaded = load_plan(&path, &OpRegistry::new(), &Fingerprint::cpu()).unwrap();
+        let w = &loaded.graph.constants[&0];
+        assert!(matches!(w.storage(), Some(kiln_core::Bytes::Mapped { .. })), "large weights are mapped");
+        assert_eq!(w.as_slice::<f32>().unwrap()[3], 1.5 - 3.0);
+        assert_eq!(loaded.graph.constants[&1].to_i64_vec().unwrap(), vec![7, -1]);
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn rejects_bad_magic() {
+        let mut bytes = sample_plan();
+        bytes[0] = b'X';
+        let e = read_header(&bytes).unwrap_err().to_string();
+        assert!(e.contains("bad magic"), "{e}");
+        assert!(read_header(b"short").unwrap_err().to_string().contains("bad magic"));
+    }
+
+    #[test]
+    fn rejects_other_format_version() {
+        let mut bytes = sample_plan();
+        bytes[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        let e = read_header(&bytes).unwrap_err().to_string();
+        assert!(e.contains(&format!("format version {}", FORMAT_VERSION + 1)), "{e}");
+    }
+
+    #[test]
+    fn rejects_every_flipped_byte_after_the_prefix() {
+        let bytes = sample_plan();
+        for pos in (PREFIX..bytes.len()).step_by(7) {
+            let mut damaged = bytes.clone();
+            damaged[pos] ^= 0x10;
+            let e = read_header(&damaged).unwrap_err().to_string();
+            assert!(e.contains("checksum"), "byte {pos}: {e}");
+        }
+        let mut damaged = bytes.clone();
+        damaged[17] ^= 1; // the stored checksum itself
+        assert!(read_header(&damaged).unwrap_err().to_string().contains("checksum"));
+    }
+
+    #[test]
+    fn rejects_plan_for_another_device() {
+        let bytes = sample_plan();
+        let path = std::env::temp_dir().join(format!("kiln-plan-dev-{}.plan", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let mut gpu = Fingerprint::cpu();
+        gpu.backend = "cuda".into();
+        gpu.device = "NVIDIA H100".into();
+        let e = load_plan(&path, &OpRegistry::new(), &gpu).err().unwrap().to_string();
+        assert!(e.contains("another device") && e.contains("cpu backend"), "{e}");
+        let mut needs = Fingerprint::cpu();
+        needs.cpu_features.clear();
+        let plan_fp = Fingerprint { required_features: vec!["avx512f".into()], ..Fingerprint::cpu() };
+        assert!(plan_fp.incompatibility(&needs).unwrap().contains("avx512f"));
+        std::fs::remove_file(&path).ok();
+    }
+}

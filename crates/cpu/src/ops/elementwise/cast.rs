@@ -1,0 +1,121 @@
+//! Cast and CastLike.
+
+use std::any::Any;
+
+use kiln_core::{input_tensor, BuildCtx, DType, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
+
+use super::{infer_unary, one};
+
+/// Converts a tensor to `to` with ONNX `Cast` semantics (see [`Tensor::cast`]).
+pub fn cast_tensor(t: &Tensor, to: DType) -> Result<Tensor> {
+    t.cast(to).map_err(|e| KilnError::kernel("Cast", format!("{} to {to}: {e}", t.dtype())))
+}
+
+/// Name of an ONNX dtype code kiln cannot represent (float8, int4, complex, ...).
+fn onnx_type_name(code: i64) -> &'static str {
+    match code {
+        14 => "complex64",
+        15 => "complex128",
+        17 => "float8e4m3fn",
+        18 => "float8e4m3fnuz",
+        19 => "float8e5m2",
+        20 => "float8e5m2fnuz",
+        21 => "uint4",
+        22 => "int4",
+        23 => "float4e2m1",
+        24 => "float8e8m0",
+        _ => "unknown",
+    }
+}
+
+/// `Cast(input)` to the dtype of the `to` attribute.
+#[derive(Debug, Clone)]
+pub struct Cast {
+    to: DType,
+}
+
+impl Op for Cast {
+    fn op_type(&self) -> &str {
+        "Cast"
+    }
+
+    fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
+        infer_unary(inputs, Some(self.to))
+    }
+
+    fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
+        one(cast_tensor(input_tensor(inputs, 0, "Cast")?, self.to)?)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// `CastLike(input, target_type)`: casts to the dtype of the second input.
+#[derive(Debug, Clone)]
+pub struct CastLike;
+
+impl Op for CastLike {
+    fn op_type(&self) -> &str {
+        "CastLike"
+    }
+
+    fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
+        let dt = inputs.get(1).copied().flatten().and_then(|f| f.dtype);
+        let mut f = infer_unary(inputs, dt)?;
+        if dt.is_none() {
+            f[0].dtype = None;
+        }
+        Ok(f)
+    }
+
+    fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
+        let x = input_tensor(inputs, 0, "CastLike")?;
+        let like = input_tensor(inputs, 1, "CastLike")?;
+        one(cast_tensor(x, like.dtype())?)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+fn build_cast(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
+    let a = ctx.attrs();
+    let code = a.req_int("to")?;
+    let to = i32::try_from(code).ok().and_then(DType::from_onnx_code);
+    match to {
+        Some(to) => Ok(Box::new(Cast { to })),
+        None => Err(a.unsupported(format!("cast to {} (type code {code}) is not supported", onnx_type_name(code)))),
+    }
+}
+
+/// Registers Cast and CastLike.
+pub fn register(reg: &mut OpRegistry) {
+    reg.register("Cast", build_cast);
+    reg.register("CastLike", |_ctx: &BuildCtx| Ok(Box::new(CastLike)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use kiln_core::{Attr, Tensor};
+
+    #[test]
+    fn cast_basic() {
+        let x = f32t(&[4], vec![1.7, -2.5, 0.0, 300.0]);
+        let y = run1("Cast", 19, vec![("to", Attr::Int(6))], &[Some(x.clone())]).unwrap();
+        assert_eq!(y.as_slice::<i32>().unwrap(), &[1, -2, 0, 300]);
+        let y = run1("Cast", 19, vec![("to", Attr::Int(9))], &[Some(x.clone())]).unwrap();
+        assert_eq!(y.as_bools().unwrap(), &[true, true, false, true]);
+        let s = Tensor::from_strings(&[2], vec!["1.5".into(), "-INF".into()]).unwrap();
+        let y = run1("Cast", 19, vec![("to", Attr::Int(1))], &[Some(s)]).unwrap();
+        assert_eq!(y.as_slice::<f32>().unwrap(), &[1.5, f32::NEG_INFINITY]);
+        let like = Tensor::from_vec(&[1], vec![0f64]).unwrap();
+        let y = run1("CastLike", 19, vec![], &[Some(x), Some(like)]).unwrap();
+        assert_eq!(y.dtype(), kiln_core::DType::F64);
+        assert!(build("Cast", 19, vec![("to", Attr::Int(17))], 1, 1).is_err());
+        assert!(build("Cast", 19, vec![], 1, 1).is_err());
+    }
+}
