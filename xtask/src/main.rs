@@ -27,6 +27,8 @@ tasks:
   assets-info               show what is cached (python3 scripts/assets.py info)
   assets <cmd> [args]       run any scripts/assets.py subcommand
                             (fetch, reference, all, info)
+  bench-cpu [args]          kiln vs ONNX Runtime on the real models, side by side
+                            (python3 scripts/bench_cpu.py; --help for options)
 
 env: KILN_PYTHON (default python3), KILN_ASSETS (default <repo>/assets)";
 
@@ -39,8 +41,13 @@ fn repo_root() -> PathBuf {
 /// Run `python3 scripts/assets.py <args>` in the repo root and map its exit
 /// status onto ours (a signal becomes 128 + signal number on Unix).
 fn run_assets(args: Vec<OsString>) -> ExitCode {
+    run_script("assets.py", args)
+}
+
+/// Run `python3 scripts/<name> <args>` in the repo root, forwarding its exit status.
+fn run_script(name: &str, args: Vec<OsString>) -> ExitCode {
     let root = repo_root();
-    let script = root.join("scripts").join("assets.py");
+    let script = root.join("scripts").join(name);
     let python = env::var_os("KILN_PYTHON").unwrap_or_else(|| "python3".into());
     let status = Command::new(&python)
         .arg(&script)
@@ -91,6 +98,7 @@ fn main() -> ExitCode {
             run_assets(forwarded)
         }
         Some("assets") if !rest.is_empty() => run_assets(rest),
+        Some("bench-cpu") => run_script("bench_cpu.py", rest),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             ExitCode::SUCCESS
