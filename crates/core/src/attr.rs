@@ -50,9 +50,28 @@ pub struct OpDesc {
 }
 
 impl OpDesc {
+    /// How many trailing node inputs are captured outer values rather than formal inputs.
+    /// All subgraph attributes of one node share one capture list (the importer's
+    /// contract), so this is the capture count of the first subgraph attribute.
+    pub fn capture_count(&self) -> usize {
+        self.attrs
+            .values()
+            .find_map(|a| match a {
+                Attr::Graph(g) => Some(g.captures.len()),
+                Attr::Graphs(gs) => gs.first().map(|g| g.captures.len()),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+
     /// A description with no attributes.
     pub fn new(domain: &str, op_type: &str, opset: i64) -> Self {
-        OpDesc { domain: domain.into(), op_type: op_type.into(), opset, attrs: BTreeMap::new() }
+        OpDesc {
+            domain: domain.into(),
+            op_type: op_type.into(),
+            opset,
+            attrs: BTreeMap::new(),
+        }
     }
 }
 
@@ -66,7 +85,11 @@ pub struct AttrReader<'a> {
 
 impl<'a> AttrReader<'a> {
     fn err(&self, msg: String) -> KilnError {
-        KilnError::InvalidNode { node: self.node.into(), op: self.desc.op_type.clone(), msg }
+        KilnError::InvalidNode {
+            node: self.node.into(),
+            op: self.desc.op_type.clone(),
+            msg,
+        }
     }
 
     fn get(&self, name: &str) -> Option<&'a Attr> {
@@ -88,13 +111,16 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Attr::Int(v)) => Ok(Some(*v)),
-            Some(other) => Err(self.err(format!("attribute {name} should be an int, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be an int, found {other:?}"
+            ))),
         }
     }
 
     /// A required integer attribute.
     pub fn req_int(&self, name: &str) -> Result<i64> {
-        self.opt_int(name)?.ok_or_else(|| self.err(format!("required attribute {name} is missing")))
+        self.opt_int(name)?
+            .ok_or_else(|| self.err(format!("required attribute {name} is missing")))
     }
 
     /// A float attribute, or `default`.
@@ -108,13 +134,17 @@ impl<'a> AttrReader<'a> {
             None => Ok(None),
             Some(Attr::Float(v)) => Ok(Some(*v)),
             Some(Attr::Int(v)) => Ok(Some(*v as f32)),
-            Some(other) => Err(self.err(format!("attribute {name} should be a float, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a float, found {other:?}"
+            ))),
         }
     }
 
     /// A string attribute, or `default`.
     pub fn string(&self, name: &str, default: &str) -> Result<String> {
-        Ok(self.opt_string(name)?.unwrap_or_else(|| default.to_string()))
+        Ok(self
+            .opt_string(name)?
+            .unwrap_or_else(|| default.to_string()))
     }
 
     /// A string attribute if present.
@@ -122,7 +152,9 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Attr::String(v)) => Ok(Some(v.clone())),
-            Some(other) => Err(self.err(format!("attribute {name} should be a string, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a string, found {other:?}"
+            ))),
         }
     }
 
@@ -132,7 +164,9 @@ impl<'a> AttrReader<'a> {
             None => Ok(None),
             Some(Attr::Ints(v)) => Ok(Some(v.clone())),
             Some(Attr::Int(v)) => Ok(Some(vec![*v])),
-            Some(other) => Err(self.err(format!("attribute {name} should be a list of ints, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a list of ints, found {other:?}"
+            ))),
         }
     }
 
@@ -147,7 +181,9 @@ impl<'a> AttrReader<'a> {
             None => Ok(None),
             Some(Attr::Floats(v)) => Ok(Some(v.clone())),
             Some(Attr::Float(v)) => Ok(Some(vec![*v])),
-            Some(other) => Err(self.err(format!("attribute {name} should be a list of floats, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a list of floats, found {other:?}"
+            ))),
         }
     }
 
@@ -156,7 +192,9 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Attr::Strings(v)) => Ok(Some(v.clone())),
-            Some(other) => Err(self.err(format!("attribute {name} should be a list of strings, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a list of strings, found {other:?}"
+            ))),
         }
     }
 
@@ -165,7 +203,9 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Attr::Tensor(v)) => Ok(Some(v.clone())),
-            Some(other) => Err(self.err(format!("attribute {name} should be a tensor, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a tensor, found {other:?}"
+            ))),
         }
     }
 
@@ -174,7 +214,9 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             Some(Attr::Graph(g)) => Ok(g.clone()),
             None => Err(self.err(format!("required graph attribute {name} is missing"))),
-            Some(other) => Err(self.err(format!("attribute {name} should be a graph, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a graph, found {other:?}"
+            ))),
         }
     }
 
@@ -183,7 +225,9 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Attr::Type(f)) => Ok(Some(f.clone())),
-            Some(other) => Err(self.err(format!("attribute {name} should be a type, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a type, found {other:?}"
+            ))),
         }
     }
 

@@ -1,1 +1,47 @@
-//! kiln public API.
+//! kiln: build optimised inference engines from ONNX models and run them.
+//!
+//! The flow follows TensorRT's:
+//!
+//! ```no_run
+//! use kiln::{Builder, BuilderConfig, Runtime};
+//! # fn main() -> kiln::Result<()> {
+//! let engine = Builder::new().build_onnx_file("model.onnx".as_ref(), &BuilderConfig::default())?;
+//! engine.save("model.plan".as_ref())?;
+//! let engine = Runtime::load("model.plan".as_ref())?;   // Send + Sync, share it
+//! let mut ctx = engine.create_context();                 // one per thread
+//! # let x = kiln::Tensor::zeros(kiln::DType::F32, &[1, 3, 224, 224]);
+//! let outputs = ctx.execute_tensors(&[("x", x)])?;
+//! # Ok(()) }
+//! ```
+
+pub mod builder;
+pub mod config;
+pub mod context;
+pub mod engine;
+pub mod fingerprint;
+pub mod memory;
+pub mod npy;
+pub mod optimize;
+pub mod plan;
+
+pub use builder::Builder;
+pub use config::{parse_shapes, BuilderConfig, DeviceKind};
+pub use context::{ExecutionContext, IoInfo};
+pub use engine::{registry, Engine, LayerInfo, MemoryReport, Runtime};
+pub use fingerprint::Fingerprint;
+pub use kiln_core::{DType, Dim, KilnError, Result, Tensor, Value};
+
+/// kiln's version (`X.Y.Z`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[cfg(test)]
+mod thread_safety {
+    fn assert_send_sync<T: Send + Sync>() {}
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn engine_is_send_sync_and_context_is_send() {
+        assert_send_sync::<crate::Engine>();
+        assert_send::<crate::ExecutionContext>();
+    }
+}

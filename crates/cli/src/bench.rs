@@ -1,0 +1,183 @@
+//! `kiln bench`: latency and throughput of a model.
+
+use std::time::{Duration, Instant};
+
+use kiln::{ExecutionContext, Value};
+
+use crate::common::{self, shape_str, CliError, CliResult, Globals};
+use crate::stats::Latency;
+use crate::BenchArgs;
+
+/// When to stop a phase (warm-up or timing).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StopRule {
+    /// Exactly this many iterations.
+    Iterations(u64),
+    /// Until this much time has passed (at least one iteration).
+    Duration(Duration),
+    /// Whichever of the two comes first (at least one iteration).
+    FirstOf(u64, Duration),
+    /// Until both are reached.
+    BothOf(u64, Duration),
+}
+
+impl StopRule {
+    /// True when a phase that has run `done` iterations in `elapsed` should stop.
+    pub fn done(self, done: u64, elapsed: Duration) -> bool {
+        match self {
+            StopRule::Iterations(n) => done >= n,
+            StopRule::Duration(d) => done >= 1 && elapsed >= d,
+            StopRule::FirstOf(n, d) => done >= 1 && (done >= n || elapsed >= d),
+            StopRule::BothOf(n, d) => done >= n && elapsed >= d,
+        }
+    }
+
+    /// The warm-up rule for `--warmup`.
+    pub fn warmup(n: Option<u64>) -> StopRule {
+        match n {
+            Some(n) => StopRule::Iterations(n),
+            None => StopRule::FirstOf(10, Duration::from_secs(1)),
+        }
+    }
+
+    /// The timing rule for `--iterations` / `--duration`.
+    pub fn timing(iterations: Option<u64>, duration: Option<f64>) -> CliResult<StopRule> {
+        match (iterations, duration) {
+            (Some(n), _) => Ok(StopRule::Iterations(n)),
+            (None, Some(s)) => {
+                if !(s.is_finite() && s > 0.0 && s < 1e9) {
+                    return Err(CliError(format!("--duration must be a positive number of seconds, got {s}")));
+                }
+                Ok(StopRule::Duration(Duration::from_secs_f64(s)))
+            }
+            (None, None) => Ok(StopRule::BothOf(10, Duration::from_secs(3))),
+        }
+    }
+}
+
+/// Runs iterations until `rule` says stop; returns each iteration's latency in ms.
+fn phase(ctx: &mut ExecutionContext, inputs: &[(&str, Value)], rule: StopRule) -> CliResult<Vec<f64>> {
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while !rule.done(samples.len() as u64, start.elapsed()) {
+        let t = Instant::now();
+        let out = ctx.execute(inputs)?;
+        let dt = t.elapsed();
+        drop(out);
+        samples.push(dt.as_secs_f64() * 1e3);
+    }
+    Ok(samples)
+}
+
+/// Runs `kiln bench`.
+pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
+    let shapes = common::merge_shapes(&a.shapes)?;
+    let timing = StopRule::timing(a.iterations, a.duration)?;
+    let warmup = StopRule::warmup(a.warmup);
+    let given = common::read_inputs(&a.inputs)?;
+    let loaded = common::load_model(g, &a.model, &shapes, kiln::DeviceKind::Auto, true)?;
+    let engine = loaded.engine;
+    common::check_shape_names(&engine, &shapes)?;
+    let (inputs, generated) = common::bench_inputs(&engine, given, &shapes)?;
+    let values: Vec<(&str, Value)> = inputs.iter().map(|(n, t)| (n.as_str(), Value::Tensor(t.clone()))).collect();
+
+    let mut ctx = engine.create_context();
+    let threads = match a.threads {
+        Some(n) => {
+            ctx.set_threads(n as usize)?;
+            n as usize
+        }
+        None => rayon::current_num_threads(),
+    };
+    let hint = |e: CliError| {
+        if generated.is_empty() {
+            e
+        } else {
+            CliError(format!(
+                "{e} (inputs {} were filled with random values; pass --input NAME=FILE.npy for inputs that need meaningful data)",
+                generated.join(", ")
+            ))
+        }
+    };
+    let pb = common::spinner(g, "warming up");
+    let warm = phase(&mut ctx, &values, warmup).map_err(hint);
+    pb.finish_and_clear();
+    let warm = warm?;
+    let pb = common::spinner(g, "timing");
+    let start = Instant::now();
+    let samples = phase(&mut ctx, &values, timing).map_err(hint);
+    let wall = start.elapsed();
+    pb.finish_and_clear();
+    let samples = samples?;
+
+    let lat = Latency::from_samples(&samples);
+    let busy: f64 = samples.iter().sum::<f64>() / 1e3;
+    let throughput = if busy > 0.0 { samples.len() as f64 / busy } else { f64::NAN };
+    let batch = inputs.first().and_then(|(_, t)| t.shape().first().copied());
+    if a.json {
+        let shapes_json: serde_json::Map<String, serde_json::Value> =
+            inputs.iter().map(|(n, t)| (n.clone(), serde_json::json!(t.shape()))).collect();
+        let v = serde_json::json!({
+            "model": a.model.display().to_string(),
+            "device": engine.device(),
+            "threads": threads,
+            "iterations": samples.len(),
+            "latency_ms": lat.to_json(),
+            "throughput_per_s": throughput,
+            "inputs": shapes_json,
+        });
+        return common::print_json(&v);
+    }
+    println!("model       {}", a.model.display());
+    println!("device      {} ({})", engine.device(), engine.fingerprint().device);
+    println!("threads     {threads}");
+    for (n, t) in &inputs {
+        let origin = if generated.contains(n) { "random" } else { "from file" };
+        println!("input       {n} {}{} ({origin})", t.dtype(), shape_str(t.shape()));
+    }
+    println!("warm-up     {} iterations", warm.len());
+    println!("timed       {} iterations in {:.2} s", samples.len(), wall.as_secs_f64());
+    let rows = vec![
+        vec!["latency (ms)".to_string(), "min".into(), "median".into(), "mean".into(), "p90".into(), "p95".into(), "p99".into(), "max".into()],
+        std::iter::once(String::new())
+            .chain([lat.min, lat.median, lat.mean, lat.p90, lat.p95, lat.p99, lat.max].iter().map(|v| format!("{v:.3}")))
+            .collect(),
+    ];
+    print!("{}", common::table(&rows));
+    match batch {
+        Some(b) if b > 1 => println!(
+            "throughput  {throughput:.2} inferences/s (batch {b}: {:.2} samples/s)",
+            throughput * b as f64
+        ),
+        Some(b) => println!("throughput  {throughput:.2} inferences/s (batch {b})"),
+        None => println!("throughput  {throughput:.2} inferences/s"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_rules() {
+        let s = Duration::from_secs;
+        let w = StopRule::warmup(None);
+        assert!(!w.done(0, s(5)));
+        assert!(w.done(10, s(0)));
+        assert!(w.done(1, s(1)));
+        assert!(!w.done(3, Duration::from_millis(10)));
+        assert!(StopRule::warmup(Some(0)).done(0, s(0)));
+        let t = StopRule::timing(None, None).unwrap();
+        assert!(!t.done(100, s(2)));
+        assert!(!t.done(5, s(10)));
+        assert!(t.done(10, s(3)));
+        let t = StopRule::timing(Some(7), None).unwrap();
+        assert!(!t.done(6, s(100)) && t.done(7, s(0)));
+        let t = StopRule::timing(None, Some(0.5)).unwrap();
+        assert!(!t.done(0, s(1)) && !t.done(3, Duration::from_millis(100)) && t.done(1, s(1)));
+        assert!(StopRule::timing(None, Some(-1.0)).is_err());
+        assert!(StopRule::timing(None, Some(f64::NAN)).is_err());
+        assert!(StopRule::timing(None, Some(0.0)).is_err());
+    }
+}

@@ -1,0 +1,165 @@
+//! `kiln build`: ONNX model in, plan file out, with a summary of what the builder did.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kiln::Engine;
+
+use crate::common::{self, human_bytes, io_json, CliError, CliResult, Context, Globals, ModelKind};
+use crate::BuildArgs;
+
+/// Bytes of the engine's weights (constants).
+pub fn weight_bytes(engine: &Engine) -> usize {
+    engine.graph().constants.values().map(|t| t.bytes().len()).sum()
+}
+
+/// Runs `kiln build`.
+pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
+    let shapes = common::merge_shapes(&a.shapes)?;
+    let output = a.output.clone().unwrap_or_else(|| a.model.with_extension("plan"));
+    if output == a.model {
+        return Err(CliError(format!(
+            "the output {} would overwrite the model; pass -o MODEL.plan",
+            output.display()
+        )));
+    }
+    let start = Instant::now();
+    let loaded = common::load_model(g, &a.model, &shapes, a.device.into(), !a.no_optimize)?;
+    if loaded.kind == ModelKind::Plan {
+        return Err(CliError(format!(
+            "{} is already a plan; kiln build takes an ONNX model",
+            a.model.display()
+        )));
+    }
+    let engine = loaded.engine;
+    let build_time = loaded.elapsed;
+    let pb = common::spinner(g, format!("writing {}", output.display()));
+    let saved = engine.save(&output).context(|| format!("cannot write plan {}", output.display()));
+    pb.finish_and_clear();
+    saved?;
+    let plan_bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
+    let total = start.elapsed();
+    tracing::info!(plan = %output.display(), bytes = plan_bytes, "wrote plan");
+
+    let report = engine.optimize_report().clone();
+    let memory = engine.memory_report(None)?;
+    let weights = weight_bytes(&engine);
+    if a.json {
+        let v = serde_json::json!({
+            "model": a.model.display().to_string(),
+            "plan": output.display().to_string(),
+            "kiln_version": kiln::VERSION,
+            "device": engine.device(),
+            "fingerprint": engine.fingerprint(),
+            "build_shapes": engine.build_shapes(),
+            "optimized": !a.no_optimize,
+            "layers_before": if a.no_optimize { engine.graph().nodes.len() } else { report.nodes_before },
+            "layers_after": engine.graph().nodes.len(),
+            "optimizer": report,
+            "memory": memory,
+            "weights_bytes": weights,
+            "plan_bytes": plan_bytes,
+            "build_time_s": build_time.as_secs_f64(),
+            "total_time_s": total.as_secs_f64(),
+            "inputs": engine.inputs().iter().map(io_json).collect::<Vec<_>>(),
+            "outputs": engine.outputs().iter().map(io_json).collect::<Vec<_>>(),
+        });
+        return common::print_json(&v);
+    }
+    print_summary(&a.model, &output, &engine, a.no_optimize, memory.as_ref(), weights, plan_bytes, build_time);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_summary(
+    model: &std::path::Path,
+    output: &PathBuf,
+    engine: &Engine,
+    no_optimize: bool,
+    memory: Option<&kiln::MemoryReport>,
+    weights: usize,
+    plan_bytes: u64,
+    build_time: std::time::Duration,
+) {
+    let r = engine.optimize_report();
+    let fp = engine.fingerprint();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut row = |k: &str, v: String| rows.push(vec![format!("  {k}"), v]);
+    row("device", format!("{} ({}; {})", fp.backend, fp.device, fp.cpu_features.join(" ")));
+    let shapes = engine.build_shapes();
+    row(
+        "shapes",
+        if shapes.is_empty() {
+            "none given: memory is planned per input shape at run time".into()
+        } else {
+            shapes
+                .iter()
+                .map(|(k, v)| format!("{k}:{}", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    );
+    let after = engine.graph().nodes.len();
+    if no_optimize {
+        row("layers", format!("{after} (optimisation off)"));
+    } else {
+        row("layers", format!("{} -> {after}", r.nodes_before));
+        row(
+            "fusions",
+            format!(
+                "{} BatchNormalization folded into Conv, {} activations fused, {} folding/cleanup rewrites",
+                r.batchnorms_folded, r.activations_fused, r.generic_rewrites
+            ),
+        );
+    }
+    for i in engine.inputs() {
+        row("input", format!("{} {}", i.name, i.describe()));
+    }
+    for o in engine.outputs() {
+        row("output", format!("{} {}", o.name, o.describe()));
+    }
+    row("weights", format!("{} in {} tensors", human_bytes(weights), engine.graph().constants.len()));
+    row(
+        "arena",
+        match memory {
+            Some(m) => format!(
+                "{} (liveness lower bound {}{}), {} activations planned, {} allocated at run time",
+                human_bytes(m.arena_bytes),
+                human_bytes(m.liveness_lower_bound_bytes),
+                overhead(m.arena_bytes, m.liveness_lower_bound_bytes),
+                m.arena_tensors,
+                m.dynamic_tensors
+            ),
+            None => "planned per input shape at run time (dynamic input shapes)".into(),
+        },
+    );
+    row("plan file", format!("{} ({})", output.display(), human_bytes(plan_bytes as usize)));
+    row("build time", format!("{:.2} s", build_time.as_secs_f64()));
+    println!("Built {} -> {}", model.display(), output.display());
+    print!("{}", common::table(&rows));
+}
+
+/// ` , +12.5%` style overhead of the arena over the lower bound.
+pub fn overhead(arena: usize, bound: usize) -> String {
+    if bound == 0 || arena <= bound {
+        if arena == bound {
+            ", optimal".into()
+        } else {
+            String::new()
+        }
+    } else {
+        format!(", +{:.1}%", (arena - bound) as f64 * 100.0 / bound as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overhead_text() {
+        assert_eq!(overhead(100, 100), ", optimal");
+        assert_eq!(overhead(125, 100), ", +25.0%");
+        assert_eq!(overhead(0, 0), ", optimal");
+    }
+}

@@ -1,0 +1,333 @@
+//! The production f32 convolution: a direct kernel for depthwise convolutions, a plain
+//! GEMM for 1×1 convolutions, and tiled im2col + GEMM for everything else. Bias and the
+//! fused activation are applied in the same pass over each freshly computed output tile.
+
+use rayon::prelude::*;
+
+use kiln_core::{KilnError, Result};
+
+use super::geom::Spatial3;
+use super::reference::ConvDims;
+use crate::fused::Activation;
+use crate::ops::linalg::blas::{self, MatRef};
+
+/// Target number of im2col elements per tile (keeps the scratch in L2).
+const TILE_ELEMS: usize = 1 << 16;
+
+/// One f32 convolution problem (NC(D)(H)W layout, weights M × C/group × kernel).
+#[derive(Debug, Clone, Copy)]
+pub struct ConvF32<'a> {
+    /// Input.
+    pub x: &'a [f32],
+    /// Weights.
+    pub w: &'a [f32],
+    /// Optional bias (M values).
+    pub bias: Option<&'a [f32]>,
+    /// Channel counts.
+    pub dims: ConvDims,
+    /// Window geometry.
+    pub sp: Spatial3,
+    /// Fused activation.
+    pub act: Activation,
+}
+
+/// Adds `b` to every value and applies `act`, in one pass.
+#[inline]
+pub fn epilogue(row: &mut [f32], b: f32, act: Activation) {
+    match act {
+        Activation::None => {
+            if b != 0.0 {
+                row.iter_mut().for_each(|v| *v += b);
+            }
+        }
+        Activation::Relu => row.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
+        Activation::Clip { min, max } => {
+            row.iter_mut().for_each(|v| *v = (*v + b).max(min).min(max))
+        }
+        Activation::HardSwish => row.iter_mut().for_each(|v| {
+            let x = *v + b;
+            *v = x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0)
+        }),
+        other => row.iter_mut().for_each(|v| *v = other.apply(*v + b)),
+    }
+}
+
+impl ConvF32<'_> {
+    fn check(&self, out: &[f32]) -> Result<()> {
+        let ConvDims { n, c, m, group } = self.dims;
+        let err = |what: &str| {
+            Err(KilnError::kernel(
+                "Conv",
+                format!("{what} has the wrong number of elements"),
+            ))
+        };
+        if group == 0 || c % group != 0 || m % group != 0 {
+            return Err(KilnError::kernel(
+                "Conv",
+                format!("channels {c}→{m} do not split into {group} groups"),
+            ));
+        }
+        if self.x.len() != n * c * self.sp.in_size() {
+            return err("X");
+        }
+        if self.w.len() != m * (c / group) * self.sp.kernel_size() {
+            return err("W");
+        }
+        if self.bias.is_some_and(|b| b.len() != m) {
+            return err("B");
+        }
+        if out.len() != n * m * self.sp.out_size() {
+            return err("the output");
+        }
+        Ok(())
+    }
+
+    /// Runs the convolution into `out` (N × M × output spatial).
+    pub fn run(&self, out: &mut [f32]) -> Result<()> {
+        self.check(out)?;
+        let ConvDims { n, c, m, group } = self.dims;
+        let (cg, mg) = (c / group, m / group);
+        let p = self.sp.out_size();
+        if out.is_empty() {
+            return Ok(());
+        }
+        if cg == 1 && group > 1 {
+            return self.run_direct(out);
+        }
+        let chunks = n * group;
+        let parallel_outer = chunks > 1 && rayon::current_num_threads() > 1;
+        let body = |(idx, chunk): (usize, &mut [f32])| -> Result<()> {
+            let (bn, g) = (idx / group, idx % group);
+            let xg = &self.x[(bn * c + g * cg) * self.sp.in_size()
+                ..(bn * c + (g + 1) * cg) * self.sp.in_size()];
+            let wg = &self.w
+                [g * mg * cg * self.sp.kernel_size()..(g + 1) * mg * cg * self.sp.kernel_size()];
+            let bias = self.bias.map(|b| &b[g * mg..(g + 1) * mg]);
+            self.run_group(xg, wg, bias, cg, mg, chunk, !parallel_outer)
+        };
+        if parallel_outer {
+            out.par_chunks_mut(mg * p).enumerate().try_for_each(body)
+        } else {
+            out.chunks_mut(mg * p).enumerate().try_for_each(body)
+        }
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.sp.kernel == [1, 1, 1]
+            && self.sp.strides == [1, 1, 1]
+            && self.sp.pad_begin == [0, 0, 0]
+            && self.sp.input == self.sp.output
+    }
+
+    /// One (image, group): out[mg × P] = W_g[mg × K] · col[K × P].
+    #[allow(clippy::too_many_arguments)]
+    fn run_group(
+        &self,
+        xg: &[f32],
+        wg: &[f32],
+        bias: Option<&[f32]>,
+        cg: usize,
+        mg: usize,
+        out: &mut [f32],
+        par: bool,
+    ) -> Result<()> {
+        let p = self.sp.out_size();
+        let k = cg * self.sp.kernel_size();
+        let par = par && mg * p * k >= blas::PARALLEL_THRESHOLD;
+        if self.is_pointwise() {
+            blas::gemm(
+                mg,
+                p,
+                k,
+                out,
+                p,
+                false,
+                MatRef::row_major(wg, k),
+                MatRef::row_major(xg, p),
+                1.0,
+                par,
+            )?;
+            self.apply_epilogue(out, bias, mg, 0, p);
+            return Ok(());
+        }
+        let tile = (TILE_ELEMS / k.max(1)).max(128).min(p);
+        let mut col = vec![0.0f32; k * tile];
+        let mut p0 = 0;
+        while p0 < p {
+            let p1 = (p0 + tile).min(p);
+            let tw = p1 - p0;
+            im2col_tile(xg, cg, &self.sp, p0, p1, &mut col[..k * tw]);
+            blas::gemm(
+                mg,
+                tw,
+                k,
+                &mut out[p0..],
+                p,
+                false,
+                MatRef::row_major(wg, k),
+                MatRef::row_major(&col[..k * tw], tw),
+                1.0,
+                par,
+            )?;
+            self.apply_epilogue(out, bias, mg, p0, p1);
+            p0 = p1;
+        }
+        Ok(())
+    }
+
+    fn apply_epilogue(
+        &self,
+        out: &mut [f32],
+        bias: Option<&[f32]>,
+        mg: usize,
+        p0: usize,
+        p1: usize,
+    ) {
+        if bias.is_none() && self.act == Activation::None {
+            return;
+        }
+        let p = self.sp.out_size();
+        for r in 0..mg {
+            epilogue(
+                &mut out[r * p + p0..r * p + p1],
+                bias.map_or(0.0, |b| b[r]),
+                self.act,
+            );
+        }
+    }
+
+    /// Depthwise (one input channel per group): a direct kernel per output plane.
+    fn run_direct(&self, out: &mut [f32]) -> Result<()> {
+        let ConvDims { c, m, group, .. } = self.dims;
+        let mg = m / group;
+        let (p, isz, ksz) = (self.sp.out_size(), self.sp.in_size(), self.sp.kernel_size());
+        let body = |(idx, plane): (usize, &mut [f32])| {
+            let (bn, om) = (idx / m, idx % m);
+            let cin = om / mg;
+            let xp = &self.x[(bn * c + cin) * isz..(bn * c + cin + 1) * isz];
+            let wk = &self.w[om * ksz..(om + 1) * ksz];
+            direct_plane(
+                xp,
+                wk,
+                self.bias.map_or(0.0, |b| b[om]),
+                &self.sp,
+                self.act,
+                plane,
+            );
+        };
+        if rayon::current_num_threads() > 1 && out.len() >= 4096 {
+            out.par_chunks_mut(p).enumerate().for_each(body);
+        } else {
+            out.chunks_mut(p).enumerate().for_each(body);
+        }
+        Ok(())
+    }
+}
+
+/// One output plane of a single-input-channel convolution, row by row (the output row
+/// stays in L1 while every tap is accumulated into it).
+fn direct_plane(
+    xp: &[f32],
+    wk: &[f32],
+    bias: f32,
+    sp: &Spatial3,
+    act: Activation,
+    out: &mut [f32],
+) {
+    let [kd_n, kh_n, kw_n] = sp.kernel;
+    let [_, ih_n, iw_n] = sp.input;
+    let [od_n, oh_n, ow_n] = sp.output;
+    let (sw, dw, pw) = (sp.strides[2], sp.dilations[2], sp.pad_begin[2]);
+    let ranges: Vec<(usize, usize)> = (0..kw_n).map(|kw| sp.valid_range(2, kw)).collect();
+    for od in 0..od_n {
+        for oh in 0..oh_n {
+            let orow = &mut out[(od * oh_n + oh) * ow_n..(od * oh_n + oh + 1) * ow_n];
+            orow.fill(0.0);
+            for kd in 0..kd_n {
+                let Some(id) = sp.in_coord(0, od, kd) else {
+                    continue;
+                };
+                for kh in 0..kh_n {
+                    let Some(ih) = sp.in_coord(1, oh, kh) else {
+                        continue;
+                    };
+                    let irow = &xp[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
+                    for (kw, &(lo, hi)) in ranges.iter().enumerate() {
+                        if lo >= hi {
+                            continue;
+                        }
+                        let wv = wk[(kd * kh_n + kh) * kw_n + kw];
+                        let base = lo * sw + kw * dw - pw;
+                        let o = &mut orow[lo..hi];
+                        if sw == 1 {
+                            for (ov, iv) in o.iter_mut().zip(&irow[base..base + (hi - lo)]) {
+                                *ov += wv * iv;
+                            }
+                        } else {
+                            for (j, ov) in o.iter_mut().enumerate() {
+                                *ov += wv * irow[base + j * sw];
+                            }
+                        }
+                    }
+                }
+            }
+            epilogue(orow, bias, act);
+        }
+    }
+}
+
+/// Writes columns `p0..p1` (flattened output positions) of the im2col matrix of one group
+/// (`cg` channels) into `col` (K × (p1 − p0), row-major).
+pub fn im2col_tile(xg: &[f32], cg: usize, sp: &Spatial3, p0: usize, p1: usize, col: &mut [f32]) {
+    let tw = p1 - p0;
+    let [kd_n, kh_n, kw_n] = sp.kernel;
+    let [_, ih_n, iw_n] = sp.input;
+    let [_, oh_n, ow_n] = sp.output;
+    let (sw, dw, pw) = (sp.strides[2], sp.dilations[2], sp.pad_begin[2]);
+    let isz = sp.in_size();
+    let mut row = 0;
+    for c in 0..cg {
+        let xc = &xg[c * isz..(c + 1) * isz];
+        for kd in 0..kd_n {
+            for kh in 0..kh_n {
+                for kw in 0..kw_n {
+                    let dst = &mut col[row * tw..(row + 1) * tw];
+                    row += 1;
+                    let (lo, hi) = sp.valid_range(2, kw);
+                    let mut p = p0;
+                    while p < p1 {
+                        let ow = p % ow_n;
+                        let r = p / ow_n;
+                        let (oh, od) = (r % oh_n, r / oh_n);
+                        let end = (p - ow + ow_n).min(p1);
+                        let seg = &mut dst[p - p0..end - p0];
+                        let (a, b) = (ow, ow + (end - p));
+                        match (sp.in_coord(0, od, kd), sp.in_coord(1, oh, kh)) {
+                            (Some(id), Some(ih)) => {
+                                let irow =
+                                    &xc[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
+                                let (vlo, vhi) =
+                                    (lo.clamp(a, b), hi.clamp(a, b).max(lo.clamp(a, b)));
+                                seg[..vlo - a].fill(0.0);
+                                seg[vhi - a..].fill(0.0);
+                                if vlo < vhi {
+                                    let base = vlo * sw + kw * dw - pw;
+                                    let mid = &mut seg[vlo - a..vhi - a];
+                                    if sw == 1 {
+                                        mid.copy_from_slice(&irow[base..base + (vhi - vlo)]);
+                                    } else {
+                                        for (j, v) in mid.iter_mut().enumerate() {
+                                            *v = irow[base + j * sw];
+                                        }
+                                    }
+                                }
+                            }
+                            _ => seg.fill(0.0),
+                        }
+                        p = end;
+                    }
+                }
+            }
+        }
+    }
+}

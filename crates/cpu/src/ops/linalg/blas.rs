@@ -1,0 +1,199 @@
+//! A safe, bounds-checked front to the `gemm` crate's strided matrix product, shared by
+//! MatMul, Gemm, Conv and ConvTranspose.
+
+use kiln_core::{KilnError, Result};
+
+/// Float types the `gemm` crate multiplies natively.
+pub trait GemmFloat: Copy + Send + Sync + 'static + num_traits::Float {}
+impl GemmFloat for f32 {}
+impl GemmFloat for f64 {}
+
+/// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy, Debug)]
+pub struct MatRef<'a, T> {
+    /// The backing elements.
+    pub data: &'a [T],
+    /// Row stride, in elements.
+    pub rs: usize,
+    /// Column stride, in elements.
+    pub cs: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// A row-major matrix with `cols` columns.
+    pub fn row_major(data: &'a [T], cols: usize) -> Self {
+        MatRef {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// A view that is the transpose of a row-major matrix with `cols` columns.
+    pub fn transposed(data: &'a [T], cols: usize) -> Self {
+        MatRef {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        if rows == 0 || cols == 0 {
+            return true;
+        }
+        let last = (rows - 1).checked_mul(self.rs).and_then(|a| {
+            (cols - 1)
+                .checked_mul(self.cs)
+                .and_then(|b| a.checked_add(b))
+        });
+        matches!(last, Some(l) if l < self.data.len())
+    }
+}
+
+/// Products at least this large (m·n·k) use gemm's rayon parallelism.
+pub const PARALLEL_THRESHOLD: usize = 1 << 18;
+
+/// `dst[m×n] = (accumulate ? dst : 0) + scale · a[m×k] · b[k×n]`.
+///
+/// `dst` is row-major with row stride `dst_rs ≥ n` (columns contiguous). `parallel` lets
+/// gemm split the product over rayon's pool. Errors (never panics) when a view is too
+/// small for the requested shape.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm<T: GemmFloat>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [T],
+    dst_rs: usize,
+    accumulate: bool,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    scale: T,
+    parallel: bool,
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let dst_view = MatRef {
+        data: &*dst,
+        rs: dst_rs,
+        cs: 1,
+    };
+    if dst_rs < n || !dst_view.fits(m, n) {
+        return Err(KilnError::Other(format!(
+            "gemm: destination too small for {m}×{n}"
+        )));
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(T::zero());
+            }
+        }
+        return Ok(());
+    }
+    if !a.fits(m, k) || !b.fits(k, n) {
+        return Err(KilnError::Other(format!(
+            "gemm: operand too small for {m}×{k}·{k}×{n}"
+        )));
+    }
+    let to_isize =
+        |v: usize| isize::try_from(v).map_err(|_| KilnError::Other("gemm: stride overflow".into()));
+    let (dst_rs, a_rs, a_cs, b_rs, b_cs) = (
+        to_isize(dst_rs)?,
+        to_isize(a.rs)?,
+        to_isize(a.cs)?,
+        to_isize(b.rs)?,
+        to_isize(b.cs)?,
+    );
+    let par = if parallel && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `fits` checked above that every element addressed by the (non-negative)
+    // strides for the requested shapes lies inside the corresponding slice; dst rows do
+    // not overlap (dst_rs ≥ n, column stride 1); `dst` is borrowed mutably so it aliases
+    // neither operand; T is f32 or f64 (the only GemmFloat impls), which gemm supports.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            T::one(),
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_product_matches_loop() {
+        let (m, n, k) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let bt: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 - 1.5).collect(); // n×k, used transposed
+        let mut dst = vec![1.0f32; m * (n + 2)];
+        gemm(
+            m,
+            n,
+            k,
+            &mut dst,
+            n + 2,
+            true,
+            MatRef::row_major(&a, k),
+            MatRef::transposed(&bt, k),
+            2.0,
+            false,
+        )
+        .unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for l in 0..k {
+                    s += a[i * k + l] * bt[j * k + l];
+                }
+                assert!((dst[i * (n + 2) + j] - (1.0 + 2.0 * s)).abs() < 1e-4);
+            }
+            assert_eq!(dst[i * (n + 2) + n], 1.0);
+        }
+    }
+
+    #[test]
+    fn too_small_is_an_error() {
+        let a = [1.0f32; 4];
+        let mut d = [0.0f32; 4];
+        assert!(gemm(
+            2,
+            2,
+            3,
+            &mut d,
+            2,
+            false,
+            MatRef::row_major(&a, 3),
+            MatRef::row_major(&a, 2),
+            1.0,
+            false
+        )
+        .is_err());
+    }
+}

@@ -1,6 +1,0 @@
-//! ml ops.
-
-use kiln_core::OpRegistry;
-
-/// Registers this family's ops.
-pub fn register(_reg: &mut OpRegistry) {}

@@ -1,0 +1,101 @@
+//! Build configuration: target device, input shapes, optimisation switches.
+
+use std::collections::BTreeMap;
+
+use kiln_core::{KilnError, Result};
+
+/// The device an engine is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceKind {
+    /// The GPU when one is usable, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU backend.
+    Cpu,
+    /// The CUDA backend.
+    Cuda,
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = KilnError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceKind::Auto),
+            "cpu" => Ok(DeviceKind::Cpu),
+            "cuda" | "gpu" => Ok(DeviceKind::Cuda),
+            other => Err(KilnError::Other(format!(
+                "unknown device {other:?}: expected auto, cpu or cuda"
+            ))),
+        }
+    }
+}
+
+/// How to build an engine (TensorRT's `IBuilderConfig`).
+#[derive(Debug, Clone)]
+pub struct BuilderConfig {
+    /// Target device.
+    pub device: DeviceKind,
+    /// Concrete shapes for inputs with symbolic or unknown dims. An engine built with
+    /// shapes is specialised to them (shape subgraphs folded); without, it plans memory
+    /// per input shape at run time.
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    /// Run the optimisation passes (folding, fusion). Off only for debugging.
+    pub optimize: bool,
+}
+
+impl Default for BuilderConfig {
+    fn default() -> Self {
+        BuilderConfig {
+            device: DeviceKind::Auto,
+            shapes: BTreeMap::new(),
+            optimize: true,
+        }
+    }
+}
+
+/// Parses `name:1x3x224x224,other:4x5` into a shape map. A scalar is written `name:` or
+/// `name:scalar`.
+pub fn parse_shapes(spec: &str) -> Result<BTreeMap<String, Vec<usize>>> {
+    let mut out = BTreeMap::new();
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        let (name, dims) = part.rsplit_once(':').ok_or_else(|| {
+            KilnError::Other(format!(
+                "bad shape {part:?}: expected NAME:DIMxDIMx..., e.g. x:1x3x224x224"
+            ))
+        })?;
+        let dims = dims.trim();
+        let shape = if dims.is_empty() || dims == "scalar" {
+            vec![]
+        } else {
+            dims.split(['x', 'X'])
+                .map(|d| {
+                    d.trim().parse::<usize>().map_err(|_| {
+                        KilnError::Other(format!("bad dimension {d:?} in shape {part:?}: expected a non-negative integer"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        if out.insert(name.trim().to_string(), shape).is_some() {
+            return Err(KilnError::Other(format!(
+                "shape for input {name} given twice"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_shapes() {
+        let s = parse_shapes("x:1x3x224x224,sr:,y:4").unwrap();
+        assert_eq!(s["x"], vec![1, 3, 224, 224]);
+        assert_eq!(s["sr"], Vec::<usize>::new());
+        assert_eq!(s["y"], vec![4]);
+        assert!(parse_shapes("x:1xAx3").is_err());
+        assert!(parse_shapes("x1x3").is_err());
+        assert!(parse_shapes("x:1,x:2").is_err());
+    }
+}

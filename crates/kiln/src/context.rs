@@ -1,0 +1,443 @@
+//! Execution contexts: one per thread (or stream), each with its own activation arena.
+//!
+//! A context is `Send` but not `Sync`: it may move between threads but never be used from
+//! two at once, which the type system enforces (TensorRT's rule for `IExecutionContext`,
+//! checked at compile time here).
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use kiln_core::{
+    AlignedBuf, Arena, Bytes, DType, Dim, KilnError, Result, Tensor, TensorMut, Value, ValueKind,
+};
+use smallvec::SmallVec;
+
+use crate::engine::Engine;
+use crate::memory::{plan_for_inputs, Placement, ShapePlan};
+
+type ShapeKey = Vec<Option<(DType, Vec<usize>)>>;
+
+/// Runs an [`Engine`]. Create one per thread with [`Engine::create_context`].
+pub struct ExecutionContext {
+    engine: Engine,
+    plans: HashMap<ShapeKey, Arc<ShapePlan>>,
+    arena: Arc<Arena>,
+    slots: Vec<Option<Value>>,
+    pool: Option<rayon::ThreadPool>,
+    key: ShapeKey,
+    _not_sync: PhantomData<Cell<()>>,
+}
+
+impl ExecutionContext {
+    pub(crate) fn new(engine: Engine) -> Self {
+        let graph = engine.graph();
+        let mut slots = vec![None; graph.values.len()];
+        for (id, t) in &graph.constants {
+            slots[*id] = Some(Value::Tensor(t.clone()));
+        }
+        let mut plans = HashMap::new();
+        let mut arena_size = 0;
+        if let Some((key, plan)) = engine.static_plan() {
+            arena_size = plan.arena_size;
+            plans.insert(key.clone(), plan.clone());
+        }
+        ExecutionContext {
+            engine,
+            plans,
+            arena: Arc::new(Arena::new(arena_size)),
+            slots,
+            pool: None,
+            key: Vec::new(),
+            _not_sync: PhantomData,
+        }
+    }
+
+    /// The engine this context runs.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Runs intra-op parallel kernels on a private pool of `threads` threads (default: the
+    /// global rayon pool, one thread per core).
+    pub fn set_threads(&mut self, threads: usize) -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build()
+            .map_err(|e| {
+                KilnError::Other(format!("cannot create a pool of {threads} threads: {e}"))
+            })?;
+        self.pool = Some(pool);
+        Ok(())
+    }
+
+    /// Bytes of the activation arena currently allocated.
+    pub fn arena_bytes(&self) -> usize {
+        self.arena.len()
+    }
+
+    /// Runs inference. `inputs` names every engine input once; returns the outputs in the
+    /// engine's output order.
+    pub fn execute(&mut self, inputs: &[(&str, Value)]) -> Result<Vec<Value>> {
+        let ordered = self.check_inputs(inputs)?;
+        let plan = self.plan_for(&ordered)?;
+        if self.arena.len() < plan.arena_size {
+            self.arena = Arc::new(Arena::new(plan.arena_size));
+        }
+        let graph_inputs = self.engine.graph().inputs.clone();
+        for (id, v) in graph_inputs.iter().zip(ordered) {
+            self.slots[*id] = Some(v.clone());
+        }
+        let result = match self.pool.take() {
+            Some(pool) => {
+                let r = pool.install(|| self.run_nodes(&plan));
+                self.pool = Some(pool);
+                r
+            }
+            None => self.run_nodes(&plan),
+        };
+        let outputs = result.and_then(|_| self.collect_outputs());
+        self.clear_activations();
+        outputs
+    }
+
+    /// Convenience: tensors in, tensors out (errors if an output is not a tensor).
+    pub fn execute_tensors(&mut self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
+        let values: Vec<(&str, Value)> = inputs
+            .iter()
+            .map(|(n, t)| (*n, Value::Tensor(t.clone())))
+            .collect();
+        self.execute(&values)?
+            .into_iter()
+            .map(|v| v.into_tensor())
+            .collect()
+    }
+
+    fn check_inputs<'a>(&self, inputs: &'a [(&str, Value)]) -> Result<Vec<&'a Value>> {
+        let infos = self.engine.inputs();
+        for (name, _) in inputs {
+            if !infos.iter().any(|i| i.name == *name) {
+                let names: Vec<&str> = infos.iter().map(|i| i.name.as_str()).collect();
+                return Err(KilnError::BadInput {
+                    name: name.to_string(),
+                    msg: format!(
+                        "the model has no such input (its inputs are: {})",
+                        names.join(", ")
+                    ),
+                });
+            }
+        }
+        let mut ordered = Vec::with_capacity(infos.len());
+        for info in infos {
+            let mut given = inputs.iter().filter(|(n, _)| *n == info.name);
+            let Some((_, v)) = given.next() else {
+                return Err(KilnError::BadInput {
+                    name: info.name.clone(),
+                    msg: format!("missing: the model needs this input ({})", info.describe()),
+                });
+            };
+            if given.next().is_some() {
+                return Err(KilnError::BadInput {
+                    name: info.name.clone(),
+                    msg: "given more than once".into(),
+                });
+            }
+            if info.kind == ValueKind::Tensor {
+                let t = v.as_tensor().map_err(|e| KilnError::BadInput {
+                    name: info.name.clone(),
+                    msg: e.to_string(),
+                })?;
+                info.check(t)?;
+            }
+            ordered.push(v);
+        }
+        Ok(ordered)
+    }
+
+    fn plan_for(&mut self, inputs: &[&Value]) -> Result<Arc<ShapePlan>> {
+        self.key.clear();
+        for v in inputs {
+            match v {
+                Value::Tensor(t) => self.key.push(Some((t.dtype(), t.shape().to_vec()))),
+                _ => self.key.push(None),
+            }
+        }
+        if let Some(p) = self.plans.get(&self.key) {
+            return Ok(p.clone());
+        }
+        let plan = Arc::new(plan_for_inputs(self.engine.graph(), &self.key)?);
+        tracing::debug!(
+            arena = plan.arena_size,
+            "planned memory for new input shapes"
+        );
+        self.plans.insert(self.key.clone(), plan.clone());
+        Ok(plan)
+    }
+
+    fn run_nodes(&mut self, plan: &ShapePlan) -> Result<()> {
+        let engine = self.engine.clone();
+        let graph = engine.graph();
+        for (i, node) in graph.nodes.iter().enumerate() {
+            let produced: SmallVec<[Option<Value>; 4]> = {
+                let mut args: SmallVec<[Option<&Value>; 8]> = SmallVec::new();
+                for inp in &node.inputs {
+                    match inp {
+                        None => args.push(None),
+                        Some(id) => match &self.slots[*id] {
+                            Some(v) => args.push(Some(v)),
+                            None => {
+                                return Err(KilnError::Kernel {
+                                    node: node.name.clone(),
+                                    op: node.desc.op_type.clone(),
+                                    msg: format!("input {} has no value", graph.values[*id].name),
+                                })
+                            }
+                        },
+                    }
+                }
+                if plan.writes_in_place[i] {
+                    guard(node, || self.run_in_place(node, &args, plan))?
+                } else {
+                    let outs =
+                        guard(node, || node.op.eval(&args)).map_err(|e| e.at_node(&node.name))?;
+                    let needed = node
+                        .outputs
+                        .iter()
+                        .rposition(|o| o.is_some())
+                        .map_or(0, |p| p + 1);
+                    if outs.len() < needed {
+                        return Err(KilnError::Kernel {
+                            node: node.name.clone(),
+                            op: node.desc.op_type.clone(),
+                            msg: format!("produced {} outputs, {needed} expected", outs.len()),
+                        });
+                    }
+                    outs.into_iter().map(|v| Some(detach(v))).collect()
+                }
+            };
+            for (slot, v) in node.outputs.iter().zip(produced) {
+                if let Some(id) = slot {
+                    self.slots[*id] = v;
+                }
+            }
+            for inp in node.inputs.iter().flatten() {
+                if plan.last_use[*inp] == i {
+                    self.slots[*inp] = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run_in_place(
+        &self,
+        node: &kiln_core::Node,
+        args: &[Option<&Value>],
+        plan: &ShapePlan,
+    ) -> Result<SmallVec<[Option<Value>; 4]>> {
+        let mut heap: SmallVec<[Option<AlignedBuf>; 4]> = SmallVec::new();
+        let mut views: SmallVec<[TensorMut<'_>; 4]> = SmallVec::new();
+        // First allocate the heap outputs, then hand out views (arena and heap).
+        for o in node.outputs.iter().flatten() {
+            match &plan.placements[*o] {
+                Placement::Heap { dtype, shape } => heap.push(Some(AlignedBuf::zeroed(
+                    kiln_core::numel(shape) * dtype.size(),
+                ))),
+                _ => heap.push(None),
+            }
+        }
+        let mut heap_iter = heap.iter_mut();
+        for o in node.outputs.iter().flatten() {
+            let h = heap_iter.next().expect("one per output");
+            match &plan.placements[*o] {
+                Placement::Arena {
+                    offset,
+                    dtype,
+                    shape,
+                } => {
+                    let len = kiln_core::numel(shape) * dtype.size();
+                    // SAFETY: the planner gave this output a slot that no value alive at this
+                    // step overlaps (inputs of this node and other outputs included).
+                    let bytes = unsafe { self.arena.slot_mut(*offset, len) };
+                    views.push(TensorMut::new(*dtype, shape, bytes)?);
+                }
+                Placement::Heap { dtype, shape } => {
+                    let buf = h.as_mut().expect("heap buffer allocated above");
+                    views.push(TensorMut::new(*dtype, shape, buf.as_mut_slice())?);
+                }
+                Placement::Dynamic => {
+                    return Err(KilnError::Other(format!(
+                        "output of {} was not planned",
+                        node.name
+                    )));
+                }
+            }
+        }
+        node.op
+            .eval_into(args, &mut views)
+            .map_err(|e| e.at_node(&node.name))?;
+        drop(views);
+        let mut out = SmallVec::new();
+        let mut heap_iter = heap.into_iter();
+        for o in &node.outputs {
+            let Some(o) = o else {
+                out.push(None);
+                continue;
+            };
+            let h = heap_iter.next().expect("one per output");
+            let t = match (&plan.placements[*o], h) {
+                (
+                    Placement::Arena {
+                        offset,
+                        dtype,
+                        shape,
+                    },
+                    _,
+                ) => {
+                    let len = kiln_core::numel(shape) * dtype.size();
+                    Tensor::from_storage(
+                        *dtype,
+                        shape,
+                        Bytes::Arena {
+                            arena: self.arena.clone(),
+                            offset: *offset,
+                            len,
+                        },
+                    )?
+                }
+                (Placement::Heap { dtype, shape }, Some(buf)) => {
+                    Tensor::from_aligned(*dtype, shape, buf)?
+                }
+                _ => {
+                    return Err(KilnError::Other(format!(
+                        "output of {} was not planned",
+                        node.name
+                    )))
+                }
+            };
+            out.push(Some(Value::Tensor(t)));
+        }
+        Ok(out)
+    }
+
+    fn collect_outputs(&mut self) -> Result<Vec<Value>> {
+        let graph = self.engine.graph();
+        let mut out = Vec::with_capacity(graph.outputs.len());
+        for o in &graph.outputs {
+            let v = self.slots[*o].clone().ok_or_else(|| {
+                KilnError::Other(format!("output {} was not computed", graph.values[*o].name))
+            })?;
+            out.push(detach(v));
+        }
+        Ok(out)
+    }
+
+    fn clear_activations(&mut self) {
+        let graph = self.engine.graph();
+        for (id, slot) in self.slots.iter_mut().enumerate() {
+            if !graph.constants.contains_key(&id) {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// Runs a kernel, turning a panic inside it (a kernel bug) into an error naming the node,
+/// so one bad layer never takes the caller's process down.
+fn guard<T>(node: &kiln_core::Node, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(KilnError::Kernel {
+                node: node.name.clone(),
+                op: node.desc.op_type.clone(),
+                msg: format!("internal error in the kernel (please report): {msg}"),
+            })
+        }
+    }
+}
+
+/// Copies arena-backed tensors to the heap so they outlive their slot.
+fn detach(v: Value) -> Value {
+    match v {
+        Value::Tensor(t) => Value::Tensor(detach_tensor(t)),
+        Value::Sequence(s) => Value::Sequence(s.into_iter().map(detach_tensor).collect()),
+        Value::Optional(Some(b)) => Value::Optional(Some(Box::new(detach(*b)))),
+        other => other,
+    }
+}
+
+fn detach_tensor(t: Tensor) -> Tensor {
+    match t.storage() {
+        Some(Bytes::Arena { .. }) => t.to_owned_heap(),
+        _ => t,
+    }
+}
+
+/// Describes an engine input or output.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IoInfo {
+    /// Name in the model.
+    pub name: String,
+    /// Kind of value.
+    pub kind: ValueKind,
+    /// Element type, when known.
+    pub dtype: Option<DType>,
+    /// Shape with symbolic dims, when the rank is known.
+    pub shape: Option<Vec<Dim>>,
+}
+
+impl IoInfo {
+    /// `f32[1,3,224,224]`-style description.
+    pub fn describe(&self) -> String {
+        kiln_core::Fact {
+            kind: self.kind,
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            konst: None,
+        }
+        .describe()
+    }
+
+    /// Checks a tensor against this input's dtype, rank and known dims.
+    pub fn check(&self, t: &Tensor) -> Result<()> {
+        let bad = |msg: String| KilnError::BadInput {
+            name: self.name.clone(),
+            msg,
+        };
+        if let Some(d) = self.dtype {
+            if t.dtype() != d {
+                return Err(bad(format!("expected dtype {d}, got {}", t.dtype())));
+            }
+        }
+        if let Some(shape) = &self.shape {
+            if shape.len() != t.rank() {
+                return Err(bad(format!(
+                    "expected rank {} ({}), got rank {} with shape {:?}",
+                    shape.len(),
+                    self.describe(),
+                    t.rank(),
+                    t.shape()
+                )));
+            }
+            for (axis, (want, got)) in shape.iter().zip(t.shape()).enumerate() {
+                if let Dim::Known(w) = want {
+                    if w != got {
+                        return Err(bad(format!(
+                            "dimension {axis} must be {w} ({}), got {got} (shape {:?})",
+                            self.describe(),
+                            t.shape()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

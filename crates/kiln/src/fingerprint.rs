@@ -1,0 +1,96 @@
+//! What an engine was built for: backend, device and the features its kernels rely on.
+//! Plans record it; loading compares it with the machine and says what differs.
+
+use serde::{Deserialize, Serialize};
+
+/// A build fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// Backend name: `cpu` or `cuda`.
+    pub backend: String,
+    /// Device description, e.g. `x86_64 CPU` or `NVIDIA H100 80GB HBM3 (sm_90)`.
+    pub device: String,
+    /// Instruction-set architecture (`x86_64`, `aarch64`).
+    pub arch: String,
+    /// CPU features detected at build time (informational).
+    pub cpu_features: Vec<String>,
+    /// Features the plan's kernels need; loading fails when one is missing.
+    pub required_features: Vec<String>,
+}
+
+impl Fingerprint {
+    /// The fingerprint of this machine's CPU backend.
+    pub fn cpu() -> Fingerprint {
+        Fingerprint {
+            backend: "cpu".into(),
+            device: format!("{} CPU", std::env::consts::ARCH),
+            arch: std::env::consts::ARCH.into(),
+            cpu_features: cpu_features(),
+            required_features: Vec::new(),
+        }
+    }
+
+    /// Why a plan with fingerprint `self` cannot run here (`here`), if it cannot.
+    pub fn incompatibility(&self, here: &Fingerprint) -> Option<String> {
+        if self.backend != here.backend {
+            return Some(format!(
+                "plan was built for the {} backend ({}), this runtime uses {} ({})",
+                self.backend, self.device, here.backend, here.device
+            ));
+        }
+        if self.arch != here.arch {
+            return Some(format!(
+                "plan was built for {} but this machine is {}",
+                self.arch, here.arch
+            ));
+        }
+        if self.backend != "cpu" && self.device != here.device {
+            return Some(format!(
+                "plan was built for device {}, this device is {}",
+                self.device, here.device
+            ));
+        }
+        let missing: Vec<&str> = self
+            .required_features
+            .iter()
+            .filter(|f| !here.cpu_features.contains(f))
+            .map(|s| s.as_str())
+            .collect();
+        if !missing.is_empty() {
+            return Some(format!(
+                "plan needs CPU features this machine lacks: {}",
+                missing.join(", ")
+            ));
+        }
+        None
+    }
+}
+
+/// The SIMD features of this CPU that kiln's kernels care about.
+pub fn cpu_features() -> Vec<String> {
+    #[allow(unused_mut)]
+    let mut v: Vec<String> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($f:tt),*) => { $( if std::is_x86_feature_detected!($f) { v.push($f.to_string()); } )* };
+        }
+        probe!(
+            "sse4.1",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512vnni",
+            "avx512bf16"
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        v.push("neon".to_string());
+    }
+    v
+}

@@ -1,0 +1,349 @@
+//! The optimisation pipeline: generic folding and cleanup from `kiln_core::passes`, plus the
+//! fusions that need kiln's CPU kernels (BatchNormalization folded into Conv, activations
+//! fused into the epilogue of Conv, Gemm and MatMul).
+//!
+//! Subgraphs (If/Loop/Scan bodies) are not optimised yet; they run as imported.
+
+use kiln_core::passes::{self, Pass};
+use kiln_core::{
+    Attr, BuildCtx, DType, Fact, Graph, KilnError, OpRegistry, Result, Tensor, ValueId,
+};
+use kiln_cpu::fused::Activation;
+
+/// What the optimiser did, for logs and `kiln inspect`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct OptimizeReport {
+    /// Nodes in the imported graph.
+    pub nodes_before: usize,
+    /// Nodes after optimisation.
+    pub nodes_after: usize,
+    /// Rewrites by the generic passes (folding, dead code, identities).
+    pub generic_rewrites: usize,
+    /// BatchNormalization nodes folded into a preceding Conv.
+    pub batchnorms_folded: usize,
+    /// Activations fused into Conv/Gemm/MatMul.
+    pub activations_fused: usize,
+}
+
+/// Runs every pass to a fixpoint.
+pub fn optimize(graph: &mut Graph, registry: &OpRegistry) -> Result<OptimizeReport> {
+    let mut report = OptimizeReport {
+        nodes_before: graph.nodes.len(),
+        ..Default::default()
+    };
+    let generic: [(&str, Pass); 4] = [
+        ("fold_known_values", passes::fold_known_values),
+        ("fold_constants", passes::fold_constants),
+        ("remove_identities", passes::remove_identities),
+        ("remove_dead_nodes", passes::remove_dead_nodes),
+    ];
+    for _ in 0..8 {
+        let g = passes::run_to_fixpoint(graph, &generic)?;
+        let bn = fold_batchnorm_into_conv(graph, registry)?;
+        let act = fuse_activations(graph, registry)?;
+        report.generic_rewrites += g;
+        report.batchnorms_folded += bn;
+        report.activations_fused += act;
+        if g + bn + act == 0 {
+            break;
+        }
+        graph.infer_facts()?;
+    }
+    passes::remove_dead_nodes(graph)?;
+    report.nodes_after = graph.nodes.len();
+    Ok(report)
+}
+
+fn rebuild(graph: &mut Graph, node: usize, registry: &OpRegistry) -> Result<()> {
+    let n = &graph.nodes[node];
+    let op = registry.build(&BuildCtx {
+        node: &n.name,
+        desc: &n.desc,
+        n_inputs: n.inputs.len().saturating_sub(n.desc.capture_count()),
+        n_outputs: n.outputs.len(),
+    })?;
+    graph.nodes[node].op = op;
+    Ok(())
+}
+
+/// The only node reading `v`, when exactly one node (and no graph output) reads it.
+fn sole_consumer(graph: &Graph, consumers: &[Vec<usize>], v: ValueId) -> Option<usize> {
+    if graph.is_output(v) {
+        return None;
+    }
+    match consumers[v].as_slice() {
+        [c] => {
+            let reads = graph.nodes[*c]
+                .inputs
+                .iter()
+                .filter(|i| **i == Some(v))
+                .count();
+            (reads == 1).then_some(*c)
+        }
+        _ => None,
+    }
+}
+
+fn constant_f32(graph: &Graph, v: Option<ValueId>) -> Option<Vec<f32>> {
+    let t = graph.constants.get(&v?)?;
+    (t.dtype() == DType::F32)
+        .then(|| t.as_slice::<f32>().ok().map(|s| s.to_vec()))
+        .flatten()
+}
+
+fn is_plain(graph: &Graph, node: usize, op_type: &str) -> bool {
+    let d = &graph.nodes[node].desc;
+    d.domain.is_empty() && d.op_type == op_type
+}
+
+/// Folds `BatchNormalization(Conv(x, W, b))` into `Conv(x, W', b')` when W, b and the BN
+/// parameters are f32 constants and the Conv output feeds only the BN.
+pub fn fold_batchnorm_into_conv(graph: &mut Graph, registry: &OpRegistry) -> Result<usize> {
+    let mut folded = 0;
+    loop {
+        let consumers = graph.consumers();
+        let mut found = None;
+        for (ci, conv) in graph.nodes.iter().enumerate() {
+            if !is_plain(graph, ci, "Conv") || conv.outputs.len() != 1 {
+                continue;
+            }
+            let Some(y) = conv.outputs[0] else { continue };
+            let Some(bi) = sole_consumer(graph, &consumers, y) else {
+                continue;
+            };
+            let bn = &graph.nodes[bi];
+            if !is_plain(graph, bi, "BatchNormalization")
+                || bn.inputs.len() != 5
+                || bn.inputs[0] != Some(y)
+            {
+                continue;
+            }
+            if bn
+                .outputs
+                .iter()
+                .skip(1)
+                .any(|o| o.is_some_and(|o| !consumers[o].is_empty() || graph.is_output(o)))
+            {
+                continue;
+            }
+            if matches!(bn.desc.attrs.get("training_mode"), Some(Attr::Int(1))) {
+                continue;
+            }
+            found = Some((ci, bi));
+            break;
+        }
+        let Some((ci, bi)) = found else { break };
+        if !try_fold_bn(graph, ci, bi, registry)? {
+            // Parameters not constant/f32: mark by skipping this pair permanently.
+            break;
+        }
+        folded += 1;
+    }
+    Ok(folded)
+}
+
+fn try_fold_bn(graph: &mut Graph, ci: usize, bi: usize, registry: &OpRegistry) -> Result<bool> {
+    let conv = &graph.nodes[ci];
+    let bn = &graph.nodes[bi];
+    let Some(w_id) = conv.inputs.get(1).copied().flatten() else {
+        return Ok(false);
+    };
+    let Some(w) = graph.constants.get(&w_id).cloned() else {
+        return Ok(false);
+    };
+    if w.dtype() != DType::F32 || w.rank() < 3 {
+        return Ok(false);
+    }
+    let m = w.shape()[0];
+    let bias = match conv.inputs.get(2).copied().flatten() {
+        Some(b) => match constant_f32(graph, Some(b)) {
+            Some(b) if b.len() == m => b,
+            _ => return Ok(false),
+        },
+        None => vec![0.0; m],
+    };
+    let params: Option<Vec<Vec<f32>>> = (1..5).map(|i| constant_f32(graph, bn.inputs[i])).collect();
+    let Some(params) = params else {
+        return Ok(false);
+    };
+    if params.iter().any(|p| p.len() != m) {
+        return Ok(false);
+    }
+    let eps = match bn.desc.attrs.get("epsilon") {
+        Some(Attr::Float(e)) => *e,
+        _ => 1e-5,
+    };
+    let (gamma, beta, mean, var) = (&params[0], &params[1], &params[2], &params[3]);
+    let scale: Vec<f32> = (0..m).map(|i| gamma[i] / (var[i] + eps).sqrt()).collect();
+    let per_out = w.len() / m;
+    let mut new_w = w.as_slice::<f32>()?.to_vec();
+    for (i, chunk) in new_w.chunks_mut(per_out).enumerate() {
+        for x in chunk {
+            *x *= scale[i];
+        }
+    }
+    let new_b: Vec<f32> = (0..m)
+        .map(|i| (bias[i] - mean[i]) * scale[i] + beta[i])
+        .collect();
+    let conv_name = conv.name.clone();
+    let bn_name = bn.name.clone();
+    let bn_out =
+        bn.outputs[0].ok_or_else(|| KilnError::Other(format!("{bn_name} has no output")))?;
+    let w_new = graph.add_value(
+        format!("{conv_name}.folded_weight"),
+        Fact::concrete(DType::F32, w.shape()),
+    );
+    graph
+        .constants
+        .insert(w_new, Tensor::from_vec(w.shape(), new_w)?);
+    let b_new = graph.add_value(
+        format!("{conv_name}.folded_bias"),
+        Fact::concrete(DType::F32, &[m]),
+    );
+    graph
+        .constants
+        .insert(b_new, Tensor::from_vec(&[m], new_b)?);
+    let conv = &mut graph.nodes[ci];
+    conv.inputs.resize(3, None);
+    conv.inputs[1] = Some(w_new);
+    conv.inputs[2] = Some(b_new);
+    conv.outputs[0] = Some(bn_out);
+    conv.fused_from.push(bn_name);
+    rebuild(graph, ci, registry)?;
+    graph.nodes.remove(bi);
+    Ok(true)
+}
+
+/// The activation a node computes, when it is one kiln can fuse.
+fn activation_of(graph: &Graph, node: usize) -> Option<Activation> {
+    let n = &graph.nodes[node];
+    if !n.desc.domain.is_empty() || n.outputs.len() != 1 {
+        return None;
+    }
+    let fattr = |name: &str, default: f32| match n.desc.attrs.get(name) {
+        Some(Attr::Float(v)) => *v,
+        _ => default,
+    };
+    Some(match n.desc.op_type.as_str() {
+        "Relu" => Activation::Relu,
+        "Sigmoid" => Activation::Sigmoid,
+        "Tanh" => Activation::Tanh,
+        "HardSwish" => Activation::HardSwish,
+        "HardSigmoid" => Activation::HardSigmoid {
+            alpha: fattr("alpha", 0.2),
+            beta: fattr("beta", 0.5),
+        },
+        "LeakyRelu" => Activation::LeakyRelu {
+            alpha: fattr("alpha", 0.01),
+        },
+        "Clip" => {
+            if n.desc.opset < 11 {
+                Activation::Clip {
+                    min: fattr("min", f32::MIN),
+                    max: fattr("max", f32::MAX),
+                }
+            } else {
+                let bound = |i: usize, default: f32| -> Option<f32> {
+                    match n.inputs.get(i).copied().flatten() {
+                        None => Some(default),
+                        Some(v) => {
+                            let t = graph.constants.get(&v)?;
+                            if t.dtype() != DType::F32 || t.len() != 1 {
+                                return None;
+                            }
+                            t.as_slice::<f32>().ok().map(|s| s[0])
+                        }
+                    }
+                };
+                Activation::Clip {
+                    min: bound(1, f32::MIN)?,
+                    max: bound(2, f32::MAX)?,
+                }
+            }
+        }
+        _ => return None,
+    })
+}
+
+const FUSABLE_PRODUCERS: &[&str] = &["Conv", "Gemm", "MatMul"];
+
+/// Fuses a following activation (or the x·sigmoid(x) pattern) into Conv, Gemm and MatMul
+/// with f32 outputs.
+pub fn fuse_activations(graph: &mut Graph, registry: &OpRegistry) -> Result<usize> {
+    let mut fused = 0;
+    loop {
+        let consumers = graph.consumers();
+        let mut plan: Option<(usize, Vec<usize>, Activation, ValueId)> = None;
+        for (pi, p) in graph.nodes.iter().enumerate() {
+            let fusable_kind = FUSABLE_PRODUCERS.contains(&p.desc.op_type.as_str())
+                && (p.desc.domain.is_empty()
+                    || (p.desc.domain == kiln_cpu::fused::KILN_DOMAIN
+                        && !p.desc.attrs.contains_key(kiln_cpu::fused::ACTIVATION_ATTR)));
+            if !fusable_kind || p.outputs.len() != 1 {
+                continue;
+            }
+            let Some(y) = p.outputs[0] else { continue };
+            if graph.is_output(y) || graph.values[y].fact.dtype != Some(DType::F32) {
+                continue;
+            }
+            // y -> activation
+            if let Some(ai) = sole_consumer(graph, &consumers, y) {
+                if graph.nodes[ai].inputs.first() == Some(&Some(y)) {
+                    if let (Some(act), Some(out)) =
+                        (activation_of(graph, ai), graph.nodes[ai].outputs[0])
+                    {
+                        plan = Some((pi, vec![ai], act, out));
+                        break;
+                    }
+                }
+            }
+            // y -> Sigmoid -> Mul(y, sigmoid(y))
+            if consumers[y].len() == 2 {
+                let (a, b) = (consumers[y][0], consumers[y][1]);
+                for (si, mi) in [(a, b), (b, a)] {
+                    let s = &graph.nodes[si];
+                    let m = &graph.nodes[mi];
+                    if !is_plain(graph, si, "Sigmoid") || !is_plain(graph, mi, "Mul") {
+                        continue;
+                    }
+                    let Some(s_out) = s.outputs[0] else { continue };
+                    if sole_consumer(graph, &consumers, s_out) != Some(mi) {
+                        continue;
+                    }
+                    let ins = (
+                        m.inputs.first().copied().flatten(),
+                        m.inputs.get(1).copied().flatten(),
+                    );
+                    if ins == (Some(y), Some(s_out)) || ins == (Some(s_out), Some(y)) {
+                        if let Some(out) = m.outputs[0] {
+                            plan = Some((pi, vec![si, mi], Activation::Swish, out));
+                            break;
+                        }
+                    }
+                }
+                if plan.is_some() {
+                    break;
+                }
+            }
+        }
+        let Some((pi, removed, act, out)) = plan else {
+            break;
+        };
+        let names: Vec<String> = removed
+            .iter()
+            .map(|&i| graph.nodes[i].name.clone())
+            .collect();
+        let p = &mut graph.nodes[pi];
+        act.write_to(&mut p.desc);
+        p.outputs[0] = Some(out);
+        p.fused_from.extend(names);
+        rebuild(graph, pi, registry)?;
+        let mut removed = removed;
+        removed.sort_unstable_by(|a, b| b.cmp(a));
+        for i in removed {
+            graph.nodes.remove(i);
+        }
+        fused += 1;
+    }
+    Ok(fused)
+}
