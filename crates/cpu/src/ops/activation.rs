@@ -105,7 +105,7 @@ impl Op for Activation {
                         "output slot size differs from the input",
                     ));
                 }
-                float_act(self.act, v, o);
+                act_f32(self.act, v, o);
                 Ok(())
             }
             Some(o) => o.copy_from(&activation_eval(self.name, self.act, x)?),
@@ -121,6 +121,13 @@ impl Op for Activation {
 /// Applies an activation to a tensor (the kernel behind [`Activation`]).
 pub fn activation_eval(op: &str, act: Act, x: &Tensor) -> Result<Tensor> {
     let dt = x.dtype();
+    if dt == DType::F32 {
+        let v = x.as_slice::<f32>()?;
+        return new_tensor::<f32>(dt, x.shape(), |o| {
+            act_f32(act, v, o);
+            Ok(())
+        });
+    }
     if dt.is_float() {
         return crate::dispatch_float!(dt, T => {
             let v = x.as_slice::<T>()?;
@@ -237,6 +244,43 @@ pub fn float_act<T: Real>(act: Act, v: &[T], o: &mut [T]) {
     }
 }
 
+/// e^x for f32 written with plain arithmetic so loops over it vectorize (Cephes
+/// polynomial, relative error ~2e-7). Inputs are clamped to [-87, 88]; NaN propagates.
+#[inline(always)]
+pub fn exp_f32_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let x = if x > 88.0 { 88.0 } else { x };
+    let x = if x < -87.0 { -87.0 } else { x };
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let r = x - n * C1 - n * C2;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
+}
+
+/// f32 activations with vectorizable fast paths for the common ones.
+pub fn act_f32(act: Act, v: &[f32], o: &mut [f32]) {
+    match act {
+        Act::Relu => map_into(v, o, |&x| if x < 0.0 { 0.0 } else { x }),
+        Act::Sigmoid => map_into(v, o, |&x| 1.0 / (1.0 + exp_f32_fast(-x))),
+        Act::Swish(a) => map_into(v, o, |&x| x / (1.0 + exp_f32_fast(-a * x))),
+        Act::HardSigmoid(a, b) => map_into(v, o, |&x| clamp_plain(a * x + b, 0.0, 1.0)),
+        Act::HardSwish => map_into(v, o, |&x| x * clamp_plain(x * (1.0 / 6.0) + 0.5, 0.0, 1.0)),
+        Act::LeakyRelu(a) => map_into(v, o, |&x| if x < 0.0 { a * x } else { x }),
+        _ => float_act(act, v, o),
+    }
+}
+
 #[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
@@ -269,6 +313,33 @@ impl Op for Clip {
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input_tensor(inputs, 0, "Clip")?;
+        let (lo, hi) = self.bounds(inputs, x)?;
+        let dt = x.dtype();
+        let out = crate::dispatch_numeric!(dt, T => clip::<T>(x, lo.as_ref(), hi.as_ref()), _ => Err(bad_dtype("Clip", dt)))?;
+        one(out)
+    }
+
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+        let x = input_tensor(inputs, 0, "Clip")?;
+        let Some(o) = outputs.first_mut() else { return Ok(()) };
+        if x.dtype() == DType::F32 && o.dtype() == DType::F32 && o.shape() == x.shape() {
+            let (lo, hi) = self.bounds(inputs, x)?;
+            let lo = lo.map_or(Ok(f32::NEG_INFINITY), |t| t.as_slice::<f32>().map(|s| s[0]))?;
+            let hi = hi.map_or(Ok(f32::INFINITY), |t| t.as_slice::<f32>().map(|s| s[0]))?;
+            map_into(x.as_slice::<f32>()?, o.as_mut_slice::<f32>()?, |a| clamp_plain(*a, lo, hi));
+            return Ok(());
+        }
+        let r = self.eval(inputs)?;
+        o.copy_from(r[0].as_tensor()?)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Clip {
+    fn bounds(&self, inputs: &[Option<&Value>], x: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (lo, hi) = match self.attr_bounds {
             Some((lo, hi)) => (
                 Some(Tensor::scalar(lo).cast(x.dtype())?),
@@ -292,13 +363,7 @@ impl Op for Clip {
                 ));
             }
         }
-        let dt = x.dtype();
-        let out = crate::dispatch_numeric!(dt, T => clip::<T>(x, lo.as_ref(), hi.as_ref()), _ => Err(bad_dtype("Clip", dt)))?;
-        one(out)
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
+        Ok((lo, hi))
     }
 }
 
@@ -387,7 +452,13 @@ impl Op for SoftmaxOp {
         let (outer, n, inner) = self.split(x.shape())?;
         let dt = x.dtype();
         let out = match dt {
-            DType::F32 => softmax_t::<f32>(x, self.kind, outer, n, inner)?,
+            DType::F32 => {
+                let v = x.as_slice::<f32>()?;
+                new_tensor::<f32>(dt, x.shape(), |o| {
+                    softmax_into_f32(v, o, self.kind, outer, n, inner);
+                    Ok(())
+                })?
+            }
             DType::F64 => softmax_t::<f64>(x, self.kind, outer, n, inner)?,
             DType::F16 | DType::BF16 => {
                 softmax_t::<f32>(&x.cast(DType::F32)?, self.kind, outer, n, inner)?.cast(dt)?
@@ -414,7 +485,7 @@ impl Op for SoftmaxOp {
                         "output slot size differs from the input",
                     ));
                 }
-                softmax_into(v, o, self.kind, outer, n, inner);
+                softmax_into_f32(v, o, self.kind, outer, n, inner);
                 Ok(())
             }
             Some(o) => {
@@ -471,6 +542,73 @@ pub fn softmax_into<T: Real>(
     } else {
         for (d, s) in o.chunks_mut(block).zip(v.chunks(block)) {
             work(s, d);
+        }
+    }
+}
+
+/// Sum with 8 independent lanes (vectorizes; differs from a sequential sum only by rounding).
+#[inline]
+pub fn sum_f32(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
+/// Maximum ignoring NaN (−inf for an empty or all-NaN slice), with 8 lanes.
+#[inline]
+pub fn max_f32(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    acc.iter().chain(rest).fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
+}
+
+/// f32 softmax-family kernel: contiguous rows use a vectorized exp; other layouts fall back
+/// to [`softmax_into`].
+pub fn softmax_into_f32(v: &[f32], o: &mut [f32], kind: SoftKind, outer: usize, n: usize, inner: usize) {
+    if inner != 1 || kind == SoftKind::Hardmax || n == 0 || outer == 0 {
+        return softmax_into(v, o, kind, outer, n, inner);
+    }
+    if v.len() >= super::elementwise::broadcast::PAR_MIN && outer > 1 {
+        let rows = (super::elementwise::broadcast::PAR_CHUNK / n).max(1);
+        o.par_chunks_mut(rows * n).zip(v.par_chunks(rows * n)).for_each(|(d, s)| {
+            for (d, s) in d.chunks_mut(n).zip(s.chunks(n)) {
+                soft_row_f32(s, d, kind);
+            }
+        });
+    } else {
+        for (d, s) in o.chunks_mut(n).zip(v.chunks(n)) {
+            soft_row_f32(s, d, kind);
+        }
+    }
+}
+
+fn soft_row_f32(x: &[f32], o: &mut [f32], kind: SoftKind) {
+    let m = if x.iter().any(|v| v.is_nan()) { f32::NAN } else { max_f32(x) };
+    for (d, &a) in o.iter_mut().zip(x) {
+        *d = exp_f32_fast(a - m);
+    }
+    let s = sum_f32(o);
+    if kind == SoftKind::Softmax {
+        let inv = 1.0 / s;
+        for d in o.iter_mut() {
+            *d *= inv;
+        }
+    } else {
+        let ls = s.ln() + m;
+        for (d, &a) in o.iter_mut().zip(x) {
+            *d = a - ls;
         }
     }
 }
@@ -732,6 +870,28 @@ mod tests {
             &[Some(Tensor::from_vec(&[1], vec![1i32]).unwrap())]
         )
         .is_err());
+    }
+
+    #[test]
+    fn fast_exp_accuracy() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (super::exp_f32_fast(x), x.exp());
+            assert!(((a - b) / b).abs() < 1e-6, "{x}: {a} vs {b}");
+            x += 0.0137;
+        }
+        assert!(super::exp_f32_fast(f32::NAN).is_nan());
+        assert_eq!(super::exp_f32_fast(0.0), 1.0);
+        let big = rand(200_000, 3);
+        let y = run1("Sigmoid", 13, vec![], &[Some(f32t(&[200, 1000], big.clone()))]).unwrap();
+        let want: Vec<f32> = big.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+        close(y.as_slice::<f32>().unwrap(), &want, 1e-6);
+        let y = run1("Softmax", 13, vec![], &[Some(f32t(&[200, 1000], big.clone()))]).unwrap();
+        close(y.as_slice::<f32>().unwrap(), &naive_softmax(&big, &[200, 1000], 1, false), 1e-5);
+        let nan = f32t(&[2, 2], vec![1.0, f32::NAN, 1.0, 2.0]);
+        let y = run1("Softmax", 13, vec![], &[Some(nan)]).unwrap();
+        let y = y.as_slice::<f32>().unwrap();
+        assert!(y[0].is_nan() && y[1].is_nan() && !y[2].is_nan());
     }
 
     #[test]

@@ -210,6 +210,30 @@ impl Op for BatchNorm {
         Ok(outs.into_iter().map(Value::Tensor).collect())
     }
 
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+        const OP: &str = "BatchNormalization";
+        let x = input_tensor(inputs, 0, OP)?;
+        let inference = !self.training && !self.legacy_outputs && outputs.len() == 1;
+        if inference && x.dtype() == DType::F32 && x.rank() >= 2 && outputs[0].dtype() == DType::F32 && outputs[0].shape() == x.shape() {
+            let p: Vec<&Tensor> = (1..5).map(|i| input_tensor(inputs, i, OP)).collect::<Result<_>>()?;
+            let c = x.shape()[1];
+            let spatial: usize = x.shape()[2..].iter().product();
+            let scale = per_channel::<f32>(OP, "scale", p[0], c)?;
+            let bias = per_channel::<f32>(OP, "B", p[1], c)?;
+            let mean = per_channel::<f32>(OP, "input_mean", p[2], c)?;
+            let var = per_channel::<f32>(OP, "input_var", p[3], c)?;
+            let a: Vec<f32> = (0..c).map(|i| scale[i] / (var[i] + self.epsilon).sqrt()).collect();
+            let b: Vec<f32> = (0..c).map(|i| bias[i] - mean[i] * a[i]).collect();
+            affine_channels(x.as_slice::<f32>()?, outputs[0].as_mut_slice::<f32>()?, c, spatial, &a, &b);
+            return Ok(());
+        }
+        let r = self.eval(inputs)?;
+        for (o, v) in outputs.iter_mut().zip(&r) {
+            o.copy_from(v.as_tensor()?)?;
+        }
+        Ok(())
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -378,12 +402,43 @@ impl Op for LayerNorm {
         Ok(outs.into_iter().map(Value::Tensor).collect())
     }
 
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+        if outputs.len() == 1 && self.fast_f32(inputs, &mut outputs[0])? {
+            return Ok(());
+        }
+        let r = self.eval(inputs)?;
+        for (o, v) in outputs.iter_mut().zip(&r) {
+            o.copy_from(v.as_tensor()?)?;
+        }
+        Ok(())
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
 }
 
 impl LayerNorm {
+    fn fast_f32(&self, inputs: &[Option<&Value>], o: &mut kiln_core::TensorMut<'_>) -> Result<bool> {
+        const OP: &str = "LayerNormalization";
+        let x = input_tensor(inputs, 0, OP)?;
+        if x.dtype() != DType::F32 || o.dtype() != DType::F32 || o.shape() != x.shape() {
+            return Ok(false);
+        }
+        let w = input_tensor(inputs, 1, OP)?;
+        let b = optional_tensor(inputs, 2, OP)?;
+        let axis = normalize_axis(OP, self.axis, x.rank())?;
+        let norm_shape = &x.shape()[axis..];
+        let len: usize = norm_shape.iter().product();
+        let wv = broadcast_param::<f32>(OP, "Scale", w, norm_shape)?;
+        let bv = match b {
+            Some(b) => Some(broadcast_param::<f32>(OP, "B", b, norm_shape)?),
+            None => None,
+        };
+        layer_norm_rows(x.as_slice::<f32>()?, o.as_mut_slice::<f32>()?, len, &wv, bv.as_deref(), self.epsilon as f64, None);
+        Ok(true)
+    }
+
     fn stat_dtype(&self, x: DType) -> DType {
         if self.stash_f64 {
             DType::F64

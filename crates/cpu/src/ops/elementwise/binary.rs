@@ -132,6 +132,28 @@ impl Op for Binary {
         one(binary_eval(self.name, self.kind, a, &b)?)
     }
 
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+        let a = input_tensor(inputs, 0, self.name)?;
+        let b = input_tensor(inputs, 1, self.name)?;
+        let b = self.align_legacy(a, b)?;
+        let Some(o) = outputs.first_mut() else { return Ok(()) };
+        let dt = a.dtype();
+        let arith = matches!(self.kind, BinKind::Add | BinKind::Sub | BinKind::Mul | BinKind::Div | BinKind::Mod { .. });
+        if arith && b.dtype() == dt && o.dtype() == dt {
+            let plan = Plan::new(self.name, &[a.shape(), b.shape()])?;
+            if plan.len() == o.shape().iter().product::<usize>() {
+                let done = crate::dispatch_numeric!(dt, T => {
+                    arith_into::<T>(&plan, self.kind, a.as_slice::<T>()?, b.as_slice::<T>()?, o.as_mut_slice::<T>()?);
+                    true
+                }, _ => false);
+                if done {
+                    return Ok(());
+                }
+            }
+        }
+        o.copy_from(&binary_eval(self.name, self.kind, a, &b)?)
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -184,6 +206,14 @@ pub fn binary_eval(op: &str, kind: BinKind, a: &Tensor, b: &Tensor) -> Result<Te
 fn arith<T: Num>(plan: &Plan, kind: BinKind, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (x, y) = (a.as_slice::<T>()?, b.as_slice::<T>()?);
     new_tensor::<T>(T::DTYPE, &plan.out_shape, |o| {
+        arith_into(plan, kind, x, y, o);
+        Ok(())
+    })
+}
+
+/// Arithmetic kernel writing into `o` (of `plan.len()` elements).
+pub fn arith_into<T: Num>(plan: &Plan, kind: BinKind, x: &[T], y: &[T], o: &mut [T]) {
+    {
         match kind {
             BinKind::Add => plan.binary(x, y, o, |a, b| a.addv(*b)),
             BinKind::Sub => plan.binary(x, y, o, |a, b| a.subv(*b)),
@@ -192,8 +222,7 @@ fn arith<T: Num>(plan: &Plan, kind: BinKind, a: &Tensor, b: &Tensor) -> Result<T
             BinKind::Mod { fmod: true } => plan.binary(x, y, o, |a, b| a.rem_c(*b)),
             _ => plan.binary(x, y, o, |a, b| a.rem_py(*b)),
         }
-        Ok(())
-    })
+    }
 }
 
 fn bits<T: Int>(plan: &Plan, kind: BinKind, a: &Tensor, b: &Tensor) -> Result<Tensor> {

@@ -124,6 +124,34 @@ pub(crate) mod testutil {
         op.eval(&refs)?.into_iter().map(|v| v.into_tensor()).collect()
     }
 
+    /// Runs `eval_into` with fresh output buffers shaped like `eval`'s outputs and checks
+    /// both agree bit for bit (NaN equal).
+    pub fn check_into(op: &dyn Op, inputs: &[Option<Tensor>]) {
+        check_into_n(op, inputs, usize::MAX)
+    }
+
+    /// [`check_into`] with only the first `n` outputs requested.
+    pub fn check_into_n(op: &dyn Op, inputs: &[Option<Tensor>], n: usize) {
+        let mut want = run(op, inputs).unwrap();
+        want.truncate(n);
+        let vals: Vec<Option<Value>> = inputs.iter().map(|t| t.clone().map(Value::Tensor)).collect();
+        let refs: Vec<Option<&Value>> = vals.iter().map(|v| v.as_ref()).collect();
+        let mut bufs: Vec<kiln_core::AlignedBuf> =
+            want.iter().map(|t| kiln_core::AlignedBuf::zeroed(t.len() * t.dtype().size())).collect();
+        {
+            let mut views: Vec<kiln_core::TensorMut<'_>> = bufs
+                .iter_mut()
+                .zip(&want)
+                .map(|(b, t)| kiln_core::TensorMut::new(t.dtype(), t.shape(), b.as_mut_slice()).unwrap())
+                .collect();
+            op.eval_into(&refs, &mut views).unwrap();
+        }
+        for (b, t) in bufs.into_iter().zip(&want) {
+            let got = Tensor::from_aligned(t.dtype(), t.shape(), b).unwrap();
+            assert!(got.same_as(t), "{}: eval_into differs from eval", op.op_type());
+        }
+    }
+
     /// Builds and runs in one go, returning the first output.
     pub fn run1(op: &str, opset: i64, attrs: Vec<(&str, Attr)>, inputs: &[Option<Tensor>]) -> kiln_core::Result<Tensor> {
         let o = build(op, opset, attrs, inputs.len(), 1)?;
@@ -158,5 +186,38 @@ pub(crate) mod testutil {
             let ok = (x - y).abs() <= tol * (1.0 + y.abs()) || (x.is_nan() && y.is_nan()) || x == y;
             assert!(ok, "element {i}: {x} vs {y}");
         }
+    }
+}
+
+#[cfg(test)]
+mod into_tests {
+    use super::testutil::*;
+    use kiln_core::{Attr, Tensor};
+
+    #[test]
+    fn eval_into_matches_eval() {
+        let big = rand(70_000, 5);
+        let x = f32t(&[70, 1000], big.clone());
+        let row = f32t(&[1000], rand(1000, 6));
+        let ops2 = ["Add", "Sub", "Mul", "Div"];
+        for op in ops2 {
+            let o = build(op, 14, vec![], 2, 1).unwrap();
+            check_into(o.as_ref(), &[Some(x.clone()), Some(row.clone())]);
+            check_into(o.as_ref(), &[Some(x.clone()), Some(x.clone())]);
+        }
+        let i = Tensor::from_vec(&[3], vec![1i64, 2, 3]).unwrap();
+        check_into(build("Add", 14, vec![], 2, 1).unwrap().as_ref(), &[Some(i.clone()), Some(i)]);
+        for op in ["Relu", "Sigmoid", "Tanh", "Exp", "Sqrt", "HardSwish", "HardSigmoid", "Erf", "Softmax", "LogSoftmax"] {
+            check_into(build(op, 14, vec![], 1, 1).unwrap().as_ref(), &[Some(x.clone())]);
+        }
+        let clip = build("Clip", 13, vec![], 3, 1).unwrap();
+        check_into(clip.as_ref(), &[Some(x.clone()), Some(Tensor::scalar(-0.5f32)), Some(Tensor::scalar(0.5f32))]);
+        let ln = build("LayerNormalization", 17, vec![("axis", Attr::Int(-1))], 3, 1).unwrap();
+        check_into(ln.as_ref(), &[Some(x.clone()), Some(row.clone()), Some(row.clone())]);
+        check_into_n(ln.as_ref(), &[Some(x.clone()), Some(row.clone()), Some(row.clone())], 1);
+        let x4 = f32t(&[2, 5, 70, 100], big);
+        let c = f32t(&[5], vec![0.5, 1.0, 1.5, 2.0, 2.5]);
+        let bn = build("BatchNormalization", 15, vec![], 5, 1).unwrap();
+        check_into(bn.as_ref(), &[Some(x4), Some(c.clone()), Some(c.clone()), Some(c.clone()), Some(c)]);
     }
 }

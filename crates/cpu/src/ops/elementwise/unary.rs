@@ -103,6 +103,20 @@ impl Op for Unary {
         one(unary_eval(self.name, self.kind, x)?)
     }
 
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+        let x = input_tensor(inputs, 0, self.name)?;
+        let Some(o) = outputs.first_mut() else { return Ok(()) };
+        let plain_float = !matches!(
+            self.kind,
+            UnaryKind::Abs | UnaryKind::Neg | UnaryKind::Sign | UnaryKind::IsNaN | UnaryKind::IsInf { .. } | UnaryKind::Not | UnaryKind::BitwiseNot
+        );
+        if plain_float && x.dtype() == DType::F32 && o.dtype() == DType::F32 && o.shape() == x.shape() {
+            float_map_into(x.as_slice::<f32>()?, o.as_mut_slice::<f32>()?, self.kind);
+            return Ok(());
+        }
+        o.copy_from(&unary_eval(self.name, self.kind, x)?)
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -175,9 +189,17 @@ pub fn round_even<T: Real>(a: T) -> T {
 }
 
 fn float_map<T: Real>(x: &Tensor, kind: UnaryKind) -> Result<Tensor> {
-    use UnaryKind as K;
     let v = x.as_slice::<T>()?;
     new_tensor::<T>(T::DTYPE, x.shape(), |o| {
+        float_map_into(v, o, kind);
+        Ok(())
+    })
+}
+
+/// Float unary kernel writing into `o` (same length as `v`).
+pub fn float_map_into<T: Real>(v: &[T], o: &mut [T], kind: UnaryKind) {
+    use UnaryKind as K;
+    {
         macro_rules! m {
             ($f:expr) => {
                 map_into(v, o, |a: &T| $f(*a))
@@ -206,8 +228,7 @@ fn float_map<T: Real>(x: &Tensor, kind: UnaryKind) -> Result<Tensor> {
             K::Atanh => m!(|a: T| a.atanh()),
             _ => m!(|a: T| a),
         }
-        Ok(())
-    })
+    }
 }
 
 /// Registers the unary ops.
