@@ -35,7 +35,8 @@ pub fn read_npy_bytes(bytes: &[u8]) -> Result<Tensor> {
 /// Writes a tensor as a `.npy` file (created or replaced).
 pub fn write_npy(path: impl AsRef<Path>, tensor: &Tensor) -> Result<()> {
     let path = path.as_ref();
-    let bytes = to_npy_bytes(tensor).map_err(|e| KilnError::Other(format!("{}: {e}", path.display())))?;
+    let bytes =
+        to_npy_bytes(tensor).map_err(|e| KilnError::Other(format!("{}: {e}", path.display())))?;
     std::fs::write(path, bytes).map_err(|e| KilnError::io(path, e))
 }
 
@@ -47,7 +48,13 @@ pub fn to_npy_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
     let shape = match tensor.shape() {
         [] => "()".to_string(),
         [d] => format!("({d},)"),
-        dims => format!("({})", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        dims => format!(
+            "({})",
+            dims.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     let mut dict = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     // Like np.save: spare spaces so the first dimension can grow in place, then padding
@@ -55,7 +62,11 @@ pub fn to_npy_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
     if let Some(first) = tensor.shape().first() {
         dict.push_str(&" ".repeat(GROWTH_DIGITS.saturating_sub(first.to_string().len())));
     }
-    let (major, len_bytes) = if header_len(10, dict.len()) <= u16::MAX as usize { (1u8, 2) } else { (2u8, 4) };
+    let (major, len_bytes) = if header_len(10, dict.len()) <= u16::MAX as usize {
+        (1u8, 2)
+    } else {
+        (2u8, 4)
+    };
     let hlen = header_len(6 + 2 + len_bytes, dict.len());
     let mut out = Vec::with_capacity(6 + 2 + len_bytes + hlen + data.len());
     out.extend_from_slice(MAGIC);
@@ -63,7 +74,8 @@ pub fn to_npy_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
     if major == 1 {
         out.extend_from_slice(&(hlen as u16).to_le_bytes());
     } else {
-        let len = u32::try_from(hlen).map_err(|_| KilnError::Other(format!("npy header of {hlen} bytes is too long")))?;
+        let len = u32::try_from(hlen)
+            .map_err(|_| KilnError::Other(format!("npy header of {hlen} bytes is too long")))?;
         out.extend_from_slice(&len.to_le_bytes());
     }
     out.extend_from_slice(dict.as_bytes());
@@ -115,7 +127,12 @@ fn encode_data(t: &Tensor) -> Result<(String, Vec<u8>)> {
 
 fn encode_strings(t: &Tensor) -> Result<(String, Vec<u8>)> {
     let strings = t.as_strings()?;
-    let width = strings.iter().map(|s| s.chars().count()).max().unwrap_or(0).max(1);
+    let width = strings
+        .iter()
+        .map(|s| s.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let total = width
         .checked_mul(4)
         .and_then(|w| w.checked_mul(strings.len()))
@@ -161,7 +178,9 @@ fn parse_descr(descr: &str) -> std::result::Result<Elem, String> {
         _ => native_big,
     };
     if let Some(width) = rest.strip_prefix('U') {
-        let width: usize = width.parse().map_err(|_| format!("unsupported dtype {descr:?}"))?;
+        let width: usize = width
+            .parse()
+            .map_err(|_| format!("unsupported dtype {descr:?}"))?;
         return Ok(Elem::Unicode { width, big });
     }
     let dtype = match rest {
@@ -185,7 +204,9 @@ fn parse_descr(descr: &str) -> std::result::Result<Elem, String> {
         }
     };
     if order == '|' && dtype.size() > 1 {
-        return Err(format!("dtype {descr:?} has no byte order ('|' is only valid for one-byte types)"));
+        return Err(format!(
+            "dtype {descr:?} has no byte order ('|' is only valid for one-byte types)"
+        ));
     }
     Ok(Elem::Pod { dtype, big })
 }
@@ -198,7 +219,8 @@ struct Header {
 }
 
 fn parse(bytes: &[u8], origin: &str) -> Result<Tensor> {
-    parse_inner(bytes).map_err(|msg| KilnError::Other(format!("{origin}: invalid .npy file: {msg}")))
+    parse_inner(bytes)
+        .map_err(|msg| KilnError::Other(format!("{origin}: invalid .npy file: {msg}")))
 }
 
 fn parse_inner(bytes: &[u8]) -> std::result::Result<Tensor, String> {
@@ -210,7 +232,11 @@ fn parse_inner(bytes: &[u8]) -> std::result::Result<Tensor, String> {
         1 => (2, false),
         2 => (4, false),
         3 => (4, true),
-        _ => return Err(format!("format version {major}.{minor} is not supported (1.0, 2.0 and 3.0 are)")),
+        _ => {
+            return Err(format!(
+                "format version {major}.{minor} is not supported (1.0, 2.0 and 3.0 are)"
+            ))
+        }
     };
     let prefix = 8 + len_bytes;
     if bytes.len() < prefix {
@@ -224,10 +250,14 @@ fn parse_inner(bytes: &[u8]) -> std::result::Result<Tensor, String> {
     let data_start = prefix
         .checked_add(header_len)
         .filter(|&e| e <= bytes.len())
-        .ok_or_else(|| format!("truncated: the header should be {header_len} bytes but the file ends before"))?;
+        .ok_or_else(|| {
+            format!("truncated: the header should be {header_len} bytes but the file ends before")
+        })?;
     let raw = &bytes[prefix..data_start];
     let text: String = if utf8 {
-        std::str::from_utf8(raw).map_err(|_| "header is not valid UTF-8".to_string())?.to_string()
+        std::str::from_utf8(raw)
+            .map_err(|_| "header is not valid UTF-8".to_string())?
+            .to_string()
     } else {
         raw.iter().map(|&b| b as char).collect() // latin-1
     };
@@ -236,7 +266,12 @@ fn parse_inner(bytes: &[u8]) -> std::result::Result<Tensor, String> {
 }
 
 fn parse_header(text: &str) -> std::result::Result<Header, String> {
-    let value = PyParser { s: text.as_bytes(), pos: 0 }.parse_all().map_err(|e| format!("header is malformed: {e}"))?;
+    let value = PyParser {
+        s: text.as_bytes(),
+        pos: 0,
+    }
+    .parse_all()
+    .map_err(|e| format!("header is malformed: {e}"))?;
     let PyValue::Dict(entries) = value else {
         return Err(format!("header is not a dict: {}", text.trim()));
     };
@@ -263,27 +298,41 @@ fn parse_header(text: &str) -> std::result::Result<Header, String> {
         Some(PyValue::Tuple(items)) | Some(PyValue::List(items)) => items
             .iter()
             .map(|v| match v {
-                PyValue::Int(n) => usize::try_from(*n).map_err(|_| format!("shape has a negative or huge dimension {n}")),
+                PyValue::Int(n) => usize::try_from(*n)
+                    .map_err(|_| format!("shape has a negative or huge dimension {n}")),
                 _ => Err("shape holds something other than integers".to_string()),
             })
             .collect::<std::result::Result<Vec<_>, _>>()?,
         Some(_) => return Err("header 'shape' is not a tuple".into()),
         None => return Err("header has no 'shape' key".into()),
     };
-    Ok(Header { elem, fortran, shape })
+    Ok(Header {
+        elem,
+        fortran,
+        shape,
+    })
 }
 
 fn decode_data(h: &Header, data: &[u8]) -> std::result::Result<Tensor, String> {
     // Refuse shapes whose extent overflows even when a zero dimension makes them empty:
     // no real array has them and later stride arithmetic would overflow.
-    let extent = h.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d.max(1)));
+    let extent = h
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d.max(1)));
     let elem_size = match h.elem {
         Elem::Pod { dtype, .. } => dtype.size(),
         Elem::Unicode { width, .. } => width.checked_mul(4).ok_or("string width overflows")?,
     };
     let too_big = || format!("shape {:?} is absurdly large (its size overflows)", h.shape);
-    extent.and_then(|e| e.checked_mul(elem_size.max(1))).ok_or_else(too_big)?;
-    let count: usize = if h.shape.contains(&0) { 0 } else { extent.ok_or_else(too_big)? };
+    extent
+        .and_then(|e| e.checked_mul(elem_size.max(1)))
+        .ok_or_else(too_big)?;
+    let count: usize = if h.shape.contains(&0) {
+        0
+    } else {
+        extent.ok_or_else(too_big)?
+    };
     let need = count * elem_size;
     if data.len() != need {
         let what = if data.len() < need { "short" } else { "long" };
@@ -312,15 +361,25 @@ fn decode_data(h: &Header, data: &[u8]) -> std::result::Result<Tensor, String> {
             if width == 0 {
                 strings.resize(count, String::new());
             }
-            for item in data.chunks_exact(width.max(1) * 4).take(if width == 0 { 0 } else { count }) {
+            for item in data
+                .chunks_exact(width.max(1) * 4)
+                .take(if width == 0 { 0 } else { count })
+            {
                 let mut s = String::new();
                 for cu in item.chunks_exact(4) {
                     let arr = [cu[0], cu[1], cu[2], cu[3]];
-                    let code = if big { u32::from_be_bytes(arr) } else { u32::from_le_bytes(arr) };
+                    let code = if big {
+                        u32::from_be_bytes(arr)
+                    } else {
+                        u32::from_le_bytes(arr)
+                    };
                     if code == 0 {
                         break;
                     }
-                    s.push(char::from_u32(code).ok_or_else(|| format!("invalid unicode code point {code:#x}"))?);
+                    s.push(
+                        char::from_u32(code)
+                            .ok_or_else(|| format!("invalid unicode code point {code:#x}"))?,
+                    );
                 }
                 strings.push(s);
             }
@@ -381,7 +440,10 @@ impl PyParser<'_> {
         let v = self.value(0)?;
         self.skip_ws();
         if self.pos != self.s.len() {
-            return Err(format!("unexpected text after the value at byte {}", self.pos));
+            return Err(format!(
+                "unexpected text after the value at byte {}",
+                self.pos
+            ));
         }
         Ok(v)
     }
@@ -486,11 +548,14 @@ impl PyParser<'_> {
         while let Some(&c) = self.s.get(self.pos) {
             self.pos += 1;
             if c == quote {
-                let s = String::from_utf8(out).map_err(|_| "string is not valid text".to_string())?;
+                let s =
+                    String::from_utf8(out).map_err(|_| "string is not valid text".to_string())?;
                 return Ok(PyValue::Str(s));
             }
             if c == b'\\' {
-                let Some(&e) = self.s.get(self.pos) else { break };
+                let Some(&e) = self.s.get(self.pos) else {
+                    break;
+                };
                 self.pos += 1;
                 out.push(match e {
                     b'n' => b'\n',
@@ -512,12 +577,15 @@ impl PyParser<'_> {
         while self.pos < self.s.len() && self.s[self.pos].is_ascii_digit() {
             self.pos += 1;
         }
-        let text = std::str::from_utf8(&self.s[start..self.pos]).map_err(|_| "bad number".to_string())?;
+        let text =
+            std::str::from_utf8(&self.s[start..self.pos]).map_err(|_| "bad number".to_string())?;
         // Python 2 wrote long integers with an `L` suffix.
         if matches!(self.s.get(self.pos), Some(b'L' | b'l')) {
             self.pos += 1;
         }
-        text.parse::<i128>().map(PyValue::Int).map_err(|_| format!("bad or too large integer {text:?}"))
+        text.parse::<i128>()
+            .map(PyValue::Int)
+            .map_err(|_| format!("bad or too large integer {text:?}"))
     }
 }
 
@@ -545,9 +613,21 @@ mod tests {
     #[test]
     fn roundtrips_every_dtype() {
         let shape = [2, 3];
-        check(Tensor::from_vec(&shape, vec![1.5f32, -2.0, 3.25, 0.0, f32::MAX, f32::MIN_POSITIVE]).unwrap());
+        check(
+            Tensor::from_vec(
+                &shape,
+                vec![1.5f32, -2.0, 3.25, 0.0, f32::MAX, f32::MIN_POSITIVE],
+            )
+            .unwrap(),
+        );
         check(Tensor::from_vec(&shape, vec![1.5f64, -2.0, 3.25, 0.0, 1e300, -1e-300]).unwrap());
-        check(Tensor::from_vec(&shape, (0..6).map(|i| f16::from_f32(i as f32 * 0.5)).collect()).unwrap());
+        check(
+            Tensor::from_vec(
+                &shape,
+                (0..6).map(|i| f16::from_f32(i as f32 * 0.5)).collect(),
+            )
+            .unwrap(),
+        );
         check(Tensor::from_vec(&shape, vec![-128i8, -1, 0, 1, 2, 127]).unwrap());
         check(Tensor::from_vec(&shape, vec![-32768i16, -1, 0, 1, 2, 32767]).unwrap());
         check(Tensor::from_vec(&shape, vec![i32::MIN, -1, 0, 1, 2, i32::MAX]).unwrap());
@@ -577,7 +657,10 @@ mod tests {
     fn header_format_matches_numpy() {
         let bytes = to_npy_bytes(&Tensor::from_vec(&[3], vec![1.0f32, 2.0, 3.0]).unwrap()).unwrap();
         let text = String::from_utf8_lossy(&bytes[10..]);
-        assert!(text.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }"), "{text}");
+        assert!(
+            text.starts_with("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }"),
+            "{text}"
+        );
         let bytes = to_npy_bytes(&Tensor::scalar(1i32)).unwrap();
         assert!(String::from_utf8_lossy(&bytes).contains("'shape': ()"));
         assert!(to_npy_bytes(&Tensor::zeros(DType::BF16, &[2])).is_err());
@@ -609,13 +692,31 @@ mod tests {
 
     #[test]
     fn reads_big_endian_native_and_version_3() {
-        let data: Vec<u8> = [1.0f32, -2.5].iter().flat_map(|v| v.to_be_bytes()).collect();
-        let t = read_npy_bytes(&npy(1, "{'descr': '>f4', 'fortran_order': False, 'shape': (2,)}\n", &data)).unwrap();
+        let data: Vec<u8> = [1.0f32, -2.5]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        let t = read_npy_bytes(&npy(
+            1,
+            "{'descr': '>f4', 'fortran_order': False, 'shape': (2,)}\n",
+            &data,
+        ))
+        .unwrap();
         assert_eq!(t.as_slice::<f32>().unwrap(), &[1.0, -2.5]);
         let data: Vec<u8> = [7i16, -300].iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let t = read_npy_bytes(&npy(3, "{\"descr\": \"=i2\", \"fortran_order\": False, \"shape\": (2,)}", &data)).unwrap();
+        let t = read_npy_bytes(&npy(
+            3,
+            "{\"descr\": \"=i2\", \"fortran_order\": False, \"shape\": (2,)}",
+            &data,
+        ))
+        .unwrap();
         assert_eq!(t.as_slice::<i16>().unwrap(), &[7, -300]);
-        let t = read_npy_bytes(&npy(2, "{'descr': '|u1', 'fortran_order': False, 'shape': (1L, 2L), }", &[9, 8])).unwrap();
+        let t = read_npy_bytes(&npy(
+            2,
+            "{'descr': '|u1', 'fortran_order': False, 'shape': (1L, 2L), }",
+            &[9, 8],
+        ))
+        .unwrap();
         assert_eq!(t.shape(), &[1, 2]);
         assert_eq!(t.as_slice::<u8>().unwrap(), &[9, 8]);
     }
@@ -623,14 +724,29 @@ mod tests {
     #[test]
     fn transposes_fortran_order() {
         // Column-major 2x3 [[0,1,2],[3,4,5]] is stored 0,3,1,4,2,5.
-        let data: Vec<u8> = [0i32, 3, 1, 4, 2, 5].iter().flat_map(|v| v.to_le_bytes()).collect();
-        let t = read_npy_bytes(&npy(1, "{'descr': '<i4', 'fortran_order': True, 'shape': (2, 3), }", &data)).unwrap();
+        let data: Vec<u8> = [0i32, 3, 1, 4, 2, 5]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let t = read_npy_bytes(&npy(
+            1,
+            "{'descr': '<i4', 'fortran_order': True, 'shape': (2, 3), }",
+            &data,
+        ))
+        .unwrap();
         assert_eq!(t.as_slice::<i32>().unwrap(), &[0, 1, 2, 3, 4, 5]);
         // 2x2x2: element (i,j,k) at i + 2j + 4k.
         let vals: Vec<i32> = (0..8).collect();
         let data: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let t = read_npy_bytes(&npy(1, "{'descr': '<i4', 'fortran_order': True, 'shape': (2, 2, 2), }", &data)).unwrap();
-        let expect: Vec<i32> = (0..8).map(|c| (c >> 2 & 1) + 2 * (c >> 1 & 1) + 4 * (c & 1)).collect();
+        let t = read_npy_bytes(&npy(
+            1,
+            "{'descr': '<i4', 'fortran_order': True, 'shape': (2, 2, 2), }",
+            &data,
+        ))
+        .unwrap();
+        let expect: Vec<i32> = (0..8)
+            .map(|c| (c >> 2 & 1) + 2 * (c >> 1 & 1) + 4 * (c & 1))
+            .collect();
         assert_eq!(t.as_slice::<i32>().unwrap(), &expect[..]);
     }
 
@@ -649,30 +765,89 @@ mod tests {
         assert!(err(b"\x93NUMPY\x01\x00\xff\x00{'descr'").contains("truncated"));
         assert!(err(b"\x93NUMPY\x09\x00\x00\x00").contains("format version 9.0"));
         assert!(err(&npy(1, "[1, 2]", &[])).contains("not a dict"));
-        assert!(err(&npy(1, "{'descr': '<f4', 'fortran_order': False, ", &[])).contains("malformed"));
-        assert!(err(&npy(1, "{'descr': '<c8', 'fortran_order': False, 'shape': (2,)}", &f32x2)).contains("unsupported dtype"));
-        assert!(err(&npy(1, "{'descr': '|O', 'fortran_order': False, 'shape': (2,)}", &f32x2)).contains("object"));
-        assert!(err(&npy(1, "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,)}", &f32x2)).contains("structured"));
-        assert!(err(&npy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (3,)}", &f32x2)).contains("too short"));
-        assert!(err(&npy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (1,)}", &f32x2)).contains("too long"));
-        assert!(err(&npy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (-1,)}", &f32x2)).contains("negative"));
+        assert!(
+            err(&npy(1, "{'descr': '<f4', 'fortran_order': False, ", &[])).contains("malformed")
+        );
+        assert!(err(&npy(
+            1,
+            "{'descr': '<c8', 'fortran_order': False, 'shape': (2,)}",
+            &f32x2
+        ))
+        .contains("unsupported dtype"));
+        assert!(err(&npy(
+            1,
+            "{'descr': '|O', 'fortran_order': False, 'shape': (2,)}",
+            &f32x2
+        ))
+        .contains("object"));
+        assert!(err(&npy(
+            1,
+            "{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,)}",
+            &f32x2
+        ))
+        .contains("structured"));
+        assert!(err(&npy(
+            1,
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (3,)}",
+            &f32x2
+        ))
+        .contains("too short"));
+        assert!(err(&npy(
+            1,
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (1,)}",
+            &f32x2
+        ))
+        .contains("too long"));
+        assert!(err(&npy(
+            1,
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (-1,)}",
+            &f32x2
+        ))
+        .contains("negative"));
         assert!(err(&npy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4611686018427387904)}", &f32x2))
             .contains("absurd"));
-        assert!(err(&npy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 4611686018427387904, 8)}", &[]))
-            .contains("absurd"));
+        assert!(err(&npy(
+            1,
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 4611686018427387904, 8)}",
+            &[]
+        ))
+        .contains("absurd"));
         assert!(err(&npy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999999999999999999999999,)}", &[]))
             .contains("integer"));
-        assert!(err(&npy(1, "{'descr': '<f4', 'fortran_order': 1, 'shape': (2,)}", &f32x2)).contains("fortran_order"));
+        assert!(err(&npy(
+            1,
+            "{'descr': '<f4', 'fortran_order': 1, 'shape': (2,)}",
+            &f32x2
+        ))
+        .contains("fortran_order"));
         assert!(err(&npy(1, "{'descr': '<f4', 'shape': (2,)}", &f32x2)).contains("fortran_order"));
-        assert!(err(&npy(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': 1}", &f32x2)).contains("unexpected key"));
-        assert!(err(&npy(1, "{'descr': '|b1', 'fortran_order': False, 'shape': (2,)}", &[0, 7])).contains("bool"));
-        assert!(err(&npy(1, "{'descr': '|f4', 'fortran_order': False, 'shape': (2,)}", &f32x2)).contains("byte order"));
+        assert!(err(&npy(
+            1,
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': 1}",
+            &f32x2
+        ))
+        .contains("unexpected key"));
+        assert!(err(&npy(
+            1,
+            "{'descr': '|b1', 'fortran_order': False, 'shape': (2,)}",
+            &[0, 7]
+        ))
+        .contains("bool"));
+        assert!(err(&npy(
+            1,
+            "{'descr': '|f4', 'fortran_order': False, 'shape': (2,)}",
+            &f32x2
+        ))
+        .contains("byte order"));
         let deep = format!("{}{}", "[".repeat(1000), "]".repeat(1000));
         assert!(err(&npy(1, &deep, &[])).contains("deeply"));
         // Every truncation of a valid file is an error, never a panic.
         let good = to_npy_bytes(&Tensor::from_vec(&[2, 2], vec![1i64, 2, 3, 4]).unwrap()).unwrap();
         for n in 0..good.len() {
-            assert!(read_npy_bytes(&good[..n]).is_err(), "prefix of {n} bytes accepted");
+            assert!(
+                read_npy_bytes(&good[..n]).is_err(),
+                "prefix of {n} bytes accepted"
+            );
         }
     }
 
@@ -711,7 +886,12 @@ np.save(f'{d}/str.npy', np.array(['a', 'bc', '']))
 "#;
         let mut cmd = std::process::Command::new("python3");
         cmd.arg("-c").arg(script).arg(&dir);
-        if std::process::Command::new("python3").args(["-c", "import numpy"]).output().map(|o| !o.status.success()).unwrap_or(true) {
+        if std::process::Command::new("python3")
+            .args(["-c", "import numpy"])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
             cmd.env("PYTHONPATH", "/work/main/assets/pyref");
         }
         match cmd.output() {
@@ -722,20 +902,31 @@ np.save(f'{d}/str.npy', np.array(['a', 'bc', '']))
             }
         }
         let expect: Vec<f64> = (0..24).map(|i| (i % 7) as f64).collect();
-        for name in ["f4", "f2", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "bef8", "bei4"] {
+        for name in [
+            "f4", "f2", "f8", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "bef8", "bei4",
+        ] {
             let t = read_npy(dir.join(format!("{name}.npy"))).unwrap();
             assert_eq!(t.shape(), &[2, 3, 4], "{name}");
             assert_eq!(t.to_f64_vec().unwrap(), expect, "{name}");
         }
         let b = read_npy(dir.join("b1.npy")).unwrap();
         assert_eq!(b.dtype(), DType::Bool);
-        assert_eq!(b.as_bools().unwrap().iter().filter(|x| **x).count(), expect.iter().filter(|x| **x != 0.0).count());
+        assert_eq!(
+            b.as_bools().unwrap().iter().filter(|x| **x).count(),
+            expect.iter().filter(|x| **x != 0.0).count()
+        );
         let f = read_npy(dir.join("fortran.npy")).unwrap();
-        assert_eq!(f.to_f64_vec().unwrap(), (0..24).map(|i| i as f64).collect::<Vec<_>>());
+        assert_eq!(
+            f.to_f64_vec().unwrap(),
+            (0..24).map(|i| i as f64).collect::<Vec<_>>()
+        );
         let s = read_npy(dir.join("scalar.npy")).unwrap();
         assert_eq!((s.shape().len(), s.as_slice::<f32>().unwrap()[0]), (0, 3.5));
         assert_eq!(read_npy(dir.join("empty.npy")).unwrap().shape(), &[0, 3]);
-        assert_eq!(read_npy(dir.join("str.npy")).unwrap().as_strings().unwrap(), &["a", "bc", ""]);
+        assert_eq!(
+            read_npy(dir.join("str.npy")).unwrap().as_strings().unwrap(),
+            &["a", "bc", ""]
+        );
 
         // And numpy reads what kiln writes, byte for byte the same header as np.save.
         for name in ["f4", "i8", "b1", "u1"] {
@@ -745,7 +936,11 @@ np.save(f'{d}/str.npy', np.array(['a', 'bc', '']))
             assert_eq!(ours, theirs, "{name}");
         }
         write_npy(dir.join("ours_scalar.npy"), &Tensor::scalar(2.5f64)).unwrap();
-        write_npy(dir.join("ours_str.npy"), &Tensor::from_strings(&[2], vec!["x".into(), "yz".into()]).unwrap()).unwrap();
+        write_npy(
+            dir.join("ours_str.npy"),
+            &Tensor::from_strings(&[2], vec!["x".into(), "yz".into()]).unwrap(),
+        )
+        .unwrap();
         let check = r#"
 import sys, numpy as np
 d = sys.argv[1]
@@ -754,7 +949,12 @@ assert list(np.load(f'{d}/ours_str.npy')) == ['x', 'yz']
 "#;
         let mut cmd = std::process::Command::new("python3");
         cmd.arg("-c").arg(check).arg(&dir);
-        if std::process::Command::new("python3").args(["-c", "import numpy"]).output().map(|o| !o.status.success()).unwrap_or(true) {
+        if std::process::Command::new("python3")
+            .args(["-c", "import numpy"])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
             cmd.env("PYTHONPATH", "/work/main/assets/pyref");
         }
         let o = cmd.output().unwrap();
