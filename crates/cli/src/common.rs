@@ -248,12 +248,7 @@ pub fn resolve_shape(
                     .enumerate()
                     .map(|(axis, d)| match d {
                         Dim::Known(n) => n.to_string(),
-                        Dim::Sym(s)
-                            if s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-                                && !s.is_empty() =>
-                        {
-                            s.clone()
-                        }
+                        Dim::Sym(s) if is_name(s) => s.clone(),
                         _ => format!("D{axis}"),
                     })
                     .collect();
@@ -308,7 +303,7 @@ pub fn resolve_shape(
         .enumerate()
         .filter(|(_, d)| d.known().is_none())
         .map(|(axis, d)| match d {
-            Dim::Sym(s) => format!("{axis} ({s})"),
+            Dim::Sym(s) if is_name(s) => format!("{axis} ({s})"),
             _ => axis.to_string(),
         })
         .collect();
@@ -320,6 +315,13 @@ pub fn resolve_shape(
         )));
     }
     Ok(dims.iter().filter_map(|d| d.known()).collect())
+}
+
+/// True for symbolic dim names worth showing (`batch`, `seq_len`; not `?` or `unk__3`).
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with("unk__")
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Checks that every `--shapes` name is an input of the engine.

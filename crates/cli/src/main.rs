@@ -237,9 +237,13 @@ fn init_logging(g: &Globals) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
+
+/// Set when printing failed because the reader of stdout went away.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Replaces the default panic message (which mentions RUST_BACKTRACE) by one error line.
 /// kiln is written not to panic; this is a safety net so a bug still reads like an error.
@@ -252,6 +256,11 @@ fn install_panic_hook() {
         } else {
             "unknown cause".to_string()
         };
+        // `kiln inspect m.plan | head`: stdout closed early is not an error.
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
         let at = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
@@ -284,6 +293,7 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
+        Err(_) if STDOUT_CLOSED.load(std::sync::atomic::Ordering::SeqCst) => ExitCode::SUCCESS,
         // The panic hook already printed the error line.
         Err(_) => ExitCode::from(1),
     }

@@ -112,6 +112,28 @@ fn version_prints_version_and_build_details() {
 }
 
 #[test]
+fn closed_stdout_is_not_an_error() {
+    // `kiln inspect m.plan | head`: the reader goes away before kiln has written everything.
+    for args in [&["version"][..], &["version", "--json"]] {
+        let mut child = kiln()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {:?} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stderr), "", "{args:?}");
+    }
+}
+
+#[test]
 fn help_has_examples_for_every_command() {
     let out = assert_ok(&run(&["--help"]));
     for cmd in ["build", "run", "bench", "inspect", "version"] {
