@@ -30,7 +30,7 @@ pub fn run(g: &Globals, a: InspectArgs) -> CliResult<()> {
                 .iter()
                 .map(|i| {
                     let dtype = i.dtype.unwrap_or(DType::F32);
-                    Ok((dtype, common::resolve_shape(i, &shapes)?))
+                    Ok(Some((dtype, common::resolve_shape(i, &shapes)?)))
                 })
                 .collect::<CliResult<Vec<_>>>()?;
             (engine.memory_report(Some(&key))?, Some("at the shapes given with --shapes".to_string()))

@@ -12,7 +12,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln_core::{DType, KilnError, Result, Tensor, Value};
-use kiln_onnx::Model;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -165,10 +164,22 @@ pub fn model_ops(model_path: &Path) -> Vec<String> {
     ops
 }
 
-/// Runs the imported model on one set of inputs. This is the one place that chooses the
-/// engine: swap it to test another executor.
-pub fn run_model(model: &Model, inputs: &[Value]) -> Result<Vec<Value>> {
-    kiln_core::exec::run_graph(&model.graph, inputs, &[])
+/// Builds the case's model into an engine through kiln's public API (the same path as
+/// `kiln build`: import, optimise, plan). This is the one place that chooses the engine.
+pub fn build_engine(model_path: &Path) -> Result<kiln::Engine> {
+    kiln::Builder::new().build_onnx_file(model_path, &kiln::BuilderConfig::default())
+}
+
+/// Runs an engine on one set of inputs (in the engine's input order).
+pub fn run_engine(ctx: &mut kiln::ExecutionContext, inputs: Vec<Value>) -> Result<Vec<Value>> {
+    let names: Vec<String> = ctx
+        .engine()
+        .inputs()
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    let named: Vec<(&str, Value)> = names.iter().map(|n| n.as_str()).zip(inputs).collect();
+    ctx.execute(&named)
 }
 
 /// Runs one case (a directory with `model.onnx` and `test_data_set_N/`) in-process.
@@ -223,8 +234,9 @@ fn numbered(set: &Path, prefix: &str) -> Vec<PathBuf> {
 }
 
 fn run_case_inner(dir: &Path) -> std::result::Result<(), String> {
-    let reg = kiln_cpu::registry();
-    let model = kiln_onnx::load_model(&dir.join("model.onnx"), &reg).map_err(|e| e.to_string())?;
+    let engine = build_engine(&dir.join("model.onnx")).map_err(|e| e.to_string())?;
+    let mut ctx = engine.create_context();
+    let (model_inputs, model_outputs) = (engine.inputs(), engine.outputs());
     let sets = data_sets(dir);
     if sets.is_empty() {
         return Err("no test_data_set_N directory".into());
@@ -235,34 +247,34 @@ fn run_case_inner(dir: &Path) -> std::result::Result<(), String> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let in_files = numbered(set, "input");
-        if in_files.len() != model.inputs.len() {
+        if in_files.len() != model_inputs.len() {
             return Err(format!(
                 "{set_name} has {} inputs, the model takes {}",
                 in_files.len(),
-                model.inputs.len()
+                model_inputs.len()
             ));
         }
         let inputs = in_files
             .iter()
-            .zip(&model.inputs)
-            .map(|(p, io)| kiln_onnx::read_value_pb(p, io.fact.kind))
+            .zip(model_inputs)
+            .map(|(p, io)| kiln_onnx::read_value_pb(p, io.kind))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| format!("reading {set_name}: {e}"))?;
         let out_files = numbered(set, "output");
-        if out_files.len() != model.outputs.len() {
+        if out_files.len() != model_outputs.len() {
             return Err(format!(
                 "{set_name} has {} outputs, the model produces {}",
                 out_files.len(),
-                model.outputs.len()
+                model_outputs.len()
             ));
         }
         let expected = out_files
             .iter()
-            .zip(&model.outputs)
-            .map(|(p, io)| kiln_onnx::read_value_pb(p, io.fact.kind))
+            .zip(model_outputs)
+            .map(|(p, io)| kiln_onnx::read_value_pb(p, io.kind))
             .collect::<Result<Vec<_>>>()
             .map_err(|e| format!("reading {set_name}: {e}"))?;
-        let got = run_model(&model, &inputs).map_err(|e| e.to_string())?;
+        let got = run_engine(&mut ctx, inputs).map_err(|e| e.to_string())?;
         if got.len() != expected.len() {
             return Err(format!(
                 "produced {} outputs, expected {}",
@@ -277,7 +289,7 @@ fn run_case_inner(dir: &Path) -> std::result::Result<(), String> {
                 } else {
                     String::new()
                 };
-                format!("output {k} ({}){sets_note}: {m}", model.outputs[k].name)
+                format!("output {k} ({}){sets_note}: {m}", model_outputs[k].name)
             })?;
         }
     }

@@ -492,7 +492,11 @@ fn run_all(opts: &Opts) -> ExitCode {
         ));
     }
     if let Some(path) = &opts.report {
-        let text = report::render(&results, partial, "kiln_core::exec::run_graph");
+        let text = report::render(
+            &results,
+            partial,
+            "kiln::Builder + ExecutionContext (import, optimise, plan, run)",
+        );
         match std::fs::write(path, text) {
             Ok(()) => say(&format!("wrote {}", path.display())),
             Err(e) => {

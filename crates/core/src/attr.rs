@@ -66,7 +66,12 @@ impl OpDesc {
 
     /// A description with no attributes.
     pub fn new(domain: &str, op_type: &str, opset: i64) -> Self {
-        OpDesc { domain: domain.into(), op_type: op_type.into(), opset, attrs: BTreeMap::new() }
+        OpDesc {
+            domain: domain.into(),
+            op_type: op_type.into(),
+            opset,
+            attrs: BTreeMap::new(),
+        }
     }
 }
 
@@ -80,7 +85,11 @@ pub struct AttrReader<'a> {
 
 impl<'a> AttrReader<'a> {
     fn err(&self, msg: String) -> KilnError {
-        KilnError::InvalidNode { node: self.node.into(), op: self.desc.op_type.clone(), msg }
+        KilnError::InvalidNode {
+            node: self.node.into(),
+            op: self.desc.op_type.clone(),
+            msg,
+        }
     }
 
     fn get(&self, name: &str) -> Option<&'a Attr> {
@@ -102,13 +111,16 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Attr::Int(v)) => Ok(Some(*v)),
-            Some(other) => Err(self.err(format!("attribute {name} should be an int, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be an int, found {other:?}"
+            ))),
         }
     }
 
     /// A required integer attribute.
     pub fn req_int(&self, name: &str) -> Result<i64> {
-        self.opt_int(name)?.ok_or_else(|| self.err(format!("required attribute {name} is missing")))
+        self.opt_int(name)?
+            .ok_or_else(|| self.err(format!("required attribute {name} is missing")))
     }
 
     /// A float attribute, or `default`.
@@ -122,13 +134,17 @@ impl<'a> AttrReader<'a> {
             None => Ok(None),
             Some(Attr::Float(v)) => Ok(Some(*v)),
             Some(Attr::Int(v)) => Ok(Some(*v as f32)),
-            Some(other) => Err(self.err(format!("attribute {name} should be a float, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a float, found {other:?}"
+            ))),
         }
     }
 
     /// A string attribute, or `default`.
     pub fn string(&self, name: &str, default: &str) -> Result<String> {
-        Ok(self.opt_string(name)?.unwrap_or_else(|| default.to_string()))
+        Ok(self
+            .opt_string(name)?
+            .unwrap_or_else(|| default.to_string()))
     }
 
     /// A string attribute if present.
@@ -136,7 +152,9 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Attr::String(v)) => Ok(Some(v.clone())),
-            Some(other) => Err(self.err(format!("attribute {name} should be a string, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a string, found {other:?}"
+            ))),
         }
     }
 
@@ -146,7 +164,9 @@ impl<'a> AttrReader<'a> {
             None => Ok(None),
             Some(Attr::Ints(v)) => Ok(Some(v.clone())),
             Some(Attr::Int(v)) => Ok(Some(vec![*v])),
-            Some(other) => Err(self.err(format!("attribute {name} should be a list of ints, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a list of ints, found {other:?}"
+            ))),
         }
     }
 
@@ -161,7 +181,9 @@ impl<'a> AttrReader<'a> {
             None => Ok(None),
             Some(Attr::Floats(v)) => Ok(Some(v.clone())),
             Some(Attr::Float(v)) => Ok(Some(vec![*v])),
-            Some(other) => Err(self.err(format!("attribute {name} should be a list of floats, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a list of floats, found {other:?}"
+            ))),
         }
     }
 
@@ -170,7 +192,9 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Attr::Strings(v)) => Ok(Some(v.clone())),
-            Some(other) => Err(self.err(format!("attribute {name} should be a list of strings, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a list of strings, found {other:?}"
+            ))),
         }
     }
 
@@ -179,7 +203,9 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Attr::Tensor(v)) => Ok(Some(v.clone())),
-            Some(other) => Err(self.err(format!("attribute {name} should be a tensor, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a tensor, found {other:?}"
+            ))),
         }
     }
 
@@ -188,7 +214,9 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             Some(Attr::Graph(g)) => Ok(g.clone()),
             None => Err(self.err(format!("required graph attribute {name} is missing"))),
-            Some(other) => Err(self.err(format!("attribute {name} should be a graph, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a graph, found {other:?}"
+            ))),
         }
     }
 
@@ -197,7 +225,9 @@ impl<'a> AttrReader<'a> {
         match self.get(name) {
             None => Ok(None),
             Some(Attr::Type(f)) => Ok(Some(f.clone())),
-            Some(other) => Err(self.err(format!("attribute {name} should be a type, found {other:?}"))),
+            Some(other) => Err(self.err(format!(
+                "attribute {name} should be a type, found {other:?}"
+            ))),
         }
     }
 

@@ -21,7 +21,10 @@ pub struct AlignedBuf {
 impl AlignedBuf {
     /// A buffer of `len` zero bytes.
     pub fn zeroed(len: usize) -> Self {
-        AlignedBuf { blocks: vec![Block([0; ALIGN]); len.div_ceil(ALIGN)], len }
+        AlignedBuf {
+            blocks: vec![Block([0; ALIGN]); len.div_ceil(ALIGN)],
+            len,
+        }
     }
 
     /// A buffer holding a copy of `bytes`.
@@ -82,7 +85,9 @@ unsafe impl Sync for Arena {}
 impl Arena {
     /// An arena of `len` bytes.
     pub fn new(len: usize) -> Self {
-        Arena { buf: UnsafeCell::new(AlignedBuf::zeroed(len)) }
+        Arena {
+            buf: UnsafeCell::new(AlignedBuf::zeroed(len)),
+        }
     }
 
     /// Size in bytes.

@@ -91,28 +91,41 @@ pub type Result<T, E = KilnError> = std::result::Result<T, E>;
 impl KilnError {
     /// A kernel error without node context; the executor adds the node later.
     pub fn kernel(op: &str, msg: impl Into<String>) -> Self {
-        KilnError::Kernel { node: String::new(), op: op.to_string(), msg: msg.into() }
+        KilnError::Kernel {
+            node: String::new(),
+            op: op.to_string(),
+            msg: msg.into(),
+        }
     }
 
     /// Attaches a node name to kernel/inference errors raised without one.
     pub fn at_node(self, node_name: &str) -> Self {
         match self {
-            KilnError::Kernel { node, op, msg } if node.is_empty() => {
-                KilnError::Kernel { node: node_name.to_string(), op, msg }
-            }
-            KilnError::Inference { node, op, msg } if node.is_empty() => {
-                KilnError::Inference { node: node_name.to_string(), op, msg }
-            }
-            KilnError::InvalidNode { node, op, msg } if node.is_empty() => {
-                KilnError::InvalidNode { node: node_name.to_string(), op, msg }
-            }
+            KilnError::Kernel { node, op, msg } if node.is_empty() => KilnError::Kernel {
+                node: node_name.to_string(),
+                op,
+                msg,
+            },
+            KilnError::Inference { node, op, msg } if node.is_empty() => KilnError::Inference {
+                node: node_name.to_string(),
+                op,
+                msg,
+            },
+            KilnError::InvalidNode { node, op, msg } if node.is_empty() => KilnError::InvalidNode {
+                node: node_name.to_string(),
+                op,
+                msg,
+            },
             other => other,
         }
     }
 
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
-        KilnError::Io { path: path.as_ref().display().to_string(), source }
+        KilnError::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
     }
 }
 

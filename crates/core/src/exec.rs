@@ -65,7 +65,11 @@ pub fn run_graph(graph: &Graph, inputs: &[Value], captures: &[Value]) -> Result<
             }
             node.op.eval(&args).map_err(|e| e.at_node(&node.name))?
         };
-        let n_needed = node.outputs.iter().rposition(|o| o.is_some()).map_or(0, |p| p + 1);
+        let n_needed = node
+            .outputs
+            .iter()
+            .rposition(|o| o.is_some())
+            .map_or(0, |p| p + 1);
         if outs.len() < n_needed {
             return Err(KilnError::Kernel {
                 node: node.name.clone(),
@@ -89,7 +93,10 @@ pub fn run_graph(graph: &Graph, inputs: &[Value], captures: &[Value]) -> Result<
         .iter()
         .map(|o| {
             slots[*o].clone().ok_or_else(|| {
-                KilnError::Other(format!("graph output {} was not computed", graph.values[*o].name))
+                KilnError::Other(format!(
+                    "graph output {} was not computed",
+                    graph.values[*o].name
+                ))
             })
         })
         .collect()

@@ -73,7 +73,12 @@ impl Fact {
 
     /// A tensor of known dtype and shape.
     pub fn tensor(dtype: DType, shape: Vec<Dim>) -> Fact {
-        Fact { kind: ValueKind::Tensor, dtype: Some(dtype), shape: Some(shape), konst: None }
+        Fact {
+            kind: ValueKind::Tensor,
+            dtype: Some(dtype),
+            shape: Some(shape),
+            konst: None,
+        }
     }
 
     /// A tensor of known dtype and concrete shape.
@@ -83,7 +88,12 @@ impl Fact {
 
     /// A tensor of known dtype, unknown shape.
     pub fn of_dtype(dtype: DType) -> Fact {
-        Fact { kind: ValueKind::Tensor, dtype: Some(dtype), shape: None, konst: None }
+        Fact {
+            kind: ValueKind::Tensor,
+            dtype: Some(dtype),
+            shape: None,
+            konst: None,
+        }
     }
 
     /// The fact of a constant tensor.
@@ -112,9 +122,18 @@ impl Fact {
 
     /// Human-readable `f32[1,3,?,batch]`.
     pub fn describe(&self) -> String {
-        let dt = self.dtype.map(|d| d.name().to_string()).unwrap_or_else(|| "?".into());
+        let dt = self
+            .dtype
+            .map(|d| d.name().to_string())
+            .unwrap_or_else(|| "?".into());
         let shape = match &self.shape {
-            Some(s) => format!("[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")),
+            Some(s) => format!(
+                "[{}]",
+                s.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             None => "[..]".to_string(),
         };
         let kind = match self.kind {
@@ -133,8 +152,16 @@ pub fn broadcast_dims(a: &[Dim], b: &[Dim]) -> Option<Vec<Dim>> {
     let rank = a.len().max(b.len());
     let mut out = Vec::with_capacity(rank);
     for i in 0..rank {
-        let da = if i + a.len() >= rank { &a[i + a.len() - rank] } else { &Dim::Known(1) };
-        let db = if i + b.len() >= rank { &b[i + b.len() - rank] } else { &Dim::Known(1) };
+        let da = if i + a.len() >= rank {
+            &a[i + a.len() - rank]
+        } else {
+            &Dim::Known(1)
+        };
+        let db = if i + b.len() >= rank {
+            &b[i + b.len() - rank]
+        } else {
+            &Dim::Known(1)
+        };
         let d = match (da, db) {
             (Dim::Known(1), x) | (x, Dim::Known(1)) => x.clone(),
             (Dim::Known(x), Dim::Known(y)) if x == y => Dim::Known(*x),
@@ -153,8 +180,16 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let rank = a.len().max(b.len());
     let mut out = vec![0; rank];
     for i in 0..rank {
-        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
-        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+        let da = if i + a.len() >= rank {
+            a[i + a.len() - rank]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= rank {
+            b[i + b.len() - rank]
+        } else {
+            1
+        };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {

@@ -65,7 +65,10 @@ pub struct Graph {
 impl Graph {
     /// Adds a value and returns its id.
     pub fn add_value(&mut self, name: impl Into<String>, fact: Fact) -> ValueId {
-        self.values.push(ValueInfo { name: name.into(), fact });
+        self.values.push(ValueInfo {
+            name: name.into(),
+            fact,
+        });
         self.values.len() - 1
     }
 
@@ -139,7 +142,12 @@ impl Graph {
             }
         }
         if order.len() < self.nodes.len() {
-            let stuck = self.nodes.iter().enumerate().find(|(i, _)| !done[*i]).map(|(_, n)| n);
+            let stuck = self
+                .nodes
+                .iter()
+                .enumerate()
+                .find(|(i, _)| !done[*i])
+                .map(|(_, n)| n);
             if let Some(n) = stuck {
                 let missing: Vec<&str> = n
                     .inputs
@@ -148,7 +156,10 @@ impl Graph {
                     .filter(|v| !available[**v])
                     .map(|v| self.values[*v].name.as_str())
                     .collect();
-                let why = if missing.iter().any(|m| producers[self.value_by_name(m).unwrap_or(0)].is_none()) {
+                let why = if missing
+                    .iter()
+                    .any(|m| producers[self.value_by_name(m).unwrap_or(0)].is_none())
+                {
                     "reads values that nothing produces"
                 } else {
                     "is part of a cycle"
@@ -161,8 +172,14 @@ impl Graph {
                 )));
             }
         }
-        let mut old: Vec<Option<Node>> = std::mem::take(&mut self.nodes).into_iter().map(Some).collect();
-        self.nodes = order.into_iter().map(|i| old[i].take().expect("each node once")).collect();
+        let mut old: Vec<Option<Node>> = std::mem::take(&mut self.nodes)
+            .into_iter()
+            .map(Some)
+            .collect();
+        self.nodes = order
+            .into_iter()
+            .map(|i| old[i].take().expect("each node once"))
+            .collect();
         Ok(())
     }
 
@@ -180,8 +197,11 @@ impl Graph {
         }
         for ni in 0..self.nodes.len() {
             let node = &self.nodes[ni];
-            let in_facts: Vec<Option<&Fact>> =
-                node.inputs.iter().map(|i| i.map(|i| &self.values[i].fact)).collect();
+            let in_facts: Vec<Option<&Fact>> = node
+                .inputs
+                .iter()
+                .map(|i| i.map(|i| &self.values[i].fact))
+                .collect();
             let inferred = node.op.infer(&in_facts, node.outputs.len());
             let inferred = match inferred {
                 Err(e) if lenient => {
@@ -191,9 +211,13 @@ impl Graph {
                 other => other,
             };
             let out = inferred.map_err(|e| match e {
-                KilnError::Inference { msg, .. } | KilnError::Kernel { msg, .. } | KilnError::Other(msg) => {
-                    KilnError::Inference { node: node.name.clone(), op: node.desc.op_type.clone(), msg }
-                }
+                KilnError::Inference { msg, .. }
+                | KilnError::Kernel { msg, .. }
+                | KilnError::Other(msg) => KilnError::Inference {
+                    node: node.name.clone(),
+                    op: node.desc.op_type.clone(),
+                    msg,
+                },
                 other => other.at_node(&node.name),
             })?;
             let mut out = out;
@@ -202,12 +226,22 @@ impl Graph {
             let all_const = node.op.is_deterministic()
                 && !node.inputs.is_empty()
                 && in_facts.iter().all(|f| f.is_none_or(|f| f.konst.is_some()))
-                && in_facts.iter().flatten().map(|f| f.konst.as_ref().map_or(0, |t| t.len())).sum::<usize>()
+                && in_facts
+                    .iter()
+                    .flatten()
+                    .map(|f| f.konst.as_ref().map_or(0, |t| t.len()))
+                    .sum::<usize>()
                     <= CONST_EVAL_LIMIT;
             if all_const && node.op.subgraphs().is_empty() {
-                let vals: Vec<Option<crate::value::Value>> =
-                    in_facts.iter().map(|f| f.and_then(|f| f.konst.clone()).map(crate::value::Value::Tensor)).collect();
-                let refs: Vec<Option<&crate::value::Value>> = vals.iter().map(|v| v.as_ref()).collect();
+                let vals: Vec<Option<crate::value::Value>> = in_facts
+                    .iter()
+                    .map(|f| {
+                        f.and_then(|f| f.konst.clone())
+                            .map(crate::value::Value::Tensor)
+                    })
+                    .collect();
+                let refs: Vec<Option<&crate::value::Value>> =
+                    vals.iter().map(|v| v.as_ref()).collect();
                 if let Ok(values) = node.op.eval(&refs) {
                     for (f, v) in out.iter_mut().zip(values) {
                         if let crate::value::Value::Tensor(t) = v {
@@ -230,13 +264,24 @@ impl Graph {
     pub fn node_count_deep(&self) -> usize {
         self.nodes
             .iter()
-            .map(|n| 1 + n.op.subgraphs().iter().map(|g| g.node_count_deep()).sum::<usize>())
+            .map(|n| {
+                1 + n
+                    .op
+                    .subgraphs()
+                    .iter()
+                    .map(|g| g.node_count_deep())
+                    .sum::<usize>()
+            })
             .sum()
     }
 
     /// A map from value name to id.
     pub fn name_map(&self) -> HashMap<String, ValueId> {
-        self.values.iter().enumerate().map(|(i, v)| (v.name.clone(), i)).collect()
+        self.values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.name.clone(), i))
+            .collect()
     }
 }
 
@@ -257,7 +302,9 @@ pub fn merge_fact(existing: &mut Fact, inferred: Fact) {
                     .map(|(o, n)| match (o, n) {
                         (_, crate::fact::Dim::Known(k)) => crate::fact::Dim::Known(k),
                         (crate::fact::Dim::Known(k), _) => crate::fact::Dim::Known(*k),
-                        (crate::fact::Dim::Sym(s), crate::fact::Dim::Unknown) => crate::fact::Dim::Sym(s.clone()),
+                        (crate::fact::Dim::Sym(s), crate::fact::Dim::Unknown) => {
+                            crate::fact::Dim::Sym(s.clone())
+                        }
                         (_, n) => n,
                     })
                     .collect();

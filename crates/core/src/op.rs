@@ -39,7 +39,11 @@ pub trait Op: Send + Sync + std::fmt::Debug {
         if produced.len() < outputs.len() {
             return Err(KilnError::kernel(
                 self.op_type(),
-                format!("produced {} outputs, {} expected", produced.len(), outputs.len()),
+                format!(
+                    "produced {} outputs, {} expected",
+                    produced.len(),
+                    outputs.len()
+                ),
             ));
         }
         for (slot, value) in outputs.iter_mut().zip(produced.iter()) {
@@ -77,7 +81,10 @@ pub struct BuildCtx<'a> {
 impl<'a> BuildCtx<'a> {
     /// Typed attribute access.
     pub fn attrs(&self) -> AttrReader<'a> {
-        AttrReader { node: self.node, desc: self.desc }
+        AttrReader {
+            node: self.node,
+            desc: self.desc,
+        }
     }
 
     /// The opset version the model imports for this op's domain.
@@ -108,12 +115,16 @@ impl OpRegistry {
 
     /// Registers a builder for an op of a given domain.
     pub fn register_in(&mut self, domain: &str, op_type: &str, builder: OpBuilder) {
-        self.builders.insert((normalize_domain(domain).to_string(), op_type.to_string()), builder);
+        self.builders.insert(
+            (normalize_domain(domain).to_string(), op_type.to_string()),
+            builder,
+        );
     }
 
     /// True when an op is known.
     pub fn contains(&self, domain: &str, op_type: &str) -> bool {
-        self.builders.contains_key(&(normalize_domain(domain).to_string(), op_type.to_string()))
+        self.builders
+            .contains_key(&(normalize_domain(domain).to_string(), op_type.to_string()))
     }
 
     /// All registered (domain, op type) pairs, sorted.
@@ -125,11 +136,18 @@ impl OpRegistry {
 
     /// Builds the op of a node, or says clearly that it is not supported.
     pub fn build(&self, ctx: &BuildCtx) -> Result<Arc<dyn Op>> {
-        let key = (normalize_domain(&ctx.desc.domain).to_string(), ctx.desc.op_type.clone());
+        let key = (
+            normalize_domain(&ctx.desc.domain).to_string(),
+            ctx.desc.op_type.clone(),
+        );
         match self.builders.get(&key) {
             Some(b) => b(ctx).map(Arc::from),
             None => Err(KilnError::UnsupportedOp {
-                op: if key.0.is_empty() { key.1 } else { format!("{}.{}", key.0, key.1) },
+                op: if key.0.is_empty() {
+                    key.1
+                } else {
+                    format!("{}.{}", key.0, key.1)
+                },
                 opset: ctx.desc.opset,
                 node: ctx.node.to_string(),
                 detail: String::new(),

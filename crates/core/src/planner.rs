@@ -41,7 +41,11 @@ pub fn plan(requests: &[Request]) -> MemoryPlan {
     let mut order: Vec<usize> = (0..requests.len()).collect();
     // Largest first; ties by earlier start for determinism.
     order.sort_by(|&a, &b| {
-        requests[b].size.cmp(&requests[a].size).then(requests[a].first.cmp(&requests[b].first)).then(a.cmp(&b))
+        requests[b]
+            .size
+            .cmp(&requests[a].size)
+            .then(requests[a].first.cmp(&requests[b].first))
+            .then(a.cmp(&b))
     });
     let mut offsets = vec![0usize; requests.len()];
     let mut placed: Vec<usize> = Vec::with_capacity(requests.len());
@@ -73,7 +77,11 @@ pub fn plan(requests: &[Request]) -> MemoryPlan {
         arena = arena.max(offset + size);
         placed.push(r);
     }
-    MemoryPlan { offsets, arena_size: arena, lower_bound: lower_bound(requests) }
+    MemoryPlan {
+        offsets,
+        arena_size: arena,
+        lower_bound: lower_bound(requests),
+    }
 }
 
 /// The largest sum of (aligned) sizes of tensors alive at one step.
@@ -118,7 +126,11 @@ mod tests {
                 .map(|_| {
                     let first = (next() % 30) as usize;
                     let len = (next() % 8) as usize;
-                    Request { size: 1 + (next() % 5000) as usize, first, last: first + len }
+                    Request {
+                        size: 1 + (next() % 5000) as usize,
+                        first,
+                        last: first + len,
+                    }
                 })
                 .collect();
             let p = plan(&reqs);
@@ -126,7 +138,10 @@ mod tests {
                 assert_eq!(p.offsets[i] % ALIGN, 0);
                 assert!(p.offsets[i] + reqs[i].size <= p.arena_size);
                 for j in 0..i {
-                    assert!(!overlaps(&reqs[i], p.offsets[i], &reqs[j], p.offsets[j]), "{i} and {j} overlap");
+                    assert!(
+                        !overlaps(&reqs[i], p.offsets[i], &reqs[j], p.offsets[j]),
+                        "{i} and {j} overlap"
+                    );
                 }
             }
             assert!(p.arena_size >= p.lower_bound);
@@ -136,7 +151,13 @@ mod tests {
     #[test]
     fn chain_reuses_memory() {
         // a -> b -> c -> d: each tensor lives two steps; two buffers suffice.
-        let reqs: Vec<Request> = (0..4).map(|i| Request { size: 1024, first: i, last: i + 1 }).collect();
+        let reqs: Vec<Request> = (0..4)
+            .map(|i| Request {
+                size: 1024,
+                first: i,
+                last: i + 1,
+            })
+            .collect();
         let p = plan(&reqs);
         assert_eq!(p.arena_size, 2048);
         assert_eq!(p.lower_bound, 2048);

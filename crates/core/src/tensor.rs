@@ -52,7 +52,11 @@ impl Tensor {
                 data.len()
             )));
         }
-        Ok(Tensor::from_slice_unchecked(T::DTYPE, shape, bytemuck::cast_slice(&data)))
+        Ok(Tensor::from_slice_unchecked(
+            T::DTYPE,
+            shape,
+            bytemuck::cast_slice(&data),
+        ))
     }
 
     /// A tensor from a typed slice (copied).
@@ -64,7 +68,11 @@ impl Tensor {
                 data.len()
             )));
         }
-        Ok(Tensor::from_slice_unchecked(T::DTYPE, shape, bytemuck::cast_slice(data)))
+        Ok(Tensor::from_slice_unchecked(
+            T::DTYPE,
+            shape,
+            bytemuck::cast_slice(data),
+        ))
     }
 
     fn from_slice_unchecked(dtype: DType, shape: &[usize], bytes: &[u8]) -> Tensor {
@@ -83,7 +91,9 @@ impl Tensor {
     /// A tensor over existing storage (heap, mapped or arena), checked for length.
     pub fn from_storage(dtype: DType, shape: &[usize], bytes: Bytes) -> Result<Tensor> {
         if dtype == DType::String {
-            return Err(KilnError::Other("string tensors cannot be built from bytes".into()));
+            return Err(KilnError::Other(
+                "string tensors cannot be built from bytes".into(),
+            ));
         }
         let want = numel(shape) * dtype.size();
         if bytes.len() != want {
@@ -92,7 +102,11 @@ impl Tensor {
                 bytes.len()
             )));
         }
-        let t = Tensor { dtype, shape: shape.into(), data: Data::Bytes(bytes) };
+        let t = Tensor {
+            dtype,
+            shape: shape.into(),
+            data: Data::Bytes(bytes),
+        };
         Ok(t)
     }
 
@@ -122,7 +136,11 @@ impl Tensor {
                 data.len()
             )));
         }
-        Ok(Tensor { dtype: DType::String, shape: shape.into(), data: Data::Strings(Arc::new(data)) })
+        Ok(Tensor {
+            dtype: DType::String,
+            shape: shape.into(),
+            data: Data::Strings(Arc::new(data)),
+        })
     }
 
     /// A zero-filled tensor (empty strings for string tensors).
@@ -137,7 +155,9 @@ impl Tensor {
         Tensor {
             dtype,
             shape: shape.into(),
-            data: Data::Bytes(Bytes::Heap(Arc::new(AlignedBuf::zeroed(numel(shape) * dtype.size())))),
+            data: Data::Bytes(Bytes::Heap(Arc::new(AlignedBuf::zeroed(
+                numel(shape) * dtype.size(),
+            )))),
         }
     }
 
@@ -197,7 +217,8 @@ impl Tensor {
             )));
         }
         let bytes = self.bytes();
-        bytemuck::try_cast_slice(bytes).map_err(|e| KilnError::Other(format!("misaligned tensor data: {e}")))
+        bytemuck::try_cast_slice(bytes)
+            .map_err(|e| KilnError::Other(format!("misaligned tensor data: {e}")))
     }
 
     /// The elements reinterpreted as `T`, which must have the dtype's size (any dtype but
@@ -210,14 +231,18 @@ impl Tensor {
                 std::mem::size_of::<T>()
             )));
         }
-        bytemuck::try_cast_slice(self.bytes()).map_err(|e| KilnError::Other(format!("misaligned tensor data: {e}")))
+        bytemuck::try_cast_slice(self.bytes())
+            .map_err(|e| KilnError::Other(format!("misaligned tensor data: {e}")))
     }
 
     /// A tensor of `dtype` from words of the same size (the inverse of [`Tensor::as_raw`]).
     /// For bool, words must be 0 or 1 (they are normalised).
     pub fn from_raw<T: bytemuck::Pod>(dtype: DType, shape: &[usize], data: &[T]) -> Result<Tensor> {
         if dtype == DType::String || std::mem::size_of::<T>() != dtype.size() {
-            return Err(KilnError::Other(format!("cannot build a {dtype} tensor from {}-byte words", std::mem::size_of::<T>())));
+            return Err(KilnError::Other(format!(
+                "cannot build a {dtype} tensor from {}-byte words",
+                std::mem::size_of::<T>()
+            )));
         }
         if numel(shape) != data.len() {
             return Err(KilnError::Other(format!(
@@ -232,7 +257,10 @@ impl Tensor {
     /// The elements of a bool tensor.
     pub fn as_bools(&self) -> Result<&[bool]> {
         if self.dtype != DType::Bool {
-            return Err(KilnError::Other(format!("expected a bool tensor, found {}", self.dtype)));
+            return Err(KilnError::Other(format!(
+                "expected a bool tensor, found {}",
+                self.dtype
+            )));
         }
         let bytes = self.bytes();
         // SAFETY: every constructor of a Bool tensor normalises its bytes to 0 or 1
@@ -245,7 +273,10 @@ impl Tensor {
     pub fn as_strings(&self) -> Result<&[String]> {
         match &self.data {
             Data::Strings(s) => Ok(s),
-            Data::Bytes(_) => Err(KilnError::Other(format!("expected a string tensor, found {}", self.dtype))),
+            Data::Bytes(_) => Err(KilnError::Other(format!(
+                "expected a string tensor, found {}",
+                self.dtype
+            ))),
         }
     }
 
@@ -258,7 +289,11 @@ impl Tensor {
                 self.len()
             )));
         }
-        Ok(Tensor { dtype: self.dtype, shape: shape.into(), data: self.data.clone() })
+        Ok(Tensor {
+            dtype: self.dtype,
+            shape: shape.into(),
+            data: self.data.clone(),
+        })
     }
 
     /// A copy whose bytes live on the heap (detaches from arenas and mappings).
@@ -290,24 +325,38 @@ impl Tensor {
         match self.dtype {
             DType::F32 => conv::<f32, T>(self),
             DType::F64 => conv::<f64, T>(self),
-            DType::F16 => Ok(self.as_slice::<f16>()?.iter().map(|v| v.to_f32().as_()).collect()),
-            DType::BF16 => Ok(self.as_slice::<bf16>()?.iter().map(|v| v.to_f32().as_()).collect()),
+            DType::F16 => Ok(self
+                .as_slice::<f16>()?
+                .iter()
+                .map(|v| v.to_f32().as_())
+                .collect()),
+            DType::BF16 => Ok(self
+                .as_slice::<bf16>()?
+                .iter()
+                .map(|v| v.to_f32().as_())
+                .collect()),
             DType::I8 => conv::<i8, T>(self),
             DType::I16 => conv::<i16, T>(self),
             DType::I32 => conv::<i32, T>(self),
             DType::I64 => conv::<i64, T>(self),
-            DType::U8 | DType::Bool => conv::<u8, T>(self),
+            DType::U8 => conv::<u8, T>(self),
+            DType::Bool => Ok(self.as_raw::<u8>()?.iter().map(|v| v.as_()).collect()),
             DType::U16 => conv::<u16, T>(self),
             DType::U32 => conv::<u32, T>(self),
             DType::U64 => conv::<u64, T>(self),
-            DType::String => Err(KilnError::Other("cannot convert a string tensor to numbers".into())),
+            DType::String => Err(KilnError::Other(
+                "cannot convert a string tensor to numbers".into(),
+            )),
         }
     }
 
     /// Integer elements as i64 (for shapes, indices, axes); fails for non-integer dtypes.
     pub fn to_i64_vec(&self) -> Result<Vec<i64>> {
         if !(self.dtype.is_int() || self.dtype == DType::Bool) {
-            return Err(KilnError::Other(format!("expected an integer tensor, found {}", self.dtype)));
+            return Err(KilnError::Other(format!(
+                "expected an integer tensor, found {}",
+                self.dtype
+            )));
         }
         self.to_vec::<i64>()
     }
@@ -332,19 +381,22 @@ impl Tensor {
         let shape = self.shape.clone();
         if self.dtype == DType::String {
             let s = self.as_strings()?;
-            let vals: Vec<f64> = s
-                .iter()
-                .map(|x| parse_number(x))
-                .collect::<Result<_>>()?;
+            let vals: Vec<f64> = s.iter().map(|x| parse_number(x)).collect::<Result<_>>()?;
             let f = Tensor::from_vec(&shape, vals)?;
             return f.cast(to);
         }
         match to {
             DType::String => {
                 let strs: Vec<String> = if self.dtype.is_float() {
-                    self.to_f64_vec()?.iter().map(|v| format_float(*v, self.dtype)).collect()
+                    self.to_f64_vec()?
+                        .iter()
+                        .map(|v| format_float(*v, self.dtype))
+                        .collect()
                 } else if self.dtype == DType::Bool {
-                    self.as_bools()?.iter().map(|b| if *b { "1".into() } else { "0".into() }).collect()
+                    self.as_bools()?
+                        .iter()
+                        .map(|b| if *b { "1".into() } else { "0".into() })
+                        .collect()
                 } else {
                     self.to_i64_vec()?.iter().map(|v| v.to_string()).collect()
                 };
@@ -356,12 +408,20 @@ impl Tensor {
             }
             DType::F32 => Tensor::from_vec(&shape, self.to_vec::<f32>()?),
             DType::F64 => Tensor::from_vec(&shape, self.to_vec::<f64>()?),
-            DType::F16 => {
-                Tensor::from_vec(&shape, self.to_vec::<f32>()?.into_iter().map(f16::from_f32).collect())
-            }
-            DType::BF16 => {
-                Tensor::from_vec(&shape, self.to_vec::<f32>()?.into_iter().map(bf16::from_f32).collect())
-            }
+            DType::F16 => Tensor::from_vec(
+                &shape,
+                self.to_vec::<f32>()?
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect(),
+            ),
+            DType::BF16 => Tensor::from_vec(
+                &shape,
+                self.to_vec::<f32>()?
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect(),
+            ),
             DType::I8 => Tensor::from_vec(&shape, self.to_vec::<i8>()?),
             DType::I16 => Tensor::from_vec(&shape, self.to_vec::<i16>()?),
             DType::I32 => Tensor::from_vec(&shape, self.to_vec::<i32>()?),
@@ -380,15 +440,24 @@ impl Tensor {
         }
         match self.dtype {
             DType::String => self.as_strings().ok() == other.as_strings().ok(),
-            DType::F32 => eq_nan(self.as_slice::<f32>().unwrap_or(&[]), other.as_slice::<f32>().unwrap_or(&[])),
-            DType::F64 => eq_nan(self.as_slice::<f64>().unwrap_or(&[]), other.as_slice::<f64>().unwrap_or(&[])),
+            DType::F32 => eq_nan(
+                self.as_slice::<f32>().unwrap_or(&[]),
+                other.as_slice::<f32>().unwrap_or(&[]),
+            ),
+            DType::F64 => eq_nan(
+                self.as_slice::<f64>().unwrap_or(&[]),
+                other.as_slice::<f64>().unwrap_or(&[]),
+            ),
             _ => self.bytes() == other.bytes(),
         }
     }
 }
 
 fn eq_nan<T: num_traits::Float>(a: &[T], b: &[T]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y || (x.is_nan() && y.is_nan()))
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x == y || (x.is_nan() && y.is_nan()))
 }
 
 fn parse_number(s: &str) -> Result<f64> {
@@ -400,7 +469,8 @@ fn parse_number(s: &str) -> Result<f64> {
         "-inf" | "-infinity" => return Ok(f64::NEG_INFINITY),
         _ => {}
     }
-    t.parse::<f64>().map_err(|_| KilnError::Other(format!("cannot parse {s:?} as a number")))
+    t.parse::<f64>()
+        .map_err(|_| KilnError::Other(format!("cannot parse {s:?} as a number")))
 }
 
 fn format_float(v: f64, dtype: DType) -> String {
@@ -448,7 +518,11 @@ impl<'a> TensorMut<'a> {
                 bytes.len()
             )));
         }
-        Ok(TensorMut { dtype, shape, bytes })
+        Ok(TensorMut {
+            dtype,
+            shape,
+            bytes,
+        })
     }
 
     /// The element type.
@@ -464,9 +538,14 @@ impl<'a> TensorMut<'a> {
     /// The elements reinterpreted as `T` of the dtype's size (see [`Tensor::as_raw`]).
     pub fn as_raw_mut<T: bytemuck::Pod>(&mut self) -> Result<&mut [T]> {
         if std::mem::size_of::<T>() != self.dtype.size() {
-            return Err(KilnError::Other(format!("cannot view {} output as {}-byte words", self.dtype, std::mem::size_of::<T>())));
+            return Err(KilnError::Other(format!(
+                "cannot view {} output as {}-byte words",
+                self.dtype,
+                std::mem::size_of::<T>()
+            )));
         }
-        bytemuck::try_cast_slice_mut(self.bytes).map_err(|e| KilnError::Other(format!("misaligned output: {e}")))
+        bytemuck::try_cast_slice_mut(self.bytes)
+            .map_err(|e| KilnError::Other(format!("misaligned output: {e}")))
     }
 
     /// The raw bytes.
@@ -477,9 +556,14 @@ impl<'a> TensorMut<'a> {
     /// Typed mutable elements.
     pub fn as_mut_slice<T: Element>(&mut self) -> Result<&mut [T]> {
         if T::DTYPE != self.dtype {
-            return Err(KilnError::Other(format!("expected a {} output, found {}", T::DTYPE, self.dtype)));
+            return Err(KilnError::Other(format!(
+                "expected a {} output, found {}",
+                T::DTYPE,
+                self.dtype
+            )));
         }
-        bytemuck::try_cast_slice_mut(self.bytes).map_err(|e| KilnError::Other(format!("misaligned output: {e}")))
+        bytemuck::try_cast_slice_mut(self.bytes)
+            .map_err(|e| KilnError::Other(format!("misaligned output: {e}")))
     }
 
     /// Copies a tensor of the same dtype and element count into this slot.

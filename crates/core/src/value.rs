@@ -19,7 +19,10 @@ impl Value {
     pub fn as_tensor(&self) -> Result<&Tensor> {
         match self {
             Value::Tensor(t) => Ok(t),
-            other => Err(KilnError::Other(format!("expected a tensor, found {}", other.kind_name()))),
+            other => Err(KilnError::Other(format!(
+                "expected a tensor, found {}",
+                other.kind_name()
+            ))),
         }
     }
 
@@ -27,7 +30,10 @@ impl Value {
     pub fn as_sequence(&self) -> Result<&[Tensor]> {
         match self {
             Value::Sequence(s) => Ok(s),
-            other => Err(KilnError::Other(format!("expected a sequence, found {}", other.kind_name()))),
+            other => Err(KilnError::Other(format!(
+                "expected a sequence, found {}",
+                other.kind_name()
+            ))),
         }
     }
 
@@ -35,7 +41,10 @@ impl Value {
     pub fn into_tensor(self) -> Result<Tensor> {
         match self {
             Value::Tensor(t) => Ok(t),
-            other => Err(KilnError::Other(format!("expected a tensor, found {}", other.kind_name()))),
+            other => Err(KilnError::Other(format!(
+                "expected a tensor, found {}",
+                other.kind_name()
+            ))),
         }
     }
 
@@ -58,15 +67,27 @@ impl From<Tensor> for Value {
 /// The `i`-th input as a tensor; errors name the op and the input index when it is missing.
 pub fn input_tensor<'a>(inputs: &[Option<&'a Value>], i: usize, op: &str) -> Result<&'a Tensor> {
     match inputs.get(i).copied().flatten() {
-        Some(v) => v.as_tensor().map_err(|e| KilnError::kernel(op, format!("input {i}: {e}"))),
-        None => Err(KilnError::kernel(op, format!("required input {i} is missing"))),
+        Some(v) => v
+            .as_tensor()
+            .map_err(|e| KilnError::kernel(op, format!("input {i}: {e}"))),
+        None => Err(KilnError::kernel(
+            op,
+            format!("required input {i} is missing"),
+        )),
     }
 }
 
 /// The `i`-th input as a tensor if present (ONNX optional inputs are empty names).
-pub fn optional_tensor<'a>(inputs: &[Option<&'a Value>], i: usize, op: &str) -> Result<Option<&'a Tensor>> {
+pub fn optional_tensor<'a>(
+    inputs: &[Option<&'a Value>],
+    i: usize,
+    op: &str,
+) -> Result<Option<&'a Tensor>> {
     match inputs.get(i).copied().flatten() {
-        Some(v) => v.as_tensor().map(Some).map_err(|e| KilnError::kernel(op, format!("input {i}: {e}"))),
+        Some(v) => v
+            .as_tensor()
+            .map(Some)
+            .map_err(|e| KilnError::kernel(op, format!("input {i}: {e}"))),
         None => Ok(None),
     }
 }

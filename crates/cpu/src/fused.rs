@@ -103,7 +103,10 @@ impl Activation {
             if p.len() == n {
                 Ok(())
             } else {
-                Err(KilnError::Other(format!("fused activation {name} takes {n} parameters, got {}", p.len())))
+                Err(KilnError::Other(format!(
+                    "fused activation {name} takes {n} parameters, got {}",
+                    p.len()
+                )))
             }
         };
         Ok(match name {
@@ -111,12 +114,18 @@ impl Activation {
             "Relu" => Activation::Relu,
             "Clip" => {
                 need(2)?;
-                Activation::Clip { min: p[0], max: p[1] }
+                Activation::Clip {
+                    min: p[0],
+                    max: p[1],
+                }
             }
             "Sigmoid" => Activation::Sigmoid,
             "HardSigmoid" => {
                 need(2)?;
-                Activation::HardSigmoid { alpha: p[0], beta: p[1] }
+                Activation::HardSigmoid {
+                    alpha: p[0],
+                    beta: p[1],
+                }
             }
             "HardSwish" => Activation::HardSwish,
             "Swish" => Activation::Swish,
@@ -125,7 +134,11 @@ impl Activation {
                 Activation::LeakyRelu { alpha: p[0] }
             }
             "Tanh" => Activation::Tanh,
-            other => return Err(KilnError::Other(format!("unknown fused activation {other}"))),
+            other => {
+                return Err(KilnError::Other(format!(
+                    "unknown fused activation {other}"
+                )))
+            }
         })
     }
 
@@ -134,7 +147,9 @@ impl Activation {
         match attrs.opt_string(ACTIVATION_ATTR)? {
             None => Ok(Activation::None),
             Some(name) => {
-                let params = attrs.opt_floats(ACTIVATION_PARAMS_ATTR)?.unwrap_or_default();
+                let params = attrs
+                    .opt_floats(ACTIVATION_PARAMS_ATTR)?
+                    .unwrap_or_default();
                 Activation::from_parts(&name, &params).map_err(|e| attrs.invalid(e.to_string()))
             }
         }
@@ -144,7 +159,9 @@ impl Activation {
     pub fn write_to(self, desc: &mut OpDesc) {
         let (name, params) = self.to_parts();
         desc.domain = KILN_DOMAIN.to_string();
-        desc.attrs.insert(ACTIVATION_ATTR.into(), Attr::String(name.into()));
-        desc.attrs.insert(ACTIVATION_PARAMS_ATTR.into(), Attr::Floats(params));
+        desc.attrs
+            .insert(ACTIVATION_ATTR.into(), Attr::String(name.into()));
+        desc.attrs
+            .insert(ACTIVATION_PARAMS_ATTR.into(), Attr::Floats(params));
     }
 }

@@ -23,7 +23,10 @@ impl Builder {
     pub fn build_onnx_file(&self, path: &Path, config: &BuilderConfig) -> Result<Engine> {
         let fingerprint = self.resolve_device(config)?;
         let model = kiln_onnx::load_model(path, registry())?;
-        let source = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let source = path
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         self.build_model(model, fingerprint, config, source)
     }
 
@@ -46,11 +49,22 @@ impl Builder {
         let mut graph = model.graph;
         // Apply user shapes to inputs.
         for (name, shape) in &config.shapes {
-            let Some(&id) = graph.inputs.iter().find(|&&i| graph.values[i].name == *name) else {
-                let names: Vec<&str> = graph.inputs.iter().map(|&i| graph.values[i].name.as_str()).collect();
+            let Some(&id) = graph
+                .inputs
+                .iter()
+                .find(|&&i| graph.values[i].name == *name)
+            else {
+                let names: Vec<&str> = graph
+                    .inputs
+                    .iter()
+                    .map(|&i| graph.values[i].name.as_str())
+                    .collect();
                 return Err(KilnError::BadInput {
                     name: name.clone(),
-                    msg: format!("--shapes names an input the model does not have (its inputs are: {})", names.join(", ")),
+                    msg: format!(
+                        "--shapes names an input the model does not have (its inputs are: {})",
+                        names.join(", ")
+                    ),
                 });
             };
             let fact = &graph.values[id].fact;
@@ -58,7 +72,11 @@ impl Builder {
                 if dims.len() != shape.len() {
                     return Err(KilnError::BadInput {
                         name: name.clone(),
-                        msg: format!("--shapes gives rank {} but the model declares {}", shape.len(), fact.describe()),
+                        msg: format!(
+                            "--shapes gives rank {} but the model declares {}",
+                            shape.len(),
+                            fact.describe()
+                        ),
                     });
                 }
                 for (axis, (d, s)) in dims.iter().zip(shape).enumerate() {
@@ -101,6 +119,13 @@ impl Builder {
             act = report.activations_fused,
             "optimised graph"
         );
-        Engine::from_parts(graph, fingerprint, config.shapes.clone(), report, model.opsets, source)
+        Engine::from_parts(
+            graph,
+            fingerprint,
+            config.shapes.clone(),
+            report,
+            model.opsets,
+            source,
+        )
     }
 }

@@ -23,7 +23,9 @@ impl std::str::FromStr for DeviceKind {
             "auto" => Ok(DeviceKind::Auto),
             "cpu" => Ok(DeviceKind::Cpu),
             "cuda" | "gpu" => Ok(DeviceKind::Cuda),
-            other => Err(KilnError::Other(format!("unknown device {other:?}: expected auto, cpu or cuda"))),
+            other => Err(KilnError::Other(format!(
+                "unknown device {other:?}: expected auto, cpu or cuda"
+            ))),
         }
     }
 }
@@ -43,7 +45,11 @@ pub struct BuilderConfig {
 
 impl Default for BuilderConfig {
     fn default() -> Self {
-        BuilderConfig { device: DeviceKind::Auto, shapes: BTreeMap::new(), optimize: true }
+        BuilderConfig {
+            device: DeviceKind::Auto,
+            shapes: BTreeMap::new(),
+            optimize: true,
+        }
     }
 }
 
@@ -53,7 +59,9 @@ pub fn parse_shapes(spec: &str) -> Result<BTreeMap<String, Vec<usize>>> {
     let mut out = BTreeMap::new();
     for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
         let (name, dims) = part.rsplit_once(':').ok_or_else(|| {
-            KilnError::Other(format!("bad shape {part:?}: expected NAME:DIMxDIMx..., e.g. x:1x3x224x224"))
+            KilnError::Other(format!(
+                "bad shape {part:?}: expected NAME:DIMxDIMx..., e.g. x:1x3x224x224"
+            ))
         })?;
         let dims = dims.trim();
         let shape = if dims.is_empty() || dims == "scalar" {
@@ -68,7 +76,9 @@ pub fn parse_shapes(spec: &str) -> Result<BTreeMap<String, Vec<usize>>> {
                 .collect::<Result<Vec<_>>>()?
         };
         if out.insert(name.trim().to_string(), shape).is_some() {
-            return Err(KilnError::Other(format!("shape for input {name} given twice")));
+            return Err(KilnError::Other(format!(
+                "shape for input {name} given twice"
+            )));
         }
     }
     Ok(out)

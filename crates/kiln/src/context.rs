@@ -9,13 +9,15 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use kiln_core::{AlignedBuf, Arena, Bytes, DType, Dim, KilnError, Result, Tensor, TensorMut, Value, ValueKind};
+use kiln_core::{
+    AlignedBuf, Arena, Bytes, DType, Dim, KilnError, Result, Tensor, TensorMut, Value, ValueKind,
+};
 use smallvec::SmallVec;
 
 use crate::engine::Engine;
 use crate::memory::{plan_for_inputs, Placement, ShapePlan};
 
-type ShapeKey = Vec<(DType, Vec<usize>)>;
+type ShapeKey = Vec<Option<(DType, Vec<usize>)>>;
 
 /// Runs an [`Engine`]. Create one per thread with [`Engine::create_context`].
 pub struct ExecutionContext {
@@ -63,7 +65,9 @@ impl ExecutionContext {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .build()
-            .map_err(|e| KilnError::Other(format!("cannot create a pool of {threads} threads: {e}")))?;
+            .map_err(|e| {
+                KilnError::Other(format!("cannot create a pool of {threads} threads: {e}"))
+            })?;
         self.pool = Some(pool);
         Ok(())
     }
@@ -100,8 +104,14 @@ impl ExecutionContext {
 
     /// Convenience: tensors in, tensors out (errors if an output is not a tensor).
     pub fn execute_tensors(&mut self, inputs: &[(&str, Tensor)]) -> Result<Vec<Tensor>> {
-        let values: Vec<(&str, Value)> = inputs.iter().map(|(n, t)| (*n, Value::Tensor(t.clone()))).collect();
-        self.execute(&values)?.into_iter().map(|v| v.into_tensor()).collect()
+        let values: Vec<(&str, Value)> = inputs
+            .iter()
+            .map(|(n, t)| (*n, Value::Tensor(t.clone())))
+            .collect();
+        self.execute(&values)?
+            .into_iter()
+            .map(|v| v.into_tensor())
+            .collect()
     }
 
     fn check_inputs<'a>(&self, inputs: &'a [(&str, Value)]) -> Result<Vec<&'a Value>> {
@@ -111,7 +121,10 @@ impl ExecutionContext {
                 let names: Vec<&str> = infos.iter().map(|i| i.name.as_str()).collect();
                 return Err(KilnError::BadInput {
                     name: name.to_string(),
-                    msg: format!("the model has no such input (its inputs are: {})", names.join(", ")),
+                    msg: format!(
+                        "the model has no such input (its inputs are: {})",
+                        names.join(", ")
+                    ),
                 });
             }
         }
@@ -125,10 +138,16 @@ impl ExecutionContext {
                 });
             };
             if given.next().is_some() {
-                return Err(KilnError::BadInput { name: info.name.clone(), msg: "given more than once".into() });
+                return Err(KilnError::BadInput {
+                    name: info.name.clone(),
+                    msg: "given more than once".into(),
+                });
             }
             if info.kind == ValueKind::Tensor {
-                let t = v.as_tensor().map_err(|e| KilnError::BadInput { name: info.name.clone(), msg: e.to_string() })?;
+                let t = v.as_tensor().map_err(|e| KilnError::BadInput {
+                    name: info.name.clone(),
+                    msg: e.to_string(),
+                })?;
                 info.check(t)?;
             }
             ordered.push(v);
@@ -140,16 +159,18 @@ impl ExecutionContext {
         self.key.clear();
         for v in inputs {
             match v {
-                Value::Tensor(t) => self.key.push((t.dtype(), t.shape().to_vec())),
-                _ => self.key.push((DType::Bool, vec![usize::MAX])),
+                Value::Tensor(t) => self.key.push(Some((t.dtype(), t.shape().to_vec()))),
+                _ => self.key.push(None),
             }
         }
         if let Some(p) = self.plans.get(&self.key) {
             return Ok(p.clone());
         }
-        let typed: Vec<(DType, Vec<usize>)> = self.key.clone();
-        let plan = Arc::new(plan_for_inputs(self.engine.graph(), &typed)?);
-        tracing::debug!(arena = plan.arena_size, "planned memory for new input shapes");
+        let plan = Arc::new(plan_for_inputs(self.engine.graph(), &self.key)?);
+        tracing::debug!(
+            arena = plan.arena_size,
+            "planned memory for new input shapes"
+        );
         self.plans.insert(self.key.clone(), plan.clone());
         Ok(plan)
     }
@@ -176,10 +197,15 @@ impl ExecutionContext {
                     }
                 }
                 if plan.writes_in_place[i] {
-                    self.run_in_place(node, &args, plan)?
+                    guard(node, || self.run_in_place(node, &args, plan))?
                 } else {
-                    let outs = node.op.eval(&args).map_err(|e| e.at_node(&node.name))?;
-                    let needed = node.outputs.iter().rposition(|o| o.is_some()).map_or(0, |p| p + 1);
+                    let outs =
+                        guard(node, || node.op.eval(&args)).map_err(|e| e.at_node(&node.name))?;
+                    let needed = node
+                        .outputs
+                        .iter()
+                        .rposition(|o| o.is_some())
+                        .map_or(0, |p| p + 1);
                     if outs.len() < needed {
                         return Err(KilnError::Kernel {
                             node: node.name.clone(),
@@ -215,9 +241,9 @@ impl ExecutionContext {
         // First allocate the heap outputs, then hand out views (arena and heap).
         for o in node.outputs.iter().flatten() {
             match &plan.placements[*o] {
-                Placement::Heap { dtype, shape } => {
-                    heap.push(Some(AlignedBuf::zeroed(kiln_core::numel(shape) * dtype.size())))
-                }
+                Placement::Heap { dtype, shape } => heap.push(Some(AlignedBuf::zeroed(
+                    kiln_core::numel(shape) * dtype.size(),
+                ))),
                 _ => heap.push(None),
             }
         }
@@ -225,7 +251,11 @@ impl ExecutionContext {
         for o in node.outputs.iter().flatten() {
             let h = heap_iter.next().expect("one per output");
             match &plan.placements[*o] {
-                Placement::Arena { offset, dtype, shape } => {
+                Placement::Arena {
+                    offset,
+                    dtype,
+                    shape,
+                } => {
                     let len = kiln_core::numel(shape) * dtype.size();
                     // SAFETY: the planner gave this output a slot that no value alive at this
                     // step overlaps (inputs of this node and other outputs included).
@@ -237,11 +267,16 @@ impl ExecutionContext {
                     views.push(TensorMut::new(*dtype, shape, buf.as_mut_slice())?);
                 }
                 Placement::Dynamic => {
-                    return Err(KilnError::Other(format!("output of {} was not planned", node.name)));
+                    return Err(KilnError::Other(format!(
+                        "output of {} was not planned",
+                        node.name
+                    )));
                 }
             }
         }
-        node.op.eval_into(args, &mut views).map_err(|e| e.at_node(&node.name))?;
+        node.op
+            .eval_into(args, &mut views)
+            .map_err(|e| e.at_node(&node.name))?;
         drop(views);
         let mut out = SmallVec::new();
         let mut heap_iter = heap.into_iter();
@@ -252,12 +287,34 @@ impl ExecutionContext {
             };
             let h = heap_iter.next().expect("one per output");
             let t = match (&plan.placements[*o], h) {
-                (Placement::Arena { offset, dtype, shape }, _) => {
+                (
+                    Placement::Arena {
+                        offset,
+                        dtype,
+                        shape,
+                    },
+                    _,
+                ) => {
                     let len = kiln_core::numel(shape) * dtype.size();
-                    Tensor::from_storage(*dtype, shape, Bytes::Arena { arena: self.arena.clone(), offset: *offset, len })?
+                    Tensor::from_storage(
+                        *dtype,
+                        shape,
+                        Bytes::Arena {
+                            arena: self.arena.clone(),
+                            offset: *offset,
+                            len,
+                        },
+                    )?
                 }
-                (Placement::Heap { dtype, shape }, Some(buf)) => Tensor::from_aligned(*dtype, shape, buf)?,
-                _ => return Err(KilnError::Other(format!("output of {} was not planned", node.name))),
+                (Placement::Heap { dtype, shape }, Some(buf)) => {
+                    Tensor::from_aligned(*dtype, shape, buf)?
+                }
+                _ => {
+                    return Err(KilnError::Other(format!(
+                        "output of {} was not planned",
+                        node.name
+                    )))
+                }
             };
             out.push(Some(Value::Tensor(t)));
         }
@@ -282,6 +339,26 @@ impl ExecutionContext {
             if !graph.constants.contains_key(&id) {
                 *slot = None;
             }
+        }
+    }
+}
+
+/// Runs a kernel, turning a panic inside it (a kernel bug) into an error naming the node,
+/// so one bad layer never takes the caller's process down.
+fn guard<T>(node: &kiln_core::Node, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(KilnError::Kernel {
+                node: node.name.clone(),
+                op: node.desc.op_type.clone(),
+                msg: format!("internal error in the kernel (please report): {msg}"),
+            })
         }
     }
 }
@@ -319,12 +396,21 @@ pub struct IoInfo {
 impl IoInfo {
     /// `f32[1,3,224,224]`-style description.
     pub fn describe(&self) -> String {
-        kiln_core::Fact { kind: self.kind, dtype: self.dtype, shape: self.shape.clone(), konst: None }.describe()
+        kiln_core::Fact {
+            kind: self.kind,
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            konst: None,
+        }
+        .describe()
     }
 
     /// Checks a tensor against this input's dtype, rank and known dims.
     pub fn check(&self, t: &Tensor) -> Result<()> {
-        let bad = |msg: String| KilnError::BadInput { name: self.name.clone(), msg };
+        let bad = |msg: String| KilnError::BadInput {
+            name: self.name.clone(),
+            msg,
+        };
         if let Some(d) = self.dtype {
             if t.dtype() != d {
                 return Err(bad(format!("expected dtype {d}, got {}", t.dtype())));

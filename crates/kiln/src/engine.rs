@@ -28,7 +28,7 @@ pub(crate) struct EngineInner {
     pub source: String,
     pub inputs: Vec<IoInfo>,
     pub outputs: Vec<IoInfo>,
-    pub static_plan: Option<(Vec<(DType, Vec<usize>)>, Arc<ShapePlan>)>,
+    pub static_plan: Option<(Vec<Option<(DType, Vec<usize>)>>, Arc<ShapePlan>)>,
 }
 
 /// A built engine: the optimised graph, its weights and its plan. Immutable, `Send + Sync`,
@@ -85,22 +85,32 @@ impl Engine {
             ids.iter()
                 .map(|&id| {
                     let v = &graph.values[id];
-                    IoInfo { name: v.name.clone(), kind: v.fact.kind, dtype: v.fact.dtype, shape: v.fact.shape.clone() }
+                    IoInfo {
+                        name: v.name.clone(),
+                        kind: v.fact.kind,
+                        dtype: v.fact.dtype,
+                        shape: v.fact.shape.clone(),
+                    }
                 })
                 .collect()
         };
         let inputs = io(&graph.inputs);
         let outputs = io(&graph.outputs);
         // When every input is fully known, plan memory now (and report it in inspect).
-        let static_key: Option<Vec<(DType, Vec<usize>)>> = inputs
+        let static_key: Option<Vec<Option<(DType, Vec<usize>)>>> = inputs
             .iter()
             .map(|i| {
-                let shape: Option<Vec<usize>> = i.shape.as_ref()?.iter().map(|d| d.known()).collect();
-                Some((i.dtype?, shape?))
+                let shape: Option<Vec<usize>> =
+                    i.shape.as_ref()?.iter().map(|d| d.known()).collect();
+                Some(Some((i.dtype?, shape?)))
             })
             .collect();
         let static_plan = match static_key {
-            Some(key) if inputs.iter().all(|i| i.kind == kiln_core::ValueKind::Tensor) => {
+            Some(key)
+                if inputs
+                    .iter()
+                    .all(|i| i.kind == kiln_core::ValueKind::Tensor) =>
+            {
                 let plan = plan_for_inputs(&graph, &key)?;
                 Some((key, Arc::new(plan)))
             }
@@ -166,24 +176,39 @@ impl Engine {
         &self.inner.fingerprint.backend
     }
 
-    pub(crate) fn static_plan(&self) -> Option<&(Vec<(DType, Vec<usize>)>, Arc<ShapePlan>)> {
+    pub(crate) fn static_plan(
+        &self,
+    ) -> Option<&(Vec<Option<(DType, Vec<usize>)>>, Arc<ShapePlan>)> {
         self.inner.static_plan.as_ref()
     }
 
     /// Memory report at the build shapes, or at `shapes` (one per input, in order).
-    pub fn memory_report(&self, shapes: Option<&[(DType, Vec<usize>)]>) -> Result<Option<MemoryReport>> {
+    pub fn memory_report(
+        &self,
+        shapes: Option<&[Option<(DType, Vec<usize>)>]>,
+    ) -> Result<Option<MemoryReport>> {
         let plan = match (shapes, self.static_plan()) {
             (Some(s), _) => Arc::new(plan_for_inputs(self.graph(), s)?),
             (None, Some((_, p))) => p.clone(),
             (None, None) => return Ok(None),
         };
-        let produced: usize = self.graph().nodes.iter().map(|n| n.outputs.iter().flatten().count()).sum();
+        let produced: usize = self
+            .graph()
+            .nodes
+            .iter()
+            .map(|n| n.outputs.iter().flatten().count())
+            .sum();
         Ok(Some(MemoryReport {
             arena_bytes: plan.arena_size,
             liveness_lower_bound_bytes: plan.lower_bound,
             arena_tensors: plan.arena_values(),
             dynamic_tensors: produced - plan.arena_values(),
-            weight_bytes: self.graph().constants.values().map(|t| t.bytes().len()).sum(),
+            weight_bytes: self
+                .graph()
+                .constants
+                .values()
+                .map(|t| t.bytes().len())
+                .sum(),
         }))
     }
 
@@ -199,10 +224,14 @@ impl Engine {
             .iter()
             .map(|n| {
                 let fused = n.desc.domain == kiln_cpu::fused::KILN_DOMAIN;
-                let activation = n.desc.attrs.get(kiln_cpu::fused::ACTIVATION_ATTR).map(|a| match a {
-                    kiln_core::Attr::String(s) => s.clone(),
-                    _ => String::new(),
-                });
+                let activation =
+                    n.desc
+                        .attrs
+                        .get(kiln_cpu::fused::ACTIVATION_ATTR)
+                        .map(|a| match a {
+                            kiln_core::Attr::String(s) => s.clone(),
+                            _ => String::new(),
+                        });
                 let op = match &activation {
                     Some(a) => format!("kiln.{}+{}", n.desc.op_type, a),
                     None if fused => format!("kiln.{}", n.desc.op_type),
@@ -224,7 +253,14 @@ impl Engine {
     /// Serialises the engine as a plan file's bytes.
     pub fn serialize(&self) -> Result<Vec<u8>> {
         let i = &self.inner;
-        plan::write_plan(&i.graph, &i.fingerprint, &i.build_shapes, &i.report, &i.opsets, &i.source)
+        plan::write_plan(
+            &i.graph,
+            &i.fingerprint,
+            &i.build_shapes,
+            &i.report,
+            &i.opsets,
+            &i.source,
+        )
     }
 
     /// Writes the plan file.

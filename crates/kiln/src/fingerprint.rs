@@ -39,10 +39,16 @@ impl Fingerprint {
             ));
         }
         if self.arch != here.arch {
-            return Some(format!("plan was built for {} but this machine is {}", self.arch, here.arch));
+            return Some(format!(
+                "plan was built for {} but this machine is {}",
+                self.arch, here.arch
+            ));
         }
         if self.backend != "cpu" && self.device != here.device {
-            return Some(format!("plan was built for device {}, this device is {}", self.device, here.device));
+            return Some(format!(
+                "plan was built for device {}, this device is {}",
+                self.device, here.device
+            ));
         }
         let missing: Vec<&str> = self
             .required_features
@@ -51,7 +57,10 @@ impl Fingerprint {
             .map(|s| s.as_str())
             .collect();
         if !missing.is_empty() {
-            return Some(format!("plan needs CPU features this machine lacks: {}", missing.join(", ")));
+            return Some(format!(
+                "plan needs CPU features this machine lacks: {}",
+                missing.join(", ")
+            ));
         }
         None
     }
@@ -66,7 +75,18 @@ pub fn cpu_features() -> Vec<String> {
         macro_rules! probe {
             ($($f:tt),*) => { $( if std::is_x86_feature_detected!($f) { v.push($f.to_string()); } )* };
         }
-        probe!("sse4.1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16");
+        probe!(
+            "sse4.1",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512vnni",
+            "avx512bf16"
+        );
     }
     #[cfg(target_arch = "aarch64")]
     {

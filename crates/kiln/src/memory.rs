@@ -47,7 +47,10 @@ pub struct ShapePlan {
 impl ShapePlan {
     /// Number of values kept in the arena.
     pub fn arena_values(&self) -> usize {
-        self.placements.iter().filter(|p| matches!(p, Placement::Arena { .. })).count()
+        self.placements
+            .iter()
+            .filter(|p| matches!(p, Placement::Arena { .. }))
+            .count()
     }
 }
 
@@ -60,21 +63,31 @@ fn static_shape(f: &Fact) -> Option<(DType, Shape)> {
     Some((dtype, shape.into_iter().collect()))
 }
 
-/// Plans `graph` for concrete input types and shapes (one per graph input, in order).
-pub fn plan_for_inputs(graph: &Graph, inputs: &[(DType, Vec<usize>)]) -> Result<ShapePlan> {
+/// Plans `graph` for concrete input types and shapes (one per graph input, in order;
+/// `None` for an input that is not a tensor, whose declared fact is kept).
+pub fn plan_for_inputs(graph: &Graph, inputs: &[Option<(DType, Vec<usize>)>]) -> Result<ShapePlan> {
     if inputs.len() != graph.inputs.len() {
-        return Err(KilnError::Other(format!("expected {} inputs, got {}", graph.inputs.len(), inputs.len())));
+        return Err(KilnError::Other(format!(
+            "expected {} inputs, got {}",
+            graph.inputs.len(),
+            inputs.len()
+        )));
     }
     let mut g = graph.clone();
     // Forget what build-time inference derived for node outputs: shapes may differ now.
     for n in &g.nodes {
         for o in n.outputs.iter().flatten() {
             let kind = graph.values[*o].fact.kind;
-            g.values[*o].fact = Fact { kind, ..Fact::unknown() };
+            g.values[*o].fact = Fact {
+                kind,
+                ..Fact::unknown()
+            };
         }
     }
-    for (id, (dtype, shape)) in g.inputs.clone().iter().zip(inputs) {
-        g.values[*id].fact = Fact::concrete(*dtype, shape);
+    for (id, input) in g.inputs.clone().iter().zip(inputs) {
+        if let Some((dtype, shape)) = input {
+            g.values[*id].fact = Fact::concrete(*dtype, shape);
+        }
     }
     g.infer_facts_with(true)?;
 
@@ -102,8 +115,11 @@ pub fn plan_for_inputs(graph: &Graph, inputs: &[(DType, Vec<usize>)]) -> Result<
     let mut requests = Vec::new();
     let mut request_values = Vec::new();
     for (i, n) in g.nodes.iter().enumerate() {
-        let statics: Option<Vec<(DType, Shape)>> =
-            n.outputs.iter().map(|o| o.and_then(|o| static_shape(&g.values[o].fact))).collect();
+        let statics: Option<Vec<(DType, Shape)>> = n
+            .outputs
+            .iter()
+            .map(|o| o.and_then(|o| static_shape(&g.values[o].fact)))
+            .collect();
         let Some(statics) = statics else { continue };
         if n.outputs.is_empty() || !n.op.subgraphs().is_empty() {
             continue;
@@ -114,9 +130,17 @@ pub fn plan_for_inputs(graph: &Graph, inputs: &[(DType, Vec<usize>)]) -> Result<
                 placements[*o] = Placement::Heap { dtype, shape };
             } else {
                 let size = kiln_core::numel(&shape) * dtype.size();
-                requests.push(Request { size, first: i, last: last_use[*o].max(i) });
+                requests.push(Request {
+                    size,
+                    first: i,
+                    last: last_use[*o].max(i),
+                });
                 request_values.push(*o);
-                placements[*o] = Placement::Arena { offset: 0, dtype, shape };
+                placements[*o] = Placement::Arena {
+                    offset: 0,
+                    dtype,
+                    shape,
+                };
             }
         }
     }

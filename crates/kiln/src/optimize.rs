@@ -5,7 +5,9 @@
 //! Subgraphs (If/Loop/Scan bodies) are not optimised yet; they run as imported.
 
 use kiln_core::passes::{self, Pass};
-use kiln_core::{Attr, BuildCtx, DType, Fact, Graph, KilnError, OpRegistry, Result, Tensor, ValueId};
+use kiln_core::{
+    Attr, BuildCtx, DType, Fact, Graph, KilnError, OpRegistry, Result, Tensor, ValueId,
+};
 use kiln_cpu::fused::Activation;
 
 /// What the optimiser did, for logs and `kiln inspect`.
@@ -25,7 +27,10 @@ pub struct OptimizeReport {
 
 /// Runs every pass to a fixpoint.
 pub fn optimize(graph: &mut Graph, registry: &OpRegistry) -> Result<OptimizeReport> {
-    let mut report = OptimizeReport { nodes_before: graph.nodes.len(), ..Default::default() };
+    let mut report = OptimizeReport {
+        nodes_before: graph.nodes.len(),
+        ..Default::default()
+    };
     let generic: [(&str, Pass); 4] = [
         ("fold_known_values", passes::fold_known_values),
         ("fold_constants", passes::fold_constants),
@@ -68,7 +73,11 @@ fn sole_consumer(graph: &Graph, consumers: &[Vec<usize>], v: ValueId) -> Option<
     }
     match consumers[v].as_slice() {
         [c] => {
-            let reads = graph.nodes[*c].inputs.iter().filter(|i| **i == Some(v)).count();
+            let reads = graph.nodes[*c]
+                .inputs
+                .iter()
+                .filter(|i| **i == Some(v))
+                .count();
             (reads == 1).then_some(*c)
         }
         _ => None,
@@ -77,7 +86,9 @@ fn sole_consumer(graph: &Graph, consumers: &[Vec<usize>], v: ValueId) -> Option<
 
 fn constant_f32(graph: &Graph, v: Option<ValueId>) -> Option<Vec<f32>> {
     let t = graph.constants.get(&v?)?;
-    (t.dtype() == DType::F32).then(|| t.as_slice::<f32>().ok().map(|s| s.to_vec())).flatten()
+    (t.dtype() == DType::F32)
+        .then(|| t.as_slice::<f32>().ok().map(|s| s.to_vec()))
+        .flatten()
 }
 
 fn is_plain(graph: &Graph, node: usize, op_type: &str) -> bool {
@@ -97,12 +108,22 @@ pub fn fold_batchnorm_into_conv(graph: &mut Graph, registry: &OpRegistry) -> Res
                 continue;
             }
             let Some(y) = conv.outputs[0] else { continue };
-            let Some(bi) = sole_consumer(graph, &consumers, y) else { continue };
+            let Some(bi) = sole_consumer(graph, &consumers, y) else {
+                continue;
+            };
             let bn = &graph.nodes[bi];
-            if !is_plain(graph, bi, "BatchNormalization") || bn.inputs.len() != 5 || bn.inputs[0] != Some(y) {
+            if !is_plain(graph, bi, "BatchNormalization")
+                || bn.inputs.len() != 5
+                || bn.inputs[0] != Some(y)
+            {
                 continue;
             }
-            if bn.outputs.iter().skip(1).any(|o| o.is_some_and(|o| !consumers[o].is_empty() || graph.is_output(o))) {
+            if bn
+                .outputs
+                .iter()
+                .skip(1)
+                .any(|o| o.is_some_and(|o| !consumers[o].is_empty() || graph.is_output(o)))
+            {
                 continue;
             }
             if matches!(bn.desc.attrs.get("training_mode"), Some(Attr::Int(1))) {
@@ -124,8 +145,12 @@ pub fn fold_batchnorm_into_conv(graph: &mut Graph, registry: &OpRegistry) -> Res
 fn try_fold_bn(graph: &mut Graph, ci: usize, bi: usize, registry: &OpRegistry) -> Result<bool> {
     let conv = &graph.nodes[ci];
     let bn = &graph.nodes[bi];
-    let Some(w_id) = conv.inputs.get(1).copied().flatten() else { return Ok(false) };
-    let Some(w) = graph.constants.get(&w_id).cloned() else { return Ok(false) };
+    let Some(w_id) = conv.inputs.get(1).copied().flatten() else {
+        return Ok(false);
+    };
+    let Some(w) = graph.constants.get(&w_id).cloned() else {
+        return Ok(false);
+    };
     if w.dtype() != DType::F32 || w.rank() < 3 {
         return Ok(false);
     }
@@ -138,7 +163,9 @@ fn try_fold_bn(graph: &mut Graph, ci: usize, bi: usize, registry: &OpRegistry) -
         None => vec![0.0; m],
     };
     let params: Option<Vec<Vec<f32>>> = (1..5).map(|i| constant_f32(graph, bn.inputs[i])).collect();
-    let Some(params) = params else { return Ok(false) };
+    let Some(params) = params else {
+        return Ok(false);
+    };
     if params.iter().any(|p| p.len() != m) {
         return Ok(false);
     }
@@ -155,14 +182,27 @@ fn try_fold_bn(graph: &mut Graph, ci: usize, bi: usize, registry: &OpRegistry) -
             *x *= scale[i];
         }
     }
-    let new_b: Vec<f32> = (0..m).map(|i| (bias[i] - mean[i]) * scale[i] + beta[i]).collect();
+    let new_b: Vec<f32> = (0..m)
+        .map(|i| (bias[i] - mean[i]) * scale[i] + beta[i])
+        .collect();
     let conv_name = conv.name.clone();
     let bn_name = bn.name.clone();
-    let bn_out = bn.outputs[0].ok_or_else(|| KilnError::Other(format!("{bn_name} has no output")))?;
-    let w_new = graph.add_value(format!("{conv_name}.folded_weight"), Fact::concrete(DType::F32, w.shape()));
-    graph.constants.insert(w_new, Tensor::from_vec(w.shape(), new_w)?);
-    let b_new = graph.add_value(format!("{conv_name}.folded_bias"), Fact::concrete(DType::F32, &[m]));
-    graph.constants.insert(b_new, Tensor::from_vec(&[m], new_b)?);
+    let bn_out =
+        bn.outputs[0].ok_or_else(|| KilnError::Other(format!("{bn_name} has no output")))?;
+    let w_new = graph.add_value(
+        format!("{conv_name}.folded_weight"),
+        Fact::concrete(DType::F32, w.shape()),
+    );
+    graph
+        .constants
+        .insert(w_new, Tensor::from_vec(w.shape(), new_w)?);
+    let b_new = graph.add_value(
+        format!("{conv_name}.folded_bias"),
+        Fact::concrete(DType::F32, &[m]),
+    );
+    graph
+        .constants
+        .insert(b_new, Tensor::from_vec(&[m], new_b)?);
     let conv = &mut graph.nodes[ci];
     conv.inputs.resize(3, None);
     conv.inputs[1] = Some(w_new);
@@ -189,11 +229,19 @@ fn activation_of(graph: &Graph, node: usize) -> Option<Activation> {
         "Sigmoid" => Activation::Sigmoid,
         "Tanh" => Activation::Tanh,
         "HardSwish" => Activation::HardSwish,
-        "HardSigmoid" => Activation::HardSigmoid { alpha: fattr("alpha", 0.2), beta: fattr("beta", 0.5) },
-        "LeakyRelu" => Activation::LeakyRelu { alpha: fattr("alpha", 0.01) },
+        "HardSigmoid" => Activation::HardSigmoid {
+            alpha: fattr("alpha", 0.2),
+            beta: fattr("beta", 0.5),
+        },
+        "LeakyRelu" => Activation::LeakyRelu {
+            alpha: fattr("alpha", 0.01),
+        },
         "Clip" => {
             if n.desc.opset < 11 {
-                Activation::Clip { min: fattr("min", f32::MIN), max: fattr("max", f32::MAX) }
+                Activation::Clip {
+                    min: fattr("min", f32::MIN),
+                    max: fattr("max", f32::MAX),
+                }
             } else {
                 let bound = |i: usize, default: f32| -> Option<f32> {
                     match n.inputs.get(i).copied().flatten() {
@@ -207,7 +255,10 @@ fn activation_of(graph: &Graph, node: usize) -> Option<Activation> {
                         }
                     }
                 };
-                Activation::Clip { min: bound(1, f32::MIN)?, max: bound(2, f32::MAX)? }
+                Activation::Clip {
+                    min: bound(1, f32::MIN)?,
+                    max: bound(2, f32::MAX)?,
+                }
             }
         }
         _ => return None,
@@ -238,7 +289,9 @@ pub fn fuse_activations(graph: &mut Graph, registry: &OpRegistry) -> Result<usiz
             // y -> activation
             if let Some(ai) = sole_consumer(graph, &consumers, y) {
                 if graph.nodes[ai].inputs.first() == Some(&Some(y)) {
-                    if let (Some(act), Some(out)) = (activation_of(graph, ai), graph.nodes[ai].outputs[0]) {
+                    if let (Some(act), Some(out)) =
+                        (activation_of(graph, ai), graph.nodes[ai].outputs[0])
+                    {
                         plan = Some((pi, vec![ai], act, out));
                         break;
                     }
@@ -257,7 +310,10 @@ pub fn fuse_activations(graph: &mut Graph, registry: &OpRegistry) -> Result<usiz
                     if sole_consumer(graph, &consumers, s_out) != Some(mi) {
                         continue;
                     }
-                    let ins = (m.inputs.first().copied().flatten(), m.inputs.get(1).copied().flatten());
+                    let ins = (
+                        m.inputs.first().copied().flatten(),
+                        m.inputs.get(1).copied().flatten(),
+                    );
                     if ins == (Some(y), Some(s_out)) || ins == (Some(s_out), Some(y)) {
                         if let Some(out) = m.outputs[0] {
                             plan = Some((pi, vec![si, mi], Activation::Swish, out));
@@ -270,8 +326,13 @@ pub fn fuse_activations(graph: &mut Graph, registry: &OpRegistry) -> Result<usiz
                 }
             }
         }
-        let Some((pi, removed, act, out)) = plan else { break };
-        let names: Vec<String> = removed.iter().map(|&i| graph.nodes[i].name.clone()).collect();
+        let Some((pi, removed, act, out)) = plan else {
+            break;
+        };
+        let names: Vec<String> = removed
+            .iter()
+            .map(|&i| graph.nodes[i].name.clone())
+            .collect();
         let p = &mut graph.nodes[pi];
         act.write_to(&mut p.desc);
         p.outputs[0] = Some(out);

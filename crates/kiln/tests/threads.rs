@@ -20,17 +20,27 @@ fn perturbed(base: &Tensor, k: usize) -> Tensor {
 
 #[test]
 fn eight_threads_match_serial_results() {
-    let Some(assets) = common::assets() else { return };
+    let Some(assets) = common::assets() else {
+        return;
+    };
     let case = common::case(&assets, "orientation_b1");
-    let engine = Builder::new().build_onnx_file(&case.model, &BuilderConfig::default()).expect("build");
+    let engine = Builder::new()
+        .build_onnx_file(&case.model, &BuilderConfig::default())
+        .expect("build");
     let (name, base) = case.inputs[0].clone();
     const THREADS: usize = 8;
     const RUNS: usize = 50;
     let inputs: Vec<Tensor> = (0..THREADS * RUNS).map(|k| perturbed(&base, k)).collect();
     let mut serial_ctx = engine.create_context();
     serial_ctx.set_threads(1).unwrap();
-    let serial: Vec<Vec<Tensor>> =
-        inputs.iter().map(|x| serial_ctx.execute_tensors(&[(&name, x.clone())]).expect("serial run")).collect();
+    let serial: Vec<Vec<Tensor>> = inputs
+        .iter()
+        .map(|x| {
+            serial_ctx
+                .execute_tensors(&[(&name, x.clone())])
+                .expect("serial run")
+        })
+        .collect();
     // Different inputs really give different outputs (else the test could not fail).
     assert!(!serial[0][0].same_as(&serial[1][0]));
     let inputs = Arc::new(inputs);
@@ -46,9 +56,14 @@ fn eight_threads_match_serial_results() {
                 ctx.set_threads(1).unwrap();
                 for r in 0..RUNS {
                     let k = r * THREADS + t;
-                    let out = ctx.execute_tensors(&[(&name, inputs[k].clone())]).expect("threaded run");
+                    let out = ctx
+                        .execute_tensors(&[(&name, inputs[k].clone())])
+                        .expect("threaded run");
                     for (a, b) in out.iter().zip(&serial[k]) {
-                        assert!(a.same_as(b), "thread {t} run {r}: result differs from serial");
+                        assert!(
+                            a.same_as(b),
+                            "thread {t} run {r}: result differs from serial"
+                        );
                     }
                 }
             })

@@ -16,7 +16,9 @@ pub fn remove_dead_nodes(graph: &mut Graph) -> Result<usize> {
             used.extend(n.inputs.iter().flatten().copied());
         }
         let before = graph.nodes.len();
-        graph.nodes.retain(|n| n.outputs.iter().flatten().any(|o| used.contains(o)));
+        graph
+            .nodes
+            .retain(|n| n.outputs.iter().flatten().any(|o| used.contains(o)));
         let now = before - graph.nodes.len();
         if now == 0 {
             break;
@@ -46,7 +48,12 @@ pub fn remove_identities(graph: &mut Graph) -> Result<usize> {
         let is_identity = IDENTITY_OPS.contains(&n.desc.op_type.as_str())
             && n.desc.domain.is_empty()
             && n.outputs.iter().skip(1).all(|o| o.is_none());
-        let single_in = n.inputs.first().copied().flatten().filter(|_| n.inputs.iter().skip(1).all(|x| x.is_none()));
+        let single_in = n
+            .inputs
+            .first()
+            .copied()
+            .flatten()
+            .filter(|_| n.inputs.iter().skip(1).all(|x| x.is_none()));
         let out = n.outputs.first().copied().flatten();
         // Dropout in training mode (a training_mode input) is not an identity.
         if let (true, Some(src), Some(out)) = (is_identity, single_in, out) {

@@ -16,7 +16,10 @@ pub fn fold_constants(graph: &mut Graph) -> Result<usize> {
         let foldable = n.op.is_deterministic()
             && n.op.subgraphs().is_empty()
             && !n.inputs.is_empty()
-            && n.inputs.iter().flatten().all(|v| graph.constants.contains_key(v));
+            && n.inputs
+                .iter()
+                .flatten()
+                .all(|v| graph.constants.contains_key(v));
         if foldable {
             let vals: Vec<Option<Value>> = n
                 .inputs
@@ -26,7 +29,9 @@ pub fn fold_constants(graph: &mut Graph) -> Result<usize> {
             let refs: Vec<Option<&Value>> = vals.iter().map(|v| v.as_ref()).collect();
             // A failure here is not fatal: the node runs at inference time and reports then.
             if let Ok(outs) = n.op.eval(&refs) {
-                if outs.iter().all(|o| matches!(o, Value::Tensor(_))) && outs.len() >= n.outputs.len() {
+                if outs.iter().all(|o| matches!(o, Value::Tensor(_)))
+                    && outs.len() >= n.outputs.len()
+                {
                     let outputs = n.outputs.clone();
                     for (slot, v) in outputs.iter().zip(outs) {
                         if let (Some(id), Value::Tensor(t)) = (slot, v) {
@@ -54,7 +59,10 @@ pub fn fold_known_values(graph: &mut Graph) -> Result<usize> {
         let n = &graph.nodes[i];
         let all_known = n.op.is_deterministic()
             && !n.outputs.is_empty()
-            && n.outputs.iter().flatten().all(|o| graph.values[*o].fact.konst.is_some());
+            && n.outputs
+                .iter()
+                .flatten()
+                .all(|o| graph.values[*o].fact.konst.is_some());
         if all_known {
             let outputs = n.outputs.clone();
             for id in outputs.iter().flatten() {

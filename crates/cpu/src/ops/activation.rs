@@ -4,7 +4,10 @@
 
 use std::any::Any;
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Fact, KilnError, Op, OpRegistry, Result,
+    Tensor, Value,
+};
 use rayon::prelude::*;
 
 use super::elementwise::num::{Num, Real};
@@ -86,14 +89,21 @@ impl Op for Activation {
         one(activation_eval(self.name, self.act, x)?)
     }
 
-    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Value>],
+        outputs: &mut [kiln_core::TensorMut<'_>],
+    ) -> Result<()> {
         let x = input_tensor(inputs, 0, self.name)?;
         match outputs.first_mut() {
             Some(o) if x.dtype() == DType::F32 && o.dtype() == DType::F32 => {
                 let o = o.as_mut_slice::<f32>()?;
                 let v = x.as_slice::<f32>()?;
                 if o.len() != v.len() {
-                    return Err(KilnError::kernel(self.name, "output slot size differs from the input"));
+                    return Err(KilnError::kernel(
+                        self.name,
+                        "output slot size differs from the input",
+                    ));
                 }
                 float_act(self.act, v, o);
                 Ok(())
@@ -150,7 +160,15 @@ pub fn float_act<T: Real>(act: Act, v: &[T], o: &mut [T]) {
     let c = |f: f32| T::of_f64(f as f64);
     let (zero, one) = (T::ZERO, T::ONE);
     match act {
-        Act::Relu => map_into(v, o, |&x| if x > zero { x } else if x.is_nan() { x } else { zero }),
+        Act::Relu => map_into(v, o, |&x| {
+            if x > zero {
+                x
+            } else if x.is_nan() {
+                x
+            } else {
+                zero
+            }
+        }),
         Act::LeakyRelu(a) => {
             let a = c(a);
             map_into(v, o, |&x| if x >= zero { x } else { a * x })
@@ -161,11 +179,19 @@ pub fn float_act<T: Real>(act: Act, v: &[T], o: &mut [T]) {
         }
         Act::Selu(a, g) => {
             let (a, g) = (c(a), c(g));
-            map_into(v, o, |&x| if x > zero { g * x } else { g * (a * x.exp() - a) })
+            map_into(v, o, |&x| {
+                if x > zero {
+                    g * x
+                } else {
+                    g * (a * x.exp() - a)
+                }
+            })
         }
         Act::Celu(a) => {
             let a = c(a);
-            map_into(v, o, |&x| x.max(zero) + (a * ((x / a).exp() - one)).min(zero))
+            map_into(v, o, |&x| {
+                x.max(zero) + (a * ((x / a).exp() - one)).min(zero)
+            })
         }
         Act::Sigmoid => map_into(v, o, |&x| sigmoid(x)),
         Act::HardSigmoid(a, b) => {
@@ -198,7 +224,15 @@ pub fn float_act<T: Real>(act: Act, v: &[T], o: &mut [T]) {
         }
         Act::Shrink { bias, lambd } => {
             let (b, l) = (c(bias), c(lambd));
-            map_into(v, o, |&x| if x < -l { x + b } else if x > l { x - b } else { zero })
+            map_into(v, o, |&x| {
+                if x < -l {
+                    x + b
+                } else if x > l {
+                    x - b
+                } else {
+                    zero
+                }
+            })
         }
     }
 }
@@ -236,14 +270,25 @@ impl Op for Clip {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input_tensor(inputs, 0, "Clip")?;
         let (lo, hi) = match self.attr_bounds {
-            Some((lo, hi)) => (Some(Tensor::scalar(lo).cast(x.dtype())?), Some(Tensor::scalar(hi).cast(x.dtype())?)),
-            None => (optional_tensor(inputs, 1, "Clip")?.cloned(), optional_tensor(inputs, 2, "Clip")?.cloned()),
+            Some((lo, hi)) => (
+                Some(Tensor::scalar(lo).cast(x.dtype())?),
+                Some(Tensor::scalar(hi).cast(x.dtype())?),
+            ),
+            None => (
+                optional_tensor(inputs, 1, "Clip")?.cloned(),
+                optional_tensor(inputs, 2, "Clip")?.cloned(),
+            ),
         };
         for b in [&lo, &hi].into_iter().flatten() {
             if b.dtype() != x.dtype() || b.len() != 1 {
                 return Err(KilnError::kernel(
                     "Clip",
-                    format!("min/max must be {} scalars, found {} {:?}", x.dtype(), b.dtype(), b.shape()),
+                    format!(
+                        "min/max must be {} scalars, found {} {:?}",
+                        x.dtype(),
+                        b.dtype(),
+                        b.shape()
+                    ),
                 ));
             }
         }
@@ -308,9 +353,16 @@ impl SoftmaxOp {
     /// Splits a shape into (outer, axis length, inner) for this op's axis.
     fn split(&self, shape: &[usize]) -> Result<(usize, usize, usize)> {
         let r = shape.len() as i64;
-        let ax = if self.axis < 0 { self.axis + r } else { self.axis };
+        let ax = if self.axis < 0 {
+            self.axis + r
+        } else {
+            self.axis
+        };
         if ax < 0 || ax > r || (ax == r && !(self.coerce_2d || r == 0)) {
-            return Err(KilnError::kernel(self.name, format!("axis {} out of range for rank {r}", self.axis)));
+            return Err(KilnError::kernel(
+                self.name,
+                format!("axis {} out of range for rank {r}", self.axis),
+            ));
         }
         let ax = ax as usize;
         let outer: usize = shape[..ax].iter().product();
@@ -337,13 +389,19 @@ impl Op for SoftmaxOp {
         let out = match dt {
             DType::F32 => softmax_t::<f32>(x, self.kind, outer, n, inner)?,
             DType::F64 => softmax_t::<f64>(x, self.kind, outer, n, inner)?,
-            DType::F16 | DType::BF16 => softmax_t::<f32>(&x.cast(DType::F32)?, self.kind, outer, n, inner)?.cast(dt)?,
+            DType::F16 | DType::BF16 => {
+                softmax_t::<f32>(&x.cast(DType::F32)?, self.kind, outer, n, inner)?.cast(dt)?
+            }
             _ => return Err(bad_dtype(self.name, dt)),
         };
         one(out)
     }
 
-    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Value>],
+        outputs: &mut [kiln_core::TensorMut<'_>],
+    ) -> Result<()> {
         let x = input_tensor(inputs, 0, self.name)?;
         match outputs.first_mut() {
             Some(o) if x.dtype() == DType::F32 && o.dtype() == DType::F32 => {
@@ -351,7 +409,10 @@ impl Op for SoftmaxOp {
                 let o = o.as_mut_slice::<f32>()?;
                 let v = x.as_slice::<f32>()?;
                 if o.len() != v.len() {
-                    return Err(KilnError::kernel(self.name, "output slot size differs from the input"));
+                    return Err(KilnError::kernel(
+                        self.name,
+                        "output slot size differs from the input",
+                    ));
                 }
                 softmax_into(v, o, self.kind, outer, n, inner);
                 Ok(())
@@ -369,7 +430,13 @@ impl Op for SoftmaxOp {
     }
 }
 
-fn softmax_t<T: Real>(x: &Tensor, kind: SoftKind, outer: usize, n: usize, inner: usize) -> Result<Tensor> {
+fn softmax_t<T: Real>(
+    x: &Tensor,
+    kind: SoftKind,
+    outer: usize,
+    n: usize,
+    inner: usize,
+) -> Result<Tensor> {
     let v = x.as_slice::<T>()?;
     new_tensor::<T>(T::DTYPE, x.shape(), |o| {
         softmax_into(v, o, kind, outer, n, inner);
@@ -378,7 +445,14 @@ fn softmax_t<T: Real>(x: &Tensor, kind: SoftKind, outer: usize, n: usize, inner:
 }
 
 /// Softmax-family kernel over a [outer, n, inner] view.
-pub fn softmax_into<T: Real>(v: &[T], o: &mut [T], kind: SoftKind, outer: usize, n: usize, inner: usize) {
+pub fn softmax_into<T: Real>(
+    v: &[T],
+    o: &mut [T],
+    kind: SoftKind,
+    outer: usize,
+    n: usize,
+    inner: usize,
+) {
     let block = n * inner;
     if block == 0 || outer == 0 {
         return;
@@ -391,7 +465,9 @@ pub fn softmax_into<T: Real>(v: &[T], o: &mut [T], kind: SoftKind, outer: usize,
         }
     };
     if v.len() >= super::elementwise::broadcast::PAR_MIN && outer > 1 {
-        o.par_chunks_mut(block).zip(v.par_chunks(block)).for_each(|(d, s)| work(s, d));
+        o.par_chunks_mut(block)
+            .zip(v.par_chunks(block))
+            .for_each(|(d, s)| work(s, d));
     } else {
         for (d, s) in o.chunks_mut(block).zip(v.chunks(block)) {
             work(s, d);
@@ -470,7 +546,11 @@ fn soft_strided<T: Real>(x: &[T], o: &mut [T], kind: SoftKind, n: usize, inner: 
             for k in 0..n {
                 for j in 0..inner {
                     let i = k * inner + j;
-                    o[i] = if kind == SoftKind::Softmax { o[i] / s[j] } else { x[i] - m[j] - s[j].ln() };
+                    o[i] = if kind == SoftKind::Softmax {
+                        o[i] / s[j]
+                    } else {
+                        x[i] - m[j] - s[j].ln()
+                    };
                 }
             }
         }
@@ -480,7 +560,12 @@ fn soft_strided<T: Real>(x: &[T], o: &mut [T], kind: SoftKind, n: usize, inner: 
 fn build_softmax(ctx: &BuildCtx, name: &'static str, kind: SoftKind) -> Result<Box<dyn Op>> {
     let coerce_2d = ctx.opset() < 13;
     let axis = ctx.attrs().int("axis", if coerce_2d { 1 } else { -1 })?;
-    Ok(Box::new(SoftmaxOp { name, kind, axis, coerce_2d }))
+    Ok(Box::new(SoftmaxOp {
+        name,
+        kind,
+        axis,
+        coerce_2d,
+    }))
 }
 
 fn build_clip(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
@@ -488,7 +573,9 @@ fn build_clip(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         let a = ctx.attrs();
         let lo = a.float("min", f32::MIN)?;
         let hi = a.float("max", f32::MAX)?;
-        return Ok(Box::new(Clip { attr_bounds: Some((lo, hi)) }));
+        return Ok(Box::new(Clip {
+            attr_bounds: Some((lo, hi)),
+        }));
     }
     Ok(Box::new(Clip { attr_bounds: None }))
 }
@@ -501,42 +588,79 @@ fn act_op(name: &'static str, act: Act) -> Result<Box<dyn Op>> {
 pub fn register(reg: &mut OpRegistry) {
     reg.register("Relu", |_c: &BuildCtx| act_op("Relu", Act::Relu));
     reg.register("Sigmoid", |_c: &BuildCtx| act_op("Sigmoid", Act::Sigmoid));
-    reg.register("HardSwish", |_c: &BuildCtx| act_op("HardSwish", Act::HardSwish));
-    reg.register("Softplus", |_c: &BuildCtx| act_op("Softplus", Act::Softplus));
-    reg.register("Softsign", |_c: &BuildCtx| act_op("Softsign", Act::Softsign));
+    reg.register("HardSwish", |_c: &BuildCtx| {
+        act_op("HardSwish", Act::HardSwish)
+    });
+    reg.register("Softplus", |_c: &BuildCtx| {
+        act_op("Softplus", Act::Softplus)
+    });
+    reg.register("Softsign", |_c: &BuildCtx| {
+        act_op("Softsign", Act::Softsign)
+    });
     reg.register("Mish", |_c: &BuildCtx| act_op("Mish", Act::Mish));
-    reg.register("LeakyRelu", |c: &BuildCtx| act_op("LeakyRelu", Act::LeakyRelu(c.attrs().float("alpha", 0.01)?)));
-    reg.register("Elu", |c: &BuildCtx| act_op("Elu", Act::Elu(c.attrs().float("alpha", 1.0)?)));
-    reg.register("Celu", |c: &BuildCtx| act_op("Celu", Act::Celu(c.attrs().float("alpha", 1.0)?)));
-    reg.register("Swish", |c: &BuildCtx| act_op("Swish", Act::Swish(c.attrs().float("alpha", 1.0)?)));
+    reg.register("LeakyRelu", |c: &BuildCtx| {
+        act_op("LeakyRelu", Act::LeakyRelu(c.attrs().float("alpha", 0.01)?))
+    });
+    reg.register("Elu", |c: &BuildCtx| {
+        act_op("Elu", Act::Elu(c.attrs().float("alpha", 1.0)?))
+    });
+    reg.register("Celu", |c: &BuildCtx| {
+        act_op("Celu", Act::Celu(c.attrs().float("alpha", 1.0)?))
+    });
+    reg.register("Swish", |c: &BuildCtx| {
+        act_op("Swish", Act::Swish(c.attrs().float("alpha", 1.0)?))
+    });
     reg.register("ThresholdedRelu", |c: &BuildCtx| {
-        act_op("ThresholdedRelu", Act::ThresholdedRelu(c.attrs().float("alpha", 1.0)?))
+        act_op(
+            "ThresholdedRelu",
+            Act::ThresholdedRelu(c.attrs().float("alpha", 1.0)?),
+        )
     });
     reg.register("Selu", |c: &BuildCtx| {
         let a = c.attrs();
-        act_op("Selu", Act::Selu(a.float("alpha", 1.673_263_2)?, a.float("gamma", 1.050_701)?))
+        act_op(
+            "Selu",
+            Act::Selu(a.float("alpha", 1.673_263_2)?, a.float("gamma", 1.050_701)?),
+        )
     });
     reg.register("HardSigmoid", |c: &BuildCtx| {
         let a = c.attrs();
-        act_op("HardSigmoid", Act::HardSigmoid(a.float("alpha", 0.2)?, a.float("beta", 0.5)?))
+        act_op(
+            "HardSigmoid",
+            Act::HardSigmoid(a.float("alpha", 0.2)?, a.float("beta", 0.5)?),
+        )
     });
     reg.register("Shrink", |c: &BuildCtx| {
         let a = c.attrs();
-        act_op("Shrink", Act::Shrink { bias: a.float("bias", 0.0)?, lambd: a.float("lambd", 0.5)? })
+        act_op(
+            "Shrink",
+            Act::Shrink {
+                bias: a.float("bias", 0.0)?,
+                lambd: a.float("lambd", 0.5)?,
+            },
+        )
     });
     reg.register("Gelu", |c: &BuildCtx| {
         let a = c.attrs();
         let tanh = match a.string("approximate", "none")?.as_str() {
             "none" => false,
             "tanh" => true,
-            other => return Err(a.invalid(format!("approximate must be none or tanh, found {other:?}"))),
+            other => {
+                return Err(a.invalid(format!("approximate must be none or tanh, found {other:?}")))
+            }
         };
         act_op("Gelu", Act::Gelu { tanh })
     });
     reg.register("Clip", build_clip);
-    reg.register("Softmax", |c: &BuildCtx| build_softmax(c, "Softmax", SoftKind::Softmax));
-    reg.register("LogSoftmax", |c: &BuildCtx| build_softmax(c, "LogSoftmax", SoftKind::LogSoftmax));
-    reg.register("Hardmax", |c: &BuildCtx| build_softmax(c, "Hardmax", SoftKind::Hardmax));
+    reg.register("Softmax", |c: &BuildCtx| {
+        build_softmax(c, "Softmax", SoftKind::Softmax)
+    });
+    reg.register("LogSoftmax", |c: &BuildCtx| {
+        build_softmax(c, "LogSoftmax", SoftKind::LogSoftmax)
+    });
+    reg.register("Hardmax", |c: &BuildCtx| {
+        build_softmax(c, "Hardmax", SoftKind::Hardmax)
+    });
 }
 
 #[cfg(test)]
@@ -555,14 +679,22 @@ mod tests {
     fn activations() {
         check("Relu", vec![], |x| x.max(0.0));
         check("Sigmoid", vec![], |x| 1.0 / (1.0 + (-x).exp()));
-        check("LeakyRelu", vec![("alpha", Attr::Float(0.1))], |x| if x >= 0.0 { x } else { 0.1 * x });
+        check("LeakyRelu", vec![("alpha", Attr::Float(0.1))], |x| {
+            if x >= 0.0 {
+                x
+            } else {
+                0.1 * x
+            }
+        });
         check("Elu", vec![], |x| if x >= 0.0 { x } else { x.exp() - 1.0 });
         check("HardSigmoid", vec![], |x| (0.2 * x + 0.5).clamp(0.0, 1.0));
         check("HardSwish", vec![], |x| x * (x / 6.0 + 0.5).clamp(0.0, 1.0));
         check("Softplus", vec![], |x| (x.exp() + 1.0).ln());
         check("Softsign", vec![], |x| x / (1.0 + x.abs()));
         check("Mish", vec![], |x| x * ((x.exp() + 1.0).ln()).tanh());
-        check("Swish", vec![("alpha", Attr::Float(2.0))], |x| x / (1.0 + (-2.0 * x).exp()));
+        check("Swish", vec![("alpha", Attr::Float(2.0))], |x| {
+            x / (1.0 + (-2.0 * x).exp())
+        });
         check("ThresholdedRelu", vec![], |x| if x > 1.0 { x } else { 0.0 });
         check("Shrink", vec![("bias", Attr::Float(0.3))], |x| {
             if x < -0.5 {
@@ -573,27 +705,65 @@ mod tests {
                 0.0
             }
         });
-        check("Celu", vec![("alpha", Attr::Float(2.0))], |x| x.max(0.0) + (2.0 * ((x / 2.0).exp() - 1.0)).min(0.0));
-        check("Gelu", vec![("approximate", Attr::String("tanh".into()))], |x| {
-            0.5 * x * (1.0 + ((2.0 / std::f32::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+        check("Celu", vec![("alpha", Attr::Float(2.0))], |x| {
+            x.max(0.0) + (2.0 * ((x / 2.0).exp() - 1.0)).min(0.0)
         });
-        let y = run1("Relu", 14, vec![], &[Some(Tensor::from_vec(&[3], vec![-1i8, 0, 5]).unwrap())]).unwrap();
+        check(
+            "Gelu",
+            vec![("approximate", Attr::String("tanh".into()))],
+            |x| {
+                0.5 * x
+                    * (1.0
+                        + ((2.0 / std::f32::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+            },
+        );
+        let y = run1(
+            "Relu",
+            14,
+            vec![],
+            &[Some(Tensor::from_vec(&[3], vec![-1i8, 0, 5]).unwrap())],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<i8>().unwrap(), &[0, 0, 5]);
-        assert!(run1("Sigmoid", 13, vec![], &[Some(Tensor::from_vec(&[1], vec![1i32]).unwrap())]).is_err());
+        assert!(run1(
+            "Sigmoid",
+            13,
+            vec![],
+            &[Some(Tensor::from_vec(&[1], vec![1i32]).unwrap())]
+        )
+        .is_err());
     }
 
     #[test]
     fn clip_versions() {
         let x = f32t(&[4], vec![-3.0, -0.5, 0.5, 3.0]);
-        let y = run1("Clip", 6, vec![("min", Attr::Float(-1.0)), ("max", Attr::Float(1.0))], &[Some(x.clone())]).unwrap();
+        let y = run1(
+            "Clip",
+            6,
+            vec![("min", Attr::Float(-1.0)), ("max", Attr::Float(1.0))],
+            &[Some(x.clone())],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[-1.0, -0.5, 0.5, 1.0]);
-        let y = run1("Clip", 13, vec![], &[Some(x.clone()), None, Some(f32t(&[], vec![0.0]))]).unwrap();
+        let y = run1(
+            "Clip",
+            13,
+            vec![],
+            &[Some(x.clone()), None, Some(f32t(&[], vec![0.0]))],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[-3.0, -0.5, 0.0, 0.0]);
         let y = run1("Clip", 13, vec![], &[Some(x.clone())]).unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), x.as_slice::<f32>().unwrap());
         let i = Tensor::from_vec(&[3], vec![-5i64, 2, 9]).unwrap();
         let lo = Tensor::scalar(0i64);
-        let y = run1("Clip", 13, vec![], &[Some(i), Some(lo), Some(Tensor::scalar(4i64))]).unwrap();
+        let y = run1(
+            "Clip",
+            13,
+            vec![],
+            &[Some(i), Some(lo), Some(Tensor::scalar(4i64))],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<i64>().unwrap(), &[0, 2, 4]);
         assert!(run1("Clip", 13, vec![], &[Some(x), Some(Tensor::scalar(0i64))]).is_err());
     }
@@ -609,7 +779,11 @@ mod tests {
                 let m = (0..n).map(|k| x[idx(k)]).fold(f32::MIN, f32::max);
                 let s: f32 = (0..n).map(|k| (x[idx(k)] - m).exp()).sum();
                 for k in 0..n {
-                    out[idx(k)] = if log { x[idx(k)] - m - s.ln() } else { (x[idx(k)] - m).exp() / s };
+                    out[idx(k)] = if log {
+                        x[idx(k)] - m - s.ln()
+                    } else {
+                        (x[idx(k)] - m).exp() / s
+                    };
                 }
             }
         }
@@ -622,17 +796,49 @@ mod tests {
         let x = rand(60, 9);
         for axis in 0..3 {
             for (op, log) in [("Softmax", false), ("LogSoftmax", true)] {
-                let y = run1(op, 13, vec![("axis", Attr::Int(axis as i64))], &[Some(f32t(&shape, x.clone()))]).unwrap();
-                close(y.as_slice::<f32>().unwrap(), &naive_softmax(&x, &shape, axis, log), 1e-5);
+                let y = run1(
+                    op,
+                    13,
+                    vec![("axis", Attr::Int(axis as i64))],
+                    &[Some(f32t(&shape, x.clone()))],
+                )
+                .unwrap();
+                close(
+                    y.as_slice::<f32>().unwrap(),
+                    &naive_softmax(&x, &shape, axis, log),
+                    1e-5,
+                );
             }
         }
         // Opset 11: coerced to 2-D at axis 1 → softmax over the last 20 elements.
         let y = run1("Softmax", 11, vec![], &[Some(f32t(&shape, x.clone()))]).unwrap();
-        close(y.as_slice::<f32>().unwrap(), &naive_softmax(&x, &[3, 20], 1, false), 1e-5);
-        let y = run1("Hardmax", 13, vec![("axis", Attr::Int(0))], &[Some(f32t(&[2, 2], vec![1.0, 5.0, 3.0, 5.0]))]).unwrap();
+        close(
+            y.as_slice::<f32>().unwrap(),
+            &naive_softmax(&x, &[3, 20], 1, false),
+            1e-5,
+        );
+        let y = run1(
+            "Hardmax",
+            13,
+            vec![("axis", Attr::Int(0))],
+            &[Some(f32t(&[2, 2], vec![1.0, 5.0, 3.0, 5.0]))],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[0.0, 1.0, 1.0, 0.0]);
-        let y = run1("Hardmax", 13, vec![], &[Some(f32t(&[1, 3], vec![3.0, 3.0, 1.0]))]).unwrap();
+        let y = run1(
+            "Hardmax",
+            13,
+            vec![],
+            &[Some(f32t(&[1, 3], vec![3.0, 3.0, 1.0]))],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[1.0, 0.0, 0.0]);
-        assert!(run1("Softmax", 13, vec![("axis", Attr::Int(3))], &[Some(f32t(&shape, x))]).is_err());
+        assert!(run1(
+            "Softmax",
+            13,
+            vec![("axis", Attr::Int(3))],
+            &[Some(f32t(&shape, x))]
+        )
+        .is_err());
     }
 }

@@ -2,7 +2,10 @@
 
 use std::any::Any;
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value, ValueKind};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor,
+    Value, ValueKind,
+};
 
 use super::activation::{softmax_into, SoftKind};
 use super::elementwise::bad_dtype;
@@ -36,12 +39,26 @@ impl Op for Loss {
         let x = inputs.first().copied().flatten();
         let dt = x.and_then(|f| f.dtype);
         let loss_shape = match self.reduction {
-            Reduction::None => inputs.get(1).copied().flatten().and_then(|t| t.shape.clone()),
+            Reduction::None => inputs
+                .get(1)
+                .copied()
+                .flatten()
+                .and_then(|t| t.shape.clone()),
             _ => Some(Vec::<Dim>::new()),
         };
-        let mut out = vec![Fact { kind: ValueKind::Tensor, dtype: dt, shape: loss_shape, konst: None }];
+        let mut out = vec![Fact {
+            kind: ValueKind::Tensor,
+            dtype: dt,
+            shape: loss_shape,
+            konst: None,
+        }];
         if n > 1 {
-            out.push(Fact { kind: ValueKind::Tensor, dtype: dt, shape: x.and_then(|f| f.shape.clone()), konst: None });
+            out.push(Fact {
+                kind: ValueKind::Tensor,
+                dtype: dt,
+                shape: x.and_then(|f| f.shape.clone()),
+                konst: None,
+            });
         }
         Ok(out)
     }
@@ -55,7 +72,10 @@ impl Op for Loss {
             return Err(bad_dtype(self.name, xdt));
         }
         if x.rank() < 2 {
-            return Err(KilnError::kernel(self.name, format!("input must have rank >= 2, found {:?}", x.shape())));
+            return Err(KilnError::kernel(
+                self.name,
+                format!("input must have rank >= 2, found {:?}", x.shape()),
+            ));
         }
         let (n, c) = (x.shape()[0], x.shape()[1]);
         let d: usize = x.shape()[2..].iter().product();
@@ -64,13 +84,22 @@ impl Op for Loss {
         if target.shape() != want_t.as_slice() {
             return Err(KilnError::kernel(
                 self.name,
-                format!("target shape {:?} does not match input {:?} (expected {want_t:?})", target.shape(), x.shape()),
+                format!(
+                    "target shape {:?} does not match input {:?} (expected {want_t:?})",
+                    target.shape(),
+                    x.shape()
+                ),
             ));
         }
-        let t = target.to_i64_vec().map_err(|e| KilnError::kernel(self.name, format!("target: {e}")))?;
+        let t = target
+            .to_i64_vec()
+            .map_err(|e| KilnError::kernel(self.name, format!("target: {e}")))?;
         let w = match weight {
             Some(w) if w.len() != c => {
-                return Err(KilnError::kernel(self.name, format!("weight has {} elements, expected {c}", w.len())))
+                return Err(KilnError::kernel(
+                    self.name,
+                    format!("weight has {} elements, expected {c}", w.len()),
+                ))
             }
             Some(w) => Some(w.to_f64_vec()?),
             None => None,
@@ -93,7 +122,10 @@ impl Op for Loss {
                     continue;
                 }
                 if tk < 0 || tk as usize >= c {
-                    return Err(KilnError::kernel(self.name, format!("target {tk} is out of range [0, {c})")));
+                    return Err(KilnError::kernel(
+                        self.name,
+                        format!("target {tk} is out of range [0, {c})"),
+                    ));
                 }
                 let cls = tk as usize;
                 let wk = w.as_ref().map_or(1.0, |w| w[cls]);
@@ -131,15 +163,28 @@ fn build_loss(ctx: &BuildCtx, name: &'static str, softmax: bool) -> Result<Box<d
         "none" => Reduction::None,
         "sum" => Reduction::Sum,
         "mean" => Reduction::Mean,
-        other => return Err(a.invalid(format!("reduction must be none, sum or mean, found {other:?}"))),
+        other => {
+            return Err(a.invalid(format!(
+                "reduction must be none, sum or mean, found {other:?}"
+            )))
+        }
     };
-    Ok(Box::new(Loss { name, softmax, reduction, ignore_index: a.opt_int("ignore_index")? }))
+    Ok(Box::new(Loss {
+        name,
+        softmax,
+        reduction,
+        ignore_index: a.opt_int("ignore_index")?,
+    }))
 }
 
 /// Registers this family's ops.
 pub fn register(reg: &mut OpRegistry) {
-    reg.register("NegativeLogLikelihoodLoss", |c: &BuildCtx| build_loss(c, "NegativeLogLikelihoodLoss", false));
-    reg.register("SoftmaxCrossEntropyLoss", |c: &BuildCtx| build_loss(c, "SoftmaxCrossEntropyLoss", true));
+    reg.register("NegativeLogLikelihoodLoss", |c: &BuildCtx| {
+        build_loss(c, "NegativeLogLikelihoodLoss", false)
+    });
+    reg.register("SoftmaxCrossEntropyLoss", |c: &BuildCtx| {
+        build_loss(c, "SoftmaxCrossEntropyLoss", true)
+    });
 }
 
 #[cfg(test)]
@@ -151,17 +196,47 @@ mod tests {
     fn nll() {
         let x = f32t(&[2, 3], vec![-1.0, -2.0, -3.0, -0.5, -1.5, -2.5]);
         let t = Tensor::from_vec(&[2], vec![2i64, 0]).unwrap();
-        let y = run1("NegativeLogLikelihoodLoss", 13, vec![], &[Some(x.clone()), Some(t.clone())]).unwrap();
+        let y = run1(
+            "NegativeLogLikelihoodLoss",
+            13,
+            vec![],
+            &[Some(x.clone()), Some(t.clone())],
+        )
+        .unwrap();
         close(y.as_slice::<f32>().unwrap(), &[1.75], 1e-6);
-        let y = run1("NegativeLogLikelihoodLoss", 13, vec![("reduction", Attr::String("none".into()))], &[Some(x.clone()), Some(t.clone())]).unwrap();
+        let y = run1(
+            "NegativeLogLikelihoodLoss",
+            13,
+            vec![("reduction", Attr::String("none".into()))],
+            &[Some(x.clone()), Some(t.clone())],
+        )
+        .unwrap();
         close(y.as_slice::<f32>().unwrap(), &[3.0, 0.5], 1e-6);
         let w = f32t(&[3], vec![1.0, 2.0, 3.0]);
-        let y = run1("NegativeLogLikelihoodLoss", 13, vec![], &[Some(x.clone()), Some(t.clone()), Some(w)]).unwrap();
+        let y = run1(
+            "NegativeLogLikelihoodLoss",
+            13,
+            vec![],
+            &[Some(x.clone()), Some(t.clone()), Some(w)],
+        )
+        .unwrap();
         close(y.as_slice::<f32>().unwrap(), &[(9.0 + 0.5) / 4.0], 1e-6);
-        let y = run1("NegativeLogLikelihoodLoss", 13, vec![("ignore_index", Attr::Int(0))], &[Some(x.clone()), Some(t)]).unwrap();
+        let y = run1(
+            "NegativeLogLikelihoodLoss",
+            13,
+            vec![("ignore_index", Attr::Int(0))],
+            &[Some(x.clone()), Some(t)],
+        )
+        .unwrap();
         close(y.as_slice::<f32>().unwrap(), &[3.0], 1e-6);
         let bad = Tensor::from_vec(&[2], vec![5i64, 0]).unwrap();
-        assert!(run1("NegativeLogLikelihoodLoss", 13, vec![], &[Some(x), Some(bad)]).is_err());
+        assert!(run1(
+            "NegativeLogLikelihoodLoss",
+            13,
+            vec![],
+            &[Some(x), Some(bad)]
+        )
+        .is_err());
     }
 
     #[test]
@@ -172,6 +247,10 @@ mod tests {
         let o = run(op.as_ref(), &[Some(x), Some(t)]).unwrap();
         let lse = (1f32.exp() + 2f32.exp()).ln();
         close(o[0].as_slice::<f32>().unwrap(), &[lse - 2.0], 1e-6);
-        close(o[1].as_slice::<f32>().unwrap(), &[1.0 - lse, 2.0 - lse], 1e-6);
+        close(
+            o[1].as_slice::<f32>().unwrap(),
+            &[1.0 - lse, 2.0 - lse],
+            1e-6,
+        );
     }
 }

@@ -18,7 +18,10 @@ pub fn register(reg: &mut OpRegistry) {
 fn scalar_of(inputs: &[Option<&Value>], i: usize, op: &str) -> Result<Tensor> {
     let t = kiln_core::input_tensor(inputs, i, op)?;
     if t.len() != 1 {
-        return Err(kerr(op, format!("input {i} must hold one value, found shape {:?}", t.shape())));
+        return Err(kerr(
+            op,
+            format!("input {i} must hold one value, found shape {:?}", t.shape()),
+        ));
     }
     Ok(t.clone())
 }
@@ -39,17 +42,28 @@ impl Op for Range {
         "Range"
     }
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
-        Ok(vec![tensor_fact(fact_at(inputs, 0).and_then(|f| f.dtype), Some(vec![Dim::Unknown]))])
+        Ok(vec![tensor_fact(
+            fact_at(inputs, 0).and_then(|f| f.dtype),
+            Some(vec![Dim::Unknown]),
+        )])
     }
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let op = "Range";
-        let (s, l, d) = (scalar_of(inputs, 0, op)?, scalar_of(inputs, 1, op)?, scalar_of(inputs, 2, op)?);
+        let (s, l, d) = (
+            scalar_of(inputs, 0, op)?,
+            scalar_of(inputs, 1, op)?,
+            scalar_of(inputs, 2, op)?,
+        );
         let dt = s.dtype();
         if l.dtype() != dt || d.dtype() != dt {
             return Err(kerr(op, "start, limit and delta must have the same dtype"));
         }
         if dt.is_int() {
-            let (s, l, d) = (s.to_i64_vec()?[0] as i128, l.to_i64_vec()?[0] as i128, d.to_i64_vec()?[0] as i128);
+            let (s, l, d) = (
+                s.to_i64_vec()?[0] as i128,
+                l.to_i64_vec()?[0] as i128,
+                d.to_i64_vec()?[0] as i128,
+            );
             if d == 0 {
                 return Err(kerr(op, "delta cannot be 0"));
             }
@@ -64,7 +78,10 @@ impl Op for Range {
         }
         let (s, l, d) = (s.to_f64_vec()?[0], l.to_f64_vec()?[0], d.to_f64_vec()?[0]);
         if d == 0.0 || !d.is_finite() || !s.is_finite() || !l.is_finite() {
-            return Err(kerr(op, format!("invalid range start={s} limit={l} delta={d}")));
+            return Err(kerr(
+                op,
+                format!("invalid range start={s} limit={l} delta={d}"),
+            ));
         }
         let n = ((l - s) / d).ceil().max(0.0);
         if n > (MAX_OUTPUT_BYTES / 8) as f64 {
@@ -98,10 +115,16 @@ pub struct EyeLike {
 pub fn build_eye_like(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
     let dtype = match a.opt_int("dtype")? {
-        Some(c) => Some(DType::from_onnx_code(c as i32).ok_or_else(|| a.unsupported(format!("dtype code {c}")))?),
+        Some(c) => Some(
+            DType::from_onnx_code(c as i32)
+                .ok_or_else(|| a.unsupported(format!("dtype code {c}")))?,
+        ),
         None => None,
     };
-    Ok(Box::new(EyeLike { dtype, k: a.int("k", 0)? }))
+    Ok(Box::new(EyeLike {
+        dtype,
+        k: a.int("k", 0)?,
+    }))
 }
 
 impl Op for EyeLike {
@@ -148,7 +171,9 @@ pub struct OneHot {
 
 /// Builds `OneHot`.
 pub fn build_one_hot(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(OneHot { axis: ctx.attrs().int("axis", -1)? }))
+    Ok(Box::new(OneHot {
+        axis: ctx.attrs().int("axis", -1)?,
+    }))
 }
 
 struct OneHotMover {
@@ -180,10 +205,17 @@ impl Op for OneHot {
     }
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let dtype = fact_at(inputs, 2).and_then(|f| f.dtype);
-        let depth = fact_at(inputs, 1).and_then(|f| f.konst.as_ref()).and_then(|t| as_i64s(t).ok()).and_then(|v| v.first().copied());
+        let depth = fact_at(inputs, 1)
+            .and_then(|f| f.konst.as_ref())
+            .and_then(|t| as_i64s(t).ok())
+            .and_then(|v| v.first().copied());
         let shape = fact_at(inputs, 0).and_then(|f| f.shape.as_ref()).map(|s| {
             let r = s.len() as i64 + 1;
-            let a = if self.axis < 0 { self.axis + r } else { self.axis };
+            let a = if self.axis < 0 {
+                self.axis + r
+            } else {
+                self.axis
+            };
             let mut out = s.clone();
             let d = match depth {
                 Some(d) if d > 0 => Dim::Known(d as usize),
@@ -202,7 +234,13 @@ impl Op for OneHot {
         let depth = as_i64s(&scalar_of(inputs, 1, op)?)?[0];
         let values = kiln_core::input_tensor(inputs, 2, op)?;
         if values.len() != 2 {
-            return Err(kerr(op, format!("values must hold [off, on], found shape {:?}", values.shape())));
+            return Err(kerr(
+                op,
+                format!(
+                    "values must hold [off, on], found shape {:?}",
+                    values.shape()
+                ),
+            ));
         }
         if depth < 1 {
             return Err(kerr(op, format!("depth must be positive, got {depth}")));
@@ -226,7 +264,14 @@ impl Op for OneHot {
         out.extend_from_slice(&s[axis..]);
         let _ = pre;
         let values = values.reshape(&[2])?;
-        Ok(vec![move_data(&OneHotMover { on }, op, &[&values], values.dtype(), &out)?.into()])
+        Ok(vec![move_data(
+            &OneHotMover { on },
+            op,
+            &[&values],
+            values.dtype(),
+            &out,
+        )?
+        .into()])
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -243,7 +288,9 @@ pub struct Trilu {
 
 /// Builds `Trilu`.
 pub fn build_trilu(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(Trilu { upper: ctx.attrs().int("upper", 1)? != 0 }))
+    Ok(Box::new(Trilu {
+        upper: ctx.attrs().int("upper", 1)? != 0,
+    }))
 }
 
 struct TriluMover {
@@ -270,7 +317,8 @@ impl Mover for TriluMover {
                     (0, (diag + 1).clamp(0, m as i64) as usize)
                 };
                 if lo < hi {
-                    out[i * m + lo..i * m + hi].clone_from_slice(&src[base + i * m + lo..base + i * m + hi]);
+                    out[i * m + lo..i * m + hi]
+                        .clone_from_slice(&src[base + i * m + lo..base + i * m + hi]);
                 }
             }
         }
@@ -291,14 +339,25 @@ impl Op for Trilu {
         let op = "Trilu";
         let x = kiln_core::input_tensor(inputs, 0, op)?;
         let k = match kiln_core::optional_tensor(inputs, 1, op)? {
-            Some(t) => *t.to_i64_vec()?.first().ok_or_else(|| kerr(op, "k is empty"))?,
+            Some(t) => *t
+                .to_i64_vec()?
+                .first()
+                .ok_or_else(|| kerr(op, "k is empty"))?,
             None => 0,
         };
         let r = x.rank();
         if r < 2 {
-            return Err(kerr(op, format!("input must have rank >= 2, got {:?}", x.shape())));
+            return Err(kerr(
+                op,
+                format!("input must have rank >= 2, got {:?}", x.shape()),
+            ));
         }
-        let mv = TriluMover { n: x.shape()[r - 2], m: x.shape()[r - 1], k, upper: self.upper };
+        let mv = TriluMover {
+            n: x.shape()[r - 2],
+            m: x.shape()[r - 1],
+            k,
+            upper: self.upper,
+        };
         Ok(vec![move_data(&mv, op, &[x], x.dtype(), x.shape())?.into()])
     }
     fn as_any(&self) -> &dyn Any {
@@ -323,7 +382,10 @@ pub fn build_reverse_sequence(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     if !matches!((b, t), (0, 1) | (1, 0)) {
         return Err(a.invalid(format!("batch_axis {b} and time_axis {t} must be 0 and 1")));
     }
-    Ok(Box::new(ReverseSequence { batch_axis: b as usize, time_axis: t as usize }))
+    Ok(Box::new(ReverseSequence {
+        batch_axis: b as usize,
+        time_axis: t as usize,
+    }))
 }
 
 impl Op for ReverseSequence {
@@ -345,24 +407,44 @@ impl Op for ReverseSequence {
         }
         let (nb, nt) = (s[self.batch_axis], s[self.time_axis]);
         if lens.len() != nb {
-            return Err(kerr(op, format!("sequence_lens has {} values for batch size {nb}", lens.len())));
+            return Err(kerr(
+                op,
+                format!(
+                    "sequence_lens has {} values for batch size {nb}",
+                    lens.len()
+                ),
+            ));
         }
         let inner: usize = s[2..].iter().product();
         let mut offsets = Vec::with_capacity(s[0] * s[1]);
         for i0 in 0..s[0] {
             for i1 in 0..s[1] {
-                let (b, t) = if self.batch_axis == 0 { (i0, i1) } else { (i1, i0) };
+                let (b, t) = if self.batch_axis == 0 {
+                    (i0, i1)
+                } else {
+                    (i1, i0)
+                };
                 let l = lens[b];
                 if l < 0 || l as usize > nt {
-                    return Err(kerr(op, format!("sequence length {l} is out of range for {nt} steps")));
+                    return Err(kerr(
+                        op,
+                        format!("sequence length {l} is out of range for {nt} steps"),
+                    ));
                 }
                 let l = l as usize;
                 let st = if t < l { l - 1 - t } else { t };
-                let (j0, j1) = if self.batch_axis == 0 { (b, st) } else { (st, b) };
+                let (j0, j1) = if self.batch_axis == 0 {
+                    (b, st)
+                } else {
+                    (st, b)
+                };
                 offsets.push(Some((j0 * s[1] + j1) * inner));
             }
         }
-        let g = BlockGather { offsets, block: inner };
+        let g = BlockGather {
+            offsets,
+            block: inner,
+        };
         Ok(vec![move_data(&g, op, &[x], x.dtype(), s)?.into()])
     }
     fn as_any(&self) -> &dyn Any {
@@ -380,45 +462,98 @@ mod tests {
 
     #[test]
     fn range_int_float() {
-        let y = Range.eval(&[Some(&sc(10i32)), Some(&sc(4i32)), Some(&sc(-3i32))]).unwrap();
+        let y = Range
+            .eval(&[Some(&sc(10i32)), Some(&sc(4i32)), Some(&sc(-3i32))])
+            .unwrap();
         assert_eq!(y[0].as_tensor().unwrap().to_i64_vec().unwrap(), vec![10, 7]);
-        let y = Range.eval(&[Some(&sc(1f32)), Some(&sc(5f32)), Some(&sc(2f32))]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![1., 3.]);
-        let y = Range.eval(&[Some(&sc(1f32)), Some(&sc(0f32)), Some(&sc(2f32))]).unwrap();
+        let y = Range
+            .eval(&[Some(&sc(1f32)), Some(&sc(5f32)), Some(&sc(2f32))])
+            .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![1., 3.]
+        );
+        let y = Range
+            .eval(&[Some(&sc(1f32)), Some(&sc(0f32)), Some(&sc(2f32))])
+            .unwrap();
         assert_eq!(y[0].as_tensor().unwrap().len(), 0);
-        assert!(Range.eval(&[Some(&sc(1i64)), Some(&sc(5i64)), Some(&sc(0i64))]).is_err());
-        assert!(Range.eval(&[Some(&sc(0f32)), Some(&sc(1e30f32)), Some(&sc(1e-30f32))]).is_err());
+        assert!(Range
+            .eval(&[Some(&sc(1i64)), Some(&sc(5i64)), Some(&sc(0i64))])
+            .is_err());
+        assert!(Range
+            .eval(&[Some(&sc(0f32)), Some(&sc(1e30f32)), Some(&sc(1e-30f32))])
+            .is_err());
     }
 
     #[test]
     fn eye_like_onehot() {
         let x: Value = Tensor::zeros(DType::I32, &[3, 4]).into();
-        let y = EyeLike { dtype: Some(DType::F32), k: 1 }.eval(&[Some(&x)]).unwrap();
+        let y = EyeLike {
+            dtype: Some(DType::F32),
+            k: 1,
+        }
+        .eval(&[Some(&x)])
+        .unwrap();
         let y = y[0].as_tensor().unwrap().to_f32_vec().unwrap();
         assert_eq!(y, vec![0., 1., 0., 0., 0., 0., 1., 0., 0., 0., 0., 1.]);
         let idx: Value = Tensor::from_vec(&[3], vec![0i64, -1, 5]).unwrap().into();
         let vals: Value = Tensor::from_vec(&[2], vec![0f32, 3.]).unwrap().into();
-        let y = OneHot { axis: -1 }.eval(&[Some(&idx), Some(&sc(3i64)), Some(&vals)]).unwrap();
+        let y = OneHot { axis: -1 }
+            .eval(&[Some(&idx), Some(&sc(3i64)), Some(&vals)])
+            .unwrap();
         let y = y[0].as_tensor().unwrap();
         assert_eq!(y.shape(), &[3, 3]);
-        assert_eq!(y.to_f32_vec().unwrap(), vec![3., 0., 0., 0., 0., 3., 0., 0., 0.]);
-        let y = OneHot { axis: 0 }.eval(&[Some(&idx), Some(&sc(3f32)), Some(&vals)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![3., 0., 0., 0., 0., 0., 0., 3., 0.]);
+        assert_eq!(
+            y.to_f32_vec().unwrap(),
+            vec![3., 0., 0., 0., 0., 3., 0., 0., 0.]
+        );
+        let y = OneHot { axis: 0 }
+            .eval(&[Some(&idx), Some(&sc(3f32)), Some(&vals)])
+            .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![3., 0., 0., 0., 0., 0., 0., 3., 0.]
+        );
     }
 
     #[test]
     fn trilu_and_reverse_sequence() {
-        let x: Value = Tensor::from_vec(&[3, 3], (1..=9).map(|v| v as f32).collect()).unwrap().into();
+        let x: Value = Tensor::from_vec(&[3, 3], (1..=9).map(|v| v as f32).collect())
+            .unwrap()
+            .into();
         let y = Trilu { upper: true }.eval(&[Some(&x)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![1., 2., 3., 0., 5., 6., 0., 0., 9.]);
-        let y = Trilu { upper: false }.eval(&[Some(&x), Some(&sc(-1i64))]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![0., 0., 0., 4., 0., 0., 7., 8., 0.]);
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![1., 2., 3., 0., 5., 6., 0., 0., 9.]
+        );
+        let y = Trilu { upper: false }
+            .eval(&[Some(&x), Some(&sc(-1i64))])
+            .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![0., 0., 0., 4., 0., 0., 7., 8., 0.]
+        );
         // time_axis 0, batch_axis 1: x[t][b]
-        let x: Value = Tensor::from_vec(&[3, 2], vec![0i32, 10, 1, 11, 2, 12]).unwrap().into();
+        let x: Value = Tensor::from_vec(&[3, 2], vec![0i32, 10, 1, 11, 2, 12])
+            .unwrap()
+            .into();
         let lens: Value = Tensor::from_vec(&[2], vec![3i64, 2]).unwrap().into();
-        let y = ReverseSequence { batch_axis: 1, time_axis: 0 }.eval(&[Some(&x), Some(&lens)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_i64_vec().unwrap(), vec![2, 11, 1, 10, 0, 12]);
+        let y = ReverseSequence {
+            batch_axis: 1,
+            time_axis: 0,
+        }
+        .eval(&[Some(&x), Some(&lens)])
+        .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_i64_vec().unwrap(),
+            vec![2, 11, 1, 10, 0, 12]
+        );
         let bad: Value = Tensor::from_vec(&[2], vec![4i64, 2]).unwrap().into();
-        assert!(ReverseSequence { batch_axis: 1, time_axis: 0 }.eval(&[Some(&x), Some(&bad)]).is_err());
+        assert!(ReverseSequence {
+            batch_axis: 1,
+            time_axis: 0
+        }
+        .eval(&[Some(&x), Some(&bad)])
+        .is_err());
     }
 }

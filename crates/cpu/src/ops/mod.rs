@@ -4,27 +4,27 @@
 use kiln_core::OpRegistry;
 
 pub mod activation;
-pub mod elementwise;
-pub mod reduce;
-pub mod normalization;
-pub mod quantize;
-pub mod loss;
-pub mod shape;
-pub mod gather_scatter;
-pub mod misc;
-pub mod control_flow;
-pub mod sequence;
-pub mod string;
-pub mod random;
-pub mod signal;
-pub mod ml;
-pub mod conv;
-pub mod pool;
-pub mod linalg;
-pub mod rnn;
-pub mod image;
-pub mod detection;
 pub mod attention;
+pub mod control_flow;
+pub mod conv;
+pub mod detection;
+pub mod elementwise;
+pub mod gather_scatter;
+pub mod image;
+pub mod linalg;
+pub mod loss;
+pub mod misc;
+pub mod ml;
+pub mod normalization;
+pub mod pool;
+pub mod quantize;
+pub mod random;
+pub mod reduce;
+pub mod rnn;
+pub mod sequence;
+pub mod shape;
+pub mod signal;
+pub mod string;
 
 /// Registers every op family.
 pub fn register_all(reg: &mut OpRegistry) {

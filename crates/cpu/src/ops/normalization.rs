@@ -6,13 +6,16 @@
 
 use std::any::Any;
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value, ValueKind};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
+    Tensor, Value, ValueKind,
+};
 use rayon::prelude::*;
 
 use super::elementwise::broadcast::PAR_MIN;
 use super::elementwise::num::{Num, Real};
-use kiln_core::Element;
 use super::elementwise::{bad_dtype, infer_unary, new_tensor, Plan};
+use kiln_core::Element;
 
 /// The dtype a float kernel computes in: f64 for f64, f32 for the other floats.
 fn compute_dtype(op: &str, dt: DType) -> Result<DType> {
@@ -50,14 +53,19 @@ macro_rules! float_kernel {
 }
 
 fn cast_back(outs: Vec<Tensor>, dt: DType) -> Result<Vec<Value>> {
-    outs.into_iter().map(|t| Ok(Value::Tensor(if t.dtype() == dt { t } else { t.cast(dt)? }))).collect()
+    outs.into_iter()
+        .map(|t| Ok(Value::Tensor(if t.dtype() == dt { t } else { t.cast(dt)? })))
+        .collect()
 }
 
 fn normalize_axis(op: &str, axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
     if a < 0 || a > r {
-        return Err(KilnError::kernel(op, format!("axis {axis} is out of range for rank {rank}")));
+        return Err(KilnError::kernel(
+            op,
+            format!("axis {axis} is out of range for rank {rank}"),
+        ));
     }
     Ok(a as usize)
 }
@@ -65,7 +73,10 @@ fn normalize_axis(op: &str, axis: i64, rank: usize) -> Result<usize> {
 /// Expands a per-channel parameter of `c` elements (any shape holding `c` values) to a Vec.
 fn per_channel<T: Real>(op: &str, name: &str, t: &Tensor, c: usize) -> Result<Vec<T>> {
     if t.len() != c {
-        return Err(KilnError::kernel(op, format!("{name} has {} elements, expected {c}", t.len())));
+        return Err(KilnError::kernel(
+            op,
+            format!("{name} has {} elements, expected {c}", t.len()),
+        ));
     }
     Ok(t.cast(T::DTYPE)?.as_slice::<T>()?.to_vec())
 }
@@ -78,7 +89,13 @@ fn broadcast_param<T: Real>(op: &str, name: &str, t: &Tensor, shape: &[usize]) -
     }
     let plan = Plan::new(op, &[shape, t.shape()])?;
     if plan.out_shape != shape {
-        return Err(KilnError::kernel(op, format!("{name} of shape {:?} does not broadcast to {shape:?}", t.shape())));
+        return Err(KilnError::kernel(
+            op,
+            format!(
+                "{name} of shape {:?} does not broadcast to {shape:?}",
+                t.shape()
+            ),
+        ));
     }
     let src = t.as_slice::<T>()?;
     Ok(plan.indices().iter().map(|ix| src[ix[1]]).collect())
@@ -105,10 +122,23 @@ impl Op for BatchNorm {
     fn infer(&self, inputs: &[Option<&Fact>], n: usize) -> Result<Vec<Fact>> {
         let mut out = infer_unary(inputs, None)?;
         let x = inputs.first().copied().flatten();
-        let c = x.and_then(|f| f.shape.as_ref()).and_then(|s| s.get(1).cloned()).unwrap_or(Dim::Unknown);
-        let dt = inputs.get(3).copied().flatten().and_then(|f| f.dtype).or(x.and_then(|f| f.dtype));
+        let c = x
+            .and_then(|f| f.shape.as_ref())
+            .and_then(|s| s.get(1).cloned())
+            .unwrap_or(Dim::Unknown);
+        let dt = inputs
+            .get(3)
+            .copied()
+            .flatten()
+            .and_then(|f| f.dtype)
+            .or(x.and_then(|f| f.dtype));
         for _ in 1..n {
-            out.push(Fact { kind: ValueKind::Tensor, dtype: dt, shape: Some(vec![c.clone()]), konst: None });
+            out.push(Fact {
+                kind: ValueKind::Tensor,
+                dtype: dt,
+                shape: Some(vec![c.clone()]),
+                konst: None,
+            });
         }
         Ok(out)
     }
@@ -116,18 +146,29 @@ impl Op for BatchNorm {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         const OP: &str = "BatchNormalization";
         let x = input_tensor(inputs, 0, OP)?;
-        let p: Vec<&Tensor> = (1..5).map(|i| input_tensor(inputs, i, OP)).collect::<Result<_>>()?;
+        let p: Vec<&Tensor> = (1..5)
+            .map(|i| input_tensor(inputs, i, OP))
+            .collect::<Result<_>>()?;
         if x.rank() < 2 {
             if x.rank() == 1 {
                 // A 1-D input is [C] with no batch or spatial dims.
                 let x2 = x.reshape(&[1, x.len()])?;
-                let vals: Vec<Value> = self.eval(&[Some(&Value::Tensor(x2)), inputs[1], inputs[2], inputs[3], inputs[4]])?;
+                let vals: Vec<Value> = self.eval(&[
+                    Some(&Value::Tensor(x2)),
+                    inputs[1],
+                    inputs[2],
+                    inputs[3],
+                    inputs[4],
+                ])?;
                 let y = vals[0].as_tensor()?.reshape(x.shape())?;
                 let mut out = vec![Value::Tensor(y)];
                 out.extend(vals.into_iter().skip(1));
                 return Ok(out);
             }
-            return Err(KilnError::kernel(OP, format!("input must have rank >= 1, found {:?}", x.shape())));
+            return Err(KilnError::kernel(
+                OP,
+                format!("input must have rank >= 1, found {:?}", x.shape()),
+            ));
         }
         let (n, c) = (x.shape()[0], x.shape()[1]);
         let spatial: usize = x.shape()[2..].iter().product();
@@ -183,13 +224,19 @@ fn batch_stats<T: Real>(x: &[T], n: usize, c: usize, spatial: usize) -> (Vec<T>,
         let mut s = 0f64;
         for b in 0..n {
             let base = (b * c + ch) * spatial;
-            s += x[base..base + spatial].iter().map(|v| v.as_f64()).sum::<f64>();
+            s += x[base..base + spatial]
+                .iter()
+                .map(|v| v.as_f64())
+                .sum::<f64>();
         }
         let m = s / cnt;
         let mut q = 0f64;
         for b in 0..n {
             let base = (b * c + ch) * spatial;
-            q += x[base..base + spatial].iter().map(|v| (v.as_f64() - m) * (v.as_f64() - m)).sum::<f64>();
+            q += x[base..base + spatial]
+                .iter()
+                .map(|v| (v.as_f64() - m) * (v.as_f64() - m))
+                .sum::<f64>();
         }
         mean[ch] = T::of_f64(m);
         var[ch] = T::of_f64(q / cnt);
@@ -210,9 +257,15 @@ pub fn affine_channels<T: Real>(x: &[T], o: &mut [T], c: usize, spatial: usize, 
         }
     };
     if x.len() >= PAR_MIN {
-        o.par_chunks_mut(spatial).zip(x.par_chunks(spatial)).enumerate().for_each(work);
+        o.par_chunks_mut(spatial)
+            .zip(x.par_chunks(spatial))
+            .enumerate()
+            .for_each(work);
     } else {
-        o.chunks_mut(spatial).zip(x.chunks(spatial)).enumerate().for_each(work);
+        o.chunks_mut(spatial)
+            .zip(x.chunks(spatial))
+            .enumerate()
+            .for_each(work);
     }
 }
 
@@ -223,7 +276,11 @@ pub fn affine_channels<T: Real>(x: &[T], o: &mut [T], c: usize, spatial: usize, 
 fn row_stats<T: Real>(row: &[T], eps: f64) -> (f64, f64) {
     let n = row.len().max(1) as f64;
     let mean = row.iter().map(|v| v.as_f64()).sum::<f64>() / n;
-    let var = row.iter().map(|v| (v.as_f64() - mean) * (v.as_f64() - mean)).sum::<f64>() / n;
+    let var = row
+        .iter()
+        .map(|v| (v.as_f64() - mean) * (v.as_f64() - mean))
+        .sum::<f64>()
+        / n;
     (mean, 1.0 / (var + eps).sqrt())
 }
 
@@ -233,9 +290,15 @@ fn for_rows<T: Real>(x: &[T], o: &mut [T], len: usize, f: impl Fn(usize, &[T], &
         return;
     }
     if x.len() >= PAR_MIN && x.len() / len > 1 {
-        o.par_chunks_mut(len).zip(x.par_chunks(len)).enumerate().for_each(|(i, (d, s))| f(i, s, d));
+        o.par_chunks_mut(len)
+            .zip(x.par_chunks(len))
+            .enumerate()
+            .for_each(|(i, (d, s))| f(i, s, d));
     } else {
-        o.chunks_mut(len).zip(x.chunks(len)).enumerate().for_each(|(i, (d, s))| f(i, s, d));
+        o.chunks_mut(len)
+            .zip(x.chunks(len))
+            .enumerate()
+            .for_each(|(i, (d, s))| f(i, s, d));
     }
 }
 
@@ -258,10 +321,20 @@ impl Op for LayerNorm {
         let stat_dt = x.and_then(|f| f.dtype).map(|d| self.stat_dtype(d));
         let shape = x.and_then(|f| f.shape.as_ref()).and_then(|s| {
             let a = normalize_axis("LayerNormalization", self.axis, s.len()).ok()?;
-            Some(s.iter().enumerate().map(|(i, d)| if i < a { d.clone() } else { Dim::Known(1) }).collect())
+            Some(
+                s.iter()
+                    .enumerate()
+                    .map(|(i, d)| if i < a { d.clone() } else { Dim::Known(1) })
+                    .collect(),
+            )
         });
         for _ in 1..n {
-            out.push(Fact { kind: ValueKind::Tensor, dtype: stat_dt, shape: shape.clone(), konst: None });
+            out.push(Fact {
+                kind: ValueKind::Tensor,
+                dtype: stat_dt,
+                shape: shape.clone(),
+                konst: None,
+            });
         }
         Ok(out)
     }
@@ -431,7 +504,10 @@ impl Op for InstanceNorm {
         let s = input_tensor(inputs, 1, OP)?;
         let b = input_tensor(inputs, 2, OP)?;
         if x.rank() < 2 {
-            return Err(KilnError::kernel(OP, format!("input must have rank >= 2, found {:?}", x.shape())));
+            return Err(KilnError::kernel(
+                OP,
+                format!("input must have rank >= 2, found {:?}", x.shape()),
+            ));
         }
         let c = x.shape()[1];
         let spatial: usize = x.shape()[2..].iter().product();
@@ -487,12 +563,21 @@ impl Op for GroupNorm {
         let s = input_tensor(inputs, 1, OP)?;
         let b = input_tensor(inputs, 2, OP)?;
         if x.rank() < 2 {
-            return Err(KilnError::kernel(OP, format!("input must have rank >= 2, found {:?}", x.shape())));
+            return Err(KilnError::kernel(
+                OP,
+                format!("input must have rank >= 2, found {:?}", x.shape()),
+            ));
         }
         let c = x.shape()[1];
         let g = usize::try_from(self.num_groups).unwrap_or(0);
         if g == 0 || c % g != 0 {
-            return Err(KilnError::kernel(OP, format!("num_groups {} must divide the {c} channels", self.num_groups)));
+            return Err(KilnError::kernel(
+                OP,
+                format!(
+                    "num_groups {} must divide the {c} channels",
+                    self.num_groups
+                ),
+            ));
         }
         let spatial: usize = x.shape()[2..].iter().product();
         let cpg = c / g;
@@ -649,12 +734,20 @@ impl Op for Lrn {
         const OP: &str = "LRN";
         let x = input_tensor(inputs, 0, OP)?;
         if x.rank() < 2 {
-            return Err(KilnError::kernel(OP, format!("input must have rank >= 2, found {:?}", x.shape())));
+            return Err(KilnError::kernel(
+                OP,
+                format!("input must have rank >= 2, found {:?}", x.shape()),
+            ));
         }
         let (n, c) = (x.shape()[0], x.shape()[1]);
         let spatial: usize = x.shape()[2..].iter().product();
         let (lo, hi) = ((self.size - 1) / 2, (self.size - 1).div_ceil(2));
-        let (alpha, beta, bias, size) = (self.alpha as f64, self.beta as f64, self.bias as f64, self.size as f64);
+        let (alpha, beta, bias, size) = (
+            self.alpha as f64,
+            self.beta as f64,
+            self.bias as f64,
+            self.size as f64,
+        );
         let xdt = x.dtype();
         let outs = float_kernel!(OP, x, T => {
             let xs = to_compute(OP, x, T::DTYPE)?;
@@ -690,7 +783,9 @@ fn stash_is_f64(ctx: &BuildCtx) -> Result<bool> {
     match a.int("stash_type", 1)? {
         1 => Ok(false),
         11 => Ok(true),
-        other => Err(a.unsupported(format!("stash_type {other} (only float and double are supported)"))),
+        other => Err(a.unsupported(format!(
+            "stash_type {other} (only float and double are supported)"
+        ))),
     }
 }
 
@@ -718,10 +813,15 @@ pub fn register(reg: &mut OpRegistry) {
     reg.register("RMSNormalization", |ctx: &BuildCtx| {
         let a = ctx.attrs();
         stash_is_f64(ctx)?;
-        Ok(Box::new(RmsNorm { axis: a.int("axis", -1)?, epsilon: a.float("epsilon", 1e-5)? }))
+        Ok(Box::new(RmsNorm {
+            axis: a.int("axis", -1)?,
+            epsilon: a.float("epsilon", 1e-5)?,
+        }))
     });
     reg.register("InstanceNormalization", |ctx: &BuildCtx| {
-        Ok(Box::new(InstanceNorm { epsilon: ctx.attrs().float("epsilon", 1e-5)? }))
+        Ok(Box::new(InstanceNorm {
+            epsilon: ctx.attrs().float("epsilon", 1e-5)?,
+        }))
     });
     reg.register("GroupNormalization", |ctx: &BuildCtx| {
         let a = ctx.attrs();
@@ -735,7 +835,10 @@ pub fn register(reg: &mut OpRegistry) {
         }))
     });
     reg.register("MeanVarianceNormalization", |ctx: &BuildCtx| {
-        let axes = ctx.attrs().opt_ints("axes")?.unwrap_or_else(|| vec![0, 2, 3]);
+        let axes = ctx
+            .attrs()
+            .opt_ints("axes")?
+            .unwrap_or_else(|| vec![0, 2, 3]);
         Ok(Box::new(Mvn { axes }))
     });
     reg.register("LpNormalization", |ctx: &BuildCtx| {
@@ -744,7 +847,10 @@ pub fn register(reg: &mut OpRegistry) {
         if p != 1 && p != 2 {
             return Err(a.invalid(format!("p must be 1 or 2, found {p}")));
         }
-        Ok(Box::new(LpNorm { axis: a.int("axis", -1)?, p }))
+        Ok(Box::new(LpNorm {
+            axis: a.int("axis", -1)?,
+            p,
+        }))
     });
     reg.register("LRN", |ctx: &BuildCtx| {
         let a = ctx.attrs();
@@ -783,18 +889,45 @@ mod tests {
         let w = rand(20, 12);
         let b = rand(20, 13);
         let op = build("LayerNormalization", 17, vec![("axis", Attr::Int(1))], 3, 3).unwrap();
-        let outs = run(op.as_ref(), &[Some(f32t(&[3, 4, 5], x.clone())), Some(f32t(&[4, 5], w.clone())), Some(f32t(&[4, 5], b.clone()))]).unwrap();
+        let outs = run(
+            op.as_ref(),
+            &[
+                Some(f32t(&[3, 4, 5], x.clone())),
+                Some(f32t(&[4, 5], w.clone())),
+                Some(f32t(&[4, 5], b.clone())),
+            ],
+        )
+        .unwrap();
         let n = naive_norm(&x, 3, 20, 1e-5);
-        let want: Vec<f32> = n.iter().enumerate().map(|(i, v)| v * w[i % 20] + b[i % 20]).collect();
+        let want: Vec<f32> = n
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * w[i % 20] + b[i % 20])
+            .collect();
         close(outs[0].as_slice::<f32>().unwrap(), &want, 1e-5);
         assert_eq!(outs[1].shape(), &[3, 1, 1]);
         let m0: f32 = x[..20].iter().sum::<f32>() / 20.0;
         close(&outs[1].as_slice::<f32>().unwrap()[..1], &[m0], 1e-5);
         // Scale broadcast ([5] over [4, 5]) and no bias.
-        let y = run1("LayerNormalization", 17, vec![("axis", Attr::Int(-2))], &[Some(f32t(&[3, 4, 5], x.clone())), Some(f32t(&[5], w[..5].to_vec()))]).unwrap();
+        let y = run1(
+            "LayerNormalization",
+            17,
+            vec![("axis", Attr::Int(-2))],
+            &[
+                Some(f32t(&[3, 4, 5], x.clone())),
+                Some(f32t(&[5], w[..5].to_vec())),
+            ],
+        )
+        .unwrap();
         let want: Vec<f32> = n.iter().enumerate().map(|(i, v)| v * w[i % 5]).collect();
         close(y.as_slice::<f32>().unwrap(), &want, 1e-5);
-        assert!(run1("LayerNormalization", 17, vec![], &[Some(f32t(&[3, 4, 5], x)), Some(f32t(&[4], vec![1.0; 4]))]).is_err());
+        assert!(run1(
+            "LayerNormalization",
+            17,
+            vec![],
+            &[Some(f32t(&[3, 4, 5], x)), Some(f32t(&[4], vec![1.0; 4]))]
+        )
+        .is_err());
     }
 
     #[test]
@@ -805,41 +938,188 @@ mod tests {
         let m = vec![0.2, -0.1, 0.0];
         let v = vec![1.0, 0.5, 2.0];
         let t = |v: &Vec<f32>| Some(f32t(&[3], v.clone()));
-        let y = run1("BatchNormalization", 15, vec![], &[Some(f32t(&[2, 3, 4], x.clone())), t(&s), t(&b), t(&m), t(&v)]).unwrap();
-        let want: Vec<f32> =
-            x.iter().enumerate().map(|(i, a)| { let c = (i / 4) % 3; s[c] * (a - m[c]) / (v[c] + 1e-5).sqrt() + b[c] }).collect();
+        let y = run1(
+            "BatchNormalization",
+            15,
+            vec![],
+            &[
+                Some(f32t(&[2, 3, 4], x.clone())),
+                t(&s),
+                t(&b),
+                t(&m),
+                t(&v),
+            ],
+        )
+        .unwrap();
+        let want: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let c = (i / 4) % 3;
+                s[c] * (a - m[c]) / (v[c] + 1e-5).sqrt() + b[c]
+            })
+            .collect();
         close(y.as_slice::<f32>().unwrap(), &want, 1e-5);
-        let op = build("BatchNormalization", 15, vec![("training_mode", Attr::Int(1))], 5, 3).unwrap();
-        let outs = run(op.as_ref(), &[Some(f32t(&[2, 3, 4], x.clone())), t(&s), t(&b), t(&m), t(&v)]).unwrap();
+        let op = build(
+            "BatchNormalization",
+            15,
+            vec![("training_mode", Attr::Int(1))],
+            5,
+            3,
+        )
+        .unwrap();
+        let outs = run(
+            op.as_ref(),
+            &[
+                Some(f32t(&[2, 3, 4], x.clone())),
+                t(&s),
+                t(&b),
+                t(&m),
+                t(&v),
+            ],
+        )
+        .unwrap();
         assert_eq!(outs.len(), 3);
-        let c0: Vec<f32> = x.iter().enumerate().filter(|(i, _)| (i / 4) % 3 == 0).map(|(_, a)| *a).collect();
+        let c0: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (i / 4) % 3 == 0)
+            .map(|(_, a)| *a)
+            .collect();
         let bm = c0.iter().sum::<f32>() / 8.0;
-        close(&outs[1].as_slice::<f32>().unwrap()[..1], &[0.2 * 0.9 + bm * 0.1], 1e-5);
-        assert!(run1("BatchNormalization", 15, vec![], &[Some(f32t(&[2, 3, 4], x)), t(&s), t(&b), t(&m), Some(f32t(&[2], vec![1.0; 2]))]).is_err());
+        close(
+            &outs[1].as_slice::<f32>().unwrap()[..1],
+            &[0.2 * 0.9 + bm * 0.1],
+            1e-5,
+        );
+        assert!(run1(
+            "BatchNormalization",
+            15,
+            vec![],
+            &[
+                Some(f32t(&[2, 3, 4], x)),
+                t(&s),
+                t(&b),
+                t(&m),
+                Some(f32t(&[2], vec![1.0; 2]))
+            ]
+        )
+        .is_err());
     }
 
     #[test]
     fn instance_group_rms_mvn_lp_lrn() {
         let x = rand(2 * 4 * 3, 31);
-        let y = run1("InstanceNormalization", 6, vec![], &[Some(f32t(&[2, 4, 3], x.clone())), Some(f32t(&[4], vec![1.0; 4])), Some(f32t(&[4], vec![0.0; 4]))]).unwrap();
-        close(y.as_slice::<f32>().unwrap(), &naive_norm(&x, 8, 3, 1e-5), 1e-4);
-        let y = run1("GroupNormalization", 21, vec![("num_groups", Attr::Int(2))], &[Some(f32t(&[2, 4, 3], x.clone())), Some(f32t(&[4], vec![1.0; 4])), Some(f32t(&[4], vec![0.0; 4]))]).unwrap();
-        close(y.as_slice::<f32>().unwrap(), &naive_norm(&x, 4, 6, 1e-5), 1e-4);
-        let y = run1("GroupNormalization", 18, vec![("num_groups", Attr::Int(2))], &[Some(f32t(&[2, 4, 3], x.clone())), Some(f32t(&[2], vec![2.0; 2])), Some(f32t(&[2], vec![1.0; 2]))]).unwrap();
-        let want: Vec<f32> = naive_norm(&x, 4, 6, 1e-5).iter().map(|v| v * 2.0 + 1.0).collect();
+        let y = run1(
+            "InstanceNormalization",
+            6,
+            vec![],
+            &[
+                Some(f32t(&[2, 4, 3], x.clone())),
+                Some(f32t(&[4], vec![1.0; 4])),
+                Some(f32t(&[4], vec![0.0; 4])),
+            ],
+        )
+        .unwrap();
+        close(
+            y.as_slice::<f32>().unwrap(),
+            &naive_norm(&x, 8, 3, 1e-5),
+            1e-4,
+        );
+        let y = run1(
+            "GroupNormalization",
+            21,
+            vec![("num_groups", Attr::Int(2))],
+            &[
+                Some(f32t(&[2, 4, 3], x.clone())),
+                Some(f32t(&[4], vec![1.0; 4])),
+                Some(f32t(&[4], vec![0.0; 4])),
+            ],
+        )
+        .unwrap();
+        close(
+            y.as_slice::<f32>().unwrap(),
+            &naive_norm(&x, 4, 6, 1e-5),
+            1e-4,
+        );
+        let y = run1(
+            "GroupNormalization",
+            18,
+            vec![("num_groups", Attr::Int(2))],
+            &[
+                Some(f32t(&[2, 4, 3], x.clone())),
+                Some(f32t(&[2], vec![2.0; 2])),
+                Some(f32t(&[2], vec![1.0; 2])),
+            ],
+        )
+        .unwrap();
+        let want: Vec<f32> = naive_norm(&x, 4, 6, 1e-5)
+            .iter()
+            .map(|v| v * 2.0 + 1.0)
+            .collect();
         close(y.as_slice::<f32>().unwrap(), &want, 1e-4);
-        let y = run1("RMSNormalization", 23, vec![], &[Some(f32t(&[2, 3], vec![1.0, 2.0, 3.0, -1.0, 0.0, 1.0])), Some(f32t(&[3], vec![1.0; 3]))]).unwrap();
+        let y = run1(
+            "RMSNormalization",
+            23,
+            vec![],
+            &[
+                Some(f32t(&[2, 3], vec![1.0, 2.0, 3.0, -1.0, 0.0, 1.0])),
+                Some(f32t(&[3], vec![1.0; 3])),
+            ],
+        )
+        .unwrap();
         let r1 = ((1.0 + 4.0 + 9.0) / 3.0f32 + 1e-5).sqrt();
         let r2 = (2.0 / 3.0f32 + 1e-5).sqrt();
-        close(y.as_slice::<f32>().unwrap(), &[1.0 / r1, 2.0 / r1, 3.0 / r1, -1.0 / r2, 0.0, 1.0 / r2], 1e-5);
-        let y = run1("LpNormalization", 1, vec![], &[Some(f32t(&[2, 2], vec![3.0, 4.0, 1.0, 0.0]))]).unwrap();
+        close(
+            y.as_slice::<f32>().unwrap(),
+            &[1.0 / r1, 2.0 / r1, 3.0 / r1, -1.0 / r2, 0.0, 1.0 / r2],
+            1e-5,
+        );
+        let y = run1(
+            "LpNormalization",
+            1,
+            vec![],
+            &[Some(f32t(&[2, 2], vec![3.0, 4.0, 1.0, 0.0]))],
+        )
+        .unwrap();
         close(y.as_slice::<f32>().unwrap(), &[0.6, 0.8, 1.0, 0.0], 1e-6);
-        let y = run1("MeanVarianceNormalization", 13, vec![("axes", Attr::Ints(vec![1]))], &[Some(f32t(&[2, 2], vec![1.0, 3.0, 2.0, 2.0]))]).unwrap();
+        let y = run1(
+            "MeanVarianceNormalization",
+            13,
+            vec![("axes", Attr::Ints(vec![1]))],
+            &[Some(f32t(&[2, 2], vec![1.0, 3.0, 2.0, 2.0]))],
+        )
+        .unwrap();
         close(y.as_slice::<f32>().unwrap(), &[-1.0, 1.0, 0.0, 0.0], 1e-6);
         let xl = f32t(&[1, 3, 1, 1], vec![1.0, 2.0, 3.0]);
-        let y = run1("LRN", 13, vec![("size", Attr::Int(3)), ("alpha", Attr::Float(3.0)), ("beta", Attr::Float(1.0)), ("bias", Attr::Float(1.0))], &[Some(xl)]).unwrap();
-        close(y.as_slice::<f32>().unwrap(), &[1.0 / 6.0, 2.0 / 15.0, 3.0 / 14.0], 1e-6);
-        assert!(run1("GroupNormalization", 21, vec![("num_groups", Attr::Int(3))], &[Some(f32t(&[2, 4, 3], x)), Some(f32t(&[4], vec![1.0; 4])), Some(f32t(&[4], vec![0.0; 4]))]).is_err());
+        let y = run1(
+            "LRN",
+            13,
+            vec![
+                ("size", Attr::Int(3)),
+                ("alpha", Attr::Float(3.0)),
+                ("beta", Attr::Float(1.0)),
+                ("bias", Attr::Float(1.0)),
+            ],
+            &[Some(xl)],
+        )
+        .unwrap();
+        close(
+            y.as_slice::<f32>().unwrap(),
+            &[1.0 / 6.0, 2.0 / 15.0, 3.0 / 14.0],
+            1e-6,
+        );
+        assert!(run1(
+            "GroupNormalization",
+            21,
+            vec![("num_groups", Attr::Int(3))],
+            &[
+                Some(f32t(&[2, 4, 3], x)),
+                Some(f32t(&[4], vec![1.0; 4])),
+                Some(f32t(&[4], vec![0.0; 4]))
+            ]
+        )
+        .is_err());
         let _ = Tensor::scalar(0f32);
     }
 }

@@ -6,7 +6,10 @@
 
 use std::any::Any;
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Fact, KilnError, Op, OpRegistry, Result,
+    Tensor, Value,
+};
 
 use super::elementwise::num::Num;
 use super::elementwise::{bad_dtype, infer_unary, new_tensor};
@@ -19,7 +22,12 @@ enum Layout {
     /// One scale per index along the axis.
     Axis { c: usize, inner: usize },
     /// Blocks of `bs` along the axis.
-    Block { n: usize, nb: usize, bs: usize, inner: usize },
+    Block {
+        n: usize,
+        nb: usize,
+        bs: usize,
+        inner: usize,
+    },
 }
 
 impl Layout {
@@ -31,7 +39,10 @@ impl Layout {
         let r = x.len() as i64;
         let a = if axis < 0 { axis + r } else { axis };
         if a < 0 || a >= r {
-            return Err(KilnError::kernel(op, format!("axis {axis} is out of range for rank {r}")));
+            return Err(KilnError::kernel(
+                op,
+                format!("axis {axis} is out of range for rank {r}"),
+            ));
         }
         let a = a as usize;
         let inner: usize = x[a + 1..].iter().product();
@@ -39,21 +50,33 @@ impl Layout {
             if scale.len() != 1 || scale[0] != x[a] {
                 return Err(KilnError::kernel(
                     op,
-                    format!("per-axis scale of shape {scale:?} must be 1-D of length {} (axis {a})", x[a]),
+                    format!(
+                        "per-axis scale of shape {scale:?} must be 1-D of length {} (axis {a})",
+                        x[a]
+                    ),
                 ));
             }
             return Ok(Layout::Axis { c: x[a], inner });
         }
         let bs = block as usize;
         let nb = x[a].div_ceil(bs);
-        let ok = scale.len() == x.len() && scale.iter().enumerate().all(|(i, &d)| if i == a { d == nb } else { d == x[i] });
+        let ok = scale.len() == x.len()
+            && scale
+                .iter()
+                .enumerate()
+                .all(|(i, &d)| if i == a { d == nb } else { d == x[i] });
         if !ok {
             return Err(KilnError::kernel(
                 op,
                 format!("blocked scale of shape {scale:?} does not match input {x:?} with block_size {bs} on axis {a}"),
             ));
         }
-        Ok(Layout::Block { n: x[a], nb, bs, inner })
+        Ok(Layout::Block {
+            n: x[a],
+            nb,
+            bs,
+            inner,
+        })
     }
 
     #[inline]
@@ -119,19 +142,31 @@ impl Op for Quantize {
         let zp = optional_tensor(inputs, 2, OP)?;
         let out_dt = match (zp, self.output_dtype) {
             (Some(z), Some(o)) if z.dtype() != o => {
-                return Err(KilnError::kernel(OP, format!("zero point dtype {} differs from output_dtype {o}", z.dtype())))
+                return Err(KilnError::kernel(
+                    OP,
+                    format!(
+                        "zero point dtype {} differs from output_dtype {o}",
+                        z.dtype()
+                    ),
+                ))
             }
             (Some(z), _) => z.dtype(),
             (None, Some(o)) => o,
             (None, None) => DType::U8,
         };
         let Some((lo, hi)) = quant_range(out_dt) else {
-            return Err(KilnError::kernel(OP, format!("unsupported quantized type {out_dt}")));
+            return Err(KilnError::kernel(
+                OP,
+                format!("unsupported quantized type {out_dt}"),
+            ));
         };
         let layout = Layout::of(OP, x.shape(), scale.shape(), self.axis, self.block_size)?;
         if let Some(z) = zp {
             if z.len() != scale.len() {
-                return Err(KilnError::kernel(OP, format!("zero point has {} elements, scale {}", z.len(), scale.len())));
+                return Err(KilnError::kernel(
+                    OP,
+                    format!("zero point has {} elements, scale {}", z.len(), scale.len()),
+                ));
             }
         }
         if !(x.dtype().is_float() || x.dtype() == DType::I32) {
@@ -147,7 +182,11 @@ impl Op for Quantize {
         };
         let q = |i: usize, v: f64| -> f64 {
             let k = layout.idx(i);
-            let d = if narrow { (v as f32 / sv[k] as f32) as f64 } else { v / sv[k] };
+            let d = if narrow {
+                (v as f32 / sv[k] as f32) as f64
+            } else {
+                v / sv[k]
+            };
             let z = if zp.is_some() { zv[k] } else { 0.0 };
             (d.round_ties_even() + z).clamp(lo, hi)
         };
@@ -195,14 +234,27 @@ impl Op for Dequantize {
             return Err(bad_dtype(OP, x.dtype()));
         }
         if !scale.dtype().is_float() {
-            return Err(KilnError::kernel(OP, format!("scale must be a float tensor, found {}", scale.dtype())));
+            return Err(KilnError::kernel(
+                OP,
+                format!("scale must be a float tensor, found {}", scale.dtype()),
+            ));
         }
         if let Some(z) = zp {
             if z.dtype() != x.dtype() {
-                return Err(KilnError::kernel(OP, format!("zero point dtype {} differs from input {}", z.dtype(), x.dtype())));
+                return Err(KilnError::kernel(
+                    OP,
+                    format!(
+                        "zero point dtype {} differs from input {}",
+                        z.dtype(),
+                        x.dtype()
+                    ),
+                ));
             }
             if z.len() != scale.len() {
-                return Err(KilnError::kernel(OP, format!("zero point has {} elements, scale {}", z.len(), scale.len())));
+                return Err(KilnError::kernel(
+                    OP,
+                    format!("zero point has {} elements, scale {}", z.len(), scale.len()),
+                ));
             }
         }
         let layout = Layout::of(OP, x.shape(), scale.shape(), self.axis, self.block_size)?;
@@ -259,7 +311,10 @@ impl Op for DynamicQuantize {
         let mn = v.iter().fold(0f32, |a, &b| a.min(b));
         let scale = if mx == mn { 1.0f32 } else { (mx - mn) / 255.0 };
         let zp = (0.0 - mn / scale).clamp(0.0, 255.0).round_ties_even();
-        let y: Vec<u8> = v.iter().map(|&a| ((a / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8).collect();
+        let y: Vec<u8> = v
+            .iter()
+            .map(|&a| ((a / scale).round_ties_even() + zp).clamp(0.0, 255.0) as u8)
+            .collect();
         Ok(vec![
             Value::Tensor(Tensor::from_vec(x.shape(), y)?),
             Value::Tensor(Tensor::scalar(scale)),
@@ -278,7 +333,10 @@ fn read_output_dtype(ctx: &BuildCtx) -> Result<Option<DType>> {
         None | Some(0) => Ok(None),
         Some(code) => match i32::try_from(code).ok().and_then(DType::from_onnx_code) {
             Some(d) => Ok(Some(d)),
-            None => Err(a.unsupported(format!("output_dtype {} is not supported", unsupported_type_name(code)))),
+            None => Err(a.unsupported(format!(
+                "output_dtype {} is not supported",
+                unsupported_type_name(code)
+            ))),
         },
     }
 }
@@ -293,7 +351,11 @@ pub fn register(reg: &mut OpRegistry) {
                 return Err(a.unsupported(format!("quantizing to {d}")));
             }
         }
-        Ok(Box::new(Quantize { axis: a.int("axis", 1)?, block_size: a.int("block_size", 0)?, output_dtype: out }))
+        Ok(Box::new(Quantize {
+            axis: a.int("axis", 1)?,
+            block_size: a.int("block_size", 0)?,
+            output_dtype: out,
+        }))
     });
     reg.register("DequantizeLinear", |ctx: &BuildCtx| {
         let a = ctx.attrs();
@@ -303,7 +365,9 @@ pub fn register(reg: &mut OpRegistry) {
             output_dtype: read_output_dtype(ctx)?,
         }))
     });
-    reg.register("DynamicQuantizeLinear", |_ctx: &BuildCtx| Ok(Box::new(DynamicQuantize)));
+    reg.register("DynamicQuantizeLinear", |_ctx: &BuildCtx| {
+        Ok(Box::new(DynamicQuantize))
+    });
 }
 
 #[cfg(test)]
@@ -314,28 +378,85 @@ mod tests {
     #[test]
     fn quantize_dequantize() {
         let x = f32t(&[6], vec![0.0, 2.0, 3.0, 1000.0, -254.0, -1000.0]);
-        let y = run1("QuantizeLinear", 13, vec![], &[Some(x.clone()), Some(Tensor::scalar(2f32)), Some(Tensor::scalar(128u8))]).unwrap();
+        let y = run1(
+            "QuantizeLinear",
+            13,
+            vec![],
+            &[
+                Some(x.clone()),
+                Some(Tensor::scalar(2f32)),
+                Some(Tensor::scalar(128u8)),
+            ],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<u8>().unwrap(), &[128, 129, 130, 255, 1, 0]);
-        let y = run1("QuantizeLinear", 13, vec![], &[Some(x.clone()), Some(Tensor::scalar(2f32)), Some(Tensor::scalar(0i8))]).unwrap();
+        let y = run1(
+            "QuantizeLinear",
+            13,
+            vec![],
+            &[
+                Some(x.clone()),
+                Some(Tensor::scalar(2f32)),
+                Some(Tensor::scalar(0i8)),
+            ],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<i8>().unwrap(), &[0, 1, 2, 127, -127, -128]);
         // Per-axis.
         let x2 = f32t(&[2, 2], vec![1.0, 2.0, 3.0, 4.0]);
         let s = f32t(&[2], vec![1.0, 2.0]);
         let z = Tensor::from_vec(&[2], vec![0u8, 10]).unwrap();
-        let y = run1("QuantizeLinear", 13, vec![("axis", Attr::Int(1))], &[Some(x2.clone()), Some(s.clone()), Some(z.clone())]).unwrap();
+        let y = run1(
+            "QuantizeLinear",
+            13,
+            vec![("axis", Attr::Int(1))],
+            &[Some(x2.clone()), Some(s.clone()), Some(z.clone())],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<u8>().unwrap(), &[1, 11, 3, 12]);
-        let d = run1("DequantizeLinear", 13, vec![("axis", Attr::Int(1))], &[Some(y), Some(s), Some(z)]).unwrap();
+        let d = run1(
+            "DequantizeLinear",
+            13,
+            vec![("axis", Attr::Int(1))],
+            &[Some(y), Some(s), Some(z)],
+        )
+        .unwrap();
         assert_eq!(d.as_slice::<f32>().unwrap(), &[1.0, 2.0, 3.0, 4.0]);
         // Blocked along axis 1 with block 2 (3 columns → 2 blocks).
         let x3 = f32t(&[1, 3], vec![2.0, 4.0, 9.0]);
         let s3 = f32t(&[1, 2], vec![2.0, 3.0]);
-        let y = run1("QuantizeLinear", 21, vec![("axis", Attr::Int(1)), ("block_size", Attr::Int(2))], &[Some(x3), Some(s3), None]).unwrap();
+        let y = run1(
+            "QuantizeLinear",
+            21,
+            vec![("axis", Attr::Int(1)), ("block_size", Attr::Int(2))],
+            &[Some(x3), Some(s3), None],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<u8>().unwrap(), &[1, 2, 3]);
         let q = Tensor::from_vec(&[3], vec![-3i32, 0, 7]).unwrap();
-        let d = run1("DequantizeLinear", 13, vec![], &[Some(q), Some(Tensor::scalar(0.5f32))]).unwrap();
+        let d = run1(
+            "DequantizeLinear",
+            13,
+            vec![],
+            &[Some(q), Some(Tensor::scalar(0.5f32))],
+        )
+        .unwrap();
         assert_eq!(d.as_slice::<f32>().unwrap(), &[-1.5, 0.0, 3.5]);
-        assert!(build("QuantizeLinear", 21, vec![("output_dtype", Attr::Int(17))], 2, 1).is_err());
-        assert!(run1("QuantizeLinear", 13, vec![("axis", Attr::Int(1))], &[Some(x2), Some(f32t(&[3], vec![1.0; 3]))]).is_err());
+        assert!(build(
+            "QuantizeLinear",
+            21,
+            vec![("output_dtype", Attr::Int(17))],
+            2,
+            1
+        )
+        .is_err());
+        assert!(run1(
+            "QuantizeLinear",
+            13,
+            vec![("axis", Attr::Int(1))],
+            &[Some(x2), Some(f32t(&[3], vec![1.0; 3]))]
+        )
+        .is_err());
     }
 
     #[test]

@@ -8,7 +8,10 @@
 
 use std::any::Any;
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value, ValueKind};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
+    Tensor, Value, ValueKind,
+};
 
 use super::elementwise::num::Num;
 use super::elementwise::{bad_dtype, infer_err, new_tensor, one};
@@ -58,7 +61,10 @@ pub fn normalize_axes(op: &str, axes: &[i64], rank: usize) -> Result<Vec<usize>>
     for &a in axes {
         let n = if a < 0 { a + r } else { a };
         if n < 0 || n >= r {
-            return Err(KilnError::kernel(op, format!("axis {a} is out of range for rank {rank}")));
+            return Err(KilnError::kernel(
+                op,
+                format!("axis {a} is out of range for rank {rank}"),
+            ));
         }
         let n = n as usize;
         if out.contains(&n) {
@@ -74,7 +80,10 @@ impl Reduce {
     fn axes(&self, inputs: &[Option<&Value>], rank: usize) -> Result<Option<Vec<bool>>> {
         let raw: Option<Vec<i64>> = if self.axes_input {
             match optional_tensor(inputs, 1, self.name)? {
-                Some(t) => Some(t.to_i64_vec().map_err(|e| KilnError::kernel(self.name, format!("axes: {e}")))?),
+                Some(t) => Some(
+                    t.to_i64_vec()
+                        .map_err(|e| KilnError::kernel(self.name, format!("axes: {e}")))?,
+                ),
                 None => None,
             }
         } else {
@@ -90,7 +99,10 @@ impl Reduce {
         if rank == 0 {
             // A scalar: any axis list is accepted by reference implementations only as
             // "reduce everything"; anything else is out of range.
-            return Err(KilnError::kernel(self.name, "cannot reduce a rank-0 tensor along an axis"));
+            return Err(KilnError::kernel(
+                self.name,
+                "cannot reduce a rank-0 tensor along an axis",
+            ));
         }
         let ax = normalize_axes(self.name, &raw, rank)?;
         let mut mask = vec![false; rank];
@@ -118,17 +130,29 @@ impl Op for Reduce {
     }
 
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
-        let Some(x) = inputs.first().copied().flatten() else { return Ok(vec![Fact::unknown()]) };
-        let mut f = Fact { kind: ValueKind::Tensor, dtype: x.dtype, shape: None, konst: None };
-        let Some(shape) = &x.shape else { return Ok(vec![f]) };
+        let Some(x) = inputs.first().copied().flatten() else {
+            return Ok(vec![Fact::unknown()]);
+        };
+        let mut f = Fact {
+            kind: ValueKind::Tensor,
+            dtype: x.dtype,
+            shape: None,
+            konst: None,
+        };
+        let Some(shape) = &x.shape else {
+            return Ok(vec![f]);
+        };
         let rank = shape.len();
         match self.known_axes(inputs) {
-            Some(raw) if raw.is_empty() && self.noop_with_empty_axes => f.shape = Some(shape.clone()),
+            Some(raw) if raw.is_empty() && self.noop_with_empty_axes => {
+                f.shape = Some(shape.clone())
+            }
             Some(raw) => {
                 let mask: Vec<bool> = if raw.is_empty() {
                     vec![true; rank]
                 } else {
-                    let ax = normalize_axes(self.name, &raw, rank).map_err(|e| infer_err(self.name, e.to_string()))?;
+                    let ax = normalize_axes(self.name, &raw, rank)
+                        .map_err(|e| infer_err(self.name, e.to_string()))?;
                     (0..rank).map(|i| ax.contains(&i)).collect()
                 };
                 f.shape = Some(
@@ -151,8 +175,16 @@ impl Op for Reduce {
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input_tensor(inputs, 0, self.name)?;
-        let Some(mask) = self.axes(inputs, x.rank())? else { return one(x.clone()) };
-        one(reduce_tensor(self.name, self.kind, x, &mask, self.keepdims)?)
+        let Some(mask) = self.axes(inputs, x.rank())? else {
+            return one(x.clone());
+        };
+        one(reduce_tensor(
+            self.name,
+            self.kind,
+            x,
+            &mask,
+            self.keepdims,
+        )?)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -161,36 +193,75 @@ impl Op for Reduce {
 }
 
 /// Reduces `x` over the dims where `mask` is true.
-pub fn reduce_tensor(op: &str, kind: RedKind, x: &Tensor, mask: &[bool], keepdims: bool) -> Result<Tensor> {
+pub fn reduce_tensor(
+    op: &str,
+    kind: RedKind,
+    x: &Tensor,
+    mask: &[bool],
+    keepdims: bool,
+) -> Result<Tensor> {
     let out_shape: Vec<usize> = x
         .shape()
         .iter()
         .zip(mask)
-        .filter_map(|(&d, &m)| if !m { Some(d) } else if keepdims { Some(1) } else { None })
+        .filter_map(|(&d, &m)| {
+            if !m {
+                Some(d)
+            } else if keepdims {
+                Some(1)
+            } else {
+                None
+            }
+        })
         .collect();
     let dt = x.dtype();
     let shape = x.shape();
     if dt == DType::Bool && matches!(kind, RedKind::Max | RedKind::Min) {
         let v = x.as_raw::<u8>()?;
         let init = if kind == RedKind::Max { 0u8 } else { 1 };
-        let acc = fold_runs(v, shape, mask, init, |a, b, _| if kind == RedKind::Max { a | b } else { a & b });
+        let acc = fold_runs(v, shape, mask, init, |a, b, _| {
+            if kind == RedKind::Max {
+                a | b
+            } else {
+                a & b
+            }
+        });
         return Tensor::from_raw(DType::Bool, &out_shape, &acc);
     }
     crate::dispatch_numeric!(dt, T => reduce_typed::<T>(kind, x.as_slice::<T>()?, shape, mask, &out_shape),
         _ => Err(bad_dtype(op, dt)))
 }
 
-fn reduce_typed<T: Num>(kind: RedKind, v: &[T], shape: &[usize], mask: &[bool], out_shape: &[usize]) -> Result<Tensor> {
-    let count: usize = shape.iter().zip(mask).filter(|(_, &m)| m).map(|(&d, _)| d).product();
+fn reduce_typed<T: Num>(
+    kind: RedKind,
+    v: &[T],
+    shape: &[usize],
+    mask: &[bool],
+    out_shape: &[usize],
+) -> Result<Tensor> {
+    let count: usize = shape
+        .iter()
+        .zip(mask)
+        .filter(|(_, &m)| m)
+        .map(|(&d, _)| d)
+        .product();
     let out: Vec<T> = match kind {
         RedKind::Max => fold_runs(v, shape, mask, T::LOWEST, |a, b, _| a.maxv(b)),
         RedKind::Min => fold_runs(v, shape, mask, T::HIGHEST, |a, b, _| a.minv(b)),
         RedKind::Sum | RedKind::Prod | RedKind::L1 | RedKind::SumSquare if !T::FLOAT => {
             let acc: Vec<i64> = match kind {
-                RedKind::Sum => fold_runs(v, shape, mask, 0i64, |a, b, _| a.wrapping_add(b.as_i64())),
-                RedKind::Prod => fold_runs(v, shape, mask, 1i64, |a, b, _| a.wrapping_mul(b.as_i64())),
-                RedKind::L1 => fold_runs(v, shape, mask, 0i64, |a, b, _| a.wrapping_add(b.as_i64().wrapping_abs())),
-                _ => fold_runs(v, shape, mask, 0i64, |a, b, _| a.wrapping_add(b.as_i64().wrapping_mul(b.as_i64()))),
+                RedKind::Sum => {
+                    fold_runs(v, shape, mask, 0i64, |a, b, _| a.wrapping_add(b.as_i64()))
+                }
+                RedKind::Prod => {
+                    fold_runs(v, shape, mask, 1i64, |a, b, _| a.wrapping_mul(b.as_i64()))
+                }
+                RedKind::L1 => fold_runs(v, shape, mask, 0i64, |a, b, _| {
+                    a.wrapping_add(b.as_i64().wrapping_abs())
+                }),
+                _ => fold_runs(v, shape, mask, 0i64, |a, b, _| {
+                    a.wrapping_add(b.as_i64().wrapping_mul(b.as_i64()))
+                }),
             };
             acc.into_iter().map(T::of_i64).collect()
         }
@@ -203,9 +274,17 @@ fn reduce_typed<T: Num>(kind: RedKind, v: &[T], shape: &[usize], mask: &[bool], 
                     a.max(b)
                 }
             });
-            let shift: Vec<f64> = mx.iter().map(|m| if m.is_finite() { *m } else { 0.0 }).collect();
-            let s = fold_runs(v, shape, mask, 0f64, |a, b, o| a + (b.as_f64() - shift[o]).exp());
-            s.iter().zip(&shift).map(|(s, m)| T::of_f64(s.ln() + m)).collect()
+            let shift: Vec<f64> = mx
+                .iter()
+                .map(|m| if m.is_finite() { *m } else { 0.0 })
+                .collect();
+            let s = fold_runs(v, shape, mask, 0f64, |a, b, o| {
+                a + (b.as_f64() - shift[o]).exp()
+            });
+            s.iter()
+                .zip(&shift)
+                .map(|(s, m)| T::of_f64(s.ln() + m))
+                .collect()
         }
         _ => {
             let (init, f): (f64, fn(f64, f64) -> f64) = match kind {
@@ -233,7 +312,13 @@ fn reduce_typed<T: Num>(kind: RedKind, v: &[T], shape: &[usize], mask: &[bool], 
 
 /// Folds `x` (of `shape`) over the dims where `mask` is true into one accumulator per
 /// output element; `f(acc, x, out_index)`.
-pub fn fold_runs<T: Copy, A: Copy>(x: &[T], shape: &[usize], mask: &[bool], init: A, f: impl Fn(A, T, usize) -> A) -> Vec<A> {
+pub fn fold_runs<T: Copy, A: Copy>(
+    x: &[T],
+    shape: &[usize],
+    mask: &[bool],
+    init: A,
+    f: impl Fn(A, T, usize) -> A,
+) -> Vec<A> {
     // Coalesce into groups (size, reduced), skipping size-1 dims.
     let mut groups: Vec<(usize, bool)> = Vec::new();
     for (&d, &m) in shape.iter().zip(mask) {
@@ -304,8 +389,14 @@ impl Op for ArgReduce {
 
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let mut f = Fact::of_dtype(DType::I64);
-        if let Some(shape) = inputs.first().copied().flatten().and_then(|x| x.shape.clone()) {
-            let ax = normalize_axes(self.name, &[self.axis], shape.len()).map_err(|e| infer_err(self.name, e.to_string()))?[0];
+        if let Some(shape) = inputs
+            .first()
+            .copied()
+            .flatten()
+            .and_then(|x| x.shape.clone())
+        {
+            let ax = normalize_axes(self.name, &[self.axis], shape.len())
+                .map_err(|e| infer_err(self.name, e.to_string()))?[0];
             let mut s = shape;
             if self.keepdims {
                 s[ax] = Dim::Known(1);
@@ -321,10 +412,16 @@ impl Op for ArgReduce {
         let x = input_tensor(inputs, 0, self.name)?;
         let ax = normalize_axes(self.name, &[self.axis], x.rank())?[0];
         let shape = x.shape();
-        let (outer, n, inner): (usize, usize, usize) =
-            (shape[..ax].iter().product(), shape[ax], shape[ax + 1..].iter().product());
+        let (outer, n, inner): (usize, usize, usize) = (
+            shape[..ax].iter().product(),
+            shape[ax],
+            shape[ax + 1..].iter().product(),
+        );
         if n == 0 {
-            return Err(KilnError::kernel(self.name, "cannot take the arg of an empty axis"));
+            return Err(KilnError::kernel(
+                self.name,
+                "cannot take the arg of an empty axis",
+            ));
         }
         let mut out_shape = shape.to_vec();
         if self.keepdims {
@@ -397,14 +494,22 @@ impl Op for CumSum {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input_tensor(inputs, 0, "CumSum")?;
         let a = input_tensor(inputs, 1, "CumSum")?;
-        let axv = a.to_i64_vec().map_err(|e| KilnError::kernel("CumSum", format!("axis: {e}")))?;
+        let axv = a
+            .to_i64_vec()
+            .map_err(|e| KilnError::kernel("CumSum", format!("axis: {e}")))?;
         if axv.len() != 1 || a.rank() > 1 {
-            return Err(KilnError::kernel("CumSum", format!("axis must be a scalar, found shape {:?}", a.shape())));
+            return Err(KilnError::kernel(
+                "CumSum",
+                format!("axis must be a scalar, found shape {:?}", a.shape()),
+            ));
         }
         let ax = normalize_axes("CumSum", &axv, x.rank())?[0];
         let shape = x.shape();
-        let (outer, n, inner): (usize, usize, usize) =
-            (shape[..ax].iter().product(), shape[ax], shape[ax + 1..].iter().product());
+        let (outer, n, inner): (usize, usize, usize) = (
+            shape[..ax].iter().product(),
+            shape[ax],
+            shape[ax + 1..].iter().product(),
+        );
         let dt = x.dtype();
         let out = crate::dispatch_numeric!(dt, T => {
             let v = x.as_slice::<T>()?;
@@ -446,7 +551,11 @@ fn build_reduce(ctx: &BuildCtx, name: &'static str, kind: RedKind) -> Result<Box
     Ok(Box::new(Reduce {
         name,
         kind,
-        axes_attr: if axes_input { None } else { a.opt_ints("axes")? },
+        axes_attr: if axes_input {
+            None
+        } else {
+            a.opt_ints("axes")?
+        },
         axes_input,
         keepdims: a.int("keepdims", 1)? != 0,
         noop_with_empty_axes: axes_input && a.int("noop_with_empty_axes", 0)? != 0,
@@ -478,7 +587,10 @@ pub fn register(reg: &mut OpRegistry) {
     reg.register("ArgMin", |c: &BuildCtx| build_arg(c, "ArgMin", false));
     reg.register("CumSum", |c: &BuildCtx| {
         let a = c.attrs();
-        Ok(Box::new(CumSum { exclusive: a.int("exclusive", 0)? != 0, reverse: a.int("reverse", 0)? != 0 }))
+        Ok(Box::new(CumSum {
+            exclusive: a.int("exclusive", 0)? != 0,
+            reverse: a.int("reverse", 0)? != 0,
+        }))
     });
 }
 
@@ -488,7 +600,11 @@ mod tests {
     use kiln_core::{Attr, DType, Dim, Fact, Tensor};
 
     fn naive(x: &[f32], shape: &[usize], mask: &[bool], f: fn(&[f32]) -> f32) -> Vec<f32> {
-        let out_shape: Vec<usize> = shape.iter().zip(mask).map(|(&d, &m)| if m { 1 } else { d }).collect();
+        let out_shape: Vec<usize> = shape
+            .iter()
+            .zip(mask)
+            .map(|(&d, &m)| if m { 1 } else { d })
+            .collect();
         let n_out: usize = out_shape.iter().product();
         let st = kiln_core::strides(shape);
         let ost = kiln_core::strides(&out_shape);
@@ -519,16 +635,23 @@ mod tests {
             ("ReduceL1", |g| g.iter().map(|v| v.abs()).sum()),
             ("ReduceL2", |g| g.iter().map(|v| v * v).sum::<f32>().sqrt()),
             ("ReduceSumSquare", |g| g.iter().map(|v| v * v).sum()),
-            ("ReduceLogSumExp", |g| g.iter().map(|v| v.exp()).sum::<f32>().ln()),
+            ("ReduceLogSumExp", |g| {
+                g.iter().map(|v| v.exp()).sum::<f32>().ln()
+            }),
         ];
         let axes_sets: Vec<Vec<i64>> = vec![vec![1], vec![0, 2], vec![-1], vec![1, 3], vec![]];
         for (op, f) in &kinds {
             for axes in &axes_sets {
-                let mask: Vec<bool> =
-                    (0..4).map(|i| axes.is_empty() || axes.iter().any(|&a| (a + 4) % 4 == i as i64)).collect();
+                let mask: Vec<bool> = (0..4)
+                    .map(|i| axes.is_empty() || axes.iter().any(|&a| (a + 4) % 4 == i as i64))
+                    .collect();
                 let want = naive(&x, &shape, &mask, *f);
                 // Opset 18: axes as input.
-                let ax = if axes.is_empty() { None } else { Some(Tensor::from_vec(&[axes.len()], axes.clone()).unwrap()) };
+                let ax = if axes.is_empty() {
+                    None
+                } else {
+                    Some(Tensor::from_vec(&[axes.len()], axes.clone()).unwrap())
+                };
                 let y = run1(op, 18, vec![], &[Some(f32t(&shape, x.clone())), ax]).unwrap();
                 close(y.as_slice::<f32>().unwrap(), &want, 1e-4);
                 // Opset 13 (ReduceSum excepted): axes attribute, keepdims=0.
@@ -538,7 +661,12 @@ mod tests {
                         attrs.push(("axes", Attr::Ints(axes.clone())));
                     }
                     let y = run1(op, 13, attrs, &[Some(f32t(&shape, x.clone()))]).unwrap();
-                    let kept: Vec<usize> = shape.iter().zip(&mask).filter(|(_, m)| !**m).map(|(d, _)| *d).collect();
+                    let kept: Vec<usize> = shape
+                        .iter()
+                        .zip(&mask)
+                        .filter(|(_, m)| !**m)
+                        .map(|(d, _)| *d)
+                        .collect();
                     assert_eq!(y.shape(), &kept[..]);
                     close(y.as_slice::<f32>().unwrap(), &want, 1e-4);
                 }
@@ -550,46 +678,118 @@ mod tests {
     fn reduce_edge_cases() {
         let x = f32t(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
         let empty = Tensor::from_vec::<i64>(&[0], vec![]).unwrap();
-        let y = run1("ReduceSum", 13, vec![("noop_with_empty_axes", Attr::Int(1))], &[Some(x.clone()), Some(empty)]).unwrap();
+        let y = run1(
+            "ReduceSum",
+            13,
+            vec![("noop_with_empty_axes", Attr::Int(1))],
+            &[Some(x.clone()), Some(empty)],
+        )
+        .unwrap();
         assert_eq!(y.shape(), &[2, 3]);
         let e = f32t(&[2, 0], vec![]);
         let ax = Tensor::from_vec(&[1], vec![1i64]).unwrap();
-        let y = run1("ReduceSum", 13, vec![], &[Some(e.clone()), Some(ax.clone())]).unwrap();
+        let y = run1(
+            "ReduceSum",
+            13,
+            vec![],
+            &[Some(e.clone()), Some(ax.clone())],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[0.0, 0.0]);
-        let y = run1("ReduceProd", 18, vec![], &[Some(e.clone()), Some(ax.clone())]).unwrap();
+        let y = run1(
+            "ReduceProd",
+            18,
+            vec![],
+            &[Some(e.clone()), Some(ax.clone())],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[1.0, 1.0]);
-        let y = run1("ReduceMax", 18, vec![], &[Some(e.clone()), Some(ax.clone())]).unwrap();
+        let y = run1(
+            "ReduceMax",
+            18,
+            vec![],
+            &[Some(e.clone()), Some(ax.clone())],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[f32::NEG_INFINITY; 2]);
         let y = run1("ReduceLogSumExp", 18, vec![], &[Some(e), Some(ax.clone())]).unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[f32::NEG_INFINITY; 2]);
         let i = Tensor::from_vec(&[2, 2], vec![1i32, 2, 3, 4]).unwrap();
-        let y = run1("ReduceMean", 18, vec![], &[Some(i.clone()), Some(ax.clone())]).unwrap();
+        let y = run1(
+            "ReduceMean",
+            18,
+            vec![],
+            &[Some(i.clone()), Some(ax.clone())],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<i32>().unwrap(), &[1, 3]);
         let y = run1("ReduceProd", 18, vec![], &[Some(i), Some(ax)]).unwrap();
         assert_eq!(y.as_slice::<i32>().unwrap(), &[2, 12]);
         let bad = Tensor::from_vec(&[1], vec![5i64]).unwrap();
         assert!(run1("ReduceSum", 13, vec![], &[Some(x.clone()), Some(bad)]).is_err());
         let op = build("ReduceMean", 13, vec![("axes", Attr::Ints(vec![1]))], 1, 1).unwrap();
-        let f = op.infer(&[Some(&Fact::tensor(DType::F32, vec![Dim::Sym("b".into()), Dim::Known(7)]))], 1).unwrap();
+        let f = op
+            .infer(
+                &[Some(&Fact::tensor(
+                    DType::F32,
+                    vec![Dim::Sym("b".into()), Dim::Known(7)],
+                ))],
+                1,
+            )
+            .unwrap();
         assert_eq!(f[0].shape, Some(vec![Dim::Sym("b".into()), Dim::Known(1)]));
     }
 
     #[test]
     fn argmax_cumsum() {
         let x = f32t(&[2, 3], vec![1.0, 5.0, 5.0, 7.0, 2.0, 7.0]);
-        let y = run1("ArgMax", 13, vec![("axis", Attr::Int(1))], &[Some(x.clone())]).unwrap();
+        let y = run1(
+            "ArgMax",
+            13,
+            vec![("axis", Attr::Int(1))],
+            &[Some(x.clone())],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<i64>().unwrap(), &[1, 0]);
         assert_eq!(y.shape(), &[2, 1]);
-        let y = run1("ArgMax", 13, vec![("axis", Attr::Int(1)), ("select_last_index", Attr::Int(1)), ("keepdims", Attr::Int(0))], &[Some(x.clone())]).unwrap();
+        let y = run1(
+            "ArgMax",
+            13,
+            vec![
+                ("axis", Attr::Int(1)),
+                ("select_last_index", Attr::Int(1)),
+                ("keepdims", Attr::Int(0)),
+            ],
+            &[Some(x.clone())],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<i64>().unwrap(), &[2, 2]);
         let y = run1("ArgMin", 13, vec![], &[Some(x.clone())]).unwrap();
         assert_eq!(y.as_slice::<i64>().unwrap(), &[0, 1, 0]);
         let ax = Tensor::scalar(1i32);
         let y = run1("CumSum", 14, vec![], &[Some(x.clone()), Some(ax.clone())]).unwrap();
-        assert_eq!(y.as_slice::<f32>().unwrap(), &[1.0, 6.0, 11.0, 7.0, 9.0, 16.0]);
-        let y = run1("CumSum", 14, vec![("exclusive", Attr::Int(1)), ("reverse", Attr::Int(1))], &[Some(x.clone()), Some(ax)]).unwrap();
-        assert_eq!(y.as_slice::<f32>().unwrap(), &[10.0, 5.0, 0.0, 9.0, 7.0, 0.0]);
-        assert!(run1("CumSum", 14, vec![], &[Some(x.clone()), Some(Tensor::scalar(2i64))]).is_err());
+        assert_eq!(
+            y.as_slice::<f32>().unwrap(),
+            &[1.0, 6.0, 11.0, 7.0, 9.0, 16.0]
+        );
+        let y = run1(
+            "CumSum",
+            14,
+            vec![("exclusive", Attr::Int(1)), ("reverse", Attr::Int(1))],
+            &[Some(x.clone()), Some(ax)],
+        )
+        .unwrap();
+        assert_eq!(
+            y.as_slice::<f32>().unwrap(),
+            &[10.0, 5.0, 0.0, 9.0, 7.0, 0.0]
+        );
+        assert!(run1(
+            "CumSum",
+            14,
+            vec![],
+            &[Some(x.clone()), Some(Tensor::scalar(2i64))]
+        )
+        .is_err());
         assert!(run1("ArgMax", 13, vec![("axis", Attr::Int(2))], &[Some(x)]).is_err());
     }
 }

@@ -300,7 +300,7 @@ impl Op for SequenceErase {
             .first()
             .copied()
             .flatten()
-            .map(|f| seq_fact(f))
+            .map(seq_fact)
             .unwrap_or_default()])
     }
 
@@ -454,7 +454,7 @@ impl SplitToSequence {
                     KilnError::kernel(OP, format!("split size {} must be positive", v[0]))
                 })?;
             let mut sizes = vec![chunk; dim / chunk];
-            if dim % chunk != 0 {
+            if !dim.is_multiple_of(chunk) {
                 sizes.push(dim % chunk);
             }
             return Ok(sizes);

@@ -19,6 +19,9 @@ pub mod transpose;
 #[cfg(test)]
 mod local_conformance;
 
+#[cfg(test)]
+mod bench;
+
 /// Registers this family's ops.
 pub fn register(reg: &mut OpRegistry) {
     reg.register("Shape", basic::build_shape);

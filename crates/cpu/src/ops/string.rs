@@ -158,7 +158,7 @@ impl StringNormalizer {
             self.stopwords.iter().any(|s| s == w)
         } else {
             let lw = w.to_lowercase();
-            self.stopwords.iter().any(|s| *s == lw)
+            self.stopwords.contains(&lw)
         }
     }
 

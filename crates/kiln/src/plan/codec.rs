@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use kiln_core::{Attr, BuildCtx, Bytes, DType, Fact, Graph, KilnError, Node, OpDesc, OpRegistry, Result, Tensor, ValueInfo};
+use kiln_core::{
+    Attr, BuildCtx, Bytes, DType, Fact, Graph, KilnError, Node, OpDesc, OpRegistry, Result, Tensor,
+    ValueInfo,
+};
 use serde::{Deserialize, Serialize};
 
 /// Tensors at least this large are stored in the weights section (mmap'd on load).
@@ -119,16 +122,28 @@ pub struct WeightWriter {
 impl WeightWriter {
     fn tensor(&mut self, t: &Tensor) -> Result<TensorRec> {
         if t.dtype() == DType::String {
-            return Ok(TensorRec::Strings { shape: t.shape().to_vec(), data: t.as_strings()?.to_vec() });
+            return Ok(TensorRec::Strings {
+                shape: t.shape().to_vec(),
+                data: t.as_strings()?.to_vec(),
+            });
         }
         let bytes = t.bytes();
         if bytes.len() < WEIGHT_THRESHOLD {
-            return Ok(TensorRec::Inline { dtype: t.dtype(), shape: t.shape().to_vec(), bytes: bytes.to_vec() });
+            return Ok(TensorRec::Inline {
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+                bytes: bytes.to_vec(),
+            });
         }
         let offset = self.data.len().div_ceil(64) * 64;
         self.data.resize(offset, 0);
         self.data.extend_from_slice(bytes);
-        Ok(TensorRec::Weight { dtype: t.dtype(), shape: t.shape().to_vec(), offset: offset as u64, len: bytes.len() as u64 })
+        Ok(TensorRec::Weight {
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+            offset: offset as u64,
+            len: bytes.len() as u64,
+        })
     }
 
     /// Encodes a graph, moving its large tensors into the weights section.
@@ -156,7 +171,11 @@ impl WeightWriter {
         }
         Ok(GraphRec {
             name: g.name.clone(),
-            values: g.values.iter().map(|v| (v.name.clone(), strip_konst(&v.fact))).collect(),
+            values: g
+                .values
+                .iter()
+                .map(|v| (v.name.clone(), strip_konst(&v.fact)))
+                .collect(),
             nodes,
             inputs: g.inputs.clone(),
             outputs: g.outputs.clone(),
@@ -176,14 +195,21 @@ impl WeightWriter {
             Attr::Floats(v) => AttrRec::Floats(v.clone()),
             Attr::Ints(v) => AttrRec::Ints(v.clone()),
             Attr::Strings(v) => AttrRec::Strings(v.clone()),
-            Attr::Tensors(v) => AttrRec::Tensors(v.iter().map(|t| self.tensor(t)).collect::<Result<_>>()?),
-            Attr::Graphs(v) => AttrRec::Graphs(v.iter().map(|g| self.graph(g)).collect::<Result<_>>()?),
+            Attr::Tensors(v) => {
+                AttrRec::Tensors(v.iter().map(|t| self.tensor(t)).collect::<Result<_>>()?)
+            }
+            Attr::Graphs(v) => {
+                AttrRec::Graphs(v.iter().map(|g| self.graph(g)).collect::<Result<_>>()?)
+            }
         })
     }
 }
 
 fn strip_konst(f: &Fact) -> Fact {
-    Fact { konst: None, ..f.clone() }
+    Fact {
+        konst: None,
+        ..f.clone()
+    }
 }
 
 /// Rebuilds graphs from their records; weights are views into the mapped plan file.
@@ -201,21 +227,41 @@ pub struct GraphReader<'a> {
 impl GraphReader<'_> {
     fn tensor(&self, r: &TensorRec) -> Result<Tensor> {
         match r {
-            TensorRec::Inline { dtype, shape, bytes } => Tensor::from_bytes(*dtype, shape, bytes),
+            TensorRec::Inline {
+                dtype,
+                shape,
+                bytes,
+            } => Tensor::from_bytes(*dtype, shape, bytes),
             TensorRec::Strings { shape, data } => Tensor::from_strings(shape, data.clone()),
-            TensorRec::Weight { dtype, shape, offset, len } => {
+            TensorRec::Weight {
+                dtype,
+                shape,
+                offset,
+                len,
+            } => {
                 let (offset, len) = (*offset as usize, *len as usize);
-                if offset.checked_add(len).is_none_or(|end| end > self.weights_len) || offset % 64 != 0 {
+                if offset
+                    .checked_add(len)
+                    .is_none_or(|end| end > self.weights_len)
+                    || offset % 64 != 0
+                {
                     return Err(KilnError::InvalidPlan(format!(
                         "weight at offset {offset} ({len} bytes) lies outside the weights section"
                     )));
                 }
-                let bytes = Bytes::Mapped { map: self.map.clone(), offset: self.weights_offset + offset, len };
-                let t = Tensor::from_storage(*dtype, shape, bytes).map_err(|e| KilnError::InvalidPlan(e.to_string()))?;
+                let bytes = Bytes::Mapped {
+                    map: self.map.clone(),
+                    offset: self.weights_offset + offset,
+                    len,
+                };
+                let t = Tensor::from_storage(*dtype, shape, bytes)
+                    .map_err(|e| KilnError::InvalidPlan(e.to_string()))?;
                 if *dtype == DType::Bool {
                     // Keep the bool invariant (bytes are 0 or 1) even for a hand-edited plan.
                     if t.bytes().iter().any(|b| *b > 1) {
-                        return Err(KilnError::InvalidPlan("bool weight holds a byte other than 0 or 1".into()));
+                        return Err(KilnError::InvalidPlan(
+                            "bool weight holds a byte other than 0 or 1".into(),
+                        ));
                     }
                 }
                 Ok(t)
@@ -230,17 +276,30 @@ impl GraphReader<'_> {
             if id < n_values {
                 Ok(id)
             } else {
-                Err(KilnError::InvalidPlan(format!("value index {id} out of range ({n_values} values)")))
+                Err(KilnError::InvalidPlan(format!(
+                    "value index {id} out of range ({n_values} values)"
+                )))
             }
         };
         let mut g = Graph {
             name: r.name.clone(),
-            values: r.values.iter().map(|(n, f)| ValueInfo { name: n.clone(), fact: f.clone() }).collect(),
+            values: r
+                .values
+                .iter()
+                .map(|(n, f)| ValueInfo {
+                    name: n.clone(),
+                    fact: f.clone(),
+                })
+                .collect(),
             nodes: Vec::with_capacity(r.nodes.len()),
             inputs: r.inputs.iter().map(|&i| check(i)).collect::<Result<_>>()?,
             outputs: r.outputs.iter().map(|&i| check(i)).collect::<Result<_>>()?,
             constants: Default::default(),
-            captures: r.captures.iter().map(|&i| check(i)).collect::<Result<_>>()?,
+            captures: r
+                .captures
+                .iter()
+                .map(|&i| check(i))
+                .collect::<Result<_>>()?,
         };
         for (id, t) in &r.constants {
             let t = self.tensor(t)?;
@@ -284,10 +343,14 @@ impl GraphReader<'_> {
             AttrRec::Floats(v) => Attr::Floats(v.clone()),
             AttrRec::Ints(v) => Attr::Ints(v.clone()),
             AttrRec::Strings(v) => Attr::Strings(v.clone()),
-            AttrRec::Tensors(v) => Attr::Tensors(v.iter().map(|t| self.tensor(t)).collect::<Result<_>>()?),
-            AttrRec::Graphs(v) => {
-                Attr::Graphs(v.iter().map(|g| self.graph(g).map(Arc::new)).collect::<Result<_>>()?)
+            AttrRec::Tensors(v) => {
+                Attr::Tensors(v.iter().map(|t| self.tensor(t)).collect::<Result<_>>()?)
             }
+            AttrRec::Graphs(v) => Attr::Graphs(
+                v.iter()
+                    .map(|g| self.graph(g).map(Arc::new))
+                    .collect::<Result<_>>()?,
+            ),
         })
     }
 }

@@ -33,7 +33,10 @@ use bincode::Options;
 use codec::{GraphReader, GraphRec, WeightWriter};
 
 fn bincode_opts(limit: u64) -> impl bincode::Options {
-    bincode::DefaultOptions::new().with_fixint_encoding().with_little_endian().with_limit(limit)
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .with_little_endian()
+        .with_limit(limit)
 }
 
 /// The magic bytes at the start of every plan.
@@ -109,7 +112,9 @@ pub fn write_plan(
         opsets: opsets.clone(),
         source: source.to_string(),
     };
-    let meta_bytes = bincode_opts(u64::MAX).serialize(&meta).map_err(|e| KilnError::Other(format!("cannot encode plan: {e}")))?;
+    let meta_bytes = bincode_opts(u64::MAX)
+        .serialize(&meta)
+        .map_err(|e| KilnError::Other(format!("cannot encode plan: {e}")))?;
     // The header holds offsets that depend on its own length: iterate until stable.
     let mut header = PlanHeader {
         kiln_version: crate::VERSION.to_string(),
@@ -148,7 +153,9 @@ pub fn write_plan(
 /// Reads the header of plan bytes, checking magic, format version and checksum.
 pub fn read_header(bytes: &[u8]) -> Result<PlanHeader> {
     if bytes.len() < PREFIX || &bytes[..8] != MAGIC {
-        return Err(KilnError::InvalidPlan("not a kiln plan (bad magic: the file does not start with KILNPLAN)".into()));
+        return Err(KilnError::InvalidPlan(
+            "not a kiln plan (bad magic: the file does not start with KILNPLAN)".into(),
+        ));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version != FORMAT_VERSION {
@@ -168,12 +175,21 @@ pub fn read_header(bytes: &[u8]) -> Result<PlanHeader> {
     let header_end = PREFIX
         .checked_add(header_len)
         .filter(|&e| e <= bytes.len())
-        .ok_or_else(|| KilnError::InvalidPlan("plan is truncated: header runs past the end".into()))?;
+        .ok_or_else(|| {
+            KilnError::InvalidPlan("plan is truncated: header runs past the end".into())
+        })?;
     let header: PlanHeader = serde_json::from_slice(&bytes[PREFIX..header_end])
         .map_err(|e| KilnError::InvalidPlan(format!("plan header is damaged: {e}")))?;
-    let in_file = |off: u64, len: u64| off.checked_add(len).is_some_and(|e| e <= bytes.len() as u64);
-    if !in_file(header.metadata_offset, header.metadata_len) || !in_file(header.weights_offset, header.weights_len) {
-        return Err(KilnError::InvalidPlan("plan is truncated: a section runs past the end of the file".into()));
+    let in_file = |off: u64, len: u64| {
+        off.checked_add(len)
+            .is_some_and(|e| e <= bytes.len() as u64)
+    };
+    if !in_file(header.metadata_offset, header.metadata_len)
+        || !in_file(header.weights_offset, header.weights_len)
+    {
+        return Err(KilnError::InvalidPlan(
+            "plan is truncated: a section runs past the end of the file".into(),
+        ));
     }
     Ok(header)
 }
@@ -188,11 +204,15 @@ pub fn load_plan(path: &Path, registry: &OpRegistry, here: &Fingerprint) -> Resu
     let map = Arc::new(map);
     let header = read_header(&map)?;
     if let Some(why) = header.fingerprint.incompatibility(here) {
-        return Err(KilnError::InvalidPlan(format!("plan is for another device: {why}")));
+        return Err(KilnError::InvalidPlan(format!(
+            "plan is for another device: {why}"
+        )));
     }
-    let meta_range = header.metadata_offset as usize..(header.metadata_offset + header.metadata_len) as usize;
+    let meta_range =
+        header.metadata_offset as usize..(header.metadata_offset + header.metadata_len) as usize;
     let limit = 16 * header.metadata_len + (1 << 20);
-    let meta: PlanMetadata = bincode_opts(limit).deserialize(&map[meta_range])
+    let meta: PlanMetadata = bincode_opts(limit)
+        .deserialize(&map[meta_range])
         .map_err(|e| KilnError::InvalidPlan(format!("plan metadata cannot be decoded: {e}")))?;
     let reader = GraphReader {
         registry,
@@ -220,12 +240,21 @@ mod tests {
         let mut g = Graph::default();
         let w = g.add_value("w", Fact::concrete(DType::F32, &[4, 8]));
         let data: Vec<f32> = (0..32).map(|i| i as f32 * 0.5 - 3.0).collect();
-        g.constants.insert(w, Tensor::from_vec(&[4, 8], data).unwrap());
+        g.constants
+            .insert(w, Tensor::from_vec(&[4, 8], data).unwrap());
         let s = g.add_value("s", Fact::concrete(DType::I64, &[2]));
-        g.constants.insert(s, Tensor::from_vec(&[2], vec![7i64, -1]).unwrap());
+        g.constants
+            .insert(s, Tensor::from_vec(&[2], vec![7i64, -1]).unwrap());
         g.outputs = vec![w, s];
-        write_plan(&g, &Fingerprint::cpu(), &BTreeMap::new(), &OptimizeReport::default(), &BTreeMap::new(), "t.onnx")
-            .unwrap()
+        write_plan(
+            &g,
+            &Fingerprint::cpu(),
+            &BTreeMap::new(),
+            &OptimizeReport::default(),
+            &BTreeMap::new(),
+            "t.onnx",
+        )
+        .unwrap()
     }
 
     #[test]
@@ -237,9 +266,15 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let loaded = load_plan(&path, &OpRegistry::new(), &Fingerprint::cpu()).unwrap();
         let w = &loaded.graph.constants[&0];
-        assert!(matches!(w.storage(), Some(kiln_core::Bytes::Mapped { .. })), "large weights are mapped");
+        assert!(
+            matches!(w.storage(), Some(kiln_core::Bytes::Mapped { .. })),
+            "large weights are mapped"
+        );
         assert_eq!(w.as_slice::<f32>().unwrap()[3], 1.5 - 3.0);
-        assert_eq!(loaded.graph.constants[&1].to_i64_vec().unwrap(), vec![7, -1]);
+        assert_eq!(
+            loaded.graph.constants[&1].to_i64_vec().unwrap(),
+            vec![7, -1]
+        );
         std::fs::remove_file(&path).ok();
     }
 
@@ -249,7 +284,10 @@ mod tests {
         bytes[0] = b'X';
         let e = read_header(&bytes).unwrap_err().to_string();
         assert!(e.contains("bad magic"), "{e}");
-        assert!(read_header(b"short").unwrap_err().to_string().contains("bad magic"));
+        assert!(read_header(b"short")
+            .unwrap_err()
+            .to_string()
+            .contains("bad magic"));
     }
 
     #[test]
@@ -257,7 +295,10 @@ mod tests {
         let mut bytes = sample_plan();
         bytes[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let e = read_header(&bytes).unwrap_err().to_string();
-        assert!(e.contains(&format!("format version {}", FORMAT_VERSION + 1)), "{e}");
+        assert!(
+            e.contains(&format!("format version {}", FORMAT_VERSION + 1)),
+            "{e}"
+        );
     }
 
     #[test]
@@ -271,7 +312,10 @@ mod tests {
         }
         let mut damaged = bytes.clone();
         damaged[17] ^= 1; // the stored checksum itself
-        assert!(read_header(&damaged).unwrap_err().to_string().contains("checksum"));
+        assert!(read_header(&damaged)
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
     }
 
     #[test]
@@ -282,11 +326,20 @@ mod tests {
         let mut gpu = Fingerprint::cpu();
         gpu.backend = "cuda".into();
         gpu.device = "NVIDIA H100".into();
-        let e = load_plan(&path, &OpRegistry::new(), &gpu).err().unwrap().to_string();
-        assert!(e.contains("another device") && e.contains("cpu backend"), "{e}");
+        let e = load_plan(&path, &OpRegistry::new(), &gpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("another device") && e.contains("cpu backend"),
+            "{e}"
+        );
         let mut needs = Fingerprint::cpu();
         needs.cpu_features.clear();
-        let plan_fp = Fingerprint { required_features: vec!["avx512f".into()], ..Fingerprint::cpu() };
+        let plan_fp = Fingerprint {
+            required_features: vec!["avx512f".into()],
+            ..Fingerprint::cpu()
+        };
         assert!(plan_fp.incompatibility(&needs).unwrap().contains("avx512f"));
         std::fs::remove_file(&path).ok();
     }

@@ -14,7 +14,10 @@ pub fn assets() -> Option<PathBuf> {
     if dir.join("reference/index.json").exists() {
         Some(dir)
     } else {
-        eprintln!("SKIPPED: no test assets at {} (run `cargo xtask fetch-assets`)", dir.display());
+        eprintln!(
+            "SKIPPED: no test assets at {} (run `cargo xtask fetch-assets`)",
+            dir.display()
+        );
         None
     }
 }
@@ -30,13 +33,19 @@ pub struct Case {
 
 /// Loads a case by name from `assets/reference/<name>/case.json`.
 pub fn case(assets: &Path, name: &str) -> Case {
-    let text = std::fs::read_to_string(assets.join(format!("reference/{name}/case.json"))).expect("case.json");
+    let text = std::fs::read_to_string(assets.join(format!("reference/{name}/case.json")))
+        .expect("case.json");
     let j: serde_json::Value = serde_json::from_str(&text).expect("case.json is JSON");
     let load = |map: &serde_json::Value| -> Vec<(String, Tensor)> {
         map.as_object()
             .expect("object")
             .iter()
-            .map(|(k, v)| (k.clone(), kiln::npy::read_npy(&assets.join(v.as_str().expect("path"))).expect("npy")))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    kiln::npy::read_npy(&assets.join(v.as_str().expect("path"))).expect("npy"),
+                )
+            })
             .collect()
     };
     Case {
@@ -52,7 +61,12 @@ pub fn case(assets: &Path, name: &str) -> Case {
 pub fn case_names(assets: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(assets.join("reference/index.json")).expect("index.json");
     let j: serde_json::Value = serde_json::from_str(&text).expect("index.json is JSON");
-    j["cases"].as_array().expect("cases").iter().map(|c| c["name"].as_str().expect("name").to_string()).collect()
+    j["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| c["name"].as_str().expect("name").to_string())
+        .collect()
 }
 
 /// ‖a − b‖₂ / ‖b‖₂ over f32 data.
@@ -70,11 +84,18 @@ pub fn argmax_rows(t: &Tensor) -> Vec<usize> {
     let v = t.to_f32_vec().expect("numeric");
     let last = *t.shape().last().unwrap_or(&1);
     v.chunks(last.max(1))
-        .map(|row| row.iter().enumerate().fold(0, |best, (i, x)| if *x > row[best] { i } else { best }))
+        .map(|row| {
+            row.iter()
+                .enumerate()
+                .fold(0, |best, (i, x)| if *x > row[best] { i } else { best })
+        })
         .collect()
 }
 
 /// Inputs as named values.
 pub fn named(inputs: &[(String, Tensor)]) -> Vec<(&str, Value)> {
-    inputs.iter().map(|(n, t)| (n.as_str(), Value::Tensor(t.clone()))).collect()
+    inputs
+        .iter()
+        .map(|(n, t)| (n.as_str(), Value::Tensor(t.clone())))
+        .collect()
 }

@@ -95,13 +95,22 @@ impl Op for If {
         let cond = truthy("If", cond)?;
         // Both branches share one capture list (the importer's contract): the node's
         // trailing inputs after `cond`, in the order of each branch's `captures`.
-        let branch = if cond { &self.then_branch } else { &self.else_branch };
+        let branch = if cond {
+            &self.then_branch
+        } else {
+            &self.else_branch
+        };
         let n_caps = branch.captures.len();
         let start = inputs
             .len()
             .checked_sub(n_caps)
             .filter(|s| *s >= 1)
-            .ok_or_else(|| KilnError::kernel("If", format!("expected {n_caps} captured values after cond")))?;
+            .ok_or_else(|| {
+                KilnError::kernel(
+                    "If",
+                    format!("expected {n_caps} captured values after cond"),
+                )
+            })?;
         let caps = captures("If", inputs, start, n_caps)?;
         let name = if cond { "then_branch" } else { "else_branch" };
         run_body("If", name, branch, &[], &caps)
@@ -669,16 +678,16 @@ impl Op for Scan {
         } else {
             None
         };
-        for i in 0..n {
+        for (i, body_f) in body_out.iter().enumerate().take(n) {
             let f = match inputs.get(off + i).copied().flatten() {
-                Some(init) if !self.batched => merge_facts(init, &body_out[i]),
+                Some(init) if !self.batched => merge_facts(init, body_f),
                 Some(init) => Fact {
                     konst: None,
                     ..init.clone()
                 },
                 None => Fact {
                     konst: None,
-                    ..body_out[i].clone()
+                    ..body_f.clone()
                 },
             };
             out.push(f);

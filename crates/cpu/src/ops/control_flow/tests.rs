@@ -52,11 +52,7 @@ fn if_runs_the_right_branch_with_captures() {
         out[0].as_tensor().unwrap().as_slice::<f32>().unwrap(),
         &[2.0, 3.0]
     );
-    let out = run(
-        op.as_ref(),
-        &[tv(bool_t(false)), tv(x.clone()), tv(y)],
-    )
-    .unwrap();
+    let out = run(op.as_ref(), &[tv(bool_t(false)), tv(x.clone()), tv(y)]).unwrap();
     assert_eq!(
         out[0].as_tensor().unwrap().as_slice::<f32>().unwrap(),
         &[11.0, 22.0]

@@ -3,7 +3,9 @@
 
 use std::any::Any;
 
-use kiln_core::{input_tensor, BuildCtx, DType, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, BuildCtx, DType, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value,
+};
 
 use super::num::{dispatch_int, Int, Num};
 use super::{bad_dtype, infer_broadcast, infer_unary, map_into, new_tensor, one, Plan};
@@ -60,7 +62,10 @@ pub enum BinKind {
 impl BinKind {
     fn is_bool_output(self) -> bool {
         use BinKind::*;
-        matches!(self, And | Or | Xor | Equal | Less | LessOrEqual | Greater | GreaterOrEqual)
+        matches!(
+            self,
+            And | Or | Xor | Equal | Less | LessOrEqual | Greater | GreaterOrEqual
+        )
     }
 }
 
@@ -76,16 +81,25 @@ pub struct Binary {
 impl Binary {
     /// A binary op named `name` computing `kind`.
     pub fn new(name: &'static str, kind: BinKind) -> Self {
-        Binary { name, kind, legacy_axis: None }
+        Binary {
+            name,
+            kind,
+            legacy_axis: None,
+        }
     }
 
     fn align_legacy(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let Some(axis) = self.legacy_axis else { return Ok(b.clone()) };
+        let Some(axis) = self.legacy_axis else {
+            return Ok(b.clone());
+        };
         let ra = a.rank() as i64;
         let axis = if axis < 0 { axis + ra } else { axis };
         let rb = b.rank() as i64;
         if axis < 0 || axis + rb > ra {
-            return Err(KilnError::kernel(self.name, format!("legacy broadcast axis {axis} does not fit shapes")));
+            return Err(KilnError::kernel(
+                self.name,
+                format!("legacy broadcast axis {axis} does not fit shapes"),
+            ));
         }
         let mut shape = vec![1usize; axis as usize];
         shape.extend_from_slice(b.shape());
@@ -103,7 +117,11 @@ impl Op for Binary {
         if self.kind == BinKind::PRelu || self.legacy_axis.is_some() {
             return infer_unary(inputs, None);
         }
-        let dt = if self.kind.is_bool_output() { Some(DType::Bool) } else { None };
+        let dt = if self.kind.is_bool_output() {
+            Some(DType::Bool)
+        } else {
+            None
+        };
         infer_broadcast(self.name, &inputs[..inputs.len().min(2)], dt)
     }
 
@@ -124,7 +142,10 @@ pub fn binary_eval(op: &str, kind: BinKind, a: &Tensor, b: &Tensor) -> Result<Te
     use BinKind as K;
     let dt = a.dtype();
     if kind != K::Pow && dt != b.dtype() {
-        return Err(KilnError::kernel(op, format!("input dtypes differ: {} and {}", dt, b.dtype())));
+        return Err(KilnError::kernel(
+            op,
+            format!("input dtypes differ: {} and {}", dt, b.dtype()),
+        ));
     }
     let plan = Plan::new(op, &[a.shape(), b.shape()])?;
     match kind {
@@ -140,7 +161,11 @@ pub fn binary_eval(op: &str, kind: BinKind, a: &Tensor, b: &Tensor) -> Result<Te
             if plan.out_shape != a.shape() {
                 return Err(KilnError::kernel(
                     op,
-                    format!("slope of shape {:?} does not broadcast to X of shape {:?}", b.shape(), a.shape()),
+                    format!(
+                        "slope of shape {:?} does not broadcast to X of shape {:?}",
+                        b.shape(),
+                        a.shape()
+                    ),
                 ));
             }
             crate::dispatch_numeric!(dt, T => prelu::<T>(&plan, a, b), _ => Err(bad_dtype(op, dt)))
@@ -148,8 +173,10 @@ pub fn binary_eval(op: &str, kind: BinKind, a: &Tensor, b: &Tensor) -> Result<Te
         _ => match dt {
             DType::String => compare(&plan, kind, a.as_strings()?, b.as_strings()?),
             DType::Bool => compare(&plan, kind, a.as_raw::<u8>()?, b.as_raw::<u8>()?),
-            _ => crate::dispatch_numeric!(dt, T => compare(&plan, kind, a.as_slice::<T>()?, b.as_slice::<T>()?),
-                _ => Err(bad_dtype(op, dt))),
+            _ => {
+                crate::dispatch_numeric!(dt, T => compare(&plan, kind, a.as_slice::<T>()?, b.as_slice::<T>()?),
+                _ => Err(bad_dtype(op, dt)))
+            }
         },
     }
 }
@@ -299,11 +326,17 @@ impl Op for Where {
 /// The kernel of [`Where`].
 pub fn where_eval(c: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     if c.dtype() != DType::Bool {
-        return Err(KilnError::kernel("Where", format!("condition must be bool, found {}", c.dtype())));
+        return Err(KilnError::kernel(
+            "Where",
+            format!("condition must be bool, found {}", c.dtype()),
+        ));
     }
     let dt = x.dtype();
     if dt != y.dtype() {
-        return Err(KilnError::kernel("Where", format!("X and Y dtypes differ: {dt} and {}", y.dtype())));
+        return Err(KilnError::kernel(
+            "Where",
+            format!("X and Y dtypes differ: {dt} and {}", y.dtype()),
+        ));
     }
     let plan = Plan::new("Where", &[c.shape(), x.shape(), y.shape()])?;
     let cv = c.as_raw::<u8>()?;
@@ -312,7 +345,13 @@ pub fn where_eval(c: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let out = plan
             .indices()
             .iter()
-            .map(|ix| if cv[ix[0]] != 0 { xs[ix[1]].clone() } else { ys[ix[2]].clone() })
+            .map(|ix| {
+                if cv[ix[0]] != 0 {
+                    xs[ix[1]].clone()
+                } else {
+                    ys[ix[2]].clone()
+                }
+            })
             .collect();
         return Tensor::from_strings(&plan.out_shape, out);
     }
@@ -342,8 +381,23 @@ pub fn register(reg: &mut OpRegistry) {
         )*};
     }
     simple!(
-        Add, Sub, Mul, Div, Pow, BitwiseAnd, BitwiseOr, BitwiseXor, And, Or, Xor, Equal, Less, LessOrEqual, Greater,
-        GreaterOrEqual, PRelu
+        Add,
+        Sub,
+        Mul,
+        Div,
+        Pow,
+        BitwiseAnd,
+        BitwiseOr,
+        BitwiseXor,
+        And,
+        Or,
+        Xor,
+        Equal,
+        Less,
+        LessOrEqual,
+        Greater,
+        GreaterOrEqual,
+        PRelu
     );
     reg.register("Mod", |ctx: &BuildCtx| {
         let fmod = ctx.attrs().int("fmod", 0)? != 0;
@@ -354,7 +408,11 @@ pub fn register(reg: &mut OpRegistry) {
         let left = match dir.as_str() {
             "LEFT" => true,
             "RIGHT" => false,
-            other => return Err(ctx.attrs().invalid(format!("direction must be LEFT or RIGHT, found {other:?}"))),
+            other => {
+                return Err(ctx
+                    .attrs()
+                    .invalid(format!("direction must be LEFT or RIGHT, found {other:?}")))
+            }
         };
         build_binary(ctx, "BitShift", BinKind::BitShift { left })
     });
@@ -366,7 +424,13 @@ mod tests {
     use super::super::testutil::*;
     use kiln_core::{Attr, DType, Dim, Fact, Tensor};
 
-    fn naive_bcast(a: &[f32], sa: &[usize], b: &[f32], sb: &[usize], f: fn(f32, f32) -> f32) -> (Vec<f32>, Vec<usize>) {
+    fn naive_bcast(
+        a: &[f32],
+        sa: &[usize],
+        b: &[f32],
+        sb: &[usize],
+        f: fn(f32, f32) -> f32,
+    ) -> (Vec<f32>, Vec<usize>) {
         let out = super::super::broadcast_shape("T", &[sa, sb]).unwrap();
         let n: usize = out.iter().product();
         let os = kiln_core::strides(&out);
@@ -381,7 +445,10 @@ mod tests {
             }
             k
         };
-        ((0..n).map(|i| f(a[idx(sa, i)], b[idx(sb, i)])).collect(), out)
+        (
+            (0..n).map(|i| f(a[idx(sa, i)], b[idx(sb, i)])).collect(),
+            out,
+        )
     }
 
     #[test]
@@ -393,13 +460,23 @@ mod tests {
             (vec![7, 300], vec![7, 300]),
             (vec![300, 1, 301], vec![1, 3, 301]),
         ];
-        let ops: Vec<(&str, fn(f32, f32) -> f32)> =
-            vec![("Add", |a, b| a + b), ("Sub", |a, b| a - b), ("Mul", |a, b| a * b), ("Div", |a, b| a / b)];
+        let ops: Vec<(&str, fn(f32, f32) -> f32)> = vec![
+            ("Add", |a, b| a + b),
+            ("Sub", |a, b| a - b),
+            ("Mul", |a, b| a * b),
+            ("Div", |a, b| a / b),
+        ];
         for (sa, sb) in &shapes {
             let a = rand(sa.iter().product(), 3);
             let b = rand(sb.iter().product(), 4);
             for (op, f) in &ops {
-                let y = run1(op, 14, vec![], &[Some(f32t(sa, a.clone())), Some(f32t(sb, b.clone()))]).unwrap();
+                let y = run1(
+                    op,
+                    14,
+                    vec![],
+                    &[Some(f32t(sa, a.clone())), Some(f32t(sb, b.clone()))],
+                )
+                .unwrap();
                 let (want, shape) = naive_bcast(&a, sa, &b, sb, *f);
                 assert_eq!(y.shape(), &shape[..]);
                 close(y.as_slice::<f32>().unwrap(), &want, 1e-6);
@@ -418,17 +495,42 @@ mod tests {
         let y = run1("Mod", 13, vec![("fmod", Attr::Int(1))], &[Some(a), Some(b)]).unwrap();
         assert_eq!(y.as_slice::<i32>().unwrap(), &[1, -1, 1, -1]);
         let z = Tensor::from_vec(&[1], vec![0i32]).unwrap();
-        let y = run1("Div", 14, vec![], &[Some(Tensor::from_vec(&[1], vec![5i32]).unwrap()), Some(z)]).unwrap();
+        let y = run1(
+            "Div",
+            14,
+            vec![],
+            &[Some(Tensor::from_vec(&[1], vec![5i32]).unwrap()), Some(z)],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<i32>().unwrap(), &[0]);
     }
 
     #[test]
     fn pow_mixed() {
         let a = f32t(&[3], vec![2.0, 3.0, 4.0]);
-        let y = run1("Pow", 15, vec![], &[Some(a.clone()), Some(Tensor::from_vec(&[1], vec![2i64]).unwrap())]).unwrap();
+        let y = run1(
+            "Pow",
+            15,
+            vec![],
+            &[
+                Some(a.clone()),
+                Some(Tensor::from_vec(&[1], vec![2i64]).unwrap()),
+            ],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[4.0, 9.0, 16.0]);
-        let y = run1("Pow", 15, vec![], &[Some(a.clone()), Some(f32t(&[], vec![0.5]))]).unwrap();
-        close(y.as_slice::<f32>().unwrap(), &[2f32.sqrt(), 3f32.sqrt(), 2.0], 1e-6);
+        let y = run1(
+            "Pow",
+            15,
+            vec![],
+            &[Some(a.clone()), Some(f32t(&[], vec![0.5]))],
+        )
+        .unwrap();
+        close(
+            y.as_slice::<f32>().unwrap(),
+            &[2f32.sqrt(), 3f32.sqrt(), 2.0],
+            1e-6,
+        );
         let i = Tensor::from_vec(&[3], vec![2i64, 3, 4]).unwrap();
         let y = run1("Pow", 15, vec![], &[Some(i.clone()), Some(i)]).unwrap();
         assert_eq!(y.as_slice::<i64>().unwrap(), &[4, 27, 256]);
@@ -440,7 +542,13 @@ mod tests {
         let b = f32t(&[2], vec![2.0, 2.0]);
         let y = run1("Less", 13, vec![], &[Some(a.clone()), Some(b.clone())]).unwrap();
         assert_eq!(y.as_bools().unwrap(), &[true, false, false, false]);
-        let y = run1("GreaterOrEqual", 16, vec![], &[Some(a.clone()), Some(b.clone())]).unwrap();
+        let y = run1(
+            "GreaterOrEqual",
+            16,
+            vec![],
+            &[Some(a.clone()), Some(b.clone())],
+        )
+        .unwrap();
         assert_eq!(y.as_bools().unwrap(), &[false, true, true, true]);
         let s1 = Tensor::from_strings(&[2], vec!["a".into(), "b".into()]).unwrap();
         let s2 = Tensor::from_strings(&[1], vec!["b".into()]).unwrap();
@@ -449,7 +557,13 @@ mod tests {
         let c = Tensor::from_bools(&[2, 1], &[true, false]).unwrap();
         let y = run1("Where", 16, vec![], &[Some(c.clone()), Some(a), Some(b)]).unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[1.0, 2.0, 2.0, 2.0]);
-        let y = run1("Where", 16, vec![], &[Some(c.clone()), Some(s1.clone()), Some(s1)]).unwrap();
+        let y = run1(
+            "Where",
+            16,
+            vec![],
+            &[Some(c.clone()), Some(s1.clone()), Some(s1)],
+        )
+        .unwrap();
         assert_eq!(y.shape(), &[2, 2]);
         let t = Tensor::from_bools(&[2], &[true, false]).unwrap();
         let y = run1("Xor", 7, vec![], &[Some(c), Some(t)]).unwrap();
@@ -460,12 +574,30 @@ mod tests {
     fn bitshift_prelu_legacy() {
         let a = Tensor::from_vec(&[3], vec![16u8, 4, 1]).unwrap();
         let b = Tensor::from_vec(&[3], vec![1u8, 2, 9]).unwrap();
-        let y = run1("BitShift", 11, vec![("direction", Attr::String("RIGHT".into()))], &[Some(a.clone()), Some(b.clone())]).unwrap();
+        let y = run1(
+            "BitShift",
+            11,
+            vec![("direction", Attr::String("RIGHT".into()))],
+            &[Some(a.clone()), Some(b.clone())],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<u8>().unwrap(), &[8, 1, 0]);
-        let y = run1("BitShift", 11, vec![("direction", Attr::String("LEFT".into()))], &[Some(a), Some(b)]).unwrap();
+        let y = run1(
+            "BitShift",
+            11,
+            vec![("direction", Attr::String("LEFT".into()))],
+            &[Some(a), Some(b)],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<u8>().unwrap(), &[32, 16, 0]);
         let x = f32t(&[2, 2], vec![-1.0, 2.0, -3.0, 4.0]);
-        let y = run1("PRelu", 16, vec![], &[Some(x.clone()), Some(f32t(&[2], vec![0.5, 0.1]))]).unwrap();
+        let y = run1(
+            "PRelu",
+            16,
+            vec![],
+            &[Some(x.clone()), Some(f32t(&[2], vec![0.5, 0.1]))],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[-0.5, 2.0, -1.5, 4.0]);
         let y = run1(
             "Add",
@@ -480,7 +612,13 @@ mod tests {
     #[test]
     fn errors_and_infer() {
         let a = f32t(&[2, 3], vec![1.0; 6]);
-        assert!(run1("Add", 14, vec![], &[Some(a.clone()), Some(f32t(&[2], vec![1.0; 2]))]).is_err());
+        assert!(run1(
+            "Add",
+            14,
+            vec![],
+            &[Some(a.clone()), Some(f32t(&[2], vec![1.0; 2]))]
+        )
+        .is_err());
         let i = Tensor::from_vec(&[1], vec![1i32]).unwrap();
         assert!(run1("Add", 14, vec![], &[Some(a), Some(i)]).is_err());
         let op = build("Less", 13, vec![], 2, 1).unwrap();

@@ -83,7 +83,10 @@ impl Plan {
                 continue;
             }
             let mergeable = !dims.is_empty()
-                && strides.iter().zip(&aligned).all(|(c, s)| c.last().copied() == Some(s[i] * d));
+                && strides
+                    .iter()
+                    .zip(&aligned)
+                    .all(|(c, s)| c.last().copied() == Some(s[i] * d));
             if mergeable {
                 if let Some(last) = dims.last_mut() {
                     *last *= d;
@@ -102,7 +105,13 @@ impl Plan {
         }
         let inner = dims.pop().unwrap_or(1);
         let inner_strides = strides.iter_mut().map(|c| c.pop().unwrap_or(0)).collect();
-        Ok(Plan { out_shape, dims, strides, inner, inner_strides })
+        Ok(Plan {
+            out_shape,
+            dims,
+            strides,
+            inner,
+            inner_strides,
+        })
     }
 
     /// Number of output elements.
@@ -193,7 +202,11 @@ impl Plan {
         out: &mut [O],
         f: impl Fn(&A, &B, &C) -> O + Sync,
     ) {
-        let (sa, sb, sc) = (self.inner_strides[0], self.inner_strides[1], self.inner_strides[2]);
+        let (sa, sb, sc) = (
+            self.inner_strides[0],
+            self.inner_strides[1],
+            self.inner_strides[2],
+        );
         self.run_rows(out, &|offs: &[usize], o: &mut [O]| {
             let (a, b, c) = (&a[offs[0]..], &b[offs[1]..], &c[offs[2]..]);
             for (i, v) in o.iter_mut().enumerate() {
@@ -213,7 +226,12 @@ impl Plan {
         let (mut coords, mut offs) = self.offsets(0);
         for _ in 0..rows {
             for i in 0..self.inner {
-                out.push(offs.iter().zip(&self.inner_strides).map(|(o, s)| o + i * s).collect());
+                out.push(
+                    offs.iter()
+                        .zip(&self.inner_strides)
+                        .map(|(o, s)| o + i * s)
+                        .collect(),
+                );
             }
             self.advance(&mut coords, &mut offs);
         }
@@ -253,11 +271,13 @@ fn row2<A, B, O>(a: &[A], sa: usize, b: &[B], sb: usize, out: &mut [O], f: &impl
 /// `out[i] = f(&x[i])`, in parallel for large slices.
 pub fn map_into<A: Sync, O: Send>(x: &[A], out: &mut [O], f: impl Fn(&A) -> O + Sync) {
     if out.len() >= PAR_MIN {
-        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(o, x)| {
-            for (o, v) in o.iter_mut().zip(x) {
-                *o = f(v);
-            }
-        });
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(x.par_chunks(PAR_CHUNK))
+            .for_each(|(o, x)| {
+                for (o, v) in o.iter_mut().zip(x) {
+                    *o = f(v);
+                }
+            });
     } else {
         for (o, v) in out.iter_mut().zip(x) {
             *o = f(v);

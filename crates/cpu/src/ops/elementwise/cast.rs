@@ -2,13 +2,16 @@
 
 use std::any::Any;
 
-use kiln_core::{input_tensor, BuildCtx, DType, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, BuildCtx, DType, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value,
+};
 
 use super::{infer_unary, one};
 
 /// Converts a tensor to `to` with ONNX `Cast` semantics (see [`Tensor::cast`]).
 pub fn cast_tensor(t: &Tensor, to: DType) -> Result<Tensor> {
-    t.cast(to).map_err(|e| KilnError::kernel("Cast", format!("{} to {to}: {e}", t.dtype())))
+    t.cast(to)
+        .map_err(|e| KilnError::kernel("Cast", format!("{} to {to}: {e}", t.dtype())))
 }
 
 /// Name of an ONNX dtype code kiln cannot represent (float8, int4, complex, ...).
@@ -87,7 +90,10 @@ fn build_cast(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let to = i32::try_from(code).ok().and_then(DType::from_onnx_code);
     match to {
         Some(to) => Ok(Box::new(Cast { to })),
-        None => Err(a.unsupported(format!("cast to {} (type code {code}) is not supported", onnx_type_name(code)))),
+        None => Err(a.unsupported(format!(
+            "cast to {} (type code {code}) is not supported",
+            onnx_type_name(code)
+        ))),
     }
 }
 

@@ -14,6 +14,9 @@ mod cast;
 mod unary;
 mod variadic;
 
+#[cfg(test)]
+mod localconf;
+
 use kiln_core::{AlignedBuf, DType, Dim, Fact, KilnError, OpRegistry, Result, Tensor, Value, ValueKind};
 
 pub use broadcast::{broadcast_shape, map_into, Plan};

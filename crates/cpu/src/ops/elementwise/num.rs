@@ -149,10 +149,16 @@ macro_rules! int_bits {
                 !self
             }
             fn shl(self, o: Self) -> Self {
-                u32::try_from(o).ok().and_then(|s| self.checked_shl(s)).unwrap_or(0)
+                u32::try_from(o)
+                    .ok()
+                    .and_then(|s| self.checked_shl(s))
+                    .unwrap_or(0)
             }
             fn shr(self, o: Self) -> Self {
-                u32::try_from(o).ok().and_then(|s| self.checked_shr(s)).unwrap_or(0)
+                u32::try_from(o)
+                    .ok()
+                    .and_then(|s| self.checked_shr(s))
+                    .unwrap_or(0)
             }
             fn powi(self, e: i64) -> Self {
                 if e < 0 {
@@ -355,14 +361,38 @@ impl Real for bf16 {
 macro_rules! dispatch_int {
     ($dtype:expr, $T:ident => $body:expr, _ => $other:expr) => {
         match $dtype {
-            kiln_core::DType::I8 => { type $T = i8; $body }
-            kiln_core::DType::I16 => { type $T = i16; $body }
-            kiln_core::DType::I32 => { type $T = i32; $body }
-            kiln_core::DType::I64 => { type $T = i64; $body }
-            kiln_core::DType::U8 => { type $T = u8; $body }
-            kiln_core::DType::U16 => { type $T = u16; $body }
-            kiln_core::DType::U32 => { type $T = u32; $body }
-            kiln_core::DType::U64 => { type $T = u64; $body }
+            kiln_core::DType::I8 => {
+                type $T = i8;
+                $body
+            }
+            kiln_core::DType::I16 => {
+                type $T = i16;
+                $body
+            }
+            kiln_core::DType::I32 => {
+                type $T = i32;
+                $body
+            }
+            kiln_core::DType::I64 => {
+                type $T = i64;
+                $body
+            }
+            kiln_core::DType::U8 => {
+                type $T = u8;
+                $body
+            }
+            kiln_core::DType::U16 => {
+                type $T = u16;
+                $body
+            }
+            kiln_core::DType::U32 => {
+                type $T = u32;
+                $body
+            }
+            kiln_core::DType::U64 => {
+                type $T = u64;
+                $body
+            }
             _ => $other,
         }
     };

@@ -128,7 +128,9 @@ pub fn unary_eval(op: &str, kind: UnaryKind, x: &Tensor) -> Result<Tensor> {
                 Ok(())
             })
         }
-        UnaryKind::BitwiseNot => dispatch_int!(dt, T => int_not::<T>(x), _ => Err(bad_dtype(op, dt))),
+        UnaryKind::BitwiseNot => {
+            dispatch_int!(dt, T => int_not::<T>(x), _ => Err(bad_dtype(op, dt)))
+        }
         _ => crate::dispatch_float!(dt, T => float_map::<T>(x, kind), _ => Err(bad_dtype(op, dt))),
     }
 }
@@ -216,8 +218,8 @@ pub fn register(reg: &mut OpRegistry) {
         )*};
     }
     simple!(
-        Abs, Neg, Sign, Exp, Log, Sqrt, Reciprocal, Floor, Ceil, Round, Erf, Sin, Cos, Tan, Asin, Acos, Atan, Sinh,
-        Cosh, Tanh, Asinh, Acosh, Atanh, IsNaN, Not, BitwiseNot
+        Abs, Neg, Sign, Exp, Log, Sqrt, Reciprocal, Floor, Ceil, Round, Erf, Sin, Cos, Tan, Asin,
+        Acos, Atan, Sinh, Cosh, Tanh, Asinh, Acosh, Atanh, IsNaN, Not, BitwiseNot
     );
     reg.register("IsInf", |ctx: &BuildCtx| {
         let a = ctx.attrs();
@@ -253,30 +255,58 @@ mod tests {
             close(y.as_slice::<f32>().unwrap(), &want, 1e-6);
         }
         let y = run1("Erf", 13, vec![], &[Some(f32t(&[3], vec![0.0, 1.0, -0.5]))]).unwrap();
-        close(y.as_slice::<f32>().unwrap(), &[0.0, 0.842_700_8, -0.520_499_9], 1e-6);
+        close(
+            y.as_slice::<f32>().unwrap(),
+            &[0.0, 0.842_700_8, -0.520_499_9],
+            1e-6,
+        );
     }
 
     #[test]
     fn round_half_even_and_ints() {
-        let y = run1("Round", 11, vec![], &[Some(f32t(&[5], vec![0.5, 1.5, 2.5, -0.5, -1.4]))]).unwrap();
+        let y = run1(
+            "Round",
+            11,
+            vec![],
+            &[Some(f32t(&[5], vec![0.5, 1.5, 2.5, -0.5, -1.4]))],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[0.0, 2.0, 2.0, -0.0, -1.0]);
         let t = Tensor::from_vec(&[4], vec![-3i32, 0, 5, i32::MIN]).unwrap();
         let y = run1("Abs", 13, vec![], &[Some(t.clone())]).unwrap();
         assert_eq!(y.as_slice::<i32>().unwrap(), &[3, 0, 5, i32::MIN]);
         let y = run1("Sign", 13, vec![], &[Some(t)]).unwrap();
         assert_eq!(y.as_slice::<i32>().unwrap(), &[-1, 0, 1, -1]);
-        let y = run1("BitwiseNot", 18, vec![], &[Some(Tensor::from_vec(&[2], vec![0u8, 5]).unwrap())]).unwrap();
+        let y = run1(
+            "BitwiseNot",
+            18,
+            vec![],
+            &[Some(Tensor::from_vec(&[2], vec![0u8, 5]).unwrap())],
+        )
+        .unwrap();
         assert_eq!(y.as_slice::<u8>().unwrap(), &[255, 250]);
     }
 
     #[test]
     fn isinf_isnan_not() {
         let t = f32t(&[4], vec![f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1.0]);
-        let y = run1("IsInf", 10, vec![("detect_negative", Attr::Int(0))], &[Some(t.clone())]).unwrap();
+        let y = run1(
+            "IsInf",
+            10,
+            vec![("detect_negative", Attr::Int(0))],
+            &[Some(t.clone())],
+        )
+        .unwrap();
         assert_eq!(y.as_bools().unwrap(), &[true, false, false, false]);
         let y = run1("IsNaN", 13, vec![], &[Some(t)]).unwrap();
         assert_eq!(y.as_bools().unwrap(), &[false, false, true, false]);
-        let y = run1("Not", 1, vec![], &[Some(Tensor::from_bools(&[2], &[true, false]).unwrap())]).unwrap();
+        let y = run1(
+            "Not",
+            1,
+            vec![],
+            &[Some(Tensor::from_bools(&[2], &[true, false]).unwrap())],
+        )
+        .unwrap();
         assert_eq!(y.as_bools().unwrap(), &[false, true]);
     }
 

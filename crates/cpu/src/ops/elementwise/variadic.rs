@@ -40,14 +40,20 @@ impl Op for Variadic {
         let ts: Vec<&Tensor> = inputs
             .iter()
             .flatten()
-            .map(|v| v.as_tensor().map_err(|e| KilnError::kernel(self.name, e.to_string())))
+            .map(|v| {
+                v.as_tensor()
+                    .map_err(|e| KilnError::kernel(self.name, e.to_string()))
+            })
             .collect::<Result<_>>()?;
         let Some(first) = ts.first() else {
             return Err(KilnError::kernel(self.name, "needs at least one input"));
         };
         let dt = first.dtype();
         if let Some(t) = ts.iter().find(|t| t.dtype() != dt) {
-            return Err(KilnError::kernel(self.name, format!("input dtypes differ: {dt} and {}", t.dtype())));
+            return Err(KilnError::kernel(
+                self.name,
+                format!("input dtypes differ: {dt} and {}", t.dtype()),
+            ));
         }
         let out = crate::dispatch_numeric!(dt, T => variadic::<T>(self.name, self.kind, &ts), _ => Err(bad_dtype(self.name, dt)))?;
         one(out)
@@ -104,18 +110,36 @@ mod tests {
         let a = f32t(&[3], vec![1.0, 5.0, 3.0]);
         let b = f32t(&[2, 1], vec![2.0, 4.0]);
         let c = f32t(&[], vec![0.0]);
-        let y = run1("Max", 13, vec![], &[Some(a.clone()), Some(b.clone()), Some(c.clone())]).unwrap();
+        let y = run1(
+            "Max",
+            13,
+            vec![],
+            &[Some(a.clone()), Some(b.clone()), Some(c.clone())],
+        )
+        .unwrap();
         assert_eq!(y.shape(), &[2, 3]);
-        assert_eq!(y.as_slice::<f32>().unwrap(), &[2.0, 5.0, 3.0, 4.0, 5.0, 4.0]);
+        assert_eq!(
+            y.as_slice::<f32>().unwrap(),
+            &[2.0, 5.0, 3.0, 4.0, 5.0, 4.0]
+        );
         let y = run1("Mean", 13, vec![], &[Some(a.clone()), Some(b.clone())]).unwrap();
-        assert_eq!(y.as_slice::<f32>().unwrap(), &[1.5, 3.5, 2.5, 2.5, 4.5, 3.5]);
+        assert_eq!(
+            y.as_slice::<f32>().unwrap(),
+            &[1.5, 3.5, 2.5, 2.5, 4.5, 3.5]
+        );
         let y = run1("Sum", 13, vec![], &[Some(a.clone())]).unwrap();
         assert_eq!(y.as_slice::<f32>().unwrap(), &[1.0, 5.0, 3.0]);
         let i = Tensor::from_vec(&[2], vec![3u8, 9]).unwrap();
         let j = Tensor::from_vec(&[2], vec![4u8, 1]).unwrap();
         let y = run1("Min", 13, vec![], &[Some(i), Some(j)]).unwrap();
         assert_eq!(y.as_slice::<u8>().unwrap(), &[3, 1]);
-        let y = run1("Max", 13, vec![], &[Some(a), Some(f32t(&[1], vec![f32::NAN]))]).unwrap();
+        let y = run1(
+            "Max",
+            13,
+            vec![],
+            &[Some(a), Some(f32t(&[1], vec![f32::NAN]))],
+        )
+        .unwrap();
         assert!(y.as_slice::<f32>().unwrap()[0].is_nan());
         assert!(run1("Max", 13, vec![], &[]).is_err());
     }

@@ -15,11 +15,16 @@ pub struct Gather {
 
 /// Builds `Gather`.
 pub fn build_gather(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(Gather { axis: ctx.attrs().int("axis", 0)? }))
+    Ok(Box::new(Gather {
+        axis: ctx.attrs().int("axis", 0)?,
+    }))
 }
 
 impl Gather {
-    fn plan<'a>(&self, inputs: &[Option<&'a Value>]) -> Result<(&'a Tensor, Vec<usize>, BlockGather)> {
+    fn plan<'a>(
+        &self,
+        inputs: &[Option<&'a Value>],
+    ) -> Result<(&'a Tensor, Vec<usize>, BlockGather)> {
         let x = kiln_core::input_tensor(inputs, 0, "Gather")?;
         let idx = kiln_core::input_tensor(inputs, 1, "Gather")?;
         let axis = norm_axis("Gather", self.axis, x.rank())?;
@@ -37,7 +42,14 @@ impl Gather {
         let mut out = s[..axis].to_vec();
         out.extend_from_slice(&idx_shape);
         out.extend_from_slice(&s[axis + 1..]);
-        Ok((x, out, BlockGather { offsets, block: post }))
+        Ok((
+            x,
+            out,
+            BlockGather {
+                offsets,
+                block: post,
+            },
+        ))
     }
 }
 
@@ -48,9 +60,13 @@ impl Op for Gather {
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let x = fact_at(inputs, 0);
         let dtype = x.and_then(|f| f.dtype);
-        let shape = match (x.and_then(|f| f.shape.as_ref()), fact_at(inputs, 1).and_then(|f| f.shape.as_ref())) {
+        let shape = match (
+            x.and_then(|f| f.shape.as_ref()),
+            fact_at(inputs, 1).and_then(|f| f.shape.as_ref()),
+        ) {
             (Some(s), Some(i)) => {
-                let axis = norm_axis("Gather", self.axis, s.len()).map_err(|e| ierr("Gather", e.to_string()))?;
+                let axis = norm_axis("Gather", self.axis, s.len())
+                    .map_err(|e| ierr("Gather", e.to_string()))?;
                 let mut out = s[..axis].to_vec();
                 out.extend(i.iter().cloned());
                 out.extend(s[axis + 1..].iter().cloned());
@@ -87,18 +103,36 @@ pub struct GatherElements {
 
 /// Builds `GatherElements`.
 pub fn build_gather_elements(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(GatherElements { axis: ctx.attrs().int("axis", 0)? }))
+    Ok(Box::new(GatherElements {
+        axis: ctx.attrs().int("axis", 0)?,
+    }))
 }
 
 /// Offsets into `data` for an elementwise index tensor along `axis` (shared with
 /// ScatterElements). `idx` holds normalised indices shaped `ishape`.
-pub(crate) fn elementwise_offsets(op: &str, dshape: &[usize], ishape: &[usize], axis: usize, idx: &[usize]) -> Result<Vec<usize>> {
+pub(crate) fn elementwise_offsets(
+    op: &str,
+    dshape: &[usize],
+    ishape: &[usize],
+    axis: usize,
+    idx: &[usize],
+) -> Result<Vec<usize>> {
     if dshape.len() != ishape.len() {
-        return Err(kerr(op, format!("indices rank {} differs from data rank {}", ishape.len(), dshape.len())));
+        return Err(kerr(
+            op,
+            format!(
+                "indices rank {} differs from data rank {}",
+                ishape.len(),
+                dshape.len()
+            ),
+        ));
     }
     for d in 0..dshape.len() {
         if d != axis && ishape[d] > dshape[d] {
-            return Err(kerr(op, format!("indices shape {ishape:?} exceeds data shape {dshape:?} at dim {d}")));
+            return Err(kerr(
+                op,
+                format!("indices shape {ishape:?} exceeds data shape {dshape:?} at dim {d}"),
+            ));
         }
     }
     let dst = kiln_core::strides(dshape);
@@ -128,7 +162,10 @@ impl Op for GatherElements {
     }
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let dtype = fact_at(inputs, 0).and_then(|f| f.dtype);
-        Ok(vec![tensor_fact(dtype, fact_at(inputs, 1).and_then(|f| f.shape.clone()))])
+        Ok(vec![tensor_fact(
+            dtype,
+            fact_at(inputs, 1).and_then(|f| f.shape.clone()),
+        )])
     }
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let op = "GatherElements";
@@ -137,7 +174,10 @@ impl Op for GatherElements {
         let axis = norm_axis(op, self.axis, x.rank())?;
         let idx = norm_indices(op, it, x.shape()[axis])?;
         let offs = elementwise_offsets(op, x.shape(), it.shape(), axis, &idx)?;
-        let g = BlockGather { offsets: offs.into_iter().map(Some).collect(), block: 1 };
+        let g = BlockGather {
+            offsets: offs.into_iter().map(Some).collect(),
+            block: 1,
+        };
         Ok(vec![move_data(&g, op, &[x], x.dtype(), it.shape())?.into()])
     }
     fn as_any(&self) -> &dyn Any {
@@ -157,26 +197,45 @@ pub struct GatherND {
 pub fn build_gather_nd(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
     let b = a.int("batch_dims", 0)?;
-    let batch_dims = usize::try_from(b).map_err(|_| a.invalid(format!("batch_dims must be >= 0, got {b}")))?;
+    let batch_dims =
+        usize::try_from(b).map_err(|_| a.invalid(format!("batch_dims must be >= 0, got {b}")))?;
     Ok(Box::new(GatherND { batch_dims }))
 }
 
 /// Layout shared by GatherND and ScatterND: for each index tuple, the data offset of the
 /// addressed block; plus the block size and the output (or updates) shape.
-pub(crate) fn nd_offsets(op: &str, dshape: &[usize], it: &Tensor, batch_dims: usize) -> Result<(Vec<usize>, usize, Vec<usize>)> {
+pub(crate) fn nd_offsets(
+    op: &str,
+    dshape: &[usize],
+    it: &Tensor,
+    batch_dims: usize,
+) -> Result<(Vec<usize>, usize, Vec<usize>)> {
     let ishape = it.shape();
     let (r, q, b) = (dshape.len(), ishape.len(), batch_dims);
     if q < 1 || r < 1 || b >= q.min(r) {
-        return Err(kerr(op, format!("invalid ranks: data {dshape:?}, indices {ishape:?}, batch_dims {b}")));
+        return Err(kerr(
+            op,
+            format!("invalid ranks: data {dshape:?}, indices {ishape:?}, batch_dims {b}"),
+        ));
     }
     if dshape[..b] != ishape[..b] {
-        return Err(kerr(op, format!("batch dims differ: data {dshape:?}, indices {ishape:?}")));
+        return Err(kerr(
+            op,
+            format!("batch dims differ: data {dshape:?}, indices {ishape:?}"),
+        ));
     }
     let k = ishape[q - 1];
     if k > r - b {
-        return Err(kerr(op, format!("index tuples of length {k} are too long for data {dshape:?} after {b} batch dims")));
+        return Err(kerr(
+            op,
+            format!(
+                "index tuples of length {k} are too long for data {dshape:?} after {b} batch dims"
+            ),
+        ));
     }
-    let raw = it.to_i64_vec().map_err(|e| kerr(op, format!("indices: {e}")))?;
+    let raw = it
+        .to_i64_vec()
+        .map_err(|e| kerr(op, format!("indices: {e}")))?;
     let st = kiln_core::strides(dshape);
     let block: usize = dshape[b + k..].iter().product();
     let batch_stride: usize = dshape[b..].iter().product();
@@ -191,7 +250,14 @@ pub(crate) fn nd_offsets(op: &str, dshape: &[usize], it: &Tensor, batch_dims: us
             let v = raw[t * k + j];
             let v = if v < 0 { v + d } else { v };
             if v < 0 || v >= d {
-                return Err(kerr(op, format!("index {} out of range for dim {} of size {d}", raw[t * k + j], b + j)));
+                return Err(kerr(
+                    op,
+                    format!(
+                        "index {} out of range for dim {} of size {d}",
+                        raw[t * k + j],
+                        b + j
+                    ),
+                ));
             }
             off += v as usize * st[b + j];
         }
@@ -209,7 +275,10 @@ impl Op for GatherND {
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let x = fact_at(inputs, 0);
         let dtype = x.and_then(|f| f.dtype);
-        let shape = match (x.and_then(|f| f.shape.as_ref()), fact_at(inputs, 1).and_then(|f| f.shape.as_ref())) {
+        let shape = match (
+            x.and_then(|f| f.shape.as_ref()),
+            fact_at(inputs, 1).and_then(|f| f.shape.as_ref()),
+        ) {
             (Some(d), Some(i)) if !i.is_empty() => match i[i.len() - 1].known() {
                 Some(k) if self.batch_dims + k <= d.len() => {
                     let mut out = i[..i.len() - 1].to_vec();
@@ -226,8 +295,13 @@ impl Op for GatherND {
         let x = kiln_core::input_tensor(inputs, 0, "GatherND")?;
         let it = kiln_core::input_tensor(inputs, 1, "GatherND")?;
         let (offsets, block, out) = nd_offsets("GatherND", x.shape(), it, self.batch_dims)?;
-        let g = BlockGather { offsets: offsets.into_iter().map(Some).collect(), block };
-        Ok(vec![move_data(&g, "GatherND", &[x], x.dtype(), &out)?.into()])
+        let g = BlockGather {
+            offsets: offsets.into_iter().map(Some).collect(),
+            block,
+        };
+        Ok(vec![
+            move_data(&g, "GatherND", &[x], x.dtype(), &out)?.into()
+        ])
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -240,7 +314,9 @@ mod tests {
 
     fn f32t(shape: &[usize]) -> Value {
         let n: usize = shape.iter().product();
-        Tensor::from_vec(shape, (0..n).map(|v| v as f32).collect()).unwrap().into()
+        Tensor::from_vec(shape, (0..n).map(|v| v as f32).collect())
+            .unwrap()
+            .into()
     }
 
     fn i64t(shape: &[usize], v: &[i64]) -> Value {
@@ -250,14 +326,25 @@ mod tests {
     #[test]
     fn gather_axes_and_negative() {
         let x = f32t(&[3, 4]);
-        let y = Gather { axis: 1 }.eval(&[Some(&x), Some(&i64t(&[2, 2], &[0, -1, 2, 1]))]).unwrap();
+        let y = Gather { axis: 1 }
+            .eval(&[Some(&x), Some(&i64t(&[2, 2], &[0, -1, 2, 1]))])
+            .unwrap();
         let y = y[0].as_tensor().unwrap();
         assert_eq!(y.shape(), &[3, 2, 2]);
         assert_eq!(&y.as_slice::<f32>().unwrap()[..4], &[0., 3., 2., 1.]);
-        let y = Gather { axis: 0 }.eval(&[Some(&x), Some(&i64t(&[], &[-1]))]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().as_slice::<f32>().unwrap(), &[8., 9., 10., 11.]);
-        assert!(Gather { axis: 0 }.eval(&[Some(&x), Some(&i64t(&[1], &[3]))]).is_err());
-        assert!(Gather { axis: 2 }.eval(&[Some(&x), Some(&i64t(&[1], &[0]))]).is_err());
+        let y = Gather { axis: 0 }
+            .eval(&[Some(&x), Some(&i64t(&[], &[-1]))])
+            .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().as_slice::<f32>().unwrap(),
+            &[8., 9., 10., 11.]
+        );
+        assert!(Gather { axis: 0 }
+            .eval(&[Some(&x), Some(&i64t(&[1], &[3]))])
+            .is_err());
+        assert!(Gather { axis: 2 }
+            .eval(&[Some(&x), Some(&i64t(&[1], &[0]))])
+            .is_err());
         let i32i: Value = Tensor::from_vec(&[1], vec![1i32]).unwrap().into();
         let y = Gather { axis: 0 }.eval(&[Some(&x), Some(&i32i)]).unwrap();
         assert_eq!(y[0].as_tensor().unwrap().shape(), &[1, 4]);
@@ -265,23 +352,48 @@ mod tests {
 
     #[test]
     fn gather_elements_matches_spec() {
-        let x: Value = Tensor::from_vec(&[2, 2], vec![1f32, 2., 3., 4.]).unwrap().into();
-        let y = GatherElements { axis: 1 }.eval(&[Some(&x), Some(&i64t(&[2, 2], &[0, 0, 1, 0]))]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().as_slice::<f32>().unwrap(), &[1., 1., 4., 3.]);
-        let y = GatherElements { axis: 0 }.eval(&[Some(&x), Some(&i64t(&[1, 2], &[1, -2]))]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().as_slice::<f32>().unwrap(), &[3., 2.]);
-        assert!(GatherElements { axis: 0 }.eval(&[Some(&x), Some(&i64t(&[2], &[0, 0]))]).is_err());
+        let x: Value = Tensor::from_vec(&[2, 2], vec![1f32, 2., 3., 4.])
+            .unwrap()
+            .into();
+        let y = GatherElements { axis: 1 }
+            .eval(&[Some(&x), Some(&i64t(&[2, 2], &[0, 0, 1, 0]))])
+            .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().as_slice::<f32>().unwrap(),
+            &[1., 1., 4., 3.]
+        );
+        let y = GatherElements { axis: 0 }
+            .eval(&[Some(&x), Some(&i64t(&[1, 2], &[1, -2]))])
+            .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().as_slice::<f32>().unwrap(),
+            &[3., 2.]
+        );
+        assert!(GatherElements { axis: 0 }
+            .eval(&[Some(&x), Some(&i64t(&[2], &[0, 0]))])
+            .is_err());
     }
 
     #[test]
     fn gather_nd_batch_dims() {
-        let x: Value = Tensor::from_vec(&[2, 2, 2], (0..8).collect::<Vec<i32>>()).unwrap().into();
-        let y = GatherND { batch_dims: 1 }.eval(&[Some(&x), Some(&i64t(&[2, 1], &[1, 0]))]).unwrap();
+        let x: Value = Tensor::from_vec(&[2, 2, 2], (0..8).collect::<Vec<i32>>())
+            .unwrap()
+            .into();
+        let y = GatherND { batch_dims: 1 }
+            .eval(&[Some(&x), Some(&i64t(&[2, 1], &[1, 0]))])
+            .unwrap();
         let y = y[0].as_tensor().unwrap();
         assert_eq!(y.shape(), &[2, 2]);
         assert_eq!(y.as_slice::<i32>().unwrap(), &[2, 3, 4, 5]);
-        let y = GatherND { batch_dims: 0 }.eval(&[Some(&x), Some(&i64t(&[2, 3], &[0, 1, 1, 1, 0, -1]))]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().as_slice::<i32>().unwrap(), &[3, 5]);
-        assert!(GatherND { batch_dims: 0 }.eval(&[Some(&x), Some(&i64t(&[1, 4], &[0, 0, 0, 0]))]).is_err());
+        let y = GatherND { batch_dims: 0 }
+            .eval(&[Some(&x), Some(&i64t(&[2, 3], &[0, 1, 1, 1, 0, -1]))])
+            .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().as_slice::<i32>().unwrap(),
+            &[3, 5]
+        );
+        assert!(GatherND { batch_dims: 0 }
+            .eval(&[Some(&x), Some(&i64t(&[1, 4], &[0, 0, 0, 0]))])
+            .is_err());
     }
 }

@@ -53,10 +53,27 @@ impl Mover for WriteBlocks {
 }
 
 /// Applies blocks with a reduction, for numeric dtypes.
-fn reduce_blocks(op: &str, data: &Tensor, upd: &Tensor, dst_offs: &[usize], block: usize, red: Reduction) -> Result<Tensor> {
-    fn go<T>(data: &Tensor, upd: &Tensor, dst_offs: &[usize], block: usize, red: Reduction) -> Result<Tensor>
+fn reduce_blocks(
+    op: &str,
+    data: &Tensor,
+    upd: &Tensor,
+    dst_offs: &[usize],
+    block: usize,
+    red: Reduction,
+) -> Result<Tensor> {
+    fn go<T>(
+        data: &Tensor,
+        upd: &Tensor,
+        dst_offs: &[usize],
+        block: usize,
+        red: Reduction,
+    ) -> Result<Tensor>
     where
-        T: kiln_core::Element + Copy + PartialOrd + std::ops::Add<Output = T> + std::ops::Mul<Output = T>,
+        T: kiln_core::Element
+            + Copy
+            + PartialOrd
+            + std::ops::Add<Output = T>
+            + std::ops::Mul<Output = T>,
     {
         let mut out = data.as_slice::<T>()?.to_vec();
         let u = upd.as_slice::<T>()?;
@@ -87,15 +104,28 @@ fn reduce_blocks(op: &str, data: &Tensor, upd: &Tensor, dst_offs: &[usize], bloc
         Tensor::from_vec(data.shape(), out)
     }
     if upd.dtype() != data.dtype() {
-        return Err(kerr(op, format!("updates dtype {} differs from data dtype {}", upd.dtype(), data.dtype())));
+        return Err(kerr(
+            op,
+            format!(
+                "updates dtype {} differs from data dtype {}",
+                upd.dtype(),
+                data.dtype()
+            ),
+        ));
     }
     if dst_offs.iter().any(|&d| d + block > data.len()) || dst_offs.len() * block > upd.len() {
         return Err(kerr(op, "internal error: block out of range"));
     }
     if data.dtype() == DType::Bool {
         // or / and semantics for add / mul, max / min.
-        let b = Tensor::from_vec(data.shape(), data.as_bools()?.iter().map(|&v| v as u8).collect())?;
-        let ub = Tensor::from_vec(upd.shape(), upd.as_bools()?.iter().map(|&v| v as u8).collect())?;
+        let b = Tensor::from_vec(
+            data.shape(),
+            data.as_bools()?.iter().map(|&v| v as u8).collect(),
+        )?;
+        let ub = Tensor::from_vec(
+            upd.shape(),
+            upd.as_bools()?.iter().map(|&v| v as u8).collect(),
+        )?;
         let r = go::<u8>(&b, &ub, dst_offs, block, red)?;
         let bools: Vec<bool> = r.as_slice::<u8>()?.iter().map(|&v| v != 0).collect();
         return Tensor::from_bools(data.shape(), &bools);
@@ -104,10 +134,21 @@ fn reduce_blocks(op: &str, data: &Tensor, upd: &Tensor, dst_offs: &[usize], bloc
         _ => Err(kerr(op, format!("reduction is not supported for dtype {}", data.dtype()))))
 }
 
-fn scatter(op: &str, data: &Tensor, upd: &Tensor, dst_offs: Vec<usize>, block: usize, red: Reduction) -> Result<Tensor> {
+fn scatter(
+    op: &str,
+    data: &Tensor,
+    upd: &Tensor,
+    dst_offs: Vec<usize>,
+    block: usize,
+    red: Reduction,
+) -> Result<Tensor> {
     if red == Reduction::None {
         let src_offs = (0..dst_offs.len()).map(|k| k * block).collect();
-        let m = WriteBlocks { dst_offs, src_offs, block };
+        let m = WriteBlocks {
+            dst_offs,
+            src_offs,
+            block,
+        };
         if upd.len() < m.dst_offs.len() * block {
             return Err(kerr(op, "updates are smaller than the indices"));
         }
@@ -134,12 +175,20 @@ pub struct ScatterElements {
 
 /// Builds `ScatterElements`.
 pub fn build_scatter_elements(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(ScatterElements { axis: ctx.attrs().int("axis", 0)?, reduction: parse_reduction(ctx)?, name: "ScatterElements" }))
+    Ok(Box::new(ScatterElements {
+        axis: ctx.attrs().int("axis", 0)?,
+        reduction: parse_reduction(ctx)?,
+        name: "ScatterElements",
+    }))
 }
 
 /// Builds the deprecated `Scatter` (same as ScatterElements without reduction).
 pub fn build_scatter(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(ScatterElements { axis: ctx.attrs().int("axis", 0)?, reduction: Reduction::None, name: "Scatter" }))
+    Ok(Box::new(ScatterElements {
+        axis: ctx.attrs().int("axis", 0)?,
+        reduction: Reduction::None,
+        name: "Scatter",
+    }))
 }
 
 impl Op for ScatterElements {
@@ -155,7 +204,14 @@ impl Op for ScatterElements {
         let it = kiln_core::input_tensor(inputs, 1, op)?;
         let upd = kiln_core::input_tensor(inputs, 2, op)?;
         if it.shape() != upd.shape() {
-            return Err(kerr(op, format!("indices {:?} and updates {:?} differ in shape", it.shape(), upd.shape())));
+            return Err(kerr(
+                op,
+                format!(
+                    "indices {:?} and updates {:?} differ in shape",
+                    it.shape(),
+                    upd.shape()
+                ),
+            ));
         }
         let axis = norm_axis(op, self.axis, x.rank())?;
         let idx = norm_indices(op, it, x.shape()[axis])?;
@@ -177,7 +233,9 @@ pub struct ScatterND {
 
 /// Builds `ScatterND`.
 pub fn build_scatter_nd(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(ScatterND { reduction: parse_reduction(ctx)? }))
+    Ok(Box::new(ScatterND {
+        reduction: parse_reduction(ctx)?,
+    }))
 }
 
 impl Op for ScatterND {
@@ -194,9 +252,14 @@ impl Op for ScatterND {
         let upd = kiln_core::input_tensor(inputs, 2, op)?;
         let (offs, block, ushape) = nd_offsets(op, x.shape(), it, 0)?;
         if upd.shape() != ushape.as_slice() {
-            return Err(kerr(op, format!("updates shape {:?}, expected {ushape:?}", upd.shape())));
+            return Err(kerr(
+                op,
+                format!("updates shape {:?}, expected {ushape:?}", upd.shape()),
+            ));
         }
-        Ok(vec![scatter(op, x, upd, offs, block, self.reduction)?.into()])
+        Ok(vec![
+            scatter(op, x, upd, offs, block, self.reduction)?.into()
+        ])
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -221,7 +284,10 @@ pub fn build_tensor_scatter(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         "circular" => true,
         m => return Err(a.invalid(format!("unknown mode {m}"))),
     };
-    Ok(Box::new(TensorScatter { axis: a.int("axis", -2)?, circular }))
+    Ok(Box::new(TensorScatter {
+        axis: a.int("axis", -2)?,
+        circular,
+    }))
 }
 
 impl Op for TensorScatter {
@@ -239,11 +305,20 @@ impl Op for TensorScatter {
         let rank = cs.len();
         let axis = norm_axis(op, self.axis, rank)?;
         if axis == 0 || us.len() != rank {
-            return Err(kerr(op, format!("invalid axis {} or update rank for cache {cs:?}, update {us:?}", self.axis)));
+            return Err(kerr(
+                op,
+                format!(
+                    "invalid axis {} or update rank for cache {cs:?}, update {us:?}",
+                    self.axis
+                ),
+            ));
         }
         for d in 0..rank {
             if (d != axis && cs[d] != us[d]) || (d == axis && us[d] > cs[d]) {
-                return Err(kerr(op, format!("update {us:?} does not fit cache {cs:?} on axis {axis}")));
+                return Err(kerr(
+                    op,
+                    format!("update {us:?} does not fit cache {cs:?} on axis {axis}"),
+                ));
             }
         }
         let batch = cs[0];
@@ -252,7 +327,10 @@ impl Op for TensorScatter {
             None => vec![0; batch],
         };
         if wi.len() != batch {
-            return Err(kerr(op, format!("write_indices has {} values for batch {batch}", wi.len())));
+            return Err(kerr(
+                op,
+                format!("write_indices has {} values for batch {batch}", wi.len()),
+            ));
         }
         let (max_len, seq) = (cs[axis], us[axis]);
         let post: usize = cs[axis + 1..].iter().product();
@@ -268,14 +346,23 @@ impl Op for TensorScatter {
                     pos = pos.rem_euclid(max_len as i64);
                 }
                 if pos < 0 || pos >= max_len as i64 {
-                    return Err(kerr(op, format!("write position {pos} is outside the cache length {max_len}")));
+                    return Err(kerr(
+                        op,
+                        format!("write position {pos} is outside the cache length {max_len}"),
+                    ));
                 }
                 dst_offs.push((p * max_len + pos as usize) * post);
                 src_offs.push((p * seq + s) * post);
             }
         }
-        let m = WriteBlocks { dst_offs, src_offs, block: post };
-        Ok(vec![move_data(&m, op, &[cache, upd], cache.dtype(), cs)?.into()])
+        let m = WriteBlocks {
+            dst_offs,
+            src_offs,
+            block: post,
+        };
+        Ok(vec![
+            move_data(&m, op, &[cache, upd], cache.dtype(), cs)?.into()
+        ])
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -298,18 +385,35 @@ mod tests {
         let x = f32v(&[1, 5], &[1., 2., 3., 4., 5.]);
         let i = i64v(&[1, 2], &[1, 1]);
         let u = f32v(&[1, 2], &[1.1, 2.1]);
-        let mk = |reduction| ScatterElements { axis: 1, reduction, name: "ScatterElements" };
-        let run = |op: ScatterElements| op.eval(&[Some(&x), Some(&i), Some(&u)]).unwrap()[0].as_tensor().unwrap().to_f32_vec().unwrap();
+        let mk = |reduction| ScatterElements {
+            axis: 1,
+            reduction,
+            name: "ScatterElements",
+        };
+        let run = |op: ScatterElements| {
+            op.eval(&[Some(&x), Some(&i), Some(&u)]).unwrap()[0]
+                .as_tensor()
+                .unwrap()
+                .to_f32_vec()
+                .unwrap()
+        };
         assert_eq!(run(mk(Reduction::Add)), vec![1., 5.2, 3., 4., 5.]);
         assert_eq!(run(mk(Reduction::None)), vec![1., 2.1, 3., 4., 5.]);
         assert_eq!(run(mk(Reduction::Max)), vec![1., 2.1, 3., 4., 5.]);
         assert_eq!(run(mk(Reduction::Min)), vec![1., 1.1, 3., 4., 5.]);
         assert!((run(mk(Reduction::Mul))[1] - 2.0 * 1.1 * 2.1).abs() < 1e-5);
         let bad = i64v(&[1, 2], &[1, 7]);
-        assert!(mk(Reduction::None).eval(&[Some(&x), Some(&bad), Some(&u)]).is_err());
+        assert!(mk(Reduction::None)
+            .eval(&[Some(&x), Some(&bad), Some(&u)])
+            .is_err());
         let neg = i64v(&[1, 2], &[-1, 0]);
-        let y = mk(Reduction::None).eval(&[Some(&x), Some(&neg), Some(&u)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![2.1, 2., 3., 4., 1.1]);
+        let y = mk(Reduction::None)
+            .eval(&[Some(&x), Some(&neg), Some(&u)])
+            .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![2.1, 2., 3., 4., 1.1]
+        );
     }
 
     #[test]
@@ -317,17 +421,42 @@ mod tests {
         let x = f32v(&[8], &[1., 2., 3., 4., 5., 6., 7., 8.]);
         let i = i64v(&[4, 1], &[4, 3, 1, 7]);
         let u = f32v(&[4], &[9., 10., 11., 12.]);
-        let y = ScatterND { reduction: Reduction::None }.eval(&[Some(&x), Some(&i), Some(&u)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![1., 11., 3., 10., 9., 6., 7., 12.]);
-        let y = ScatterND { reduction: Reduction::Add }.eval(&[Some(&x), Some(&i), Some(&u)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![1., 13., 3., 14., 14., 6., 7., 20.]);
+        let y = ScatterND {
+            reduction: Reduction::None,
+        }
+        .eval(&[Some(&x), Some(&i), Some(&u)])
+        .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![1., 11., 3., 10., 9., 6., 7., 12.]
+        );
+        let y = ScatterND {
+            reduction: Reduction::Add,
+        }
+        .eval(&[Some(&x), Some(&i), Some(&u)])
+        .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![1., 13., 3., 14., 14., 6., 7., 20.]
+        );
         let x = f32v(&[2, 2], &[1., 2., 3., 4.]);
         let i = i64v(&[1, 1], &[1]);
         let u = f32v(&[1, 2], &[7., 8.]);
-        let y = ScatterND { reduction: Reduction::None }.eval(&[Some(&x), Some(&i), Some(&u)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![1., 2., 7., 8.]);
+        let y = ScatterND {
+            reduction: Reduction::None,
+        }
+        .eval(&[Some(&x), Some(&i), Some(&u)])
+        .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![1., 2., 7., 8.]
+        );
         let bad = f32v(&[2], &[7., 8.]);
-        assert!(ScatterND { reduction: Reduction::None }.eval(&[Some(&x), Some(&i), Some(&bad)]).is_err());
+        assert!(ScatterND {
+            reduction: Reduction::None
+        }
+        .eval(&[Some(&x), Some(&i), Some(&bad)])
+        .is_err());
     }
 
     #[test]
@@ -336,12 +465,24 @@ mod tests {
         let cache = f32v(&[2, 4, 1], &[0.; 8]);
         let upd = f32v(&[2, 2, 1], &[1., 2., 3., 4.]);
         let wi = i64v(&[2], &[1, 3]);
-        let op = TensorScatter { axis: -2, circular: true };
+        let op = TensorScatter {
+            axis: -2,
+            circular: true,
+        };
         let y = op.eval(&[Some(&cache), Some(&upd), Some(&wi)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![0., 1., 2., 0., 4., 0., 0., 3.]);
-        let op = TensorScatter { axis: -2, circular: false };
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![0., 1., 2., 0., 4., 0., 0., 3.]
+        );
+        let op = TensorScatter {
+            axis: -2,
+            circular: false,
+        };
         assert!(op.eval(&[Some(&cache), Some(&upd), Some(&wi)]).is_err());
         let y = op.eval(&[Some(&cache), Some(&upd)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![1., 2., 0., 0., 3., 4., 0., 0.]);
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![1., 2., 0., 0., 3., 4., 0., 0.]
+        );
     }
 }

@@ -28,7 +28,9 @@ pub struct Compress {
 
 /// Builds `Compress`.
 pub fn build_compress(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(Compress { axis: ctx.attrs().opt_int("axis")? }))
+    Ok(Box::new(Compress {
+        axis: ctx.attrs().opt_int("axis")?,
+    }))
 }
 
 impl Op for Compress {
@@ -38,7 +40,9 @@ impl Op for Compress {
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let x = fact_at(inputs, 0);
         let dtype = x.and_then(|f| f.dtype);
-        let cond = fact_at(inputs, 1).and_then(|f| f.konst.as_ref()).and_then(|t| truth_values(t).ok());
+        let cond = fact_at(inputs, 1)
+            .and_then(|f| f.konst.as_ref())
+            .and_then(|t| truth_values(t).ok());
         let selected = match cond {
             Some(c) => Dim::Known(c.iter().filter(|b| **b).count()),
             None => Dim::Unknown,
@@ -46,7 +50,8 @@ impl Op for Compress {
         let shape = match (self.axis, x.and_then(|f| f.shape.as_ref())) {
             (None, _) => Some(vec![selected]),
             (Some(a), Some(s)) => {
-                let a = norm_axis("Compress", a, s.len()).map_err(|e| ierr("Compress", e.to_string()))?;
+                let a = norm_axis("Compress", a, s.len())
+                    .map_err(|e| ierr("Compress", e.to_string()))?;
                 let mut s = s.clone();
                 s[a] = selected;
                 Some(s)
@@ -65,16 +70,29 @@ impl Op for Compress {
         };
         let s = x.shape();
         let dim = s[axis];
-        let sel: Vec<usize> = cond.iter().enumerate().filter(|(_, c)| **c).map(|(i, _)| i).collect();
+        let sel: Vec<usize> = cond
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| **c)
+            .map(|(i, _)| i)
+            .collect();
         if let Some(&bad) = sel.iter().find(|&&i| i >= dim) {
-            return Err(kerr(op, format!("condition selects index {bad} beyond the axis size {dim}")));
+            return Err(kerr(
+                op,
+                format!("condition selects index {bad} beyond the axis size {dim}"),
+            ));
         }
         let pre: usize = s[..axis].iter().product();
         let post: usize = s[axis + 1..].iter().product();
-        let offsets = (0..pre).flat_map(|p| sel.iter().map(move |&i| Some((p * dim + i) * post))).collect();
+        let offsets = (0..pre)
+            .flat_map(|p| sel.iter().map(move |&i| Some((p * dim + i) * post)))
+            .collect();
         let mut out = s.to_vec();
         out[axis] = sel.len();
-        let g = BlockGather { offsets, block: post };
+        let g = BlockGather {
+            offsets,
+            block: post,
+        };
         Ok(vec![move_data(&g, op, &[&x], x.dtype(), &out)?.into()])
     }
     fn as_any(&self) -> &dyn Any {
@@ -99,13 +117,21 @@ impl Op for NonZero {
     }
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let rank = fact_at(inputs, 0).and_then(|f| f.rank());
-        Ok(vec![Fact::tensor(DType::I64, vec![rank.map_or(Dim::Unknown, Dim::Known), Dim::Unknown])])
+        Ok(vec![Fact::tensor(
+            DType::I64,
+            vec![rank.map_or(Dim::Unknown, Dim::Known), Dim::Unknown],
+        )])
     }
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = kiln_core::input_tensor(inputs, 0, "NonZero")?;
         let nz = truth_values(x)?;
         let (shape, rank) = (x.shape(), x.rank());
-        let hits: Vec<usize> = nz.iter().enumerate().filter(|(_, b)| **b).map(|(i, _)| i).collect();
+        let hits: Vec<usize> = nz
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b)
+            .map(|(i, _)| i)
+            .collect();
         let n = hits.len();
         let mut out = vec![0i64; rank * n];
         for (j, &flat) in hits.iter().enumerate() {
@@ -136,8 +162,16 @@ pub struct TopK {
 /// Builds `TopK`.
 pub fn build_top_k(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    let k_attr = if ctx.opset() < 10 { Some(a.req_int("k")?) } else { None };
-    Ok(Box::new(TopK { axis: a.int("axis", -1)?, largest: a.int("largest", 1)? != 0, k_attr }))
+    let k_attr = if ctx.opset() < 10 {
+        Some(a.req_int("k")?)
+    } else {
+        None
+    };
+    Ok(Box::new(TopK {
+        axis: a.int("axis", -1)?,
+        largest: a.int("largest", 1)? != 0,
+        k_attr,
+    }))
 }
 
 /// Total order used by TopK/Unique: NaN above everything, equal NaNs equal.
@@ -160,12 +194,19 @@ fn topk_typed<T: kiln_core::Element + PartialOrd + Copy>(
 ) -> Result<(Tensor, Tensor)> {
     let s = x.shape();
     let data = x.as_slice::<T>()?;
-    let (pre, dim, post) = (s[..axis].iter().product::<usize>(), s[axis], s[axis + 1..].iter().product::<usize>());
+    let (pre, dim, post) = (
+        s[..axis].iter().product::<usize>(),
+        s[axis],
+        s[axis + 1..].iter().product::<usize>(),
+    );
     let total = pre * k * post;
     let mut oshape = s.to_vec();
     oshape[axis] = k;
     if total == 0 {
-        return Ok((Tensor::from_vec(&oshape, Vec::<T>::new())?, Tensor::from_vec(&oshape, Vec::<i64>::new())?));
+        return Ok((
+            Tensor::from_vec(&oshape, Vec::<T>::new())?,
+            Tensor::from_vec(&oshape, Vec::<i64>::new())?,
+        ));
     }
     let mut idxs = vec![0i64; total];
     let mut out_vals = vec![data[0]; total];
@@ -192,7 +233,10 @@ fn topk_typed<T: kiln_core::Element + PartialOrd + Copy>(
             }
         }
     }
-    Ok((Tensor::from_vec(&oshape, out_vals)?, Tensor::from_vec(&oshape, idxs)?))
+    Ok((
+        Tensor::from_vec(&oshape, out_vals)?,
+        Tensor::from_vec(&oshape, idxs)?,
+    ))
 }
 
 impl Op for TopK {
@@ -208,7 +252,8 @@ impl Op for TopK {
         };
         let shape = match x.and_then(|f| f.shape.as_ref()) {
             Some(s) => {
-                let a = norm_axis("TopK", self.axis, s.len()).map_err(|e| ierr("TopK", e.to_string()))?;
+                let a = norm_axis("TopK", self.axis, s.len())
+                    .map_err(|e| ierr("TopK", e.to_string()))?;
                 let mut s = s.clone();
                 s[a] = match k {
                     Some(k) if k >= 0 => Dim::Known(k as usize),
@@ -218,7 +263,10 @@ impl Op for TopK {
             }
             None => None,
         };
-        Ok(vec![tensor_fact(dtype, shape.clone()), tensor_fact(Some(DType::I64), shape)])
+        Ok(vec![
+            tensor_fact(dtype, shape.clone()),
+            tensor_fact(Some(DType::I64), shape),
+        ])
     }
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let op = "TopK";
@@ -233,7 +281,10 @@ impl Op for TopK {
         let axis = norm_axis(op, self.axis, x.rank())?;
         let dim = x.shape()[axis];
         if k < 0 || k as usize > dim {
-            return Err(kerr(op, format!("k = {k} is out of range for an axis of size {dim}")));
+            return Err(kerr(
+                op,
+                format!("k = {k} is out of range for an axis of size {dim}"),
+            ));
         }
         let k = k as usize;
         let (v, i) = crate::dispatch_numeric!(x.dtype(), T => topk_typed::<T>(x, axis, k, self.largest)?,
@@ -258,12 +309,19 @@ pub struct Unique {
 /// Builds `Unique`.
 pub fn build_unique(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    Ok(Box::new(Unique { axis: a.opt_int("axis")?, sorted: a.int("sorted", 1)? != 0 }))
+    Ok(Box::new(Unique {
+        axis: a.opt_int("axis")?,
+        sorted: a.int("sorted", 1)? != 0,
+    }))
 }
 
 /// Groups `n` rows (compared by `cmp`): returns (first index of each group in output
 /// order, inverse index per row, count per group).
-fn group_rows<F: Fn(usize, usize) -> Ordering>(n: usize, sorted: bool, cmp: F) -> (Vec<usize>, Vec<i64>, Vec<i64>) {
+fn group_rows<F: Fn(usize, usize) -> Ordering>(
+    n: usize,
+    sorted: bool,
+    cmp: F,
+) -> (Vec<usize>, Vec<i64>, Vec<i64>) {
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| cmp(a, b).then(a.cmp(&b)));
     // groups in sorted order
@@ -311,7 +369,8 @@ impl Op for Unique {
         let y_shape = match (self.axis, x.and_then(|f| f.shape.as_ref())) {
             (None, _) => Some(vec![Dim::Unknown]),
             (Some(a), Some(s)) => {
-                let a = norm_axis("Unique", a, s.len()).map_err(|e| ierr("Unique", e.to_string()))?;
+                let a =
+                    norm_axis("Unique", a, s.len()).map_err(|e| ierr("Unique", e.to_string()))?;
                 let mut s = s.clone();
                 s[a] = Dim::Unknown;
                 Some(s)
@@ -320,7 +379,9 @@ impl Op for Unique {
         };
         let n_rows = match (self.axis, x.and_then(|f| f.shape.as_ref())) {
             (None, Some(s)) => super::super::shape::basic::dims_product(s),
-            (Some(a), Some(s)) => norm_axis("Unique", a, s.len()).map(|a| s[a].clone()).unwrap_or(Dim::Unknown),
+            (Some(a), Some(s)) => norm_axis("Unique", a, s.len())
+                .map(|a| s[a].clone())
+                .unwrap_or(Dim::Unknown),
             _ => Dim::Unknown,
         };
         let mut out = vec![tensor_fact(dtype, y_shape)];
@@ -344,7 +405,7 @@ impl Op for Unique {
             }
         };
         let n = rows_t.shape().first().copied().unwrap_or(1);
-        let row = if n == 0 { 0 } else { rows_t.len() / n };
+        let row = rows_t.len().checked_div(n).unwrap_or(0);
         let (firsts, inverse, counts) = match rows_t.dtype() {
             DType::String => {
                 let d = rows_t.as_strings()?;
@@ -359,7 +420,10 @@ impl Op for Unique {
                 group_rows(n, self.sorted, |a, b| row_cmp_typed(d, row, a, b))
             }, _ => return Err(kerr(op, format!("unsupported dtype {dt}")))),
         };
-        let g = BlockGather { offsets: firsts.iter().map(|&f| Some(f * row)).collect(), block: row };
+        let g = BlockGather {
+            offsets: firsts.iter().map(|&f| Some(f * row)).collect(),
+            block: row,
+        };
         let mut yshape = rows_t.shape().to_vec();
         if yshape.is_empty() {
             yshape.push(0);
@@ -401,12 +465,21 @@ mod tests {
     fn compress_and_nonzero() {
         let x = t(&[3, 2], vec![1f32, 2., 3., 4., 5., 6.]);
         let c: Value = Tensor::from_bools(&[2], &[false, true]).unwrap().into();
-        let y = Compress { axis: Some(0) }.eval(&[Some(&x), Some(&c)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![3., 4.]);
+        let y = Compress { axis: Some(0) }
+            .eval(&[Some(&x), Some(&c)])
+            .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![3., 4.]
+        );
         let y = Compress { axis: None }.eval(&[Some(&x), Some(&c)]).unwrap();
         assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![2.]);
-        let c3: Value = Tensor::from_bools(&[3], &[false, true, true]).unwrap().into();
-        assert!(Compress { axis: Some(1) }.eval(&[Some(&x), Some(&c3)]).is_err());
+        let c3: Value = Tensor::from_bools(&[3], &[false, true, true])
+            .unwrap()
+            .into();
+        assert!(Compress { axis: Some(1) }
+            .eval(&[Some(&x), Some(&c3)])
+            .is_err());
         let z = t(&[2, 2], vec![1i32, 0, 1, 1]);
         let y = NonZero.eval(&[Some(&z)]).unwrap();
         let y = y[0].as_tensor().unwrap();
@@ -418,44 +491,108 @@ mod tests {
     fn topk_ties_and_nan() {
         let x = t(&[1, 6], vec![3f32, 1., 3., f32::NAN, 2., 1.]);
         let k: Value = Tensor::from_vec(&[1], vec![3i64]).unwrap().into();
-        let op = TopK { axis: -1, largest: true, k_attr: None };
+        let op = TopK {
+            axis: -1,
+            largest: true,
+            k_attr: None,
+        };
         let y = op.eval(&[Some(&x), Some(&k)]).unwrap();
-        assert_eq!(y[1].as_tensor().unwrap().to_i64_vec().unwrap(), vec![3, 0, 2]);
-        let op = TopK { axis: 1, largest: false, k_attr: None };
+        assert_eq!(
+            y[1].as_tensor().unwrap().to_i64_vec().unwrap(),
+            vec![3, 0, 2]
+        );
+        let op = TopK {
+            axis: 1,
+            largest: false,
+            k_attr: None,
+        };
         let y = op.eval(&[Some(&x), Some(&k)]).unwrap();
-        assert_eq!(y[1].as_tensor().unwrap().to_i64_vec().unwrap(), vec![1, 5, 4]);
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![1., 1., 2.]);
+        assert_eq!(
+            y[1].as_tensor().unwrap().to_i64_vec().unwrap(),
+            vec![1, 5, 4]
+        );
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![1., 1., 2.]
+        );
         let k9: Value = Tensor::from_vec(&[1], vec![9i64]).unwrap().into();
         assert!(op.eval(&[Some(&x), Some(&k9)]).is_err());
         // axis 0 on 2-D
         let x = t(&[3, 2], vec![1u64, 9, 5, 2, 3, 7]);
         let k2: Value = Tensor::from_vec(&[1], vec![2i64]).unwrap().into();
-        let y = TopK { axis: 0, largest: true, k_attr: None }.eval(&[Some(&x), Some(&k2)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_i64_vec().unwrap(), vec![5, 9, 3, 7]);
-        assert_eq!(y[1].as_tensor().unwrap().to_i64_vec().unwrap(), vec![1, 0, 2, 2]);
+        let y = TopK {
+            axis: 0,
+            largest: true,
+            k_attr: None,
+        }
+        .eval(&[Some(&x), Some(&k2)])
+        .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_i64_vec().unwrap(),
+            vec![5, 9, 3, 7]
+        );
+        assert_eq!(
+            y[1].as_tensor().unwrap().to_i64_vec().unwrap(),
+            vec![1, 0, 2, 2]
+        );
     }
 
     #[test]
     fn unique_flat_and_axis() {
         let x = t(&[6], vec![2f32, 1., 1., 3., 4., 3.]);
-        let y = Unique { axis: None, sorted: false }.eval(&[Some(&x)]).unwrap();
-        let v: Vec<Vec<f64>> = y.iter().map(|v| v.as_tensor().unwrap().to_f64_vec().unwrap()).collect();
+        let y = Unique {
+            axis: None,
+            sorted: false,
+        }
+        .eval(&[Some(&x)])
+        .unwrap();
+        let v: Vec<Vec<f64>> = y
+            .iter()
+            .map(|v| v.as_tensor().unwrap().to_f64_vec().unwrap())
+            .collect();
         assert_eq!(v[0], vec![2., 1., 3., 4.]);
         assert_eq!(v[1], vec![0., 1., 3., 4.]);
         assert_eq!(v[2], vec![0., 1., 1., 2., 3., 2.]);
         assert_eq!(v[3], vec![1., 2., 2., 1.]);
-        let y = Unique { axis: None, sorted: true }.eval(&[Some(&x)]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().to_f32_vec().unwrap(), vec![1., 2., 3., 4.]);
-        assert_eq!(y[1].as_tensor().unwrap().to_i64_vec().unwrap(), vec![1, 0, 3, 4]);
+        let y = Unique {
+            axis: None,
+            sorted: true,
+        }
+        .eval(&[Some(&x)])
+        .unwrap();
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_f32_vec().unwrap(),
+            vec![1., 2., 3., 4.]
+        );
+        assert_eq!(
+            y[1].as_tensor().unwrap().to_i64_vec().unwrap(),
+            vec![1, 0, 3, 4]
+        );
         // axis=0 on [[1,0,0],[1,0,0],[2,3,4]]
         let x = t(&[3, 3], vec![1i32, 0, 0, 1, 0, 0, 2, 3, 4]);
-        let y = Unique { axis: Some(0), sorted: true }.eval(&[Some(&x)]).unwrap();
+        let y = Unique {
+            axis: Some(0),
+            sorted: true,
+        }
+        .eval(&[Some(&x)])
+        .unwrap();
         assert_eq!(y[0].as_tensor().unwrap().shape(), &[2, 3]);
-        assert_eq!(y[2].as_tensor().unwrap().to_i64_vec().unwrap(), vec![0, 0, 1]);
+        assert_eq!(
+            y[2].as_tensor().unwrap().to_i64_vec().unwrap(),
+            vec![0, 0, 1]
+        );
         // axis=1
         let x = t(&[2, 3], vec![1i32, 0, 1, 2, 5, 2]);
-        let y = Unique { axis: Some(-1), sorted: true }.eval(&[Some(&x)]).unwrap();
+        let y = Unique {
+            axis: Some(-1),
+            sorted: true,
+        }
+        .eval(&[Some(&x)])
+        .unwrap();
         assert_eq!(y[0].as_tensor().unwrap().shape(), &[2, 2]);
-        assert_eq!(y[0].as_tensor().unwrap().to_i64_vec().unwrap(), vec![0, 1, 5, 2]);
+        assert_eq!(
+            y[0].as_tensor().unwrap().to_i64_vec().unwrap(),
+            vec![0, 1, 5, 2]
+        );
     }
 }

@@ -6,6 +6,9 @@ pub mod grid;
 pub mod resize;
 pub mod roi;
 
+#[cfg(test)]
+mod node_cases;
+
 /// Registers this family's ops.
 pub fn register(reg: &mut OpRegistry) {
     resize::register(reg);

@@ -33,7 +33,10 @@ impl ShapeOp {
 /// Builds `Shape`.
 pub fn build_shape(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    Ok(Box::new(ShapeOp { start: a.int("start", 0)?, end: a.opt_int("end")? }))
+    Ok(Box::new(ShapeOp {
+        start: a.int("start", 0)?,
+        end: a.opt_int("end")?,
+    }))
 }
 
 impl Op for ShapeOp {
@@ -81,7 +84,9 @@ impl Op for SizeOp {
     }
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         if let Some(s) = fact_at(inputs, 0).and_then(|f| f.concrete_shape()) {
-            return Ok(vec![Fact::constant(Tensor::scalar(s.iter().product::<usize>() as i64))]);
+            return Ok(vec![Fact::constant(Tensor::scalar(
+                s.iter().product::<usize>() as i64,
+            ))]);
         }
         Ok(vec![Fact::concrete(DType::I64, &[])])
     }
@@ -109,15 +114,26 @@ pub struct Reshape {
 pub fn build_reshape(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
     let shape_attr = if ctx.opset() < 5 {
-        Some(a.opt_ints("shape")?.ok_or_else(|| a.invalid("Reshape-1 needs a shape attribute"))?)
+        Some(
+            a.opt_ints("shape")?
+                .ok_or_else(|| a.invalid("Reshape-1 needs a shape attribute"))?,
+        )
     } else {
         None
     };
-    Ok(Box::new(Reshape { shape_attr, allowzero: a.int("allowzero", 0)? != 0 }))
+    Ok(Box::new(Reshape {
+        shape_attr,
+        allowzero: a.int("allowzero", 0)? != 0,
+    }))
 }
 
 /// Resolves a Reshape target against a concrete input shape.
-pub(crate) fn reshape_dims(op: &str, input: &[usize], target: &[i64], allowzero: bool) -> Result<Vec<usize>> {
+pub(crate) fn reshape_dims(
+    op: &str,
+    input: &[usize],
+    target: &[i64],
+    allowzero: bool,
+) -> Result<Vec<usize>> {
     let total: usize = input.iter().product();
     let mut out = Vec::with_capacity(target.len());
     let mut infer_at = None;
@@ -130,29 +146,45 @@ pub(crate) fn reshape_dims(op: &str, input: &[usize], target: &[i64], allowzero:
                 out.push(1);
             }
             0 if !allowzero => {
-                let v = *input
-                    .get(i)
-                    .ok_or_else(|| kerr(op, format!("shape {target:?}: 0 at index {i} has no input dim to copy")))?;
+                let v = *input.get(i).ok_or_else(|| {
+                    kerr(
+                        op,
+                        format!("shape {target:?}: 0 at index {i} has no input dim to copy"),
+                    )
+                })?;
                 out.push(v);
             }
-            d if d < 0 => return Err(kerr(op, format!("invalid dimension {d} in shape {target:?}"))),
+            d if d < 0 => {
+                return Err(kerr(
+                    op,
+                    format!("invalid dimension {d} in shape {target:?}"),
+                ))
+            }
             d => out.push(d as usize),
         }
     }
     if allowzero && infer_at.is_some() && target.contains(&0) {
-        return Err(kerr(op, format!("shape {target:?} has both 0 and -1 with allowzero")));
+        return Err(kerr(
+            op,
+            format!("shape {target:?} has both 0 and -1 with allowzero"),
+        ));
     }
     let mut known: usize = 1;
     for &d in &out {
-        known = known.checked_mul(d).ok_or_else(|| kerr(op, format!("shape {target:?} is too large")))?;
+        known = known
+            .checked_mul(d)
+            .ok_or_else(|| kerr(op, format!("shape {target:?} is too large")))?;
     }
     if let Some(i) = infer_at {
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(kerr(op, format!("cannot reshape {input:?} to {target:?}")));
         }
         out[i] = total / known;
     } else if known != total {
-        return Err(kerr(op, format!("cannot reshape {input:?} ({total} elements) to {target:?}")));
+        return Err(kerr(
+            op,
+            format!("cannot reshape {input:?} ({total} elements) to {target:?}"),
+        ));
     }
     Ok(out)
 }
@@ -205,7 +237,9 @@ fn solve_missing(input: &[Dim], out: &[Dim], at: usize) -> Dim {
         }
     }
     match in_syms.len() {
-        0 if out_known != 0 && in_known % out_known == 0 => Dim::Known(in_known / out_known),
+        0 if out_known != 0 && in_known.is_multiple_of(out_known) => {
+            Dim::Known(in_known / out_known)
+        }
         1 if in_known == out_known && out_known != 0 => Dim::Sym(in_syms[0].to_string()),
         _ => Dim::Unknown,
     }
@@ -235,7 +269,13 @@ impl Op for Reshape {
             (Some(t), Some(xs)) => reshape_symbolic(xs, &t, self.allowzero),
             (Some(t), None) => Some(
                 t.iter()
-                    .map(|&d| if d > 0 || (d == 0 && self.allowzero) { Dim::Known(d as usize) } else { Dim::Unknown })
+                    .map(|&d| {
+                        if d > 0 || (d == 0 && self.allowzero) {
+                            Dim::Known(d as usize)
+                        } else {
+                            Dim::Unknown
+                        }
+                    })
                     .collect(),
             ),
             (None, _) => match fact_at(inputs, 1).and_then(|f| f.concrete_shape()) {
@@ -267,15 +307,24 @@ pub struct Flatten {
 
 /// Builds `Flatten`.
 pub fn build_flatten(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(Flatten { axis: ctx.attrs().int("axis", 1)? }))
+    Ok(Box::new(Flatten {
+        axis: ctx.attrs().int("axis", 1)?,
+    }))
 }
 
 impl Flatten {
     fn split(&self, rank: usize) -> Result<usize> {
         let r = rank as i64;
-        let a = if self.axis < 0 { self.axis + r } else { self.axis };
+        let a = if self.axis < 0 {
+            self.axis + r
+        } else {
+            self.axis
+        };
         if a < 0 || a > r {
-            return Err(kerr("Flatten", format!("axis {} is out of range for rank {rank}", self.axis)));
+            return Err(kerr(
+                "Flatten",
+                format!("axis {} is out of range for rank {rank}", self.axis),
+            ));
         }
         Ok(a as usize)
     }
@@ -309,7 +358,9 @@ impl Op for Flatten {
         let dtype = x.and_then(|f| f.dtype);
         let shape = match x.and_then(|f| f.shape.as_ref()) {
             Some(s) => {
-                let a = self.split(s.len()).map_err(|e| ierr("Flatten", e.to_string()))?;
+                let a = self
+                    .split(s.len())
+                    .map_err(|e| ierr("Flatten", e.to_string()))?;
                 Some(vec![dims_product(&s[..a]), dims_product(&s[a..])])
             }
             None => Some(vec![Dim::Unknown, Dim::Unknown]),
@@ -341,8 +392,15 @@ pub struct Squeeze {
 /// Builds `Squeeze`.
 pub fn build_squeeze(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let from_input = ctx.opset() >= 13;
-    let axes_attr = if from_input { None } else { ctx.attrs().opt_ints("axes")? };
-    Ok(Box::new(Squeeze { axes_attr, from_input }))
+    let axes_attr = if from_input {
+        None
+    } else {
+        ctx.attrs().opt_ints("axes")?
+    };
+    Ok(Box::new(Squeeze {
+        axes_attr,
+        from_input,
+    }))
 }
 
 impl Squeeze {
@@ -352,10 +410,18 @@ impl Squeeze {
                 let ax = norm_axes("Squeeze", axes, shape.len())?;
                 for &a in &ax {
                     if shape[a] != 1 {
-                        return Err(kerr("Squeeze", format!("cannot squeeze axis {a} of size {} in {shape:?}", shape[a])));
+                        return Err(kerr(
+                            "Squeeze",
+                            format!("cannot squeeze axis {a} of size {} in {shape:?}", shape[a]),
+                        ));
                     }
                 }
-                Ok(shape.iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, &d)| d).collect())
+                Ok(shape
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !ax.contains(i))
+                    .map(|(_, &d)| d)
+                    .collect())
             }
             _ => Ok(shape.iter().copied().filter(|&d| d != 1).collect()),
         }
@@ -379,8 +445,15 @@ impl Op for Squeeze {
         };
         let shape = match (x.and_then(|f| f.shape.as_ref()), axes) {
             (Some(s), Some(Some(axes))) if !axes.is_empty() => {
-                let ax = norm_axes("Squeeze", &axes, s.len()).map_err(|e| ierr("Squeeze", e.to_string()))?;
-                Some(s.iter().enumerate().filter(|(i, _)| !ax.contains(i)).map(|(_, d)| d.clone()).collect())
+                let ax = norm_axes("Squeeze", &axes, s.len())
+                    .map_err(|e| ierr("Squeeze", e.to_string()))?;
+                Some(
+                    s.iter()
+                        .enumerate()
+                        .filter(|(i, _)| !ax.contains(i))
+                        .map(|(_, d)| d.clone())
+                        .collect(),
+                )
             }
             (Some(s), Some(_)) if s.iter().all(|d| d.known().is_some()) => {
                 Some(s.iter().filter(|d| **d != Dim::Known(1)).cloned().collect())
@@ -391,7 +464,11 @@ impl Op for Squeeze {
     }
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = kiln_core::input_tensor(inputs, 0, "Squeeze")?;
-        let axes = if self.from_input { opt_ints_input(inputs, 1, "Squeeze")? } else { self.axes_attr.clone() };
+        let axes = if self.from_input {
+            opt_ints_input(inputs, 1, "Squeeze")?
+        } else {
+            self.axes_attr.clone()
+        };
         let dims = self.out_dims(x.shape(), axes.as_deref())?;
         Ok(vec![x.reshape(&dims)?.into()])
     }
@@ -412,7 +489,10 @@ pub fn build_unsqueeze(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let axes_attr = if ctx.opset() >= 13 {
         None
     } else {
-        Some(a.opt_ints("axes")?.ok_or_else(|| a.invalid("Unsqueeze needs an axes attribute"))?)
+        Some(
+            a.opt_ints("axes")?
+                .ok_or_else(|| a.invalid("Unsqueeze needs an axes attribute"))?,
+        )
     };
     Ok(Box::new(Unsqueeze { axes_attr }))
 }
@@ -451,11 +531,15 @@ impl Op for Unsqueeze {
         };
         let shape = match (x.and_then(|f| f.shape.as_ref()), axes) {
             (Some(s), Some(axes)) => {
-                let pos = unsqueeze_positions("Unsqueeze", &axes, s.len()).map_err(|e| ierr("Unsqueeze", e.to_string()))?;
+                let pos = unsqueeze_positions("Unsqueeze", &axes, s.len())
+                    .map_err(|e| ierr("Unsqueeze", e.to_string()))?;
                 Some(unsqueeze_dims(s, &pos, Dim::Known(1)))
             }
             (Some(s), None) => match fact_at(inputs, 1).and_then(|f| f.concrete_shape()) {
-                Some(a) if a.len() <= 1 => Some(vec![Dim::Unknown; s.len() + a.first().copied().unwrap_or(1)]),
+                Some(a) if a.len() <= 1 => Some(vec![
+                    Dim::Unknown;
+                    s.len() + a.first().copied().unwrap_or(1)
+                ]),
                 _ => None,
             },
             _ => None,
@@ -497,7 +581,11 @@ impl Op for Identity {
         Ok(vec![fact_at(inputs, 0).cloned().unwrap_or_default()])
     }
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
-        let v = inputs.first().copied().flatten().ok_or_else(|| kerr("Identity", "required input 0 is missing"))?;
+        let v = inputs
+            .first()
+            .copied()
+            .flatten()
+            .ok_or_else(|| kerr("Identity", "required input 0 is missing"))?;
         Ok(vec![v.clone()])
     }
     fn as_any(&self) -> &dyn Any {
@@ -519,7 +607,12 @@ pub fn build_constant_of_shape(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
     let value = match a.opt_tensor("value")? {
         Some(t) if t.len() == 1 => t.reshape(&[1])?,
-        Some(t) => return Err(a.invalid(format!("value must hold one element, found shape {:?}", t.shape()))),
+        Some(t) => {
+            return Err(a.invalid(format!(
+                "value must hold one element, found shape {:?}",
+                t.shape()
+            )))
+        }
         None => Tensor::from_vec(&[1], vec![0f32])?,
     };
     Ok(Box::new(ConstantOfShape { value }))
@@ -548,7 +641,17 @@ impl Op for ConstantOfShape {
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let s = fact_at(inputs, 0);
         let shape = match konst_ints(s) {
-            Some(v) => Some(v.iter().map(|&d| if d >= 0 { Dim::Known(d as usize) } else { Dim::Unknown }).collect()),
+            Some(v) => Some(
+                v.iter()
+                    .map(|&d| {
+                        if d >= 0 {
+                            Dim::Known(d as usize)
+                        } else {
+                            Dim::Unknown
+                        }
+                    })
+                    .collect(),
+            ),
             None => match s.and_then(|f| f.concrete_shape()) {
                 Some(r) if r.len() == 1 => Some(vec![Dim::Unknown; r[0]]),
                 Some(r) if r.is_empty() => Some(vec![]),
@@ -558,7 +661,10 @@ impl Op for ConstantOfShape {
         Ok(vec![tensor_fact(Some(self.value.dtype()), shape)])
     }
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
-        let dims = to_dims("ConstantOfShape", &ints_input(inputs, 0, "ConstantOfShape")?)?;
+        let dims = to_dims(
+            "ConstantOfShape",
+            &ints_input(inputs, 0, "ConstantOfShape")?,
+        )?;
         Ok(vec![filled("ConstantOfShape", &self.value, &dims)?.into()])
     }
     fn as_any(&self) -> &dyn Any {
@@ -581,7 +687,11 @@ pub struct Dropout {
 /// Builds `Dropout`.
 pub fn build_dropout(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    Ok(Box::new(Dropout { opset: ctx.opset(), ratio_attr: a.float("ratio", 0.5)?, seed: a.opt_int("seed")? }))
+    Ok(Box::new(Dropout {
+        opset: ctx.opset(),
+        ratio_attr: a.float("ratio", 0.5)?,
+        seed: a.opt_int("seed")?,
+    }))
 }
 
 impl Op for Dropout {
@@ -590,9 +700,16 @@ impl Op for Dropout {
     }
     fn infer(&self, inputs: &[Option<&Fact>], n: usize) -> Result<Vec<Fact>> {
         let x = fact_at(inputs, 0).cloned().unwrap_or_default();
-        let mut out = vec![Fact { konst: None, ..x.clone() }];
+        let mut out = vec![Fact {
+            konst: None,
+            ..x.clone()
+        }];
         if n > 1 {
-            let mask_dtype = if self.opset >= 10 { Some(DType::Bool) } else { x.dtype };
+            let mask_dtype = if self.opset >= 10 {
+                Some(DType::Bool)
+            } else {
+                x.dtype
+            };
             out.push(tensor_fact(mask_dtype, x.shape.clone()));
         }
         Ok(out)
@@ -616,7 +733,11 @@ impl Op for Dropout {
             let mask = if self.opset >= 10 {
                 Tensor::from_bools(x.shape(), &vec![true; x.len()])?
             } else {
-                filled("Dropout", &Tensor::from_vec(&[1], vec![1f32])?.cast(x.dtype())?, x.shape())?
+                filled(
+                    "Dropout",
+                    &Tensor::from_vec(&[1], vec![1f32])?.cast(x.dtype())?,
+                    x.shape(),
+                )?
             };
             return Ok(vec![x.clone().into(), mask.into()]);
         }
@@ -627,7 +748,11 @@ impl Op for Dropout {
         let keep: Vec<bool> = (0..x.len()).map(|_| rng.next_f64() >= ratio).collect();
         let scale = 1.0 / (1.0 - ratio);
         let xs = x.to_f64_vec()?;
-        let y: Vec<f64> = xs.iter().zip(&keep).map(|(&v, &k)| if k { v * scale } else { 0.0 }).collect();
+        let y: Vec<f64> = xs
+            .iter()
+            .zip(&keep)
+            .map(|(&v, &k)| if k { v * scale } else { 0.0 })
+            .collect();
         let y = Tensor::from_vec(x.shape(), y)?.cast(x.dtype())?;
         Ok(vec![y.into(), Tensor::from_bools(x.shape(), &keep)?.into()])
     }
@@ -649,7 +774,10 @@ pub(crate) fn truthy(t: &Tensor) -> Result<bool> {
 
 fn random_seed() -> i64 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// numpy's legacy MT19937 (`np.random.RandomState(seed)`), for reference-exact dropout.
@@ -664,7 +792,9 @@ impl Mt19937 {
         let mut mt = [0u32; 624];
         mt[0] = seed;
         for i in 1..624 {
-            mt[i] = 1812433253u32.wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30)).wrapping_add(i as u32);
+            mt[i] = 1812433253u32
+                .wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30))
+                .wrapping_add(i as u32);
         }
         Mt19937 { mt, idx: 624 }
     }
@@ -731,38 +861,77 @@ mod tests {
             assert_eq!(out[0].as_tensor().unwrap().to_i64_vec().unwrap(), want);
         }
         let f = Fact::tensor(DType::F32, vec![Dim::Sym("b".into()), Dim::Known(3)]);
-        let inf = ShapeOp { start: 1, end: None }.infer(&[Some(&f)], 1).unwrap();
-        assert_eq!(inf[0].konst.as_ref().unwrap().to_i64_vec().unwrap(), vec![3]);
-        let inf = ShapeOp { start: 0, end: None }.infer(&[Some(&f)], 1).unwrap();
+        let inf = ShapeOp {
+            start: 1,
+            end: None,
+        }
+        .infer(&[Some(&f)], 1)
+        .unwrap();
+        assert_eq!(
+            inf[0].konst.as_ref().unwrap().to_i64_vec().unwrap(),
+            vec![3]
+        );
+        let inf = ShapeOp {
+            start: 0,
+            end: None,
+        }
+        .infer(&[Some(&f)], 1)
+        .unwrap();
         assert!(inf[0].konst.is_none());
         assert_eq!(inf[0].concrete_shape().unwrap(), vec![2]);
     }
 
     #[test]
     fn reshape_semantics() {
-        assert_eq!(reshape_dims("R", &[2, 3, 4], &[0, -1], false).unwrap(), vec![2, 12]);
-        assert_eq!(reshape_dims("R", &[2, 3, 4], &[4, 0, 2], false).unwrap(), vec![4, 3, 2]);
-        assert_eq!(reshape_dims("R", &[0, 3], &[3, 0], true).unwrap(), vec![3, 0]);
+        assert_eq!(
+            reshape_dims("R", &[2, 3, 4], &[0, -1], false).unwrap(),
+            vec![2, 12]
+        );
+        assert_eq!(
+            reshape_dims("R", &[2, 3, 4], &[4, 0, 2], false).unwrap(),
+            vec![4, 3, 2]
+        );
+        assert_eq!(
+            reshape_dims("R", &[0, 3], &[3, 0], true).unwrap(),
+            vec![3, 0]
+        );
         assert!(reshape_dims("R", &[2, 3], &[-1, -1], false).is_err());
         assert!(reshape_dims("R", &[2, 3], &[5], false).is_err());
         assert!(reshape_dims("R", &[2, 3], &[-2, 3], false).is_err());
         assert!(reshape_dims("R", &[2], &[0, 0, 2], false).is_err());
-        let op = Reshape { shape_attr: None, allowzero: false };
+        let op = Reshape {
+            shape_attr: None,
+            allowzero: false,
+        };
         let out = run(&op, &[Some(t(&[2, 3, 4]).into()), i64s(&[4, -1])]).unwrap();
         let y = out[0].as_tensor().unwrap();
         assert_eq!(y.shape(), &[4, 6]);
-        assert_eq!(y.as_slice::<f32>().unwrap(), t(&[24]).as_slice::<f32>().unwrap());
+        assert_eq!(
+            y.as_slice::<f32>().unwrap(),
+            t(&[24]).as_slice::<f32>().unwrap()
+        );
     }
 
     #[test]
     fn reshape_symbolic_infer() {
-        let x = Fact::tensor(DType::F32, vec![Dim::Sym("b".into()), Dim::Sym("s".into()), Dim::Known(768)]);
+        let x = Fact::tensor(
+            DType::F32,
+            vec![Dim::Sym("b".into()), Dim::Sym("s".into()), Dim::Known(768)],
+        );
         let shape = Fact::constant(Tensor::from_vec(&[4], vec![0i64, -1, 12, 64]).unwrap());
-        let op = Reshape { shape_attr: None, allowzero: false };
+        let op = Reshape {
+            shape_attr: None,
+            allowzero: false,
+        };
         let f = op.infer(&[Some(&x), Some(&shape)], 1).unwrap();
         assert_eq!(
             f[0].shape.as_ref().unwrap(),
-            &vec![Dim::Sym("b".into()), Dim::Sym("s".into()), Dim::Known(12), Dim::Known(64)]
+            &vec![
+                Dim::Sym("b".into()),
+                Dim::Sym("s".into()),
+                Dim::Known(12),
+                Dim::Known(64)
+            ]
         );
         let shape = Fact::concrete(DType::I64, &[3]);
         let f = op.infer(&[Some(&x), Some(&shape)], 1).unwrap();
@@ -773,12 +942,33 @@ mod tests {
     fn flatten_squeeze_unsqueeze() {
         let x: Option<Value> = Some(t(&[2, 1, 3, 1]).into());
         let f = Flatten { axis: -1 };
-        assert_eq!(run(&f, std::slice::from_ref(&x)).unwrap()[0].as_tensor().unwrap().shape(), &[6, 1]);
+        assert_eq!(
+            run(&f, std::slice::from_ref(&x)).unwrap()[0]
+                .as_tensor()
+                .unwrap()
+                .shape(),
+            &[6, 1]
+        );
         let f = Flatten { axis: 0 };
-        assert_eq!(run(&f, std::slice::from_ref(&x)).unwrap()[0].as_tensor().unwrap().shape(), &[1, 6]);
+        assert_eq!(
+            run(&f, std::slice::from_ref(&x)).unwrap()[0]
+                .as_tensor()
+                .unwrap()
+                .shape(),
+            &[1, 6]
+        );
         assert!(run(&Flatten { axis: 5 }, std::slice::from_ref(&x)).is_err());
-        let s = Squeeze { axes_attr: None, from_input: true };
-        assert_eq!(run(&s, std::slice::from_ref(&x)).unwrap()[0].as_tensor().unwrap().shape(), &[2, 3]);
+        let s = Squeeze {
+            axes_attr: None,
+            from_input: true,
+        };
+        assert_eq!(
+            run(&s, std::slice::from_ref(&x)).unwrap()[0]
+                .as_tensor()
+                .unwrap()
+                .shape(),
+            &[2, 3]
+        );
         let out = run(&s, &[x.clone(), i64s(&[-1])]).unwrap();
         assert_eq!(out[0].as_tensor().unwrap().shape(), &[2, 1, 3]);
         assert!(run(&s, &[x.clone(), i64s(&[0])]).is_err());
@@ -789,16 +979,27 @@ mod tests {
         let xf = Fact::tensor(DType::F32, vec![Dim::Sym("n".into()), Dim::Known(4)]);
         let axes = Fact::constant(Tensor::from_vec(&[1], vec![1i64]).unwrap());
         let inf = u.infer(&[Some(&xf), Some(&axes)], 1).unwrap();
-        assert_eq!(inf[0].shape.as_ref().unwrap(), &vec![Dim::Sym("n".into()), Dim::Known(1), Dim::Known(4)]);
+        assert_eq!(
+            inf[0].shape.as_ref().unwrap(),
+            &vec![Dim::Sym("n".into()), Dim::Known(1), Dim::Known(4)]
+        );
         let inf = Flatten { axis: 1 }.infer(&[Some(&xf)], 1).unwrap();
-        assert_eq!(inf[0].shape.as_ref().unwrap(), &vec![Dim::Sym("n".into()), Dim::Known(4)]);
+        assert_eq!(
+            inf[0].shape.as_ref().unwrap(),
+            &vec![Dim::Sym("n".into()), Dim::Known(4)]
+        );
     }
 
     #[test]
     fn constant_of_shape_and_identity() {
-        let op = ConstantOfShape { value: Tensor::from_vec(&[1], vec![7i32]).unwrap() };
+        let op = ConstantOfShape {
+            value: Tensor::from_vec(&[1], vec![7i32]).unwrap(),
+        };
         let out = run(&op, &[i64s(&[2, 3])]).unwrap();
-        assert_eq!(out[0].as_tensor().unwrap().as_slice::<i32>().unwrap(), &[7; 6]);
+        assert_eq!(
+            out[0].as_tensor().unwrap().as_slice::<i32>().unwrap(),
+            &[7; 6]
+        );
         assert!(run(&op, &[i64s(&[-2, 3])]).is_err());
         assert!(run(&op, &[i64s(&[i64::MAX, i64::MAX])]).is_err());
         let out = run(&op, &[i64s(&[])]).unwrap();
@@ -807,9 +1008,14 @@ mod tests {
         let out = run(&Identity, &[Some(seq)]).unwrap();
         assert_eq!(out[0].as_sequence().unwrap().len(), 1);
         let s = Tensor::from_strings(&[2], vec!["a".into(), "b".into()]).unwrap();
-        let op = ConstantOfShape { value: Tensor::from_strings(&[1], vec!["z".into()]).unwrap() };
+        let op = ConstantOfShape {
+            value: Tensor::from_strings(&[1], vec!["z".into()]).unwrap(),
+        };
         let out = run(&op, &[i64s(&[3])]).unwrap();
-        assert_eq!(out[0].as_tensor().unwrap().as_strings().unwrap(), &["z", "z", "z"]);
+        assert_eq!(
+            out[0].as_tensor().unwrap().as_strings().unwrap(),
+            &["z", "z", "z"]
+        );
         let _ = s;
     }
 
@@ -825,11 +1031,24 @@ mod tests {
 
     #[test]
     fn dropout_inference_and_training() {
-        let op = Dropout { opset: 13, ratio_attr: 0.5, seed: Some(0) };
+        let op = Dropout {
+            opset: 13,
+            ratio_attr: 0.5,
+            seed: Some(0),
+        };
         let x: Option<Value> = Some(t(&[2, 3]).into());
         let out = run(&op, std::slice::from_ref(&x)).unwrap();
-        assert!(out[0].as_tensor().unwrap().same_as(x.as_ref().unwrap().as_tensor().unwrap()));
-        assert!(out[1].as_tensor().unwrap().as_bools().unwrap().iter().all(|b| *b));
+        assert!(out[0]
+            .as_tensor()
+            .unwrap()
+            .same_as(x.as_ref().unwrap().as_tensor().unwrap()));
+        assert!(out[1]
+            .as_tensor()
+            .unwrap()
+            .as_bools()
+            .unwrap()
+            .iter()
+            .all(|b| *b));
         let r = Some(Tensor::scalar(0.5f32).into());
         let tr = Some(Tensor::from_bools(&[], &[true]).unwrap().into());
         let out = run(&op, &[x, r, tr]).unwrap();

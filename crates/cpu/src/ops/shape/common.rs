@@ -19,7 +19,11 @@ pub(crate) fn kerr(op: &str, msg: impl Into<String>) -> KilnError {
 
 /// A shape-inference error for `op` (the graph adds the node name).
 pub(crate) fn ierr(op: &str, msg: impl Into<String>) -> KilnError {
-    KilnError::Inference { node: String::new(), op: op.to_string(), msg: msg.into() }
+    KilnError::Inference {
+        node: String::new(),
+        op: op.to_string(),
+        msg: msg.into(),
+    }
 }
 
 /// Normalises a possibly negative axis into `0..rank`.
@@ -27,7 +31,10 @@ pub(crate) fn norm_axis(op: &str, axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
     if a < 0 || a >= r {
-        return Err(kerr(op, format!("axis {axis} is out of range for rank {rank}")));
+        return Err(kerr(
+            op,
+            format!("axis {axis} is out of range for rank {rank}"),
+        ));
     }
     Ok(a as usize)
 }
@@ -49,7 +56,9 @@ pub(crate) fn norm_axes(op: &str, axes: &[i64], rank: usize) -> Result<Vec<usize
 pub(crate) fn checked_numel(op: &str, shape: &[usize], elem_size: usize) -> Result<usize> {
     let mut n: usize = 1;
     for &d in shape {
-        n = n.checked_mul(d).ok_or_else(|| kerr(op, format!("output shape {shape:?} is too large")))?;
+        n = n
+            .checked_mul(d)
+            .ok_or_else(|| kerr(op, format!("output shape {shape:?} is too large")))?;
     }
     let bytes = n.checked_mul(elem_size.max(1));
     match bytes {
@@ -61,7 +70,9 @@ pub(crate) fn checked_numel(op: &str, shape: &[usize], elem_size: usize) -> Resu
 /// Converts i64 dims from a shape tensor into usize, rejecting negatives.
 pub(crate) fn to_dims(op: &str, v: &[i64]) -> Result<Vec<usize>> {
     v.iter()
-        .map(|&d| usize::try_from(d).map_err(|_| kerr(op, format!("invalid dimension {d} in {v:?}"))))
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| kerr(op, format!("invalid dimension {d} in {v:?}")))
+        })
         .collect()
 }
 
@@ -77,13 +88,24 @@ pub(crate) fn konst_ints(f: Option<&Fact>) -> Option<Vec<i64>> {
 
 /// A tensor fact with the given dtype (possibly unknown) and shape (possibly unknown).
 pub(crate) fn tensor_fact(dtype: Option<DType>, shape: Option<Vec<Dim>>) -> Fact {
-    Fact { dtype, shape, ..Fact::default() }
+    Fact {
+        dtype,
+        shape,
+        ..Fact::default()
+    }
 }
 
 /// An integer input as a list of i64 (for shapes, axes, pads); `None` when absent.
-pub(crate) fn opt_ints_input(inputs: &[Option<&Value>], i: usize, op: &str) -> Result<Option<Vec<i64>>> {
+pub(crate) fn opt_ints_input(
+    inputs: &[Option<&Value>],
+    i: usize,
+    op: &str,
+) -> Result<Option<Vec<i64>>> {
     match kiln_core::optional_tensor(inputs, i, op)? {
-        Some(t) => t.to_i64_vec().map(Some).map_err(|e| kerr(op, format!("input {i}: {e}"))),
+        Some(t) => t
+            .to_i64_vec()
+            .map(Some)
+            .map_err(|e| kerr(op, format!("input {i}: {e}"))),
         None => Ok(None),
     }
 }
@@ -103,14 +125,23 @@ pub(crate) trait Mover: Sync {
 fn check_dtypes(op: &str, srcs: &[&Tensor], dtype: DType) -> Result<()> {
     for (i, s) in srcs.iter().enumerate() {
         if s.dtype() != dtype {
-            return Err(kerr(op, format!("input {i} has dtype {}, expected {dtype}", s.dtype())));
+            return Err(kerr(
+                op,
+                format!("input {i} has dtype {}, expected {dtype}", s.dtype()),
+            ));
         }
     }
     Ok(())
 }
 
 /// Runs a mover into a freshly allocated tensor of `dtype` and `shape`.
-pub(crate) fn move_data<M: Mover>(m: &M, op: &str, srcs: &[&Tensor], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+pub(crate) fn move_data<M: Mover>(
+    m: &M,
+    op: &str,
+    srcs: &[&Tensor],
+    dtype: DType,
+    shape: &[usize],
+) -> Result<Tensor> {
     check_dtypes(op, srcs, dtype)?;
     let n = checked_numel(op, shape, dtype.size())?;
     if dtype == DType::String {
@@ -132,11 +163,23 @@ pub(crate) fn move_data<M: Mover>(m: &M, op: &str, srcs: &[&Tensor], dtype: DTyp
 }
 
 /// Runs a mover into a pre-planned output slot (must have the expected shape).
-pub(crate) fn move_into<M: Mover>(m: &M, op: &str, srcs: &[&Tensor], out: &mut TensorMut<'_>, shape: &[usize]) -> Result<()> {
+pub(crate) fn move_into<M: Mover>(
+    m: &M,
+    op: &str,
+    srcs: &[&Tensor],
+    out: &mut TensorMut<'_>,
+    shape: &[usize],
+) -> Result<()> {
     let dtype = out.dtype();
     check_dtypes(op, srcs, dtype)?;
     if out.shape() != shape {
-        return Err(kerr(op, format!("output slot has shape {:?}, the kernel produces {shape:?}", out.shape())));
+        return Err(kerr(
+            op,
+            format!(
+                "output slot has shape {:?}, the kernel produces {shape:?}",
+                out.shape()
+            ),
+        ));
     }
     crate::dispatch_pod!(dtype, T => {
         let views: Vec<&[T]> = srcs.iter().map(|t| t.as_raw::<T>()).collect::<Result<_>>()?;
@@ -182,7 +225,11 @@ impl StridedView {
             shape.push(1);
             strides.push(1);
         }
-        StridedView { shape, strides, offset: self.offset }
+        StridedView {
+            shape,
+            strides,
+            offset: self.offset,
+        }
     }
 
     /// Copies the view into `dst` (which has `numel(shape)` elements).
@@ -194,7 +241,12 @@ impl StridedView {
         let rank = v.shape.len();
         let inner = v.shape[rank - 1];
         // Classic 2-D transpose pattern: use a tiled copy for cache friendliness.
-        if rank >= 2 && v.strides[rank - 1] != 1 && v.strides[rank - 2] == 1 && inner >= 8 && v.shape[rank - 2] >= 8 {
+        if rank >= 2
+            && v.strides[rank - 1] != 1
+            && v.strides[rank - 2] == 1
+            && inner >= 8
+            && v.shape[rank - 2] >= 8
+        {
             let block = v.shape[rank - 2] * inner;
             let total = dst.len() / block;
             let run = |chunk: &mut [T], first: usize| {
@@ -215,7 +267,12 @@ impl StridedView {
                 idx[d] = rem % v.shape[d];
                 rem /= v.shape[d];
             }
-            let mut base = v.offset as isize + idx.iter().zip(&v.strides).map(|(&i, &st)| i as isize * st).sum::<isize>();
+            let mut base = v.offset as isize
+                + idx
+                    .iter()
+                    .zip(&v.strides)
+                    .map(|(&i, &st)| i as isize * st)
+                    .sum::<isize>();
             for row in chunk.chunks_mut(inner) {
                 copy_row(src, row, base, s);
                 // advance the odometer over the outer dims
@@ -259,7 +316,9 @@ where
         return;
     }
     let per_task = n_blocks.div_ceil(threads * 4).max(1);
-    dst.par_chunks_mut(per_task * block).enumerate().for_each(|(i, c)| f(c, i * per_task));
+    dst.par_chunks_mut(per_task * block)
+        .enumerate()
+        .for_each(|(i, c)| f(c, i * per_task));
 }
 
 #[inline]
@@ -279,7 +338,14 @@ fn copy_row<T: Clone>(src: &[T], row: &mut [T], base: isize, stride: isize) {
 }
 
 /// dst is `rows x cols` row-major; dst[r][c] = src[base + r + c * col_stride].
-fn tile_transpose<T: Clone>(src: &[T], dst: &mut [T], base: isize, rows: usize, cols: usize, col_stride: isize) {
+fn tile_transpose<T: Clone>(
+    src: &[T],
+    dst: &mut [T],
+    base: isize,
+    rows: usize,
+    cols: usize,
+    col_stride: isize,
+) {
     const TILE: usize = 32;
     for r0 in (0..rows).step_by(TILE) {
         let r1 = (r0 + TILE).min(rows);
@@ -324,7 +390,10 @@ impl Mover for BlockGather {
             return Ok(());
         }
         if self.offsets.len() * b != dst.len() {
-            return Err(kerr("gather", "internal error: block count does not match output size"));
+            return Err(kerr(
+                "gather",
+                "internal error: block count does not match output size",
+            ));
         }
         for o in self.offsets.iter().flatten() {
             if o + b > src.len() {
@@ -353,13 +422,18 @@ impl Mover for BlockGather {
 /// Index values of an integer tensor normalised against `dim` (negative counts from the
 /// end); errors name the op and the bad index.
 pub(crate) fn norm_indices(op: &str, t: &Tensor, dim: usize) -> Result<Vec<usize>> {
-    let v = t.to_i64_vec().map_err(|e| kerr(op, format!("indices: {e}")))?;
+    let v = t
+        .to_i64_vec()
+        .map_err(|e| kerr(op, format!("indices: {e}")))?;
     let d = dim as i64;
     v.iter()
         .map(|&i| {
             let j = if i < 0 { i + d } else { i };
             if j < 0 || j >= d {
-                Err(kerr(op, format!("index {i} is out of range for a dim of size {dim}")))
+                Err(kerr(
+                    op,
+                    format!("index {i} is out of range for a dim of size {dim}"),
+                ))
             } else {
                 Ok(j as usize)
             }
@@ -369,7 +443,10 @@ pub(crate) fn norm_indices(op: &str, t: &Tensor, dim: usize) -> Result<Vec<usize
 
 /// Row-major strides as isize.
 pub(crate) fn istrides(shape: &[usize]) -> Vec<isize> {
-    kiln_core::strides(shape).iter().map(|&s| s as isize).collect()
+    kiln_core::strides(shape)
+        .iter()
+        .map(|&s| s as isize)
+        .collect()
 }
 
 #[cfg(test)]
@@ -380,16 +457,28 @@ mod tests {
     fn strided_view_transpose_and_broadcast() {
         let src: Vec<u32> = (0..6).collect();
         // transpose 2x3 -> 3x2
-        let v = StridedView { shape: vec![3, 2], strides: vec![1, 3], offset: 0 };
+        let v = StridedView {
+            shape: vec![3, 2],
+            strides: vec![1, 3],
+            offset: 0,
+        };
         let mut dst = vec![0u32; 6];
         v.copy_to(&src, &mut dst);
         assert_eq!(dst, vec![0, 3, 1, 4, 2, 5]);
         // broadcast a row
-        let v = StridedView { shape: vec![2, 3], strides: vec![0, 1], offset: 0 };
+        let v = StridedView {
+            shape: vec![2, 3],
+            strides: vec![0, 1],
+            offset: 0,
+        };
         v.copy_to(&src, &mut dst);
         assert_eq!(dst, vec![0, 1, 2, 0, 1, 2]);
         // reversed
-        let v = StridedView { shape: vec![6], strides: vec![-1], offset: 5 };
+        let v = StridedView {
+            shape: vec![6],
+            strides: vec![-1],
+            offset: 5,
+        };
         v.copy_to(&src, &mut dst);
         assert_eq!(dst, vec![5, 4, 3, 2, 1, 0]);
     }
@@ -398,7 +487,11 @@ mod tests {
     fn tiled_transpose_large() {
         let (m, n) = (67usize, 45usize);
         let src: Vec<u64> = (0..(m * n) as u64).collect();
-        let v = StridedView { shape: vec![2, n, m], strides: vec![0, 1, n as isize], offset: 0 };
+        let v = StridedView {
+            shape: vec![2, n, m],
+            strides: vec![0, 1, n as isize],
+            offset: 0,
+        };
         let mut dst = vec![0u64; 2 * m * n];
         v.copy_to(&src, &mut dst);
         for b in 0..2 {
@@ -414,7 +507,11 @@ mod tests {
     fn parallel_path_matches() {
         let (a, b, c) = (64usize, 128usize, 40usize);
         let src: Vec<u32> = (0..(a * b * c) as u32).collect();
-        let v = StridedView { shape: vec![b, a, c], strides: vec![c as isize, (b * c) as isize, 1], offset: 0 };
+        let v = StridedView {
+            shape: vec![b, a, c],
+            strides: vec![c as isize, (b * c) as isize, 1],
+            offset: 0,
+        };
         let mut dst = vec![0u32; a * b * c];
         v.copy_to(&src, &mut dst);
         for i in 0..b {

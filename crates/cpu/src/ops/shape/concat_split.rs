@@ -15,7 +15,11 @@ pub struct Concat {
 /// Builds `Concat`.
 pub fn build_concat(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    let axis = if ctx.opset() < 4 { a.int("axis", 1)? } else { a.req_int("axis")? };
+    let axis = if ctx.opset() < 4 {
+        a.int("axis", 1)?
+    } else {
+        a.req_int("axis")?
+    };
     Ok(Box::new(Concat { axis }))
 }
 
@@ -47,18 +51,36 @@ impl Mover for ConcatMover {
 
 impl Concat {
     fn plan(&self, xs: &[&Tensor]) -> Result<(Vec<usize>, ConcatMover)> {
-        let first = xs.first().ok_or_else(|| kerr("Concat", "needs at least one input"))?;
+        let first = xs
+            .first()
+            .ok_or_else(|| kerr("Concat", "needs at least one input"))?;
         let rank = first.rank();
         let axis = norm_axis("Concat", self.axis, rank)?;
         let mut shape = first.shape().to_vec();
         shape[axis] = 0;
         for (i, x) in xs.iter().enumerate() {
             if x.rank() != rank || x.dtype() != first.dtype() {
-                return Err(kerr("Concat", format!("input {i} ({} {:?}) does not match input 0 ({} {:?})", x.dtype(), x.shape(), first.dtype(), first.shape())));
+                return Err(kerr(
+                    "Concat",
+                    format!(
+                        "input {i} ({} {:?}) does not match input 0 ({} {:?})",
+                        x.dtype(),
+                        x.shape(),
+                        first.dtype(),
+                        first.shape()
+                    ),
+                ));
             }
             for d in 0..rank {
                 if d != axis && x.shape()[d] != first.shape()[d] {
-                    return Err(kerr("Concat", format!("input {i} has shape {:?}, input 0 has {:?} (axis {axis})", x.shape(), first.shape())));
+                    return Err(kerr(
+                        "Concat",
+                        format!(
+                            "input {i} has shape {:?}, input 0 has {:?} (axis {axis})",
+                            x.shape(),
+                            first.shape()
+                        ),
+                    ));
                 }
             }
             shape[axis] += x.shape()[axis];
@@ -69,7 +91,9 @@ impl Concat {
     }
 
     fn tensors<'a>(inputs: &[Option<&'a Value>]) -> Result<Vec<&'a Tensor>> {
-        (0..inputs.len()).map(|i| kiln_core::input_tensor(inputs, i, "Concat")).collect()
+        (0..inputs.len())
+            .map(|i| kiln_core::input_tensor(inputs, i, "Concat"))
+            .collect()
     }
 }
 
@@ -80,22 +104,35 @@ impl Op for Concat {
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let facts: Vec<Option<&Fact>> = (0..inputs.len()).map(|i| fact_at(inputs, i)).collect();
         let dtype = facts.iter().flatten().find_map(|f| f.dtype);
-        let shapes: Option<Vec<&Vec<Dim>>> = facts.iter().map(|f| f.and_then(|f| f.shape.as_ref())).collect();
+        let shapes: Option<Vec<&Vec<Dim>>> = facts
+            .iter()
+            .map(|f| f.and_then(|f| f.shape.as_ref()))
+            .collect();
         let Some(shapes) = shapes else {
             let rank = facts.iter().flatten().find_map(|f| f.rank());
-            return Ok(vec![tensor_fact(dtype, rank.map(|r| vec![Dim::Unknown; r]))]);
+            return Ok(vec![tensor_fact(
+                dtype,
+                rank.map(|r| vec![Dim::Unknown; r]),
+            )]);
         };
-        let Some(first) = shapes.first() else { return Ok(vec![tensor_fact(dtype, None)]) };
+        let Some(first) = shapes.first() else {
+            return Ok(vec![tensor_fact(dtype, None)]);
+        };
         let rank = first.len();
         if shapes.iter().any(|s| s.len() != rank) {
             return Err(ierr("Concat", "inputs have different ranks"));
         }
-        let axis = norm_axis("Concat", self.axis, rank).map_err(|e| ierr("Concat", e.to_string()))?;
+        let axis =
+            norm_axis("Concat", self.axis, rank).map_err(|e| ierr("Concat", e.to_string()))?;
         let mut out = Vec::with_capacity(rank);
         for d in 0..rank {
             if d == axis {
                 let sum: Option<usize> = shapes.iter().map(|s| s[d].known()).sum();
-                let nonzero: Vec<&Dim> = shapes.iter().map(|s| &s[d]).filter(|x| **x != Dim::Known(0)).collect();
+                let nonzero: Vec<&Dim> = shapes
+                    .iter()
+                    .map(|s| &s[d])
+                    .filter(|x| **x != Dim::Known(0))
+                    .collect();
                 out.push(match (sum, nonzero.as_slice()) {
                     (Some(s), _) => Dim::Known(s),
                     (None, [one]) => (*one).clone(),
@@ -114,13 +151,22 @@ impl Op for Concat {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let xs = Self::tensors(inputs)?;
         let (shape, mover) = self.plan(&xs)?;
-        Ok(vec![move_data(&mover, "Concat", &xs, xs[0].dtype(), &shape)?.into()])
+        Ok(vec![move_data(
+            &mover,
+            "Concat",
+            &xs,
+            xs[0].dtype(),
+            &shape,
+        )?
+        .into()])
     }
     fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
         let xs = Self::tensors(inputs)?;
         let (shape, mover) = self.plan(&xs)?;
         match outputs.first_mut() {
-            Some(out) if xs[0].dtype() != DType::String => move_into(&mover, "Concat", &xs, out, &shape),
+            Some(out) if xs[0].dtype() != DType::String => {
+                move_into(&mover, "Concat", &xs, out, &shape)
+            }
             _ => Err(kerr("Concat", "no output slot")),
         }
     }
@@ -145,16 +191,22 @@ fn equal_parts(op: &str, d: usize, n: usize, uneven_ok: bool) -> Result<Vec<usiz
     if n == 0 {
         return Err(kerr(op, "no outputs"));
     }
-    if d % n == 0 {
+    if d.is_multiple_of(n) {
         return Ok(vec![d / n; n]);
     }
     if !uneven_ok {
-        return Err(kerr(op, format!("dim {d} cannot be split evenly into {n} parts")));
+        return Err(kerr(
+            op,
+            format!("dim {d} cannot be split evenly into {n} parts"),
+        ));
     }
     let c = d / n + 1;
     let last = d as i64 - (c * (n - 1)) as i64;
     if last < 0 {
-        return Err(kerr(op, format!("dim {d} cannot be split into {n} parts of {c}")));
+        return Err(kerr(
+            op,
+            format!("dim {d} cannot be split into {n} parts of {c}"),
+        ));
     }
     let mut v = vec![c; n];
     v[n - 1] = last as usize;
@@ -167,7 +219,10 @@ impl Split {
             Some(s) if !s.is_empty() => {
                 let s = to_dims("Split", &s)?;
                 if s.len() != n_out || s.iter().sum::<usize>() != d {
-                    return Err(kerr("Split", format!("split {s:?} does not fit dim {d} and {n_out} outputs")));
+                    return Err(kerr(
+                        "Split",
+                        format!("split {s:?} does not fit dim {d} and {n_out} outputs"),
+                    ));
                 }
                 Ok(s)
             }
@@ -183,8 +238,11 @@ impl Split {
     fn infer_split(&self, inputs: &[Option<&Fact>], n: usize) -> Result<Vec<Fact>> {
         let x = fact_at(inputs, 0);
         let dtype = x.and_then(|f| f.dtype);
-        let Some(shape) = x.and_then(|f| f.shape.as_ref()) else { return Ok(vec![tensor_fact(dtype, None); n]) };
-        let axis = norm_axis("Split", self.axis, shape.len()).map_err(|e| ierr("Split", e.to_string()))?;
+        let Some(shape) = x.and_then(|f| f.shape.as_ref()) else {
+            return Ok(vec![tensor_fact(dtype, None); n]);
+        };
+        let axis =
+            norm_axis("Split", self.axis, shape.len()).map_err(|e| ierr("Split", e.to_string()))?;
         let split = match fact_at(inputs, 1) {
             Some(f) => match konst_ints(Some(f)) {
                 Some(s) => Some(s),
@@ -202,7 +260,16 @@ impl Split {
                 Err(e) => return Err(ierr("Split", e.to_string())),
             },
             None => match split.or_else(|| self.split_attr.clone()) {
-                Some(s) if s.len() == n => s.iter().map(|&v| if v >= 0 { Dim::Known(v as usize) } else { Dim::Unknown }).collect(),
+                Some(s) if s.len() == n => s
+                    .iter()
+                    .map(|&v| {
+                        if v >= 0 {
+                            Dim::Known(v as usize)
+                        } else {
+                            Dim::Unknown
+                        }
+                    })
+                    .collect(),
                 _ => vec![Dim::Unknown; n],
             },
         };
@@ -218,7 +285,13 @@ impl Split {
 }
 
 impl Split {
-    fn split_into(&self, x: &Tensor, axis: usize, split: Option<Vec<i64>>, n_out: usize) -> Result<Vec<Value>> {
+    fn split_into(
+        &self,
+        x: &Tensor,
+        axis: usize,
+        split: Option<Vec<i64>>,
+        n_out: usize,
+    ) -> Result<Vec<Value>> {
         let parts = self.parts(x.shape()[axis], split, n_out)?;
         let st = istrides(x.shape());
         let mut start = 0;
@@ -226,7 +299,11 @@ impl Split {
         for p in parts {
             let mut shape = x.shape().to_vec();
             shape[axis] = p;
-            let view = StridedView { shape: shape.clone(), strides: st.clone(), offset: start * st[axis] as usize };
+            let view = StridedView {
+                shape: shape.clone(),
+                strides: st.clone(),
+                offset: start * st[axis] as usize,
+            };
             outs.push(move_data(&ViewMover(view), "Split", &[x], x.dtype(), &shape)?.into());
             start += p;
         }
@@ -244,15 +321,26 @@ pub struct SplitN {
 /// Builds `Split`, remembering how many outputs the node has.
 pub fn build_split_n(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    let split_attr = if ctx.opset() < 13 { a.opt_ints("split")? } else { None };
+    let split_attr = if ctx.opset() < 13 {
+        a.opt_ints("split")?
+    } else {
+        None
+    };
     let num_outputs = a.opt_int("num_outputs")?;
     if let Some(n) = num_outputs {
         if n < 1 {
             return Err(a.invalid(format!("num_outputs must be positive, got {n}")));
         }
     }
-    let inner = Split { axis: a.int("axis", 0)?, split_attr, num_outputs };
-    Ok(Box::new(SplitN { inner, n_out: ctx.n_outputs }))
+    let inner = Split {
+        axis: a.int("axis", 0)?,
+        split_attr,
+        num_outputs,
+    };
+    Ok(Box::new(SplitN {
+        inner,
+        n_out: ctx.n_outputs,
+    }))
 }
 
 impl Op for SplitN {
@@ -297,7 +385,10 @@ mod tests {
         let y = op.eval(&[Some(&av), Some(&bv)]).unwrap();
         let y = y[0].as_tensor().unwrap();
         assert_eq!(y.shape(), &[2, 4]);
-        assert_eq!(y.as_slice::<f32>().unwrap(), &[0., 1., 2., 100., 3., 4., 5., 101.]);
+        assert_eq!(
+            y.as_slice::<f32>().unwrap(),
+            &[0., 1., 2., 100., 3., 4., 5., 101.]
+        );
         assert!(Concat { axis: 0 }.eval(&[Some(&av), Some(&bv)]).is_err());
         let e: Value = Tensor::zeros(kiln_core::DType::F32, &[2, 0]).into();
         let y = op.eval(&[Some(&e), Some(&bv)]).unwrap();
@@ -309,7 +400,10 @@ mod tests {
         let y = Concat { axis: 1 }.eval(&[Some(&av), Some(&bv)]).unwrap();
         let y = y[0].as_tensor().unwrap().as_slice::<f32>().unwrap();
         assert_eq!(y[1200 * 7 + 3], a.as_slice::<f32>().unwrap()[500 * 7 + 3]);
-        assert_eq!(y[1200 * 299 + 500 + 6], b.as_slice::<f32>().unwrap()[700 * 299 + 6]);
+        assert_eq!(
+            y[1200 * 299 + 500 + 6],
+            b.as_slice::<f32>().unwrap()[700 * 299 + 6]
+        );
     }
 
     #[test]
@@ -317,30 +411,77 @@ mod tests {
         let a = Fact::tensor(DType::F32, vec![Dim::Sym("b".into()), Dim::Known(3)]);
         let b = Fact::tensor(DType::F32, vec![Dim::Unknown, Dim::Known(4)]);
         let f = Concat { axis: 1 }.infer(&[Some(&a), Some(&b)], 1).unwrap();
-        assert_eq!(f[0].shape.as_ref().unwrap(), &vec![Dim::Sym("b".into()), Dim::Known(7)]);
+        assert_eq!(
+            f[0].shape.as_ref().unwrap(),
+            &vec![Dim::Sym("b".into()), Dim::Known(7)]
+        );
     }
 
     #[test]
     fn split_variants() {
         let x: Value = t(&[2, 7], 0.0).into();
-        let op = SplitN { inner: Split { axis: 1, split_attr: None, num_outputs: Some(3) }, n_out: 3 };
+        let op = SplitN {
+            inner: Split {
+                axis: 1,
+                split_attr: None,
+                num_outputs: Some(3),
+            },
+            n_out: 3,
+        };
         let y = op.eval(&[Some(&x)]).unwrap();
-        let shapes: Vec<_> = y.iter().map(|v| v.as_tensor().unwrap().shape().to_vec()).collect();
+        let shapes: Vec<_> = y
+            .iter()
+            .map(|v| v.as_tensor().unwrap().shape().to_vec())
+            .collect();
         assert_eq!(shapes, vec![vec![2, 3], vec![2, 3], vec![2, 1]]);
-        assert_eq!(y[2].as_tensor().unwrap().as_slice::<f32>().unwrap(), &[6., 13.]);
+        assert_eq!(
+            y[2].as_tensor().unwrap().as_slice::<f32>().unwrap(),
+            &[6., 13.]
+        );
         let s: Value = Tensor::from_vec(&[2], vec![2i64, 5]).unwrap().into();
-        let op = SplitN { inner: Split { axis: -1, split_attr: None, num_outputs: None }, n_out: 2 };
+        let op = SplitN {
+            inner: Split {
+                axis: -1,
+                split_attr: None,
+                num_outputs: None,
+            },
+            n_out: 2,
+        };
         let y = op.eval(&[Some(&x), Some(&s)]).unwrap();
-        assert_eq!(y[1].as_tensor().unwrap().as_slice::<f32>().unwrap(), &[2., 3., 4., 5., 6., 9., 10., 11., 12., 13.]);
-        let op = SplitN { inner: Split { axis: 0, split_attr: None, num_outputs: None }, n_out: 2 };
+        assert_eq!(
+            y[1].as_tensor().unwrap().as_slice::<f32>().unwrap(),
+            &[2., 3., 4., 5., 6., 9., 10., 11., 12., 13.]
+        );
+        let op = SplitN {
+            inner: Split {
+                axis: 0,
+                split_attr: None,
+                num_outputs: None,
+            },
+            n_out: 2,
+        };
         let y = op.eval(&[Some(&x)]).unwrap();
         assert_eq!(y[1].as_tensor().unwrap().shape(), &[1, 7]);
-        let op = SplitN { inner: Split { axis: 1, split_attr: None, num_outputs: None }, n_out: 2 };
+        let op = SplitN {
+            inner: Split {
+                axis: 1,
+                split_attr: None,
+                num_outputs: None,
+            },
+            n_out: 2,
+        };
         assert!(op.eval(&[Some(&x)]).is_err());
         let bad: Value = Tensor::from_vec(&[2], vec![2i64, 4]).unwrap().into();
         assert!(op.eval(&[Some(&x), Some(&bad)]).is_err());
         let zero: Value = Tensor::from_vec(&[3], vec![0i64, 7, 0]).unwrap().into();
-        let op = SplitN { inner: Split { axis: 1, split_attr: None, num_outputs: None }, n_out: 3 };
+        let op = SplitN {
+            inner: Split {
+                axis: 1,
+                split_attr: None,
+                num_outputs: None,
+            },
+            n_out: 3,
+        };
         let y = op.eval(&[Some(&x), Some(&zero)]).unwrap();
         assert_eq!(y[0].as_tensor().unwrap().shape(), &[2, 0]);
     }

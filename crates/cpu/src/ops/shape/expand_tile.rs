@@ -11,9 +11,19 @@ pub(crate) fn broadcast_view(shape: &[usize], out: &[usize]) -> StridedView {
     let st = istrides(shape);
     let lead = out.len() - shape.len();
     let strides = (0..out.len())
-        .map(|i| if i < lead || shape[i - lead] == 1 { 0 } else { st[i - lead] })
+        .map(|i| {
+            if i < lead || shape[i - lead] == 1 {
+                0
+            } else {
+                st[i - lead]
+            }
+        })
         .collect();
-    StridedView { shape: out.to_vec(), strides, offset: 0 }
+    StridedView {
+        shape: out.to_vec(),
+        strides,
+        offset: 0,
+    }
 }
 
 /// Broadcasts `x` to `out` (which must be a broadcast of its shape).
@@ -21,7 +31,13 @@ pub(crate) fn broadcast_to(op: &str, x: &Tensor, out: &[usize]) -> Result<Tensor
     if x.shape() == out {
         return Ok(x.clone());
     }
-    move_data(&ViewMover(broadcast_view(x.shape(), out)), op, &[x], x.dtype(), out)
+    move_data(
+        &ViewMover(broadcast_view(x.shape(), out)),
+        op,
+        &[x],
+        x.dtype(),
+        out,
+    )
 }
 
 /// `Expand`: broadcasts the input against a shape (bidirectionally).
@@ -37,8 +53,12 @@ impl Expand {
     fn plan<'a>(inputs: &[Option<&'a Value>]) -> Result<(&'a Tensor, Vec<usize>)> {
         let x = kiln_core::input_tensor(inputs, 0, "Expand")?;
         let shape = to_dims("Expand", &ints_input(inputs, 1, "Expand")?)?;
-        let out = kiln_core::fact::broadcast_shapes(x.shape(), &shape)
-            .ok_or_else(|| kerr("Expand", format!("cannot broadcast {:?} to {shape:?}", x.shape())))?;
+        let out = kiln_core::fact::broadcast_shapes(x.shape(), &shape).ok_or_else(|| {
+            kerr(
+                "Expand",
+                format!("cannot broadcast {:?} to {shape:?}", x.shape()),
+            )
+        })?;
         checked_numel("Expand", &out, x.dtype().size())?;
         Ok((x, out))
     }
@@ -53,8 +73,21 @@ impl Op for Expand {
         let dtype = x.and_then(|f| f.dtype);
         let s = fact_at(inputs, 1);
         let target: Option<Vec<Dim>> = match konst_ints(s) {
-            Some(v) => Some(v.iter().map(|&d| if d >= 0 { Dim::Known(d as usize) } else { Dim::Unknown }).collect()),
-            None => s.and_then(|f| f.concrete_shape()).filter(|r| r.len() == 1).map(|r| vec![Dim::Unknown; r[0]]),
+            Some(v) => Some(
+                v.iter()
+                    .map(|&d| {
+                        if d >= 0 {
+                            Dim::Known(d as usize)
+                        } else {
+                            Dim::Unknown
+                        }
+                    })
+                    .collect(),
+            ),
+            None => s
+                .and_then(|f| f.concrete_shape())
+                .filter(|r| r.len() == 1)
+                .map(|r| vec![Dim::Unknown; r[0]]),
         };
         let shape = match (x.and_then(|f| f.shape.as_ref()), target) {
             (Some(xs), Some(t)) => {
@@ -63,8 +96,16 @@ impl Op for Expand {
                 let rank = xs.len().max(t.len());
                 let mut out = Vec::with_capacity(rank);
                 for i in 0..rank {
-                    let a = if i + xs.len() >= rank { xs[i + xs.len() - rank].clone() } else { Dim::Known(1) };
-                    let b = if i + t.len() >= rank { t[i + t.len() - rank].clone() } else { Dim::Known(1) };
+                    let a = if i + xs.len() >= rank {
+                        xs[i + xs.len() - rank].clone()
+                    } else {
+                        Dim::Known(1)
+                    };
+                    let b = if i + t.len() >= rank {
+                        t[i + t.len() - rank].clone()
+                    } else {
+                        Dim::Known(1)
+                    };
                     out.push(match (&a, &b) {
                         (_, Dim::Known(1)) => a.clone(),
                         (Dim::Known(1), _) => b.clone(),
@@ -91,9 +132,13 @@ impl Op for Expand {
     fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
         let (x, out) = Self::plan(inputs)?;
         match outputs.first_mut() {
-            Some(slot) if x.dtype() != DType::String => {
-                move_into(&ViewMover(broadcast_view(x.shape(), &out)), "Expand", &[x], slot, &out)
-            }
+            Some(slot) if x.dtype() != DType::String => move_into(
+                &ViewMover(broadcast_view(x.shape(), &out)),
+                "Expand",
+                &[x],
+                slot,
+                &out,
+            ),
             _ => Err(kerr("Expand", "no output slot")),
         }
     }
@@ -125,7 +170,14 @@ fn tile_view(shape: &[usize], reps: &[usize]) -> (StridedView, Vec<usize>) {
         vstrides.extend([0, st[i]]);
     }
     let out = shape.iter().zip(reps).map(|(d, r)| d * r).collect();
-    (StridedView { shape: vshape, strides: vstrides, offset: 0 }, out)
+    (
+        StridedView {
+            shape: vshape,
+            strides: vstrides,
+            offset: 0,
+        },
+        out,
+    )
 }
 
 impl Tile {
@@ -144,7 +196,10 @@ impl Tile {
         }
         let r = to_dims("Tile", &ints_input(inputs, 1, "Tile")?)?;
         if r.len() != rank {
-            return Err(kerr("Tile", format!("repeats {r:?} do not match rank {rank}")));
+            return Err(kerr(
+                "Tile",
+                format!("repeats {r:?} do not match rank {rank}"),
+            ));
         }
         Ok(r)
     }
@@ -157,8 +212,14 @@ impl Op for Tile {
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let x = fact_at(inputs, 0);
         let dtype = x.and_then(|f| f.dtype);
-        let Some(shape) = x.and_then(|f| f.shape.as_ref()) else { return Ok(vec![tensor_fact(dtype, None)]) };
-        let reps = if self.opset >= 6 { konst_ints(fact_at(inputs, 1)) } else { None };
+        let Some(shape) = x.and_then(|f| f.shape.as_ref()) else {
+            return Ok(vec![tensor_fact(dtype, None)]);
+        };
+        let reps = if self.opset >= 6 {
+            konst_ints(fact_at(inputs, 1))
+        } else {
+            None
+        };
         let out = match reps {
             Some(r) if r.len() == shape.len() => shape
                 .iter()
@@ -196,11 +257,16 @@ mod tests {
 
     #[test]
     fn expand_bidirectional() {
-        let x: Value = Tensor::from_vec(&[3, 1], vec![1f32, 2., 3.]).unwrap().into();
+        let x: Value = Tensor::from_vec(&[3, 1], vec![1f32, 2., 3.])
+            .unwrap()
+            .into();
         let y = Expand.eval(&[Some(&x), Some(&i64s(&[2, 1, 2]))]).unwrap();
         let y = y[0].as_tensor().unwrap();
         assert_eq!(y.shape(), &[2, 3, 2]);
-        assert_eq!(y.as_slice::<f32>().unwrap(), &[1., 1., 2., 2., 3., 3., 1., 1., 2., 2., 3., 3.]);
+        assert_eq!(
+            y.as_slice::<f32>().unwrap(),
+            &[1., 1., 2., 2., 3., 3., 1., 1., 2., 2., 3., 3.]
+        );
         let y = Expand.eval(&[Some(&x), Some(&i64s(&[1]))]).unwrap();
         assert_eq!(y[0].as_tensor().unwrap().shape(), &[3, 1]);
         assert!(Expand.eval(&[Some(&x), Some(&i64s(&[2, 2]))]).is_err());
@@ -209,7 +275,9 @@ mod tests {
 
     #[test]
     fn tile_matches_numpy() {
-        let x: Value = Tensor::from_vec(&[2, 2], vec![1i32, 2, 3, 4]).unwrap().into();
+        let x: Value = Tensor::from_vec(&[2, 2], vec![1i32, 2, 3, 4])
+            .unwrap()
+            .into();
         let op = Tile { opset: 13 };
         let y = op.eval(&[Some(&x), Some(&i64s(&[2, 3]))]).unwrap();
         let y = y[0].as_tensor().unwrap();

@@ -9,8 +9,18 @@ use serde_json::Value as J;
 
 fn parse_tensor(j: &J) -> Tensor {
     let code = j["dtype"].as_i64().unwrap() as i32;
-    let shape: Vec<usize> = j["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
-    let data: Vec<&str> = j["data"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let shape: Vec<usize> = j["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let data: Vec<&str> = j["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     let dt = DType::from_onnx_code(code).unwrap();
     if dt == DType::String {
         return Tensor::from_strings(&shape, data.iter().map(|s| s.to_string()).collect()).unwrap();
@@ -37,7 +47,12 @@ fn parse_attr(j: &J) -> Option<Attr> {
         "int" => Attr::Int(v.as_i64()?),
         "ints" => Attr::Ints(v.as_array()?.iter().map(|x| x.as_i64().unwrap()).collect()),
         "float" => Attr::Float(v.as_str()?.parse().ok()?),
-        "floats" => Attr::Floats(v.as_array()?.iter().map(|x| x.as_str().unwrap().parse().unwrap()).collect()),
+        "floats" => Attr::Floats(
+            v.as_array()?
+                .iter()
+                .map(|x| x.as_str().unwrap().parse().unwrap())
+                .collect(),
+        ),
         "string" => Attr::String(v.as_str()?.to_string()),
         "tensor" => Attr::Tensor(parse_tensor(v)),
         _ => return None,
@@ -50,7 +65,10 @@ fn close(a: &Tensor, b: &Tensor) -> bool {
     }
     if a.dtype().is_float() {
         let (x, y) = (a.to_f64_vec().unwrap(), b.to_f64_vec().unwrap());
-        return x.iter().zip(&y).all(|(p, q)| (p.is_nan() && q.is_nan()) || (p - q).abs() <= 1e-7 + 1e-3 * q.abs());
+        return x
+            .iter()
+            .zip(&y)
+            .all(|(p, q)| (p.is_nan() && q.is_nan()) || (p - q).abs() <= 1e-7 + 1e-3 * q.abs());
     }
     a.same_as(b)
 }
@@ -79,7 +97,9 @@ fn check_fact(f: &Fact, t: &Tensor) -> Result<(), String> {
 #[test]
 fn onnx_node_cases() {
     let dir = std::env::var("KILN_SHAPEOPS_CASES").unwrap_or_else(|_| "/tmp/shapeops_cases".into());
-    let Ok(rd) = std::fs::read_dir(&dir) else { return };
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return;
+    };
     let reg = crate::registry();
     let mut files: Vec<_> = rd.flatten().map(|e| e.path()).collect();
     files.sort();
@@ -95,11 +115,31 @@ fn onnx_node_cases() {
             }
         }
         desc.attrs = attrs;
-        let inputs: Vec<Option<Value>> =
-            j["inputs"].as_array().unwrap().iter().map(|v| if v.is_null() { None } else { Some(parse_tensor(v).into()) }).collect();
-        let outputs: Vec<Tensor> = j["outputs"].as_array().unwrap().iter().map(parse_tensor).collect();
+        let inputs: Vec<Option<Value>> = j["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                if v.is_null() {
+                    None
+                } else {
+                    Some(parse_tensor(v).into())
+                }
+            })
+            .collect();
+        let outputs: Vec<Tensor> = j["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(parse_tensor)
+            .collect();
         let n_out = j["n_outputs"].as_u64().unwrap() as usize;
-        let ctx = BuildCtx { node: "n", desc: &desc, n_inputs: inputs.len(), n_outputs: n_out };
+        let ctx = BuildCtx {
+            node: "n",
+            desc: &desc,
+            n_inputs: inputs.len(),
+            n_outputs: n_out,
+        };
         let op = match reg.build(&ctx) {
             Ok(op) => op,
             Err(e) => {
@@ -114,7 +154,9 @@ fn onnx_node_cases() {
                 for (i, want) in outputs.iter().enumerate() {
                     match got.get(i).map(|v| v.as_tensor()) {
                         Some(Ok(g)) if close(g, want) => {}
-                        Some(Ok(g)) => problems.push(format!("output {i}: got {g:?}, want {want:?}")),
+                        Some(Ok(g)) => {
+                            problems.push(format!("output {i}: got {g:?}, want {want:?}"))
+                        }
                         _ => problems.push(format!("output {i} missing")),
                     }
                 }
@@ -122,15 +164,28 @@ fn onnx_node_cases() {
             Err(e) => problems.push(format!("eval: {e}")),
         }
         // shape inference: plain facts, then with inputs 1.. constant
-        let plain: Vec<Option<Fact>> =
-            inputs.iter().map(|v| v.as_ref().map(|v| { let t = v.as_tensor().unwrap(); Fact::concrete(t.dtype(), t.shape()) })).collect();
+        let plain: Vec<Option<Fact>> = inputs
+            .iter()
+            .map(|v| {
+                v.as_ref().map(|v| {
+                    let t = v.as_tensor().unwrap();
+                    Fact::concrete(t.dtype(), t.shape())
+                })
+            })
+            .collect();
         let konst: Vec<Option<Fact>> = inputs
             .iter()
             .enumerate()
-            .map(|(i, v)| v.as_ref().map(|v| {
-                let t = v.as_tensor().unwrap();
-                if i == 0 { Fact::concrete(t.dtype(), t.shape()) } else { Fact::constant(t.clone()) }
-            }))
+            .map(|(i, v)| {
+                v.as_ref().map(|v| {
+                    let t = v.as_tensor().unwrap();
+                    if i == 0 {
+                        Fact::concrete(t.dtype(), t.shape())
+                    } else {
+                        Fact::constant(t.clone())
+                    }
+                })
+            })
             .collect();
         for facts in [&plain, &konst] {
             let fr: Vec<Option<&Fact>> = facts.iter().map(|f| f.as_ref()).collect();
@@ -143,8 +198,16 @@ fn onnx_node_cases() {
                             }
                         }
                     }
-                    if std::ptr::eq(facts, &konst) && inf.iter().take(outputs.len()).any(|f| f.concrete_shape().is_none()) {
-                        infer_partial.push(format!("{name}: {:?}", inf.iter().map(|f| f.describe()).collect::<Vec<_>>()));
+                    if std::ptr::eq(facts, &konst)
+                        && inf
+                            .iter()
+                            .take(outputs.len())
+                            .any(|f| f.concrete_shape().is_none())
+                    {
+                        infer_partial.push(format!(
+                            "{name}: {:?}",
+                            inf.iter().map(|f| f.describe()).collect::<Vec<_>>()
+                        ));
                     }
                 }
                 Err(e) => problems.push(format!("infer: {e}")),

@@ -34,12 +34,20 @@ pub fn build_pad(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         m => return Err(a.invalid(format!("unknown pad mode {m}"))),
     };
     let pads_attr = if ctx.opset() < 11 {
-        let p = if ctx.opset() < 2 { a.opt_ints("paddings")? } else { a.opt_ints("pads")? };
+        let p = if ctx.opset() < 2 {
+            a.opt_ints("paddings")?
+        } else {
+            a.opt_ints("pads")?
+        };
         Some(p.ok_or_else(|| a.invalid("Pad needs a pads attribute"))?)
     } else {
         None
     };
-    Ok(Box::new(Pad { mode, pads_attr, value_attr: a.float("value", 0.0)? }))
+    Ok(Box::new(Pad {
+        mode,
+        pads_attr,
+        value_attr: a.float("value", 0.0)?,
+    }))
 }
 
 /// A run of output positions along the padded axis: `len` positions reading source
@@ -54,7 +62,10 @@ struct Run {
 fn axis_map(mode: PadMode, d: usize, begin: i64, end: i64) -> Result<Vec<Option<usize>>> {
     let out = d as i64 + begin + end;
     if out < 0 {
-        return Err(kerr("Pad", format!("pads ({begin}, {end}) remove more than the dim {d}")));
+        return Err(kerr(
+            "Pad",
+            format!("pads ({begin}, {end}) remove more than the dim {d}"),
+        ));
     }
     let mut m = Vec::with_capacity(out as usize);
     for o in 0..out {
@@ -63,7 +74,10 @@ fn axis_map(mode: PadMode, d: usize, begin: i64, end: i64) -> Result<Vec<Option<
             Some(i as usize)
         } else if d == 0 {
             if mode != PadMode::Constant {
-                return Err(kerr("Pad", "cannot pad an empty dim in a non-constant mode"));
+                return Err(kerr(
+                    "Pad",
+                    "cannot pad an empty dim in a non-constant mode",
+                ));
             }
             None
         } else {
@@ -122,19 +136,36 @@ impl PadPlan {
     /// Plans padding `shape` by (begin, end) per axis.
     pub(crate) fn new(mode: PadMode, shape: &[usize], pads: &[(i64, i64)]) -> Result<PadPlan> {
         let rank = shape.len();
-        let maps: Vec<Vec<Option<usize>>> =
-            (0..rank).map(|a| axis_map(mode, shape[a], pads[a].0, pads[a].1)).collect::<Result<_>>()?;
+        let maps: Vec<Vec<Option<usize>>> = (0..rank)
+            .map(|a| axis_map(mode, shape[a], pads[a].0, pads[a].1))
+            .collect::<Result<_>>()?;
         let out_shape: Vec<usize> = maps.iter().map(|m| m.len()).collect();
         checked_numel("Pad", &out_shape, 1)?;
         let k = (0..rank).rev().find(|&a| pads[a] != (0, 0)).unwrap_or(0);
         let st = kiln_core::strides(shape);
-        let inner: usize = shape[k.min(rank.saturating_sub(1))..].iter().skip(1).product();
+        let inner: usize = shape[k.min(rank.saturating_sub(1))..]
+            .iter()
+            .skip(1)
+            .product();
         let (outer_maps, outer_strides, runs) = if rank == 0 {
-            (vec![], vec![], vec![Run { src: Some(0), len: 1 }])
+            (
+                vec![],
+                vec![],
+                vec![Run {
+                    src: Some(0),
+                    len: 1,
+                }],
+            )
         } else {
             (maps[..k].to_vec(), st[..k].to_vec(), runs_of(&maps[k]))
         };
-        Ok(PadPlan { out_shape, outer_maps, outer_strides, runs, inner })
+        Ok(PadPlan {
+            out_shape,
+            outer_maps,
+            outer_strides,
+            runs,
+            inner,
+        })
     }
 }
 
@@ -188,20 +219,32 @@ impl Pad {
         let rank = x.rank();
         let (raw, axes) = match &self.pads_attr {
             Some(p) => (p.clone(), None),
-            None => (ints_input(inputs, 1, "Pad")?, opt_ints_input(inputs, 3, "Pad")?),
+            None => (
+                ints_input(inputs, 1, "Pad")?,
+                opt_ints_input(inputs, 3, "Pad")?,
+            ),
         };
         let axes = match axes {
             Some(a) => norm_axes("Pad", &a, rank)?,
             None => (0..rank).collect(),
         };
         if raw.len() != 2 * axes.len() {
-            return Err(kerr("Pad", format!("pads {raw:?} must have 2 values per axis ({} axes)", axes.len())));
+            return Err(kerr(
+                "Pad",
+                format!(
+                    "pads {raw:?} must have 2 values per axis ({} axes)",
+                    axes.len()
+                ),
+            ));
         }
         let mut pads = vec![(0i64, 0i64); rank];
         for (i, &a) in axes.iter().enumerate() {
             pads[a] = (raw[i], raw[axes.len() + i]);
         }
-        let value = match (&self.pads_attr, kiln_core::optional_tensor(inputs, 2, "Pad")?) {
+        let value = match (
+            &self.pads_attr,
+            kiln_core::optional_tensor(inputs, 2, "Pad")?,
+        ) {
             (None, Some(v)) if !v.is_empty() => v.reshape(&[v.len()])?.cast(x.dtype())?,
             _ if x.dtype() == DType::String => Tensor::from_strings(&[1], vec![String::new()])?,
             _ => Tensor::from_vec(&[1], vec![self.value_attr])?.cast(x.dtype())?,
@@ -217,7 +260,9 @@ impl Op for Pad {
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let x = fact_at(inputs, 0);
         let dtype = x.and_then(|f| f.dtype);
-        let Some(shape) = x.and_then(|f| f.shape.as_ref()) else { return Ok(vec![tensor_fact(dtype, None)]) };
+        let Some(shape) = x.and_then(|f| f.shape.as_ref()) else {
+            return Ok(vec![tensor_fact(dtype, None)]);
+        };
         let rank = shape.len();
         let raw = match &self.pads_attr {
             Some(p) => Some(p.clone()),
@@ -227,9 +272,14 @@ impl Op for Pad {
             (None, Some(f)) => konst_ints(Some(f)).and_then(|a| norm_axes("Pad", &a, rank).ok()),
             _ => Some((0..rank).collect()),
         };
-        let (Some(raw), Some(axes)) = (raw, axes) else { return Ok(vec![tensor_fact(dtype, Some(vec![Dim::Unknown; rank]))]) };
+        let (Some(raw), Some(axes)) = (raw, axes) else {
+            return Ok(vec![tensor_fact(dtype, Some(vec![Dim::Unknown; rank]))]);
+        };
         if raw.len() != 2 * axes.len() {
-            return Err(ierr("Pad", format!("pads {raw:?} do not match {} axes", axes.len())));
+            return Err(ierr(
+                "Pad",
+                format!("pads {raw:?} do not match {} axes", axes.len()),
+            ));
         }
         let mut out = shape.clone();
         for (i, &a) in axes.iter().enumerate() {
@@ -238,7 +288,10 @@ impl Op for Pad {
                 Some(d) => {
                     let v = d as i64 + b + e;
                     if v < 0 {
-                        return Err(ierr("Pad", format!("pads ({b}, {e}) remove more than dim {d}")));
+                        return Err(ierr(
+                            "Pad",
+                            format!("pads ({b}, {e}) remove more than dim {d}"),
+                        ));
                     }
                     Dim::Known(v as usize)
                 }
@@ -251,13 +304,22 @@ impl Op for Pad {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let (x, value, plan) = self.plan(inputs)?;
         let shape = plan.out_shape.clone();
-        Ok(vec![move_data(&plan, "Pad", &[x, &value], x.dtype(), &shape)?.into()])
+        Ok(vec![move_data(
+            &plan,
+            "Pad",
+            &[x, &value],
+            x.dtype(),
+            &shape,
+        )?
+        .into()])
     }
     fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
         let (x, value, plan) = self.plan(inputs)?;
         let shape = plan.out_shape.clone();
         match outputs.first_mut() {
-            Some(out) if x.dtype() != DType::String => move_into(&plan, "Pad", &[x, &value], out, &shape),
+            Some(out) if x.dtype() != DType::String => {
+                move_into(&plan, "Pad", &[x, &value], out, &shape)
+            }
             _ => Err(kerr("Pad", "no output slot")),
         }
     }
@@ -276,7 +338,9 @@ pub struct CenterCropPad {
 
 /// Builds `CenterCropPad`.
 pub fn build_center_crop_pad(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(CenterCropPad { axes: ctx.attrs().opt_ints("axes")? }))
+    Ok(Box::new(CenterCropPad {
+        axes: ctx.attrs().opt_ints("axes")?,
+    }))
 }
 
 impl CenterCropPad {
@@ -287,7 +351,10 @@ impl CenterCropPad {
             None => (0..rank).collect(),
         };
         if target.len() != axes.len() {
-            return Err(kerr("CenterCropPad", format!("shape {target:?} does not match axes {axes:?}")));
+            return Err(kerr(
+                "CenterCropPad",
+                format!("shape {target:?} does not match axes {axes:?}"),
+            ));
         }
         let mut pads = vec![(0, 0); rank];
         for (i, &a) in axes.iter().enumerate() {
@@ -297,7 +364,11 @@ impl CenterCropPad {
             }
             let diff = t - d;
             let half = diff.abs() / 2;
-            pads[a] = if diff >= 0 { (half, diff - half) } else { (-half, diff + half) };
+            pads[a] = if diff >= 0 {
+                (half, diff - half)
+            } else {
+                (-half, diff + half)
+            };
         }
         Ok(pads)
     }
@@ -310,10 +381,13 @@ impl Op for CenterCropPad {
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let x = fact_at(inputs, 0);
         let dtype = x.and_then(|f| f.dtype);
-        let Some(shape) = x.and_then(|f| f.shape.as_ref()) else { return Ok(vec![tensor_fact(dtype, None)]) };
+        let Some(shape) = x.and_then(|f| f.shape.as_ref()) else {
+            return Ok(vec![tensor_fact(dtype, None)]);
+        };
         let rank = shape.len();
         let axes = match &self.axes {
-            Some(a) => norm_axes("CenterCropPad", a, rank).map_err(|e| ierr("CenterCropPad", e.to_string()))?,
+            Some(a) => norm_axes("CenterCropPad", a, rank)
+                .map_err(|e| ierr("CenterCropPad", e.to_string()))?,
             None => (0..rank).collect(),
         };
         let mut out = shape.clone();
@@ -337,7 +411,14 @@ impl Op for CenterCropPad {
             Tensor::zeros(x.dtype(), &[1])
         };
         let shape = plan.out_shape.clone();
-        Ok(vec![move_data(&plan, "CenterCropPad", &[x, &value], x.dtype(), &shape)?.into()])
+        Ok(vec![move_data(
+            &plan,
+            "CenterCropPad",
+            &[x, &value],
+            x.dtype(),
+            &shape,
+        )?
+        .into()])
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -354,7 +435,10 @@ mod tests {
 
     /// Naive pad of a 2-D tensor with numpy semantics.
     fn naive(x: &[f32], h: usize, w: usize, p: [i64; 4], mode: PadMode, val: f32) -> Vec<f32> {
-        let maps = [axis_map(mode, h, p[0], p[2]).unwrap(), axis_map(mode, w, p[1], p[3]).unwrap()];
+        let maps = [
+            axis_map(mode, h, p[0], p[2]).unwrap(),
+            axis_map(mode, w, p[1], p[3]).unwrap(),
+        ];
         let mut out = vec![];
         for i in &maps[0] {
             for j in &maps[1] {
@@ -370,11 +454,23 @@ mod tests {
     #[test]
     fn reflect_matches_numpy() {
         // np.pad([0,1,2], (4, 5), 'reflect') = [2 1 0 1 | 0 1 2 | 1 0 1 2 1]
-        let m: Vec<usize> = axis_map(PadMode::Reflect, 3, 4, 5).unwrap().into_iter().map(|v| v.unwrap()).collect();
+        let m: Vec<usize> = axis_map(PadMode::Reflect, 3, 4, 5)
+            .unwrap()
+            .into_iter()
+            .map(|v| v.unwrap())
+            .collect();
         assert_eq!(m, vec![0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1]);
-        let m: Vec<usize> = axis_map(PadMode::Wrap, 3, 2, 2).unwrap().into_iter().map(|v| v.unwrap()).collect();
+        let m: Vec<usize> = axis_map(PadMode::Wrap, 3, 2, 2)
+            .unwrap()
+            .into_iter()
+            .map(|v| v.unwrap())
+            .collect();
         assert_eq!(m, vec![1, 2, 0, 1, 2, 0, 1]);
-        let m: Vec<usize> = axis_map(PadMode::Edge, 3, 2, 1).unwrap().into_iter().map(|v| v.unwrap()).collect();
+        let m: Vec<usize> = axis_map(PadMode::Edge, 3, 2, 1)
+            .unwrap()
+            .into_iter()
+            .map(|v| v.unwrap())
+            .collect();
         assert_eq!(m, vec![0, 0, 0, 1, 2, 2]);
     }
 
@@ -390,15 +486,29 @@ mod tests {
             (PadMode::Edge, [0, 3, 2, 0]),
             (PadMode::Wrap, [1, 1, 2, 2]),
         ] {
-            let op = Pad { mode, pads_attr: None, value_attr: 0.0 };
+            let op = Pad {
+                mode,
+                pads_attr: None,
+                value_attr: 0.0,
+            };
             let cv: Value = Tensor::scalar(2.5f32).into();
             let y = op.eval(&[Some(&x), Some(&i64s(&pads)), Some(&cv)]).unwrap();
             let y = y[0].as_tensor().unwrap();
-            assert_eq!(y.as_slice::<f32>().unwrap(), naive(&data, h, w, pads, mode, 2.5).as_slice(), "{mode:?} {pads:?}");
+            assert_eq!(
+                y.as_slice::<f32>().unwrap(),
+                naive(&data, h, w, pads, mode, 2.5).as_slice(),
+                "{mode:?} {pads:?}"
+            );
         }
         // axes input (opset 18), negative axis
-        let op = Pad { mode: PadMode::Constant, pads_attr: None, value_attr: 0.0 };
-        let y = op.eval(&[Some(&x), Some(&i64s(&[1, 1])), None, Some(&i64s(&[-1]))]).unwrap();
+        let op = Pad {
+            mode: PadMode::Constant,
+            pads_attr: None,
+            value_attr: 0.0,
+        };
+        let y = op
+            .eval(&[Some(&x), Some(&i64s(&[1, 1])), None, Some(&i64s(&[-1]))])
+            .unwrap();
         assert_eq!(y[0].as_tensor().unwrap().shape(), &[3, 6]);
         assert!(op.eval(&[Some(&x), Some(&i64s(&[1, 1, 1]))]).is_err());
         assert!(op.eval(&[Some(&x), Some(&i64s(&[-5, 0, 0, 0]))]).is_err());
@@ -406,29 +516,52 @@ mod tests {
 
     #[test]
     fn pad_channels_large_and_strings() {
-        let x = Tensor::from_vec(&[2, 3, 64, 64], (0..2 * 3 * 64 * 64).map(|v| v as f32).collect()).unwrap();
-        let op = Pad { mode: PadMode::Constant, pads_attr: Some(vec![0, 1, 0, 0, 0, 2, 0, 0]), value_attr: -1.0 };
+        let x = Tensor::from_vec(
+            &[2, 3, 64, 64],
+            (0..2 * 3 * 64 * 64).map(|v| v as f32).collect(),
+        )
+        .unwrap();
+        let op = Pad {
+            mode: PadMode::Constant,
+            pads_attr: Some(vec![0, 1, 0, 0, 0, 2, 0, 0]),
+            value_attr: -1.0,
+        };
         let y = op.eval(&[Some(&x.clone().into())]).unwrap();
         let y = y[0].as_tensor().unwrap();
         assert_eq!(y.shape(), &[2, 6, 64, 64]);
         let ys = y.as_slice::<f32>().unwrap();
         assert_eq!(ys[0], -1.0);
         assert_eq!(ys[64 * 64], 0.0);
-        assert_eq!(ys[6 * 64 * 64 + 2 * 64 * 64 + 5], x.as_slice::<f32>().unwrap()[3 * 64 * 64 + 64 * 64 + 5]);
+        assert_eq!(
+            ys[6 * 64 * 64 + 2 * 64 * 64 + 5],
+            x.as_slice::<f32>().unwrap()[3 * 64 * 64 + 64 * 64 + 5]
+        );
         let s = Tensor::from_strings(&[2], vec!["a".into(), "b".into()]).unwrap();
-        let op = Pad { mode: PadMode::Edge, pads_attr: None, value_attr: 0.0 };
+        let op = Pad {
+            mode: PadMode::Edge,
+            pads_attr: None,
+            value_attr: 0.0,
+        };
         let y = op.eval(&[Some(&s.into()), Some(&i64s(&[1, 2]))]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().as_strings().unwrap(), &["a", "a", "b", "b", "b"]);
+        assert_eq!(
+            y[0].as_tensor().unwrap().as_strings().unwrap(),
+            &["a", "a", "b", "b", "b"]
+        );
     }
 
     #[test]
     fn center_crop_pad() {
-        let x: Value = Tensor::from_vec(&[5, 2], (0..10).map(|v| v as f32).collect::<Vec<_>>()).unwrap().into();
+        let x: Value = Tensor::from_vec(&[5, 2], (0..10).map(|v| v as f32).collect::<Vec<_>>())
+            .unwrap()
+            .into();
         let op = CenterCropPad { axes: None };
         let y = op.eval(&[Some(&x), Some(&i64s(&[2, 5]))]).unwrap();
         let y = y[0].as_tensor().unwrap();
         assert_eq!(y.shape(), &[2, 5]);
         // crop rows 5 -> 2: start 1; pad cols 2 -> 5: 1 before, 2 after
-        assert_eq!(y.as_slice::<f32>().unwrap(), &[0., 2., 3., 0., 0., 0., 4., 5., 0., 0.]);
+        assert_eq!(
+            y.as_slice::<f32>().unwrap(),
+            &[0., 2., 3., 0., 0., 0., 4., 5., 0., 0.]
+        );
     }
 }

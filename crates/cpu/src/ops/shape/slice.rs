@@ -11,15 +11,22 @@ use super::common::*;
 /// (opset 10+).
 #[derive(Debug)]
 pub struct Slice {
-    attrs: Option<(Vec<i64>, Vec<i64>, Option<Vec<i64>>)>,
+    attrs: Option<SliceAttrs>,
 }
+
+/// Opset 1-9 attributes: starts, ends, axes.
+type SliceAttrs = (Vec<i64>, Vec<i64>, Option<Vec<i64>>);
 
 /// Builds `Slice`.
 pub fn build_slice(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
     let attrs = if ctx.opset() < 10 {
-        let starts = a.opt_ints("starts")?.ok_or_else(|| a.invalid("Slice-1 needs starts"))?;
-        let ends = a.opt_ints("ends")?.ok_or_else(|| a.invalid("Slice-1 needs ends"))?;
+        let starts = a
+            .opt_ints("starts")?
+            .ok_or_else(|| a.invalid("Slice-1 needs starts"))?;
+        let ends = a
+            .opt_ints("ends")?
+            .ok_or_else(|| a.invalid("Slice-1 needs ends"))?;
         Some((starts, ends, a.opt_ints("axes")?.filter(|v| !v.is_empty())))
     } else {
         None
@@ -39,7 +46,13 @@ pub(crate) struct AxisSlice {
 }
 
 /// Resolves start/end/step against a dim with ONNX's clamping rules.
-pub(crate) fn resolve_axis(op: &str, start: i64, end: i64, step: i64, dim: usize) -> Result<AxisSlice> {
+pub(crate) fn resolve_axis(
+    op: &str,
+    start: i64,
+    end: i64,
+    step: i64,
+    dim: usize,
+) -> Result<AxisSlice> {
     if step == 0 {
         return Err(kerr(op, "step cannot be 0"));
     }
@@ -58,7 +71,11 @@ pub(crate) fn resolve_axis(op: &str, start: i64, end: i64, step: i64, dim: usize
         (s.max(0), e, if s > e { (s - e - 1) / neg + 1 } else { 0 })
     };
     let _ = e;
-    Ok(AxisSlice { start: s as usize, count: count as usize, step })
+    Ok(AxisSlice {
+        start: s as usize,
+        count: count as usize,
+        step,
+    })
 }
 
 /// Parsed slicing parameters: (starts, ends, axes, steps).
@@ -69,12 +86,18 @@ pub(crate) fn plan_slices(op: &str, shape: &[usize], p: &Params) -> Result<Vec<A
     let (starts, ends, axes, steps) = p;
     let rank = shape.len();
     if starts.len() != ends.len() {
-        return Err(kerr(op, format!("starts {starts:?} and ends {ends:?} differ in length")));
+        return Err(kerr(
+            op,
+            format!("starts {starts:?} and ends {ends:?} differ in length"),
+        ));
     }
     let axes: Vec<usize> = match axes {
         Some(a) => {
             if a.len() != starts.len() {
-                return Err(kerr(op, format!("axes {a:?} and starts {starts:?} differ in length")));
+                return Err(kerr(
+                    op,
+                    format!("axes {a:?} and starts {starts:?} differ in length"),
+                ));
             }
             norm_axes(op, a, rank)?
         }
@@ -87,10 +110,20 @@ pub(crate) fn plan_slices(op: &str, shape: &[usize], p: &Params) -> Result<Vec<A
     };
     if let Some(s) = steps {
         if s.len() != starts.len() {
-            return Err(kerr(op, format!("steps {s:?} and starts {starts:?} differ in length")));
+            return Err(kerr(
+                op,
+                format!("steps {s:?} and starts {starts:?} differ in length"),
+            ));
         }
     }
-    let mut out: Vec<AxisSlice> = shape.iter().map(|&d| AxisSlice { start: 0, count: d, step: 1 }).collect();
+    let mut out: Vec<AxisSlice> = shape
+        .iter()
+        .map(|&d| AxisSlice {
+            start: 0,
+            count: d,
+            step: 1,
+        })
+        .collect();
     for (i, &a) in axes.iter().enumerate() {
         let step = steps.as_ref().map_or(1, |s| s[i]);
         out[a] = resolve_axis(op, starts[i], ends[i], step, shape[a])?;
@@ -109,7 +142,11 @@ pub(crate) fn slice_view(shape: &[usize], slices: &[AxisSlice]) -> StridedView {
         }
         strides.push(st[i] * s.step as isize);
     }
-    StridedView { shape: slices.iter().map(|s| s.count).collect(), strides, offset }
+    StridedView {
+        shape: slices.iter().map(|s| s.count).collect(),
+        strides,
+        offset,
+    }
 }
 
 impl Slice {
@@ -140,7 +177,12 @@ impl Slice {
                     None => Some(None),
                     Some(f) => konst_ints(Some(f)).map(Some),
                 };
-                Some((konst_ints(fact_at(inputs, 1))?, konst_ints(fact_at(inputs, 2))?, opt(3)?, opt(4)?))
+                Some((
+                    konst_ints(fact_at(inputs, 1))?,
+                    konst_ints(fact_at(inputs, 2))?,
+                    opt(3)?,
+                    opt(4)?,
+                ))
             }
         }
     }
@@ -153,7 +195,9 @@ impl Op for Slice {
     fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
         let x = fact_at(inputs, 0);
         let dtype = x.and_then(|f| f.dtype);
-        let Some(shape) = x.and_then(|f| f.shape.as_ref()) else { return Ok(vec![tensor_fact(dtype, None)]) };
+        let Some(shape) = x.and_then(|f| f.shape.as_ref()) else {
+            return Ok(vec![tensor_fact(dtype, None)]);
+        };
         let rank = shape.len();
         let Some((starts, ends, axes, steps)) = self.infer_params(inputs) else {
             // Unknown parameters: which axes are touched is unknown too (unless axes are).
@@ -162,7 +206,17 @@ impl Op for Slice {
                 Some(_) => None,
             };
             let out = match axes.and_then(|a| norm_axes("Slice", &a, rank).ok()) {
-                Some(ax) => shape.iter().enumerate().map(|(i, d)| if ax.contains(&i) { Dim::Unknown } else { d.clone() }).collect(),
+                Some(ax) => shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        if ax.contains(&i) {
+                            Dim::Unknown
+                        } else {
+                            d.clone()
+                        }
+                    })
+                    .collect(),
                 None => vec![Dim::Unknown; rank],
             };
             return Ok(vec![tensor_fact(dtype, Some(out))]);
@@ -171,16 +225,31 @@ impl Op for Slice {
             Some(a) => norm_axes("Slice", a, rank).map_err(|e| ierr("Slice", e.to_string()))?,
             None => (0..starts.len().min(rank)).collect(),
         };
-        if starts.len() != ends.len() || axes_n.len() != starts.len() || steps.as_ref().is_some_and(|s| s.len() != starts.len()) {
+        if starts.len() != ends.len()
+            || axes_n.len() != starts.len()
+            || steps.as_ref().is_some_and(|s| s.len() != starts.len())
+        {
             return Err(ierr("Slice", "starts/ends/axes/steps lengths differ"));
         }
         let mut out = shape.clone();
         for (i, &a) in axes_n.iter().enumerate() {
             let step = steps.as_ref().map_or(1, |s| s[i]);
             out[a] = match shape[a].known() {
-                Some(d) => Dim::Known(resolve_axis("Slice", starts[i], ends[i], step, d).map_err(|e| ierr("Slice", e.to_string()))?.count),
-                None if step == 1 && starts[i] == 0 && ends[i] >= i32::MAX as i64 => shape[a].clone(),
-                None if step == 1 && starts[i] >= 0 && ends[i] >= starts[i] && ends[i] < i32::MAX as i64 => Dim::Unknown,
+                Some(d) => Dim::Known(
+                    resolve_axis("Slice", starts[i], ends[i], step, d)
+                        .map_err(|e| ierr("Slice", e.to_string()))?
+                        .count,
+                ),
+                None if step == 1 && starts[i] == 0 && ends[i] >= i32::MAX as i64 => {
+                    shape[a].clone()
+                }
+                None if step == 1
+                    && starts[i] >= 0
+                    && ends[i] >= starts[i]
+                    && ends[i] < i32::MAX as i64 =>
+                {
+                    Dim::Unknown
+                }
                 None => Dim::Unknown,
             };
         }
@@ -189,13 +258,22 @@ impl Op for Slice {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let (x, view) = self.plan(inputs)?;
         let shape = view.shape.clone();
-        Ok(vec![move_data(&ViewMover(view), "Slice", &[x], x.dtype(), &shape)?.into()])
+        Ok(vec![move_data(
+            &ViewMover(view),
+            "Slice",
+            &[x],
+            x.dtype(),
+            &shape,
+        )?
+        .into()])
     }
     fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
         let (x, view) = self.plan(inputs)?;
         let shape = view.shape.clone();
         match outputs.first_mut() {
-            Some(out) if x.dtype() != DType::String => move_into(&ViewMover(view), "Slice", &[x], out, &shape),
+            Some(out) if x.dtype() != DType::String => {
+                move_into(&ViewMover(view), "Slice", &[x], out, &shape)
+            }
             _ => Err(kerr("Slice", "no output slot")),
         }
     }
@@ -263,16 +341,30 @@ mod tests {
 
     #[test]
     fn slice_2d_with_steps() {
-        let x: Value = Tensor::from_vec(&[3, 4], (0..12).map(|v| v as f32).collect::<Vec<_>>()).unwrap().into();
+        let x: Value = Tensor::from_vec(&[3, 4], (0..12).map(|v| v as f32).collect::<Vec<_>>())
+            .unwrap()
+            .into();
         let op = Slice { attrs: None };
-        let y = op.eval(&[Some(&x), Some(&i64s(&[-1, 3])), Some(&i64s(&[-4, 0])), Some(&i64s(&[1, 0])), Some(&i64s(&[-2, -1]))]).unwrap();
+        let y = op
+            .eval(&[
+                Some(&x),
+                Some(&i64s(&[-1, 3])),
+                Some(&i64s(&[-4, 0])),
+                Some(&i64s(&[1, 0])),
+                Some(&i64s(&[-2, -1])),
+            ])
+            .unwrap();
         let y = y[0].as_tensor().unwrap();
         assert_eq!(y.shape(), &[2, 2]);
         assert_eq!(y.as_slice::<f32>().unwrap(), &[11., 9., 7., 5.]);
-        let op = Slice { attrs: Some((vec![1], vec![1000], None)) };
+        let op = Slice {
+            attrs: Some((vec![1], vec![1000], None)),
+        };
         let y = op.eval(&[Some(&x)]).unwrap();
         assert_eq!(y[0].as_tensor().unwrap().shape(), &[2, 4]);
-        assert!(Slice { attrs: None }.eval(&[Some(&x), Some(&i64s(&[0])), Some(&i64s(&[1, 2]))]).is_err());
+        assert!(Slice { attrs: None }
+            .eval(&[Some(&x), Some(&i64s(&[0])), Some(&i64s(&[1, 2]))])
+            .is_err());
     }
 
     #[test]
@@ -280,10 +372,20 @@ mod tests {
         let x = Fact::tensor(DType::F32, vec![Dim::Sym("b".into()), Dim::Known(10)]);
         let c = |v: &[i64]| Fact::constant(Tensor::from_vec(&[v.len()], v.to_vec()).unwrap());
         let (s, e, a) = (c(&[2]), c(&[-1]), c(&[1]));
-        let f = Slice { attrs: None }.infer(&[Some(&x), Some(&s), Some(&e), Some(&a)], 1).unwrap();
-        assert_eq!(f[0].shape.as_ref().unwrap(), &vec![Dim::Sym("b".into()), Dim::Known(7)]);
+        let f = Slice { attrs: None }
+            .infer(&[Some(&x), Some(&s), Some(&e), Some(&a)], 1)
+            .unwrap();
+        assert_eq!(
+            f[0].shape.as_ref().unwrap(),
+            &vec![Dim::Sym("b".into()), Dim::Known(7)]
+        );
         let u = Fact::concrete(DType::I64, &[1]);
-        let f = Slice { attrs: None }.infer(&[Some(&x), Some(&u), Some(&u), Some(&a)], 1).unwrap();
-        assert_eq!(f[0].shape.as_ref().unwrap(), &vec![Dim::Sym("b".into()), Dim::Unknown]);
+        let f = Slice { attrs: None }
+            .infer(&[Some(&x), Some(&u), Some(&u), Some(&a)], 1)
+            .unwrap();
+        assert_eq!(
+            f[0].shape.as_ref().unwrap(),
+            &vec![Dim::Sym("b".into()), Dim::Unknown]
+        );
     }
 }

@@ -10,7 +10,11 @@ use super::common::*;
 /// The view that reads `shape` permuted by `perm` (output dim i = input dim perm[i]).
 pub(crate) fn permuted_view(shape: &[usize], perm: &[usize]) -> StridedView {
     let st = istrides(shape);
-    StridedView { shape: perm.iter().map(|&p| shape[p]).collect(), strides: perm.iter().map(|&p| st[p]).collect(), offset: 0 }
+    StridedView {
+        shape: perm.iter().map(|&p| shape[p]).collect(),
+        strides: perm.iter().map(|&p| st[p]).collect(),
+        offset: 0,
+    }
 }
 
 /// Transposes `x` by `perm` into a new tensor.
@@ -30,7 +34,9 @@ pub struct Transpose {
 
 /// Builds `Transpose`.
 pub fn build_transpose(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(Transpose { perm: ctx.attrs().opt_ints("perm")? }))
+    Ok(Box::new(Transpose {
+        perm: ctx.attrs().opt_ints("perm")?,
+    }))
 }
 
 impl Transpose {
@@ -39,7 +45,10 @@ impl Transpose {
             None => Ok((0..rank).rev().collect()),
             Some(p) => {
                 if p.len() != rank {
-                    return Err(kerr("Transpose", format!("perm {p:?} does not match rank {rank}")));
+                    return Err(kerr(
+                        "Transpose",
+                        format!("perm {p:?} does not match rank {rank}"),
+                    ));
                 }
                 norm_axes("Transpose", p, rank)
             }
@@ -56,7 +65,9 @@ impl Op for Transpose {
         let dtype = x.and_then(|f| f.dtype);
         let shape = match x.and_then(|f| f.shape.as_ref()) {
             Some(s) => {
-                let perm = self.perm(s.len()).map_err(|e| ierr("Transpose", e.to_string()))?;
+                let perm = self
+                    .perm(s.len())
+                    .map_err(|e| ierr("Transpose", e.to_string()))?;
                 Some(perm.iter().map(|&p| s[p].clone()).collect())
             }
             None => self.perm.as_ref().map(|p| vec![Dim::Unknown; p.len()]),
@@ -74,7 +85,9 @@ impl Op for Transpose {
         let view = permuted_view(x.shape(), &perm);
         let shape = view.shape.clone();
         match outputs.first_mut() {
-            Some(out) if x.dtype() != kiln_core::DType::String => move_into(&ViewMover(view), "Transpose", &[x], out, &shape),
+            Some(out) if x.dtype() != kiln_core::DType::String => {
+                move_into(&ViewMover(view), "Transpose", &[x], out, &shape)
+            }
             _ => Err(kerr("Transpose", "no output slot")),
         }
     }
@@ -115,7 +128,11 @@ fn build_ds(ctx: &BuildCtx, to_space: bool) -> Result<Box<dyn Op>> {
         "CRD" => true,
         m => return Err(a.invalid(format!("unknown mode {m}"))),
     };
-    Ok(Box::new(DepthSpace { to_space, block: block as usize, crd }))
+    Ok(Box::new(DepthSpace {
+        to_space,
+        block: block as usize,
+        crd,
+    }))
 }
 
 impl DepthSpace {
@@ -135,8 +152,11 @@ impl DepthSpace {
         }
         let (n, c, h, w, b) = (s[0], s[1], s[2], s[3], self.block);
         if self.to_space {
-            if c % (b * b) != 0 {
-                return Err(kerr(op, format!("channels {c} not divisible by blocksize² {}", b * b)));
+            if !c.is_multiple_of(b * b) {
+                return Err(kerr(
+                    op,
+                    format!("channels {c} not divisible by blocksize² {}", b * b),
+                ));
             }
             let c2 = c / (b * b);
             let out = vec![n, c2, h * b, w * b];
@@ -146,10 +166,17 @@ impl DepthSpace {
                 Ok((vec![n, b, b, c2, h, w], vec![0, 3, 4, 1, 5, 2], out))
             }
         } else {
-            if h % b != 0 || w % b != 0 {
-                return Err(kerr(op, format!("spatial dims {h}x{w} not divisible by blocksize {b}")));
+            if !h.is_multiple_of(b) || !w.is_multiple_of(b) {
+                return Err(kerr(
+                    op,
+                    format!("spatial dims {h}x{w} not divisible by blocksize {b}"),
+                ));
             }
-            Ok((vec![n, c, h / b, b, w / b, b], vec![0, 3, 5, 1, 2, 4], vec![n, c * b * b, h / b, w / b]))
+            Ok((
+                vec![n, c, h / b, b, w / b, b],
+                vec![0, 3, 5, 1, 2, 4],
+                vec![n, c * b * b, h / b, w / b],
+            ))
         }
     }
 }
@@ -165,7 +192,7 @@ impl Op for DepthSpace {
         let shape = x.and_then(|f| f.shape.as_ref()).map(|s| {
             let scale = |d: &Dim, up: bool| match d.known() {
                 Some(k) if up => Dim::Known(k * b),
-                Some(k) if k % b == 0 => Dim::Known(k / b),
+                Some(k) if k.is_multiple_of(b) => Dim::Known(k / b),
                 _ => Dim::Unknown,
             };
             if s.len() != 4 {
@@ -176,7 +203,12 @@ impl Op for DepthSpace {
                 Some(k) => Dim::Known(k * b * b),
                 None => Dim::Unknown,
             };
-            vec![s[0].clone(), c, scale(&s[2], self.to_space), scale(&s[3], self.to_space)]
+            vec![
+                s[0].clone(),
+                c,
+                scale(&s[2], self.to_space),
+                scale(&s[3], self.to_space),
+            ]
         });
         Ok(vec![tensor_fact(dtype, shape)])
     }
@@ -216,10 +248,14 @@ mod tests {
     }
 
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0 + 0.001
             })
             .collect()
@@ -231,20 +267,37 @@ mod tests {
         let n: usize = shape.iter().product();
         let data = rand_vec(n, 3);
         let x = Tensor::from_vec(&shape, data.clone()).unwrap();
-        let perms: Vec<Vec<usize>> = vec![vec![0, 1, 2, 3], vec![3, 2, 1, 0], vec![0, 2, 1, 3], vec![2, 0, 3, 1], vec![1, 3, 0, 2]];
+        let perms: Vec<Vec<usize>> = vec![
+            vec![0, 1, 2, 3],
+            vec![3, 2, 1, 0],
+            vec![0, 2, 1, 3],
+            vec![2, 0, 3, 1],
+            vec![1, 3, 0, 2],
+        ];
         for p in perms {
-            let op = Transpose { perm: Some(p.iter().map(|&v| v as i64).collect()) };
+            let op = Transpose {
+                perm: Some(p.iter().map(|&v| v as i64).collect()),
+            };
             let out = op.eval(&[Some(&x.clone().into())]).unwrap();
             let y = out[0].as_tensor().unwrap();
-            assert_eq!(y.as_slice::<f32>().unwrap(), naive_transpose(&data, &shape, &p).as_slice(), "perm {p:?}");
+            assert_eq!(
+                y.as_slice::<f32>().unwrap(),
+                naive_transpose(&data, &shape, &p).as_slice(),
+                "perm {p:?}"
+            );
         }
         // big, exercises tiling + parallel
         let shape = [4usize, 96, 130];
         let data = rand_vec(4 * 96 * 130, 9);
         let x = Tensor::from_vec(&shape, data.clone()).unwrap();
-        let op = Transpose { perm: Some(vec![0, 2, 1]) };
+        let op = Transpose {
+            perm: Some(vec![0, 2, 1]),
+        };
         let y = op.eval(&[Some(&x.into())]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().as_slice::<f32>().unwrap(), naive_transpose(&data, &shape, &[0, 2, 1]).as_slice());
+        assert_eq!(
+            y[0].as_tensor().unwrap().as_slice::<f32>().unwrap(),
+            naive_transpose(&data, &shape, &[0, 2, 1]).as_slice()
+        );
     }
 
     #[test]
@@ -255,32 +308,60 @@ mod tests {
         assert_eq!(y.shape(), &[3, 2]);
         assert_eq!(y.as_strings().unwrap(), &["0", "3", "1", "4", "2", "5"]);
         let x: Value = Tensor::zeros(DType::F32, &[2, 3]).into();
-        assert!(Transpose { perm: Some(vec![0, 0]) }.eval(&[Some(&x)]).is_err());
-        assert!(Transpose { perm: Some(vec![0]) }.eval(&[Some(&x)]).is_err());
+        assert!(Transpose {
+            perm: Some(vec![0, 0])
+        }
+        .eval(&[Some(&x)])
+        .is_err());
+        assert!(Transpose {
+            perm: Some(vec![0])
+        }
+        .eval(&[Some(&x)])
+        .is_err());
         let b = Tensor::from_bools(&[2, 2], &[true, false, false, true]).unwrap();
         let y = Transpose { perm: None }.eval(&[Some(&b.into())]).unwrap();
-        assert_eq!(y[0].as_tensor().unwrap().as_bools().unwrap(), &[true, false, false, true]);
+        assert_eq!(
+            y[0].as_tensor().unwrap().as_bools().unwrap(),
+            &[true, false, false, true]
+        );
     }
 
     #[test]
     fn depth_space_roundtrip() {
         let x = Tensor::from_vec(&[1, 8, 2, 3], (0..48).map(|v| v as f32).collect()).unwrap();
         for crd in [false, true] {
-            let d2s = DepthSpace { to_space: true, block: 2, crd };
+            let d2s = DepthSpace {
+                to_space: true,
+                block: 2,
+                crd,
+            };
             let y = d2s.eval(&[Some(&x.clone().into())]).unwrap();
             let y = y[0].as_tensor().unwrap().clone();
             assert_eq!(y.shape(), &[1, 2, 4, 6]);
             if !crd {
-                let s2d = DepthSpace { to_space: false, block: 2, crd: false };
+                let s2d = DepthSpace {
+                    to_space: false,
+                    block: 2,
+                    crd: false,
+                };
                 let z = s2d.eval(&[Some(&y.into())]).unwrap();
                 assert!(z[0].as_tensor().unwrap().same_as(&x));
             }
         }
         // DCR example from the spec: out[0,0,0,:] = [0, 18, 1, 19, 2, 20]
-        let d2s = DepthSpace { to_space: true, block: 2, crd: false };
+        let d2s = DepthSpace {
+            to_space: true,
+            block: 2,
+            crd: false,
+        };
         let x = Tensor::from_vec(&[1, 8, 2, 3], (0..48).map(|v| v as f32).collect()).unwrap();
         let y = d2s.eval(&[Some(&x.into())]).unwrap();
-        assert_eq!(&y[0].as_tensor().unwrap().as_slice::<f32>().unwrap()[..6], &[0., 12., 1., 13., 2., 14.]);
-        assert!(d2s.eval(&[Some(&Tensor::zeros(DType::F32, &[1, 3, 2, 2]).into())]).is_err());
+        assert_eq!(
+            &y[0].as_tensor().unwrap().as_slice::<f32>().unwrap()[..6],
+            &[0., 12., 1., 13., 2., 14.]
+        );
+        assert!(d2s
+            .eval(&[Some(&Tensor::zeros(DType::F32, &[1, 3, 2, 2]).into())])
+            .is_err());
     }
 }

@@ -1,6 +1,9 @@
 //! Classic-ML ops of the `ai.onnx.ml` domain: `ArrayFeatureExtractor`, `Binarizer`,
 //! `LabelEncoder` (opsets 1, 2 and 4), `TreeEnsemble` (opset 5), `Normalizer`, `Scaler`,
-//! `OneHotEncoder`, `Imputer`.
+//! `OneHotEncoder`, `Imputer`. The optimizers of `ai.onnx.preview.training` live in
+//! [`training`].
+
+pub mod training;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -24,6 +27,7 @@ pub fn register(reg: &mut OpRegistry) {
     reg.register_in(ML, "Scaler", build_scaler);
     reg.register_in(ML, "OneHotEncoder", build_one_hot_encoder);
     reg.register_in(ML, "Imputer", build_imputer);
+    training::register(reg);
 }
 
 /// A fact with the input's shape and a given dtype (or the input's dtype).
