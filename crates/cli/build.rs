@@ -48,10 +48,19 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
         });
     println!("cargo:rustc-env=KILN_GIT_COMMIT={commit}");
     println!("cargo:rustc-env=KILN_BUILD_DATE={}", utc_date(secs));
-    println!("cargo:rustc-env=KILN_TARGET={}", std::env::var("TARGET").unwrap_or_else(|_| "unknown".into()));
-    println!("cargo:rustc-env=KILN_PROFILE={}", std::env::var("PROFILE").unwrap_or_else(|_| "unknown".into()));
+    println!(
+        "cargo:rustc-env=KILN_TARGET={}",
+        std::env::var("TARGET").unwrap_or_else(|_| "unknown".into())
+    );
+    println!(
+        "cargo:rustc-env=KILN_PROFILE={}",
+        std::env::var("PROFILE").unwrap_or_else(|_| "unknown".into())
+    );
 }

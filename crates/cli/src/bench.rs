@@ -46,7 +46,9 @@ impl StopRule {
             (Some(n), _) => Ok(StopRule::Iterations(n)),
             (None, Some(s)) => {
                 if !(s.is_finite() && s > 0.0 && s < 1e9) {
-                    return Err(CliError(format!("--duration must be a positive number of seconds, got {s}")));
+                    return Err(CliError(format!(
+                        "--duration must be a positive number of seconds, got {s}"
+                    )));
                 }
                 Ok(StopRule::Duration(Duration::from_secs_f64(s)))
             }
@@ -56,7 +58,11 @@ impl StopRule {
 }
 
 /// Runs iterations until `rule` says stop; returns each iteration's latency in ms.
-fn phase(ctx: &mut ExecutionContext, inputs: &[(&str, Value)], rule: StopRule) -> CliResult<Vec<f64>> {
+fn phase(
+    ctx: &mut ExecutionContext,
+    inputs: &[(&str, Value)],
+    rule: StopRule,
+) -> CliResult<Vec<f64>> {
     let start = Instant::now();
     let mut samples = Vec::new();
     while !rule.done(samples.len() as u64, start.elapsed()) {
@@ -79,7 +85,10 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
     let engine = loaded.engine;
     common::check_shape_names(&engine, &shapes)?;
     let (inputs, generated) = common::bench_inputs(&engine, given, &shapes)?;
-    let values: Vec<(&str, Value)> = inputs.iter().map(|(n, t)| (n.as_str(), Value::Tensor(t.clone()))).collect();
+    let values: Vec<(&str, Value)> = inputs
+        .iter()
+        .map(|(n, t)| (n.as_str(), Value::Tensor(t.clone())))
+        .collect();
 
     let mut ctx = engine.create_context();
     let threads = match a.threads {
@@ -112,11 +121,17 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
 
     let lat = Latency::from_samples(&samples);
     let busy: f64 = samples.iter().sum::<f64>() / 1e3;
-    let throughput = if busy > 0.0 { samples.len() as f64 / busy } else { f64::NAN };
+    let throughput = if busy > 0.0 {
+        samples.len() as f64 / busy
+    } else {
+        f64::NAN
+    };
     let batch = inputs.first().and_then(|(_, t)| t.shape().first().copied());
     if a.json {
-        let shapes_json: serde_json::Map<String, serde_json::Value> =
-            inputs.iter().map(|(n, t)| (n.clone(), serde_json::json!(t.shape()))).collect();
+        let shapes_json: serde_json::Map<String, serde_json::Value> = inputs
+            .iter()
+            .map(|(n, t)| (n.clone(), serde_json::json!(t.shape())))
+            .collect();
         let v = serde_json::json!({
             "model": a.model.display().to_string(),
             "device": engine.device(),
@@ -126,21 +141,54 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
             "throughput_per_s": throughput,
             "inputs": shapes_json,
         });
-        return common::print_json(&v);
+        // One line: easy to append to a log of runs (JSON Lines).
+        println!("{v}");
+        return Ok(());
     }
     println!("model       {}", a.model.display());
-    println!("device      {} ({})", engine.device(), engine.fingerprint().device);
+    println!(
+        "device      {} ({})",
+        engine.device(),
+        engine.fingerprint().device
+    );
     println!("threads     {threads}");
     for (n, t) in &inputs {
-        let origin = if generated.contains(n) { "random" } else { "from file" };
-        println!("input       {n} {}{} ({origin})", t.dtype(), shape_str(t.shape()));
+        let origin = if generated.contains(n) {
+            "random"
+        } else {
+            "from file"
+        };
+        println!(
+            "input       {n} {}{} ({origin})",
+            t.dtype(),
+            shape_str(t.shape())
+        );
     }
     println!("warm-up     {} iterations", warm.len());
-    println!("timed       {} iterations in {:.2} s", samples.len(), wall.as_secs_f64());
+    println!(
+        "timed       {} iterations in {:.2} s",
+        samples.len(),
+        wall.as_secs_f64()
+    );
     let rows = vec![
-        vec!["latency (ms)".to_string(), "min".into(), "median".into(), "mean".into(), "p90".into(), "p95".into(), "p99".into(), "max".into()],
+        vec![
+            "latency (ms)".to_string(),
+            "min".into(),
+            "median".into(),
+            "mean".into(),
+            "p90".into(),
+            "p95".into(),
+            "p99".into(),
+            "max".into(),
+        ],
         std::iter::once(String::new())
-            .chain([lat.min, lat.median, lat.mean, lat.p90, lat.p95, lat.p99, lat.max].iter().map(|v| format!("{v:.3}")))
+            .chain(
+                [
+                    lat.min, lat.median, lat.mean, lat.p90, lat.p95, lat.p99, lat.max,
+                ]
+                .iter()
+                .map(|v| format!("{v:.3}")),
+            )
             .collect(),
     ];
     print!("{}", common::table(&rows));

@@ -1,6 +1,6 @@
 //! `kiln build`: ONNX model in, plan file out, with a summary of what the builder did.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Instant;
 
 use kiln::Engine;
@@ -10,13 +10,21 @@ use crate::BuildArgs;
 
 /// Bytes of the engine's weights (constants).
 pub fn weight_bytes(engine: &Engine) -> usize {
-    engine.graph().constants.values().map(|t| t.bytes().len()).sum()
+    engine
+        .graph()
+        .constants
+        .values()
+        .map(|t| t.bytes().len())
+        .sum()
 }
 
 /// Runs `kiln build`.
 pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
     let shapes = common::merge_shapes(&a.shapes)?;
-    let output = a.output.clone().unwrap_or_else(|| a.model.with_extension("plan"));
+    let output = a
+        .output
+        .clone()
+        .unwrap_or_else(|| a.model.with_extension("plan"));
     if output == a.model {
         return Err(CliError(format!(
             "the output {} would overwrite the model; pass -o MODEL.plan",
@@ -34,7 +42,9 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
     let engine = loaded.engine;
     let build_time = loaded.elapsed;
     let pb = common::spinner(g, format!("writing {}", output.display()));
-    let saved = engine.save(&output).context(|| format!("cannot write plan {}", output.display()));
+    let saved = engine
+        .save(&output)
+        .context(|| format!("cannot write plan {}", output.display()));
     pb.finish_and_clear();
     saved?;
     let plan_bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
@@ -66,14 +76,23 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
         });
         return common::print_json(&v);
     }
-    print_summary(&a.model, &output, &engine, a.no_optimize, memory.as_ref(), weights, plan_bytes, build_time);
+    print_summary(
+        &a.model,
+        &output,
+        &engine,
+        a.no_optimize,
+        memory.as_ref(),
+        weights,
+        plan_bytes,
+        build_time,
+    );
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
 fn print_summary(
-    model: &std::path::Path,
-    output: &PathBuf,
+    model: &Path,
+    output: &Path,
     engine: &Engine,
     no_optimize: bool,
     memory: Option<&kiln::MemoryReport>,
@@ -85,7 +104,15 @@ fn print_summary(
     let fp = engine.fingerprint();
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut row = |k: &str, v: String| rows.push(vec![format!("  {k}"), v]);
-    row("device", format!("{} ({}; {})", fp.backend, fp.device, fp.cpu_features.join(" ")));
+    row(
+        "device",
+        format!(
+            "{} ({}; {})",
+            fp.backend,
+            fp.device,
+            fp.cpu_features.join(" ")
+        ),
+    );
     let shapes = engine.build_shapes();
     row(
         "shapes",
@@ -94,7 +121,15 @@ fn print_summary(
         } else {
             shapes
                 .iter()
-                .map(|(k, v)| format!("{k}:{}", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}:{}",
+                        v.iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join("x")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         },
@@ -118,7 +153,14 @@ fn print_summary(
     for o in engine.outputs() {
         row("output", format!("{} {}", o.name, o.describe()));
     }
-    row("weights", format!("{} in {} tensors", human_bytes(weights), engine.graph().constants.len()));
+    row(
+        "weights",
+        format!(
+            "{} in {} tensors",
+            human_bytes(weights),
+            engine.graph().constants.len()
+        ),
+    );
     row(
         "arena",
         match memory {
@@ -133,7 +175,14 @@ fn print_summary(
             None => "planned per input shape at run time (dynamic input shapes)".into(),
         },
     );
-    row("plan file", format!("{} ({})", output.display(), human_bytes(plan_bytes as usize)));
+    row(
+        "plan file",
+        format!(
+            "{} ({})",
+            output.display(),
+            human_bytes(plan_bytes as usize)
+        ),
+    );
     row("build time", format!("{:.2} s", build_time.as_secs_f64()));
     println!("Built {} -> {}", model.display(), output.display());
     print!("{}", common::table(&rows));

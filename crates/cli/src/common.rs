@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kiln::{Builder, BuilderConfig, DType, DeviceKind, Dim, Engine, IoInfo, KilnError, Runtime, Tensor};
+use kiln::{
+    Builder, BuilderConfig, DType, DeviceKind, Dim, Engine, IoInfo, KilnError, Runtime, Tensor,
+};
 use kiln_core::ValueKind;
 
 /// An error shown to the user as `error: <message>`.
@@ -74,7 +76,9 @@ pub fn merge_shapes(args: &[ShapesArg]) -> CliResult<BTreeMap<String, Vec<usize>
     for a in args {
         for (k, v) in a {
             if out.insert(k.clone(), v.clone()).is_some() {
-                return Err(CliError(format!("--shapes gives the shape of input {k} twice")));
+                return Err(CliError(format!(
+                    "--shapes gives the shape of input {k} twice"
+                )));
             }
         }
     }
@@ -93,19 +97,26 @@ pub struct InputArg {
 /// Parses `NAME=FILE.npy` (split at the first `=`; the path may contain more).
 pub fn parse_input_arg(s: &str) -> Result<InputArg, String> {
     match s.split_once('=') {
-        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
-            Ok(InputArg { name: name.to_string(), path: PathBuf::from(path) })
-        }
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok(InputArg {
+            name: name.to_string(),
+            path: PathBuf::from(path),
+        }),
         _ => Err(format!("expected NAME=FILE.npy, got {s:?}")),
     }
 }
 
+/// Tensors with their input names.
+pub type NamedTensors = Vec<(String, Tensor)>;
+
 /// Reads every `--input` file, refusing an input named twice.
-pub fn read_inputs(inputs: &[InputArg]) -> CliResult<Vec<(String, Tensor)>> {
+pub fn read_inputs(inputs: &[InputArg]) -> CliResult<NamedTensors> {
     let mut out: Vec<(String, Tensor)> = Vec::new();
     for i in inputs {
         if out.iter().any(|(n, _)| *n == i.name) {
-            return Err(CliError(format!("--input {} is given more than once", i.name)));
+            return Err(CliError(format!(
+                "--input {} is given more than once",
+                i.name
+            )));
         }
         let t = kiln::npy::read_npy(&i.path).context(|| format!("input {}", i.name))?;
         out.push((i.name.clone(), t));
@@ -149,7 +160,8 @@ pub fn spinner(g: &Globals, msg: impl Into<String>) -> ProgressBar {
 /// True when the file starts with the plan magic.
 fn looks_like_plan(path: &Path) -> CliResult<bool> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).context(|| format!("cannot open model {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).context(|| format!("cannot open model {}", path.display()))?;
     let mut head = [0u8; 8];
     let mut n = 0;
     while n < head.len() {
@@ -157,7 +169,12 @@ fn looks_like_plan(path: &Path) -> CliResult<bool> {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CliError(format!("cannot read model {}: {e}", path.display()))),
+            Err(e) => {
+                return Err(CliError(format!(
+                    "cannot read model {}: {e}",
+                    path.display()
+                )))
+            }
         }
     }
     Ok(&head[..n] == kiln::plan::MAGIC)
@@ -174,11 +191,17 @@ pub fn load_model(
     device: DeviceKind,
     optimize: bool,
 ) -> CliResult<Loaded> {
-    let meta = std::fs::metadata(path).context(|| format!("cannot open model {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).context(|| format!("cannot open model {}", path.display()))?;
     if meta.is_dir() {
-        return Err(CliError(format!("cannot open model {}: it is a directory", path.display())));
+        return Err(CliError(format!(
+            "cannot open model {}: it is a directory",
+            path.display()
+        )));
     }
-    let is_plan_ext = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("plan"));
+    let is_plan_ext = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("plan"));
     let start = Instant::now();
     if is_plan_ext || looks_like_plan(path)? {
         let pb = spinner(g, format!("loading {}", path.display()));
@@ -186,31 +209,66 @@ pub fn load_model(
         pb.finish_and_clear();
         let engine = engine?;
         tracing::info!(plan = %path.display(), ms = start.elapsed().as_secs_f64() * 1e3, "loaded plan");
-        return Ok(Loaded { engine, kind: ModelKind::Plan, elapsed: start.elapsed() });
+        return Ok(Loaded {
+            engine,
+            kind: ModelKind::Plan,
+            elapsed: start.elapsed(),
+        });
     }
     let pb = spinner(g, format!("building {}", path.display()));
-    let config = BuilderConfig { device, shapes: shapes.clone(), optimize };
-    let engine = Builder::new().build_onnx_file(path, &config).context(|| format!("cannot build {}", path.display()));
+    let config = BuilderConfig {
+        device,
+        shapes: shapes.clone(),
+        optimize,
+    };
+    let engine = Builder::new()
+        .build_onnx_file(path, &config)
+        .context(|| format!("cannot build {}", path.display()));
     pb.finish_and_clear();
     let engine = engine?;
     tracing::info!(model = %path.display(), ms = start.elapsed().as_secs_f64() * 1e3, "built engine");
-    Ok(Loaded { engine, kind: ModelKind::Onnx, elapsed: start.elapsed() })
+    Ok(Loaded {
+        engine,
+        kind: ModelKind::Onnx,
+        elapsed: start.elapsed(),
+    })
 }
 
 /// The concrete shape of input `info`: known dims, with symbolic/unknown ones taken from
 /// `shapes`. Errors tell the user which `--shapes` to pass.
-pub fn resolve_shape(info: &IoInfo, shapes: &BTreeMap<String, Vec<usize>>) -> CliResult<Vec<usize>> {
+pub fn resolve_shape(
+    info: &IoInfo,
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> CliResult<Vec<usize>> {
     let hint = |what: String| {
-        let example: Vec<String> = match &info.shape {
-            Some(dims) => dims.iter().map(|d| d.known().unwrap_or(1).to_string()).collect(),
-            None => vec!["1".into()],
+        let (example, blanks): (Vec<String>, Vec<String>) = match &info.shape {
+            Some(dims) => {
+                let ex: Vec<String> = dims
+                    .iter()
+                    .enumerate()
+                    .map(|(axis, d)| match d {
+                        Dim::Known(n) => n.to_string(),
+                        Dim::Sym(s) if is_name(s) => s.clone(),
+                        _ => format!("D{axis}"),
+                    })
+                    .collect();
+                let blanks = dims
+                    .iter()
+                    .zip(&ex)
+                    .filter(|(d, _)| d.known().is_none())
+                    .map(|(_, e)| e.clone())
+                    .collect();
+                (ex, blanks)
+            }
+            None => (vec!["D0".into(), "D1".into()], vec!["the dims".into()]),
         };
         CliError(format!(
-            "input {} ({}): {what}; pass --shapes {}:{}",
+            "input {} ({}): {what}; pass --shapes {}:{} with sizes for {}",
             info.name,
             info.describe(),
             info.name,
-            example.join("x")
+            example.join("x"),
+            blanks.join(", ")
         ))
     };
     if let Some(given) = shapes.get(&info.name) {
@@ -240,14 +298,30 @@ pub fn resolve_shape(info: &IoInfo, shapes: &BTreeMap<String, Vec<usize>>) -> Cl
     let Some(dims) = &info.shape else {
         return Err(hint("its rank is unknown".into()));
     };
-    dims.iter()
+    let unknown: Vec<String> = dims
+        .iter()
         .enumerate()
+        .filter(|(_, d)| d.known().is_none())
         .map(|(axis, d)| match d {
-            Dim::Known(n) => Ok(*n),
-            Dim::Sym(s) => Err(hint(format!("dimension {axis} ({s}) is symbolic"))),
-            Dim::Unknown => Err(hint(format!("dimension {axis} is unknown"))),
+            Dim::Sym(s) if is_name(s) => format!("{axis} ({s})"),
+            _ => axis.to_string(),
         })
-        .collect()
+        .collect();
+    if !unknown.is_empty() {
+        let plural = if unknown.len() > 1 { "s" } else { "" };
+        return Err(hint(format!(
+            "dimension{plural} {} not known",
+            unknown.join(", ")
+        )));
+    }
+    Ok(dims.iter().filter_map(|d| d.known()).collect())
+}
+
+/// True for symbolic dim names worth showing (`batch`, `seq_len`; not `?` or `unk__3`).
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with("unk__")
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Checks that every `--shapes` name is an input of the engine.
@@ -298,9 +372,15 @@ impl SplitMix64 {
 
 /// A seeded random tensor: floats ~ N(0, 1), integers in 0..10, random bools.
 pub fn random_tensor(name: &str, dtype: DType, shape: &[usize], seed: u64) -> CliResult<Tensor> {
-    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&n| n <= (1 << 32)).ok_or_else(|| {
-        CliError(format!("input {name}: shape {shape:?} is too large to generate"))
-    })?;
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n <= (1 << 32))
+        .ok_or_else(|| {
+            CliError(format!(
+                "input {name}: shape {shape:?} is too large to generate"
+            ))
+        })?;
     let mut rng = SplitMix64::new(seed);
     let t = if dtype.is_float() {
         let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
@@ -323,9 +403,9 @@ pub fn random_tensor(name: &str, dtype: DType, shape: &[usize], seed: u64) -> Cl
 /// Returns the inputs in engine order and the names of generated ones.
 pub fn bench_inputs(
     engine: &Engine,
-    given: Vec<(String, Tensor)>,
+    given: NamedTensors,
     shapes: &BTreeMap<String, Vec<usize>>,
-) -> CliResult<(Vec<(String, Tensor)>, Vec<String>)> {
+) -> CliResult<(NamedTensors, Vec<String>)> {
     let mut given = given;
     for (name, _) in &given {
         if !engine.inputs().iter().any(|i| i.name == *name) {
@@ -350,11 +430,17 @@ pub fn bench_inputs(
             )));
         }
         let dtype = info.dtype.ok_or_else(|| {
-            CliError(format!("input {}: the model does not declare its dtype; pass --input {}=FILE.npy", info.name, info.name))
+            CliError(format!(
+                "input {}: the model does not declare its dtype; pass --input {}=FILE.npy",
+                info.name, info.name
+            ))
         })?;
         let shape = resolve_shape(info, shapes)?;
         let seed = 0x6b69_6c6e_u64 ^ ((k as u64) << 32);
-        out.push((info.name.clone(), random_tensor(&info.name, dtype, &shape, seed)?));
+        out.push((
+            info.name.clone(),
+            random_tensor(&info.name, dtype, &shape, seed)?,
+        ));
         generated.push(info.name.clone());
     }
     Ok((out, generated))
@@ -362,8 +448,16 @@ pub fn bench_inputs(
 
 /// An output name as a file name: every character outside `[A-Za-z0-9._-]` becomes `_`.
 pub fn sanitize_name(name: &str) -> String {
-    let s: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }).collect();
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
     match s.as_str() {
         "" => "_".into(),
         "." | ".." => s.replace('.', "_"),
@@ -389,7 +483,14 @@ pub fn human_bytes(n: usize) -> String {
 
 /// `[1, 3, 224, 224]`.
 pub fn shape_str(shape: &[usize]) -> String {
-    format!("[{}]", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+    format!(
+        "[{}]",
+        shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// JSON for a symbolic shape: numbers for known dims, names for symbolic ones, null for unknown.
@@ -420,7 +521,8 @@ pub fn io_json(info: &IoInfo) -> serde_json::Value {
 
 /// Prints a JSON value on stdout.
 pub fn print_json(v: &serde_json::Value) -> CliResult<()> {
-    let s = serde_json::to_string_pretty(v).map_err(|e| CliError(format!("cannot encode JSON: {e}")))?;
+    let s = serde_json::to_string_pretty(v)
+        .map_err(|e| CliError(format!("cannot encode JSON: {e}")))?;
     println!("{s}");
     Ok(())
 }
@@ -457,7 +559,10 @@ mod tests {
 
     #[test]
     fn sanitizes_output_names() {
-        assert_eq!(sanitize_name("save_infer_model/scale_0.tmp_1"), "save_infer_model_scale_0.tmp_1");
+        assert_eq!(
+            sanitize_name("save_infer_model/scale_0.tmp_1"),
+            "save_infer_model_scale_0.tmp_1"
+        );
         assert_eq!(sanitize_name("a b:c\\d"), "a_b_c_d");
         assert_eq!(sanitize_name("ok-Name_1.x"), "ok-Name_1.x");
         assert_eq!(sanitize_name("é"), "_");
@@ -469,7 +574,10 @@ mod tests {
     #[test]
     fn parses_inputs() {
         let i = parse_input_arg("x=a/b.npy").unwrap();
-        assert_eq!((i.name.as_str(), i.path.to_str().unwrap()), ("x", "a/b.npy"));
+        assert_eq!(
+            (i.name.as_str(), i.path.to_str().unwrap()),
+            ("x", "a/b.npy")
+        );
         assert!(parse_input_arg("x").is_err());
         assert!(parse_input_arg("=a.npy").is_err());
         assert!(parse_input_arg("x=").is_err());
@@ -488,7 +596,12 @@ mod tests {
     }
 
     fn info(shape: Option<Vec<Dim>>) -> IoInfo {
-        IoInfo { name: "x".into(), kind: ValueKind::Tensor, dtype: Some(DType::F32), shape }
+        IoInfo {
+            name: "x".into(),
+            kind: ValueKind::Tensor,
+            dtype: Some(DType::F32),
+            shape,
+        }
     }
 
     #[test]
@@ -496,33 +609,70 @@ mod tests {
         let none = BTreeMap::new();
         let i = info(Some(vec![Dim::Sym("batch".into()), Dim::Known(3)]));
         let e = resolve_shape(&i, &none).unwrap_err().0;
-        assert!(e.contains("--shapes x:1x3") && e.contains("batch"), "{e}");
+        assert!(
+            e.contains("--shapes x:batchx3 with sizes for batch")
+                && e.contains("dimension 0 (batch) not known"),
+            "{e}"
+        );
         let mut s = BTreeMap::new();
         s.insert("x".to_string(), vec![4, 3]);
         assert_eq!(resolve_shape(&i, &s).unwrap(), vec![4, 3]);
         s.insert("x".to_string(), vec![4, 5]);
-        assert!(resolve_shape(&i, &s).unwrap_err().0.contains("fixes it to 3"));
+        assert!(resolve_shape(&i, &s)
+            .unwrap_err()
+            .0
+            .contains("fixes it to 3"));
         s.insert("x".to_string(), vec![4]);
         assert!(resolve_shape(&i, &s).unwrap_err().0.contains("rank"));
-        assert_eq!(resolve_shape(&info(Some(vec![Dim::Known(2)])), &none).unwrap(), vec![2]);
-        assert!(resolve_shape(&info(None), &none).unwrap_err().0.contains("rank is unknown"));
-        assert!(resolve_shape(&info(Some(vec![Dim::Unknown])), &none).unwrap_err().0.contains("unknown"));
+        assert_eq!(
+            resolve_shape(&info(Some(vec![Dim::Known(2)])), &none).unwrap(),
+            vec![2]
+        );
+        assert!(resolve_shape(&info(None), &none)
+            .unwrap_err()
+            .0
+            .contains("rank is unknown"));
+        let e = resolve_shape(
+            &info(Some(vec![Dim::Unknown, Dim::Known(3), Dim::Unknown])),
+            &none,
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            e.contains("dimensions 0, 2 not known")
+                && e.contains("--shapes x:D0x3xD2 with sizes for D0, D2"),
+            "{e}"
+        );
     }
 
     #[test]
     fn random_tensors_are_seeded_and_typed() {
-        for d in [DType::F32, DType::F16, DType::F64, DType::I64, DType::I32, DType::U8, DType::Bool] {
+        for d in [
+            DType::F32,
+            DType::F16,
+            DType::F64,
+            DType::I64,
+            DType::I32,
+            DType::U8,
+            DType::Bool,
+        ] {
             let a = random_tensor("x", d, &[2, 50], 7).unwrap();
             let b = random_tensor("x", d, &[2, 50], 7).unwrap();
             assert_eq!(a.dtype(), d);
             assert_eq!(a.shape(), &[2, 50]);
             assert!(a.same_as(&b));
         }
-        let f = random_tensor("x", DType::F32, &[10000], 1).unwrap().to_f32_vec().unwrap();
+        let f = random_tensor("x", DType::F32, &[10000], 1)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
         let mean = f.iter().sum::<f32>() / f.len() as f32;
         let var = f.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / f.len() as f32;
         assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.1, "{mean} {var}");
-        let i = random_tensor("x", DType::I64, &[1000], 1).unwrap().to_i64_vec().unwrap();
+        let i = random_tensor("x", DType::I64, &[1000], 1)
+            .unwrap()
+            .to_i64_vec()
+            .unwrap();
         assert!(i.iter().all(|v| (0..10).contains(v)));
         assert!(random_tensor("x", DType::String, &[2], 1).is_err());
         assert!(random_tensor("x", DType::F32, &[usize::MAX, 2], 1).is_err());
@@ -536,10 +686,17 @@ mod tests {
         assert_eq!(human_bytes(3 << 20), "3.0 MiB");
         assert_eq!(shape_str(&[1, 3]), "[1, 3]");
         assert_eq!(shape_str(&[]), "[]");
-        let t = table(&[vec!["a".into(), "bb".into(), "c".into()], vec!["ddd".into(), "e".into(), "f".into()]]);
+        let t = table(&[
+            vec!["a".into(), "bb".into(), "c".into()],
+            vec!["ddd".into(), "e".into(), "f".into()],
+        ]);
         assert_eq!(t, "a    bb  c\nddd  e   f\n");
         assert_eq!(
-            dims_json(&Some(vec![Dim::Known(1), Dim::Sym("n".into()), Dim::Unknown])),
+            dims_json(&Some(vec![
+                Dim::Known(1),
+                Dim::Sym("n".into()),
+                Dim::Unknown
+            ])),
             serde_json::json!([1, "n", null])
         );
     }

@@ -14,7 +14,8 @@ pub fn run(g: &Globals, a: InspectArgs) -> CliResult<()> {
     common::check_shape_names(&engine, &shapes)?;
     let (built_by, format_version) = match loaded.kind {
         ModelKind::Plan => {
-            let bytes = std::fs::read(&a.model).context(|| format!("cannot read {}", a.model.display()))?;
+            let bytes =
+                std::fs::read(&a.model).context(|| format!("cannot read {}", a.model.display()))?;
             let h = kiln::plan::read_header(&bytes)?;
             (h.kiln_version, Some(h.format_version))
         }
@@ -61,7 +62,17 @@ pub fn run(g: &Globals, a: InspectArgs) -> CliResult<()> {
         });
         return common::print_json(&v);
     }
-    print_text(&a, &engine, &built_by, format_version, loaded.kind, memory.as_ref(), memory_note, weights, &layers);
+    print_text(
+        &a,
+        &engine,
+        &built_by,
+        format_version,
+        loaded.kind,
+        memory.as_ref(),
+        memory_note,
+        weights,
+        &layers,
+    );
     Ok(())
 }
 
@@ -82,12 +93,28 @@ fn print_text(
     let mut row = |k: &str, v: String| rows.push(vec![k.to_string(), v]);
     row("model", a.model.display().to_string());
     match (kind, format_version) {
-        (ModelKind::Plan, Some(v)) => row("built by", format!("kiln {built_by} (plan format version {v})")),
-        _ => row("built by", format!("kiln {built_by} (in memory, from ONNX)")),
+        (ModelKind::Plan, Some(v)) => row(
+            "built by",
+            format!("kiln {built_by} (plan format version {v})"),
+        ),
+        _ => row(
+            "built by",
+            format!("kiln {built_by} (in memory, from ONNX)"),
+        ),
     }
     row("source", engine.source().to_string());
-    row("fingerprint", format!("{} / {} / {}", fp.backend, fp.device, fp.arch));
-    row("cpu features", if fp.cpu_features.is_empty() { "-".into() } else { fp.cpu_features.join(" ") });
+    row(
+        "fingerprint",
+        format!("{} / {} / {}", fp.backend, fp.device, fp.arch),
+    );
+    row(
+        "cpu features",
+        if fp.cpu_features.is_empty() {
+            "-".into()
+        } else {
+            fp.cpu_features.join(" ")
+        },
+    );
     if !fp.required_features.is_empty() {
         row("requires", fp.required_features.join(" "));
     }
@@ -98,7 +125,15 @@ fn print_text(
             "none (dynamic)".into()
         } else {
             bs.iter()
-                .map(|(k, v)| format!("{k}:{}", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}:{}",
+                        v.iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join("x")
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         },
@@ -106,10 +141,18 @@ fn print_text(
     print!("{}", common::table(&rows));
 
     println!("\nInputs");
-    let io_rows: Vec<Vec<String>> = engine.inputs().iter().map(|i| vec![format!("  {}", i.name), i.describe()]).collect();
+    let io_rows: Vec<Vec<String>> = engine
+        .inputs()
+        .iter()
+        .map(|i| vec![format!("  {}", i.name), i.describe()])
+        .collect();
     print!("{}", common::table(&io_rows));
     println!("Outputs");
-    let io_rows: Vec<Vec<String>> = engine.outputs().iter().map(|i| vec![format!("  {}", i.name), i.describe()]).collect();
+    let io_rows: Vec<Vec<String>> = engine
+        .outputs()
+        .iter()
+        .map(|i| vec![format!("  {}", i.name), i.describe()])
+        .collect();
     print!("{}", common::table(&io_rows));
 
     println!("\nMemory");
@@ -127,23 +170,48 @@ fn print_text(
                     overhead(m.arena_bytes, m.liveness_lower_bound_bytes)
                 ),
             ]);
-            rows.push(vec!["  activations".into(), format!("{} in the arena, {} allocated at run time", m.arena_tensors, m.dynamic_tensors)]);
+            rows.push(vec![
+                "  activations".into(),
+                format!(
+                    "{} in the arena, {} allocated at run time",
+                    m.arena_tensors, m.dynamic_tensors
+                ),
+            ]);
         }
         None => rows.push(vec!["  arena".into(), "-".into()]),
     }
     if let Some(n) = memory_note {
         rows.push(vec!["  note".into(), n]);
     }
-    rows.push(vec!["  weights".into(), format!("{} in {} tensors", human_bytes(weights), engine.graph().constants.len())]);
+    rows.push(vec![
+        "  weights".into(),
+        format!(
+            "{} in {} tensors",
+            human_bytes(weights),
+            engine.graph().constants.len()
+        ),
+    ]);
     print!("{}", common::table(&rows));
 
     let r = engine.optimize_report();
     println!("\nOptimizer");
     let rows = vec![
-        vec!["  layers".to_string(), format!("{} -> {}", r.nodes_before, r.nodes_after)],
-        vec!["  BatchNorm folded".to_string(), r.batchnorms_folded.to_string()],
-        vec!["  activations fused".to_string(), r.activations_fused.to_string()],
-        vec!["  folding/cleanup rewrites".to_string(), r.generic_rewrites.to_string()],
+        vec![
+            "  layers".to_string(),
+            format!("{} -> {}", r.nodes_before, r.nodes_after),
+        ],
+        vec![
+            "  BatchNorm folded".to_string(),
+            r.batchnorms_folded.to_string(),
+        ],
+        vec![
+            "  activations fused".to_string(),
+            r.activations_fused.to_string(),
+        ],
+        vec![
+            "  folding/cleanup rewrites".to_string(),
+            r.generic_rewrites.to_string(),
+        ],
     ];
     print!("{}", common::table(&rows));
 
@@ -158,12 +226,18 @@ fn print_text(
         "inputs -> outputs".into(),
     ]];
     for (i, l) in layers.iter().enumerate() {
-        let fused = if l.fused_from.len() <= 1 && l.fused_from.first().is_none_or(|f| *f == l.name) {
+        let fused = if l.fused_from.len() <= 1 && l.fused_from.first().is_none_or(|f| *f == l.name)
+        {
             "-".to_string()
         } else {
             l.fused_from.join(" + ")
         };
-        let io = |v: &[(String, String)]| v.iter().map(|(n, d)| format!("{n}:{d}")).collect::<Vec<_>>().join(", ");
+        let io = |v: &[(String, String)]| {
+            v.iter()
+                .map(|(n, d)| format!("{n}:{d}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         rows.push(vec![
             i.to_string(),
             l.name.clone(),

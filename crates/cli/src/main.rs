@@ -79,7 +79,13 @@ struct Cli {
     #[arg(short, long, action = ArgAction::Count, global = true, help_heading = "Global options")]
     verbose: u8,
     /// Only errors on stderr: no progress spinners, no warnings.
-    #[arg(short, long, global = true, conflicts_with = "verbose", help_heading = "Global options")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        conflicts_with = "verbose",
+        help_heading = "Global options"
+    )]
     quiet: bool,
     #[command(subcommand)]
     command: Command,
@@ -228,8 +234,16 @@ fn init_logging(g: &Globals) {
         (false, _) => EnvFilter::new("trace"),
     };
     // try_init: never panic, even if a subscriber were already set.
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
 }
+
+/// Set when printing failed because the reader of stdout went away.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Replaces the default panic message (which mentions RUST_BACKTRACE) by one error line.
 /// kiln is written not to panic; this is a safety net so a bug still reads like an error.
@@ -242,13 +256,24 @@ fn install_panic_hook() {
         } else {
             "unknown cause".to_string()
         };
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        // `kiln inspect m.plan | head`: stdout closed early is not an error.
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            STDOUT_CLOSED.store(true, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         eprintln!("error: internal error{at}: {msg} (this is a bug in kiln; please report it)");
     }));
 }
 
 fn dispatch(cli: Cli) -> Result<(), CliError> {
-    let g = Globals { quiet: cli.quiet, verbose: cli.verbose };
+    let g = Globals {
+        quiet: cli.quiet,
+        verbose: cli.verbose,
+    };
     init_logging(&g);
     match cli.command {
         Command::Build(a) => build::run(&g, a),
@@ -268,6 +293,7 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
+        Err(_) if STDOUT_CLOSED.load(std::sync::atomic::Ordering::SeqCst) => ExitCode::SUCCESS,
         // The panic hook already printed the error line.
         Err(_) => ExitCode::from(1),
     }
@@ -286,17 +312,39 @@ mod tests {
     #[test]
     fn parses_contract_forms() {
         let c = Cli::try_parse_from([
-            "kiln", "build", "m.onnx", "-o", "m.plan", "--device", "cpu", "--shapes", "x:1x3x4x4,y:2", "--no-optimize",
+            "kiln",
+            "build",
+            "m.onnx",
+            "-o",
+            "m.plan",
+            "--device",
+            "cpu",
+            "--shapes",
+            "x:1x3x4x4,y:2",
+            "--no-optimize",
         ])
         .unwrap();
-        let Command::Build(b) = c.command else { panic!() };
+        let Command::Build(b) = c.command else {
+            panic!()
+        };
         assert_eq!(b.output.unwrap(), PathBuf::from("m.plan"));
         assert_eq!(b.device, Device::Cpu);
         assert!(b.no_optimize);
-        assert_eq!(common::merge_shapes(&b.shapes).unwrap()["x"], vec![1, 3, 4, 4]);
+        assert_eq!(
+            common::merge_shapes(&b.shapes).unwrap()["x"],
+            vec![1, 3, 4, 4]
+        );
 
         let c = Cli::try_parse_from([
-            "kiln", "run", "m.plan", "--input", "x=a.npy", "--input", "y=dir/b=c.npy", "--output-dir", "out",
+            "kiln",
+            "run",
+            "m.plan",
+            "--input",
+            "x=a.npy",
+            "--input",
+            "y=dir/b=c.npy",
+            "--output-dir",
+            "out",
         ])
         .unwrap();
         let Command::Run(r) = c.command else { panic!() };
@@ -305,17 +353,51 @@ mod tests {
         assert_eq!(r.inputs[1].path, PathBuf::from("dir/b=c.npy"));
 
         let c = Cli::try_parse_from([
-            "kiln", "-vv", "bench", "m.onnx", "--shapes", "x:1x3", "--threads", "2", "--iterations", "5", "--warmup", "1",
+            "kiln",
+            "-vv",
+            "bench",
+            "m.onnx",
+            "--shapes",
+            "x:1x3",
+            "--threads",
+            "2",
+            "--iterations",
+            "5",
+            "--warmup",
+            "1",
             "--json",
         ])
         .unwrap();
         assert_eq!(c.verbose, 2);
-        let Command::Bench(b) = c.command else { panic!() };
-        assert_eq!((b.threads, b.iterations, b.warmup, b.json), (Some(2), Some(5), Some(1), true));
+        let Command::Bench(b) = c.command else {
+            panic!()
+        };
+        assert_eq!(
+            (b.threads, b.iterations, b.warmup, b.json),
+            (Some(2), Some(5), Some(1), true)
+        );
 
-        assert!(Cli::try_parse_from(["kiln", "bench", "m", "--iterations", "5", "--duration", "1"]).is_err());
+        assert!(Cli::try_parse_from([
+            "kiln",
+            "bench",
+            "m",
+            "--iterations",
+            "5",
+            "--duration",
+            "1"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from(["kiln", "bench", "m", "--threads", "0"]).is_err());
-        assert!(Cli::try_parse_from(["kiln", "run", "m", "--input", "noequals", "--output-dir", "o"]).is_err());
+        assert!(Cli::try_parse_from([
+            "kiln",
+            "run",
+            "m",
+            "--input",
+            "noequals",
+            "--output-dir",
+            "o"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from(["kiln", "build", "m", "--shapes", "x:1xA"]).is_err());
         assert!(Cli::try_parse_from(["kiln", "build", "m", "--device", "tpu"]).is_err());
         assert!(Cli::try_parse_from(["kiln", "inspect", "m", "--json", "-q"]).is_ok());

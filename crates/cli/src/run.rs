@@ -19,7 +19,10 @@ pub fn run(g: &Globals, a: RunArgs) -> CliResult<()> {
     }
     let engine = loaded.engine;
     let mut ctx = engine.create_context();
-    let values: Vec<(&str, Value)> = inputs.iter().map(|(n, t)| (n.as_str(), Value::Tensor(t.clone()))).collect();
+    let values: Vec<(&str, Value)> = inputs
+        .iter()
+        .map(|(n, t)| (n.as_str(), Value::Tensor(t.clone())))
+        .collect();
     let pb = common::spinner(g, "running");
     let start = Instant::now();
     let result = ctx.execute(&values);
@@ -30,14 +33,20 @@ pub fn run(g: &Globals, a: RunArgs) -> CliResult<()> {
 
     std::fs::create_dir_all(&a.output_dir)
         .context(|| format!("cannot create output directory {}", a.output_dir.display()))?;
-    let mut rows = vec![vec!["output".to_string(), "dtype".into(), "shape".into(), "file".into()]];
+    let mut rows = vec![vec![
+        "output".to_string(),
+        "dtype".into(),
+        "shape".into(),
+        "file".into(),
+    ]];
     let mut used = BTreeSet::new();
     for (info, value) in engine.outputs().iter().zip(outputs) {
         let base = unique(sanitize_name(&info.name), &mut used);
         for (suffix, tensor) in flatten(&info.name, value)? {
             let (tensor, note) = npy_compatible(tensor)?;
             let file = a.output_dir.join(format!("{base}{suffix}.npy"));
-            kiln::npy::write_npy(&file, &tensor).context(|| format!("cannot write output {}", info.name))?;
+            kiln::npy::write_npy(&file, &tensor)
+                .context(|| format!("cannot write output {}", info.name))?;
             rows.push(vec![
                 format!("{}{suffix}", info.name),
                 format!("{}{note}", tensor.dtype()),
@@ -70,7 +79,11 @@ fn unique(base: String, used: &mut BTreeSet<String>) -> String {
 fn flatten(name: &str, v: Value) -> CliResult<Vec<(String, Tensor)>> {
     Ok(match v {
         Value::Tensor(t) => vec![(String::new(), t)],
-        Value::Sequence(s) => s.into_iter().enumerate().map(|(i, t)| (format!("_{i}"), t)).collect(),
+        Value::Sequence(s) => s
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (format!("_{i}"), t))
+            .collect(),
         Value::Optional(None) => {
             tracing::warn!("output {name} is an empty optional: no file written");
             vec![]
@@ -104,7 +117,10 @@ mod tests {
         let t = Tensor::scalar(1.0f32);
         assert_eq!(flatten("o", Value::Tensor(t.clone())).unwrap().len(), 1);
         let s = flatten("o", Value::Sequence(vec![t.clone(), t.clone()])).unwrap();
-        assert_eq!(s.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["_0", "_1"]);
+        assert_eq!(
+            s.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["_0", "_1"]
+        );
         assert!(flatten("o", Value::Optional(None)).unwrap().is_empty());
         let (c, note) = npy_compatible(Tensor::zeros(DType::BF16, &[2])).unwrap();
         assert_eq!(c.dtype(), DType::F32);

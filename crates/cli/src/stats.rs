@@ -40,7 +40,11 @@ impl Latency {
     pub fn from_samples(samples: &[f64]) -> Latency {
         let mut s: Vec<f64> = samples.iter().copied().filter(|v| v.is_finite()).collect();
         s.sort_by(|a, b| a.total_cmp(b));
-        let mean = if s.is_empty() { f64::NAN } else { s.iter().sum::<f64>() / s.len() as f64 };
+        let mean = if s.is_empty() {
+            f64::NAN
+        } else {
+            s.iter().sum::<f64>() / s.len() as f64
+        };
         Latency {
             min: s.first().copied().unwrap_or(f64::NAN),
             median: percentile(&s, 50.0),

