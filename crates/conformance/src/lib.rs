@@ -382,6 +382,24 @@ pub fn compare_tensors(got: &Tensor, want: &Tensor) -> std::result::Result<(), S
             }
             Ok(())
         }
+        d if d.is_low_precision() => {
+            // float8 / float4 / int4: exact values (NaN equals NaN).
+            let g = got.to_f64_vec().map_err(|e| e.to_string())?;
+            let w = want.to_f64_vec().map_err(|e| e.to_string())?;
+            let same = |a: f64, b: f64| a == b || (a.is_nan() && b.is_nan());
+            let bad: Vec<usize> = (0..w.len()).filter(|&i| !same(g[i], w[i])).collect();
+            if let Some(&i) = bad.first() {
+                return Err(format!(
+                    "{} of {} values differ, first at {}: got {}, expected {}",
+                    bad.len(),
+                    w.len(),
+                    index_of(i, shape),
+                    g[i],
+                    w[i]
+                ));
+            }
+            Ok(())
+        }
         d if d.is_float() => {
             let g = got.to_f64_vec().map_err(|e| e.to_string())?;
             let w = want.to_f64_vec().map_err(|e| e.to_string())?;

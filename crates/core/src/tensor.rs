@@ -9,6 +9,27 @@ use smallvec::SmallVec;
 use crate::buffer::{AlignedBuf, Bytes};
 use crate::dtype::{DType, Element};
 use crate::error::{KilnError, Result};
+use crate::lowp::{self, E8M0Round};
+
+/// Options of a conversion to the low-precision float types (the `saturate` and
+/// `round_mode` attributes of ONNX `Cast`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CastOptions {
+    /// Clamp out-of-range values (infinities included) to the largest finite float8 value
+    /// instead of producing NaN / infinity. Default true.
+    pub saturate: bool,
+    /// Rounding of conversions to FLOAT8E8M0. Default "up".
+    pub round_mode: E8M0Round,
+}
+
+impl Default for CastOptions {
+    fn default() -> Self {
+        CastOptions {
+            saturate: true,
+            round_mode: E8M0Round::Up,
+        }
+    }
+}
 
 /// A concrete shape. Inline up to 6 dims so building one allocates nothing.
 pub type Shape = SmallVec<[usize; 6]>;
@@ -110,12 +131,17 @@ impl Tensor {
         Ok(t)
     }
 
-    /// A tensor from raw little-endian bytes (copied). Bool bytes are normalised to 0/1.
+    /// A tensor from raw little-endian bytes (copied). Bool bytes are normalised to 0/1, the
+    /// unpacked 4-bit types to their low nibble (INT4 sign-extended).
     pub fn from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<Tensor> {
         let mut buf = AlignedBuf::from_bytes(bytes);
         if dtype == DType::Bool {
             for b in buf.as_mut_slice() {
                 *b = (*b != 0) as u8;
+            }
+        } else if dtype.is_4bit() {
+            for b in buf.as_mut_slice() {
+                *b = lowp::normalize_byte(dtype, *b);
             }
         }
         Tensor::from_storage(dtype, shape, Bytes::Heap(Arc::new(buf)))
@@ -322,6 +348,12 @@ impl Tensor {
         fn conv<S: Element + AsPrimitive<T>, T: Copy + 'static>(t: &Tensor) -> Result<Vec<T>> {
             Ok(t.as_slice::<S>()?.iter().map(|v| v.as_()).collect())
         }
+        fn conv_raw<T: Copy + 'static>(t: &Tensor) -> Result<Vec<T>>
+        where
+            u8: AsPrimitive<T>,
+        {
+            Ok(t.as_raw::<u8>()?.iter().map(|v| v.as_()).collect())
+        }
         match self.dtype {
             DType::F32 => conv::<f32, T>(self),
             DType::F64 => conv::<f64, T>(self),
@@ -347,12 +379,19 @@ impl Tensor {
             DType::String => Err(KilnError::Other(
                 "cannot convert a string tensor to numbers".into(),
             )),
+            DType::I4 => Ok(self.as_raw::<u8>()?.iter().map(|&v| (v as i8).as_()).collect()),
+            DType::U4 => conv_raw::<T>(self),
+            d => Ok(self
+                .as_raw::<u8>()?
+                .iter()
+                .map(|&b| lowp::decode(d, b).unwrap_or(f32::NAN).as_())
+                .collect()),
         }
     }
 
     /// Integer elements as i64 (for shapes, indices, axes); fails for non-integer dtypes.
     pub fn to_i64_vec(&self) -> Result<Vec<i64>> {
-        if !(self.dtype.is_int() || self.dtype == DType::Bool) {
+        if !(self.dtype.is_int() || matches!(self.dtype, DType::Bool | DType::I4 | DType::U4)) {
             return Err(KilnError::Other(format!(
                 "expected an integer tensor, found {}",
                 self.dtype
@@ -373,11 +412,65 @@ impl Tensor {
 
     /// Converts to another dtype with ONNX `Cast` semantics for numeric types: float → int
     /// truncates toward zero (saturating), anything → bool is `!= 0`, bool → number is 0/1.
-    /// Strings are parsed from / formatted to decimal text.
+    /// Strings are parsed from / formatted to decimal text. Conversions to the
+    /// low-precision types use the default [`CastOptions`] (saturating, E8M0 rounds up).
     pub fn cast(&self, to: DType) -> Result<Tensor> {
+        self.cast_with(to, CastOptions::default())
+    }
+
+    /// [`Tensor::cast`] with explicit options for the low-precision float types: float8
+    /// and float4 round to nearest even, see [`crate::lowp`]; INT4/UINT4 wrap like C casts.
+    pub fn cast_with(&self, to: DType, opts: CastOptions) -> Result<Tensor> {
         if to == self.dtype {
             return Ok(self.clone());
         }
+        if to.is_low_precision() {
+            return self.cast_to_low_precision(to, opts);
+        }
+        if self.dtype.is_low_precision() {
+            return self.widen()?.cast_with(to, opts);
+        }
+        self.cast_standard(to)
+    }
+
+    /// A low-precision tensor converted exactly to a standard dtype (f32 for the floats,
+    /// i8 / u8 for INT4 / UINT4).
+    fn widen(&self) -> Result<Tensor> {
+        match self.dtype {
+            DType::I4 => Tensor::from_vec(&self.shape, self.to_vec::<i8>()?),
+            DType::U4 => Tensor::from_vec(&self.shape, self.to_vec::<u8>()?),
+            _ => Tensor::from_vec(&self.shape, self.to_vec::<f32>()?),
+        }
+    }
+
+    fn cast_to_low_precision(&self, to: DType, opts: CastOptions) -> Result<Tensor> {
+        let shape = self.shape.clone();
+        let unsupported = || KilnError::Other(format!("cannot cast {} to {to}", self.dtype));
+        let bytes: Vec<u8> = if self.dtype == DType::String {
+            let s = self.as_strings()?;
+            let vals: Vec<f64> = s.iter().map(|x| parse_number(x)).collect::<Result<_>>()?;
+            return Tensor::from_vec(&shape, vals)?.cast_to_low_precision(to, opts);
+        } else if self.dtype.is_int() || matches!(self.dtype, DType::Bool | DType::I4 | DType::U4) {
+            let v = self.to_i64_vec()?;
+            v.iter()
+                .map(|&x| lowp::encode_int(to, x, opts.saturate).ok_or_else(unsupported))
+                .collect::<Result<_>>()?
+        } else if to == DType::F8E8M0 {
+            self.to_vec::<f32>()?
+                .iter()
+                .map(|&x| lowp::f32_to_e8m0(x, opts.saturate, opts.round_mode))
+                .collect()
+        } else {
+            self.to_f64_vec()?
+                .iter()
+                .map(|&x| lowp::encode(to, x, opts.saturate).ok_or_else(unsupported))
+                .collect::<Result<_>>()?
+        };
+        Tensor::from_bytes(to, &shape, &bytes)
+    }
+
+    /// Cast between the standard (non low-precision) dtypes.
+    fn cast_standard(&self, to: DType) -> Result<Tensor> {
         let shape = self.shape.clone();
         if self.dtype == DType::String {
             let s = self.as_strings()?;
@@ -430,6 +523,7 @@ impl Tensor {
             DType::U16 => Tensor::from_vec(&shape, self.to_vec::<u16>()?),
             DType::U32 => Tensor::from_vec(&shape, self.to_vec::<u32>()?),
             DType::U64 => Tensor::from_vec(&shape, self.to_vec::<u64>()?),
+            d => self.cast_to_low_precision(d, CastOptions::default()),
         }
     }
 
@@ -494,7 +588,9 @@ impl std::fmt::Debug for Tensor {
             match self.dtype {
                 DType::String => write!(f, " {:?}", self.as_strings().unwrap_or(&[]))?,
                 DType::Bool => write!(f, " {:?}", self.as_bools().unwrap_or(&[]))?,
-                d if d.is_float() => write!(f, " {:?}", self.to_f64_vec().unwrap_or_default())?,
+                d if d.is_float() || d.is_low_precision() => {
+                    write!(f, " {:?}", self.to_f64_vec().unwrap_or_default())?
+                }
                 _ => write!(f, " {:?}", self.to_i64_vec().unwrap_or_default())?,
             }
         }

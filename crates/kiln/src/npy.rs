@@ -117,6 +117,12 @@ fn encode_data(t: &Tensor) -> Result<(String, Vec<u8>)> {
             })
         }
         DType::String => return encode_strings(t),
+        d => {
+            return Err(KilnError::UnsupportedDType {
+                dtype: d,
+                context: "a .npy file (NumPy has no such dtype; cast to f32 first)".into(),
+            })
+        }
     };
     let mut data = t.bytes().to_vec();
     if !little {

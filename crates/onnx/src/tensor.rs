@@ -60,7 +60,8 @@ fn shape_of(dims: &[i64], what: &str) -> Result<Vec<usize>> {
 /// Converts a `TensorProto` to a [`Tensor`].
 ///
 /// Handles `raw_data` (little-endian), the typed fields (`float_data`, `int32_data` holding
-/// int8/int16/uint8/uint16/bool and the bit patterns of float16/bfloat16, `int64_data`,
+/// int8/int16/uint8/uint16/bool, the bit patterns of float16/bfloat16/float8 and the packed
+/// bytes of the 4-bit types, `int64_data`,
 /// `uint64_data` for uint32/uint64, `double_data`, `string_data`) and external data
 /// (`location`/`offset`/`length`, relative to `base_dir`, the model's directory; paths
 /// leaving that directory are rejected). The element count must match the dims; errors
@@ -95,6 +96,9 @@ pub fn tensor_from_proto(t: &proto::TensorProto, base_dir: Option<&Path>) -> Res
 }
 
 fn from_raw_bytes(dtype: DType, shape: &[usize], raw: &[u8], what: &str) -> Result<Tensor> {
+    if dtype.is_4bit() {
+        return from_packed_4bit(dtype, shape, raw, what, "raw_data");
+    }
     let want = numel(shape)
         .checked_mul(dtype.size())
         .ok_or_else(|| invalid(what, format!("shape {shape:?} is too large")))?;
@@ -113,6 +117,28 @@ fn from_raw_bytes(dtype: DType, shape: &[usize], raw: &[u8], what: &str) -> Resu
         )));
     }
     Tensor::from_bytes(dtype, shape, raw)
+}
+
+/// A 4-bit tensor from ONNX's packed storage (two elements per byte, low nibble first).
+fn from_packed_4bit(
+    dtype: DType,
+    shape: &[usize],
+    packed: &[u8],
+    what: &str,
+    field: &str,
+) -> Result<Tensor> {
+    let n = numel(shape);
+    let bytes = kiln_core::lowp::unpack_4bit(dtype, packed, n).ok_or_else(|| {
+        invalid(
+            what,
+            format!(
+                "{dtype} tensor of shape {shape:?} needs {} packed bytes in {field}, found {}",
+                n.div_ceil(2),
+                packed.len()
+            ),
+        )
+    })?;
+    Tensor::from_bytes(dtype, shape, &bytes)
 }
 
 fn check_count(found: usize, n: usize, field: &str, what: &str) -> Result<()> {
@@ -181,6 +207,19 @@ fn from_typed_fields(
         DType::U64 => {
             check_count(t.uint64_data.len(), n, "uint64_data", what)?;
             Tensor::from_slice(shape, &t.uint64_data)
+        }
+        DType::F8E4M3FN
+        | DType::F8E4M3FNUZ
+        | DType::F8E5M2
+        | DType::F8E5M2FNUZ
+        | DType::F8E8M0 => {
+            let bits: Vec<u8> = i32s("int32_data")?.iter().map(|&v| v as u8).collect();
+            Tensor::from_bytes(dtype, shape, &bits)
+        }
+        DType::I4 | DType::U4 | DType::F4E2M1 => {
+            // int32_data holds the packed bytes, one per entry.
+            let packed: Vec<u8> = t.int32_data.iter().map(|&v| v as u8).collect();
+            from_packed_4bit(dtype, shape, &packed, what, "int32_data")
         }
         DType::String => {
             check_count(t.string_data.len(), n, "string_data", what)?;

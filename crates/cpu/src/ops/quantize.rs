@@ -1,8 +1,5 @@
 //! Linear quantization: QuantizeLinear, DequantizeLinear (per-tensor, per-axis and blocked;
-//! 8- and 16-bit integer types) and DynamicQuantizeLinear.
-//!
-//! Float8 / int4 / float4 quantized types cannot be represented by kiln's tensors and are
-//! rejected with a clear error.
+//! 4-, 8- and 16-bit integer types, float8 and float4) and DynamicQuantizeLinear.
 
 use std::any::Any;
 
@@ -100,6 +97,8 @@ fn quant_range(dt: DType) -> Option<(f64, f64)> {
         DType::I8 => (-128.0, 127.0),
         DType::U16 => (0.0, 65535.0),
         DType::I16 => (-32768.0, 32767.0),
+        DType::U4 => (0.0, 15.0),
+        DType::I4 => (-8.0, 7.0),
         _ => return None,
     })
 }
@@ -113,12 +112,22 @@ fn unsupported_type_name(code: i64) -> String {
     }
 }
 
+/// True for the float types QuantizeLinear can produce (float8 and float4).
+fn is_quant_float(dt: DType) -> bool {
+    matches!(
+        dt,
+        DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F4E2M1
+    )
+}
+
 /// QuantizeLinear.
 #[derive(Debug, Clone)]
 pub struct Quantize {
     axis: i64,
     block_size: i64,
     output_dtype: Option<DType>,
+    /// Float8 outputs clamp to the largest finite value instead of NaN / infinity.
+    saturate: bool,
 }
 
 impl Op for Quantize {
@@ -154,12 +163,14 @@ impl Op for Quantize {
             (None, Some(o)) => o,
             (None, None) => DType::U8,
         };
-        let Some((lo, hi)) = quant_range(out_dt) else {
+        let range = quant_range(out_dt);
+        if range.is_none() && !is_quant_float(out_dt) {
             return Err(KilnError::kernel(
                 OP,
                 format!("unsupported quantized type {out_dt}"),
             ));
-        };
+        }
+        let (lo, hi) = range.unwrap_or((0.0, 0.0));
         let layout = Layout::of(OP, x.shape(), scale.shape(), self.axis, self.block_size)?;
         if let Some(z) = zp {
             if z.len() != scale.len() {
@@ -190,6 +201,23 @@ impl Op for Quantize {
             let z = if zp.is_some() { zv[k] } else { 0.0 };
             (d.round_ties_even() + z).clamp(lo, hi)
         };
+        if out_dt.is_low_precision() {
+            let bytes = quantize_low_precision(out_dt, &xf, self.saturate, |i, v| {
+                let k = layout.idx(i);
+                let d = if narrow {
+                    (v as f32 / sv[k] as f32) as f64
+                } else {
+                    v / sv[k]
+                };
+                (d, zv[if zp.is_some() { k } else { 0 }])
+            })
+            .ok_or_else(|| bad_dtype(OP, out_dt))?;
+            return Ok(vec![Value::Tensor(Tensor::from_bytes(
+                out_dt,
+                x.shape(),
+                &bytes,
+            )?)]);
+        }
         let out = crate::dispatch_numeric!(out_dt, T => new_tensor::<T>(out_dt, x.shape(), |o| {
             for (i, (d, &v)) in o.iter_mut().zip(&xf).enumerate() {
                 *d = T::of_f64(q(i, v));
@@ -202,6 +230,31 @@ impl Op for Quantize {
     fn as_any(&self) -> &dyn Any {
         self
     }
+}
+
+/// Quantizes to a low-precision dtype, one byte per element: `scaled(i, x)` gives the
+/// scaled value `x / scale` and the zero point (as a number). INT4/UINT4 round half to even,
+/// add the zero point and clamp; float4 adds the zero point and rounds (saturating); float8
+/// ignores the zero point and rounds, saturating when asked.
+fn quantize_low_precision(
+    dt: DType,
+    xs: &[f64],
+    saturate: bool,
+    scaled: impl Fn(usize, f64) -> (f64, f64),
+) -> Option<Vec<u8>> {
+    xs.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let (d, z) = scaled(i, v);
+            match dt {
+                DType::I4 | DType::U4 => {
+                    kiln_core::lowp::encode_saturating_int(dt, d.round_ties_even() + z)
+                }
+                DType::F4E2M1 => kiln_core::lowp::encode(dt, d + z, true),
+                _ => kiln_core::lowp::encode(dt, d, saturate),
+            }
+        })
+        .collect()
 }
 
 /// DequantizeLinear.
@@ -230,9 +283,15 @@ impl Op for Dequantize {
         let x = input_tensor(inputs, 0, OP)?;
         let scale = input_tensor(inputs, 1, OP)?;
         let zp = optional_tensor(inputs, 2, OP)?;
-        if !(x.dtype().is_int()) {
+        if !(x.dtype().is_int() || x.dtype().is_low_precision()) {
             return Err(bad_dtype(OP, x.dtype()));
         }
+        // Float8 / float4 inputs have no integer zero point: it must be zero and is ignored.
+        let zp = if is_quant_float(x.dtype()) || x.dtype() == DType::F8E8M0 {
+            None
+        } else {
+            zp
+        };
         if !scale.dtype().is_float() {
             return Err(KilnError::kernel(
                 OP,
@@ -347,7 +406,7 @@ pub fn register(reg: &mut OpRegistry) {
         let a = ctx.attrs();
         let out = read_output_dtype(ctx)?;
         if let Some(d) = out {
-            if quant_range(d).is_none() {
+            if quant_range(d).is_none() && !is_quant_float(d) {
                 return Err(a.unsupported(format!("quantizing to {d}")));
             }
         }
@@ -355,6 +414,7 @@ pub fn register(reg: &mut OpRegistry) {
             axis: a.int("axis", 1)?,
             block_size: a.int("block_size", 0)?,
             output_dtype: out,
+            saturate: a.int("saturate", 1)? != 0,
         }))
     });
     reg.register("DequantizeLinear", |ctx: &BuildCtx| {
@@ -445,7 +505,7 @@ mod tests {
         assert!(build(
             "QuantizeLinear",
             21,
-            vec![("output_dtype", Attr::Int(17))],
+            vec![("output_dtype", Attr::Int(24))],
             2,
             1
         )
@@ -457,6 +517,76 @@ mod tests {
             &[Some(x2), Some(f32t(&[3], vec![1.0; 3]))]
         )
         .is_err());
+    }
+
+    #[test]
+    fn quantize_low_precision_types() {
+        use kiln_core::DType;
+        let x = f32t(&[5], vec![0.0, 2.0, 3.0, 1000.0, -7.0]);
+        // INT4 with zero point 1: round half to even, then clamp to [-8, 7].
+        let z = Tensor::scalar(1f32).cast(DType::I4).unwrap();
+        let y = run1(
+            "QuantizeLinear",
+            21,
+            vec![],
+            &[Some(x.clone()), Some(Tensor::scalar(2f32)), Some(z.clone())],
+        )
+        .unwrap();
+        assert_eq!(y.dtype(), DType::I4);
+        assert_eq!(y.to_i64_vec().unwrap(), &[1, 2, 3, 7, -3]);
+        let d = run1(
+            "DequantizeLinear",
+            21,
+            vec![],
+            &[Some(y), Some(Tensor::scalar(2f32)), Some(z)],
+        )
+        .unwrap();
+        assert_eq!(d.as_slice::<f32>().unwrap(), &[0.0, 2.0, 4.0, 12.0, -8.0]);
+        // UINT4 through output_dtype.
+        let y = run1(
+            "QuantizeLinear",
+            21,
+            vec![("output_dtype", Attr::Int(21))],
+            &[Some(x.clone()), Some(Tensor::scalar(1f32))],
+        )
+        .unwrap();
+        assert_eq!(y.to_i64_vec().unwrap(), &[0, 2, 3, 15, 0]);
+        // float8 E4M3FN: saturating by default, NaN without saturation.
+        let y = run1(
+            "QuantizeLinear",
+            21,
+            vec![("output_dtype", Attr::Int(17))],
+            &[Some(x.clone()), Some(Tensor::scalar(1f32))],
+        )
+        .unwrap();
+        assert_eq!(y.as_raw::<u8>().unwrap(), &[0x00, 0x40, 0x44, 0x7E, 0xCE]);
+        let y = run1(
+            "QuantizeLinear",
+            21,
+            vec![("output_dtype", Attr::Int(17)), ("saturate", Attr::Int(0))],
+            &[Some(x.clone()), Some(Tensor::scalar(1f32))],
+        )
+        .unwrap();
+        assert_eq!(y.as_raw::<u8>().unwrap()[3], 0x7F);
+        let d = run1(
+            "DequantizeLinear",
+            21,
+            vec![],
+            &[Some(y), Some(Tensor::scalar(2f32))],
+        )
+        .unwrap();
+        let d = d.as_slice::<f32>().unwrap();
+        assert_eq!(&d[..3], &[0.0, 4.0, 6.0]);
+        assert!(d[3].is_nan());
+        // float4 E2M1 saturates at 6.
+        let y = run1(
+            "QuantizeLinear",
+            21,
+            vec![("output_dtype", Attr::Int(23))],
+            &[Some(x), Some(Tensor::scalar(1f32))],
+        )
+        .unwrap();
+        assert_eq!(y.as_raw::<u8>().unwrap(), &[0x0, 0x4, 0x5, 0x7, 0xF]);
     }
 
     #[test]

@@ -2,16 +2,37 @@
 
 use std::any::Any;
 
+use kiln_core::lowp::E8M0Round;
 use kiln_core::{
-    input_tensor, BuildCtx, DType, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value,
+    input_tensor, BuildCtx, CastOptions, DType, Fact, KilnError, Op, OpRegistry, Result, Tensor,
+    Value,
 };
 
 use super::{infer_unary, one};
 
 /// Converts a tensor to `to` with ONNX `Cast` semantics (see [`Tensor::cast`]).
 pub fn cast_tensor(t: &Tensor, to: DType) -> Result<Tensor> {
-    t.cast(to)
+    cast_tensor_with(t, to, CastOptions::default())
+}
+
+/// [`cast_tensor`] with the `saturate` / `round_mode` options of float8 targets.
+pub fn cast_tensor_with(t: &Tensor, to: DType, opts: CastOptions) -> Result<Tensor> {
+    t.cast_with(to, opts)
         .map_err(|e| KilnError::kernel("Cast", format!("{} to {to}: {e}", t.dtype())))
+}
+
+/// Reads the `saturate` (opset 19+) and `round_mode` (opset 24+) attributes of
+/// Cast / CastLike.
+fn cast_options(ctx: &BuildCtx) -> Result<CastOptions> {
+    let a = ctx.attrs();
+    let saturate = a.int("saturate", 1)? != 0;
+    let mode = a.string("round_mode", "up")?;
+    let round_mode = E8M0Round::parse(&mode)
+        .ok_or_else(|| a.invalid(format!("round_mode must be up, down or nearest, got {mode:?}")))?;
+    Ok(CastOptions {
+        saturate,
+        round_mode,
+    })
 }
 
 /// Name of an ONNX dtype code kiln cannot represent (float8, int4, complex, ...).
@@ -35,6 +56,7 @@ fn onnx_type_name(code: i64) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct Cast {
     to: DType,
+    opts: CastOptions,
 }
 
 impl Op for Cast {
@@ -47,7 +69,11 @@ impl Op for Cast {
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
-        one(cast_tensor(input_tensor(inputs, 0, "Cast")?, self.to)?)
+        one(cast_tensor_with(
+            input_tensor(inputs, 0, "Cast")?,
+            self.to,
+            self.opts,
+        )?)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -57,7 +83,9 @@ impl Op for Cast {
 
 /// `CastLike(input, target_type)`: casts to the dtype of the second input.
 #[derive(Debug, Clone)]
-pub struct CastLike;
+pub struct CastLike {
+    opts: CastOptions,
+}
 
 impl Op for CastLike {
     fn op_type(&self) -> &str {
@@ -76,7 +104,7 @@ impl Op for CastLike {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input_tensor(inputs, 0, "CastLike")?;
         let like = input_tensor(inputs, 1, "CastLike")?;
-        one(cast_tensor(x, like.dtype())?)
+        one(cast_tensor_with(x, like.dtype(), self.opts)?)
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -89,7 +117,10 @@ fn build_cast(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let code = a.req_int("to")?;
     let to = i32::try_from(code).ok().and_then(DType::from_onnx_code);
     match to {
-        Some(to) => Ok(Box::new(Cast { to })),
+        Some(to) => Ok(Box::new(Cast {
+            to,
+            opts: cast_options(ctx)?,
+        })),
         None => Err(a.unsupported(format!(
             "cast to {} (type code {code}) is not supported",
             onnx_type_name(code)
@@ -100,7 +131,11 @@ fn build_cast(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
 /// Registers Cast and CastLike.
 pub fn register(reg: &mut OpRegistry) {
     reg.register("Cast", build_cast);
-    reg.register("CastLike", |_ctx: &BuildCtx| Ok(Box::new(CastLike)));
+    reg.register("CastLike", |ctx: &BuildCtx| {
+        Ok(Box::new(CastLike {
+            opts: cast_options(ctx)?,
+        }))
+    });
 }
 
 #[cfg(test)]
@@ -121,7 +156,49 @@ mod tests {
         let like = Tensor::from_vec(&[1], vec![0f64]).unwrap();
         let y = run1("CastLike", 19, vec![], &[Some(x), Some(like)]).unwrap();
         assert_eq!(y.dtype(), kiln_core::DType::F64);
-        assert!(build("Cast", 19, vec![("to", Attr::Int(17))], 1, 1).is_err());
+        assert!(build("Cast", 19, vec![("to", Attr::Int(14))], 1, 1).is_err());
         assert!(build("Cast", 19, vec![], 1, 1).is_err());
+    }
+
+    #[test]
+    fn cast_low_precision() {
+        use kiln_core::DType;
+        let x = f32t(&[3], vec![448.0, 1e6, f32::NAN]);
+        let y = run1("Cast", 19, vec![("to", Attr::Int(17))], &[Some(x.clone())]).unwrap();
+        assert_eq!(y.dtype(), DType::F8E4M3FN);
+        assert_eq!(y.as_raw::<u8>().unwrap(), &[0x7E, 0x7E, 0x7F]);
+        let y = run1(
+            "Cast",
+            19,
+            vec![("to", Attr::Int(17)), ("saturate", Attr::Int(0))],
+            &[Some(x.clone())],
+        )
+        .unwrap();
+        assert_eq!(y.as_raw::<u8>().unwrap(), &[0x7E, 0x7F, 0x7F]);
+        let back = run1("Cast", 19, vec![("to", Attr::Int(1))], &[Some(y)]).unwrap();
+        let b = back.as_slice::<f32>().unwrap();
+        assert_eq!(b[0], 448.0);
+        assert!(b[1].is_nan() && b[2].is_nan());
+        let y = run1("Cast", 19, vec![("to", Attr::Int(19))], &[Some(x)]).unwrap();
+        assert_eq!(y.as_raw::<u8>().unwrap(), &[0x5F, 0x7B, 0x7E]);
+        // INT4 wraps like a C cast; back to int8 sign-extends.
+        let x = f32t(&[4], vec![-9.0, 7.0, 8.0, -8.0]);
+        let y = run1("Cast", 21, vec![("to", Attr::Int(22))], &[Some(x)]).unwrap();
+        assert_eq!(y.dtype(), DType::I4);
+        let y = run1("Cast", 21, vec![("to", Attr::Int(3))], &[Some(y)]).unwrap();
+        assert_eq!(y.as_slice::<i8>().unwrap(), &[7, 7, -8, -8]);
+        // E8M0 with round_mode.
+        let x = f32t(&[2], vec![1.1, 3.0]);
+        let y = run1(
+            "Cast",
+            24,
+            vec![("to", Attr::Int(24)), ("round_mode", Attr::String("down".into()))],
+            &[Some(x.clone())],
+        )
+        .unwrap();
+        assert_eq!(y.as_raw::<u8>().unwrap(), &[127, 128]);
+        let like = Tensor::zeros(DType::F8E8M0, &[1]);
+        let y = run1("CastLike", 24, vec![], &[Some(x), Some(like)]).unwrap();
+        assert_eq!(y.as_raw::<u8>().unwrap(), &[128, 129]);
     }
 }
