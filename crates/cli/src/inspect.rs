@@ -1,9 +1,9 @@
 //! `kiln inspect`: what an engine is made of.
 
-use kiln::{DType, Engine, LayerInfo};
+use kiln::{Engine, LayerInfo};
 
 use crate::build::{overhead, weight_bytes};
-use crate::common::{self, human_bytes, io_json, CliResult, Context, Globals, ModelKind};
+use crate::common::{self, human_bytes, io_json, CliError, CliResult, Context, Globals, ModelKind};
 use crate::InspectArgs;
 
 /// Runs `kiln inspect`.
@@ -29,7 +29,13 @@ pub fn run(g: &Globals, a: InspectArgs) -> CliResult<()> {
                 .inputs()
                 .iter()
                 .map(|i| {
-                    let dtype = i.dtype.unwrap_or(DType::F32);
+                    // Sequences and optionals are not planned: no shape needed.
+                    if i.kind != kiln_core::ValueKind::Tensor {
+                        return Ok(None);
+                    }
+                    let dtype = i.dtype.ok_or_else(|| {
+                        CliError(format!("input {}: the model does not declare its dtype", i.name))
+                    })?;
                     Ok(Some((dtype, common::resolve_shape(i, &shapes)?)))
                 })
                 .collect::<CliResult<Vec<_>>>()?;
