@@ -27,6 +27,10 @@
 //!   finds the captures of any of its subgraphs `g` as the last `g.captures.len()` inputs,
 //!   and [`BuildCtx::n_inputs`](kiln_core::BuildCtx) counts only the formal inputs.
 //!   Captures propagate through any depth of nesting.
+//! - Model-local functions (`ModelProto.functions`) that the registry does not implement
+//!   are inlined at their call sites (attribute references resolved from the call or the
+//!   function's defaults); the inlined nodes use the model's opsets, and domains only the
+//!   functions import are added to [`Model::opsets`].
 //! - After building, nodes are sorted topologically (ONNX requires the order, kiln is
 //!   lenient) and [`Graph::infer_facts`] runs. **Inference errors are not fatal at
 //!   import**: they are logged and kept in [`Model::warnings`], since a model that the
@@ -34,6 +38,7 @@
 //!   decide. Structural errors (values nothing defines, cycles, values defined twice) are
 //!   [`KilnError::InvalidModel`].
 
+mod functions;
 mod import;
 pub mod proto;
 mod tensor;
@@ -131,13 +136,28 @@ pub fn import_model(
         let domain = kiln_core::op::normalize_domain(o.domain()).to_string();
         opsets.insert(domain, o.version());
     }
+    // Model-local functions are inlined; their own opset imports fill in missing domains.
+    let mut funcs = functions::Functions::new(m, reg);
+    let inlined;
+    let body = if funcs.is_empty() {
+        g
+    } else {
+        for f in &m.functions {
+            for o in &f.opset_import {
+                let domain = kiln_core::op::normalize_domain(o.domain()).to_string();
+                opsets.entry(domain).or_insert(o.version());
+            }
+        }
+        inlined = funcs.inline_graph(g)?;
+        &inlined
+    };
     let mut imp = import::Importer {
         reg,
         opsets: &opsets,
         base_dir,
         warnings: Vec::new(),
     };
-    let graph = imp.import_graph(g, None)?;
+    let graph = imp.import_graph(body, None)?;
     let initializers: std::collections::HashSet<&str> = g
         .initializer
         .iter()

@@ -833,3 +833,95 @@ fn test_data_files_parse() {
     ));
     assert!(parse_tensor_pb(&[0xff, 0xff, 0xff]).is_err());
 }
+
+#[test]
+fn local_functions_are_inlined() {
+    // AddTwice(a, b) -> (r): t = a + b; r = t + b   (in domain "custom")
+    let f = proto::FunctionProto {
+        name: Some("AddTwice".into()),
+        domain: Some("custom".into()),
+        input: vec!["a".into(), "b".into()],
+        output: vec!["r".into()],
+        node: vec![
+            node("Add", "", &["a", "b"], &["t"]),
+            node("Add", "", &["t", "b"], &["r"]),
+        ],
+        opset_import: vec![proto::OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(13),
+        }],
+        ..Default::default()
+    };
+    let mut call1 = node("AddTwice", "c1", &["x", "y"], &["z1"]);
+    call1.domain = Some("custom".into());
+    let mut call2 = node("AddTwice", "c2", &["z1", "y"], &["z2"]);
+    call2.domain = Some("custom".into());
+    let g = graph(
+        vec![call1, call2],
+        vec![f32_vi("x", &[Some(1)]), f32_vi("y", &[Some(1)])],
+        vec![f32_vi("z2", &[Some(1)])],
+    );
+    let mut m = model(g, 13);
+    m.functions.push(f);
+    m.opset_import.push(proto::OperatorSetIdProto {
+        domain: Some("custom".into()),
+        version: Some(1),
+    });
+    let m = parse(&m, &registry()).unwrap();
+    assert_eq!(m.graph.nodes.len(), 4);
+    let out = run(
+        &m,
+        &[
+            Tensor::from_vec(&[1], vec![1.0f32]).unwrap(),
+            Tensor::from_vec(&[1], vec![10.0f32]).unwrap(),
+        ],
+    );
+    assert_eq!(out[0].as_slice::<f32>().unwrap(), &[41.0]);
+}
+
+#[test]
+fn function_attribute_refs_resolve() {
+    // Scale(a) -> (r) = Constant(value_float = @k) + a ; default k = 2.5
+    let mut c = node("Constant", "", &[], &["k"]);
+    c.attribute.push(proto::AttributeProto {
+        name: Some("value_float".into()),
+        ref_attr_name: Some("k".into()),
+        r#type: Some(proto::attribute_proto::AttributeType::Float as i32),
+        ..Default::default()
+    });
+    let f = proto::FunctionProto {
+        name: Some("Shift".into()),
+        domain: Some("custom".into()),
+        input: vec!["a".into()],
+        output: vec!["r".into()],
+        attribute_proto: vec![proto::AttributeProto {
+            name: Some("k".into()),
+            r#type: Some(proto::attribute_proto::AttributeType::Float as i32),
+            f: Some(2.5),
+            ..Default::default()
+        }],
+        node: vec![c, node("Add", "", &["a", "k"], &["r"])],
+        ..Default::default()
+    };
+    let mut call_default = node("Shift", "s1", &["x"], &["y1"]);
+    call_default.domain = Some("custom".into());
+    let mut call_given = node("Shift", "s2", &["x"], &["y2"]);
+    call_given.domain = Some("custom".into());
+    call_given.attribute.push(proto::AttributeProto {
+        name: Some("k".into()),
+        r#type: Some(proto::attribute_proto::AttributeType::Float as i32),
+        f: Some(100.0),
+        ..Default::default()
+    });
+    let g = graph(
+        vec![call_default, call_given],
+        vec![f32_vi("x", &[Some(1)])],
+        vec![f32_vi("y1", &[Some(1)]), f32_vi("y2", &[Some(1)])],
+    );
+    let mut m = model(g, 13);
+    m.functions.push(f);
+    let m = parse(&m, &registry()).unwrap();
+    let out = run(&m, &[Tensor::from_vec(&[1], vec![1.0f32]).unwrap()]);
+    assert_eq!(out[0].to_f32_vec().unwrap(), vec![3.5]);
+    assert_eq!(out[1].to_f32_vec().unwrap(), vec![101.0]);
+}

@@ -42,19 +42,37 @@ fn collect_ops(g: &proto::GraphProto, reg: &mut OpRegistry) {
 }
 
 /// Reads every `input_K.pb` / `output_K.pb` as the kind the model declares.
-fn read_test_data(case: &std::path::Path, model: &kiln_onnx::Model) -> std::result::Result<(), String> {
-    for set in std::fs::read_dir(case).map_err(|e| e.to_string())?.flatten() {
-        if !set.file_name().to_string_lossy().starts_with("test_data_set_") {
+fn read_test_data(
+    case: &std::path::Path,
+    model: &kiln_onnx::Model,
+) -> std::result::Result<(), String> {
+    for set in std::fs::read_dir(case)
+        .map_err(|e| e.to_string())?
+        .flatten()
+    {
+        if !set
+            .file_name()
+            .to_string_lossy()
+            .starts_with("test_data_set_")
+        {
             continue;
         }
         for (prefix, ios) in [("input", &model.inputs), ("output", &model.outputs)] {
-            let n = (0..).take_while(|k| set.path().join(format!("{prefix}_{k}.pb")).is_file()).count();
+            let n = (0..)
+                .take_while(|k| set.path().join(format!("{prefix}_{k}.pb")).is_file())
+                .count();
             if n != ios.len() {
-                return Err(format!("{n} {prefix} files, the model declares {}", ios.len()));
+                return Err(format!(
+                    "{n} {prefix} files, the model declares {}",
+                    ios.len()
+                ));
             }
             for (k, io) in ios.iter().enumerate() {
-                kiln_onnx::read_value_pb(&set.path().join(format!("{prefix}_{k}.pb")), io.fact.kind)
-                    .map_err(|e| e.to_string())?;
+                kiln_onnx::read_value_pb(
+                    &set.path().join(format!("{prefix}_{k}.pb")),
+                    io.fact.kind,
+                )
+                .map_err(|e| e.to_string())?;
             }
         }
     }
