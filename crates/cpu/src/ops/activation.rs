@@ -167,15 +167,8 @@ pub fn float_act<T: Real>(act: Act, v: &[T], o: &mut [T]) {
     let c = |f: f32| T::of_f64(f as f64);
     let (zero, one) = (T::ZERO, T::ONE);
     match act {
-        Act::Relu => map_into(v, o, |&x| {
-            if x > zero {
-                x
-            } else if x.is_nan() {
-                x
-            } else {
-                zero
-            }
-        }),
+        // NaN fails `x < zero` and propagates, as numpy's maximum does.
+        Act::Relu => map_into(v, o, |&x| if x < zero { zero } else { x }),
         Act::LeakyRelu(a) => {
             let a = c(a);
             map_into(v, o, |&x| if x >= zero { x } else { a * x })
@@ -263,7 +256,7 @@ pub fn exp_f32_fast(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     e * f32::from_bits((ni.wrapping_add(127) as u32) << 23)
 }
@@ -319,14 +312,22 @@ impl Op for Clip {
         one(out)
     }
 
-    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Value>],
+        outputs: &mut [kiln_core::TensorMut<'_>],
+    ) -> Result<()> {
         let x = input_tensor(inputs, 0, "Clip")?;
-        let Some(o) = outputs.first_mut() else { return Ok(()) };
+        let Some(o) = outputs.first_mut() else {
+            return Ok(());
+        };
         if x.dtype() == DType::F32 && o.dtype() == DType::F32 && o.shape() == x.shape() {
             let (lo, hi) = self.bounds(inputs, x)?;
             let lo = lo.map_or(Ok(f32::NEG_INFINITY), |t| t.as_slice::<f32>().map(|s| s[0]))?;
             let hi = hi.map_or(Ok(f32::INFINITY), |t| t.as_slice::<f32>().map(|s| s[0]))?;
-            map_into(x.as_slice::<f32>()?, o.as_mut_slice::<f32>()?, |a| clamp_plain(*a, lo, hi));
+            map_into(x.as_slice::<f32>()?, o.as_mut_slice::<f32>()?, |a| {
+                clamp_plain(*a, lo, hi)
+            });
             return Ok(());
         }
         let r = self.eval(inputs)?;
@@ -339,7 +340,11 @@ impl Op for Clip {
 }
 
 impl Clip {
-    fn bounds(&self, inputs: &[Option<&Value>], x: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bounds(
+        &self,
+        inputs: &[Option<&Value>],
+        x: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (lo, hi) = match self.attr_bounds {
             Some((lo, hi)) => (
                 Some(Tensor::scalar(lo).cast(x.dtype())?),
@@ -571,22 +576,33 @@ pub fn max_f32(x: &[f32]) -> f32 {
             *a = if v > *a { v } else { *a };
         }
     }
-    acc.iter().chain(rest).fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
+    acc.iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a })
 }
 
 /// f32 softmax-family kernel: contiguous rows use a vectorized exp; other layouts fall back
 /// to [`softmax_into`].
-pub fn softmax_into_f32(v: &[f32], o: &mut [f32], kind: SoftKind, outer: usize, n: usize, inner: usize) {
+pub fn softmax_into_f32(
+    v: &[f32],
+    o: &mut [f32],
+    kind: SoftKind,
+    outer: usize,
+    n: usize,
+    inner: usize,
+) {
     if inner != 1 || kind == SoftKind::Hardmax || n == 0 || outer == 0 {
         return softmax_into(v, o, kind, outer, n, inner);
     }
     if v.len() >= super::elementwise::broadcast::PAR_MIN && outer > 1 {
         let rows = (super::elementwise::broadcast::PAR_CHUNK / n).max(1);
-        o.par_chunks_mut(rows * n).zip(v.par_chunks(rows * n)).for_each(|(d, s)| {
-            for (d, s) in d.chunks_mut(n).zip(s.chunks(n)) {
-                soft_row_f32(s, d, kind);
-            }
-        });
+        o.par_chunks_mut(rows * n)
+            .zip(v.par_chunks(rows * n))
+            .for_each(|(d, s)| {
+                for (d, s) in d.chunks_mut(n).zip(s.chunks(n)) {
+                    soft_row_f32(s, d, kind);
+                }
+            });
     } else {
         for (d, s) in o.chunks_mut(n).zip(v.chunks(n)) {
             soft_row_f32(s, d, kind);
@@ -595,7 +611,11 @@ pub fn softmax_into_f32(v: &[f32], o: &mut [f32], kind: SoftKind, outer: usize, 
 }
 
 fn soft_row_f32(x: &[f32], o: &mut [f32], kind: SoftKind) {
-    let m = if x.iter().any(|v| v.is_nan()) { f32::NAN } else { max_f32(x) };
+    let m = if x.iter().any(|v| v.is_nan()) {
+        f32::NAN
+    } else {
+        max_f32(x)
+    };
     for (d, &a) in o.iter_mut().zip(x) {
         *d = exp_f32_fast(a - m);
     }
@@ -883,11 +903,27 @@ mod tests {
         assert!(super::exp_f32_fast(f32::NAN).is_nan());
         assert_eq!(super::exp_f32_fast(0.0), 1.0);
         let big = rand(200_000, 3);
-        let y = run1("Sigmoid", 13, vec![], &[Some(f32t(&[200, 1000], big.clone()))]).unwrap();
+        let y = run1(
+            "Sigmoid",
+            13,
+            vec![],
+            &[Some(f32t(&[200, 1000], big.clone()))],
+        )
+        .unwrap();
         let want: Vec<f32> = big.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
         close(y.as_slice::<f32>().unwrap(), &want, 1e-6);
-        let y = run1("Softmax", 13, vec![], &[Some(f32t(&[200, 1000], big.clone()))]).unwrap();
-        close(y.as_slice::<f32>().unwrap(), &naive_softmax(&big, &[200, 1000], 1, false), 1e-5);
+        let y = run1(
+            "Softmax",
+            13,
+            vec![],
+            &[Some(f32t(&[200, 1000], big.clone()))],
+        )
+        .unwrap();
+        close(
+            y.as_slice::<f32>().unwrap(),
+            &naive_softmax(&big, &[200, 1000], 1, false),
+            1e-5,
+        );
         let nan = f32t(&[2, 2], vec![1.0, f32::NAN, 1.0, 2.0]);
         let y = run1("Softmax", 13, vec![], &[Some(nan)]).unwrap();
         let y = y.as_slice::<f32>().unwrap();

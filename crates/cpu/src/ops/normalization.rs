@@ -210,21 +210,41 @@ impl Op for BatchNorm {
         Ok(outs.into_iter().map(Value::Tensor).collect())
     }
 
-    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Value>],
+        outputs: &mut [kiln_core::TensorMut<'_>],
+    ) -> Result<()> {
         const OP: &str = "BatchNormalization";
         let x = input_tensor(inputs, 0, OP)?;
         let inference = !self.training && !self.legacy_outputs && outputs.len() == 1;
-        if inference && x.dtype() == DType::F32 && x.rank() >= 2 && outputs[0].dtype() == DType::F32 && outputs[0].shape() == x.shape() {
-            let p: Vec<&Tensor> = (1..5).map(|i| input_tensor(inputs, i, OP)).collect::<Result<_>>()?;
+        if inference
+            && x.dtype() == DType::F32
+            && x.rank() >= 2
+            && outputs[0].dtype() == DType::F32
+            && outputs[0].shape() == x.shape()
+        {
+            let p: Vec<&Tensor> = (1..5)
+                .map(|i| input_tensor(inputs, i, OP))
+                .collect::<Result<_>>()?;
             let c = x.shape()[1];
             let spatial: usize = x.shape()[2..].iter().product();
             let scale = per_channel::<f32>(OP, "scale", p[0], c)?;
             let bias = per_channel::<f32>(OP, "B", p[1], c)?;
             let mean = per_channel::<f32>(OP, "input_mean", p[2], c)?;
             let var = per_channel::<f32>(OP, "input_var", p[3], c)?;
-            let a: Vec<f32> = (0..c).map(|i| scale[i] / (var[i] + self.epsilon).sqrt()).collect();
+            let a: Vec<f32> = (0..c)
+                .map(|i| scale[i] / (var[i] + self.epsilon).sqrt())
+                .collect();
             let b: Vec<f32> = (0..c).map(|i| bias[i] - mean[i] * a[i]).collect();
-            affine_channels(x.as_slice::<f32>()?, outputs[0].as_mut_slice::<f32>()?, c, spatial, &a, &b);
+            affine_channels(
+                x.as_slice::<f32>()?,
+                outputs[0].as_mut_slice::<f32>()?,
+                c,
+                spatial,
+                &a,
+                &b,
+            );
             return Ok(());
         }
         let r = self.eval(inputs)?;
@@ -386,7 +406,7 @@ impl Op for LayerNorm {
                 Some(b) => Some(broadcast_param::<T>(OP, "B", b, norm_shape)?),
                 None => None,
             };
-            let rows = if len == 0 { 0 } else { xv.len() / len };
+            let rows = xv.len().checked_div(len).unwrap_or(0);
             let mut means = vec![T::ZERO; rows];
             let mut invs = vec![T::ZERO; rows];
             let y = new_tensor::<T>(T::DTYPE, x.shape(), |o| {
@@ -402,7 +422,11 @@ impl Op for LayerNorm {
         Ok(outs.into_iter().map(Value::Tensor).collect())
     }
 
-    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Value>],
+        outputs: &mut [kiln_core::TensorMut<'_>],
+    ) -> Result<()> {
         if outputs.len() == 1 && self.fast_f32(inputs, &mut outputs[0])? {
             return Ok(());
         }
@@ -419,7 +443,11 @@ impl Op for LayerNorm {
 }
 
 impl LayerNorm {
-    fn fast_f32(&self, inputs: &[Option<&Value>], o: &mut kiln_core::TensorMut<'_>) -> Result<bool> {
+    fn fast_f32(
+        &self,
+        inputs: &[Option<&Value>],
+        o: &mut kiln_core::TensorMut<'_>,
+    ) -> Result<bool> {
         const OP: &str = "LayerNormalization";
         let x = input_tensor(inputs, 0, OP)?;
         if x.dtype() != DType::F32 || o.dtype() != DType::F32 || o.shape() != x.shape() {
@@ -435,14 +463,20 @@ impl LayerNorm {
             Some(b) => Some(broadcast_param::<f32>(OP, "B", b, norm_shape)?),
             None => None,
         };
-        layer_norm_rows(x.as_slice::<f32>()?, o.as_mut_slice::<f32>()?, len, &wv, bv.as_deref(), self.epsilon as f64, None);
+        layer_norm_rows(
+            x.as_slice::<f32>()?,
+            o.as_mut_slice::<f32>()?,
+            len,
+            &wv,
+            bv.as_deref(),
+            self.epsilon as f64,
+            None,
+        );
         Ok(true)
     }
 
     fn stat_dtype(&self, x: DType) -> DType {
-        if self.stash_f64 {
-            DType::F64
-        } else if x == DType::F64 {
+        if self.stash_f64 || x == DType::F64 {
             DType::F64
         } else {
             DType::F32

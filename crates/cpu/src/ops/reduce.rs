@@ -626,6 +626,7 @@ mod tests {
     fn reductions_match_naive() {
         let shape = [3, 4, 5, 2];
         let x = rand(120, 5);
+        #[allow(clippy::type_complexity)]
         let kinds: Vec<(&str, fn(&[f32]) -> f32)> = vec![
             ("ReduceSum", |g| g.iter().sum()),
             ("ReduceMean", |g| g.iter().sum::<f32>() / g.len() as f32),

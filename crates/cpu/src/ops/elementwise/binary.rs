@@ -89,6 +89,9 @@ impl Binary {
     }
 
     fn align_legacy(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.kind == BinKind::PRelu {
+            return prelu_slope(a, b);
+        }
         let Some(axis) = self.legacy_axis else {
             return Ok(b.clone());
         };
@@ -132,13 +135,22 @@ impl Op for Binary {
         one(binary_eval(self.name, self.kind, a, &b)?)
     }
 
-    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Value>],
+        outputs: &mut [kiln_core::TensorMut<'_>],
+    ) -> Result<()> {
         let a = input_tensor(inputs, 0, self.name)?;
         let b = input_tensor(inputs, 1, self.name)?;
         let b = self.align_legacy(a, b)?;
-        let Some(o) = outputs.first_mut() else { return Ok(()) };
+        let Some(o) = outputs.first_mut() else {
+            return Ok(());
+        };
         let dt = a.dtype();
-        let arith = matches!(self.kind, BinKind::Add | BinKind::Sub | BinKind::Mul | BinKind::Div | BinKind::Mod { .. });
+        let arith = matches!(
+            self.kind,
+            BinKind::Add | BinKind::Sub | BinKind::Mul | BinKind::Div | BinKind::Mod { .. }
+        );
         if arith && b.dtype() == dt && o.dtype() == dt {
             let plan = Plan::new(self.name, &[a.shape(), b.shape()])?;
             if plan.len() == o.shape().iter().product::<usize>() {
@@ -265,6 +277,23 @@ fn compare<T: PartialOrd + Sync>(plan: &Plan, kind: BinKind, x: &[T], y: &[T]) -
         }
         Ok(())
     })
+}
+
+/// A 1-D slope with one value per channel (as exporters write it for opsets where slope
+/// was per channel) is aligned with X's channel axis when plain broadcasting would fail.
+fn prelu_slope(x: &Tensor, slope: &Tensor) -> Result<Tensor> {
+    let xs = x.shape();
+    let per_channel = slope.rank() == 1
+        && xs.len() >= 2
+        && slope.len() == xs[1]
+        && slope.len() != 1
+        && xs.last() != Some(&slope.len());
+    if per_channel {
+        let mut shape = vec![1usize; xs.len() - 1];
+        shape[0] = slope.len();
+        return slope.reshape(&shape);
+    }
+    Ok(slope.clone())
 }
 
 fn prelu<T: Num>(plan: &Plan, a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -489,6 +518,7 @@ mod tests {
             (vec![7, 300], vec![7, 300]),
             (vec![300, 1, 301], vec![1, 3, 301]),
         ];
+        #[allow(clippy::type_complexity)]
         let ops: Vec<(&str, fn(f32, f32) -> f32)> = vec![
             ("Add", |a, b| a + b),
             ("Sub", |a, b| a - b),

@@ -17,7 +17,9 @@ mod variadic;
 #[cfg(test)]
 mod localconf;
 
-use kiln_core::{AlignedBuf, DType, Dim, Fact, KilnError, OpRegistry, Result, Tensor, Value, ValueKind};
+use kiln_core::{
+    AlignedBuf, DType, Dim, Fact, KilnError, OpRegistry, Result, Tensor, Value, ValueKind,
+};
 
 pub use broadcast::{broadcast_shape, map_into, Plan};
 pub use cast::cast_tensor;
@@ -56,21 +58,37 @@ pub fn checked_numel(shape: &[usize]) -> Result<usize> {
 
 /// A shape-inference error naming the op.
 pub fn infer_err(op: &str, msg: impl Into<String>) -> KilnError {
-    KilnError::Inference { node: String::new(), op: op.to_string(), msg: msg.into() }
+    KilnError::Inference {
+        node: String::new(),
+        op: op.to_string(),
+        msg: msg.into(),
+    }
 }
 
 /// Output fact of a shape-preserving op: the first input's shape, with `dtype` (or the
 /// input's dtype when `None`).
 pub fn infer_unary(inputs: &[Option<&Fact>], dtype: Option<DType>) -> Result<Vec<Fact>> {
     Ok(vec![match inputs.first().copied().flatten() {
-        Some(f) => Fact { kind: ValueKind::Tensor, dtype: dtype.or(f.dtype), shape: f.shape.clone(), konst: None },
-        None => Fact { dtype, ..Fact::unknown() },
+        Some(f) => Fact {
+            kind: ValueKind::Tensor,
+            dtype: dtype.or(f.dtype),
+            shape: f.shape.clone(),
+            konst: None,
+        },
+        None => Fact {
+            dtype,
+            ..Fact::unknown()
+        },
     }])
 }
 
 /// Output fact of a broadcasting op over all present inputs: the broadcast shape, with
 /// `dtype` (or the first input's dtype when `None`).
-pub fn infer_broadcast(op: &str, inputs: &[Option<&Fact>], dtype: Option<DType>) -> Result<Vec<Fact>> {
+pub fn infer_broadcast(
+    op: &str,
+    inputs: &[Option<&Fact>],
+    dtype: Option<DType>,
+) -> Result<Vec<Fact>> {
     let dtype = dtype.or_else(|| inputs.first().copied().flatten().and_then(|f| f.dtype));
     let mut shape: Option<Vec<Dim>> = Some(Vec::new());
     for f in inputs {
@@ -80,13 +98,26 @@ pub fn infer_broadcast(op: &str, inputs: &[Option<&Fact>], dtype: Option<DType>)
             _ => None,
         };
     }
-    Ok(vec![Fact { kind: ValueKind::Tensor, dtype, shape, konst: None }])
+    Ok(vec![Fact {
+        kind: ValueKind::Tensor,
+        dtype,
+        shape,
+        konst: None,
+    }])
 }
 
 fn fact_broadcast(op: &str, a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>> {
     kiln_core::fact::broadcast_dims(a, b).ok_or_else(|| {
-        let show = |s: &[Dim]| s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-        infer_err(op, format!("shapes [{}] and [{}] cannot be broadcast", show(a), show(b)))
+        let show = |s: &[Dim]| {
+            s.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        infer_err(
+            op,
+            format!("shapes [{}] and [{}] cannot be broadcast", show(a), show(b)),
+        )
     })
 }
 
@@ -107,21 +138,38 @@ pub(crate) mod testutil {
     use kiln_core::{Attr, BuildCtx, Op, OpDesc, Tensor, Value};
 
     /// Builds an op through the full registry.
-    pub fn build(op: &str, opset: i64, attrs: Vec<(&str, Attr)>, n_in: usize, n_out: usize) -> kiln_core::Result<std::sync::Arc<dyn Op>> {
+    pub fn build(
+        op: &str,
+        opset: i64,
+        attrs: Vec<(&str, Attr)>,
+        n_in: usize,
+        n_out: usize,
+    ) -> kiln_core::Result<std::sync::Arc<dyn Op>> {
         let mut desc = OpDesc::new("", op, opset);
         for (k, v) in attrs {
             desc.attrs.insert(k.to_string(), v);
         }
         let reg = crate::registry();
-        let ctx = BuildCtx { node: "n", desc: &desc, n_inputs: n_in, n_outputs: n_out };
+        let ctx = BuildCtx {
+            node: "n",
+            desc: &desc,
+            n_inputs: n_in,
+            n_outputs: n_out,
+        };
         reg.build(&ctx)
     }
 
     /// Runs an op on tensors (None for absent optional inputs).
     pub fn run(op: &dyn Op, inputs: &[Option<Tensor>]) -> kiln_core::Result<Vec<Tensor>> {
-        let vals: Vec<Option<Value>> = inputs.iter().map(|t| t.clone().map(Value::Tensor)).collect();
+        let vals: Vec<Option<Value>> = inputs
+            .iter()
+            .map(|t| t.clone().map(Value::Tensor))
+            .collect();
         let refs: Vec<Option<&Value>> = vals.iter().map(|v| v.as_ref()).collect();
-        op.eval(&refs)?.into_iter().map(|v| v.into_tensor()).collect()
+        op.eval(&refs)?
+            .into_iter()
+            .map(|v| v.into_tensor())
+            .collect()
     }
 
     /// Runs `eval_into` with fresh output buffers shaped like `eval`'s outputs and checks
@@ -134,26 +182,42 @@ pub(crate) mod testutil {
     pub fn check_into_n(op: &dyn Op, inputs: &[Option<Tensor>], n: usize) {
         let mut want = run(op, inputs).unwrap();
         want.truncate(n);
-        let vals: Vec<Option<Value>> = inputs.iter().map(|t| t.clone().map(Value::Tensor)).collect();
+        let vals: Vec<Option<Value>> = inputs
+            .iter()
+            .map(|t| t.clone().map(Value::Tensor))
+            .collect();
         let refs: Vec<Option<&Value>> = vals.iter().map(|v| v.as_ref()).collect();
-        let mut bufs: Vec<kiln_core::AlignedBuf> =
-            want.iter().map(|t| kiln_core::AlignedBuf::zeroed(t.len() * t.dtype().size())).collect();
+        let mut bufs: Vec<kiln_core::AlignedBuf> = want
+            .iter()
+            .map(|t| kiln_core::AlignedBuf::zeroed(t.len() * t.dtype().size()))
+            .collect();
         {
             let mut views: Vec<kiln_core::TensorMut<'_>> = bufs
                 .iter_mut()
                 .zip(&want)
-                .map(|(b, t)| kiln_core::TensorMut::new(t.dtype(), t.shape(), b.as_mut_slice()).unwrap())
+                .map(|(b, t)| {
+                    kiln_core::TensorMut::new(t.dtype(), t.shape(), b.as_mut_slice()).unwrap()
+                })
                 .collect();
             op.eval_into(&refs, &mut views).unwrap();
         }
         for (b, t) in bufs.into_iter().zip(&want) {
             let got = Tensor::from_aligned(t.dtype(), t.shape(), b).unwrap();
-            assert!(got.same_as(t), "{}: eval_into differs from eval", op.op_type());
+            assert!(
+                got.same_as(t),
+                "{}: eval_into differs from eval",
+                op.op_type()
+            );
         }
     }
 
     /// Builds and runs in one go, returning the first output.
-    pub fn run1(op: &str, opset: i64, attrs: Vec<(&str, Attr)>, inputs: &[Option<Tensor>]) -> kiln_core::Result<Tensor> {
+    pub fn run1(
+        op: &str,
+        opset: i64,
+        attrs: Vec<(&str, Attr)>,
+        inputs: &[Option<Tensor>],
+    ) -> kiln_core::Result<Tensor> {
         let o = build(op, opset, attrs, inputs.len(), 1)?;
         Ok(run(o.as_ref(), inputs)?.remove(0))
     }
@@ -165,10 +229,14 @@ pub(crate) mod testutil {
 
     /// Deterministic pseudo-random non-zero values in [-2, 2].
     pub fn rand(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let v = ((s >> 33) as f32 / (1u64 << 31) as f32) * 4.0 - 2.0;
                 if v == 0.0 {
                     0.5
@@ -206,18 +274,65 @@ mod into_tests {
             check_into(o.as_ref(), &[Some(x.clone()), Some(x.clone())]);
         }
         let i = Tensor::from_vec(&[3], vec![1i64, 2, 3]).unwrap();
-        check_into(build("Add", 14, vec![], 2, 1).unwrap().as_ref(), &[Some(i.clone()), Some(i)]);
-        for op in ["Relu", "Sigmoid", "Tanh", "Exp", "Sqrt", "HardSwish", "HardSigmoid", "Erf", "Softmax", "LogSoftmax"] {
-            check_into(build(op, 14, vec![], 1, 1).unwrap().as_ref(), &[Some(x.clone())]);
+        check_into(
+            build("Add", 14, vec![], 2, 1).unwrap().as_ref(),
+            &[Some(i.clone()), Some(i)],
+        );
+        for op in [
+            "Relu",
+            "Sigmoid",
+            "Tanh",
+            "Exp",
+            "Sqrt",
+            "HardSwish",
+            "HardSigmoid",
+            "Erf",
+            "Softmax",
+            "LogSoftmax",
+        ] {
+            check_into(
+                build(op, 14, vec![], 1, 1).unwrap().as_ref(),
+                &[Some(x.clone())],
+            );
         }
         let clip = build("Clip", 13, vec![], 3, 1).unwrap();
-        check_into(clip.as_ref(), &[Some(x.clone()), Some(Tensor::scalar(-0.5f32)), Some(Tensor::scalar(0.5f32))]);
-        let ln = build("LayerNormalization", 17, vec![("axis", Attr::Int(-1))], 3, 1).unwrap();
-        check_into(ln.as_ref(), &[Some(x.clone()), Some(row.clone()), Some(row.clone())]);
-        check_into_n(ln.as_ref(), &[Some(x.clone()), Some(row.clone()), Some(row.clone())], 1);
+        check_into(
+            clip.as_ref(),
+            &[
+                Some(x.clone()),
+                Some(Tensor::scalar(-0.5f32)),
+                Some(Tensor::scalar(0.5f32)),
+            ],
+        );
+        let ln = build(
+            "LayerNormalization",
+            17,
+            vec![("axis", Attr::Int(-1))],
+            3,
+            1,
+        )
+        .unwrap();
+        check_into(
+            ln.as_ref(),
+            &[Some(x.clone()), Some(row.clone()), Some(row.clone())],
+        );
+        check_into_n(
+            ln.as_ref(),
+            &[Some(x.clone()), Some(row.clone()), Some(row.clone())],
+            1,
+        );
         let x4 = f32t(&[2, 5, 70, 100], big);
         let c = f32t(&[5], vec![0.5, 1.0, 1.5, 2.0, 2.5]);
         let bn = build("BatchNormalization", 15, vec![], 5, 1).unwrap();
-        check_into(bn.as_ref(), &[Some(x4), Some(c.clone()), Some(c.clone()), Some(c.clone()), Some(c)]);
+        check_into(
+            bn.as_ref(),
+            &[
+                Some(x4),
+                Some(c.clone()),
+                Some(c.clone()),
+                Some(c.clone()),
+                Some(c),
+            ],
+        );
     }
 }

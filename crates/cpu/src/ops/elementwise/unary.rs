@@ -103,14 +103,30 @@ impl Op for Unary {
         one(unary_eval(self.name, self.kind, x)?)
     }
 
-    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [kiln_core::TensorMut<'_>]) -> Result<()> {
+    fn eval_into(
+        &self,
+        inputs: &[Option<&Value>],
+        outputs: &mut [kiln_core::TensorMut<'_>],
+    ) -> Result<()> {
         let x = input_tensor(inputs, 0, self.name)?;
-        let Some(o) = outputs.first_mut() else { return Ok(()) };
+        let Some(o) = outputs.first_mut() else {
+            return Ok(());
+        };
         let plain_float = !matches!(
             self.kind,
-            UnaryKind::Abs | UnaryKind::Neg | UnaryKind::Sign | UnaryKind::IsNaN | UnaryKind::IsInf { .. } | UnaryKind::Not | UnaryKind::BitwiseNot
+            UnaryKind::Abs
+                | UnaryKind::Neg
+                | UnaryKind::Sign
+                | UnaryKind::IsNaN
+                | UnaryKind::IsInf { .. }
+                | UnaryKind::Not
+                | UnaryKind::BitwiseNot
         );
-        if plain_float && x.dtype() == DType::F32 && o.dtype() == DType::F32 && o.shape() == x.shape() {
+        if plain_float
+            && x.dtype() == DType::F32
+            && o.dtype() == DType::F32
+            && o.shape() == x.shape()
+        {
             float_map_into(x.as_slice::<f32>()?, o.as_mut_slice::<f32>()?, self.kind);
             return Ok(());
         }
@@ -259,6 +275,7 @@ mod tests {
     fn float_functions() {
         let x = rand(37, 1);
         let t = f32t(&[37], x.clone());
+        #[allow(clippy::type_complexity)]
         let cases: Vec<(&str, fn(f32) -> f32)> = vec![
             ("Exp", f32::exp),
             ("Tanh", f32::tanh),
