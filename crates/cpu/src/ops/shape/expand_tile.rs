@@ -237,6 +237,11 @@ impl Op for Tile {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = kiln_core::input_tensor(inputs, 0, "Tile")?;
         let reps = self.reps(inputs, x.rank())?;
+        let mut out = Vec::with_capacity(reps.len());
+        for (d, r) in x.shape().iter().zip(&reps) {
+            out.push(d.checked_mul(*r).ok_or_else(|| kerr("Tile", "output is too large"))?);
+        }
+        checked_numel("Tile", &out, x.dtype().size())?;
         let (view, out) = tile_view(x.shape(), &reps);
         let vshape = view.shape.clone();
         let y = move_data(&ViewMover(view), "Tile", &[x], x.dtype(), &vshape)?;
