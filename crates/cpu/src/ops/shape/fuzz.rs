@@ -26,7 +26,9 @@ impl Rng {
         }
     }
     fn shape(&mut self, max_rank: u64) -> Vec<usize> {
-        (0..self.below(max_rank + 1)).map(|_| self.below(5) as usize).collect()
+        (0..self.below(max_rank + 1))
+            .map(|_| self.below(5) as usize)
+            .collect()
     }
     fn tensor(&mut self) -> Tensor {
         let shape = self.shape(4);
@@ -109,25 +111,47 @@ fn random_inputs_never_panic() {
             }
             if op == "Pad" {
                 let modes = ["constant", "reflect", "edge", "wrap"];
-                desc.attrs.insert("mode".into(), Attr::String(modes[rng.below(4) as usize].into()));
+                desc.attrs.insert(
+                    "mode".into(),
+                    Attr::String(modes[rng.below(4) as usize].into()),
+                );
             }
             let n_in = 1 + rng.below(max_in as u64) as usize;
             let n_out = 1 + rng.below(max_out as u64) as usize;
-            let inputs: Vec<Option<Value>> =
-                (0..n_in).map(|_| if rng.below(8) == 0 { None } else { Some(rng.tensor().into()) }).collect();
-            let ctx = BuildCtx { node: "fuzz", desc: &desc, n_inputs: n_in, n_outputs: n_out };
+            let inputs: Vec<Option<Value>> = (0..n_in)
+                .map(|_| {
+                    if rng.below(8) == 0 {
+                        None
+                    } else {
+                        Some(rng.tensor().into())
+                    }
+                })
+                .collect();
+            let ctx = BuildCtx {
+                node: "fuzz",
+                desc: &desc,
+                n_inputs: n_in,
+                n_outputs: n_out,
+            };
             let Ok(built) = reg.build(&ctx) else { continue };
             let refs: Vec<Option<&Value>> = inputs.iter().map(|v| v.as_ref()).collect();
             let r = catch_unwind(AssertUnwindSafe(|| {
                 let _ = built.eval(&refs);
             }));
-            assert!(r.is_ok(), "{op} eval panicked (trial {trial}): {desc:?} {inputs:?}");
+            assert!(
+                r.is_ok(),
+                "{op} eval panicked (trial {trial}): {desc:?} {inputs:?}"
+            );
             let facts: Vec<Option<Fact>> = inputs
                 .iter()
                 .map(|v| {
                     v.as_ref().map(|v| {
                         let t = v.as_tensor().unwrap();
-                        if rng.below(2) == 0 { Fact::constant(t.clone()) } else { Fact::concrete(t.dtype(), t.shape()) }
+                        if rng.below(2) == 0 {
+                            Fact::constant(t.clone())
+                        } else {
+                            Fact::concrete(t.dtype(), t.shape())
+                        }
                     })
                 })
                 .collect();
@@ -135,7 +159,10 @@ fn random_inputs_never_panic() {
             let r = catch_unwind(AssertUnwindSafe(|| {
                 let _ = built.infer(&frefs, n_out);
             }));
-            assert!(r.is_ok(), "{op} infer panicked (trial {trial}): {desc:?} {inputs:?}");
+            assert!(
+                r.is_ok(),
+                "{op} infer panicked (trial {trial}): {desc:?} {inputs:?}"
+            );
         }
     }
 }

@@ -207,8 +207,14 @@ impl Op for DepthSpace {
                 return vec![Dim::Unknown; 4];
             }
             let c = match s[1].known() {
-                Some(k) if self.to_space => b.checked_mul(b).and_then(|bb| k.checked_div(bb)).map_or(Dim::Unknown, Dim::Known),
-                Some(k) => k.checked_mul(b).and_then(|v| v.checked_mul(b)).map_or(Dim::Unknown, Dim::Known),
+                Some(k) if self.to_space => b
+                    .checked_mul(b)
+                    .and_then(|bb| k.checked_div(bb))
+                    .map_or(Dim::Unknown, Dim::Known),
+                Some(k) => k
+                    .checked_mul(b)
+                    .and_then(|v| v.checked_mul(b))
+                    .map_or(Dim::Unknown, Dim::Known),
                 None => Dim::Unknown,
             };
             vec![
