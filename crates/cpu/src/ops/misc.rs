@@ -149,7 +149,7 @@ impl Op for EyeLike {
         };
         let mut v = vec![0u8; r * c];
         for i in 0..r {
-            let j = i as i64 + self.k;
+            let j = (i as i64).saturating_add(self.k);
             if j >= 0 && (j as usize) < c {
                 v[i * c + j as usize] = 1;
             }
@@ -247,8 +247,11 @@ impl Op for OneHot {
         }
         let idx = as_i64s(idx_t)?;
         let axis = norm_axis(op, self.axis, idx_t.rank() + 1)?;
-        let d = depth as usize;
+        let d = usize::try_from(depth).map_err(|_| kerr(op, "depth is too large"))?;
         let s = idx_t.shape();
+        let mut oshape = s.to_vec();
+        oshape.insert(axis, d);
+        checked_numel(op, &oshape, values.dtype().size())?;
         let pre: usize = s[..axis].iter().product();
         let post: usize = s[axis..].iter().product();
         let mut on = Vec::with_capacity(idx.len());
@@ -310,11 +313,11 @@ impl Mover for TriluMover {
         for (mat, out) in dst.chunks_mut(n * m).enumerate() {
             let base = mat * n * m;
             for i in 0..n {
-                let diag = i as i64 + self.k;
+                let diag = (i as i64).saturating_add(self.k);
                 let (lo, hi) = if self.upper {
                     (diag.clamp(0, m as i64) as usize, m)
                 } else {
-                    (0, (diag + 1).clamp(0, m as i64) as usize)
+                    (0, diag.saturating_add(1).clamp(0, m as i64) as usize)
                 };
                 if lo < hi {
                     out[i * m + lo..i * m + hi]

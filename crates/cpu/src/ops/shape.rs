@@ -22,6 +22,9 @@ mod local_conformance;
 #[cfg(test)]
 mod bench;
 
+#[cfg(test)]
+mod fuzz;
+
 /// Registers this family's ops.
 pub fn register(reg: &mut OpRegistry) {
     reg.register("Shape", basic::build_shape);

@@ -341,7 +341,7 @@ impl Op for TensorScatter {
         for p in 0..prefix {
             let b = p / per_batch.max(1);
             for s in 0..seq {
-                let mut pos = wi[b] + s as i64;
+                let mut pos = wi[b].saturating_add(s as i64);
                 if self.circular && max_len > 0 {
                     pos = pos.rem_euclid(max_len as i64);
                 }

@@ -127,7 +127,9 @@ impl Op for Concat {
         let mut out = Vec::with_capacity(rank);
         for d in 0..rank {
             if d == axis {
-                let sum: Option<usize> = shapes.iter().map(|s| s[d].known()).sum();
+                let sum: Option<usize> = shapes
+                    .iter()
+                    .try_fold(0usize, |a, s| a.checked_add(s[d].known()?));
                 let nonzero: Vec<&Dim> = shapes
                     .iter()
                     .map(|s| &s[d])
@@ -218,7 +220,9 @@ impl Split {
         match split.or_else(|| self.split_attr.clone()) {
             Some(s) if !s.is_empty() => {
                 let s = to_dims("Split", &s)?;
-                if s.len() != n_out || s.iter().sum::<usize>() != d {
+                if s.len() != n_out
+                    || s.iter().try_fold(0usize, |a, &v| a.checked_add(v)) != Some(d)
+                {
                     return Err(kerr(
                         "Split",
                         format!("split {s:?} does not fit dim {d} and {n_out} outputs"),
@@ -328,8 +332,11 @@ pub fn build_split_n(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     };
     let num_outputs = a.opt_int("num_outputs")?;
     if let Some(n) = num_outputs {
-        if n < 1 {
-            return Err(a.invalid(format!("num_outputs must be positive, got {n}")));
+        if n < 1 || n as usize != ctx.n_outputs {
+            return Err(a.invalid(format!(
+                "num_outputs {n} does not match the node's {} outputs",
+                ctx.n_outputs
+            )));
         }
     }
     let inner = Split {

@@ -226,7 +226,9 @@ impl Op for Tile {
                 .zip(&r)
                 .map(|(d, &r)| match (d, r) {
                     (_, 1) => d.clone(),
-                    (Dim::Known(k), r) if r >= 0 => Dim::Known(k * r as usize),
+                    (Dim::Known(k), r) if r >= 0 => {
+                        k.checked_mul(r as usize).map_or(Dim::Unknown, Dim::Known)
+                    }
                     _ => Dim::Unknown,
                 })
                 .collect(),
@@ -237,6 +239,14 @@ impl Op for Tile {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = kiln_core::input_tensor(inputs, 0, "Tile")?;
         let reps = self.reps(inputs, x.rank())?;
+        let mut out = Vec::with_capacity(reps.len());
+        for (d, r) in x.shape().iter().zip(&reps) {
+            out.push(
+                d.checked_mul(*r)
+                    .ok_or_else(|| kerr("Tile", "output is too large"))?,
+            );
+        }
+        checked_numel("Tile", &out, x.dtype().size())?;
         let (view, out) = tile_view(x.shape(), &reps);
         let vshape = view.shape.clone();
         let y = move_data(&ViewMover(view), "Tile", &[x], x.dtype(), &vshape)?;

@@ -60,7 +60,10 @@ struct Run {
 
 /// Per-axis map from output position to source position (None = pad value).
 fn axis_map(mode: PadMode, d: usize, begin: i64, end: i64) -> Result<Vec<Option<usize>>> {
-    let out = d as i64 + begin + end;
+    let out = (d as i64)
+        .checked_add(begin)
+        .and_then(|v| v.checked_add(end))
+        .unwrap_or(-1);
     if out < 0 {
         return Err(kerr(
             "Pad",
@@ -136,6 +139,25 @@ impl PadPlan {
     /// Plans padding `shape` by (begin, end) per axis.
     pub(crate) fn new(mode: PadMode, shape: &[usize], pads: &[(i64, i64)]) -> Result<PadPlan> {
         let rank = shape.len();
+        let mut dims = Vec::with_capacity(rank);
+        for a in 0..rank {
+            let v = (shape[a] as i64)
+                .checked_add(pads[a].0)
+                .and_then(|v| v.checked_add(pads[a].1));
+            match v {
+                Some(v) if v >= 0 => dims.push(v as usize),
+                _ => {
+                    return Err(kerr(
+                        "Pad",
+                        format!(
+                            "pads {:?} do not fit dim {} of {shape:?}",
+                            pads[a], shape[a]
+                        ),
+                    ))
+                }
+            }
+        }
+        checked_numel("Pad", &dims, 1)?;
         let maps: Vec<Vec<Option<usize>>> = (0..rank)
             .map(|a| axis_map(mode, shape[a], pads[a].0, pads[a].1))
             .collect::<Result<_>>()?;
@@ -286,7 +308,10 @@ impl Op for Pad {
             let (b, e) = (raw[i], raw[axes.len() + i]);
             out[a] = match shape[a].known() {
                 Some(d) => {
-                    let v = d as i64 + b + e;
+                    let v = (d as i64)
+                        .checked_add(b)
+                        .and_then(|v| v.checked_add(e))
+                        .unwrap_or(-1);
                     if v < 0 {
                         return Err(ierr(
                             "Pad",

@@ -151,6 +151,14 @@ impl DepthSpace {
             return Err(kerr(op, format!("input must be 4-D, got {s:?}")));
         }
         let (n, c, h, w, b) = (s[0], s[1], s[2], s[3], self.block);
+        let too_big = || kerr(op, "blocksize is too large");
+        let bb = b.checked_mul(b).ok_or_else(too_big)?;
+        if self.to_space {
+            h.checked_mul(b).ok_or_else(too_big)?;
+            w.checked_mul(b).ok_or_else(too_big)?;
+        } else {
+            c.checked_mul(bb).ok_or_else(too_big)?;
+        }
         if self.to_space {
             if !c.is_multiple_of(b * b) {
                 return Err(kerr(
@@ -191,7 +199,7 @@ impl Op for DepthSpace {
         let b = self.block;
         let shape = x.and_then(|f| f.shape.as_ref()).map(|s| {
             let scale = |d: &Dim, up: bool| match d.known() {
-                Some(k) if up => Dim::Known(k * b),
+                Some(k) if up => k.checked_mul(b).map_or(Dim::Unknown, Dim::Known),
                 Some(k) if k.is_multiple_of(b) => Dim::Known(k / b),
                 _ => Dim::Unknown,
             };
@@ -199,8 +207,14 @@ impl Op for DepthSpace {
                 return vec![Dim::Unknown; 4];
             }
             let c = match s[1].known() {
-                Some(k) if self.to_space => Dim::Known(k / (b * b)),
-                Some(k) => Dim::Known(k * b * b),
+                Some(k) if self.to_space => b
+                    .checked_mul(b)
+                    .and_then(|bb| k.checked_div(bb))
+                    .map_or(Dim::Unknown, Dim::Known),
+                Some(k) => k
+                    .checked_mul(b)
+                    .and_then(|v| v.checked_mul(b))
+                    .map_or(Dim::Unknown, Dim::Known),
                 None => Dim::Unknown,
             };
             vec![
