@@ -7,8 +7,9 @@
 //! subgraph's `graph.captures` and appends their values to the owning node's inputs, after
 //! the node's formal ONNX inputs:
 //!
-//! - `If`: inputs are `[cond, captures...]`; both branches share one capture list; a name
-//!   captured by both branches appears twice.
+//! - `If`: inputs are `[cond, captures...]`; both branches share one capture list (the
+//!   union of what either branch reads, each name once), so each branch's `captures` are
+//!   the node's last inputs.
 //! - `Loop`: `[M, cond, v_initial..., body captures...]`.
 //! - `Scan`: `[(sequence_lens, opset 8), initial states..., scan inputs..., body captures...]`.
 //! - `SequenceMap` (in `sequence.rs`): `[input_sequence, additional_inputs..., body captures...]`.
