@@ -7,7 +7,10 @@
 use num_traits::Float;
 use rayon::prelude::*;
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
+    Tensor, Value,
+};
 
 use super::conv::geom::{Spatial3, WindowAttrs};
 use crate::dispatch_numeric;
@@ -17,14 +20,26 @@ pub fn register(reg: &mut OpRegistry) {
     reg.register("MaxPool", build_max_pool);
     reg.register("AveragePool", build_average_pool);
     reg.register("LpPool", build_lp_pool);
-    reg.register("GlobalMaxPool", |_| Ok(Box::new(GlobalPool { kind: GlobalKind::Max })));
-    reg.register("GlobalAveragePool", |_| Ok(Box::new(GlobalPool { kind: GlobalKind::Avg })));
+    reg.register("GlobalMaxPool", |_| {
+        Ok(Box::new(GlobalPool {
+            kind: GlobalKind::Max,
+        }))
+    });
+    reg.register("GlobalAveragePool", |_| {
+        Ok(Box::new(GlobalPool {
+            kind: GlobalKind::Avg,
+        }))
+    });
     reg.register("GlobalLpPool", build_global_lp_pool);
     reg.register("MaxUnpool", build_max_unpool);
 }
 
 fn infer_err(op: &str, msg: impl Into<String>) -> KilnError {
-    KilnError::Inference { node: String::new(), op: op.into(), msg: msg.into() }
+    KilnError::Inference {
+        node: String::new(),
+        op: op.into(),
+        msg: msg.into(),
+    }
 }
 
 /// Planes of at least this many elements (all planes together) run in parallel.
@@ -66,7 +81,10 @@ pub struct Pool {
 fn pool_attrs(ctx: &BuildCtx, name: &str) -> Result<(WindowAttrs, Vec<usize>)> {
     let a = ctx.attrs();
     let win = WindowAttrs::parse(&a)?;
-    let kernel = win.kernel_shape.clone().ok_or_else(|| a.invalid(format!("{name} requires kernel_shape")))?;
+    let kernel = win
+        .kernel_shape
+        .clone()
+        .ok_or_else(|| a.invalid(format!("{name} requires kernel_shape")))?;
     Ok((win, kernel))
 }
 
@@ -74,25 +92,49 @@ fn build_max_pool(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let (win, kernel) = pool_attrs(ctx, "MaxPool")?;
     let storage_order = ctx.attrs().int("storage_order", 0)?;
     if !(0..=1).contains(&storage_order) {
-        return Err(ctx.attrs().invalid(format!("storage_order must be 0 or 1, found {storage_order}")));
+        return Err(ctx.attrs().invalid(format!(
+            "storage_order must be 0 or 1, found {storage_order}"
+        )));
     }
-    Ok(Box::new(Pool { name: "MaxPool", kind: PoolKind::Max { storage_order }, win, kernel, with_indices: ctx.n_outputs > 1 }))
+    Ok(Box::new(Pool {
+        name: "MaxPool",
+        kind: PoolKind::Max { storage_order },
+        win,
+        kernel,
+        with_indices: ctx.n_outputs > 1,
+    }))
 }
 
 fn build_average_pool(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let (win, kernel) = pool_attrs(ctx, "AveragePool")?;
     let count_include_pad = ctx.attrs().int("count_include_pad", 0)? != 0;
-    Ok(Box::new(Pool { name: "AveragePool", kind: PoolKind::Avg { count_include_pad }, win, kernel, with_indices: false }))
+    Ok(Box::new(Pool {
+        name: "AveragePool",
+        kind: PoolKind::Avg { count_include_pad },
+        win,
+        kernel,
+        with_indices: false,
+    }))
 }
 
 fn build_lp_pool(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let (win, kernel) = pool_attrs(ctx, "LpPool")?;
     let a = ctx.attrs();
-    let p = if ctx.opset() < 2 { a.float("p", 2.0)? } else { a.int("p", 2)? as f32 };
+    let p = if ctx.opset() < 2 {
+        a.float("p", 2.0)?
+    } else {
+        a.int("p", 2)? as f32
+    };
     if p <= 0.0 {
         return Err(a.invalid(format!("p must be positive, found {p}")));
     }
-    Ok(Box::new(Pool { name: "LpPool", kind: PoolKind::Lp { p }, win, kernel, with_indices: false }))
+    Ok(Box::new(Pool {
+        name: "LpPool",
+        kind: PoolKind::Lp { p },
+        win,
+        kernel,
+        with_indices: false,
+    }))
 }
 
 /// For one dim: for each output position, the range of valid taps and (for
@@ -105,13 +147,39 @@ struct DimTaps {
 }
 
 fn dim_taps(sp: &Spatial3, pad_end: usize, d: usize) -> DimTaps {
-    let (s, dil, pb, inp, k) = (sp.strides[d], sp.dilations[d], sp.pad_begin[d], sp.input[d], sp.kernel[d]);
-    let mut t = DimTaps { lo: vec![], hi: vec![], padded: vec![] };
+    let (s, dil, pb, inp, k) = (
+        sp.strides[d],
+        sp.dilations[d],
+        sp.pad_begin[d],
+        sp.input[d],
+        sp.kernel[d],
+    );
+    let mut t = DimTaps {
+        lo: vec![],
+        hi: vec![],
+        padded: vec![],
+    };
     for o in 0..sp.output[d] {
         let start = o * s; // window start in padded coordinates
-        let lo = if pb > start { (pb - start).div_ceil(dil) } else { 0 }.min(k);
-        let hi = if inp + pb > start { (inp + pb - start).div_ceil(dil) } else { 0 }.min(k).max(lo);
-        let padded = if inp + pb + pad_end > start { (inp + pb + pad_end - start).div_ceil(dil) } else { 0 }.min(k);
+        let lo = if pb > start {
+            (pb - start).div_ceil(dil)
+        } else {
+            0
+        }
+        .min(k);
+        let hi = if inp + pb > start {
+            (inp + pb - start).div_ceil(dil)
+        } else {
+            0
+        }
+        .min(k)
+        .max(lo);
+        let padded = if inp + pb + pad_end > start {
+            (inp + pb + pad_end - start).div_ceil(dil)
+        } else {
+            0
+        }
+        .min(k);
         t.lo.push(lo);
         t.hi.push(hi);
         t.padded.push(padded);
@@ -146,11 +214,23 @@ impl PoolGeom {
         let [od_n, oh_n, ow_n] = sp.output;
         let mut oi = 0;
         for od in 0..od_n {
-            let (d_lo, d_hi, d_pad) = (self.taps[0].lo[od], self.taps[0].hi[od], self.taps[0].padded[od]);
+            let (d_lo, d_hi, d_pad) = (
+                self.taps[0].lo[od],
+                self.taps[0].hi[od],
+                self.taps[0].padded[od],
+            );
             for oh in 0..oh_n {
-                let (h_lo, h_hi, h_pad) = (self.taps[1].lo[oh], self.taps[1].hi[oh], self.taps[1].padded[oh]);
+                let (h_lo, h_hi, h_pad) = (
+                    self.taps[1].lo[oh],
+                    self.taps[1].hi[oh],
+                    self.taps[1].padded[oh],
+                );
                 for ow in 0..ow_n {
-                    let (w_lo, w_hi, w_pad) = (self.taps[2].lo[ow], self.taps[2].hi[ow], self.taps[2].padded[ow]);
+                    let (w_lo, w_hi, w_pad) = (
+                        self.taps[2].lo[ow],
+                        self.taps[2].hi[ow],
+                        self.taps[2].padded[ow],
+                    );
                     let mut acc = init();
                     for kd in d_lo..d_hi {
                         let id = self.coord(0, od, kd);
@@ -175,14 +255,21 @@ impl PoolGeom {
 impl Pool {
     fn geometry(&self, xs: &[usize]) -> Result<PoolGeom> {
         if xs.len() < 3 {
-            return Err(KilnError::kernel(self.name, format!("X must have rank ≥ 3 (N, C, spatial...), found {xs:?}")));
+            return Err(KilnError::kernel(
+                self.name,
+                format!("X must have rank ≥ 3 (N, C, spatial...), found {xs:?}"),
+            ));
         }
         let sp = self.win.resolve(self.name, &xs[2..], &self.kernel)?;
         let nd = sp.input.len();
         let s3 = sp.to3(self.name)?;
         let mut pad_end = [0; 3];
         pad_end[3 - nd..].copy_from_slice(&sp.pad_end);
-        let taps = [dim_taps(&s3, pad_end[0], 0), dim_taps(&s3, pad_end[1], 1), dim_taps(&s3, pad_end[2], 2)];
+        let taps = [
+            dim_taps(&s3, pad_end[0], 0),
+            dim_taps(&s3, pad_end[1], 1),
+            dim_taps(&s3, pad_end[2], 2),
+        ];
         Ok(PoolGeom { sp: s3, taps, nd })
     }
 
@@ -192,7 +279,14 @@ impl Pool {
         s
     }
 
-    fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(&self, x: &[T], g: &PoolGeom, planes: usize, want_idx: bool, col_major: bool) -> (Vec<T>, Vec<i64>) {
+    fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(
+        &self,
+        x: &[T],
+        g: &PoolGeom,
+        planes: usize,
+        want_idx: bool,
+        col_major: bool,
+    ) -> (Vec<T>, Vec<i64>) {
         let (isz, osz) = (g.sp.in_size(), g.sp.out_size());
         let mut y = vec![T::default(); planes * osz];
         let mut idx = vec![0i64; if want_idx { planes * osz } else { 0 }];
@@ -214,7 +308,11 @@ impl Pool {
                             None => -1,
                             Some(_) => {
                                 let [d, h, w] = acc.2;
-                                let local = if col_major { d + id_n * (h + ih_n * w) } else { acc.1 };
+                                let local = if col_major {
+                                    d + id_n * (h + ih_n * w)
+                                } else {
+                                    acc.1
+                                };
                                 (pl * isz + local) as i64
                             }
                         };
@@ -246,7 +344,11 @@ impl Pool {
                     |acc, fi, _| *acc = *acc + xp[fi],
                     |oi, acc, valid, padded| {
                         let n = if count_include_pad { padded } else { valid };
-                        yp[oi] = if n == 0 { F::zero() } else { acc / F::from(n).unwrap_or_else(F::one) };
+                        yp[oi] = if n == 0 {
+                            F::zero()
+                        } else {
+                            acc / F::from(n).unwrap_or_else(F::one)
+                        };
                     },
                 ),
                 PoolKind::Lp { p } => {
@@ -258,20 +360,31 @@ impl Pool {
                             let v = xp[fi].abs();
                             *acc = *acc + if two { v * v } else { v.powf(pf) };
                         },
-                        |oi, acc, _, _| yp[oi] = if two { acc.sqrt() } else { acc.powf(pf.recip()) },
+                        |oi, acc, _, _| {
+                            yp[oi] = if two {
+                                acc.sqrt()
+                            } else {
+                                acc.powf(pf.recip())
+                            }
+                        },
                     )
                 }
                 PoolKind::Max { .. } => {}
             }
         };
-        let pairs: Vec<(&mut [F], &mut [i64])> = y.chunks_mut(osz.max(1)).map(|c| (c, &mut [][..])).collect();
+        let pairs: Vec<(&mut [F], &mut [i64])> =
+            y.chunks_mut(osz.max(1)).map(|c| (c, &mut [][..])).collect();
         run_planes(pairs, planes * isz, body);
         y
     }
 }
 
 /// Runs `body` on each (plane index, output chunks), in parallel when worth it.
-fn run_planes<'a, T: Send + 'a>(pairs: Vec<(&'a mut [T], &'a mut [i64])>, work: usize, body: impl Fn((usize, (&'a mut [T], &'a mut [i64]))) + Send + Sync) {
+fn run_planes<'a, T: Send + 'a>(
+    pairs: Vec<(&'a mut [T], &'a mut [i64])>,
+    work: usize,
+    body: impl Fn((usize, (&'a mut [T], &'a mut [i64]))) + Send + Sync,
+) {
     if work >= PAR_MIN && pairs.len() > 1 && rayon::current_num_threads() > 1 {
         pairs.into_par_iter().enumerate().for_each(body);
     } else {
@@ -289,9 +402,21 @@ impl Op for Pool {
         let dtype = x.and_then(|f| f.dtype);
         let shape = match x.and_then(|f| f.shape.as_ref()) {
             None => None,
-            Some(s) if s.len() < 3 => return Err(infer_err(self.name, format!("X must have rank ≥ 3, found {}", s.len()))),
+            Some(s) if s.len() < 3 => {
+                return Err(infer_err(
+                    self.name,
+                    format!("X must have rank ≥ 3, found {}", s.len()),
+                ))
+            }
             Some(s) if s.len() - 2 != self.kernel.len() => {
-                return Err(infer_err(self.name, format!("kernel_shape {:?} does not match X rank {}", self.kernel, s.len())))
+                return Err(infer_err(
+                    self.name,
+                    format!(
+                        "kernel_shape {:?} does not match X rank {}",
+                        self.kernel,
+                        s.len()
+                    ),
+                ))
             }
             Some(s) => {
                 let mut o = s[..2].to_vec();
@@ -299,9 +424,17 @@ impl Op for Pool {
                 Some(o)
             }
         };
-        let mut out = vec![Fact { dtype, shape: shape.clone(), ..Fact::unknown() }];
+        let mut out = vec![Fact {
+            dtype,
+            shape: shape.clone(),
+            ..Fact::unknown()
+        }];
         if n_outputs > 1 {
-            out.push(Fact { dtype: Some(DType::I64), shape, ..Fact::unknown() });
+            out.push(Fact {
+                dtype: Some(DType::I64),
+                shape,
+                ..Fact::unknown()
+            });
         }
         Ok(out)
     }
@@ -317,7 +450,10 @@ impl Op for Pool {
             PoolKind::Max { storage_order } => {
                 let ok = dt.is_float() || matches!(dt, DType::I8 | DType::U8);
                 if !ok {
-                    return Err(KilnError::kernel("MaxPool", format!("unsupported dtype {dt}")));
+                    return Err(KilnError::kernel(
+                        "MaxPool",
+                        format!("unsupported dtype {dt}"),
+                    ));
                 }
                 dispatch_numeric!(dt, T => {
                     let (y, idx) = self.max_pool::<T>(x.as_slice::<T>()?, &g, planes, self.with_indices, storage_order == 1);
@@ -329,13 +465,24 @@ impl Op for Pool {
                 }, _ => Err(KilnError::kernel("MaxPool", format!("unsupported dtype {dt}"))))
             }
             _ => match dt {
-                DType::F64 => Ok(vec![Tensor::from_vec(&shape, self.avg_lp_pool(x.as_slice::<f64>()?, &g, planes))?.into()]),
-                DType::F32 => Ok(vec![Tensor::from_vec(&shape, self.avg_lp_pool(x.as_slice::<f32>()?, &g, planes))?.into()]),
+                DType::F64 => Ok(vec![Tensor::from_vec(
+                    &shape,
+                    self.avg_lp_pool(x.as_slice::<f64>()?, &g, planes),
+                )?
+                .into()]),
+                DType::F32 => Ok(vec![Tensor::from_vec(
+                    &shape,
+                    self.avg_lp_pool(x.as_slice::<f32>()?, &g, planes),
+                )?
+                .into()]),
                 d if d.is_float() => {
                     let y = self.avg_lp_pool(&x.to_f32_vec()?, &g, planes);
                     Ok(vec![Tensor::from_vec(&shape, y)?.cast(d)?.into()])
                 }
-                d => Err(KilnError::kernel(self.name, format!("X must be a float tensor, found {d}"))),
+                d => Err(KilnError::kernel(
+                    self.name,
+                    format!("X must be a float tensor, found {d}"),
+                )),
             },
         }
     }
@@ -363,11 +510,17 @@ pub struct GlobalPool {
 
 fn build_global_lp_pool(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    let p = if ctx.opset() < 2 { a.float("p", 2.0)? } else { a.int("p", 2)? as f32 };
+    let p = if ctx.opset() < 2 {
+        a.float("p", 2.0)?
+    } else {
+        a.int("p", 2)? as f32
+    };
     if p <= 0.0 {
         return Err(a.invalid(format!("p must be positive, found {p}")));
     }
-    Ok(Box::new(GlobalPool { kind: GlobalKind::Lp(p) }))
+    Ok(Box::new(GlobalPool {
+        kind: GlobalKind::Lp(p),
+    }))
 }
 
 impl GlobalPool {
@@ -383,14 +536,22 @@ impl GlobalPool {
         let sz = if planes == 0 { 0 } else { x.len() / planes };
         let f = |p: &[F]| -> F {
             match self.kind {
-                GlobalKind::Max => p.iter().copied().fold(F::neg_infinity(), |a, b| if b > a || b.is_nan() { b } else { a }),
+                GlobalKind::Max => p.iter().copied().fold(F::neg_infinity(), |a, b| {
+                    if b > a || b.is_nan() {
+                        b
+                    } else {
+                        a
+                    }
+                }),
                 GlobalKind::Avg => {
                     let s = p.iter().fold(F::zero(), |a, &b| a + b);
                     s / F::from(p.len()).unwrap_or_else(F::one)
                 }
                 GlobalKind::Lp(pw) => {
                     let pw = F::from(pw).unwrap_or_else(F::one);
-                    p.iter().fold(F::zero(), |a, &b| a + b.abs().powf(pw)).powf(pw.recip())
+                    p.iter()
+                        .fold(F::zero(), |a, &b| a + b.abs().powf(pw))
+                        .powf(pw.recip())
                 }
             }
         };
@@ -415,24 +576,47 @@ impl Op for GlobalPool {
         let shape = match x.and_then(|f| f.shape.as_ref()) {
             None => None,
             Some(s) if s.len() < 2 => return Err(infer_err(self.name(), "X must have rank ≥ 2")),
-            Some(s) => Some(s.iter().enumerate().map(|(i, d)| if i < 2 { d.clone() } else { Dim::Known(1) }).collect()),
+            Some(s) => Some(
+                s.iter()
+                    .enumerate()
+                    .map(|(i, d)| if i < 2 { d.clone() } else { Dim::Known(1) })
+                    .collect(),
+            ),
         };
-        Ok(vec![Fact { dtype: x.and_then(|f| f.dtype), shape, ..Fact::unknown() }])
+        Ok(vec![Fact {
+            dtype: x.and_then(|f| f.dtype),
+            shape,
+            ..Fact::unknown()
+        }])
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input_tensor(inputs, 0, self.name())?;
         let xs = x.shape();
         if xs.len() < 2 {
-            return Err(KilnError::kernel(self.name(), format!("X must have rank ≥ 2, found {xs:?}")));
+            return Err(KilnError::kernel(
+                self.name(),
+                format!("X must have rank ≥ 2, found {xs:?}"),
+            ));
         }
-        let shape: Vec<usize> = xs.iter().enumerate().map(|(i, &d)| if i < 2 { d } else { 1 }).collect();
+        let shape: Vec<usize> = xs
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| if i < 2 { d } else { 1 })
+            .collect();
         let planes = xs[0] * xs[1];
         let t = match x.dtype() {
             DType::F32 => Tensor::from_vec(&shape, self.reduce(x.as_slice::<f32>()?, planes))?,
             DType::F64 => Tensor::from_vec(&shape, self.reduce(x.as_slice::<f64>()?, planes))?,
-            d if d.is_float() => Tensor::from_vec(&shape, self.reduce(&x.to_f32_vec()?, planes))?.cast(d)?,
-            d => return Err(KilnError::kernel(self.name(), format!("X must be a float tensor, found {d}"))),
+            d if d.is_float() => {
+                Tensor::from_vec(&shape, self.reduce(&x.to_f32_vec()?, planes))?.cast(d)?
+            }
+            d => {
+                return Err(KilnError::kernel(
+                    self.name(),
+                    format!("X must be a float tensor, found {d}"),
+                ))
+            }
         };
         Ok(vec![t.into()])
     }
@@ -456,25 +640,42 @@ pub struct MaxUnpool {
 fn build_max_unpool(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
     let win = WindowAttrs::parse(&a)?;
-    let kernel = win.kernel_shape.ok_or_else(|| a.invalid("MaxUnpool requires kernel_shape"))?;
-    Ok(Box::new(MaxUnpool { kernel, strides: win.strides, pads: win.pads }))
+    let kernel = win
+        .kernel_shape
+        .ok_or_else(|| a.invalid("MaxUnpool requires kernel_shape"))?;
+    Ok(Box::new(MaxUnpool {
+        kernel,
+        strides: win.strides,
+        pads: win.pads,
+    }))
 }
 
 impl MaxUnpool {
     fn inferred(&self, xs: &[usize]) -> Result<Vec<usize>> {
         let nd = self.kernel.len();
         if xs.len() != nd + 2 {
-            return Err(KilnError::kernel("MaxUnpool", format!("X {xs:?} does not match kernel_shape {:?}", self.kernel)));
+            return Err(KilnError::kernel(
+                "MaxUnpool",
+                format!("X {xs:?} does not match kernel_shape {:?}", self.kernel),
+            ));
         }
         let strides = self.strides.clone().unwrap_or_else(|| vec![1; nd]);
         let pads = self.pads.clone().unwrap_or_else(|| vec![0; 2 * nd]);
         if strides.len() != nd || pads.len() != 2 * nd {
-            return Err(KilnError::kernel("MaxUnpool", "strides/pads do not match kernel_shape"));
+            return Err(KilnError::kernel(
+                "MaxUnpool",
+                "strides/pads do not match kernel_shape",
+            ));
         }
         let mut out = xs[..2].to_vec();
         for i in 0..nd {
-            let v = (xs[i + 2].saturating_sub(1) as i128) * strides[i] as i128 + self.kernel[i] as i128 - pads[i] as i128 - pads[i + nd] as i128;
-            out.push(usize::try_from(v).map_err(|_| KilnError::kernel("MaxUnpool", format!("negative output size in dim {i}")))?);
+            let v = (xs[i + 2].saturating_sub(1) as i128) * strides[i] as i128
+                + self.kernel[i] as i128
+                - pads[i] as i128
+                - pads[i + nd] as i128;
+            out.push(usize::try_from(v).map_err(|_| {
+                KilnError::kernel("MaxUnpool", format!("negative output size in dim {i}"))
+            })?);
         }
         Ok(out)
     }
@@ -489,22 +690,44 @@ impl Op for MaxUnpool {
         let x = inputs.first().copied().flatten();
         let dtype = x.and_then(|f| f.dtype);
         if inputs.get(2).copied().flatten().is_some() {
-            let konst = inputs[2].and_then(|f| f.konst.as_ref()).map(|t| t.to_i64_vec()).transpose()?;
-            let shape = konst.map(|v| v.iter().map(|&d| usize::try_from(d).map(Dim::Known).unwrap_or(Dim::Unknown)).collect());
-            return Ok(vec![Fact { dtype, shape, ..Fact::unknown() }]);
+            let konst = inputs[2]
+                .and_then(|f| f.konst.as_ref())
+                .map(|t| t.to_i64_vec())
+                .transpose()?;
+            let shape = konst.map(|v| {
+                v.iter()
+                    .map(|&d| usize::try_from(d).map(Dim::Known).unwrap_or(Dim::Unknown))
+                    .collect()
+            });
+            return Ok(vec![Fact {
+                dtype,
+                shape,
+                ..Fact::unknown()
+            }]);
         }
         let shape = match x.and_then(|f| f.concrete_shape()) {
             Some(s) => Some(self.inferred(&s)?.into_iter().map(Dim::Known).collect()),
             None => None,
         };
-        Ok(vec![Fact { dtype, shape, ..Fact::unknown() }])
+        Ok(vec![Fact {
+            dtype,
+            shape,
+            ..Fact::unknown()
+        }])
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input_tensor(inputs, 0, "MaxUnpool")?;
         let ind = input_tensor(inputs, 1, "MaxUnpool")?;
         if ind.shape() != x.shape() {
-            return Err(KilnError::kernel("MaxUnpool", format!("I {:?} must have the shape of X {:?}", ind.shape(), x.shape())));
+            return Err(KilnError::kernel(
+                "MaxUnpool",
+                format!(
+                    "I {:?} must have the shape of X {:?}",
+                    ind.shape(),
+                    x.shape()
+                ),
+            ));
         }
         let inferred = self.inferred(x.shape())?;
         let shape = match optional_tensor(inputs, 2, "MaxUnpool")? {
@@ -512,11 +735,18 @@ impl Op for MaxUnpool {
             Some(t) => t
                 .to_i64_vec()?
                 .iter()
-                .map(|&d| usize::try_from(d).map_err(|_| KilnError::kernel("MaxUnpool", format!("negative output_shape {d}"))))
+                .map(|&d| {
+                    usize::try_from(d).map_err(|_| {
+                        KilnError::kernel("MaxUnpool", format!("negative output_shape {d}"))
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?,
         };
         if shape.len() != inferred.len() || shape.iter().zip(&inferred).any(|(a, b)| a < b) {
-            return Err(KilnError::kernel("MaxUnpool", format!("output_shape {shape:?} is smaller than the unpooled shape {inferred:?}")));
+            return Err(KilnError::kernel(
+                "MaxUnpool",
+                format!("output_shape {shape:?} is smaller than the unpooled shape {inferred:?}"),
+            ));
         }
         let idx = ind.to_i64_vec()?;
         let total: usize = inferred.iter().product();

@@ -50,16 +50,16 @@ pub struct WindowAttrs {
 fn positive_list(attrs: &AttrReader, name: &str) -> Result<Option<Vec<usize>>> {
     match attrs.opt_ints(name)? {
         None => Ok(None),
-        Some(v) => v
-            .iter()
-            .map(|&x| {
-                usize::try_from(x)
-                    .ok()
-                    .filter(|&u| u > 0)
-                    .ok_or_else(|| attrs.invalid(format!("{name} must be positive, found {v:?}")))
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some),
+        Some(v) => {
+            v.iter()
+                .map(|&x| {
+                    usize::try_from(x).ok().filter(|&u| u > 0).ok_or_else(|| {
+                        attrs.invalid(format!("{name} must be positive, found {v:?}"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some)
+        }
     }
 }
 
@@ -71,7 +71,9 @@ impl WindowAttrs {
             Some(v) => Some(
                 v.iter()
                     .map(|&x| {
-                        usize::try_from(x).map_err(|_| attrs.invalid(format!("pads must be non-negative, found {v:?}")))
+                        usize::try_from(x).map_err(|_| {
+                            attrs.invalid(format!("pads must be non-negative, found {v:?}"))
+                        })
                     })
                     .collect::<Result<Vec<_>>>()?,
             ),
@@ -91,11 +93,21 @@ impl WindowAttrs {
         })
     }
 
-    fn list(&self, op: &str, name: &str, v: &Option<Vec<usize>>, n: usize, default: usize) -> Result<Vec<usize>> {
+    fn list(
+        &self,
+        op: &str,
+        name: &str,
+        v: &Option<Vec<usize>>,
+        n: usize,
+        default: usize,
+    ) -> Result<Vec<usize>> {
         match v {
             None => Ok(vec![default; n]),
             Some(v) if v.len() == n => Ok(v.clone()),
-            Some(v) => Err(KilnError::kernel(op, format!("{name} {v:?} should have {n} values (one per spatial dim)"))),
+            Some(v) => Err(KilnError::kernel(
+                op,
+                format!("{name} {v:?} should have {n} values (one per spatial dim)"),
+            )),
         }
     }
 
@@ -104,14 +116,22 @@ impl WindowAttrs {
     pub fn resolve(&self, op: &str, input: &[usize], kernel: &[usize]) -> Result<Spatial> {
         let n = input.len();
         if kernel.len() != n {
-            return Err(KilnError::kernel(op, format!("kernel shape {kernel:?} does not match {n} spatial dims")));
+            return Err(KilnError::kernel(
+                op,
+                format!("kernel shape {kernel:?} does not match {n} spatial dims"),
+            ));
         }
         let strides = self.list(op, "strides", &self.strides, n, 1)?;
         let dilations = self.list(op, "dilations", &self.dilations, n, 1)?;
         let pads = match &self.pads {
             None => vec![0; 2 * n],
             Some(p) if p.len() == 2 * n => p.clone(),
-            Some(p) => return Err(KilnError::kernel(op, format!("pads {p:?} should have {} values", 2 * n))),
+            Some(p) => {
+                return Err(KilnError::kernel(
+                    op,
+                    format!("pads {p:?} should have {} values", 2 * n),
+                ))
+            }
         };
         let mut sp = Spatial {
             input: input.to_vec(),
@@ -123,7 +143,12 @@ impl WindowAttrs {
             output: vec![0; n],
         };
         for i in 0..n {
-            let (inp, k, s, d) = (input[i] as i128, kernel[i] as i128, sp.strides[i] as i128, sp.dilations[i] as i128);
+            let (inp, k, s, d) = (
+                input[i] as i128,
+                kernel[i] as i128,
+                sp.strides[i] as i128,
+                sp.dilations[i] as i128,
+            );
             let eff = (k - 1) * d + 1;
             let (pb, pe, out) = match self.auto_pad {
                 AutoPad::SameUpper | AutoPad::SameLower => {
@@ -151,14 +176,21 @@ impl WindowAttrs {
                             format!("padded input size {} is smaller than the dilated kernel {eff} in spatial dim {i}", inp + pb + pe),
                         ));
                     }
-                    let mut out = if self.ceil_mode { (span + s - 1) / s + 1 } else { span / s + 1 };
+                    let mut out = if self.ceil_mode {
+                        (span + s - 1) / s + 1
+                    } else {
+                        span / s + 1
+                    };
                     if self.ceil_mode && (out - 1) * s >= inp + pb {
                         out -= 1;
                     }
                     (pb, pe, out)
                 }
             };
-            let conv = |v: i128| usize::try_from(v).map_err(|_| KilnError::kernel(op, format!("window size overflow in dim {i}")));
+            let conv = |v: i128| {
+                usize::try_from(v)
+                    .map_err(|_| KilnError::kernel(op, format!("window size overflow in dim {i}")))
+            };
             sp.pad_begin[i] = conv(pb)?;
             sp.pad_end[i] = conv(pe)?;
             sp.output[i] = conv(out)?;
@@ -169,13 +201,28 @@ impl WindowAttrs {
     /// Output spatial dims for symbolic input dims (unknown where an input dim is unknown).
     pub fn resolve_dims(&self, op: &str, input: &[Dim], kernel: &[usize]) -> Result<Vec<Dim>> {
         if let Some(concrete) = input.iter().map(|d| d.known()).collect::<Option<Vec<_>>>() {
-            return Ok(self.resolve(op, &concrete, kernel)?.output.into_iter().map(Dim::Known).collect());
+            return Ok(self
+                .resolve(op, &concrete, kernel)?
+                .output
+                .into_iter()
+                .map(Dim::Known)
+                .collect());
         }
         // Each dim only depends on its own input size: probe unknown dims with a size large
         // enough for any kernel, then forget them.
         let probe: Vec<usize> = input.iter().map(|d| d.known().unwrap_or(1 << 30)).collect();
         let sp = self.resolve(op, &probe, kernel)?;
-        Ok(input.iter().zip(sp.output).map(|(d, o)| if d.known().is_some() { Dim::Known(o) } else { Dim::Unknown }).collect())
+        Ok(input
+            .iter()
+            .zip(sp.output)
+            .map(|(d, o)| {
+                if d.known().is_some() {
+                    Dim::Known(o)
+                } else {
+                    Dim::Unknown
+                }
+            })
+            .collect())
     }
 }
 
@@ -227,7 +274,13 @@ impl Spatial {
     /// The 3-D form; errors for more than 3 spatial dims.
     pub fn to3(&self, op: &str) -> Result<Spatial3> {
         if self.input.len() > 3 {
-            return Err(KilnError::kernel(op, format!("{} spatial dims are not supported (at most 3)", self.input.len())));
+            return Err(KilnError::kernel(
+                op,
+                format!(
+                    "{} spatial dims are not supported (at most 3)",
+                    self.input.len()
+                ),
+            ));
         }
         Ok(Spatial3 {
             input: to3(&self.input, 1),
@@ -266,10 +319,20 @@ impl Spatial3 {
     /// The range of output positions `o` in dim `d` whose tap `k` lands inside the input.
     #[inline]
     pub fn valid_range(&self, d: usize, k: usize) -> (usize, usize) {
-        let (s, off, pb, inp, out) = (self.strides[d], k * self.dilations[d], self.pad_begin[d], self.input[d], self.output[d]);
+        let (s, off, pb, inp, out) = (
+            self.strides[d],
+            k * self.dilations[d],
+            self.pad_begin[d],
+            self.input[d],
+            self.output[d],
+        );
         // o*s + off - pb in [0, inp)  <=>  o*s >= pb - off  and  o*s < inp + pb - off
         let lo = if pb > off { (pb - off).div_ceil(s) } else { 0 };
-        let hi = if inp + pb > off { (inp + pb - off).div_ceil(s) } else { 0 };
+        let hi = if inp + pb > off {
+            (inp + pb - off).div_ceil(s)
+        } else {
+            0
+        };
         (lo.min(out), hi.min(out).max(lo.min(out)))
     }
 }
@@ -278,35 +341,75 @@ impl Spatial3 {
 mod tests {
     use super::*;
 
-    fn attrs(auto_pad: AutoPad, pads: Option<Vec<usize>>, strides: Option<Vec<usize>>, ceil: bool) -> WindowAttrs {
-        WindowAttrs { auto_pad, pads, strides, ceil_mode: ceil, ..Default::default() }
+    fn attrs(
+        auto_pad: AutoPad,
+        pads: Option<Vec<usize>>,
+        strides: Option<Vec<usize>>,
+        ceil: bool,
+    ) -> WindowAttrs {
+        WindowAttrs {
+            auto_pad,
+            pads,
+            strides,
+            ceil_mode: ceil,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn output_sizes() {
-        let sp = attrs(AutoPad::NotSet, Some(vec![1, 0, 1, 2]), Some(vec![2, 1]), false).resolve("T", &[7, 13], &[3, 3]).unwrap();
+        let sp = attrs(
+            AutoPad::NotSet,
+            Some(vec![1, 0, 1, 2]),
+            Some(vec![2, 1]),
+            false,
+        )
+        .resolve("T", &[7, 13], &[3, 3])
+        .unwrap();
         assert_eq!(sp.output, vec![4, 13]);
-        let sp = attrs(AutoPad::SameUpper, None, Some(vec![2, 2]), false).resolve("T", &[7, 8], &[3, 3]).unwrap();
+        let sp = attrs(AutoPad::SameUpper, None, Some(vec![2, 2]), false)
+            .resolve("T", &[7, 8], &[3, 3])
+            .unwrap();
         assert_eq!(sp.output, vec![4, 4]);
-        assert_eq!((sp.pad_begin.clone(), sp.pad_end.clone()), (vec![1, 0], vec![1, 1]));
-        let sp = attrs(AutoPad::SameLower, None, Some(vec![2, 2]), false).resolve("T", &[7, 8], &[3, 3]).unwrap();
-        assert_eq!((sp.pad_begin.clone(), sp.pad_end.clone()), (vec![1, 1], vec![1, 0]));
-        let sp = attrs(AutoPad::Valid, None, Some(vec![2, 2]), false).resolve("T", &[7, 8], &[3, 3]).unwrap();
+        assert_eq!(
+            (sp.pad_begin.clone(), sp.pad_end.clone()),
+            (vec![1, 0], vec![1, 1])
+        );
+        let sp = attrs(AutoPad::SameLower, None, Some(vec![2, 2]), false)
+            .resolve("T", &[7, 8], &[3, 3])
+            .unwrap();
+        assert_eq!(
+            (sp.pad_begin.clone(), sp.pad_end.clone()),
+            (vec![1, 1], vec![1, 0])
+        );
+        let sp = attrs(AutoPad::Valid, None, Some(vec![2, 2]), false)
+            .resolve("T", &[7, 8], &[3, 3])
+            .unwrap();
         assert_eq!(sp.output, vec![3, 3]);
         // ceil mode: 5 wide, k=2, s=2 -> 3 windows (last one half outside)
-        let sp = attrs(AutoPad::NotSet, None, Some(vec![2]), true).resolve("T", &[5], &[2]).unwrap();
+        let sp = attrs(AutoPad::NotSet, None, Some(vec![2]), true)
+            .resolve("T", &[5], &[2])
+            .unwrap();
         assert_eq!(sp.output, vec![3]);
-        assert!(attrs(AutoPad::NotSet, None, None, false).resolve("T", &[2], &[3]).is_err());
+        assert!(attrs(AutoPad::NotSet, None, None, false)
+            .resolve("T", &[2], &[3])
+            .is_err());
     }
 
     #[test]
     fn valid_ranges() {
-        let sp = attrs(AutoPad::NotSet, Some(vec![2, 1]), Some(vec![2]), false).resolve("T", &[7], &[3]).unwrap();
+        let sp = attrs(AutoPad::NotSet, Some(vec![2, 1]), Some(vec![2]), false)
+            .resolve("T", &[7], &[3])
+            .unwrap();
         let s3 = sp.to3("T").unwrap();
         for k in 0..3 {
             let (lo, hi) = s3.valid_range(2, k);
             for o in 0..s3.output[2] {
-                assert_eq!(s3.in_coord(2, o, k).is_some(), o >= lo && o < hi, "k={k} o={o}");
+                assert_eq!(
+                    s3.in_coord(2, o, k).is_some(),
+                    o >= lo && o < hi,
+                    "k={k} o={o}"
+                );
             }
         }
     }

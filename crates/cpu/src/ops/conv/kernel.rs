@@ -41,7 +41,9 @@ pub fn epilogue(row: &mut [f32], b: f32, act: Activation) {
             }
         }
         Activation::Relu => row.iter_mut().for_each(|v| *v = (*v + b).max(0.0)),
-        Activation::Clip { min, max } => row.iter_mut().for_each(|v| *v = (*v + b).max(min).min(max)),
+        Activation::Clip { min, max } => {
+            row.iter_mut().for_each(|v| *v = (*v + b).max(min).min(max))
+        }
         Activation::HardSwish => row.iter_mut().for_each(|v| {
             let x = *v + b;
             *v = x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0)
@@ -53,9 +55,17 @@ pub fn epilogue(row: &mut [f32], b: f32, act: Activation) {
 impl ConvF32<'_> {
     fn check(&self, out: &[f32]) -> Result<()> {
         let ConvDims { n, c, m, group } = self.dims;
-        let err = |what: &str| Err(KilnError::kernel("Conv", format!("{what} has the wrong number of elements")));
+        let err = |what: &str| {
+            Err(KilnError::kernel(
+                "Conv",
+                format!("{what} has the wrong number of elements"),
+            ))
+        };
         if group == 0 || c % group != 0 || m % group != 0 {
-            return Err(KilnError::kernel("Conv", format!("channels {c}→{m} do not split into {group} groups")));
+            return Err(KilnError::kernel(
+                "Conv",
+                format!("channels {c}→{m} do not split into {group} groups"),
+            ));
         }
         if self.x.len() != n * c * self.sp.in_size() {
             return err("X");
@@ -88,8 +98,10 @@ impl ConvF32<'_> {
         let parallel_outer = chunks > 1 && rayon::current_num_threads() > 1;
         let body = |(idx, chunk): (usize, &mut [f32])| -> Result<()> {
             let (bn, g) = (idx / group, idx % group);
-            let xg = &self.x[(bn * c + g * cg) * self.sp.in_size()..(bn * c + (g + 1) * cg) * self.sp.in_size()];
-            let wg = &self.w[g * mg * cg * self.sp.kernel_size()..(g + 1) * mg * cg * self.sp.kernel_size()];
+            let xg = &self.x[(bn * c + g * cg) * self.sp.in_size()
+                ..(bn * c + (g + 1) * cg) * self.sp.in_size()];
+            let wg = &self.w
+                [g * mg * cg * self.sp.kernel_size()..(g + 1) * mg * cg * self.sp.kernel_size()];
             let bias = self.bias.map(|b| &b[g * mg..(g + 1) * mg]);
             self.run_group(xg, wg, bias, cg, mg, chunk, !parallel_outer)
         };
@@ -101,17 +113,40 @@ impl ConvF32<'_> {
     }
 
     fn is_pointwise(&self) -> bool {
-        self.sp.kernel == [1, 1, 1] && self.sp.strides == [1, 1, 1] && self.sp.pad_begin == [0, 0, 0] && self.sp.input == self.sp.output
+        self.sp.kernel == [1, 1, 1]
+            && self.sp.strides == [1, 1, 1]
+            && self.sp.pad_begin == [0, 0, 0]
+            && self.sp.input == self.sp.output
     }
 
     /// One (image, group): out[mg × P] = W_g[mg × K] · col[K × P].
     #[allow(clippy::too_many_arguments)]
-    fn run_group(&self, xg: &[f32], wg: &[f32], bias: Option<&[f32]>, cg: usize, mg: usize, out: &mut [f32], par: bool) -> Result<()> {
+    fn run_group(
+        &self,
+        xg: &[f32],
+        wg: &[f32],
+        bias: Option<&[f32]>,
+        cg: usize,
+        mg: usize,
+        out: &mut [f32],
+        par: bool,
+    ) -> Result<()> {
         let p = self.sp.out_size();
         let k = cg * self.sp.kernel_size();
         let par = par && mg * p * k >= blas::PARALLEL_THRESHOLD;
         if self.is_pointwise() {
-            blas::gemm(mg, p, k, out, p, false, MatRef::row_major(wg, k), MatRef::row_major(xg, p), 1.0, par)?;
+            blas::gemm(
+                mg,
+                p,
+                k,
+                out,
+                p,
+                false,
+                MatRef::row_major(wg, k),
+                MatRef::row_major(xg, p),
+                1.0,
+                par,
+            )?;
             self.apply_epilogue(out, bias, mg, 0, p);
             return Ok(());
         }
@@ -122,20 +157,42 @@ impl ConvF32<'_> {
             let p1 = (p0 + tile).min(p);
             let tw = p1 - p0;
             im2col_tile(xg, cg, &self.sp, p0, p1, &mut col[..k * tw]);
-            blas::gemm(mg, tw, k, &mut out[p0..], p, false, MatRef::row_major(wg, k), MatRef::row_major(&col[..k * tw], tw), 1.0, par)?;
+            blas::gemm(
+                mg,
+                tw,
+                k,
+                &mut out[p0..],
+                p,
+                false,
+                MatRef::row_major(wg, k),
+                MatRef::row_major(&col[..k * tw], tw),
+                1.0,
+                par,
+            )?;
             self.apply_epilogue(out, bias, mg, p0, p1);
             p0 = p1;
         }
         Ok(())
     }
 
-    fn apply_epilogue(&self, out: &mut [f32], bias: Option<&[f32]>, mg: usize, p0: usize, p1: usize) {
+    fn apply_epilogue(
+        &self,
+        out: &mut [f32],
+        bias: Option<&[f32]>,
+        mg: usize,
+        p0: usize,
+        p1: usize,
+    ) {
         if bias.is_none() && self.act == Activation::None {
             return;
         }
         let p = self.sp.out_size();
         for r in 0..mg {
-            epilogue(&mut out[r * p + p0..r * p + p1], bias.map_or(0.0, |b| b[r]), self.act);
+            epilogue(
+                &mut out[r * p + p0..r * p + p1],
+                bias.map_or(0.0, |b| b[r]),
+                self.act,
+            );
         }
     }
 
@@ -149,7 +206,14 @@ impl ConvF32<'_> {
             let cin = om / mg;
             let xp = &self.x[(bn * c + cin) * isz..(bn * c + cin + 1) * isz];
             let wk = &self.w[om * ksz..(om + 1) * ksz];
-            direct_plane(xp, wk, self.bias.map_or(0.0, |b| b[om]), &self.sp, self.act, plane);
+            direct_plane(
+                xp,
+                wk,
+                self.bias.map_or(0.0, |b| b[om]),
+                &self.sp,
+                self.act,
+                plane,
+            );
         };
         if rayon::current_num_threads() > 1 && out.len() >= 4096 {
             out.par_chunks_mut(p).enumerate().for_each(body);
@@ -162,7 +226,14 @@ impl ConvF32<'_> {
 
 /// One output plane of a single-input-channel convolution, row by row (the output row
 /// stays in L1 while every tap is accumulated into it).
-fn direct_plane(xp: &[f32], wk: &[f32], bias: f32, sp: &Spatial3, act: Activation, out: &mut [f32]) {
+fn direct_plane(
+    xp: &[f32],
+    wk: &[f32],
+    bias: f32,
+    sp: &Spatial3,
+    act: Activation,
+    out: &mut [f32],
+) {
     let [kd_n, kh_n, kw_n] = sp.kernel;
     let [_, ih_n, iw_n] = sp.input;
     let [od_n, oh_n, ow_n] = sp.output;
@@ -173,9 +244,13 @@ fn direct_plane(xp: &[f32], wk: &[f32], bias: f32, sp: &Spatial3, act: Activatio
             let orow = &mut out[(od * oh_n + oh) * ow_n..(od * oh_n + oh + 1) * ow_n];
             orow.fill(0.0);
             for kd in 0..kd_n {
-                let Some(id) = sp.in_coord(0, od, kd) else { continue };
+                let Some(id) = sp.in_coord(0, od, kd) else {
+                    continue;
+                };
                 for kh in 0..kh_n {
-                    let Some(ih) = sp.in_coord(1, oh, kh) else { continue };
+                    let Some(ih) = sp.in_coord(1, oh, kh) else {
+                        continue;
+                    };
                     let irow = &xp[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
                     for (kw, &(lo, hi)) in ranges.iter().enumerate() {
                         if lo >= hi {
@@ -229,8 +304,10 @@ pub fn im2col_tile(xg: &[f32], cg: usize, sp: &Spatial3, p0: usize, p1: usize, c
                         let (a, b) = (ow, ow + (end - p));
                         match (sp.in_coord(0, od, kd), sp.in_coord(1, oh, kh)) {
                             (Some(id), Some(ih)) => {
-                                let irow = &xc[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
-                                let (vlo, vhi) = (lo.clamp(a, b), hi.clamp(a, b).max(lo.clamp(a, b)));
+                                let irow =
+                                    &xc[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
+                                let (vlo, vhi) =
+                                    (lo.clamp(a, b), hi.clamp(a, b).max(lo.clamp(a, b)));
                                 seg[..vlo - a].fill(0.0);
                                 seg[vhi - a..].fill(0.0);
                                 if vlo < vhi {

@@ -8,7 +8,10 @@ pub mod quant;
 pub mod reference;
 pub mod transpose;
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, TensorMut, Value};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
+    Tensor, TensorMut, Value,
+};
 
 use self::geom::{Spatial, WindowAttrs};
 use self::kernel::ConvF32;
@@ -27,17 +30,33 @@ pub fn register(reg: &mut OpRegistry) {
 }
 
 fn infer_err(op: &str, msg: impl Into<String>) -> KilnError {
-    KilnError::Inference { node: String::new(), op: op.into(), msg: msg.into() }
+    KilnError::Inference {
+        node: String::new(),
+        op: op.into(),
+        msg: msg.into(),
+    }
 }
 
 /// Checks X (N × C × spatial) and W (M × C/group × kernel) of a convolution and resolves
 /// the window. Shared by Conv, ConvInteger, QLinearConv and DeformConv.
-pub fn conv_geometry(op: &str, win: &WindowAttrs, group: usize, xs: &[usize], ws: &[usize]) -> Result<(ConvDims, Spatial)> {
+pub fn conv_geometry(
+    op: &str,
+    win: &WindowAttrs,
+    group: usize,
+    xs: &[usize],
+    ws: &[usize],
+) -> Result<(ConvDims, Spatial)> {
     if xs.len() < 3 {
-        return Err(KilnError::kernel(op, format!("X must have rank ≥ 3 (N, C, spatial...), found shape {xs:?}")));
+        return Err(KilnError::kernel(
+            op,
+            format!("X must have rank ≥ 3 (N, C, spatial...), found shape {xs:?}"),
+        ));
     }
     if ws.len() != xs.len() {
-        return Err(KilnError::kernel(op, format!("W shape {ws:?} must have the rank of X {xs:?}")));
+        return Err(KilnError::kernel(
+            op,
+            format!("W shape {ws:?} must have the rank of X {xs:?}"),
+        ));
     }
     let (n, c, m) = (xs[0], xs[1], ws[0]);
     if group == 0 || c != ws[1] * group || m % group != 0 {
@@ -48,7 +67,10 @@ pub fn conv_geometry(op: &str, win: &WindowAttrs, group: usize, xs: &[usize], ws
     }
     if let Some(k) = &win.kernel_shape {
         if k.as_slice() != &ws[2..] {
-            return Err(KilnError::kernel(op, format!("kernel_shape {k:?} does not match W shape {ws:?}")));
+            return Err(KilnError::kernel(
+                op,
+                format!("kernel_shape {k:?} does not match W shape {ws:?}"),
+            ));
         }
     }
     let sp = win.resolve(op, &xs[2..], &ws[2..])?;
@@ -56,12 +78,24 @@ pub fn conv_geometry(op: &str, win: &WindowAttrs, group: usize, xs: &[usize], ws
 }
 
 /// Output facts of a convolution-like op with output channels taken from W's dim 0.
-pub fn infer_conv_like(op: &str, win: &WindowAttrs, x: Option<&Fact>, w: Option<&Fact>, dtype: Option<DType>) -> Result<Fact> {
+pub fn infer_conv_like(
+    op: &str,
+    win: &WindowAttrs,
+    x: Option<&Fact>,
+    w: Option<&Fact>,
+    dtype: Option<DType>,
+) -> Result<Fact> {
     let Some(xs) = x.and_then(|f| f.shape.as_ref()) else {
-        return Ok(Fact { dtype, ..Fact::unknown() });
+        return Ok(Fact {
+            dtype,
+            ..Fact::unknown()
+        });
     };
     if xs.len() < 3 {
-        return Err(infer_err(op, format!("X must have rank ≥ 3, found rank {}", xs.len())));
+        return Err(infer_err(
+            op,
+            format!("X must have rank ≥ 3, found rank {}", xs.len()),
+        ));
     }
     let ws = w.and_then(|f| f.shape.as_ref());
     let m = ws.and_then(|s| s.first().cloned()).unwrap_or(Dim::Unknown);
@@ -72,14 +106,22 @@ pub fn infer_conv_like(op: &str, win: &WindowAttrs, x: Option<&Fact>, w: Option<
     };
     let spatial = match kernel {
         Some(k) if k.len() == xs.len() - 2 => win.resolve_dims(op, &xs[2..], &k)?,
-        Some(k) => return Err(infer_err(op, format!("kernel {k:?} does not match X rank {}", xs.len()))),
+        Some(k) => {
+            return Err(infer_err(
+                op,
+                format!("kernel {k:?} does not match X rank {}", xs.len()),
+            ))
+        }
         None => vec![Dim::Unknown; xs.len() - 2],
     };
     let mut shape = vec![xs[0].clone(), m];
     shape.extend(spatial);
     Ok(match dtype {
         Some(d) => Fact::tensor(d, shape),
-        None => Fact { shape: Some(shape), ..Fact::unknown() },
+        None => Fact {
+            shape: Some(shape),
+            ..Fact::unknown()
+        },
     })
 }
 
@@ -103,10 +145,17 @@ pub struct Conv {
 
 fn build_conv(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    let group = usize::try_from(a.int("group", 1)?).ok().filter(|&g| g > 0).ok_or_else(|| a.invalid("group must be positive"))?;
+    let group = usize::try_from(a.int("group", 1)?)
+        .ok()
+        .filter(|&g| g > 0)
+        .ok_or_else(|| a.invalid("group must be positive"))?;
     let mut win = WindowAttrs::parse(&a)?;
     win.ceil_mode = false;
-    Ok(Box::new(Conv { win, group, act: Activation::from_attrs(&a)? }))
+    Ok(Box::new(Conv {
+        win,
+        group,
+        act: Activation::from_attrs(&a)?,
+    }))
 }
 
 /// Resolved inputs of one Conv call.
@@ -124,7 +173,10 @@ impl Conv {
         let w = input_tensor(inputs, 1, "Conv")?;
         let b = optional_tensor(inputs, 2, "Conv")?;
         if !x.dtype().is_float() {
-            return Err(KilnError::kernel("Conv", format!("X must be a float tensor, found {}", x.dtype())));
+            return Err(KilnError::kernel(
+                "Conv",
+                format!("X must be a float tensor, found {}", x.dtype()),
+            ));
         }
         if w.dtype() != x.dtype() || b.is_some_and(|b| b.dtype() != x.dtype()) {
             return Err(KilnError::kernel("Conv", "X, W and B must share one dtype"));
@@ -132,7 +184,10 @@ impl Conv {
         let (dims, sp) = conv_geometry("Conv", &self.win, self.group, x.shape(), w.shape())?;
         if let Some(b) = b {
             if b.shape() != [dims.m] {
-                return Err(KilnError::kernel("Conv", format!("B must have shape [{}], found {:?}", dims.m, b.shape())));
+                return Err(KilnError::kernel(
+                    "Conv",
+                    format!("B must have shape [{}], found {:?}", dims.m, b.shape()),
+                ));
             }
         }
         Ok(ConvCall { x, w, b, dims, sp })
@@ -141,7 +196,15 @@ impl Conv {
     fn compute(&self, call: &ConvCall, out: &mut [f32]) -> Result<()> {
         let (x, w) = (as_f32(call.x)?, as_f32(call.w)?);
         let b = call.b.map(as_f32).transpose()?;
-        ConvF32 { x: &x, w: &w, bias: b.as_deref(), dims: call.dims, sp: call.sp.to3("Conv")?, act: self.act }.run(out)
+        ConvF32 {
+            x: &x,
+            w: &w,
+            bias: b.as_deref(),
+            dims: call.dims,
+            sp: call.sp.to3("Conv")?,
+            act: self.act,
+        }
+        .run(out)
     }
 }
 
@@ -155,10 +218,19 @@ impl Op for Conv {
         let dtype = x.and_then(|f| f.dtype);
         if let Some(d) = dtype {
             if !d.is_float() {
-                return Err(infer_err("Conv", format!("X must be a float tensor, found {d}")));
+                return Err(infer_err(
+                    "Conv",
+                    format!("X must be a float tensor, found {d}"),
+                ));
             }
         }
-        Ok(vec![infer_conv_like("Conv", &self.win, x, inputs.get(1).copied().flatten(), dtype)?])
+        Ok(vec![infer_conv_like(
+            "Conv",
+            &self.win,
+            x,
+            inputs.get(1).copied().flatten(),
+            dtype,
+        )?])
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
@@ -176,7 +248,15 @@ impl Op for Conv {
             return Err(KilnError::kernel("Conv", "no output slot"));
         };
         if slot.shape() != shape.as_slice() || slot.dtype() != call.x.dtype() {
-            return Err(KilnError::kernel("Conv", format!("output slot is {} {:?}, expected {:?}", slot.dtype(), slot.shape(), shape)));
+            return Err(KilnError::kernel(
+                "Conv",
+                format!(
+                    "output slot is {} {:?}, expected {:?}",
+                    slot.dtype(),
+                    slot.shape(),
+                    shape
+                ),
+            ));
         }
         if slot.dtype() == DType::F32 {
             return self.compute(&call, slot.as_mut_slice::<f32>()?);
@@ -201,7 +281,10 @@ pub(crate) mod test_util {
     impl Lcg {
         /// The next value.
         pub fn next(&mut self) -> f32 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         }
 
@@ -214,7 +297,10 @@ pub(crate) mod test_util {
     /// Max absolute difference, asserting equal lengths.
     pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 }
 
@@ -226,25 +312,50 @@ mod tests {
     use super::*;
 
     #[allow(clippy::too_many_arguments)]
-    fn check(xs: &[usize], ws: &[usize], group: usize, win: WindowAttrs, bias: bool, act: Activation, seed: u64) {
+    fn check(
+        xs: &[usize],
+        ws: &[usize],
+        group: usize,
+        win: WindowAttrs,
+        bias: bool,
+        act: Activation,
+        seed: u64,
+    ) {
         let mut r = Lcg(seed);
         let x = r.vec(xs.iter().product());
         let w = r.vec(ws.iter().product());
         let b = r.vec(ws[0]);
-        let conv = Conv { win: win.clone(), group, act };
+        let conv = Conv {
+            win: win.clone(),
+            group,
+            act,
+        };
         let xt = Tensor::from_vec(xs, x.clone()).unwrap();
         let wt = Tensor::from_vec(ws, w.clone()).unwrap();
         let bt = Tensor::from_vec(&[ws[0]], b.clone()).unwrap();
         let (xv, wv, bv) = (Value::from(xt), Value::from(wt), Value::from(bt));
-        let inputs = if bias { vec![Some(&xv), Some(&wv), Some(&bv)] } else { vec![Some(&xv), Some(&wv)] };
+        let inputs = if bias {
+            vec![Some(&xv), Some(&wv), Some(&bv)]
+        } else {
+            vec![Some(&xv), Some(&wv)]
+        };
         let got = conv.eval(&inputs).unwrap().remove(0).into_tensor().unwrap();
         let (dims, sp) = conv_geometry("Conv", &win, group, xs, ws).unwrap();
         let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
-        let want = conv_reference(&f64v(&x), &f64v(&w), bias.then(|| f64v(&b)).as_deref(), dims, &sp.to3("Conv").unwrap());
+        let want = conv_reference(
+            &f64v(&x),
+            &f64v(&w),
+            bias.then(|| f64v(&b)).as_deref(),
+            dims,
+            &sp.to3("Conv").unwrap(),
+        );
         let want: Vec<f32> = want.iter().map(|&v| act.apply(v as f32)).collect();
         assert_eq!(got.shape(), out_shape(&dims, &sp).as_slice());
         let d = max_diff(got.as_slice::<f32>().unwrap(), &want);
-        assert!(d < 1e-4, "xs={xs:?} ws={ws:?} group={group} win={win:?}: diff {d}");
+        assert!(
+            d < 1e-4,
+            "xs={xs:?} ws={ws:?} group={group} win={win:?}: diff {d}"
+        );
         // infer agrees
         let fx = Fact::concrete(DType::F32, xs);
         let fw = Fact::concrete(DType::F32, ws);
@@ -258,31 +369,140 @@ mod tests {
         assert_eq!(bytes, got.bytes());
     }
 
-    fn win(pads: Option<Vec<usize>>, strides: Option<Vec<usize>>, dil: Option<Vec<usize>>) -> WindowAttrs {
-        WindowAttrs { pads, strides, dilations: dil, ..Default::default() }
+    fn win(
+        pads: Option<Vec<usize>>,
+        strides: Option<Vec<usize>>,
+        dil: Option<Vec<usize>>,
+    ) -> WindowAttrs {
+        WindowAttrs {
+            pads,
+            strides,
+            dilations: dil,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn conv2d_matches_reference() {
-        check(&[2, 3, 7, 13], &[5, 3, 3, 3], 1, win(None, None, None), true, Activation::None, 1);
-        check(&[1, 3, 7, 13], &[5, 3, 3, 2], 1, win(Some(vec![1, 0, 2, 1]), Some(vec![2, 1]), Some(vec![1, 2])), true, Activation::Relu, 2);
-        check(&[2, 4, 9, 8], &[6, 2, 3, 3], 2, win(Some(vec![1, 1, 1, 1]), Some(vec![2, 2]), None), false, Activation::HardSwish, 3);
-        check(&[1, 5, 11, 7], &[5, 1, 3, 3], 5, win(Some(vec![1, 1, 1, 1]), Some(vec![2, 2]), Some(vec![2, 2])), true, Activation::None, 4);
-        check(&[2, 4, 12, 12], &[8, 1, 3, 3], 4, win(Some(vec![1, 1, 1, 1]), None, None), true, Activation::Clip { min: 0.0, max: 6.0 }, 5);
-        check(&[2, 6, 5, 7], &[4, 6, 1, 1], 1, win(None, None, None), true, Activation::Sigmoid, 6);
-        check(&[1, 6, 5, 7], &[4, 3, 1, 1], 2, win(None, Some(vec![2, 2]), None), true, Activation::None, 7);
+        check(
+            &[2, 3, 7, 13],
+            &[5, 3, 3, 3],
+            1,
+            win(None, None, None),
+            true,
+            Activation::None,
+            1,
+        );
+        check(
+            &[1, 3, 7, 13],
+            &[5, 3, 3, 2],
+            1,
+            win(Some(vec![1, 0, 2, 1]), Some(vec![2, 1]), Some(vec![1, 2])),
+            true,
+            Activation::Relu,
+            2,
+        );
+        check(
+            &[2, 4, 9, 8],
+            &[6, 2, 3, 3],
+            2,
+            win(Some(vec![1, 1, 1, 1]), Some(vec![2, 2]), None),
+            false,
+            Activation::HardSwish,
+            3,
+        );
+        check(
+            &[1, 5, 11, 7],
+            &[5, 1, 3, 3],
+            5,
+            win(Some(vec![1, 1, 1, 1]), Some(vec![2, 2]), Some(vec![2, 2])),
+            true,
+            Activation::None,
+            4,
+        );
+        check(
+            &[2, 4, 12, 12],
+            &[8, 1, 3, 3],
+            4,
+            win(Some(vec![1, 1, 1, 1]), None, None),
+            true,
+            Activation::Clip { min: 0.0, max: 6.0 },
+            5,
+        );
+        check(
+            &[2, 6, 5, 7],
+            &[4, 6, 1, 1],
+            1,
+            win(None, None, None),
+            true,
+            Activation::Sigmoid,
+            6,
+        );
+        check(
+            &[1, 6, 5, 7],
+            &[4, 3, 1, 1],
+            2,
+            win(None, Some(vec![2, 2]), None),
+            true,
+            Activation::None,
+            7,
+        );
         // large enough to use several im2col tiles
-        check(&[1, 8, 40, 37], &[16, 8, 3, 3], 1, win(Some(vec![1, 1, 1, 1]), None, None), true, Activation::None, 8);
+        check(
+            &[1, 8, 40, 37],
+            &[16, 8, 3, 3],
+            1,
+            win(Some(vec![1, 1, 1, 1]), None, None),
+            true,
+            Activation::None,
+            8,
+        );
     }
 
     #[test]
     fn conv1d_and_3d_and_auto_pad() {
-        check(&[2, 3, 17], &[4, 3, 5], 1, win(Some(vec![2, 1]), Some(vec![3]), None), true, Activation::None, 10);
-        check(&[1, 4, 17], &[4, 1, 3], 4, win(Some(vec![1, 1]), None, Some(vec![2])), true, Activation::None, 11);
-        check(&[1, 2, 5, 6, 7], &[3, 2, 3, 2, 3], 1, win(Some(vec![1, 0, 1, 1, 1, 0]), Some(vec![1, 2, 2]), None), true, Activation::None, 12);
+        check(
+            &[2, 3, 17],
+            &[4, 3, 5],
+            1,
+            win(Some(vec![2, 1]), Some(vec![3]), None),
+            true,
+            Activation::None,
+            10,
+        );
+        check(
+            &[1, 4, 17],
+            &[4, 1, 3],
+            4,
+            win(Some(vec![1, 1]), None, Some(vec![2])),
+            true,
+            Activation::None,
+            11,
+        );
+        check(
+            &[1, 2, 5, 6, 7],
+            &[3, 2, 3, 2, 3],
+            1,
+            win(Some(vec![1, 0, 1, 1, 1, 0]), Some(vec![1, 2, 2]), None),
+            true,
+            Activation::None,
+            12,
+        );
         for ap in [AutoPad::SameUpper, AutoPad::SameLower, AutoPad::Valid] {
-            let w = WindowAttrs { auto_pad: ap, strides: Some(vec![2, 2]), ..Default::default() };
-            check(&[1, 3, 7, 8], &[2, 3, 3, 4], 1, w, true, Activation::None, 13);
+            let w = WindowAttrs {
+                auto_pad: ap,
+                strides: Some(vec![2, 2]),
+                ..Default::default()
+            };
+            check(
+                &[1, 3, 7, 8],
+                &[2, 3, 3, 4],
+                1,
+                w,
+                true,
+                Activation::None,
+                13,
+            );
         }
     }
 
@@ -290,26 +510,56 @@ mod tests {
     fn other_float_dtypes() {
         let x = Tensor::from_vec(&[1, 1, 3, 3], (0..9).map(|v| v as f64).collect()).unwrap();
         let w = Tensor::from_vec(&[1, 1, 2, 2], vec![1.0f64; 4]).unwrap();
-        let conv = Conv { win: WindowAttrs::default(), group: 1, act: Activation::None };
-        let y = conv.eval(&[Some(&x.clone().into()), Some(&w.clone().into())]).unwrap().remove(0).into_tensor().unwrap();
+        let conv = Conv {
+            win: WindowAttrs::default(),
+            group: 1,
+            act: Activation::None,
+        };
+        let y = conv
+            .eval(&[Some(&x.clone().into()), Some(&w.clone().into())])
+            .unwrap()
+            .remove(0)
+            .into_tensor()
+            .unwrap();
         assert_eq!(y.as_slice::<f64>().unwrap(), &[8.0, 12.0, 20.0, 24.0]);
         let x16 = x.cast(DType::F16).unwrap();
         let w16 = w.cast(DType::F16).unwrap();
-        let y = conv.eval(&[Some(&x16.into()), Some(&w16.into())]).unwrap().remove(0).into_tensor().unwrap();
+        let y = conv
+            .eval(&[Some(&x16.into()), Some(&w16.into())])
+            .unwrap()
+            .remove(0)
+            .into_tensor()
+            .unwrap();
         assert_eq!(y.dtype(), DType::F16);
         assert_eq!(y.to_f32_vec().unwrap(), vec![8.0, 12.0, 20.0, 24.0]);
     }
 
     #[test]
     fn bad_inputs_are_errors() {
-        let conv = Conv { win: WindowAttrs::default(), group: 2, act: Activation::None };
-        let x: Value = Tensor::from_vec(&[1, 3, 4, 4], vec![0.0f32; 48]).unwrap().into();
-        let w: Value = Tensor::from_vec(&[2, 1, 3, 3], vec![0.0f32; 18]).unwrap().into();
+        let conv = Conv {
+            win: WindowAttrs::default(),
+            group: 2,
+            act: Activation::None,
+        };
+        let x: Value = Tensor::from_vec(&[1, 3, 4, 4], vec![0.0f32; 48])
+            .unwrap()
+            .into();
+        let w: Value = Tensor::from_vec(&[2, 1, 3, 3], vec![0.0f32; 18])
+            .unwrap()
+            .into();
         assert!(conv.eval(&[Some(&x), Some(&w)]).is_err());
-        let conv = Conv { win: WindowAttrs::default(), group: 1, act: Activation::None };
-        let w: Value = Tensor::from_vec(&[2, 3, 5, 5], vec![0.0f32; 150]).unwrap().into();
+        let conv = Conv {
+            win: WindowAttrs::default(),
+            group: 1,
+            act: Activation::None,
+        };
+        let w: Value = Tensor::from_vec(&[2, 3, 5, 5], vec![0.0f32; 150])
+            .unwrap()
+            .into();
         assert!(conv.eval(&[Some(&x), Some(&w)]).is_err());
-        let xi: Value = Tensor::from_vec(&[1, 3, 4, 4], vec![0i32; 48]).unwrap().into();
+        let xi: Value = Tensor::from_vec(&[1, 3, 4, 4], vec![0i32; 48])
+            .unwrap()
+            .into();
         assert!(conv.eval(&[Some(&xi), Some(&w)]).is_err());
         assert!(conv.eval(&[Some(&x)]).is_err());
     }
@@ -333,10 +583,18 @@ mod tests {
         ];
         for (name, xs, ws, group) in cases {
             let mut r = Lcg(9);
-            let x: Value = Tensor::from_vec(&xs, r.vec(xs.iter().product())).unwrap().into();
-            let w: Value = Tensor::from_vec(&ws, r.vec(ws.iter().product())).unwrap().into();
+            let x: Value = Tensor::from_vec(&xs, r.vec(xs.iter().product()))
+                .unwrap()
+                .into();
+            let w: Value = Tensor::from_vec(&ws, r.vec(ws.iter().product()))
+                .unwrap()
+                .into();
             let b: Value = Tensor::from_vec(&[ws[0]], r.vec(ws[0])).unwrap().into();
-            let conv = Conv { win: win(Some(vec![ws[2] / 2; 4]), None, None), group, act: Activation::Relu };
+            let conv = Conv {
+                win: win(Some(vec![ws[2] / 2; 4]), None, None),
+                group,
+                act: Activation::Relu,
+            };
             let inputs = [Some(&x), Some(&w), Some(&b)];
             let y = conv.eval(&inputs).unwrap().remove(0).into_tensor().unwrap();
             let shape = y.shape().to_vec();
@@ -349,7 +607,12 @@ mod tests {
                 conv.eval_into(&inputs, &mut slots).unwrap();
                 best = best.min(t.elapsed().as_secs_f64());
             }
-            println!("{name}: {:.3} ms, {:.1} GFLOP/s ({} threads)", best * 1e3, flops / best / 1e9, rayon::current_num_threads());
+            println!(
+                "{name}: {:.3} ms, {:.1} GFLOP/s ({} threads)",
+                best * 1e3,
+                flops / best / 1e9,
+                rayon::current_num_threads()
+            );
         }
     }
 }

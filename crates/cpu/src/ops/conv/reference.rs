@@ -18,7 +18,13 @@ pub struct ConvDims {
 }
 
 /// `y[n, m, o] = b[m] + Σ_{c in group, k} x[n, c, o·s + k·d − p] · w[m, c, k]`, NC(D)(H)W layout.
-pub fn conv_reference(x: &[f64], w: &[f64], b: Option<&[f64]>, dims: ConvDims, sp: &Spatial3) -> Vec<f64> {
+pub fn conv_reference(
+    x: &[f64],
+    w: &[f64],
+    b: Option<&[f64]>,
+    dims: ConvDims,
+    sp: &Spatial3,
+) -> Vec<f64> {
     let ConvDims { n, c, m, group } = dims;
     let (cg, mg) = (c / group, m / group);
     let [kd_n, kh_n, kw_n] = sp.kernel;
@@ -38,13 +44,19 @@ pub fn conv_reference(x: &[f64], w: &[f64], b: Option<&[f64]>, dims: ConvDims, s
                             for kd in 0..kd_n {
                                 for kh in 0..kh_n {
                                     for kw in 0..kw_n {
-                                        let (Some(id), Some(ih), Some(iw)) =
-                                            (sp.in_coord(0, od, kd), sp.in_coord(1, oh, kh), sp.in_coord(2, ow, kw))
-                                        else {
+                                        let (Some(id), Some(ih), Some(iw)) = (
+                                            sp.in_coord(0, od, kd),
+                                            sp.in_coord(1, oh, kh),
+                                            sp.in_coord(2, ow, kw),
+                                        ) else {
                                             continue;
                                         };
-                                        let xv = x[(((bn * c + cin) * id_n + id) * ih_n + ih) * iw_n + iw];
-                                        let wv = w[(((om * cg + ic) * kd_n + kd) * kh_n + kh) * kw_n + kw];
+                                        let xv = x[(((bn * c + cin) * id_n + id) * ih_n + ih)
+                                            * iw_n
+                                            + iw];
+                                        let wv = w[(((om * cg + ic) * kd_n + kd) * kh_n + kh)
+                                            * kw_n
+                                            + kw];
                                         acc += xv * wv;
                                     }
                                 }

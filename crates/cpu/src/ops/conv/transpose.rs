@@ -3,7 +3,9 @@
 
 use rayon::prelude::*;
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, Result, Tensor, Value,
+};
 
 use super::geom::AutoPad;
 use crate::ops::linalg::blas::{self, MatRef};
@@ -27,7 +29,12 @@ fn uints(a: &kiln_core::AttrReader, name: &str, min: i64) -> Result<Option<Vec<u
         None => Ok(None),
         Some(v) => v
             .iter()
-            .map(|&x| usize::try_from(x).ok().filter(|_| x >= min).ok_or_else(|| a.invalid(format!("invalid {name} {v:?}"))))
+            .map(|&x| {
+                usize::try_from(x)
+                    .ok()
+                    .filter(|_| x >= min)
+                    .ok_or_else(|| a.invalid(format!("invalid {name} {v:?}")))
+            })
             .collect::<Result<Vec<_>>>()
             .map(Some),
     }
@@ -36,7 +43,10 @@ fn uints(a: &kiln_core::AttrReader, name: &str, min: i64) -> Result<Option<Vec<u
 /// Builds ConvTranspose.
 pub fn build_conv_transpose(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    let group = usize::try_from(a.int("group", 1)?).ok().filter(|&g| g > 0).ok_or_else(|| a.invalid("group must be positive"))?;
+    let group = usize::try_from(a.int("group", 1)?)
+        .ok()
+        .filter(|&g| g > 0)
+        .ok_or_else(|| a.invalid("group must be positive"))?;
     let pads = a.opt_ints("pads")?;
     if pads.as_ref().is_some_and(|p| p.len() % 2 != 0) {
         return Err(a.invalid("pads must have an even length"));
@@ -81,11 +91,20 @@ impl TGeom {
 }
 
 impl ConvTranspose {
-    fn list(&self, v: &Option<Vec<usize>>, n: usize, default: usize, name: &str) -> Result<Vec<usize>> {
+    fn list(
+        &self,
+        v: &Option<Vec<usize>>,
+        n: usize,
+        default: usize,
+        name: &str,
+    ) -> Result<Vec<usize>> {
         match v {
             None => Ok(vec![default; n]),
             Some(v) if v.len() == n => Ok(v.clone()),
-            Some(v) => Err(KilnError::kernel("ConvTranspose", format!("{name} {v:?} should have {n} values"))),
+            Some(v) => Err(KilnError::kernel(
+                "ConvTranspose",
+                format!("{name} {v:?} should have {n} values"),
+            )),
         }
     }
 
@@ -100,13 +119,18 @@ impl ConvTranspose {
             other => other.clone(),
         };
         if out_attr.as_ref().is_some_and(|v| v.len() != n) {
-            return Err(KilnError::kernel("ConvTranspose", format!("output_shape {out_attr:?} should have {n} values")));
+            return Err(KilnError::kernel(
+                "ConvTranspose",
+                format!("output_shape {out_attr:?} should have {n} values"),
+            ));
         }
         let same = matches!(self.auto_pad, AutoPad::SameUpper | AutoPad::SameLower);
         let mut outs = vec![0; n];
         let mut begins = vec![0; n];
         for i in 0..n {
-            let natural = s[i] as i64 * (input[i] as i64 - 1) + op[i] as i64 + ((kernel[i] as i64 - 1) * d[i] as i64 + 1);
+            let natural = s[i] as i64 * (input[i] as i64 - 1)
+                + op[i] as i64
+                + ((kernel[i] as i64 - 1) * d[i] as i64 + 1);
             if out_attr.is_some() || same {
                 let out = match &out_attr {
                     Some(o) => o[i] as i64,
@@ -114,13 +138,22 @@ impl ConvTranspose {
                 };
                 let total = natural - out;
                 let half = total.div_euclid(2);
-                begins[i] = if self.auto_pad == AutoPad::SameUpper { half } else { total - half };
+                begins[i] = if self.auto_pad == AutoPad::SameUpper {
+                    half
+                } else {
+                    total - half
+                };
                 outs[i] = out;
             } else {
                 let pads = match &self.pads {
                     None => vec![0; 2 * n],
                     Some(p) if p.len() == 2 * n => p.clone(),
-                    Some(p) => return Err(KilnError::kernel("ConvTranspose", format!("pads {p:?} should have {} values", 2 * n))),
+                    Some(p) => {
+                        return Err(KilnError::kernel(
+                            "ConvTranspose",
+                            format!("pads {p:?} should have {} values", 2 * n),
+                        ))
+                    }
                 };
                 begins[i] = pads[i];
                 outs[i] = natural - pads[i] - pads[i + n];
@@ -128,26 +161,42 @@ impl ConvTranspose {
         }
         let outs = outs
             .into_iter()
-            .map(|o| usize::try_from(o).map_err(|_| KilnError::kernel("ConvTranspose", format!("negative output size {o}"))))
+            .map(|o| {
+                usize::try_from(o).map_err(|_| {
+                    KilnError::kernel("ConvTranspose", format!("negative output size {o}"))
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok((outs, begins))
     }
 
     fn geometry(&self, xs: &[usize], ws: &[usize]) -> Result<(usize, usize, usize, TGeom)> {
         if xs.len() < 3 || ws.len() != xs.len() {
-            return Err(KilnError::kernel("ConvTranspose", format!("X {xs:?} and W {ws:?} must have one rank ≥ 3")));
+            return Err(KilnError::kernel(
+                "ConvTranspose",
+                format!("X {xs:?} and W {ws:?} must have one rank ≥ 3"),
+            ));
         }
         let nd = xs.len() - 2;
         if nd > 3 {
-            return Err(KilnError::kernel("ConvTranspose", format!("{nd} spatial dims are not supported (at most 3)")));
+            return Err(KilnError::kernel(
+                "ConvTranspose",
+                format!("{nd} spatial dims are not supported (at most 3)"),
+            ));
         }
         let (c, m) = (xs[1], ws[1] * self.group);
         if ws[0] != c || c % self.group != 0 {
-            return Err(KilnError::kernel("ConvTranspose", format!("W {ws:?} does not fit X {xs:?} with group {}", self.group)));
+            return Err(KilnError::kernel(
+                "ConvTranspose",
+                format!("W {ws:?} does not fit X {xs:?} with group {}", self.group),
+            ));
         }
         if let Some(k) = &self.kernel_shape {
             if k.as_slice() != &ws[2..] {
-                return Err(KilnError::kernel("ConvTranspose", format!("kernel_shape {k:?} does not match W {ws:?}")));
+                return Err(KilnError::kernel(
+                    "ConvTranspose",
+                    format!("kernel_shape {k:?} does not match W {ws:?}"),
+                ));
             }
         }
         let (outs, begins) = self.resolve(&xs[2..], &ws[2..])?;
@@ -171,7 +220,17 @@ impl ConvTranspose {
 
     /// f32 kernel: per (image, group) GEMM into a column buffer, then col2im.
     #[allow(clippy::too_many_arguments)]
-    fn run_f32(&self, x: &[f32], w: &[f32], b: Option<&[f32]>, n: usize, c: usize, m: usize, g: &TGeom, out: &mut [f32]) -> Result<()> {
+    fn run_f32(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        n: usize,
+        c: usize,
+        m: usize,
+        g: &TGeom,
+        out: &mut [f32],
+    ) -> Result<()> {
         let group = self.group;
         let (cg, mg) = (c / group, m / group);
         let pin: usize = g.input.iter().product();
@@ -189,7 +248,18 @@ impl ConvTranspose {
             let wg = &w[gi * cg * rows..(gi + 1) * cg * rows];
             let mut col = vec![0.0f32; rows * pin];
             let par = !outer && rows * pin * cg >= blas::PARALLEL_THRESHOLD;
-            blas::gemm(rows, pin, cg, &mut col, pin, false, MatRef::transposed(wg, rows), MatRef::row_major(xg, pin), 1.0, par)?;
+            blas::gemm(
+                rows,
+                pin,
+                cg,
+                &mut col,
+                pin,
+                false,
+                MatRef::transposed(wg, rows),
+                MatRef::row_major(xg, pin),
+                1.0,
+                par,
+            )?;
             for (mi, plane) in chunk.chunks_mut(pout).enumerate() {
                 plane.fill(b.map_or(0.0, |b| b[gi * mg + mi]));
                 col2im_add(&col[mi * ksz * pin..(mi + 1) * ksz * pin], g, plane);
@@ -217,9 +287,13 @@ fn col2im_add(col: &[f32], g: &TGeom, plane: &mut [f32]) {
                 let crow = &col[r * pin..(r + 1) * pin];
                 r += 1;
                 for id in 0..id_n {
-                    let Some(od) = g.out_coord(0, id, kd) else { continue };
+                    let Some(od) = g.out_coord(0, id, kd) else {
+                        continue;
+                    };
                     for ih in 0..ih_n {
-                        let Some(oh) = g.out_coord(1, ih, kh) else { continue };
+                        let Some(oh) = g.out_coord(1, ih, kh) else {
+                            continue;
+                        };
                         let orow = &mut plane[(od * oh_n + oh) * ow_n..(od * oh_n + oh + 1) * ow_n];
                         let irow = &crow[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
                         for (iw, &v) in irow.iter().enumerate() {
@@ -243,8 +317,14 @@ impl Op for ConvTranspose {
         let x = inputs.first().copied().flatten();
         let w = inputs.get(1).copied().flatten();
         let dtype = x.and_then(|f| f.dtype);
-        let (Some(xs), Some(ws)) = (x.and_then(|f| f.shape.as_ref()), w.and_then(|f| f.shape.as_ref())) else {
-            return Ok(vec![Fact { dtype, ..Fact::unknown() }]);
+        let (Some(xs), Some(ws)) = (
+            x.and_then(|f| f.shape.as_ref()),
+            w.and_then(|f| f.shape.as_ref()),
+        ) else {
+            return Ok(vec![Fact {
+                dtype,
+                ..Fact::unknown()
+            }]);
         };
         let m = match ws.get(1) {
             Some(Dim::Known(v)) => Dim::Known(v * self.group),
@@ -254,29 +334,53 @@ impl Op for ConvTranspose {
         let input: Option<Vec<usize>> = xs.iter().skip(2).map(|d| d.known()).collect();
         let kernel: Option<Vec<usize>> = ws.iter().skip(2).map(|d| d.known()).collect();
         match (input, kernel) {
-            (Some(i), Some(k)) if i.len() == k.len() => shape.extend(self.resolve(&i, &k)?.0.into_iter().map(Dim::Known)),
+            (Some(i), Some(k)) if i.len() == k.len() => {
+                shape.extend(self.resolve(&i, &k)?.0.into_iter().map(Dim::Known))
+            }
             _ => shape.extend(vec![Dim::Unknown; xs.len().saturating_sub(2)]),
         }
-        Ok(vec![Fact { dtype, shape: Some(shape), ..Fact::unknown() }])
+        Ok(vec![Fact {
+            dtype,
+            shape: Some(shape),
+            ..Fact::unknown()
+        }])
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input_tensor(inputs, 0, "ConvTranspose")?;
         let w = input_tensor(inputs, 1, "ConvTranspose")?;
         let b = optional_tensor(inputs, 2, "ConvTranspose")?;
-        if !x.dtype().is_float() || w.dtype() != x.dtype() || b.is_some_and(|b| b.dtype() != x.dtype()) {
-            return Err(KilnError::kernel("ConvTranspose", "X, W and B must be float tensors of one dtype"));
+        if !x.dtype().is_float()
+            || w.dtype() != x.dtype()
+            || b.is_some_and(|b| b.dtype() != x.dtype())
+        {
+            return Err(KilnError::kernel(
+                "ConvTranspose",
+                "X, W and B must be float tensors of one dtype",
+            ));
         }
         let (n, c, m, g) = self.geometry(x.shape(), w.shape())?;
         if b.is_some_and(|b| b.shape() != [m]) {
-            return Err(KilnError::kernel("ConvTranspose", format!("B must have shape [{m}]")));
+            return Err(KilnError::kernel(
+                "ConvTranspose",
+                format!("B must have shape [{m}]"),
+            ));
         }
         let nd = x.rank() - 2;
         let mut shape = vec![n, m];
         shape.extend_from_slice(&g.output[3 - nd..]);
         let mut out = vec![0.0f32; shape.iter().product()];
         let bf = b.map(as_f32).transpose()?;
-        self.run_f32(&as_f32(x)?, &as_f32(w)?, bf.as_deref(), n, c, m, &g, &mut out)?;
+        self.run_f32(
+            &as_f32(x)?,
+            &as_f32(w)?,
+            bf.as_deref(),
+            n,
+            c,
+            m,
+            &g,
+            &mut out,
+        )?;
         Ok(vec![from_f32(x.dtype(), &shape, out)?.into()])
     }
 
@@ -304,7 +408,15 @@ mod tests {
     }
 
     /// Naive scatter: y[n, g·Mg+m, i·s + k·d − p] += x[n, g·Cg+c, i] · w[g·Cg+c, m, k].
-    fn naive(x: &[f32], xs: &[usize], w: &[f32], ws: &[usize], b: &[f32], group: usize, g: &TGeom) -> Vec<f32> {
+    fn naive(
+        x: &[f32],
+        xs: &[usize],
+        w: &[f32],
+        ws: &[usize],
+        b: &[f32],
+        group: usize,
+        g: &TGeom,
+    ) -> Vec<f32> {
         let (n, c, mg) = (xs[0], xs[1], ws[1]);
         let m = mg * group;
         let cg = c / group;
@@ -323,12 +435,25 @@ mod tests {
                 for mi in 0..mg {
                     let om = gi * mg + mi;
                     for ip in 0..pin {
-                        let (id, ih, iw) = (ip / (g.input[1] * g.input[2]), (ip / g.input[2]) % g.input[1], ip % g.input[2]);
+                        let (id, ih, iw) = (
+                            ip / (g.input[1] * g.input[2]),
+                            (ip / g.input[2]) % g.input[1],
+                            ip % g.input[2],
+                        );
                         for kp in 0..ksz {
-                            let (kd, kh, kw) = (kp / (g.kernel[1] * g.kernel[2]), (kp / g.kernel[2]) % g.kernel[1], kp % g.kernel[2]);
-                            if let (Some(od), Some(oh), Some(ow)) = (g.out_coord(0, id, kd), g.out_coord(1, ih, kh), g.out_coord(2, iw, kw)) {
+                            let (kd, kh, kw) = (
+                                kp / (g.kernel[1] * g.kernel[2]),
+                                (kp / g.kernel[2]) % g.kernel[1],
+                                kp % g.kernel[2],
+                            );
+                            if let (Some(od), Some(oh), Some(ow)) = (
+                                g.out_coord(0, id, kd),
+                                g.out_coord(1, ih, kh),
+                                g.out_coord(2, iw, kw),
+                            ) {
                                 let o = (od * g.output[1] + oh) * g.output[2] + ow;
-                                y[(bn * m + om) * pout + o] += x[(bn * c + ci) * pin + ip] as f64 * w[(ci * mg + mi) * ksz + kp] as f64;
+                                y[(bn * m + om) * pout + o] += x[(bn * c + ci) * pin + ip] as f64
+                                    * w[(ci * mg + mi) * ksz + kp] as f64;
                             }
                         }
                     }
@@ -346,12 +471,25 @@ mod tests {
         let xv: Value = Tensor::from_vec(xs, x.clone()).unwrap().into();
         let wv: Value = Tensor::from_vec(ws, w.clone()).unwrap().into();
         let bv: Value = Tensor::from_vec(&[b.len()], b.clone()).unwrap().into();
-        let y = op.eval(&[Some(&xv), Some(&wv), Some(&bv)]).unwrap().remove(0).into_tensor().unwrap();
+        let y = op
+            .eval(&[Some(&xv), Some(&wv), Some(&bv)])
+            .unwrap()
+            .remove(0)
+            .into_tensor()
+            .unwrap();
         assert_eq!(&y.shape()[2..], want_spatial);
         let (_, _, _, g) = op.geometry(xs, ws).unwrap();
         let want = naive(&x, xs, &w, ws, &b, op.group, &g);
         assert!(max_diff(y.as_slice::<f32>().unwrap(), &want) < 1e-4);
-        let f = op.infer(&[Some(&Fact::concrete(DType::F32, xs)), Some(&Fact::concrete(DType::F32, ws))], 1).unwrap();
+        let f = op
+            .infer(
+                &[
+                    Some(&Fact::concrete(DType::F32, xs)),
+                    Some(&Fact::concrete(DType::F32, ws)),
+                ],
+                1,
+            )
+            .unwrap();
         assert_eq!(f[0].concrete_shape().unwrap(), y.shape());
     }
 
@@ -385,12 +523,18 @@ mod tests {
 
     #[test]
     fn conv_transpose_errors() {
-        let x: Value = Tensor::from_vec(&[1, 2, 3, 3], vec![0.0f32; 18]).unwrap().into();
-        let w: Value = Tensor::from_vec(&[3, 1, 3, 3], vec![0.0f32; 27]).unwrap().into();
+        let x: Value = Tensor::from_vec(&[1, 2, 3, 3], vec![0.0f32; 18])
+            .unwrap()
+            .into();
+        let w: Value = Tensor::from_vec(&[3, 1, 3, 3], vec![0.0f32; 27])
+            .unwrap()
+            .into();
         assert!(ct(1).eval(&[Some(&x), Some(&w)]).is_err());
         let mut op = ct(1);
         op.pads = Some(vec![5, 5, 5, 5]);
-        let w: Value = Tensor::from_vec(&[2, 1, 3, 3], vec![0.0f32; 18]).unwrap().into();
+        let w: Value = Tensor::from_vec(&[2, 1, 3, 3], vec![0.0f32; 18])
+            .unwrap()
+            .into();
         assert!(op.eval(&[Some(&x), Some(&w)]).is_err());
     }
 }

@@ -22,21 +22,31 @@ pub struct MatRef<'a, T> {
 impl<'a, T> MatRef<'a, T> {
     /// A row-major matrix with `cols` columns.
     pub fn row_major(data: &'a [T], cols: usize) -> Self {
-        MatRef { data, rs: cols, cs: 1 }
+        MatRef {
+            data,
+            rs: cols,
+            cs: 1,
+        }
     }
 
     /// A view that is the transpose of a row-major matrix with `cols` columns.
     pub fn transposed(data: &'a [T], cols: usize) -> Self {
-        MatRef { data, rs: 1, cs: cols }
+        MatRef {
+            data,
+            rs: 1,
+            cs: cols,
+        }
     }
 
     fn fits(&self, rows: usize, cols: usize) -> bool {
         if rows == 0 || cols == 0 {
             return true;
         }
-        let last = (rows - 1)
-            .checked_mul(self.rs)
-            .and_then(|a| (cols - 1).checked_mul(self.cs).and_then(|b| a.checked_add(b)));
+        let last = (rows - 1).checked_mul(self.rs).and_then(|a| {
+            (cols - 1)
+                .checked_mul(self.cs)
+                .and_then(|b| a.checked_add(b))
+        });
         matches!(last, Some(l) if l < self.data.len())
     }
 }
@@ -65,9 +75,15 @@ pub fn gemm<T: GemmFloat>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    let dst_view = MatRef { data: &*dst, rs: dst_rs, cs: 1 };
+    let dst_view = MatRef {
+        data: &*dst,
+        rs: dst_rs,
+        cs: 1,
+    };
     if dst_rs < n || !dst_view.fits(m, n) {
-        return Err(KilnError::Other(format!("gemm: destination too small for {m}×{n}")));
+        return Err(KilnError::Other(format!(
+            "gemm: destination too small for {m}×{n}"
+        )));
     }
     if k == 0 {
         if !accumulate {
@@ -78,10 +94,19 @@ pub fn gemm<T: GemmFloat>(
         return Ok(());
     }
     if !a.fits(m, k) || !b.fits(k, n) {
-        return Err(KilnError::Other(format!("gemm: operand too small for {m}×{k}·{k}×{n}")));
+        return Err(KilnError::Other(format!(
+            "gemm: operand too small for {m}×{k}·{k}×{n}"
+        )));
     }
-    let to_isize = |v: usize| isize::try_from(v).map_err(|_| KilnError::Other("gemm: stride overflow".into()));
-    let (dst_rs, a_rs, a_cs, b_rs, b_cs) = (to_isize(dst_rs)?, to_isize(a.rs)?, to_isize(a.cs)?, to_isize(b.rs)?, to_isize(b.cs)?);
+    let to_isize =
+        |v: usize| isize::try_from(v).map_err(|_| KilnError::Other("gemm: stride overflow".into()));
+    let (dst_rs, a_rs, a_cs, b_rs, b_cs) = (
+        to_isize(dst_rs)?,
+        to_isize(a.rs)?,
+        to_isize(a.cs)?,
+        to_isize(b.rs)?,
+        to_isize(b.cs)?,
+    );
     let par = if parallel && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(0)
     } else {
@@ -128,7 +153,19 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.5 - 3.0).collect();
         let bt: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 - 1.5).collect(); // n×k, used transposed
         let mut dst = vec![1.0f32; m * (n + 2)];
-        gemm(m, n, k, &mut dst, n + 2, true, MatRef::row_major(&a, k), MatRef::transposed(&bt, k), 2.0, false).unwrap();
+        gemm(
+            m,
+            n,
+            k,
+            &mut dst,
+            n + 2,
+            true,
+            MatRef::row_major(&a, k),
+            MatRef::transposed(&bt, k),
+            2.0,
+            false,
+        )
+        .unwrap();
         for i in 0..m {
             for j in 0..n {
                 let mut s = 0.0;
@@ -145,6 +182,18 @@ mod tests {
     fn too_small_is_an_error() {
         let a = [1.0f32; 4];
         let mut d = [0.0f32; 4];
-        assert!(gemm(2, 2, 3, &mut d, 2, false, MatRef::row_major(&a, 3), MatRef::row_major(&a, 2), 1.0, false).is_err());
+        assert!(gemm(
+            2,
+            2,
+            3,
+            &mut d,
+            2,
+            false,
+            MatRef::row_major(&a, 3),
+            MatRef::row_major(&a, 2),
+            1.0,
+            false
+        )
+        .is_err());
     }
 }

@@ -12,8 +12,8 @@ use num_traits::{AsPrimitive, WrappingAdd, WrappingMul, Zero};
 use rayon::prelude::*;
 
 use kiln_core::{
-    fact, input_tensor, optional_tensor, BuildCtx, DType, Dim, Element, Fact, KilnError, Op, OpRegistry, Result, Tensor,
-    TensorMut, Value,
+    fact, input_tensor, optional_tensor, BuildCtx, DType, Dim, Element, Fact, KilnError, Op,
+    OpRegistry, Result, Tensor, TensorMut, Value,
 };
 
 use self::blas::{GemmFloat, MatRef};
@@ -51,14 +51,32 @@ pub fn from_f32(dtype: DType, shape: &[usize], v: Vec<f32>) -> Result<Tensor> {
 }
 
 fn infer_err(op: &str, msg: impl Into<String>) -> KilnError {
-    KilnError::Inference { node: String::new(), op: op.into(), msg: msg.into() }
+    KilnError::Inference {
+        node: String::new(),
+        op: op.into(),
+        msg: msg.into(),
+    }
 }
 
 /// Writes a kernel's result into an output slot, checking its dtype and shape.
-fn slot_of<'s, 'a>(outputs: &'s mut [TensorMut<'a>], op: &str, dtype: DType, shape: &[usize]) -> Result<&'s mut TensorMut<'a>> {
-    let slot = outputs.first_mut().ok_or_else(|| KilnError::kernel(op, "no output slot"))?;
+fn slot_of<'s, 'a>(
+    outputs: &'s mut [TensorMut<'a>],
+    op: &str,
+    dtype: DType,
+    shape: &[usize],
+) -> Result<&'s mut TensorMut<'a>> {
+    let slot = outputs
+        .first_mut()
+        .ok_or_else(|| KilnError::kernel(op, "no output slot"))?;
     if slot.dtype() != dtype || slot.shape() != shape {
-        return Err(KilnError::kernel(op, format!("output slot is {} {:?}, expected {dtype} {shape:?}", slot.dtype(), slot.shape())));
+        return Err(KilnError::kernel(
+            op,
+            format!(
+                "output slot is {} {:?}, expected {dtype} {shape:?}",
+                slot.dtype(),
+                slot.shape()
+            ),
+        ));
     }
     Ok(slot)
 }
@@ -74,14 +92,38 @@ impl<T: Element + Copy + Zero + WrappingAdd + WrappingMul + AsPrimitive<f64>> In
 macro_rules! dispatch_int {
     ($dtype:expr, $T:ident => $body:expr, _ => $other:expr) => {
         match $dtype {
-            DType::I8 => { type $T = i8; $body }
-            DType::I16 => { type $T = i16; $body }
-            DType::I32 => { type $T = i32; $body }
-            DType::I64 => { type $T = i64; $body }
-            DType::U8 => { type $T = u8; $body }
-            DType::U16 => { type $T = u16; $body }
-            DType::U32 => { type $T = u32; $body }
-            DType::U64 => { type $T = u64; $body }
+            DType::I8 => {
+                type $T = i8;
+                $body
+            }
+            DType::I16 => {
+                type $T = i16;
+                $body
+            }
+            DType::I32 => {
+                type $T = i32;
+                $body
+            }
+            DType::I64 => {
+                type $T = i64;
+                $body
+            }
+            DType::U8 => {
+                type $T = u8;
+                $body
+            }
+            DType::U16 => {
+                type $T = u16;
+                $body
+            }
+            DType::U32 => {
+                type $T = u32;
+                $body
+            }
+            DType::U64 => {
+                type $T = u64;
+                $body
+            }
             _ => $other,
         }
     };
@@ -115,17 +157,36 @@ pub fn matmul_plan(op: &str, a: &[usize], b: &[usize]) -> Result<MatMulPlan> {
     if a.is_empty() || b.is_empty() {
         return Err(KilnError::kernel(op, "operands must have rank ≥ 1"));
     }
-    let a2: Vec<usize> = if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() };
-    let b2: Vec<usize> = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
+    let a2: Vec<usize> = if a.len() == 1 {
+        vec![1, a[0]]
+    } else {
+        a.to_vec()
+    };
+    let b2: Vec<usize> = if b.len() == 1 {
+        vec![b[0], 1]
+    } else {
+        b.to_vec()
+    };
     let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
     let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
     if k != k2 {
-        return Err(KilnError::kernel(op, format!("inner dimensions differ: A {a:?}, B {b:?}")));
+        return Err(KilnError::kernel(
+            op,
+            format!("inner dimensions differ: A {a:?}, B {b:?}"),
+        ));
     }
     let (ab, bb) = (&a2[..a2.len() - 2], &b2[..b2.len() - 2]);
-    let batch = fact::broadcast_shapes(ab, bb).ok_or_else(|| KilnError::kernel(op, format!("batch dims of A {a:?} and B {b:?} do not broadcast")))?;
+    let batch = fact::broadcast_shapes(ab, bb).ok_or_else(|| {
+        KilnError::kernel(
+            op,
+            format!("batch dims of A {a:?} and B {b:?} do not broadcast"),
+        )
+    })?;
     let nb: usize = batch.iter().product();
-    let (sa, sb) = (bcast_strides(ab, &batch, m * k), bcast_strides(bb, &batch, k * n));
+    let (sa, sb) = (
+        bcast_strides(ab, &batch, m * k),
+        bcast_strides(bb, &batch, k * n),
+    );
     let mut offsets = Vec::with_capacity(nb);
     let mut idx = vec![0usize; batch.len()];
     for _ in 0..nb {
@@ -147,8 +208,17 @@ pub fn matmul_plan(op: &str, a: &[usize], b: &[usize]) -> Result<MatMulPlan> {
     if b.len() > 1 {
         out_shape.push(n);
     }
-    let fold = nb > 1 && sb.iter().all(|&s| s == 0) && offsets.iter().enumerate().all(|(i, o)| o.0 == i * m * k);
-    Ok(MatMulPlan { m, k, n, offsets, out_shape, fold })
+    let fold = nb > 1
+        && sb.iter().all(|&s| s == 0)
+        && offsets.iter().enumerate().all(|(i, o)| o.0 == i * m * k);
+    Ok(MatMulPlan {
+        m,
+        k,
+        n,
+        offsets,
+        out_shape,
+        fold,
+    })
 }
 
 /// Strides (in elements) of a broadcast operand's batch dims over the output batch.
@@ -168,14 +238,26 @@ pub fn matmul_dims(op: &str, a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>> {
     if a.is_empty() || b.is_empty() {
         return Err(infer_err(op, "operands must have rank ≥ 1"));
     }
-    let a2: Vec<Dim> = if a.len() == 1 { vec![Dim::Known(1), a[0].clone()] } else { a.to_vec() };
-    let b2: Vec<Dim> = if b.len() == 1 { vec![b[0].clone(), Dim::Known(1)] } else { b.to_vec() };
+    let a2: Vec<Dim> = if a.len() == 1 {
+        vec![Dim::Known(1), a[0].clone()]
+    } else {
+        a.to_vec()
+    };
+    let b2: Vec<Dim> = if b.len() == 1 {
+        vec![b[0].clone(), Dim::Known(1)]
+    } else {
+        b.to_vec()
+    };
     if let (Dim::Known(x), Dim::Known(y)) = (&a2[a2.len() - 1], &b2[b2.len() - 2]) {
         if x != y {
-            return Err(infer_err(op, format!("inner dimensions differ: {x} vs {y}")));
+            return Err(infer_err(
+                op,
+                format!("inner dimensions differ: {x} vs {y}"),
+            ));
         }
     }
-    let mut out = fact::broadcast_dims(&a2[..a2.len() - 2], &b2[..b2.len() - 2]).ok_or_else(|| infer_err(op, "batch dims do not broadcast"))?;
+    let mut out = fact::broadcast_dims(&a2[..a2.len() - 2], &b2[..b2.len() - 2])
+        .ok_or_else(|| infer_err(op, "batch dims do not broadcast"))?;
     if a.len() > 1 {
         out.push(a2[a2.len() - 2].clone());
     }
@@ -186,12 +268,28 @@ pub fn matmul_dims(op: &str, a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>> {
 }
 
 /// Runs the planned product for a float type gemm supports; `out` is overwritten.
-pub fn matmul_float<T: GemmFloat>(plan: &MatMulPlan, a: &[T], b: &[T], out: &mut [T]) -> Result<()> {
+pub fn matmul_float<T: GemmFloat>(
+    plan: &MatMulPlan,
+    a: &[T],
+    b: &[T],
+    out: &mut [T],
+) -> Result<()> {
     let MatMulPlan { m, k, n, .. } = *plan;
     if plan.fold {
         let rows = m * plan.offsets.len();
         let par = rows * n * k >= blas::PARALLEL_THRESHOLD;
-        return blas::gemm(rows, n, k, out, n, false, MatRef::row_major(a, k), MatRef::row_major(&b[plan.offsets[0].1..], n), T::one(), par);
+        return blas::gemm(
+            rows,
+            n,
+            k,
+            out,
+            n,
+            false,
+            MatRef::row_major(a, k),
+            MatRef::row_major(&b[plan.offsets[0].1..], n),
+            T::one(),
+            par,
+        );
     }
     let per = m * n;
     if per == 0 {
@@ -201,7 +299,18 @@ pub fn matmul_float<T: GemmFloat>(plan: &MatMulPlan, a: &[T], b: &[T], out: &mut
     let one = |(i, o): (usize, &mut [T])| {
         let (oa, ob) = plan.offsets[i];
         let big = m * n * k >= blas::PARALLEL_THRESHOLD;
-        blas::gemm(m, n, k, o, n, false, MatRef::row_major(&a[oa..], k), MatRef::row_major(&b[ob..], n), T::one(), big && nb < 2)
+        blas::gemm(
+            m,
+            n,
+            k,
+            o,
+            n,
+            false,
+            MatRef::row_major(&a[oa..], k),
+            MatRef::row_major(&b[ob..], n),
+            T::one(),
+            big && nb < 2,
+        )
     };
     if nb > 1 && rayon::current_num_threads() > 1 && nb * m * n * k >= blas::PARALLEL_THRESHOLD {
         out.par_chunks_mut(per).enumerate().try_for_each(one)
@@ -237,11 +346,19 @@ pub struct MatMul {
 }
 
 fn build_matmul(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(MatMul { act: Activation::from_attrs(&ctx.attrs())? }))
+    Ok(Box::new(MatMul {
+        act: Activation::from_attrs(&ctx.attrs())?,
+    }))
 }
 
 impl MatMul {
-    fn run(&self, a: &Tensor, b: &Tensor, plan: &MatMulPlan, slot: Option<&mut TensorMut>) -> Result<Tensor> {
+    fn run(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        plan: &MatMulPlan,
+        slot: Option<&mut TensorMut>,
+    ) -> Result<Tensor> {
         let dtype = a.dtype();
         let shape = &plan.out_shape;
         let len: usize = shape.iter().product();
@@ -256,7 +373,8 @@ impl MatMul {
                 let mut out = vec![0.0f64; len];
                 matmul_float(plan, a.as_slice::<f64>()?, b.as_slice::<f64>()?, &mut out)?;
                 if self.act != Activation::None {
-                    out.iter_mut().for_each(|v| *v = self.act.apply(*v as f32) as f64);
+                    out.iter_mut()
+                        .for_each(|v| *v = self.act.apply(*v as f32) as f64);
                 }
                 Tensor::from_vec(shape, out)
             }
@@ -278,7 +396,10 @@ impl MatMul {
         let a = input_tensor(inputs, 0, "MatMul")?;
         let b = input_tensor(inputs, 1, "MatMul")?;
         if a.dtype() != b.dtype() {
-            return Err(KilnError::kernel("MatMul", format!("A is {} but B is {}", a.dtype(), b.dtype())));
+            return Err(KilnError::kernel(
+                "MatMul",
+                format!("A is {} but B is {}", a.dtype(), b.dtype()),
+            ));
         }
         let plan = matmul_plan("MatMul", a.shape(), b.shape())?;
         Ok((a, b, plan))
@@ -299,11 +420,18 @@ impl Op for MatMul {
                 return Err(infer_err("MatMul", format!("unsupported dtype {d}")));
             }
         }
-        let shape = match (a.and_then(|f| f.shape.as_ref()), b.and_then(|f| f.shape.as_ref())) {
+        let shape = match (
+            a.and_then(|f| f.shape.as_ref()),
+            b.and_then(|f| f.shape.as_ref()),
+        ) {
             (Some(sa), Some(sb)) => Some(matmul_dims("MatMul", sa, sb)?),
             _ => None,
         };
-        Ok(vec![Fact { dtype, shape, ..Fact::unknown() }])
+        Ok(vec![Fact {
+            dtype,
+            shape,
+            ..Fact::unknown()
+        }])
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
@@ -355,7 +483,8 @@ pub struct Gemm {
 
 fn build_gemm(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    let no_broadcast = ctx.opset() < 7 && ctx.desc.domain != KILN_DOMAIN && a.int("broadcast", 0)? == 0;
+    let no_broadcast =
+        ctx.opset() < 7 && ctx.desc.domain != KILN_DOMAIN && a.int("broadcast", 0)? == 0;
     Ok(Box::new(Gemm {
         alpha: a.float("alpha", 1.0)?,
         beta: a.float("beta", 1.0)?,
@@ -382,24 +511,53 @@ impl Gemm {
         let b = input_tensor(inputs, 1, "Gemm")?;
         let c = optional_tensor(inputs, 2, "Gemm")?;
         if a.rank() != 2 || b.rank() != 2 {
-            return Err(KilnError::kernel("Gemm", format!("A and B must be matrices, found {:?} and {:?}", a.shape(), b.shape())));
+            return Err(KilnError::kernel(
+                "Gemm",
+                format!(
+                    "A and B must be matrices, found {:?} and {:?}",
+                    a.shape(),
+                    b.shape()
+                ),
+            ));
         }
         if a.dtype() != b.dtype() || c.is_some_and(|c| c.dtype() != a.dtype()) {
             return Err(KilnError::kernel("Gemm", "A, B and C must share one dtype"));
         }
-        let (m, k) = if self.trans_a { (a.shape()[1], a.shape()[0]) } else { (a.shape()[0], a.shape()[1]) };
-        let (k2, n) = if self.trans_b { (b.shape()[1], b.shape()[0]) } else { (b.shape()[0], b.shape()[1]) };
+        let (m, k) = if self.trans_a {
+            (a.shape()[1], a.shape()[0])
+        } else {
+            (a.shape()[0], a.shape()[1])
+        };
+        let (k2, n) = if self.trans_b {
+            (b.shape()[1], b.shape()[0])
+        } else {
+            (b.shape()[0], b.shape()[1])
+        };
         if k != k2 {
-            return Err(KilnError::kernel("Gemm", format!("inner dimensions differ: A' is {m}×{k}, B' is {k2}×{n}")));
+            return Err(KilnError::kernel(
+                "Gemm",
+                format!("inner dimensions differ: A' is {m}×{k}, B' is {k2}×{n}"),
+            ));
         }
         if let Some(c) = c {
             let ok = if self.no_broadcast {
                 c.shape() == [m, n]
             } else {
-                c.rank() <= 2 && c.shape().iter().rev().zip([n, m]).all(|(&d, want)| d == 1 || d == want)
+                c.rank() <= 2
+                    && c.shape()
+                        .iter()
+                        .rev()
+                        .zip([n, m])
+                        .all(|(&d, want)| d == 1 || d == want)
             };
             if !ok {
-                return Err(KilnError::kernel("Gemm", format!("C of shape {:?} does not broadcast to [{m}, {n}]", c.shape())));
+                return Err(KilnError::kernel(
+                    "Gemm",
+                    format!(
+                        "C of shape {:?} does not broadcast to [{m}, {n}]",
+                        c.shape()
+                    ),
+                ));
             }
         }
         Ok(GemmCall { a, b, c, m, k, n })
@@ -421,7 +579,14 @@ impl Gemm {
         }
     }
 
-    fn run_float<T: GemmFloat>(&self, call: &GemmCall, a: &[T], b: &[T], c: Option<&[T]>, out: &mut [T]) -> Result<()> {
+    fn run_float<T: GemmFloat>(
+        &self,
+        call: &GemmCall,
+        a: &[T],
+        b: &[T],
+        c: Option<&[T]>,
+        out: &mut [T],
+    ) -> Result<()> {
         let (m, k, n) = (call.m, call.k, call.n);
         let alpha = T::from(self.alpha).unwrap_or_else(T::one);
         let beta = T::from(self.beta).unwrap_or_else(T::one);
@@ -429,9 +594,28 @@ impl Gemm {
         if let (Some(c), true) = (c, use_c) {
             self.c_init(call, c, out, |v| v * beta);
         }
-        let am = if self.trans_a { MatRef::transposed(a, m) } else { MatRef::row_major(a, k) };
-        let bm = if self.trans_b { MatRef::transposed(b, k) } else { MatRef::row_major(b, n) };
-        blas::gemm(m, n, k, out, n, use_c, am, bm, alpha, m * n * k >= blas::PARALLEL_THRESHOLD)
+        let am = if self.trans_a {
+            MatRef::transposed(a, m)
+        } else {
+            MatRef::row_major(a, k)
+        };
+        let bm = if self.trans_b {
+            MatRef::transposed(b, k)
+        } else {
+            MatRef::row_major(b, n)
+        };
+        blas::gemm(
+            m,
+            n,
+            k,
+            out,
+            n,
+            use_c,
+            am,
+            bm,
+            alpha,
+            m * n * k >= blas::PARALLEL_THRESHOLD,
+        )
     }
 
     fn run_int<T: IntElem>(&self, call: &GemmCall, a: &[T], b: &[T], c: Option<&[T]>) -> Vec<T>
@@ -442,9 +626,17 @@ impl Gemm {
         let mut acc = vec![T::zero(); m * n];
         for i in 0..m {
             for l in 0..k {
-                let av = if self.trans_a { a[l * m + i] } else { a[i * k + l] };
+                let av = if self.trans_a {
+                    a[l * m + i]
+                } else {
+                    a[i * k + l]
+                };
                 for j in 0..n {
-                    let bv = if self.trans_b { b[j * k + l] } else { b[l * n + j] };
+                    let bv = if self.trans_b {
+                        b[j * k + l]
+                    } else {
+                        b[l * n + j]
+                    };
                     acc[i * n + j] = acc[i * n + j].wrapping_add(&av.wrapping_mul(&bv));
                 }
             }
@@ -460,7 +652,11 @@ impl Gemm {
                 if exact {
                     p.wrapping_add(&cv)
                 } else {
-                    let cv = if c.is_some() && self.beta != 0.0 { self.beta as f64 * cv.as_() } else { 0.0 };
+                    let cv = if c.is_some() && self.beta != 0.0 {
+                        self.beta as f64 * cv.as_()
+                    } else {
+                        0.0
+                    };
                     (self.alpha as f64 * p.as_() + cv).as_()
                 }
             })
@@ -493,16 +689,29 @@ impl Gemm {
             DType::F64 => {
                 let c = call.c.map(|c| c.as_slice::<f64>()).transpose()?;
                 let mut out = vec![0.0f64; len];
-                self.run_float(call, call.a.as_slice::<f64>()?, call.b.as_slice::<f64>()?, c, &mut out)?;
+                self.run_float(
+                    call,
+                    call.a.as_slice::<f64>()?,
+                    call.b.as_slice::<f64>()?,
+                    c,
+                    &mut out,
+                )?;
                 if self.act != Activation::None {
-                    out.iter_mut().for_each(|v| *v = self.act.apply(*v as f32) as f64);
+                    out.iter_mut()
+                        .for_each(|v| *v = self.act.apply(*v as f32) as f64);
                 }
                 Ok(Some(Tensor::from_vec(&shape, out)?))
             }
             d if d.is_float() => {
                 let c = call.c.map(as_f32).transpose()?;
                 let mut out = vec![0.0f32; len];
-                self.run_float(call, &as_f32(call.a)?, &as_f32(call.b)?, c.as_deref(), &mut out)?;
+                self.run_float(
+                    call,
+                    &as_f32(call.a)?,
+                    &as_f32(call.b)?,
+                    c.as_deref(),
+                    &mut out,
+                )?;
                 self.act.apply_slice(&mut out);
                 Ok(Some(from_f32(d, &shape, out)?))
             }
@@ -528,17 +737,26 @@ impl Op for Gemm {
             match f.and_then(|f| f.shape.as_ref()) {
                 None => Ok(Dim::Unknown),
                 Some(s) if s.len() == 2 => Ok(s[i].clone()),
-                Some(s) => Err(infer_err("Gemm", format!("A and B must be matrices, found rank {}", s.len()))),
+                Some(s) => Err(infer_err(
+                    "Gemm",
+                    format!("A and B must be matrices, found rank {}", s.len()),
+                )),
             }
         };
         let m = dim(a, if self.trans_a { 1 } else { 0 })?;
         let n = dim(b, if self.trans_b { 0 } else { 1 })?;
-        Ok(vec![Fact { dtype, shape: Some(vec![m, n]), ..Fact::unknown() }])
+        Ok(vec![Fact {
+            dtype,
+            shape: Some(vec![m, n]),
+            ..Fact::unknown()
+        }])
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let call = self.prepare(inputs)?;
-        let t = self.compute(&call, None)?.ok_or_else(|| KilnError::kernel("Gemm", "no output"))?;
+        let t = self
+            .compute(&call, None)?
+            .ok_or_else(|| KilnError::kernel("Gemm", "no output"))?;
         Ok(vec![t.into()])
     }
 
@@ -549,7 +767,9 @@ impl Op for Gemm {
             self.compute(&call, Some(slot))?;
             return Ok(());
         }
-        let t = self.compute(&call, None)?.ok_or_else(|| KilnError::kernel("Gemm", "no output"))?;
+        let t = self
+            .compute(&call, None)?
+            .ok_or_else(|| KilnError::kernel("Gemm", "no output"))?;
         slot.copy_from(&t)
     }
 

@@ -19,7 +19,11 @@ fn naive(a: &[f32], b: &[f32], plan: &MatMulPlan) -> Vec<f32> {
 }
 
 fn run_matmul(op: &MatMul, a: Tensor, b: Tensor) -> Tensor {
-    op.eval(&[Some(&a.into()), Some(&b.into())]).unwrap().remove(0).into_tensor().unwrap()
+    op.eval(&[Some(&a.into()), Some(&b.into())])
+        .unwrap()
+        .remove(0)
+        .into_tensor()
+        .unwrap()
 }
 
 #[test]
@@ -41,12 +45,26 @@ fn matmul_shapes_and_values() {
         let b = r.vec(sb.iter().product());
         let plan = matmul_plan("MatMul", sa, sb).unwrap();
         assert_eq!(&plan.out_shape, so);
-        let got = run_matmul(&MatMul { act: Activation::None }, Tensor::from_vec(sa, a.clone()).unwrap(), Tensor::from_vec(sb, b.clone()).unwrap());
+        let got = run_matmul(
+            &MatMul {
+                act: Activation::None,
+            },
+            Tensor::from_vec(sa, a.clone()).unwrap(),
+            Tensor::from_vec(sb, b.clone()).unwrap(),
+        );
         assert_eq!(got.shape(), *so);
-        assert!(max_diff(got.as_slice::<f32>().unwrap(), &naive(&a, &b, &plan)) < 1e-4, "{sa:?} {sb:?}");
+        assert!(
+            max_diff(got.as_slice::<f32>().unwrap(), &naive(&a, &b, &plan)) < 1e-4,
+            "{sa:?} {sb:?}"
+        );
         let da: Vec<Dim> = sa.iter().map(|&d| Dim::Known(d)).collect();
         let db: Vec<Dim> = sb.iter().map(|&d| Dim::Known(d)).collect();
-        assert_eq!(Fact::tensor(DType::F32, matmul_dims("MatMul", &da, &db).unwrap()).concrete_shape().unwrap(), so.to_vec());
+        assert_eq!(
+            Fact::tensor(DType::F32, matmul_dims("MatMul", &da, &db).unwrap())
+                .concrete_shape()
+                .unwrap(),
+            so.to_vec()
+        );
     }
     assert!(matmul_plan("MatMul", &[2, 3], &[4, 5]).is_err());
     assert!(matmul_plan("MatMul", &[2, 2, 3], &[3, 3, 5]).is_err());
@@ -56,24 +74,58 @@ fn matmul_shapes_and_values() {
 fn matmul_ints_wrap_and_fused_relu() {
     let a = Tensor::from_vec(&[1, 2], vec![i64::MAX, 2]).unwrap();
     let b = Tensor::from_vec(&[2, 1], vec![2i64, 3]).unwrap();
-    let y = run_matmul(&MatMul { act: Activation::None }, a, b);
-    assert_eq!(y.as_slice::<i64>().unwrap(), &[i64::MAX.wrapping_mul(2).wrapping_add(6)]);
+    let y = run_matmul(
+        &MatMul {
+            act: Activation::None,
+        },
+        a,
+        b,
+    );
+    assert_eq!(
+        y.as_slice::<i64>().unwrap(),
+        &[i64::MAX.wrapping_mul(2).wrapping_add(6)]
+    );
     let a = Tensor::from_vec(&[2, 2], vec![1.0f32, -2.0, 3.0, 4.0]).unwrap();
     let b = Tensor::from_vec(&[2, 2], vec![1.0f32, 0.0, 0.0, 1.0]).unwrap();
-    let y = run_matmul(&MatMul { act: Activation::Relu }, a.clone(), b.clone());
+    let y = run_matmul(
+        &MatMul {
+            act: Activation::Relu,
+        },
+        a.clone(),
+        b.clone(),
+    );
     assert_eq!(y.as_slice::<f32>().unwrap(), &[1.0, 0.0, 3.0, 4.0]);
-    let y = run_matmul(&MatMul { act: Activation::None }, a.cast(DType::F16).unwrap(), b.cast(DType::F16).unwrap());
+    let y = run_matmul(
+        &MatMul {
+            act: Activation::None,
+        },
+        a.cast(DType::F16).unwrap(),
+        b.cast(DType::F16).unwrap(),
+    );
     assert_eq!(y.to_f32_vec().unwrap(), vec![1.0, -2.0, 3.0, 4.0]);
     // eval_into writes the slot
-    let op = MatMul { act: Activation::None };
+    let op = MatMul {
+        act: Activation::None,
+    };
     let mut bytes = vec![0u8; 16];
     let mut slots = [TensorMut::new(DType::F32, &[2, 2], &mut bytes).unwrap()];
-    op.eval_into(&[Some(&a.into()), Some(&b.into())], &mut slots).unwrap();
-    assert_eq!(bytemuck::cast_slice::<u8, f32>(&bytes), &[1.0, -2.0, 3.0, 4.0]);
+    op.eval_into(&[Some(&a.into()), Some(&b.into())], &mut slots)
+        .unwrap();
+    assert_eq!(
+        bytemuck::cast_slice::<u8, f32>(&bytes),
+        &[1.0, -2.0, 3.0, 4.0]
+    );
 }
 
 fn gemm_op(alpha: f32, beta: f32, ta: bool, tb: bool) -> Gemm {
-    Gemm { alpha, beta, trans_a: ta, trans_b: tb, no_broadcast: false, act: Activation::None }
+    Gemm {
+        alpha,
+        beta,
+        trans_a: ta,
+        trans_b: tb,
+        no_broadcast: false,
+        act: Activation::None,
+    }
 }
 
 #[test]
@@ -89,7 +141,12 @@ fn gemm_matches_naive() {
             let bt = Tensor::from_vec(&if tb { [n, k] } else { [k, n] }, b.clone()).unwrap();
             let ct = Tensor::from_vec(&cshape, c.clone()).unwrap();
             let op = gemm_op(0.5, 2.0, ta, tb);
-            let y = op.eval(&[Some(&at.into()), Some(&bt.into()), Some(&ct.into())]).unwrap().remove(0).into_tensor().unwrap();
+            let y = op
+                .eval(&[Some(&at.into()), Some(&bt.into()), Some(&ct.into())])
+                .unwrap()
+                .remove(0)
+                .into_tensor()
+                .unwrap();
             let mut want = vec![];
             for i in 0..m {
                 for j in 0..n {
@@ -102,7 +159,10 @@ fn gemm_matches_naive() {
                     let cv = match cshape.len() {
                         0 => c[0],
                         1 => c[if cshape[0] == 1 { 0 } else { j }],
-                        _ => c[(if cshape[0] == 1 { 0 } else { i }) * cshape[1] + if cshape[1] == 1 { 0 } else { j }],
+                        _ => {
+                            c[(if cshape[0] == 1 { 0 } else { i }) * cshape[1]
+                                + if cshape[1] == 1 { 0 } else { j }]
+                        }
                     };
                     want.push(0.5 * s + 2.0 * cv);
                 }
@@ -117,12 +177,30 @@ fn gemm_ints_no_c_and_errors() {
     let a = Tensor::from_vec(&[2, 2], vec![1i32, 2, 3, 4]).unwrap();
     let b = Tensor::from_vec(&[2, 2], vec![5i32, 6, 7, 8]).unwrap();
     let c = Tensor::from_vec(&[2], vec![1i32, -1]).unwrap();
-    let y = gemm_op(1.0, 1.0, false, false).eval(&[Some(&a.clone().into()), Some(&b.clone().into()), Some(&c.into())]).unwrap().remove(0).into_tensor().unwrap();
+    let y = gemm_op(1.0, 1.0, false, false)
+        .eval(&[
+            Some(&a.clone().into()),
+            Some(&b.clone().into()),
+            Some(&c.into()),
+        ])
+        .unwrap()
+        .remove(0)
+        .into_tensor()
+        .unwrap();
     assert_eq!(y.as_slice::<i32>().unwrap(), &[20, 21, 44, 49]);
-    let y = gemm_op(1.0, 1.0, false, false).eval(&[Some(&a.clone().into()), Some(&b.clone().into())]).unwrap().remove(0).into_tensor().unwrap();
+    let y = gemm_op(1.0, 1.0, false, false)
+        .eval(&[Some(&a.clone().into()), Some(&b.clone().into())])
+        .unwrap()
+        .remove(0)
+        .into_tensor()
+        .unwrap();
     assert_eq!(y.as_slice::<i32>().unwrap(), &[19, 22, 43, 50]);
     let bad = Tensor::from_vec(&[3], vec![1i32, 2, 3]).unwrap();
-    assert!(gemm_op(1.0, 1.0, false, false).eval(&[Some(&a.clone().into()), Some(&b.into()), Some(&bad.into())]).is_err());
+    assert!(gemm_op(1.0, 1.0, false, false)
+        .eval(&[Some(&a.clone().into()), Some(&b.into()), Some(&bad.into())])
+        .is_err());
     let v = Tensor::from_vec(&[4], vec![1i32, 2, 3, 4]).unwrap();
-    assert!(gemm_op(1.0, 1.0, false, false).eval(&[Some(&a.into()), Some(&v.into())]).is_err());
+    assert!(gemm_op(1.0, 1.0, false, false)
+        .eval(&[Some(&a.into()), Some(&v.into())])
+        .is_err());
 }

@@ -9,12 +9,25 @@ fn pool(kind: PoolKind, win: WindowAttrs, with_indices: bool) -> Pool {
         PoolKind::Lp { .. } => "LpPool",
     };
     let kernel = win.kernel_shape.clone().unwrap();
-    Pool { name, kind, win, kernel, with_indices }
+    Pool {
+        name,
+        kind,
+        win,
+        kernel,
+        with_indices,
+    }
 }
 
 /// Naive 2-D reference following ONNX's reference implementation.
-fn naive2d(kind: PoolKind, x: &[f32], xs: &[usize], win: &WindowAttrs) -> (Vec<f32>, Vec<i64>, Vec<usize>) {
-    let sp = win.resolve("T", &xs[2..], win.kernel_shape.as_ref().unwrap()).unwrap();
+fn naive2d(
+    kind: PoolKind,
+    x: &[f32],
+    xs: &[usize],
+    win: &WindowAttrs,
+) -> (Vec<f32>, Vec<i64>, Vec<usize>) {
+    let sp = win
+        .resolve("T", &xs[2..], win.kernel_shape.as_ref().unwrap())
+        .unwrap();
     let (h, w) = (xs[2], xs[3]);
     let mut y = vec![];
     let mut ind = vec![];
@@ -26,8 +39,10 @@ fn naive2d(kind: PoolKind, x: &[f32], xs: &[usize], win: &WindowAttrs) -> (Vec<f
                 let mut padded = 0;
                 for kh in 0..sp.kernel[0] {
                     for kw in 0..sp.kernel[1] {
-                        let ph = (oh * sp.strides[0] + kh * sp.dilations[0]) as i64 - sp.pad_begin[0] as i64;
-                        let pw = (ow * sp.strides[1] + kw * sp.dilations[1]) as i64 - sp.pad_begin[1] as i64;
+                        let ph = (oh * sp.strides[0] + kh * sp.dilations[0]) as i64
+                            - sp.pad_begin[0] as i64;
+                        let pw = (ow * sp.strides[1] + kw * sp.dilations[1]) as i64
+                            - sp.pad_begin[1] as i64;
                         if ph < (h + sp.pad_end[0]) as i64 && pw < (w + sp.pad_end[1]) as i64 {
                             padded += 1;
                         }
@@ -51,10 +66,19 @@ fn naive2d(kind: PoolKind, x: &[f32], xs: &[usize], win: &WindowAttrs) -> (Vec<f
                         ind.push(best.unwrap().1);
                     }
                     PoolKind::Avg { count_include_pad } => {
-                        let n = if count_include_pad { padded } else { vals.len() };
+                        let n = if count_include_pad {
+                            padded
+                        } else {
+                            vals.len()
+                        };
                         y.push(vals.iter().sum::<f32>() / n as f32);
                     }
-                    PoolKind::Lp { p } => y.push(vals.iter().map(|v| v.abs().powf(p)).sum::<f32>().powf(1.0 / p)),
+                    PoolKind::Lp { p } => y.push(
+                        vals.iter()
+                            .map(|v| v.abs().powf(p))
+                            .sum::<f32>()
+                            .powf(1.0 / p),
+                    ),
                 }
             }
         }
@@ -64,26 +88,72 @@ fn naive2d(kind: PoolKind, x: &[f32], xs: &[usize], win: &WindowAttrs) -> (Vec<f
     (y, ind, shape)
 }
 
-fn win(k: [usize; 2], pads: Option<Vec<usize>>, strides: Option<Vec<usize>>, dil: Option<Vec<usize>>, ceil: bool, ap: AutoPad) -> WindowAttrs {
-    WindowAttrs { auto_pad: ap, kernel_shape: Some(k.to_vec()), strides, dilations: dil, pads, ceil_mode: ceil }
+fn win(
+    k: [usize; 2],
+    pads: Option<Vec<usize>>,
+    strides: Option<Vec<usize>>,
+    dil: Option<Vec<usize>>,
+    ceil: bool,
+    ap: AutoPad,
+) -> WindowAttrs {
+    WindowAttrs {
+        auto_pad: ap,
+        kernel_shape: Some(k.to_vec()),
+        strides,
+        dilations: dil,
+        pads,
+        ceil_mode: ceil,
+    }
 }
 
 #[test]
 fn pools_match_naive_2d() {
     let wins = [
         win([3, 3], None, None, None, false, AutoPad::NotSet),
-        win([3, 2], Some(vec![1, 0, 2, 1]), Some(vec![2, 1]), None, false, AutoPad::NotSet),
+        win(
+            [3, 2],
+            Some(vec![1, 0, 2, 1]),
+            Some(vec![2, 1]),
+            None,
+            false,
+            AutoPad::NotSet,
+        ),
         win([2, 2], None, Some(vec![2, 2]), None, true, AutoPad::NotSet),
-        win([3, 3], Some(vec![1, 1, 1, 1]), Some(vec![2, 2]), Some(vec![2, 1]), true, AutoPad::NotSet),
-        win([3, 3], None, Some(vec![2, 2]), None, false, AutoPad::SameUpper),
-        win([2, 3], None, Some(vec![2, 1]), None, false, AutoPad::SameLower),
+        win(
+            [3, 3],
+            Some(vec![1, 1, 1, 1]),
+            Some(vec![2, 2]),
+            Some(vec![2, 1]),
+            true,
+            AutoPad::NotSet,
+        ),
+        win(
+            [3, 3],
+            None,
+            Some(vec![2, 2]),
+            None,
+            false,
+            AutoPad::SameUpper,
+        ),
+        win(
+            [2, 3],
+            None,
+            Some(vec![2, 1]),
+            None,
+            false,
+            AutoPad::SameLower,
+        ),
         win([3, 3], None, Some(vec![2, 2]), None, false, AutoPad::Valid),
     ];
     let kinds = [
         PoolKind::Max { storage_order: 0 },
         PoolKind::Max { storage_order: 1 },
-        PoolKind::Avg { count_include_pad: false },
-        PoolKind::Avg { count_include_pad: true },
+        PoolKind::Avg {
+            count_include_pad: false,
+        },
+        PoolKind::Avg {
+            count_include_pad: true,
+        },
         PoolKind::Lp { p: 2.0 },
         PoolKind::Lp { p: 3.0 },
     ];
@@ -98,11 +168,20 @@ fn pools_match_naive_2d() {
             let (want, ind, shape) = naive2d(k, &x, &xs, w);
             let y = got[0].as_tensor().unwrap();
             assert_eq!(y.shape(), shape.as_slice(), "{k:?} {w:?}");
-            assert!(max_diff(y.as_slice::<f32>().unwrap(), &want) < 1e-5, "{k:?} {w:?}");
+            assert!(
+                max_diff(y.as_slice::<f32>().unwrap(), &want) < 1e-5,
+                "{k:?} {w:?}"
+            );
             if let PoolKind::Max { .. } = k {
-                assert_eq!(got[1].as_tensor().unwrap().as_slice::<i64>().unwrap(), ind.as_slice(), "{k:?} {w:?}");
+                assert_eq!(
+                    got[1].as_tensor().unwrap().as_slice::<i64>().unwrap(),
+                    ind.as_slice(),
+                    "{k:?} {w:?}"
+                );
             }
-            let f = op.infer(&[Some(&Fact::concrete(DType::F32, &xs))], 1).unwrap();
+            let f = op
+                .infer(&[Some(&Fact::concrete(DType::F32, &xs))], 1)
+                .unwrap();
             assert_eq!(f[0].concrete_shape().unwrap(), shape);
         }
     }
@@ -111,25 +190,65 @@ fn pools_match_naive_2d() {
 #[test]
 fn pool_1d_3d_and_int() {
     // 1-D max pool on u8 and 3-D average pool, checked by hand.
-    let x: Value = Tensor::from_vec(&[1, 1, 5], vec![3u8, 9, 1, 4, 7]).unwrap().into();
-    let op = pool(PoolKind::Max { storage_order: 0 }, WindowAttrs { kernel_shape: Some(vec![2]), strides: Some(vec![2]), ceil_mode: true, ..Default::default() }, false);
+    let x: Value = Tensor::from_vec(&[1, 1, 5], vec![3u8, 9, 1, 4, 7])
+        .unwrap()
+        .into();
+    let op = pool(
+        PoolKind::Max { storage_order: 0 },
+        WindowAttrs {
+            kernel_shape: Some(vec![2]),
+            strides: Some(vec![2]),
+            ceil_mode: true,
+            ..Default::default()
+        },
+        false,
+    );
     let y = op.eval(&[Some(&x)]).unwrap();
     assert_eq!(y.len(), 1);
-    assert_eq!(y[0].as_tensor().unwrap().as_slice::<u8>().unwrap(), &[9, 4, 7]);
-    let x: Value = Tensor::from_vec(&[1, 1, 2, 2, 2], (1..=8).map(|v| v as f64).collect()).unwrap().into();
-    let op = pool(PoolKind::Avg { count_include_pad: false }, WindowAttrs { kernel_shape: Some(vec![2, 2, 2]), ..Default::default() }, false);
+    assert_eq!(
+        y[0].as_tensor().unwrap().as_slice::<u8>().unwrap(),
+        &[9, 4, 7]
+    );
+    let x: Value = Tensor::from_vec(&[1, 1, 2, 2, 2], (1..=8).map(|v| v as f64).collect())
+        .unwrap()
+        .into();
+    let op = pool(
+        PoolKind::Avg {
+            count_include_pad: false,
+        },
+        WindowAttrs {
+            kernel_shape: Some(vec![2, 2, 2]),
+            ..Default::default()
+        },
+        false,
+    );
     let y = op.eval(&[Some(&x)]).unwrap();
     assert_eq!(y[0].as_tensor().unwrap().as_slice::<f64>().unwrap(), &[4.5]);
 }
 
 #[test]
 fn global_pools() {
-    let x: Value = Tensor::from_vec(&[1, 2, 2, 2], vec![1.0f32, 2.0, 3.0, 4.0, -1.0, -2.0, -3.0, -4.0]).unwrap().into();
-    let run = |k| GlobalPool { kind: k }.eval(&[Some(&x)]).unwrap().remove(0).into_tensor().unwrap();
+    let x: Value = Tensor::from_vec(
+        &[1, 2, 2, 2],
+        vec![1.0f32, 2.0, 3.0, 4.0, -1.0, -2.0, -3.0, -4.0],
+    )
+    .unwrap()
+    .into();
+    let run = |k| {
+        GlobalPool { kind: k }
+            .eval(&[Some(&x)])
+            .unwrap()
+            .remove(0)
+            .into_tensor()
+            .unwrap()
+    };
     let y = run(GlobalKind::Avg);
     assert_eq!(y.shape(), &[1, 2, 1, 1]);
     assert_eq!(y.as_slice::<f32>().unwrap(), &[2.5, -2.5]);
-    assert_eq!(run(GlobalKind::Max).as_slice::<f32>().unwrap(), &[4.0, -1.0]);
+    assert_eq!(
+        run(GlobalKind::Max).as_slice::<f32>().unwrap(),
+        &[4.0, -1.0]
+    );
     let l = run(GlobalKind::Lp(2.0));
     assert!((l.as_slice::<f32>().unwrap()[0] - 30f32.sqrt()).abs() < 1e-5);
 }
@@ -139,29 +258,80 @@ fn max_unpool_roundtrip() {
     let xs = [1, 2, 4, 4];
     let mut r = Lcg(5);
     let x: Value = Tensor::from_vec(&xs, r.vec(32)).unwrap().into();
-    let mp = pool(PoolKind::Max { storage_order: 0 }, win([2, 2], None, Some(vec![2, 2]), None, false, AutoPad::NotSet), true);
+    let mp = pool(
+        PoolKind::Max { storage_order: 0 },
+        win([2, 2], None, Some(vec![2, 2]), None, false, AutoPad::NotSet),
+        true,
+    );
     let out = mp.eval(&[Some(&x)]).unwrap();
-    let up = MaxUnpool { kernel: vec![2, 2], strides: Some(vec![2, 2]), pads: None };
-    let y = up.eval(&[Some(&out[0]), Some(&out[1])]).unwrap().remove(0).into_tensor().unwrap();
+    let up = MaxUnpool {
+        kernel: vec![2, 2],
+        strides: Some(vec![2, 2]),
+        pads: None,
+    };
+    let y = up
+        .eval(&[Some(&out[0]), Some(&out[1])])
+        .unwrap()
+        .remove(0)
+        .into_tensor()
+        .unwrap();
     assert_eq!(y.shape(), &[1, 2, 4, 4]);
-    let nonzero = y.as_slice::<f32>().unwrap().iter().filter(|v| **v != 0.0).count();
+    let nonzero = y
+        .as_slice::<f32>()
+        .unwrap()
+        .iter()
+        .filter(|v| **v != 0.0)
+        .count();
     assert_eq!(nonzero, 8);
     let os: Value = Tensor::from_vec(&[4], vec![1i64, 2, 5, 5]).unwrap().into();
-    let y2 = up.eval(&[Some(&out[0]), Some(&out[1]), Some(&os)]).unwrap().remove(0).into_tensor().unwrap();
+    let y2 = up
+        .eval(&[Some(&out[0]), Some(&out[1]), Some(&os)])
+        .unwrap()
+        .remove(0)
+        .into_tensor()
+        .unwrap();
     assert_eq!(y2.shape(), &[1, 2, 5, 5]);
-    assert_eq!(y2.as_slice::<f32>().unwrap()[..4], y.as_slice::<f32>().unwrap()[..4]);
-    let bad: Value = Tensor::from_vec(&[1, 2, 2, 2], vec![1000i64; 8]).unwrap().into();
+    assert_eq!(
+        y2.as_slice::<f32>().unwrap()[..4],
+        y.as_slice::<f32>().unwrap()[..4]
+    );
+    let bad: Value = Tensor::from_vec(&[1, 2, 2, 2], vec![1000i64; 8])
+        .unwrap()
+        .into();
     assert!(up.eval(&[Some(&out[0]), Some(&bad)]).is_err());
 }
 
 #[test]
 fn pool_errors() {
-    let x: Value = Tensor::from_vec(&[1, 1, 2, 2], vec![1.0f32; 4]).unwrap().into();
-    let op = pool(PoolKind::Max { storage_order: 0 }, win([3, 3], None, None, None, false, AutoPad::NotSet), false);
+    let x: Value = Tensor::from_vec(&[1, 1, 2, 2], vec![1.0f32; 4])
+        .unwrap()
+        .into();
+    let op = pool(
+        PoolKind::Max { storage_order: 0 },
+        win([3, 3], None, None, None, false, AutoPad::NotSet),
+        false,
+    );
     assert!(op.eval(&[Some(&x)]).is_err());
-    let op = pool(PoolKind::Avg { count_include_pad: false }, WindowAttrs { kernel_shape: Some(vec![2]), ..Default::default() }, false);
+    let op = pool(
+        PoolKind::Avg {
+            count_include_pad: false,
+        },
+        WindowAttrs {
+            kernel_shape: Some(vec![2]),
+            ..Default::default()
+        },
+        false,
+    );
     assert!(op.eval(&[Some(&x)]).is_err());
-    let xi: Value = Tensor::from_vec(&[1, 1, 2, 2], vec![1i32; 4]).unwrap().into();
-    let op = pool(PoolKind::Avg { count_include_pad: false }, win([2, 2], None, None, None, false, AutoPad::NotSet), false);
+    let xi: Value = Tensor::from_vec(&[1, 1, 2, 2], vec![1i32; 4])
+        .unwrap()
+        .into();
+    let op = pool(
+        PoolKind::Avg {
+            count_include_pad: false,
+        },
+        win([2, 2], None, None, None, false, AutoPad::NotSet),
+        false,
+    );
     assert!(op.eval(&[Some(&xi)]).is_err());
 }
