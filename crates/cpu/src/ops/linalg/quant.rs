@@ -1,7 +1,9 @@
 //! Integer matrix products: MatMulInteger (i32 output) and QLinearMatMul (requantized).
 //! Zero points and scales are per tensor (scalars), per row of A or per column of B.
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Fact, KilnError, Op, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Fact, KilnError, Op, Result, Tensor, Value,
+};
 
 use super::{matmul_dims, matmul_plan, MatMulPlan};
 use crate::ops::conv::quant::requantize;
@@ -13,7 +15,13 @@ fn per_index(op: &str, t: Option<&Tensor>, n: usize, what: &str) -> Result<Vec<f
     if v.len() == 1 || (v.len() == n && n > 0) {
         Ok(v)
     } else {
-        Err(KilnError::kernel(op, format!("{what} of shape {:?} must be a scalar or have {n} values", t.shape())))
+        Err(KilnError::kernel(
+            op,
+            format!(
+                "{what} of shape {:?} must be a scalar or have {n} values",
+                t.shape()
+            ),
+        ))
     }
 }
 
@@ -50,16 +58,31 @@ fn check_8bit(op: &str, t: &Tensor, what: &str) -> Result<()> {
     if matches!(t.dtype(), DType::U8 | DType::I8) {
         Ok(())
     } else {
-        Err(KilnError::kernel(op, format!("{what} must be u8 or i8, found {}", t.dtype())))
+        Err(KilnError::kernel(
+            op,
+            format!("{what} must be u8 or i8, found {}", t.dtype()),
+        ))
     }
 }
 
-fn infer_shape(op: &str, a: Option<&Fact>, b: Option<&Fact>, dtype: Option<DType>) -> Result<Vec<Fact>> {
-    let shape = match (a.and_then(|f| f.shape.as_ref()), b.and_then(|f| f.shape.as_ref())) {
+fn infer_shape(
+    op: &str,
+    a: Option<&Fact>,
+    b: Option<&Fact>,
+    dtype: Option<DType>,
+) -> Result<Vec<Fact>> {
+    let shape = match (
+        a.and_then(|f| f.shape.as_ref()),
+        b.and_then(|f| f.shape.as_ref()),
+    ) {
         (Some(sa), Some(sb)) => Some(matmul_dims(op, sa, sb)?),
         _ => None,
     };
-    Ok(vec![Fact { dtype, shape, ..Fact::unknown() }])
+    Ok(vec![Fact {
+        dtype,
+        shape,
+        ..Fact::unknown()
+    }])
 }
 
 /// ONNX MatMulInteger.
@@ -77,7 +100,12 @@ impl Op for MatMulInteger {
     }
 
     fn infer(&self, inputs: &[Option<&Fact>], _n_outputs: usize) -> Result<Vec<Fact>> {
-        infer_shape("MatMulInteger", inputs.first().copied().flatten(), inputs.get(1).copied().flatten(), Some(DType::I32))
+        infer_shape(
+            "MatMulInteger",
+            inputs.first().copied().flatten(),
+            inputs.get(1).copied().flatten(),
+            Some(DType::I32),
+        )
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
@@ -115,7 +143,12 @@ impl Op for QLinearMatMul {
 
     fn infer(&self, inputs: &[Option<&Fact>], _n_outputs: usize) -> Result<Vec<Fact>> {
         let dtype = inputs.get(7).copied().flatten().and_then(|f| f.dtype);
-        infer_shape("QLinearMatMul", inputs.first().copied().flatten(), inputs.get(3).copied().flatten(), dtype)
+        infer_shape(
+            "QLinearMatMul",
+            inputs.first().copied().flatten(),
+            inputs.get(3).copied().flatten(),
+            dtype,
+        )
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
@@ -141,11 +174,14 @@ impl Op for QLinearMatMul {
             .enumerate()
             .map(|(i, &v)| {
                 let (r, c) = ((i / n.max(1)) % m.max(1), i % n.max(1));
-                let s = (pick(&a_scale, r) as f32 * pick(&b_scale, c) as f32 / y_scale as f32) as f64;
+                let s =
+                    (pick(&a_scale, r) as f32 * pick(&b_scale, c) as f32 / y_scale as f32) as f64;
                 requantize(v as f64 * s + yz, out_dtype)
             })
             .collect();
-        Ok(vec![Tensor::from_vec(&plan.out_shape, y)?.cast(out_dtype)?.into()])
+        Ok(vec![Tensor::from_vec(&plan.out_shape, y)?
+            .cast(out_dtype)?
+            .into()])
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -159,29 +195,59 @@ mod tests {
 
     #[test]
     fn matmul_integer_with_zero_points() {
-        let a: Value = Tensor::from_vec(&[2, 3], vec![11u8, 7, 3, 10, 6, 2]).unwrap().into();
-        let b: Value = Tensor::from_vec(&[3, 2], vec![1u8, 4, 2, 5, 3, 6]).unwrap().into();
+        let a: Value = Tensor::from_vec(&[2, 3], vec![11u8, 7, 3, 10, 6, 2])
+            .unwrap()
+            .into();
+        let b: Value = Tensor::from_vec(&[3, 2], vec![1u8, 4, 2, 5, 3, 6])
+            .unwrap()
+            .into();
         let az: Value = Tensor::scalar(12u8).into();
         let bz: Value = Tensor::scalar(0u8).into();
-        let y = MatMulInteger.eval(&[Some(&a), Some(&b), Some(&az), Some(&bz)]).unwrap().remove(0).into_tensor().unwrap();
+        let y = MatMulInteger
+            .eval(&[Some(&a), Some(&b), Some(&az), Some(&bz)])
+            .unwrap()
+            .remove(0)
+            .into_tensor()
+            .unwrap();
         // rows of A - 12: [-1,-5,-9], [-2,-6,-10]
         assert_eq!(y.as_slice::<i32>().unwrap(), &[-38, -83, -44, -98]);
         let bad: Value = Tensor::from_vec(&[2], vec![1u8, 2]).unwrap().into();
-        assert!(MatMulInteger.eval(&[Some(&a), Some(&b), Some(&bad)]).is_ok());
+        assert!(MatMulInteger
+            .eval(&[Some(&a), Some(&b), Some(&bad)])
+            .is_ok());
         let bad3: Value = Tensor::from_vec(&[3], vec![1u8, 2, 3]).unwrap().into();
-        assert!(MatMulInteger.eval(&[Some(&a), Some(&b), Some(&bad3)]).is_err());
+        assert!(MatMulInteger
+            .eval(&[Some(&a), Some(&b), Some(&bad3)])
+            .is_err());
     }
 
     #[test]
     fn qlinear_matmul_example() {
         // ONNX's QLinearMatMul example (uint8).
-        let a: Value = Tensor::from_vec(&[2, 4], vec![208u8, 236, 0, 238, 3, 214, 255, 29]).unwrap().into();
-        let b: Value = Tensor::from_vec(&[4, 3], vec![152u8, 51, 244, 60, 26, 255, 0, 127, 246, 127, 254, 247]).unwrap().into();
+        let a: Value = Tensor::from_vec(&[2, 4], vec![208u8, 236, 0, 238, 3, 214, 255, 29])
+            .unwrap()
+            .into();
+        let b: Value = Tensor::from_vec(
+            &[4, 3],
+            vec![152u8, 51, 244, 60, 26, 255, 0, 127, 246, 127, 254, 247],
+        )
+        .unwrap()
+        .into();
         let s = |v: f32| -> Value { Tensor::scalar(v).into() };
         let z = |v: u8| -> Value { Tensor::scalar(v).into() };
-        let (a_s, a_z, b_s, b_z, y_s, y_z) = (s(0.0066), z(113), s(0.00705), z(114), s(0.0107), z(118));
+        let (a_s, a_z, b_s, b_z, y_s, y_z) =
+            (s(0.0066), z(113), s(0.00705), z(114), s(0.0107), z(118));
         let y = QLinearMatMul
-            .eval(&[Some(&a), Some(&a_s), Some(&a_z), Some(&b), Some(&b_s), Some(&b_z), Some(&y_s), Some(&y_z)])
+            .eval(&[
+                Some(&a),
+                Some(&a_s),
+                Some(&a_z),
+                Some(&b),
+                Some(&b_s),
+                Some(&b_z),
+                Some(&y_s),
+                Some(&y_z),
+            ])
             .unwrap()
             .remove(0)
             .into_tensor()
