@@ -17,7 +17,7 @@ use smallvec::SmallVec;
 use crate::engine::Engine;
 use crate::memory::{plan_for_inputs, Placement, ShapePlan};
 
-type ShapeKey = Vec<Option<(DType, Vec<usize>)>>;
+type ShapeKey = crate::memory::InputSignature;
 
 /// Runs an [`Engine`]. Create one per thread with [`Engine::create_context`].
 pub struct ExecutionContext {

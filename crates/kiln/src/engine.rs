@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use kiln_core::{DType, Graph, KilnError, OpRegistry, Result};
+use kiln_core::{Graph, KilnError, OpRegistry, Result};
 use serde::Serialize;
 
 use crate::context::{ExecutionContext, IoInfo};
 use crate::fingerprint::Fingerprint;
-use crate::memory::{plan_for_inputs, ShapePlan};
+use crate::memory::{plan_for_inputs, InputSignature, ShapePlan};
 use crate::optimize::OptimizeReport;
 use crate::plan;
 
@@ -18,6 +18,9 @@ pub fn registry() -> &'static OpRegistry {
     static REG: OnceLock<OpRegistry> = OnceLock::new();
     REG.get_or_init(kiln_cpu::registry)
 }
+
+/// The plan computed at build time for an engine whose input shapes are all known.
+pub(crate) type StaticPlan = (InputSignature, Arc<ShapePlan>);
 
 pub(crate) struct EngineInner {
     pub graph: Graph,
@@ -28,7 +31,7 @@ pub(crate) struct EngineInner {
     pub source: String,
     pub inputs: Vec<IoInfo>,
     pub outputs: Vec<IoInfo>,
-    pub static_plan: Option<(Vec<Option<(DType, Vec<usize>)>>, Arc<ShapePlan>)>,
+    pub static_plan: Option<StaticPlan>,
 }
 
 /// A built engine: the optimised graph, its weights and its plan. Immutable, `Send + Sync`,
@@ -97,7 +100,7 @@ impl Engine {
         let inputs = io(&graph.inputs);
         let outputs = io(&graph.outputs);
         // When every input is fully known, plan memory now (and report it in inspect).
-        let static_key: Option<Vec<Option<(DType, Vec<usize>)>>> = inputs
+        let static_key: Option<InputSignature> = inputs
             .iter()
             .map(|i| {
                 let shape: Option<Vec<usize>> =
@@ -171,22 +174,18 @@ impl Engine {
         &self.inner.source
     }
 
-    /// Device name for reports (`cpu`).
+    /// Device name for reports: the backend (`cpu`).
     pub fn device(&self) -> &str {
-        &self.inner.fingerprint.backend
+        let fingerprint = &self.inner.fingerprint;
+        &fingerprint.backend
     }
 
-    pub(crate) fn static_plan(
-        &self,
-    ) -> Option<&(Vec<Option<(DType, Vec<usize>)>>, Arc<ShapePlan>)> {
+    pub(crate) fn static_plan(&self) -> Option<&StaticPlan> {
         self.inner.static_plan.as_ref()
     }
 
     /// Memory report at the build shapes, or at `shapes` (one per input, in order).
-    pub fn memory_report(
-        &self,
-        shapes: Option<&[Option<(DType, Vec<usize>)>]>,
-    ) -> Result<Option<MemoryReport>> {
+    pub fn memory_report(&self, shapes: Option<&InputSignature>) -> Result<Option<MemoryReport>> {
         let plan = match (shapes, self.static_plan()) {
             (Some(s), _) => Arc::new(plan_for_inputs(self.graph(), s)?),
             (None, Some((_, p))) => p.clone(),

@@ -4,6 +4,10 @@
 use kiln_core::planner::{self, Request};
 use kiln_core::{DType, Fact, Graph, KilnError, Result, Shape, ValueKind};
 
+/// Input dtypes and shapes, one per graph input (`None` for a non-tensor input): the key
+/// of a memory plan.
+pub type InputSignature = Vec<Option<(DType, Vec<usize>)>>;
+
 /// Where a value's bytes go when its producer runs.
 #[derive(Debug, Clone)]
 pub enum Placement {

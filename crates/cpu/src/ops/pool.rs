@@ -533,7 +533,7 @@ impl GlobalPool {
     }
 
     fn reduce<F: Float + Send + Sync>(&self, x: &[F], planes: usize) -> Vec<F> {
-        let sz = if planes == 0 { 0 } else { x.len() / planes };
+        let sz = x.len().checked_div(planes).unwrap_or(0);
         let f = |p: &[F]| -> F {
             match self.kind {
                 GlobalKind::Max => p.iter().copied().fold(F::neg_infinity(), |a, b| {
@@ -776,7 +776,7 @@ fn embed<T: Copy + Default>(src: &[T], from: &[usize], to: &[usize]) -> Vec<T> {
     }
     let mut out = vec![T::default(); to.iter().product()];
     let last = *from.last().unwrap_or(&1);
-    let rows = if last == 0 { 0 } else { src.len() / last };
+    let rows = src.len().checked_div(last).unwrap_or(0);
     let mut idx = vec![0usize; from.len().saturating_sub(1)];
     for r in 0..rows {
         let mut off = 0;

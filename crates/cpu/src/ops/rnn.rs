@@ -754,9 +754,7 @@ impl Recurrent {
                 linear_before_reset: true,
             } = self.cell
             {
-                for j in 2 * h..3 * h {
-                    bias[j] = wb[j];
-                }
+                bias[2 * h..3 * h].copy_from_slice(&wb[2 * h..3 * h]);
                 rb_h = Some(rbias[2 * h..3 * h].to_vec());
             }
             for row in proj.chunks_exact_mut(gh) {

@@ -43,7 +43,7 @@ pub fn case(assets: &Path, name: &str) -> Case {
             .map(|(k, v)| {
                 (
                     k.clone(),
-                    kiln::npy::read_npy(&assets.join(v.as_str().expect("path"))).expect("npy"),
+                    kiln::npy::read_npy(assets.join(v.as_str().expect("path"))).expect("npy"),
                 )
             })
             .collect()

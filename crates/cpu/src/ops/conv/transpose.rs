@@ -3,9 +3,7 @@
 
 use rayon::prelude::*;
 
-use kiln_core::{
-    input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, Result, Tensor, Value,
-};
+use kiln_core::{input_tensor, optional_tensor, BuildCtx, Dim, Fact, KilnError, Op, Result, Value};
 
 use super::geom::AutoPad;
 use crate::ops::linalg::blas::{self, MatRef};
@@ -393,6 +391,7 @@ impl Op for ConvTranspose {
 mod tests {
     use super::*;
     use crate::ops::conv::test_util::{max_diff, Lcg};
+    use kiln_core::{DType, Tensor};
 
     fn ct(group: usize) -> ConvTranspose {
         ConvTranspose {

@@ -461,7 +461,7 @@ impl Resize {
                     )));
                 }
                 for (&ax, &v) in axes.iter().zip(&s) {
-                    if !(v > 0.0) || !v.is_finite() {
+                    if v.is_nan() || v <= 0.0 || !v.is_finite() {
                         return Err(
                             self.err(format!("scales must be positive and finite, got {v}"))
                         );
@@ -543,6 +543,7 @@ impl Resize {
     }
 
     /// Reads roi / scales / sizes from the inputs (empty tensors count as absent).
+    #[allow(clippy::type_complexity)] // three independent optional parameter lists
     fn read_params(
         &self,
         inputs: &[Option<&Value>],
@@ -727,8 +728,8 @@ where
 impl Resize {
     fn plans(&self, in_shape: &[usize], r: &Resolved) -> Result<Vec<Option<AxisPlan>>> {
         let mut plans = Vec::with_capacity(in_shape.len());
-        for ax in 0..in_shape.len() {
-            let p = self.axis_plan(in_shape[ax], r.out_shape[ax], r.scales[ax], r.roi[ax])?;
+        for (ax, &len) in in_shape.iter().enumerate() {
+            let p = self.axis_plan(len, r.out_shape[ax], r.scales[ax], r.roi[ax])?;
             plans.push(if p.is_identity() { None } else { Some(p) });
         }
         Ok(plans)
@@ -750,7 +751,7 @@ impl Resize {
         if plans.iter().flatten().all(|p| p.is_gather()) && x.dtype() != DType::String {
             return crate::dispatch_pod!(x.dtype(), T => {
                 let data = x.as_raw::<T>()?.to_vec();
-                let out = run_passes(data, in_shape, &plans, |s, o, i, p| gather_pass(s, o, i, p));
+                let out = run_passes(data, in_shape, &plans, gather_pass);
                 Tensor::from_raw(x.dtype(), out_shape, &out)
             }, _ => Err(self.err(format!("unsupported dtype {}", x.dtype()))));
         }
@@ -904,6 +905,7 @@ impl Op for Resize {
 }
 
 #[cfg(test)]
+#[allow(clippy::excessive_precision)] // expected values copied from ONNX's reference
 mod tests {
     use super::*;
     use kiln_core::{Attr, OpDesc};

@@ -206,6 +206,7 @@ impl Einsum {
     }
 
     /// Σ over contracted labels of the product of operands, with `mul`/`add` of `T`.
+    #[allow(clippy::too_many_arguments)] // shapes, strides and the two scalar ops belong together
     fn compute<T: Copy>(
         &self,
         r: &Resolved,
@@ -279,7 +280,8 @@ impl Einsum {
             return Ok(None);
         }
         // every contracted label must appear in both operands
-        if (0..r.labels.len()).any(|l| !r.out.contains(&l) && !(la.contains(&l) && lb.contains(&l)))
+        if (0..r.labels.len())
+            .any(|l| !r.out.contains(&l) && (!la.contains(&l) || !lb.contains(&l)))
         {
             return Ok(None);
         }

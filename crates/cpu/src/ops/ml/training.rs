@@ -208,7 +208,7 @@ impl Op for Optimizer {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let op = self.op_type();
         let k = self.group();
-        if inputs.len() < 2 + k || (inputs.len() - 2) % k != 0 {
+        if inputs.len() < 2 + k || !(inputs.len() - 2).is_multiple_of(k) {
             return Err(KilnError::kernel(
                 op,
                 format!("expected 2 + {k}·n inputs, got {}", inputs.len()),
