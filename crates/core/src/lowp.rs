@@ -519,8 +519,24 @@ mod tests {
     fn float4() {
         let d = DType::F4E2M1;
         let xs = [
-            0.48f32, 0.25, 1.05, -3.5, -8.0, 9.0, 1e6, 1e-7, f32::NAN, f32::INFINITY,
-            f32::NEG_INFINITY, -4.0, 0.01, -0.0, 5.0, 7.0, 0.75, 2.5,
+            0.48f32,
+            0.25,
+            1.05,
+            -3.5,
+            -8.0,
+            9.0,
+            1e6,
+            1e-7,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -4.0,
+            0.01,
+            -0.0,
+            5.0,
+            7.0,
+            0.75,
+            2.5,
         ];
         let want = [1u8, 0, 2, 14, 15, 7, 7, 0, 8, 7, 15, 14, 0, 8, 6, 7, 2, 4];
         for (x, w) in xs.iter().zip(want) {
@@ -534,7 +550,10 @@ mod tests {
     #[test]
     fn e8m0() {
         let xs = [0.0f32, 0.124, 0.25, 0.5, 1.1, 2.0, 4.0, 8.0];
-        let up: Vec<u8> = xs.iter().map(|&x| f32_to_e8m0(x, true, E8M0Round::Up)).collect();
+        let up: Vec<u8> = xs
+            .iter()
+            .map(|&x| f32_to_e8m0(x, true, E8M0Round::Up))
+            .collect();
         assert_eq!(up, [0, 124, 125, 126, 128, 128, 129, 130]);
         assert_eq!(f32_to_e8m0(1.1, true, E8M0Round::Down), 127);
         assert_eq!(f32_to_e8m0(1.5, true, E8M0Round::Nearest), 128);

@@ -379,7 +379,11 @@ impl Tensor {
             DType::String => Err(KilnError::Other(
                 "cannot convert a string tensor to numbers".into(),
             )),
-            DType::I4 => Ok(self.as_raw::<u8>()?.iter().map(|&v| (v as i8).as_()).collect()),
+            DType::I4 => Ok(self
+                .as_raw::<u8>()?
+                .iter()
+                .map(|&v| (v as i8).as_())
+                .collect()),
             DType::U4 => conv_raw::<T>(self),
             d => Ok(self
                 .as_raw::<u8>()?

@@ -208,11 +208,7 @@ fn from_typed_fields(
             check_count(t.uint64_data.len(), n, "uint64_data", what)?;
             Tensor::from_slice(shape, &t.uint64_data)
         }
-        DType::F8E4M3FN
-        | DType::F8E4M3FNUZ
-        | DType::F8E5M2
-        | DType::F8E5M2FNUZ
-        | DType::F8E8M0 => {
+        DType::F8E4M3FN | DType::F8E4M3FNUZ | DType::F8E5M2 | DType::F8E5M2FNUZ | DType::F8E8M0 => {
             let bits: Vec<u8> = i32s("int32_data")?.iter().map(|&v| v as u8).collect();
             Tensor::from_bytes(dtype, shape, &bits)
         }

@@ -27,8 +27,11 @@ fn cast_options(ctx: &BuildCtx) -> Result<CastOptions> {
     let a = ctx.attrs();
     let saturate = a.int("saturate", 1)? != 0;
     let mode = a.string("round_mode", "up")?;
-    let round_mode = E8M0Round::parse(&mode)
-        .ok_or_else(|| a.invalid(format!("round_mode must be up, down or nearest, got {mode:?}")))?;
+    let round_mode = E8M0Round::parse(&mode).ok_or_else(|| {
+        a.invalid(format!(
+            "round_mode must be up, down or nearest, got {mode:?}"
+        ))
+    })?;
     Ok(CastOptions {
         saturate,
         round_mode,
@@ -192,7 +195,10 @@ mod tests {
         let y = run1(
             "Cast",
             24,
-            vec![("to", Attr::Int(24)), ("round_mode", Attr::String("down".into()))],
+            vec![
+                ("to", Attr::Int(24)),
+                ("round_mode", Attr::String("down".into())),
+            ],
             &[Some(x.clone())],
         )
         .unwrap();
