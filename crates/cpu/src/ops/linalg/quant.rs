@@ -6,7 +6,6 @@ use kiln_core::{
 };
 
 use super::{matmul_dims, matmul_plan, MatMulPlan};
-use crate::ops::conv::quant::requantize;
 
 /// Per-tensor, per-row (A) or per-column (B) parameter values.
 fn per_index(op: &str, t: Option<&Tensor>, n: usize, what: &str) -> Result<Vec<f64>> {
@@ -83,6 +82,20 @@ fn infer_shape(
         shape,
         ..Fact::unknown()
     }])
+}
+
+/// Wraps a rounded value into an integer dtype like numpy's `astype` (ONNX's reference and
+/// test data for QLinearMatMul do not saturate).
+fn wrap_to(v: f64, dtype: DType) -> f64 {
+    let i = v as i64;
+    match dtype {
+        DType::U8 => i as u8 as f64,
+        DType::I8 => i as i8 as f64,
+        DType::U16 => i as u16 as f64,
+        DType::I16 => i as i16 as f64,
+        DType::I32 => i as i32 as f64,
+        _ => v,
+    }
 }
 
 /// ONNX MatMulInteger.
@@ -176,7 +189,7 @@ impl Op for QLinearMatMul {
                 let (r, c) = ((i / n.max(1)) % m.max(1), i % n.max(1));
                 let s =
                     (pick(&a_scale, r) as f32 * pick(&b_scale, c) as f32 / y_scale as f32) as f64;
-                requantize(v as f64 * s + yz, out_dtype)
+                wrap_to((v as f64 * s + yz).round_ties_even(), out_dtype)
             })
             .collect();
         Ok(vec![Tensor::from_vec(&plan.out_shape, y)?
