@@ -3,7 +3,10 @@
 //! Semantics follow ONNX's reference (`op_attention.py`, `op_rotary_embedding.py`).
 //! Computation is f32 (f64 for f64 inputs); (batch, head) pairs run in parallel.
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
+    Tensor, Value,
+};
 use rayon::prelude::*;
 
 /// Registers this family's ops.
@@ -79,7 +82,9 @@ fn build_attention(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     };
     let qk_mode = a.int("qk_matmul_output_mode", 0)?;
     if !(0..=3).contains(&qk_mode) {
-        return Err(a.invalid(format!("qk_matmul_output_mode must be in 0..=3, got {qk_mode}")));
+        return Err(a.invalid(format!(
+            "qk_matmul_output_mode must be in 0..=3, got {qk_mode}"
+        )));
     }
     Ok(Box::new(Attention {
         is_causal: a.int("is_causal", 0)? != 0,
@@ -106,11 +111,25 @@ impl<T: AFloat> Heads<T> {
         let v = T::read(t)?;
         let s = t.shape();
         match s.len() {
-            4 => Ok(Heads { data: v, b: s[0], h: s[1], s: s[2], d: s[3] }),
+            4 => Ok(Heads {
+                data: v,
+                b: s[0],
+                h: s[1],
+                s: s[2],
+                d: s[3],
+            }),
             3 => {
-                let h = heads.ok_or_else(|| kerr("Attention", format!("3-D {name} needs the num_heads attributes")))?;
-                if s[2] % h != 0 {
-                    return Err(kerr("Attention", format!("{name} hidden size {} is not a multiple of {h} heads", s[2])));
+                let h = heads.ok_or_else(|| {
+                    kerr(
+                        "Attention",
+                        format!("3-D {name} needs the num_heads attributes"),
+                    )
+                })?;
+                if !s[2].is_multiple_of(h) {
+                    return Err(kerr(
+                        "Attention",
+                        format!("{name} hidden size {} is not a multiple of {h} heads", s[2]),
+                    ));
                 }
                 let d = s[2] / h;
                 let (b, sq) = (s[0], s[1]);
@@ -124,9 +143,18 @@ impl<T: AFloat> Heads<T> {
                         }
                     }
                 }
-                Ok(Heads { data: out, b, h, s: sq, d })
+                Ok(Heads {
+                    data: out,
+                    b,
+                    h,
+                    s: sq,
+                    d,
+                })
             }
-            _ => Err(kerr("Attention", format!("{name} must be 3-D or 4-D, found {s:?}"))),
+            _ => Err(kerr(
+                "Attention",
+                format!("{name} must be 3-D or 4-D, found {s:?}"),
+            )),
         }
     }
 
@@ -143,7 +171,13 @@ impl<T: AFloat> Heads<T> {
         };
         let ps = p.shape();
         if ps.len() != 4 || ps[0] != self.b || ps[1] != self.h || ps[3] != self.d {
-            return Err(kerr("Attention", format!("{name} must have shape [{}, {}, past, {}], found {ps:?}", self.b, self.h, self.d)));
+            return Err(kerr(
+                "Attention",
+                format!(
+                    "{name} must have shape [{}, {}, past, {}], found {ps:?}",
+                    self.b, self.h, self.d
+                ),
+            ));
         }
         let pv = T::read(p)?;
         let sp = ps[2];
@@ -153,7 +187,13 @@ impl<T: AFloat> Heads<T> {
             out.extend_from_slice(&pv[bh * sp * self.d..(bh + 1) * sp * self.d]);
             out.extend_from_slice(&self.data[bh * self.s * self.d..(bh + 1) * self.s * self.d]);
         }
-        Ok(Heads { data: out, b: self.b, h: self.h, s, d: self.d })
+        Ok(Heads {
+            data: out,
+            b: self.b,
+            h: self.h,
+            s,
+            d: self.d,
+        })
     }
 }
 
@@ -168,21 +208,36 @@ impl<T: AFloat> Mask<T> {
     fn from(t: &Tensor, b: usize, h: usize, sq: usize, skv: usize) -> Result<Mask<T>> {
         let s = t.shape();
         if s.is_empty() || s.len() > 4 {
-            return Err(kerr("Attention", format!("attn_mask must have rank 1 to 4, found {s:?}")));
+            return Err(kerr(
+                "Attention",
+                format!("attn_mask must have rank 1 to 4, found {s:?}"),
+            ));
         }
         let mut shape = [1usize; 4];
         shape[4 - s.len()..].copy_from_slice(s);
         let want = [b, h, sq, skv];
         for i in 0..3 {
             if shape[i] != 1 && shape[i] != want[i] {
-                return Err(kerr("Attention", format!("attn_mask {s:?} does not broadcast to {want:?}")));
+                return Err(kerr(
+                    "Attention",
+                    format!("attn_mask {s:?} does not broadcast to {want:?}"),
+                ));
             }
         }
         if shape[3] > skv {
-            return Err(kerr("Attention", format!("attn_mask last dim {} exceeds the total sequence length {skv}", shape[3])));
+            return Err(kerr(
+                "Attention",
+                format!(
+                    "attn_mask last dim {} exceeds the total sequence length {skv}",
+                    shape[3]
+                ),
+            ));
         }
         let bias: Vec<T> = if t.dtype() == DType::Bool {
-            t.as_bools()?.iter().map(|&m| if m { T::zero() } else { T::neg_infinity() }).collect()
+            t.as_bools()?
+                .iter()
+                .map(|&m| if m { T::zero() } else { T::neg_infinity() })
+                .collect()
         } else {
             T::read(t)?
         };
@@ -193,7 +248,11 @@ impl<T: AFloat> Mask<T> {
             if shape[2] == 1 { 0 } else { st[2] },
             1,
         ];
-        Ok(Mask { bias, shape, strides })
+        Ok(Mask {
+            bias,
+            shape,
+            strides,
+        })
     }
 
     /// Bias at (b, h, i, j); positions past the mask's last dim are masked out.
@@ -213,17 +272,31 @@ impl Attention {
         let vt = input_tensor(inputs, 2, op)?;
         let ranks = (qt.rank(), kt.rank(), vt.rank());
         if ranks.0 != ranks.1 || ranks.1 != ranks.2 {
-            return Err(kerr(op, format!("Q, K and V must have the same rank, found {ranks:?}")));
+            return Err(kerr(
+                op,
+                format!("Q, K and V must have the same rank, found {ranks:?}"),
+            ));
         }
         let q = Heads::<T>::from(qt, self.q_num_heads, "Q")?;
-        let k = Heads::<T>::from(kt, self.kv_num_heads, "K")?.with_past(optional_tensor(inputs, 4, op)?, "past_key")?;
-        let v = Heads::<T>::from(vt, self.kv_num_heads, "V")?.with_past(optional_tensor(inputs, 5, op)?, "past_value")?;
+        let k = Heads::<T>::from(kt, self.kv_num_heads, "K")?
+            .with_past(optional_tensor(inputs, 4, op)?, "past_key")?;
+        let v = Heads::<T>::from(vt, self.kv_num_heads, "V")?
+            .with_past(optional_tensor(inputs, 5, op)?, "past_value")?;
         let past_len = optional_tensor(inputs, 4, op)?.map_or(0, |p| p.shape()[2]);
         if k.b != q.b || v.b != q.b || k.h != v.h || k.s != v.s || k.d != q.d {
-            return Err(kerr(op, "Q, K and V have inconsistent batch, head or sequence sizes"));
+            return Err(kerr(
+                op,
+                "Q, K and V have inconsistent batch, head or sequence sizes",
+            ));
         }
         if k.h == 0 || q.h % k.h != 0 {
-            return Err(kerr(op, format!("{} query heads are not a multiple of {} key/value heads", q.h, k.h)));
+            return Err(kerr(
+                op,
+                format!(
+                    "{} query heads are not a multiple of {} key/value heads",
+                    q.h, k.h
+                ),
+            ));
         }
         let (b, hq, sq, skv, dv) = (q.b, q.h, q.s, k.s, v.d);
         let reps = hq / k.h;
@@ -235,7 +308,10 @@ impl Attention {
             Some(t) => {
                 let v = t.to_i64_vec()?;
                 if v.len() != b {
-                    return Err(kerr(op, format!("nonpad_kv_seqlen must have {b} values, got {}", v.len())));
+                    return Err(kerr(
+                        op,
+                        format!("nonpad_kv_seqlen must have {b} values, got {}", v.len()),
+                    ));
                 }
                 Some(v)
             }
@@ -257,7 +333,10 @@ impl Attention {
                     let qr: Vec<T> = q.row(bi, hi, i).iter().map(|&x| x * sqrt_scale).collect();
                     for (j, l) in logits.iter_mut().enumerate() {
                         let kr = k.row(bi, kh, j);
-                        *l = qr.iter().zip(kr).fold(T::zero(), |acc, (&a, &c)| acc + a * (c * sqrt_scale));
+                        *l = qr
+                            .iter()
+                            .zip(kr)
+                            .fold(T::zero(), |acc, (&a, &c)| acc + a * (c * sqrt_scale));
                     }
                     let qk_row = &mut qkb[i * skv..(i + 1) * skv];
                     if self.qk_mode == 0 {
@@ -282,7 +361,9 @@ impl Attention {
                         qk_row.copy_from_slice(&logits);
                     }
                     if self.softcap > 0.0 {
-                        logits.iter_mut().for_each(|l| *l = (*l / softcap).tanh() * softcap);
+                        logits
+                            .iter_mut()
+                            .for_each(|l| *l = (*l / softcap).tanh() * softcap);
                     }
                     if self.qk_mode == 2 {
                         qk_row.copy_from_slice(&logits);
@@ -321,7 +402,12 @@ impl Attention {
         let pk = T::to_tensor(&[b, k.h, skv, k.d], k.data, kt.dtype())?;
         let pv = T::to_tensor(&[b, v.h, skv, dv], v.data, vt.dtype())?;
         let qk = T::to_tensor(&[b, hq, sq, skv], qk_out, dtype)?;
-        Ok(vec![Value::Tensor(y_t), Value::Tensor(pk), Value::Tensor(pv), Value::Tensor(qk)])
+        Ok(vec![
+            Value::Tensor(y_t),
+            Value::Tensor(pk),
+            Value::Tensor(pv),
+            Value::Tensor(qk),
+        ])
     }
 }
 
@@ -372,7 +458,10 @@ impl Op for Attention {
             _ => Dim::Unknown,
         };
         let y = match (&qs, &q4, &v4) {
-            (Some(s), Some(q), Some(v)) if s.len() == 4 => Fact::tensor(dtype, vec![q[0].clone(), q[1].clone(), q[2].clone(), v[3].clone()]),
+            (Some(s), Some(q), Some(v)) if s.len() == 4 => Fact::tensor(
+                dtype,
+                vec![q[0].clone(), q[1].clone(), q[2].clone(), v[3].clone()],
+            ),
             (Some(s), Some(q), Some(v)) if s.len() == 3 => {
                 let hid = match (&q[1], &v[3]) {
                     (Dim::Known(h), Dim::Known(d)) => Dim::Known(h * d),
@@ -383,11 +472,17 @@ impl Op for Attention {
             _ => Fact::of_dtype(dtype),
         };
         let pk = match &k4 {
-            Some(k) => Fact::tensor(kd, vec![k[0].clone(), k[1].clone(), total.clone(), k[3].clone()]),
+            Some(k) => Fact::tensor(
+                kd,
+                vec![k[0].clone(), k[1].clone(), total.clone(), k[3].clone()],
+            ),
             None => Fact::of_dtype(kd),
         };
         let pv = match &v4 {
-            Some(v) => Fact::tensor(vd, vec![v[0].clone(), v[1].clone(), total.clone(), v[3].clone()]),
+            Some(v) => Fact::tensor(
+                vd,
+                vec![v[0].clone(), v[1].clone(), total.clone(), v[3].clone()],
+            ),
             None => Fact::of_dtype(vd),
         };
         let qk = match &q4 {
@@ -402,7 +497,10 @@ impl Op for Attention {
         match q.dtype() {
             DType::F64 => self.run::<f64>(inputs),
             DType::F32 | DType::F16 | DType::BF16 => self.run::<f32>(inputs),
-            d => Err(kerr("Attention", format!("Q must be a float tensor, found {d}"))),
+            d => Err(kerr(
+                "Attention",
+                format!("Q must be a float tensor, found {d}"),
+            )),
         }
     }
 
@@ -437,7 +535,11 @@ fn build_rotary(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         Some(0) | None => None,
         Some(v) => Some(v as usize),
     };
-    Ok(Box::new(RotaryEmbedding { interleaved: a.int("interleaved", 0)? != 0, rotary_dim: rd as usize, num_heads: nh }))
+    Ok(Box::new(RotaryEmbedding {
+        interleaved: a.int("interleaved", 0)? != 0,
+        rotary_dim: rd as usize,
+        num_heads: nh,
+    }))
 }
 
 impl RotaryEmbedding {
@@ -452,23 +554,42 @@ impl RotaryEmbedding {
         let (b, seq, heads, hd, four_d) = match s.len() {
             4 => (s[0], s[2], s[1], s[3], true),
             3 => {
-                let h = self.num_heads.ok_or_else(|| kerr(op, "3-D input needs the num_heads attribute"))?;
-                if s[2] % h != 0 {
-                    return Err(kerr(op, format!("hidden size {} is not a multiple of num_heads {h}", s[2])));
+                let h = self
+                    .num_heads
+                    .ok_or_else(|| kerr(op, "3-D input needs the num_heads attribute"))?;
+                if !s[2].is_multiple_of(h) {
+                    return Err(kerr(
+                        op,
+                        format!("hidden size {} is not a multiple of num_heads {h}", s[2]),
+                    ));
                 }
                 (s[0], s[1], h, s[2] / h, false)
             }
             _ => return Err(kerr(op, format!("input must be 3-D or 4-D, found {s:?}"))),
         };
-        let rd = if self.rotary_dim == 0 { hd } else { self.rotary_dim };
-        if rd > hd || rd % 2 != 0 {
-            return Err(kerr(op, format!("rotary_embedding_dim {rd} must be even and ≤ head size {hd}")));
+        let rd = if self.rotary_dim == 0 {
+            hd
+        } else {
+            self.rotary_dim
+        };
+        if rd > hd || !rd.is_multiple_of(2) {
+            return Err(kerr(
+                op,
+                format!("rotary_embedding_dim {rd} must be even and ≤ head size {hd}"),
+            ));
         }
         let half = rd / 2;
         let cos = T::read(cos_t)?;
         let sin = T::read(sin_t)?;
         if cos_t.shape() != sin_t.shape() || cos_t.shape().last().copied() != Some(half) {
-            return Err(kerr(op, format!("cos/sin caches must match with last dim {half}, found {:?} and {:?}", cos_t.shape(), sin_t.shape())));
+            return Err(kerr(
+                op,
+                format!(
+                    "cos/sin caches must match with last dim {half}, found {:?} and {:?}",
+                    cos_t.shape(),
+                    sin_t.shape()
+                ),
+            ));
         }
         // Row of the caches for (b, s).
         let cache_row: Box<dyn Fn(usize, usize) -> Result<usize>> = match pos {
@@ -476,13 +597,19 @@ impl RotaryEmbedding {
                 let pv = p.to_i64_vec()?;
                 let (ps, cs) = (p.shape().to_vec(), cos_t.shape().to_vec());
                 if cs.len() != 2 || pv.len() != b * seq {
-                    return Err(kerr(op, format!("position_ids {ps:?} / caches {cs:?} do not fit input {s:?}")));
+                    return Err(kerr(
+                        op,
+                        format!("position_ids {ps:?} / caches {cs:?} do not fit input {s:?}"),
+                    ));
                 }
                 let max = cs[0];
                 Box::new(move |bi, si| {
                     let v = pv[bi * seq + si];
                     if v < 0 || v as usize >= max {
-                        return Err(kerr(op, format!("position id {v} is out of range [0, {max})")));
+                        return Err(kerr(
+                            op,
+                            format!("position id {v} is out of range [0, {max})"),
+                        ));
                     }
                     Ok(v as usize)
                 })
@@ -498,12 +625,23 @@ impl RotaryEmbedding {
         for bi in 0..b {
             for si in 0..seq {
                 let r = cache_row(bi, si)?;
-                let (c, sn) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+                let (c, sn) = (
+                    &cos[r * half..(r + 1) * half],
+                    &sin[r * half..(r + 1) * half],
+                );
                 for hi in 0..heads {
-                    let off = if four_d { ((bi * heads + hi) * seq + si) * hd } else { ((bi * seq + si) * heads + hi) * hd };
+                    let off = if four_d {
+                        ((bi * heads + hi) * seq + si) * hd
+                    } else {
+                        ((bi * seq + si) * heads + hi) * hd
+                    };
                     let v = &mut data[off..off + rd];
                     for i in 0..half {
-                        let (i1, i2) = if self.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                        let (i1, i2) = if self.interleaved {
+                            (2 * i, 2 * i + 1)
+                        } else {
+                            (i, i + half)
+                        };
                         let (x1, x2) = (v[i1], v[i2]);
                         v[i1] = c[i] * x1 - sn[i] * x2;
                         v[i2] = sn[i] * x1 + c[i] * x2;
@@ -522,7 +660,10 @@ impl Op for RotaryEmbedding {
 
     fn infer(&self, inputs: &[Option<&Fact>], _n_outputs: usize) -> Result<Vec<Fact>> {
         Ok(vec![match inputs.first().copied().flatten() {
-            Some(f) => Fact { konst: None, ..f.clone() },
+            Some(f) => Fact {
+                konst: None,
+                ..f.clone()
+            },
             None => Fact::unknown(),
         }])
     }
@@ -532,7 +673,12 @@ impl Op for RotaryEmbedding {
         let t = match x.dtype() {
             DType::F64 => self.run::<f64>(inputs)?,
             DType::F32 | DType::F16 | DType::BF16 => self.run::<f32>(inputs)?,
-            d => return Err(kerr("RotaryEmbedding", format!("input must be float, found {d}"))),
+            d => {
+                return Err(kerr(
+                    "RotaryEmbedding",
+                    format!("input must be float, found {d}"),
+                ))
+            }
         };
         Ok(vec![Value::Tensor(t)])
     }
@@ -561,19 +707,44 @@ mod tests {
     fn run(op: &dyn Op, inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
         let vals: Vec<Option<Value>> = inputs.into_iter().map(|t| t.map(Value::Tensor)).collect();
         let refs: Vec<Option<&Value>> = vals.iter().map(|v| v.as_ref()).collect();
-        op.eval(&refs)?.into_iter().map(|v| v.into_tensor()).collect()
+        op.eval(&refs)?
+            .into_iter()
+            .map(|v| v.into_tensor())
+            .collect()
     }
 
     fn attn(is_causal: bool, qk_mode: i64) -> Attention {
-        Attention { is_causal, q_num_heads: Some(4), kv_num_heads: Some(2), scale: None, softcap: 0.0, qk_mode }
+        Attention {
+            is_causal,
+            q_num_heads: Some(4),
+            kv_num_heads: Some(2),
+            scale: None,
+            softcap: 0.0,
+            qk_mode,
+        }
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// Naive attention for one (b, h): q [sq, d], k [skv, d], v [skv, dv].
-    fn naive(q: &[f32], k: &[f32], v: &[f32], sq: usize, skv: usize, d: usize, dv: usize, causal_past: Option<usize>) -> Vec<f32> {
+    fn naive(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        sq: usize,
+        skv: usize,
+        d: usize,
+        dv: usize,
+        causal_past: Option<usize>,
+    ) -> Vec<f32> {
         let mut out = vec![0.0; sq * dv];
         for i in 0..sq {
             let mut l: Vec<f64> = (0..skv)
-                .map(|j| (0..d).map(|t| q[i * d + t] as f64 * k[j * d + t] as f64).sum::<f64>() / (d as f64).sqrt())
+                .map(|j| {
+                    (0..d)
+                        .map(|t| q[i * d + t] as f64 * k[j * d + t] as f64)
+                        .sum::<f64>()
+                        / (d as f64).sqrt()
+                })
                 .collect();
             if let Some(p) = causal_past {
                 for (j, x) in l.iter_mut().enumerate() {
@@ -623,7 +794,11 @@ mod tests {
         for bi in 0..b {
             for hi in 0..hq {
                 let kh = hi / 2;
-                let qh: Vec<f32> = (0..sq).flat_map(|i| q[((bi * sq + i) * hq + hi) * d..((bi * sq + i) * hq + hi + 1) * d].to_vec()).collect();
+                let qh: Vec<f32> = (0..sq)
+                    .flat_map(|i| {
+                        q[((bi * sq + i) * hq + hi) * d..((bi * sq + i) * hq + hi + 1) * d].to_vec()
+                    })
+                    .collect();
                 let kk = &present_k[(bi * hkv + kh) * skv * d..(bi * hkv + kh + 1) * skv * d];
                 let vv = &present_v[(bi * hkv + kh) * skv * d..(bi * hkv + kh + 1) * skv * d];
                 let want = naive(&qh, kk, vv, sq, skv, d, d, Some(past));
@@ -646,8 +821,24 @@ mod tests {
         let k = q.clone();
         let v = Tensor::from_vec(&[b, h, s, d], vec![1.0f32, 2.0, 3.0, 4.0]).unwrap();
         let mask = Tensor::from_bools(&[2, 2], &[true, false, true, true]).unwrap();
-        let op = Attention { is_causal: false, q_num_heads: None, kv_num_heads: None, scale: Some(1.0), softcap: 0.0, qk_mode: 1 };
-        let out = run(&op, vec![Some(q.clone()), Some(k.clone()), Some(v.clone()), Some(mask)]).unwrap();
+        let op = Attention {
+            is_causal: false,
+            q_num_heads: None,
+            kv_num_heads: None,
+            scale: Some(1.0),
+            softcap: 0.0,
+            qk_mode: 1,
+        };
+        let out = run(
+            &op,
+            vec![
+                Some(q.clone()),
+                Some(k.clone()),
+                Some(v.clone()),
+                Some(mask),
+            ],
+        )
+        .unwrap();
         let y = out[0].to_f32_vec().unwrap();
         assert_eq!(&y[..2], &[1.0, 2.0]);
         let qk = out[3].to_f32_vec().unwrap();
@@ -662,9 +853,20 @@ mod tests {
     #[test]
     fn attention_errors() {
         let q = Tensor::from_vec(&[1, 2, 6], vec![0.0f32; 12]).unwrap();
-        let op = Attention { is_causal: false, q_num_heads: None, kv_num_heads: None, scale: None, softcap: 0.0, qk_mode: 0 };
+        let op = Attention {
+            is_causal: false,
+            q_num_heads: None,
+            kv_num_heads: None,
+            scale: None,
+            softcap: 0.0,
+            qk_mode: 0,
+        };
         assert!(run(&op, vec![Some(q.clone()), Some(q.clone()), Some(q.clone())]).is_err());
-        let op = Attention { q_num_heads: Some(3), kv_num_heads: Some(2), ..op };
+        let op = Attention {
+            q_num_heads: Some(3),
+            kv_num_heads: Some(2),
+            ..op
+        };
         assert!(run(&op, vec![Some(q.clone()), Some(q.clone()), Some(q)]).is_err());
     }
 
@@ -676,7 +878,11 @@ mod tests {
         let sin = rand_vec(8 * 2, 9);
         let pos = Tensor::from_vec(&[1, 3], vec![5i64, 0, 7]).unwrap();
         for interleaved in [false, true] {
-            let op = RotaryEmbedding { interleaved, rotary_dim: 0, num_heads: None };
+            let op = RotaryEmbedding {
+                interleaved,
+                rotary_dim: 0,
+                num_heads: None,
+            };
             let out = run(
                 &op,
                 vec![
@@ -693,7 +899,11 @@ mod tests {
                 for si in 0..s {
                     let o = (hi * s + si) * d;
                     for i in 0..2 {
-                        let (i1, i2) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + 2) };
+                        let (i1, i2) = if interleaved {
+                            (2 * i, 2 * i + 1)
+                        } else {
+                            (i, i + 2)
+                        };
                         let (c, sn) = (cos[p[si] * 2 + i], sin[p[si] * 2 + i]);
                         assert!((y[o + i1] - (c * x[o + i1] - sn * x[o + i2])).abs() < 1e-6);
                         assert!((y[o + i2] - (sn * x[o + i1] + c * x[o + i2])).abs() < 1e-6);
@@ -702,7 +912,11 @@ mod tests {
             }
         }
         // Bad position id.
-        let op = RotaryEmbedding { interleaved: false, rotary_dim: 0, num_heads: None };
+        let op = RotaryEmbedding {
+            interleaved: false,
+            rotary_dim: 0,
+            num_heads: None,
+        };
         let bad = Tensor::from_vec(&[1, 3], vec![5i64, 0, 9]).unwrap();
         assert!(run(
             &op,

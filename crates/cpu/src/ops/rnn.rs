@@ -9,7 +9,10 @@
 //! Floats are computed in f32 (f16/bf16 are widened) or f64 for f64 inputs.
 
 use super::linalg::blas::{self, GemmFloat, MatRef};
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
+    Tensor, Value,
+};
 
 /// Registers this family's ops.
 pub fn register(reg: &mut OpRegistry) {
@@ -104,9 +107,9 @@ impl RnnAct {
                 }
             }),
             RnnAct::ScaledTanh(a, b) => xs.iter_mut().for_each(|x| *x = c(a) * (c(b) * *x).tanh()),
-            RnnAct::HardSigmoid(a, b) => {
-                xs.iter_mut().for_each(|x| *x = (c(a) * *x + c(b)).max(T::zero()).min(T::one()))
-            }
+            RnnAct::HardSigmoid(a, b) => xs
+                .iter_mut()
+                .for_each(|x| *x = (c(a) * *x + c(b)).max(T::zero()).min(T::one())),
             RnnAct::Elu(a) => xs.iter_mut().for_each(|x| {
                 if *x < T::zero() {
                     *x = c(a) * (x.exp() - T::one())
@@ -174,7 +177,20 @@ fn matmul_bt<T: RnnFloat>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mu
     // c = a · bᵀ: b (n×k row-major) read transposed. The shapes were checked above, so the
     // wrapper cannot fail; fall back to dot products if it ever does.
     let parallel = m * n * k >= blas::PARALLEL_THRESHOLD;
-    if blas::gemm(m, n, k, c, n, false, MatRef::row_major(a, k), MatRef::transposed(b, k), T::one(), parallel).is_err() {
+    if blas::gemm(
+        m,
+        n,
+        k,
+        c,
+        n,
+        false,
+        MatRef::row_major(a, k),
+        MatRef::transposed(b, k),
+        T::one(),
+        parallel,
+    )
+    .is_err()
+    {
         for i in 0..m {
             for j in 0..n {
                 c[i * n + j] = dot(&a[i * k..(i + 1) * k], &b[j * k..(j + 1) * k]);
@@ -312,10 +328,16 @@ fn build_common(ctx: &BuildCtx, cell: CellKind) -> Result<Recurrent> {
         "forward" | "foward" => Direction::Forward,
         "reverse" => Direction::Reverse,
         "bidirectional" => Direction::Bidirectional,
-        other => return Err(a.invalid(format!("direction must be forward, reverse or bidirectional, got {other:?}"))),
+        other => {
+            return Err(a.invalid(format!(
+                "direction must be forward, reverse or bidirectional, got {other:?}"
+            )))
+        }
     };
     let hidden_size = match a.opt_int("hidden_size")? {
-        Some(h) if h <= 0 => return Err(a.invalid(format!("hidden_size must be positive, got {h}"))),
+        Some(h) if h <= 0 => {
+            return Err(a.invalid(format!("hidden_size must be positive, got {h}")))
+        }
         Some(h) => Some(h as usize),
         None => None,
     };
@@ -324,7 +346,9 @@ fn build_common(ctx: &BuildCtx, cell: CellKind) -> Result<Recurrent> {
         return Err(a.invalid(format!("layout must be 0 or 1, got {layout}")));
     }
     let clip = match a.opt_float("clip")? {
-        Some(c) if c.is_nan() || c < 0.0 => return Err(a.invalid(format!("clip must be non-negative, got {c}"))),
+        Some(c) if c.is_nan() || c < 0.0 => {
+            return Err(a.invalid(format!("clip must be non-negative, got {c}")))
+        }
         other => other,
     };
     let nd = direction.count();
@@ -359,17 +383,32 @@ fn build_common(ctx: &BuildCtx, cell: CellKind) -> Result<Recurrent> {
             }
         }
     };
-    Ok(Recurrent { cell, direction, hidden_size, acts, clip, layout: layout as usize })
+    Ok(Recurrent {
+        cell,
+        direction,
+        hidden_size,
+        acts,
+        clip,
+        layout: layout as usize,
+    })
 }
 
 fn build_lstm(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let input_forget = ctx.attrs().int("input_forget", 0)? != 0;
-    Ok(Box::new(build_common(ctx, CellKind::Lstm { input_forget })?))
+    Ok(Box::new(build_common(
+        ctx,
+        CellKind::Lstm { input_forget },
+    )?))
 }
 
 fn build_gru(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let linear_before_reset = ctx.attrs().int("linear_before_reset", 0)? != 0;
-    Ok(Box::new(build_common(ctx, CellKind::Gru { linear_before_reset })?))
+    Ok(Box::new(build_common(
+        ctx,
+        CellKind::Gru {
+            linear_before_reset,
+        },
+    )?))
 }
 
 fn build_rnn(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
@@ -383,7 +422,11 @@ fn build_rnn(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
 impl Recurrent {
     fn infer_facts(&self, inputs: &[Option<&Fact>], n_outputs: usize) -> Result<Vec<Fact>> {
         let op = self.cell.name();
-        let ierr = |msg: String| KilnError::Inference { node: String::new(), op: op.into(), msg };
+        let ierr = |msg: String| KilnError::Inference {
+            node: String::new(),
+            op: op.into(),
+            msg,
+        };
         let x = inputs.first().copied().flatten();
         let dtype = x.and_then(|f| f.dtype);
         if let Some(d) = dtype {
@@ -406,7 +449,12 @@ impl Recurrent {
         let hidden = match self.hidden_size {
             Some(h) => Dim::Known(h),
             None => {
-                let from_r = inputs.get(2).copied().flatten().and_then(|f| f.shape.as_ref()).and_then(|s| s.get(2).cloned());
+                let from_r = inputs
+                    .get(2)
+                    .copied()
+                    .flatten()
+                    .and_then(|f| f.shape.as_ref())
+                    .and_then(|s| s.get(2).cloned());
                 let from_w = inputs
                     .get(1)
                     .copied()
@@ -427,10 +475,18 @@ impl Recurrent {
         } else {
             vec![batch.clone(), seq, nd.clone(), hidden.clone()]
         };
-        let yh = if self.layout == 0 { vec![nd, batch, hidden] } else { vec![batch, nd, hidden] };
+        let yh = if self.layout == 0 {
+            vec![nd, batch, hidden]
+        } else {
+            vec![batch, nd, hidden]
+        };
         let mut out = Vec::with_capacity(n_outputs);
         for i in 0..n_outputs {
-            out.push(if i == 0 { mk(y.clone()) } else { mk(yh.clone()) });
+            out.push(if i == 0 {
+                mk(y.clone())
+            } else {
+                mk(yh.clone())
+            });
         }
         Ok(out)
     }
@@ -472,7 +528,9 @@ struct Outputs<T> {
 fn get_vec<T: RnnFloat>(t: &Tensor) -> Result<Vec<T>> {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f64>() {
         let v = t.to_f64_vec()?;
-        Ok(v.into_iter().map(|x| T::from(x).unwrap_or_else(T::nan)).collect())
+        Ok(v.into_iter()
+            .map(|x| T::from(x).unwrap_or_else(T::nan))
+            .collect())
     } else {
         let v = t.to_f32_vec()?;
         Ok(v.into_iter().map(T::from_f32).collect())
@@ -481,10 +539,16 @@ fn get_vec<T: RnnFloat>(t: &Tensor) -> Result<Vec<T>> {
 
 fn to_tensor<T: RnnFloat>(dtype: DType, shape: &[usize], v: Vec<T>) -> Result<Tensor> {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f64>() {
-        let v: Vec<f64> = v.into_iter().map(|x| x.to_f64().unwrap_or(f64::NAN)).collect();
+        let v: Vec<f64> = v
+            .into_iter()
+            .map(|x| x.to_f64().unwrap_or(f64::NAN))
+            .collect();
         Tensor::from_vec(shape, v)?.cast(dtype)
     } else {
-        let v: Vec<f32> = v.into_iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect();
+        let v: Vec<f32> = v
+            .into_iter()
+            .map(|x| x.to_f32().unwrap_or(f32::NAN))
+            .collect();
         Tensor::from_vec(shape, v)?.cast(dtype)
     }
 }
@@ -496,7 +560,10 @@ impl Recurrent {
 
     fn check_shape(&self, name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
         if t.shape() != want {
-            return Err(self.err(format!("{name} must have shape {want:?}, found {:?}", t.shape())));
+            return Err(self.err(format!(
+                "{name} must have shape {want:?}, found {:?}",
+                t.shape()
+            )));
         }
         Ok(())
     }
@@ -506,8 +573,11 @@ impl Recurrent {
         if x.rank() != 3 {
             return Err(self.err(format!("X must have rank 3, found shape {:?}", x.shape())));
         }
-        let (seq, batch) =
-            if self.layout == 0 { (x.shape()[0], x.shape()[1]) } else { (x.shape()[1], x.shape()[0]) };
+        let (seq, batch) = if self.layout == 0 {
+            (x.shape()[0], x.shape()[1])
+        } else {
+            (x.shape()[1], x.shape()[0])
+        };
         let input = x.shape()[2];
         let nd = self.direction.count();
         let g = self.cell.gates();
@@ -517,13 +587,24 @@ impl Recurrent {
         let hidden = r.shape()[2];
         if let Some(h) = self.hidden_size {
             if h != hidden {
-                return Err(self.err(format!("hidden_size is {h} but R has shape {:?}", r.shape())));
+                return Err(self.err(format!(
+                    "hidden_size is {h} but R has shape {:?}",
+                    r.shape()
+                )));
             }
         }
-        let gh = hidden.checked_mul(g).ok_or_else(|| self.err("hidden size overflows"))?;
+        let gh = hidden
+            .checked_mul(g)
+            .ok_or_else(|| self.err("hidden size overflows"))?;
         self.check_shape("W", w, &[nd, gh, input])?;
         self.check_shape("R", r, &[nd, gh, hidden])?;
-        Ok(Dims { seq, batch, input, hidden, nd })
+        Ok(Dims {
+            seq,
+            batch,
+            input,
+            hidden,
+            nd,
+        })
     }
 
     fn state_shape(&self, d: &Dims) -> [usize; 3] {
@@ -550,13 +631,21 @@ impl Recurrent {
         let lens = match optional_tensor(inputs, 4, op)? {
             Some(t) => {
                 if t.len() != d.batch || t.rank() != 1 {
-                    return Err(self.err(format!("sequence_lens must have shape [{}], found {:?}", d.batch, t.shape())));
+                    return Err(self.err(format!(
+                        "sequence_lens must have shape [{}], found {:?}",
+                        d.batch,
+                        t.shape()
+                    )));
                 }
-                let v = t.to_i64_vec().map_err(|e| self.err(format!("sequence_lens: {e}")))?;
+                let v = t
+                    .to_i64_vec()
+                    .map_err(|e| self.err(format!("sequence_lens: {e}")))?;
                 let mut lens = Vec::with_capacity(v.len());
                 for l in v {
                     if l < 0 || l as u64 > d.seq as u64 {
-                        return Err(self.err(format!("sequence_lens value {l} is outside [0, {}]", d.seq)));
+                        return Err(
+                            self.err(format!("sequence_lens value {l} is outside [0, {}]", d.seq))
+                        );
                     }
                     lens.push(l as usize);
                 }
@@ -591,7 +680,16 @@ impl Recurrent {
         } else {
             (None, None)
         };
-        Ok(Inputs { x, w, r, b, lens, h0, c0, p })
+        Ok(Inputs {
+            x,
+            w,
+            r,
+            b,
+            lens,
+            h0,
+            c0,
+            p,
+        })
     }
 
     /// Reads the initial state of direction `dir` (layout-aware) into `[batch, hidden]`.
@@ -599,7 +697,11 @@ impl Recurrent {
         let mut out = vec![T::zero(); d.batch * d.hidden];
         if let Some(src) = src {
             for b in 0..d.batch {
-                let off = if self.layout == 0 { (dir * d.batch + b) * d.hidden } else { (b * d.nd + dir) * d.hidden };
+                let off = if self.layout == 0 {
+                    (dir * d.batch + b) * d.hidden
+                } else {
+                    (b * d.nd + dir) * d.hidden
+                };
                 out[b * d.hidden..(b + 1) * d.hidden].copy_from_slice(&src[off..off + d.hidden]);
             }
         }
@@ -648,10 +750,11 @@ impl Recurrent {
             let b = &b[dir * 2 * gh..(dir + 1) * 2 * gh];
             let (wb, rbias) = b.split_at(gh);
             let mut bias: Vec<T> = wb.iter().zip(rbias).map(|(a, c)| *a + *c).collect();
-            if let CellKind::Gru { linear_before_reset: true } = self.cell {
-                for j in 2 * h..3 * h {
-                    bias[j] = wb[j];
-                }
+            if let CellKind::Gru {
+                linear_before_reset: true,
+            } = self.cell
+            {
+                bias[2 * h..3 * h].copy_from_slice(&wb[2 * h..3 * h]);
                 rb_h = Some(rbias[2 * h..3 * h].to_vec());
             }
             for row in proj.chunks_exact_mut(gh) {
@@ -673,7 +776,9 @@ impl Recurrent {
         for step in 0..max_len {
             // Recurrent product for the whole batch (finished rows are ignored below).
             match self.cell {
-                CellKind::Gru { linear_before_reset: false } => {
+                CellKind::Gru {
+                    linear_before_reset: false,
+                } => {
                     matmul_bt(bt, 2 * h, h, &hs, &r[..2 * h * h], &mut rec[..bt * 2 * h]);
                 }
                 _ => matmul_bt(bt, gh, h, &hs, r, &mut rec),
@@ -685,13 +790,20 @@ impl Recurrent {
                     continue;
                 }
                 let t = if reversed { len - 1 - step } else { step };
-                let row = if self.layout == 0 { t * bt + b } else { b * d.seq + t };
+                let row = if self.layout == 0 {
+                    t * bt + b
+                } else {
+                    b * d.seq + t
+                };
                 let xp = &proj[row * gh..(row + 1) * gh];
                 let hb = &mut hs[b * h..(b + 1) * h];
                 match self.cell {
                     CellKind::Lstm { input_forget } => {
                         let rc = &rec[b * gh..(b + 1) * gh];
-                        gates.iter_mut().zip(xp.iter().zip(rc)).for_each(|(gv, (a, c))| *gv = *a + *c);
+                        gates
+                            .iter_mut()
+                            .zip(xp.iter().zip(rc))
+                            .for_each(|(gv, (a, c))| *gv = *a + *c);
                         let cb = &mut cs[b * h..(b + 1) * h];
                         lstm_step(&mut gates, hb, cb, peep, acts, clip, input_forget);
                     }
@@ -703,15 +815,21 @@ impl Recurrent {
                         clip_slice(hb, clip);
                         acts[0].apply(hb);
                     }
-                    CellKind::Gru { linear_before_reset: true } => {
+                    CellKind::Gru {
+                        linear_before_reset: true,
+                    } => {
                         let rc = &rec[b * gh..(b + 1) * gh];
                         gru_step_lbr(&mut gates, xp, rc, rb_h.as_deref(), hb, acts, clip);
                     }
-                    CellKind::Gru { linear_before_reset: false } => {
+                    CellKind::Gru {
+                        linear_before_reset: false,
+                    } => {
                         // z and r now; the candidate needs (r ⊙ h)·Rhᵀ for all rows first.
                         let rc = &rec[b * 2 * h..(b + 1) * 2 * h];
                         let zr = &mut gates[..2 * h];
-                        zr.iter_mut().zip(xp[..2 * h].iter().zip(rc)).for_each(|(gv, (a, c))| *gv = *a + *c);
+                        zr.iter_mut()
+                            .zip(xp[..2 * h].iter().zip(rc))
+                            .for_each(|(gv, (a, c))| *gv = *a + *c);
                         clip_slice(zr, clip);
                         acts[0].apply(zr);
                         // Stash z in `scratch`, r ⊙ h in `rh`.
@@ -722,7 +840,12 @@ impl Recurrent {
                         gru_candidates.push((b, row));
                     }
                 }
-                if !matches!(self.cell, CellKind::Gru { linear_before_reset: false }) {
+                if !matches!(
+                    self.cell,
+                    CellKind::Gru {
+                        linear_before_reset: false
+                    }
+                ) {
                     y[(t * bt + b) * h..(t * bt + b + 1) * h].copy_from_slice(hb);
                 }
             }
@@ -824,7 +947,9 @@ fn gru_step_lbr<T: RnnFloat>(
 ) {
     let h = hb.len();
     let (zr, cand) = gates.split_at_mut(2 * h);
-    zr.iter_mut().zip(xp[..2 * h].iter().zip(&rc[..2 * h])).for_each(|(g, (a, c))| *g = *a + *c);
+    zr.iter_mut()
+        .zip(xp[..2 * h].iter().zip(&rc[..2 * h]))
+        .for_each(|(g, (a, c))| *g = *a + *c);
     clip_slice(zr, clip);
     acts[0].apply(zr);
     let (z, r) = zr.split_at(h);
@@ -840,7 +965,13 @@ fn gru_step_lbr<T: RnnFloat>(
 }
 
 /// Converts layout-0 outputs to the requested layout and dtype.
-fn finish<T: RnnFloat>(rec: &Recurrent, out: Outputs<T>, d: &Dims, dtype: DType, n_outputs: usize) -> Result<Vec<Value>> {
+fn finish<T: RnnFloat>(
+    rec: &Recurrent,
+    out: Outputs<T>,
+    d: &Dims,
+    dtype: DType,
+    n_outputs: usize,
+) -> Result<Vec<Value>> {
     let (seq, nd, bt, h) = (d.seq, d.nd, d.batch, d.hidden);
     let (y, ys, yh, yc, ss) = if rec.layout == 0 {
         (out.y, vec![seq, nd, bt, h], out.yh, out.yc, vec![nd, bt, h])
@@ -867,21 +998,40 @@ fn finish<T: RnnFloat>(rec: &Recurrent, out: Outputs<T>, d: &Dims, dtype: DType,
             }
             o
         };
-        (y, vec![bt, seq, nd, h], tr(&out.yh), tr(&out.yc), vec![bt, nd, h])
+        (
+            y,
+            vec![bt, seq, nd, h],
+            tr(&out.yh),
+            tr(&out.yc),
+            vec![bt, nd, h],
+        )
     };
     let mut res = Vec::with_capacity(n_outputs);
     let mut parts = [Some((y, ys)), Some((yh, ss.clone())), Some((yc, ss))].into_iter();
     for _ in 0..n_outputs {
         match parts.next().flatten() {
             Some((v, s)) => res.push(Value::Tensor(to_tensor(dtype, &s, v)?)),
-            None => return Err(rec.err(format!("has at most {} outputs", if matches!(rec.cell, CellKind::Lstm { .. }) { 3 } else { 2 }))),
+            None => {
+                return Err(rec.err(format!(
+                    "has at most {} outputs",
+                    if matches!(rec.cell, CellKind::Lstm { .. }) {
+                        3
+                    } else {
+                        2
+                    }
+                )))
+            }
         }
     }
     Ok(res)
 }
 
 impl Recurrent {
-    fn eval_typed<T: RnnFloat>(&self, inputs: &[Option<&Value>], n_outputs: usize) -> Result<Vec<Value>> {
+    fn eval_typed<T: RnnFloat>(
+        &self,
+        inputs: &[Option<&Value>],
+        n_outputs: usize,
+    ) -> Result<Vec<Value>> {
         let op = self.cell.name();
         let x = input_tensor(inputs, 0, op)?;
         let w = input_tensor(inputs, 1, op)?;
@@ -921,7 +1071,9 @@ impl Op for Recurrent {
         }
         match x.dtype() {
             DType::F64 => self.eval_typed::<f64>(inputs, self.n_outputs()),
-            DType::F32 | DType::F16 | DType::BF16 => self.eval_typed::<f32>(inputs, self.n_outputs()),
+            DType::F32 | DType::F16 | DType::BF16 => {
+                self.eval_typed::<f32>(inputs, self.n_outputs())
+            }
             other => Err(self.err(format!("X must be a float tensor, found {other}"))),
         }
     }
@@ -938,10 +1090,14 @@ mod tests {
 
     /// Deterministic pseudo-random values in [-1, 1).
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -952,7 +1108,12 @@ mod tests {
         for (k, v) in attrs {
             desc.attrs.insert(k.to_string(), v);
         }
-        let ctx = BuildCtx { node: "n", desc: &desc, n_inputs: 8, n_outputs: 3 };
+        let ctx = BuildCtx {
+            node: "n",
+            desc: &desc,
+            n_inputs: 8,
+            n_outputs: 3,
+        };
         match op {
             "LSTM" => build_lstm(&ctx),
             "GRU" => build_gru(&ctx),
@@ -963,7 +1124,10 @@ mod tests {
     fn run(op: &dyn Op, inputs: Vec<Option<Tensor>>) -> Result<Vec<Tensor>> {
         let vals: Vec<Option<Value>> = inputs.into_iter().map(|t| t.map(Value::Tensor)).collect();
         let refs: Vec<Option<&Value>> = vals.iter().map(|v| v.as_ref()).collect();
-        op.eval(&refs)?.into_iter().map(|v| v.into_tensor()).collect()
+        op.eval(&refs)?
+            .into_iter()
+            .map(|v| v.into_tensor())
+            .collect()
     }
 
     fn sig(x: f64) -> f64 {
@@ -1023,7 +1187,10 @@ mod tests {
 
     fn max_diff(a: &[f32], b: &[f64]) -> f64 {
         assert_eq!(a.len(), b.len());
-        a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max)
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (*x as f64 - y).abs())
+            .fold(0.0, f64::max)
     }
 
     #[test]
@@ -1036,7 +1203,14 @@ mod tests {
         let p = rand_vec(2 * 3 * hid, 5);
         let h0 = rand_vec(2 * batch * hid, 6);
         let c0 = rand_vec(2 * batch * hid, 7);
-        let op = build("LSTM", vec![("direction", Attr::String("bidirectional".into())), ("hidden_size", Attr::Int(hid as i64))]).unwrap();
+        let op = build(
+            "LSTM",
+            vec![
+                ("direction", Attr::String("bidirectional".into())),
+                ("hidden_size", Attr::Int(hid as i64)),
+            ],
+        )
+        .unwrap();
         let out = run(
             op.as_ref(),
             vec![
@@ -1096,13 +1270,47 @@ mod tests {
                 }
             }
         }
-        let op0 = build("LSTM", vec![("hidden_size", Attr::Int(hid as i64)), ("direction", Attr::String("reverse".into()))]).unwrap();
-        let op1 = build("LSTM", vec![("layout", Attr::Int(1)), ("direction", Attr::String("reverse".into()))]).unwrap();
+        let op0 = build(
+            "LSTM",
+            vec![
+                ("hidden_size", Attr::Int(hid as i64)),
+                ("direction", Attr::String("reverse".into())),
+            ],
+        )
+        .unwrap();
+        let op1 = build(
+            "LSTM",
+            vec![
+                ("layout", Attr::Int(1)),
+                ("direction", Attr::String("reverse".into())),
+            ],
+        )
+        .unwrap();
         let lens = Tensor::from_vec(&[2], vec![4i32, 2]).unwrap();
         let wt = Tensor::from_vec(&[1, 4 * hid, inp], w).unwrap();
         let rt = Tensor::from_vec(&[1, 4 * hid, hid], r).unwrap();
-        let o0 = run(op0.as_ref(), vec![Some(Tensor::from_vec(&[seq, batch, inp], x0.clone()).unwrap()), Some(wt.clone()), Some(rt.clone()), None, Some(lens.clone())]).unwrap();
-        let o1 = run(op1.as_ref(), vec![Some(Tensor::from_vec(&[batch, seq, inp], x1).unwrap()), Some(wt), Some(rt), None, Some(lens)]).unwrap();
+        let o0 = run(
+            op0.as_ref(),
+            vec![
+                Some(Tensor::from_vec(&[seq, batch, inp], x0.clone()).unwrap()),
+                Some(wt.clone()),
+                Some(rt.clone()),
+                None,
+                Some(lens.clone()),
+            ],
+        )
+        .unwrap();
+        let o1 = run(
+            op1.as_ref(),
+            vec![
+                Some(Tensor::from_vec(&[batch, seq, inp], x1).unwrap()),
+                Some(wt),
+                Some(rt),
+                None,
+                Some(lens),
+            ],
+        )
+        .unwrap();
         assert_eq!(o1[0].shape(), &[batch, seq, 1, hid]);
         assert_eq!(o1[1].shape(), &[batch, 1, hid]);
         let y0 = o0[0].to_f32_vec().unwrap();
@@ -1116,11 +1324,15 @@ mod tests {
         }
         // Batch 1 has length 2: Y is zero past it.
         for t in 2..seq {
-            assert!(y0[(t * batch + 1) * hid..(t * batch + 2) * hid].iter().all(|&v| v == 0.0));
+            assert!(y0[(t * batch + 1) * hid..(t * batch + 2) * hid]
+                .iter()
+                .all(|&v| v == 0.0));
         }
         assert_eq!(o0[1].to_f32_vec().unwrap(), o1[1].to_f32_vec().unwrap());
         // Reverse with length 2 for batch 1 equals a reverse run over the first 2 steps.
-        let xs: Vec<f32> = (0..2).flat_map(|t| x0[(t * batch + 1) * inp..(t * batch + 2) * inp].to_vec()).collect();
+        let xs: Vec<f32> = (0..2)
+            .flat_map(|t| x0[(t * batch + 1) * inp..(t * batch + 2) * inp].to_vec())
+            .collect();
         let short = run(
             op0.as_ref(),
             vec![
@@ -1145,7 +1357,14 @@ mod tests {
         let r = rand_vec(3 * hid * hid, 23);
         let b = rand_vec(6 * hid, 24);
         for lbr in [0, 1] {
-            let op = build("GRU", vec![("hidden_size", Attr::Int(hid as i64)), ("linear_before_reset", Attr::Int(lbr))]).unwrap();
+            let op = build(
+                "GRU",
+                vec![
+                    ("hidden_size", Attr::Int(hid as i64)),
+                    ("linear_before_reset", Attr::Int(lbr)),
+                ],
+            )
+            .unwrap();
             let out = run(
                 op.as_ref(),
                 vec![
@@ -1161,14 +1380,28 @@ mod tests {
             for t in 0..seq {
                 let mut nh = h.clone();
                 for bb in 0..batch {
-                    let xw = |j: usize| -> f64 { (0..inp).map(|k| x[(t * batch + bb) * inp + k] as f64 * w[j * inp + k] as f64).sum::<f64>() + b[j] as f64 };
-                    let hr = |j: usize, hv: &[f64]| -> f64 { (0..hid).map(|k| hv[k] * r[j * hid + k] as f64).sum::<f64>() + b[3 * hid + j] as f64 };
+                    let xw = |j: usize| -> f64 {
+                        (0..inp)
+                            .map(|k| x[(t * batch + bb) * inp + k] as f64 * w[j * inp + k] as f64)
+                            .sum::<f64>()
+                            + b[j] as f64
+                    };
+                    let hr = |j: usize, hv: &[f64]| -> f64 {
+                        (0..hid).map(|k| hv[k] * r[j * hid + k] as f64).sum::<f64>()
+                            + b[3 * hid + j] as f64
+                    };
                     let hb = &h[bb * hid..(bb + 1) * hid];
                     let z: Vec<f64> = (0..hid).map(|j| sig(xw(j) + hr(j, hb))).collect();
-                    let rg: Vec<f64> = (0..hid).map(|j| sig(xw(hid + j) + hr(hid + j, hb))).collect();
+                    let rg: Vec<f64> = (0..hid)
+                        .map(|j| sig(xw(hid + j) + hr(hid + j, hb)))
+                        .collect();
                     let rh: Vec<f64> = (0..hid).map(|j| rg[j] * hb[j]).collect();
                     for j in 0..hid {
-                        let cand = if lbr == 1 { xw(2 * hid + j) + rg[j] * hr(2 * hid + j, hb) } else { xw(2 * hid + j) + hr(2 * hid + j, &rh) };
+                        let cand = if lbr == 1 {
+                            xw(2 * hid + j) + rg[j] * hr(2 * hid + j, hb)
+                        } else {
+                            xw(2 * hid + j) + hr(2 * hid + j, &rh)
+                        };
                         let cand = cand.tanh();
                         nh[bb * hid + j] = (1.0 - z[j]) * cand + z[j] * hb[j];
                     }
@@ -1210,7 +1443,9 @@ mod tests {
         for t in 0..seq {
             let nh: Vec<f64> = (0..hid)
                 .map(|j| {
-                    let a: f64 = (0..inp).map(|k| x[t * inp + k] as f64 * w[j * inp + k] as f64).sum::<f64>()
+                    let a: f64 = (0..inp)
+                        .map(|k| x[t * inp + k] as f64 * w[j * inp + k] as f64)
+                        .sum::<f64>()
                         + (0..hid).map(|k| h[k] * r[j * hid + k] as f64).sum::<f64>();
                     2.0 * (0.5 * a.clamp(-0.3f32 as f64, 0.3f32 as f64)).tanh()
                 })
@@ -1223,9 +1458,18 @@ mod tests {
     #[test]
     fn lstm_f64_and_input_forget() {
         let (seq, batch, inp, hid) = (2, 1, 2, 2);
-        let x: Vec<f64> = rand_vec(seq * batch * inp, 41).into_iter().map(|v| v as f64).collect();
-        let w: Vec<f64> = rand_vec(4 * hid * inp, 42).into_iter().map(|v| v as f64).collect();
-        let r: Vec<f64> = rand_vec(4 * hid * hid, 43).into_iter().map(|v| v as f64).collect();
+        let x: Vec<f64> = rand_vec(seq * batch * inp, 41)
+            .into_iter()
+            .map(|v| v as f64)
+            .collect();
+        let w: Vec<f64> = rand_vec(4 * hid * inp, 42)
+            .into_iter()
+            .map(|v| v as f64)
+            .collect();
+        let r: Vec<f64> = rand_vec(4 * hid * hid, 43)
+            .into_iter()
+            .map(|v| v as f64)
+            .collect();
         let op = build("LSTM", vec![("input_forget", Attr::Int(1))]).unwrap();
         let out = run(
             op.as_ref(),
@@ -1240,7 +1484,12 @@ mod tests {
         let (mut h, mut c) = (vec![0.0; hid], vec![0.0; hid]);
         for t in 0..seq {
             let g: Vec<f64> = (0..4 * hid)
-                .map(|j| (0..inp).map(|k| x[t * inp + k] * w[j * inp + k]).sum::<f64>() + (0..hid).map(|k| h[k] * r[j * hid + k]).sum::<f64>())
+                .map(|j| {
+                    (0..inp)
+                        .map(|k| x[t * inp + k] * w[j * inp + k])
+                        .sum::<f64>()
+                        + (0..hid).map(|k| h[k] * r[j * hid + k]).sum::<f64>()
+                })
                 .collect();
             for j in 0..hid {
                 let i = sig(g[j]);
@@ -1260,7 +1509,14 @@ mod tests {
         let op = build("LSTM", vec![("hidden_size", Attr::Int(3))]).unwrap();
         let x = Tensor::from_vec(&[2, 1, 2], vec![0.5f32; 4]).unwrap();
         // Wrong W shape.
-        let bad = run(op.as_ref(), vec![Some(x.clone()), Some(Tensor::zeros(DType::F32, &[1, 5, 2])), Some(Tensor::zeros(DType::F32, &[1, 12, 3]))]);
+        let bad = run(
+            op.as_ref(),
+            vec![
+                Some(x.clone()),
+                Some(Tensor::zeros(DType::F32, &[1, 5, 2])),
+                Some(Tensor::zeros(DType::F32, &[1, 12, 3])),
+            ],
+        );
         assert!(bad.is_err());
         // Sequence length out of range.
         let bad = run(
@@ -1277,15 +1533,44 @@ mod tests {
         // Missing input.
         assert!(run(op.as_ref(), vec![Some(x)]).is_err());
         assert!(build("LSTM", vec![("direction", Attr::String("sideways".into()))]).is_err());
-        assert!(build("GRU", vec![("activations", Attr::Strings(vec!["Nope".into(), "Tanh".into()]))]).is_err());
+        assert!(build(
+            "GRU",
+            vec![(
+                "activations",
+                Attr::Strings(vec!["Nope".into(), "Tanh".into()])
+            )]
+        )
+        .is_err());
     }
 
     #[test]
     fn infer_shapes() {
-        let op = build("LSTM", vec![("hidden_size", Attr::Int(4)), ("direction", Attr::String("bidirectional".into())), ("layout", Attr::Int(1))]).unwrap();
-        let x = Fact::tensor(DType::F32, vec![Dim::Sym("b".into()), Dim::Known(7), Dim::Known(3)]);
+        let op = build(
+            "LSTM",
+            vec![
+                ("hidden_size", Attr::Int(4)),
+                ("direction", Attr::String("bidirectional".into())),
+                ("layout", Attr::Int(1)),
+            ],
+        )
+        .unwrap();
+        let x = Fact::tensor(
+            DType::F32,
+            vec![Dim::Sym("b".into()), Dim::Known(7), Dim::Known(3)],
+        );
         let f = op.infer(&[Some(&x)], 3).unwrap();
-        assert_eq!(f[0].shape.as_ref().unwrap(), &vec![Dim::Sym("b".into()), Dim::Known(7), Dim::Known(2), Dim::Known(4)]);
-        assert_eq!(f[2].shape.as_ref().unwrap(), &vec![Dim::Sym("b".into()), Dim::Known(2), Dim::Known(4)]);
+        assert_eq!(
+            f[0].shape.as_ref().unwrap(),
+            &vec![
+                Dim::Sym("b".into()),
+                Dim::Known(7),
+                Dim::Known(2),
+                Dim::Known(4)
+            ]
+        );
+        assert_eq!(
+            f[2].shape.as_ref().unwrap(),
+            &vec![Dim::Sym("b".into()), Dim::Known(2), Dim::Known(4)]
+        );
     }
 }

@@ -4,7 +4,9 @@
 //! sampling taps of each output location are computed once per batch item and shared by
 //! every channel; channels run in parallel.
 
-use kiln_core::{input_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value,
+};
 use rayon::prelude::*;
 
 /// Registers `GridSample` and `AffineGrid`.
@@ -48,7 +50,17 @@ pub struct GridSample {
 
 fn build_grid_sample(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    let mode = match a.string("mode", if ctx.opset() < 20 { "bilinear" } else { "linear" })?.as_str() {
+    let mode = match a
+        .string(
+            "mode",
+            if ctx.opset() < 20 {
+                "bilinear"
+            } else {
+                "linear"
+            },
+        )?
+        .as_str()
+    {
         "nearest" => GsMode::Nearest,
         "bilinear" | "linear" => GsMode::Linear,
         "bicubic" | "cubic" => GsMode::Cubic,
@@ -60,7 +72,11 @@ fn build_grid_sample(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         "reflection" => Padding::Reflection,
         other => return Err(a.invalid(format!("unknown padding_mode {other:?}"))),
     };
-    Ok(Box::new(GridSample { mode, padding, align_corners: a.int("align_corners", 0)? != 0 }))
+    Ok(Box::new(GridSample {
+        mode,
+        padding,
+        align_corners: a.int("align_corners", 0)? != 0,
+    }))
 }
 
 fn reflect(x: f64, lo: f64, hi: f64) -> f64 {
@@ -109,7 +125,9 @@ impl GridSample {
         match self.padding {
             Padding::Zeros => (0..n).contains(&i).then_some(i as usize),
             Padding::Border => Some(i.clamp(0, n - 1) as usize),
-            Padding::Reflection => Some((reflect(i as f64, lo, hi) as i64).clamp(0, n - 1) as usize),
+            Padding::Reflection => {
+                Some((reflect(i as f64, lo, hi) as i64).clamp(0, n - 1) as usize)
+            }
         }
     }
 
@@ -117,8 +135,16 @@ impl GridSample {
     fn axis_taps(&self, g: f64, len: usize, taps: &mut Vec<(Option<usize>, f64)>) {
         taps.clear();
         let l = len as f64;
-        let mut x = if self.align_corners { (g + 1.0) / 2.0 * (l - 1.0) } else { ((g + 1.0) * l - 1.0) / 2.0 };
-        let (lo, hi) = if self.align_corners { (0.0, l - 1.0) } else { (-0.5, l - 0.5) };
+        let mut x = if self.align_corners {
+            (g + 1.0) / 2.0 * (l - 1.0)
+        } else {
+            ((g + 1.0) * l - 1.0) / 2.0
+        };
+        let (lo, hi) = if self.align_corners {
+            (0.0, l - 1.0)
+        } else {
+            (-0.5, l - 0.5)
+        };
         if self.mode == GsMode::Nearest {
             x = x.round_ties_even();
         }
@@ -161,7 +187,10 @@ impl GridSample {
         }
         let r = xs.len() - 2;
         if gs.len() != r + 2 || gs[0] != xs[0] || gs[r + 1] != r {
-            return Err(err(format!("grid must have shape [{}, ..{r} dims.., {r}], found {gs:?}", xs[0])));
+            return Err(err(format!(
+                "grid must have shape [{}, ..{r} dims.., {r}], found {gs:?}",
+                xs[0]
+            )));
         }
         let (n, c) = (xs[0], xs[1]);
         let in_sp = &xs[2..];
@@ -199,7 +228,9 @@ impl GridSample {
             let body = |(ch, dst): (usize, &mut [f64])| {
                 let src = &xb[ch * n_in..(ch + 1) * n_in];
                 for (o, d) in dst.iter_mut().enumerate() {
-                    *d = taps[start[o]..start[o + 1]].iter().fold(0.0, |acc, &(i, w)| acc + w * src[i]);
+                    *d = taps[start[o]..start[o + 1]]
+                        .iter()
+                        .fold(0.0, |acc, &(i, w)| acc + w * src[i]);
                 }
             };
             if c * n_out >= 1 << 14 {
@@ -213,8 +244,19 @@ impl GridSample {
 }
 
 /// Appends the tensor product of per-axis taps (zero taps dropped).
-fn push_product(axis_taps: &[Vec<(Option<usize>, f64)>], strides: &[usize], out: &mut Vec<(usize, f64)>) {
-    fn rec(ax: usize, idx: usize, w: f64, at: &[Vec<(Option<usize>, f64)>], st: &[usize], out: &mut Vec<(usize, f64)>) {
+fn push_product(
+    axis_taps: &[Vec<(Option<usize>, f64)>],
+    strides: &[usize],
+    out: &mut Vec<(usize, f64)>,
+) {
+    fn rec(
+        ax: usize,
+        idx: usize,
+        w: f64,
+        at: &[Vec<(Option<usize>, f64)>],
+        st: &[usize],
+        out: &mut Vec<(usize, f64)>,
+    ) {
         if ax == at.len() {
             out.push((idx, w));
             return;
@@ -240,14 +282,20 @@ impl Op for GridSample {
             Some(d) => d,
             None => return Ok(vec![Fact::unknown()]),
         };
-        match (x.and_then(|f| f.shape.as_ref()), g.and_then(|f| f.shape.as_ref())) {
+        match (
+            x.and_then(|f| f.shape.as_ref()),
+            g.and_then(|f| f.shape.as_ref()),
+        ) {
             (Some(xs), Some(gs)) if xs.len() >= 3 && gs.len() == xs.len() => {
                 let mut s = vec![xs[0].clone(), xs[1].clone()];
                 s.extend(gs[1..gs.len() - 1].iter().cloned());
                 Ok(vec![Fact::tensor(dtype, s)])
             }
             (Some(xs), _) => {
-                let mut s = vec![xs.first().cloned().unwrap_or(Dim::Unknown), xs.get(1).cloned().unwrap_or(Dim::Unknown)];
+                let mut s = vec![
+                    xs.first().cloned().unwrap_or(Dim::Unknown),
+                    xs.get(1).cloned().unwrap_or(Dim::Unknown),
+                ];
                 s.extend((2..xs.len()).map(|_| Dim::Unknown));
                 Ok(vec![Fact::tensor(dtype, s)])
             }
@@ -259,7 +307,10 @@ impl Op for GridSample {
         let x = input_tensor(inputs, 0, "GridSample")?;
         let grid = input_tensor(inputs, 1, "GridSample")?;
         if !grid.dtype().is_float() || x.dtype() == DType::String || x.dtype() == DType::Bool {
-            return Err(KilnError::kernel("GridSample", format!("unsupported dtypes X {} grid {}", x.dtype(), grid.dtype())));
+            return Err(KilnError::kernel(
+                "GridSample",
+                format!("unsupported dtypes X {} grid {}", x.dtype(), grid.dtype()),
+            ));
         }
         Ok(vec![Value::Tensor(self.run(x, grid)?)])
     }
@@ -277,7 +328,9 @@ pub struct AffineGrid {
 }
 
 fn build_affine_grid(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    Ok(Box::new(AffineGrid { align_corners: ctx.attrs().int("align_corners", 0)? != 0 }))
+    Ok(Box::new(AffineGrid {
+        align_corners: ctx.attrs().int("align_corners", 0)? != 0,
+    }))
 }
 
 impl AffineGrid {
@@ -300,15 +353,24 @@ impl AffineGrid {
             return Err(err(format!("size must have 4 or 5 values, got {size:?}")));
         }
         if size.iter().any(|&v| !(0..1 << 40).contains(&v)) {
-            return Err(err(format!("size values must be non-negative, got {size:?}")));
+            return Err(err(format!(
+                "size values must be non-negative, got {size:?}"
+            )));
         }
         let r = size.len() - 2;
         let n = size[0] as usize;
         if theta.shape() != [n, r, r + 1] {
-            return Err(err(format!("theta must have shape [{n}, {r}, {}], found {:?}", r + 1, theta.shape())));
+            return Err(err(format!(
+                "theta must have shape [{n}, {r}, {}], found {:?}",
+                r + 1,
+                theta.shape()
+            )));
         }
         let sp: Vec<usize> = size[2..].iter().map(|&v| v as usize).collect();
-        let total = sp.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).filter(|&t| t < 1 << 40);
+        let total = sp
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&t| t < 1 << 40);
         let total = total.ok_or_else(|| err(format!("size {size:?} is too large")))?;
         let th = theta.to_f64_vec()?;
         let mut out = Vec::with_capacity(n * total * r);
@@ -341,7 +403,12 @@ impl Op for AffineGrid {
 
     fn infer(&self, inputs: &[Option<&Fact>], _n_outputs: usize) -> Result<Vec<Fact>> {
         let dtype = inputs.first().copied().flatten().and_then(|f| f.dtype);
-        let size = inputs.get(1).copied().flatten().and_then(|f| f.konst.as_ref()).and_then(|t| t.to_i64_vec().ok());
+        let size = inputs
+            .get(1)
+            .copied()
+            .flatten()
+            .and_then(|f| f.konst.as_ref())
+            .and_then(|t| t.to_i64_vec().ok());
         match (dtype, size) {
             (Some(d), Some(s)) if (s.len() == 4 || s.len() == 5) && s.iter().all(|&v| v >= 0) => {
                 let mut shape: Vec<Dim> = vec![Dim::Known(s[0] as usize)];
@@ -358,7 +425,10 @@ impl Op for AffineGrid {
         let theta = input_tensor(inputs, 0, "AffineGrid")?;
         let size = input_tensor(inputs, 1, "AffineGrid")?.to_i64_vec()?;
         if !theta.dtype().is_float() {
-            return Err(KilnError::kernel("AffineGrid", format!("theta must be float, found {}", theta.dtype())));
+            return Err(KilnError::kernel(
+                "AffineGrid",
+                format!("theta must be float, found {}", theta.dtype()),
+            ));
         }
         Ok(vec![Value::Tensor(self.run(theta, &size)?)])
     }
@@ -373,7 +443,11 @@ mod tests {
     use super::*;
 
     fn gs(mode: GsMode, padding: Padding, align_corners: bool) -> GridSample {
-        GridSample { mode, padding, align_corners }
+        GridSample {
+            mode,
+            padding,
+            align_corners,
+        }
     }
 
     fn x_4x4() -> Tensor {
@@ -383,12 +457,16 @@ mod tests {
     #[test]
     fn identity_grid_reproduces_input() {
         // AffineGrid with identity theta + GridSample (linear, align_corners 0) = identity.
-        let ag = AffineGrid { align_corners: false };
+        let ag = AffineGrid {
+            align_corners: false,
+        };
         let theta = Tensor::from_vec(&[1, 2, 3], vec![1.0f32, 0.0, 0.0, 0.0, 1.0, 0.0]).unwrap();
         let grid = ag.run(&theta, &[1, 1, 4, 4]).unwrap();
         assert_eq!(grid.shape(), &[1, 4, 4, 2]);
         for mode in [GsMode::Linear, GsMode::Nearest, GsMode::Cubic] {
-            let y = gs(mode, Padding::Zeros, false).run(&x_4x4(), &grid).unwrap();
+            let y = gs(mode, Padding::Zeros, false)
+                .run(&x_4x4(), &grid)
+                .unwrap();
             let yv = y.to_f32_vec().unwrap();
             for (i, v) in yv.iter().enumerate() {
                 assert!((v - i as f32).abs() < 1e-4, "{mode:?} {yv:?}");
@@ -401,18 +479,32 @@ mod tests {
         let x = Tensor::from_vec(&[1, 1, 1, 3], vec![1.0f32, 2.0, 3.0]).unwrap();
         // x far right (2.0 normalized) on a single row.
         let grid = Tensor::from_vec(&[1, 1, 2, 2], vec![2.0f32, 0.0, -1.0, 0.0]).unwrap();
-        let z = gs(GsMode::Linear, Padding::Zeros, true).run(&x, &grid).unwrap().to_f32_vec().unwrap();
+        let z = gs(GsMode::Linear, Padding::Zeros, true)
+            .run(&x, &grid)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
         assert_eq!(z, [0.0, 1.0]);
-        let b = gs(GsMode::Linear, Padding::Border, true).run(&x, &grid).unwrap().to_f32_vec().unwrap();
+        let b = gs(GsMode::Linear, Padding::Border, true)
+            .run(&x, &grid)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
         assert_eq!(b, [3.0, 1.0]);
         // Reflection: x = 3 reflects to 1 over [0, 2].
-        let r = gs(GsMode::Linear, Padding::Reflection, true).run(&x, &grid).unwrap().to_f32_vec().unwrap();
+        let r = gs(GsMode::Linear, Padding::Reflection, true)
+            .run(&x, &grid)
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
         assert_eq!(r, [2.0, 1.0]);
     }
 
     #[test]
     fn affine_grid_3d_shape_and_errors() {
-        let ag = AffineGrid { align_corners: true };
+        let ag = AffineGrid {
+            align_corners: true,
+        };
         let mut t = vec![0.0f32; 12];
         t[0] = 1.0;
         t[5] = 1.0;
@@ -423,6 +515,8 @@ mod tests {
         let v = g.to_f32_vec().unwrap();
         assert_eq!(&v[..3], &[-1.0, -1.0, -1.0]);
         assert!(ag.run(&theta, &[1, 1, 2, 3]).is_err());
-        assert!(gs(GsMode::Linear, Padding::Zeros, false).run(&x_4x4(), &theta).is_err());
+        assert!(gs(GsMode::Linear, Padding::Zeros, false)
+            .run(&x_4x4(), &theta)
+            .is_err());
     }
 }

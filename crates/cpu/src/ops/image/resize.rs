@@ -8,7 +8,10 @@
 //! integer inputs, rounded and saturated on the way back as the reference does).
 //! Passes run in parallel over the outer dimensions (N×C for NCHW images).
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
+    Tensor, Value,
+};
 use rayon::prelude::*;
 
 /// Registers `Resize` and `Upsample`.
@@ -102,12 +105,14 @@ pub struct Resize {
 }
 
 fn parse_mode(a: &kiln_core::AttrReader, legacy: bool) -> Result<Mode> {
-    Ok(match a.string("mode", "nearest")?.to_ascii_lowercase().as_str() {
-        "nearest" => Mode::Nearest,
-        "linear" | "bilinear" | "trilinear" => Mode::Linear,
-        "cubic" if !legacy => Mode::Cubic,
-        other => return Err(a.invalid(format!("unsupported mode {other:?}"))),
-    })
+    Ok(
+        match a.string("mode", "nearest")?.to_ascii_lowercase().as_str() {
+            "nearest" => Mode::Nearest,
+            "linear" | "bilinear" | "trilinear" => Mode::Linear,
+            "cubic" if !legacy => Mode::Cubic,
+            other => return Err(a.invalid(format!("unsupported mode {other:?}"))),
+        },
+    )
 }
 
 fn build_resize(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
@@ -117,7 +122,10 @@ fn build_resize(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let (ctm, nearest) = if legacy {
         (Ctm::Asymmetric, NearestMode::Simple)
     } else {
-        let ctm = match a.string("coordinate_transformation_mode", "half_pixel")?.as_str() {
+        let ctm = match a
+            .string("coordinate_transformation_mode", "half_pixel")?
+            .as_str()
+        {
             "half_pixel" => Ctm::HalfPixel,
             "half_pixel_symmetric" => Ctm::HalfPixelSymmetric,
             "pytorch_half_pixel" => Ctm::PytorchHalfPixel,
@@ -125,7 +133,9 @@ fn build_resize(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
             "asymmetric" => Ctm::Asymmetric,
             "tf_half_pixel_for_nn" => Ctm::TfHalfPixelForNn,
             "tf_crop_and_resize" => Ctm::TfCropAndResize,
-            other => return Err(a.invalid(format!("unknown coordinate_transformation_mode {other:?}"))),
+            other => {
+                return Err(a.invalid(format!("unknown coordinate_transformation_mode {other:?}")))
+            }
         };
         let nearest = match a.string("nearest_mode", "round_prefer_floor")?.as_str() {
             "round_prefer_floor" => NearestMode::RoundPreferFloor,
@@ -162,7 +172,10 @@ fn build_upsample(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
     let mode = parse_mode(&a, true)?;
     let scales_attr = if ctx.opset() < 9 {
-        Some(a.opt_floats("scales")?.ok_or_else(|| a.invalid("Upsample-7 needs the scales attribute"))?)
+        Some(
+            a.opt_floats("scales")?
+                .ok_or_else(|| a.invalid("Upsample-7 needs the scales attribute"))?,
+        )
     } else {
         None
     };
@@ -221,7 +234,8 @@ fn cubic_coeffs(r: f64, a: f64) -> Vec<f64> {
         ((a * (r + 1.0) - 5.0 * a) * (r + 1.0) + 8.0 * a) * (r + 1.0) - 4.0 * a,
         ((a + 2.0) * r - (a + 3.0)) * r * r + 1.0,
         ((a + 2.0) * (1.0 - r) - (a + 3.0)) * (1.0 - r) * (1.0 - r) + 1.0,
-        ((a * ((1.0 - r) + 1.0) - 5.0 * a) * ((1.0 - r) + 1.0) + 8.0 * a) * ((1.0 - r) + 1.0) - 4.0 * a,
+        ((a * ((1.0 - r) + 1.0) - 5.0 * a) * ((1.0 - r) + 1.0) + 8.0 * a) * ((1.0 - r) + 1.0)
+            - 4.0 * a,
     ]
 }
 
@@ -240,7 +254,9 @@ fn cubic_coeffs_antialias(r: f64, scale: f64, a: f64) -> Vec<f64> {
     };
     let i_start = (-2.0 / scale).floor() as i64 + 1;
     let i_end = 2 - i_start;
-    let c: Vec<f64> = (i_start..i_end).map(|i| k(scale * (i as f64 - r))).collect();
+    let c: Vec<f64> = (i_start..i_end)
+        .map(|i| k(scale * (i as f64 - r)))
+        .collect();
     let s: f64 = c.iter().sum();
     c.into_iter().map(|v| v / s).collect()
 }
@@ -249,8 +265,9 @@ fn linear_coeffs_antialias(r: f64, scale: f64) -> Vec<f64> {
     let scale = scale.min(1.0);
     let start = (-1.0 / scale).floor() as i64 + 1;
     let footprint = 2 - 2 * start;
-    let c: Vec<f64> =
-        (start..start + footprint).map(|i| (1.0 - ((i as f64 - r) * scale).abs()).clamp(0.0, 1.0)).collect();
+    let c: Vec<f64> = (start..start + footprint)
+        .map(|i| (1.0 - ((i as f64 - r) * scale).abs()).clamp(0.0, 1.0))
+        .collect();
     let s: f64 = c.iter().sum();
     c.into_iter().map(|v| v / s).collect()
 }
@@ -287,7 +304,14 @@ impl Resize {
     }
 
     /// The input coordinate of output index `x`, or `None` to extrapolate.
-    fn original_coord(&self, x: f64, in_len: usize, out_len: usize, scale: f64, roi: (f64, f64)) -> Option<f64> {
+    fn original_coord(
+        &self,
+        x: f64,
+        in_len: usize,
+        out_len: usize,
+        scale: f64,
+        roi: (f64, f64),
+    ) -> Option<f64> {
         let input_width = in_len as f64;
         let output_width = scale * input_width;
         Some(match self.ctm {
@@ -328,7 +352,13 @@ impl Resize {
         })
     }
 
-    fn axis_plan(&self, in_len: usize, out_len: usize, scale: f64, roi: (f64, f64)) -> Result<AxisPlan> {
+    fn axis_plan(
+        &self,
+        in_len: usize,
+        out_len: usize,
+        scale: f64,
+        roi: (f64, f64),
+    ) -> Result<AxisPlan> {
         if in_len == 0 && out_len > 0 {
             return Err(self.err("cannot resize an empty axis to a non-empty one"));
         }
@@ -345,7 +375,11 @@ impl Resize {
                 None => plan.extrap[y] = true,
                 Some(x) => {
                     let fl = x.floor();
-                    let (base, ratio) = if x == fl { (fl as i64 - 1, 1.0) } else { (fl as i64, x - fl) };
+                    let (base, ratio) = if x == fl {
+                        (fl as i64 - 1, 1.0)
+                    } else {
+                        (fl as i64, x - fl)
+                    };
                     let mut c = self.coeffs(ratio, scale);
                     let n = c.len() as i64;
                     let first = base - (n / 2 - 1);
@@ -420,11 +454,17 @@ impl Resize {
         match (scales, sizes) {
             (Some(s), None) => {
                 if s.len() != axes.len() {
-                    return Err(self.err(format!("scales has {} values, expected {}", s.len(), axes.len())));
+                    return Err(self.err(format!(
+                        "scales has {} values, expected {}",
+                        s.len(),
+                        axes.len()
+                    )));
                 }
                 for (&ax, &v) in axes.iter().zip(&s) {
-                    if !(v > 0.0) || !v.is_finite() {
-                        return Err(self.err(format!("scales must be positive and finite, got {v}")));
+                    if !v.is_finite() || v <= 0.0 {
+                        return Err(
+                            self.err(format!("scales must be positive and finite, got {v}"))
+                        );
                     }
                     full_scales[ax] = v;
                     let o = v * in_shape[ax] as f64;
@@ -436,14 +476,22 @@ impl Resize {
             }
             (None, Some(sz)) => {
                 if sz.len() != axes.len() {
-                    return Err(self.err(format!("sizes has {} values, expected {}", sz.len(), axes.len())));
+                    return Err(self.err(format!(
+                        "sizes has {} values, expected {}",
+                        sz.len(),
+                        axes.len()
+                    )));
                 }
                 for &v in &sz {
                     if !(0..1i64 << 48).contains(&v) {
                         return Err(self.err(format!("sizes must be non-negative, got {v}")));
                     }
                 }
-                let ratios: Vec<f64> = axes.iter().zip(&sz).map(|(&ax, &v)| v as f64 / in_shape[ax] as f64).collect();
+                let ratios: Vec<f64> = axes
+                    .iter()
+                    .zip(&sz)
+                    .map(|(&ax, &v)| v as f64 / in_shape[ax] as f64)
+                    .collect();
                 match self.policy {
                     AspectPolicy::Stretch => {
                         for ((&ax, &v), &r) in axes.iter().zip(&sz).zip(&ratios) {
@@ -476,23 +524,33 @@ impl Resize {
         if self.ctm == Ctm::TfCropAndResize {
             let r = roi.ok_or_else(|| self.err("tf_crop_and_resize needs the roi input"))?;
             if r.len() != 2 * axes.len() {
-                return Err(self.err(format!("roi has {} values, expected {}", r.len(), 2 * axes.len())));
+                return Err(self.err(format!(
+                    "roi has {} values, expected {}",
+                    r.len(),
+                    2 * axes.len()
+                )));
             }
             let n = axes.len();
             for (i, &ax) in axes.iter().enumerate() {
                 full_roi[ax] = (r[i], r[n + i]);
             }
         }
-        Ok(Resolved { out_shape, scales: full_scales, roi: full_roi })
+        Ok(Resolved {
+            out_shape,
+            scales: full_scales,
+            roi: full_roi,
+        })
     }
 
     /// Reads roi / scales / sizes from the inputs (empty tensors count as absent).
-    fn read_params(&self, inputs: &[Option<&Value>]) -> Result<(Option<Vec<f64>>, Option<Vec<f64>>, Option<Vec<i64>>)> {
+    fn read_params(&self, inputs: &[Option<&Value>]) -> Result<Params> {
         let op = self.op_name;
         if self.legacy {
             let scales = match &self.scales_attr {
                 Some(s) => s.iter().map(|&v| v as f64).collect(),
-                None => input_tensor(inputs, 1, op)?.to_f64_vec().map_err(|e| self.err(format!("scales: {e}")))?,
+                None => input_tensor(inputs, 1, op)?
+                    .to_f64_vec()
+                    .map_err(|e| self.err(format!("scales: {e}")))?,
             };
             return Ok((None, Some(scales), None));
         }
@@ -503,19 +561,28 @@ impl Resize {
         let scales = match non_empty(optional_tensor(inputs, 2, op)?) {
             Some(t) => {
                 if !t.dtype().is_float() {
-                    return Err(self.err(format!("scales must be a float tensor, found {}", t.dtype())));
+                    return Err(self.err(format!(
+                        "scales must be a float tensor, found {}",
+                        t.dtype()
+                    )));
                 }
                 Some(t.to_f64_vec()?)
             }
             None => None,
         };
         let sizes = match non_empty(optional_tensor(inputs, 3, op)?) {
-            Some(t) => Some(t.to_i64_vec().map_err(|e| self.err(format!("sizes: {e}")))?),
+            Some(t) => Some(
+                t.to_i64_vec()
+                    .map_err(|e| self.err(format!("sizes: {e}")))?,
+            ),
             None => None,
         };
         Ok((roi, scales, sizes))
     }
 }
+
+/// roi, scales and sizes as read from the inputs.
+type Params = (Option<Vec<f64>>, Option<Vec<f64>>, Option<Vec<i64>>);
 
 fn non_empty(t: Option<&Tensor>) -> Option<&Tensor> {
     t.filter(|t| !t.is_empty())
@@ -529,7 +596,12 @@ fn non_empty(t: Option<&Tensor>) -> Option<&Tensor> {
 const TASK: usize = 1 << 14;
 
 /// A gather pass along one axis: `src` is `[outer, in_len, inner]`.
-fn gather_pass<T: Copy + Default + Send + Sync>(src: &[T], outer: usize, inner: usize, plan: &AxisPlan) -> Vec<T> {
+fn gather_pass<T: Copy + Default + Send + Sync>(
+    src: &[T],
+    outer: usize,
+    inner: usize,
+    plan: &AxisPlan,
+) -> Vec<T> {
     let (il, ol) = (plan.in_len, plan.out_len);
     let idx: Vec<usize> = (0..ol).map(|y| plan.taps[plan.start[y]].0).collect();
     let mut out = vec![T::default(); outer * ol * inner];
@@ -552,11 +624,13 @@ fn gather_pass<T: Copy + Default + Send + Sync>(src: &[T], outer: usize, inner: 
     };
     if out.len() >= 2 * TASK {
         let per = (TASK / block).max(1);
-        out.par_chunks_mut(per * block).enumerate().for_each(|(c, chunk)| {
-            for (k, dst) in chunk.chunks_mut(block).enumerate() {
-                body(c * per + k, dst);
-            }
-        });
+        out.par_chunks_mut(per * block)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (k, dst) in chunk.chunks_mut(block).enumerate() {
+                    body(c * per + k, dst);
+                }
+            });
     } else {
         for (o, dst) in out.chunks_mut(block).enumerate() {
             body(o, dst);
@@ -566,9 +640,19 @@ fn gather_pass<T: Copy + Default + Send + Sync>(src: &[T], outer: usize, inner: 
 }
 
 /// An interpolation pass along one axis: `src` is `[outer, in_len, inner]`.
-fn interp_pass<T: num_traits::Float + Send + Sync>(src: &[T], outer: usize, inner: usize, plan: &AxisPlan, ev: T) -> Vec<T> {
+fn interp_pass<T: num_traits::Float + Send + Sync>(
+    src: &[T],
+    outer: usize,
+    inner: usize,
+    plan: &AxisPlan,
+    ev: T,
+) -> Vec<T> {
     let (il, ol) = (plan.in_len, plan.out_len);
-    let taps: Vec<(usize, T)> = plan.taps.iter().map(|&(i, w)| (i, T::from(w).unwrap_or_else(T::nan))).collect();
+    let taps: Vec<(usize, T)> = plan
+        .taps
+        .iter()
+        .map(|&(i, w)| (i, T::from(w).unwrap_or_else(T::nan)))
+        .collect();
     let mut out = vec![T::zero(); outer * ol * inner];
     let block = ol * inner;
     if block == 0 {
@@ -592,7 +676,9 @@ fn interp_pass<T: num_traits::Float + Send + Sync>(src: &[T], outer: usize, inne
                     d.fill(T::zero());
                     for &(i, w) in t {
                         let row = &s[i * inner..(i + 1) * inner];
-                        d.iter_mut().zip(row).for_each(|(dv, &sv)| *dv = *dv + w * sv);
+                        d.iter_mut()
+                            .zip(row)
+                            .for_each(|(dv, &sv)| *dv = *dv + w * sv);
                     }
                 }
             }
@@ -600,11 +686,13 @@ fn interp_pass<T: num_traits::Float + Send + Sync>(src: &[T], outer: usize, inne
     };
     if out.len() >= 2 * TASK {
         let per = (TASK / block).max(1);
-        out.par_chunks_mut(per * block).enumerate().for_each(|(c, chunk)| {
-            for (k, dst) in chunk.chunks_mut(block).enumerate() {
-                body(c * per + k, dst);
-            }
-        });
+        out.par_chunks_mut(per * block)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (k, dst) in chunk.chunks_mut(block).enumerate() {
+                    body(c * per + k, dst);
+                }
+            });
     } else {
         for (o, dst) in out.chunks_mut(block).enumerate() {
             body(o, dst);
@@ -614,7 +702,12 @@ fn interp_pass<T: num_traits::Float + Send + Sync>(src: &[T], outer: usize, inne
 }
 
 /// Applies the non-identity axis plans, innermost axis first.
-fn run_passes<T, F>(data: Vec<T>, in_shape: &[usize], plans: &[Option<AxisPlan>], mut pass: F) -> Vec<T>
+fn run_passes<T, F>(
+    data: Vec<T>,
+    in_shape: &[usize],
+    plans: &[Option<AxisPlan>],
+    mut pass: F,
+) -> Vec<T>
 where
     F: FnMut(&[T], usize, usize, &AxisPlan) -> Vec<T>,
 {
@@ -634,8 +727,8 @@ where
 impl Resize {
     fn plans(&self, in_shape: &[usize], r: &Resolved) -> Result<Vec<Option<AxisPlan>>> {
         let mut plans = Vec::with_capacity(in_shape.len());
-        for ax in 0..in_shape.len() {
-            let p = self.axis_plan(in_shape[ax], r.out_shape[ax], r.scales[ax], r.roi[ax])?;
+        for (ax, &len) in in_shape.iter().enumerate() {
+            let p = self.axis_plan(len, r.out_shape[ax], r.scales[ax], r.roi[ax])?;
             plans.push(if p.is_identity() { None } else { Some(p) });
         }
         Ok(plans)
@@ -644,7 +737,9 @@ impl Resize {
     fn run(&self, x: &Tensor, r: &Resolved) -> Result<Tensor> {
         let in_shape = x.shape();
         let out_shape = &r.out_shape;
-        let n_out = out_shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let n_out = out_shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
         if n_out.is_none_or(|n| n > (1usize << 40)) {
             return Err(self.err(format!("output shape {out_shape:?} is too large")));
         }
@@ -655,7 +750,7 @@ impl Resize {
         if plans.iter().flatten().all(|p| p.is_gather()) && x.dtype() != DType::String {
             return crate::dispatch_pod!(x.dtype(), T => {
                 let data = x.as_raw::<T>()?.to_vec();
-                let out = run_passes(data, in_shape, &plans, |s, o, i, p| gather_pass(s, o, i, p));
+                let out = run_passes(data, in_shape, &plans, gather_pass);
                 Tensor::from_raw(x.dtype(), out_shape, &out)
             }, _ => Err(self.err(format!("unsupported dtype {}", x.dtype()))));
         }
@@ -663,25 +758,36 @@ impl Resize {
             DType::F32 => {
                 let data = x.as_slice::<f32>()?.to_vec();
                 let ev = self.extrapolation as f32;
-                let out = run_passes(data, in_shape, &plans, |s, o, i, p| interp_pass(s, o, i, p, ev));
+                let out = run_passes(data, in_shape, &plans, |s, o, i, p| {
+                    interp_pass(s, o, i, p, ev)
+                });
                 Tensor::from_vec(out_shape, out)
             }
             DType::F16 | DType::BF16 => {
                 let data = x.to_f32_vec()?;
                 let ev = self.extrapolation as f32;
-                let out = run_passes(data, in_shape, &plans, |s, o, i, p| interp_pass(s, o, i, p, ev));
+                let out = run_passes(data, in_shape, &plans, |s, o, i, p| {
+                    interp_pass(s, o, i, p, ev)
+                });
                 Tensor::from_vec(out_shape, out)?.cast(x.dtype())
             }
-            DType::String | DType::Bool => Err(self.err(format!("unsupported dtype {}", x.dtype()))),
+            DType::String | DType::Bool => {
+                Err(self.err(format!("unsupported dtype {}", x.dtype())))
+            }
             dt => {
                 let data = x.to_f64_vec()?;
-                let out =
-                    run_passes(data, in_shape, &plans, |s, o, i, p| interp_pass(s, o, i, p, self.extrapolation));
+                let out = run_passes(data, in_shape, &plans, |s, o, i, p| {
+                    interp_pass(s, o, i, p, self.extrapolation)
+                });
                 let t = Tensor::from_vec(out_shape, out)?;
                 if dt == DType::F64 {
                     Ok(t)
                 } else {
-                    let rounded: Vec<f64> = t.as_slice::<f64>()?.iter().map(|v| v.round_ties_even()).collect();
+                    let rounded: Vec<f64> = t
+                        .as_slice::<f64>()?
+                        .iter()
+                        .map(|v| v.round_ties_even())
+                        .collect();
                     Tensor::from_vec(out_shape, rounded)?.cast(dt)
                 }
             }
@@ -708,23 +814,51 @@ impl Op for Resize {
             Some(s) => s.clone(),
             None => return Ok(vec![Fact::of_dtype(dtype)]),
         };
-        let konst = |i: usize| inputs.get(i).copied().flatten().and_then(|f| f.konst.clone());
+        let konst = |i: usize| {
+            inputs
+                .get(i)
+                .copied()
+                .flatten()
+                .and_then(|f| f.konst.clone())
+        };
         let present = |i: usize| {
-            inputs.get(i).copied().flatten().is_some_and(|f| f.shape.as_ref().is_none_or(|s| s.iter().any(|d| d != &Dim::Known(0))))
+            inputs.get(i).copied().flatten().is_some_and(|f| {
+                f.shape
+                    .as_ref()
+                    .is_none_or(|s| s.iter().any(|d| d != &Dim::Known(0)))
+            })
         };
         // Try the exact computation when every input dimension and parameter is known.
         if let Some(concrete) = x.concrete_shape() {
             let params = if self.legacy {
                 match &self.scales_attr {
                     Some(s) => Some((None, Some(s.iter().map(|&v| v as f64).collect()), None)),
-                    None => konst(1).and_then(|t| t.to_f64_vec().ok()).map(|s| (None, Some(s), None)),
+                    None => konst(1)
+                        .and_then(|t| t.to_f64_vec().ok())
+                        .map(|s| (None, Some(s), None)),
                 }
             } else {
-                let roi = konst(1).and_then(|t| t.to_f64_vec().ok()).filter(|v| !v.is_empty());
-                let scales = if present(2) { konst(2).and_then(|t| t.to_f64_vec().ok()).filter(|v| !v.is_empty()) } else { None };
-                let sizes = if present(3) { konst(3).and_then(|t| t.to_i64_vec().ok()).filter(|v| !v.is_empty()) } else { None };
-                let scales_unknown = present(2) && scales.is_none() && konst(2).is_none_or(|t| !t.is_empty());
-                let sizes_unknown = present(3) && sizes.is_none() && konst(3).is_none_or(|t| !t.is_empty());
+                let roi = konst(1)
+                    .and_then(|t| t.to_f64_vec().ok())
+                    .filter(|v| !v.is_empty());
+                let scales = if present(2) {
+                    konst(2)
+                        .and_then(|t| t.to_f64_vec().ok())
+                        .filter(|v| !v.is_empty())
+                } else {
+                    None
+                };
+                let sizes = if present(3) {
+                    konst(3)
+                        .and_then(|t| t.to_i64_vec().ok())
+                        .filter(|v| !v.is_empty())
+                } else {
+                    None
+                };
+                let scales_unknown =
+                    present(2) && scales.is_none() && konst(2).is_none_or(|t| !t.is_empty());
+                let sizes_unknown =
+                    present(3) && sizes.is_none() && konst(3).is_none_or(|t| !t.is_empty());
                 if scales_unknown || sizes_unknown {
                     None
                 } else {
@@ -732,10 +866,12 @@ impl Op for Resize {
                 }
             };
             if let Some((roi, scales, sizes)) = params {
-                let r = self.resolve(&concrete, roi, scales, sizes).map_err(|e| KilnError::Inference {
-                    node: String::new(),
-                    op: self.op_name.into(),
-                    msg: e.to_string(),
+                let r = self.resolve(&concrete, roi, scales, sizes).map_err(|e| {
+                    KilnError::Inference {
+                        node: String::new(),
+                        op: self.op_name.into(),
+                        msg: e.to_string(),
+                    }
                 })?;
                 return Ok(vec![Fact::concrete(dtype, &r.out_shape)]);
             }
@@ -743,7 +879,15 @@ impl Op for Resize {
         // Otherwise keep the rank; axes not resized keep their dims.
         let rank = shape.len();
         let axes = self.norm_axes(rank).unwrap_or_else(|_| (0..rank).collect());
-        let out: Vec<Dim> = (0..rank).map(|i| if axes.contains(&i) { Dim::Unknown } else { shape[i].clone() }).collect();
+        let out: Vec<Dim> = (0..rank)
+            .map(|i| {
+                if axes.contains(&i) {
+                    Dim::Unknown
+                } else {
+                    shape[i].clone()
+                }
+            })
+            .collect();
         Ok(vec![Fact::tensor(dtype, out)])
     }
 
@@ -769,7 +913,12 @@ mod tests {
         for (k, v) in attrs {
             desc.attrs.insert(k.to_string(), v);
         }
-        let ctx = BuildCtx { node: "n", desc: &desc, n_inputs: 4, n_outputs: 1 };
+        let ctx = BuildCtx {
+            node: "n",
+            desc: &desc,
+            n_inputs: 4,
+            n_outputs: 1,
+        };
         if op == "Upsample" {
             build_upsample(&ctx)
         } else {
@@ -810,7 +959,8 @@ mod tests {
         let y = run(op.as_ref(), vec![Some(x_1234()), None, Some(scales)]).unwrap();
         assert_eq!(y.shape(), &[1, 1, 4, 6]);
         let want = vec![
-            1., 1., 1., 2., 2., 2., 1., 1., 1., 2., 2., 2., 3., 3., 3., 4., 4., 4., 3., 3., 3., 4., 4., 4.,
+            1., 1., 1., 2., 2., 2., 1., 1., 1., 2., 2., 2., 3., 3., 3., 4., 4., 4., 3., 3., 3., 4.,
+            4., 4.,
         ];
         assert_eq!(y.to_f32_vec().unwrap(), want);
     }
@@ -819,7 +969,15 @@ mod tests {
     fn upsample_linear_half_pixel() {
         // ONNX test_resize_upsample_scales_linear.
         let op = build("Resize", 19, vec![("mode", s("linear"))]).unwrap();
-        let y = run(op.as_ref(), vec![Some(x_1234()), None, Some(f32t(&[4], vec![1.0, 1.0, 2.0, 2.0]))]).unwrap();
+        let y = run(
+            op.as_ref(),
+            vec![
+                Some(x_1234()),
+                None,
+                Some(f32t(&[4], vec![1.0, 1.0, 2.0, 2.0])),
+            ],
+        )
+        .unwrap();
         let want = [
             1.0, 1.25, 1.75, 2.0, 1.5, 1.75, 2.25, 2.5, 2.5, 2.75, 3.25, 3.5, 3.0, 3.25, 3.75, 4.0,
         ];
@@ -829,11 +987,41 @@ mod tests {
     #[test]
     fn linear_align_corners() {
         // ONNX test_resize_upsample_scales_linear_align_corners.
-        let op = build("Resize", 13, vec![("mode", s("linear")), ("coordinate_transformation_mode", s("align_corners"))]).unwrap();
-        let y = run(op.as_ref(), vec![Some(x_1234()), None, Some(f32t(&[4], vec![1.0, 1.0, 2.0, 2.0]))]).unwrap();
+        let op = build(
+            "Resize",
+            13,
+            vec![
+                ("mode", s("linear")),
+                ("coordinate_transformation_mode", s("align_corners")),
+            ],
+        )
+        .unwrap();
+        let y = run(
+            op.as_ref(),
+            vec![
+                Some(x_1234()),
+                None,
+                Some(f32t(&[4], vec![1.0, 1.0, 2.0, 2.0])),
+            ],
+        )
+        .unwrap();
         let want = [
-            1.0, 1.333_333_3, 1.666_666_7, 2.0, 1.666_666_7, 2.0, 2.333_333_3, 2.666_666_7, 2.333_333_3, 2.666_666_7, 3.0,
-            3.333_333_3, 3.0, 3.333_333_3, 3.666_666_7, 4.0,
+            1.0,
+            1.333_333_3,
+            1.666_666_7,
+            2.0,
+            1.666_666_7,
+            2.0,
+            2.333_333_3,
+            2.666_666_7,
+            2.333_333_3,
+            2.666_666_7,
+            3.0,
+            3.333_333_3,
+            3.0,
+            3.333_333_3,
+            3.666_666_7,
+            4.0,
         ];
         close(&y.to_f32_vec().unwrap(), &want, 1e-5);
     }
@@ -846,26 +1034,73 @@ mod tests {
     fn cubic_upsample() {
         // ONNX test_resize_upsample_scales_cubic (first row).
         let op = build("Resize", 13, vec![("mode", s("cubic"))]).unwrap();
-        let y = run(op.as_ref(), vec![Some(x_4x4()), None, Some(f32t(&[4], vec![1.0, 1.0, 2.0, 2.0]))]).unwrap();
+        let y = run(
+            op.as_ref(),
+            vec![
+                Some(x_4x4()),
+                None,
+                Some(f32t(&[4], vec![1.0, 1.0, 2.0, 2.0])),
+            ],
+        )
+        .unwrap();
         assert_eq!(y.shape(), &[1, 1, 8, 8]);
-        let want = [0.47265625, 0.76953125, 1.24609375, 1.875, 2.28125, 2.91015625, 3.38671875, 3.68359375];
+        let want = [
+            0.472_656_25,
+            0.769_531_25,
+            1.246_093_8,
+            1.875,
+            2.281_25,
+            2.910_156_3,
+            3.386_718_8,
+            3.683_593_8,
+        ];
         close(&y.to_f32_vec().unwrap()[..8], &want, 1e-5);
     }
 
     #[test]
     fn cubic_downsample_antialias() {
         // ONNX test_resize_downsample_scales_cubic_antialias.
-        let op = build("Resize", 18, vec![("mode", s("cubic")), ("antialias", Attr::Int(1))]).unwrap();
-        let y = run(op.as_ref(), vec![Some(x_4x4()), None, Some(f32t(&[4], vec![1.0, 1.0, 0.6, 0.6]))]).unwrap();
+        let op = build(
+            "Resize",
+            18,
+            vec![("mode", s("cubic")), ("antialias", Attr::Int(1))],
+        )
+        .unwrap();
+        let y = run(
+            op.as_ref(),
+            vec![
+                Some(x_4x4()),
+                None,
+                Some(f32t(&[4], vec![1.0, 1.0, 0.6, 0.6])),
+            ],
+        )
+        .unwrap();
         assert_eq!(y.shape(), &[1, 1, 2, 2]);
-        close(&y.to_f32_vec().unwrap(), &[2.5180721, 4.2858863, 9.589329, 11.357142], 1e-4);
+        close(
+            &y.to_f32_vec().unwrap(),
+            &[2.5180721, 4.2858863, 9.589329, 11.357142],
+            1e-4,
+        );
     }
 
     #[test]
     fn linear_downsample_antialias() {
         // ONNX test_resize_downsample_scales_linear_antialias.
-        let op = build("Resize", 18, vec![("mode", s("linear")), ("antialias", Attr::Int(1))]).unwrap();
-        let y = run(op.as_ref(), vec![Some(x_4x4()), None, Some(f32t(&[4], vec![1.0, 1.0, 0.6, 0.6]))]).unwrap();
+        let op = build(
+            "Resize",
+            18,
+            vec![("mode", s("linear")), ("antialias", Attr::Int(1))],
+        )
+        .unwrap();
+        let y = run(
+            op.as_ref(),
+            vec![
+                Some(x_4x4()),
+                None,
+                Some(f32t(&[4], vec![1.0, 1.0, 0.6, 0.6])),
+            ],
+        )
+        .unwrap();
         close(&y.to_f32_vec().unwrap(), &[2.875, 4.5, 9.375, 11.0], 1e-5);
     }
 
@@ -875,22 +1110,36 @@ mod tests {
         let op = build(
             "Resize",
             13,
-            vec![("mode", s("nearest")), ("coordinate_transformation_mode", s("half_pixel")), ("nearest_mode", s("ceil"))],
+            vec![
+                ("mode", s("nearest")),
+                ("coordinate_transformation_mode", s("half_pixel")),
+                ("nearest_mode", s("ceil")),
+            ],
         )
         .unwrap();
         let sizes = Tensor::from_vec(&[4], vec![1i64, 1, 8, 8]).unwrap();
         let y = run(op.as_ref(), vec![Some(x_4x4()), None, None, Some(sizes)]).unwrap();
-        assert_eq!(y.to_f32_vec().unwrap()[..8], [1., 2., 2., 3., 3., 4., 4., 4.]);
+        assert_eq!(
+            y.to_f32_vec().unwrap()[..8],
+            [1., 2., 2., 3., 3., 4., 4., 4.]
+        );
         // ONNX test_resize_upsample_sizes_nearest_floor_align_corners: first row.
         let op = build(
             "Resize",
             13,
-            vec![("mode", s("nearest")), ("coordinate_transformation_mode", s("align_corners")), ("nearest_mode", s("floor"))],
+            vec![
+                ("mode", s("nearest")),
+                ("coordinate_transformation_mode", s("align_corners")),
+                ("nearest_mode", s("floor")),
+            ],
         )
         .unwrap();
         let sizes = Tensor::from_vec(&[4], vec![1i64, 1, 8, 8]).unwrap();
         let y = run(op.as_ref(), vec![Some(x_4x4()), None, None, Some(sizes)]).unwrap();
-        assert_eq!(y.to_f32_vec().unwrap()[..8], [1., 1., 1., 2., 2., 3., 3., 4.]);
+        assert_eq!(
+            y.to_f32_vec().unwrap()[..8],
+            [1., 1., 1., 2., 2., 3., 3., 4.]
+        );
     }
 
     #[test]
@@ -900,19 +1149,45 @@ mod tests {
         let op = build(
             "Resize",
             18,
-            vec![("mode", s("nearest")), ("keep_aspect_ratio_policy", s("not_larger")), ("axes", Attr::Ints(vec![2, 3]))],
+            vec![
+                ("mode", s("nearest")),
+                ("keep_aspect_ratio_policy", s("not_larger")),
+                ("axes", Attr::Ints(vec![2, 3])),
+            ],
         )
         .unwrap();
-        let y = run(op.as_ref(), vec![Some(x.clone()), None, None, Some(Tensor::from_vec(&[2], vec![1i64, 3]).unwrap())]).unwrap();
+        let y = run(
+            op.as_ref(),
+            vec![
+                Some(x.clone()),
+                None,
+                None,
+                Some(Tensor::from_vec(&[2], vec![1i64, 3]).unwrap()),
+            ],
+        )
+        .unwrap();
         assert_eq!(y.shape(), &[1, 1, 1, 2]);
         assert_eq!(y.to_f32_vec().unwrap(), [1., 3.]);
         let op = build(
             "Resize",
             18,
-            vec![("mode", s("nearest")), ("keep_aspect_ratio_policy", s("not_smaller")), ("axes", Attr::Ints(vec![3, 2]))],
+            vec![
+                ("mode", s("nearest")),
+                ("keep_aspect_ratio_policy", s("not_smaller")),
+                ("axes", Attr::Ints(vec![3, 2])),
+            ],
         )
         .unwrap();
-        let y = run(op.as_ref(), vec![Some(x), None, None, Some(Tensor::from_vec(&[2], vec![3i64, 1]).unwrap())]).unwrap();
+        let y = run(
+            op.as_ref(),
+            vec![
+                Some(x),
+                None,
+                None,
+                Some(Tensor::from_vec(&[2], vec![3i64, 1]).unwrap()),
+            ],
+        )
+        .unwrap();
         assert_eq!(y.shape(), &[1, 1, 2, 3]);
     }
 
@@ -931,17 +1206,37 @@ mod tests {
         .unwrap();
         let roi = f32t(&[8], vec![0.0, 0.0, 0.4, 0.6, 1.0, 1.0, 1.2, 1.7]);
         let sizes = Tensor::from_vec(&[4], vec![1i64, 1, 3, 3]).unwrap();
-        let y = run(op.as_ref(), vec![Some(x_4x4()), Some(roi), None, Some(sizes)]).unwrap();
-        close(&y.to_f32_vec().unwrap(), &[7.6, 10.0, 10.0, 12.4, 10.0, 10.0, 10.0, 10.0, 10.0], 1e-5);
+        let y = run(
+            op.as_ref(),
+            vec![Some(x_4x4()), Some(roi), None, Some(sizes)],
+        )
+        .unwrap();
+        close(
+            &y.to_f32_vec().unwrap(),
+            &[7.6, 10.0, 10.0, 12.4, 10.0, 10.0, 10.0, 10.0, 10.0],
+            1e-5,
+        );
     }
 
     #[test]
     fn int_and_legacy_and_upsample_op() {
         let x = Tensor::from_vec(&[1, 2], vec![10i32, 20]).unwrap();
         let op = build("Resize", 10, vec![("mode", s("linear"))]).unwrap();
-        let y = run(op.as_ref(), vec![Some(x.clone()), Some(f32t(&[2], vec![1.0, 2.0]))]).unwrap();
+        let y = run(
+            op.as_ref(),
+            vec![Some(x.clone()), Some(f32t(&[2], vec![1.0, 2.0]))],
+        )
+        .unwrap();
         assert_eq!(y.to_i64_vec().unwrap(), [10, 15, 20, 20]);
-        let op = build("Upsample", 7, vec![("mode", s("nearest")), ("scales", Attr::Floats(vec![2.0, 1.5]))]).unwrap();
+        let op = build(
+            "Upsample",
+            7,
+            vec![
+                ("mode", s("nearest")),
+                ("scales", Attr::Floats(vec![2.0, 1.5])),
+            ],
+        )
+        .unwrap();
         let y = run(op.as_ref(), vec![Some(x)]).unwrap();
         assert_eq!(y.shape(), &[2, 3]);
         assert_eq!(y.to_i64_vec().unwrap(), [10, 10, 20, 10, 10, 20]);
@@ -950,23 +1245,52 @@ mod tests {
     #[test]
     fn fast_nearest_large_matches_naive() {
         let (n, c, h, w) = (2, 5, 37, 41);
-        let data: Vec<f32> = (0..n * c * h * w).map(|i| (i as f32 * 0.37).sin()).collect();
+        let data: Vec<f32> = (0..n * c * h * w)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
         let x = f32t(&[n, c, h, w], data.clone());
-        let op = build("Resize", 12, vec![("mode", s("nearest")), ("coordinate_transformation_mode", s("asymmetric")), ("nearest_mode", s("floor"))]).unwrap();
-        let y = run(op.as_ref(), vec![Some(x.clone()), Some(f32t(&[0], vec![])), Some(f32t(&[4], vec![1.0, 1.0, 2.0, 2.0]))]).unwrap();
+        let op = build(
+            "Resize",
+            12,
+            vec![
+                ("mode", s("nearest")),
+                ("coordinate_transformation_mode", s("asymmetric")),
+                ("nearest_mode", s("floor")),
+            ],
+        )
+        .unwrap();
+        let y = run(
+            op.as_ref(),
+            vec![
+                Some(x.clone()),
+                Some(f32t(&[0], vec![])),
+                Some(f32t(&[4], vec![1.0, 1.0, 2.0, 2.0])),
+            ],
+        )
+        .unwrap();
         let yv = y.to_f32_vec().unwrap();
         for p in 0..n * c {
             for yy in 0..2 * h {
                 for xx in 0..2 * w {
-                    assert_eq!(yv[(p * 2 * h + yy) * 2 * w + xx], data[(p * h + yy / 2) * w + xx / 2]);
+                    assert_eq!(
+                        yv[(p * 2 * h + yy) * 2 * w + xx],
+                        data[(p * h + yy / 2) * w + xx / 2]
+                    );
                 }
             }
         }
         // Linear ×2 (half_pixel) against a direct bilinear formula.
         let op = build("Resize", 13, vec![("mode", s("linear"))]).unwrap();
-        let y = run(op.as_ref(), vec![Some(x), None, Some(f32t(&[4], vec![1.0, 1.0, 2.0, 2.0]))]).unwrap();
+        let y = run(
+            op.as_ref(),
+            vec![Some(x), None, Some(f32t(&[4], vec![1.0, 1.0, 2.0, 2.0]))],
+        )
+        .unwrap();
         let yv = y.to_f32_vec().unwrap();
-        let src = |p: usize, i: i64, j: i64| data[(p * h + i.clamp(0, h as i64 - 1) as usize) * w + j.clamp(0, w as i64 - 1) as usize];
+        let src = |p: usize, i: i64, j: i64| {
+            data[(p * h + i.clamp(0, h as i64 - 1) as usize) * w
+                + j.clamp(0, w as i64 - 1) as usize]
+        };
         for p in [0, 7] {
             for yy in 0..2 * h {
                 for xx in 0..2 * w {
@@ -991,10 +1315,26 @@ mod tests {
         // Neither scales nor sizes.
         assert!(run(op.as_ref(), vec![Some(x_1234())]).is_err());
         // Wrong scales length, negative scale.
-        assert!(run(op.as_ref(), vec![Some(x_1234()), None, Some(f32t(&[2], vec![1.0, 2.0]))]).is_err());
-        assert!(run(op.as_ref(), vec![Some(x_1234()), None, Some(f32t(&[4], vec![1.0, 1.0, -2.0, 2.0]))]).is_err());
+        assert!(run(
+            op.as_ref(),
+            vec![Some(x_1234()), None, Some(f32t(&[2], vec![1.0, 2.0]))]
+        )
+        .is_err());
+        assert!(run(
+            op.as_ref(),
+            vec![
+                Some(x_1234()),
+                None,
+                Some(f32t(&[4], vec![1.0, 1.0, -2.0, 2.0]))
+            ]
+        )
+        .is_err());
         let op = build("Resize", 18, vec![("axes", Attr::Ints(vec![2, 2]))]).unwrap();
-        assert!(run(op.as_ref(), vec![Some(x_1234()), None, Some(f32t(&[2], vec![2.0, 2.0]))]).is_err());
+        assert!(run(
+            op.as_ref(),
+            vec![Some(x_1234()), None, Some(f32t(&[2], vec![2.0, 2.0]))]
+        )
+        .is_err());
     }
 
     #[test]

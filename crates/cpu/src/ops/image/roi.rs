@@ -1,6 +1,8 @@
 //! `RoiAlign` (opsets 10, 16) and `Col2Im` (opset 18).
 
-use kiln_core::{input_tensor, BuildCtx, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value};
+use kiln_core::{
+    input_tensor, BuildCtx, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value,
+};
 use rayon::prelude::*;
 
 /// Registers `RoiAlign` and `Col2Im`.
@@ -33,8 +35,15 @@ fn build_roi_align(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         "max" => true,
         other => return Err(a.invalid(format!("mode must be avg or max, got {other:?}"))),
     };
-    let default_ctm = if ctx.opset() >= 16 { "half_pixel" } else { "output_half_pixel" };
-    let half_pixel = match a.string("coordinate_transformation_mode", default_ctm)?.as_str() {
+    let default_ctm = if ctx.opset() >= 16 {
+        "half_pixel"
+    } else {
+        "output_half_pixel"
+    };
+    let half_pixel = match a
+        .string("coordinate_transformation_mode", default_ctm)?
+        .as_str()
+    {
         "half_pixel" => true,
         "output_half_pixel" => false,
         other => return Err(a.invalid(format!("unknown coordinate_transformation_mode {other:?}"))),
@@ -42,7 +51,9 @@ fn build_roi_align(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let out_h = a.int("output_height", 1)?;
     let out_w = a.int("output_width", 1)?;
     if !(1..1 << 20).contains(&out_h) || !(1..1 << 20).contains(&out_w) {
-        return Err(a.invalid(format!("output_height/output_width must be positive, got {out_h}x{out_w}")));
+        return Err(a.invalid(format!(
+            "output_height/output_width must be positive, got {out_h}x{out_w}"
+        )));
     }
     let sampling_ratio = a.int("sampling_ratio", 0)?;
     if sampling_ratio < 0 {
@@ -92,7 +103,12 @@ fn sample_at(y: f64, x: f64, h: usize, w: usize) -> Sample {
     let (ly, lx) = (y - y_low as f64, x - x_low as f64);
     let (hy, hx) = (1.0 - ly, 1.0 - lx);
     Sample {
-        pos: [y_low * w + x_low, y_low * w + x_high, y_high * w + x_low, y_high * w + x_high],
+        pos: [
+            y_low * w + x_low,
+            y_low * w + x_high,
+            y_high * w + x_low,
+            y_high * w + x_high,
+        ],
         w: [hy * hx, hy * lx, ly * hx, ly * lx],
     }
 }
@@ -107,7 +123,11 @@ impl RoiAlign {
         let (n, c, h, w) = (xs[0], xs[1], xs[2], xs[3]);
         let num_rois = batch.len();
         if batch.rank() != 1 || rois.shape() != [num_rois, 4] {
-            return Err(err(format!("rois must be [num_rois, 4] and batch_indices [num_rois], found {:?} and {:?}", rois.shape(), batch.shape())));
+            return Err(err(format!(
+                "rois must be [num_rois, 4] and batch_indices [num_rois], found {:?} and {:?}",
+                rois.shape(),
+                batch.shape()
+            )));
         }
         let (ph_n, pw_n) = (self.out_h, self.out_w);
         let out_shape = [num_rois, c, ph_n, pw_n];
@@ -132,8 +152,14 @@ impl RoiAlign {
                 }
                 let off = if self.half_pixel { 0.5 } else { 0.0 };
                 let roi = &rv[r * 4..r * 4 + 4];
-                let (sw, sh) = (roi[0] * self.spatial_scale - off, roi[1] * self.spatial_scale - off);
-                let (ew, eh) = (roi[2] * self.spatial_scale - off, roi[3] * self.spatial_scale - off);
+                let (sw, sh) = (
+                    roi[0] * self.spatial_scale - off,
+                    roi[1] * self.spatial_scale - off,
+                );
+                let (ew, eh) = (
+                    roi[2] * self.spatial_scale - off,
+                    roi[3] * self.spatial_scale - off,
+                );
                 let (mut rw, mut rh) = (ew - sw, eh - sh);
                 if !self.half_pixel {
                     rw = rw.max(1.0);
@@ -169,12 +195,17 @@ impl RoiAlign {
                         if self.max {
                             let mut acc: Option<f64> = None;
                             for s in ss {
-                                let m = (0..4).map(|k| s.w[k] * src[s.pos[k]]).fold(f64::NEG_INFINITY, f64::max);
+                                let m = (0..4)
+                                    .map(|k| s.w[k] * src[s.pos[k]])
+                                    .fold(f64::NEG_INFINITY, f64::max);
                                 acc = Some(acc.map_or(m, |a| a.max(m)));
                             }
                             *v = acc.unwrap_or(0.0);
                         } else {
-                            let sum: f64 = ss.iter().map(|s| (0..4).map(|k| s.w[k] * src[s.pos[k]]).sum::<f64>()).sum();
+                            let sum: f64 = ss
+                                .iter()
+                                .map(|s| (0..4).map(|k| s.w[k] * src[s.pos[k]]).sum::<f64>())
+                                .sum();
                             *v = sum / count;
                         }
                     }
@@ -200,7 +231,10 @@ impl Op for RoiAlign {
             Some(d) => d,
             None => return Ok(vec![Fact::unknown()]),
         };
-        let c = x.and_then(|f| f.shape.as_ref()).and_then(|s| s.get(1).cloned()).unwrap_or(Dim::Unknown);
+        let c = x
+            .and_then(|f| f.shape.as_ref())
+            .and_then(|s| s.get(1).cloned())
+            .unwrap_or(Dim::Unknown);
         let r = inputs
             .get(2)
             .copied()
@@ -208,7 +242,10 @@ impl Op for RoiAlign {
             .and_then(|f| f.shape.as_ref())
             .and_then(|s| s.first().cloned())
             .unwrap_or(Dim::Unknown);
-        Ok(vec![Fact::tensor(dtype, vec![r, c, Dim::Known(self.out_h), Dim::Known(self.out_w)])])
+        Ok(vec![Fact::tensor(
+            dtype,
+            vec![r, c, Dim::Known(self.out_h), Dim::Known(self.out_w)],
+        )])
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
@@ -216,7 +253,10 @@ impl Op for RoiAlign {
         let rois = input_tensor(inputs, 1, "RoiAlign")?;
         let batch = input_tensor(inputs, 2, "RoiAlign")?;
         if !x.dtype().is_float() || !rois.dtype().is_float() {
-            return Err(KilnError::kernel("RoiAlign", "X and rois must be float tensors"));
+            return Err(KilnError::kernel(
+                "RoiAlign",
+                "X and rois must be float tensors",
+            ));
         }
         Ok(vec![Value::Tensor(self.run(x, rois, batch)?)])
     }
@@ -236,7 +276,11 @@ pub struct Col2Im {
 
 fn build_col2im(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
-    Ok(Box::new(Col2Im { dilations: a.opt_ints("dilations")?, pads: a.opt_ints("pads")?, strides: a.opt_ints("strides")? }))
+    Ok(Box::new(Col2Im {
+        dilations: a.opt_ints("dilations")?,
+        pads: a.opt_ints("pads")?,
+        strides: a.opt_ints("strides")?,
+    }))
 }
 
 impl Col2Im {
@@ -259,20 +303,27 @@ impl Col2Im {
         let big = 1i64 << 31;
         let ok = |v: &[i64], lo: i64| v.iter().all(|&x| x >= lo && x < big);
         if !ok(image, 0) || !ok(block, 1) || !ok(&dil, 1) || !ok(&strides, 1) || !ok(&pads, 0) {
-            return Err(err("image_shape, block_shape, dilations, strides and pads are out of range".into()));
+            return Err(err(
+                "image_shape, block_shape, dilations, strides and pads are out of range".into(),
+            ));
         }
         let xs = x.shape();
         if xs.len() != 3 {
             return Err(err(format!("input must have rank 3, found {xs:?}")));
         }
         let k: i64 = block.iter().product();
-        if k == 0 || xs[1] as i64 % k != 0 {
-            return Err(err(format!("input dim 1 ({}) must be a multiple of prod(block_shape) = {k}", xs[1])));
+        if k == 0 || !xs[1].is_multiple_of(k as usize) {
+            return Err(err(format!(
+                "input dim 1 ({}) must be a multiple of prod(block_shape) = {k}",
+                xs[1]
+            )));
         }
         let (n, c) = (xs[0], xs[1] / k as usize);
         let mut ncols = Vec::with_capacity(r);
         for i in 0..r {
-            let v = (image[i] + pads[i] + pads[r + i] - dil[i] * (block[i] - 1) - 1).div_euclid(strides[i]) + 1;
+            let v = (image[i] + pads[i] + pads[r + i] - dil[i] * (block[i] - 1) - 1)
+                .div_euclid(strides[i])
+                + 1;
             if v < 1 {
                 return Err(err(format!("no sliding block fits along axis {i}")));
             }
@@ -280,7 +331,10 @@ impl Col2Im {
         }
         let l: usize = ncols.iter().product();
         if xs[2] != l {
-            return Err(err(format!("input dim 2 is {}, but the blocks give {l}", xs[2])));
+            return Err(err(format!(
+                "input dim 2 is {}, but the blocks give {l}",
+                xs[2]
+            )));
         }
         let img: Vec<usize> = image.iter().map(|&v| v as usize).collect();
         let img_size: usize = img.iter().product();
@@ -293,29 +347,32 @@ impl Col2Im {
         let lst = kiln_core::strides(&ncols);
         let ist = kiln_core::strides(&img);
         let ku = k as usize;
-        out.par_chunks_mut(img_size.max(1)).enumerate().for_each(|(nc, dst)| {
-            let (b, ch) = (nc / c, nc % c);
-            for kk in 0..ku {
-                let src = &xv[(b * c * ku + ch * ku + kk) * l..(b * c * ku + ch * ku + kk + 1) * l];
-                for (li, &v) in src.iter().enumerate() {
-                    let mut pos = 0usize;
-                    let mut inside = true;
-                    for ax in 0..r {
-                        let ko = (kk / kst[ax]) % kshape[ax];
-                        let lo = (li / lst[ax]) % ncols[ax];
-                        let p = lo as i64 * strides[ax] - pads[ax] + ko as i64 * dil[ax];
-                        if p < 0 || p >= image[ax] {
-                            inside = false;
-                            break;
+        out.par_chunks_mut(img_size.max(1))
+            .enumerate()
+            .for_each(|(nc, dst)| {
+                let (b, ch) = (nc / c, nc % c);
+                for kk in 0..ku {
+                    let src =
+                        &xv[(b * c * ku + ch * ku + kk) * l..(b * c * ku + ch * ku + kk + 1) * l];
+                    for (li, &v) in src.iter().enumerate() {
+                        let mut pos = 0usize;
+                        let mut inside = true;
+                        for ax in 0..r {
+                            let ko = (kk / kst[ax]) % kshape[ax];
+                            let lo = (li / lst[ax]) % ncols[ax];
+                            let p = lo as i64 * strides[ax] - pads[ax] + ko as i64 * dil[ax];
+                            if p < 0 || p >= image[ax] {
+                                inside = false;
+                                break;
+                            }
+                            pos += p as usize * ist[ax];
                         }
-                        pos += p as usize * ist[ax];
-                    }
-                    if inside {
-                        dst[pos] += v;
+                        if inside {
+                            dst[pos] += v;
+                        }
                     }
                 }
-            }
-        });
+            });
         Tensor::from_vec(&out_shape, out)?.cast(x.dtype())
     }
 }
@@ -331,8 +388,18 @@ impl Op for Col2Im {
             Some(d) => d,
             None => return Ok(vec![Fact::unknown()]),
         };
-        let image = inputs.get(1).copied().flatten().and_then(|f| f.konst.as_ref()).and_then(|t| t.to_i64_vec().ok());
-        let block = inputs.get(2).copied().flatten().and_then(|f| f.konst.as_ref()).and_then(|t| t.to_i64_vec().ok());
+        let image = inputs
+            .get(1)
+            .copied()
+            .flatten()
+            .and_then(|f| f.konst.as_ref())
+            .and_then(|t| t.to_i64_vec().ok());
+        let block = inputs
+            .get(2)
+            .copied()
+            .flatten()
+            .and_then(|f| f.konst.as_ref())
+            .and_then(|t| t.to_i64_vec().ok());
         let xs = x.and_then(|f| f.shape.as_ref());
         match (image, xs) {
             (Some(img), Some(xs)) if xs.len() == 3 && img.iter().all(|&v| v >= 0) => {
@@ -371,7 +438,11 @@ mod tests {
     fn col2im_matches_onnx_example() {
         // ONNX test_col2im: input 1x5x5 (values 1..25), image 5x4, block 1x5.
         let x = Tensor::from_vec(&[1, 5, 5], (1..=25).map(|v| v as f32).collect()).unwrap();
-        let op = Col2Im { dilations: None, pads: None, strides: None };
+        let op = Col2Im {
+            dilations: None,
+            pads: None,
+            strides: None,
+        };
         let y = op.run(&x, &[5, 5], &[1, 5]).unwrap();
         assert_eq!(y.shape(), &[1, 1, 5, 5]);
         let v = y.to_f32_vec().unwrap();
@@ -388,7 +459,11 @@ mod tests {
     fn col2im_overlaps_sum() {
         // 1-D: image 4, block 2, stride 1 → 3 columns; ones everywhere.
         let x = Tensor::from_vec(&[1, 2, 3], vec![1.0f32; 6]).unwrap();
-        let op = Col2Im { dilations: None, pads: None, strides: None };
+        let op = Col2Im {
+            dilations: None,
+            pads: None,
+            strides: None,
+        };
         let y = op.run(&x, &[4], &[2]).unwrap();
         assert_eq!(y.to_f32_vec().unwrap(), [1.0, 2.0, 2.0, 1.0]);
     }
@@ -398,7 +473,14 @@ mod tests {
         let x = Tensor::from_vec(&[1, 2, 4, 4], vec![3.0f32; 32]).unwrap();
         let rois = Tensor::from_vec(&[1, 4], vec![0.0f32, 0.0, 3.0, 3.0]).unwrap();
         let b = Tensor::from_vec(&[1], vec![0i64]).unwrap();
-        let op = RoiAlign { max: false, half_pixel: true, out_h: 2, out_w: 2, sampling_ratio: 2, spatial_scale: 1.0 };
+        let op = RoiAlign {
+            max: false,
+            half_pixel: true,
+            out_h: 2,
+            out_w: 2,
+            sampling_ratio: 2,
+            spatial_scale: 1.0,
+        };
         let y = op.run(&x, &rois, &b).unwrap();
         assert_eq!(y.shape(), &[1, 2, 2, 2]);
         for v in y.to_f32_vec().unwrap() {
