@@ -1,4 +1,5 @@
-//! String ops: `StringConcat`, `StringNormalizer`, `StringSplit`, `RegexFullMatch`.
+//! String ops: `StringConcat`, `StringNormalizer`, `StringSplit`, `RegexFullMatch`, and the
+//! n-gram counter `TfIdfVectorizer` (strings or integer tokens).
 
 use std::any::Any;
 
@@ -11,6 +12,7 @@ pub fn register(reg: &mut OpRegistry) {
     reg.register("StringNormalizer", build_string_normalizer);
     reg.register("StringSplit", build_string_split);
     reg.register("RegexFullMatch", build_regex_full_match);
+    reg.register("TfIdfVectorizer", build_tfidf);
 }
 
 /// The `i`-th input as a string tensor.
@@ -396,6 +398,231 @@ impl Op for RegexFullMatch {
     }
 }
 
+/// A token of an n-gram.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Token {
+    Int(i64),
+    Str(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Weighting {
+    Tf,
+    Idf,
+    TfIdf,
+}
+
+/// `TfIdfVectorizer`: counts pool n-grams (with skips) in each row of tokens.
+#[derive(Debug)]
+pub struct TfIdfVectorizer {
+    min_gram: usize,
+    max_gram: usize,
+    max_skip: usize,
+    mode: Weighting,
+    /// n-gram → output column.
+    grams: std::collections::HashMap<Vec<Token>, usize>,
+    output_size: usize,
+    weights: Vec<f32>,
+    strings: bool,
+}
+
+fn build_tfidf(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
+    let a = ctx.attrs();
+    let size = |n: &str| -> Result<usize> {
+        let v = a.req_int(n)?;
+        usize::try_from(v).map_err(|_| a.invalid(format!("{n} {v} is negative")))
+    };
+    let (min_gram, max_gram, max_skip) = (
+        size("min_gram_length")?,
+        size("max_gram_length")?,
+        size("max_skip_count")?,
+    );
+    if min_gram == 0 || min_gram > max_gram {
+        return Err(a.invalid(format!(
+            "need 1 <= min_gram_length ({min_gram}) <= max_gram_length ({max_gram})"
+        )));
+    }
+    let mode = match a.string("mode", "")?.as_str() {
+        "TF" => Weighting::Tf,
+        "IDF" => Weighting::Idf,
+        "TFIDF" => Weighting::TfIdf,
+        m => return Err(a.invalid(format!("mode must be TF, IDF or TFIDF, found {m:?}"))),
+    };
+    let ints = a.opt_ints("pool_int64s")?.unwrap_or_default();
+    let strs = a.opt_strings("pool_strings")?.unwrap_or_default();
+    let strings = ints.is_empty() && !strs.is_empty();
+    let pool: Vec<Token> = if strings {
+        strs.into_iter().map(Token::Str).collect()
+    } else {
+        ints.into_iter().map(Token::Int).collect()
+    };
+    let counts = a.ints("ngram_counts")?;
+    let indexes = a.ints("ngram_indexes")?;
+    let output_size = indexes.iter().max().map_or(0, |m| (*m).max(-1) + 1) as usize;
+    let mut grams = std::collections::HashMap::new();
+    let mut id = 0usize;
+    for (i, &start) in counts.iter().enumerate() {
+        let n = i + 1;
+        let end = counts.get(i + 1).copied().unwrap_or(pool.len() as i64);
+        let (start, end) = (usize::try_from(start), usize::try_from(end));
+        let (Ok(start), Ok(end)) = (start, end) else {
+            return Err(a.invalid("ngram_counts holds a negative offset"));
+        };
+        if start > end || end > pool.len() {
+            return Err(a.invalid(format!(
+                "ngram_counts range {start}..{end} is out of the pool of {}",
+                pool.len()
+            )));
+        }
+        for gram in pool[start..end].chunks_exact(n) {
+            if (min_gram..=max_gram).contains(&n) {
+                let col = indexes
+                    .get(id)
+                    .copied()
+                    .ok_or_else(|| a.invalid(format!("ngram_indexes lacks entry {id}")))?;
+                let col = usize::try_from(col)
+                    .map_err(|_| a.invalid(format!("negative ngram index {col}")))?;
+                grams.insert(gram.to_vec(), col);
+            }
+            id += 1;
+        }
+    }
+    let weights = a.opt_floats("weights")?.unwrap_or_default();
+    Ok(Box::new(TfIdfVectorizer {
+        min_gram,
+        max_gram,
+        max_skip,
+        mode,
+        grams,
+        output_size,
+        weights,
+        strings,
+    }))
+}
+
+impl TfIdfVectorizer {
+    /// Adds the n-gram counts of one row of tokens into `freq`.
+    fn count_row(&self, row: &[Token], freq: &mut [f32]) {
+        let len = row.len();
+        let mut gram = Vec::with_capacity(self.max_gram);
+        for skip in 0..=self.max_skip {
+            let d = skip + 1;
+            // Unigrams do not depend on the skip distance: count them once.
+            let min_n = if skip > 0 {
+                self.min_gram.max(2)
+            } else {
+                self.min_gram
+            };
+            if min_n > self.max_gram {
+                break;
+            }
+            for start in 0..len {
+                gram.clear();
+                for n in 1..=self.max_gram {
+                    let pos = start + (n - 1) * d;
+                    if pos >= len {
+                        break;
+                    }
+                    gram.push(row[pos].clone());
+                    if n >= min_n {
+                        if let Some(&col) = self.grams.get(&gram) {
+                            freq[col] += 1.0;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Op for TfIdfVectorizer {
+    fn op_type(&self) -> &str {
+        "TfIdfVectorizer"
+    }
+
+    fn infer(&self, inputs: &[Option<&Fact>], _n: usize) -> Result<Vec<Fact>> {
+        let shape = inputs
+            .first()
+            .copied()
+            .flatten()
+            .and_then(|f| f.shape.clone())
+            .map(|s| match s.len() {
+                2 => vec![s[0].clone(), Dim::Known(self.output_size)],
+                _ => vec![Dim::Known(self.output_size)],
+            });
+        Ok(vec![Fact {
+            shape,
+            ..Fact::of_dtype(DType::F32)
+        }])
+    }
+
+    fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
+        const OP: &str = "TfIdfVectorizer";
+        let x = kiln_core::input_tensor(inputs, 0, OP)?;
+        let tokens: Vec<Token> = if x.dtype() == DType::String {
+            x.as_strings()?.iter().cloned().map(Token::Str).collect()
+        } else if x.dtype().is_int() {
+            x.to_i64_vec()?.into_iter().map(Token::Int).collect()
+        } else {
+            return Err(KilnError::kernel(
+                OP,
+                format!(
+                    "input must be string or integer tokens, found {}",
+                    x.dtype()
+                ),
+            ));
+        };
+        if (x.dtype() == DType::String) != self.strings && !self.grams.is_empty() {
+            return Err(KilnError::kernel(
+                OP,
+                "input token type does not match the pool",
+            ));
+        }
+        let (rows, cols, out_shape) = match *x.shape() {
+            [] => (1, 1, vec![self.output_size]),
+            [c] => (1, c, vec![self.output_size]),
+            [b, c] => (b, c, vec![b, self.output_size]),
+            _ => {
+                return Err(KilnError::kernel(
+                    OP,
+                    format!("input must be [C] or [B, C], found {:?}", x.shape()),
+                ))
+            }
+        };
+        let mut freq = vec![0f32; rows * self.output_size];
+        if cols > 0 {
+            for (r, row) in tokens.chunks(cols).enumerate() {
+                self.count_row(
+                    row,
+                    &mut freq[r * self.output_size..(r + 1) * self.output_size],
+                );
+            }
+        }
+        let w = &self.weights;
+        for (i, f) in freq.iter_mut().enumerate() {
+            let col = i % self.output_size.max(1);
+            *f = match self.mode {
+                Weighting::Tf => *f,
+                Weighting::Idf if w.is_empty() => f32::from(u8::from(*f > 0.0)),
+                Weighting::Idf => {
+                    if *f > 0.0 {
+                        w.get(col).copied().unwrap_or(0.0)
+                    } else {
+                        0.0
+                    }
+                }
+                Weighting::TfIdf if w.is_empty() => *f,
+                Weighting::TfIdf => w.get(col).copied().unwrap_or(0.0) * *f,
+            };
+        }
+        Ok(vec![Value::Tensor(Tensor::from_vec(&out_shape, freq)?)])
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,5 +798,69 @@ mod tests {
             1
         )
         .is_err());
+    }
+
+    #[test]
+    fn tfidf_counts_ngrams_with_skips() {
+        // Pool: unigrams [2, 3, 5, 4], bigrams [(5,6), (7,8), (6,7)].
+        let op = build(
+            build_tfidf,
+            "TfIdfVectorizer",
+            9,
+            vec![
+                ("min_gram_length", Attr::Int(2)),
+                ("max_gram_length", Attr::Int(2)),
+                ("max_skip_count", Attr::Int(0)),
+                ("mode", Attr::String("TF".into())),
+                ("ngram_counts", Attr::Ints(vec![0, 4])),
+                ("ngram_indexes", Attr::Ints(vec![0, 1, 2, 3, 4, 5, 6])),
+                (
+                    "pool_int64s",
+                    Attr::Ints(vec![2, 3, 5, 4, 5, 6, 7, 8, 6, 7]),
+                ),
+            ],
+            1,
+            1,
+        )
+        .unwrap();
+        let x = Tensor::from_vec(&[12], vec![1i32, 1, 3, 3, 3, 7, 8, 6, 7, 5, 6, 8]).unwrap();
+        let y = run(op.as_ref(), &[tv(x.clone())])
+            .unwrap()
+            .remove(0)
+            .into_tensor()
+            .unwrap();
+        assert_eq!(y.to_f32_vec().unwrap(), vec![0., 0., 0., 0., 1., 1., 1.]);
+        let op5 = build(
+            build_tfidf,
+            "TfIdfVectorizer",
+            9,
+            vec![
+                ("min_gram_length", Attr::Int(1)),
+                ("max_gram_length", Attr::Int(2)),
+                ("max_skip_count", Attr::Int(5)),
+                ("mode", Attr::String("TF".into())),
+                ("ngram_counts", Attr::Ints(vec![0, 4])),
+                ("ngram_indexes", Attr::Ints(vec![0, 1, 2, 3, 4, 5, 6])),
+                (
+                    "pool_int64s",
+                    Attr::Ints(vec![2, 3, 5, 4, 5, 6, 7, 8, 6, 7]),
+                ),
+            ],
+            1,
+            1,
+        )
+        .unwrap();
+        let x2 = Tensor::from_vec(&[2, 6], vec![1i32, 1, 3, 3, 3, 7, 8, 6, 7, 5, 6, 8]).unwrap();
+        let y = run(op5.as_ref(), &[tv(x2)])
+            .unwrap()
+            .remove(0)
+            .into_tensor()
+            .unwrap();
+        assert_eq!(y.shape(), &[2, 7]);
+        assert_eq!(
+            y.to_f32_vec().unwrap(),
+            vec![0., 3., 0., 0., 0., 0., 0., 0., 0., 1., 0., 1., 3., 1.]
+        );
+        assert!(run(op.as_ref(), &[tv(Tensor::zeros(DType::F32, &[2]))]).is_err());
     }
 }
