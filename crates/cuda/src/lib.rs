@@ -1,0 +1,15 @@
+//! kiln's CUDA backend.
+//!
+//! cudarc loads libcuda, NVRTC, cuBLAS(Lt) and cuDNN dynamically, so the same `kiln` binary runs
+//! on machines without a GPU (where [`driver_present`] is false and the CPU backend is used).
+
+pub mod kernels;
+pub mod layer;
+
+pub use layer::{DevShape, DevTensor, GpuLayer, KernelSource, LaunchCx, ModuleSet};
+
+/// True when the CUDA driver library (libcuda) can be loaded on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: only probes whether the shared library can be opened; no CUDA call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
