@@ -76,10 +76,16 @@ impl ModuleSet {
     /// The entry point `function` of module `module`.
     pub fn function(&self, module: &str, function: &str) -> Result<CudaFunction> {
         let m = self.modules.get(module).ok_or_else(|| {
-            KilnError::kernel("cuda", format!("module `{module}` was not compiled into this engine"))
+            KilnError::kernel(
+                "cuda",
+                format!("module `{module}` was not compiled into this engine"),
+            )
         })?;
         m.load_function(function).map_err(|e| {
-            KilnError::kernel("cuda", format!("module `{module}` has no function `{function}`: {e}"))
+            KilnError::kernel(
+                "cuda",
+                format!("module `{module}` has no function `{function}`: {e}"),
+            )
         })
     }
 }
@@ -114,7 +120,8 @@ pub trait GpuLayer: Send + Sync + Debug {
 
     /// Enqueues the computation on `cx.stream`. Inputs and outputs are already allocated with
     /// the shapes the graph's shape inference gave; outputs never alias inputs.
-    fn enqueue(&self, cx: &LaunchCx<'_>, inputs: &[DevTensor], outputs: &[DevTensor]) -> Result<()>;
+    fn enqueue(&self, cx: &LaunchCx<'_>, inputs: &[DevTensor], outputs: &[DevTensor])
+        -> Result<()>;
 }
 
 /// Converts any CUDA-side error into a kernel error naming the layer.
