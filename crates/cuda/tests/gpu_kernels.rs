@@ -32,6 +32,8 @@ enum In {
     As(DType, Vec<usize>),
     /// A constant int64 tensor (a build-time constant).
     I(Vec<i64>),
+    /// An int64 tensor known only at run time.
+    Iv(Vec<i64>),
     /// A constant float tensor (follows the run's float dtype).
     F(Vec<usize>, Vec<f32>),
     /// Random indices in [-n, n) of dtype (I32/I64), not constant.
@@ -157,6 +159,10 @@ fn cases() -> Vec<Case> {
     v.push(c(rd, "ReduceProd", 13, vec![pos(&[6, 5])]).a("axes", ai(&[1])));
     v.push(c(rd, "ReduceMean", 13, vec![r(&[1, 5000, 3])]).a("axes", ai(&[1])));
     v.push(c(rd, "ReduceSum", 13, vec![In::Idx(DType::I64, vec![4, 6], 50), ints(&[1])]).f32_only());
+    v.push(c(rd, "ReduceMean", 18, vec![r(&[3, 5, 7]), In::Iv(vec![0, -1])]));
+    v.push(c(rd, "ArgMax", 13, vec![r(&[3, 7, 5])]).a("axis", Attr::Int(1)));
+    v.push(c(rd, "ArgMin", 13, vec![r(&[4, 33])]).a("axis", Attr::Int(-1)).a("keepdims", Attr::Int(0)).a("select_last_index", Attr::Int(1)));
+    v.push(c(rd, "ArgMax", 13, vec![In::Idx(DType::I64, vec![5, 9], 4)]).a("axis", Attr::Int(1)).f32_only());
     v.push(c(rd, "GlobalAveragePool", 1, vec![r(&[2, 3, 7, 9])]));
     v.push(c(rd, "GlobalMaxPool", 1, vec![r(&[2, 3, 5, 5, 3])]));
     // --- softmax
@@ -307,9 +313,9 @@ fn make_input(i: &In, rng: &mut Rng, fdt: DType) -> Option<(Tensor, Tensor, bool
             let t = Tensor::from_vec(s, v).unwrap().cast(*dt).unwrap();
             (t.clone(), t, false)
         }
-        In::I(v) => {
+        In::I(v) | In::Iv(v) => {
             let t = Tensor::from_vec(&[v.len()], v.clone()).unwrap();
-            (t.clone(), t, true)
+            (t.clone(), t, matches!(i, In::I(_)))
         }
         In::F(s, v) => {
             let (a, b) = conv(v.clone(), s);
@@ -393,8 +399,16 @@ fn to_f32(t: &Tensor) -> Vec<f64> {
     }
 }
 
-/// Runs one case in one float dtype; Ok(max abs error) or Err(reason).
-fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::Result<f64, String> {
+/// A case made ready for the device: inputs, the CPU's answer and the lowered layer.
+struct Prepared {
+    made: Vec<Option<(Tensor, Tensor, bool)>>,
+    want: Vec<Tensor>,
+    out_facts: Vec<Fact>,
+    layer: Box<dyn kiln_cuda::GpuLayer>,
+}
+
+/// Builds inputs, evaluates the CPU reference and lowers the node (no GPU needed).
+fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, String> {
     let mut rng = Rng(seed | 1);
     let mut desc = OpDesc::new("", case.op, case.opset);
     for (k, v) in &case.attrs {
@@ -409,7 +423,8 @@ fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::R
     let vals: Vec<Option<Value>> = made.iter().map(|m| m.as_ref().map(|x| Value::Tensor(x.0.clone()))).collect();
     let refs: Vec<Option<&Value>> = vals.iter().map(|v| v.as_ref()).collect();
     let want = op.eval(&refs).map_err(|e| format!("CPU eval: {e}"))?;
-    let want: Vec<Tensor> = want.into_iter().map(|v| v.into_tensor().unwrap()).collect();
+    // Ops with optional outputs (LayerNormalization's Mean, ...) may compute more than asked.
+    let want: Vec<Tensor> = want.into_iter().take(case.n_out).map(|v| v.into_tensor().unwrap()).collect();
     // Facts as the device sees them.
     let in_facts: Vec<Fact> = made
         .iter()
@@ -434,6 +449,12 @@ fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::R
         Some(Err(e)) => return Err(format!("lower: {e}")),
         Some(Ok(l)) => l,
     };
+    Ok(Prepared { made, want, out_facts, layer })
+}
+
+/// Runs one case in one float dtype; Ok(max abs error) or Err(reason).
+fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::Result<f64, String> {
+    let Prepared { made, want, out_facts, layer } = prepare(case, fdt, seed)?;
     let mut ms = ModuleSet::default();
     for src in layer.sources() {
         let m = gpu.module(&src.module, &src.code)?;
@@ -513,6 +534,32 @@ fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::R
     Ok(worst)
 }
 
+fn seed_of(n: usize) -> u64 {
+    0x9e37_79b9_7f4a_7c15 ^ (n as u64 * 7919)
+}
+
+/// Runs without a GPU: every case's CPU reference evaluates and its node lowers, and the
+/// generated sources name the entry points the layer launches.
+#[test]
+fn every_case_lowers() {
+    let mut bad = Vec::new();
+    for (n, case) in cases().iter().enumerate() {
+        let dts: &[DType] = if case.f16 { &[DType::F32, DType::F16] } else { &[DType::F32] };
+        for &dt in dts {
+            match prepare(case, dt, seed_of(n)) {
+                Ok(p) => {
+                    let srcs = p.layer.sources();
+                    for src in &srcs {
+                        assert!(src.code.contains("extern \"C\" __global__"), "{}", case.op);
+                    }
+                }
+                Err(e) => bad.push(format!("{} {} {}: {e}", case.op, n, dt.name())),
+            }
+        }
+    }
+    assert!(bad.is_empty(), "cases that do not lower: {bad:#?}");
+}
+
 #[test]
 fn gpu_kernels_match_cpu_reference() {
     if !kiln_cuda::driver_present() {
@@ -540,7 +587,7 @@ fn gpu_kernels_match_cpu_reference() {
         for &dt in dts {
             let t0 = std::time::Instant::now();
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_case(&mut gpu, case, dt, 0x9e37_79b9_7f4a_7c15 ^ (n as u64 * 7919))
+                run_case(&mut gpu, case, dt, seed_of(n))
             }))
             .unwrap_or_else(|_| Err("panicked".into()));
             let e = fam.entry(case.family).or_default();

@@ -251,6 +251,9 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     if op == "Softmax" || op == "LogSoftmax" {
         return softmax(cx);
     }
+    if op == "ArgMax" || op == "ArgMin" {
+        return argmax(cx);
+    }
     let (dt, ishape) = cx.input(0)?;
     let out = cx.output(0)?;
     let r = ishape.len();
@@ -269,7 +272,10 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     let a = cx.attrs();
     let axes: Option<Vec<i64>> = if cx.opset() >= axes_input_from {
         if cx.present(1) {
-            Some(cx.konst(1)?.to_i64_vec().ok()?)
+            match cx.konst(1) {
+                Some(t) => Some(t.to_i64_vec().ok()?),
+                None => None,
+            }
         } else {
             None
         }
@@ -279,7 +285,14 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         }
         a.opt_ints("axes").ok()?
     };
+    let keepdims = a.int("keepdims", 1).ok()? != 0;
     let axes = match axes {
+        // Axes given as a run-time input: with keepdims the shapes tell which axes shrink
+        // (reducing a size-1 axis changes nothing, so including or not is the same).
+        None if cx.present(1) && keepdims && out.1.len() == r => {
+            (0..r).filter(|&d| out.1[d] != ishape[d] || ishape[d] == 1).collect()
+        }
+        None if cx.present(1) => return None,
         Some(v) if !v.is_empty() => {
             let mut v: Vec<usize> = v.iter().map(|&x| cx.axis(x, r)).collect::<Option<_>>()?;
             v.sort_unstable();
@@ -294,6 +307,76 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         }
     };
     build_reduce(format!("nvrtc.reduce.{op}.{}", dt.name()), red, dt, &ishape, &axes, out, cx.n_in())
+}
+
+/// Source of the ArgMax/ArgMin kernel (`kiln_arg`): one warp per output, first index of
+/// the extreme value (last with `p.last`), int64 result.
+pub fn arg_code(dt: DType, max: bool) -> Option<String> {
+    let t = ctype(dt)?;
+    let c = compute_type(dt)?;
+    let better = |a: &str, b: &str| if max { format!("({a} > {b})") } else { format!("({a} < {b})") };
+    Some(format!(
+        "{pre}struct P {{ long long n_out; long long R; long long inner; long long last; }};\n\
+extern \"C\" __global__ void kiln_arg(const {t}* __restrict__ x, long long* __restrict__ y, const P p) {{\n\
+  long long warp = KILN_TID >> 5; long long nwarps = KILN_STRIDE >> 5; int lane = threadIdx.x & 31;\n\
+  for (long long o = warp; o < p.n_out; o += nwarps) {{\n\
+    long long base = (o / p.inner) * p.R * p.inner + (o % p.inner);\n\
+    {c} best = ({c})0; long long bi = -1;\n\
+    for (long long r = lane; r < p.R; r += 32) {{\n\
+      {c} v = {lv};\n\
+      if (bi < 0 || {b1} || (p.last && v == best)) {{ best = v; bi = r; }}\n\
+    }}\n\
+    for (int s = 16; s > 0; s >>= 1) {{\n\
+      {c} ov = __shfl_xor_sync(0xffffffffu, best, s);\n\
+      long long oi = __shfl_xor_sync(0xffffffffu, bi, s);\n\
+      if (oi >= 0 && (bi < 0 || {b2} || (ov == best && (p.last ? oi > bi : oi < bi)))) {{ best = ov; bi = oi; }}\n\
+    }}\n\
+    if (lane == 0) y[o] = bi;\n\
+  }}\n\
+}}\n",
+        pre = prelude(&[dt]),
+        lv = load(dt, "x[base + r * p.inner]"),
+        b1 = better("v", "best"),
+        b2 = better("ov", "best"),
+    ))
+}
+
+fn argmax(cx: &LowerCx<'_>) -> Option<KernelLayer> {
+    let (dt, ishape) = cx.input(0)?;
+    let out = cx.output(0)?;
+    let r = ishape.len();
+    if out.0 != DType::I64 || r == 0 || !(is_kernel_float(dt) || matches!(dt, DType::I32 | DType::I64)) {
+        return None;
+    }
+    let a = cx.attrs();
+    let axis = cx.axis(a.int("axis", 0).ok()?, r)?;
+    let last = a.int("select_last_index", 0).ok()?;
+    let len = ishape[axis];
+    let outer: usize = ishape[..axis].iter().product();
+    let inner: usize = ishape[axis + 1..].iter().product();
+    let n_out = outer * inner;
+    if len == 0 || n_out != out.1.iter().product::<usize>() {
+        return None;
+    }
+    let mut p = Params::new();
+    p.i(n_out as i64).i(len as i64).i(inner as i64).i((last != 0) as i64);
+    let mut in_facts = vec![None; cx.n_in()];
+    in_facts[0] = Some((dt, ishape));
+    Some(KernelLayer {
+        tactic: format!("nvrtc.reduce.{}.{}", cx.op(), dt.name()),
+        src: Some(source("arg", arg_code(dt, cx.op() == "ArgMax")?)),
+        steps: vec![Step::Launch {
+            func: "kiln_arg",
+            grid: n_out.div_ceil(8).clamp(1, 1 << 20) as u32,
+            block: 256,
+            shmem: 0,
+            ptrs: vec![Ptr::In(0, 0), Ptr::Out(0, 0)],
+            params: p,
+        }],
+        in_facts,
+        out_facts: vec![Some(out)],
+        work: 0,
+    })
 }
 
 /// Source of the softmax kernel (`kiln_softmax`; `log` selects LogSoftmax).
@@ -404,15 +487,34 @@ mod tests {
         }
         let code = l.src.unwrap().code;
         assert!(code.contains("kiln_reduce_block") && code.contains("acc / (float)p.red_n"));
-        // Axes not constant: refused. Old opset with attribute axes: fine.
+        // Axes not constant: inferred from the shapes with keepdims, refused without.
         let fi2 = vec![f(DType::F32, &[2, 3, 4, 5]), f(DType::I64, &[2])];
-        assert!(lower_layer(&LowerCx { node: &n, inputs: &fi2, outputs: &fo }).is_none());
+        let l2 = lower_layer(&LowerCx { node: &n, inputs: &fi2, outputs: &fo }).unwrap();
+        assert_eq!(l2.steps, l.steps);
+        let n0 = node("ReduceMean", 18, vec![("keepdims", Attr::Int(0))], 2, 1);
+        let fo0 = vec![f(DType::F32, &[2, 3])];
+        assert!(lower_layer(&LowerCx { node: &n0, inputs: &fi2, outputs: &fo0 }).is_none());
         let n = node("ReduceMean", 13, vec![("axes", Attr::Ints(vec![2, 3]))], 1, 1);
         assert!(lower_layer(&LowerCx { node: &n, inputs: &fi[..1], outputs: &fo }).is_some());
         // ReduceL2 on ints is refused.
         let n = node("ReduceL2", 13, vec![], 1, 1);
         let fi3 = vec![f(DType::I32, &[4])];
         assert!(lower_layer(&LowerCx { node: &n, inputs: &fi3, outputs: &[f(DType::I32, &[1])] }).is_none());
+    }
+
+    #[test]
+    fn argmax_lowering() {
+        let n = node("ArgMax", 13, vec![("axis", Attr::Int(1)), ("select_last_index", Attr::Int(1))], 1, 1);
+        let fi = vec![f(DType::F16, &[3, 7, 5])];
+        let fo = vec![f(DType::I64, &[3, 1, 5])];
+        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).unwrap();
+        match &l.steps[0] {
+            Step::Launch { params, .. } => assert_eq!(&params.0[..4], &[15, 7, 5, 1]),
+            _ => panic!(),
+        }
+        assert!(l.src.unwrap().code.contains("(v > best)"));
+        let bad = vec![f(DType::I32, &[3, 1, 5])];
+        assert!(lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &bad }).is_none());
     }
 
     #[test]
