@@ -55,7 +55,15 @@ struct Case {
 }
 
 fn c(family: &'static str, op: &'static str, opset: i64, inputs: Vec<In>) -> Case {
-    Case { family, op, opset, attrs: vec![], inputs, n_out: 1, f16: true }
+    Case {
+        family,
+        op,
+        opset,
+        attrs: vec![],
+        inputs,
+        n_out: 1,
+        f16: true,
+    }
 }
 
 impl Case {
@@ -103,8 +111,24 @@ fn cases() -> Vec<Case> {
     v.push(c(e, "Sum", 13, vec![r(&[2, 3, 5]), r(&[3, 1]), r(&[5])]));
     v.push(c(e, "Mean", 13, vec![r(&[2, 3, 5]), r(&[1, 5])]));
     for op in [
-        "Relu", "Sigmoid", "Tanh", "Exp", "Abs", "Neg", "Erf", "Floor", "Ceil", "Sin", "Cos",
-        "Softplus", "Softsign", "HardSwish", "Elu", "Selu", "Sign", "Atan",
+        "Relu",
+        "Sigmoid",
+        "Tanh",
+        "Exp",
+        "Abs",
+        "Neg",
+        "Erf",
+        "Floor",
+        "Ceil",
+        "Sin",
+        "Cos",
+        "Softplus",
+        "Softsign",
+        "HardSwish",
+        "Elu",
+        "Selu",
+        "Sign",
+        "Atan",
     ] {
         v.push(c(e, op, 14, vec![r(&[3, 41])]));
     }
@@ -112,30 +136,89 @@ fn cases() -> Vec<Case> {
         v.push(c(e, op, 13, vec![pos(&[5, 19])]));
     }
     v.push(c(e, "Round", 11, vec![r(&[67])]));
-    v.push(c(e, "HardSigmoid", 6, vec![r(&[5, 13])]).a("alpha", Attr::Float(0.3)).a("beta", Attr::Float(0.4)));
+    v.push(
+        c(e, "HardSigmoid", 6, vec![r(&[5, 13])])
+            .a("alpha", Attr::Float(0.3))
+            .a("beta", Attr::Float(0.4)),
+    );
     v.push(c(e, "LeakyRelu", 16, vec![r(&[5, 13])]).a("alpha", Attr::Float(0.1)));
     v.push(c(e, "Celu", 12, vec![r(&[5, 13])]).a("alpha", Attr::Float(1.5)));
     v.push(c(e, "ThresholdedRelu", 10, vec![r(&[5, 13])]).a("alpha", Attr::Float(0.5)));
     v.push(c(e, "Mish", 18, vec![r(&[5, 13])]));
     v.push(c(e, "Gelu", 20, vec![r(&[5, 13])]));
     v.push(c(e, "Gelu", 20, vec![r(&[5, 13])]).a("approximate", s("tanh")));
-    v.push(c(e, "Clip", 13, vec![r(&[4, 17]), In::F(vec![], vec![-0.5]), In::F(vec![], vec![0.7])]));
-    v.push(c(e, "Clip", 13, vec![r(&[4, 17]), In::None, In::F(vec![], vec![0.7])]));
-    v.push(c(e, "Clip", 6, vec![r(&[4, 17])]).a("min", Attr::Float(-0.2)).a("max", Attr::Float(1.1)));
-    v.push(c(e, "Where", 16, vec![In::B(vec![3, 1, 5]), r(&[3, 4, 5]), r(&[5])]));
+    v.push(c(
+        e,
+        "Clip",
+        13,
+        vec![
+            r(&[4, 17]),
+            In::F(vec![], vec![-0.5]),
+            In::F(vec![], vec![0.7]),
+        ],
+    ));
+    v.push(c(
+        e,
+        "Clip",
+        13,
+        vec![r(&[4, 17]), In::None, In::F(vec![], vec![0.7])],
+    ));
+    v.push(
+        c(e, "Clip", 6, vec![r(&[4, 17])])
+            .a("min", Attr::Float(-0.2))
+            .a("max", Attr::Float(1.1)),
+    );
+    v.push(c(
+        e,
+        "Where",
+        16,
+        vec![In::B(vec![3, 1, 5]), r(&[3, 4, 5]), r(&[5])],
+    ));
     v.push(c(e, "Less", 13, vec![r(&[3, 4]), r(&[4])]));
     v.push(c(e, "GreaterOrEqual", 16, vec![r(&[3, 4]), r(&[3, 1])]));
-    v.push(c(e, "Equal", 13, vec![In::Idx(DType::I64, vec![6, 5], 3), In::Idx(DType::I64, vec![5], 3)]));
+    v.push(c(
+        e,
+        "Equal",
+        13,
+        vec![
+            In::Idx(DType::I64, vec![6, 5], 3),
+            In::Idx(DType::I64, vec![5], 3),
+        ],
+    ));
     v.push(c(e, "PRelu", 16, vec![r(&[2, 3, 4, 5]), r(&[3, 1, 1])]));
-    v.push(c(e, "Add", 14, vec![In::Idx(DType::I64, vec![5, 3], 100), In::Idx(DType::I64, vec![3], 100)]).f32_only());
-    v.push(c(e, "Mul", 14, vec![In::Idx(DType::I32, vec![5, 3], 100), In::Idx(DType::I32, vec![5, 3], 100)]).f32_only());
+    v.push(
+        c(
+            e,
+            "Add",
+            14,
+            vec![
+                In::Idx(DType::I64, vec![5, 3], 100),
+                In::Idx(DType::I64, vec![3], 100),
+            ],
+        )
+        .f32_only(),
+    );
+    v.push(
+        c(
+            e,
+            "Mul",
+            14,
+            vec![
+                In::Idx(DType::I32, vec![5, 3], 100),
+                In::Idx(DType::I32, vec![5, 3], 100),
+            ],
+        )
+        .f32_only(),
+    );
     v.push(c(e, "And", 7, vec![In::B(vec![4, 5]), In::B(vec![5])]).f32_only());
     v.push(c(e, "Not", 1, vec![In::B(vec![4, 5])]).f32_only());
     v.push(c(e, "IsNaN", 13, vec![r(&[4, 5])]));
     // --- cast (explicit dtypes)
     let k = "cast";
     let cast = |from: DType, to: DType| {
-        c(k, "Cast", 19, vec![In::As(from, vec![3, 7, 5])]).a("to", Attr::Int(onnx_type(to))).f32_only()
+        c(k, "Cast", 19, vec![In::As(from, vec![3, 7, 5])])
+            .a("to", Attr::Int(onnx_type(to)))
+            .f32_only()
     };
     v.push(cast(DType::F32, DType::F16));
     v.push(cast(DType::F16, DType::F32));
@@ -158,11 +241,33 @@ fn cases() -> Vec<Case> {
     v.push(c(rd, "ReduceLogSum", 13, vec![pos(&[6, 7, 3])]).a("axes", ai(&[1])));
     v.push(c(rd, "ReduceProd", 13, vec![pos(&[6, 5])]).a("axes", ai(&[1])));
     v.push(c(rd, "ReduceMean", 13, vec![r(&[1, 5000, 3])]).a("axes", ai(&[1])));
-    v.push(c(rd, "ReduceSum", 13, vec![In::Idx(DType::I64, vec![4, 6], 50), ints(&[1])]).f32_only());
-    v.push(c(rd, "ReduceMean", 18, vec![r(&[3, 5, 7]), In::Iv(vec![0, -1])]));
+    v.push(
+        c(
+            rd,
+            "ReduceSum",
+            13,
+            vec![In::Idx(DType::I64, vec![4, 6], 50), ints(&[1])],
+        )
+        .f32_only(),
+    );
+    v.push(c(
+        rd,
+        "ReduceMean",
+        18,
+        vec![r(&[3, 5, 7]), In::Iv(vec![0, -1])],
+    ));
     v.push(c(rd, "ArgMax", 13, vec![r(&[3, 7, 5])]).a("axis", Attr::Int(1)));
-    v.push(c(rd, "ArgMin", 13, vec![r(&[4, 33])]).a("axis", Attr::Int(-1)).a("keepdims", Attr::Int(0)).a("select_last_index", Attr::Int(1)));
-    v.push(c(rd, "ArgMax", 13, vec![In::Idx(DType::I64, vec![5, 9], 4)]).a("axis", Attr::Int(1)).f32_only());
+    v.push(
+        c(rd, "ArgMin", 13, vec![r(&[4, 33])])
+            .a("axis", Attr::Int(-1))
+            .a("keepdims", Attr::Int(0))
+            .a("select_last_index", Attr::Int(1)),
+    );
+    v.push(
+        c(rd, "ArgMax", 13, vec![In::Idx(DType::I64, vec![5, 9], 4)])
+            .a("axis", Attr::Int(1))
+            .f32_only(),
+    );
     v.push(c(rd, "GlobalAveragePool", 1, vec![r(&[2, 3, 7, 9])]));
     v.push(c(rd, "GlobalMaxPool", 1, vec![r(&[2, 3, 5, 5, 3])]));
     // --- softmax
@@ -174,35 +279,162 @@ fn cases() -> Vec<Case> {
     v.push(c(sm, "Softmax", 13, vec![r(&[2, 1500])]));
     // --- normalizations
     let nm = "norm";
-    v.push(c(nm, "LayerNormalization", 17, vec![r(&[2, 5, 37]), r(&[37]), r(&[37])]).a("epsilon", Attr::Float(1e-5)));
-    v.push(c(nm, "LayerNormalization", 17, vec![r(&[2, 3, 4, 5]), r(&[4, 5])]).a("axis", Attr::Int(-2)));
-    v.push(c(nm, "LayerNormalization", 17, vec![r(&[3, 700]), r(&[700]), r(&[700])]));
-    v.push(c(nm, "InstanceNormalization", 6, vec![r(&[2, 3, 4, 5]), r(&[3]), r(&[3])]));
-    v.push(c(nm, "BatchNormalization", 15, vec![r(&[2, 3, 4, 5]), r(&[3]), r(&[3]), r(&[3]), pos(&[3])]));
+    v.push(
+        c(
+            nm,
+            "LayerNormalization",
+            17,
+            vec![r(&[2, 5, 37]), r(&[37]), r(&[37])],
+        )
+        .a("epsilon", Attr::Float(1e-5)),
+    );
+    v.push(
+        c(
+            nm,
+            "LayerNormalization",
+            17,
+            vec![r(&[2, 3, 4, 5]), r(&[4, 5])],
+        )
+        .a("axis", Attr::Int(-2)),
+    );
+    v.push(c(
+        nm,
+        "LayerNormalization",
+        17,
+        vec![r(&[3, 700]), r(&[700]), r(&[700])],
+    ));
+    v.push(c(
+        nm,
+        "InstanceNormalization",
+        6,
+        vec![r(&[2, 3, 4, 5]), r(&[3]), r(&[3])],
+    ));
+    v.push(c(
+        nm,
+        "BatchNormalization",
+        15,
+        vec![r(&[2, 3, 4, 5]), r(&[3]), r(&[3]), r(&[3]), pos(&[3])],
+    ));
     // --- pooling
     let pl = "pool";
-    v.push(c(pl, "MaxPool", 12, vec![r(&[1, 3, 9, 11])]).a("kernel_shape", ai(&[3, 3])).a("strides", ai(&[2, 2])).a("pads", ai(&[1, 1, 1, 1])));
-    v.push(c(pl, "MaxPool", 12, vec![r(&[1, 2, 8, 8])]).a("kernel_shape", ai(&[3, 3])).a("strides", ai(&[2, 2])).a("ceil_mode", Attr::Int(1)));
-    v.push(c(pl, "MaxPool", 12, vec![r(&[1, 2, 7, 7])]).a("kernel_shape", ai(&[2, 2])).a("strides", ai(&[2, 2])).a("auto_pad", s("SAME_UPPER")));
-    v.push(c(pl, "MaxPool", 12, vec![r(&[1, 1, 9, 9])]).a("kernel_shape", ai(&[2, 2])).a("dilations", ai(&[2, 2])));
-    v.push(c(pl, "AveragePool", 11, vec![r(&[1, 3, 9, 11])]).a("kernel_shape", ai(&[3, 3])).a("strides", ai(&[2, 2])).a("pads", ai(&[1, 1, 1, 1])));
-    v.push(c(pl, "AveragePool", 11, vec![r(&[1, 3, 9, 11])]).a("kernel_shape", ai(&[3, 3])).a("strides", ai(&[2, 2])).a("pads", ai(&[1, 1, 1, 1])).a("count_include_pad", Attr::Int(1)));
-    v.push(c(pl, "AveragePool", 11, vec![r(&[2, 3, 11])]).a("kernel_shape", ai(&[4])).a("strides", ai(&[3])));
+    v.push(
+        c(pl, "MaxPool", 12, vec![r(&[1, 3, 9, 11])])
+            .a("kernel_shape", ai(&[3, 3]))
+            .a("strides", ai(&[2, 2]))
+            .a("pads", ai(&[1, 1, 1, 1])),
+    );
+    v.push(
+        c(pl, "MaxPool", 12, vec![r(&[1, 2, 8, 8])])
+            .a("kernel_shape", ai(&[3, 3]))
+            .a("strides", ai(&[2, 2]))
+            .a("ceil_mode", Attr::Int(1)),
+    );
+    v.push(
+        c(pl, "MaxPool", 12, vec![r(&[1, 2, 7, 7])])
+            .a("kernel_shape", ai(&[2, 2]))
+            .a("strides", ai(&[2, 2]))
+            .a("auto_pad", s("SAME_UPPER")),
+    );
+    v.push(
+        c(pl, "MaxPool", 12, vec![r(&[1, 1, 9, 9])])
+            .a("kernel_shape", ai(&[2, 2]))
+            .a("dilations", ai(&[2, 2])),
+    );
+    v.push(
+        c(pl, "AveragePool", 11, vec![r(&[1, 3, 9, 11])])
+            .a("kernel_shape", ai(&[3, 3]))
+            .a("strides", ai(&[2, 2]))
+            .a("pads", ai(&[1, 1, 1, 1])),
+    );
+    v.push(
+        c(pl, "AveragePool", 11, vec![r(&[1, 3, 9, 11])])
+            .a("kernel_shape", ai(&[3, 3]))
+            .a("strides", ai(&[2, 2]))
+            .a("pads", ai(&[1, 1, 1, 1]))
+            .a("count_include_pad", Attr::Int(1)),
+    );
+    v.push(
+        c(pl, "AveragePool", 11, vec![r(&[2, 3, 11])])
+            .a("kernel_shape", ai(&[4]))
+            .a("strides", ai(&[3])),
+    );
     v.push(c(pl, "AveragePool", 11, vec![r(&[1, 2, 5, 6, 7])]).a("kernel_shape", ai(&[2, 3, 2])));
     // --- resize
     let rs = "resize";
     let scales = |v: &[f32]| In::F(vec![v.len()], v.to_vec());
     let empty = In::F(vec![0], vec![]);
-    v.push(c(rs, "Resize", 13, vec![r(&[1, 3, 5, 7]), empty.clone(), scales(&[1.0, 1.0, 2.0, 2.0])])
-        .a("mode", s("nearest")).a("coordinate_transformation_mode", s("asymmetric")).a("nearest_mode", s("floor")));
-    v.push(c(rs, "Resize", 13, vec![r(&[1, 3, 5, 7]), In::None, In::None, ints(&[1, 3, 9, 11])]).a("mode", s("linear")));
-    v.push(c(rs, "Resize", 13, vec![r(&[1, 3, 5, 7]), empty.clone(), scales(&[1.0, 1.0, 1.5, 2.5])])
-        .a("mode", s("linear")).a("coordinate_transformation_mode", s("align_corners")));
-    v.push(c(rs, "Resize", 13, vec![r(&[1, 2, 8, 9]), empty.clone(), scales(&[1.0, 1.0, 0.5, 0.5])]).a("mode", s("nearest")));
-    v.push(c(rs, "Resize", 13, vec![r(&[1, 2, 4, 5]), In::None, In::None, ints(&[1, 2, 7, 3])])
-        .a("mode", s("linear")).a("coordinate_transformation_mode", s("pytorch_half_pixel")));
-    v.push(c(rs, "Resize", 13, vec![r(&[2, 3, 4]), empty, scales(&[1.0, 2.0, 3.0])])
-        .a("mode", s("nearest")).a("coordinate_transformation_mode", s("half_pixel")).a("nearest_mode", s("round_prefer_ceil")));
+    v.push(
+        c(
+            rs,
+            "Resize",
+            13,
+            vec![
+                r(&[1, 3, 5, 7]),
+                empty.clone(),
+                scales(&[1.0, 1.0, 2.0, 2.0]),
+            ],
+        )
+        .a("mode", s("nearest"))
+        .a("coordinate_transformation_mode", s("asymmetric"))
+        .a("nearest_mode", s("floor")),
+    );
+    v.push(
+        c(
+            rs,
+            "Resize",
+            13,
+            vec![r(&[1, 3, 5, 7]), In::None, In::None, ints(&[1, 3, 9, 11])],
+        )
+        .a("mode", s("linear")),
+    );
+    v.push(
+        c(
+            rs,
+            "Resize",
+            13,
+            vec![
+                r(&[1, 3, 5, 7]),
+                empty.clone(),
+                scales(&[1.0, 1.0, 1.5, 2.5]),
+            ],
+        )
+        .a("mode", s("linear"))
+        .a("coordinate_transformation_mode", s("align_corners")),
+    );
+    v.push(
+        c(
+            rs,
+            "Resize",
+            13,
+            vec![
+                r(&[1, 2, 8, 9]),
+                empty.clone(),
+                scales(&[1.0, 1.0, 0.5, 0.5]),
+            ],
+        )
+        .a("mode", s("nearest")),
+    );
+    v.push(
+        c(
+            rs,
+            "Resize",
+            13,
+            vec![r(&[1, 2, 4, 5]), In::None, In::None, ints(&[1, 2, 7, 3])],
+        )
+        .a("mode", s("linear"))
+        .a("coordinate_transformation_mode", s("pytorch_half_pixel")),
+    );
+    v.push(
+        c(
+            rs,
+            "Resize",
+            13,
+            vec![r(&[2, 3, 4]), empty, scales(&[1.0, 2.0, 3.0])],
+        )
+        .a("mode", s("nearest"))
+        .a("coordinate_transformation_mode", s("half_pixel"))
+        .a("nearest_mode", s("round_prefer_ceil")),
+    );
     // --- movement
     let mv = "movement";
     v.push(c(mv, "Reshape", 14, vec![r(&[2, 3, 5]), ints(&[5, -1])]));
@@ -212,28 +444,109 @@ fn cases() -> Vec<Case> {
     v.push(c(mv, "Identity", 16, vec![r(&[7, 3])]));
     v.push(c(mv, "Transpose", 13, vec![r(&[2, 3, 5, 7])]).a("perm", ai(&[0, 2, 3, 1])));
     v.push(c(mv, "Transpose", 13, vec![r(&[3, 4, 5])]));
-    v.push(c(mv, "Slice", 13, vec![r(&[3, 7, 9]), ints(&[1, -3]), ints(&[100, -1]), ints(&[1, 2]), ints(&[2, 1])]));
-    v.push(c(mv, "Slice", 13, vec![r(&[3, 7, 9]), ints(&[-1]), ints(&[-100]), ints(&[2]), ints(&[-2])]));
-    v.push(c(mv, "Expand", 13, vec![r(&[3, 1, 5]), ints(&[2, 3, 4, 5])]));
-    v.push(c(mv, "Concat", 13, vec![r(&[2, 3, 5]), r(&[2, 1, 5]), r(&[2, 4, 5])]).a("axis", Attr::Int(1)));
+    v.push(c(
+        mv,
+        "Slice",
+        13,
+        vec![
+            r(&[3, 7, 9]),
+            ints(&[1, -3]),
+            ints(&[100, -1]),
+            ints(&[1, 2]),
+            ints(&[2, 1]),
+        ],
+    ));
+    v.push(c(
+        mv,
+        "Slice",
+        13,
+        vec![
+            r(&[3, 7, 9]),
+            ints(&[-1]),
+            ints(&[-100]),
+            ints(&[2]),
+            ints(&[-2]),
+        ],
+    ));
+    v.push(c(
+        mv,
+        "Expand",
+        13,
+        vec![r(&[3, 1, 5]), ints(&[2, 3, 4, 5])],
+    ));
+    v.push(
+        c(
+            mv,
+            "Concat",
+            13,
+            vec![r(&[2, 3, 5]), r(&[2, 1, 5]), r(&[2, 4, 5])],
+        )
+        .a("axis", Attr::Int(1)),
+    );
     v.push(c(mv, "Concat", 13, vec![r(&[2, 3, 5]), r(&[2, 3, 2])]).a("axis", Attr::Int(-1)));
-    v.push(c(mv, "Split", 13, vec![r(&[2, 3, 9]), ints(&[2, 3, 4])]).a("axis", Attr::Int(2)).outs(3));
-    v.push(c(mv, "Pad", 13, vec![r(&[2, 3, 4]), ints(&[0, 1, 2, 0, 2, 1]), In::F(vec![], vec![1.5])]));
+    v.push(
+        c(mv, "Split", 13, vec![r(&[2, 3, 9]), ints(&[2, 3, 4])])
+            .a("axis", Attr::Int(2))
+            .outs(3),
+    );
+    v.push(c(
+        mv,
+        "Pad",
+        13,
+        vec![
+            r(&[2, 3, 4]),
+            ints(&[0, 1, 2, 0, 2, 1]),
+            In::F(vec![], vec![1.5]),
+        ],
+    ));
     for mode in ["reflect", "edge", "wrap"] {
         v.push(c(mv, "Pad", 19, vec![r(&[3, 5]), ints(&[2, 1, 1, 3])]).a("mode", s(mode)));
     }
     v.push(c(mv, "Pad", 13, vec![r(&[4, 6]), ints(&[-1, 2, 0, -2])]));
     v.push(c(mv, "Tile", 13, vec![r(&[2, 3, 4]), ints(&[2, 1, 3])]));
-    v.push(c(mv, "Gather", 13, vec![r(&[50, 16]), In::Idx(DType::I64, vec![3, 4], 50)]));
-    v.push(c(mv, "Gather", 13, vec![r(&[4, 9, 3]), In::Idx(DType::I32, vec![5], 9)]).a("axis", Attr::Int(1)));
-    v.push(c(mv, "GatherElements", 13, vec![r(&[3, 5]), In::Idx(DType::I64, vec![3, 4], 5)]).a("axis", Attr::Int(1)));
-    v.push(c(mv, "GatherElements", 13, vec![r(&[4, 3, 2]), In::Idx(DType::I32, vec![2, 3, 2], 4)]));
+    v.push(c(
+        mv,
+        "Gather",
+        13,
+        vec![r(&[50, 16]), In::Idx(DType::I64, vec![3, 4], 50)],
+    ));
+    v.push(
+        c(
+            mv,
+            "Gather",
+            13,
+            vec![r(&[4, 9, 3]), In::Idx(DType::I32, vec![5], 9)],
+        )
+        .a("axis", Attr::Int(1)),
+    );
+    v.push(
+        c(
+            mv,
+            "GatherElements",
+            13,
+            vec![r(&[3, 5]), In::Idx(DType::I64, vec![3, 4], 5)],
+        )
+        .a("axis", Attr::Int(1)),
+    );
+    v.push(c(
+        mv,
+        "GatherElements",
+        13,
+        vec![r(&[4, 3, 2]), In::Idx(DType::I32, vec![2, 3, 2], 4)],
+    ));
     v.push(c(mv, "DepthToSpace", 13, vec![r(&[1, 8, 3, 2])]).a("blocksize", Attr::Int(2)));
-    v.push(c(mv, "DepthToSpace", 13, vec![r(&[2, 8, 3, 2])]).a("blocksize", Attr::Int(2)).a("mode", s("CRD")));
+    v.push(
+        c(mv, "DepthToSpace", 13, vec![r(&[2, 8, 3, 2])])
+            .a("blocksize", Attr::Int(2))
+            .a("mode", s("CRD")),
+    );
     v.push(c(mv, "SpaceToDepth", 13, vec![r(&[2, 3, 4, 6])]).a("blocksize", Attr::Int(2)));
     v.push(
         c(mv, "ConstantOfShape", 9, vec![ints(&[2, 3, 5])])
-            .a("value", Attr::Tensor(Tensor::from_vec(&[1], vec![2.5f32]).unwrap()))
+            .a(
+                "value",
+                Attr::Tensor(Tensor::from_vec(&[1], vec![2.5f32]).unwrap()),
+            )
             .f32_only(),
     );
     v
@@ -301,7 +614,13 @@ fn make_input(i: &In, rng: &mut Rng, fdt: DType) -> Option<(Tensor, Tensor, bool
         In::R(s) | In::Pos(s) => {
             let n: usize = s.iter().product();
             let v: Vec<f32> = (0..n)
-                .map(|_| if matches!(i, In::Pos(_)) { 0.5 + 2.0 * rng.unit() } else { rng.val() })
+                .map(|_| {
+                    if matches!(i, In::Pos(_)) {
+                        0.5 + 2.0 * rng.unit()
+                    } else {
+                        rng.val()
+                    }
+                })
                 .collect();
             let (a, b) = conv(v, s);
             (a, b, false)
@@ -323,7 +642,9 @@ fn make_input(i: &In, rng: &mut Rng, fdt: DType) -> Option<(Tensor, Tensor, bool
         }
         In::Idx(dt, s, n) => {
             let len: usize = s.iter().product();
-            let v: Vec<i64> = (0..len).map(|_| (rng.next() % (2 * *n as u64)) as i64 - n).collect();
+            let v: Vec<i64> = (0..len)
+                .map(|_| (rng.next() % (2 * *n as u64)) as i64 - n)
+                .collect();
             let t = Tensor::from_vec(s, v).unwrap().cast(*dt).unwrap();
             (t.clone(), t, false)
         }
@@ -389,12 +710,21 @@ impl Gpu {
 }
 
 fn dev(ptr: u64, t: (DType, Vec<usize>)) -> DevTensor {
-    DevTensor { ptr, dtype: t.0, shape: t.1.into_iter().collect() }
+    DevTensor {
+        ptr,
+        dtype: t.0,
+        shape: t.1.into_iter().collect(),
+    }
 }
 
 fn to_f32(t: &Tensor) -> Vec<f64> {
     match t.dtype() {
-        DType::Bool => t.as_bools().unwrap().iter().map(|&b| b as i64 as f64).collect(),
+        DType::Bool => t
+            .as_bools()
+            .unwrap()
+            .iter()
+            .map(|&b| b as i64 as f64)
+            .collect(),
         _ => t.to_f64_vec().unwrap(),
     }
 }
@@ -414,17 +744,32 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
     for (k, v) in &case.attrs {
         desc.attrs.insert(k.to_string(), v.clone());
     }
-    let made: Vec<Option<(Tensor, Tensor, bool)>> =
-        case.inputs.iter().map(|i| make_input(i, &mut rng, fdt)).collect();
+    let made: Vec<Option<(Tensor, Tensor, bool)>> = case
+        .inputs
+        .iter()
+        .map(|i| make_input(i, &mut rng, fdt))
+        .collect();
     let reg = kiln_cpu::registry();
     let op = reg
-        .build(&BuildCtx { node: "case", desc: &desc, n_inputs: made.len(), n_outputs: case.n_out })
+        .build(&BuildCtx {
+            node: "case",
+            desc: &desc,
+            n_inputs: made.len(),
+            n_outputs: case.n_out,
+        })
         .map_err(|e| format!("CPU build: {e}"))?;
-    let vals: Vec<Option<Value>> = made.iter().map(|m| m.as_ref().map(|x| Value::Tensor(x.0.clone()))).collect();
+    let vals: Vec<Option<Value>> = made
+        .iter()
+        .map(|m| m.as_ref().map(|x| Value::Tensor(x.0.clone())))
+        .collect();
     let refs: Vec<Option<&Value>> = vals.iter().map(|v| v.as_ref()).collect();
     let want = op.eval(&refs).map_err(|e| format!("CPU eval: {e}"))?;
     // Ops with optional outputs (LayerNormalization's Mean, ...) may compute more than asked.
-    let want: Vec<Tensor> = want.into_iter().take(case.n_out).map(|v| v.into_tensor().unwrap()).collect();
+    let want: Vec<Tensor> = want
+        .into_iter()
+        .take(case.n_out)
+        .map(|v| v.into_tensor().unwrap())
+        .collect();
     // Facts as the device sees them.
     let in_facts: Vec<Fact> = made
         .iter()
@@ -434,13 +779,26 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
             Some((_, d, false)) => Fact::concrete(d.dtype(), d.shape()),
         })
         .collect();
-    let dev_out_dt = |t: &Tensor| if t.dtype() == DType::F32 && fdt == DType::F16 { DType::F16 } else { t.dtype() };
-    let out_facts: Vec<Fact> = want.iter().map(|t| Fact::concrete(dev_out_dt(t), t.shape())).collect();
+    let dev_out_dt = |t: &Tensor| {
+        if t.dtype() == DType::F32 && fdt == DType::F16 {
+            DType::F16
+        } else {
+            t.dtype()
+        }
+    };
+    let out_facts: Vec<Fact> = want
+        .iter()
+        .map(|t| Fact::concrete(dev_out_dt(t), t.shape()))
+        .collect();
     let node = Node {
         name: format!("case_{}", case.op),
         desc,
         op,
-        inputs: made.iter().enumerate().map(|(i, m)| m.as_ref().map(|_| i)).collect(),
+        inputs: made
+            .iter()
+            .enumerate()
+            .map(|(i, m)| m.as_ref().map(|_| i))
+            .collect(),
         outputs: (0..case.n_out).map(|i| Some(1000 + i)).collect(),
         fused_from: vec![],
     };
@@ -449,12 +807,22 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
         Some(Err(e)) => return Err(format!("lower: {e}")),
         Some(Ok(l)) => l,
     };
-    Ok(Prepared { made, want, out_facts, layer })
+    Ok(Prepared {
+        made,
+        want,
+        out_facts,
+        layer,
+    })
 }
 
 /// Runs one case in one float dtype; Ok(max abs error) or Err(reason).
 fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::Result<f64, String> {
-    let Prepared { made, want, out_facts, layer } = prepare(case, fdt, seed)?;
+    let Prepared {
+        made,
+        want,
+        out_facts,
+        layer,
+    } = prepare(case, fdt, seed)?;
     let mut ms = ModuleSet::default();
     for src in layer.sources() {
         let m = gpu.module(&src.module, &src.code)?;
@@ -465,7 +833,11 @@ fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::R
     let mut allocs = Vec::new();
     for m in &made {
         match m {
-            None => ins.push(DevTensor { ptr: 0, dtype: DType::F32, shape: Default::default() }),
+            None => ins.push(DevTensor {
+                ptr: 0,
+                dtype: DType::F32,
+                shape: Default::default(),
+            }),
             Some((_, d, _)) => {
                 let p = gpu.upload(d)?;
                 allocs.push(p);
@@ -481,7 +853,8 @@ fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::R
         // SAFETY: plain allocation and byte fill of a fresh buffer.
         let p = unsafe {
             let p = cudarc::driver::result::malloc_sync(bytes.max(1)).map_err(|e| e.to_string())?;
-            cudarc::driver::result::memset_d8_sync(p, 0x7f, bytes.max(1)).map_err(|e| e.to_string())?;
+            cudarc::driver::result::memset_d8_sync(p, 0x7f, bytes.max(1))
+                .map_err(|e| e.to_string())?;
             p
         };
         allocs.push(p);
@@ -490,21 +863,30 @@ fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::R
     let wbytes = layer.workspace_bytes(&ins);
     let work = if wbytes > 0 {
         // SAFETY: plain allocation.
-        let p = unsafe { cudarc::driver::result::malloc_sync(wbytes) }.map_err(|e| e.to_string())?;
+        let p =
+            unsafe { cudarc::driver::result::malloc_sync(wbytes) }.map_err(|e| e.to_string())?;
         allocs.push(p);
         p
     } else {
         0
     };
-    let cx = LaunchCx { stream: &gpu.stream, modules: &ms, workspace: work, workspace_bytes: wbytes };
-    let res = layer.enqueue(&cx, &ins, &outs).map_err(|e| format!("enqueue: {e}"));
+    let cx = LaunchCx {
+        stream: &gpu.stream,
+        modules: &ms,
+        workspace: work,
+        workspace_bytes: wbytes,
+    };
+    let res = layer
+        .enqueue(&cx, &ins, &outs)
+        .map_err(|e| format!("enqueue: {e}"));
     let sync = gpu.stream.synchronize().map_err(|e| format!("sync: {e}"));
     let mut got = Vec::new();
     if res.is_ok() && sync.is_ok() {
         for o in &outs {
             let mut buf = vec![0u8; o.bytes()];
             // SAFETY: copies `o.bytes()` from a buffer allocated with that size.
-            unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut buf, o.ptr) }.map_err(|e| e.to_string())?;
+            unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut buf, o.ptr) }
+                .map_err(|e| e.to_string())?;
             got.push(Tensor::from_bytes(o.dtype, &o.shape, &buf).map_err(|e| e.to_string())?);
         }
     }
@@ -514,18 +896,27 @@ fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::R
     }
     res?;
     sync?;
-    let (atol, rtol) = if fdt == DType::F16 { (1.5e-2, 1.5e-2) } else { (2e-5, 2e-4) };
+    let (atol, rtol) = if fdt == DType::F16 {
+        (1.5e-2, 1.5e-2)
+    } else {
+        (2e-5, 2e-4)
+    };
     let mut worst = 0.0f64;
     for (k, (g, w)) in got.iter().zip(&want).enumerate() {
         if g.shape() != w.shape() {
-            return Err(format!("output {k}: shape {:?}, want {:?}", g.shape(), w.shape()));
+            return Err(format!(
+                "output {k}: shape {:?}, want {:?}",
+                g.shape(),
+                w.shape()
+            ));
         }
         let exact = !w.dtype().is_float();
         let (gv, wv) = (to_f32(g), to_f32(w));
         for (i, (a, b)) in gv.iter().zip(&wv).enumerate() {
             let err = (a - b).abs();
             let tol = if exact { 0.0 } else { atol + rtol * b.abs() };
-            if !(err <= tol) {
+            // NaN errors fail too.
+            if err.is_nan() || err > tol {
                 return Err(format!("output {k}[{i}]: got {a}, want {b} (tol {tol})"));
             }
             worst = worst.max(err);
@@ -544,7 +935,11 @@ fn seed_of(n: usize) -> u64 {
 fn every_case_lowers() {
     let mut bad = Vec::new();
     for (n, case) in cases().iter().enumerate() {
-        let dts: &[DType] = if case.f16 { &[DType::F32, DType::F16] } else { &[DType::F32] };
+        let dts: &[DType] = if case.f16 {
+            &[DType::F32, DType::F16]
+        } else {
+            &[DType::F32]
+        };
         for &dt in dts {
             match prepare(case, dt, seed_of(n)) {
                 Ok(p) => {
@@ -573,7 +968,11 @@ fn gpu_kernels_match_cpu_reference() {
     }
     let ctx = CudaContext::new(0).expect("CUDA context");
     let stream = ctx.default_stream();
-    let mut gpu = Gpu { ctx, stream, modules: HashMap::new() };
+    let mut gpu = Gpu {
+        ctx,
+        stream,
+        modules: HashMap::new(),
+    };
     let filter = std::env::var("KILN_GPU_CASES").ok();
     let mut fam: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
     let mut failures = Vec::new();
@@ -583,7 +982,11 @@ fn gpu_kernels_match_cpu_reference() {
                 continue;
             }
         }
-        let dts: &[DType] = if case.f16 { &[DType::F32, DType::F16] } else { &[DType::F32] };
+        let dts: &[DType] = if case.f16 {
+            &[DType::F32, DType::F16]
+        } else {
+            &[DType::F32]
+        };
         for &dt in dts {
             let t0 = std::time::Instant::now();
             let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -595,7 +998,10 @@ fn gpu_kernels_match_cpu_reference() {
             match res {
                 Ok(err) => {
                     e.0 += 1;
-                    println!("PASS {label} maxerr={err:.3e} ({:.0} ms)", t0.elapsed().as_secs_f64() * 1e3);
+                    println!(
+                        "PASS {label} maxerr={err:.3e} ({:.0} ms)",
+                        t0.elapsed().as_secs_f64() * 1e3
+                    );
                 }
                 Err(why) => {
                     e.1 += 1;

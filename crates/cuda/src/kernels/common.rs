@@ -317,12 +317,17 @@ impl KernelLayer {
         Ok(base + off)
     }
 
-    fn check(&self, what: &str, facts: &[Option<(DType, Vec<usize>)>], ts: &[DevTensor]) -> Result<()> {
+    fn check(
+        &self,
+        what: &str,
+        facts: &[Option<(DType, Vec<usize>)>],
+        ts: &[DevTensor],
+    ) -> Result<()> {
         for (i, f) in facts.iter().enumerate() {
             let Some((dt, shape)) = f else { continue };
-            let t = ts.get(i).ok_or_else(|| {
-                cuda_err(&self.tactic, format!("{what} {i} was not given"))
-            })?;
+            let t = ts
+                .get(i)
+                .ok_or_else(|| cuda_err(&self.tactic, format!("{what} {i} was not given")))?;
             if t.dtype != *dt || t.shape.as_slice() != shape.as_slice() {
                 return Err(cuda_err(
                     &self.tactic,
@@ -335,8 +340,11 @@ impl KernelLayer {
                     ),
                 ));
             }
-            if t.ptr == 0 && t.len() > 0 {
-                return Err(cuda_err(&self.tactic, format!("{what} {i} has a null pointer")));
+            if t.ptr == 0 && !t.is_empty() {
+                return Err(cuda_err(
+                    &self.tactic,
+                    format!("{what} {i} has a null pointer"),
+                ));
             }
         }
         Ok(())
@@ -356,13 +364,21 @@ impl GpuLayer for KernelLayer {
         self.work
     }
 
-    fn enqueue(&self, cx: &LaunchCx<'_>, inputs: &[DevTensor], outputs: &[DevTensor]) -> Result<()> {
+    fn enqueue(
+        &self,
+        cx: &LaunchCx<'_>,
+        inputs: &[DevTensor],
+        outputs: &[DevTensor],
+    ) -> Result<()> {
         self.check("input", &self.in_facts, inputs)?;
         self.check("output", &self.out_facts, outputs)?;
         if cx.workspace_bytes < self.work {
             return Err(cuda_err(
                 &self.tactic,
-                format!("workspace of {} bytes, {} needed", cx.workspace_bytes, self.work),
+                format!(
+                    "workspace of {} bytes, {} needed",
+                    cx.workspace_bytes, self.work
+                ),
             ));
         }
         for step in &self.steps {
@@ -376,11 +392,23 @@ impl GpuLayer for KernelLayer {
                     // SAFETY: both ranges lie inside tensors the executor allocated with the
                     // shapes checked above; the copy is ordered on the inference stream.
                     unsafe {
-                        cudarc::driver::result::memcpy_dtod_async(d, s, *bytes, cx.stream.cu_stream())
+                        cudarc::driver::result::memcpy_dtod_async(
+                            d,
+                            s,
+                            *bytes,
+                            cx.stream.cu_stream(),
+                        )
                     }
                     .map_err(|e| cuda_err(&self.tactic, e))?;
                 }
-                Step::Launch { func, grid, block, shmem, ptrs, params } => {
+                Step::Launch {
+                    func,
+                    grid,
+                    block,
+                    shmem,
+                    ptrs,
+                    params,
+                } => {
                     let module = self
                         .src
                         .as_ref()

@@ -143,12 +143,26 @@ pub fn spec(cx: &LowerCx<'_>) -> Option<EwSpec> {
     let numeric = |d: DType| {
         matches!(
             d,
-            DType::F32 | DType::F16 | DType::BF16 | DType::I8 | DType::I16 | DType::I32 | DType::I64
-                | DType::U8 | DType::U16 | DType::U32 | DType::U64
+            DType::F32
+                | DType::F16
+                | DType::BF16
+                | DType::I8
+                | DType::I16
+                | DType::I32
+                | DType::I64
+                | DType::U8
+                | DType::U16
+                | DType::U32
+                | DType::U64
         )
     };
     let float0 = is_kernel_float(d0);
-    let one = |e: String| Some(EwSpec { inputs: vec![0], expr: e });
+    let one = |e: String| {
+        Some(EwSpec {
+            inputs: vec![0],
+            expr: e,
+        })
+    };
     let op = cx.op();
     // Ops with attributes read defaults when absent; bad attribute types mean "not lowered".
     if cx.node.desc.domain == "kiln" {
@@ -156,7 +170,10 @@ pub fn spec(cx: &LowerCx<'_>) -> Option<EwSpec> {
             return None;
         }
         let name = a.opt_string("kiln_activation").ok()??;
-        let params = a.opt_floats("kiln_activation_params").ok()?.unwrap_or_default();
+        let params = a
+            .opt_floats("kiln_activation_params")
+            .ok()?
+            .unwrap_or_default();
         return one(activation_expr(&name, &params, "x0")?);
     }
     if let Some(t) = unary_float(op) {
@@ -219,8 +236,10 @@ pub fn spec(cx: &LowerCx<'_>) -> Option<EwSpec> {
                 pos as i32, neg as i32
             ))
         }
-        "Not" => (d0 == DType::Bool && odt == DType::Bool && cx.n_in() == 1)
-            .then(|| EwSpec { inputs: vec![0], expr: "(!x0)".into() }),
+        "Not" => (d0 == DType::Bool && odt == DType::Bool && cx.n_in() == 1).then(|| EwSpec {
+            inputs: vec![0],
+            expr: "(!x0)".into(),
+        }),
         "Cast" | "CastLike" => {
             // Float8 and strings are not kernel types; `saturate` only matters for float8.
             ctype(d0)?;
@@ -229,7 +248,10 @@ pub fn spec(cx: &LowerCx<'_>) -> Option<EwSpec> {
                 return None;
             }
             // Float to bool goes through `!= 0` in `store`; float to int truncates.
-            Some(EwSpec { inputs: vec![0], expr: "x0".into() })
+            Some(EwSpec {
+                inputs: vec![0],
+                expr: "x0".into(),
+            })
         }
         "Add" | "Sub" | "Mul" | "Div" => {
             if cx.n_in() != 2 || dt(1)? != d0 || odt != d0 || !numeric(d0) {
@@ -252,20 +274,29 @@ pub fn spec(cx: &LowerCx<'_>) -> Option<EwSpec> {
                     expr: "(x1 == 0 ? 0 : x0 / x1)".into(),
                 });
             }
-            Some(EwSpec { inputs: vec![0, 1], expr: format!("(x0 {sym} x1)") })
+            Some(EwSpec {
+                inputs: vec![0, 1],
+                expr: format!("(x0 {sym} x1)"),
+            })
         }
         "Pow" => {
             let d1 = dt(1)?;
             if cx.n_in() != 2 || !float0 || odt != d0 || !numeric(d1) {
                 return None;
             }
-            Some(EwSpec { inputs: vec![0, 1], expr: "powf(x0, (float)x1)".into() })
+            Some(EwSpec {
+                inputs: vec![0, 1],
+                expr: "powf(x0, (float)x1)".into(),
+            })
         }
         "PRelu" => {
             if cx.n_in() != 2 || !float0 || dt(1)? != d0 || odt != d0 {
                 return None;
             }
-            Some(EwSpec { inputs: vec![0, 1], expr: "(x0 < 0.0f ? x0 * x1 : x0)".into() })
+            Some(EwSpec {
+                inputs: vec![0, 1],
+                expr: "(x0 < 0.0f ? x0 * x1 : x0)".into(),
+            })
         }
         "Max" | "Min" | "Sum" | "Mean" => {
             let n = cx.n_in();
@@ -287,7 +318,10 @@ pub fn spec(cx: &LowerCx<'_>) -> Option<EwSpec> {
             if op == "Mean" {
                 e = format!("({e} / {}.0f)", n);
             }
-            Some(EwSpec { inputs: (0..n).collect(), expr: e })
+            Some(EwSpec {
+                inputs: (0..n).collect(),
+                expr: e,
+            })
         }
         "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" => {
             if cx.n_in() != 2 || dt(1)? != d0 || odt != DType::Bool {
@@ -303,7 +337,10 @@ pub fn spec(cx: &LowerCx<'_>) -> Option<EwSpec> {
                 "LessOrEqual" => "<=",
                 _ => ">=",
             };
-            Some(EwSpec { inputs: vec![0, 1], expr: format!("(x0 {sym} x1)") })
+            Some(EwSpec {
+                inputs: vec![0, 1],
+                expr: format!("(x0 {sym} x1)"),
+            })
         }
         "And" | "Or" | "Xor" => {
             if cx.n_in() != 2 || d0 != DType::Bool || dt(1)? != DType::Bool || odt != DType::Bool {
@@ -314,14 +351,20 @@ pub fn spec(cx: &LowerCx<'_>) -> Option<EwSpec> {
                 "Or" => "(x0 || x1)",
                 _ => "((x0 != 0) != (x1 != 0))",
             };
-            Some(EwSpec { inputs: vec![0, 1], expr: e.into() })
+            Some(EwSpec {
+                inputs: vec![0, 1],
+                expr: e.into(),
+            })
         }
         "Where" => {
             if cx.n_in() != 3 || d0 != DType::Bool || dt(1)? != odt || dt(2)? != odt {
                 return None;
             }
             ctype(odt)?;
-            Some(EwSpec { inputs: vec![0, 1, 2], expr: "(x0 ? x1 : x2)".into() })
+            Some(EwSpec {
+                inputs: vec![0, 1, 2],
+                expr: "(x0 ? x1 : x2)".into(),
+            })
         }
         "Clip" => {
             if odt != d0 || !numeric(d0) {
@@ -345,7 +388,11 @@ pub fn spec(cx: &LowerCx<'_>) -> Option<EwSpec> {
                     }
                     let xi = format!("x{}", inputs.len());
                     inputs.push(i);
-                    e = if k == 0 { max_e(float0, &e, &xi) } else { min_e(float0, &e, &xi) };
+                    e = if k == 0 {
+                        max_e(float0, &e, &xi)
+                    } else {
+                        min_e(float0, &e, &xi)
+                    };
                 }
             }
             Some(EwSpec { inputs, expr: e })
@@ -368,7 +415,9 @@ pub fn kernel_code(in_dts: &[DType], odt: DType, expr: &str) -> Option<String> {
         s.push_str(&format!("const {}* __restrict__ a{k}, ", ctype(*d)?));
     }
     s.push_str(&format!("{}* __restrict__ y, const P p) {{\n", ctype(odt)?));
-    s.push_str("  for (long long i = KILN_TID; i < p.n; i += KILN_STRIDE) {\n    long long rem = i;\n");
+    s.push_str(
+        "  for (long long i = KILN_TID; i < p.n; i += KILN_STRIDE) {\n    long long rem = i;\n",
+    );
     for k in 0..n {
         s.push_str(&format!("    long long o{k} = 0;\n"));
     }
@@ -452,8 +501,11 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     }
     let spec = spec(cx)?;
     let out = cx.output(0)?;
-    let ins: Vec<(DType, Vec<usize>)> =
-        spec.inputs.iter().map(|&i| cx.input(i)).collect::<Option<_>>()?;
+    let ins: Vec<(DType, Vec<usize>)> = spec
+        .inputs
+        .iter()
+        .map(|&i| cx.input(i))
+        .collect::<Option<_>>()?;
     let tactic = format!("nvrtc.elementwise.{}.{}", cx.op(), out.0.name());
     build(tactic, &spec, &ins, &out, cx.n_in())
 }
@@ -476,13 +528,23 @@ mod tests {
         let n = node(op, opset, attrs, ins.len(), 1);
         let fi: Vec<_> = ins.iter().map(|(d, s)| f(*d, s)).collect();
         let fo = vec![f(out.0, out.1)];
-        lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo })
+        lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo,
+        })
     }
 
     #[test]
     fn lowers_common_ops() {
-        let l = try_lower("Add", 14, vec![], &[(DType::F32, &[2, 3, 4]), (DType::F32, &[3, 1])], (DType::F32, &[2, 3, 4]))
-            .unwrap();
+        let l = try_lower(
+            "Add",
+            14,
+            vec![],
+            &[(DType::F32, &[2, 3, 4]), (DType::F32, &[3, 1])],
+            (DType::F32, &[2, 3, 4]),
+        )
+        .unwrap();
         let code = &l.src.as_ref().unwrap().code;
         assert!(code.contains("extern \"C\" __global__ void kiln_ew("));
         assert!(code.contains("(x0 + x1)"));
@@ -496,36 +558,131 @@ mod tests {
             }
             _ => panic!(),
         }
-        let h = try_lower("Relu", 14, vec![], &[(DType::F16, &[5])], (DType::F16, &[5])).unwrap();
+        let h = try_lower(
+            "Relu",
+            14,
+            vec![],
+            &[(DType::F16, &[5])],
+            (DType::F16, &[5]),
+        )
+        .unwrap();
         let code = &h.src.as_ref().unwrap().code;
         assert!(code.contains("cuda_fp16.h") && code.contains("__half2float"));
-        assert!(try_lower("Erf", 13, vec![], &[(DType::BF16, &[5])], (DType::BF16, &[5])).is_some());
-        assert!(try_lower("Where", 16, vec![], &[(DType::Bool, &[1, 5]), (DType::F32, &[3, 5]), (DType::F32, &[1])], (DType::F32, &[3, 5])).is_some());
-        assert!(try_lower("Cast", 19, vec![("to", Attr::Int(7))], &[(DType::F16, &[4])], (DType::I64, &[4])).is_some());
-        assert!(try_lower("IsNaN", 13, vec![], &[(DType::F32, &[4])], (DType::Bool, &[4])).is_some());
+        assert!(try_lower(
+            "Erf",
+            13,
+            vec![],
+            &[(DType::BF16, &[5])],
+            (DType::BF16, &[5])
+        )
+        .is_some());
+        assert!(try_lower(
+            "Where",
+            16,
+            vec![],
+            &[
+                (DType::Bool, &[1, 5]),
+                (DType::F32, &[3, 5]),
+                (DType::F32, &[1])
+            ],
+            (DType::F32, &[3, 5])
+        )
+        .is_some());
+        assert!(try_lower(
+            "Cast",
+            19,
+            vec![("to", Attr::Int(7))],
+            &[(DType::F16, &[4])],
+            (DType::I64, &[4])
+        )
+        .is_some());
+        assert!(try_lower(
+            "IsNaN",
+            13,
+            vec![],
+            &[(DType::F32, &[4])],
+            (DType::Bool, &[4])
+        )
+        .is_some());
     }
 
     #[test]
     fn refuses_what_it_cannot_do() {
         // Float-only math on ints, bad broadcast, legacy broadcast, F64 math, unknown gelu mode.
         assert!(try_lower("Exp", 13, vec![], &[(DType::I32, &[4])], (DType::I32, &[4])).is_none());
-        assert!(try_lower("Add", 14, vec![], &[(DType::F32, &[2, 3]), (DType::F32, &[2])], (DType::F32, &[2, 3])).is_none());
-        assert!(try_lower("Add", 6, vec![("broadcast", Attr::Int(1))], &[(DType::F32, &[2, 3]), (DType::F32, &[3])], (DType::F32, &[2, 3])).is_none());
+        assert!(try_lower(
+            "Add",
+            14,
+            vec![],
+            &[(DType::F32, &[2, 3]), (DType::F32, &[2])],
+            (DType::F32, &[2, 3])
+        )
+        .is_none());
+        assert!(try_lower(
+            "Add",
+            6,
+            vec![("broadcast", Attr::Int(1))],
+            &[(DType::F32, &[2, 3]), (DType::F32, &[3])],
+            (DType::F32, &[2, 3])
+        )
+        .is_none());
         assert!(try_lower("Exp", 13, vec![], &[(DType::F64, &[4])], (DType::F64, &[4])).is_none());
-        assert!(try_lower("Gelu", 20, vec![("approximate", Attr::String("x".into()))], &[(DType::F32, &[4])], (DType::F32, &[4])).is_none());
-        assert!(try_lower("Pow", 15, vec![], &[(DType::I32, &[4]), (DType::I32, &[4])], (DType::I32, &[4])).is_none());
+        assert!(try_lower(
+            "Gelu",
+            20,
+            vec![("approximate", Attr::String("x".into()))],
+            &[(DType::F32, &[4])],
+            (DType::F32, &[4])
+        )
+        .is_none());
+        assert!(try_lower(
+            "Pow",
+            15,
+            vec![],
+            &[(DType::I32, &[4]), (DType::I32, &[4])],
+            (DType::I32, &[4])
+        )
+        .is_none());
         // Zero-sized outputs stay on the CPU.
-        assert!(try_lower("Relu", 14, vec![], &[(DType::F32, &[0])], (DType::F32, &[0])).is_none());
+        assert!(try_lower(
+            "Relu",
+            14,
+            vec![],
+            &[(DType::F32, &[0])],
+            (DType::F32, &[0])
+        )
+        .is_none());
     }
 
     #[test]
     fn activation_params_reach_the_code() {
-        let l = try_lower("LeakyRelu", 16, vec![("alpha", Attr::Float(0.25))], &[(DType::F32, &[3])], (DType::F32, &[3])).unwrap();
+        let l = try_lower(
+            "LeakyRelu",
+            16,
+            vec![("alpha", Attr::Float(0.25))],
+            &[(DType::F32, &[3])],
+            (DType::F32, &[3]),
+        )
+        .unwrap();
         assert!(l.src.unwrap().code.contains("2.5e-1f"));
-        let mut n = node("Activation", 1, vec![("kiln_activation", Attr::String("Clip".into())), ("kiln_activation_params", Attr::Floats(vec![0.0, 6.0]))], 1, 1);
+        let mut n = node(
+            "Activation",
+            1,
+            vec![
+                ("kiln_activation", Attr::String("Clip".into())),
+                ("kiln_activation_params", Attr::Floats(vec![0.0, 6.0])),
+            ],
+            1,
+            1,
+        );
         n.desc.domain = "kiln".into();
         let fi = vec![f(DType::F32, &[7])];
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fi }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fi,
+        })
+        .unwrap();
         assert!(l.src.unwrap().code.contains("fminf(fmaxf(x0, 0e0f), 6e0f)"));
     }
 }

@@ -7,8 +7,8 @@
 use kiln_core::{Attr, DType};
 
 use super::common::{
-    coalesce, ctype, grid_for, prelude, raw_type, source, store, strides, KernelLayer, Params,
-    Ptr, Step, BLOCK, MAX_RANK,
+    coalesce, ctype, grid_for, prelude, raw_type, source, store, strides, KernelLayer, Params, Ptr,
+    Step, BLOCK, MAX_RANK,
 };
 use super::LowerCx;
 
@@ -85,7 +85,11 @@ pub fn strided_step(s: &Strided) -> Option<Step> {
     let mut p = Params::new();
     p.i(n as i64)
         .i(dims.len() as i64)
-        .arr(&dims.iter().map(|&d| d as i64).collect::<Vec<_>>(), MAX_RANK, 1)
+        .arr(
+            &dims.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+            MAX_RANK,
+            1,
+        )
         .arr(&st[0], MAX_RANK, 0)
         .arr(&st[1], MAX_RANK, 0)
         .i(s.ib)
@@ -111,7 +115,10 @@ fn strided_layer(
     if dt == DType::String {
         return None;
     }
-    let steps = copies.iter().map(strided_step).collect::<Option<Vec<_>>>()?;
+    let steps = copies
+        .iter()
+        .map(strided_step)
+        .collect::<Option<Vec<_>>>()?;
     Some(layer(
         format!("nvrtc.strided.{}.{}", cx.op(), dt.name()),
         Some(code),
@@ -150,7 +157,10 @@ fn copy(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     }
     let (dt, ishape) = cx.input(0)?;
     let (odt, oshape) = cx.output(0)?;
-    if dt != odt || dt == DType::String || ishape.iter().product::<usize>() != oshape.iter().product::<usize>() {
+    if dt != odt
+        || dt == DType::String
+        || ishape.iter().product::<usize>() != oshape.iter().product::<usize>()
+    {
         return None;
     }
     if cx.op() == "Dropout" {
@@ -168,7 +178,11 @@ fn copy(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     Some(layer(
         format!("copy.{}", cx.op()),
         None,
-        vec![Step::Copy { src: Ptr::In(0, 0), dst: Ptr::Out(0, 0), bytes }],
+        vec![Step::Copy {
+            src: Ptr::In(0, 0),
+            dst: Ptr::Out(0, 0),
+            bytes,
+        }],
         only(cx.n_in(), 0, (dt, ishape)),
         vec![Some((odt, oshape))],
     ))
@@ -205,7 +219,13 @@ fn transpose(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         ib: 0,
         ob: 0,
     };
-    strided_layer(cx, dt, vec![c], only(cx.n_in(), 0, (dt, ishape)), vec![Some((odt, oshape))])
+    strided_layer(
+        cx,
+        dt,
+        vec![c],
+        only(cx.n_in(), 0, (dt, ishape)),
+        vec![Some((odt, oshape))],
+    )
 }
 
 fn slice(cx: &LowerCx<'_>) -> Option<KernelLayer> {
@@ -224,8 +244,16 @@ fn slice(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     } else {
         let s = ints_of(cx, 1)?;
         let e = ints_of(cx, 2)?;
-        let ax = if cx.present(3) { Some(ints_of(cx, 3)?) } else { None };
-        let st = if cx.present(4) { Some(ints_of(cx, 4)?) } else { None };
+        let ax = if cx.present(3) {
+            Some(ints_of(cx, 3)?)
+        } else {
+            None
+        };
+        let st = if cx.present(4) {
+            Some(ints_of(cx, 4)?)
+        } else {
+            None
+        };
         (s, e, ax, st)
     };
     let axes: Vec<usize> = match axes {
@@ -248,7 +276,11 @@ fn slice(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         if s < 0 {
             s += dim;
         }
-        s = if st > 0 { s.clamp(0, dim) } else { s.clamp(0, dim - 1) };
+        s = if st > 0 {
+            s.clamp(0, dim)
+        } else {
+            s.clamp(0, dim - 1)
+        };
         start[ax] = s;
         step[ax] = st;
         let _ = ends[k];
@@ -270,7 +302,13 @@ fn slice(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         ib: (0..r).map(|d| start[d] * ist[d]).sum(),
         ob: 0,
     };
-    strided_layer(cx, dt, vec![c], only(cx.n_in(), 0, (dt, ishape)), vec![Some((odt, oshape))])
+    strided_layer(
+        cx,
+        dt,
+        vec![c],
+        only(cx.n_in(), 0, (dt, ishape)),
+        vec![Some((odt, oshape))],
+    )
 }
 
 fn expand(cx: &LowerCx<'_>) -> Option<KernelLayer> {
@@ -280,8 +318,22 @@ fn expand(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         return None;
     }
     let ist = super::common::broadcast_strides(&ishape, &oshape)?;
-    let c = Strided { src: 0, dst: 0, dims: oshape.clone(), ist, ost: strides(&oshape), ib: 0, ob: 0 };
-    strided_layer(cx, dt, vec![c], only(cx.n_in(), 0, (dt, ishape)), vec![Some((odt, oshape))])
+    let c = Strided {
+        src: 0,
+        dst: 0,
+        dims: oshape.clone(),
+        ist,
+        ost: strides(&oshape),
+        ib: 0,
+        ob: 0,
+    };
+    strided_layer(
+        cx,
+        dt,
+        vec![c],
+        only(cx.n_in(), 0, (dt, ishape)),
+        vec![Some((odt, oshape))],
+    )
 }
 
 fn concat(cx: &LowerCx<'_>) -> Option<KernelLayer> {
@@ -294,7 +346,7 @@ fn concat(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     let ost = strides(&oshape);
     let mut off = 0usize;
     let mut copies = Vec::new();
-    let mut in_facts = vec![None; cx.n_in()];
+    let mut in_facts = Vec::with_capacity(cx.n_in());
     for i in 0..cx.n_in() {
         let (dt, s) = cx.input(i)?;
         if dt != odt || s.len() != r || (0..r).any(|d| d != axis && s[d] != oshape[d]) {
@@ -312,7 +364,7 @@ fn concat(cx: &LowerCx<'_>) -> Option<KernelLayer> {
             });
         }
         off += s[axis];
-        in_facts[i] = Some((dt, s));
+        in_facts.push(Some((dt, s)));
     }
     if off != oshape[axis] {
         return None;
@@ -380,10 +432,16 @@ fn depth_space(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         // Iterate the output as [N, C', H, b1, W, b2].
         if crd {
             let v = strides(&[n, cp, b, b, h, w]);
-            (vec![n, cp, h, b, w, b], vec![v[0], v[1], v[4], v[2], v[5], v[3]])
+            (
+                vec![n, cp, h, b, w, b],
+                vec![v[0], v[1], v[4], v[2], v[5], v[3]],
+            )
         } else {
             let v = strides(&[n, b, b, cp, h, w]);
-            (vec![n, cp, h, b, w, b], vec![v[0], v[3], v[4], v[1], v[5], v[2]])
+            (
+                vec![n, cp, h, b, w, b],
+                vec![v[0], v[3], v[4], v[1], v[5], v[2]],
+            )
         }
     } else {
         if h % b != 0 || w % b != 0 || oshape != [n, c * b * b, h / b, w / b] {
@@ -391,11 +449,28 @@ fn depth_space(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         }
         let v = strides(&[n, c, h / b, b, w / b, b]);
         // Output as [N, b1, b2, C, H', W'].
-        (vec![n, b, b, c, h / b, w / b], vec![v[0], v[3], v[5], v[1], v[2], v[4]])
+        (
+            vec![n, b, b, c, h / b, w / b],
+            vec![v[0], v[3], v[5], v[1], v[2], v[4]],
+        )
     };
     let ost = strides(&dims);
-    let cp = Strided { src: 0, dst: 0, dims, ist, ost, ib: 0, ob: 0 };
-    strided_layer(cx, dt, vec![cp], only(cx.n_in(), 0, (dt, ishape)), vec![Some((odt, oshape))])
+    let cp = Strided {
+        src: 0,
+        dst: 0,
+        dims,
+        ist,
+        ost,
+        ib: 0,
+        ob: 0,
+    };
+    strided_layer(
+        cx,
+        dt,
+        vec![cp],
+        only(cx.n_in(), 0, (dt, ishape)),
+        vec![Some((odt, oshape))],
+    )
 }
 
 /// Source of the pad kernel (modes: 0 constant, 1 edge, 2 reflect, 3 wrap).
@@ -453,7 +528,9 @@ fn pad(cx: &LowerCx<'_>) -> Option<KernelLayer> {
             _ => return None,
         };
         let (pads, value) = if cx.opset() < 11 {
-            let p = a.opt_ints(if cx.opset() < 2 { "paddings" } else { "pads" }).ok()??;
+            let p = a
+                .opt_ints(if cx.opset() < 2 { "paddings" } else { "pads" })
+                .ok()??;
             (p, a.float("value", 0.0).ok()? as f64)
         } else {
             let p = ints_of(cx, 1)?;
@@ -469,7 +546,10 @@ fn pad(cx: &LowerCx<'_>) -> Option<KernelLayer> {
             (p, v)
         };
         let axes: Vec<usize> = if cx.present(3) {
-            ints_of(cx, 3)?.iter().map(|&x| cx.axis(x, r)).collect::<Option<_>>()?
+            ints_of(cx, 3)?
+                .iter()
+                .map(|&x| cx.axis(x, r))
+                .collect::<Option<_>>()?
         } else {
             (0..r).collect()
         };
@@ -498,8 +578,16 @@ fn pad(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         .i(r as i64)
         .i(mode)
         .f(value)
-        .arr(&oshape.iter().map(|&d| d as i64).collect::<Vec<_>>(), MAX_RANK, 1)
-        .arr(&ishape.iter().map(|&d| d as i64).collect::<Vec<_>>(), MAX_RANK, 1)
+        .arr(
+            &oshape.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+            MAX_RANK,
+            1,
+        )
+        .arr(
+            &ishape.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+            MAX_RANK,
+            1,
+        )
         .arr(&strides(&ishape), MAX_RANK, 0)
         .arr(&pb, MAX_RANK, 0);
     Some(layer(
@@ -565,7 +653,10 @@ fn gather(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     }
     let n = outer * nidx * inner;
     let mut p = Params::new();
-    p.i(n as i64).i(inner as i64).i(nidx as i64).i(ishape[axis] as i64);
+    p.i(n as i64)
+        .i(inner as i64)
+        .i(nidx as i64)
+        .i(ishape[axis] as i64);
     let mut in_facts = vec![None; cx.n_in()];
     in_facts[0] = Some((dt, ishape));
     in_facts[1] = Some((idt, jshape));
@@ -613,7 +704,13 @@ fn gather_elements(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     let (idt, jshape) = cx.input(1)?;
     let (odt, oshape) = cx.output(0)?;
     let r = ishape.len();
-    if dt != odt || r == 0 || r > MAX_RANK || jshape != oshape || jshape.len() != r || !cx.single_output() {
+    if dt != odt
+        || r == 0
+        || r > MAX_RANK
+        || jshape != oshape
+        || jshape.len() != r
+        || !cx.single_output()
+    {
         return None;
     }
     let axis = cx.axis(cx.attrs().int("axis", 0).ok()?, r)?;
@@ -626,7 +723,11 @@ fn gather_elements(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         .i(r as i64)
         .i(axis as i64)
         .i(ishape[axis] as i64)
-        .arr(&oshape.iter().map(|&d| d as i64).collect::<Vec<_>>(), MAX_RANK, 1)
+        .arr(
+            &oshape.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+            MAX_RANK,
+            1,
+        )
         .arr(&strides(&ishape), MAX_RANK, 0);
     let mut in_facts = vec![None; cx.n_in()];
     in_facts[0] = Some((dt, ishape));
@@ -712,10 +813,21 @@ mod tests {
 
     #[test]
     fn transpose_strides() {
-        let n = node("Transpose", 13, vec![("perm", Attr::Ints(vec![0, 2, 1]))], 1, 1);
+        let n = node(
+            "Transpose",
+            13,
+            vec![("perm", Attr::Ints(vec![0, 2, 1]))],
+            1,
+            1,
+        );
         let fi = vec![f(DType::F16, &[2, 3, 4])];
         let fo = vec![f(DType::F16, &[2, 4, 3])];
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo,
+        })
+        .unwrap();
         let p = params(&l, 0);
         // n=24, rank 3, dims [2,4,3], ist [12,1,4], ost [12,3,1]
         assert_eq!(p[0], 24);
@@ -725,8 +837,19 @@ mod tests {
         assert_eq!(&p[18..21], &[12, 3, 1]);
         assert!(l.src.unwrap().code.contains("unsigned short"));
         // A bad perm is refused.
-        let n = node("Transpose", 13, vec![("perm", Attr::Ints(vec![0, 0, 1]))], 1, 1);
-        assert!(lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).is_none());
+        let n = node(
+            "Transpose",
+            13,
+            vec![("perm", Attr::Ints(vec![0, 0, 1]))],
+            1,
+            1,
+        );
+        assert!(lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo
+        })
+        .is_none());
     }
 
     #[test]
@@ -740,12 +863,22 @@ mod tests {
             Fact::constant(Tensor::from_vec(&[1], vec![-3i64]).unwrap()),
         ];
         let fo = vec![f(DType::F32, &[4, 6])];
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo,
+        })
+        .unwrap();
         let p = params(&l, 0);
         // start row 9, step -3: ib = 9*6 = 54; rows and cols coalesce? No: ist row = -18.
         assert_eq!(p[p.len() - 2], 54);
         fi[1] = f(DType::I64, &[1]);
-        assert!(lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).is_none());
+        assert!(lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo
+        })
+        .is_none());
     }
 
     #[test]
@@ -753,26 +886,58 @@ mod tests {
         let n = node("Concat", 13, vec![("axis", Attr::Int(1))], 2, 1);
         let fi = vec![f(DType::F32, &[2, 3, 5]), f(DType::F32, &[2, 4, 5])];
         let fo = vec![f(DType::F32, &[2, 7, 5])];
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo,
+        })
+        .unwrap();
         assert_eq!(l.steps.len(), 2);
         let p = params(&l, 1);
         assert_eq!(p[p.len() - 1], 15);
         let bad = vec![f(DType::F32, &[2, 7, 6])];
-        assert!(lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &bad }).is_none());
+        assert!(lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &bad
+        })
+        .is_none());
     }
 
     #[test]
     fn pad_modes() {
-        let n = node("Pad", 18, vec![("mode", Attr::String("reflect".into()))], 2, 1);
+        let n = node(
+            "Pad",
+            18,
+            vec![("mode", Attr::String("reflect".into()))],
+            2,
+            1,
+        );
         let fi = vec![
             f(DType::F32, &[3, 4]),
             Fact::constant(Tensor::from_vec(&[4], vec![1i64, 2, 0, 1]).unwrap()),
         ];
         let fo = vec![f(DType::F32, &[4, 7])];
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo,
+        })
+        .unwrap();
         assert_eq!(params(&l, 0)[2], 2);
-        let n = node("Pad", 18, vec![("mode", Attr::String("bogus".into()))], 2, 1);
-        assert!(lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).is_none());
+        let n = node(
+            "Pad",
+            18,
+            vec![("mode", Attr::String("bogus".into()))],
+            2,
+            1,
+        );
+        assert!(lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo
+        })
+        .is_none());
     }
 
     use kiln_core::Fact;

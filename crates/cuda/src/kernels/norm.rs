@@ -5,7 +5,9 @@
 
 use kiln_core::DType;
 
-use super::common::{ctype, is_kernel_float, load, prelude, source, store, KernelLayer, Params, Ptr, Step};
+use super::common::{
+    ctype, is_kernel_float, load, prelude, source, store, KernelLayer, Params, Ptr, Step,
+};
 use super::elementwise::{self, EwSpec};
 use super::reduce::{row_threads, BLOCK_REDUCE};
 use super::LowerCx;
@@ -70,7 +72,11 @@ fn rownorm(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     }
     let a = cx.attrs();
     let eps = a.float("epsilon", 1e-5).ok()? as f64;
-    let bias = if cx.present(2) { Some(cx.input(2)?) } else { None };
+    let bias = if cx.present(2) {
+        Some(cx.input(2)?)
+    } else {
+        None
+    };
     let (rows, len, c, per_row) = if cx.op() == "LayerNormalization" {
         if a.int("stash_type", 1).ok()? != 1 {
             return None;
@@ -86,7 +92,12 @@ fn rownorm(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         if !fits(&sshape) || bias.as_ref().is_some_and(|(_, b)| !fits(b)) {
             return None;
         }
-        (ishape[..axis].iter().product::<usize>(), norm.iter().product::<usize>(), 1usize, 0i64)
+        (
+            ishape[..axis].iter().product::<usize>(),
+            norm.iter().product::<usize>(),
+            1usize,
+            0i64,
+        )
     } else {
         if r < 2 || cx.n_in() != 3 {
             return None;
@@ -95,7 +106,12 @@ fn rownorm(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         if sshape != [c] || bias.as_ref().is_some_and(|(_, b)| b != &[c]) {
             return None;
         }
-        (ishape[0] * c, ishape[2..].iter().product::<usize>(), c, 1i64)
+        (
+            ishape[0] * c,
+            ishape[2..].iter().product::<usize>(),
+            c,
+            1i64,
+        )
     };
     if len == 0 || rows == 0 {
         return None;
@@ -105,7 +121,12 @@ fn rownorm(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         return None;
     }
     let mut p = Params::new();
-    p.i(rows as i64).i(len as i64).i(c as i64).i(per_row).i(bias.is_some() as i64).f(eps);
+    p.i(rows as i64)
+        .i(len as i64)
+        .i(c as i64)
+        .i(per_row)
+        .i(bias.is_some() as i64)
+        .f(eps);
     let mut in_facts = vec![None; cx.n_in()];
     in_facts[0] = Some((dt, ishape));
     in_facts[1] = Some((sdt, sshape));
@@ -123,7 +144,11 @@ fn rownorm(cx: &LowerCx<'_>) -> Option<KernelLayer> {
             ptrs: vec![
                 Ptr::In(0, 0),
                 Ptr::In(1, 0),
-                if bias.is_some() { Ptr::In(2, 0) } else { Ptr::In(1, 0) },
+                if bias.is_some() {
+                    Ptr::In(2, 0)
+                } else {
+                    Ptr::In(1, 0)
+                },
                 Ptr::Out(0, 0),
             ],
             params: p,
@@ -187,10 +212,25 @@ mod tests {
 
     #[test]
     fn layernorm_shapes() {
-        let n = node("LayerNormalization", 17, vec![("axis", Attr::Int(-1))], 3, 1);
-        let fi = vec![f(DType::F32, &[2, 5, 7]), f(DType::F32, &[7]), f(DType::F32, &[7])];
+        let n = node(
+            "LayerNormalization",
+            17,
+            vec![("axis", Attr::Int(-1))],
+            3,
+            1,
+        );
+        let fi = vec![
+            f(DType::F32, &[2, 5, 7]),
+            f(DType::F32, &[7]),
+            f(DType::F32, &[7]),
+        ];
         let fo = vec![f(DType::F32, &[2, 5, 7])];
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo,
+        })
+        .unwrap();
         match &l.steps[0] {
             Step::Launch { params, grid, .. } => {
                 assert_eq!(&params.0[..5], &[10, 7, 1, 0, 1]);
@@ -199,21 +239,50 @@ mod tests {
             _ => panic!(),
         }
         // Scale over the wrong dims is refused; Mean/InvStdDev outputs are refused.
-        let bad = vec![f(DType::F32, &[2, 5, 7]), f(DType::F32, &[5]), f(DType::F32, &[7])];
-        assert!(lower_layer(&LowerCx { node: &n, inputs: &bad, outputs: &fo }).is_none());
+        let bad = vec![
+            f(DType::F32, &[2, 5, 7]),
+            f(DType::F32, &[5]),
+            f(DType::F32, &[7]),
+        ];
+        assert!(lower_layer(&LowerCx {
+            node: &n,
+            inputs: &bad,
+            outputs: &fo
+        })
+        .is_none());
         let n3 = node("LayerNormalization", 17, vec![], 3, 3);
-        let fo3 = vec![fo[0].clone(), f(DType::F32, &[2, 5, 1]), f(DType::F32, &[2, 5, 1])];
-        assert!(lower_layer(&LowerCx { node: &n3, inputs: &fi, outputs: &fo3 }).is_none());
+        let fo3 = vec![
+            fo[0].clone(),
+            f(DType::F32, &[2, 5, 1]),
+            f(DType::F32, &[2, 5, 1]),
+        ];
+        assert!(lower_layer(&LowerCx {
+            node: &n3,
+            inputs: &fi,
+            outputs: &fo3
+        })
+        .is_none());
     }
 
     #[test]
     fn batchnorm_is_elementwise() {
-        let n = node("BatchNormalization", 15, vec![("epsilon", Attr::Float(1e-3))], 5, 1);
+        let n = node(
+            "BatchNormalization",
+            15,
+            vec![("epsilon", Attr::Float(1e-3))],
+            5,
+            1,
+        );
         let mut fi = vec![f(DType::F16, &[2, 3, 4, 4])];
         for _ in 0..4 {
             fi.push(f(DType::F16, &[3]));
         }
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fi[..1] }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fi[..1],
+        })
+        .unwrap();
         assert!(l.src.unwrap().code.contains("sqrtf(x4 + 1e-3f)"));
         assert_eq!(l.in_facts[1], Some((DType::F16, vec![3])));
     }

@@ -4,7 +4,10 @@
 
 use kiln_core::DType;
 
-use super::common::{ctype, grid_for, is_kernel_float, load, prelude, source, store, KernelLayer, Params, Ptr, Step, BLOCK};
+use super::common::{
+    ctype, grid_for, is_kernel_float, load, prelude, source, store, KernelLayer, Params, Ptr, Step,
+    BLOCK,
+};
 use super::LowerCx;
 
 /// Source of the pooling kernel.
@@ -146,8 +149,16 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     p.i(n as i64)
         .i((op == "MaxPool") as i64)
         .i(include_pad as i64)
-        .arr(&pad3(&input.iter().map(|&x| x as i64).collect::<Vec<_>>(), 1), 3, 1)
-        .arr(&pad3(&output.iter().map(|&x| x as i64).collect::<Vec<_>>(), 1), 3, 1)
+        .arr(
+            &pad3(&input.iter().map(|&x| x as i64).collect::<Vec<_>>(), 1),
+            3,
+            1,
+        )
+        .arr(
+            &pad3(&output.iter().map(|&x| x as i64).collect::<Vec<_>>(), 1),
+            3,
+            1,
+        )
         .arr(&pad3(&k, 1), 3, 1)
         .arr(&pad3(&s, 1), 3, 1)
         .arr(&pad3(&dl, 1), 3, 1)
@@ -195,7 +206,12 @@ mod tests {
         );
         let fi = vec![f(DType::F32, &[1, 2, 7, 9])];
         let fo = vec![f(DType::F32, &[1, 2, 4, 5])];
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo,
+        })
+        .unwrap();
         match &l.steps[0] {
             Step::Launch { params, .. } => {
                 assert_eq!(&params.0[..3], &[40, 1, 0]);
@@ -205,8 +221,19 @@ mod tests {
             _ => panic!(),
         }
         // Indices output requested: refused.
-        let n2 = node("MaxPool", 12, vec![("kernel_shape", Attr::Ints(vec![3, 3]))], 1, 2);
+        let n2 = node(
+            "MaxPool",
+            12,
+            vec![("kernel_shape", Attr::Ints(vec![3, 3]))],
+            1,
+            2,
+        );
         let fo2 = vec![f(DType::F32, &[1, 2, 5, 7]), f(DType::I64, &[1, 2, 5, 7])];
-        assert!(lower_layer(&LowerCx { node: &n2, inputs: &fi, outputs: &fo2 }).is_none());
+        assert!(lower_layer(&LowerCx {
+            node: &n2,
+            inputs: &fi,
+            outputs: &fo2
+        })
+        .is_none());
     }
 }

@@ -212,16 +212,28 @@ pub fn build_reduce(
         .i(red_n as i64)
         .i(kd.len() as i64)
         .i(rd.len() as i64)
-        .arr(&kd.iter().map(|&d| d as i64).collect::<Vec<_>>(), MAX_RANK, 1)
+        .arr(
+            &kd.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+            MAX_RANK,
+            1,
+        )
         .arr(&ks[0], MAX_RANK, 0)
-        .arr(&rd.iter().map(|&d| d as i64).collect::<Vec<_>>(), MAX_RANK, 1)
+        .arr(
+            &rd.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+            MAX_RANK,
+            1,
+        )
         .arr(&rs[0], MAX_RANK, 0);
     // Long reductions with few outputs get a block each; otherwise a warp each.
     let block = red_n >= 2048 && n_out < 4096;
     let (func, grid, threads) = if block {
         ("kiln_reduce_block", n_out.min(1 << 20) as u32, 256u32)
     } else {
-        ("kiln_reduce_warp", n_out.div_ceil(8).clamp(1, 1 << 20) as u32, 256u32)
+        (
+            "kiln_reduce_warp",
+            n_out.div_ceil(8).clamp(1, 1 << 20) as u32,
+            256u32,
+        )
     };
     let mut in_facts = vec![None; n_node_inputs];
     in_facts[0] = Some((dt, ishape.to_vec()));
@@ -264,9 +276,21 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         if r < 3 || !is_kernel_float(dt) {
             return None;
         }
-        let red = if op == "GlobalAveragePool" { Red::Mean } else { Red::Max };
+        let red = if op == "GlobalAveragePool" {
+            Red::Mean
+        } else {
+            Red::Max
+        };
         let axes: Vec<usize> = (2..r).collect();
-        return build_reduce(format!("nvrtc.reduce.{op}.{}", dt.name()), red, dt, &ishape, &axes, out, cx.n_in());
+        return build_reduce(
+            format!("nvrtc.reduce.{op}.{}", dt.name()),
+            red,
+            dt,
+            &ishape,
+            &axes,
+            out,
+            cx.n_in(),
+        );
     }
     let (red, axes_input_from) = Red::of(op)?;
     let a = cx.attrs();
@@ -289,9 +313,9 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     let axes = match axes {
         // Axes given as a run-time input: with keepdims the shapes tell which axes shrink
         // (reducing a size-1 axis changes nothing, so including or not is the same).
-        None if cx.present(1) && keepdims && out.1.len() == r => {
-            (0..r).filter(|&d| out.1[d] != ishape[d] || ishape[d] == 1).collect()
-        }
+        None if cx.present(1) && keepdims && out.1.len() == r => (0..r)
+            .filter(|&d| out.1[d] != ishape[d] || ishape[d] == 1)
+            .collect(),
         None if cx.present(1) => return None,
         Some(v) if !v.is_empty() => {
             let mut v: Vec<usize> = v.iter().map(|&x| cx.axis(x, r)).collect::<Option<_>>()?;
@@ -306,7 +330,15 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
             (0..r).collect()
         }
     };
-    build_reduce(format!("nvrtc.reduce.{op}.{}", dt.name()), red, dt, &ishape, &axes, out, cx.n_in())
+    build_reduce(
+        format!("nvrtc.reduce.{op}.{}", dt.name()),
+        red,
+        dt,
+        &ishape,
+        &axes,
+        out,
+        cx.n_in(),
+    )
 }
 
 /// Source of the ArgMax/ArgMin kernel (`kiln_arg`): one warp per output, first index of
@@ -314,7 +346,13 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
 pub fn arg_code(dt: DType, max: bool) -> Option<String> {
     let t = ctype(dt)?;
     let c = compute_type(dt)?;
-    let better = |a: &str, b: &str| if max { format!("({a} > {b})") } else { format!("({a} < {b})") };
+    let better = |a: &str, b: &str| {
+        if max {
+            format!("({a} > {b})")
+        } else {
+            format!("({a} < {b})")
+        }
+    };
     Some(format!(
         "{pre}struct P {{ long long n_out; long long R; long long inner; long long last; }};\n\
 extern \"C\" __global__ void kiln_arg(const {t}* __restrict__ x, long long* __restrict__ y, const P p) {{\n\
@@ -345,7 +383,10 @@ fn argmax(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     let (dt, ishape) = cx.input(0)?;
     let out = cx.output(0)?;
     let r = ishape.len();
-    if out.0 != DType::I64 || r == 0 || !(is_kernel_float(dt) || matches!(dt, DType::I32 | DType::I64)) {
+    if out.0 != DType::I64
+        || r == 0
+        || !(is_kernel_float(dt) || matches!(dt, DType::I32 | DType::I64))
+    {
         return None;
     }
     let a = cx.attrs();
@@ -359,7 +400,10 @@ fn argmax(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         return None;
     }
     let mut p = Params::new();
-    p.i(n_out as i64).i(len as i64).i(inner as i64).i((last != 0) as i64);
+    p.i(n_out as i64)
+        .i(len as i64)
+        .i(inner as i64)
+        .i((last != 0) as i64);
     let mut in_facts = vec![None; cx.n_in()];
     in_facts[0] = Some((dt, ishape));
     Some(KernelLayer {
@@ -383,7 +427,11 @@ fn argmax(cx: &LowerCx<'_>) -> Option<KernelLayer> {
 pub fn softmax_code(dt: DType, log: bool) -> Option<String> {
     let t = ctype(dt)?;
     let ld = |e: &str| load(dt, e);
-    let res = if log { "v - m - logs" } else { "expf(v - m) * inv" };
+    let res = if log {
+        "v - m - logs"
+    } else {
+        "expf(v - m) * inv"
+    };
     Some(format!(
         "{pre}{br}struct P {{ long long rows; long long R; long long inner; }};\n\
 extern \"C\" __global__ void kiln_softmax(const {t}* __restrict__ x, {t}* __restrict__ y, const P p) {{\n\
@@ -474,9 +522,17 @@ mod tests {
     #[test]
     fn reduce_axes_and_choice() {
         let n = node("ReduceMean", 18, vec![("keepdims", Attr::Int(1))], 2, 1);
-        let fi = vec![f(DType::F32, &[2, 3, 4, 5]), Fact::constant(Tensor::from_vec(&[2], vec![-1i64, -2]).unwrap())];
+        let fi = vec![
+            f(DType::F32, &[2, 3, 4, 5]),
+            Fact::constant(Tensor::from_vec(&[2], vec![-1i64, -2]).unwrap()),
+        ];
         let fo = vec![f(DType::F32, &[2, 3, 1, 1])];
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo,
+        })
+        .unwrap();
         match &l.steps[0] {
             Step::Launch { func, params, .. } => {
                 assert_eq!(*func, "kiln_reduce_warp");
@@ -489,45 +545,97 @@ mod tests {
         assert!(code.contains("kiln_reduce_block") && code.contains("acc / (float)p.red_n"));
         // Axes not constant: inferred from the shapes with keepdims, refused without.
         let fi2 = vec![f(DType::F32, &[2, 3, 4, 5]), f(DType::I64, &[2])];
-        let l2 = lower_layer(&LowerCx { node: &n, inputs: &fi2, outputs: &fo }).unwrap();
+        let l2 = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi2,
+            outputs: &fo,
+        })
+        .unwrap();
         assert_eq!(l2.steps, l.steps);
         let n0 = node("ReduceMean", 18, vec![("keepdims", Attr::Int(0))], 2, 1);
         let fo0 = vec![f(DType::F32, &[2, 3])];
-        assert!(lower_layer(&LowerCx { node: &n0, inputs: &fi2, outputs: &fo0 }).is_none());
-        let n = node("ReduceMean", 13, vec![("axes", Attr::Ints(vec![2, 3]))], 1, 1);
-        assert!(lower_layer(&LowerCx { node: &n, inputs: &fi[..1], outputs: &fo }).is_some());
+        assert!(lower_layer(&LowerCx {
+            node: &n0,
+            inputs: &fi2,
+            outputs: &fo0
+        })
+        .is_none());
+        let n = node(
+            "ReduceMean",
+            13,
+            vec![("axes", Attr::Ints(vec![2, 3]))],
+            1,
+            1,
+        );
+        assert!(lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi[..1],
+            outputs: &fo
+        })
+        .is_some());
         // ReduceL2 on ints is refused.
         let n = node("ReduceL2", 13, vec![], 1, 1);
         let fi3 = vec![f(DType::I32, &[4])];
-        assert!(lower_layer(&LowerCx { node: &n, inputs: &fi3, outputs: &[f(DType::I32, &[1])] }).is_none());
+        assert!(lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi3,
+            outputs: &[f(DType::I32, &[1])]
+        })
+        .is_none());
     }
 
     #[test]
     fn argmax_lowering() {
-        let n = node("ArgMax", 13, vec![("axis", Attr::Int(1)), ("select_last_index", Attr::Int(1))], 1, 1);
+        let n = node(
+            "ArgMax",
+            13,
+            vec![("axis", Attr::Int(1)), ("select_last_index", Attr::Int(1))],
+            1,
+            1,
+        );
         let fi = vec![f(DType::F16, &[3, 7, 5])];
         let fo = vec![f(DType::I64, &[3, 1, 5])];
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo,
+        })
+        .unwrap();
         match &l.steps[0] {
             Step::Launch { params, .. } => assert_eq!(&params.0[..4], &[15, 7, 5, 1]),
             _ => panic!(),
         }
         assert!(l.src.unwrap().code.contains("(v > best)"));
         let bad = vec![f(DType::I32, &[3, 1, 5])];
-        assert!(lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &bad }).is_none());
+        assert!(lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &bad
+        })
+        .is_none());
     }
 
     #[test]
     fn softmax_rows() {
         let n = node("Softmax", 11, vec![], 1, 1);
         let fi = vec![f(DType::F16, &[2, 3, 4])];
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fi }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fi,
+        })
+        .unwrap();
         match &l.steps[0] {
             Step::Launch { params, .. } => assert_eq!(&params.0[..3], &[2, 12, 1]),
             _ => panic!(),
         }
         let n = node("Softmax", 13, vec![("axis", Attr::Int(1))], 1, 1);
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fi }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fi,
+        })
+        .unwrap();
         match &l.steps[0] {
             Step::Launch { params, .. } => assert_eq!(&params.0[..3], &[8, 3, 4]),
             _ => panic!(),

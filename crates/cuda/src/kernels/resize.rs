@@ -6,7 +6,10 @@
 
 use kiln_core::DType;
 
-use super::common::{ctype, grid_for, is_kernel_float, load, prelude, source, store, strides, KernelLayer, Params, Ptr, Step, BLOCK};
+use super::common::{
+    ctype, grid_for, is_kernel_float, load, prelude, source, store, strides, KernelLayer, Params,
+    Ptr, Step, BLOCK,
+};
 use super::LowerCx;
 
 /// Most dims Resize handles here.
@@ -89,7 +92,12 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     if a.has("axes") || a.int("antialias", 0).ok()? != 0 {
         return None;
     }
-    let linear = match a.string("mode", "nearest").ok()?.to_ascii_lowercase().as_str() {
+    let linear = match a
+        .string("mode", "nearest")
+        .ok()?
+        .to_ascii_lowercase()
+        .as_str()
+    {
         "nearest" => false,
         "linear" | "bilinear" | "trilinear" => true,
         _ => return None,
@@ -97,7 +105,11 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     let (ctm, nearest) = if cx.opset() < 11 {
         (4i64, 0i64)
     } else {
-        let ctm = match a.string("coordinate_transformation_mode", "half_pixel").ok()?.as_str() {
+        let ctm = match a
+            .string("coordinate_transformation_mode", "half_pixel")
+            .ok()?
+            .as_str()
+        {
             "half_pixel" => 0,
             "half_pixel_symmetric" => 1,
             "pytorch_half_pixel" => 2,
@@ -106,7 +118,11 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
             "tf_half_pixel_for_nn" => 5,
             _ => return None,
         };
-        let nearest = match a.string("nearest_mode", "round_prefer_floor").ok()?.as_str() {
+        let nearest = match a
+            .string("nearest_mode", "round_prefer_floor")
+            .ok()?
+            .as_str()
+        {
             "round_prefer_floor" => 0,
             "round_prefer_ceil" => 1,
             "floor" => 2,
@@ -148,7 +164,9 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
             if z.len() != r || (0..r).any(|d| z[d] != oshape[d] as i64) {
                 return None;
             }
-            (0..r).map(|d| oshape[d] as f64 / ishape[d] as f64).collect()
+            (0..r)
+                .map(|d| oshape[d] as f64 / ishape[d] as f64)
+                .collect()
         }
         _ => return None,
     };
@@ -159,8 +177,16 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         .i(ctm)
         .i(linear as i64)
         .i(nearest)
-        .arr(&ishape.iter().map(|&d| d as i64).collect::<Vec<_>>(), MAX_RESIZE_RANK, 1)
-        .arr(&oshape.iter().map(|&d| d as i64).collect::<Vec<_>>(), MAX_RESIZE_RANK, 1)
+        .arr(
+            &ishape.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+            MAX_RESIZE_RANK,
+            1,
+        )
+        .arr(
+            &oshape.iter().map(|&d| d as i64).collect::<Vec<_>>(),
+            MAX_RESIZE_RANK,
+            1,
+        )
         .arr(&strides(&ishape), MAX_RESIZE_RANK, 0);
     for d in 0..MAX_RESIZE_RANK {
         p.f(scales.get(d).copied().unwrap_or(1.0));
@@ -168,7 +194,11 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     let mut in_facts = vec![None; cx.n_in()];
     in_facts[0] = Some((dt, ishape));
     Some(KernelLayer {
-        tactic: format!("nvrtc.resize.{}.{}", if linear { "linear" } else { "nearest" }, dt.name()),
+        tactic: format!(
+            "nvrtc.resize.{}.{}",
+            if linear { "linear" } else { "nearest" },
+            dt.name()
+        ),
         src: Some(source("resize", resize_code(dt)?)),
         steps: vec![Step::Launch {
             func: "kiln_resize",
@@ -199,7 +229,10 @@ mod tests {
             13,
             vec![
                 ("mode", Attr::String("nearest".into())),
-                ("coordinate_transformation_mode", Attr::String("asymmetric".into())),
+                (
+                    "coordinate_transformation_mode",
+                    Attr::String("asymmetric".into()),
+                ),
                 ("nearest_mode", Attr::String("floor".into())),
             ],
             3,
@@ -211,15 +244,36 @@ mod tests {
             Fact::constant(Tensor::from_vec(&[4], vec![1.0f32, 1.0, 2.0, 2.0]).unwrap()),
         ];
         let fo = vec![f(DType::F32, &[1, 2, 6, 10])];
-        let l = lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &fo }).unwrap();
+        let l = lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo,
+        })
+        .unwrap();
         match &l.steps[0] {
             Step::Launch { params, .. } => assert_eq!(&params.0[..5], &[120, 4, 4, 0, 2]),
             _ => panic!(),
         }
         // Output not matching the scales: refused; cubic: refused.
         let bad = vec![f(DType::F32, &[1, 2, 7, 10])];
-        assert!(lower_layer(&LowerCx { node: &n, inputs: &fi, outputs: &bad }).is_none());
-        let n2 = node("Resize", 13, vec![("mode", Attr::String("cubic".into()))], 3, 1);
-        assert!(lower_layer(&LowerCx { node: &n2, inputs: &fi, outputs: &fo }).is_none());
+        assert!(lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &bad
+        })
+        .is_none());
+        let n2 = node(
+            "Resize",
+            13,
+            vec![("mode", Attr::String("cubic".into()))],
+            3,
+            1,
+        );
+        assert!(lower_layer(&LowerCx {
+            node: &n2,
+            inputs: &fi,
+            outputs: &fo
+        })
+        .is_none());
     }
 }
