@@ -34,6 +34,8 @@ enum In {
     I(Vec<i64>),
     /// An int64 tensor known only at run time.
     Iv(Vec<i64>),
+    /// An int64 tensor of a shape, known only at run time.
+    Ix(Vec<usize>, Vec<i64>),
     /// A constant float tensor (follows the run's float dtype).
     F(Vec<usize>, Vec<f32>),
     /// Random indices in [-n, n) of dtype (I32/I64), not constant.
@@ -541,6 +543,61 @@ fn cases() -> Vec<Case> {
             .a("mode", s("CRD")),
     );
     v.push(c(mv, "SpaceToDepth", 13, vec![r(&[2, 3, 4, 6])]).a("blocksize", Attr::Int(2)));
+    // --- extra
+    let x = "extra";
+    v.push(c(x, "Shape", 15, vec![r(&[2, 3, 5])]).a("start", Attr::Int(1)));
+    v.push(c(x, "Size", 13, vec![r(&[2, 3, 5])]));
+    v.push(c(x, "Trilu", 14, vec![r(&[2, 4, 5]), ints(&[1])]));
+    v.push(c(x, "Trilu", 14, vec![r(&[3, 6])]).a("upper", Attr::Int(0)));
+    v.push(c(x, "CumSum", 14, vec![r(&[3, 7, 4]), ints(&[1])]));
+    v.push(
+        c(x, "CumSum", 14, vec![r(&[3, 7, 4]), ints(&[-1])])
+            .a("exclusive", Attr::Int(1))
+            .a("reverse", Attr::Int(1)),
+    );
+    v.push(c(
+        x,
+        "GatherND",
+        13,
+        vec![r(&[4, 5, 3]), In::Idx(DType::I64, vec![3, 2], 4)],
+    ));
+    v.push(
+        c(
+            x,
+            "GatherND",
+            13,
+            vec![r(&[2, 4, 3]), In::Idx(DType::I64, vec![2, 3, 1], 4)],
+        )
+        .a("batch_dims", Attr::Int(1)),
+    );
+    v.push(
+        c(
+            x,
+            "ScatterElements",
+            16,
+            vec![r(&[4, 5]), In::Idx(DType::I64, vec![4, 1], 5), r(&[4, 1])],
+        )
+        .a("axis", Attr::Int(1)),
+    );
+    v.push(c(
+        x,
+        "ScatterND",
+        16,
+        vec![r(&[5, 4]), In::Ix(vec![2, 1], vec![1, -2]), r(&[2, 4])],
+    ));
+    v.push(c(e, "Mod", 13, vec![r(&[4, 7]), pos(&[7])]).a("fmod", Attr::Int(1)));
+    v.push(
+        c(
+            e,
+            "Mod",
+            13,
+            vec![
+                In::Idx(DType::I64, vec![4, 7], 50),
+                In::Ix(vec![7], vec![3, -3, 7, -5, 1, 2, -9]),
+            ],
+        )
+        .f32_only(),
+    );
     v.push(
         c(mv, "ConstantOfShape", 9, vec![ints(&[2, 3, 5])])
             .a(
@@ -635,6 +692,10 @@ fn make_input(i: &In, rng: &mut Rng, fdt: DType) -> Option<(Tensor, Tensor, bool
         In::I(v) | In::Iv(v) => {
             let t = Tensor::from_vec(&[v.len()], v.clone()).unwrap();
             (t.clone(), t, matches!(i, In::I(_)))
+        }
+        In::Ix(s, v) => {
+            let t = Tensor::from_vec(s, v.clone()).unwrap();
+            (t.clone(), t, false)
         }
         In::F(s, v) => {
             let (a, b) = conv(v.clone(), s);

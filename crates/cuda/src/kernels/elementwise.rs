@@ -279,6 +279,25 @@ pub fn spec(cx: &LowerCx<'_>) -> Option<EwSpec> {
                 expr: format!("(x0 {sym} x1)"),
             })
         }
+        "Mod" => {
+            if cx.n_in() != 2 || dt(1)? != d0 || odt != d0 || !numeric(d0) {
+                return None;
+            }
+            let fmod = a.int("fmod", 0).ok()? != 0;
+            let e = match (float0, fmod) {
+                (true, true) => "fmodf(x0, x1)",
+                // Float Mod needs fmod=1 (ONNX); leave the error to the CPU.
+                (true, false) => return None,
+                (false, true) => "(x1 == 0 ? 0 : x0 % x1)",
+                (false, false) => {
+                    "(x1 == 0 ? 0 : ((x0 % x1) != 0 && (((x0 % x1) < 0) != (x1 < 0)) ? (x0 % x1) + x1 : (x0 % x1)))"
+                }
+            };
+            Some(EwSpec {
+                inputs: vec![0, 1],
+                expr: e.into(),
+            })
+        }
         "Pow" => {
             let d1 = dt(1)?;
             if cx.n_in() != 2 || !float0 || odt != d0 || !numeric(d1) {

@@ -15,6 +15,7 @@
 
 pub mod common;
 pub mod elementwise;
+pub mod extra;
 pub mod movement;
 pub mod norm;
 pub mod pool;
@@ -147,6 +148,7 @@ pub fn lower_layer(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         .or_else(|| norm::lower(cx))
         .or_else(|| pool::lower(cx))
         .or_else(|| resize::lower(cx))
+        .or_else(|| extra::lower(cx))
 }
 
 #[cfg(test)]
