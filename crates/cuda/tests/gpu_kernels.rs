@@ -1079,3 +1079,208 @@ fn gpu_kernels_match_cpu_reference() {
     }
     assert!(failures.is_empty(), "failed: {failures:?}");
 }
+
+/// Throughput of a few large layers (only with `KILN_GPU_BENCH=1` and a GPU); prints
+/// effective bandwidth (bytes read + written once / time). No assertions on speed.
+#[test]
+fn gpu_kernel_throughput() {
+    if std::env::var("KILN_GPU_BENCH").is_err() || !kiln_cuda::driver_present() {
+        println!("skipped: set KILN_GPU_BENCH=1 on a machine with a GPU");
+        return;
+    }
+    let ctx = CudaContext::new(0).expect("CUDA context");
+    let stream = ctx.default_stream();
+    let mut gpu = Gpu {
+        ctx,
+        stream,
+        modules: HashMap::new(),
+    };
+    type B = (
+        &'static str,
+        i64,
+        Vec<(&'static str, Attr)>,
+        Vec<(DType, Vec<usize>)>,
+        (DType, Vec<usize>),
+    );
+    let h = DType::F16;
+    let f = DType::F32;
+    let benches: Vec<B> = vec![
+        (
+            "Add",
+            14,
+            vec![],
+            vec![(f, vec![1 << 26]), (f, vec![1 << 26])],
+            (f, vec![1 << 26]),
+        ),
+        (
+            "Add",
+            14,
+            vec![],
+            vec![(h, vec![1 << 26]), (h, vec![1 << 26])],
+            (h, vec![1 << 26]),
+        ),
+        (
+            "Add",
+            14,
+            vec![],
+            vec![(h, vec![256, 64, 56, 56]), (h, vec![64, 1, 1])],
+            (h, vec![256, 64, 56, 56]),
+        ),
+        (
+            "Relu",
+            14,
+            vec![],
+            vec![(h, vec![256, 64, 112, 112])],
+            (h, vec![256, 64, 112, 112]),
+        ),
+        (
+            "Erf",
+            13,
+            vec![],
+            vec![(h, vec![64 * 128, 3072])],
+            (h, vec![64 * 128, 3072]),
+        ),
+        (
+            "Softmax",
+            13,
+            vec![],
+            vec![(h, vec![64 * 12 * 128, 128])],
+            (h, vec![64 * 12 * 128, 128]),
+        ),
+        (
+            "Transpose",
+            13,
+            vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+            vec![(h, vec![64, 128, 12, 64])],
+            (h, vec![64, 12, 128, 64]),
+        ),
+        (
+            "GlobalAveragePool",
+            1,
+            vec![],
+            vec![(h, vec![256, 2048, 7, 7])],
+            (h, vec![256, 2048, 1, 1]),
+        ),
+        (
+            "MaxPool",
+            12,
+            vec![
+                ("kernel_shape", Attr::Ints(vec![3, 3])),
+                ("strides", Attr::Ints(vec![2, 2])),
+                ("pads", Attr::Ints(vec![1, 1, 1, 1])),
+            ],
+            vec![(h, vec![256, 64, 112, 112])],
+            (h, vec![256, 64, 56, 56]),
+        ),
+        (
+            "ReduceMean",
+            13,
+            vec![("axes", Attr::Ints(vec![-1]))],
+            vec![(f, vec![64 * 128, 768])],
+            (f, vec![64 * 128, 1]),
+        ),
+    ];
+    let mut lnorm: Vec<B> = vec![(
+        "LayerNormalization",
+        17,
+        vec![],
+        vec![(h, vec![64 * 128, 768]), (h, vec![768]), (h, vec![768])],
+        (h, vec![64 * 128, 768]),
+    )];
+    lnorm.extend(benches);
+    println!(
+        "{:20} {:>6} {:>28} {:>10} {:>10}",
+        "op", "dtype", "shape", "us", "GB/s"
+    );
+    for (op, opset, attrs, ins, out) in lnorm {
+        let mut desc = OpDesc::new("", op, opset);
+        for (k, v) in attrs {
+            desc.attrs.insert(k.to_string(), v);
+        }
+        let n_in = ins.len();
+        let node = Node {
+            name: op.into(),
+            desc,
+            op: Arc::new(NoOp),
+            inputs: (0..n_in).map(Some).collect(),
+            outputs: vec![Some(1000)],
+            fused_from: vec![],
+        };
+        let in_facts: Vec<Fact> = ins.iter().map(|(d, s)| Fact::concrete(*d, s)).collect();
+        let out_facts = vec![Fact::concrete(out.0, &out.1)];
+        let Some(Ok(layer)) = kernels::lower(&node, &in_facts, &out_facts) else {
+            println!("{op}: not lowered");
+            continue;
+        };
+        let mut ms = ModuleSet::default();
+        let mut ok = true;
+        for src in layer.sources() {
+            match gpu.module(&src.module, &src.code) {
+                Ok(m) => ms.insert(src.module.clone(), m),
+                Err(_) => ok = false,
+            }
+        }
+        if !ok {
+            continue;
+        }
+        let mut allocs = Vec::new();
+        let mut mk = |dt: DType, s: &[usize]| -> DevTensor {
+            let bytes = s.iter().product::<usize>() * dt.size();
+            // SAFETY: plain allocation and fill.
+            let p = unsafe {
+                let p = cudarc::driver::result::malloc_sync(bytes).unwrap();
+                cudarc::driver::result::memset_d8_sync(p, 0x3c, bytes).unwrap();
+                p
+            };
+            allocs.push(p);
+            dev(p, (dt, s.to_vec()))
+        };
+        let dins: Vec<DevTensor> = ins.iter().map(|(d, s)| mk(*d, s)).collect();
+        let douts = vec![mk(out.0, &out.1)];
+        let cx = LaunchCx {
+            stream: &gpu.stream,
+            modules: &ms,
+            workspace: 0,
+            workspace_bytes: 0,
+        };
+        for _ in 0..3 {
+            layer.enqueue(&cx, &dins, &douts).unwrap();
+        }
+        gpu.stream.synchronize().unwrap();
+        let iters = 20;
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters {
+            layer.enqueue(&cx, &dins, &douts).unwrap();
+        }
+        gpu.stream.synchronize().unwrap();
+        let us = t0.elapsed().as_secs_f64() * 1e6 / iters as f64;
+        let bytes: usize = dins.iter().chain(&douts).map(|t| t.bytes()).sum();
+        println!(
+            "{:20} {:>6} {:>28} {:>10.1} {:>10.1}",
+            op,
+            ins[0].0.name(),
+            format!("{:?}", ins[0].1),
+            us,
+            bytes as f64 / us / 1e3
+        );
+        for p in allocs {
+            // SAFETY: allocated above, freed once.
+            unsafe { cudarc::driver::result::free_sync(p) }.ok();
+        }
+    }
+}
+
+/// A placeholder op for nodes that are only lowered, never evaluated.
+#[derive(Debug)]
+struct NoOp;
+impl kiln_core::Op for NoOp {
+    fn op_type(&self) -> &str {
+        "NoOp"
+    }
+    fn eval(&self, _: &[Option<&Value>]) -> kiln_core::Result<Vec<Value>> {
+        Ok(vec![])
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
