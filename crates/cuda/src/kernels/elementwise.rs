@@ -429,31 +429,38 @@ pub fn kernel_code(in_dts: &[DType], odt: DType, expr: &str) -> Option<String> {
     s.push_str(&format!(
         "struct P {{ long long n; long long rank; long long dims[{MAX_RANK}]; long long st[{n}][{MAX_RANK}]; }};\n"
     ));
-    s.push_str("extern \"C\" __global__ void kiln_ew(");
-    for (k, d) in in_dts.iter().enumerate() {
-        s.push_str(&format!("const {}* __restrict__ a{k}, ", ctype(*d)?));
-    }
-    s.push_str(&format!("{}* __restrict__ y, const P p) {{\n", ctype(odt)?));
-    s.push_str(
-        "  for (long long i = KILN_TID; i < p.n; i += KILN_STRIDE) {\n    long long rem = i;\n",
-    );
-    for k in 0..n {
-        s.push_str(&format!("    long long o{k} = 0;\n"));
-    }
-    s.push_str("    for (int d = (int)p.rank - 1; d > 0; --d) {\n      long long c = rem % p.dims[d]; rem /= p.dims[d];\n");
-    for k in 0..n {
-        s.push_str(&format!("      o{k} += c * p.st[{k}][d];\n"));
-    }
-    s.push_str("    }\n");
-    for (k, d) in in_dts.iter().enumerate() {
-        s.push_str(&format!("    o{k} += rem * p.st[{k}][0];\n"));
+    // Two entry points: 64-bit index math, and 32-bit (`kiln_ew32`, chosen when every index
+    // fits in 31 bits; 64-bit division is many times slower on the GPU).
+    for (name, ix) in [("kiln_ew", "long long"), ("kiln_ew32", "unsigned int")] {
+        s.push_str(&format!("extern \"C\" __global__ void {name}("));
+        for (k, d) in in_dts.iter().enumerate() {
+            s.push_str(&format!("const {}* __restrict__ a{k}, ", ctype(*d)?));
+        }
+        s.push_str(&format!("{}* __restrict__ y, const P p) {{\n", ctype(odt)?));
         s.push_str(&format!(
-            "    {} x{k} = {};\n",
-            compute_type(*d)?,
-            load(*d, &format!("a{k}[o{k}]"))
+            "  const {ix} n = ({ix})p.n; const {ix} step = ({ix})gridDim.x * ({ix})blockDim.x;\n\
+  for ({ix} i = ({ix})blockIdx.x * ({ix})blockDim.x + ({ix})threadIdx.x; i < n; i += step) {{\n    {ix} rem = i;\n"
         ));
+        for k in 0..n {
+            s.push_str(&format!("    {ix} o{k} = 0;\n"));
+        }
+        s.push_str(&format!(
+            "    for (int d = (int)p.rank - 1; d > 0; --d) {{\n      const {ix} dd = ({ix})p.dims[d]; {ix} c = rem % dd; rem /= dd;\n"
+        ));
+        for k in 0..n {
+            s.push_str(&format!("      o{k} += c * ({ix})p.st[{k}][d];\n"));
+        }
+        s.push_str("    }\n");
+        for (k, d) in in_dts.iter().enumerate() {
+            s.push_str(&format!("    o{k} += rem * ({ix})p.st[{k}][0];\n"));
+            s.push_str(&format!(
+                "    {} x{k} = {};\n",
+                compute_type(*d)?,
+                load(*d, &format!("a{k}[o{k}]"))
+            ));
+        }
+        s.push_str(&format!("    y[i] = {};\n  }}\n}}\n", store(odt, expr)));
     }
-    s.push_str(&format!("    y[i] = {};\n  }}\n}}\n", store(odt, expr)));
     Some(s)
 }
 
@@ -500,7 +507,12 @@ pub fn build(
         tactic,
         src: Some(source("ew", code)),
         steps: vec![Step::Launch {
-            func: "kiln_ew",
+            // Inputs never hold more elements than the output (broadcast only expands).
+            func: if n < (1 << 31) {
+                "kiln_ew32"
+            } else {
+                "kiln_ew"
+            },
             grid: grid_for(n),
             block: BLOCK,
             shmem: 0,
@@ -569,7 +581,10 @@ mod tests {
         assert!(code.contains("(x0 + x1)"));
         assert_eq!(l.tactic, "nvrtc.elementwise.Add.f32");
         match &l.steps[0] {
-            Step::Launch { params, ptrs, .. } => {
+            Step::Launch {
+                params, ptrs, func, ..
+            } => {
+                assert_eq!(*func, "kiln_ew32");
                 assert_eq!(ptrs, &vec![Ptr::In(0, 0), Ptr::In(1, 0), Ptr::Out(0, 0)]);
                 // n, rank 3 (2,3,4 do not merge: input 1 breaks both joints).
                 assert_eq!(params.0[0], 24);

@@ -38,22 +38,29 @@ fn only(n: usize, i: usize, f: (DType, Vec<usize>)) -> Vec<Option<(DType, Vec<us
 /// Source of the strided copy kernel for elements of `size` bytes.
 pub fn strided_code(size: usize) -> Option<String> {
     let t = raw_type(size)?;
-    Some(format!(
-        "{pre}struct P {{ long long n; long long rank; long long dims[{R}]; long long ist[{R}]; long long ost[{R}]; long long ib; long long ob; }};\n\
-extern \"C\" __global__ void kiln_strided(const {t}* __restrict__ x, {t}* __restrict__ y, const P p) {{\n\
-  for (long long i = KILN_TID; i < p.n; i += KILN_STRIDE) {{\n\
-    long long rem = i, oi = p.ib, oo = p.ob;\n\
+    let mut s = prelude(&[]);
+    s.push_str(&format!(
+        "struct P {{ long long n; long long rank; long long dims[{R}]; long long ist[{R}]; long long ost[{R}]; long long ib; long long ob; }};\n",
+        R = MAX_RANK
+    ));
+    // 64-bit and 32-bit (`kiln_strided32`, when every offset fits in 31 bits) index math.
+    for (name, ix) in [("kiln_strided", "long long"), ("kiln_strided32", "int")] {
+        s.push_str(&format!(
+            "extern \"C\" __global__ void {name}(const {t}* __restrict__ x, {t}* __restrict__ y, const P p) {{\n\
+  const {ix} n = ({ix})p.n; const {ix} step = ({ix})gridDim.x * ({ix})blockDim.x;\n\
+  for ({ix} i = ({ix})blockIdx.x * ({ix})blockDim.x + ({ix})threadIdx.x; i < n; i += step) {{\n\
+    {ix} rem = i, oi = ({ix})p.ib, oo = ({ix})p.ob;\n\
     for (int d = (int)p.rank - 1; d > 0; --d) {{\n\
-      long long c = rem % p.dims[d]; rem /= p.dims[d];\n\
-      oi += c * p.ist[d]; oo += c * p.ost[d];\n\
+      const {ix} dd = ({ix})p.dims[d]; {ix} c = rem % dd; rem /= dd;\n\
+      oi += c * ({ix})p.ist[d]; oo += c * ({ix})p.ost[d];\n\
     }}\n\
-    oi += rem * p.ist[0]; oo += rem * p.ost[0];\n\
+    oi += rem * ({ix})p.ist[0]; oo += rem * ({ix})p.ost[0];\n\
     y[oo] = x[oi];\n\
   }}\n\
-}}\n",
-        pre = prelude(&[]),
-        R = MAX_RANK
-    ))
+}}\n"
+        ));
+    }
+    Some(s)
 }
 
 /// One strided copy: iterate `dims`, read input `src` at `ib + Σ c·ist`, write output `dst`
@@ -94,8 +101,24 @@ pub fn strided_step(s: &Strided) -> Option<Step> {
         .arr(&st[1], MAX_RANK, 0)
         .i(s.ib)
         .i(s.ob);
+    // Largest offset either side reaches, to pick 32-bit index math when it is safe.
+    let reach = |base: i64, st: &[i64]| -> i64 {
+        base.abs()
+            + dims
+                .iter()
+                .zip(st)
+                .map(|(&d, &s)| (d as i64 - 1) * s.abs())
+                .sum::<i64>()
+    };
+    let small = (n as i64) < (1 << 31) - (1 << 29)
+        && reach(s.ib, &st[0]) < (1 << 31) - 1
+        && reach(s.ob, &st[1]) < (1 << 31) - 1;
     Some(Step::Launch {
-        func: "kiln_strided",
+        func: if small {
+            "kiln_strided32"
+        } else {
+            "kiln_strided"
+        },
         grid: grid_for(n),
         block: BLOCK,
         shmem: 0,

@@ -119,15 +119,15 @@ pub fn reduce_code(red: Red, dt: DType, odt: DType) -> Option<String> {
     let comb_fn = format!(
         "__device__ __forceinline__ {acc} kiln_comb({acc} a, {acc} b) {{ return {comb}; }}\n"
     );
-    let body = |head: &str, lane: &str, step: &str, tail: &str| {
+    let body = |ix: &str, head: &str, lane: &str, step: &str, tail: &str| {
         format!(
-            "  for (long long o = {head}) {{\n\
-    long long rem = o, base = 0;\n\
-    for (int d = (int)p.krank - 1; d >= 0; --d) {{ long long c = rem % p.kdims[d]; rem /= p.kdims[d]; base += c * p.kst[d]; }}\n\
+            "  for ({ix} o = {head}) {{\n\
+    {ix} rem = o, base = 0;\n\
+    for (int d = (int)p.krank - 1; d >= 0; --d) {{ const {ix} dd = ({ix})p.kdims[d]; {ix} c = rem % dd; rem /= dd; base += c * ({ix})p.kst[d]; }}\n\
     {acc} acc = {init};\n\
-    for (long long r = {lane}; r < p.red_n; r += {step}) {{\n\
-      long long rr = r, off = base;\n\
-      for (int d = (int)p.rrank - 1; d >= 0; --d) {{ long long c = rr % p.rdims[d]; rr /= p.rdims[d]; off += c * p.rst[d]; }}\n\
+    for ({ix} r = {lane}; r < ({ix})p.red_n; r += {step}) {{\n\
+      {ix} rr = r, off = base;\n\
+      for (int d = (int)p.rrank - 1; d >= 0; --d) {{ const {ix} dd = ({ix})p.rdims[d]; {ix} c = rr % dd; rr /= dd; off += c * ({ix})p.rst[d]; }}\n\
       {acc} v = ({acc})({ld});\n\
       acc = kiln_comb(acc, {map});\n\
     }}\n\
@@ -157,20 +157,26 @@ pub fn reduce_code(red: Red, dt: DType, odt: DType) -> Option<String> {
     }}\n",
         st = store(odt, &fin)
     );
-    Some(format!(
-        "{pre}struct P {{ long long n_out; long long red_n; long long krank; long long rrank; long long kdims[{R}]; long long kst[{R}]; long long rdims[{R}]; long long rst[{R}]; }};\n\
-{comb_fn}\
-extern \"C\" __global__ void kiln_reduce_warp(const {t}* __restrict__ x, {to}* __restrict__ y, const P p) {{\n\
-  long long warp = KILN_TID >> 5; long long nwarps = KILN_STRIDE >> 5;\n\
-{wbody}}}\n\
-extern \"C\" __global__ void kiln_reduce_block(const {t}* __restrict__ x, {to}* __restrict__ y, const P p) {{\n\
-  __shared__ {acc} sh[32];\n\
-{bbody}}}\n",
+    let mut code = format!(
+        "{pre}struct P {{ long long n_out; long long red_n; long long krank; long long rrank; long long kdims[{R}]; long long kst[{R}]; long long rdims[{R}]; long long rst[{R}]; }};\n{comb_fn}",
         pre = prelude(&[dt, odt]),
         R = MAX_RANK,
-        wbody = body("warp; o < p.n_out; o += nwarps", "(threadIdx.x & 31)", "32", &warp_tail),
-        bbody = body("blockIdx.x; o < p.n_out; o += gridDim.x", "threadIdx.x", "(long long)blockDim.x", &block_tail),
-    ))
+    );
+    // 64-bit and 32-bit (`..32`, when every input offset fits in 31 bits) index math.
+    for (sfx, ix) in [("", "long long"), ("32", "unsigned int")] {
+        code.push_str(&format!(
+            "extern \"C\" __global__ void kiln_reduce_warp{sfx}(const {t}* __restrict__ x, {to}* __restrict__ y, const P p) {{\n\
+  const {ix} warp = (({ix})blockIdx.x * ({ix})blockDim.x + ({ix})threadIdx.x) >> 5;\n\
+  const {ix} nwarps = (({ix})gridDim.x * ({ix})blockDim.x) >> 5;\n\
+{wbody}}}\n\
+extern \"C\" __global__ void kiln_reduce_block{sfx}(const {t}* __restrict__ x, {to}* __restrict__ y, const P p) {{\n\
+  __shared__ {acc} sh[32];\n\
+{bbody}}}\n",
+            wbody = body(ix, &format!("warp; o < ({ix})p.n_out; o += nwarps"), "(threadIdx.x & 31)", "32", &warp_tail),
+            bbody = body(ix, &format!("blockIdx.x; o < ({ix})p.n_out; o += gridDim.x"), "threadIdx.x", &format!("({ix})blockDim.x"), &block_tail),
+        ));
+    }
+    Some(code)
 }
 
 /// Builds a reduction of `ishape` over `axes` (sorted, unique) into an output of
@@ -226,15 +232,20 @@ pub fn build_reduce(
         .arr(&rs[0], MAX_RANK, 0);
     // Long reductions with few outputs get a block each; otherwise a warp each.
     let block = red_n >= 2048 && n_out < 4096;
-    let (func, grid, threads) = if block {
-        ("kiln_reduce_block", n_out.min(1 << 20) as u32, 256u32)
-    } else {
-        (
+    let small = ishape.iter().product::<usize>() < (1 << 31) - (1 << 29);
+    let (func, grid) = match (block, small) {
+        (true, true) => ("kiln_reduce_block32", n_out.min(1 << 20) as u32),
+        (true, false) => ("kiln_reduce_block", n_out.min(1 << 20) as u32),
+        (false, true) => (
+            "kiln_reduce_warp32",
+            n_out.div_ceil(8).clamp(1, 1 << 20) as u32,
+        ),
+        (false, false) => (
             "kiln_reduce_warp",
             n_out.div_ceil(8).clamp(1, 1 << 20) as u32,
-            256u32,
-        )
+        ),
     };
+    let threads = 256u32;
     let mut in_facts = vec![None; n_node_inputs];
     in_facts[0] = Some((dt, ishape.to_vec()));
     Some(KernelLayer {
@@ -535,7 +546,7 @@ mod tests {
         .unwrap();
         match &l.steps[0] {
             Step::Launch { func, params, .. } => {
-                assert_eq!(*func, "kiln_reduce_warp");
+                assert_eq!(*func, "kiln_reduce_warp32");
                 // n_out 6, red_n 20, kept [6] stride [20], reduced [20] stride [1].
                 assert_eq!(&params.0[..4], &[6, 20, 1, 1]);
             }
