@@ -193,3 +193,92 @@ pub(crate) mod testutil {
         Fact::concrete(dt, s)
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    use kiln_core::{Attr, DType, Fact, Tensor};
+
+    use super::testutil::{f, node};
+    use super::{lower_layer, LowerCx};
+
+    /// Odd facts (scalars, empty and size-1 dims, mismatched ranks, bad attributes) never
+    /// make lowering panic: the answer is a layer or `None`.
+    #[test]
+    fn lowering_never_panics() {
+        let ops = [
+            "Add",
+            "Where",
+            "Clip",
+            "Cast",
+            "Relu",
+            "Max",
+            "ReduceSum",
+            "ReduceMean",
+            "ArgMax",
+            "Softmax",
+            "LogSoftmax",
+            "LayerNormalization",
+            "InstanceNormalization",
+            "BatchNormalization",
+            "MaxPool",
+            "AveragePool",
+            "GlobalAveragePool",
+            "Resize",
+            "Reshape",
+            "Transpose",
+            "Slice",
+            "Expand",
+            "Concat",
+            "Split",
+            "Pad",
+            "Tile",
+            "Gather",
+            "GatherElements",
+            "GatherND",
+            "ScatterND",
+            "ScatterElements",
+            "DepthToSpace",
+            "SpaceToDepth",
+            "ConstantOfShape",
+            "Trilu",
+            "CumSum",
+            "Shape",
+            "Size",
+            "Mod",
+        ];
+        let shapes: [&[usize]; 5] = [&[], &[0], &[1], &[3, 4], &[2, 1, 3, 5]];
+        let attrs: Vec<Vec<(&str, Attr)>> = vec![
+            vec![],
+            vec![("axis", Attr::Int(-7)), ("perm", Attr::Ints(vec![5, 0]))],
+            vec![
+                ("kernel_shape", Attr::Ints(vec![-1])),
+                ("blocksize", Attr::Int(-3)),
+            ],
+            vec![("axes", Attr::Ints(vec![9])), ("pads", Attr::Ints(vec![1]))],
+        ];
+        let konst = Fact::constant(Tensor::from_vec(&[2], vec![-9i64, 99]).unwrap());
+        for op in ops {
+            for a in &attrs {
+                for n_in in 1..=5 {
+                    for si in &shapes {
+                        for so in &shapes {
+                            for dt in [DType::F32, DType::I64, DType::Bool] {
+                                let nd = node(op, 13, a.clone(), n_in, 1);
+                                let mut fi: Vec<Fact> = (0..n_in).map(|_| f(dt, si)).collect();
+                                if n_in > 1 {
+                                    fi[1] = konst.clone();
+                                }
+                                let fo = vec![f(dt, so)];
+                                let _ = lower_layer(&LowerCx {
+                                    node: &nd,
+                                    inputs: &fi,
+                                    outputs: &fo,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -255,7 +255,9 @@ fn slice(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     let (dt, ishape) = cx.input(0)?;
     let (odt, oshape) = cx.output(0)?;
     let r = ishape.len();
-    if dt != odt || r > MAX_RANK || oshape.len() != r || !cx.single_output() {
+    // An empty input axis would make the start clamp below meaningless: CPU.
+    if dt != odt || r > MAX_RANK || oshape.len() != r || !cx.single_output() || ishape.contains(&0)
+    {
         return None;
     }
     let (starts, ends, axes, steps) = if cx.opset() < 10 {
@@ -441,10 +443,11 @@ fn depth_space(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     if dt != odt || ishape.len() != 4 || !cx.single_output() {
         return None;
     }
-    let b = cx.attrs().opt_int("blocksize").ok()?? as usize;
-    if b == 0 {
+    let b = cx.attrs().opt_int("blocksize").ok()??;
+    if !(1..=1 << 16).contains(&b) {
         return None;
     }
+    let b = b as usize;
     let [n, c, h, w] = [ishape[0], ishape[1], ishape[2], ishape[3]];
     let (dims, ist) = if cx.op() == "DepthToSpace" {
         if c % (b * b) != 0 || oshape != [n, c / (b * b), h * b, w * b] {
@@ -895,6 +898,14 @@ mod tests {
         let p = params(&l, 0);
         // start row 9, step -3: ib = 9*6 = 54; rows and cols coalesce? No: ist row = -18.
         assert_eq!(p[p.len() - 2], 54);
+        let mut fz = fi.clone();
+        fz[0] = f(DType::F32, &[10, 0]);
+        assert!(lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fz,
+            outputs: &fo
+        })
+        .is_none());
         fi[1] = f(DType::I64, &[1]);
         assert!(lower_layer(&LowerCx {
             node: &n,
@@ -902,6 +913,28 @@ mod tests {
             outputs: &fo
         })
         .is_none());
+    }
+
+    #[test]
+    fn depth_to_space_rejects_bad_blocksize() {
+        let fi = vec![f(DType::F32, &[1, 8, 3, 2])];
+        let fo = vec![f(DType::F32, &[1, 2, 6, 4])];
+        let n = node("DepthToSpace", 13, vec![("blocksize", Attr::Int(2))], 1, 1);
+        assert!(lower_layer(&LowerCx {
+            node: &n,
+            inputs: &fi,
+            outputs: &fo
+        })
+        .is_some());
+        for b in [-2, 0, 1 << 40] {
+            let n = node("DepthToSpace", 13, vec![("blocksize", Attr::Int(b))], 1, 1);
+            assert!(lower_layer(&LowerCx {
+                node: &n,
+                inputs: &fi,
+                outputs: &fo
+            })
+            .is_none());
+        }
     }
 
     #[test]
