@@ -936,6 +936,8 @@ fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::R
         modules: &ms,
         workspace: work,
         workspace_bytes: wbytes,
+        blas: None,
+        tf32: false,
     };
     let res = layer
         .enqueue(&cx, &ins, &outs)
@@ -1242,6 +1244,8 @@ fn gpu_kernel_throughput() {
             modules: &ms,
             workspace: 0,
             workspace_bytes: 0,
+            blas: None,
+            tf32: false,
         };
         for _ in 0..3 {
             layer.enqueue(&cx, &dins, &douts).unwrap();
