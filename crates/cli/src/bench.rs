@@ -81,9 +81,35 @@ fn phase(
     Ok((samples, gpu))
 }
 
+/// Per-layer profile of a GPU engine: (layer, op, tactic, mean ms, share of the total),
+/// slowest first, from 10 runs with CUDA events around every layer.
+type LayerProfile = (String, String, String, f64, f64);
+
+fn profile_layers(
+    ctx: &mut ExecutionContext,
+    inputs: &[(&str, Value)],
+) -> CliResult<Vec<LayerProfile>> {
+    ctx.set_gpu_profiling(true)?;
+    for _ in 0..10 {
+        ctx.execute(inputs)?;
+    }
+    let times = ctx.gpu_layer_times().unwrap_or_default();
+    ctx.set_gpu_profiling(false)?;
+    let layers = ctx.engine().layers();
+    let total: f64 = times.iter().sum::<f64>().max(1e-12);
+    let mut v: Vec<LayerProfile> = layers
+        .into_iter()
+        .zip(times)
+        .map(|(l, t)| (l.name, l.op, l.tactic, t, t / total))
+        .collect();
+    v.sort_by(|a, b| b.3.total_cmp(&a.3));
+    Ok(v)
+}
+
 /// The trtexec-style GPU metrics: name and per-iteration values (ms).
 fn gpu_metrics(t: &[GpuTiming]) -> Vec<(&'static str, Latency)> {
-    let col = |f: fn(&GpuTiming) -> f64| Latency::from_samples(&t.iter().map(f).collect::<Vec<_>>());
+    let col =
+        |f: fn(&GpuTiming) -> f64| Latency::from_samples(&t.iter().map(f).collect::<Vec<_>>());
     vec![
         ("latency (H2D+compute+D2H)", col(|g| g.latency_ms)),
         ("GPU compute", col(|g| g.compute_ms)),
@@ -159,6 +185,11 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
     let nvml = sampler.map(|s| s.stop());
     let (samples, gpu_t) = samples?;
     let metrics = gpu_metrics(&gpu_t);
+    let profile = if a.profile {
+        profile_layers(&mut ctx, &values)?
+    } else {
+        Vec::new()
+    };
 
     let lat = Latency::from_samples(&samples);
     let busy: f64 = samples.iter().sum::<f64>() / 1e3;
@@ -196,6 +227,12 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
             }
             let median = metrics[0].1.median;
             v["gpu_throughput_per_s"] = serde_json::json!(1e3 / median);
+        }
+        if a.profile {
+            v["profile"] = serde_json::json!(profile
+                .iter()
+                .map(|p| serde_json::json!({"layer": p.0, "op": p.1, "tactic": p.2, "ms": p.3, "share": p.4}))
+                .collect::<Vec<_>>());
         }
         // One line: easy to append to a log of runs (JSON Lines).
         println!("{v}");
@@ -271,7 +308,29 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
         );
     }
     if let Some(gpu) = engine.gpu() {
-        println!("gpu         {} layers on the CPU (fallback)", gpu.fallbacks());
+        println!(
+            "gpu         {} layers on the CPU (fallback)",
+            gpu.fallbacks()
+        );
+    }
+    if !profile.is_empty() {
+        let mut rows = vec![vec![
+            "slowest layers".to_string(),
+            "op".into(),
+            "tactic".into(),
+            "ms".into(),
+            "share".into(),
+        ]];
+        for p in profile.iter().take(15) {
+            rows.push(vec![
+                p.0.clone(),
+                p.1.clone(),
+                p.2.clone(),
+                format!("{:.4}", p.3),
+                format!("{:.1}%", p.4 * 100.0),
+            ]);
+        }
+        print!("{}", common::table(&rows));
     }
     match batch {
         Some(b) if b > 1 => println!(

@@ -231,6 +231,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// GPU engines: after timing, run again with CUDA events around every layer and print
+    /// the slowest layers (in `--json`: `profile`).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Arguments of `kiln inspect`.

@@ -9,8 +9,17 @@ use crate::common::{table, CliError, CliResult};
 use crate::MonitorArgs;
 
 const HEADER: [&str; 11] = [
-    "gpu", "name", "util_%", "mem_util_%", "mem_used_MiB", "mem_total_MiB", "sm_MHz", "mem_MHz",
-    "power_W", "temp_C", "throttle",
+    "gpu",
+    "name",
+    "util_%",
+    "mem_util_%",
+    "mem_used_MiB",
+    "mem_total_MiB",
+    "sm_MHz",
+    "mem_MHz",
+    "power_W",
+    "temp_C",
+    "throttle",
 ];
 
 fn row(s: &Sample) -> Vec<String> {

@@ -55,7 +55,8 @@ pub fn compile_cubin(module: &str, code: &str, arch: &str) -> Result<Vec<u8>> {
             // SAFETY: `prog` is live; the log is a NUL-terminated buffer.
             let log = unsafe { result::get_program_log(prog) }
                 .map(|l| {
-                    let bytes: Vec<u8> = l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+                    let bytes: Vec<u8> =
+                        l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
                     String::from_utf8_lossy(&bytes).into_owned()
                 })
                 .unwrap_or_default();
@@ -88,6 +89,8 @@ mod tests {
     fn options_name_the_arch_and_headers() {
         let o = options("sm_90");
         assert!(o.contains(&"--gpu-architecture=sm_90".to_string()));
-        assert!(o.iter().any(|s| s == "--include-path=/usr/local/cuda/include"));
+        assert!(o
+            .iter()
+            .any(|s| s == "--include-path=/usr/local/cuda/include"));
     }
 }

@@ -178,7 +178,10 @@ mod tests {
         let mut b = sample();
         b.compute_capability = "8.0".into();
         let (f, plan, here) = a.mismatch(&b).unwrap();
-        assert_eq!((f, plan.as_str(), here.as_str()), ("compute capability", "9.0", "8.0"));
+        assert_eq!(
+            (f, plan.as_str(), here.as_str()),
+            ("compute capability", "9.0", "8.0")
+        );
         let mut c = sample();
         c.cublas_version = "12.9.0".into();
         assert_eq!(a.mismatch(&c).unwrap().0, "cuBLAS version");

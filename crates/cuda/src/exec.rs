@@ -138,7 +138,13 @@ pub fn to_f16_saturating(t: &Tensor) -> Result<Tensor> {
     let v = t.as_slice::<f32>()?;
     let h: Vec<f16> = v
         .iter()
-        .map(|&x| f16::from_f32(if x.is_nan() { x } else { x.clamp(-65504.0, 65504.0) }))
+        .map(|&x| {
+            f16::from_f32(if x.is_nan() {
+                x
+            } else {
+                x.clamp(-65504.0, 65504.0)
+            })
+        })
         .collect();
     Tensor::from_vec(t.shape(), h)
 }
@@ -173,7 +179,11 @@ fn device_facts(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<O
         let mut df = Fact::concrete(ddt, &shape);
         let konst = graph.constants.get(&id).or(f.konst.as_ref());
         if let Some(k) = konst {
-            df.konst = Some(if ddt != dt { to_f16_saturating(k)? } else { k.clone() });
+            df.konst = Some(if ddt != dt {
+                to_f16_saturating(k)?
+            } else {
+                k.clone()
+            });
         }
         out.push(Some(df));
     }
@@ -181,8 +191,12 @@ fn device_facts(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<O
 }
 
 fn compile_all(sources: &[KernelSource], arch: &str) -> Result<ModuleImages> {
-    let threads = std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(1, 16);
-    let chunks: Vec<&[KernelSource]> = sources.chunks(sources.len().div_ceil(threads).max(1)).collect();
+    let threads = std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .clamp(1, 16);
+    let chunks: Vec<&[KernelSource]> = sources
+        .chunks(sources.len().div_ceil(threads).max(1))
+        .collect();
     let results: Vec<Result<Vec<(String, Vec<u8>)>>> = std::thread::scope(|s| {
         let handles: Vec<_> = chunks
             .iter()
@@ -190,14 +204,23 @@ fn compile_all(sources: &[KernelSource], arch: &str) -> Result<ModuleImages> {
                 s.spawn(move || {
                     chunk
                         .iter()
-                        .map(|k| Ok((k.module.clone(), crate::compile::compile_cubin(&k.module, &k.code, arch)?)))
+                        .map(|k| {
+                            Ok((
+                                k.module.clone(),
+                                crate::compile::compile_cubin(&k.module, &k.code, arch)?,
+                            ))
+                        })
                         .collect::<Result<Vec<_>>>()
                 })
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(KilnError::Other("NVRTC compile thread panicked".into()))))
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(KilnError::Other("NVRTC compile thread panicked".into()))
+                })
+            })
             .collect()
     });
     let mut images = ModuleImages::new();
@@ -205,6 +228,79 @@ fn compile_all(sources: &[KernelSource], arch: &str) -> Result<ModuleImages> {
         images.extend(r?);
     }
     Ok(images)
+}
+
+/// Decides how each node runs (no GPU needed): a library or NVRTC layer, or the CPU with the
+/// reason. `facts` are the engine's concrete facts, one per value.
+fn lower_nodes(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<Runner>> {
+    let dfacts = device_facts(graph, facts, opts)?;
+    let unknown = Fact::unknown();
+    let mut runners = Vec::with_capacity(graph.nodes.len());
+    for node in &graph.nodes {
+        let ids = node.inputs.iter().chain(&node.outputs).flatten();
+        let mut why = None;
+        if !node.op.subgraphs().is_empty() {
+            why = Some("has subgraphs".to_string());
+        } else if let Some(&v) = ids.clone().find(|&&v| dfacts[v].is_none()) {
+            why = Some(format!(
+                "value {} is not a static tensor of a GPU type",
+                graph.values[v].name
+            ));
+        }
+        if let Some(w) = why {
+            runners.push(Runner::Cpu(w));
+            continue;
+        }
+        let fin: Vec<Fact> = node
+            .inputs
+            .iter()
+            .map(|i| i.map_or_else(|| unknown.clone(), |v| dfacts[v].clone().expect("checked")))
+            .collect();
+        let fout: Vec<Fact> = node
+            .outputs
+            .iter()
+            .map(|o| o.map_or_else(|| unknown.clone(), |v| dfacts[v].clone().expect("checked")))
+            .collect();
+        let lowered = crate::library::lower(node, &fin, &fout)
+            .or_else(|| crate::kernels::lower(node, &fin, &fout));
+        runners.push(match lowered {
+            Some(Ok(l)) => Runner::Gpu(l),
+            Some(Err(e)) => Runner::Cpu(format!("lowering failed: {e}")),
+            None => Runner::Cpu("no GPU kernel".into()),
+        });
+    }
+    Ok(runners)
+}
+
+/// How each node of `graph` would run on the GPU under `opts` (no GPU needed): what
+/// `kiln inspect` shows for a GPU engine. Used by tests of lowering decisions and fallbacks.
+pub fn plan_layers(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<LayerPlacement>> {
+    Ok(placements_of(&lower_nodes(graph, facts, opts)?, opts))
+}
+
+fn placements_of(runners: &[Runner], opts: GpuOptions) -> Vec<LayerPlacement> {
+    runners
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match r {
+            Runner::Gpu(l) => LayerPlacement {
+                node: i,
+                device: "gpu",
+                tactic: l.tactic(),
+                precision: if opts.fp16 {
+                    "fp16".into()
+                } else {
+                    "fp32".into()
+                },
+            },
+            Runner::Cpu(why) => LayerPlacement {
+                node: i,
+                device: "cpu",
+                tactic: format!("cpu.fallback ({why})"),
+                precision: "fp32".into(),
+            },
+        })
+        .collect()
 }
 
 impl GpuEngine {
@@ -219,39 +315,9 @@ impl GpuEngine {
     ) -> Result<GpuEngine> {
         let ctx = device::context()?;
         let info = device::info(&ctx)?;
+        let runners = lower_nodes(graph, facts, opts)?;
         let dfacts = device_facts(graph, facts, opts)?;
-        let unknown = Fact::unknown();
-        let mut runners = Vec::with_capacity(graph.nodes.len());
-        for node in &graph.nodes {
-            let ids = node.inputs.iter().chain(&node.outputs).flatten();
-            let mut why = None;
-            if !node.op.subgraphs().is_empty() {
-                why = Some("has subgraphs".to_string());
-            } else if let Some(&v) = ids.clone().find(|&&v| dfacts[v].is_none()) {
-                why = Some(format!("value {} is not a static tensor of a GPU type", graph.values[v].name));
-            }
-            if let Some(w) = why {
-                runners.push(Runner::Cpu(w));
-                continue;
-            }
-            let fin: Vec<Fact> = node
-                .inputs
-                .iter()
-                .map(|i| i.map_or_else(|| unknown.clone(), |v| dfacts[v].clone().expect("checked")))
-                .collect();
-            let fout: Vec<Fact> = node
-                .outputs
-                .iter()
-                .map(|o| o.map_or_else(|| unknown.clone(), |v| dfacts[v].clone().expect("checked")))
-                .collect();
-            let lowered = crate::library::lower(node, &fin, &fout)
-                .or_else(|| crate::kernels::lower(node, &fin, &fout));
-            runners.push(match lowered {
-                Some(Ok(l)) => Runner::Gpu(l),
-                Some(Err(e)) => Runner::Cpu(format!("lowering failed: {e}")),
-                None => Runner::Cpu("no GPU kernel".into()),
-            });
-        }
+
         // Modules.
         let convert = convert_source();
         let mut sources: BTreeMap<String, KernelSource> = BTreeMap::new();
@@ -280,7 +346,11 @@ impl GpuEngine {
                 let list: Vec<KernelSource> = sources.values().cloned().collect();
                 let t = Instant::now();
                 let im = compile_all(&list, &info.arch())?;
-                tracing::info!(modules = list.len(), ms = t.elapsed().as_secs_f64() * 1e3, "compiled GPU modules with NVRTC");
+                tracing::info!(
+                    modules = list.len(),
+                    ms = t.elapsed().as_secs_f64() * 1e3,
+                    "compiled GPU modules with NVRTC"
+                );
                 im
             }
         };
@@ -446,7 +516,10 @@ impl GpuEngine {
 
     /// Number of layers that run on the CPU.
     pub fn fallbacks(&self) -> usize {
-        self.runners.iter().filter(|r| matches!(r, Runner::Cpu(_))).count()
+        self.runners
+            .iter()
+            .filter(|r| matches!(r, Runner::Cpu(_)))
+            .count()
     }
 
     /// Device bytes of the activation arena, and the liveness lower bound.
@@ -461,24 +534,7 @@ impl GpuEngine {
 
     /// Per-node device and tactic.
     pub fn placements(&self) -> Vec<LayerPlacement> {
-        self.runners
-            .iter()
-            .enumerate()
-            .map(|(i, r)| match r {
-                Runner::Gpu(l) => LayerPlacement {
-                    node: i,
-                    device: "gpu",
-                    tactic: l.tactic(),
-                    precision: if self.opts.fp16 { "fp16".into() } else { "fp32".into() },
-                },
-                Runner::Cpu(why) => LayerPlacement {
-                    node: i,
-                    device: "cpu",
-                    tactic: format!("cpu.fallback ({why})"),
-                    precision: "fp32".into(),
-                },
-            })
-            .collect()
+        placements_of(&self.runners, self.opts)
     }
 }
 
@@ -509,6 +565,14 @@ pub struct GpuContext {
     pinned_out: HashMap<usize, PinnedBuf>,
     events: [CudaEvent; 4],
     last: Option<GpuTiming>,
+    profile: Option<Profile>,
+}
+
+/// Per-layer CUDA-event timing (`kiln bench --profile`).
+struct Profile {
+    events: Vec<(CudaEvent, CudaEvent)>,
+    total_ms: Vec<f64>,
+    runs: usize,
 }
 
 fn cu(what: &str, e: impl std::fmt::Display) -> KilnError {
@@ -538,7 +602,41 @@ impl GpuContext {
             pinned_out: HashMap::new(),
             events,
             last: None,
+            profile: None,
         })
+    }
+
+    /// Times every layer with a pair of CUDA events from the next run on (adds a little
+    /// overhead per layer); `false` stops and forgets the profile.
+    pub fn set_profiling(&mut self, on: bool) -> Result<()> {
+        if !on {
+            self.profile = None;
+            return Ok(());
+        }
+        let n = self.engine.runners.len();
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            let ev = || {
+                self.engine
+                    .ctx
+                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| cu("create event", e))
+            };
+            events.push((ev()?, ev()?));
+        }
+        self.profile = Some(Profile {
+            events,
+            total_ms: vec![0.0; n],
+            runs: 0,
+        });
+        Ok(())
+    }
+
+    /// Mean milliseconds per layer (node index order) over the profiled runs.
+    pub fn layer_times(&self) -> Option<Vec<f64>> {
+        let p = self.profile.as_ref()?;
+        let runs = p.runs.max(1) as f64;
+        Some(p.total_ms.iter().map(|t| t / runs).collect())
     }
 
     /// Timings of the last run.
@@ -559,8 +657,15 @@ impl GpuContext {
     }
 
     fn convert(&self, f32_to_f16: bool, src: u64, dst: u64, n: usize) -> Result<()> {
-        let name = if f32_to_f16 { "kiln_f32_to_f16" } else { "kiln_f16_to_f32" };
-        let f = self.engine.modules.function(&self.engine.convert.module, name)?;
+        let name = if f32_to_f16 {
+            "kiln_f32_to_f16"
+        } else {
+            "kiln_f16_to_f32"
+        };
+        let f = self
+            .engine
+            .modules
+            .function(&self.engine.convert.module, name)?;
         let n64 = n as i64;
         let mut b = self.stream.launch_builder(&f);
         b.arg(&src).arg(&dst).arg(&n64);
@@ -593,12 +698,21 @@ impl GpuContext {
     /// engine was built from). Returns the graph outputs on the host.
     pub fn run(&mut self, graph: &Graph, inputs: &[&Value]) -> Result<Vec<Value>> {
         let engine = self.engine.clone();
-        engine.ctx.bind_to_thread().map_err(|e| cu("bind context", e))?;
+        engine
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| cu("bind context", e))?;
         if inputs.len() != graph.inputs.len() {
-            return Err(KilnError::Other(format!("expected {} inputs, got {}", graph.inputs.len(), inputs.len())));
+            return Err(KilnError::Other(format!(
+                "expected {} inputs, got {}",
+                graph.inputs.len(),
+                inputs.len()
+            )));
         }
         let mut host: HashMap<usize, Value> = HashMap::new();
-        self.events[0].record(&self.stream).map_err(|e| cu("record event", e))?;
+        self.events[0]
+            .record(&self.stream)
+            .map_err(|e| cu("record event", e))?;
         for (k, (&id, v)) in graph.inputs.iter().zip(inputs).enumerate() {
             host.insert(id, (*v).clone());
             let Some(s) = &engine.slots[id] else { continue };
@@ -620,7 +734,9 @@ impl GpuContext {
             let staging = self.staging.ptr();
             let pin = match self.pinned_in.entry(k) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(PinnedBuf::new(&engine.ctx, bytes.len())?),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(PinnedBuf::new(&engine.ctx, bytes.len())?)
+                }
             };
             pin.as_mut_slice().copy_from_slice(bytes);
             if s.dev_dtype == s.host_dtype {
@@ -630,10 +746,18 @@ impl GpuContext {
                 self.convert(true, staging, addr, t.len())?;
             }
         }
-        self.events[1].record(&self.stream).map_err(|e| cu("record event", e))?;
+        self.events[1]
+            .record(&self.stream)
+            .map_err(|e| cu("record event", e))?;
         let t_enqueue = Instant::now();
         let mut cpu_time = 0.0;
         for (i, (node, r)) in graph.nodes.iter().zip(&engine.runners).enumerate() {
+            if let Some(p) = &self.profile {
+                p.events[i]
+                    .0
+                    .record(&self.stream)
+                    .map_err(|e| cu("record event", e))?;
+            }
             match r {
                 Runner::Gpu(layer) => {
                     let dev = |v: &Option<usize>| -> DevTensor {
@@ -660,7 +784,9 @@ impl GpuContext {
                         blas: Some(&self.blas),
                         tf32: engine.opts.tf32,
                     };
-                    layer.enqueue(&cx, &ins, &outs).map_err(|e| e.at_node(&node.name))?;
+                    layer
+                        .enqueue(&cx, &ins, &outs)
+                        .map_err(|e| e.at_node(&node.name))?;
                 }
                 Runner::Cpu(_) => {
                     let t0 = Instant::now();
@@ -706,7 +832,11 @@ impl GpuContext {
                                     ),
                                 });
                             }
-                            let dev = if s.dev_dtype != s.host_dtype { to_f16_saturating(t)? } else { t.clone() };
+                            let dev = if s.dev_dtype != s.host_dtype {
+                                to_f16_saturating(t)?
+                            } else {
+                                t.clone()
+                            };
                             htod(&self.stream, self.addr(s), dev.bytes())?;
                             sync(&self.stream)?;
                         }
@@ -716,9 +846,17 @@ impl GpuContext {
                     tracing::trace!(node = %node.name, step = i, "CPU fallback");
                 }
             }
+            if let Some(p) = &self.profile {
+                p.events[i]
+                    .1
+                    .record(&self.stream)
+                    .map_err(|e| cu("record event", e))?;
+            }
         }
         let enqueue_ms = (t_enqueue.elapsed().as_secs_f64() - cpu_time) * 1e3;
-        self.events[2].record(&self.stream).map_err(|e| cu("record event", e))?;
+        self.events[2]
+            .record(&self.stream)
+            .map_err(|e| cu("record event", e))?;
         // Outputs.
         enum Out {
             Ready(Value),
@@ -746,12 +884,16 @@ impl GpuContext {
             }
             let pin = match self.pinned_out.entry(k) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(PinnedBuf::new(&engine.ctx, bytes)?),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(PinnedBuf::new(&engine.ctx, bytes)?)
+                }
             };
             dtoh(&self.stream, pin.as_mut_slice(), src)?;
             pending.push(Out::Pinned(k, s.host_dtype, s.shape.clone()));
         }
-        self.events[3].record(&self.stream).map_err(|e| cu("record event", e))?;
+        self.events[3]
+            .record(&self.stream)
+            .map_err(|e| cu("record event", e))?;
         sync(&self.stream)?;
         let el = |a: usize, b: usize| -> Result<f64> {
             Ok(self.events[a]
@@ -765,13 +907,23 @@ impl GpuContext {
             enqueue_ms,
             latency_ms: el(0, 3)?,
         });
+        if let Some(p) = &mut self.profile {
+            for (i, (a, b)) in p.events.iter().enumerate() {
+                p.total_ms[i] += a.elapsed_ms(b).map_err(|e| cu("event timing", e))? as f64;
+            }
+            p.runs += 1;
+        }
         pending
             .into_iter()
             .map(|p| match p {
                 Out::Ready(v) => Ok(v),
                 Out::Pinned(k, dt, shape) => {
                     let pin = &self.pinned_out[&k];
-                    Ok(Value::Tensor(Tensor::from_bytes(dt, &shape, pin.as_slice())?))
+                    Ok(Value::Tensor(Tensor::from_bytes(
+                        dt,
+                        &shape,
+                        pin.as_slice(),
+                    )?))
                 }
             })
             .collect()
@@ -795,7 +947,10 @@ mod tests {
         let h = to_f16_saturating(&t).unwrap();
         let v = h.to_f32_vec().unwrap();
         assert_eq!(v, vec![-65504.0, 1.5, 65504.0]);
-        let o = GpuOptions { fp16: true, tf32: false };
+        let o = GpuOptions {
+            fp16: true,
+            tf32: false,
+        };
         assert_eq!(device_dtype(DType::F32, o), DType::F16);
         assert_eq!(device_dtype(DType::I64, o), DType::I64);
         assert_eq!(device_dtype(DType::F32, GpuOptions::default()), DType::F32);

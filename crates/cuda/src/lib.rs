@@ -12,7 +12,7 @@ pub mod library;
 pub mod mem;
 pub mod monitor;
 
-pub use device::{GpuInfo, no_driver_error};
+pub use device::{no_driver_error, GpuInfo};
 pub use exec::{GpuContext, GpuEngine, GpuOptions, GpuTiming, LayerPlacement, ModuleImages};
 pub use layer::{DevShape, DevTensor, GpuLayer, KernelSource, LaunchCx, ModuleSet};
 

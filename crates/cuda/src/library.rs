@@ -12,7 +12,9 @@ use cudarc::cublas::sys as cb;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use kiln_core::{AttrReader, DType, Fact, Node, Result};
 
-use crate::kernels::common::{broadcast_strides, ctype, grid_for, load, prelude, source, store, BLOCK};
+use crate::kernels::common::{
+    broadcast_strides, ctype, grid_for, load, prelude, source, store, BLOCK,
+};
 use crate::kernels::elementwise::activation_expr;
 use crate::layer::{cuda_err, DevTensor, GpuLayer, KernelSource, LaunchCx};
 
@@ -81,7 +83,12 @@ impl GemmCall {
                 cb::cudaDataType::CUDA_R_16F,
                 cb::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             ),
-            other => return Err(cuda_err(tactic, format!("GEMM on {other} is not supported"))),
+            other => {
+                return Err(cuda_err(
+                    tactic,
+                    format!("GEMM on {other} is not supported"),
+                ))
+            }
         };
         let op = |t: bool| {
             if t {
@@ -124,7 +131,10 @@ impl GemmCall {
             )
         };
         if st != cb::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(cuda_err(tactic, format!("cublasGemmStridedBatchedEx: {st:?}")));
+            return Err(cuda_err(
+                tactic,
+                format!("cublasGemmStridedBatchedEx: {st:?}"),
+            ));
         }
         Ok(())
     }
@@ -154,7 +164,11 @@ pub fn fused_activation(node: &Node) -> Result<Option<(String, Vec<f32>)>> {
         return Ok(None);
     };
     let p = a.opt_floats(ACTIVATION_PARAMS_ATTR)?.unwrap_or_default();
-    Ok(if name == "None" { None } else { Some((name, p)) })
+    Ok(if name == "None" {
+        None
+    } else {
+        Some((name, p))
+    })
 }
 
 fn act_code(act: &Option<(String, Vec<f32>)>, x: &str) -> Option<String> {
@@ -252,7 +266,12 @@ impl GpuLayer for MatMulLayer {
     fn sources(&self) -> Vec<KernelSource> {
         self.epilogue.iter().map(|e| e.src.clone()).collect()
     }
-    fn enqueue(&self, cx: &LaunchCx<'_>, inputs: &[DevTensor], outputs: &[DevTensor]) -> Result<()> {
+    fn enqueue(
+        &self,
+        cx: &LaunchCx<'_>,
+        inputs: &[DevTensor],
+        outputs: &[DevTensor],
+    ) -> Result<()> {
         let (a, b, o) = match (inputs.first(), inputs.get(1), outputs.first()) {
             (Some(a), Some(b), Some(o)) => (a, b, o),
             _ => return Err(cuda_err(&self.tactic, "expected 2 inputs and 1 output")),
@@ -260,7 +279,11 @@ impl GpuLayer for MatMulLayer {
         if [a.len(), b.len(), o.len()] != self.sizes {
             return Err(cuda_err(
                 &self.tactic,
-                format!("sizes {:?} differ from the lowered {:?}", [a.len(), b.len(), o.len()], self.sizes),
+                format!(
+                    "sizes {:?} differ from the lowered {:?}",
+                    [a.len(), b.len(), o.len()],
+                    self.sizes
+                ),
             ));
         }
         self.gemm
@@ -294,8 +317,16 @@ fn lower_matmul(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<MatMu
     if !(is_gemm_dtype(da) && da == db && da == dout) || sa.is_empty() || sb.is_empty() {
         return None;
     }
-    let a2 = if sa.len() == 1 { vec![1, sa[0]] } else { sa.clone() };
-    let b2 = if sb.len() == 1 { vec![sb[0], 1] } else { sb.clone() };
+    let a2 = if sa.len() == 1 {
+        vec![1, sa[0]]
+    } else {
+        sa.clone()
+    };
+    let b2 = if sb.len() == 1 {
+        vec![sb[0], 1]
+    } else {
+        sb.clone()
+    };
     let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
     let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
     if k != k2 {
@@ -306,7 +337,11 @@ fn lower_matmul(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<MatMu
     let pa: usize = ba.iter().product();
     let pb: usize = bb.iter().product();
     let r = ba.len().max(bb.len());
-    let pad = |v: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, r - v.len()).chain(v.iter().copied()).collect() };
+    let pad = |v: &[usize]| -> Vec<usize> {
+        std::iter::repeat_n(1, r - v.len())
+            .chain(v.iter().copied())
+            .collect()
+    };
     let (gm, batch, sa_, sb_) = if pb == 1 {
         (m * pa, 1, 0, 0)
     } else if pad(ba) == pad(bb) {
@@ -342,7 +377,10 @@ fn lower_matmul(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<MatMu
     let epilogue = Epilogue::new(da, [1, 1, numel_out as i64], None, 0.0, &act)?;
     let dt = if da == DType::F16 { "f16" } else { "f32" };
     Some(Ok(MatMulLayer {
-        tactic: format!("cublas.gemm.{dt}{}", if epilogue.is_some() { "+epilogue" } else { "" }),
+        tactic: format!(
+            "cublas.gemm.{dt}{}",
+            if epilogue.is_some() { "+epilogue" } else { "" }
+        ),
         gemm,
         alpha: 1.0,
         bias_input: None,
@@ -404,7 +442,10 @@ fn lower_gemm(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<MatMulL
     let epilogue = Epilogue::new(da, [1, m as i64, n as i64], bias, beta, &act)?;
     let dt = if da == DType::F16 { "f16" } else { "f32" };
     Some(Ok(MatMulLayer {
-        tactic: format!("cublas.gemm.{dt}{}", if epilogue.is_some() { "+epilogue" } else { "" }),
+        tactic: format!(
+            "cublas.gemm.{dt}{}",
+            if epilogue.is_some() { "+epilogue" } else { "" }
+        ),
         gemm,
         alpha,
         bias_input: bias.map(|_| 2),
@@ -612,7 +653,11 @@ fn lower_conv(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<ConvLay
     };
     let t = ctype(dx)?;
     let dts = if dx == DType::F16 { "f16" } else { "f32" };
-    let sizes = [sx.iter().product(), sw.iter().product(), so.iter().product()];
+    let sizes = [
+        sx.iter().product(),
+        sw.iter().product(),
+        so.iter().product(),
+    ];
     let k = (p.cg * p.kpos) as usize;
     let gemm = |trans_b_src_stride: i64| GemmCall {
         m: p.m as usize,
@@ -727,7 +772,12 @@ impl GpuLayer for ConvLayer {
             _ => 0,
         }
     }
-    fn enqueue(&self, cx: &LaunchCx<'_>, inputs: &[DevTensor], outputs: &[DevTensor]) -> Result<()> {
+    fn enqueue(
+        &self,
+        cx: &LaunchCx<'_>,
+        inputs: &[DevTensor],
+        outputs: &[DevTensor],
+    ) -> Result<()> {
         let (x, w, y) = match (inputs.first(), inputs.get(1), outputs.first()) {
             (Some(x), Some(w), Some(y)) => (x, w, y),
             _ => return Err(cuda_err(&self.tactic, "expected X, W and an output")),
@@ -735,7 +785,11 @@ impl GpuLayer for ConvLayer {
         if [x.len(), w.len(), y.len()] != self.sizes {
             return Err(cuda_err(
                 &self.tactic,
-                format!("sizes {:?} differ from the lowered {:?}", [x.len(), w.len(), y.len()], self.sizes),
+                format!(
+                    "sizes {:?} differ from the lowered {:?}",
+                    [x.len(), w.len(), y.len()],
+                    self.sizes
+                ),
             ));
         }
         let bias = if self.has_bias {
@@ -748,9 +802,15 @@ impl GpuLayer for ConvLayer {
             ConvTactic::Im2col(g) => {
                 let need = self.workspace_bytes(inputs);
                 if cx.workspace_bytes < need {
-                    return Err(cuda_err(&self.tactic, format!("workspace of {} bytes, {need} needed", cx.workspace_bytes)));
+                    return Err(cuda_err(
+                        &self.tactic,
+                        format!("workspace of {} bytes, {need} needed", cx.workspace_bytes),
+                    ));
                 }
-                let src = self.src.as_ref().ok_or_else(|| cuda_err(&self.tactic, "no module"))?;
+                let src = self
+                    .src
+                    .as_ref()
+                    .ok_or_else(|| cuda_err(&self.tactic, "no module"))?;
                 let f = cx.modules.function(&src.module, "kiln_im2col")?;
                 let total = self.p.n * self.p.c * self.p.kpos * self.p.opos;
                 let col = cx.workspace;
@@ -767,7 +827,10 @@ impl GpuLayer for ConvLayer {
                 g.enqueue(cx, &self.tactic, w.ptr, col, y.ptr, 1.0, 0.0)?;
             }
             ConvTactic::Direct => {
-                let src = self.src.as_ref().ok_or_else(|| cuda_err(&self.tactic, "no module"))?;
+                let src = self
+                    .src
+                    .as_ref()
+                    .ok_or_else(|| cuda_err(&self.tactic, "no module"))?;
                 let f = cx.modules.function(&src.module, "kiln_conv_direct")?;
                 let total = self.p.n * self.p.m * self.p.opos;
                 let has = self.has_bias as i32;
@@ -807,9 +870,15 @@ pub fn lower(node: &Node, inputs: &[Fact], outputs: &[Fact]) -> Option<Result<Bo
         return None;
     }
     match node.desc.op_type.as_str() {
-        "MatMul" => lower_matmul(node, inputs, outputs).map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>)),
-        "Gemm" => lower_gemm(node, inputs, outputs).map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>)),
-        "Conv" => lower_conv(node, inputs, outputs).map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>)),
+        "MatMul" => {
+            lower_matmul(node, inputs, outputs).map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>))
+        }
+        "Gemm" => {
+            lower_gemm(node, inputs, outputs).map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>))
+        }
+        "Conv" => {
+            lower_conv(node, inputs, outputs).map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>))
+        }
         _ => None,
     }
 }

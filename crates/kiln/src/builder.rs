@@ -136,7 +136,9 @@ impl Builder {
                 f.kind == kiln_core::ValueKind::Tensor && f.concrete_shape().is_some()
             });
             if !all_static && config.device == DeviceKind::Auto {
-                tracing::warn!("--device auto: the GPU needs --shapes for every input; building for the CPU");
+                tracing::warn!(
+                    "--device auto: the GPU needs --shapes for every input; building for the CPU"
+                );
                 fingerprint = Fingerprint::cpu();
                 GpuSetup::None
             } else {

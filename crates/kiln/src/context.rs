@@ -83,6 +83,25 @@ impl ExecutionContext {
         }
     }
 
+    /// For GPU engines: times each layer with CUDA events from the next run on (errors on
+    /// CPU engines).
+    pub fn set_gpu_profiling(&mut self, on: bool) -> Result<()> {
+        let Some(gpu) = self.engine.gpu().cloned() else {
+            return Err(KilnError::Other(
+                "per-layer GPU profiling needs a GPU engine (built with --device cuda)".into(),
+            ));
+        };
+        if self.gpu.is_none() {
+            self.gpu = Some(kiln_cuda::GpuContext::new(gpu)?);
+        }
+        self.gpu.as_mut().expect("created above").set_profiling(on)
+    }
+
+    /// For GPU engines with profiling on: mean milliseconds per layer, in node order.
+    pub fn gpu_layer_times(&self) -> Option<Vec<f64>> {
+        self.gpu.as_ref().and_then(|g| g.layer_times())
+    }
+
     /// For GPU engines: CUDA-event timings of the last run (H2D, compute, D2H, enqueue).
     pub fn gpu_timing(&self) -> Option<kiln_cuda::GpuTiming> {
         self.gpu.as_ref().and_then(|g| g.last_timing())

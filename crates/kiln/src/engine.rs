@@ -226,6 +226,11 @@ impl Engine {
         &fingerprint.backend
     }
 
+    /// Facts of every value at the build shapes (engines built with concrete shapes only).
+    pub fn planned_facts(&self) -> Option<&[kiln_core::Fact]> {
+        self.static_plan().map(|(_, p)| p.facts.as_slice())
+    }
+
     /// The GPU side of a CUDA engine.
     pub fn gpu(&self) -> Option<&Arc<kiln_cuda::GpuEngine>> {
         self.inner.gpu.as_ref()

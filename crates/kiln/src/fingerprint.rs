@@ -38,7 +38,11 @@ impl Fingerprint {
     pub fn cuda(gpu: kiln_cuda::GpuInfo) -> Fingerprint {
         Fingerprint {
             backend: "cuda".into(),
-            device: format!("{} (sm_{})", gpu.name, gpu.compute_capability.replace('.', "")),
+            device: format!(
+                "{} (sm_{})",
+                gpu.name,
+                gpu.compute_capability.replace('.', "")
+            ),
             gpu: Some(gpu),
             ..Fingerprint::cpu()
         }
@@ -138,11 +142,17 @@ mod tests {
         let mut other = gpu();
         other.name = "NVIDIA A100".into();
         let why = plan.incompatibility(&Fingerprint::cuda(other)).unwrap();
-        assert!(why.contains("GPU name") && why.contains("NVIDIA A100"), "{why}");
+        assert!(
+            why.contains("GPU name") && why.contains("NVIDIA A100"),
+            "{why}"
+        );
         let mut other = gpu();
         other.cublas_version = "12.9.1".into();
         let why = plan.incompatibility(&Fingerprint::cuda(other)).unwrap();
-        assert!(why.contains("cuBLAS version") && why.contains("12.9.1"), "{why}");
+        assert!(
+            why.contains("cuBLAS version") && why.contains("12.9.1"),
+            "{why}"
+        );
         let why = plan.incompatibility(&Fingerprint::cpu()).unwrap();
         assert!(why.contains("cuda backend"), "{why}");
         // A CPU plan's JSON has no `gpu` field and still decodes.
