@@ -491,15 +491,29 @@ pub struct ConvParams {
 // SAFETY: repr(C) plain integers, valid for any bit pattern; mirrors the CUDA struct below.
 unsafe impl DeviceRepr for ConvParams {}
 
+/// The parameter struct and the input-position helper of the convolution kernels. Index
+/// math runs in `I` (`int` when every offset fits in 31 bits: 64-bit division is several
+/// times slower on the GPU, and im2col is index-bound).
 const CONV_STRUCT: &str = "struct ConvP { long long n, c, m, cg, mg, kpos, opos, ipos; long long is[3], os[3], ks[3], st[3], dl[3], pb[3]; };\n\
-__device__ __forceinline__ bool kiln_conv_in(const ConvP& p, long long kidx, long long o, long long* off) {\n\
-  long long k2 = kidx % p.ks[2], k1 = (kidx / p.ks[2]) % p.ks[1], k0 = kidx / (p.ks[2] * p.ks[1]);\n\
-  long long o2 = o % p.os[2], o1 = (o / p.os[2]) % p.os[1], o0 = o / (p.os[2] * p.os[1]);\n\
-  long long i0 = o0 * p.st[0] - p.pb[0] + k0 * p.dl[0];\n\
-  long long i1 = o1 * p.st[1] - p.pb[1] + k1 * p.dl[1];\n\
-  long long i2 = o2 * p.st[2] - p.pb[2] + k2 * p.dl[2];\n\
-  if (i0 < 0 || i0 >= p.is[0] || i1 < 0 || i1 >= p.is[1] || i2 < 0 || i2 >= p.is[2]) return false;\n\
-  *off = (i0 * p.is[1] + i1) * p.is[2] + i2; return true;\n}\n";
+__device__ __forceinline__ bool kiln_conv_in(const ConvP& p, I kidx, I o, I* off) {\n\
+  I ks2 = (I)p.ks[2], ks1 = (I)p.ks[1], os2 = (I)p.os[2], os1 = (I)p.os[1];\n\
+  I k2 = kidx % ks2, k1 = (kidx / ks2) % ks1, k0 = kidx / (ks2 * ks1);\n\
+  I o2 = o % os2, o1 = (o / os2) % os1, o0 = o / (os2 * os1);\n\
+  I i0 = o0 * (I)p.st[0] - (I)p.pb[0] + k0 * (I)p.dl[0];\n\
+  I i1 = o1 * (I)p.st[1] - (I)p.pb[1] + k1 * (I)p.dl[1];\n\
+  I i2 = o2 * (I)p.st[2] - (I)p.pb[2] + k2 * (I)p.dl[2];\n\
+  if (i0 < 0 || i0 >= (I)p.is[0] || i1 < 0 || i1 >= (I)p.is[1] || i2 < 0 || i2 >= (I)p.is[2]) return false;\n\
+  *off = (i0 * (I)p.is[1] + i1) * (I)p.is[2] + i2; return true;\n}\n";
+
+/// `typedef` of the index type for a convolution whose largest tensor has `max_elems`
+/// elements.
+fn index_typedef(max_elems: i64) -> &'static str {
+    if max_elems < (1i64 << 31) {
+        "typedef int I;\n"
+    } else {
+        "typedef long long I;\n"
+    }
+}
 
 /// How a convolution runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -700,14 +714,17 @@ fn lower_conv(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<ConvLay
         if !g.fits() {
             return None;
         }
+        let largest = (p.n * p.c * p.kpos * p.opos).max(p.n * p.c * p.ipos);
         let code = format!(
-            "{pre}{CONV_STRUCT}extern \"C\" __global__ void kiln_im2col(const {t}* x, {t}* col, long long total, const ConvP p) {{\n\
-             for (long long i = KILN_TID; i < total; i += KILN_STRIDE) {{\n\
-               long long o = i % p.opos; long long kk = (i / p.opos) % (p.c * p.kpos); long long n = i / (p.opos * p.c * p.kpos);\n\
-               long long c = kk / p.kpos; long long kidx = kk % p.kpos; long long off;\n\
-               col[i] = kiln_conv_in(p, kidx, o, &off) ? x[(n * p.c + c) * p.ipos + off] : ({t})0.0f;\n\
+            "{pre}{idx}{CONV_STRUCT}extern \"C\" __global__ void kiln_im2col(const {t}* x, {t}* col, long long total, const ConvP p) {{\n\
+             I opos = (I)p.opos, kpos = (I)p.kpos, ck = (I)(p.c * p.kpos), c_ = (I)p.c, ipos = (I)p.ipos;\n\
+             for (long long j = KILN_TID; j < total; j += KILN_STRIDE) {{\n\
+               I i = (I)j; I o = i % opos; I kk = (i / opos) % ck; I n = i / (opos * ck);\n\
+               I c = kk / kpos; I kidx = kk - c * kpos; I off;\n\
+               col[j] = kiln_conv_in(p, kidx, o, &off) ? x[(n * c_ + c) * ipos + off] : ({t})0.0f;\n\
              }}\n}}\n",
             pre = prelude(&[dx]),
+            idx = index_typedef(largest),
         );
         return Some(Ok(ConvLayer {
             tactic: format!("nvrtc.im2col+cublas.gemm.{dts}"),
@@ -721,23 +738,26 @@ fn lower_conv(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<ConvLay
         }));
     }
     let e = act_code(&act, "acc")?;
+    let largest = (p.n * p.m * p.opos).max(p.n * p.c * p.ipos);
     let code = format!(
-        "{pre}{CONV_STRUCT}extern \"C\" __global__ void kiln_conv_direct(const {t}* x, const {t}* w, const {t}* b, {t}* y, long long total, int has_bias, const ConvP p) {{\n\
-         for (long long i = KILN_TID; i < total; i += KILN_STRIDE) {{\n\
-           long long o = i % p.opos; long long m = (i / p.opos) % p.m; long long n = i / (p.opos * p.m);\n\
-           long long g = m / p.mg; float acc = 0.0f;\n\
-           const {t}* xb = x + (n * p.c + g * p.cg) * p.ipos; const {t}* wb = w + m * p.cg * p.kpos;\n\
-           for (long long c = 0; c < p.cg; ++c) {{\n\
-             for (long long kidx = 0; kidx < p.kpos; ++kidx) {{ long long off;\n\
+        "{pre}{idx}{CONV_STRUCT}extern \"C\" __global__ void kiln_conv_direct(const {t}* x, const {t}* w, const {t}* b, {t}* y, long long total, int has_bias, const ConvP p) {{\n\
+         I opos = (I)p.opos, m_ = (I)p.m, cg = (I)p.cg, kpos = (I)p.kpos, ipos = (I)p.ipos;\n\
+         for (long long j = KILN_TID; j < total; j += KILN_STRIDE) {{\n\
+           I i = (I)j; I o = i % opos; I m = (i / opos) % m_; I n = i / (opos * m_);\n\
+           I g = m / (I)p.mg; float acc = 0.0f;\n\
+           const {t}* xb = x + ((long long)n * p.c + (long long)g * p.cg) * p.ipos; const {t}* wb = w + (long long)m * p.cg * p.kpos;\n\
+           for (I c = 0; c < cg; ++c) {{\n\
+             for (I kidx = 0; kidx < kpos; ++kidx) {{ I off;\n\
                if (kiln_conv_in(p, kidx, o, &off)) acc += {lx} * {lw};\n\
              }}\n\
            }}\n\
            if (has_bias) acc += {lb};\n\
-           y[i] = {st};\n\
+           y[j] = {st};\n\
          }}\n}}\n",
         pre = prelude(&[dx]),
-        lx = load(dx, "xb[c * p.ipos + off]"),
-        lw = load(dx, "wb[c * p.kpos + kidx]"),
+        idx = index_typedef(largest),
+        lx = load(dx, "xb[c * ipos + off]"),
+        lw = load(dx, "wb[c * kpos + kidx]"),
         lb = load(dx, "b[m]"),
         st = store(dx, &e),
     );
@@ -880,5 +900,204 @@ pub fn lower(node: &Node, inputs: &[Fact], outputs: &[Fact]) -> Option<Result<Bo
             lower_conv(node, inputs, outputs).map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::{f, node};
+    use kiln_core::Attr;
+
+    fn lower_one(
+        op: &str,
+        attrs: Vec<(&str, Attr)>,
+        ins: &[(DType, &[usize])],
+        out: (DType, &[usize]),
+    ) -> Option<Box<dyn GpuLayer>> {
+        let n = node(op, 13, attrs, ins.len(), 1);
+        let fi: Vec<Fact> = ins.iter().map(|(d, s)| f(*d, s)).collect();
+        lower(&n, &fi, &[f(out.0, out.1)]).map(|r| r.expect("lowering error"))
+    }
+
+    fn matmul(a: &[usize], b: &[usize], o: &[usize]) -> Option<GemmCall> {
+        let n = node("MatMul", 13, vec![], 2, 1);
+        lower_matmul(
+            &n,
+            &[f(DType::F32, a), f(DType::F32, b)],
+            &[f(DType::F32, o)],
+        )
+        .map(|r| r.unwrap().gemm)
+    }
+
+    #[test]
+    fn matmul_batching_and_broadcast() {
+        // B shared: A's batch folds into M.
+        let g = matmul(&[3, 5, 7], &[7, 4], &[3, 5, 4]).unwrap();
+        assert_eq!((g.m, g.n, g.k, g.batch), (15, 4, 7, 1));
+        // Equal batches: strided batch.
+        let g = matmul(&[2, 3, 5, 7], &[2, 3, 7, 6], &[2, 3, 5, 6]).unwrap();
+        assert_eq!(
+            (g.batch, g.stride_a, g.stride_b, g.stride_c),
+            (6, 35, 42, 30)
+        );
+        // A shared across B's batch.
+        let g = matmul(&[5, 7], &[2, 7, 3], &[2, 5, 3]).unwrap();
+        assert_eq!((g.batch, g.stride_a, g.stride_b), (2, 0, 21));
+        // Vectors.
+        assert_eq!(matmul(&[7], &[7, 3], &[3]).unwrap().m, 1);
+        assert_eq!(matmul(&[4, 7], &[7], &[4]).unwrap().n, 1);
+        // Mixed broadcast ([2,1] x [1,3] batches) and bad K are left to others.
+        assert!(matmul(&[2, 1, 5, 7], &[1, 3, 7, 6], &[2, 3, 5, 6]).is_none());
+        assert!(matmul(&[5, 7], &[6, 3], &[5, 3]).is_none());
+        // Integer MatMul is not a cuBLAS float GEMM.
+        assert!(lower_one(
+            "MatMul",
+            vec![],
+            &[(DType::I32, &[2, 3]), (DType::I32, &[3, 2])],
+            (DType::I32, &[2, 2])
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn gemm_tactics_and_epilogue() {
+        let l = lower_one(
+            "Gemm",
+            vec![("transB", Attr::Int(1))],
+            &[
+                (DType::F16, &[6, 9]),
+                (DType::F16, &[4, 9]),
+                (DType::F16, &[4]),
+            ],
+            (DType::F16, &[6, 4]),
+        )
+        .unwrap();
+        assert_eq!(l.tactic(), "cublas.gemm.f16+epilogue");
+        assert_eq!(l.sources().len(), 1);
+        assert!(l.sources()[0].code.contains("kiln_epilogue"));
+        let l = lower_one(
+            "Gemm",
+            vec![],
+            &[(DType::F32, &[6, 9]), (DType::F32, &[9, 4])],
+            (DType::F32, &[6, 4]),
+        )
+        .unwrap();
+        assert_eq!(l.tactic(), "cublas.gemm.f32");
+        assert!(l.sources().is_empty());
+        // A bias that does not broadcast to [M, N] is refused.
+        assert!(lower_one(
+            "Gemm",
+            vec![],
+            &[
+                (DType::F32, &[6, 9]),
+                (DType::F32, &[9, 4]),
+                (DType::F32, &[5])
+            ],
+            (DType::F32, &[6, 4])
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn conv_tactics_and_geometry() {
+        let x = (DType::F32, &[2usize, 6, 5, 7][..]);
+        let l = lower_one(
+            "Conv",
+            vec![],
+            &[x, (DType::F32, &[8, 6, 1, 1])],
+            (DType::F32, &[2, 8, 5, 7]),
+        )
+        .unwrap();
+        assert_eq!(l.tactic(), "cublas.conv1x1.f32");
+        let l = lower_one(
+            "Conv",
+            vec![("pads", Attr::Ints(vec![1, 1, 1, 1]))],
+            &[x, (DType::F32, &[8, 6, 3, 3]), (DType::F32, &[8])],
+            (DType::F32, &[2, 8, 5, 7]),
+        )
+        .unwrap();
+        assert_eq!(l.tactic(), "nvrtc.im2col+cublas.gemm.f32");
+        // im2col workspace: N * C * kh * kw * Ho * Wo floats.
+        assert_eq!(l.workspace_bytes(&[]), 2 * 6 * 9 * 35 * 4);
+        assert!(l.sources()[0].code.contains("typedef int I;"));
+        let l = lower_one(
+            "Conv",
+            vec![("group", Attr::Int(3))],
+            &[x, (DType::F32, &[6, 2, 3, 3])],
+            (DType::F32, &[2, 6, 3, 5]),
+        )
+        .unwrap();
+        assert_eq!(l.tactic(), "nvrtc.conv_direct.f32");
+        // Wrong output size (pads missing) and unknown auto_pad are refused.
+        assert!(lower_one(
+            "Conv",
+            vec![],
+            &[x, (DType::F32, &[8, 6, 3, 3])],
+            (DType::F32, &[2, 8, 5, 7])
+        )
+        .is_none());
+        assert!(lower_one(
+            "Conv",
+            vec![("auto_pad", Attr::String("BOGUS".into()))],
+            &[x, (DType::F32, &[8, 6, 3, 3])],
+            (DType::F32, &[2, 8, 3, 5])
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn same_upper_pads() {
+        let n = node(
+            "Conv",
+            11,
+            vec![
+                ("auto_pad", Attr::String("SAME_UPPER".into())),
+                ("strides", Attr::Ints(vec![2, 2])),
+            ],
+            2,
+            1,
+        );
+        let p = conv_geometry(&n, &[1, 3, 10, 9], &[5, 3, 3, 2], &[1, 5, 5, 5]).unwrap();
+        // H: total pad (5-1)*2+3-10 = 1 -> begin 0; W: (5-1)*2+2-9 = 1 -> begin 0.
+        assert_eq!(p.pb, [0, 0, 0]);
+        assert_eq!((p.kpos, p.opos, p.ipos), (6, 25, 90));
+        let n = node(
+            "Conv",
+            11,
+            vec![("auto_pad", Attr::String("SAME_LOWER".into()))],
+            2,
+            1,
+        );
+        let p = conv_geometry(&n, &[1, 3, 10], &[5, 3, 4], &[1, 5, 10]).unwrap();
+        assert_eq!(p.pb, [0, 0, 2]);
+    }
+
+    #[test]
+    fn fused_activation_reaches_the_epilogue() {
+        let mut n = node("Conv", 11, vec![], 3, 1);
+        n.desc.domain = "kiln".into();
+        n.desc
+            .attrs
+            .insert(ACTIVATION_ATTR.into(), Attr::String("LeakyRelu".into()));
+        n.desc
+            .attrs
+            .insert(ACTIVATION_PARAMS_ATTR.into(), Attr::Floats(vec![0.25]));
+        let fi = [
+            f(DType::F16, &[1, 2, 4, 4]),
+            f(DType::F16, &[3, 2, 1, 1]),
+            f(DType::F16, &[3]),
+        ];
+        let l = lower(&n, &fi, &[f(DType::F16, &[1, 3, 4, 4])])
+            .unwrap()
+            .unwrap();
+        let code: String = l.sources().iter().map(|s| s.code.clone()).collect();
+        assert!(code.contains("2.5e-1f"), "{code}");
+        assert!(code.contains("__half"), "{code}");
+        // An activation with no CUDA expression is not lowered.
+        n.desc
+            .attrs
+            .insert(ACTIVATION_ATTR.into(), Attr::String("Nonesuch".into()));
+        assert!(lower(&n, &fi, &[f(DType::F16, &[1, 3, 4, 4])]).is_none());
     }
 }
