@@ -190,6 +190,9 @@ fn device_facts(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<O
     Ok(out)
 }
 
+/// One compiled module: name and CUBIN.
+type Image = (String, Vec<u8>);
+
 fn compile_all(sources: &[KernelSource], arch: &str) -> Result<ModuleImages> {
     let threads = std::thread::available_parallelism()
         .map_or(4, |n| n.get())
@@ -197,7 +200,7 @@ fn compile_all(sources: &[KernelSource], arch: &str) -> Result<ModuleImages> {
     let chunks: Vec<&[KernelSource]> = sources
         .chunks(sources.len().div_ceil(threads).max(1))
         .collect();
-    let results: Vec<Result<Vec<(String, Vec<u8>)>>> = std::thread::scope(|s| {
+    let results: Vec<Result<Vec<Image>>> = std::thread::scope(|s| {
         let handles: Vec<_> = chunks
             .iter()
             .map(|chunk| {
