@@ -356,6 +356,74 @@ mod tests {
             .contains("checksum"));
     }
 
+    fn gpu_info(cublas: &str) -> kiln_cuda::GpuInfo {
+        kiln_cuda::GpuInfo {
+            name: "NVIDIA H200".into(),
+            compute_capability: "9.0".into(),
+            driver_version: "13.0".into(),
+            nvrtc_version: "13.0".into(),
+            cublas_version: cublas.into(),
+            cudnn_version: "none".into(),
+        }
+    }
+
+    fn gpu_plan(path: &Path, fp: &Fingerprint) {
+        let mut g = Graph::default();
+        let w = g.add_value("w", Fact::concrete(DType::F32, &[2]));
+        g.constants
+            .insert(w, Tensor::from_vec(&[2], vec![1.5f32, -2.0]).unwrap());
+        g.outputs = vec![w];
+        let mut modules = kiln_cuda::ModuleImages::new();
+        modules.insert("kiln_x".into(), vec![1, 2, 3]);
+        let rec = GpuPlanRec {
+            options: kiln_cuda::GpuOptions {
+                fp16: true,
+                tf32: false,
+            },
+            modules,
+        };
+        let bytes = write_plan(
+            &g,
+            fp,
+            &BTreeMap::new(),
+            &OptimizeReport::default(),
+            &BTreeMap::new(),
+            "t.onnx",
+            Some(rec),
+        )
+        .unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// A GPU plan keeps its GPU section, and is refused, naming the field, on a machine
+    /// whose libraries differ.
+    #[test]
+    fn gpu_plan_round_trip_and_library_mismatch() {
+        let path = std::env::temp_dir().join(format!("kiln-plan-gpu-{}.plan", std::process::id()));
+        let built = Fingerprint::cuda(gpu_info("13.0.0"));
+        gpu_plan(&path, &built);
+        assert_eq!(peek_backend(&path).unwrap(), "cuda");
+        let loaded = load_plan(&path, &OpRegistry::new(), &built).unwrap();
+        let gpu = loaded.gpu.expect("GPU section");
+        assert!(gpu.options.fp16 && !gpu.options.tf32);
+        assert_eq!(gpu.modules["kiln_x"], vec![1, 2, 3]);
+        let here = Fingerprint::cuda(gpu_info("12.9.1"));
+        let e = load_plan(&path, &OpRegistry::new(), &here)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("cuBLAS version") && e.contains("13.0.0") && e.contains("12.9.1"),
+            "{e}"
+        );
+        // Without a driver, loading a GPU plan says so.
+        if !kiln_cuda::driver_present() {
+            let e = crate::Runtime::load(&path).err().unwrap().to_string();
+            assert!(e.contains("no CUDA driver found"), "{e}");
+        }
+        std::fs::remove_file(&path).ok();
+    }
+
     #[test]
     fn rejects_plan_for_another_device() {
         let bytes = sample_plan();
