@@ -10,7 +10,9 @@
 #                                        NVRTC kernel tests, ResNet-50 and BERT-base exported
 #                                        with torch and checked against torch, kiln FP16
 #                                        benchmarks next to gpu_peers.py (eager; `full` adds
-#                                        torch.compile), logs under $OUT, summary table last.
+#                                        torch.compile; `quick` stops after the
+#                                        model and kernel tests), logs under $OUT,
+#                                        summary table last.
 set -uo pipefail
 mode=${1:-}
 case "$mode" in
@@ -61,6 +63,13 @@ run)
     stamp "NVRTC kernel tests"
     timeout 240 "$W/bin/gpu_kernels" --nocapture --test-threads=1 gpu_kernels_match_cpu > "$OUT/kernels.log" 2>&1
     echo "gpu_kernels rc=$?"; grep -A12 "==== summary" "$OUT/kernels.log"; grep "^FAIL" "$OUT/kernels.log" | head -20
+  fi
+
+  if [ "$full" = quick ]; then
+    $K monitor --count 2 --interval-ms 200 --csv || true
+    stamp "summary"
+    python3 "$here/gpu_summary.py" "$OUT" | tee "$OUT/summary.md"
+    exit 0
   fi
 
   stamp "torch export"

@@ -162,7 +162,9 @@ fn convert_source() -> KernelSource {
     )
 }
 
-/// The device facts of every value (dtype mapped by `opts`, constants converted).
+/// The device facts of every value (dtype mapped by `opts`). Constant values keep their
+/// graph dtype and full precision (lowerings read them as parameters: Resize scales, Pad
+/// values, ...); weights are converted when they are uploaded.
 fn device_facts(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<Option<Fact>>> {
     let mut out = Vec::with_capacity(facts.len());
     for (id, f) in facts.iter().enumerate() {
@@ -178,13 +180,7 @@ fn device_facts(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<O
         let ddt = device_dtype(dt, opts);
         let mut df = Fact::concrete(ddt, &shape);
         let konst = graph.constants.get(&id).or(f.konst.as_ref());
-        if let Some(k) = konst {
-            df.konst = Some(if ddt != dt {
-                to_f16_saturating(k)?
-            } else {
-                k.clone()
-            });
-        }
+        df.konst = konst.cloned();
         out.push(Some(df));
     }
     Ok(out)
@@ -382,7 +378,11 @@ impl GpuEngine {
             if !gpu_read[*id] {
                 continue;
             }
-            let dev = df.konst.as_ref().expect("constants carry their value");
+            let dev = if df.dtype != Some(t.dtype()) {
+                to_f16_saturating(t)?
+            } else {
+                t.clone()
+            };
             let off = wbytes.len();
             wbytes.extend_from_slice(dev.bytes());
             wbytes.resize(wbytes.len().div_ceil(256) * 256, 0);
@@ -943,6 +943,34 @@ impl Drop for GpuContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fp16_device_facts_keep_parameters_exact() {
+        let mut g = Graph::default();
+        let t = Tensor::from_vec(&[2], vec![1.0f32, 1.0 / 3.0]).unwrap();
+        let s = g.add_value("scales", Fact::concrete(DType::F32, &[2]));
+        g.constants.insert(s, t.clone());
+        let x = g.add_value("x", Fact::concrete(DType::F32, &[1, 3]));
+        let q = g.add_value("seq", Fact::unknown());
+        let facts = vec![
+            Fact::constant(t),
+            Fact::concrete(DType::F32, &[1, 3]),
+            Fact::unknown(),
+        ];
+        let o = GpuOptions {
+            fp16: true,
+            tf32: false,
+        };
+        let d = device_facts(&g, &facts, o).unwrap();
+        let ds = d[s].as_ref().unwrap();
+        assert_eq!(ds.dtype, Some(DType::F16));
+        assert_eq!(
+            ds.konst.as_ref().unwrap().to_f32_vec().unwrap()[1],
+            1.0 / 3.0
+        );
+        assert_eq!(d[x].as_ref().unwrap().dtype, Some(DType::F16));
+        assert!(d[q].is_none(), "unknown values stay on the host");
+    }
 
     #[test]
     fn fp16_saturates_and_maps_dtypes() {
