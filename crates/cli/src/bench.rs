@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use kiln::{ExecutionContext, Value};
+use kiln_cuda::GpuTiming;
 
 use crate::common::{self, shape_str, CliError, CliResult, Globals};
 use crate::stats::Latency;
@@ -57,22 +58,75 @@ impl StopRule {
     }
 }
 
-/// Runs iterations until `rule` says stop; returns each iteration's latency in ms.
+/// Runs iterations until `rule` says stop; returns each iteration's host latency in ms and,
+/// for GPU engines, its CUDA-event timings.
 fn phase(
     ctx: &mut ExecutionContext,
     inputs: &[(&str, Value)],
     rule: StopRule,
-) -> CliResult<Vec<f64>> {
+) -> CliResult<(Vec<f64>, Vec<GpuTiming>)> {
     let start = Instant::now();
     let mut samples = Vec::new();
+    let mut gpu = Vec::new();
     while !rule.done(samples.len() as u64, start.elapsed()) {
         let t = Instant::now();
         let out = ctx.execute(inputs)?;
         let dt = t.elapsed();
         drop(out);
         samples.push(dt.as_secs_f64() * 1e3);
+        if let Some(g) = ctx.gpu_timing() {
+            gpu.push(g);
+        }
     }
-    Ok(samples)
+    Ok((samples, gpu))
+}
+
+/// Per-layer profile of a GPU engine: (layer, op, tactic, mean ms, share of the total),
+/// slowest first, from 10 runs with CUDA events around every layer.
+type LayerProfile = (String, String, String, f64, f64);
+
+fn profile_layers(
+    ctx: &mut ExecutionContext,
+    inputs: &[(&str, Value)],
+) -> CliResult<Vec<LayerProfile>> {
+    ctx.set_gpu_profiling(true)?;
+    for _ in 0..10 {
+        ctx.execute(inputs)?;
+    }
+    let times = ctx.gpu_layer_times().unwrap_or_default();
+    ctx.set_gpu_profiling(false)?;
+    let layers = ctx.engine().layers();
+    let total: f64 = times.iter().sum::<f64>().max(1e-12);
+    let mut v: Vec<LayerProfile> = layers
+        .into_iter()
+        .zip(times)
+        .map(|(l, t)| (l.name, l.op, l.tactic, t, t / total))
+        .collect();
+    v.sort_by(|a, b| b.3.total_cmp(&a.3));
+    Ok(v)
+}
+
+/// The trtexec-style GPU metrics: name and per-iteration values (ms).
+fn gpu_metrics(t: &[GpuTiming]) -> Vec<(&'static str, Latency)> {
+    let col =
+        |f: fn(&GpuTiming) -> f64| Latency::from_samples(&t.iter().map(f).collect::<Vec<_>>());
+    vec![
+        ("latency (H2D+compute+D2H)", col(|g| g.latency_ms)),
+        ("GPU compute", col(|g| g.compute_ms)),
+        ("enqueue", col(|g| g.enqueue_ms)),
+        ("H2D", col(|g| g.h2d_ms)),
+        ("D2H", col(|g| g.d2h_ms)),
+    ]
+}
+
+fn json_key(name: &str) -> &'static str {
+    match name {
+        "latency (H2D+compute+D2H)" => "gpu_latency_ms",
+        "GPU compute" => "gpu_compute_ms",
+        "enqueue" => "enqueue_ms",
+        "H2D" => "h2d_ms",
+        _ => "d2h_ms",
+    }
 }
 
 /// Runs `kiln bench`.
@@ -111,13 +165,31 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
     let pb = common::spinner(g, "warming up");
     let warm = phase(&mut ctx, &values, warmup).map_err(hint);
     pb.finish_and_clear();
-    let warm = warm?;
+    let (warm, _) = warm?;
+    let sampler = if engine.gpu().is_some() {
+        match kiln_cuda::monitor::Sampler::start(0, Duration::from_millis(100)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("no NVML sampling during the run: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let pb = common::spinner(g, "timing");
     let start = Instant::now();
     let samples = phase(&mut ctx, &values, timing).map_err(hint);
     let wall = start.elapsed();
     pb.finish_and_clear();
-    let samples = samples?;
+    let nvml = sampler.map(|s| s.stop());
+    let (samples, gpu_t) = samples?;
+    let metrics = gpu_metrics(&gpu_t);
+    let profile = if a.profile {
+        profile_layers(&mut ctx, &values)?
+    } else {
+        Vec::new()
+    };
 
     let lat = Latency::from_samples(&samples);
     let busy: f64 = samples.iter().sum::<f64>() / 1e3;
@@ -141,6 +213,27 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
             "throughput_per_s": throughput,
             "inputs": shapes_json,
         });
+        let mut v = v;
+        if !gpu_t.is_empty() {
+            let gpu = engine.gpu().expect("GPU timings come from GPU engines");
+            v["gpu"] = serde_json::json!({
+                "name": gpu.info().name,
+                "precision": if gpu.options().fp16 { "fp16" } else if gpu.options().tf32 { "tf32" } else { "fp32" },
+                "fallback_layers": gpu.fallbacks(),
+                "nvml": nvml,
+            });
+            for (name, l) in &metrics {
+                v[json_key(name)] = l.to_json();
+            }
+            let median = metrics[0].1.median;
+            v["gpu_throughput_per_s"] = serde_json::json!(1e3 / median);
+        }
+        if a.profile {
+            v["profile"] = serde_json::json!(profile
+                .iter()
+                .map(|p| serde_json::json!({"layer": p.0, "op": p.1, "tactic": p.2, "ms": p.3, "share": p.4}))
+                .collect::<Vec<_>>());
+        }
         // One line: easy to append to a log of runs (JSON Lines).
         println!("{v}");
         return Ok(());
@@ -191,7 +284,54 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
             )
             .collect(),
     ];
+    let mut rows = rows;
+    for (name, l) in &metrics {
+        rows.push(
+            std::iter::once(format!("{name} (ms)"))
+                .chain(
+                    [l.min, l.median, l.mean, l.p90, l.p95, l.p99, l.max]
+                        .iter()
+                        .map(|v| format!("{v:.3}")),
+                )
+                .collect(),
+        );
+    }
     print!("{}", common::table(&rows));
+    if let Some(n) = &nvml {
+        println!(
+            "nvml        {} samples: GPU util {:.0}%, SM clock {:.0} MHz, memory used {} MiB, power {:.0} W",
+            n.samples,
+            n.avg_gpu_util_pct,
+            n.avg_sm_clock_mhz,
+            n.max_mem_used_bytes >> 20,
+            n.avg_power_w
+        );
+    }
+    if let Some(gpu) = engine.gpu() {
+        println!(
+            "gpu         {} layers on the CPU (fallback)",
+            gpu.fallbacks()
+        );
+    }
+    if !profile.is_empty() {
+        let mut rows = vec![vec![
+            "slowest layers".to_string(),
+            "op".into(),
+            "tactic".into(),
+            "ms".into(),
+            "share".into(),
+        ]];
+        for p in profile.iter().take(15) {
+            rows.push(vec![
+                p.0.clone(),
+                p.1.clone(),
+                p.2.clone(),
+                format!("{:.4}", p.3),
+                format!("{:.1}%", p.4 * 100.0),
+            ]);
+        }
+        print!("{}", common::table(&rows));
+    }
     match batch {
         Some(b) if b > 1 => println!(
             "throughput  {throughput:.2} inferences/s (batch {b}: {:.2} samples/s)",

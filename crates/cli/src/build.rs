@@ -32,7 +32,14 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
         )));
     }
     let start = Instant::now();
-    let loaded = common::load_model(g, &a.model, &shapes, a.device.into(), !a.no_optimize)?;
+    let config = kiln::BuilderConfig {
+        device: a.device.into(),
+        optimize: !a.no_optimize,
+        fp16: a.fp16,
+        tf32: a.tf32,
+        ..kiln::BuilderConfig::default()
+    };
+    let loaded = common::load_model_with(g, &a.model, &shapes, config)?;
     if loaded.kind == ModelKind::Plan {
         return Err(CliError(format!(
             "{} is already a plan; kiln build takes an ONNX model",
@@ -67,6 +74,13 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
             "layers_after": engine.graph().nodes.len(),
             "optimizer": report,
             "memory": memory,
+            "gpu": engine.gpu().map(|gpu| serde_json::json!({
+                "options": gpu.options(),
+                "fallback_layers": gpu.fallbacks(),
+                "modules": gpu.images().len(),
+                "arena_bytes": gpu.arena_bytes().0,
+                "weight_bytes": gpu.weight_bytes(),
+            })),
             "weights_bytes": weights,
             "plan_bytes": plan_bytes,
             "build_time_s": build_time.as_secs_f64(),

@@ -191,6 +191,21 @@ pub fn load_model(
     device: DeviceKind,
     optimize: bool,
 ) -> CliResult<Loaded> {
+    let config = BuilderConfig {
+        device,
+        optimize,
+        ..BuilderConfig::default()
+    };
+    load_model_with(g, path, shapes, config)
+}
+
+/// Like [`load_model`], building ONNX models with `config` (its shapes replaced by `shapes`).
+pub fn load_model_with(
+    g: &Globals,
+    path: &Path,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    config: BuilderConfig,
+) -> CliResult<Loaded> {
     let meta =
         std::fs::metadata(path).context(|| format!("cannot open model {}", path.display()))?;
     if meta.is_dir() {
@@ -217,9 +232,8 @@ pub fn load_model(
     }
     let pb = spinner(g, format!("building {}", path.display()));
     let config = BuilderConfig {
-        device,
         shapes: shapes.clone(),
-        optimize,
+        ..config
     };
     let engine = Builder::new()
         .build_onnx_file(path, &config)

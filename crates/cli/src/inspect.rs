@@ -61,6 +61,15 @@ pub fn run(g: &Globals, a: InspectArgs) -> CliResult<()> {
             "outputs": engine.outputs().iter().map(io_json).collect::<Vec<_>>(),
             "memory": memory,
             "memory_note": memory_note,
+            "gpu": engine.gpu().map(|g| serde_json::json!({
+                "options": g.options(),
+                "info": g.info(),
+                "arena_bytes": g.arena_bytes().0,
+                "arena_lower_bound_bytes": g.arena_bytes().1,
+                "weight_bytes": g.weight_bytes(),
+                "modules": g.images().len(),
+                "fallback_layers": g.fallbacks(),
+            })),
             "weights_bytes": weights,
             "weights_tensors": engine.graph().constants.len(),
             "optimizer": engine.optimize_report(),
@@ -189,6 +198,21 @@ fn print_text(
     if let Some(n) = memory_note {
         rows.push(vec!["  note".into(), n]);
     }
+    if let Some(g) = engine.gpu() {
+        let (arena, bound) = g.arena_bytes();
+        rows.push(vec![
+            "  GPU".into(),
+            format!(
+                "arena {} (lower bound {}), weights {} on the device, {} CUBIN modules, {} layers on the CPU (fallback), {}",
+                human_bytes(arena),
+                human_bytes(bound),
+                human_bytes(g.weight_bytes()),
+                g.images().len(),
+                g.fallbacks(),
+                if g.options().fp16 { "FP16 (values shown below are the graph's FP32 types)" } else if g.options().tf32 { "FP32 with TF32 GEMMs" } else { "FP32" }
+            ),
+        ]);
+    }
     rows.push(vec![
         "  weights".into(),
         format!(
@@ -227,6 +251,7 @@ fn print_text(
         "name".into(),
         "op".into(),
         "fused from".into(),
+        "device".into(),
         "precision".into(),
         "tactic".into(),
         "inputs -> outputs".into(),
@@ -249,6 +274,7 @@ fn print_text(
             l.name.clone(),
             l.op.clone(),
             fused,
+            l.device.clone(),
             l.precision.clone(),
             l.tactic.clone(),
             format!("{} -> {}", io(&l.inputs), io(&l.outputs)),

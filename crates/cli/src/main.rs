@@ -7,6 +7,7 @@ mod bench;
 mod build;
 mod common;
 mod inspect;
+mod monitor;
 mod run;
 mod stats;
 mod version;
@@ -38,7 +39,9 @@ Examples:
   # Several inputs; a scalar input is written NAME: (empty dims):
   kiln build vad.onnx -o vad.plan --shapes input:1x512,state:2x1x128
   # Machine-readable summary:
-  kiln build model.onnx -o model.plan --json";
+  kiln build model.onnx -o model.plan --json
+  # On the GPU, FP16 (needs concrete shapes):
+  kiln build model.onnx -o model.plan --device cuda --fp16 --shapes x:8x3x224x224";
 
 const RUN_EXAMPLES: &str = "\
 Examples:
@@ -65,6 +68,12 @@ Examples:
   kiln inspect model.plan
   kiln inspect model.onnx --shapes x:1x3x224x224
   kiln inspect model.plan --shapes x:4x3x224x224 --json   # memory plan at batch 4";
+
+const MONITOR_EXAMPLES: &str = "\
+Examples:
+  kiln monitor                          # every 500 ms until Ctrl-C
+  kiln monitor --interval-ms 100 --count 20
+  kiln monitor --csv --count 60 > gpu.csv";
 
 const VERSION_EXAMPLES: &str = "\
 Examples:
@@ -108,6 +117,9 @@ enum Command {
     /// Show kiln's version and build details.
     #[command(after_help = VERSION_EXAMPLES)]
     Version(VersionArgs),
+    /// Sample GPU utilization, memory, clocks, power, temperature and throttling (NVML).
+    #[command(after_help = MONITOR_EXAMPLES)]
+    Monitor(MonitorArgs),
 }
 
 /// Target device for `--device`.
@@ -117,7 +129,7 @@ pub enum Device {
     Auto,
     /// The CPU backend.
     Cpu,
-    /// The CUDA backend (not available in this build).
+    /// The CUDA backend (needs a GPU, its driver and --shapes for every input).
     Cuda,
 }
 
@@ -149,9 +161,29 @@ pub struct BuildArgs {
     /// Skip the optimisation passes (for debugging).
     #[arg(long)]
     pub no_optimize: bool,
+    /// GPU engines: float weights and activations in FP16 (GEMMs accumulate in FP32).
+    #[arg(long)]
+    pub fp16: bool,
+    /// GPU engines: allow TF32 tensor-core math in FP32 matrix products (off by default).
+    #[arg(long)]
+    pub tf32: bool,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Arguments of `kiln monitor`.
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    /// Time between samples, in milliseconds.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..))]
+    pub interval_ms: u64,
+    /// Stop after this many samples [default: run until interrupted].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Comma-separated values with a header line instead of a table.
+    #[arg(long)]
+    pub csv: bool,
 }
 
 /// Arguments of `kiln run`.
@@ -199,6 +231,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// GPU engines: after timing, run again with CUDA events around every layer and print
+    /// the slowest layers (in `--json`: `profile`).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Arguments of `kiln inspect`.
@@ -281,6 +317,7 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Bench(a) => bench::run(&g, a),
         Command::Inspect(a) => inspect::run(&g, a),
         Command::Version(a) => version::run(a),
+        Command::Monitor(a) => monitor::run(a),
     }
 }
 

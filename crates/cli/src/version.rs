@@ -12,7 +12,7 @@ pub const TARGET: &str = env!("KILN_TARGET");
 /// Cargo profile (`debug` or `release`).
 pub const PROFILE: &str = env!("KILN_PROFILE");
 /// Backends compiled in.
-pub const BACKENDS: &[&str] = &["cpu"];
+pub const BACKENDS: &[&str] = &["cpu", "cuda"];
 
 /// Runs `kiln version`.
 pub fn run(a: VersionArgs) -> CliResult<()> {
@@ -26,6 +26,7 @@ pub fn run(a: VersionArgs) -> CliResult<()> {
             "target": TARGET,
             "arch": std::env::consts::ARCH,
             "backends": BACKENDS,
+            "cuda_driver_found": kiln_cuda::driver_present(),
             "cpu_features": features,
             "plan_format_version": kiln::plan::FORMAT_VERSION,
         }));
@@ -38,7 +39,18 @@ pub fn run(a: VersionArgs) -> CliResult<()> {
             format!("{BUILD_DATE} ({PROFILE} profile)"),
         ],
         vec!["  target".to_string(), TARGET.to_string()],
-        vec!["  backends".to_string(), BACKENDS.join(", ")],
+        vec![
+            "  backends".to_string(),
+            format!(
+                "{} (CUDA driver {})",
+                BACKENDS.join(", "),
+                if kiln_cuda::driver_present() {
+                    "found"
+                } else {
+                    "not found"
+                }
+            ),
+        ],
         vec![
             "  cpu".to_string(),
             format!(

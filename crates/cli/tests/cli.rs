@@ -106,7 +106,8 @@ fn version_prints_version_and_build_details() {
     let out = assert_ok(&run(&["version", "--json"]));
     let v: serde_json::Value = serde_json::from_str(&out).expect("version --json is JSON");
     assert_eq!(v["version"], kiln::VERSION);
-    assert_eq!(v["backends"], serde_json::json!(["cpu"]));
+    assert_eq!(v["backends"], serde_json::json!(["cpu", "cuda"]));
+    assert!(v["cuda_driver_found"].is_boolean());
     assert!(v["git_commit"].is_string() && v["build_date"].as_str().is_some_and(|d| d.len() == 10));
     assert!(v["cpu_features"].is_array());
 }
@@ -136,7 +137,7 @@ fn closed_stdout_is_not_an_error() {
 #[test]
 fn help_has_examples_for_every_command() {
     let out = assert_ok(&run(&["--help"]));
-    for cmd in ["build", "run", "bench", "inspect", "version"] {
+    for cmd in ["build", "run", "bench", "inspect", "version", "monitor"] {
         assert!(out.contains(cmd), "top-level help lacks {cmd}");
         let sub = assert_ok(&run(&[cmd, "--help"]));
         assert!(
@@ -154,9 +155,15 @@ fn help_has_examples_for_every_command() {
         "--device",
         "--shapes",
         "--no-optimize",
+        "--fp16",
+        "--tf32",
         "--json",
     ] {
         assert!(build.contains(opt), "build --help lacks {opt}");
+    }
+    let monitor = assert_ok(&run(&["monitor", "--help"]));
+    for opt in ["--interval-ms", "--count", "--csv"] {
+        assert!(monitor.contains(opt), "monitor --help lacks {opt}");
     }
     let bench = assert_ok(&run(&["bench", "--help"]));
     for opt in [
@@ -167,9 +174,32 @@ fn help_has_examples_for_every_command() {
         "--input",
         "--shapes",
         "--json",
+        "--profile",
     ] {
         assert!(bench.contains(opt), "bench --help lacks {opt}");
     }
+}
+
+/// On a machine without libcuda (CI): `--device cuda` and `kiln monitor` fail cleanly and
+/// say why; `--device auto` is not affected.
+#[test]
+fn gpu_commands_without_a_driver() {
+    if kiln_cuda::driver_present() {
+        eprintln!("skipped: a CUDA driver is present, the no-driver path cannot be exercised");
+        return;
+    }
+    let dir = tmp("nodriver");
+    let model = dir.join("m.onnx");
+    let plan = dir.join("m.plan");
+    std::fs::write(&model, b"not a model").unwrap();
+    let out = run(&["build", s(&model), "-o", s(&plan), "--device", "cuda"]);
+    assert_clean_failure(&out, &["no CUDA driver found"]);
+    let out = run(&["monitor", "--count", "1"]);
+    assert_clean_failure(&out, &["no GPU to monitor"]);
+    // auto falls back to the CPU and reports the model problem instead.
+    let out = run(&["build", s(&model), "-o", s(&plan), "--device", "auto"]);
+    let err = assert_clean_failure(&out, &[]);
+    assert!(!err.contains("CUDA"), "{err}");
 }
 
 #[test]

@@ -100,6 +100,10 @@ pub struct LaunchCx<'a> {
     pub workspace: u64,
     /// Size of the scratch space in bytes (at least what [`GpuLayer::workspace_bytes`] asked).
     pub workspace_bytes: usize,
+    /// The context's cuBLAS handle, bound to `stream` (library layers need it).
+    pub blas: Option<&'a cudarc::cublas::CudaBlas>,
+    /// Allow TF32 tensor-core math for FP32 matrix products.
+    pub tf32: bool,
 }
 
 /// One node lowered to the GPU.

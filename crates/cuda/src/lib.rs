@@ -1,11 +1,19 @@
 //! kiln's CUDA backend.
 //!
-//! cudarc loads libcuda, NVRTC, cuBLAS(Lt) and cuDNN dynamically, so the same `kiln` binary runs
+//! cudarc loads libcuda, NVRTC, cuBLAS and cuDNN dynamically, so the same `kiln` binary runs
 //! on machines without a GPU (where [`driver_present`] is false and the CPU backend is used).
 
+pub mod compile;
+pub mod device;
+pub mod exec;
 pub mod kernels;
 pub mod layer;
+pub mod library;
+pub mod mem;
+pub mod monitor;
 
+pub use device::{no_driver_error, GpuInfo};
+pub use exec::{GpuContext, GpuEngine, GpuOptions, GpuTiming, LayerPlacement, ModuleImages};
 pub use layer::{DevShape, DevTensor, GpuLayer, KernelSource, LaunchCx, ModuleSet};
 
 /// True when the CUDA driver library (libcuda) can be loaded on this machine.

@@ -101,6 +101,91 @@ fn s(v: &str) -> Attr {
 
 fn cases() -> Vec<Case> {
     let mut v = Vec::new();
+    // --- library layers (cuBLAS GEMM, im2col/direct convolution, fused epilogues)
+    let l = "library";
+    v.push(c(l, "MatMul", 13, vec![r(&[3, 5, 7]), r(&[7, 4])]));
+    v.push(c(l, "MatMul", 13, vec![r(&[2, 3, 5, 7]), r(&[2, 3, 7, 6])]));
+    v.push(c(l, "MatMul", 13, vec![r(&[5, 7]), r(&[2, 7, 3])]));
+    v.push(c(l, "MatMul", 13, vec![r(&[7]), r(&[7, 3])]));
+    v.push(c(l, "MatMul", 13, vec![r(&[4, 7]), r(&[7])]));
+    v.push(c(l, "MatMul", 13, vec![r(&[2, 5, 9]), r(&[9, 3])]).a("kiln_activation", s("Relu")));
+    v.push(c(l, "Gemm", 13, vec![r(&[5, 7]), r(&[7, 3]), r(&[3])]));
+    v.push(
+        c(l, "Gemm", 13, vec![r(&[7, 5]), r(&[3, 7]), r(&[5, 1])])
+            .a("transA", Attr::Int(1))
+            .a("transB", Attr::Int(1))
+            .a("alpha", Attr::Float(0.7))
+            .a("beta", Attr::Float(-1.3)),
+    );
+    v.push(c(l, "Gemm", 13, vec![r(&[5, 7]), r(&[7, 3]), r(&[5, 3])]).a("beta", Attr::Float(0.5)));
+    v.push(c(l, "Gemm", 13, vec![r(&[5, 7]), r(&[7, 3])]));
+    v.push(
+        c(l, "Gemm", 13, vec![r(&[6, 9]), r(&[4, 9]), r(&[4])])
+            .a("transB", Attr::Int(1))
+            .a("kiln_activation", s("Sigmoid")),
+    );
+    v.push(
+        c(
+            l,
+            "Conv",
+            11,
+            vec![r(&[2, 3, 9, 11]), r(&[4, 3, 3, 3]), r(&[4])],
+        )
+        .a("pads", ai(&[1, 1, 1, 1]))
+        .a("strides", ai(&[2, 2])),
+    );
+    v.push(c(l, "Conv", 11, vec![r(&[2, 6, 5, 7]), r(&[8, 6, 1, 1])]));
+    v.push(
+        c(l, "Conv", 11, vec![r(&[2, 4, 17]), r(&[5, 4, 3]), r(&[5])])
+            .a("dilations", ai(&[2]))
+            .a("pads", ai(&[1, 2])),
+    );
+    v.push(
+        c(
+            l,
+            "Conv",
+            11,
+            vec![r(&[1, 4, 8, 8]), r(&[6, 2, 3, 3]), r(&[6])],
+        )
+        .a("group", Attr::Int(2)),
+    );
+    v.push(
+        c(l, "Conv", 11, vec![r(&[2, 4, 7, 7]), r(&[4, 1, 3, 3])])
+            .a("group", Attr::Int(4))
+            .a("pads", ai(&[1, 1, 1, 1])),
+    );
+    v.push(
+        c(l, "Conv", 11, vec![r(&[1, 3, 10, 9]), r(&[5, 3, 3, 2])])
+            .a("auto_pad", s("SAME_UPPER"))
+            .a("strides", ai(&[2, 2])),
+    );
+    v.push(
+        c(
+            l,
+            "Conv",
+            11,
+            vec![r(&[2, 3, 6, 6]), r(&[4, 3, 3, 3]), r(&[4])],
+        )
+        .a("pads", ai(&[0, 1, 2, 1]))
+        .a("kiln_activation", s("Relu")),
+    );
+    v.push(
+        c(
+            l,
+            "Conv",
+            11,
+            vec![r(&[2, 4, 6, 6]), r(&[4, 2, 3, 3]), r(&[4])],
+        )
+        .a("group", Attr::Int(2))
+        .a("kiln_activation", s("LeakyRelu"))
+        .a("kiln_activation_params", Attr::Floats(vec![0.1])),
+    );
+    v.push(c(
+        l,
+        "Conv",
+        11,
+        vec![r(&[1, 2, 4, 5, 6]), r(&[3, 2, 2, 3, 3])],
+    ));
     // --- elementwise
     let e = "elementwise";
     v.push(c(e, "Add", 14, vec![r(&[3, 5, 7]), r(&[5, 1])]));
@@ -725,6 +810,7 @@ fn make_input(i: &In, rng: &mut Rng, fdt: DType) -> Option<(Tensor, Tensor, bool
 struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    blas: cudarc::cublas::CudaBlas,
     modules: HashMap<String, std::result::Result<Arc<CudaModule>, String>>,
 }
 
@@ -801,7 +887,13 @@ struct Prepared {
 /// Builds inputs, evaluates the CPU reference and lowers the node (no GPU needed).
 fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, String> {
     let mut rng = Rng(seed | 1);
-    let mut desc = OpDesc::new("", case.op, case.opset);
+    // Cases carrying kiln's fused activation are kiln-domain layers (Conv/Gemm/MatMul+act).
+    let domain = if case.attrs.iter().any(|(k, _)| *k == "kiln_activation") {
+        "kiln"
+    } else {
+        ""
+    };
+    let mut desc = OpDesc::new(domain, case.op, case.opset);
     for (k, v) in &case.attrs {
         desc.attrs.insert(k.to_string(), v.clone());
     }
@@ -863,7 +955,9 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
         outputs: (0..case.n_out).map(|i| Some(1000 + i)).collect(),
         fused_from: vec![],
     };
-    let layer = match kernels::lower(&node, &in_facts, &out_facts) {
+    let layer = match kiln_cuda::library::lower(&node, &in_facts, &out_facts)
+        .or_else(|| kernels::lower(&node, &in_facts, &out_facts))
+    {
         None => return Err("not lowered".into()),
         Some(Err(e)) => return Err(format!("lower: {e}")),
         Some(Ok(l)) => l,
@@ -936,6 +1030,8 @@ fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::R
         modules: &ms,
         workspace: work,
         workspace_bytes: wbytes,
+        blas: Some(&gpu.blas),
+        tf32: false,
     };
     let res = layer
         .enqueue(&cx, &ins, &outs)
@@ -1029,9 +1125,11 @@ fn gpu_kernels_match_cpu_reference() {
     }
     let ctx = CudaContext::new(0).expect("CUDA context");
     let stream = ctx.default_stream();
+    let blas = cudarc::cublas::CudaBlas::new(stream.clone()).expect("cuBLAS handle");
     let mut gpu = Gpu {
         ctx,
         stream,
+        blas,
         modules: HashMap::new(),
     };
     let filter = std::env::var("KILN_GPU_CASES").ok();
@@ -1090,9 +1188,11 @@ fn gpu_kernel_throughput() {
     }
     let ctx = CudaContext::new(0).expect("CUDA context");
     let stream = ctx.default_stream();
+    let blas = cudarc::cublas::CudaBlas::new(stream.clone()).expect("cuBLAS handle");
     let mut gpu = Gpu {
         ctx,
         stream,
+        blas,
         modules: HashMap::new(),
     };
     type B = (
@@ -1242,6 +1342,8 @@ fn gpu_kernel_throughput() {
             modules: &ms,
             workspace: 0,
             workspace_bytes: 0,
+            blas: None,
+            tf32: false,
         };
         for _ in 0..3 {
             layer.enqueue(&cx, &dins, &douts).unwrap();

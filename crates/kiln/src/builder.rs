@@ -5,7 +5,7 @@ use std::path::Path;
 use kiln_core::{Dim, Fact, KilnError, Result};
 
 use crate::config::{BuilderConfig, DeviceKind};
-use crate::engine::{registry, Engine};
+use crate::engine::{registry, Engine, GpuSetup};
 use crate::fingerprint::Fingerprint;
 use crate::optimize::optimize;
 
@@ -31,11 +31,21 @@ impl Builder {
     }
 
     fn resolve_device(&self, config: &BuilderConfig) -> Result<Fingerprint> {
+        let cuda = || -> Result<Fingerprint> {
+            let ctx = kiln_cuda::device::context()?;
+            Ok(Fingerprint::cuda(kiln_cuda::device::info(&ctx)?))
+        };
         match config.device {
-            DeviceKind::Cpu | DeviceKind::Auto => Ok(Fingerprint::cpu()),
-            DeviceKind::Cuda => Err(KilnError::Other(
-                "--device cuda: this kiln build has no CUDA backend yet (see README: CUDA is not implemented); use --device cpu or auto".into(),
-            )),
+            DeviceKind::Cpu => Ok(Fingerprint::cpu()),
+            DeviceKind::Cuda => cuda(),
+            DeviceKind::Auto => {
+                if kiln_cuda::device::gpu_usable() {
+                    cuda()
+                } else {
+                    tracing::info!("--device auto: no usable CUDA GPU, building for the CPU");
+                    Ok(Fingerprint::cpu())
+                }
+            }
         }
     }
 
@@ -119,6 +129,27 @@ impl Builder {
             act = report.activations_fused,
             "optimised graph"
         );
+        let mut fingerprint = fingerprint;
+        let gpu = if fingerprint.backend == "cuda" {
+            let all_static = graph.inputs.iter().all(|&i| {
+                let f = &graph.values[i].fact;
+                f.kind == kiln_core::ValueKind::Tensor && f.concrete_shape().is_some()
+            });
+            if !all_static && config.device == DeviceKind::Auto {
+                tracing::warn!(
+                    "--device auto: the GPU needs --shapes for every input; building for the CPU"
+                );
+                fingerprint = Fingerprint::cpu();
+                GpuSetup::None
+            } else {
+                GpuSetup::Build(kiln_cuda::GpuOptions {
+                    fp16: config.fp16,
+                    tf32: config.tf32,
+                })
+            }
+        } else {
+            GpuSetup::None
+        };
         Engine::from_parts(
             graph,
             fingerprint,
@@ -126,6 +157,7 @@ impl Builder {
             report,
             model.opsets,
             source,
+            gpu,
         )
     }
 }

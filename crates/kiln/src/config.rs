@@ -41,6 +41,10 @@ pub struct BuilderConfig {
     pub shapes: BTreeMap<String, Vec<usize>>,
     /// Run the optimisation passes (folding, fusion). Off only for debugging.
     pub optimize: bool,
+    /// GPU engines: float weights and activations in FP16 (FP32 accumulation in GEMMs).
+    pub fp16: bool,
+    /// GPU engines: allow TF32 tensor-core math in FP32 matrix products.
+    pub tf32: bool,
 }
 
 impl Default for BuilderConfig {
@@ -49,6 +53,8 @@ impl Default for BuilderConfig {
             device: DeviceKind::Auto,
             shapes: BTreeMap::new(),
             optimize: true,
+            fp16: false,
+            tf32: false,
         }
     }
 }

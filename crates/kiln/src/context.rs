@@ -27,6 +27,7 @@ pub struct ExecutionContext {
     slots: Vec<Option<Value>>,
     pool: Option<rayon::ThreadPool>,
     key: ShapeKey,
+    gpu: Option<kiln_cuda::GpuContext>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -50,6 +51,7 @@ impl ExecutionContext {
             slots,
             pool: None,
             key: Vec::new(),
+            gpu: None,
             _not_sync: PhantomData,
         }
     }
@@ -72,15 +74,51 @@ impl ExecutionContext {
         Ok(())
     }
 
-    /// Bytes of the activation arena currently allocated.
+    /// Bytes of the activation arena currently allocated (host arena; for GPU engines, the
+    /// device memory this context allocated once it has run).
     pub fn arena_bytes(&self) -> usize {
-        self.arena.len()
+        match &self.gpu {
+            Some(g) => g.device_bytes(),
+            None => self.arena.len(),
+        }
+    }
+
+    /// For GPU engines: times each layer with CUDA events from the next run on (errors on
+    /// CPU engines).
+    pub fn set_gpu_profiling(&mut self, on: bool) -> Result<()> {
+        let Some(gpu) = self.engine.gpu().cloned() else {
+            return Err(KilnError::Other(
+                "per-layer GPU profiling needs a GPU engine (built with --device cuda)".into(),
+            ));
+        };
+        if self.gpu.is_none() {
+            self.gpu = Some(kiln_cuda::GpuContext::new(gpu)?);
+        }
+        self.gpu.as_mut().expect("created above").set_profiling(on)
+    }
+
+    /// For GPU engines with profiling on: mean milliseconds per layer, in node order.
+    pub fn gpu_layer_times(&self) -> Option<Vec<f64>> {
+        self.gpu.as_ref().and_then(|g| g.layer_times())
+    }
+
+    /// For GPU engines: CUDA-event timings of the last run (H2D, compute, D2H, enqueue).
+    pub fn gpu_timing(&self) -> Option<kiln_cuda::GpuTiming> {
+        self.gpu.as_ref().and_then(|g| g.last_timing())
     }
 
     /// Runs inference. `inputs` names every engine input once; returns the outputs in the
     /// engine's output order.
     pub fn execute(&mut self, inputs: &[(&str, Value)]) -> Result<Vec<Value>> {
         let ordered = self.check_inputs(inputs)?;
+        if let Some(gpu) = self.engine.gpu().cloned() {
+            if self.gpu.is_none() {
+                self.gpu = Some(kiln_cuda::GpuContext::new(gpu)?);
+            }
+            let engine = self.engine.clone();
+            let ctx = self.gpu.as_mut().expect("created above");
+            return ctx.run(engine.graph(), &ordered);
+        }
         let plan = self.plan_for(&ordered)?;
         if self.arena.len() < plan.arena_size {
             self.arena = Arc::new(Arena::new(plan.arena_size));

@@ -32,6 +32,17 @@ pub(crate) struct EngineInner {
     pub inputs: Vec<IoInfo>,
     pub outputs: Vec<IoInfo>,
     pub static_plan: Option<StaticPlan>,
+    pub gpu: Option<Arc<kiln_cuda::GpuEngine>>,
+}
+
+/// How an engine's GPU side is made.
+pub(crate) enum GpuSetup {
+    /// A CPU engine.
+    None,
+    /// Build now (lower, compile with NVRTC, upload weights).
+    Build(kiln_cuda::GpuOptions),
+    /// From a plan: lower again, load the stored CUBIN modules, upload weights.
+    Load(plan::GpuPlanRec),
 }
 
 /// A built engine: the optimised graph, its weights and its plan. Immutable, `Send + Sync`,
@@ -54,6 +65,8 @@ pub struct LayerInfo {
     pub precision: String,
     /// Kernel (tactic) that runs it.
     pub tactic: String,
+    /// Where it runs: `cpu`, `gpu`, or `cpu` as a fallback inside a GPU engine.
+    pub device: String,
     /// Inputs: name and `dtype[shape]`.
     pub inputs: Vec<(String, String)>,
     /// Outputs: name and `dtype[shape]`.
@@ -83,6 +96,7 @@ impl Engine {
         report: OptimizeReport,
         opsets: BTreeMap<String, i64>,
         source: String,
+        gpu: GpuSetup,
     ) -> Result<Engine> {
         let io = |ids: &[usize]| -> Vec<IoInfo> {
             ids.iter()
@@ -119,6 +133,37 @@ impl Engine {
             }
             _ => None,
         };
+        let gpu_opts = match &gpu {
+            GpuSetup::None => None,
+            GpuSetup::Build(o) => Some((*o, None)),
+            GpuSetup::Load(rec) => Some((rec.options, Some(&rec.modules))),
+        };
+        let gpu = match gpu_opts {
+            None => None,
+            Some((opts, images)) => {
+                let Some((_, plan)) = &static_plan else {
+                    let missing: Vec<String> = inputs
+                        .iter()
+                        .filter(|i| {
+                            !i.shape
+                                .as_ref()
+                                .is_some_and(|s| s.iter().all(|d| d.known().is_some()))
+                        })
+                        .map(|i| format!("{} ({})", i.name, i.describe()))
+                        .collect();
+                    return Err(KilnError::Other(format!(
+                        "GPU engines need a concrete shape for every input: pass --shapes for {}",
+                        missing.join(", ")
+                    )));
+                };
+                Some(Arc::new(kiln_cuda::GpuEngine::build(
+                    &graph,
+                    &plan.facts,
+                    opts,
+                    images,
+                )?))
+            }
+        };
         Ok(Engine {
             inner: Arc::new(EngineInner {
                 graph,
@@ -130,6 +175,7 @@ impl Engine {
                 inputs,
                 outputs,
                 static_plan,
+                gpu,
             }),
         })
     }
@@ -174,10 +220,20 @@ impl Engine {
         &self.inner.source
     }
 
-    /// Device name for reports: the backend (`cpu`).
+    /// Device name for reports: the backend (`cpu` or `cuda`).
     pub fn device(&self) -> &str {
         let fingerprint = &self.inner.fingerprint;
         &fingerprint.backend
+    }
+
+    /// Facts of every value at the build shapes (engines built with concrete shapes only).
+    pub fn planned_facts(&self) -> Option<&[kiln_core::Fact]> {
+        self.static_plan().map(|(_, p)| p.facts.as_slice())
+    }
+
+    /// The GPU side of a CUDA engine.
+    pub fn gpu(&self) -> Option<&Arc<kiln_cuda::GpuEngine>> {
+        self.inner.gpu.as_ref()
     }
 
     pub(crate) fn static_plan(&self) -> Option<&StaticPlan> {
@@ -215,13 +271,15 @@ impl Engine {
     pub fn layers(&self) -> Vec<LayerInfo> {
         let g = self.graph();
         let facts = self.static_plan().map(|(_, p)| &p.facts);
+        let placements = self.gpu().map(|g| g.placements());
         let describe = |id: usize| {
             let f = facts.map(|f| &f[id]).unwrap_or(&g.values[id].fact);
             (g.values[id].name.clone(), f.describe())
         };
         g.nodes
             .iter()
-            .map(|n| {
+            .enumerate()
+            .map(|(i, n)| {
                 let fused = n.desc.domain == kiln_cpu::fused::KILN_DOMAIN;
                 let activation =
                     n.desc
@@ -236,12 +294,21 @@ impl Engine {
                     None if fused => format!("kiln.{}", n.desc.op_type),
                     None => n.desc.op_type.clone(),
                 };
+                let (device, tactic, precision) = match placements.as_ref().and_then(|p| p.get(i)) {
+                    Some(p) => (p.device.to_string(), p.tactic.clone(), p.precision.clone()),
+                    None => (
+                        "cpu".to_string(),
+                        format!("cpu.{}", n.desc.op_type.to_ascii_lowercase()),
+                        "fp32".to_string(),
+                    ),
+                };
                 LayerInfo {
                     name: n.name.clone(),
                     op,
                     fused_from: n.fused_from.clone(),
-                    precision: "fp32".into(),
-                    tactic: format!("cpu.{}", n.desc.op_type.to_ascii_lowercase()),
+                    precision,
+                    tactic,
+                    device,
                     inputs: n.inputs.iter().flatten().map(|&i| describe(i)).collect(),
                     outputs: n.outputs.iter().flatten().map(|&i| describe(i)).collect(),
                 }
@@ -259,6 +326,10 @@ impl Engine {
             &i.report,
             &i.opsets,
             &i.source,
+            i.gpu.as_ref().map(|g| plan::GpuPlanRec {
+                options: g.options(),
+                modules: g.images().clone(),
+            }),
         )
     }
 
@@ -278,8 +349,25 @@ pub struct Runtime;
 impl Runtime {
     /// Loads a plan, refusing one from another format version or device, or a damaged one.
     pub fn load(path: &Path) -> Result<Engine> {
-        let here = Fingerprint::cpu();
+        let here = match plan::peek_backend(path)?.as_str() {
+            "cuda" => {
+                let ctx = kiln_cuda::device::context().map_err(|e| {
+                    KilnError::InvalidPlan(format!("plan is for the cuda backend, but {e}"))
+                })?;
+                Fingerprint::cuda(kiln_cuda::device::info(&ctx)?)
+            }
+            _ => Fingerprint::cpu(),
+        };
         let loaded = plan::load_plan(path, registry(), &here)?;
+        let gpu = match loaded.gpu {
+            Some(rec) => GpuSetup::Load(rec),
+            None if loaded.header.fingerprint.backend == "cuda" => {
+                return Err(KilnError::InvalidPlan(
+                    "plan is for the cuda backend but has no GPU section".into(),
+                ))
+            }
+            None => GpuSetup::None,
+        };
         Engine::from_parts(
             loaded.graph,
             loaded.header.fingerprint,
@@ -287,6 +375,7 @@ impl Runtime {
             loaded.optimize_report,
             loaded.opsets,
             loaded.source,
+            gpu,
         )
     }
 }

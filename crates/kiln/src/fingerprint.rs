@@ -16,6 +16,9 @@ pub struct Fingerprint {
     pub cpu_features: Vec<String>,
     /// Features the plan's kernels need; loading fails when one is missing.
     pub required_features: Vec<String>,
+    /// GPU engines: the GPU and the CUDA library versions the plan was built with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<kiln_cuda::GpuInfo>,
 }
 
 impl Fingerprint {
@@ -27,6 +30,21 @@ impl Fingerprint {
             arch: std::env::consts::ARCH.into(),
             cpu_features: cpu_features(),
             required_features: Vec::new(),
+            gpu: None,
+        }
+    }
+
+    /// The fingerprint of a CUDA engine built for `gpu` on this machine.
+    pub fn cuda(gpu: kiln_cuda::GpuInfo) -> Fingerprint {
+        Fingerprint {
+            backend: "cuda".into(),
+            device: format!(
+                "{} (sm_{})",
+                gpu.name,
+                gpu.compute_capability.replace('.', "")
+            ),
+            gpu: Some(gpu),
+            ..Fingerprint::cpu()
         }
     }
 
@@ -43,6 +61,13 @@ impl Fingerprint {
                 "plan was built for {} but this machine is {}",
                 self.arch, here.arch
             ));
+        }
+        if let (Some(plan), Some(now)) = (&self.gpu, &here.gpu) {
+            if let Some((field, a, b)) = plan.mismatch(now) {
+                return Some(format!(
+                    "{field} differs: the plan was built with {a}, this machine has {b}; rebuild the plan here"
+                ));
+            }
         }
         if self.backend != "cpu" && self.device != here.device {
             return Some(format!(
@@ -93,4 +118,47 @@ pub fn cpu_features() -> Vec<String> {
         v.push("neon".to_string());
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu() -> kiln_cuda::GpuInfo {
+        kiln_cuda::GpuInfo {
+            name: "NVIDIA H200".into(),
+            compute_capability: "9.0".into(),
+            driver_version: "13.0".into(),
+            nvrtc_version: "13.0".into(),
+            cublas_version: "13.0.0".into(),
+            cudnn_version: "9.10.2".into(),
+        }
+    }
+
+    #[test]
+    fn gpu_plans_are_refused_on_another_gpu_or_library() {
+        let plan = Fingerprint::cuda(gpu());
+        assert!(plan.incompatibility(&Fingerprint::cuda(gpu())).is_none());
+        let mut other = gpu();
+        other.name = "NVIDIA A100".into();
+        let why = plan.incompatibility(&Fingerprint::cuda(other)).unwrap();
+        assert!(
+            why.contains("GPU name") && why.contains("NVIDIA A100"),
+            "{why}"
+        );
+        let mut other = gpu();
+        other.cublas_version = "12.9.1".into();
+        let why = plan.incompatibility(&Fingerprint::cuda(other)).unwrap();
+        assert!(
+            why.contains("cuBLAS version") && why.contains("12.9.1"),
+            "{why}"
+        );
+        let why = plan.incompatibility(&Fingerprint::cpu()).unwrap();
+        assert!(why.contains("cuda backend"), "{why}");
+        // A CPU plan's JSON has no `gpu` field and still decodes.
+        let json = serde_json::to_string(&Fingerprint::cpu()).unwrap();
+        assert!(!json.contains("gpu"));
+        let back: Fingerprint = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, Fingerprint::cpu());
+    }
 }

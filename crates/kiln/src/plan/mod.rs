@@ -42,7 +42,7 @@ fn bincode_opts(limit: u64) -> impl bincode::Options {
 /// The magic bytes at the start of every plan.
 pub const MAGIC: &[u8; 8] = b"KILNPLAN";
 /// The plan format version this kiln writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const PREFIX: usize = 24;
 
 /// The JSON header of a plan.
@@ -77,6 +77,17 @@ pub struct PlanMetadata {
     pub opsets: BTreeMap<String, i64>,
     /// Name of the source model file.
     pub source: String,
+    /// GPU engines: precision switches and the compiled CUBIN modules.
+    pub gpu: Option<GpuPlanRec>,
+}
+
+/// The GPU section of a plan.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GpuPlanRec {
+    /// Precision switches the engine was built with.
+    pub options: kiln_cuda::GpuOptions,
+    /// CUBIN images by module name (loading never runs NVRTC).
+    pub modules: kiln_cuda::ModuleImages,
 }
 
 /// The decoded contents of a plan.
@@ -93,6 +104,8 @@ pub struct LoadedPlan {
     pub opsets: BTreeMap<String, i64>,
     /// Name of the source model.
     pub source: String,
+    /// GPU section, for CUDA plans.
+    pub gpu: Option<GpuPlanRec>,
 }
 
 /// Serialises an engine's parts into plan bytes.
@@ -103,6 +116,7 @@ pub fn write_plan(
     optimize_report: &OptimizeReport,
     opsets: &BTreeMap<String, i64>,
     source: &str,
+    gpu: Option<GpuPlanRec>,
 ) -> Result<Vec<u8>> {
     let mut weights = WeightWriter::default();
     let meta = PlanMetadata {
@@ -111,6 +125,7 @@ pub fn write_plan(
         optimize_report: optimize_report.clone(),
         opsets: opsets.clone(),
         source: source.to_string(),
+        gpu,
     };
     let meta_bytes = bincode_opts(u64::MAX)
         .serialize(&meta)
@@ -194,6 +209,27 @@ pub fn read_header(bytes: &[u8]) -> Result<PlanHeader> {
     Ok(header)
 }
 
+/// The backend a plan file was built for (`cpu`, `cuda`), read from its header only (no
+/// checksum yet: [`load_plan`] checks everything).
+pub fn peek_backend(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| KilnError::io(path, e))?;
+    let mut prefix = [0u8; PREFIX];
+    if f.read_exact(&mut prefix).is_err() || &prefix[..8] != MAGIC {
+        // Let load_plan report what is wrong.
+        return Ok("cpu".into());
+    }
+    let len = u32::from_le_bytes(prefix[12..16].try_into().expect("4 bytes")) as usize;
+    let mut header = vec![0u8; len.min(1 << 20)];
+    if f.read_exact(&mut header).is_err() {
+        return Ok("cpu".into());
+    }
+    Ok(serde_json::from_slice::<serde_json::Value>(&header)
+        .ok()
+        .and_then(|v| v["fingerprint"]["backend"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "cpu".into()))
+}
+
 /// Loads a plan file: maps it, validates it against this machine, rebuilds the graph.
 pub fn load_plan(path: &Path, registry: &OpRegistry, here: &Fingerprint) -> Result<LoadedPlan> {
     let file = std::fs::File::open(path).map_err(|e| KilnError::io(path, e))?;
@@ -228,6 +264,7 @@ pub fn load_plan(path: &Path, registry: &OpRegistry, here: &Fingerprint) -> Resu
         optimize_report: meta.optimize_report,
         opsets: meta.opsets,
         source: meta.source,
+        gpu: meta.gpu,
     })
 }
 
@@ -253,6 +290,7 @@ mod tests {
             &OptimizeReport::default(),
             &BTreeMap::new(),
             "t.onnx",
+            None,
         )
         .unwrap()
     }
@@ -316,6 +354,74 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("checksum"));
+    }
+
+    fn gpu_info(cublas: &str) -> kiln_cuda::GpuInfo {
+        kiln_cuda::GpuInfo {
+            name: "NVIDIA H200".into(),
+            compute_capability: "9.0".into(),
+            driver_version: "13.0".into(),
+            nvrtc_version: "13.0".into(),
+            cublas_version: cublas.into(),
+            cudnn_version: "none".into(),
+        }
+    }
+
+    fn gpu_plan(path: &Path, fp: &Fingerprint) {
+        let mut g = Graph::default();
+        let w = g.add_value("w", Fact::concrete(DType::F32, &[2]));
+        g.constants
+            .insert(w, Tensor::from_vec(&[2], vec![1.5f32, -2.0]).unwrap());
+        g.outputs = vec![w];
+        let mut modules = kiln_cuda::ModuleImages::new();
+        modules.insert("kiln_x".into(), vec![1, 2, 3]);
+        let rec = GpuPlanRec {
+            options: kiln_cuda::GpuOptions {
+                fp16: true,
+                tf32: false,
+            },
+            modules,
+        };
+        let bytes = write_plan(
+            &g,
+            fp,
+            &BTreeMap::new(),
+            &OptimizeReport::default(),
+            &BTreeMap::new(),
+            "t.onnx",
+            Some(rec),
+        )
+        .unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// A GPU plan keeps its GPU section, and is refused, naming the field, on a machine
+    /// whose libraries differ.
+    #[test]
+    fn gpu_plan_round_trip_and_library_mismatch() {
+        let path = std::env::temp_dir().join(format!("kiln-plan-gpu-{}.plan", std::process::id()));
+        let built = Fingerprint::cuda(gpu_info("13.0.0"));
+        gpu_plan(&path, &built);
+        assert_eq!(peek_backend(&path).unwrap(), "cuda");
+        let loaded = load_plan(&path, &OpRegistry::new(), &built).unwrap();
+        let gpu = loaded.gpu.expect("GPU section");
+        assert!(gpu.options.fp16 && !gpu.options.tf32);
+        assert_eq!(gpu.modules["kiln_x"], vec![1, 2, 3]);
+        let here = Fingerprint::cuda(gpu_info("12.9.1"));
+        let e = load_plan(&path, &OpRegistry::new(), &here)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("cuBLAS version") && e.contains("13.0.0") && e.contains("12.9.1"),
+            "{e}"
+        );
+        // Without a driver, loading a GPU plan says so.
+        if !kiln_cuda::driver_present() {
+            let e = crate::Runtime::load(&path).err().unwrap().to_string();
+            assert!(e.contains("no CUDA driver found"), "{e}");
+        }
+        std::fs::remove_file(&path).ok();
     }
 
     #[test]

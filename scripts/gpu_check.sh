@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# kiln's GPU check in one go.
+#
+#   scripts/gpu_check.sh stage [CARRY]   on the build machine: builds `kiln` and the GPU test
+#                                        binaries (release), stages them (stripped, in one
+#                                        tar.gz) with the real models, the ONNX Runtime
+#                                        references and the scripts in CARRY
+#                                        (default /work/main/.device-carry)
+#   bash CARRY/gpu_check.sh run [full]   on the GPU machine: real models FP32/FP16 vs ORT,
+#                                        NVRTC kernel tests, ResNet-50 and BERT-base exported
+#                                        with torch and checked against torch, kiln FP16
+#                                        benchmarks next to gpu_peers.py (eager; `full` adds
+#                                        torch.compile; `quick` stops after the
+#                                        model and kernel tests), logs under $OUT,
+#                                        summary table last.
+set -uo pipefail
+mode=${1:-}
+case "$mode" in
+stage)
+  set -e
+  root=$(cd "$(dirname "$0")/.." && pwd)
+  carry=${2:-/work/main/.device-carry}
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+  cd "$root"
+  cargo build --release -p kiln-cli
+  exe() { cargo test --release -p "$1" --test "$2" --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))/\1/p' | tail -1; }
+  gm=$(exe kiln gpu_models)
+  gk=$(exe kiln-cuda gpu_kernels)
+  rm -rf "$carry"
+  mkdir -p "$carry/bin" "$carry/assets"
+  strip -o "$carry/bin/kiln" "$CARGO_TARGET_DIR/release/kiln"
+  strip -o "$carry/bin/gpu_models" "$gm"
+  strip -o "$carry/bin/gpu_kernels" "$gk"
+  tar czf "$carry/bins.tar.gz" -C "$carry" bin
+  rm -rf "$carry/bin"
+  cp -rL assets/models assets/reference "$carry/assets/"
+  cp scripts/gpu_check.sh scripts/gpu_torch.py scripts/gpu_summary.py "$carry/"
+  cp "${GPU_PEERS:-/work/shared/tools/gpu_peers.py}" "$carry/"
+  du -sh "$carry"
+  ;;
+run)
+  here=$(cd "$(dirname "$0")" && pwd)
+  full=${2:-}
+  OUT=${OUT:-/tmp/kiln-gpu-out}
+  mkdir -p "$OUT"
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+  export PYTHONUNBUFFERED=1
+  W=/tmp/kiln-gpu
+  rm -rf "$W"; mkdir -p "$W"
+  tar xzf "$here/bins.tar.gz" -C "$W"
+  K=$W/bin/kiln
+  t0=$(date +%s)
+  stamp() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv || true
+  $K version || true
+  $K monitor --count 1 || true
+
+  stamp "real models (FP32, FP16) vs ONNX Runtime"
+  KILN_ASSETS=$here/assets "$W/bin/gpu_models" --nocapture --test-threads=1 gpu_real_models > "$OUT/models.log" 2>&1
+  echo "gpu_models rc=$?"; grep -E "^\| |test result" "$OUT/models.log"
+
+  if [ "$full" != "nokernels" ]; then
+    stamp "NVRTC kernel tests"
+    timeout 240 "$W/bin/gpu_kernels" --nocapture --test-threads=1 gpu_kernels_match_cpu > "$OUT/kernels.log" 2>&1
+    echo "gpu_kernels rc=$?"; grep -A12 "==== summary" "$OUT/kernels.log"; grep "^FAIL" "$OUT/kernels.log" | head -20
+  fi
+
+  if [ "$full" = quick ]; then
+    $K monitor --count 2 --interval-ms 200 --csv || true
+    stamp "summary"
+    python3 "$here/gpu_summary.py" "$OUT" | tee "$OUT/summary.md"
+    exit 0
+  fi
+
+  stamp "torch export"
+  T=$W/torch
+  python3 "$here/gpu_torch.py" export "$T" > "$OUT/torch.log" 2>&1 || { echo "torch export failed"; tail -20 "$OUT/torch.log"; }
+  for prec in fp32 fp16; do
+    flag=""; [ $prec = fp16 ] && flag="--fp16"
+    stamp "kiln resnet50/bert $prec vs torch"
+    $K build "$T/resnet50.onnx" -o "$W/resnet50_$prec.plan" --device cuda $flag --shapes x:2x3x224x224 -q >> "$OUT/torch.log" 2>&1 &&
+      $K run "$W/resnet50_$prec.plan" --input x="$T/resnet50_x.npy" --output-dir "$W/out_resnet50_$prec" >> "$OUT/torch.log" 2>&1
+    $K build "$T/bert.onnx" -o "$W/bert_$prec.plan" --device cuda $flag --shapes input_ids:2x128 -q >> "$OUT/torch.log" 2>&1 &&
+      $K run "$W/bert_$prec.plan" --input input_ids="$T/bert_input_ids.npy" --output-dir "$W/out_bert_$prec" >> "$OUT/torch.log" 2>&1
+  done
+  python3 "$here/gpu_torch.py" compare "$T" "$W" >> "$OUT/torch.log" 2>&1
+  grep -E "^\{|error" "$OUT/torch.log" | tail -12
+  $K inspect "$W/resnet50_fp16.plan" > "$OUT/inspect_resnet50_fp16.txt" 2>&1 || true
+
+  stamp "kiln FP16 benchmarks"
+  : > "$OUT/bench.jsonl"
+  for spec in resnet50-fp16:resnet50:x:1 resnet50-fp16:resnet50:x:256 bert-fp16:bert:input_ids:1 bert-fp16:bert:input_ids:64; do
+    IFS=: read -r wl model inp b <<< "$spec"
+    if [ $model = resnet50 ]; then shp="$inp:${b}x3x224x224"; else shp="$inp:${b}x128"; fi
+    plan=$W/bench_${model}_$b.plan
+    if $K build "$T/$model.onnx" -o "$plan" --device cuda --fp16 --shapes "$shp" -q > /dev/null 2>> "$OUT/bench.err"; then
+      line=$($K bench "$plan" --json --duration 3 --warmup 10 --profile 2>> "$OUT/bench.err")
+      echo "$line" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['workload']='$wl'; r['batch']=$b; print(json.dumps(r))" >> "$OUT/bench.jsonl"
+      $K bench "$plan" --duration 2 --warmup 5 2>> "$OUT/bench.err" | tail -12
+    else
+      echo "build failed: $spec"; tail -5 "$OUT/bench.err"
+    fi
+  done
+
+  stamp "PyTorch peers"
+  modes=eager; [ "$full" = full ] && modes=eager,compile
+  timeout 300 python3 "$here/gpu_peers.py" resnet50-fp16:1:$modes resnet50-fp16:256:$modes bert-fp16:1:$modes bert-fp16:64:$modes > "$OUT/peers.log" 2>&1
+  grep -v "^\[\[" "$OUT/peers.log" | tail -10
+
+  stamp "summary"
+  python3 "$here/gpu_summary.py" "$OUT" | tee "$OUT/summary.md"
+  ;;
+*)
+  sed -n '2,14p' "$0"; exit 2 ;;
+esac
