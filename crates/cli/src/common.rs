@@ -191,6 +191,17 @@ pub fn load_model(
     device: DeviceKind,
     optimize: bool,
 ) -> CliResult<Loaded> {
+    let config = BuilderConfig {
+        device,
+        shapes: shapes.clone(),
+        optimize,
+        ..Default::default()
+    };
+    load_model_with(g, path, &config)
+}
+
+/// [`load_model`] with a whole builder configuration (what `kiln build` takes).
+pub fn load_model_with(g: &Globals, path: &Path, config: &BuilderConfig) -> CliResult<Loaded> {
     let meta =
         std::fs::metadata(path).context(|| format!("cannot open model {}", path.display()))?;
     if meta.is_dir() {
@@ -216,13 +227,8 @@ pub fn load_model(
         });
     }
     let pb = spinner(g, format!("building {}", path.display()));
-    let config = BuilderConfig {
-        device,
-        shapes: shapes.clone(),
-        optimize,
-    };
     let engine = Builder::new()
-        .build_onnx_file(path, &config)
+        .build_onnx_file(path, config)
         .context(|| format!("cannot build {}", path.display()));
     pb.finish_and_clear();
     let engine = engine?;

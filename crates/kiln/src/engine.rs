@@ -12,6 +12,7 @@ use crate::fingerprint::Fingerprint;
 use crate::memory::{plan_for_inputs, InputSignature, ShapePlan};
 use crate::optimize::OptimizeReport;
 use crate::plan;
+use crate::tuner::TuneReport;
 
 /// The registry of every op kiln's CPU backend implements (built once).
 pub fn registry() -> &'static OpRegistry {
@@ -32,6 +33,8 @@ pub(crate) struct EngineInner {
     pub inputs: Vec<IoInfo>,
     pub outputs: Vec<IoInfo>,
     pub static_plan: Option<StaticPlan>,
+    /// The tuner's report (engines built in this process only; not stored in plans).
+    pub tuning: Option<TuneReport>,
 }
 
 /// A built engine: the optimised graph, its weights and its plan. Immutable, `Send + Sync`,
@@ -52,8 +55,13 @@ pub struct LayerInfo {
     pub fused_from: Vec<String>,
     /// Precision it runs in.
     pub precision: String,
-    /// Kernel (tactic) that runs it.
+    /// Kernel (tactic) that runs it: the tuned tactic id, or `cpu.<op>` for the op's own
+    /// heuristic.
     pub tactic: String,
+    /// The tuned tactic's median time on the build device (ms), when it was tuned.
+    pub tactic_time_ms: Option<f64>,
+    /// True for a reformat layer the tuner inserted between layers of different formats.
+    pub reformat: bool,
     /// Inputs: name and `dtype[shape]`.
     pub inputs: Vec<(String, String)>,
     /// Outputs: name and `dtype[shape]`.
@@ -130,8 +138,23 @@ impl Engine {
                 inputs,
                 outputs,
                 static_plan,
+                tuning: None,
             }),
         })
+    }
+
+    /// Attaches the tuning report of the build that made this engine.
+    pub(crate) fn with_tuning(mut self, tuning: TuneReport) -> Engine {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.tuning = Some(tuning);
+        }
+        self
+    }
+
+    /// What the tuner measured and chose, for an engine built in this process (plans keep
+    /// only the choices: see [`LayerInfo::tactic`]).
+    pub fn tuning_report(&self) -> Option<&TuneReport> {
+        self.inner.tuning.as_ref()
     }
 
     /// A new execution context (own arena) for this engine.
@@ -240,8 +263,25 @@ impl Engine {
                     name: n.name.clone(),
                     op,
                     fused_from: n.fused_from.clone(),
-                    precision: "fp32".into(),
-                    tactic: format!("cpu.{}", n.desc.op_type.to_ascii_lowercase()),
+                    precision: match n
+                        .outputs
+                        .iter()
+                        .flatten()
+                        .next()
+                        .map(|&o| facts.map(|f| &f[o]).unwrap_or(&g.values[o].fact).dtype)
+                    {
+                        Some(Some(kiln_core::DType::F16)) => "fp16".into(),
+                        _ => "fp32".into(),
+                    },
+                    tactic: match n.desc.attrs.get(kiln_core::tactic::TACTIC_ATTR) {
+                        Some(kiln_core::Attr::String(t)) => t.clone(),
+                        _ => format!("cpu.{}", n.desc.op_type.to_ascii_lowercase()),
+                    },
+                    tactic_time_ms: match n.desc.attrs.get(kiln_core::tactic::TACTIC_TIME_ATTR) {
+                        Some(kiln_core::Attr::Float(ms)) => Some(*ms as f64),
+                        _ => None,
+                    },
+                    reformat: n.name.starts_with("reformat:"),
                     inputs: n.inputs.iter().flatten().map(|&i| describe(i)).collect(),
                     outputs: n.outputs.iter().flatten().map(|&i| describe(i)).collect(),
                 }
