@@ -240,18 +240,6 @@ pub fn overhead(arena: usize, bound: usize) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overhead_text() {
-        assert_eq!(overhead(100, 100), ", optimal");
-        assert_eq!(overhead(125, 100), ", +25.0%");
-        assert_eq!(overhead(0, 0), ", optimal");
-    }
-}
-
 /// `-v`: every tuned layer's candidates with their times, the winner marked.
 fn print_tuning(t: &kiln::TuneReport) {
     eprintln!("tactics (opt level {}):", t.level);
@@ -271,4 +259,16 @@ fn print_tuning(t: &kiln::TuneReport) {
         "  total {:.4} ms as chosen (reformats counted) vs {:.4} ms layer by layer",
         t.estimated_ms, t.layerwise_ms
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overhead_text() {
+        assert_eq!(overhead(100, 100), ", optimal");
+        assert_eq!(overhead(125, 100), ", +25.0%");
+        assert_eq!(overhead(0, 0), ", optimal");
+    }
 }
