@@ -32,14 +32,23 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
         )));
     }
     let start = Instant::now();
+    let mut layer_precision = std::collections::BTreeMap::new();
+    for spec in &a.layer_precision {
+        layer_precision
+            .extend(kiln::parse_layer_precision(spec).map_err(|e| CliError(e.to_string()))?);
+    }
     let config = kiln::BuilderConfig {
         device: a.device.into(),
+        shapes,
         optimize: !a.no_optimize,
+        opt_level: a.opt_level,
         fp16: a.fp16,
         tf32: a.tf32,
-        ..kiln::BuilderConfig::default()
+        int8: a.int8,
+        layer_precision,
+        timing_cache: a.timing_cache.clone(),
     };
-    let loaded = common::load_model_with(g, &a.model, &shapes, config)?;
+    let loaded = common::load_model_with(g, &a.model, &config)?;
     if loaded.kind == ModelKind::Plan {
         return Err(CliError(format!(
             "{} is already a plan; kiln build takes an ONNX model",
@@ -83,12 +92,18 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
             })),
             "weights_bytes": weights,
             "plan_bytes": plan_bytes,
+            "tuning": engine.tuning_report(),
             "build_time_s": build_time.as_secs_f64(),
             "total_time_s": total.as_secs_f64(),
             "inputs": engine.inputs().iter().map(io_json).collect::<Vec<_>>(),
             "outputs": engine.outputs().iter().map(io_json).collect::<Vec<_>>(),
         });
         return common::print_json(&v);
+    }
+    if g.verbose > 0 {
+        if let Some(t) = engine.tuning_report() {
+            print_tuning(t);
+        }
     }
     print_summary(
         &a.model,
@@ -197,6 +212,24 @@ fn print_summary(
             human_bytes(plan_bytes as usize)
         ),
     );
+    if let Some(t) = engine.tuning_report() {
+        row(
+            "tuning",
+            if t.level == 0 {
+                "opt level 0: heuristic tactics, nothing timed".into()
+            } else {
+                format!(
+                    "opt level {}: {} layers tuned, {} tactics timed, {} from the timing cache, {} reformat layers, {:.2} s",
+                    t.level,
+                    t.layers.len(),
+                    t.timed,
+                    t.cache_hits,
+                    t.reformats,
+                    t.seconds
+                )
+            },
+        );
+    }
     row("build time", format!("{:.2} s", build_time.as_secs_f64()));
     println!("Built {} -> {}", model.display(), output.display());
     print!("{}", common::table(&rows));
@@ -213,6 +246,27 @@ pub fn overhead(arena: usize, bound: usize) -> String {
     } else {
         format!(", +{:.1}%", (arena - bound) as f64 * 100.0 / bound as f64)
     }
+}
+
+/// `-v`: every tuned layer's candidates with their times, the winner marked.
+fn print_tuning(t: &kiln::TuneReport) {
+    eprintln!("tactics (opt level {}):", t.level);
+    for l in &t.layers {
+        eprintln!("  {}", l.layer);
+        for c in &l.candidates {
+            let mark = if c.tactic == l.chosen { "*" } else { " " };
+            let time = match (&c.time_ms, &c.dropped) {
+                (Some(ms), _) => format!("{ms:9.4} ms{}", if c.cached { " (cache)" } else { "" }),
+                (None, Some(why)) => format!("dropped: {why}"),
+                (None, None) => "-".into(),
+            };
+            eprintln!("    {mark} {:<40} {:<14} {time}", c.tactic, c.format);
+        }
+    }
+    eprintln!(
+        "  total {:.4} ms as chosen (reformats counted) vs {:.4} ms layer by layer",
+        t.estimated_ms, t.layerwise_ms
+    );
 }
 
 #[cfg(test)]

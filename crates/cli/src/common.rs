@@ -193,19 +193,15 @@ pub fn load_model(
 ) -> CliResult<Loaded> {
     let config = BuilderConfig {
         device,
+        shapes: shapes.clone(),
         optimize,
-        ..BuilderConfig::default()
+        ..Default::default()
     };
-    load_model_with(g, path, shapes, config)
+    load_model_with(g, path, &config)
 }
 
-/// Like [`load_model`], building ONNX models with `config` (its shapes replaced by `shapes`).
-pub fn load_model_with(
-    g: &Globals,
-    path: &Path,
-    shapes: &BTreeMap<String, Vec<usize>>,
-    config: BuilderConfig,
-) -> CliResult<Loaded> {
+/// [`load_model`] with a whole builder configuration (what `kiln build` takes).
+pub fn load_model_with(g: &Globals, path: &Path, config: &BuilderConfig) -> CliResult<Loaded> {
     let meta =
         std::fs::metadata(path).context(|| format!("cannot open model {}", path.display()))?;
     if meta.is_dir() {
@@ -231,12 +227,8 @@ pub fn load_model_with(
         });
     }
     let pb = spinner(g, format!("building {}", path.display()));
-    let config = BuilderConfig {
-        shapes: shapes.clone(),
-        ..config
-    };
     let engine = Builder::new()
-        .build_onnx_file(path, &config)
+        .build_onnx_file(path, config)
         .context(|| format!("cannot build {}", path.display()));
     pb.finish_and_clear();
     let engine = engine?;

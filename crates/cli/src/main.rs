@@ -161,12 +161,27 @@ pub struct BuildArgs {
     /// Skip the optimisation passes (for debugging).
     #[arg(long)]
     pub no_optimize: bool,
-    /// GPU engines: float weights and activations in FP16 (GEMMs accumulate in FP32).
+    /// Builder optimisation level: 0 = heuristic tactics only (no timing); 1..5 time more
+    /// tactic candidates per layer, with more repetitions (needs --shapes to time).
+    #[arg(long, value_name = "0..5", default_value_t = kiln::config::DEFAULT_OPT_LEVEL, value_parser = clap::value_parser!(u8).range(0..=5))]
+    pub opt_level: u8,
+    /// Timing cache: read before tuning (a cache from another device or kiln version is
+    /// ignored with a warning) and written after.
+    #[arg(long, value_name = "FILE")]
+    pub timing_cache: Option<PathBuf>,
+    /// Also allow FP16 layers (FP16 + FP32 precision pools); GPU engines store float
+    /// weights and activations in FP16 (GEMMs accumulate in FP32).
     #[arg(long)]
     pub fp16: bool,
     /// GPU engines: allow TF32 tensor-core math in FP32 matrix products (off by default).
     #[arg(long)]
     pub tf32: bool,
+    /// Also allow INT8 layers (not supported yet: says so).
+    #[arg(long)]
+    pub int8: bool,
+    /// Pin layers to a precision: NAME:fp32,... (ONNX node names or fused layer names).
+    #[arg(long, value_name = "NAME:fp32,...", action = ArgAction::Append)]
+    pub layer_precision: Vec<String>,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     pub json: bool,

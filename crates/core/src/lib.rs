@@ -17,6 +17,7 @@ pub mod lowp;
 pub mod op;
 pub mod passes;
 pub mod planner;
+pub mod tactic;
 pub mod tensor;
 pub mod value;
 
@@ -27,5 +28,6 @@ pub use error::{KilnError, Result};
 pub use fact::{Dim, Fact, ValueKind};
 pub use graph::{Graph, Node, ValueId, ValueInfo};
 pub use op::{BuildCtx, Op, OpBuilder, OpRegistry};
+pub use tactic::{Format, Layout, Precision, Tactic};
 pub use tensor::{numel, strides, CastOptions, Shape, Tensor, TensorMut};
 pub use value::{input_tensor, optional_tensor, Value};

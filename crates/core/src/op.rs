@@ -57,6 +57,15 @@ pub trait Op: Send + Sync + std::fmt::Debug {
         true
     }
 
+    /// The alternative implementations ("tactics") this op can run with for these concrete
+    /// input facts, in the op's own order of preference (the first is what it runs without
+    /// tuning). An empty list means one built-in implementation: nothing to tune. The
+    /// builder's tuner records its choice as the [`crate::tactic::TACTIC_ATTR`] attribute.
+    fn tactics(&self, inputs: &[Option<&Fact>]) -> Vec<crate::tactic::Tactic> {
+        let _ = inputs;
+        Vec::new()
+    }
+
     /// The subgraphs this op runs (for inspection and planning).
     fn subgraphs(&self) -> Vec<Arc<Graph>> {
         Vec::new()

@@ -8,6 +8,9 @@ use crate::config::{BuilderConfig, DeviceKind};
 use crate::engine::{registry, Engine, GpuSetup};
 use crate::fingerprint::Fingerprint;
 use crate::optimize::optimize;
+use crate::tuner::{
+    self, CpuTimer, LayerTimer, TacticLister, TimingCache, TuneReport, TuneSettings,
+};
 
 /// Builds engines from ONNX models.
 #[derive(Debug, Default, Clone)]
@@ -21,13 +24,26 @@ impl Builder {
 
     /// Parses, optimises and plans an ONNX model file.
     pub fn build_onnx_file(&self, path: &Path, config: &BuilderConfig) -> Result<Engine> {
+        let mut timer = CpuTimer::for_level(config.opt_level);
+        self.build_onnx_file_with(path, config, &tuner::cpu_tactics, &mut timer)
+    }
+
+    /// [`Builder::build_onnx_file`] with the tactic offer and the timer given: tests inject
+    /// deterministic ones so they know which choice is right.
+    pub fn build_onnx_file_with(
+        &self,
+        path: &Path,
+        config: &BuilderConfig,
+        tactics: &TacticLister<'_>,
+        timer: &mut dyn LayerTimer,
+    ) -> Result<Engine> {
         let fingerprint = self.resolve_device(config)?;
         let model = kiln_onnx::load_model(path, registry())?;
         let source = path
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        self.build_model(model, fingerprint, config, source)
+        self.build_model(model, fingerprint, config, source, tactics, timer)
     }
 
     fn resolve_device(&self, config: &BuilderConfig) -> Result<Fingerprint> {
@@ -55,6 +71,8 @@ impl Builder {
         fingerprint: Fingerprint,
         config: &BuilderConfig,
         source: String,
+        tactics: &TacticLister<'_>,
+        timer: &mut dyn LayerTimer,
     ) -> Result<Engine> {
         let mut graph = model.graph;
         // Apply user shapes to inputs.
@@ -150,7 +168,16 @@ impl Builder {
         } else {
             GpuSetup::None
         };
-        Engine::from_parts(
+        // Tactics are timed on the device the engine is for; the CUDA backend's own choices
+        // are heuristic until its tactics are offered to the tuner.
+        tuner::pools(config.fp16, config.int8)?;
+        let tuning = if fingerprint.backend == "cpu" {
+            self.tune(&mut graph, &fingerprint, config, tactics, timer)?
+        } else {
+            tracing::info!("GPU engine: tactics chosen by the CUDA backend's heuristics");
+            TuneReport::default()
+        };
+        let engine = Engine::from_parts(
             graph,
             fingerprint,
             config.shapes.clone(),
@@ -158,6 +185,58 @@ impl Builder {
             model.opsets,
             source,
             gpu,
-        )
+        )?;
+        Ok(engine.with_tuning(tuning))
+    }
+
+    /// Chooses a tactic per layer by timing candidates on this device (the CPU here).
+    fn tune(
+        &self,
+        graph: &mut kiln_core::Graph,
+        fingerprint: &Fingerprint,
+        config: &BuilderConfig,
+        tactics: &TacticLister<'_>,
+        timer: &mut dyn LayerTimer,
+    ) -> Result<TuneReport> {
+        if config.opt_level > 5 {
+            return Err(KilnError::Other(format!(
+                "--opt-level {} is out of range (0..=5)",
+                config.opt_level
+            )));
+        }
+        let settings = TuneSettings {
+            level: config.opt_level,
+            pools: tuner::pools(config.fp16, config.int8)?,
+            pins: config.layer_precision.clone(),
+        };
+        let device = fingerprint.device_key();
+        let mut cache = match &config.timing_cache {
+            Some(path) => {
+                let (cache, warning) = TimingCache::load(path, &device);
+                if let Some(w) = warning {
+                    tracing::warn!("{w}");
+                    eprintln!("warning: {w}");
+                }
+                cache
+            }
+            None => TimingCache::new(device),
+        };
+        let report = tuner::tune(graph, &settings, tactics, timer, &mut cache)?;
+        if report.reformats > 0 {
+            graph.infer_facts_with(true)?;
+        }
+        if let Some(path) = &config.timing_cache {
+            cache.save(path)?;
+        }
+        tracing::info!(
+            level = report.level,
+            layers = report.layers.len(),
+            timed = report.timed,
+            cache_hits = report.cache_hits,
+            reformats = report.reformats,
+            seconds = report.seconds,
+            "tuned tactics"
+        );
+        Ok(report)
     }
 }

@@ -30,6 +30,28 @@ impl std::str::FromStr for DeviceKind {
     }
 }
 
+/// The builder optimisation level used when none is given.
+pub const DEFAULT_OPT_LEVEL: u8 = 3;
+
+/// Parses `--layer-precision` items: `NAME:fp32,OTHER:fp16`.
+pub fn parse_layer_precision(spec: &str) -> Result<BTreeMap<String, kiln_core::Precision>> {
+    let mut out = BTreeMap::new();
+    for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+        let (name, p) = part.trim().rsplit_once(':').ok_or_else(|| {
+            KilnError::Other(format!(
+                "--layer-precision item {part:?} must look like LAYER:fp32"
+            ))
+        })?;
+        let p = kiln_core::Precision::parse(p).ok_or_else(|| {
+            KilnError::Other(format!(
+                "--layer-precision {name}: unknown precision {p:?} (expected fp32, fp16 or int8)"
+            ))
+        })?;
+        out.insert(name.to_string(), p);
+    }
+    Ok(out)
+}
+
 /// How to build an engine (TensorRT's `IBuilderConfig`).
 #[derive(Debug, Clone)]
 pub struct BuilderConfig {
@@ -41,10 +63,20 @@ pub struct BuilderConfig {
     pub shapes: BTreeMap<String, Vec<usize>>,
     /// Run the optimisation passes (folding, fusion). Off only for debugging.
     pub optimize: bool,
-    /// GPU engines: float weights and activations in FP16 (FP32 accumulation in GEMMs).
+    /// Builder optimisation level 0..=5: 0 takes each op's heuristic tactic (no timing);
+    /// higher levels time more tactic candidates, with more repetitions. Default 3.
+    pub opt_level: u8,
+    /// Allow FP16 layers (the FP16 + FP32 precision pools). GPU engines store float weights
+    /// and activations in FP16 (FP32 accumulation in GEMMs).
     pub fp16: bool,
     /// GPU engines: allow TF32 tensor-core math in FP32 matrix products.
     pub tf32: bool,
+    /// Allow INT8 layers (refused for now: no INT8 kernels yet).
+    pub int8: bool,
+    /// Layers pinned to one precision (`--layer-precision NAME:fp32`).
+    pub layer_precision: BTreeMap<String, kiln_core::Precision>,
+    /// Timing cache file read before tuning and written after (`--timing-cache`).
+    pub timing_cache: Option<std::path::PathBuf>,
 }
 
 impl Default for BuilderConfig {
@@ -53,8 +85,12 @@ impl Default for BuilderConfig {
             device: DeviceKind::Auto,
             shapes: BTreeMap::new(),
             optimize: true,
+            opt_level: DEFAULT_OPT_LEVEL,
             fp16: false,
             tf32: false,
+            int8: false,
+            layer_precision: BTreeMap::new(),
+            timing_cache: None,
         }
     }
 }

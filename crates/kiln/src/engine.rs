@@ -12,6 +12,7 @@ use crate::fingerprint::Fingerprint;
 use crate::memory::{plan_for_inputs, InputSignature, ShapePlan};
 use crate::optimize::OptimizeReport;
 use crate::plan;
+use crate::tuner::TuneReport;
 
 /// The registry of every op kiln's CPU backend implements (built once).
 pub fn registry() -> &'static OpRegistry {
@@ -32,6 +33,8 @@ pub(crate) struct EngineInner {
     pub inputs: Vec<IoInfo>,
     pub outputs: Vec<IoInfo>,
     pub static_plan: Option<StaticPlan>,
+    /// The tuner's report (engines built in this process only; not stored in plans).
+    pub tuning: Option<TuneReport>,
     pub gpu: Option<Arc<kiln_cuda::GpuEngine>>,
 }
 
@@ -63,10 +66,15 @@ pub struct LayerInfo {
     pub fused_from: Vec<String>,
     /// Precision it runs in.
     pub precision: String,
-    /// Kernel (tactic) that runs it.
+    /// Kernel (tactic) that runs it: the tuned tactic id, or `cpu.<op>` for the op's own
+    /// heuristic.
     pub tactic: String,
     /// Where it runs: `cpu`, `gpu`, or `cpu` as a fallback inside a GPU engine.
     pub device: String,
+    /// The tuned tactic's median time on the build device (ms), when it was tuned.
+    pub tactic_time_ms: Option<f64>,
+    /// True for a reformat layer the tuner inserted between layers of different formats.
+    pub reformat: bool,
     /// Inputs: name and `dtype[shape]`.
     pub inputs: Vec<(String, String)>,
     /// Outputs: name and `dtype[shape]`.
@@ -176,8 +184,23 @@ impl Engine {
                 outputs,
                 static_plan,
                 gpu,
+                tuning: None,
             }),
         })
+    }
+
+    /// Attaches the tuning report of the build that made this engine.
+    pub(crate) fn with_tuning(mut self, tuning: TuneReport) -> Engine {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.tuning = Some(tuning);
+        }
+        self
+    }
+
+    /// What the tuner measured and chose, for an engine built in this process (plans keep
+    /// only the choices: see [`LayerInfo::tactic`]).
+    pub fn tuning_report(&self) -> Option<&TuneReport> {
+        self.inner.tuning.as_ref()
     }
 
     /// A new execution context (own arena) for this engine.
@@ -294,14 +317,25 @@ impl Engine {
                     None if fused => format!("kiln.{}", n.desc.op_type),
                     None => n.desc.op_type.clone(),
                 };
-                let (device, tactic, precision) = match placements.as_ref().and_then(|p| p.get(i)) {
-                    Some(p) => (p.device.to_string(), p.tactic.clone(), p.precision.clone()),
-                    None => (
-                        "cpu".to_string(),
-                        format!("cpu.{}", n.desc.op_type.to_ascii_lowercase()),
-                        "fp32".to_string(),
-                    ),
-                };
+                let (device, tactic, precision) =
+                    match placements.as_ref().and_then(|p| p.get(i)) {
+                        Some(p) => (p.device.to_string(), p.tactic.clone(), p.precision.clone()),
+                        None => {
+                            (
+                                "cpu".to_string(),
+                                match n.desc.attrs.get(kiln_core::tactic::TACTIC_ATTR) {
+                                    Some(kiln_core::Attr::String(t)) => t.clone(),
+                                    _ => format!("cpu.{}", n.desc.op_type.to_ascii_lowercase()),
+                                },
+                                match n.outputs.iter().flatten().next().map(|&o| {
+                                    facts.map(|f| &f[o]).unwrap_or(&g.values[o].fact).dtype
+                                }) {
+                                    Some(Some(kiln_core::DType::F16)) => "fp16".to_string(),
+                                    _ => "fp32".to_string(),
+                                },
+                            )
+                        }
+                    };
                 LayerInfo {
                     name: n.name.clone(),
                     op,
@@ -309,6 +343,11 @@ impl Engine {
                     precision,
                     tactic,
                     device,
+                    tactic_time_ms: match n.desc.attrs.get(kiln_core::tactic::TACTIC_TIME_ATTR) {
+                        Some(kiln_core::Attr::Float(ms)) => Some(*ms as f64),
+                        _ => None,
+                    },
+                    reformat: n.name.starts_with("reformat:"),
                     inputs: n.inputs.iter().flatten().map(|&i| describe(i)).collect(),
                     outputs: n.outputs.iter().flatten().map(|&i| describe(i)).collect(),
                 }

@@ -48,6 +48,18 @@ impl Fingerprint {
         }
     }
 
+    /// The identity of the device for timing purposes (timing caches are valid only for
+    /// the same key): backend, device, and the CPU features the kernels may use.
+    pub fn device_key(&self) -> String {
+        format!(
+            "{}|{}|{}|{}",
+            self.backend,
+            self.device,
+            self.arch,
+            self.cpu_features.join(",")
+        )
+    }
+
     /// Why a plan with fingerprint `self` cannot run here (`here`), if it cannot.
     pub fn incompatibility(&self, here: &Fingerprint) -> Option<String> {
         if self.backend != here.backend {

@@ -23,13 +23,15 @@ pub mod memory;
 pub mod npy;
 pub mod optimize;
 pub mod plan;
+pub mod tuner;
 
 pub use builder::Builder;
-pub use config::{parse_shapes, BuilderConfig, DeviceKind};
+pub use config::{parse_layer_precision, parse_shapes, BuilderConfig, DeviceKind};
 pub use context::{ExecutionContext, IoInfo};
 pub use engine::{registry, Engine, LayerInfo, MemoryReport, Runtime};
 pub use fingerprint::Fingerprint;
 pub use kiln_core::{DType, Dim, KilnError, Result, Tensor, Value};
+pub use tuner::{TimingCache, TuneReport};
 
 /// kiln's version (`X.Y.Z`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

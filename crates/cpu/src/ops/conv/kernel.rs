@@ -11,8 +11,26 @@ use super::reference::ConvDims;
 use crate::fused::Activation;
 use crate::ops::linalg::blas::{self, MatRef};
 
-/// Target number of im2col elements per tile (keeps the scratch in L2).
-const TILE_ELEMS: usize = 1 << 16;
+/// Target number of im2col elements per tile (keeps the scratch in L2): the default.
+pub const TILE_ELEMS: usize = 1 << 16;
+
+/// How a [`ConvF32`] computes: the op's heuristic, or one tactic the tuner chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvAlgo {
+    /// Direct kernel for depthwise convolutions, im2col + GEMM (tile [`TILE_ELEMS`]) for the
+    /// rest, parallel over images × groups when there are several.
+    #[default]
+    Auto,
+    /// Tiled im2col + GEMM (a plain GEMM for 1×1 convolutions).
+    Im2colGemm {
+        /// Target im2col elements per tile.
+        tile_elems: usize,
+        /// Parallel over images × groups (true) or inside each GEMM (false).
+        parallel_outer: bool,
+    },
+    /// The direct kernel (depthwise convolutions only: one input channel per group).
+    Direct,
+}
 
 /// One f32 convolution problem (NC(D)(H)W layout, weights M × C/group × kernel).
 #[derive(Debug, Clone, Copy)]
@@ -29,6 +47,8 @@ pub struct ConvF32<'a> {
     pub sp: Spatial3,
     /// Fused activation.
     pub act: Activation,
+    /// Which implementation to run.
+    pub algo: ConvAlgo,
 }
 
 /// Adds `b` to every value and applies `act`, in one pass.
@@ -91,11 +111,24 @@ impl ConvF32<'_> {
         if out.is_empty() {
             return Ok(());
         }
-        if cg == 1 && group > 1 {
-            return self.run_direct(out);
-        }
+        let depthwise = cg == 1 && group > 1;
+        let (tile_elems, outer) = match self.algo {
+            ConvAlgo::Auto if depthwise => return self.run_direct(out),
+            ConvAlgo::Auto => (TILE_ELEMS, true),
+            ConvAlgo::Direct if depthwise => return self.run_direct(out),
+            ConvAlgo::Direct => {
+                return Err(KilnError::kernel(
+                    "Conv",
+                    "the direct tactic needs one input channel per group (depthwise)",
+                ))
+            }
+            ConvAlgo::Im2colGemm {
+                tile_elems,
+                parallel_outer,
+            } => (tile_elems.max(1), parallel_outer),
+        };
         let chunks = n * group;
-        let parallel_outer = chunks > 1 && rayon::current_num_threads() > 1;
+        let parallel_outer = outer && chunks > 1 && rayon::current_num_threads() > 1;
         let body = |(idx, chunk): (usize, &mut [f32])| -> Result<()> {
             let (bn, g) = (idx / group, idx % group);
             let xg = &self.x[(bn * c + g * cg) * self.sp.in_size()
@@ -103,7 +136,7 @@ impl ConvF32<'_> {
             let wg = &self.w
                 [g * mg * cg * self.sp.kernel_size()..(g + 1) * mg * cg * self.sp.kernel_size()];
             let bias = self.bias.map(|b| &b[g * mg..(g + 1) * mg]);
-            self.run_group(xg, wg, bias, cg, mg, chunk, !parallel_outer)
+            self.run_group(xg, wg, bias, cg, mg, chunk, !parallel_outer, tile_elems)
         };
         if parallel_outer {
             out.par_chunks_mut(mg * p).enumerate().try_for_each(body)
@@ -130,6 +163,7 @@ impl ConvF32<'_> {
         mg: usize,
         out: &mut [f32],
         par: bool,
+        tile_elems: usize,
     ) -> Result<()> {
         let p = self.sp.out_size();
         let k = cg * self.sp.kernel_size();
@@ -150,7 +184,7 @@ impl ConvF32<'_> {
             self.apply_epilogue(out, bias, mg, 0, p);
             return Ok(());
         }
-        let tile = (TILE_ELEMS / k.max(1)).max(128).min(p);
+        let tile = (tile_elems / k.max(1)).max(128).min(p);
         let mut col = vec![0.0f32; k * tile];
         let mut p0 = 0;
         while p0 < p {

@@ -6,15 +6,16 @@ pub mod geom;
 pub mod kernel;
 pub mod quant;
 pub mod reference;
+pub mod tactics;
 pub mod transpose;
 
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
-    Tensor, TensorMut, Value,
+    Tactic, Tensor, TensorMut, Value,
 };
 
 use self::geom::{Spatial, WindowAttrs};
-use self::kernel::ConvF32;
+use self::kernel::{ConvAlgo, ConvF32};
 use self::reference::ConvDims;
 use crate::fused::{Activation, KILN_DOMAIN};
 use crate::ops::linalg::{as_f32, from_f32};
@@ -141,6 +142,8 @@ pub struct Conv {
     pub group: usize,
     /// Activation applied to the output (kiln's fused form).
     pub act: Activation,
+    /// The implementation the tuner chose (`Auto` when untuned).
+    pub algo: ConvAlgo,
 }
 
 fn build_conv(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
@@ -155,6 +158,10 @@ fn build_conv(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         win,
         group,
         act: Activation::from_attrs(&a)?,
+        algo: match a.opt_string(kiln_core::tactic::TACTIC_ATTR)? {
+            Some(id) => tactics::parse(&id).map_err(|e| a.invalid(e.to_string()))?,
+            None => ConvAlgo::Auto,
+        },
     }))
 }
 
@@ -203,6 +210,7 @@ impl Conv {
             dims: call.dims,
             sp: call.sp.to3("Conv")?,
             act: self.act,
+            algo: self.algo,
         }
         .run(out)
     }
@@ -231,6 +239,26 @@ impl Op for Conv {
             inputs.get(1).copied().flatten(),
             dtype,
         )?])
+    }
+
+    fn tactics(&self, inputs: &[Option<&Fact>]) -> Vec<Tactic> {
+        let shape = |i: usize| inputs.get(i).copied().flatten()?.concrete_shape();
+        let (Some(x), Some(w)) = (shape(0), shape(1)) else {
+            return Vec::new();
+        };
+        let Ok((dims, sp)) = conv_geometry("Conv", &self.win, self.group, &x, &w) else {
+            return Vec::new();
+        };
+        let cg = dims.c / dims.group.max(1);
+        let pointwise = sp.kernel.iter().all(|&k| k == 1)
+            && sp.strides.iter().all(|&s| s == 1)
+            && sp.pad_begin.iter().all(|&p| p == 0)
+            && sp.input == sp.output;
+        tactics::list(tactics::ConvShapeClass {
+            depthwise: cg == 1 && dims.group > 1,
+            pointwise,
+            chunks: dims.n * dims.group,
+        })
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
@@ -325,11 +353,6 @@ mod tests {
         let x = r.vec(xs.iter().product());
         let w = r.vec(ws.iter().product());
         let b = r.vec(ws[0]);
-        let conv = Conv {
-            win: win.clone(),
-            group,
-            act,
-        };
         let xt = Tensor::from_vec(xs, x.clone()).unwrap();
         let wt = Tensor::from_vec(ws, w.clone()).unwrap();
         let bt = Tensor::from_vec(&[ws[0]], b.clone()).unwrap();
@@ -339,7 +362,6 @@ mod tests {
         } else {
             vec![Some(&xv), Some(&wv)]
         };
-        let got = conv.eval(&inputs).unwrap().remove(0).into_tensor().unwrap();
         let (dims, sp) = conv_geometry("Conv", &win, group, xs, ws).unwrap();
         let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
         let want = conv_reference(
@@ -350,23 +372,41 @@ mod tests {
             &sp.to3("Conv").unwrap(),
         );
         let want: Vec<f32> = want.iter().map(|&v| act.apply(v as f32)).collect();
-        assert_eq!(got.shape(), out_shape(&dims, &sp).as_slice());
-        let d = max_diff(got.as_slice::<f32>().unwrap(), &want);
-        assert!(
-            d < 1e-4,
-            "xs={xs:?} ws={ws:?} group={group} win={win:?}: diff {d}"
-        );
-        // infer agrees
         let fx = Fact::concrete(DType::F32, xs);
         let fw = Fact::concrete(DType::F32, ws);
-        let f = conv.infer(&[Some(&fx), Some(&fw)], 1).unwrap().remove(0);
-        assert_eq!(f.concrete_shape().unwrap(), got.shape());
-        // eval_into agrees
-        let mut bytes = vec![0u8; got.len() * 4];
-        let shape = got.shape().to_vec();
-        let mut slots = [TensorMut::new(DType::F32, &shape, &mut bytes).unwrap()];
-        conv.eval_into(&inputs, &mut slots).unwrap();
-        assert_eq!(bytes, got.bytes());
+        let heuristic = Conv {
+            win: win.clone(),
+            group,
+            act,
+            algo: ConvAlgo::Auto,
+        };
+        // The heuristic and every tactic the tuner may choose compute the same function.
+        let tactics = heuristic.tactics(&[Some(&fx), Some(&fw)]);
+        assert!(!tactics.is_empty());
+        let algos = std::iter::once(ConvAlgo::Auto)
+            .chain(tactics.iter().map(|t| tactics::parse(&t.id).unwrap()));
+        for algo in algos {
+            let conv = Conv {
+                algo,
+                ..heuristic.clone()
+            };
+            let got = conv.eval(&inputs).unwrap().remove(0).into_tensor().unwrap();
+            assert_eq!(got.shape(), out_shape(&dims, &sp).as_slice());
+            let d = max_diff(got.as_slice::<f32>().unwrap(), &want);
+            assert!(
+                d < 1e-4,
+                "xs={xs:?} ws={ws:?} group={group} win={win:?} {algo:?}: diff {d}"
+            );
+            // infer agrees
+            let f = conv.infer(&[Some(&fx), Some(&fw)], 1).unwrap().remove(0);
+            assert_eq!(f.concrete_shape().unwrap(), got.shape());
+            // eval_into agrees
+            let mut bytes = vec![0u8; got.len() * 4];
+            let shape = got.shape().to_vec();
+            let mut slots = [TensorMut::new(DType::F32, &shape, &mut bytes).unwrap()];
+            conv.eval_into(&inputs, &mut slots).unwrap();
+            assert_eq!(bytes, got.bytes());
+        }
     }
 
     fn win(
@@ -514,6 +554,7 @@ mod tests {
             win: WindowAttrs::default(),
             group: 1,
             act: Activation::None,
+            algo: ConvAlgo::Auto,
         };
         let y = conv
             .eval(&[Some(&x.clone().into()), Some(&w.clone().into())])
@@ -540,6 +581,7 @@ mod tests {
             win: WindowAttrs::default(),
             group: 2,
             act: Activation::None,
+            algo: ConvAlgo::Auto,
         };
         let x: Value = Tensor::from_vec(&[1, 3, 4, 4], vec![0.0f32; 48])
             .unwrap()
@@ -552,6 +594,7 @@ mod tests {
             win: WindowAttrs::default(),
             group: 1,
             act: Activation::None,
+            algo: ConvAlgo::Auto,
         };
         let w: Value = Tensor::from_vec(&[2, 3, 5, 5], vec![0.0f32; 150])
             .unwrap()
@@ -594,6 +637,7 @@ mod tests {
                 win: win(Some(vec![ws[2] / 2; 4]), None, None),
                 group,
                 act: Activation::Relu,
+                algo: ConvAlgo::Auto,
             };
             let inputs = [Some(&x), Some(&w), Some(&b)];
             let y = conv.eval(&inputs).unwrap().remove(0).into_tensor().unwrap();

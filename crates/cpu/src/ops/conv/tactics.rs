@@ -1,0 +1,135 @@
+//! Conv's tactics on the CPU: which implementations exist for a given problem, their
+//! stable ids, and the mapping from an id back to a [`ConvAlgo`].
+//!
+//! Ids: `cpu.conv.direct` (depthwise only), `cpu.conv.gemm_1x1.{outer,inner}` (1×1,
+//! stride 1, no padding) and `cpu.conv.im2col_gemm.t<tile elements>.{outer,inner}`
+//! (everything), where `outer`/`inner` says whether threads split images × groups or each
+//! GEMM.
+
+use kiln_core::{KilnError, Result, Tactic};
+
+use super::kernel::{ConvAlgo, TILE_ELEMS};
+
+/// im2col tile sizes (elements) the tuner may try, with the level from which each is timed.
+const TILES: [(usize, u8); 5] = [
+    (TILE_ELEMS, 1),
+    (1 << 14, 2),
+    (1 << 18, 2),
+    (1 << 12, 4),
+    (1 << 20, 4),
+];
+
+/// Facts about one Conv problem that decide which tactics apply.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvShapeClass {
+    /// One input channel per group, several groups.
+    pub depthwise: bool,
+    /// 1×1 kernel, unit strides, no padding: the im2col matrix is the input itself.
+    pub pointwise: bool,
+    /// Images × groups: more than one lets threads split the outer loop.
+    pub chunks: usize,
+}
+
+/// The tactics for a problem of this class, the heuristic's choice first.
+pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
+    let par: &[&str] = if class.chunks > 1 {
+        &["outer", "inner"]
+    } else {
+        &["inner"]
+    };
+    let mut out = Vec::new();
+    if class.depthwise {
+        out.push(Tactic::fp32("cpu.conv.direct", 1));
+    }
+    if class.pointwise {
+        for p in par {
+            out.push(Tactic::fp32(format!("cpu.conv.gemm_1x1.{p}"), 1));
+        }
+        return out;
+    }
+    for &(tile, level) in &TILES {
+        for p in par {
+            // A depthwise problem tries im2col only from level 2: it rarely wins there.
+            let level = if class.depthwise { level.max(2) } else { level };
+            out.push(Tactic::fp32(
+                format!("cpu.conv.im2col_gemm.t{tile}.{p}"),
+                level,
+            ));
+        }
+    }
+    out
+}
+
+/// The algorithm a tactic id names.
+pub fn parse(id: &str) -> Result<ConvAlgo> {
+    let bad = || {
+        KilnError::Other(format!(
+            "unknown Conv tactic `{id}` (this kiln knows cpu.conv.direct, cpu.conv.gemm_1x1.<outer|inner> and cpu.conv.im2col_gemm.t<N>.<outer|inner>); rebuild the plan with this kiln"
+        ))
+    };
+    if id == "cpu.conv.direct" {
+        return Ok(ConvAlgo::Direct);
+    }
+    let parallel = |p: &str| match p {
+        "outer" => Ok(true),
+        "inner" => Ok(false),
+        _ => Err(bad()),
+    };
+    if let Some(p) = id.strip_prefix("cpu.conv.gemm_1x1.") {
+        return Ok(ConvAlgo::Im2colGemm {
+            tile_elems: TILE_ELEMS,
+            parallel_outer: parallel(p)?,
+        });
+    }
+    let rest = id.strip_prefix("cpu.conv.im2col_gemm.t").ok_or_else(bad)?;
+    let (tile, p) = rest.split_once('.').ok_or_else(bad)?;
+    let tile_elems: usize = tile.parse().map_err(|_| bad())?;
+    if tile_elems == 0 {
+        return Err(bad());
+    }
+    Ok(ConvAlgo::Im2colGemm {
+        tile_elems,
+        parallel_outer: parallel(p)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_id_parses_back() {
+        for depthwise in [false, true] {
+            for pointwise in [false, true] {
+                for chunks in [1, 4] {
+                    let class = ConvShapeClass {
+                        depthwise,
+                        pointwise,
+                        chunks,
+                    };
+                    let list = list(class);
+                    assert!(!list.is_empty());
+                    for t in &list {
+                        parse(&t.id).unwrap();
+                    }
+                    let ids: std::collections::HashSet<_> = list.iter().map(|t| &t.id).collect();
+                    assert_eq!(ids.len(), list.len(), "duplicate tactic ids");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_ids_are_errors() {
+        for id in [
+            "cpu.conv.winograd",
+            "cpu.conv.im2col_gemm.t0.outer",
+            "cpu.conv.im2col_gemm.tx.outer",
+            "cpu.conv.gemm_1x1.sideways",
+            "",
+        ] {
+            let e = parse(id).unwrap_err().to_string();
+            assert!(e.contains("unknown Conv tactic"), "{e}");
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Timing tactics on the device. The tuner talks to a [`LayerTimer`]; the CPU backend's is
+//! [`CpuTimer`] (a monotonic clock around the op's in-place kernel); tests inject a
+//! deterministic one so they know which choice is right.
+
+use std::time::Instant;
+
+use kiln_core::{
+    AlignedBuf, BuildCtx, DType, Fact, Format, KilnError, Node, Precision, Result, Tactic, Tensor,
+    TensorMut, Value,
+};
+
+use crate::engine::registry;
+
+/// Measures one layer with one tactic, and reformats between formats.
+pub trait LayerTimer {
+    /// Median time (ms) of `node` run with `tactic`, on inputs of the given facts;
+    /// `constants[i]` is the real value of input `i` when it is a weight. An error drops the
+    /// candidate (the reason is logged).
+    fn time_tactic(
+        &mut self,
+        node: &Node,
+        inputs: &[Option<&Fact>],
+        constants: &[Option<&Tensor>],
+        tactic: &Tactic,
+    ) -> Result<f64>;
+
+    /// Median time (ms) of converting a tensor with `fact` from `from` to `to`.
+    fn time_reformat(&mut self, fact: &Fact, from: Format, to: Format) -> Result<f64>;
+}
+
+/// Times on this machine's CPU: warm-up runs, then `reps` timed runs, median.
+#[derive(Debug, Clone)]
+pub struct CpuTimer {
+    /// Untimed runs first (caches, page faults, thread pool start).
+    pub warmup: usize,
+    /// Timed runs; the median is reported.
+    pub reps: usize,
+}
+
+impl CpuTimer {
+    /// The timer for a builder optimisation level (higher levels repeat more).
+    pub fn for_level(level: u8) -> CpuTimer {
+        CpuTimer {
+            warmup: if level >= 4 { 3 } else { 1 },
+            reps: match level {
+                0..=2 => 3,
+                3 => 5,
+                _ => 9,
+            },
+        }
+    }
+
+    fn median_ms(&self, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+        for _ in 0..self.warmup {
+            run()?;
+        }
+        let mut times = Vec::with_capacity(self.reps.max(1));
+        for _ in 0..self.reps.max(1) {
+            let t = Instant::now();
+            run()?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+}
+
+/// A seeded tensor of `fact`'s dtype and shape, never all zeros: floats uniform in
+/// [-1, 1), integers in 1..=3 (small, so index-like inputs stay in range), bools alternate.
+pub fn random_input(fact: &Fact, seed: u64) -> Result<Tensor> {
+    let (Some(dtype), Some(shape)) = (fact.dtype, fact.concrete_shape()) else {
+        return Err(KilnError::Other(format!(
+            "cannot time a layer whose input is not fully known ({})",
+            fact.describe()
+        )));
+    };
+    let n: usize = shape.iter().product();
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    if dtype.is_float() {
+        let v: Vec<f32> = (0..n)
+            .map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
+            .collect();
+        return Tensor::from_vec(&shape, v)?.cast(dtype);
+    }
+    if dtype == DType::Bool {
+        let v: Vec<bool> = (0..n).map(|i| i % 2 == 0).collect();
+        return Tensor::from_bools(&shape, &v);
+    }
+    let v: Vec<i64> = (0..n).map(|_| 1 + (next() % 3) as i64).collect();
+    Tensor::from_vec(&shape, v)?.cast(dtype)
+}
+
+fn dtype_of(p: Precision) -> Result<DType> {
+    match p {
+        Precision::Fp32 => Ok(DType::F32),
+        Precision::Fp16 => Ok(DType::F16),
+        Precision::Int8 => Err(KilnError::Other(
+            "INT8 is not supported yet (no INT8 kernels); build without --int8".into(),
+        )),
+    }
+}
+
+impl LayerTimer for CpuTimer {
+    fn time_tactic(
+        &mut self,
+        node: &Node,
+        inputs: &[Option<&Fact>],
+        constants: &[Option<&Tensor>],
+        tactic: &Tactic,
+    ) -> Result<f64> {
+        let mut desc = node.desc.clone();
+        desc.attrs.insert(
+            kiln_core::tactic::TACTIC_ATTR.into(),
+            kiln_core::Attr::String(tactic.id.clone()),
+        );
+        let op = registry().build(&BuildCtx {
+            node: &node.name,
+            desc: &desc,
+            n_inputs: node.inputs.len(),
+            n_outputs: node.outputs.len(),
+        })?;
+        let values: Vec<Option<Value>> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, f)| match (constants.get(i).copied().flatten(), f) {
+                (Some(c), _) => Ok(Some(Value::Tensor(c.clone()))),
+                (None, Some(f)) => random_input(f, 0x7475_6e65 + i as u64).map(|t| Some(t.into())),
+                (None, None) => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        let args: Vec<Option<&Value>> = values.iter().map(|v| v.as_ref()).collect();
+        let out_facts = op.infer(inputs, node.outputs.len())?;
+        let mut shapes = Vec::with_capacity(out_facts.len());
+        let mut bufs = Vec::with_capacity(out_facts.len());
+        for f in &out_facts {
+            let (Some(d), Some(s)) = (f.dtype, f.concrete_shape()) else {
+                return Err(KilnError::Other(
+                    "an output's shape is not known at build time".into(),
+                ));
+            };
+            bufs.push(AlignedBuf::zeroed(s.iter().product::<usize>() * d.size()));
+            shapes.push((d, s));
+        }
+        self.median_ms(|| {
+            let mut slots: Vec<TensorMut<'_>> = bufs
+                .iter_mut()
+                .zip(&shapes)
+                .map(|(b, (d, s))| TensorMut::new(*d, s, b.as_mut_slice()))
+                .collect::<Result<_>>()?;
+            op.eval_into(&args, &mut slots)
+        })
+    }
+
+    fn time_reformat(&mut self, fact: &Fact, from: Format, to: Format) -> Result<f64> {
+        if from.layout != to.layout {
+            return Err(KilnError::Other(format!(
+                "layout reformats ({from} -> {to}) are not implemented on the CPU"
+            )));
+        }
+        let src = random_input(
+            &Fact {
+                dtype: Some(dtype_of(from.precision)?),
+                ..fact.clone()
+            },
+            0x7265_666d,
+        )?;
+        let to = dtype_of(to.precision)?;
+        self.median_ms(|| src.cast(to).map(drop))
+    }
+}

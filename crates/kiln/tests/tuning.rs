@@ -1,0 +1,304 @@
+//! The tuner's decisions with an injected deterministic timer, so each test knows which
+//! choice is right: winners recorded in the plan, the timing cache (warm builds time
+//! nothing; another device's cache is ignored), precision pools and pins, and reformat
+//! layers inserted between layers of different precisions — the engine still computes the
+//! model's function (checked against ONNX Runtime's outputs).
+
+mod common;
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+
+use kiln::tuner::{self, LayerTimer};
+use kiln::{parse_shapes, Builder, BuilderConfig, Runtime};
+use kiln_core::{Fact, Format, Layout, Node, Precision, Result, Tactic, Tensor};
+
+const FP16: Format = Format {
+    precision: Precision::Fp16,
+    layout: Layout::Linear,
+};
+
+/// Times from a rule, counting calls.
+struct FakeTimer<F: Fn(&Node, &Tactic) -> f64> {
+    rule: F,
+    reformat_ms: f64,
+    calls: Cell<usize>,
+}
+
+impl<F: Fn(&Node, &Tactic) -> f64> LayerTimer for FakeTimer<F> {
+    fn time_tactic(
+        &mut self,
+        node: &Node,
+        _inputs: &[Option<&Fact>],
+        _constants: &[Option<&Tensor>],
+        tactic: &Tactic,
+    ) -> Result<f64> {
+        self.calls.set(self.calls.get() + 1);
+        Ok((self.rule)(node, tactic))
+    }
+    fn time_reformat(&mut self, _fact: &Fact, _from: Format, _to: Format) -> Result<f64> {
+        Ok(self.reformat_ms)
+    }
+}
+
+fn orientation() -> Option<(common::Case, BuilderConfig)> {
+    let assets = common::assets()?;
+    let case = common::case(&assets, "orientation_b1");
+    let config = BuilderConfig {
+        shapes: parse_shapes(&case.shapes).unwrap(),
+        ..Default::default()
+    };
+    Some((case, config))
+}
+
+fn tactic_of(engine: &kiln::Engine, layer: &str) -> String {
+    engine
+        .layers()
+        .into_iter()
+        .find(|l| l.name == layer)
+        .unwrap_or_else(|| panic!("layer {layer}"))
+        .tactic
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-tuning-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn the_fastest_tactic_wins_and_travels_in_the_plan() {
+    let Some((case, config)) = orientation() else {
+        panic!("the tuning tests need the assets (cargo xtask fetch-assets)");
+    };
+    // The largest im2col tile with inner threading is "fastest" wherever it is offered.
+    let mut timer = FakeTimer {
+        rule: |_n: &Node, t: &Tactic| {
+            if t.id == "cpu.conv.im2col_gemm.t262144.inner" {
+                0.5
+            } else {
+                1.0 + t.id.len() as f64 * 1e-3
+            }
+        },
+        reformat_ms: 0.0,
+        calls: Cell::new(0),
+    };
+    let engine = Builder::new()
+        .build_onnx_file_with(&case.model, &config, &tuner::cpu_tactics, &mut timer)
+        .unwrap();
+    assert!(timer.calls.get() > 0);
+    let report = engine.tuning_report().unwrap();
+    assert!(!report.layers.is_empty());
+    for l in &report.layers {
+        let offered = l
+            .candidates
+            .iter()
+            .any(|c| c.tactic == "cpu.conv.im2col_gemm.t262144.inner");
+        if offered {
+            assert_eq!(
+                l.chosen, "cpu.conv.im2col_gemm.t262144.inner",
+                "{}",
+                l.layer
+            );
+        } else {
+            // Otherwise the shortest id (the rule's tie-break) wins.
+            let best = l.candidates.iter().min_by_key(|c| c.tactic.len()).unwrap();
+            assert_eq!(l.chosen, best.tactic, "{}", l.layer);
+        }
+        assert_eq!(tactic_of(&engine, &l.layer), l.chosen);
+    }
+    // The choice survives a plan round trip, and the tuned engine still matches ORT.
+    let plan = temp("fastest.plan");
+    engine.save(&plan).unwrap();
+    let loaded = Runtime::load(&plan).unwrap();
+    for l in &report.layers {
+        assert_eq!(tactic_of(&loaded, &l.layer), l.chosen);
+    }
+    let out = loaded
+        .create_context()
+        .execute(&common::named(&case.inputs))
+        .unwrap();
+    let err = common::rel_l2(out[0].as_tensor().unwrap(), &case.outputs[0].1);
+    assert!(err < 1e-4, "rel L2 {err}");
+}
+
+#[test]
+fn a_warm_timing_cache_times_nothing_and_another_device_is_ignored() {
+    let Some((case, mut config)) = orientation() else {
+        panic!("the tuning tests need the assets (cargo xtask fetch-assets)");
+    };
+    let path = temp("cache.json");
+    let _ = std::fs::remove_file(&path);
+    config.timing_cache = Some(path.clone());
+    let rule = |_n: &Node, t: &Tactic| 1.0 + (t.id.len() % 7) as f64;
+    let build = |timer: &mut FakeTimer<_>| {
+        Builder::new()
+            .build_onnx_file_with(&case.model, &config, &tuner::cpu_tactics, timer)
+            .unwrap()
+    };
+    let mut cold = FakeTimer {
+        rule,
+        reformat_ms: 0.0,
+        calls: Cell::new(0),
+    };
+    let a = build(&mut cold);
+    assert!(cold.calls.get() > 0);
+    let mut warm = FakeTimer {
+        rule,
+        reformat_ms: 0.0,
+        calls: Cell::new(0),
+    };
+    let b = build(&mut warm);
+    assert_eq!(warm.calls.get(), 0, "a warm cache must not time anything");
+    assert_eq!(b.tuning_report().unwrap().timed, 0);
+    assert!(b.tuning_report().unwrap().cache_hits > 0);
+    for l in &a.tuning_report().unwrap().layers {
+        assert_eq!(tactic_of(&b, &l.layer), l.chosen);
+    }
+    // The same file claimed by another device: ignored (warning), everything timed again.
+    let text = std::fs::read_to_string(&path).unwrap();
+    let j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let device = j["device"].as_str().unwrap().to_string();
+    std::fs::write(&path, text.replace(&device, "cuda|some other GPU|x86_64|")).unwrap();
+    let mut other = FakeTimer {
+        rule,
+        reformat_ms: 0.0,
+        calls: Cell::new(0),
+    };
+    build(&mut other);
+    assert_eq!(other.calls.get(), cold.calls.get());
+}
+
+#[test]
+fn opt_level_zero_times_nothing_and_levels_widen_the_search() {
+    let Some((case, mut config)) = orientation() else {
+        panic!("the tuning tests need the assets (cargo xtask fetch-assets)");
+    };
+    let mut calls = Vec::new();
+    for level in [0u8, 1, 2, 4] {
+        config.opt_level = level;
+        let mut t = FakeTimer {
+            rule: |_n: &Node, _t: &Tactic| 1.0,
+            reformat_ms: 0.0,
+            calls: Cell::new(0),
+        };
+        let e = Builder::new()
+            .build_onnx_file_with(&case.model, &config, &tuner::cpu_tactics, &mut t)
+            .unwrap();
+        if level == 0 {
+            assert!(e.layers().iter().all(|l| l.tactic_time_ms.is_none()));
+        }
+        calls.push(t.calls.get());
+    }
+    assert_eq!(calls[0], 0);
+    assert!(
+        calls[0] < calls[1] && calls[1] < calls[2] && calls[2] < calls[3],
+        "{calls:?}"
+    );
+}
+
+/// Offers an FP16 twin of every CPU tactic (the CPU kernels accept F16 tensors), so the
+/// graph-level choice between precisions can be exercised on this machine.
+fn with_fp16_twins(node: &Node, inputs: &[Option<&Fact>]) -> Vec<Tactic> {
+    let mut v = tuner::cpu_tactics(node, inputs);
+    let twins: Vec<Tactic> = v
+        .iter()
+        .map(|t| Tactic {
+            format: FP16,
+            ..t.clone()
+        })
+        .collect();
+    v.extend(twins);
+    v
+}
+
+fn fp16_build(
+    case: &common::Case,
+    config: &BuilderConfig,
+    fast_fp16_layer: &'static str,
+    reformat_ms: f64,
+) -> kiln::Engine {
+    let mut timer = FakeTimer {
+        rule: move |n: &Node, t: &Tactic| match (t.format.precision, n.name == fast_fp16_layer) {
+            (Precision::Fp16, true) => 0.1,
+            (Precision::Fp16, false) => 2.0,
+            _ => 1.0,
+        },
+        reformat_ms,
+        calls: Cell::new(0),
+    };
+    Builder::new()
+        .build_onnx_file_with(&case.model, config, &with_fp16_twins, &mut timer)
+        .unwrap()
+}
+
+#[test]
+fn reformat_layers_are_inserted_only_when_they_pay() {
+    let Some((case, mut config)) = orientation() else {
+        panic!("the tuning tests need the assets (cargo xtask fetch-assets)");
+    };
+    config.fp16 = true;
+    // Cheap reformats: the one layer that is faster in FP16 runs in FP16, between reformats.
+    let mixed = fp16_build(&case, &config, "Conv.3", 0.01);
+    let layers = mixed.layers();
+    let conv = layers.iter().find(|l| l.name == "Conv.3").unwrap();
+    assert_eq!(conv.precision, "fp16");
+    let reformats: Vec<_> = layers.iter().filter(|l| l.reformat).collect();
+    assert!(reformats.len() >= 2, "{reformats:?}");
+    assert!(layers
+        .iter()
+        .filter(|l| !l.reformat && l.name != "Conv.3" && l.tactic_time_ms.is_some())
+        .all(|l| l.precision == "fp32"));
+    assert_eq!(mixed.tuning_report().unwrap().reformats, reformats.len());
+    // It still computes the model: FP16 rounding in one layer, FP16-sized error at most.
+    let out = mixed
+        .create_context()
+        .execute(&common::named(&case.inputs))
+        .unwrap();
+    let err = common::rel_l2(out[0].as_tensor().unwrap(), &case.outputs[0].1);
+    assert!(err < 1e-2, "rel L2 {err}");
+    // Through a plan file too.
+    let plan = temp("mixed.plan");
+    mixed.save(&plan).unwrap();
+    let loaded = Runtime::load(&plan).unwrap();
+    let out2 = loaded
+        .create_context()
+        .execute(&common::named(&case.inputs))
+        .unwrap();
+    assert!(out2[0]
+        .as_tensor()
+        .unwrap()
+        .same_as(out[0].as_tensor().unwrap()));
+
+    // Expensive reformats: FP16 does not pay for them, everything stays FP32.
+    let uniform = fp16_build(&case, &config, "Conv.3", 50.0);
+    assert!(uniform
+        .layers()
+        .iter()
+        .all(|l| !l.reformat && l.precision == "fp32"));
+
+    // A pin overrides the timing: Conv.3 pinned to FP32 stays FP32 even with cheap reformats.
+    config.layer_precision = BTreeMap::from([("Conv.3".to_string(), Precision::Fp32)]);
+    let pinned = fp16_build(&case, &config, "Conv.3", 0.01);
+    assert!(pinned
+        .layers()
+        .iter()
+        .all(|l| !l.reformat && l.precision == "fp32"));
+}
+
+#[test]
+fn pools_follow_the_flags() {
+    assert_eq!(tuner::pools(false, false).unwrap(), vec![Precision::Fp32]);
+    assert_eq!(
+        tuner::pools(true, false).unwrap(),
+        vec![Precision::Fp16, Precision::Fp32]
+    );
+    let e = tuner::pools(true, true).unwrap_err().to_string();
+    assert!(e.contains("INT8") && e.contains("not implemented"), "{e}");
+    // Without --fp16 the FP16 twins are never considered.
+    let Some((case, config)) = orientation() else {
+        panic!("the tuning tests need the assets (cargo xtask fetch-assets)");
+    };
+    let e = fp16_build(&case, &config, "Conv.3", 0.01);
+    assert!(e.layers().iter().all(|l| l.precision == "fp32"));
+}
