@@ -21,6 +21,7 @@ pub fn weight_bytes(engine: &Engine) -> usize {
 /// Runs `kiln build`.
 pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
     let shapes = common::merge_shapes(&a.shapes)?;
+    let profiles = common::profiles_from_args(&a.min_shapes, &a.opt_shapes, &a.max_shapes)?;
     let output = a
         .output
         .clone()
@@ -32,7 +33,14 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
         )));
     }
     let start = Instant::now();
-    let loaded = common::load_model(g, &a.model, &shapes, a.device.into(), !a.no_optimize)?;
+    let loaded = common::load_model(
+        g,
+        &a.model,
+        &shapes,
+        &profiles,
+        a.device.into(),
+        !a.no_optimize,
+    )?;
     if loaded.kind == ModelKind::Plan {
         return Err(CliError(format!(
             "{} is already a plan; kiln build takes an ONNX model",
@@ -62,6 +70,7 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
             "device": engine.device(),
             "fingerprint": engine.fingerprint(),
             "build_shapes": engine.build_shapes(),
+            "profiles": engine.profiles(),
             "optimized": !a.no_optimize,
             "layers_before": if a.no_optimize { engine.graph().nodes.len() } else { report.nodes_before },
             "layers_after": engine.graph().nodes.len(),
@@ -134,6 +143,9 @@ fn print_summary(
                 .join(", ")
         },
     );
+    for (k, p) in engine.profiles().iter().enumerate() {
+        row(&format!("profile {k}"), p.describe().join("; "));
+    }
     let after = engine.graph().nodes.len();
     if no_optimize {
         row("layers", format!("{after} (optimisation off)"));

@@ -61,6 +61,28 @@ pub enum KilnError {
         /// What was expected and what was found.
         msg: String,
     },
+    /// An input shape outside the active optimization profile's range.
+    #[error("input {name}: dimension {axis} is {found}, outside optimization profile {profile}, which allows {min}..={max} for it (profile range {} to {}, shape given {})", dims(.min_shape), dims(.max_shape), dims(.shape))]
+    ShapeOutsideProfile {
+        /// Input tensor name.
+        name: String,
+        /// Index of the active optimization profile.
+        profile: usize,
+        /// The first dimension (axis) outside the range.
+        axis: usize,
+        /// Smallest value the profile allows for that dimension.
+        min: usize,
+        /// Largest value the profile allows for that dimension.
+        max: usize,
+        /// The value found.
+        found: usize,
+        /// The whole shape given.
+        shape: Vec<usize>,
+        /// The profile's smallest shape for this input.
+        min_shape: Vec<usize>,
+        /// The profile's largest shape for this input.
+        max_shape: Vec<usize>,
+    },
     /// A dtype that an op or a file format does not accept.
     #[error("unsupported dtype {dtype} for {context}")]
     UnsupportedDType {
@@ -83,6 +105,18 @@ pub enum KilnError {
     /// Anything else, with a message.
     #[error("{0}")]
     Other(String),
+}
+
+/// `1x3x224x224` (`scalar` for rank 0).
+fn dims(shape: &[usize]) -> String {
+    if shape.is_empty() {
+        return "scalar".into();
+    }
+    shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join("x")
 }
 
 /// kiln's result type.

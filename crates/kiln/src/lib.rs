@@ -23,12 +23,14 @@ pub mod memory;
 pub mod npy;
 pub mod optimize;
 pub mod plan;
+pub mod profile;
 
 pub use builder::Builder;
 pub use config::{parse_shapes, BuilderConfig, DeviceKind};
 pub use context::{ExecutionContext, IoInfo};
 pub use engine::{registry, Engine, LayerInfo, MemoryReport, Runtime};
 pub use fingerprint::Fingerprint;
+pub use profile::{OptimizationProfile, ProfileBound};
 pub use kiln_core::{DType, Dim, KilnError, Result, Tensor, Value};
 
 /// kiln's version (`X.Y.Z`).

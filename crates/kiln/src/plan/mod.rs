@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fingerprint::Fingerprint;
 use crate::optimize::OptimizeReport;
+use crate::profile::OptimizationProfile;
 use bincode::Options;
 use codec::{GraphReader, GraphRec, WeightWriter};
 
@@ -42,7 +43,7 @@ fn bincode_opts(limit: u64) -> impl bincode::Options {
 /// The magic bytes at the start of every plan.
 pub const MAGIC: &[u8; 8] = b"KILNPLAN";
 /// The plan format version this kiln writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const PREFIX: usize = 24;
 
 /// The JSON header of a plan.
@@ -71,6 +72,8 @@ pub struct PlanMetadata {
     pub graph: GraphRec,
     /// Input shapes the engine was specialised to (empty: dynamic).
     pub build_shapes: BTreeMap<String, Vec<usize>>,
+    /// Optimization profiles (format version 2 on).
+    pub profiles: Vec<OptimizationProfile>,
     /// What the optimiser did.
     pub optimize_report: OptimizeReport,
     /// Opsets of the source model.
@@ -87,6 +90,8 @@ pub struct LoadedPlan {
     pub graph: Graph,
     /// Metadata other than the graph.
     pub build_shapes: BTreeMap<String, Vec<usize>>,
+    /// Optimization profiles.
+    pub profiles: Vec<OptimizationProfile>,
     /// What the optimiser did at build time.
     pub optimize_report: OptimizeReport,
     /// Opsets of the source model.
@@ -100,6 +105,7 @@ pub fn write_plan(
     graph: &Graph,
     fingerprint: &Fingerprint,
     build_shapes: &BTreeMap<String, Vec<usize>>,
+    profiles: &[OptimizationProfile],
     optimize_report: &OptimizeReport,
     opsets: &BTreeMap<String, i64>,
     source: &str,
@@ -108,6 +114,7 @@ pub fn write_plan(
     let meta = PlanMetadata {
         graph: weights.graph(graph)?,
         build_shapes: build_shapes.clone(),
+        profiles: profiles.to_vec(),
         optimize_report: optimize_report.clone(),
         opsets: opsets.clone(),
         source: source.to_string(),
@@ -225,6 +232,7 @@ pub fn load_plan(path: &Path, registry: &OpRegistry, here: &Fingerprint) -> Resu
         header,
         graph,
         build_shapes: meta.build_shapes,
+        profiles: meta.profiles,
         optimize_report: meta.optimize_report,
         opsets: meta.opsets,
         source: meta.source,
