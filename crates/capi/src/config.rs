@@ -12,7 +12,10 @@ pub struct KilnBuildConfig {
     pub(crate) config: BuilderConfig,
 }
 
-fn spec(p: *const c_char, what: &str) -> Result<std::collections::BTreeMap<String, Vec<usize>>, CError> {
+fn spec(
+    p: *const c_char,
+    what: &str,
+) -> Result<std::collections::BTreeMap<String, Vec<usize>>, CError> {
     let s = string(p, what)?;
     parse_shapes(s).map_err(|e| CError::new(KilnStatus::InvalidArgument, format!("{what}: {e}")))
 }
@@ -44,9 +47,9 @@ pub extern "C" fn kiln_build_config_set_device(
     guard(|| {
         let cfg = handle_mut(config, "config")?;
         let d = string(device, "device")?;
-        cfg.config.device = d
-            .parse()
-            .map_err(|e: kiln_rt::KilnError| CError::new(KilnStatus::InvalidArgument, e.to_string()))?;
+        cfg.config.device = d.parse().map_err(|e: kiln_rt::KilnError| {
+            CError::new(KilnStatus::InvalidArgument, e.to_string())
+        })?;
         Ok(())
     })
 }

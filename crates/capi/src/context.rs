@@ -5,7 +5,9 @@ use std::ffi::{c_char, c_void};
 use kiln_rt::{Engine, ExecutionContext, Tensor, Value};
 
 use crate::engine::{no_tensor, write_dims, KilnEngine};
-use crate::error::{destroy, guard, handle, handle_mut, string, write_out, CError, CResult, KilnStatus};
+use crate::error::{
+    destroy, guard, handle, handle_mut, string, write_out, CError, CResult, KilnStatus,
+};
 
 /// An execution context (opaque): its own memory, shapes and bound buffers. Use it from one
 /// thread at a time; create one per thread.
@@ -25,10 +27,18 @@ impl KilnContext {
             .iter()
             .position(|i| i.name == name)
             .ok_or_else(|| {
-                let names: Vec<&str> = self.engine.inputs().iter().map(|i| i.name.as_str()).collect();
+                let names: Vec<&str> = self
+                    .engine
+                    .inputs()
+                    .iter()
+                    .map(|i| i.name.as_str())
+                    .collect();
                 CError::new(
                     KilnStatus::BadInput,
-                    format!("{name:?} is not an input of the engine (its inputs are: {})", names.join(", ")),
+                    format!(
+                        "{name:?} is not an input of the engine (its inputs are: {})",
+                        names.join(", ")
+                    ),
                 )
             })
     }
@@ -45,15 +55,24 @@ impl KilnContext {
             if info.kind != kiln_core::ValueKind::Tensor {
                 return Err(CError::new(
                     KilnStatus::Unsupported,
-                    format!("input {name} is a {:?}, which the C API cannot pass", info.kind),
+                    format!(
+                        "input {name} is a {:?}, which the C API cannot pass",
+                        info.kind
+                    ),
                 ));
             }
-            let dtype = info.dtype.filter(|d| *d != kiln_rt::DType::String).ok_or_else(|| {
-                CError::new(
-                    KilnStatus::Unsupported,
-                    format!("input {name} ({}): the C API passes numeric tensors only", info.describe()),
-                )
-            })?;
+            let dtype = info
+                .dtype
+                .filter(|d| *d != kiln_rt::DType::String)
+                .ok_or_else(|| {
+                    CError::new(
+                        KilnStatus::Unsupported,
+                        format!(
+                            "input {name} ({}): the C API passes numeric tensors only",
+                            info.describe()
+                        ),
+                    )
+                })?;
             let shape = self.ctx.input_shape(name)?.ok_or_else(|| {
                 CError::new(
                     KilnStatus::BadInput,
@@ -85,7 +104,10 @@ impl KilnContext {
                 // alive and unchanged until execution returns (the API's contract).
                 unsafe { std::slice::from_raw_parts(ptr, len) }
             };
-            tensors.push((name.as_str(), Value::Tensor(Tensor::from_bytes(dtype, &shape, bytes)?)));
+            tensors.push((
+                name.as_str(),
+                Value::Tensor(Tensor::from_bytes(dtype, &shape, bytes)?),
+            ));
         }
         let outs = self.ctx.execute(&tensors)?;
         for (slot, v) in self.outputs.iter_mut().zip(outs) {
@@ -124,7 +146,10 @@ pub extern "C" fn kiln_context_destroy(context: *mut KilnContext) {
 
 /// Runs this context's layers on a private pool of `threads` threads (0: one per core).
 #[no_mangle]
-pub extern "C" fn kiln_context_set_threads(context: *mut KilnContext, threads: usize) -> KilnStatus {
+pub extern "C" fn kiln_context_set_threads(
+    context: *mut KilnContext,
+    threads: usize,
+) -> KilnStatus {
     guard(|| {
         let c = handle_mut(context, "context")?;
         if threads > 0 {
@@ -225,7 +250,9 @@ pub extern "C" fn kiln_context_get_tensor_shape(
                 None => c.ctx.output_shapes()?[o].clone().ok_or_else(|| {
                     CError::new(
                         KilnStatus::BadInput,
-                        format!("output {name}: its shape depends on the input values; execute first"),
+                        format!(
+                            "output {name}: its shape depends on the input values; execute first"
+                        ),
                     )
                 })?,
             }
@@ -323,7 +350,10 @@ mod tests {
 
     #[test]
     fn null_handles_are_errors_not_crashes() {
-        assert_eq!(kiln_context_execute(std::ptr::null_mut()), KilnStatus::NullPointer);
+        assert_eq!(
+            kiln_context_execute(std::ptr::null_mut()),
+            KilnStatus::NullPointer
+        );
         assert_eq!(
             kiln_context_create(std::ptr::null(), std::ptr::null_mut()),
             KilnStatus::NullPointer

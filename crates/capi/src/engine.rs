@@ -180,7 +180,10 @@ pub extern "C" fn kiln_engine_num_inputs(engine: *const KilnEngine, out: *mut us
 
 /// Number of outputs.
 #[no_mangle]
-pub extern "C" fn kiln_engine_num_outputs(engine: *const KilnEngine, out: *mut usize) -> KilnStatus {
+pub extern "C" fn kiln_engine_num_outputs(
+    engine: *const KilnEngine,
+    out: *mut usize,
+) -> KilnStatus {
     guard(|| write_out(out, handle(engine, "engine")?.output_names.len(), "out"))
 }
 
@@ -188,7 +191,10 @@ fn name_at(names: &[CString], index: usize, what: &str, out: *mut *const c_char)
     let n = names.get(index).ok_or_else(|| {
         CError::new(
             KilnStatus::InvalidArgument,
-            format!("{what} index {index} is out of range (the engine has {})", names.len()),
+            format!(
+                "{what} index {index} is out of range (the engine has {})",
+                names.len()
+            ),
         )
     })?;
     write_out(out, n.as_ptr(), "out")
@@ -211,7 +217,14 @@ pub extern "C" fn kiln_engine_output_name(
     index: usize,
     out: *mut *const c_char,
 ) -> KilnStatus {
-    guard(|| name_at(&handle(engine, "engine")?.output_names, index, "output", out))
+    guard(|| {
+        name_at(
+            &handle(engine, "engine")?.output_names,
+            index,
+            "output",
+            out,
+        )
+    })
 }
 
 /// Element type of the input or output `name`.
@@ -237,8 +250,17 @@ pub extern "C" fn kiln_engine_tensor_dtype(
 /// Number of optimization profiles (0 for an engine that accepts any shape the model
 /// allows).
 #[no_mangle]
-pub extern "C" fn kiln_engine_num_profiles(engine: *const KilnEngine, out: *mut usize) -> KilnStatus {
-    guard(|| write_out(out, handle(engine, "engine")?.engine.profiles().len(), "out"))
+pub extern "C" fn kiln_engine_num_profiles(
+    engine: *const KilnEngine,
+    out: *mut usize,
+) -> KilnStatus {
+    guard(|| {
+        write_out(
+            out,
+            handle(engine, "engine")?.engine.profiles().len(),
+            "out",
+        )
+    })
 }
 
 /// One shape of input `name` in optimization profile `profile`: `bound` is a

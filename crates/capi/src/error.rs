@@ -141,19 +141,24 @@ pub fn destroy<T>(p: *mut T) {
 pub fn handle<'a, T>(p: *const T, what: &str) -> CResult<&'a T> {
     // SAFETY: non-null handles were created by this library (Box::into_raw) and are alive
     // until destroyed (the API's contract).
-    unsafe { p.as_ref() }.ok_or_else(|| CError::new(KilnStatus::NullPointer, format!("{what} is NULL")))
+    unsafe { p.as_ref() }
+        .ok_or_else(|| CError::new(KilnStatus::NullPointer, format!("{what} is NULL")))
 }
 
 /// A mutable reference from a handle pointer, or `NullPointer` naming the argument.
 pub fn handle_mut<'a, T>(p: *mut T, what: &str) -> CResult<&'a mut T> {
     // SAFETY: as in `handle`; the API's contract gives the caller's thread exclusive use.
-    unsafe { p.as_mut() }.ok_or_else(|| CError::new(KilnStatus::NullPointer, format!("{what} is NULL")))
+    unsafe { p.as_mut() }
+        .ok_or_else(|| CError::new(KilnStatus::NullPointer, format!("{what} is NULL")))
 }
 
 /// A Rust string from a C string, or `NullPointer` / `InvalidArgument` (not UTF-8).
 pub fn string<'a>(p: *const c_char, what: &str) -> CResult<&'a str> {
     if p.is_null() {
-        return Err(CError::new(KilnStatus::NullPointer, format!("{what} is NULL")));
+        return Err(CError::new(
+            KilnStatus::NullPointer,
+            format!("{what} is NULL"),
+        ));
     }
     // SAFETY: non-null; the caller passes a NUL-terminated string (the API's contract).
     let s = unsafe { CStr::from_ptr(p) };
@@ -168,7 +173,10 @@ pub fn string<'a>(p: *const c_char, what: &str) -> CResult<&'a str> {
 /// Writes `value` through an out-pointer, or `NullPointer` naming it.
 pub fn write_out<T>(out: *mut T, value: T, what: &str) -> CResult<()> {
     if out.is_null() {
-        return Err(CError::new(KilnStatus::NullPointer, format!("{what} is NULL")));
+        return Err(CError::new(
+            KilnStatus::NullPointer,
+            format!("{what} is NULL"),
+        ));
     }
     // SAFETY: non-null; the caller passes a pointer to writable memory for one T.
     unsafe { out.write(value) };
@@ -212,7 +220,9 @@ mod tests {
     #[test]
     fn last_error_is_per_thread() {
         let _ = guard(|| Err(CError::new(KilnStatus::Io, "main thread")));
-        std::thread::spawn(|| assert_eq!(last(), "")).join().unwrap();
+        std::thread::spawn(|| assert_eq!(last(), ""))
+            .join()
+            .unwrap();
         assert_eq!(last(), "main thread");
     }
 }

@@ -38,7 +38,7 @@ mod tests {
         assert_eq!(KILN_VERSION_MINOR, parse(env!("CARGO_PKG_VERSION_MINOR")));
         assert_eq!(KILN_VERSION_PATCH, parse(env!("CARGO_PKG_VERSION_PATCH")));
         assert_eq!(kiln_get_version(), KILN_VERSION);
-        assert!(KILN_VERSION_MINOR < 100 && KILN_VERSION_PATCH < 100);
+        const { assert!(KILN_VERSION_MINOR < 100 && KILN_VERSION_PATCH < 100) };
         assert_eq!(kiln_rt::VERSION, env!("CARGO_PKG_VERSION"));
         // SAFETY: the string is a static NUL-terminated literal.
         let s = unsafe { std::ffi::CStr::from_ptr(kiln_get_version_string()) };

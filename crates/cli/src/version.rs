@@ -187,7 +187,10 @@ pub fn run(a: VersionArgs) -> CliResult<()> {
         ],
         vec![
             "  version number".to_string(),
-            format!("{} (C API: KILN_VERSION, kiln_get_version())", version_number()),
+            format!(
+                "{} (C API: KILN_VERSION, kiln_get_version())",
+                version_number()
+            ),
         ],
         vec![
             "  plan format".to_string(),
@@ -197,7 +200,10 @@ pub fn run(a: VersionArgs) -> CliResult<()> {
     let mut rows = rows;
     for (key, _) in GPU_LIBRARIES {
         let status = probe[key]["status"].as_str().unwrap_or("not found");
-        rows.push(vec![format!("  {}", key.replace('_', " ")), status.to_string()]);
+        rows.push(vec![
+            format!("  {}", key.replace('_', " ")),
+            status.to_string(),
+        ]);
     }
     print!("{}", common::table(&rows));
     Ok(())

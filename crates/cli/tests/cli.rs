@@ -119,7 +119,11 @@ fn version_prints_version_and_build_details() {
         let probe = &v["runtime"][lib];
         assert!(probe["found"].is_boolean(), "{lib}: {probe}");
         let status = probe["status"].as_str().unwrap();
-        assert_eq!(probe["found"] == false, status == "not found", "{lib}: {probe}");
+        assert_eq!(
+            probe["found"] == false,
+            status == "not found",
+            "{lib}: {probe}"
+        );
     }
     assert!(v["runtime"]["cuda_driver"]["loadable"].is_boolean());
 }
@@ -913,19 +917,18 @@ fn optimization_profiles_from_build_to_run_and_bench() {
     compare_outputs(&case, &out_dir);
     // bench defaults to the opt shape; a shape outside the profile is refused with its range.
     let out = assert_ok(&run(&[
-        "bench", s(&plan), "-n", "1", "--warmup", "0", "--json",
+        "bench",
+        s(&plan),
+        "-n",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["inputs"]["x"], serde_json::json!([1, 3, 640, 640]));
     assert_clean_failure(
-        &run(&[
-            "bench",
-            s(&plan),
-            "--shapes",
-            "x:1x3x480x960",
-            "-n",
-            "1",
-        ]),
+        &run(&["bench", s(&plan), "--shapes", "x:1x3x480x960", "-n", "1"]),
         &["dimension 3 is 960", "480..=800", "profile 0"],
     );
     assert_clean_failure(

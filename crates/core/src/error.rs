@@ -62,7 +62,7 @@ pub enum KilnError {
         msg: String,
     },
     /// An input shape outside the active optimization profile's range.
-    #[error("input {name}: dimension {axis} is {found}, outside optimization profile {profile}, which allows {min}..={max} for it (profile range {} to {}, shape given {})", dims(.min_shape), dims(.max_shape), dims(.shape))]
+    #[error("input {name}: dimension {axis} is {found}, outside optimization profile {profile}, which allows {min}..={max} for it ({context})")]
     ShapeOutsideProfile {
         /// Input tensor name.
         name: String,
@@ -76,12 +76,9 @@ pub enum KilnError {
         max: usize,
         /// The value found.
         found: usize,
-        /// The whole shape given.
-        shape: Vec<usize>,
-        /// The profile's smallest shape for this input.
-        min_shape: Vec<usize>,
-        /// The profile's largest shape for this input.
-        max_shape: Vec<usize>,
+        /// The profile's whole range and the shape given, e.g.
+        /// `profile range 1x3x64x64 to 1x3x256x256, shape given 1x3x320x96`.
+        context: String,
     },
     /// A dtype that an op or a file format does not accept.
     #[error("unsupported dtype {dtype} for {context}")]
@@ -105,18 +102,6 @@ pub enum KilnError {
     /// Anything else, with a message.
     #[error("{0}")]
     Other(String),
-}
-
-/// `1x3x224x224` (`scalar` for rank 0).
-fn dims(shape: &[usize]) -> String {
-    if shape.is_empty() {
-        return "scalar".into();
-    }
-    shape
-        .iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join("x")
 }
 
 /// kiln's result type.

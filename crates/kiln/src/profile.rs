@@ -173,9 +173,12 @@ impl OptimizationProfile {
                     min: lo[axis],
                     max: hi[axis],
                     found,
-                    shape: shape.to_vec(),
-                    min_shape: lo.clone(),
-                    max_shape: hi.clone(),
+                    context: format!(
+                        "profile range {} to {}, shape given {}",
+                        dims(lo),
+                        dims(hi),
+                        dims(shape)
+                    ),
                 });
             }
         }
@@ -202,7 +205,10 @@ impl OptimizationProfile {
                 info.check_shape(shape).map_err(|e| match e {
                     KilnError::BadInput { name, msg } => KilnError::BadInput {
                         name,
-                        msg: format!("optimization profile {index}, {} shape: {msg}", bound.name()),
+                        msg: format!(
+                            "optimization profile {index}, {} shape: {msg}",
+                            bound.name()
+                        ),
                     },
                     other => other,
                 })?;
@@ -214,9 +220,7 @@ impl OptimizationProfile {
                     Some(d) => d.iter().any(|d| !matches!(d, Dim::Known(_))),
                     None => true,
                 };
-                if dynamic
-                    && info.kind == kiln_core::ValueKind::Tensor
-                    && !self.covers(&info.name)
+                if dynamic && info.kind == kiln_core::ValueKind::Tensor && !self.covers(&info.name)
                 {
                     return Err(KilnError::BadInput {
                         name: info.name.clone(),
@@ -257,9 +261,12 @@ mod tests {
 
     #[test]
     fn check_gives_the_range() {
-        let p =
-            OptimizationProfile::new(m("x", &[1, 3, 64]), m("x", &[1, 3, 96]), m("x", &[2, 3, 128]))
-                .unwrap();
+        let p = OptimizationProfile::new(
+            m("x", &[1, 3, 64]),
+            m("x", &[1, 3, 96]),
+            m("x", &[2, 3, 128]),
+        )
+        .unwrap();
         p.check(0, "x", &[1, 3, 64]).unwrap();
         p.check(0, "x", &[2, 3, 128]).unwrap();
         p.check(0, "other", &[7]).unwrap();
@@ -282,7 +289,10 @@ mod tests {
             other => panic!("wrong error {other:?}"),
         }
         let text = e.to_string();
-        assert!(text.contains("64..=128") && text.contains("1x3x64 to 2x3x128"), "{text}");
+        assert!(
+            text.contains("64..=128") && text.contains("1x3x64 to 2x3x128"),
+            "{text}"
+        );
         assert!(p.check(0, "x", &[1, 3]).is_err());
         assert!(p.check(0, "x", &[0, 3, 64]).is_err());
     }

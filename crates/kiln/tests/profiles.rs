@@ -56,7 +56,8 @@ fn detector_runs_at_several_shapes_inside_one_profile_and_refuses_one_outside() 
     let mut ctx = engine.create_context();
     for case in [&square, &wide] {
         let (name, x) = &case.inputs[0];
-        ctx.set_input_shape(name, x.shape()).expect("inside profile");
+        ctx.set_input_shape(name, x.shape())
+            .expect("inside profile");
         let predicted = ctx.output_shapes().unwrap();
         let out = ctx.execute_tensors(&[(name, x.clone())]).expect("run");
         let (_, want) = &case.outputs[0];
@@ -90,7 +91,10 @@ fn detector_runs_at_several_shapes_inside_one_profile_and_refuses_one_outside() 
     assert!(e.to_string().contains("480..=800"), "{e}");
     let small = Tensor::from_vec(&[1, 3, 320, 640], vec![0.5f32; 3 * 320 * 640]).unwrap();
     let e = ctx.execute_tensors(&[("x", small)]).unwrap_err();
-    assert!(matches!(e, KilnError::ShapeOutsideProfile { found: 320, .. }), "{e}");
+    assert!(
+        matches!(e, KilnError::ShapeOutsideProfile { found: 320, .. }),
+        "{e}"
+    );
     // A fixed dimension of the model stays fixed.
     assert!(matches!(
         ctx.set_input_shape("x", &[1, 4, 640, 640]),
@@ -120,14 +124,36 @@ fn several_profiles_are_selected_per_context() {
     assert!(common::rel_l2(&out[0], &case.outputs[0].1) <= 1e-4);
     let e = ctx.set_input_shape(name, &[12, 3, 48, 192]).unwrap_err();
     assert!(
-        matches!(e, KilnError::ShapeOutsideProfile { axis: 0, min: 1, max: 8, found: 12, .. }),
+        matches!(
+            e,
+            KilnError::ShapeOutsideProfile {
+                axis: 0,
+                min: 1,
+                max: 8,
+                found: 12,
+                ..
+            }
+        ),
         "{e}"
     );
     ctx.set_optimization_profile(1).unwrap();
     ctx.set_input_shape(name, &[12, 3, 48, 192]).unwrap();
-    assert_eq!(ctx.output_shapes().unwrap()[0].as_deref(), Some(&[12, 2][..]));
+    assert_eq!(
+        ctx.output_shapes().unwrap()[0].as_deref(),
+        Some(&[12, 2][..])
+    );
     let e = ctx.set_input_shape(name, &[6, 3, 48, 192]).unwrap_err();
-    assert!(matches!(e, KilnError::ShapeOutsideProfile { profile: 1, min: 9, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            KilnError::ShapeOutsideProfile {
+                profile: 1,
+                min: 9,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(ctx.set_optimization_profile(2).is_err());
 }
 
@@ -166,7 +192,10 @@ fn bad_profiles_fail_the_build_with_a_clear_message() {
         &vad,
         &with_profiles(vec![profile("input:1x512", "input:1x512", "input:4x512")]),
     );
-    assert!(e.contains("input state") && e.contains("every profile"), "{e}");
+    assert!(
+        e.contains("input state") && e.contains("every profile"),
+        "{e}"
+    );
     // --shapes and profiles together.
     let mut config = with_profiles(vec![profile(
         "x:1x3x224x224",

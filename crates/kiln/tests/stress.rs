@@ -40,7 +40,9 @@ fn threads_with_own_contexts_match_serial_results_across_shapes() {
         profiles: vec![profile],
         ..Default::default()
     };
-    let engine = Builder::new().build_onnx_file(&model, &config).expect("build");
+    let engine = Builder::new()
+        .build_onnx_file(&model, &config)
+        .expect("build");
 
     // 8 shapes inside the profile × 3 inputs each.
     let shapes: [[usize; 4]; 8] = [
@@ -63,7 +65,11 @@ fn threads_with_own_contexts_match_serial_results_across_shapes() {
     serial_ctx.set_threads(1).unwrap();
     let serial: Vec<Vec<Tensor>> = cases
         .iter()
-        .map(|x| serial_ctx.execute_tensors(&[("x", x.clone())]).expect("serial"))
+        .map(|x| {
+            serial_ctx
+                .execute_tensors(&[("x", x.clone())])
+                .expect("serial")
+        })
         .collect();
     // The test can fail: different inputs give different outputs.
     assert!(!serial[0][0].same_as(&serial[1][0]));

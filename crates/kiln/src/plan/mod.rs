@@ -258,6 +258,7 @@ mod tests {
             &g,
             &Fingerprint::cpu(),
             &BTreeMap::new(),
+            &[],
             &OptimizeReport::default(),
             &BTreeMap::new(),
             "t.onnx",
