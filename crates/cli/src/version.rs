@@ -103,7 +103,11 @@ fn find_library(dirs: &[PathBuf], file: &str) -> Option<(PathBuf, Option<String>
 
 /// The NVIDIA kernel driver version from /proc (Linux), when a GPU driver is loaded.
 fn kernel_driver_version() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/driver/nvidia/version").ok()?;
+    parse_driver_version(&std::fs::read_to_string("/proc/driver/nvidia/version").ok()?)
+}
+
+/// The version in `NVRM version: NVIDIA UNIX ... Kernel Module  580.159.04  Release ...`.
+fn parse_driver_version(text: &str) -> Option<String> {
     let line = text.lines().next()?;
     line.split_whitespace()
         .find(|w| w.contains('.') && w.split('.').all(|p| p.parse::<u64>().is_ok()))
@@ -207,4 +211,48 @@ pub fn run(a: VersionArgs) -> CliResult<()> {
     }
     print!("{}", common::table(&rows));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_newest_library_by_file_name() {
+        let dir = std::env::temp_dir().join(format!("kiln-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [
+            "libcuda.so",
+            "libcuda.so.1",
+            "libcuda.so.580.159.04",
+            "libcudadebugger.so.1",
+            "libcublasLt.so.13",
+            "libcublas.so.13.0.2.14",
+            "libcublas.so.12.9.1.4",
+        ] {
+            std::fs::write(dir.join(f), b"").unwrap();
+        }
+        let dirs = [dir.join("absent"), dir.clone()];
+        let (path, v) = find_library(&dirs, "libcuda.so").unwrap();
+        assert_eq!(v.as_deref(), Some("580.159.04"));
+        assert!(path.ends_with("libcuda.so.580.159.04"));
+        let (_, v) = find_library(&dirs, "libcublas.so").unwrap();
+        assert_eq!(v.as_deref(), Some("13.0.2.14"));
+        assert!(find_library(&dirs, "libcudnn.so").is_none());
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(
+            parse_driver_version(
+                "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build\n"
+            )
+            .as_deref(),
+            Some("580.159.04")
+        );
+        assert_eq!(version_number(), {
+            let n: Vec<u64> = kiln::VERSION
+                .split('.')
+                .map(|p| p.parse().unwrap())
+                .collect();
+            n[0] * 10000 + n[1] * 100 + n[2]
+        });
+    }
 }
