@@ -135,16 +135,22 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
     let timing = StopRule::timing(a.iterations, a.duration)?;
     let warmup = StopRule::warmup(a.warmup);
     let given = common::read_inputs(&a.inputs)?;
-    let loaded = common::load_model(g, &a.model, &shapes, kiln::DeviceKind::Auto, true)?;
+    let loaded = common::load_model(g, &a.model, &shapes, &[], kiln::DeviceKind::Auto, true)?;
     let engine = loaded.engine;
     common::check_shape_names(&engine, &shapes)?;
+    let mut ctx = engine.create_context();
+    ctx.set_optimization_profile(a.optimization_profile)?;
+    let shapes = common::with_profile_opt_shapes(&engine, &shapes, a.optimization_profile);
     let (inputs, generated) = common::bench_inputs(&engine, given, &shapes)?;
+    // Refuses a shape outside the profile before any timing, naming the profile's range.
+    for (name, t) in &inputs {
+        ctx.set_input_shape(name, t.shape())?;
+    }
     let values: Vec<(&str, Value)> = inputs
         .iter()
         .map(|(n, t)| (n.as_str(), Value::Tensor(t.clone())))
         .collect();
 
-    let mut ctx = engine.create_context();
     let threads = match a.threads {
         Some(n) => {
             ctx.set_threads(n as usize)?;

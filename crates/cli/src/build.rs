@@ -21,6 +21,7 @@ pub fn weight_bytes(engine: &Engine) -> usize {
 /// Runs `kiln build`.
 pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
     let shapes = common::merge_shapes(&a.shapes)?;
+    let profiles = common::profiles_from_args(&a.min_shapes, &a.opt_shapes, &a.max_shapes)?;
     let output = a
         .output
         .clone()
@@ -47,6 +48,7 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
         int8: a.int8,
         layer_precision,
         timing_cache: a.timing_cache.clone(),
+        profiles,
     };
     let loaded = common::load_model_with(g, &a.model, &config)?;
     if loaded.kind == ModelKind::Plan {
@@ -78,6 +80,7 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
             "device": engine.device(),
             "fingerprint": engine.fingerprint(),
             "build_shapes": engine.build_shapes(),
+            "profiles": engine.profiles(),
             "optimized": !a.no_optimize,
             "layers_before": if a.no_optimize { engine.graph().nodes.len() } else { report.nodes_before },
             "layers_after": engine.graph().nodes.len(),
@@ -163,6 +166,9 @@ fn print_summary(
                 .join(", ")
         },
     );
+    for (k, p) in engine.profiles().iter().enumerate() {
+        row(&format!("profile {k}"), p.describe().join("; "));
+    }
     let after = engine.graph().nodes.len();
     if no_optimize {
         row("layers", format!("{after} (optimisation off)"));

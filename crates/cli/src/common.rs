@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kiln::{
-    Builder, BuilderConfig, DType, DeviceKind, Dim, Engine, IoInfo, KilnError, Runtime, Tensor,
+    Builder, BuilderConfig, DType, DeviceKind, Dim, Engine, IoInfo, KilnError, OptimizationProfile,
+    ProfileBound, Runtime, Tensor,
 };
 use kiln_core::ValueKind;
 
@@ -83,6 +84,32 @@ pub fn merge_shapes(args: &[ShapesArg]) -> CliResult<BTreeMap<String, Vec<usize>
         }
     }
     Ok(out)
+}
+
+/// The optimization profiles of `--min-shapes/--opt-shapes/--max-shapes`: the k-th
+/// occurrence of each flag forms profile k.
+pub fn profiles_from_args(
+    min: &[ShapesArg],
+    opt: &[ShapesArg],
+    max: &[ShapesArg],
+) -> CliResult<Vec<OptimizationProfile>> {
+    if min.len() != opt.len() || min.len() != max.len() {
+        return Err(CliError(format!(
+            "each optimization profile needs --min-shapes, --opt-shapes and --max-shapes once: got {} --min-shapes, {} --opt-shapes, {} --max-shapes",
+            min.len(),
+            opt.len(),
+            max.len()
+        )));
+    }
+    min.iter()
+        .zip(opt)
+        .zip(max)
+        .enumerate()
+        .map(|(k, ((lo, mid), hi))| {
+            OptimizationProfile::new(lo.clone(), mid.clone(), hi.clone())
+                .map_err(|e| CliError(format!("optimization profile {k}: {e}")))
+        })
+        .collect()
 }
 
 /// One `--input NAME=FILE.npy` argument.
@@ -188,12 +215,14 @@ pub fn load_model(
     g: &Globals,
     path: &Path,
     shapes: &BTreeMap<String, Vec<usize>>,
+    profiles: &[OptimizationProfile],
     device: DeviceKind,
     optimize: bool,
 ) -> CliResult<Loaded> {
     let config = BuilderConfig {
         device,
         shapes: shapes.clone(),
+        profiles: profiles.to_vec(),
         optimize,
         ..Default::default()
     };
@@ -328,6 +357,24 @@ fn is_name(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with("unk__")
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// `--shapes` completed with the opt shapes of optimization profile `profile` for the
+/// inputs it does not name (so `kiln bench plan` runs at the shape the profile tunes for).
+pub fn with_profile_opt_shapes(
+    engine: &Engine,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    profile: usize,
+) -> BTreeMap<String, Vec<usize>> {
+    let mut out = shapes.clone();
+    if let Some(p) = engine.profiles().get(profile) {
+        for info in engine.inputs() {
+            if let Some(s) = p.shape(&info.name, ProfileBound::Opt) {
+                out.entry(info.name.clone()).or_insert_with(|| s.to_vec());
+            }
+        }
+    }
+    out
 }
 
 /// Checks that every `--shapes` name is an input of the engine.

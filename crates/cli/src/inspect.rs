@@ -9,7 +9,7 @@ use crate::InspectArgs;
 /// Runs `kiln inspect`.
 pub fn run(g: &Globals, a: InspectArgs) -> CliResult<()> {
     let shapes = common::merge_shapes(&a.shapes)?;
-    let loaded = common::load_model(g, &a.model, &shapes, kiln::DeviceKind::Auto, true)?;
+    let loaded = common::load_model(g, &a.model, &shapes, &[], kiln::DeviceKind::Auto, true)?;
     let engine = loaded.engine;
     common::check_shape_names(&engine, &shapes)?;
     let (built_by, format_version) = match loaded.kind {
@@ -41,6 +41,13 @@ pub fn run(g: &Globals, a: InspectArgs) -> CliResult<()> {
                 .collect::<CliResult<Vec<_>>>()?;
             (engine.memory_report(Some(&key))?, Some("at the shapes given with --shapes".to_string()))
         }
+        None if !engine.profiles().is_empty() => {
+            let key = engine.profile_signature(0, kiln::ProfileBound::Opt)?;
+            (
+                engine.memory_report(Some(&key))?,
+                Some("at optimization profile 0's opt shapes (pass --shapes for others)".to_string()),
+            )
+        }
         None => (
             None,
             Some("dynamic input shapes: memory is planned per input shape at run time; pass --shapes to see a plan".into()),
@@ -57,6 +64,7 @@ pub fn run(g: &Globals, a: InspectArgs) -> CliResult<()> {
             "source": engine.source(),
             "fingerprint": engine.fingerprint(),
             "build_shapes": engine.build_shapes(),
+            "profiles": engine.profiles(),
             "inputs": engine.inputs().iter().map(io_json).collect::<Vec<_>>(),
             "outputs": engine.outputs().iter().map(io_json).collect::<Vec<_>>(),
             "memory": memory,
@@ -153,6 +161,9 @@ fn print_text(
                 .join(", ")
         },
     );
+    for (k, p) in engine.profiles().iter().enumerate() {
+        row(&format!("profile {k}"), p.describe().join("; "));
+    }
     print!("{}", common::table(&rows));
 
     println!("\nInputs");

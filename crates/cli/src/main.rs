@@ -38,6 +38,14 @@ Examples:
   kiln build model.onnx -o model.plan
   # Several inputs; a scalar input is written NAME: (empty dims):
   kiln build vad.onnx -o vad.plan --shapes input:1x512,state:2x1x128
+  # An optimization profile: any shape from min to max is accepted at run time,
+  # tuning happens at opt:
+  kiln build det.onnx -o det.plan --min-shapes x:1x3x64x64 --opt-shapes x:1x3x640x640 \
+      --max-shapes x:1x3x960x960
+  # Two profiles: each --min/--opt/--max-shapes triple (in order) is one profile:
+  kiln build cls.onnx -o cls.plan \
+      --min-shapes x:1x3x48x48 --opt-shapes x:1x3x48x192 --max-shapes x:8x3x48x320 \
+      --min-shapes x:9x3x48x48 --opt-shapes x:32x3x48x192 --max-shapes x:64x3x48x320
   # Machine-readable summary:
   kiln build model.onnx -o model.plan --json
   # On the GPU, FP16 (needs concrete shapes):
@@ -49,6 +57,8 @@ Examples:
   # An .onnx model is built in memory first:
   kiln run model.onnx --input x=x.npy --output-dir out/ --shapes x:1x3x224x224
   kiln run vad.plan --input input=audio.npy --input state=state.npy --input sr=sr.npy --output-dir out/
+  # A plan with two optimization profiles: check the inputs against the second one:
+  kiln run cls.plan --optimization-profile 1 --input x=batch32.npy --output-dir out/
 
 Each output is written to DIR/<name>.npy, where <name> is the model's output name with
 every character outside [A-Za-z0-9._-] replaced by '_'.";
@@ -58,6 +68,8 @@ Examples:
   kiln bench model.plan
   kiln bench model.onnx --shapes x:8x3x224x224 --threads 4 --iterations 200
   kiln bench model.plan --input x=x.npy --duration 10 --warmup 20 --json
+  # A plan with a profile: random inputs at a shape inside it (default: its opt shape):
+  kiln bench det.plan --shapes x:1x3x320x480
 
 Inputs not given with --input are filled with seeded random values (floats ~ N(0,1),
 integers in 0..10, random bools). Symbolic dims must be set with --shapes.
@@ -158,6 +170,16 @@ pub struct BuildArgs {
     /// Input shapes to specialise the engine to: NAME:DxDxD,... (repeatable).
     #[arg(long, value_name = "NAME:1x3x224x224,...", value_parser = common::parse_shapes_arg, action = ArgAction::Append)]
     pub shapes: Vec<ShapesArg>,
+    /// Smallest input shapes of an optimization profile: NAME:DxDxD,... Each
+    /// --min-shapes/--opt-shapes/--max-shapes triple, in order, is one profile.
+    #[arg(long, value_name = "NAME:1x3x64x64,...", value_parser = common::parse_shapes_arg, action = ArgAction::Append, requires_all = ["opt_shapes", "max_shapes"], conflicts_with = "shapes", help_heading = "Optimization profiles")]
+    pub min_shapes: Vec<ShapesArg>,
+    /// Input shapes of a profile that kernels are tuned at (min <= opt <= max).
+    #[arg(long, value_name = "NAME:1x3x224x224,...", value_parser = common::parse_shapes_arg, action = ArgAction::Append, requires_all = ["min_shapes", "max_shapes"], help_heading = "Optimization profiles")]
+    pub opt_shapes: Vec<ShapesArg>,
+    /// Largest input shapes of a profile.
+    #[arg(long, value_name = "NAME:1x3x640x640,...", value_parser = common::parse_shapes_arg, action = ArgAction::Append, requires_all = ["min_shapes", "opt_shapes"], help_heading = "Optimization profiles")]
+    pub max_shapes: Vec<ShapesArg>,
     /// Skip the optimisation passes (for debugging).
     #[arg(long)]
     pub no_optimize: bool,
@@ -213,9 +235,13 @@ pub struct RunArgs {
     /// Directory for the outputs (created when missing).
     #[arg(short = 'o', long, value_name = "DIR")]
     pub output_dir: PathBuf,
-    /// Input shapes for building an .onnx model: NAME:DxDxD,... (ignored for plans).
+    /// Input shapes: for an .onnx model, the engine is built for them; for a plan, they are
+    /// checked (against the plan's optimization profile) and must match the input files.
     #[arg(long, value_name = "NAME:1x3x224x224,...", value_parser = common::parse_shapes_arg, action = ArgAction::Append)]
     pub shapes: Vec<ShapesArg>,
+    /// Optimization profile the input shapes are checked against.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub optimization_profile: usize,
 }
 
 /// Arguments of `kiln bench`.
@@ -231,6 +257,10 @@ pub struct BenchArgs {
     /// An input from a file: NAME=FILE.npy (others are random).
     #[arg(short, long = "input", value_name = "NAME=FILE.npy", value_parser = common::parse_input_arg)]
     pub inputs: Vec<InputArg>,
+    /// Optimization profile the input shapes are checked against; generated inputs whose
+    /// shape --shapes does not give take the profile's opt shape.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub optimization_profile: usize,
     /// Intra-op threads [default: one per core].
     #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub threads: Option<u32>,

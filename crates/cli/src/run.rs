@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use kiln::{DType, Tensor, Value};
 
-use crate::common::{self, sanitize_name, shape_str, CliResult, Context, Globals, ModelKind};
+use crate::common::{self, sanitize_name, shape_str, CliError, CliResult, Context, Globals};
 use crate::RunArgs;
 
 /// Runs `kiln run`.
@@ -13,12 +13,24 @@ pub fn run(g: &Globals, a: RunArgs) -> CliResult<()> {
     let shapes = common::merge_shapes(&a.shapes)?;
     // Read the inputs first: a bad file is reported before a long build.
     let inputs = common::read_inputs(&a.inputs)?;
-    let loaded = common::load_model(g, &a.model, &shapes, kiln::DeviceKind::Auto, true)?;
-    if loaded.kind == ModelKind::Plan && !shapes.is_empty() && !g.quiet {
-        tracing::warn!("--shapes is ignored for a plan: its shapes were fixed when it was built");
-    }
+    let loaded = common::load_model(g, &a.model, &shapes, &[], kiln::DeviceKind::Auto, true)?;
     let engine = loaded.engine;
+    common::check_shape_names(&engine, &shapes)?;
     let mut ctx = engine.create_context();
+    ctx.set_optimization_profile(a.optimization_profile)?;
+    // --shapes are checked against the profile; the input files must then match them.
+    for (name, shape) in &shapes {
+        ctx.set_input_shape(name, shape)?;
+        if let Some((_, t)) = inputs.iter().find(|(n, _)| n == name) {
+            if t.shape() != shape.as_slice() {
+                return Err(CliError(format!(
+                    "input {name}: --shapes gives {} but the file holds {}",
+                    shape_str(shape),
+                    shape_str(t.shape())
+                )));
+            }
+        }
+    }
     let values: Vec<(&str, Value)> = inputs
         .iter()
         .map(|(n, t)| (n.as_str(), Value::Tensor(t.clone())))

@@ -110,6 +110,23 @@ fn version_prints_version_and_build_details() {
     assert!(v["cuda_driver_found"].is_boolean());
     assert!(v["git_commit"].is_string() && v["build_date"].as_str().is_some_and(|d| d.len() == 10));
     assert!(v["cpu_features"].is_array());
+    // The C API's combined number: major * 10000 + minor * 100 + patch.
+    let n: Vec<u64> = kiln::VERSION
+        .split('.')
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(v["version_number"], n[0] * 10000 + n[1] * 100 + n[2]);
+    for lib in ["cuda_driver", "nvrtc", "cublas", "cublaslt", "cudnn"] {
+        let probe = &v["runtime"][lib];
+        assert!(probe["found"].is_boolean(), "{lib}: {probe}");
+        let status = probe["status"].as_str().unwrap();
+        assert_eq!(
+            probe["found"] == false,
+            status == "not found",
+            "{lib}: {probe}"
+        );
+    }
+    assert!(v["runtime"]["cuda_driver"]["loadable"].is_boolean());
 }
 
 #[test]
@@ -883,4 +900,105 @@ fn inspect_and_build_json() {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert!(v["memory"]["arena_bytes"].as_u64().is_some(), "{v}");
     }
+}
+
+#[test]
+fn optimization_profiles_from_build_to_run_and_bench() {
+    let Some(a) = assets() else { return };
+    let case = load_case(&a, "ppocr_det_480x800");
+    let d = tmp("profiles");
+    let plan = d.join("det.plan");
+    let out = assert_ok(&run(&[
+        "build",
+        s(&case.model),
+        "-o",
+        s(&plan),
+        "--min-shapes",
+        "x:1x3x480x480",
+        "--opt-shapes",
+        "x:1x3x640x640",
+        "--max-shapes",
+        "x:1x3x800x800",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["profiles"][0]["opt"]["x"],
+        serde_json::json!([1, 3, 640, 640])
+    );
+    let out = assert_ok(&run(&["inspect", s(&plan)]));
+    assert!(
+        out.contains("profile 0") && out.contains("1x3x480x480 .. 1x3x800x800 (opt 1x3x640x640)"),
+        "{out}"
+    );
+    // Run the reference (480x800, inside the profile) from the plan, with --shapes checked.
+    let out_dir = d.join("out");
+    let mut args = vec![
+        "run".to_string(),
+        s(&plan).into(),
+        "--output-dir".into(),
+        s(&out_dir).into(),
+        "--shapes".into(),
+        case.shapes.clone(),
+    ];
+    args.extend(input_args(&case));
+    let args: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
+    assert_ok(&run(&args));
+    compare_outputs(&case, &out_dir);
+    // bench defaults to the opt shape; a shape outside the profile is refused with its range.
+    let out = assert_ok(&run(&[
+        "bench",
+        s(&plan),
+        "-n",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["inputs"]["x"], serde_json::json!([1, 3, 640, 640]));
+    assert_clean_failure(
+        &run(&["bench", s(&plan), "--shapes", "x:1x3x480x960", "-n", "1"]),
+        &["dimension 3 is 960", "480..=800", "profile 0"],
+    );
+    assert_clean_failure(
+        &run(&["bench", s(&plan), "--optimization-profile", "1", "-n", "1"]),
+        &["profile 1 does not exist"],
+    );
+    // Each profile needs all three flags.
+    assert_clean_failure(
+        &run(&[
+            "build",
+            s(&case.model),
+            "-o",
+            s(&plan),
+            "--min-shapes",
+            "x:1x3x480x480",
+            "--opt-shapes",
+            "x:1x3x640x640",
+            "--max-shapes",
+            "x:1x3x800x800",
+            "--min-shapes",
+            "x:1x3x64x64",
+            "--opt-shapes",
+            "x:1x3x64x64",
+        ]),
+        &["--max-shapes"],
+    );
+    assert_clean_failure(
+        &run(&[
+            "build",
+            s(&case.model),
+            "-o",
+            s(&plan),
+            "--min-shapes",
+            "x:1x3x800x480",
+            "--opt-shapes",
+            "x:1x3x640x640",
+            "--max-shapes",
+            "x:1x3x800x800",
+        ]),
+        &["min <= opt <= max"],
+    );
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -61,6 +61,25 @@ pub enum KilnError {
         /// What was expected and what was found.
         msg: String,
     },
+    /// An input shape outside the active optimization profile's range.
+    #[error("input {name}: dimension {axis} is {found}, outside optimization profile {profile}, which allows {min}..={max} for it ({context})")]
+    ShapeOutsideProfile {
+        /// Input tensor name.
+        name: String,
+        /// Index of the active optimization profile.
+        profile: usize,
+        /// The first dimension (axis) outside the range.
+        axis: usize,
+        /// Smallest value the profile allows for that dimension.
+        min: usize,
+        /// Largest value the profile allows for that dimension.
+        max: usize,
+        /// The value found.
+        found: usize,
+        /// The profile's whole range and the shape given, e.g.
+        /// `profile range 1x3x64x64 to 1x3x256x256, shape given 1x3x320x96`.
+        context: String,
+    },
     /// A dtype that an op or a file format does not accept.
     #[error("unsupported dtype {dtype} for {context}")]
     UnsupportedDType {

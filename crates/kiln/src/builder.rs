@@ -7,7 +7,9 @@ use kiln_core::{Dim, Fact, KilnError, Result};
 use crate::config::{BuilderConfig, DeviceKind};
 use crate::engine::{registry, Engine, GpuSetup};
 use crate::fingerprint::Fingerprint;
+use crate::memory::plan_for_inputs;
 use crate::optimize::optimize;
+use crate::profile::{OptimizationProfile, ProfileBound};
 use crate::tuner::{
     self, CpuTimer, LayerTimer, TacticLister, TimingCache, TuneReport, TuneSettings,
 };
@@ -74,6 +76,11 @@ impl Builder {
         tactics: &TacticLister<'_>,
         timer: &mut dyn LayerTimer,
     ) -> Result<Engine> {
+        if !config.profiles.is_empty() && !config.shapes.is_empty() {
+            return Err(KilnError::Other(
+                "--shapes and optimization profiles (--min-shapes/--opt-shapes/--max-shapes) cannot be combined: --shapes is itself one profile with min = opt = max; give that input the same shape in all three instead".into(),
+            ));
+        }
         let mut graph = model.graph;
         // Apply user shapes to inputs.
         for (name, shape) in &config.shapes {
@@ -177,15 +184,36 @@ impl Builder {
             tracing::info!("GPU engine: tactics chosen by the CUDA backend's heuristics");
             TuneReport::default()
         };
+        let profiles = if config.profiles.is_empty() && !config.shapes.is_empty() {
+            vec![OptimizationProfile::fixed(&config.shapes)]
+        } else {
+            config.profiles.clone()
+        };
         let engine = Engine::from_parts(
             graph,
             fingerprint,
             config.shapes.clone(),
+            profiles,
             report,
             model.opsets,
             source,
             gpu,
         )?;
+        for (index, p) in config.profiles.iter().enumerate() {
+            p.validate(index, engine.inputs(), true)?;
+            // The model must run at the profile's corners: infer and plan there now, so a
+            // profile the model cannot take fails at build time, not at run time.
+            for bound in [ProfileBound::Min, ProfileBound::Opt, ProfileBound::Max] {
+                let signature = engine.profile_signature(index, bound)?;
+                plan_for_inputs(engine.graph(), &signature).map_err(|e| {
+                    KilnError::Other(format!(
+                        "optimization profile {index}: the model cannot run at its {} shapes ({}): {e}",
+                        bound.name(),
+                        p.describe().join("; ")
+                    ))
+                })?;
+            }
+        }
         Ok(engine.with_tuning(tuning))
     }
 

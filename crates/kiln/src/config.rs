@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use kiln_core::{KilnError, Result};
 
+use crate::profile::OptimizationProfile;
+
 /// The device an engine is built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceKind {
@@ -61,6 +63,11 @@ pub struct BuilderConfig {
     /// shapes is specialised to them (shape subgraphs folded); without, it plans memory
     /// per input shape at run time.
     pub shapes: BTreeMap<String, Vec<usize>>,
+    /// Optimization profiles (min/opt/max shape ranges) for inputs with dynamic dims. The
+    /// engine keeps those dims symbolic and accepts any shape inside the active profile.
+    /// Cannot be combined with `shapes` (which is one profile with min = opt = max, and
+    /// specialises the engine).
+    pub profiles: Vec<OptimizationProfile>,
     /// Run the optimisation passes (folding, fusion). Off only for debugging.
     pub optimize: bool,
     /// Builder optimisation level 0..=5: 0 takes each op's heuristic tactic (no timing);
@@ -84,6 +91,7 @@ impl Default for BuilderConfig {
         BuilderConfig {
             device: DeviceKind::Auto,
             shapes: BTreeMap::new(),
+            profiles: Vec::new(),
             optimize: true,
             opt_level: DEFAULT_OPT_LEVEL,
             fp16: false,

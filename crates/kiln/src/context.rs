@@ -28,6 +28,8 @@ pub struct ExecutionContext {
     pool: Option<rayon::ThreadPool>,
     key: ShapeKey,
     gpu: Option<kiln_cuda::GpuContext>,
+    profile: usize,
+    input_shapes: Vec<Option<Vec<usize>>>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -44,6 +46,15 @@ impl ExecutionContext {
             arena_size = plan.arena_size;
             plans.insert(key.clone(), plan.clone());
         }
+        let input_shapes = engine
+            .inputs()
+            .iter()
+            .map(|i| {
+                i.shape
+                    .as_ref()
+                    .and_then(|d| d.iter().map(|d| d.known()).collect())
+            })
+            .collect();
         ExecutionContext {
             engine,
             plans,
@@ -52,6 +63,8 @@ impl ExecutionContext {
             pool: None,
             key: Vec::new(),
             gpu: None,
+            profile: 0,
+            input_shapes,
             _not_sync: PhantomData,
         }
     }
@@ -71,6 +84,113 @@ impl ExecutionContext {
                 KilnError::Other(format!("cannot create a pool of {threads} threads: {e}"))
             })?;
         self.pool = Some(pool);
+        Ok(())
+    }
+
+    /// Selects the optimization profile that input shapes are checked against (default 0).
+    /// Shapes set earlier are checked against the new profile; one outside it is forgotten.
+    pub fn set_optimization_profile(&mut self, index: usize) -> Result<()> {
+        let n = self.engine.profiles().len();
+        if index >= n.max(1) {
+            return Err(KilnError::Other(format!(
+                "optimization profile {index} does not exist: the engine has {n} (0..{})",
+                n.max(1) - 1
+            )));
+        }
+        self.profile = index;
+        if let Some(p) = self.engine.profiles().get(index) {
+            for (info, shape) in self.engine.inputs().iter().zip(&mut self.input_shapes) {
+                if shape
+                    .as_ref()
+                    .is_some_and(|s| p.check(index, &info.name, s).is_err())
+                {
+                    *shape = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The active optimization profile.
+    pub fn optimization_profile(&self) -> usize {
+        self.profile
+    }
+
+    /// Sets the shape of input `name` for the next inference (TensorRT's
+    /// `setInputShape`). Refuses a rank or a fixed dimension the model does not allow, and a
+    /// shape outside the active optimization profile ([`KilnError::ShapeOutsideProfile`],
+    /// which gives the profile's range). Plans memory for the new shapes once every input's
+    /// shape is known.
+    pub fn set_input_shape(&mut self, name: &str, shape: &[usize]) -> Result<()> {
+        let index = self.input_index(name)?;
+        self.check_shape(index, shape)?;
+        self.input_shapes[index] = Some(shape.to_vec());
+        Ok(())
+    }
+
+    /// The shape of input `name`: the one set by [`Self::set_input_shape`] or by the last
+    /// inference, or the model's own when it is fully fixed; `None` when not known yet.
+    pub fn input_shape(&self, name: &str) -> Result<Option<Vec<usize>>> {
+        let index = self.input_index(name)?;
+        Ok(self.input_shapes[index].clone())
+    }
+
+    /// The shapes of the outputs (in the engine's order) for the current input shapes,
+    /// inferred without running; `None` for an output whose shape depends on input values.
+    /// Errors when an input's shape is not known yet.
+    pub fn output_shapes(&mut self) -> Result<Vec<Option<Vec<usize>>>> {
+        let infos = self.engine.inputs().to_vec();
+        let mut key = Vec::with_capacity(infos.len());
+        for (info, shape) in infos.iter().zip(&self.input_shapes) {
+            if info.kind != ValueKind::Tensor {
+                key.push(None);
+                continue;
+            }
+            let (Some(dtype), Some(shape)) = (info.dtype, shape) else {
+                return Err(KilnError::BadInput {
+                    name: info.name.clone(),
+                    msg: format!(
+                        "its shape is not known yet ({}): set it with set_input_shape first",
+                        info.describe()
+                    ),
+                });
+            };
+            key.push(Some((dtype, shape.clone())));
+        }
+        let plan = self.plan_for_key(key)?;
+        Ok(self
+            .engine
+            .graph()
+            .outputs
+            .iter()
+            .map(|&o| {
+                plan.facts[o]
+                    .concrete_shape()
+                    .map(|s| s.into_iter().collect())
+            })
+            .collect())
+    }
+
+    fn input_index(&self, name: &str) -> Result<usize> {
+        let infos = self.engine.inputs();
+        infos.iter().position(|i| i.name == name).ok_or_else(|| {
+            let names: Vec<&str> = infos.iter().map(|i| i.name.as_str()).collect();
+            KilnError::BadInput {
+                name: name.to_string(),
+                msg: format!(
+                    "the model has no such input (its inputs are: {})",
+                    names.join(", ")
+                ),
+            }
+        })
+    }
+
+    fn check_shape(&self, index: usize, shape: &[usize]) -> Result<()> {
+        let info = &self.engine.inputs()[index];
+        info.check_shape(shape)?;
+        if let Some(p) = self.engine.profiles().get(self.profile) {
+            p.check(self.profile, &info.name, shape)?;
+        }
         Ok(())
     }
 
@@ -111,6 +231,16 @@ impl ExecutionContext {
     /// engine's output order.
     pub fn execute(&mut self, inputs: &[(&str, Value)]) -> Result<Vec<Value>> {
         let ordered = self.check_inputs(inputs)?;
+        for (index, v) in ordered.iter().enumerate() {
+            if let Value::Tensor(t) = v {
+                self.check_shape(index, t.shape())?;
+            }
+        }
+        for (index, v) in ordered.iter().enumerate() {
+            if let Value::Tensor(t) = v {
+                self.input_shapes[index] = Some(t.shape().to_vec());
+            }
+        }
         if let Some(gpu) = self.engine.gpu().cloned() {
             if self.gpu.is_none() {
                 self.gpu = Some(kiln_cuda::GpuContext::new(gpu)?);
@@ -204,12 +334,20 @@ impl ExecutionContext {
         if let Some(p) = self.plans.get(&self.key) {
             return Ok(p.clone());
         }
-        let plan = Arc::new(plan_for_inputs(self.engine.graph(), &self.key)?);
+        let key = self.key.clone();
+        self.plan_for_key(key)
+    }
+
+    fn plan_for_key(&mut self, key: ShapeKey) -> Result<Arc<ShapePlan>> {
+        if let Some(p) = self.plans.get(&key) {
+            return Ok(p.clone());
+        }
+        let plan = Arc::new(plan_for_inputs(self.engine.graph(), &key)?);
         tracing::debug!(
             arena = plan.arena_size,
             "planned memory for new input shapes"
         );
-        self.plans.insert(self.key.clone(), plan.clone());
+        self.plans.insert(key, plan.clone());
         Ok(plan)
     }
 
@@ -445,32 +583,40 @@ impl IoInfo {
 
     /// Checks a tensor against this input's dtype, rank and known dims.
     pub fn check(&self, t: &Tensor) -> Result<()> {
+        if let Some(d) = self.dtype {
+            if t.dtype() != d {
+                return Err(KilnError::BadInput {
+                    name: self.name.clone(),
+                    msg: format!("expected dtype {d}, got {}", t.dtype()),
+                });
+            }
+        }
+        self.check_shape(t.shape())
+    }
+
+    /// Checks a shape against this input's rank and known dims.
+    pub fn check_shape(&self, given: &[usize]) -> Result<()> {
         let bad = |msg: String| KilnError::BadInput {
             name: self.name.clone(),
             msg,
         };
-        if let Some(d) = self.dtype {
-            if t.dtype() != d {
-                return Err(bad(format!("expected dtype {d}, got {}", t.dtype())));
-            }
-        }
         if let Some(shape) = &self.shape {
-            if shape.len() != t.rank() {
+            if shape.len() != given.len() {
                 return Err(bad(format!(
                     "expected rank {} ({}), got rank {} with shape {:?}",
                     shape.len(),
                     self.describe(),
-                    t.rank(),
-                    t.shape()
+                    given.len(),
+                    given
                 )));
             }
-            for (axis, (want, got)) in shape.iter().zip(t.shape()).enumerate() {
+            for (axis, (want, got)) in shape.iter().zip(given).enumerate() {
                 if let Dim::Known(w) = want {
                     if w != got {
                         return Err(bad(format!(
                             "dimension {axis} must be {w} ({}), got {got} (shape {:?})",
                             self.describe(),
-                            t.shape()
+                            given
                         )));
                     }
                 }

@@ -12,6 +12,7 @@ use crate::fingerprint::Fingerprint;
 use crate::memory::{plan_for_inputs, InputSignature, ShapePlan};
 use crate::optimize::OptimizeReport;
 use crate::plan;
+use crate::profile::{OptimizationProfile, ProfileBound};
 use crate::tuner::TuneReport;
 
 /// The registry of every op kiln's CPU backend implements (built once).
@@ -27,6 +28,7 @@ pub(crate) struct EngineInner {
     pub graph: Graph,
     pub fingerprint: Fingerprint,
     pub build_shapes: BTreeMap<String, Vec<usize>>,
+    pub profiles: Vec<OptimizationProfile>,
     pub report: OptimizeReport,
     pub opsets: BTreeMap<String, i64>,
     pub source: String,
@@ -101,6 +103,7 @@ impl Engine {
         graph: Graph,
         fingerprint: Fingerprint,
         build_shapes: BTreeMap<String, Vec<usize>>,
+        profiles: Vec<OptimizationProfile>,
         report: OptimizeReport,
         opsets: BTreeMap<String, i64>,
         source: String,
@@ -177,6 +180,7 @@ impl Engine {
                 graph,
                 fingerprint,
                 build_shapes,
+                profiles,
                 report,
                 opsets,
                 source,
@@ -231,6 +235,51 @@ impl Engine {
     /// Input shapes the engine was specialised to at build time.
     pub fn build_shapes(&self) -> &BTreeMap<String, Vec<usize>> {
         &self.inner.build_shapes
+    }
+
+    /// The optimization profiles: shape ranges the engine accepts for its dynamic inputs
+    /// (one fixed profile for an engine built with `--shapes`; none for an engine that
+    /// accepts any shape the model allows).
+    pub fn profiles(&self) -> &[OptimizationProfile] {
+        &self.inner.profiles
+    }
+
+    /// The input signature (dtype and shape of every input, in order) at one of a
+    /// profile's three shapes; inputs the profile does not cover take their fixed shape.
+    pub fn profile_signature(&self, profile: usize, bound: ProfileBound) -> Result<InputSignature> {
+        let p = self.inner.profiles.get(profile).ok_or_else(|| {
+            KilnError::Other(format!(
+                "optimization profile {profile} does not exist (the engine has {})",
+                self.inner.profiles.len()
+            ))
+        })?;
+        self.inputs()
+            .iter()
+            .map(|info| {
+                if info.kind != kiln_core::ValueKind::Tensor {
+                    return Ok(None);
+                }
+                let dtype = info.dtype.ok_or_else(|| KilnError::BadInput {
+                    name: info.name.clone(),
+                    msg: "the model does not declare this input's dtype".into(),
+                })?;
+                let shape = match p.shape(&info.name, bound) {
+                    Some(s) => s.to_vec(),
+                    None => info
+                        .shape
+                        .as_ref()
+                        .and_then(|d| d.iter().map(|d| d.known()).collect::<Option<Vec<_>>>())
+                        .ok_or_else(|| KilnError::BadInput {
+                            name: info.name.clone(),
+                            msg: format!(
+                                "optimization profile {profile} gives no shape for this input ({})",
+                                info.describe()
+                            ),
+                        })?,
+                };
+                Ok(Some((dtype, shape)))
+            })
+            .collect()
     }
 
     /// What the optimiser did.
@@ -362,6 +411,7 @@ impl Engine {
             &i.graph,
             &i.fingerprint,
             &i.build_shapes,
+            &i.profiles,
             &i.report,
             &i.opsets,
             &i.source,
@@ -411,6 +461,7 @@ impl Runtime {
             loaded.graph,
             loaded.header.fingerprint,
             loaded.build_shapes,
+            loaded.profiles,
             loaded.optimize_report,
             loaded.opsets,
             loaded.source,

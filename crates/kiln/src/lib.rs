@@ -23,6 +23,7 @@ pub mod memory;
 pub mod npy;
 pub mod optimize;
 pub mod plan;
+pub mod profile;
 pub mod tuner;
 
 pub use builder::Builder;
@@ -31,19 +32,18 @@ pub use context::{ExecutionContext, IoInfo};
 pub use engine::{registry, Engine, LayerInfo, MemoryReport, Runtime};
 pub use fingerprint::Fingerprint;
 pub use kiln_core::{DType, Dim, KilnError, Result, Tensor, Value};
+pub use profile::{OptimizationProfile, ProfileBound};
 pub use tuner::{TimingCache, TuneReport};
 
 /// kiln's version (`X.Y.Z`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-#[cfg(test)]
-mod thread_safety {
-    fn assert_send_sync<T: Send + Sync>() {}
-    fn assert_send<T: Send>() {}
-
-    #[test]
-    fn engine_is_send_sync_and_context_is_send() {
-        assert_send_sync::<crate::Engine>();
-        assert_send::<crate::ExecutionContext>();
-    }
-}
+// The runtime's thread-safety rules, checked at compile time: an engine is shared by
+// every thread; a context may move to another thread but is never shared (not `Sync`,
+// proven by the compile-fail test tests/ui/context_not_sync.rs).
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    const fn send<T: Send>() {}
+    send_sync::<Engine>();
+    send::<ExecutionContext>();
+};

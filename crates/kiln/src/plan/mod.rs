@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fingerprint::Fingerprint;
 use crate::optimize::OptimizeReport;
+use crate::profile::OptimizationProfile;
 use bincode::Options;
 use codec::{GraphReader, GraphRec, WeightWriter};
 
@@ -71,6 +72,8 @@ pub struct PlanMetadata {
     pub graph: GraphRec,
     /// Input shapes the engine was specialised to (empty: dynamic).
     pub build_shapes: BTreeMap<String, Vec<usize>>,
+    /// Optimization profiles (format version 2 on).
+    pub profiles: Vec<OptimizationProfile>,
     /// What the optimiser did.
     pub optimize_report: OptimizeReport,
     /// Opsets of the source model.
@@ -98,6 +101,8 @@ pub struct LoadedPlan {
     pub graph: Graph,
     /// Metadata other than the graph.
     pub build_shapes: BTreeMap<String, Vec<usize>>,
+    /// Optimization profiles.
+    pub profiles: Vec<OptimizationProfile>,
     /// What the optimiser did at build time.
     pub optimize_report: OptimizeReport,
     /// Opsets of the source model.
@@ -113,6 +118,7 @@ pub fn write_plan(
     graph: &Graph,
     fingerprint: &Fingerprint,
     build_shapes: &BTreeMap<String, Vec<usize>>,
+    profiles: &[OptimizationProfile],
     optimize_report: &OptimizeReport,
     opsets: &BTreeMap<String, i64>,
     source: &str,
@@ -122,6 +128,7 @@ pub fn write_plan(
     let meta = PlanMetadata {
         graph: weights.graph(graph)?,
         build_shapes: build_shapes.clone(),
+        profiles: profiles.to_vec(),
         optimize_report: optimize_report.clone(),
         opsets: opsets.clone(),
         source: source.to_string(),
@@ -261,6 +268,7 @@ pub fn load_plan(path: &Path, registry: &OpRegistry, here: &Fingerprint) -> Resu
         header,
         graph,
         build_shapes: meta.build_shapes,
+        profiles: meta.profiles,
         optimize_report: meta.optimize_report,
         opsets: meta.opsets,
         source: meta.source,
@@ -287,6 +295,7 @@ mod tests {
             &g,
             &Fingerprint::cpu(),
             &BTreeMap::new(),
+            &[],
             &OptimizeReport::default(),
             &BTreeMap::new(),
             "t.onnx",
