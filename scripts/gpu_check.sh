@@ -58,6 +58,9 @@ run)
   stamp "real models (FP32, FP16) vs ONNX Runtime"
   KILN_ASSETS=$here/assets "$W/bin/gpu_models" --nocapture --test-threads=1 gpu_real_models > "$OUT/models.log" 2>&1
   echo "gpu_models rc=$?"; grep -E "^\| |test result" "$OUT/models.log"
+  stamp "threads: one context per thread on one GPU engine vs serial"
+  KILN_ASSETS=$here/assets "$W/bin/gpu_models" --nocapture --test-threads=1 gpu_contexts_in_parallel_equal_serial > "$OUT/stress.log" 2>&1
+  echo "gpu stress rc=$?"; grep -E "gpu stress|test result|panicked" "$OUT/stress.log"
 
   if [ "$full" != "nokernels" ]; then
     stamp "NVRTC kernel tests"

@@ -218,3 +218,63 @@ fn gpu_real_models() {
         .collect();
     assert!(failed.is_empty(), "failed: {failed:?}");
 }
+
+/// Issue 8's stress test on the GPU: 2 × cores threads, each with its own execution context
+/// (own device arena and stream) on one shared GPU engine, different inputs per thread and
+/// run, every output bitwise equal to the serial result on the same engine.
+#[test]
+fn gpu_contexts_in_parallel_equal_serial() {
+    if !kiln_cuda::driver_present() {
+        eprintln!("skipped: no CUDA driver");
+        return;
+    }
+    let Some(assets) = common::assets() else {
+        return;
+    };
+    let case = common::case(&assets, "ppocr_cls_b6");
+    let engine = Builder::new()
+        .build_onnx_file(&case.model, &config(&case.shapes, DeviceKind::Cuda, false))
+        .expect("build");
+    assert!(engine.gpu().is_some(), "expected a GPU engine");
+    let (name, x) = &case.inputs[0];
+    let base = x.to_f32_vec().unwrap();
+    // Input k: the reference input scaled and shifted by k (never zeros).
+    let input = |k: usize| {
+        let v: Vec<f32> = base
+            .iter()
+            .map(|&a| a * (1.0 + 0.01 * k as f32) + 0.001 * k as f32)
+            .collect();
+        kiln::Tensor::from_vec(x.shape(), v).unwrap()
+    };
+    let threads = 2 * std::thread::available_parallelism().map_or(2, |n| n.get());
+    let runs = 25;
+    let mut serial_ctx = engine.create_context();
+    let serial: Vec<Vec<u8>> = (0..threads * runs)
+        .map(|k| {
+            let out = serial_ctx
+                .execute_tensors(&[(name.as_str(), input(k))])
+                .unwrap();
+            out[0].bytes().to_vec()
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let engine = engine.clone();
+            let serial = &serial;
+            let input = &input;
+            s.spawn(move || {
+                let mut ctx = engine.create_context();
+                for r in 0..runs {
+                    let k = r * threads + t;
+                    let out = ctx
+                        .execute_tensors(&[(name.as_str(), input(k))])
+                        .unwrap();
+                    assert_eq!(out[0].bytes(), &serial[k][..], "thread {t} run {r}");
+                }
+            });
+        }
+    });
+    eprintln!(
+        "gpu stress: {threads} threads x {runs} runs on one engine, all equal to serial"
+    );
+}

@@ -395,6 +395,7 @@ mod tests {
             &g,
             fp,
             &BTreeMap::new(),
+            &[],
             &OptimizeReport::default(),
             &BTreeMap::new(),
             "t.onnx",
