@@ -15,6 +15,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --release --all-targets -- -D warnings
+echo "== cargo build"
+# Builds every artifact the tests use (libkiln.so for the C API tests, the kiln binary).
+cargo build --workspace --release
 echo "== cargo test"
 cargo test --workspace --release
 if [ -f tests/conformance/expected_pass.txt ]; then
