@@ -29,7 +29,7 @@ pub use config::{parse_shapes, BuilderConfig, DeviceKind};
 pub use context::{ExecutionContext, IoInfo};
 pub use engine::{registry, Engine, LayerInfo, MemoryReport, Runtime};
 pub use fingerprint::Fingerprint;
-pub use kiln_core::{DType, Dim, KilnError, Result, Tensor, Value};
+pub use kiln_core::{DType, Dim, KilnError, Result, Tensor, TensorMut, Value};
 
 /// kiln's version (`X.Y.Z`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

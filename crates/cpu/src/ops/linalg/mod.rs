@@ -5,6 +5,7 @@ pub mod blas;
 pub mod det;
 pub mod einsum;
 pub mod quant;
+pub mod sgemm;
 
 use std::borrow::Cow;
 
