@@ -9,9 +9,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use kiln_core::{
-    Arena, Bytes, DType, Dim, KilnError, Result, Tensor, TensorMut, Value, ValueKind,
-};
+use kiln_core::{Arena, Bytes, DType, Dim, KilnError, Result, Tensor, TensorMut, Value, ValueKind};
 use smallvec::SmallVec;
 
 use crate::engine::Engine;
@@ -182,13 +180,14 @@ impl ExecutionContext {
         let graph_inputs = &self.engine.graph().inputs;
         let same = self.current.is_some()
             && self.key.len() == graph_inputs.len()
-            && graph_inputs.iter().zip(&self.key).all(|(id, k)| {
-                match (&self.slots[*id], k) {
+            && graph_inputs
+                .iter()
+                .zip(&self.key)
+                .all(|(id, k)| match (&self.slots[*id], k) {
                     (Some(Value::Tensor(t)), Some((d, s))) => t.dtype() == *d && t.shape() == s,
                     (Some(Value::Tensor(_)), None) | (_, Some(_)) => false,
                     _ => true,
-                }
-            });
+                });
         if same {
             if let Some(p) = &self.current {
                 return Ok(p.clone());
@@ -355,10 +354,13 @@ impl ExecutionContext {
             )));
         }
         for (i, (slot, info)) in outputs.iter_mut().zip(infos).enumerate() {
-            let t = self.output_value(i)?.as_tensor().map_err(|e| KilnError::BadInput {
-                name: info.name.clone(),
-                msg: format!("execute_into needs tensor outputs: {e}"),
-            })?;
+            let t = self
+                .output_value(i)?
+                .as_tensor()
+                .map_err(|e| KilnError::BadInput {
+                    name: info.name.clone(),
+                    msg: format!("execute_into needs tensor outputs: {e}"),
+                })?;
             slot.copy_from(t).map_err(|e| KilnError::BadInput {
                 name: info.name.clone(),
                 msg: format!("output buffer does not fit: {e}"),

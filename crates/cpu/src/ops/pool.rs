@@ -572,7 +572,9 @@ impl GlobalPool {
                 .zip(x.par_chunks(sz))
                 .for_each(|(o, p)| *o = f(p));
         } else {
-            out.iter_mut().zip(x.chunks(sz)).for_each(|(o, p)| *o = f(p));
+            out.iter_mut()
+                .zip(x.chunks(sz))
+                .for_each(|(o, p)| *o = f(p));
         }
     }
 }

@@ -151,7 +151,9 @@ impl ConvF32<'_> {
             return Ok(());
         }
         let tile = (TILE_ELEMS / k.max(1)).max(128).min(p);
-        crate::scratch::with_scratch::<f32, _>(k * tile, |col| self.tiles(xg, wg, bias, cg, mg, out, par, tile, col))
+        crate::scratch::with_scratch::<f32, _>(k * tile, |col| {
+            self.tiles(xg, wg, bias, cg, mg, out, par, tile, col)
+        })
     }
 
     /// The im2col tiles of [`ConvF32::run_group`], with `col` holding `k × tile` values.

@@ -33,12 +33,30 @@ fn cast_into(x: &Tensor, out: &mut TensorMut<'_>) -> Result<bool> {
         ($F:ty) => {{
             let o = out.as_mut_slice::<$F>()?;
             match x.dtype() {
-                DType::F32 => o.iter_mut().zip(x.as_slice::<f32>()?).for_each(|(d, s)| *d = *s as $F),
-                DType::F64 => o.iter_mut().zip(x.as_slice::<f64>()?).for_each(|(d, s)| *d = *s as $F),
-                DType::I64 => o.iter_mut().zip(x.as_slice::<i64>()?).for_each(|(d, s)| *d = *s as $F),
-                DType::I32 => o.iter_mut().zip(x.as_slice::<i32>()?).for_each(|(d, s)| *d = *s as $F),
-                DType::U8 => o.iter_mut().zip(x.as_slice::<u8>()?).for_each(|(d, s)| *d = *s as $F),
-                DType::I8 => o.iter_mut().zip(x.as_slice::<i8>()?).for_each(|(d, s)| *d = *s as $F),
+                DType::F32 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<f32>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
+                DType::F64 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<f64>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
+                DType::I64 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<i64>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
+                DType::I32 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<i32>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
+                DType::U8 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<u8>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
+                DType::I8 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<i8>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
                 _ => return Ok(false),
             }
             Ok(true)
@@ -114,10 +132,8 @@ impl Op for Cast {
         let Some(out) = outputs.first_mut() else {
             return Err(KilnError::kernel("Cast", "no output slot"));
         };
-        if out.shape() == x.shape() && out.dtype() == self.to {
-            if cast_into(x, out)? {
-                return Ok(());
-            }
+        if out.shape() == x.shape() && out.dtype() == self.to && cast_into(x, out)? {
+            return Ok(());
         }
         // Other pairs (strings, low-precision floats, float → int) use the reference.
         let v = self.eval(inputs)?;

@@ -115,6 +115,30 @@ pub unsafe fn sgemm(
         Isa::Avx2 => 16,
         Isa::Avx512 => 32,
     };
+    if n * 4 <= nr && k > 0 {
+        // Few columns (conv with a handful of output positions): packing would cost as
+        // much as the product and most of each tile would be padding.
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match n {
+                1 => narrow::<1>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                2 => narrow::<2>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                3 => narrow::<3>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                4 => narrow::<4>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                5 => narrow::<5>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                6 => narrow::<6>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                7 => narrow::<7>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                _ => narrow::<8>(m, k, dst, dst_rs, accumulate, a, b, scale),
+            }
+        };
+        return;
+    }
+    if m <= 4 && b.cs == 1 && k > 0 {
+        // Few rows (recurrent steps, matrix-vector products): stream B's rows once.
+        // SAFETY: forwarded from the caller.
+        unsafe { short(m, n, k, dst, dst_rs, accumulate, a, b, scale) };
+        return;
+    }
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
@@ -185,6 +209,73 @@ pub unsafe fn sgemm(
         (0..tasks).into_par_iter().for_each(run);
     } else {
         run(0);
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + scale · A·B` for `N` ≤ 8 columns: each output row
+/// keeps its `N` sums in registers over the depth.
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow<const N: usize>(
+    m: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    scale: f32,
+) {
+    for i in 0..m {
+        let mut acc = [0.0f32; N];
+        for l in 0..k {
+            // SAFETY: (i, l) is inside A and row l of B has N columns (caller's bounds).
+            let av = unsafe { *a.ptr.add(i * a.rs + l * a.cs) };
+            let row = b.ptr.wrapping_add(l * b.rs);
+            for (j, c) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                *c += av * unsafe { *row.add(j * b.cs) };
+            }
+        }
+        for (j, c) in acc.iter().enumerate() {
+            // SAFETY: (i, j) is inside dst.
+            unsafe {
+                let p = dst.add(i * dst_rs + j);
+                *p = if accumulate {
+                    *p + scale * c
+                } else {
+                    scale * c
+                };
+            }
+        }
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + scale · A·B` for a few rows and B with contiguous rows:
+/// each output row accumulates `a[i,l] · B[l,:]` over the depth (vectorised over columns).
+#[allow(clippy::too_many_arguments)]
+unsafe fn short(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    scale: f32,
+) {
+    for i in 0..m {
+        // SAFETY: row i of dst has n elements and does not overlap the operands.
+        let c = unsafe { std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n) };
+        if !accumulate {
+            c.fill(0.0);
+        }
+        for l in 0..k {
+            // SAFETY: (i, l) is inside A; row l of B has n contiguous columns.
+            let av = scale * unsafe { *a.ptr.add(i * a.rs + l * a.cs) };
+            let row = unsafe { std::slice::from_raw_parts(b.ptr.add(l * b.rs), n) };
+            c.iter_mut().zip(row).for_each(|(v, bv)| *v += av * bv);
+        }
     }
 }
 
@@ -364,6 +455,7 @@ unsafe fn store_tile<const MR: usize, const NR: usize>(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 unsafe fn micro_scalar<const MR: usize, const NR: usize>(
     kc: usize,
     pa: *const f32,
@@ -606,6 +698,11 @@ mod tests {
             (9, 33, 1),
             (13, 70, 257),
             (97, 45, 19),
+            (258, 3, 256),
+            (5, 8, 40),
+            (7, 2, 9),
+            (1, 512, 128),
+            (3, 40, 33),
             (6, 16, 8),
             (8, 32, 8),
             (200, 2100, 3),
@@ -631,7 +728,19 @@ mod tests {
                     let init = values(m * ldd, si as u64 * 7 + 3);
                     let mut want = init.clone();
                     let mut got = init.clone();
-                    reference(m, n, k, &mut want, ldd, acc, &a, (ars, acs), &b, (brs, bcs), 0.75);
+                    reference(
+                        m,
+                        n,
+                        k,
+                        &mut want,
+                        ldd,
+                        acc,
+                        &a,
+                        (ars, acs),
+                        &b,
+                        (brs, bcs),
+                        0.75,
+                    );
                     // SAFETY: the operands and destination have the sizes described.
                     unsafe {
                         sgemm(

@@ -942,11 +942,15 @@ mod tests {
     #[test]
     fn reshape_semantics() {
         assert_eq!(
-            reshape_dims("R", &[2, 3, 4], &[0, -1], false).unwrap().to_vec(),
+            reshape_dims("R", &[2, 3, 4], &[0, -1], false)
+                .unwrap()
+                .to_vec(),
             vec![2, 12]
         );
         assert_eq!(
-            reshape_dims("R", &[2, 3, 4], &[4, 0, 2], false).unwrap().to_vec(),
+            reshape_dims("R", &[2, 3, 4], &[4, 0, 2], false)
+                .unwrap()
+                .to_vec(),
             vec![4, 3, 2]
         );
         assert_eq!(

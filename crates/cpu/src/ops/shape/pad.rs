@@ -289,9 +289,9 @@ impl Pad {
             _ => None,
         };
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let hit = cache.as_ref().filter(|c| {
-            c.shape.as_slice() == x.shape() && c.pads == pads && c.dtype == x.dtype()
-        });
+        let hit = cache
+            .as_ref()
+            .filter(|c| c.shape.as_slice() == x.shape() && c.pads == pads && c.dtype == x.dtype());
         let (attr_value, plan) = match hit {
             Some(c) => (c.attr_value.clone(), c.plan.clone()),
             None => {

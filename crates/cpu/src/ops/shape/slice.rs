@@ -192,12 +192,7 @@ impl Slice {
                     None => Some(None),
                     Some(_) => ints(i).map(Some),
                 };
-                Some((
-                    ints(1)?,
-                    ints(2)?,
-                    opt(3)?,
-                    opt(4)?,
-                ))
+                Some((ints(1)?, ints(2)?, opt(3)?, opt(4)?))
             }
         }
     }
