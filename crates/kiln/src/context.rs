@@ -9,9 +9,7 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
-use kiln_core::{
-    AlignedBuf, Arena, Bytes, DType, Dim, KilnError, Result, Tensor, TensorMut, Value, ValueKind,
-};
+use kiln_core::{Arena, Bytes, DType, Dim, KilnError, Result, Tensor, TensorMut, Value, ValueKind};
 use smallvec::SmallVec;
 
 use crate::engine::Engine;
@@ -30,6 +28,7 @@ pub struct ExecutionContext {
     gpu: Option<kiln_cuda::GpuContext>,
     profile: usize,
     input_shapes: Vec<Option<Vec<usize>>>,
+    current: Option<Arc<ShapePlan>>,
     _not_sync: PhantomData<Cell<()>>,
 }
 
@@ -65,6 +64,7 @@ impl ExecutionContext {
             gpu: None,
             profile: 0,
             input_shapes,
+            current: None,
             _not_sync: PhantomData,
         }
     }
@@ -228,46 +228,46 @@ impl ExecutionContext {
     }
 
     /// Runs inference. `inputs` names every engine input once; returns the outputs in the
-    /// engine's output order.
+    /// engine's output order (copied to fresh heap buffers: use
+    /// [`ExecutionContext::execute_into`] for a call that allocates nothing).
     pub fn execute(&mut self, inputs: &[(&str, Value)]) -> Result<Vec<Value>> {
-        let ordered = self.check_inputs(inputs)?;
-        for (index, v) in ordered.iter().enumerate() {
-            if let Value::Tensor(t) = v {
-                self.check_shape(index, t.shape())?;
-            }
+        if self.engine.gpu().is_some() {
+            return self.execute_gpu(inputs);
         }
-        for (index, v) in ordered.iter().enumerate() {
-            if let Value::Tensor(t) = v {
-                self.input_shapes[index] = Some(t.shape().to_vec());
-            }
-        }
-        if let Some(gpu) = self.engine.gpu().cloned() {
-            if self.gpu.is_none() {
-                self.gpu = Some(kiln_cuda::GpuContext::new(gpu)?);
-            }
-            let engine = self.engine.clone();
-            let ctx = self.gpu.as_mut().expect("created above");
-            return ctx.run(engine.graph(), &ordered);
-        }
-        let plan = self.plan_for(&ordered)?;
-        if self.arena.len() < plan.arena_size {
-            self.arena = Arc::new(Arena::new(plan.arena_size));
-        }
-        let graph_inputs = self.engine.graph().inputs.clone();
-        for (id, v) in graph_inputs.iter().zip(ordered) {
-            self.slots[*id] = Some(v.clone());
-        }
-        let result = match self.pool.take() {
-            Some(pool) => {
-                let r = pool.install(|| self.run_nodes(&plan));
-                self.pool = Some(pool);
-                r
-            }
-            None => self.run_nodes(&plan),
-        };
-        let outputs = result.and_then(|_| self.collect_outputs());
+        let result = self.run(inputs).and_then(|_| self.collect_outputs());
         self.clear_activations();
-        outputs
+        result
+    }
+
+    /// Runs inference and writes each output into the caller's buffer, in the engine's
+    /// output order; each buffer's dtype and shape must match the output's.
+    ///
+    /// Once warm (the first call for these input shapes plans memory, and kernels size their
+    /// scratch buffers), a call performs no heap allocation when every layer has a planned
+    /// in-place kernel — true for static-shape graphs made of kiln's in-place ops; layers
+    /// whose output shapes are known only at run time still allocate.
+    pub fn execute_into(
+        &mut self,
+        inputs: &[(&str, Value)],
+        outputs: &mut [TensorMut<'_>],
+    ) -> Result<()> {
+        if self.engine.gpu().is_some() {
+            let produced = self.execute_gpu(inputs)?;
+            if produced.len() != outputs.len() {
+                return Err(KilnError::Other(format!(
+                    "execute_into got {} output buffers, the engine has {} outputs",
+                    outputs.len(),
+                    produced.len()
+                )));
+            }
+            for (slot, v) in outputs.iter_mut().zip(&produced) {
+                slot.copy_from(v.as_tensor()?)?;
+            }
+            return Ok(());
+        }
+        let result = self.run(inputs).and_then(|_| self.copy_outputs(outputs));
+        self.clear_activations();
+        result
     }
 
     /// Convenience: tensors in, tensors out (errors if an output is not a tensor).
@@ -282,8 +282,27 @@ impl ExecutionContext {
             .collect()
     }
 
-    fn check_inputs<'a>(&self, inputs: &'a [(&str, Value)]) -> Result<Vec<&'a Value>> {
-        let infos = self.engine.inputs();
+    /// Binds the inputs, plans memory for their shapes (once per shape) and runs every layer.
+    fn run(&mut self, inputs: &[(&str, Value)]) -> Result<()> {
+        self.bind_inputs(inputs)?;
+        let plan = self.plan_for_bound()?;
+        if self.arena.len() < plan.arena_size {
+            self.arena = Arc::new(Arena::new(plan.arena_size));
+        }
+        match self.pool.take() {
+            Some(pool) => {
+                let r = pool.install(|| self.run_nodes(&plan));
+                self.pool = Some(pool);
+                r
+            }
+            None => self.run_nodes(&plan),
+        }
+    }
+
+    /// Checks `inputs` against the engine's and puts them in their slots.
+    fn bind_inputs(&mut self, inputs: &[(&str, Value)]) -> Result<()> {
+        let engine = self.engine.clone();
+        let infos = engine.inputs();
         for (name, _) in inputs {
             if !infos.iter().any(|i| i.name == *name) {
                 let names: Vec<&str> = infos.iter().map(|i| i.name.as_str()).collect();
@@ -296,8 +315,7 @@ impl ExecutionContext {
                 });
             }
         }
-        let mut ordered = Vec::with_capacity(infos.len());
-        for info in infos {
+        for (index, (info, id)) in infos.iter().zip(&engine.graph().inputs).enumerate() {
             let mut given = inputs.iter().filter(|(n, _)| *n == info.name);
             let Some((_, v)) = given.next() else {
                 return Err(KilnError::BadInput {
@@ -317,27 +335,48 @@ impl ExecutionContext {
                     msg: e.to_string(),
                 })?;
                 info.check(t)?;
+                self.check_shape(index, t.shape())?;
+                if self.input_shapes[index].as_deref() != Some(t.shape()) {
+                    self.input_shapes[index] = Some(t.shape().to_vec());
+                }
             }
-            ordered.push(v);
+            self.slots[*id] = Some(v.clone());
         }
-        Ok(ordered)
+        Ok(())
     }
 
-    fn plan_for(&mut self, inputs: &[&Value]) -> Result<Arc<ShapePlan>> {
+    /// The memory plan for the bound inputs' shapes: the last one used when they match it
+    /// (no allocation), else a cached or new one.
+    fn plan_for_bound(&mut self) -> Result<Arc<ShapePlan>> {
+        let graph_inputs = &self.engine.graph().inputs;
+        let same = self.current.is_some()
+            && self.key.len() == graph_inputs.len()
+            && graph_inputs
+                .iter()
+                .zip(&self.key)
+                .all(|(id, k)| match (&self.slots[*id], k) {
+                    (Some(Value::Tensor(t)), Some((d, s))) => t.dtype() == *d && t.shape() == s,
+                    (Some(Value::Tensor(_)), None) | (_, Some(_)) => false,
+                    _ => true,
+                });
+        if same {
+            if let Some(p) = &self.current {
+                return Ok(p.clone());
+            }
+        }
         self.key.clear();
-        for v in inputs {
-            match v {
-                Value::Tensor(t) => self.key.push(Some((t.dtype(), t.shape().to_vec()))),
+        for id in graph_inputs {
+            match &self.slots[*id] {
+                Some(Value::Tensor(t)) => self.key.push(Some((t.dtype(), t.shape().to_vec()))),
                 _ => self.key.push(None),
             }
         }
-        if let Some(p) = self.plans.get(&self.key) {
-            return Ok(p.clone());
-        }
-        let key = self.key.clone();
-        self.plan_for_key(key)
+        let plan = self.plan_for_key(self.key.clone())?;
+        self.current = Some(plan.clone());
+        Ok(plan)
     }
 
+    /// The memory plan for input signature `key` (cached per signature).
     fn plan_for_key(&mut self, key: ShapeKey) -> Result<Arc<ShapePlan>> {
         if let Some(p) = self.plans.get(&key) {
             return Ok(p.clone());
@@ -349,6 +388,30 @@ impl ExecutionContext {
         );
         self.plans.insert(key, plan.clone());
         Ok(plan)
+    }
+
+    /// GPU engines: inputs checked and bound as on the CPU, then run by this context's
+    /// device side (created on first use).
+    fn execute_gpu(&mut self, inputs: &[(&str, Value)]) -> Result<Vec<Value>> {
+        self.bind_inputs(inputs)?;
+        let engine = self.engine.clone();
+        let ordered: Vec<Value> = engine
+            .graph()
+            .inputs
+            .iter()
+            .map(|id| self.slots[*id].take())
+            .collect::<Option<_>>()
+            .ok_or_else(|| KilnError::Other("an input was not bound".into()))?;
+        let gpu = engine
+            .gpu()
+            .cloned()
+            .ok_or_else(|| KilnError::Other("not a GPU engine".into()))?;
+        if self.gpu.is_none() {
+            self.gpu = Some(kiln_cuda::GpuContext::new(gpu)?);
+        }
+        let ctx = self.gpu.as_mut().expect("created above");
+        let refs: Vec<&Value> = ordered.iter().collect();
+        ctx.run(engine.graph(), &refs)
     }
 
     fn run_nodes(&mut self, plan: &ShapePlan) -> Result<()> {
@@ -412,101 +475,96 @@ impl ExecutionContext {
         args: &[Option<&Value>],
         plan: &ShapePlan,
     ) -> Result<SmallVec<[Option<Value>; 4]>> {
-        let mut heap: SmallVec<[Option<AlignedBuf>; 4]> = SmallVec::new();
+        let unplanned = || KilnError::Other(format!("output of {} was not planned", node.name));
         let mut views: SmallVec<[TensorMut<'_>; 4]> = SmallVec::new();
-        // First allocate the heap outputs, then hand out views (arena and heap).
         for o in node.outputs.iter().flatten() {
-            match &plan.placements[*o] {
-                Placement::Heap { dtype, shape } => heap.push(Some(AlignedBuf::zeroed(
-                    kiln_core::numel(shape) * dtype.size(),
-                ))),
-                _ => heap.push(None),
-            }
-        }
-        let mut heap_iter = heap.iter_mut();
-        for o in node.outputs.iter().flatten() {
-            let h = heap_iter.next().expect("one per output");
-            match &plan.placements[*o] {
-                Placement::Arena {
-                    offset,
-                    dtype,
-                    shape,
-                } => {
-                    let len = kiln_core::numel(shape) * dtype.size();
-                    // SAFETY: the planner gave this output a slot that no value alive at this
-                    // step overlaps (inputs of this node and other outputs included).
-                    let bytes = unsafe { self.arena.slot_mut(*offset, len) };
-                    views.push(TensorMut::new(*dtype, shape, bytes)?);
-                }
-                Placement::Heap { dtype, shape } => {
-                    let buf = h.as_mut().expect("heap buffer allocated above");
-                    views.push(TensorMut::new(*dtype, shape, buf.as_mut_slice())?);
-                }
-                Placement::Dynamic => {
-                    return Err(KilnError::Other(format!(
-                        "output of {} was not planned",
-                        node.name
-                    )));
-                }
-            }
+            let Placement::Arena {
+                offset,
+                dtype,
+                shape,
+            } = &plan.placements[*o]
+            else {
+                return Err(unplanned());
+            };
+            let len = kiln_core::numel(shape) * dtype.size();
+            // SAFETY: the planner gave this output a slot that no value alive at this
+            // step overlaps (inputs of this node and other outputs included).
+            let bytes = unsafe { self.arena.slot_mut(*offset, len) };
+            views.push(TensorMut::new(*dtype, shape, bytes)?);
         }
         node.op
             .eval_into(args, &mut views)
             .map_err(|e| e.at_node(&node.name))?;
         drop(views);
         let mut out = SmallVec::new();
-        let mut heap_iter = heap.into_iter();
         for o in &node.outputs {
             let Some(o) = o else {
                 out.push(None);
                 continue;
             };
-            let h = heap_iter.next().expect("one per output");
-            let t = match (&plan.placements[*o], h) {
-                (
-                    Placement::Arena {
-                        offset,
-                        dtype,
-                        shape,
-                    },
-                    _,
-                ) => {
-                    let len = kiln_core::numel(shape) * dtype.size();
-                    Tensor::from_storage(
-                        *dtype,
-                        shape,
-                        Bytes::Arena {
-                            arena: self.arena.clone(),
-                            offset: *offset,
-                            len,
-                        },
-                    )?
-                }
-                (Placement::Heap { dtype, shape }, Some(buf)) => {
-                    Tensor::from_aligned(*dtype, shape, buf)?
-                }
-                _ => {
-                    return Err(KilnError::Other(format!(
-                        "output of {} was not planned",
-                        node.name
-                    )))
-                }
+            let Placement::Arena {
+                offset,
+                dtype,
+                shape,
+            } = &plan.placements[*o]
+            else {
+                return Err(unplanned());
             };
+            let len = kiln_core::numel(shape) * dtype.size();
+            let t = Tensor::from_storage(
+                *dtype,
+                shape,
+                Bytes::Arena {
+                    arena: self.arena.clone(),
+                    offset: *offset,
+                    len,
+                },
+            )?;
             out.push(Some(Value::Tensor(t)));
         }
         Ok(out)
     }
 
-    fn collect_outputs(&mut self) -> Result<Vec<Value>> {
+    fn output_value(&self, index: usize) -> Result<&Value> {
         let graph = self.engine.graph();
-        let mut out = Vec::with_capacity(graph.outputs.len());
-        for o in &graph.outputs {
-            let v = self.slots[*o].clone().ok_or_else(|| {
-                KilnError::Other(format!("output {} was not computed", graph.values[*o].name))
-            })?;
-            out.push(detach(v));
+        let o = graph.outputs[index];
+        self.slots[o].as_ref().ok_or_else(|| {
+            KilnError::Other(format!("output {} was not computed", graph.values[o].name))
+        })
+    }
+
+    fn collect_outputs(&mut self) -> Result<Vec<Value>> {
+        let n = self.engine.graph().outputs.len();
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            out.push(detach(self.output_value(i)?.clone()));
         }
         Ok(out)
+    }
+
+    fn copy_outputs(&self, outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let infos = self.engine.outputs();
+        if outputs.len() != infos.len() {
+            return Err(KilnError::Other(format!(
+                "execute_into: {} output buffers given, the engine has {} outputs",
+                outputs.len(),
+                infos.len()
+            )));
+        }
+        for (i, (slot, info)) in outputs.iter_mut().zip(infos).enumerate() {
+            let t = self
+                .output_value(i)?
+                .as_tensor()
+                .map_err(|e| KilnError::BadInput {
+                    name: info.name.clone(),
+                    msg: format!("execute_into needs tensor outputs: {e}"),
+                })?;
+            slot.copy_from(t).map_err(|e| KilnError::BadInput {
+                name: info.name.clone(),
+                msg: format!("output buffer does not fit: {e}"),
+            })?;
+        }
+        Ok(())
     }
 
     fn clear_activations(&mut self) {

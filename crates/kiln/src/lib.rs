@@ -31,10 +31,9 @@ pub use config::{parse_layer_precision, parse_shapes, BuilderConfig, DeviceKind}
 pub use context::{ExecutionContext, IoInfo};
 pub use engine::{registry, Engine, LayerInfo, MemoryReport, Runtime};
 pub use fingerprint::Fingerprint;
-pub use kiln_core::{DType, Dim, KilnError, Result, Tensor, Value};
+pub use kiln_core::{DType, Dim, KilnError, Result, Tensor, TensorMut, Value};
 pub use profile::{OptimizationProfile, ProfileBound};
 pub use tuner::{TimingCache, TuneReport};
-
 /// kiln's version (`X.Y.Z`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -22,13 +22,6 @@ pub enum Placement {
         /// Shape.
         shape: Shape,
     },
-    /// A fresh heap buffer of known type and shape (graph outputs, handed to the caller).
-    Heap {
-        /// Element type.
-        dtype: DType,
-        /// Shape.
-        shape: Shape,
-    },
 }
 
 /// The execution plan of a graph for one set of input shapes.
@@ -130,22 +123,20 @@ pub fn plan_for_inputs(graph: &Graph, inputs: &[Option<(DType, Vec<usize>)>]) ->
         }
         writes_in_place[i] = true;
         for (o, (dtype, shape)) in n.outputs.iter().flatten().zip(statics) {
-            if g.is_output(*o) {
-                placements[*o] = Placement::Heap { dtype, shape };
-            } else {
-                let size = kiln_core::numel(&shape) * dtype.size();
-                requests.push(Request {
-                    size,
-                    first: i,
-                    last: last_use[*o].max(i),
-                });
-                request_values.push(*o);
-                placements[*o] = Placement::Arena {
-                    offset: 0,
-                    dtype,
-                    shape,
-                };
-            }
+            // Graph outputs live in the arena too (to the end of the run): `execute` copies
+            // them out, `execute_into` into the caller's buffers.
+            let size = kiln_core::numel(&shape) * dtype.size();
+            requests.push(Request {
+                size,
+                first: i,
+                last: last_use[*o].max(i),
+            });
+            request_values.push(*o);
+            placements[*o] = Placement::Arena {
+                offset: 0,
+                dtype,
+                shape,
+            };
         }
     }
     let mem = planner::plan(&requests);

@@ -39,6 +39,7 @@ pub fn optimize(graph: &mut Graph, registry: &OpRegistry) -> Result<OptimizeRepo
     ];
     for _ in 0..8 {
         let g = passes::run_to_fixpoint(graph, &generic)?;
+        let g = g + inline_constant_ifs(graph, registry)?;
         let bn = fold_batchnorm_into_conv(graph, registry)?;
         let act = fuse_activations(graph, registry)?;
         report.generic_rewrites += g;
@@ -52,6 +53,165 @@ pub fn optimize(graph: &mut Graph, registry: &OpRegistry) -> Result<OptimizeRepo
     passes::remove_dead_nodes(graph)?;
     report.nodes_after = graph.nodes.len();
     Ok(report)
+}
+
+/// The value of a single-element constant condition, if `v` is one.
+fn constant_condition(graph: &Graph, v: Option<ValueId>) -> Option<bool> {
+    let v = v?;
+    let t = graph
+        .constants
+        .get(&v)
+        .or(graph.values[v].fact.konst.as_ref())?;
+    if t.len() != 1 {
+        return None;
+    }
+    let x = t.to_f64_vec().ok()?;
+    Some(x[0] != 0.0)
+}
+
+/// Replaces every `If` whose condition is a known constant by the nodes of the branch it
+/// takes (captured values wired to the node's inputs, branch constants added to the
+/// graph's), so the branch is optimised, planned and run like the rest of the graph.
+/// Conditions often become constant once input shapes are known (`Equal(Shape(x)[1], 1)`).
+pub fn inline_constant_ifs(graph: &mut Graph, registry: &OpRegistry) -> Result<usize> {
+    let mut inlined = 0;
+    let mut i = 0;
+    while i < graph.nodes.len() {
+        let node = &graph.nodes[i];
+        if !is_plain(graph, i, "If") {
+            i += 1;
+            continue;
+        }
+        let Some(cond) = constant_condition(graph, node.inputs.first().copied().flatten()) else {
+            i += 1;
+            continue;
+        };
+        let subs = node.op.subgraphs();
+        let [then_g, else_g] = subs.as_slice() else {
+            i += 1;
+            continue;
+        };
+        let branch = if cond { then_g.clone() } else { else_g.clone() };
+        match splice_branch(graph, i, &branch, registry)? {
+            Some(n) => {
+                inlined += 1;
+                i += n;
+            }
+            None => i += 1,
+        }
+    }
+    Ok(inlined)
+}
+
+/// Replaces node `at` (an If) by the nodes of `branch`; returns how many nodes took its
+/// place, or None (graph untouched) when the branch does not fit the node.
+fn splice_branch(
+    graph: &mut Graph,
+    at: usize,
+    branch: &Graph,
+    registry: &OpRegistry,
+) -> Result<Option<usize>> {
+    let node = graph.nodes[at].clone();
+    let n_caps = branch.captures.len();
+    if !branch.inputs.is_empty()
+        || branch.outputs.len() < node.outputs.len()
+        || node.inputs.len() < 1 + n_caps
+    {
+        return Ok(None);
+    }
+    let start = node.inputs.len() - n_caps;
+    let mut map: Vec<Option<ValueId>> = vec![None; branch.values.len()];
+    for (k, cap) in branch.captures.iter().enumerate() {
+        map[*cap] = node.inputs[start + k];
+    }
+    let mut names: std::collections::HashSet<String> =
+        graph.values.iter().map(|v| v.name.clone()).collect();
+    let mut fresh = |graph: &mut Graph, v: ValueId| -> ValueId {
+        let info = &branch.values[v];
+        let mut name = info.name.clone();
+        while names.contains(&name) {
+            name = format!("{name}/inlined");
+        }
+        names.insert(name.clone());
+        graph.add_value(name, info.fact.clone())
+    };
+    for (id, t) in &branch.constants {
+        if map[*id].is_none() {
+            let v = fresh(graph, *id);
+            graph.constants.insert(v, t.clone());
+            map[*id] = Some(v);
+        }
+    }
+    // Branch outputs produced by a branch node take the If's output ids directly.
+    let mut claimed = vec![false; node.outputs.len()];
+    let mut nodes = Vec::with_capacity(branch.nodes.len() + node.outputs.len());
+    for bn in &branch.nodes {
+        let mut inputs = Vec::with_capacity(bn.inputs.len());
+        for inp in &bn.inputs {
+            match inp {
+                None => inputs.push(None),
+                Some(v) => match map[*v] {
+                    Some(m) => inputs.push(Some(m)),
+                    None => return Ok(None),
+                },
+            }
+        }
+        let mut outputs = Vec::with_capacity(bn.outputs.len());
+        for out in &bn.outputs {
+            let Some(o) = out else {
+                outputs.push(None);
+                continue;
+            };
+            let target = branch
+                .outputs
+                .iter()
+                .position(|bo| bo == o)
+                .filter(|&j| j < node.outputs.len() && !claimed[j])
+                .and_then(|j| node.outputs[j].map(|id| (j, id)));
+            let id = match target {
+                Some((j, id)) => {
+                    claimed[j] = true;
+                    id
+                }
+                None => fresh(graph, *o),
+            };
+            map[*o] = Some(id);
+            outputs.push(Some(id));
+        }
+        let mut n = bn.clone();
+        n.inputs = inputs;
+        n.outputs = outputs;
+        nodes.push(n);
+    }
+    // Outputs that are captures, constants or repeated: copy them with an Identity.
+    for (j, out) in node.outputs.iter().enumerate() {
+        let Some(out) = out else { continue };
+        if claimed[j] {
+            continue;
+        }
+        let Some(src) = map[branch.outputs[j]] else {
+            return Ok(None);
+        };
+        let desc = kiln_core::OpDesc::new("", "Identity", 13);
+        let name = format!("{}/output{j}", node.name);
+        let op = registry.build(&BuildCtx {
+            node: &name,
+            desc: &desc,
+            n_inputs: 1,
+            n_outputs: 1,
+        })?;
+        nodes.push(kiln_core::Node {
+            name,
+            desc,
+            op,
+            inputs: vec![Some(src)],
+            outputs: vec![Some(*out)],
+            fused_from: node.fused_from.clone(),
+        });
+    }
+    let n = nodes.len();
+    graph.nodes.splice(at..at + 1, nodes);
+    Ok(Some(n))
 }
 
 fn rebuild(graph: &mut Graph, node: usize, registry: &OpRegistry) -> Result<()> {

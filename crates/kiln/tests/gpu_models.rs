@@ -266,15 +266,11 @@ fn gpu_contexts_in_parallel_equal_serial() {
                 let mut ctx = engine.create_context();
                 for r in 0..runs {
                     let k = r * threads + t;
-                    let out = ctx
-                        .execute_tensors(&[(name.as_str(), input(k))])
-                        .unwrap();
+                    let out = ctx.execute_tensors(&[(name.as_str(), input(k))]).unwrap();
                     assert_eq!(out[0].bytes(), &serial[k][..], "thread {t} run {r}");
                 }
             });
         }
     });
-    eprintln!(
-        "gpu stress: {threads} threads x {runs} runs on one engine, all equal to serial"
-    );
+    eprintln!("gpu stress: {threads} threads x {runs} runs on one engine, all equal to serial");
 }

@@ -88,7 +88,7 @@ fn broadcast_param<T: Real>(op: &str, name: &str, t: &Tensor, shape: &[usize]) -
         return Ok(t.as_slice::<T>()?.to_vec());
     }
     let plan = Plan::new(op, &[shape, t.shape()])?;
-    if plan.out_shape != shape {
+    if plan.out_shape.as_slice() != shape {
         return Err(KilnError::kernel(
             op,
             format!(

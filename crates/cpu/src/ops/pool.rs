@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
-    Tensor, Value,
+    Tensor, TensorMut, Value,
 };
 
 use super::conv::geom::{Spatial3, WindowAttrs};
@@ -533,6 +533,14 @@ impl GlobalPool {
     }
 
     fn reduce<F: Float + Send + Sync>(&self, x: &[F], planes: usize) -> Vec<F> {
+        let mut out = vec![F::zero(); planes];
+        self.reduce_into(x, &mut out);
+        out
+    }
+
+    /// One value per plane of `x` (as many planes as `out` has elements).
+    fn reduce_into<F: Float + Send + Sync>(&self, x: &[F], out: &mut [F]) {
+        let planes = out.len();
         let sz = x.len().checked_div(planes).unwrap_or(0);
         let f = |p: &[F]| -> F {
             match self.kind {
@@ -556,12 +564,17 @@ impl GlobalPool {
             }
         };
         if sz == 0 {
-            return vec![F::zero(); planes];
+            out.fill(F::zero());
+            return;
         }
         if x.len() >= PAR_MIN && rayon::current_num_threads() > 1 {
-            x.par_chunks(sz).map(f).collect()
+            out.par_iter_mut()
+                .zip(x.par_chunks(sz))
+                .for_each(|(o, p)| *o = f(p));
         } else {
-            x.chunks(sz).map(f).collect()
+            out.iter_mut()
+                .zip(x.chunks(sz))
+                .for_each(|(o, p)| *o = f(p));
         }
     }
 }
@@ -619,6 +632,29 @@ impl Op for GlobalPool {
             }
         };
         Ok(vec![t.into()])
+    }
+
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = input_tensor(inputs, 0, self.name())?;
+        let xs = x.shape();
+        let Some(out) = outputs.first_mut() else {
+            return Err(KilnError::kernel(self.name(), "no output slot"));
+        };
+        let fits = xs.len() >= 2
+            && out.dtype() == x.dtype()
+            && out.shape().len() == xs.len()
+            && out.shape()[..2] == xs[..2]
+            && out.shape()[2..].iter().all(|&d| d == 1);
+        match x.dtype() {
+            DType::F32 if fits => self.reduce_into(x.as_slice::<f32>()?, out.as_mut_slice()?),
+            DType::F64 if fits => self.reduce_into(x.as_slice::<f64>()?, out.as_mut_slice()?),
+            _ => {
+                // Other dtypes (and mismatches, which the reference reports) go through it.
+                let v = self.eval(inputs)?;
+                out.copy_from(v[0].as_tensor()?)?;
+            }
+        }
+        Ok(())
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

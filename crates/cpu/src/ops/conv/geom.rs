@@ -1,7 +1,7 @@
 //! Window geometry shared by Conv, ConvTranspose and the pooling ops: attribute parsing
 //! (`auto_pad`, `pads`, `strides`, `dilations`, `kernel_shape`) and output sizes.
 
-use kiln_core::{AttrReader, Dim, KilnError, Result};
+use kiln_core::{AttrReader, Dim, KilnError, Result, Shape};
 
 /// The `auto_pad` attribute.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -100,10 +100,10 @@ impl WindowAttrs {
         v: &Option<Vec<usize>>,
         n: usize,
         default: usize,
-    ) -> Result<Vec<usize>> {
+    ) -> Result<Shape> {
         match v {
-            None => Ok(vec![default; n]),
-            Some(v) if v.len() == n => Ok(v.clone()),
+            None => Ok(smallvec::smallvec![default; n]),
+            Some(v) if v.len() == n => Ok(v.as_slice().into()),
             Some(v) => Err(KilnError::kernel(
                 op,
                 format!("{name} {v:?} should have {n} values (one per spatial dim)"),
@@ -123,9 +123,9 @@ impl WindowAttrs {
         }
         let strides = self.list(op, "strides", &self.strides, n, 1)?;
         let dilations = self.list(op, "dilations", &self.dilations, n, 1)?;
-        let pads = match &self.pads {
-            None => vec![0; 2 * n],
-            Some(p) if p.len() == 2 * n => p.clone(),
+        let pads: Shape = match &self.pads {
+            None => smallvec::smallvec![0; 2 * n],
+            Some(p) if p.len() == 2 * n => p.as_slice().into(),
             Some(p) => {
                 return Err(KilnError::kernel(
                     op,
@@ -134,13 +134,13 @@ impl WindowAttrs {
             }
         };
         let mut sp = Spatial {
-            input: input.to_vec(),
-            kernel: kernel.to_vec(),
+            input: input.into(),
+            kernel: kernel.into(),
             strides,
             dilations,
-            pad_begin: vec![0; n],
-            pad_end: vec![0; n],
-            output: vec![0; n],
+            pad_begin: smallvec::smallvec![0; n],
+            pad_end: smallvec::smallvec![0; n],
+            output: smallvec::smallvec![0; n],
         };
         for i in 0..n {
             let (inp, k, s, d) = (
@@ -230,19 +230,19 @@ impl WindowAttrs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spatial {
     /// Input spatial sizes.
-    pub input: Vec<usize>,
+    pub input: Shape,
     /// Kernel sizes.
-    pub kernel: Vec<usize>,
+    pub kernel: Shape,
     /// Strides.
-    pub strides: Vec<usize>,
+    pub strides: Shape,
     /// Dilations.
-    pub dilations: Vec<usize>,
+    pub dilations: Shape,
     /// Padding before each dim.
-    pub pad_begin: Vec<usize>,
+    pub pad_begin: Shape,
     /// Padding after each dim.
-    pub pad_end: Vec<usize>,
+    pub pad_end: Shape,
     /// Output spatial sizes.
-    pub output: Vec<usize>,
+    pub output: Shape,
 }
 
 /// Spatial parameters padded in front to exactly 3 dims (D, H, W), so kernels are written
@@ -366,31 +366,31 @@ mod tests {
         )
         .resolve("T", &[7, 13], &[3, 3])
         .unwrap();
-        assert_eq!(sp.output, vec![4, 13]);
+        assert_eq!(sp.output.as_slice(), &[4, 13]);
         let sp = attrs(AutoPad::SameUpper, None, Some(vec![2, 2]), false)
             .resolve("T", &[7, 8], &[3, 3])
             .unwrap();
-        assert_eq!(sp.output, vec![4, 4]);
+        assert_eq!(sp.output.as_slice(), &[4, 4]);
         assert_eq!(
-            (sp.pad_begin.clone(), sp.pad_end.clone()),
+            (sp.pad_begin.to_vec(), sp.pad_end.to_vec()),
             (vec![1, 0], vec![1, 1])
         );
         let sp = attrs(AutoPad::SameLower, None, Some(vec![2, 2]), false)
             .resolve("T", &[7, 8], &[3, 3])
             .unwrap();
         assert_eq!(
-            (sp.pad_begin.clone(), sp.pad_end.clone()),
+            (sp.pad_begin.to_vec(), sp.pad_end.to_vec()),
             (vec![1, 1], vec![1, 0])
         );
         let sp = attrs(AutoPad::Valid, None, Some(vec![2, 2]), false)
             .resolve("T", &[7, 8], &[3, 3])
             .unwrap();
-        assert_eq!(sp.output, vec![3, 3]);
+        assert_eq!(sp.output.as_slice(), &[3, 3]);
         // ceil mode: 5 wide, k=2, s=2 -> 3 windows (last one half outside)
         let sp = attrs(AutoPad::NotSet, None, Some(vec![2]), true)
             .resolve("T", &[5], &[2])
             .unwrap();
-        assert_eq!(sp.output, vec![3]);
+        assert_eq!(sp.output.as_slice(), &[3]);
         assert!(attrs(AutoPad::NotSet, None, None, false)
             .resolve("T", &[2], &[3])
             .is_err());

@@ -185,7 +185,27 @@ impl ConvF32<'_> {
             return Ok(());
         }
         let tile = (tile_elems / k.max(1)).max(128).min(p);
-        let mut col = vec![0.0f32; k * tile];
+        crate::scratch::with_scratch::<f32, _>(k * tile, |col| {
+            self.tiles(xg, wg, bias, cg, mg, out, par, tile, col)
+        })
+    }
+
+    /// The im2col tiles of [`ConvF32::run_group`], with `col` holding `k × tile` values.
+    #[allow(clippy::too_many_arguments)]
+    fn tiles(
+        &self,
+        xg: &[f32],
+        wg: &[f32],
+        bias: Option<&[f32]>,
+        cg: usize,
+        mg: usize,
+        out: &mut [f32],
+        par: bool,
+        tile: usize,
+        col: &mut [f32],
+    ) -> Result<()> {
+        let p = self.sp.out_size();
+        let k = cg * self.sp.kernel_size();
         let mut p0 = 0;
         while p0 < p {
             let p1 = (p0 + tile).min(p);
@@ -272,7 +292,8 @@ fn direct_plane(
     let [_, ih_n, iw_n] = sp.input;
     let [od_n, oh_n, ow_n] = sp.output;
     let (sw, dw, pw) = (sp.strides[2], sp.dilations[2], sp.pad_begin[2]);
-    let ranges: Vec<(usize, usize)> = (0..kw_n).map(|kw| sp.valid_range(2, kw)).collect();
+    let ranges: smallvec::SmallVec<[(usize, usize); 16]> =
+        (0..kw_n).map(|kw| sp.valid_range(2, kw)).collect();
     for od in 0..od_n {
         for oh in 0..oh_n {
             let orow = &mut out[(od * oh_n + oh) * ow_n..(od * oh_n + oh + 1) * ow_n];

@@ -127,8 +127,8 @@ pub fn infer_conv_like(
 }
 
 /// The output shape N × M × spatial.
-pub fn out_shape(dims: &ConvDims, sp: &Spatial) -> Vec<usize> {
-    let mut s = vec![dims.n, dims.m];
+pub fn out_shape(dims: &ConvDims, sp: &Spatial) -> kiln_core::Shape {
+    let mut s: kiln_core::Shape = smallvec::smallvec![dims.n, dims.m];
     s.extend_from_slice(&sp.output);
     s
 }

@@ -192,7 +192,7 @@ pub fn binary_eval(op: &str, kind: BinKind, a: &Tensor, b: &Tensor) -> Result<Te
         }
         K::And | K::Or | K::Xor => logic(op, &plan, kind, a, b),
         K::PRelu => {
-            if plan.out_shape != a.shape() {
+            if plan.out_shape.as_slice() != a.shape() {
                 return Err(KilnError::kernel(
                     op,
                     format!(
@@ -505,7 +505,7 @@ mod tests {
         };
         (
             (0..n).map(|i| f(a[idx(sa, i)], b[idx(sb, i)])).collect(),
-            out,
+            out.to_vec(),
         )
     }
 

@@ -16,12 +16,13 @@ pub const PAR_MIN: usize = 1 << 16;
 /// Elements per parallel chunk.
 pub const PAR_CHUNK: usize = 1 << 14;
 
-type Dims = SmallVec<[usize; 6]>;
+/// Inline dimension lists (no heap allocation up to rank 6).
+pub type Dims = SmallVec<[usize; 6]>;
 
 /// The numpy broadcast of several shapes, or a kernel error naming `op`.
-pub fn broadcast_shape(op: &str, shapes: &[&[usize]]) -> Result<Vec<usize>> {
+pub fn broadcast_shape(op: &str, shapes: &[&[usize]]) -> Result<Dims> {
     let rank = shapes.iter().map(|s| s.len()).max().unwrap_or(0);
-    let mut out = vec![1usize; rank];
+    let mut out: Dims = smallvec::smallvec![1usize; rank];
     for s in shapes {
         for (j, &d) in s.iter().enumerate() {
             let o = &mut out[rank - s.len() + j];
@@ -44,9 +45,9 @@ pub fn broadcast_shape(op: &str, shapes: &[&[usize]]) -> Result<Vec<usize>> {
 #[derive(Debug, Clone)]
 pub struct Plan {
     /// The broadcast output shape.
-    pub out_shape: Vec<usize>,
+    pub out_shape: Dims,
     dims: Dims,
-    strides: Vec<Dims>,
+    strides: SmallVec<[Dims; 4]>,
     inner: usize,
     inner_strides: SmallVec<[usize; 4]>,
 }
@@ -56,7 +57,7 @@ impl Plan {
     pub fn new(op: &str, shapes: &[&[usize]]) -> Result<Plan> {
         let out_shape = broadcast_shape(op, shapes)?;
         let rank = out_shape.len();
-        let aligned: Vec<Dims> = shapes
+        let aligned: SmallVec<[Dims; 4]> = shapes
             .iter()
             .map(|s| {
                 let own = kiln_core::strides(s);
@@ -77,7 +78,7 @@ impl Plan {
             })
             .collect();
         let mut dims: Dims = SmallVec::new();
-        let mut strides: Vec<Dims> = vec![SmallVec::new(); shapes.len()];
+        let mut strides: SmallVec<[Dims; 4]> = smallvec::smallvec![SmallVec::new(); shapes.len()];
         for (i, &d) in out_shape.iter().enumerate() {
             if d == 1 {
                 continue;

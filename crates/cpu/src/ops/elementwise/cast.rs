@@ -5,7 +5,7 @@ use std::any::Any;
 use kiln_core::lowp::E8M0Round;
 use kiln_core::{
     input_tensor, BuildCtx, CastOptions, DType, Fact, KilnError, Op, OpRegistry, Result, Tensor,
-    Value,
+    TensorMut, Value,
 };
 
 use super::{infer_unary, one};
@@ -19,6 +19,54 @@ pub fn cast_tensor(t: &Tensor, to: DType) -> Result<Tensor> {
 pub fn cast_tensor_with(t: &Tensor, to: DType, opts: CastOptions) -> Result<Tensor> {
     t.cast_with(to, opts)
         .map_err(|e| KilnError::kernel("Cast", format!("{} to {to}: {e}", t.dtype())))
+}
+
+/// Allocation-free casts for the common pairs: same dtype (a copy) and integer or f32/f64
+/// sources to f32/f64 (Rust's `as`, which is round-to-nearest like the reference). Returns
+/// false, writing nothing, for any other pair.
+fn cast_into(x: &Tensor, out: &mut TensorMut<'_>) -> Result<bool> {
+    if x.dtype() == out.dtype() && x.dtype() != DType::String {
+        out.bytes_mut().copy_from_slice(x.bytes());
+        return Ok(true);
+    }
+    macro_rules! to_float {
+        ($F:ty) => {{
+            let o = out.as_mut_slice::<$F>()?;
+            match x.dtype() {
+                DType::F32 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<f32>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
+                DType::F64 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<f64>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
+                DType::I64 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<i64>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
+                DType::I32 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<i32>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
+                DType::U8 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<u8>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
+                DType::I8 => o
+                    .iter_mut()
+                    .zip(x.as_slice::<i8>()?)
+                    .for_each(|(d, s)| *d = *s as $F),
+                _ => return Ok(false),
+            }
+            Ok(true)
+        }};
+    }
+    match out.dtype() {
+        DType::F32 => to_float!(f32),
+        DType::F64 => to_float!(f64),
+        _ => Ok(false),
+    }
 }
 
 /// Reads the `saturate` (opset 19+) and `round_mode` (opset 24+) attributes of
@@ -77,6 +125,19 @@ impl Op for Cast {
             self.to,
             self.opts,
         )?)
+    }
+
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = input_tensor(inputs, 0, "Cast")?;
+        let Some(out) = outputs.first_mut() else {
+            return Err(KilnError::kernel("Cast", "no output slot"));
+        };
+        if out.shape() == x.shape() && out.dtype() == self.to && cast_into(x, out)? {
+            return Ok(());
+        }
+        // Other pairs (strings, low-precision floats, float → int) use the reference.
+        let v = self.eval(inputs)?;
+        out.copy_from(v[0].as_tensor()?)
     }
 
     fn as_any(&self) -> &dyn Any {

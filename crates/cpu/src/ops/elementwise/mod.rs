@@ -321,6 +321,55 @@ mod into_tests {
             &[Some(x.clone()), Some(row.clone()), Some(row.clone())],
             1,
         );
+        // Cast: same dtype, integers and floats to f32/f64, and a pair served by the
+        // reference (f32 → i64).
+        let ints = Tensor::from_vec(&[2, 3], vec![-7i64, 0, 3, 1 << 40, 9, -2]).unwrap();
+        let odd = f32t(&[3, 7, 5], rand(105, 9));
+        for (to, input) in [
+            (1i64, odd.clone()),
+            (1, ints.clone()),
+            (11, ints.clone()),
+            (11, odd.clone()),
+            (7, odd.clone()),
+        ] {
+            let cast = build("Cast", 19, vec![("to", Attr::Int(to))], 1, 1).unwrap();
+            check_into(cast.as_ref(), &[Some(input)]);
+        }
+        // The view ops write a copy into their slot.
+        let shape = |v: &[i64]| Some(Tensor::from_vec(&[v.len()], v.to_vec()).unwrap());
+        check_into(
+            build("Reshape", 14, vec![], 2, 1).unwrap().as_ref(),
+            &[Some(odd.clone()), shape(&[7, -1])],
+        );
+        check_into(
+            build("Unsqueeze", 13, vec![], 2, 1).unwrap().as_ref(),
+            &[Some(odd.clone()), shape(&[0, -1])],
+        );
+        let ones = f32t(&[3, 1, 5, 1], rand(15, 10));
+        check_into(
+            build("Squeeze", 13, vec![], 2, 1).unwrap().as_ref(),
+            &[Some(ones.clone()), shape(&[-1])],
+        );
+        check_into(
+            build("Squeeze", 13, vec![], 1, 1).unwrap().as_ref(),
+            &[Some(ones)],
+        );
+        check_into(
+            build("Flatten", 13, vec![("axis", Attr::Int(2))], 1, 1)
+                .unwrap()
+                .as_ref(),
+            &[Some(odd.clone())],
+        );
+        check_into(
+            build("Identity", 13, vec![], 1, 1).unwrap().as_ref(),
+            &[Some(ints)],
+        );
+        for op in ["GlobalAveragePool", "GlobalMaxPool"] {
+            check_into(
+                build(op, 13, vec![], 1, 1).unwrap().as_ref(),
+                &[Some(f32t(&[2, 3, 7, 5], rand(210, 11)))],
+            );
+        }
         let x4 = f32t(&[2, 5, 70, 100], big);
         let c = f32t(&[5], vec![0.5, 1.0, 1.5, 2.0, 2.5]);
         let bn = build("BatchNormalization", 15, vec![], 5, 1).unwrap();

@@ -324,7 +324,7 @@ impl Op for TensorScatter {
         let batch = cs[0];
         let wi = match opt_ints_input(inputs, 2, op)? {
             Some(v) => v,
-            None => vec![0; batch],
+            None => smallvec::smallvec![0; batch],
         };
         if wi.len() != batch {
             return Err(kerr(

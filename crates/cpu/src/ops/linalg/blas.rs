@@ -1,12 +1,40 @@
-//! A safe, bounds-checked front to the `gemm` crate's strided matrix product, shared by
-//! MatMul, Gemm, Conv and ConvTranspose.
+//! A safe, bounds-checked front to the strided matrix product shared by MatMul, Gemm, Conv
+//! and ConvTranspose: kiln's own packed kernels ([`super::sgemm`], allocation-free) for
+//! f32, the `gemm` crate for f64.
 
 use kiln_core::{KilnError, Result};
 
 /// Float types the `gemm` crate multiplies natively.
-pub trait GemmFloat: Copy + Send + Sync + 'static + num_traits::Float {}
-impl GemmFloat for f32 {}
-impl GemmFloat for f64 {}
+pub trait GemmFloat: Copy + Send + Sync + 'static + num_traits::Float {
+    /// The elements as f32 when `Self` is f32 (kiln's own kernels take those).
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// The elements as f32 when `Self` is f32, mutably.
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
+    /// `v` as f32 when `Self` is f32.
+    fn scalar_f32(v: Self) -> Option<f32>;
+}
+impl GemmFloat for f32 {
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        Some(s)
+    }
+    fn scalar_f32(v: Self) -> Option<f32> {
+        Some(v)
+    }
+}
+impl GemmFloat for f64 {
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
+    fn scalar_f32(_: Self) -> Option<f32> {
+        None
+    }
+}
 
 /// A read-only strided matrix view: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
@@ -107,6 +135,42 @@ pub fn gemm<T: GemmFloat>(
         to_isize(b.rs)?,
         to_isize(b.cs)?,
     );
+    if let (Some(d), Some(ad), Some(bd), Some(sc)) = (
+        T::as_f32_mut(dst),
+        T::as_f32(a.data),
+        T::as_f32(b.data),
+        T::scalar_f32(scale),
+    ) {
+        let isa = super::sgemm::Isa::detect();
+        // SAFETY: `fits` checked above that every addressed element of the operands and
+        // of dst lies inside its slice; dst is borrowed mutably so it aliases neither
+        // operand; dst_rs ≥ n; `detect` only returns a supported kernel family.
+        #[allow(unsafe_code)]
+        unsafe {
+            super::sgemm::sgemm(
+                isa,
+                m,
+                n,
+                k,
+                d.as_mut_ptr(),
+                dst_rs as usize,
+                accumulate,
+                super::sgemm::Operand {
+                    ptr: ad.as_ptr(),
+                    rs: a_rs as usize,
+                    cs: a_cs as usize,
+                },
+                super::sgemm::Operand {
+                    ptr: bd.as_ptr(),
+                    rs: b_rs as usize,
+                    cs: b_cs as usize,
+                },
+                sc,
+                parallel && rayon::current_num_threads() > 1,
+            );
+        }
+        return Ok(());
+    }
     let par = if parallel && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(0)
     } else {

@@ -5,6 +5,7 @@ pub mod blas;
 pub mod det;
 pub mod einsum;
 pub mod quant;
+pub mod sgemm;
 
 use std::borrow::Cow;
 
@@ -144,9 +145,9 @@ pub struct MatMulPlan {
     /// Columns of each product.
     pub n: usize,
     /// Element offset of A's and B's matrix for each output batch.
-    pub offsets: Vec<(usize, usize)>,
+    pub offsets: smallvec::SmallVec<[(usize, usize); 8]>,
     /// The output shape.
-    pub out_shape: Vec<usize>,
+    pub out_shape: kiln_core::Shape,
     /// True when B is one matrix shared by every batch and A's batches are contiguous, so
     /// all batches fold into one product of (batches·m) rows.
     pub fold: bool,
@@ -157,15 +158,15 @@ pub fn matmul_plan(op: &str, a: &[usize], b: &[usize]) -> Result<MatMulPlan> {
     if a.is_empty() || b.is_empty() {
         return Err(KilnError::kernel(op, "operands must have rank ≥ 1"));
     }
-    let a2: Vec<usize> = if a.len() == 1 {
-        vec![1, a[0]]
+    let a2: kiln_core::Shape = if a.len() == 1 {
+        smallvec::smallvec![1, a[0]]
     } else {
-        a.to_vec()
+        a.into()
     };
-    let b2: Vec<usize> = if b.len() == 1 {
-        vec![b[0], 1]
+    let b2: kiln_core::Shape = if b.len() == 1 {
+        smallvec::smallvec![b[0], 1]
     } else {
-        b.to_vec()
+        b.into()
     };
     let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
     let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
@@ -176,7 +177,7 @@ pub fn matmul_plan(op: &str, a: &[usize], b: &[usize]) -> Result<MatMulPlan> {
         ));
     }
     let (ab, bb) = (&a2[..a2.len() - 2], &b2[..b2.len() - 2]);
-    let batch = fact::broadcast_shapes(ab, bb).ok_or_else(|| {
+    let batch = broadcast_batch(ab, bb).ok_or_else(|| {
         KilnError::kernel(
             op,
             format!("batch dims of A {a:?} and B {b:?} do not broadcast"),
@@ -187,8 +188,9 @@ pub fn matmul_plan(op: &str, a: &[usize], b: &[usize]) -> Result<MatMulPlan> {
         bcast_strides(ab, &batch, m * k),
         bcast_strides(bb, &batch, k * n),
     );
-    let mut offsets = Vec::with_capacity(nb);
-    let mut idx = vec![0usize; batch.len()];
+    let mut offsets: smallvec::SmallVec<[(usize, usize); 8]> =
+        smallvec::SmallVec::with_capacity(nb);
+    let mut idx: kiln_core::Shape = smallvec::smallvec![0usize; batch.len()];
     for _ in 0..nb {
         let oa: usize = idx.iter().zip(&sa).map(|(i, s)| i * s).sum();
         let ob: usize = idx.iter().zip(&sb).map(|(i, s)| i * s).sum();
@@ -222,8 +224,8 @@ pub fn matmul_plan(op: &str, a: &[usize], b: &[usize]) -> Result<MatMulPlan> {
 }
 
 /// Strides (in elements) of a broadcast operand's batch dims over the output batch.
-fn bcast_strides(dims: &[usize], batch: &[usize], mat: usize) -> Vec<usize> {
-    let mut s = vec![0; batch.len()];
+fn bcast_strides(dims: &[usize], batch: &[usize], mat: usize) -> kiln_core::Shape {
+    let mut s: kiln_core::Shape = smallvec::smallvec![0; batch.len()];
     let off = batch.len() - dims.len();
     let mut acc = mat;
     for i in (0..dims.len()).rev() {
@@ -231,6 +233,25 @@ fn bcast_strides(dims: &[usize], batch: &[usize], mat: usize) -> Vec<usize> {
         acc *= dims[i];
     }
     s
+}
+
+/// Numpy broadcast of two batch shapes (inline, no allocation up to rank 6).
+fn broadcast_batch(a: &[usize], b: &[usize]) -> Option<kiln_core::Shape> {
+    let rank = a.len().max(b.len());
+    let at = |s: &[usize], i: usize| {
+        if i + s.len() >= rank {
+            s[i + s.len() - rank]
+        } else {
+            1
+        }
+    };
+    (0..rank)
+        .map(|i| match (at(a, i), at(b, i)) {
+            (x, y) if x == y || y == 1 => Some(x),
+            (1, y) => Some(y),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Symbolic output shape of MatMul.
@@ -358,7 +379,7 @@ impl MatMul {
         b: &Tensor,
         plan: &MatMulPlan,
         slot: Option<&mut TensorMut>,
-    ) -> Result<Tensor> {
+    ) -> Result<Option<Tensor>> {
         let dtype = a.dtype();
         let shape = &plan.out_shape;
         let len: usize = shape.iter().product();
@@ -367,7 +388,7 @@ impl MatMul {
                 let out = slot.as_mut_slice::<f32>()?;
                 matmul_float(plan, a.as_slice::<f32>()?, b.as_slice::<f32>()?, out)?;
                 self.act.apply_slice(out);
-                Ok(Tensor::zeros(DType::F32, &[0]))
+                Ok(None)
             }
             (DType::F64, _) => {
                 let mut out = vec![0.0f64; len];
@@ -376,18 +397,18 @@ impl MatMul {
                     out.iter_mut()
                         .for_each(|v| *v = self.act.apply(*v as f32) as f64);
                 }
-                Tensor::from_vec(shape, out)
+                Tensor::from_vec(shape, out).map(Some)
             }
             (d, _) if d.is_float() => {
                 let mut out = vec![0.0f32; len];
                 matmul_float(plan, &as_f32(a)?, &as_f32(b)?, &mut out)?;
                 self.act.apply_slice(&mut out);
-                from_f32(d, shape, out)
+                from_f32(d, shape, out).map(Some)
             }
             (d, _) => dispatch_int!(d, T => {
                 let mut out = vec![T::zero(); len];
                 matmul_int(plan, a.as_slice::<T>()?, b.as_slice::<T>()?, &mut out);
-                Tensor::from_vec(shape, out)
+                Tensor::from_vec(shape, out).map(Some)
             }, _ => Err(KilnError::kernel("MatMul", format!("unsupported dtype {d}")))),
         }
     }
@@ -442,7 +463,10 @@ impl Op for MatMul {
             self.act.apply_slice(&mut out);
             return Ok(vec![Tensor::from_vec(&plan.out_shape, out)?.into()]);
         }
-        Ok(vec![self.run(a, b, &plan, None)?.into()])
+        let t = self.run(a, b, &plan, None)?;
+        Ok(vec![t
+            .ok_or_else(|| KilnError::kernel("MatMul", "no output produced"))?
+            .into()])
     }
 
     fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
@@ -452,8 +476,10 @@ impl Op for MatMul {
             self.run(a, b, &plan, Some(slot))?;
             return Ok(());
         }
-        let t = self.run(a, b, &plan, None)?;
-        slot.copy_from(&t)
+        match self.run(a, b, &plan, None)? {
+            Some(t) => slot.copy_from(&t),
+            None => Err(KilnError::kernel("MatMul", "no output produced")),
+        }
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

@@ -44,7 +44,7 @@ fn matmul_shapes_and_values() {
         let a = r.vec(sa.iter().product());
         let b = r.vec(sb.iter().product());
         let plan = matmul_plan("MatMul", sa, sb).unwrap();
-        assert_eq!(&plan.out_shape, so);
+        assert_eq!(plan.out_shape.as_slice(), &so[..]);
         let got = run_matmul(
             &MatMul {
                 act: Activation::None,

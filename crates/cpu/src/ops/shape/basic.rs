@@ -3,9 +3,30 @@
 
 use std::any::Any;
 
-use kiln_core::{BuildCtx, DType, Dim, Fact, Op, Result, Tensor, Value};
+use kiln_core::{BuildCtx, DType, Dim, Fact, Op, Result, Tensor, TensorMut, Value};
 
 use super::common::*;
+
+/// The in-place form of the view ops (Reshape, Flatten, Squeeze, Unsqueeze, Identity):
+/// copies `x`'s elements into the planned output slot, which must have shape `dims`.
+fn copy_as(op: &str, x: &Tensor, dims: &[usize], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+    let out = outputs
+        .first_mut()
+        .ok_or_else(|| kerr(op, "no output slot"))?;
+    if out.shape() != dims || out.dtype() != x.dtype() || x.dtype() == DType::String {
+        return Err(kerr(
+            op,
+            format!(
+                "output slot is {} {:?}, the kernel produces {} {dims:?}",
+                out.dtype(),
+                out.shape(),
+                x.dtype()
+            ),
+        ));
+    }
+    out.bytes_mut().copy_from_slice(x.bytes());
+    Ok(())
+}
 
 // ---------------------------------------------------------------------------------------
 // Shape
@@ -133,9 +154,9 @@ pub(crate) fn reshape_dims(
     input: &[usize],
     target: &[i64],
     allowzero: bool,
-) -> Result<Vec<usize>> {
+) -> Result<Dims> {
     let total: usize = input.iter().product();
-    let mut out = Vec::with_capacity(target.len());
+    let mut out = Dims::new();
     let mut infer_at = None;
     for (i, &d) in target.iter().enumerate() {
         match d {
@@ -246,9 +267,9 @@ fn solve_missing(input: &[Dim], out: &[Dim], at: usize) -> Dim {
 }
 
 impl Reshape {
-    fn target(&self, inputs: &[Option<&Value>]) -> Result<Vec<i64>> {
+    fn target(&self, inputs: &[Option<&Value>]) -> Result<Ints> {
         match &self.shape_attr {
-            Some(s) => Ok(s.clone()),
+            Some(s) => Ok(s.iter().copied().collect()),
             None => ints_input(inputs, 1, "Reshape"),
         }
     }
@@ -290,6 +311,12 @@ impl Op for Reshape {
         let target = self.target(inputs)?;
         let dims = reshape_dims("Reshape", x.shape(), &target, self.allowzero)?;
         Ok(vec![x.reshape(&dims)?.into()])
+    }
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = kiln_core::input_tensor(inputs, 0, "Reshape")?;
+        let target = self.target(inputs)?;
+        let dims = reshape_dims("Reshape", x.shape(), &target, self.allowzero)?;
+        copy_as("Reshape", x, &dims, outputs)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -374,6 +401,13 @@ impl Op for Flatten {
         let inner: usize = x.shape()[a..].iter().product();
         Ok(vec![x.reshape(&[outer, inner])?.into()])
     }
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = kiln_core::input_tensor(inputs, 0, "Flatten")?;
+        let a = self.split(x.rank())?;
+        let outer: usize = x.shape()[..a].iter().product();
+        let inner: usize = x.shape()[a..].iter().product();
+        copy_as("Flatten", x, &[outer, inner], outputs)
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -404,7 +438,7 @@ pub fn build_squeeze(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
 }
 
 impl Squeeze {
-    fn out_dims(&self, shape: &[usize], axes: Option<&[i64]>) -> Result<Vec<usize>> {
+    fn out_dims(&self, shape: &[usize], axes: Option<&[i64]>) -> Result<Dims> {
         match axes {
             Some(axes) if !axes.is_empty() => {
                 let ax = norm_axes("Squeeze", axes, shape.len())?;
@@ -467,10 +501,20 @@ impl Op for Squeeze {
         let axes = if self.from_input {
             opt_ints_input(inputs, 1, "Squeeze")?
         } else {
-            self.axes_attr.clone()
+            self.axes_attr.as_ref().map(|a| a.iter().copied().collect())
         };
         let dims = self.out_dims(x.shape(), axes.as_deref())?;
         Ok(vec![x.reshape(&dims)?.into()])
+    }
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = kiln_core::input_tensor(inputs, 0, "Squeeze")?;
+        let axes = if self.from_input {
+            opt_ints_input(inputs, 1, "Squeeze")?
+        } else {
+            self.axes_attr.as_ref().map(|a| a.iter().copied().collect())
+        };
+        let dims = self.out_dims(x.shape(), axes.as_deref())?;
+        copy_as("Squeeze", x, &dims, outputs)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -498,15 +542,15 @@ pub fn build_unsqueeze(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
 }
 
 /// Positions (in the output) of inserted unit dims, sorted, validated.
-fn unsqueeze_positions(op: &str, axes: &[i64], in_rank: usize) -> Result<Vec<usize>> {
+fn unsqueeze_positions(op: &str, axes: &[i64], in_rank: usize) -> Result<Dims> {
     let out_rank = in_rank + axes.len();
     let mut ax = norm_axes(op, axes, out_rank)?;
     ax.sort_unstable();
     Ok(ax)
 }
 
-fn unsqueeze_dims<D: Clone>(dims: &[D], pos: &[usize], one: D) -> Vec<D> {
-    let mut out = Vec::with_capacity(dims.len() + pos.len());
+fn unsqueeze_dims<D: Clone>(dims: &[D], pos: &[usize], one: D) -> smallvec::SmallVec<[D; 8]> {
+    let mut out = smallvec::SmallVec::new();
     let mut it = dims.iter();
     for i in 0..dims.len() + pos.len() {
         if pos.contains(&i) {
@@ -533,7 +577,7 @@ impl Op for Unsqueeze {
             (Some(s), Some(axes)) => {
                 let pos = unsqueeze_positions("Unsqueeze", &axes, s.len())
                     .map_err(|e| ierr("Unsqueeze", e.to_string()))?;
-                Some(unsqueeze_dims(s, &pos, Dim::Known(1)))
+                Some(unsqueeze_dims(s, &pos, Dim::Known(1)).into_vec())
             }
             (Some(s), None) => match fact_at(inputs, 1).and_then(|f| f.concrete_shape()) {
                 Some(a) if a.len() <= 1 => Some(vec![
@@ -548,13 +592,23 @@ impl Op for Unsqueeze {
     }
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = kiln_core::input_tensor(inputs, 0, "Unsqueeze")?;
-        let axes = match &self.axes_attr {
-            Some(a) => a.clone(),
+        let axes: Ints = match &self.axes_attr {
+            Some(a) => a.iter().copied().collect(),
             None => ints_input(inputs, 1, "Unsqueeze")?,
         };
         let pos = unsqueeze_positions("Unsqueeze", &axes, x.rank())?;
         let dims = unsqueeze_dims(x.shape(), &pos, 1);
         Ok(vec![x.reshape(&dims)?.into()])
+    }
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = kiln_core::input_tensor(inputs, 0, "Unsqueeze")?;
+        let axes: Ints = match &self.axes_attr {
+            Some(a) => a.iter().copied().collect(),
+            None => ints_input(inputs, 1, "Unsqueeze")?,
+        };
+        let pos = unsqueeze_positions("Unsqueeze", &axes, x.rank())?;
+        let dims = unsqueeze_dims(x.shape(), &pos, 1);
+        copy_as("Unsqueeze", x, &dims, outputs)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -587,6 +641,10 @@ impl Op for Identity {
             .flatten()
             .ok_or_else(|| kerr("Identity", "required input 0 is missing"))?;
         Ok(vec![v.clone()])
+    }
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = kiln_core::input_tensor(inputs, 0, "Identity")?;
+        copy_as("Identity", x, x.shape(), outputs)
     }
     fn as_any(&self) -> &dyn Any {
         self
@@ -884,15 +942,19 @@ mod tests {
     #[test]
     fn reshape_semantics() {
         assert_eq!(
-            reshape_dims("R", &[2, 3, 4], &[0, -1], false).unwrap(),
+            reshape_dims("R", &[2, 3, 4], &[0, -1], false)
+                .unwrap()
+                .to_vec(),
             vec![2, 12]
         );
         assert_eq!(
-            reshape_dims("R", &[2, 3, 4], &[4, 0, 2], false).unwrap(),
+            reshape_dims("R", &[2, 3, 4], &[4, 0, 2], false)
+                .unwrap()
+                .to_vec(),
             vec![4, 3, 2]
         );
         assert_eq!(
-            reshape_dims("R", &[0, 3], &[3, 0], true).unwrap(),
+            reshape_dims("R", &[0, 3], &[3, 0], true).unwrap().to_vec(),
             vec![3, 0]
         );
         assert!(reshape_dims("R", &[2, 3], &[-1, -1], false).is_err());

@@ -5,6 +5,13 @@
 use kiln_core::{AlignedBuf, DType, Dim, Fact, KilnError, Result, Tensor, TensorMut, Value};
 use rayon::prelude::*;
 
+/// Dimension lists, inline up to rank 8 (kernels plan without allocating).
+pub(crate) type Dims = smallvec::SmallVec<[usize; 8]>;
+/// Signed strides, inline up to rank 8.
+pub(crate) type IStrides = smallvec::SmallVec<[isize; 8]>;
+/// Integer lists read from small inputs (axes, pads, starts), inline up to 8.
+pub(crate) type Ints = smallvec::SmallVec<[i64; 8]>;
+
 /// Largest output (in bytes) a data-movement op will allocate; guards against absurd
 /// sizes coming from untrusted shape tensors.
 pub(crate) const MAX_OUTPUT_BYTES: usize = 1 << 38;
@@ -40,8 +47,8 @@ pub(crate) fn norm_axis(op: &str, axis: i64, rank: usize) -> Result<usize> {
 }
 
 /// Normalises a list of axes, rejecting duplicates.
-pub(crate) fn norm_axes(op: &str, axes: &[i64], rank: usize) -> Result<Vec<usize>> {
-    let mut out = Vec::with_capacity(axes.len());
+pub(crate) fn norm_axes(op: &str, axes: &[i64], rank: usize) -> Result<Dims> {
+    let mut out = Dims::new();
     for &a in axes {
         let n = norm_axis(op, a, rank)?;
         if out.contains(&n) {
@@ -68,7 +75,7 @@ pub(crate) fn checked_numel(op: &str, shape: &[usize], elem_size: usize) -> Resu
 }
 
 /// Converts i64 dims from a shape tensor into usize, rejecting negatives.
-pub(crate) fn to_dims(op: &str, v: &[i64]) -> Result<Vec<usize>> {
+pub(crate) fn to_dims(op: &str, v: &[i64]) -> Result<Dims> {
     v.iter()
         .map(|&d| {
             usize::try_from(d).map_err(|_| kerr(op, format!("invalid dimension {d} in {v:?}")))
@@ -100,18 +107,27 @@ pub(crate) fn opt_ints_input(
     inputs: &[Option<&Value>],
     i: usize,
     op: &str,
-) -> Result<Option<Vec<i64>>> {
+) -> Result<Option<Ints>> {
     match kiln_core::optional_tensor(inputs, i, op)? {
-        Some(t) => t
-            .to_i64_vec()
+        Some(t) => tensor_ints(t)
             .map(Some)
             .map_err(|e| kerr(op, format!("input {i}: {e}"))),
         None => Ok(None),
     }
 }
 
+/// The elements of an integer tensor as i64, inline up to 8 (no allocation for the small
+/// shape, axis and pad lists these inputs hold).
+pub(crate) fn tensor_ints(t: &Tensor) -> Result<Ints> {
+    Ok(match t.dtype() {
+        DType::I64 => t.as_slice::<i64>()?.iter().copied().collect(),
+        DType::I32 => t.as_slice::<i32>()?.iter().map(|&v| v as i64).collect(),
+        _ => t.to_i64_vec()?.into_iter().collect(),
+    })
+}
+
 /// An integer input as a list of i64; error when absent.
-pub(crate) fn ints_input(inputs: &[Option<&Value>], i: usize, op: &str) -> Result<Vec<i64>> {
+pub(crate) fn ints_input(inputs: &[Option<&Value>], i: usize, op: &str) -> Result<Ints> {
     opt_ints_input(inputs, i, op)?.ok_or_else(|| kerr(op, format!("required input {i} is missing")))
 }
 
@@ -182,7 +198,8 @@ pub(crate) fn move_into<M: Mover>(
         ));
     }
     crate::dispatch_pod!(dtype, T => {
-        let views: Vec<&[T]> = srcs.iter().map(|t| t.as_raw::<T>()).collect::<Result<_>>()?;
+        let views: smallvec::SmallVec<[&[T]; 4]> =
+            srcs.iter().map(|t| t.as_raw::<T>()).collect::<Result<_>>()?;
         let dst = out.as_raw_mut::<T>()?;
         m.run(&views, dst)
     }, _ => Err(kerr(op, format!("unsupported output dtype {dtype}"))))
@@ -194,9 +211,9 @@ pub(crate) fn move_into<M: Mover>(
 #[derive(Debug, Clone)]
 pub(crate) struct StridedView {
     /// The view's shape (the output shape).
-    pub shape: Vec<usize>,
+    pub shape: Dims,
     /// Source stride of each view dim, in elements.
-    pub strides: Vec<isize>,
+    pub strides: IStrides,
     /// Source offset of the first element.
     pub offset: usize,
 }
@@ -204,8 +221,8 @@ pub(crate) struct StridedView {
 impl StridedView {
     /// Drops size-1 dims and merges adjacent dims that are contiguous with each other.
     pub fn simplified(&self) -> StridedView {
-        let mut shape: Vec<usize> = Vec::with_capacity(self.shape.len());
-        let mut strides: Vec<isize> = Vec::with_capacity(self.shape.len());
+        let mut shape = Dims::new();
+        let mut strides = IStrides::new();
         for (&d, &s) in self.shape.iter().zip(&self.strides) {
             if d == 1 {
                 continue;
@@ -261,7 +278,7 @@ impl StridedView {
         let rows = dst.len() / inner;
         let s = v.strides[rank - 1];
         let run = |chunk: &mut [T], first_row: usize| {
-            let mut idx = vec![0usize; rank - 1];
+            let mut idx: Dims = smallvec::smallvec![0usize; rank - 1];
             let mut rem = first_row;
             for d in (0..rank - 1).rev() {
                 idx[d] = rem % v.shape[d];
@@ -421,10 +438,8 @@ impl Mover for BlockGather {
 
 /// Index values of an integer tensor normalised against `dim` (negative counts from the
 /// end); errors name the op and the bad index.
-pub(crate) fn norm_indices(op: &str, t: &Tensor, dim: usize) -> Result<Vec<usize>> {
-    let v = t
-        .to_i64_vec()
-        .map_err(|e| kerr(op, format!("indices: {e}")))?;
+pub(crate) fn norm_indices(op: &str, t: &Tensor, dim: usize) -> Result<Dims> {
+    let v = tensor_ints(t).map_err(|e| kerr(op, format!("indices: {e}")))?;
     let d = dim as i64;
     v.iter()
         .map(|&i| {
@@ -442,7 +457,7 @@ pub(crate) fn norm_indices(op: &str, t: &Tensor, dim: usize) -> Result<Vec<usize
 }
 
 /// Row-major strides as isize.
-pub(crate) fn istrides(shape: &[usize]) -> Vec<isize> {
+pub(crate) fn istrides(shape: &[usize]) -> IStrides {
     kiln_core::strides(shape)
         .iter()
         .map(|&s| s as isize)
@@ -458,8 +473,8 @@ mod tests {
         let src: Vec<u32> = (0..6).collect();
         // transpose 2x3 -> 3x2
         let v = StridedView {
-            shape: vec![3, 2],
-            strides: vec![1, 3],
+            shape: smallvec::smallvec![3, 2],
+            strides: smallvec::smallvec![1, 3],
             offset: 0,
         };
         let mut dst = vec![0u32; 6];
@@ -467,16 +482,16 @@ mod tests {
         assert_eq!(dst, vec![0, 3, 1, 4, 2, 5]);
         // broadcast a row
         let v = StridedView {
-            shape: vec![2, 3],
-            strides: vec![0, 1],
+            shape: smallvec::smallvec![2, 3],
+            strides: smallvec::smallvec![0, 1],
             offset: 0,
         };
         v.copy_to(&src, &mut dst);
         assert_eq!(dst, vec![0, 1, 2, 0, 1, 2]);
         // reversed
         let v = StridedView {
-            shape: vec![6],
-            strides: vec![-1],
+            shape: smallvec::smallvec![6],
+            strides: smallvec::smallvec![-1],
             offset: 5,
         };
         v.copy_to(&src, &mut dst);
@@ -488,8 +503,8 @@ mod tests {
         let (m, n) = (67usize, 45usize);
         let src: Vec<u64> = (0..(m * n) as u64).collect();
         let v = StridedView {
-            shape: vec![2, n, m],
-            strides: vec![0, 1, n as isize],
+            shape: smallvec::smallvec![2, n, m],
+            strides: smallvec::smallvec![0, 1, n as isize],
             offset: 0,
         };
         let mut dst = vec![0u64; 2 * m * n];
@@ -508,8 +523,8 @@ mod tests {
         let (a, b, c) = (64usize, 128usize, 40usize);
         let src: Vec<u32> = (0..(a * b * c) as u32).collect();
         let v = StridedView {
-            shape: vec![b, a, c],
-            strides: vec![c as isize, (b * c) as isize, 1],
+            shape: smallvec::smallvec![b, a, c],
+            strides: smallvec::smallvec![c as isize, (b * c) as isize, 1],
             offset: 0,
         };
         let mut dst = vec![0u32; a * b * c];

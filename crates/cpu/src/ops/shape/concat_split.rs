@@ -25,7 +25,7 @@ pub fn build_concat(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
 
 struct ConcatMover {
     /// Elements each input contributes per outer index.
-    chunks: Vec<usize>,
+    chunks: Dims,
 }
 
 impl Mover for ConcatMover {
@@ -50,13 +50,13 @@ impl Mover for ConcatMover {
 }
 
 impl Concat {
-    fn plan(&self, xs: &[&Tensor]) -> Result<(Vec<usize>, ConcatMover)> {
+    fn plan(&self, xs: &[&Tensor]) -> Result<(Dims, ConcatMover)> {
         let first = xs
             .first()
             .ok_or_else(|| kerr("Concat", "needs at least one input"))?;
         let rank = first.rank();
         let axis = norm_axis("Concat", self.axis, rank)?;
-        let mut shape = first.shape().to_vec();
+        let mut shape: Dims = first.shape().into();
         shape[axis] = 0;
         for (i, x) in xs.iter().enumerate() {
             if x.rank() != rank || x.dtype() != first.dtype() {
@@ -90,7 +90,7 @@ impl Concat {
         Ok((shape, ConcatMover { chunks }))
     }
 
-    fn tensors<'a>(inputs: &[Option<&'a Value>]) -> Result<Vec<&'a Tensor>> {
+    fn tensors<'a>(inputs: &[Option<&'a Value>]) -> Result<smallvec::SmallVec<[&'a Tensor; 8]>> {
         (0..inputs.len())
             .map(|i| kiln_core::input_tensor(inputs, i, "Concat"))
             .collect()
@@ -228,7 +228,7 @@ impl Split {
                         format!("split {s:?} does not fit dim {d} and {n_out} outputs"),
                     ));
                 }
-                Ok(s)
+                Ok(s.to_vec())
             }
             _ => match self.num_outputs {
                 Some(n) => equal_parts("Split", d, n as usize, true),
@@ -304,7 +304,7 @@ impl Split {
             let mut shape = x.shape().to_vec();
             shape[axis] = p;
             let view = StridedView {
-                shape: shape.clone(),
+                shape: shape.as_slice().into(),
                 strides: st.clone(),
                 offset: start * st[axis] as usize,
             };
@@ -367,7 +367,8 @@ impl Op for SplitN {
             (_, _, Some(n)) => n as usize,
             _ => self.n_out,
         };
-        self.inner.split_into(x, axis, split, n_out)
+        self.inner
+            .split_into(x, axis, split.map(|s| s.to_vec()), n_out)
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -20,7 +20,7 @@ pub(crate) fn broadcast_view(shape: &[usize], out: &[usize]) -> StridedView {
         })
         .collect();
     StridedView {
-        shape: out.to_vec(),
+        shape: out.into(),
         strides,
         offset: 0,
     }
@@ -172,8 +172,8 @@ fn tile_view(shape: &[usize], reps: &[usize]) -> (StridedView, Vec<usize>) {
     let out = shape.iter().zip(reps).map(|(d, r)| d * r).collect();
     (
         StridedView {
-            shape: vshape,
-            strides: vstrides,
+            shape: vshape.into(),
+            strides: vstrides.into(),
             offset: 0,
         },
         out,
@@ -181,7 +181,7 @@ fn tile_view(shape: &[usize], reps: &[usize]) -> (StridedView, Vec<usize>) {
 }
 
 impl Tile {
-    fn reps(&self, inputs: &[Option<&Value>], rank: usize) -> Result<Vec<usize>> {
+    fn reps(&self, inputs: &[Option<&Value>], rank: usize) -> Result<Dims> {
         if self.opset < 6 {
             // Tile-1: `tiles` (a scalar count) and `axis` inputs.
             let tiles = ints_input(inputs, 1, "Tile")?;
@@ -190,7 +190,7 @@ impl Tile {
                 return Err(kerr("Tile", "tiles and axis must hold one value"));
             };
             let a = norm_axis("Tile", a, rank)?;
-            let mut r = vec![1usize; rank];
+            let mut r: Dims = smallvec::smallvec![1usize; rank];
             r[a] = usize::try_from(t).map_err(|_| kerr("Tile", format!("invalid tiles {t}")))?;
             return Ok(r);
         }

@@ -21,6 +21,19 @@ pub struct Pad {
     mode: PadMode,
     pads_attr: Option<Vec<i64>>,
     value_attr: f32,
+    /// The plan of the last call, reused while shapes and pads repeat (steady-state
+    /// inference then allocates nothing).
+    cache: std::sync::Mutex<Option<PadCache>>,
+}
+
+/// A planned padding and what it was planned for.
+#[derive(Debug)]
+struct PadCache {
+    shape: Dims,
+    pads: smallvec::SmallVec<[(i64, i64); 8]>,
+    dtype: DType,
+    attr_value: Tensor,
+    plan: std::sync::Arc<PadPlan>,
 }
 
 /// Builds `Pad`.
@@ -47,6 +60,7 @@ pub fn build_pad(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         mode,
         pads_attr,
         value_attr: a.float("value", 0.0)?,
+        cache: Default::default(),
     }))
 }
 
@@ -125,6 +139,7 @@ fn runs_of(map: &[Option<usize>]) -> Vec<Run> {
 }
 
 /// Everything needed to fill a padded output.
+#[derive(Debug)]
 pub(crate) struct PadPlan {
     out_shape: Vec<usize>,
     /// Maps of the axes before the last padded axis `k`.
@@ -199,7 +214,7 @@ impl Mover for PadPlan {
             return Ok(());
         }
         let n_rows = dst.len() / row;
-        let outer_dims: Vec<usize> = self.outer_maps.iter().map(|m| m.len()).collect();
+        let outer_dims: Dims = self.outer_maps.iter().map(|m| m.len()).collect();
         par_blocks(dst, row, n_rows, |chunk, first| {
             for (k, out_row) in chunk.chunks_mut(row).enumerate() {
                 let mut rem = first + k;
@@ -236,17 +251,20 @@ impl Mover for PadPlan {
 
 impl Pad {
     /// (data, value as a one-element tensor of data's dtype, per-axis pads).
-    fn plan<'a>(&self, inputs: &[Option<&'a Value>]) -> Result<(&'a Tensor, Tensor, PadPlan)> {
+    fn plan<'a>(
+        &self,
+        inputs: &[Option<&'a Value>],
+    ) -> Result<(&'a Tensor, Tensor, std::sync::Arc<PadPlan>)> {
         let x = kiln_core::input_tensor(inputs, 0, "Pad")?;
         let rank = x.rank();
         let (raw, axes) = match &self.pads_attr {
-            Some(p) => (p.clone(), None),
+            Some(p) => (p.iter().copied().collect::<Ints>(), None),
             None => (
                 ints_input(inputs, 1, "Pad")?,
                 opt_ints_input(inputs, 3, "Pad")?,
             ),
         };
-        let axes = match axes {
+        let axes: Dims = match axes {
             Some(a) => norm_axes("Pad", &a, rank)?,
             None => (0..rank).collect(),
         };
@@ -259,19 +277,47 @@ impl Pad {
                 ),
             ));
         }
-        let mut pads = vec![(0i64, 0i64); rank];
+        let mut pads: smallvec::SmallVec<[(i64, i64); 8]> = smallvec::smallvec![(0i64, 0i64); rank];
         for (i, &a) in axes.iter().enumerate() {
             pads[a] = (raw[i], raw[axes.len() + i]);
         }
-        let value = match (
+        let given = match (
             &self.pads_attr,
             kiln_core::optional_tensor(inputs, 2, "Pad")?,
         ) {
-            (None, Some(v)) if !v.is_empty() => v.reshape(&[v.len()])?.cast(x.dtype())?,
-            _ if x.dtype() == DType::String => Tensor::from_strings(&[1], vec![String::new()])?,
-            _ => Tensor::from_vec(&[1], vec![self.value_attr])?.cast(x.dtype())?,
+            (None, Some(v)) if !v.is_empty() => Some(v),
+            _ => None,
         };
-        Ok((x, value, PadPlan::new(self.mode, x.shape(), &pads)?))
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let hit = cache
+            .as_ref()
+            .filter(|c| c.shape.as_slice() == x.shape() && c.pads == pads && c.dtype == x.dtype());
+        let (attr_value, plan) = match hit {
+            Some(c) => (c.attr_value.clone(), c.plan.clone()),
+            None => {
+                let attr_value = if x.dtype() == DType::String {
+                    Tensor::from_strings(&[1], vec![String::new()])?
+                } else {
+                    Tensor::from_vec(&[1], vec![self.value_attr])?.cast(x.dtype())?
+                };
+                let plan = std::sync::Arc::new(PadPlan::new(self.mode, x.shape(), &pads)?);
+                *cache = Some(PadCache {
+                    shape: x.shape().into(),
+                    pads,
+                    dtype: x.dtype(),
+                    attr_value: attr_value.clone(),
+                    plan: plan.clone(),
+                });
+                (attr_value, plan)
+            }
+        };
+        drop(cache);
+        let value = match given {
+            Some(v) if v.dtype() == x.dtype() => v.clone(),
+            Some(v) => v.reshape(&[v.len()])?.cast(x.dtype())?,
+            None => attr_value,
+        };
+        Ok((x, value, plan))
     }
 }
 
@@ -330,7 +376,7 @@ impl Op for Pad {
         let (x, value, plan) = self.plan(inputs)?;
         let shape = plan.out_shape.clone();
         Ok(vec![move_data(
-            &plan,
+            &*plan,
             "Pad",
             &[x, &value],
             x.dtype(),
@@ -340,10 +386,9 @@ impl Op for Pad {
     }
     fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
         let (x, value, plan) = self.plan(inputs)?;
-        let shape = plan.out_shape.clone();
         match outputs.first_mut() {
             Some(out) if x.dtype() != DType::String => {
-                move_into(&plan, "Pad", &[x, &value], out, &shape)
+                move_into(&*plan, "Pad", &[x, &value], out, &plan.out_shape)
             }
             _ => Err(kerr("Pad", "no output slot")),
         }
@@ -500,6 +545,34 @@ mod tests {
     }
 
     #[test]
+    fn cached_plan_follows_changing_pads_and_shapes() {
+        // One op instance called with alternating shapes and pads must give what a fresh
+        // op gives each time (the plan cache is keyed on both).
+        let shared = Pad {
+            mode: PadMode::Reflect,
+            pads_attr: None,
+            value_attr: 0.0,
+            cache: Default::default(),
+        };
+        let calls: [(usize, usize, [i64; 4]); 4] = [
+            (3, 5, [1, 2, 0, 3]),
+            (3, 5, [2, 1, 1, 0]),
+            (4, 3, [1, 2, 0, 1]),
+            (3, 5, [1, 2, 0, 3]),
+        ];
+        for (h, w, pads) in calls {
+            let data: Vec<f32> = (0..h * w).map(|v| v as f32 * 0.7 - 2.0).collect();
+            let x: Value = Tensor::from_vec(&[h, w], data.clone()).unwrap().into();
+            let y = shared.eval(&[Some(&x), Some(&i64s(&pads))]).unwrap();
+            assert_eq!(
+                y[0].as_tensor().unwrap().as_slice::<f32>().unwrap(),
+                naive(&data, h, w, pads, PadMode::Reflect, 0.0).as_slice(),
+                "{h}x{w} {pads:?}"
+            );
+        }
+    }
+
+    #[test]
     fn pad_modes_2d() {
         let (h, w) = (3, 4);
         let data: Vec<f32> = (0..12).map(|v| v as f32 * 1.5 + 1.0).collect();
@@ -515,6 +588,7 @@ mod tests {
                 mode,
                 pads_attr: None,
                 value_attr: 0.0,
+                cache: Default::default(),
             };
             let cv: Value = Tensor::scalar(2.5f32).into();
             let y = op.eval(&[Some(&x), Some(&i64s(&pads)), Some(&cv)]).unwrap();
@@ -530,6 +604,7 @@ mod tests {
             mode: PadMode::Constant,
             pads_attr: None,
             value_attr: 0.0,
+            cache: Default::default(),
         };
         let y = op
             .eval(&[Some(&x), Some(&i64s(&[1, 1])), None, Some(&i64s(&[-1]))])
@@ -550,6 +625,7 @@ mod tests {
             mode: PadMode::Constant,
             pads_attr: Some(vec![0, 1, 0, 0, 0, 2, 0, 0]),
             value_attr: -1.0,
+            cache: Default::default(),
         };
         let y = op.eval(&[Some(&x.clone().into())]).unwrap();
         let y = y[0].as_tensor().unwrap();
@@ -566,6 +642,7 @@ mod tests {
             mode: PadMode::Edge,
             pads_attr: None,
             value_attr: 0.0,
+            cache: Default::default(),
         };
         let y = op.eval(&[Some(&s.into()), Some(&i64s(&[1, 2]))]).unwrap();
         assert_eq!(

@@ -79,10 +79,14 @@ pub(crate) fn resolve_axis(
 }
 
 /// Parsed slicing parameters: (starts, ends, axes, steps).
-type Params = (Vec<i64>, Vec<i64>, Option<Vec<i64>>, Option<Vec<i64>>);
+type Params = (Ints, Ints, Option<Ints>, Option<Ints>);
 
 /// Per-axis slices for the whole shape (untouched axes take everything).
-pub(crate) fn plan_slices(op: &str, shape: &[usize], p: &Params) -> Result<Vec<AxisSlice>> {
+pub(crate) fn plan_slices(
+    op: &str,
+    shape: &[usize],
+    p: &Params,
+) -> Result<smallvec::SmallVec<[AxisSlice; 8]>> {
     let (starts, ends, axes, steps) = p;
     let rank = shape.len();
     if starts.len() != ends.len() {
@@ -91,7 +95,7 @@ pub(crate) fn plan_slices(op: &str, shape: &[usize], p: &Params) -> Result<Vec<A
             format!("starts {starts:?} and ends {ends:?} differ in length"),
         ));
     }
-    let axes: Vec<usize> = match axes {
+    let axes: Dims = match axes {
         Some(a) => {
             if a.len() != starts.len() {
                 return Err(kerr(
@@ -116,7 +120,7 @@ pub(crate) fn plan_slices(op: &str, shape: &[usize], p: &Params) -> Result<Vec<A
             ));
         }
     }
-    let mut out: Vec<AxisSlice> = shape
+    let mut out: smallvec::SmallVec<[AxisSlice; 8]> = shape
         .iter()
         .map(|&d| AxisSlice {
             start: 0,
@@ -135,7 +139,7 @@ pub(crate) fn plan_slices(op: &str, shape: &[usize], p: &Params) -> Result<Vec<A
 pub(crate) fn slice_view(shape: &[usize], slices: &[AxisSlice]) -> StridedView {
     let st = istrides(shape);
     let mut offset = 0usize;
-    let mut strides = Vec::with_capacity(shape.len());
+    let mut strides = IStrides::new();
     for (i, s) in slices.iter().enumerate() {
         if s.count > 0 {
             offset += s.start * st[i] as usize;
@@ -152,7 +156,12 @@ pub(crate) fn slice_view(shape: &[usize], slices: &[AxisSlice]) -> StridedView {
 impl Slice {
     fn params(&self, inputs: &[Option<&Value>]) -> Result<Params> {
         match &self.attrs {
-            Some((s, e, a)) => Ok((s.clone(), e.clone(), a.clone(), None)),
+            Some((s, e, a)) => Ok((
+                s.iter().copied().collect(),
+                e.iter().copied().collect(),
+                a.as_ref().map(|a| a.iter().copied().collect()),
+                None,
+            )),
             None => Ok((
                 ints_input(inputs, 1, "Slice")?,
                 ints_input(inputs, 2, "Slice")?,
@@ -171,18 +180,19 @@ impl Slice {
 
     fn infer_params(&self, inputs: &[Option<&Fact>]) -> Option<Params> {
         match &self.attrs {
-            Some((s, e, a)) => Some((s.clone(), e.clone(), a.clone(), None)),
+            Some((s, e, a)) => Some((
+                s.iter().copied().collect(),
+                e.iter().copied().collect(),
+                a.as_ref().map(|a| a.iter().copied().collect()),
+                None,
+            )),
             None => {
+                let ints = |i: usize| konst_ints(fact_at(inputs, i)).map(Ints::from_vec);
                 let opt = |i: usize| match fact_at(inputs, i) {
                     None => Some(None),
-                    Some(f) => konst_ints(Some(f)).map(Some),
+                    Some(_) => ints(i).map(Some),
                 };
-                Some((
-                    konst_ints(fact_at(inputs, 1))?,
-                    konst_ints(fact_at(inputs, 2))?,
-                    opt(3)?,
-                    opt(4)?,
-                ))
+                Some((ints(1)?, ints(2)?, opt(3)?, opt(4)?))
             }
         }
     }
@@ -221,7 +231,7 @@ impl Op for Slice {
             };
             return Ok(vec![tensor_fact(dtype, Some(out))]);
         };
-        let axes_n: Vec<usize> = match &axes {
+        let axes_n: Dims = match &axes {
             Some(a) => norm_axes("Slice", a, rank).map_err(|e| ierr("Slice", e.to_string()))?,
             None => (0..starts.len().min(rank)).collect(),
         };

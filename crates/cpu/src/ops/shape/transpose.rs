@@ -40,7 +40,7 @@ pub fn build_transpose(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
 }
 
 impl Transpose {
-    fn perm(&self, rank: usize) -> Result<Vec<usize>> {
+    fn perm(&self, rank: usize) -> Result<Dims> {
         match &self.perm {
             None => Ok((0..rank).rev().collect()),
             Some(p) => {

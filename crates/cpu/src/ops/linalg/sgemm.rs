@@ -1,0 +1,779 @@
+//! kiln's own f32 matrix product: packed panels in the thread-local scratch pool (so a warm
+//! call allocates nothing) and register-blocked micro-kernels chosen at run time — AVX-512F
+//! (8×32), AVX2+FMA (6×16), or portable scalar code (4×4) on any other CPU.
+//!
+//! The loop structure is the classic one of Goto/BLIS: columns in blocks of `NC`, depth in
+//! blocks of `KC` (B packed once per block), rows in blocks of `MC` (A packed per block),
+//! then `MR × NR` tiles computed by the micro-kernel. With `parallel`, column ranges are
+//! split over rayon's pool; each task packs its own panels.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use crate::scratch::with_scratch;
+
+/// Depth of one packed block.
+const KC: usize = 256;
+/// Rows of one packed A block (a multiple of every MR).
+const MC: usize = 96;
+/// Columns of one packed B block (a multiple of every NR).
+const NC: usize = 2048;
+
+/// Which micro-kernel family runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust (4×4 tiles).
+    Scalar,
+    /// AVX2 with FMA (6×16 tiles).
+    Avx2,
+    /// AVX-512F (8×32 tiles).
+    Avx512,
+}
+
+impl Isa {
+    /// The best kernel family this CPU supports (detected once).
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Scalar
+        })
+    }
+
+    /// True when this CPU can run the family.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            Isa::Avx2 => matches!(Isa::detect(), Isa::Avx2 | Isa::Avx512),
+            Isa::Avx512 => Isa::detect() == Isa::Avx512,
+        }
+    }
+}
+
+/// A raw strided operand: element `(i, j)` at `ptr + i*rs + j*cs`. Bounds were checked by
+/// the caller (`blas::gemm`).
+#[derive(Clone, Copy)]
+pub struct Operand {
+    /// First element.
+    pub ptr: *const f32,
+    /// Row stride in elements.
+    pub rs: usize,
+    /// Column stride in elements.
+    pub cs: usize,
+}
+
+// SAFETY: an Operand is a read-only view whose lifetime the caller ties to a borrowed slice
+// for the duration of one `sgemm` call; sharing it between the call's rayon tasks is sound.
+unsafe impl Send for Operand {}
+// SAFETY: as above (read-only).
+unsafe impl Sync for Operand {}
+
+#[derive(Clone, Copy)]
+struct DstPtr(*mut f32);
+// SAFETY: tasks of one call write disjoint column ranges of the destination.
+unsafe impl Send for DstPtr {}
+// SAFETY: as above.
+unsafe impl Sync for DstPtr {}
+
+/// `dst[m×n] = (accumulate ? dst : 0) + scale · A[m×k] · B[k×n]` with the given kernel
+/// family.
+///
+/// # Safety
+/// Every element `(i, l)` of `a` for `i < m, l < k`, `(l, j)` of `b` for `l < k, j < n`
+/// and `dst + i*dst_rs + j` for `i < m, j < n` must be valid; `dst` must not overlap the
+/// operands; `dst_rs ≥ n`; `isa.supported()`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let nr = match isa {
+        Isa::Scalar => 4,
+        Isa::Avx2 => 16,
+        Isa::Avx512 => 32,
+    };
+    if n * 4 <= nr && k > 0 {
+        // Few columns (conv with a handful of output positions): packing would cost as
+        // much as the product and most of each tile would be padding.
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match n {
+                1 => narrow::<1>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                2 => narrow::<2>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                3 => narrow::<3>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                4 => narrow::<4>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                5 => narrow::<5>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                6 => narrow::<6>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                7 => narrow::<7>(m, k, dst, dst_rs, accumulate, a, b, scale),
+                _ => narrow::<8>(m, k, dst, dst_rs, accumulate, a, b, scale),
+            }
+        };
+        return;
+    }
+    if m <= 4 && b.cs == 1 && k > 0 {
+        // Few rows (recurrent steps, matrix-vector products): stream B's rows once.
+        // SAFETY: forwarded from the caller.
+        unsafe { short(m, n, k, dst, dst_rs, accumulate, a, b, scale) };
+        return;
+    }
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let strips = n.div_ceil(nr);
+    let tasks = threads.min(strips).max(1);
+    let dst = DstPtr(dst);
+    let run = |t: usize| {
+        let j0 = strips * t / tasks * nr;
+        let j1 = (strips * (t + 1) / tasks * nr).min(n);
+        if j0 >= j1 {
+            return;
+        }
+        let (d, b, a) = (dst, b, a);
+        let bj = Operand {
+            ptr: b.ptr.wrapping_add(j0 * b.cs),
+            ..b
+        };
+        // SAFETY: columns j0..j1 of dst and b lie inside the caller's bounds; tasks get
+        // disjoint column ranges.
+        unsafe {
+            match isa {
+                Isa::Scalar => serial::<4, 4>(
+                    m,
+                    j1 - j0,
+                    k,
+                    d.0.add(j0),
+                    dst_rs,
+                    accumulate,
+                    a,
+                    bj,
+                    scale,
+                    micro_scalar::<4, 4>,
+                ),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => serial::<6, 16>(
+                    m,
+                    j1 - j0,
+                    k,
+                    d.0.add(j0),
+                    dst_rs,
+                    accumulate,
+                    a,
+                    bj,
+                    scale,
+                    x86::micro_avx2,
+                ),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => serial::<8, 32>(
+                    m,
+                    j1 - j0,
+                    k,
+                    d.0.add(j0),
+                    dst_rs,
+                    accumulate,
+                    a,
+                    bj,
+                    scale,
+                    x86::micro_avx512,
+                ),
+                #[cfg(not(target_arch = "x86_64"))]
+                _ => unreachable!("x86 kernels selected on another architecture"),
+            }
+        }
+    };
+    if tasks > 1 {
+        (0..tasks).into_par_iter().for_each(run);
+    } else {
+        run(0);
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + scale · A·B` for `N` ≤ 8 columns: each output row
+/// keeps its `N` sums in registers over the depth.
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow<const N: usize>(
+    m: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    scale: f32,
+) {
+    for i in 0..m {
+        let mut acc = [0.0f32; N];
+        for l in 0..k {
+            // SAFETY: (i, l) is inside A and row l of B has N columns (caller's bounds).
+            let av = unsafe { *a.ptr.add(i * a.rs + l * a.cs) };
+            let row = b.ptr.wrapping_add(l * b.rs);
+            for (j, c) in acc.iter_mut().enumerate() {
+                // SAFETY: as above.
+                *c += av * unsafe { *row.add(j * b.cs) };
+            }
+        }
+        for (j, c) in acc.iter().enumerate() {
+            // SAFETY: (i, j) is inside dst.
+            unsafe {
+                let p = dst.add(i * dst_rs + j);
+                *p = if accumulate {
+                    *p + scale * c
+                } else {
+                    scale * c
+                };
+            }
+        }
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + scale · A·B` for a few rows and B with contiguous rows:
+/// each output row accumulates `a[i,l] · B[l,:]` over the depth (vectorised over columns).
+#[allow(clippy::too_many_arguments)]
+unsafe fn short(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    scale: f32,
+) {
+    for i in 0..m {
+        // SAFETY: row i of dst has n elements and does not overlap the operands.
+        let c = unsafe { std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n) };
+        if !accumulate {
+            c.fill(0.0);
+        }
+        for l in 0..k {
+            // SAFETY: (i, l) is inside A; row l of B has n contiguous columns.
+            let av = scale * unsafe { *a.ptr.add(i * a.rs + l * a.cs) };
+            let row = unsafe { std::slice::from_raw_parts(b.ptr.add(l * b.rs), n) };
+            c.iter_mut().zip(row).for_each(|(v, bv)| *v += av * bv);
+        }
+    }
+}
+
+/// A micro-kernel: `C[mr×nr] = (load ? C : 0) + scale · Apanel · Bpanel` over `kc` steps;
+/// only the top-left `mr_eff × nr_eff` of the tile is written.
+type Micro = unsafe fn(
+    kc: usize,
+    pa: *const f32,
+    pb: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+    scale: f32,
+    mr_eff: usize,
+    nr_eff: usize,
+);
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn serial<const MR: usize, const NR: usize>(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    scale: f32,
+    micro: Micro,
+) {
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    // SAFETY: inside the caller's bounds.
+                    unsafe { *dst.add(i * dst_rs + j) = 0.0 };
+                }
+            }
+        }
+        return;
+    }
+    let kc_max = KC.min(k);
+    let nc_max = NC.min(n).div_ceil(NR) * NR;
+    let mc_max = MC.min(m).div_ceil(MR) * MR;
+    with_scratch::<f32, _>(kc_max * nc_max, |pb| {
+        with_scratch::<f32, _>(kc_max * mc_max, |pa| {
+            let mut jc = 0;
+            while jc < n {
+                let nc = NC.min(n - jc);
+                let mut pc = 0;
+                while pc < k {
+                    let kc = KC.min(k - pc);
+                    // SAFETY: the block lies inside B's bounds.
+                    unsafe { pack_b::<NR>(b, pc, jc, kc, nc, pb) };
+                    let load = accumulate || pc > 0;
+                    let mut ic = 0;
+                    while ic < m {
+                        let mc = MC.min(m - ic);
+                        // SAFETY: the block lies inside A's bounds.
+                        unsafe { pack_a::<MR>(a, ic, pc, mc, kc, pa) };
+                        let mut jr = 0;
+                        while jr < nc {
+                            let nr_eff = NR.min(nc - jr);
+                            let mut ir = 0;
+                            while ir < mc {
+                                let mr_eff = MR.min(mc - ir);
+                                // SAFETY: panels hold kc·MR / kc·NR packed values; the
+                                // tile lies inside dst's bounds (mr_eff, nr_eff clip it).
+                                unsafe {
+                                    micro(
+                                        kc,
+                                        pa.as_ptr().add(ir * kc),
+                                        pb.as_ptr().add(jr * kc),
+                                        dst.add((ic + ir) * dst_rs + jc + jr),
+                                        dst_rs,
+                                        load,
+                                        scale,
+                                        mr_eff,
+                                        nr_eff,
+                                    )
+                                };
+                                ir += MR;
+                            }
+                            jr += NR;
+                        }
+                        ic += mc;
+                    }
+                    pc += kc;
+                }
+                jc += nc;
+            }
+        })
+    });
+}
+
+/// Packs rows `i0..i0+mc`, depth `p0..p0+kc` of A into MR-row strips (zero padded).
+unsafe fn pack_a<const MR: usize>(
+    a: Operand,
+    i0: usize,
+    p0: usize,
+    mc: usize,
+    kc: usize,
+    out: &mut [f32],
+) {
+    let mut o = 0;
+    let mut ir = 0;
+    while ir < mc {
+        let rows = MR.min(mc - ir);
+        for p in 0..kc {
+            for r in 0..MR {
+                out[o + r] = if r < rows {
+                    // SAFETY: (i0+ir+r, p0+p) is inside A (r < rows ≤ m, p < kc ≤ k).
+                    unsafe { *a.ptr.add((i0 + ir + r) * a.rs + (p0 + p) * a.cs) }
+                } else {
+                    0.0
+                };
+            }
+            o += MR;
+        }
+        ir += MR;
+    }
+}
+
+/// Packs depth `p0..p0+kc`, columns `j0..j0+nc` of B into NR-column strips (zero padded).
+unsafe fn pack_b<const NR: usize>(
+    b: Operand,
+    p0: usize,
+    j0: usize,
+    kc: usize,
+    nc: usize,
+    out: &mut [f32],
+) {
+    let mut o = 0;
+    let mut jr = 0;
+    while jr < nc {
+        let cols = NR.min(nc - jr);
+        for p in 0..kc {
+            let row = (p0 + p) * b.rs;
+            let dst = &mut out[o..o + NR];
+            if b.cs == 1 {
+                // SAFETY: columns j0+jr..j0+jr+cols of row p0+p are inside B.
+                let src = unsafe { std::slice::from_raw_parts(b.ptr.add(row + j0 + jr), cols) };
+                dst[..cols].copy_from_slice(src);
+            } else {
+                for (c, d) in dst[..cols].iter_mut().enumerate() {
+                    // SAFETY: as above, strided.
+                    *d = unsafe { *b.ptr.add(row + (j0 + jr + c) * b.cs) };
+                }
+            }
+            dst[cols..].fill(0.0);
+            o += NR;
+        }
+        jr += NR;
+    }
+}
+
+/// Stores an accumulator tile into C (clipped to `mr_eff × nr_eff`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store_tile<const MR: usize, const NR: usize>(
+    acc: &[[f32; NR]; MR],
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+    scale: f32,
+    mr_eff: usize,
+    nr_eff: usize,
+) {
+    for (r, row) in acc.iter().enumerate().take(mr_eff) {
+        for (j, v) in row.iter().enumerate().take(nr_eff) {
+            // SAFETY: the caller guarantees the clipped tile is inside C.
+            unsafe {
+                let p = c.add(r * ldc + j);
+                *p = if load { *p + scale * v } else { scale * v };
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro_scalar<const MR: usize, const NR: usize>(
+    kc: usize,
+    pa: *const f32,
+    pb: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+    scale: f32,
+    mr_eff: usize,
+    nr_eff: usize,
+) {
+    let mut acc = [[0.0f32; NR]; MR];
+    for p in 0..kc {
+        for (r, row) in acc.iter_mut().enumerate() {
+            // SAFETY: panels hold kc·MR and kc·NR values.
+            let av = unsafe { *pa.add(p * MR + r) };
+            for (j, v) in row.iter_mut().enumerate() {
+                // SAFETY: as above.
+                *v += av * unsafe { *pb.add(p * NR + j) };
+            }
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { store_tile::<MR, NR>(&acc, c, ldc, load, scale, mr_eff, nr_eff) };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The SIMD micro-kernels (only called after run-time feature detection).
+
+    use std::arch::x86_64::*;
+
+    use super::store_tile;
+
+    /// AVX2 + FMA, 6 rows × 16 columns (12 ymm accumulators).
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; panels hold `kc·6` and `kc·16` values; the clipped
+    /// tile is inside C.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn micro_avx2(
+        kc: usize,
+        pa: *const f32,
+        pb: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+        scale: f32,
+        mr_eff: usize,
+        nr_eff: usize,
+    ) {
+        // SAFETY: forwarded (feature support checked by the dispatcher).
+        unsafe { avx2_impl(kc, pa, pb, c, ldc, load, scale, mr_eff, nr_eff) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx2_impl(
+        kc: usize,
+        pa: *const f32,
+        pb: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+        scale: f32,
+        mr_eff: usize,
+        nr_eff: usize,
+    ) {
+        const MR: usize = 6;
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for p in 0..kc {
+            // SAFETY: panel bounds as documented.
+            unsafe {
+                let b0 = _mm256_loadu_ps(pb.add(p * 16));
+                let b1 = _mm256_loadu_ps(pb.add(p * 16 + 8));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*pa.add(p * MR + r));
+                    row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+                }
+            }
+        }
+        let vs = _mm256_set1_ps(scale);
+        if mr_eff == MR && nr_eff == 16 {
+            for (r, row) in acc.iter().enumerate() {
+                // SAFETY: the full tile is inside C.
+                unsafe {
+                    let p = c.add(r * ldc);
+                    let (mut v0, mut v1) = (_mm256_mul_ps(row[0], vs), _mm256_mul_ps(row[1], vs));
+                    if load {
+                        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(p));
+                        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(p.add(8)));
+                    }
+                    _mm256_storeu_ps(p, v0);
+                    _mm256_storeu_ps(p.add(8), v1);
+                }
+            }
+            return;
+        }
+        let mut tile = [[0.0f32; 16]; MR];
+        for (t, row) in tile.iter_mut().zip(&acc) {
+            // SAFETY: 16 floats per row.
+            unsafe {
+                _mm256_storeu_ps(t.as_mut_ptr(), row[0]);
+                _mm256_storeu_ps(t.as_mut_ptr().add(8), row[1]);
+            }
+        }
+        // SAFETY: forwarded.
+        unsafe { store_tile::<MR, 16>(&tile, c, ldc, load, scale, mr_eff, nr_eff) };
+    }
+
+    /// AVX-512F, 8 rows × 32 columns (16 zmm accumulators).
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; panels hold `kc·8` and `kc·32` values; the clipped tile is
+    /// inside C.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn micro_avx512(
+        kc: usize,
+        pa: *const f32,
+        pb: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+        scale: f32,
+        mr_eff: usize,
+        nr_eff: usize,
+    ) {
+        // SAFETY: forwarded (feature support checked by the dispatcher).
+        unsafe { avx512_impl(kc, pa, pb, c, ldc, load, scale, mr_eff, nr_eff) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn avx512_impl(
+        kc: usize,
+        pa: *const f32,
+        pb: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+        scale: f32,
+        mr_eff: usize,
+        nr_eff: usize,
+    ) {
+        const MR: usize = 8;
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for p in 0..kc {
+            // SAFETY: panel bounds as documented.
+            unsafe {
+                let b0 = _mm512_loadu_ps(pb.add(p * 32));
+                let b1 = _mm512_loadu_ps(pb.add(p * 32 + 16));
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*pa.add(p * MR + r));
+                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
+            }
+        }
+        let vs = _mm512_set1_ps(scale);
+        if nr_eff == 32 {
+            for (r, row) in acc.iter().enumerate().take(mr_eff) {
+                // SAFETY: the row's 32 columns are inside C.
+                unsafe {
+                    let p = c.add(r * ldc);
+                    let (mut v0, mut v1) = (_mm512_mul_ps(row[0], vs), _mm512_mul_ps(row[1], vs));
+                    if load {
+                        v0 = _mm512_add_ps(v0, _mm512_loadu_ps(p));
+                        v1 = _mm512_add_ps(v1, _mm512_loadu_ps(p.add(16)));
+                    }
+                    _mm512_storeu_ps(p, v0);
+                    _mm512_storeu_ps(p.add(16), v1);
+                }
+            }
+            return;
+        }
+        let mut tile = [[0.0f32; 32]; MR];
+        for (t, row) in tile.iter_mut().zip(&acc) {
+            // SAFETY: 32 floats per row.
+            unsafe {
+                _mm512_storeu_ps(t.as_mut_ptr(), row[0]);
+                _mm512_storeu_ps(t.as_mut_ptr().add(16), row[1]);
+            }
+        }
+        // SAFETY: forwarded.
+        unsafe { store_tile::<MR, 32>(&tile, c, ldc, load, scale, mr_eff, nr_eff) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plain triple loop the packed kernels are checked against.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: &mut [f32],
+        ldd: usize,
+        acc: bool,
+        a: &[f32],
+        (ars, acs): (usize, usize),
+        b: &[f32],
+        (brs, bcs): (usize, usize),
+        scale: f32,
+    ) {
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for l in 0..k {
+                    s += a[i * ars + l * acs] as f64 * b[l * brs + j * bcs] as f64;
+                }
+                let d = &mut dst[i * ldd + j];
+                *d = if acc { *d } else { 0.0 } + scale * s as f32;
+            }
+        }
+    }
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_kernel_matches_the_reference_on_odd_shapes() {
+        let shapes = [
+            (1, 1, 1),
+            (1, 37, 5),
+            (7, 1, 3),
+            (5, 17, 300),
+            (9, 33, 1),
+            (13, 70, 257),
+            (97, 45, 19),
+            (258, 3, 256),
+            (5, 8, 40),
+            (7, 2, 9),
+            (1, 512, 128),
+            (3, 40, 33),
+            (6, 16, 8),
+            (8, 32, 8),
+            (200, 2100, 3),
+            (3, 5, 600),
+        ];
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+            if !isa.supported() {
+                eprintln!("skipping {isa:?}: not supported on this CPU");
+                continue;
+            }
+            for (si, &(m, n, k)) in shapes.iter().enumerate() {
+                for (transpose_a, transpose_b, acc, par) in [
+                    (false, false, false, false),
+                    (true, false, true, true),
+                    (false, true, false, true),
+                    (true, true, true, false),
+                ] {
+                    let a = values(m * k, si as u64 * 7 + 1);
+                    let b = values(k * n, si as u64 * 7 + 2);
+                    let (ars, acs) = if transpose_a { (1, m) } else { (k, 1) };
+                    let (brs, bcs) = if transpose_b { (1, k) } else { (n, 1) };
+                    let ldd = n + 3;
+                    let init = values(m * ldd, si as u64 * 7 + 3);
+                    let mut want = init.clone();
+                    let mut got = init.clone();
+                    reference(
+                        m,
+                        n,
+                        k,
+                        &mut want,
+                        ldd,
+                        acc,
+                        &a,
+                        (ars, acs),
+                        &b,
+                        (brs, bcs),
+                        0.75,
+                    );
+                    // SAFETY: the operands and destination have the sizes described.
+                    unsafe {
+                        sgemm(
+                            isa,
+                            m,
+                            n,
+                            k,
+                            got.as_mut_ptr(),
+                            ldd,
+                            acc,
+                            Operand {
+                                ptr: a.as_ptr(),
+                                rs: ars,
+                                cs: acs,
+                            },
+                            Operand {
+                                ptr: b.as_ptr(),
+                                rs: brs,
+                                cs: bcs,
+                            },
+                            0.75,
+                            par,
+                        )
+                    };
+                    for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()) * (k as f32).sqrt(),
+                            "{isa:?} {m}x{n}x{k} ta={transpose_a} tb={transpose_b} acc={acc}: \
+                             element {idx}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
