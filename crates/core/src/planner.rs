@@ -86,15 +86,17 @@ pub fn plan(requests: &[Request]) -> MemoryPlan {
 
 /// The largest sum of (aligned) sizes of tensors alive at one step.
 pub fn lower_bound(requests: &[Request]) -> usize {
-    let steps = requests.iter().map(|r| r.last + 1).max().unwrap_or(0);
-    let mut delta = vec![0i128; steps + 1];
+    // Sweep over start/end events (an end at step e frees before a start at e); `last` may
+    // be huge (kept to the end of the run) and a request never ends before it starts.
+    let mut events: Vec<(usize, i128)> = Vec::with_capacity(2 * requests.len());
     for r in requests {
-        delta[r.first] += align_up(r.size.max(1)) as i128;
-        delta[r.last + 1] -= align_up(r.size.max(1)) as i128;
+        let size = align_up(r.size.max(1)) as i128;
+        events.push((r.first, size));
+        events.push((r.last.max(r.first).saturating_add(1), -size));
     }
-    let mut cur = 0i128;
-    let mut best = 0i128;
-    for d in delta {
+    events.sort_unstable();
+    let (mut cur, mut best) = (0i128, 0i128);
+    for (_, d) in events {
         cur += d;
         best = best.max(cur);
     }
@@ -104,6 +106,29 @@ pub fn lower_bound(requests: &[Request]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lower_bound_handles_requests_kept_to_the_end() {
+        let r = [
+            Request {
+                size: 64,
+                first: 2,
+                last: usize::MAX,
+            },
+            Request {
+                size: 128,
+                first: 0,
+                last: 1,
+            },
+            Request {
+                size: 64,
+                first: 1,
+                last: 3,
+            },
+        ];
+        assert_eq!(lower_bound(&r), 192);
+        assert!(plan(&r).arena_size >= 192);
+    }
 
     fn overlaps(a: &Request, oa: usize, b: &Request, ob: usize) -> bool {
         let time = a.first <= b.last && b.first <= a.last;

@@ -129,7 +129,8 @@ pub fn plan_for_inputs(graph: &Graph, inputs: &[Option<(DType, Vec<usize>)>]) ->
             requests.push(Request {
                 size,
                 first: i,
-                last: last_use[*o].max(i),
+                // `usize::MAX` (kept to the end) is the step after the last node.
+                last: last_use[*o].min(g.nodes.len()).max(i),
             });
             request_values.push(*o);
             placements[*o] = Placement::Arena {
