@@ -249,7 +249,38 @@ impl Builder {
             }
             None => TimingCache::new(device),
         };
-        let report = tuner::tune(graph, &settings, tactics, timer, &mut cache)?;
+        let report = match config.profiles.first() {
+            None => tuner::tune(graph, &settings, tactics, timer, &mut cache)?,
+            Some(profile) => {
+                // Engines with optimization profiles keep symbolic shapes: tune a copy whose
+                // inputs take the first profile's opt shapes (shape inference only, so its
+                // nodes are the same), then carry each node's choice over.
+                let mut at_opt = graph.clone();
+                for (name, shape) in profile.opt_shapes() {
+                    if let Some(&id) = at_opt
+                        .inputs
+                        .iter()
+                        .find(|&&i| at_opt.values[i].name == *name)
+                    {
+                        if let Some(dtype) = at_opt.values[id].fact.dtype {
+                            at_opt.values[id].fact = Fact::concrete(dtype, shape);
+                        }
+                    }
+                }
+                at_opt.infer_facts_with(true)?;
+                let report = tuner::tune(&mut at_opt, &settings, tactics, timer, &mut cache)?;
+                if at_opt.nodes.len() != graph.nodes.len() {
+                    return Err(KilnError::Other(
+                        "tuning at the opt shape inserted reformat layers, which engines with optimization profiles do not support yet; build with --shapes or without --fp16".into(),
+                    ));
+                }
+                for (node, tuned) in graph.nodes.iter_mut().zip(at_opt.nodes) {
+                    node.desc = tuned.desc;
+                    node.op = tuned.op;
+                }
+                report
+            }
+        };
         if report.reformats > 0 {
             graph.infer_facts_with(true)?;
         }

@@ -302,3 +302,74 @@ fn pools_follow_the_flags() {
     let e = fp16_build(&case, &config, "Conv.3", 0.01);
     assert!(e.layers().iter().all(|l| l.precision == "fp32"));
 }
+
+#[test]
+fn engines_with_profiles_are_tuned_at_the_opt_shape() {
+    let Some((case, _)) = orientation() else {
+        panic!("the tuning tests need the assets (cargo xtask fetch-assets)");
+    };
+    let shapes = |s: &str| parse_shapes(s).unwrap();
+    let config = BuilderConfig {
+        profiles: vec![kiln::OptimizationProfile::new(
+            shapes("x:1x3x224x224"),
+            shapes("x:2x3x224x224"),
+            shapes("x:4x3x224x224"),
+        )
+        .unwrap()],
+        ..Default::default()
+    };
+    let seen_batch = Cell::new(0usize);
+    let mut timer = FakeTimer {
+        rule: |_n: &Node, t: &Tactic| {
+            if t.id.ends_with(".outer") {
+                0.5
+            } else {
+                1.0
+            }
+        },
+        reformat_ms: 0.0,
+        calls: Cell::new(0),
+    };
+    struct Spy<'a, T: LayerTimer>(&'a mut T, &'a Cell<usize>);
+    impl<T: LayerTimer> LayerTimer for Spy<'_, T> {
+        fn time_tactic(
+            &mut self,
+            node: &Node,
+            inputs: &[Option<&Fact>],
+            constants: &[Option<&Tensor>],
+            tactic: &Tactic,
+        ) -> Result<f64> {
+            if let Some(s) = inputs[0].and_then(|f| f.concrete_shape()) {
+                self.1.set(s[0]);
+            }
+            self.0.time_tactic(node, inputs, constants, tactic)
+        }
+        fn time_reformat(&mut self, fact: &Fact, from: Format, to: Format) -> Result<f64> {
+            self.0.time_reformat(fact, from, to)
+        }
+    }
+    let engine = Builder::new()
+        .build_onnx_file_with(
+            &case.model,
+            &config,
+            &tuner::cpu_tactics,
+            &mut Spy(&mut timer, &seen_batch),
+        )
+        .unwrap();
+    assert!(timer.calls.get() > 0, "nothing was timed");
+    assert_eq!(seen_batch.get(), 2, "timed at the opt batch");
+    let report = engine.tuning_report().unwrap();
+    assert!(!report.layers.is_empty());
+    // At batch 2 every non-1x1 conv offers an `outer` tactic, which the rule prefers.
+    assert!(report
+        .layers
+        .iter()
+        .any(|l| l.chosen.ends_with(".outer") && tactic_of(&engine, &l.layer) == l.chosen));
+    // The engine still accepts the profile's range and matches ORT at batch 1.
+    let out = engine
+        .create_context()
+        .execute(&common::named(&case.inputs))
+        .unwrap();
+    let err = common::rel_l2(out[0].as_tensor().unwrap(), &case.outputs[0].1);
+    assert!(err < 1e-4, "rel L2 {err}");
+}
