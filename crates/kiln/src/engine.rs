@@ -99,6 +99,7 @@ pub struct MemoryReport {
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)] // one argument per part of an engine
     pub(crate) fn from_parts(
         graph: Graph,
         fingerprint: Fingerprint,

@@ -114,6 +114,7 @@ pub struct LoadedPlan {
 }
 
 /// Serialises an engine's parts into plan bytes.
+#[allow(clippy::too_many_arguments)] // one argument per part of an engine
 pub fn write_plan(
     graph: &Graph,
     fingerprint: &Fingerprint,
