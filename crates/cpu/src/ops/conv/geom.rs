@@ -294,6 +294,14 @@ impl Spatial {
 }
 
 impl Spatial3 {
+    /// 1×1 kernel, unit strides, no padding: the im2col matrix is the input itself.
+    pub fn is_pointwise(&self) -> bool {
+        self.kernel == [1, 1, 1]
+            && self.strides == [1, 1, 1]
+            && self.pad_begin == [0, 0, 0]
+            && self.input == self.output
+    }
+
     /// Number of input elements of one plane.
     pub fn in_size(&self) -> usize {
         self.input.iter().product()

@@ -145,13 +145,6 @@ impl ConvF32<'_> {
         }
     }
 
-    fn is_pointwise(&self) -> bool {
-        self.sp.kernel == [1, 1, 1]
-            && self.sp.strides == [1, 1, 1]
-            && self.sp.pad_begin == [0, 0, 0]
-            && self.sp.input == self.sp.output
-    }
-
     /// One (image, group): out[mg × P] = W_g[mg × K] · col[K × P].
     #[allow(clippy::too_many_arguments)]
     fn run_group(
@@ -168,7 +161,7 @@ impl ConvF32<'_> {
         let p = self.sp.out_size();
         let k = cg * self.sp.kernel_size();
         let par = par && mg * p * k >= blas::PARALLEL_THRESHOLD;
-        if self.is_pointwise() {
+        if self.sp.is_pointwise() {
             blas::gemm(
                 mg,
                 p,

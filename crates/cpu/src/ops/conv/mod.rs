@@ -250,13 +250,12 @@ impl Op for Conv {
             return Vec::new();
         };
         let cg = dims.c / dims.group.max(1);
-        let pointwise = sp.kernel.iter().all(|&k| k == 1)
-            && sp.strides.iter().all(|&s| s == 1)
-            && sp.pad_begin.iter().all(|&p| p == 0)
-            && sp.input == sp.output;
+        let Ok(sp3) = sp.to3("Conv") else {
+            return Vec::new();
+        };
         tactics::list(tactics::ConvShapeClass {
             depthwise: cg == 1 && dims.group > 1,
-            pointwise,
+            pointwise: sp3.is_pointwise(),
             chunks: dims.n * dims.group,
         })
     }
