@@ -14,6 +14,7 @@ use kiln_core::{
 
 use super::conv::geom::{Spatial3, WindowAttrs};
 use crate::dispatch_numeric;
+use crate::plan_cache::{CachedPlan, PlanCache, PlanKey};
 
 /// Registers this family's ops.
 pub fn register(reg: &mut OpRegistry) {
@@ -76,6 +77,8 @@ pub struct Pool {
     win: WindowAttrs,
     kernel: Vec<usize>,
     with_indices: bool,
+    /// The last call's geometry, reused while the input shape stays the same.
+    geometry_cache: PlanCache<PoolGeom>,
 }
 
 fn pool_attrs(ctx: &BuildCtx, name: &str) -> Result<(WindowAttrs, Vec<usize>)> {
@@ -102,6 +105,7 @@ fn build_max_pool(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         win,
         kernel,
         with_indices: ctx.n_outputs > 1,
+        geometry_cache: PlanCache::default(),
     }))
 }
 
@@ -114,6 +118,7 @@ fn build_average_pool(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         win,
         kernel,
         with_indices: false,
+        geometry_cache: PlanCache::default(),
     }))
 }
 
@@ -134,6 +139,7 @@ fn build_lp_pool(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         win,
         kernel,
         with_indices: false,
+        geometry_cache: PlanCache::default(),
     }))
 }
 
@@ -273,25 +279,36 @@ impl Pool {
         Ok(PoolGeom { sp: s3, taps, nd })
     }
 
+    /// [`Self::geometry`], memoised for the last input shape.
+    fn cached_geometry(&self, xs: &[usize]) -> Result<CachedPlan<PoolGeom>> {
+        let mut key = PlanKey::new();
+        key.push_dims(xs);
+        self.geometry_cache.get_or_build(&key, || self.geometry(xs))
+    }
+
     fn out_shape(&self, xs: &[usize], g: &PoolGeom) -> Vec<usize> {
         let mut s = xs[..2].to_vec();
         s.extend_from_slice(&g.sp.output[3 - g.nd..]);
         s
     }
 
+    /// Whether `shape` is the output shape of input shape `xs` under `g`.
+    fn is_out_shape(xs: &[usize], g: &PoolGeom, shape: &[usize]) -> bool {
+        shape.len() == g.nd + 2 && shape[..2] == xs[..2] && shape[2..] == g.sp.output[3 - g.nd..]
+    }
+
+    /// Max pooling into `y` (and the argmax indices into `idx` unless it is empty).
     fn max_pool<T: Copy + PartialOrd + Default + Send + Sync>(
         &self,
         x: &[T],
         g: &PoolGeom,
-        planes: usize,
-        want_idx: bool,
+        y: &mut [T],
+        idx: &mut [i64],
         col_major: bool,
-    ) -> (Vec<T>, Vec<i64>) {
+    ) {
         let (isz, osz) = (g.sp.in_size(), g.sp.out_size());
-        let mut y = vec![T::default(); planes * osz];
-        let mut idx = vec![0i64; if want_idx { planes * osz } else { 0 }];
         let [id_n, ih_n, _] = g.sp.input;
-        let body = |(pl, (yp, ip)): (usize, (&mut [T], &mut [i64]))| {
+        let body = |pl: usize, yp: &mut [T], ip: &mut [i64]| {
             let xp = &x[pl * isz..(pl + 1) * isz];
             g.for_each_window(
                 || (None::<T>, 0usize, [0usize; 3]),
@@ -320,23 +337,14 @@ impl Pool {
                 },
             );
         };
-        let ichunk = if want_idx { osz.max(1) } else { 0 };
-        let ychunks = y.chunks_mut(osz.max(1));
-        if want_idx {
-            let pairs: Vec<(&mut [T], &mut [i64])> = ychunks.zip(idx.chunks_mut(ichunk)).collect();
-            run_planes(pairs, planes * isz, body);
-        } else {
-            let pairs: Vec<(&mut [T], &mut [i64])> = ychunks.map(|c| (c, &mut [][..])).collect();
-            run_planes(pairs, planes * isz, body);
-        }
-        (y, idx)
+        run_planes(y, idx, osz, x.len(), body);
     }
 
-    fn avg_lp_pool<F: Float + Send + Sync>(&self, x: &[F], g: &PoolGeom, planes: usize) -> Vec<F> {
+    /// Average or Lp pooling into `y`.
+    fn avg_lp_pool<F: Float + Send + Sync>(&self, x: &[F], g: &PoolGeom, y: &mut [F]) {
         let (isz, osz) = (g.sp.in_size(), g.sp.out_size());
-        let mut y = vec![F::zero(); planes * osz];
         let kind = self.kind;
-        let body = |(pl, (yp, _)): (usize, (&mut [F], &mut [i64]))| {
+        let body = |pl: usize, yp: &mut [F], _: &mut [i64]| {
             let xp = &x[pl * isz..(pl + 1) * isz];
             match kind {
                 PoolKind::Avg { count_include_pad } => g.for_each_window(
@@ -372,23 +380,40 @@ impl Pool {
                 PoolKind::Max { .. } => {}
             }
         };
-        let pairs: Vec<(&mut [F], &mut [i64])> =
-            y.chunks_mut(osz.max(1)).map(|c| (c, &mut [][..])).collect();
-        run_planes(pairs, planes * isz, body);
-        y
+        run_planes(y, &mut [], osz, x.len(), body);
     }
 }
 
-/// Runs `body` on each (plane index, output chunks), in parallel when worth it.
-fn run_planes<'a, T: Send + 'a>(
-    pairs: Vec<(&'a mut [T], &'a mut [i64])>,
+/// Runs `body(plane, output plane, index plane)` on each plane of `y` (`osz` elements
+/// each; index planes are empty when `idx` is), in parallel when `work` is worth it.
+fn run_planes<T: Send>(
+    y: &mut [T],
+    idx: &mut [i64],
+    osz: usize,
     work: usize,
-    body: impl Fn((usize, (&'a mut [T], &'a mut [i64]))) + Send + Sync,
+    body: impl Fn(usize, &mut [T], &mut [i64]) + Send + Sync,
 ) {
-    if work >= PAR_MIN && pairs.len() > 1 && rayon::current_num_threads() > 1 {
-        pairs.into_par_iter().enumerate().for_each(body);
-    } else {
-        pairs.into_iter().enumerate().for_each(body);
+    let osz = osz.max(1);
+    let par = work >= PAR_MIN && y.len() > osz && rayon::current_num_threads() > 1;
+    match (idx.is_empty(), par) {
+        (true, true) => y
+            .par_chunks_mut(osz)
+            .enumerate()
+            .for_each(|(pl, yp)| body(pl, yp, &mut [])),
+        (true, false) => y
+            .chunks_mut(osz)
+            .enumerate()
+            .for_each(|(pl, yp)| body(pl, yp, &mut [])),
+        (false, true) => y
+            .par_chunks_mut(osz)
+            .zip(idx.par_chunks_mut(osz))
+            .enumerate()
+            .for_each(|(pl, (yp, ip))| body(pl, yp, ip)),
+        (false, false) => y
+            .chunks_mut(osz)
+            .zip(idx.chunks_mut(osz))
+            .enumerate()
+            .for_each(|(pl, (yp, ip))| body(pl, yp, ip)),
     }
 }
 
@@ -442,8 +467,8 @@ impl Op for Pool {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input_tensor(inputs, 0, self.name)?;
         let xs = x.shape();
-        let g = self.geometry(xs)?;
-        let planes = xs[0] * xs[1];
+        let g = self.cached_geometry(xs)?;
+        let n_out = xs[0] * xs[1] * g.sp.out_size();
         let shape = self.out_shape(xs, &g);
         let dt = x.dtype();
         match self.kind {
@@ -456,7 +481,9 @@ impl Op for Pool {
                     ));
                 }
                 dispatch_numeric!(dt, T => {
-                    let (y, idx) = self.max_pool::<T>(x.as_slice::<T>()?, &g, planes, self.with_indices, storage_order == 1);
+                    let mut y = vec![T::default(); n_out];
+                    let mut idx = vec![0i64; if self.with_indices { n_out } else { 0 }];
+                    self.max_pool::<T>(x.as_slice::<T>()?, &g, &mut y, &mut idx, storage_order == 1);
                     let mut out = vec![Tensor::from_vec(&shape, y)?.into()];
                     if self.with_indices {
                         out.push(Tensor::from_vec(&shape, idx)?.into());
@@ -465,18 +492,17 @@ impl Op for Pool {
                 }, _ => Err(KilnError::kernel("MaxPool", format!("unsupported dtype {dt}"))))
             }
             _ => match dt {
-                DType::F64 => Ok(vec![Tensor::from_vec(
-                    &shape,
-                    self.avg_lp_pool(x.as_slice::<f64>()?, &g, planes),
-                )?
-                .into()]),
-                DType::F32 => Ok(vec![Tensor::from_vec(
-                    &shape,
-                    self.avg_lp_pool(x.as_slice::<f32>()?, &g, planes),
-                )?
-                .into()]),
+                DType::F64 => {
+                    let mut y = vec![0f64; n_out];
+                    self.avg_lp_pool(x.as_slice::<f64>()?, &g, &mut y);
+                    Ok(vec![Tensor::from_vec(&shape, y)?.into()])
+                }
                 d if d.is_float() => {
-                    let y = self.avg_lp_pool(&x.to_f32_vec()?, &g, planes);
+                    let mut y = vec![0f32; n_out];
+                    match x.as_slice::<f32>() {
+                        Ok(xf) => self.avg_lp_pool(xf, &g, &mut y),
+                        Err(_) => self.avg_lp_pool(&x.to_f32_vec()?, &g, &mut y),
+                    }
                     Ok(vec![Tensor::from_vec(&shape, y)?.cast(d)?.into()])
                 }
                 d => Err(KilnError::kernel(
@@ -484,6 +510,58 @@ impl Op for Pool {
                     format!("X must be a float tensor, found {d}"),
                 )),
             },
+        }
+    }
+
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = input_tensor(inputs, 0, self.name)?;
+        let xs = x.shape();
+        let g = self.cached_geometry(xs)?;
+        let dt = x.dtype();
+        let (first, rest) = outputs.split_at_mut(1.min(outputs.len()));
+        let Some(y) = first.first_mut() else {
+            return Err(KilnError::kernel(self.name, "no output slot"));
+        };
+        let idx = rest.first_mut();
+        let shapes_ok = y.dtype() == dt
+            && Self::is_out_shape(xs, &g, y.shape())
+            && idx
+                .as_ref()
+                .is_none_or(|i| i.dtype() == DType::I64 && Self::is_out_shape(xs, &g, i.shape()));
+        let in_place = shapes_ok
+            && match self.kind {
+                PoolKind::Max { .. } => {
+                    matches!(dt, DType::F32 | DType::F64 | DType::I8 | DType::U8)
+                }
+                _ => matches!(dt, DType::F32 | DType::F64),
+            };
+        if !in_place {
+            let produced = self.eval(inputs)?;
+            for (slot, value) in outputs.iter_mut().zip(&produced) {
+                slot.copy_from(value.as_tensor()?)?;
+            }
+            return Ok(());
+        }
+        match self.kind {
+            PoolKind::Max { storage_order } => {
+                let mut none: [i64; 0] = [];
+                let idx: &mut [i64] = match idx {
+                    Some(i) => i.as_mut_slice::<i64>()?,
+                    None => &mut none,
+                };
+                dispatch_numeric!(dt, T => {
+                    self.max_pool::<T>(x.as_slice::<T>()?, &g, y.as_mut_slice::<T>()?, idx, storage_order == 1);
+                    Ok(())
+                }, _ => Err(KilnError::kernel("MaxPool", format!("unsupported dtype {dt}"))))
+            }
+            _ if dt == DType::F64 => {
+                self.avg_lp_pool(x.as_slice::<f64>()?, &g, y.as_mut_slice::<f64>()?);
+                Ok(())
+            }
+            _ => {
+                self.avg_lp_pool(x.as_slice::<f32>()?, &g, y.as_mut_slice::<f32>()?);
+                Ok(())
+            }
         }
     }
 

@@ -3,11 +3,16 @@
 
 use rayon::prelude::*;
 
-use kiln_core::{input_tensor, optional_tensor, BuildCtx, Dim, Fact, KilnError, Op, Result, Value};
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, Result, TensorMut,
+    Value,
+};
 
 use super::geom::AutoPad;
 use crate::ops::linalg::blas::{self, MatRef};
 use crate::ops::linalg::{as_f32, from_f32};
+use crate::plan_cache::{PlanCache, PlanKey};
+use crate::scratch::with_scratch;
 
 /// ONNX ConvTranspose.
 #[derive(Debug, Clone)]
@@ -20,6 +25,8 @@ pub struct ConvTranspose {
     pads: Option<Vec<i64>>,
     output_padding: Option<Vec<usize>>,
     output_shape: Option<Vec<usize>>,
+    /// The last call's geometry `(n, c, m, geometry)`, reused while shapes stay the same.
+    geometry_cache: PlanCache<(usize, usize, usize, TGeom)>,
 }
 
 fn uints(a: &kiln_core::AttrReader, name: &str, min: i64) -> Result<Option<Vec<usize>>> {
@@ -58,6 +65,7 @@ pub fn build_conv_transpose(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         pads,
         output_padding: uints(&a, "output_padding", 0)?,
         output_shape: uints(&a, "output_shape", 0)?,
+        geometry_cache: PlanCache::default(),
     }))
 }
 
@@ -216,6 +224,16 @@ impl ConvTranspose {
         Ok((xs[0], c, m, g))
     }
 
+    /// [`Self::geometry`], memoised for the last input and weight shapes.
+    fn cached_geometry(&self, xs: &[usize], ws: &[usize]) -> Result<(usize, usize, usize, TGeom)> {
+        let mut key = PlanKey::new();
+        key.push_dims(xs).push_dims(ws);
+        let cached = self
+            .geometry_cache
+            .get_or_build(&key, || self.geometry(xs, ws))?;
+        Ok(*cached)
+    }
+
     /// f32 kernel: per (image, group) GEMM into a column buffer, then col2im.
     #[allow(clippy::too_many_arguments)]
     fn run_f32(
@@ -244,25 +262,26 @@ impl ConvTranspose {
             let (bn, gi) = (idx / group, idx % group);
             let xg = &x[(bn * c + gi * cg) * pin..(bn * c + (gi + 1) * cg) * pin];
             let wg = &w[gi * cg * rows..(gi + 1) * cg * rows];
-            let mut col = vec![0.0f32; rows * pin];
-            let par = !outer && rows * pin * cg >= blas::PARALLEL_THRESHOLD;
-            blas::gemm(
-                rows,
-                pin,
-                cg,
-                &mut col,
-                pin,
-                false,
-                MatRef::transposed(wg, rows),
-                MatRef::row_major(xg, pin),
-                1.0,
-                par,
-            )?;
-            for (mi, plane) in chunk.chunks_mut(pout).enumerate() {
-                plane.fill(b.map_or(0.0, |b| b[gi * mg + mi]));
-                col2im_add(&col[mi * ksz * pin..(mi + 1) * ksz * pin], g, plane);
-            }
-            Ok(())
+            with_scratch::<f32, _>(rows * pin, |col| {
+                let par = !outer && rows * pin * cg >= blas::PARALLEL_THRESHOLD;
+                blas::gemm(
+                    rows,
+                    pin,
+                    cg,
+                    col,
+                    pin,
+                    false,
+                    MatRef::transposed(wg, rows),
+                    MatRef::row_major(xg, pin),
+                    1.0,
+                    par,
+                )?;
+                for (mi, plane) in chunk.chunks_mut(pout).enumerate() {
+                    plane.fill(b.map_or(0.0, |b| b[gi * mg + mi]));
+                    col2im_add(&col[mi * ksz * pin..(mi + 1) * ksz * pin], g, plane);
+                }
+                Ok(())
+            })
         };
         if outer {
             out.par_chunks_mut(mg * pout).enumerate().try_for_each(body)
@@ -357,7 +376,7 @@ impl Op for ConvTranspose {
                 "X, W and B must be float tensors of one dtype",
             ));
         }
-        let (n, c, m, g) = self.geometry(x.shape(), w.shape())?;
+        let (n, c, m, g) = self.cached_geometry(x.shape(), w.shape())?;
         if b.is_some_and(|b| b.shape() != [m]) {
             return Err(KilnError::kernel(
                 "ConvTranspose",
@@ -382,6 +401,58 @@ impl Op for ConvTranspose {
         Ok(vec![from_f32(x.dtype(), &shape, out)?.into()])
     }
 
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = input_tensor(inputs, 0, "ConvTranspose")?;
+        let w = input_tensor(inputs, 1, "ConvTranspose")?;
+        let b = optional_tensor(inputs, 2, "ConvTranspose")?;
+        let all_f32 = x.dtype() == DType::F32
+            && w.dtype() == DType::F32
+            && b.is_none_or(|b| b.dtype() == DType::F32);
+        let [out] = outputs else {
+            return Err(KilnError::kernel(
+                "ConvTranspose",
+                "expected one output slot",
+            ));
+        };
+        if !all_f32 || out.dtype() != DType::F32 {
+            // Other float types go through the reference path (converting to f32).
+            let y = self.eval(inputs)?;
+            return out.copy_from(y[0].as_tensor()?);
+        }
+        let (n, c, m, g) = self.cached_geometry(x.shape(), w.shape())?;
+        if b.is_some_and(|b| b.shape() != [m]) {
+            return Err(KilnError::kernel(
+                "ConvTranspose",
+                format!("B must have shape [{m}]"),
+            ));
+        }
+        let nd = x.rank() - 2;
+        let want_spatial = &g.output[3 - nd..];
+        if out.shape().len() != nd + 2
+            || out.shape()[..2] != [n, m]
+            || &out.shape()[2..] != want_spatial
+        {
+            return Err(KilnError::kernel(
+                "ConvTranspose",
+                format!(
+                    "output slot has shape {:?}, the inputs give [{n}, {m}, {want_spatial:?}]",
+                    out.shape()
+                ),
+            ));
+        }
+        let bias = b.map(|b| b.as_slice::<f32>()).transpose()?;
+        self.run_f32(
+            x.as_slice::<f32>()?,
+            w.as_slice::<f32>()?,
+            bias,
+            n,
+            c,
+            m,
+            &g,
+            out.as_mut_slice::<f32>()?,
+        )
+    }
+
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
@@ -403,6 +474,7 @@ mod tests {
             pads: None,
             output_padding: None,
             output_shape: None,
+            geometry_cache: PlanCache::default(),
         }
     }
 
@@ -490,6 +562,14 @@ mod tests {
             )
             .unwrap();
         assert_eq!(f[0].concrete_shape().unwrap(), y.shape());
+        // The in-place path (scratch columns, cached geometry) writes the same bits, twice.
+        for _ in 0..2 {
+            let mut buf = vec![0xA5u8; y.bytes().len()];
+            let mut slot = [TensorMut::new(DType::F32, y.shape(), &mut buf).unwrap()];
+            op.eval_into(&[Some(&xv), Some(&wv), Some(&bv)], &mut slot)
+                .unwrap();
+            assert_eq!(buf.as_slice(), y.bytes());
+        }
     }
 
     #[test]

@@ -163,6 +163,14 @@ impl Op for Binary {
                 }
             }
         }
+        let all_f32 = dt == DType::F32 && b.dtype() == DType::F32 && o.dtype() == DType::F32;
+        if self.kind == BinKind::Pow && all_f32 {
+            let plan = Plan::new(self.name, &[a.shape(), b.shape()])?;
+            if plan.len() == o.shape().iter().product::<usize>() {
+                pow_f32_into(&plan, a.as_slice()?, b.as_slice()?, o.as_mut_slice()?);
+                return Ok(());
+            }
+        }
         o.copy_from(&binary_eval(self.name, self.kind, a, &b)?)
     }
 
@@ -335,24 +343,29 @@ fn pow(op: &str, plan: &Plan, a: &Tensor, b: &Tensor) -> Result<Tensor> {
 fn pow_f32(plan: &Plan, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (x, y) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
     new_tensor::<f32>(DType::F32, &plan.out_shape, |o| {
-        if y.len() == 1 && x.len() == o.len() {
-            let e = y[0];
-            if e == 2.0 {
-                map_into(x, o, |v| v * v);
-            } else if e == 1.0 {
-                o.copy_from_slice(x);
-            } else if e == 0.5 {
-                map_into(x, o, |v| v.sqrt());
-            } else if e == 3.0 {
-                map_into(x, o, |v| v * v * v);
-            } else {
-                map_into(x, o, |v| v.powf(e));
-            }
-        } else {
-            plan.binary(x, y, o, |a, b| a.powf(*b));
-        }
+        pow_f32_into(plan, x, y, o);
         Ok(())
     })
+}
+
+/// `o = x ^ y` (broadcast by `plan`), with the common constant exponents special-cased.
+fn pow_f32_into(plan: &Plan, x: &[f32], y: &[f32], o: &mut [f32]) {
+    if y.len() == 1 && x.len() == o.len() {
+        let e = y[0];
+        if e == 2.0 {
+            map_into(x, o, |v| v * v);
+        } else if e == 1.0 {
+            o.copy_from_slice(x);
+        } else if e == 0.5 {
+            map_into(x, o, |v| v.sqrt());
+        } else if e == 3.0 {
+            map_into(x, o, |v| v * v * v);
+        } else {
+            map_into(x, o, |v| v.powf(e));
+        }
+    } else {
+        plan.binary(x, y, o, |a, b| a.powf(*b));
+    }
 }
 
 /// `Where(cond, X, Y)`: picks X where cond is true, else Y, with 3-way broadcasting.

@@ -10,9 +10,12 @@
 
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
-    Tensor, Value,
+    Tensor, TensorMut, Value,
 };
 use rayon::prelude::*;
+
+use crate::plan_cache::{PlanCache, PlanKey};
+use crate::scratch::with_scratch;
 
 /// Registers `Resize` and `Upsample`.
 pub fn register(reg: &mut OpRegistry) {
@@ -102,6 +105,19 @@ pub struct Resize {
     pub axes: Option<Vec<i64>>,
     /// Aspect-ratio policy for sizes.
     pub policy: AspectPolicy,
+    /// The last call's plan (tap tables per axis), reused while shapes and parameters
+    /// stay the same.
+    plan_cache: PlanCache<ResizePlan>,
+}
+
+/// What one Resize call computes for one input shape and parameter set.
+#[derive(Debug)]
+struct ResizePlan {
+    out_shape: Vec<usize>,
+    /// Per axis, the tap table, or `None` where the axis is unchanged.
+    axes: Vec<Option<AxisPlan>>,
+    /// Every resized axis is a pure gather (nearest with in-range taps).
+    gather: bool,
 }
 
 fn parse_mode(a: &kiln_core::AttrReader, legacy: bool) -> Result<Mode> {
@@ -165,6 +181,7 @@ fn build_resize(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         antialias: a.int("antialias", 0)? != 0,
         axes: a.opt_ints("axes")?,
         policy,
+        plan_cache: PlanCache::default(),
     }))
 }
 
@@ -192,6 +209,7 @@ fn build_upsample(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         antialias: false,
         axes: None,
         policy: AspectPolicy::Stretch,
+        plan_cache: PlanCache::default(),
     }))
 }
 
@@ -596,69 +614,71 @@ fn non_empty(t: Option<&Tensor>) -> Option<&Tensor> {
 /// Elements per rayon task.
 const TASK: usize = 1 << 14;
 
-/// A gather pass along one axis: `src` is `[outer, in_len, inner]`.
-fn gather_pass<T: Copy + Default + Send + Sync>(
+/// A gather pass along one axis: `src` is `[outer, in_len, inner]`, `dst` is
+/// `[outer, out_len, inner]`.
+fn gather_pass<T: Copy + Send + Sync>(
     src: &[T],
     outer: usize,
     inner: usize,
     plan: &AxisPlan,
-) -> Vec<T> {
+    dst: &mut [T],
+) {
     let (il, ol) = (plan.in_len, plan.out_len);
-    let idx: Vec<usize> = (0..ol).map(|y| plan.taps[plan.start[y]].0).collect();
-    let mut out = vec![T::default(); outer * ol * inner];
     let block = ol * inner;
     if block == 0 {
-        return out;
+        return;
     }
+    let source = |y: usize| plan.taps[plan.start[y]].0;
     let body = |o: usize, dst: &mut [T]| {
         let s = &src[o * il * inner..(o + 1) * il * inner];
         if inner == 1 {
-            for (d, &i) in dst.iter_mut().zip(&idx) {
-                *d = s[i];
+            for (y, d) in dst.iter_mut().enumerate() {
+                *d = s[source(y)];
             }
         } else {
             for (y, d) in dst.chunks_exact_mut(inner).enumerate() {
-                let i = idx[y];
+                let i = source(y);
                 d.copy_from_slice(&s[i * inner..(i + 1) * inner]);
             }
         }
     };
-    if out.len() >= 2 * TASK {
+    for_each_block(&mut dst[..outer * block], block, body);
+}
+
+/// Runs `body(o, block)` for every `block`-long chunk of `dst`, in parallel when large.
+fn for_each_block<T: Send>(dst: &mut [T], block: usize, body: impl Fn(usize, &mut [T]) + Sync) {
+    if dst.len() >= 2 * TASK {
         let per = (TASK / block).max(1);
-        out.par_chunks_mut(per * block)
+        dst.par_chunks_mut(per * block)
             .enumerate()
             .for_each(|(c, chunk)| {
-                for (k, dst) in chunk.chunks_mut(block).enumerate() {
-                    body(c * per + k, dst);
+                for (k, d) in chunk.chunks_mut(block).enumerate() {
+                    body(c * per + k, d);
                 }
             });
     } else {
-        for (o, dst) in out.chunks_mut(block).enumerate() {
-            body(o, dst);
+        for (o, d) in dst.chunks_mut(block).enumerate() {
+            body(o, d);
         }
     }
-    out
 }
 
-/// An interpolation pass along one axis: `src` is `[outer, in_len, inner]`.
+/// An interpolation pass along one axis: `src` is `[outer, in_len, inner]`, `dst` is
+/// `[outer, out_len, inner]`; `ev` fills extrapolated points.
 fn interp_pass<T: num_traits::Float + Send + Sync>(
     src: &[T],
     outer: usize,
     inner: usize,
     plan: &AxisPlan,
     ev: T,
-) -> Vec<T> {
+    dst: &mut [T],
+) {
     let (il, ol) = (plan.in_len, plan.out_len);
-    let taps: Vec<(usize, T)> = plan
-        .taps
-        .iter()
-        .map(|&(i, w)| (i, T::from(w).unwrap_or_else(T::nan)))
-        .collect();
-    let mut out = vec![T::zero(); outer * ol * inner];
     let block = ol * inner;
     if block == 0 {
-        return out;
+        return;
     }
+    let weight = |w: f64| T::from(w).unwrap_or_else(T::nan);
     let body = |o: usize, dst: &mut [T]| {
         let s = &src[o * il * inner..(o + 1) * il * inner];
         for (y, d) in dst.chunks_exact_mut(inner).enumerate() {
@@ -666,16 +686,19 @@ fn interp_pass<T: num_traits::Float + Send + Sync>(
                 d.fill(ev);
                 continue;
             }
-            let t = &taps[plan.start[y]..plan.start[y + 1]];
+            let t = &plan.taps[plan.start[y]..plan.start[y + 1]];
             if inner == 1 {
-                d[0] = t.iter().fold(T::zero(), |acc, &(i, w)| acc + w * s[i]);
+                d[0] = t
+                    .iter()
+                    .fold(T::zero(), |acc, &(i, w)| acc + weight(w) * s[i]);
                 continue;
             }
             match t {
-                [(i, w)] if *w == T::one() => d.copy_from_slice(&s[i * inner..(i + 1) * inner]),
+                [(i, w)] if *w == 1.0 => d.copy_from_slice(&s[i * inner..(i + 1) * inner]),
                 _ => {
                     d.fill(T::zero());
                     for &(i, w) in t {
+                        let w = weight(w);
                         let row = &s[i * inner..(i + 1) * inner];
                         d.iter_mut()
                             .zip(row)
@@ -685,44 +708,58 @@ fn interp_pass<T: num_traits::Float + Send + Sync>(
             }
         }
     };
-    if out.len() >= 2 * TASK {
-        let per = (TASK / block).max(1);
-        out.par_chunks_mut(per * block)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for (k, dst) in chunk.chunks_mut(block).enumerate() {
-                    body(c * per + k, dst);
-                }
-            });
-    } else {
-        for (o, dst) in out.chunks_mut(block).enumerate() {
-            body(o, dst);
-        }
-    }
-    out
+    for_each_block(&mut dst[..outer * block], block, body);
 }
 
-/// Applies the non-identity axis plans, innermost axis first.
-fn run_passes<T, F>(
-    data: Vec<T>,
+/// Applies the non-identity axis plans, innermost axis first, from `src` (shape
+/// `in_shape`) into `dst` (shape `out_shape`). Intermediate results live in thread-local
+/// scratch, so a warm call allocates nothing.
+fn run_passes_into<T, F>(
+    src: &[T],
     in_shape: &[usize],
+    out_shape: &[usize],
     plans: &[Option<AxisPlan>],
-    mut pass: F,
-) -> Vec<T>
-where
-    F: FnMut(&[T], usize, usize, &AxisPlan) -> Vec<T>,
+    dst: &mut [T],
+    pass: F,
+) where
+    T: bytemuck::Pod,
+    F: Fn(&[T], usize, usize, &AxisPlan, &mut [T]),
 {
-    let mut shape = in_shape.to_vec();
-    let mut cur = data;
-    for ax in (0..shape.len()).rev() {
-        if let Some(plan) = &plans[ax] {
-            let outer: usize = shape[..ax].iter().product();
-            let inner: usize = shape[ax + 1..].iter().product();
-            cur = pass(&cur, outer, inner, plan);
-            shape[ax] = plan.out_len;
-        }
+    let rank = in_shape.len();
+    // (axis, outer, inner, elements after the pass), innermost axis first.
+    let step = |ax: usize| {
+        let outer: usize = in_shape[..ax].iter().product();
+        let inner: usize = out_shape[ax + 1..].iter().product();
+        (outer, inner, outer * out_shape[ax] * inner)
+    };
+    let active = || (0..rank).rev().filter(|&ax| plans[ax].is_some());
+    let n = active().count();
+    if n == 0 {
+        dst.copy_from_slice(src);
+        return;
     }
-    cur
+    let scratch_len = active().take(n - 1).map(|ax| step(ax).2).max().unwrap_or(0);
+    let second_len = if n > 2 { scratch_len } else { 0 };
+    with_scratch::<T, _>(scratch_len, |a| {
+        with_scratch::<T, _>(second_len, |b| {
+            for (j, ax) in active().enumerate() {
+                let plan = plans[ax].as_ref().expect("active axes have plans");
+                let (outer, inner, len) = step(ax);
+                let last = j + 1 == n;
+                // Pass j reads pass j-1's result (the input for j = 0) and writes into
+                // a, b, a, … in turn, the last pass into `dst`.
+                let (from, to): (&[T], &mut [T]) = match (j % 2, last) {
+                    (0, true) if j == 0 => (src, &mut *dst),
+                    (0, true) => (&b[..], &mut *dst),
+                    (1, true) => (&a[..], &mut *dst),
+                    (0, false) if j == 0 => (src, &mut a[..len]),
+                    (0, false) => (&b[..], &mut a[..len]),
+                    _ => (&a[..], &mut b[..len]),
+                };
+                pass(from, outer, inner, plan, to);
+            }
+        })
+    });
 }
 
 impl Resize {
@@ -735,62 +772,135 @@ impl Resize {
         Ok(plans)
     }
 
-    fn run(&self, x: &Tensor, r: &Resolved) -> Result<Tensor> {
-        let in_shape = x.shape();
-        let out_shape = &r.out_shape;
-        let n_out = out_shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        if n_out.is_none_or(|n| n > (1usize << 40)) {
-            return Err(self.err(format!("output shape {out_shape:?} is too large")));
+    /// The plan for this call's input shape and parameters (cached across calls).
+    fn plan(
+        &self,
+        x: &Tensor,
+        inputs: &[Option<&Value>],
+    ) -> Result<crate::plan_cache::CachedPlan<ResizePlan>> {
+        let mut key = PlanKey::new();
+        key.push_dims(x.shape());
+        let first_param = if self.legacy && self.scales_attr.is_some() {
+            inputs.len()
+        } else {
+            1
+        };
+        for i in first_param..inputs.len().min(4) {
+            key.push_tensor(optional_tensor(inputs, i, self.op_name)?);
         }
-        if x.is_empty() || n_out == Some(0) {
-            return Ok(Tensor::zeros(x.dtype(), out_shape));
+        self.plan_cache.get_or_build(&key, || {
+            let (roi, scales, sizes) = self.read_params(inputs)?;
+            let r = self.resolve(x.shape(), roi, scales, sizes)?;
+            let n_out = r
+                .out_shape
+                .iter()
+                .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+            if n_out.is_none_or(|n| n > (1usize << 40)) {
+                return Err(self.err(format!("output shape {:?} is too large", r.out_shape)));
+            }
+            let axes = if x.is_empty() || n_out == Some(0) {
+                vec![None; x.shape().len()]
+            } else {
+                self.plans(x.shape(), &r)?
+            };
+            let gather = axes.iter().flatten().all(|p| p.is_gather());
+            Ok(ResizePlan {
+                out_shape: r.out_shape,
+                axes,
+                gather,
+            })
+        })
+    }
+
+    /// Computes into `out` (already of the plan's shape and `x`'s dtype) when a kernel
+    /// writes this dtype in place; returns false otherwise.
+    fn run_into(&self, x: &Tensor, p: &ResizePlan, out: &mut TensorMut<'_>) -> Result<bool> {
+        if x.is_empty() || p.out_shape.contains(&0) {
+            return Ok(false);
         }
-        let plans = self.plans(in_shape, r)?;
-        if plans.iter().flatten().all(|p| p.is_gather()) && x.dtype() != DType::String {
-            return crate::dispatch_pod!(x.dtype(), T => {
-                let data = x.as_raw::<T>()?.to_vec();
-                let out = run_passes(data, in_shape, &plans, gather_pass);
-                Tensor::from_raw(x.dtype(), out_shape, &out)
-            }, _ => Err(self.err(format!("unsupported dtype {}", x.dtype()))));
+        let (in_shape, out_shape) = (x.shape(), &p.out_shape[..]);
+        if p.gather && x.dtype() != DType::String {
+            crate::dispatch_pod!(x.dtype(), T => {
+                run_passes_into(x.as_raw::<T>()?, in_shape, out_shape, &p.axes,
+                    out.as_raw_mut::<T>()?, gather_pass);
+            }, _ => return Ok(false));
+            return Ok(true);
         }
         match x.dtype() {
             DType::F32 => {
-                let data = x.as_slice::<f32>()?.to_vec();
                 let ev = self.extrapolation as f32;
-                let out = run_passes(data, in_shape, &plans, |s, o, i, p| {
-                    interp_pass(s, o, i, p, ev)
-                });
-                Tensor::from_vec(out_shape, out)
+                run_passes_into(
+                    x.as_slice::<f32>()?,
+                    in_shape,
+                    out_shape,
+                    &p.axes,
+                    out.as_mut_slice::<f32>()?,
+                    |s, o, i, a, d| interp_pass(s, o, i, a, ev, d),
+                );
+                Ok(true)
             }
+            DType::F64 => {
+                run_passes_into(
+                    x.as_slice::<f64>()?,
+                    in_shape,
+                    out_shape,
+                    &p.axes,
+                    out.as_mut_slice::<f64>()?,
+                    |s, o, i, a, d| interp_pass(s, o, i, a, self.extrapolation, d),
+                );
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// The reference path: computes a new tensor (any supported dtype).
+    fn run(&self, x: &Tensor, p: &ResizePlan) -> Result<Tensor> {
+        let out_shape = &p.out_shape;
+        let n_out: usize = out_shape.iter().product();
+        if x.dtype() != DType::String {
+            let mut bytes = vec![0u8; n_out * x.dtype().size()];
+            let mut out = TensorMut::new(x.dtype(), out_shape, &mut bytes)?;
+            if self.run_into(x, p, &mut out)? {
+                return Tensor::from_bytes(x.dtype(), out_shape, &bytes);
+            }
+        }
+        if x.is_empty() || n_out == 0 {
+            return Ok(Tensor::zeros(x.dtype(), out_shape));
+        }
+        let in_shape = x.shape();
+        match x.dtype() {
             DType::F16 | DType::BF16 => {
                 let data = x.to_f32_vec()?;
                 let ev = self.extrapolation as f32;
-                let out = run_passes(data, in_shape, &plans, |s, o, i, p| {
-                    interp_pass(s, o, i, p, ev)
-                });
+                let mut out = vec![0f32; n_out];
+                run_passes_into(
+                    &data,
+                    in_shape,
+                    out_shape,
+                    &p.axes,
+                    &mut out,
+                    |s, o, i, a, d| interp_pass(s, o, i, a, ev, d),
+                );
                 Tensor::from_vec(out_shape, out)?.cast(x.dtype())
             }
             DType::String | DType::Bool => {
                 Err(self.err(format!("unsupported dtype {}", x.dtype())))
             }
             dt => {
+                // Integers: interpolate in f64, round half to even, saturate.
                 let data = x.to_f64_vec()?;
-                let out = run_passes(data, in_shape, &plans, |s, o, i, p| {
-                    interp_pass(s, o, i, p, self.extrapolation)
-                });
-                let t = Tensor::from_vec(out_shape, out)?;
-                if dt == DType::F64 {
-                    Ok(t)
-                } else {
-                    let rounded: Vec<f64> = t
-                        .as_slice::<f64>()?
-                        .iter()
-                        .map(|v| v.round_ties_even())
-                        .collect();
-                    Tensor::from_vec(out_shape, rounded)?.cast(dt)
-                }
+                let mut out = vec![0f64; n_out];
+                run_passes_into(
+                    &data,
+                    in_shape,
+                    out_shape,
+                    &p.axes,
+                    &mut out,
+                    |s, o, i, a, d| interp_pass(s, o, i, a, self.extrapolation, d),
+                );
+                out.iter_mut().for_each(|v| *v = v.round_ties_even());
+                Tensor::from_vec(out_shape, out)?.cast(dt)
             }
         }
     }
@@ -894,9 +1004,29 @@ impl Op for Resize {
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = input_tensor(inputs, 0, self.op_name)?;
-        let (roi, scales, sizes) = self.read_params(inputs)?;
-        let r = self.resolve(x.shape(), roi, scales, sizes)?;
-        Ok(vec![Value::Tensor(self.run(x, &r)?)])
+        let plan = self.plan(x, inputs)?;
+        Ok(vec![Value::Tensor(self.run(x, &plan)?)])
+    }
+
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = input_tensor(inputs, 0, self.op_name)?;
+        let plan = self.plan(x, inputs)?;
+        let Some(out) = outputs.first_mut() else {
+            return Err(self.err("no output slot"));
+        };
+        if out.shape() != plan.out_shape.as_slice() || out.dtype() != x.dtype() {
+            return Err(self.err(format!(
+                "output slot is {} {:?}, the inputs give {} {:?}",
+                out.dtype(),
+                out.shape(),
+                x.dtype(),
+                plan.out_shape
+            )));
+        }
+        if !self.run_into(x, &plan, out)? {
+            out.copy_from(&self.run(x, &plan)?)?;
+        }
+        Ok(())
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

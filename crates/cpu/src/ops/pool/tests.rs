@@ -15,6 +15,7 @@ fn pool(kind: PoolKind, win: WindowAttrs, with_indices: bool) -> Pool {
         win,
         kernel,
         with_indices,
+        geometry_cache: PlanCache::default(),
     }
 }
 
@@ -183,6 +184,23 @@ fn pools_match_naive_2d() {
                 .infer(&[Some(&Fact::concrete(DType::F32, &xs))], 1)
                 .unwrap();
             assert_eq!(f[0].concrete_shape().unwrap(), shape);
+            // The in-place path (cached geometry) writes the same values and indices.
+            let n: usize = shape.iter().product();
+            let (mut yb, mut ib) = (vec![0xA5u8; n * 4], vec![0xA5u8; n * 8]);
+            let mut slots = [
+                TensorMut::new(DType::F32, &shape, &mut yb).unwrap(),
+                TensorMut::new(DType::I64, &shape, &mut ib).unwrap(),
+            ];
+            let slots = if matches!(k, PoolKind::Max { .. }) {
+                &mut slots[..]
+            } else {
+                &mut slots[..1]
+            };
+            op.eval_into(&[Some(&xt)], slots).unwrap();
+            assert_eq!(yb.as_slice(), y.bytes(), "{k:?} {w:?}");
+            if let PoolKind::Max { .. } = k {
+                assert_eq!(ib.as_slice(), got[1].as_tensor().unwrap().bytes());
+            }
         }
     }
 }

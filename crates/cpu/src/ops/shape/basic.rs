@@ -3,7 +3,7 @@
 
 use std::any::Any;
 
-use kiln_core::{BuildCtx, DType, Dim, Fact, Op, Result, Tensor, TensorMut, Value};
+use kiln_core::{BuildCtx, DType, Dim, Fact, KilnError, Op, Result, Tensor, TensorMut, Value};
 
 use super::common::*;
 
@@ -82,6 +82,28 @@ impl Op for ShapeOp {
         let v: Vec<i64> = x.shape()[s..e].iter().map(|&d| d as i64).collect();
         Ok(vec![Tensor::from_vec(&[v.len()], v)?.into()])
     }
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = kiln_core::input_tensor(inputs, 0, "Shape")?;
+        let (s, e) = self.range(x.rank());
+        let dims = &x.shape()[s..e];
+        let [out] = outputs else {
+            return Err(KilnError::kernel("Shape", "expected one output slot"));
+        };
+        if out.shape() != [dims.len()] {
+            return Err(KilnError::kernel(
+                "Shape",
+                format!(
+                    "output slot has shape {:?}, expected [{}]",
+                    out.shape(),
+                    dims.len()
+                ),
+            ));
+        }
+        for (o, &d) in out.as_mut_slice::<i64>()?.iter_mut().zip(dims) {
+            *o = d as i64;
+        }
+        Ok(())
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -114,6 +136,16 @@ impl Op for SizeOp {
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let x = kiln_core::input_tensor(inputs, 0, "Size")?;
         Ok(vec![Tensor::scalar(x.len() as i64).into()])
+    }
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = kiln_core::input_tensor(inputs, 0, "Size")?;
+        match outputs {
+            [out] if out.shape().is_empty() => {
+                out.as_mut_slice::<i64>()?[0] = x.len() as i64;
+                Ok(())
+            }
+            _ => Err(KilnError::kernel("Size", "expected one scalar output slot")),
+        }
     }
     fn as_any(&self) -> &dyn Any {
         self
