@@ -224,11 +224,33 @@ impl Op for BatchNorm {
             && outputs[0].dtype() == DType::F32
             && outputs[0].shape() == x.shape()
         {
+            let c = x.shape()[1];
+            let spatial: usize = x.shape()[2..].iter().product();
+            let plain = |i: usize| {
+                input_tensor(inputs, i, OP)
+                    .ok()
+                    .filter(|t| t.dtype() == DType::F32 && t.shape() == [c])
+                    .and_then(|t| t.as_slice::<f32>().ok())
+            };
+            if let (Some(scale), Some(bias), Some(mean), Some(var)) =
+                (plain(1), plain(2), plain(3), plain(4))
+            {
+                // The usual [C] f32 parameters: per-channel affine coefficients in scratch.
+                let y = outputs[0].as_mut_slice::<f32>()?;
+                crate::scratch::with_scratch::<f32, _>(2 * c, |ab| {
+                    let (a, b) = ab.split_at_mut(c);
+                    for i in 0..c {
+                        a[i] = scale[i] / (var[i] + self.epsilon).sqrt();
+                        b[i] = bias[i] - mean[i] * a[i];
+                    }
+                    affine_channels(x.as_slice::<f32>()?, y, c, spatial, a, b);
+                    Ok(())
+                })?;
+                return Ok(());
+            }
             let p: Vec<&Tensor> = (1..5)
                 .map(|i| input_tensor(inputs, i, OP))
                 .collect::<Result<_>>()?;
-            let c = x.shape()[1];
-            let spatial: usize = x.shape()[2..].iter().product();
             let scale = per_channel::<f32>(OP, "scale", p[0], c)?;
             let bias = per_channel::<f32>(OP, "B", p[1], c)?;
             let mean = per_channel::<f32>(OP, "input_mean", p[2], c)?;

@@ -10,7 +10,7 @@ use std::any::Any;
 
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
-    Tensor, Value, ValueKind,
+    Tensor, TensorMut, Value, ValueKind,
 };
 
 use super::elementwise::num::Num;
@@ -112,6 +112,123 @@ impl Reduce {
         Ok(Some(mask))
     }
 
+    /// The in-place f32 path (every kind but LogSumExp), accumulating in f64 scratch like
+    /// the reference. Returns false, writing nothing, where it does not apply.
+    fn reduce_f32_into(
+        &self,
+        inputs: &[Option<&Value>],
+        outputs: &mut [TensorMut<'_>],
+    ) -> Result<bool> {
+        let x = input_tensor(inputs, 0, self.name)?;
+        let rank = x.rank();
+        let [out] = outputs else {
+            return Ok(false);
+        };
+        if x.dtype() != DType::F32 || out.dtype() != DType::F32 || self.kind == RedKind::LogSumExp {
+            return Ok(false);
+        }
+        // The reduced-axes mask, on the stack.
+        let mut mask = smallvec::SmallVec::<[bool; MAX_GROUPS]>::from_elem(false, rank);
+        let axes_tensor = if self.axes_input {
+            optional_tensor(inputs, 1, self.name)?.filter(|t| !t.is_empty())
+        } else {
+            None
+        };
+        let attr_axes = self.axes_attr.as_deref().unwrap_or_default();
+        let n_axes = axes_tensor.map_or(attr_axes.len(), |t| t.len());
+        if n_axes == 0 {
+            if self.noop_with_empty_axes {
+                return Ok(false);
+            }
+            mask.iter_mut().for_each(|m| *m = true);
+        } else {
+            if rank == 0 {
+                return Ok(false);
+            }
+            let from_tensor = axes_tensor.map(|t| t.as_slice::<i64>()).transpose();
+            let Ok(from_tensor) = from_tensor else {
+                return Ok(false);
+            };
+            for k in 0..n_axes {
+                let a = match from_tensor {
+                    Some(v) => v[k],
+                    None => attr_axes[k],
+                };
+                let n = if a < 0 { a + rank as i64 } else { a };
+                if n < 0 || n >= rank as i64 || mask[n as usize] {
+                    // Out of range or repeated: the reference path reports it.
+                    return Ok(false);
+                }
+                mask[n as usize] = true;
+            }
+        }
+        let shape = x.shape();
+        let kept = shape
+            .iter()
+            .zip(&mask)
+            .filter_map(|(&d, &m)| match (m, self.keepdims) {
+                (false, _) => Some(d),
+                (true, true) => Some(1),
+                (true, false) => None,
+            });
+        if !kept.eq(out.shape().iter().copied()) {
+            return Ok(false);
+        }
+        let count: usize = shape
+            .iter()
+            .zip(&mask)
+            .filter(|(_, &m)| m)
+            .map(|(&d, _)| d)
+            .product();
+        let xv = x.as_slice::<f32>()?;
+        let y = out.as_mut_slice::<f32>()?;
+        match self.kind {
+            RedKind::Max | RedKind::Min => {
+                let max = self.kind == RedKind::Max;
+                y.fill(if max {
+                    <f32 as Num>::LOWEST
+                } else {
+                    <f32 as Num>::HIGHEST
+                });
+                fold_runs_into(
+                    xv,
+                    shape,
+                    &mask,
+                    y,
+                    |a, b, _| {
+                        if max {
+                            a.maxv(b)
+                        } else {
+                            a.minv(b)
+                        }
+                    },
+                );
+            }
+            kind => {
+                let (init, f): (f64, fn(f64, f64) -> f64) = match kind {
+                    RedKind::Prod => (1.0, |a, b| a * b),
+                    RedKind::L1 => (0.0, |a, b| a + b.abs()),
+                    RedKind::L2 | RedKind::SumSquare => (0.0, |a, b| a + b * b),
+                    _ => (0.0, |a, b| a + b),
+                };
+                crate::scratch::with_scratch::<f64, _>(y.len(), |acc| {
+                    acc.fill(init);
+                    fold_runs_into(xv, shape, &mask, acc, |a, b, _| f(a, b as f64));
+                    let n = count as f64;
+                    for (o, &a) in y.iter_mut().zip(acc.iter()) {
+                        *o = match kind {
+                            RedKind::Mean => a / n,
+                            RedKind::L2 => a.sqrt(),
+                            RedKind::LogSum => a.ln(),
+                            _ => a,
+                        } as f32;
+                    }
+                });
+            }
+        }
+        Ok(true)
+    }
+
     fn known_axes(&self, inputs: &[Option<&Fact>]) -> Option<Vec<i64>> {
         if self.axes_input {
             match inputs.get(1).copied().flatten() {
@@ -185,6 +302,16 @@ impl Op for Reduce {
             &mask,
             self.keepdims,
         )?)
+    }
+
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        if !self.reduce_f32_into(inputs, outputs)? {
+            let produced = self.eval(inputs)?;
+            for (slot, value) in outputs.iter_mut().zip(&produced) {
+                slot.copy_from(value.as_tensor()?)?;
+            }
+        }
+        Ok(())
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -319,8 +446,35 @@ pub fn fold_runs<T: Copy, A: Copy>(
     init: A,
     f: impl Fn(A, T, usize) -> A,
 ) -> Vec<A> {
+    let out_len: usize = shape
+        .iter()
+        .zip(mask)
+        .filter(|(_, &m)| !m)
+        .map(|(&d, _)| d)
+        .product();
+    let mut acc = vec![init; out_len];
+    fold_runs_into(x, shape, mask, &mut acc, f);
+    acc
+}
+
+/// Most dims [`fold_runs_into`] handles (coalesced groups of dims, kept on the stack).
+const MAX_GROUPS: usize = 32;
+
+/// [`fold_runs`] into caller-provided accumulators `acc` (one per output element, already
+/// holding the initial value). Allocation-free for inputs of rank ≤ 32 (the bookkeeping
+/// lives on the stack; higher ranks spill it to the heap).
+pub fn fold_runs_into<T: Copy, A: Copy>(
+    x: &[T],
+    shape: &[usize],
+    mask: &[bool],
+    acc: &mut [A],
+    f: impl Fn(A, T, usize) -> A,
+) {
+    if x.is_empty() || acc.is_empty() {
+        return;
+    }
     // Coalesce into groups (size, reduced), skipping size-1 dims.
-    let mut groups: Vec<(usize, bool)> = Vec::new();
+    let mut groups = smallvec::SmallVec::<[(usize, bool); MAX_GROUPS]>::new();
     for (&d, &m) in shape.iter().zip(mask) {
         if d == 1 {
             continue;
@@ -330,14 +484,9 @@ pub fn fold_runs<T: Copy, A: Copy>(
             _ => groups.push((d, m)),
         }
     }
-    let out_len: usize = groups.iter().filter(|g| !g.1).map(|g| g.0).product();
-    let mut acc = vec![init; out_len];
-    if x.is_empty() || out_len == 0 {
-        return acc;
-    }
     let (inner, inner_red) = groups.pop().unwrap_or((1, true));
     // Output strides of the outer groups (0 for reduced ones).
-    let mut ostr = vec![0usize; groups.len()];
+    let mut ostr = smallvec::SmallVec::<[usize; MAX_GROUPS]>::from_elem(0, groups.len());
     let mut s = if inner_red { 1 } else { inner };
     for (i, g) in groups.iter().enumerate().rev() {
         if !g.1 {
@@ -345,7 +494,7 @@ pub fn fold_runs<T: Copy, A: Copy>(
             s *= g.0;
         }
     }
-    let mut coords = vec![0usize; groups.len()];
+    let mut coords = smallvec::SmallVec::<[usize; MAX_GROUPS]>::from_elem(0, groups.len());
     let mut o = 0usize;
     for run in x.chunks(inner) {
         if inner_red {
@@ -369,7 +518,6 @@ pub fn fold_runs<T: Copy, A: Copy>(
             coords[i] = 0;
         }
     }
-    acc
 }
 
 /// ArgMax / ArgMin along one axis.
@@ -653,15 +801,23 @@ mod tests {
                 } else {
                     Some(Tensor::from_vec(&[axes.len()], axes.clone()).unwrap())
                 };
-                let y = run1(op, 18, vec![], &[Some(f32t(&shape, x.clone())), ax]).unwrap();
+                let inputs = [Some(f32t(&shape, x.clone())), ax];
+                let y = run1(op, 18, vec![], &inputs).unwrap();
                 close(y.as_slice::<f32>().unwrap(), &want, 1e-4);
+                // The in-place path agrees bit for bit.
+                check_into(build(op, 18, vec![], 2, 1).unwrap().as_ref(), &inputs);
                 // Opset 13 (ReduceSum excepted): axes attribute, keepdims=0.
                 if *op != "ReduceSum" {
                     let mut attrs = vec![("keepdims", Attr::Int(0))];
                     if !axes.is_empty() {
                         attrs.push(("axes", Attr::Ints(axes.clone())));
                     }
-                    let y = run1(op, 13, attrs, &[Some(f32t(&shape, x.clone()))]).unwrap();
+                    let inputs = [Some(f32t(&shape, x.clone()))];
+                    check_into(
+                        build(op, 13, attrs.clone(), 1, 1).unwrap().as_ref(),
+                        &inputs,
+                    );
+                    let y = run1(op, 13, attrs, &inputs).unwrap();
                     let kept: Vec<usize> = shape
                         .iter()
                         .zip(&mask)

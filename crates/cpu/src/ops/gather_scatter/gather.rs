@@ -53,6 +53,69 @@ impl Gather {
     }
 }
 
+impl Gather {
+    /// The in-place path for int32/int64 indices: copies each selected block straight into
+    /// the slot, reading indices as it goes (no offset table, no allocation). Returns false
+    /// when it does not apply (strings, other index types, a slot of another shape).
+    fn gather_direct(
+        &self,
+        inputs: &[Option<&Value>],
+        outputs: &mut [TensorMut<'_>],
+    ) -> Result<bool> {
+        let x = kiln_core::input_tensor(inputs, 0, "Gather")?;
+        let idx = kiln_core::input_tensor(inputs, 1, "Gather")?;
+        let Some(slot) = outputs.first_mut() else {
+            return Ok(false);
+        };
+        let axis = norm_axis("Gather", self.axis, x.rank())?;
+        let s = x.shape();
+        let o = slot.shape();
+        let shape_fits = o.len() == s.len() - 1 + idx.rank()
+            && o[..axis] == s[..axis]
+            && o[axis..axis + idx.rank()] == *idx.shape()
+            && o[axis + idx.rank()..] == s[axis + 1..];
+        let (i32s, i64s) = match idx.dtype() {
+            DType::I32 => (Some(idx.as_slice::<i32>()?), None),
+            DType::I64 => (None, Some(idx.as_slice::<i64>()?)),
+            _ => return Ok(false),
+        };
+        if !shape_fits || x.dtype() == DType::String || slot.dtype() != x.dtype() {
+            return Ok(false);
+        }
+        let dim = s[axis] as i64;
+        let index = |k: usize| -> Result<usize> {
+            let i = match (i32s, i64s) {
+                (Some(v), _) => v[k] as i64,
+                (_, Some(v)) => v[k],
+                (None, None) => 0,
+            };
+            let j = if i < 0 { i + dim } else { i };
+            if j < 0 || j >= dim {
+                return Err(kerr(
+                    "Gather",
+                    format!("index {i} is out of range for a dim of size {dim}"),
+                ));
+            }
+            Ok(j as usize)
+        };
+        let pre: usize = s[..axis].iter().product();
+        let post: usize = s[axis + 1..].iter().product();
+        let n_idx = idx.len();
+        crate::dispatch_pod!(x.dtype(), T => {
+            let src = x.as_raw::<T>()?;
+            let dst = slot.as_raw_mut::<T>()?;
+            for p in 0..pre {
+                for k in 0..n_idx {
+                    let from = (p * s[axis] + index(k)?) * post;
+                    let to = (p * n_idx + k) * post;
+                    dst[to..to + post].copy_from_slice(&src[from..from + post]);
+                }
+            }
+            Ok(true)
+        }, _ => Ok(false))
+    }
+}
+
 impl Op for Gather {
     fn op_type(&self) -> &str {
         "Gather"
@@ -81,6 +144,9 @@ impl Op for Gather {
         Ok(vec![move_data(&g, "Gather", &[x], x.dtype(), &out)?.into()])
     }
     fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        if self.gather_direct(inputs, outputs)? {
+            return Ok(());
+        }
         let (x, out, g) = self.plan(inputs)?;
         match outputs.first_mut() {
             Some(slot) if x.dtype() != DType::String => move_into(&g, "Gather", &[x], slot, &out),
