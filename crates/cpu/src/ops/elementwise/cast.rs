@@ -21,9 +21,10 @@ pub fn cast_tensor_with(t: &Tensor, to: DType, opts: CastOptions) -> Result<Tens
         .map_err(|e| KilnError::kernel("Cast", format!("{} to {to}: {e}", t.dtype())))
 }
 
-/// Allocation-free casts for the common pairs: same dtype (a copy) and integer or f32/f64
-/// sources to f32/f64 (Rust's `as`, which is round-to-nearest like the reference). Returns
-/// false, writing nothing, for any other pair.
+/// Allocation-free casts for the common pairs: same dtype (a copy), and integer or f32/f64
+/// sources to f32/f64/i64/i32 (Rust's `as`, as the reference does: round-to-nearest into
+/// floats, truncating and saturating into integers). Returns false, writing nothing, for
+/// any other pair.
 fn cast_into(x: &Tensor, out: &mut TensorMut<'_>) -> Result<bool> {
     if x.dtype() == out.dtype() && x.dtype() != DType::String {
         out.bytes_mut().copy_from_slice(x.bytes());
@@ -62,9 +63,13 @@ fn cast_into(x: &Tensor, out: &mut TensorMut<'_>) -> Result<bool> {
             Ok(true)
         }};
     }
+    // Integer targets convert like the reference (`as`: truncation toward zero,
+    // saturating, NaN → 0).
     match out.dtype() {
         DType::F32 => to_float!(f32),
         DType::F64 => to_float!(f64),
+        DType::I64 => to_float!(i64),
+        DType::I32 => to_float!(i32),
         _ => Ok(false),
     }
 }
