@@ -248,19 +248,25 @@ impl ConvF32<'_> {
         let ConvDims { c, m, group, .. } = self.dims;
         let mg = m / group;
         let (p, isz, ksz) = (self.sp.out_size(), self.sp.in_size(), self.sp.kernel_size());
+        let sw = self.sp.strides[2];
         let body = |(idx, plane): (usize, &mut [f32])| {
             let (bn, om) = (idx / m, idx % m);
             let cin = om / mg;
             let xp = &self.x[(bn * c + cin) * isz..(bn * c + cin + 1) * isz];
             let wk = &self.w[om * ksz..(om + 1) * ksz];
-            direct_plane(
-                xp,
-                wk,
-                self.bias.map_or(0.0, |b| b[om]),
-                &self.sp,
-                self.act,
-                plane,
-            );
+            let bias = self.bias.map_or(0.0, |b| b[om]);
+            if sw == 1 {
+                direct_plane(xp, wk, bias, &self.sp, self.act, plane);
+            } else {
+                // Strided: the plane's rows split into `sw` phases first, so every tap reads
+                // a contiguous run (and the loop vectorises).
+                let [id_n, ih_n, iw_n] = self.sp.input;
+                let row = sw * iw_n.div_ceil(sw);
+                crate::scratch::with_scratch::<f32, _>(id_n * ih_n * row, |ph| {
+                    phase_split(xp, iw_n, sw, ph);
+                    direct_plane(ph, wk, bias, &self.sp, self.act, plane);
+                });
+            }
         };
         if rayon::current_num_threads() > 1 && out.len() >= 4096 {
             out.par_chunks_mut(p).enumerate().for_each(body);
@@ -271,8 +277,22 @@ impl ConvF32<'_> {
     }
 }
 
-/// One output plane of a single-input-channel convolution, row by row (the output row
-/// stays in L1 while every tap is accumulated into it).
+/// Splits every row of `iw` values of `x` into `s` phases: row `r` of `out` (length
+/// `s·⌈iw/s⌉`) holds `x[r][q + s·t]` at `q·⌈iw/s⌉ + t` (the unused tail of a phase is 0).
+fn phase_split(x: &[f32], iw: usize, s: usize, out: &mut [f32]) {
+    let pl = iw.div_ceil(s);
+    for (src, dst) in x.chunks_exact(iw).zip(out.chunks_exact_mut(s * pl)) {
+        for (q, ph) in dst.chunks_exact_mut(pl).enumerate() {
+            for (t, v) in ph.iter_mut().enumerate() {
+                *v = src.get(q + s * t).copied().unwrap_or(0.0);
+            }
+        }
+    }
+}
+
+/// One output plane of a single-input-channel convolution with the best SIMD this CPU
+/// has (AVX-512 or AVX2+FMA builds of the same loop, detected at run time; portable code
+/// otherwise). With a stride above 1 in the last dim, `xp` is the [`phase_split`] plane.
 fn direct_plane(
     xp: &[f32],
     wk: &[f32],
@@ -281,10 +301,67 @@ fn direct_plane(
     act: Activation,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::linalg::sgemm::Isa;
+        match Isa::detect() {
+            // SAFETY: the CPU supports the features (run-time detection).
+            Isa::Avx512 => return unsafe { direct_plane_avx512(xp, wk, bias, sp, act, out) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { direct_plane_avx2(xp, wk, bias, sp, act, out) },
+            Isa::Scalar => {}
+        }
+    }
+    direct_plane_body(xp, wk, bias, sp, act, out, |o, w, i| *o += w * i)
+}
+
+/// [`direct_plane_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn direct_plane_avx512(
+    xp: &[f32],
+    wk: &[f32],
+    bias: f32,
+    sp: &Spatial3,
+    act: Activation,
+    out: &mut [f32],
+) {
+    direct_plane_body(xp, wk, bias, sp, act, out, |o, w, i| *o = w.mul_add(i, *o))
+}
+
+/// [`direct_plane_body`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn direct_plane_avx2(
+    xp: &[f32],
+    wk: &[f32],
+    bias: f32,
+    sp: &Spatial3,
+    act: Activation,
+    out: &mut [f32],
+) {
+    direct_plane_body(xp, wk, bias, sp, act, out, |o, w, i| *o = w.mul_add(i, *o))
+}
+
+/// One output plane, row by row (the output row stays in L1 while every tap is
+/// accumulated into it with `fma(out, w, in)`); every tap reads a contiguous input run.
+#[inline(always)]
+fn direct_plane_body(
+    xp: &[f32],
+    wk: &[f32],
+    bias: f32,
+    sp: &Spatial3,
+    act: Activation,
+    out: &mut [f32],
+    fma: impl Fn(&mut f32, f32, f32),
+) {
     let [kd_n, kh_n, kw_n] = sp.kernel;
     let [_, ih_n, iw_n] = sp.input;
     let [od_n, oh_n, ow_n] = sp.output;
     let (sw, dw, pw) = (sp.strides[2], sp.dilations[2], sp.pad_begin[2]);
+    // Input row length in `xp`: phase-split rows are `sw` phases of ⌈iw/sw⌉.
+    let pl = iw_n.div_ceil(sw);
+    let row_len = sw * pl;
     let ranges: smallvec::SmallVec<[(usize, usize); 16]> =
         (0..kw_n).map(|kw| sp.valid_range(2, kw)).collect();
     for od in 0..od_n {
@@ -299,22 +376,19 @@ fn direct_plane(
                     let Some(ih) = sp.in_coord(1, oh, kh) else {
                         continue;
                     };
-                    let irow = &xp[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
+                    let irow = &xp[(id * ih_n + ih) * row_len..(id * ih_n + ih + 1) * row_len];
                     for (kw, &(lo, hi)) in ranges.iter().enumerate() {
                         if lo >= hi {
                             continue;
                         }
                         let wv = wk[(kd * kh_n + kh) * kw_n + kw];
+                        // Input index of output lo: base; of lo + j: base + sw·j, i.e.
+                        // phase base % sw, position base / sw + j.
                         let base = lo * sw + kw * dw - pw;
-                        let o = &mut orow[lo..hi];
-                        if sw == 1 {
-                            for (ov, iv) in o.iter_mut().zip(&irow[base..base + (hi - lo)]) {
-                                *ov += wv * iv;
-                            }
-                        } else {
-                            for (j, ov) in o.iter_mut().enumerate() {
-                                *ov += wv * irow[base + j * sw];
-                            }
+                        let start = (base % sw) * pl + base / sw;
+                        let src = &irow[start..start + (hi - lo)];
+                        for (ov, &iv) in orow[lo..hi].iter_mut().zip(src) {
+                            fma(ov, wv, iv);
                         }
                     }
                 }

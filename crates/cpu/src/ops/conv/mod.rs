@@ -486,6 +486,26 @@ mod tests {
             Activation::None,
             7,
         );
+        // depthwise with a depth multiplier, strides 2×3, dilation, asymmetric pads
+        check(
+            &[2, 6, 13, 17],
+            &[12, 1, 3, 5],
+            6,
+            win(Some(vec![1, 2, 0, 1]), Some(vec![2, 3]), Some(vec![1, 2])),
+            true,
+            Activation::HardSwish,
+            14,
+        );
+        // depthwise, stride 2, wide rows (full SIMD vectors plus a tail)
+        check(
+            &[1, 3, 9, 53],
+            &[3, 1, 3, 3],
+            3,
+            win(Some(vec![1, 1, 1, 1]), Some(vec![2, 2]), None),
+            false,
+            Activation::Relu,
+            15,
+        );
         // large enough to use several im2col tiles
         check(
             &[1, 8, 40, 37],
@@ -526,6 +546,16 @@ mod tests {
             true,
             Activation::None,
             12,
+        );
+        // 3-D depthwise, strides in every dim
+        check(
+            &[1, 2, 5, 6, 19],
+            &[2, 1, 3, 2, 3],
+            2,
+            win(Some(vec![1, 0, 1, 1, 1, 2]), Some(vec![2, 2, 2]), None),
+            true,
+            Activation::None,
+            16,
         );
         for ap in [AutoPad::SameUpper, AutoPad::SameLower, AutoPad::Valid] {
             let w = WindowAttrs {
