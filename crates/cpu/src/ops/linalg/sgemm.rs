@@ -336,7 +336,11 @@ unsafe fn short(
     scale: f32,
 ) {
     // SAFETY: forwarded.
-    unsafe { short_body(m, n, k, dst, dst_rs, accumulate, a, b, scale, |v, x, y| *v += x * y) }
+    unsafe {
+        short_body(m, n, k, dst, dst_rs, accumulate, a, b, scale, |v, x, y| {
+            *v += x * y
+        })
+    }
 }
 
 /// The loop of [`short`], inlined into each instruction-set wrapper with its
@@ -678,7 +682,12 @@ mod x86 {
             for j in 0..N {
                 // SAFETY: (i, j) and (i+1, j) when rows == 2 are inside dst.
                 unsafe {
-                    put(dst.add(i * dst_rs + j), acc, scale, _mm512_reduce_add_ps(s0[j]));
+                    put(
+                        dst.add(i * dst_rs + j),
+                        acc,
+                        scale,
+                        _mm512_reduce_add_ps(s0[j]),
+                    );
                     if rows == 2 {
                         put(
                             dst.add((i + 1) * dst_rs + j),
