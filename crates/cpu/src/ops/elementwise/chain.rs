@@ -500,6 +500,33 @@ mod tests {
         }
     }
 
+    /// The portable and AVX2 builds of the chunk loop (the dispatcher picks AVX-512 here).
+    #[test]
+    fn every_build_of_the_chunk_loop_agrees() {
+        let prog = sample();
+        let len = 3 * CHUNK + 5;
+        let mut r = Lcg(77);
+        let x: Vec<f32> = r.vec(len).iter().map(|v| v * 8.0).collect();
+        let y = r.vec(len);
+        let z = [0.75f32];
+        let want: Vec<f32> = (0..len).map(|e| prog.eval_one(&[x[e], y[e], z[0]])).collect();
+        let check = |name: &str, got: &[f32]| {
+            for (e, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{name} element {e}: {g} vs {w}");
+            }
+        };
+        let mut out = vec![f32::NAN; len];
+        block_body(&prog, &[&x, &y, &z], 0, &mut out);
+        check("portable", &out);
+        #[cfg(target_arch = "x86_64")]
+        if crate::ops::linalg::sgemm::Isa::Avx2.supported() {
+            out.fill(f32::NAN);
+            // SAFETY: AVX2 and FMA are present (checked above).
+            unsafe { block_avx2(&prog, &[&x, &y, &z], 0, &mut out) };
+            check("avx2", &out);
+        }
+    }
+
     #[test]
     fn op_round_trips_through_its_description_and_rejects_bad_programs() {
         let prog = sample();
