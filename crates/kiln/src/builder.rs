@@ -188,7 +188,13 @@ impl Builder {
         // are heuristic until its tactics are offered to the tuner.
         tuner::pools(config.fp16, config.int8)?;
         let tuning = if fingerprint.backend == "cpu" {
-            self.tune(&mut graph, &fingerprint, config, tactics, timer)?
+            let tuning = self.tune(&mut graph, &fingerprint, config, tactics, timer)?;
+            if config.optimize {
+                // After tuning: the chosen tactics decide which weights the packed GEMM reads.
+                let packed = crate::pack_weights::pack_conv_weights(&mut graph, registry())?;
+                tracing::info!(packed, "conv weights packed at build time");
+            }
+            tuning
         } else {
             tracing::info!("GPU engine: tactics chosen by the CUDA backend's heuristics");
             TuneReport::default()

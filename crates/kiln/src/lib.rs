@@ -23,6 +23,7 @@ pub mod fuse_elementwise;
 pub mod memory;
 pub mod npy;
 pub mod optimize;
+pub mod pack_weights;
 pub mod plan;
 pub mod profile;
 pub mod tuner;

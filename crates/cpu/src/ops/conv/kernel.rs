@@ -10,6 +10,7 @@ use super::geom::Spatial3;
 use super::reference::ConvDims;
 use crate::fused::Activation;
 use crate::ops::linalg::blas::{self, MatRef};
+use crate::ops::linalg::sgemm::{pack_a_whole, Isa};
 
 /// Target number of im2col elements per tile (keeps the scratch in L2): the default.
 pub const TILE_ELEMS: usize = 1 << 16;
@@ -49,6 +50,28 @@ pub struct ConvF32<'a> {
     pub act: Activation,
     /// Which implementation to run.
     pub algo: ConvAlgo,
+    /// `Some(isa)`: `w` holds each group's `mg × k` weights in the packed-A layout of
+    /// [`crate::ops::linalg::sgemm::pack_a_whole`] for `isa` (see [`pack_weights`]).
+    pub packed: Option<Isa>,
+}
+
+/// Packs conv weights (M × C/group × kernel, f32) group by group into the packed-A layout
+/// the GEMM tactics read for `isa`, so they are packed once at build time. The result has
+/// as many values as `w` (each group's block stays at its offset).
+pub fn pack_weights(w: &[f32], m: usize, group: usize, isa: Isa) -> Result<Vec<f32>> {
+    if group == 0 || m % group != 0 || w.len() % m.max(1) != 0 {
+        return Err(KilnError::kernel(
+            "Conv",
+            format!("cannot pack {} weights as {m} filters in {group} groups", w.len()),
+        ));
+    }
+    let mg = m / group;
+    let k = w.len() / m.max(1);
+    let mut out = vec![0.0f32; w.len()];
+    for (src, dst) in w.chunks_exact(mg * k).zip(out.chunks_exact_mut(mg * k)) {
+        pack_a_whole(isa, mg, k, src, dst);
+    }
+    Ok(out)
 }
 
 /// Adds `b` to every value and applies `act`, in one pass.
@@ -112,6 +135,14 @@ impl ConvF32<'_> {
             return Ok(());
         }
         let depthwise = cg == 1 && group > 1;
+        if self.packed.is_some()
+            && (matches!(self.algo, ConvAlgo::Direct) || (depthwise && self.algo == ConvAlgo::Auto))
+        {
+            return Err(KilnError::kernel(
+                "Conv",
+                "weights packed for GEMM but the direct kernel was chosen; rebuild the plan",
+            ));
+        }
         let (tile_elems, outer) = match self.algo {
             ConvAlgo::Auto if depthwise => return self.run_direct(out),
             ConvAlgo::Auto => (TILE_ELEMS, true),
@@ -162,18 +193,7 @@ impl ConvF32<'_> {
         let k = cg * self.sp.kernel_size();
         let par = par && mg * p * k >= blas::PARALLEL_THRESHOLD;
         if self.sp.is_pointwise() {
-            blas::gemm(
-                mg,
-                p,
-                k,
-                out,
-                p,
-                false,
-                MatRef::row_major(wg, k),
-                MatRef::row_major(xg, p),
-                1.0,
-                par,
-            )?;
+            self.product(mg, p, k, out, p, wg, MatRef::row_major(xg, p), par)?;
             self.apply_epilogue(out, bias, mg, 0, p);
             return Ok(());
         }
@@ -204,22 +224,50 @@ impl ConvF32<'_> {
             let p1 = (p0 + tile).min(p);
             let tw = p1 - p0;
             im2col_tile(xg, cg, &self.sp, p0, p1, &mut col[..k * tw]);
-            blas::gemm(
+            self.product(
                 mg,
                 tw,
                 k,
                 &mut out[p0..],
                 p,
-                false,
-                MatRef::row_major(wg, k),
+                wg,
                 MatRef::row_major(&col[..k * tw], tw),
-                1.0,
                 par,
             )?;
             self.apply_epilogue(out, bias, mg, p0, p1);
             p0 = p1;
         }
         Ok(())
+    }
+
+    /// `out[mg × n] = W_g · b`, with the group's weights plain or prepacked.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        mg: usize,
+        n: usize,
+        k: usize,
+        out: &mut [f32],
+        out_rs: usize,
+        wg: &[f32],
+        b: MatRef<'_, f32>,
+        par: bool,
+    ) -> Result<()> {
+        match self.packed {
+            Some(isa) => blas::gemm_packed_a(isa, mg, n, k, out, out_rs, false, wg, b, 1.0, par),
+            None => blas::gemm(
+                mg,
+                n,
+                k,
+                out,
+                out_rs,
+                false,
+                MatRef::row_major(wg, k),
+                b,
+                1.0,
+                par,
+            ),
+        }
     }
 
     fn apply_epilogue(
@@ -449,6 +497,82 @@ pub fn im2col_tile(xg: &[f32], cg: usize, sp: &Spatial3, p0: usize, p1: usize, c
                         p = end;
                     }
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv::geom::WindowAttrs;
+    use crate::ops::conv::reference::conv_reference;
+    use crate::ops::conv::test_util::{max_diff, Lcg};
+    use crate::ops::linalg::sgemm::Isa;
+
+    /// Every build of the depthwise row loop (portable, AVX2, AVX-512 where the CPU has
+    /// them) against the reference convolution of one plane, strided and dilated.
+    #[test]
+    fn every_direct_plane_build_matches_the_reference() {
+        let cases: [([usize; 2], [usize; 2], [usize; 4], [usize; 2], [usize; 2]); 4] = [
+            ([9, 53], [3, 3], [1, 1, 1, 1], [2, 2], [1, 1]),
+            ([13, 17], [3, 5], [1, 2, 0, 1], [2, 3], [1, 2]),
+            ([7, 40], [5, 5], [2, 2, 2, 2], [1, 1], [1, 1]),
+            ([6, 6], [3, 3], [0, 0, 0, 0], [1, 4], [2, 1]),
+        ];
+        for (ci, (input, kernel, pads, strides, dil)) in cases.into_iter().enumerate() {
+            let win = WindowAttrs {
+                pads: Some(pads.to_vec()),
+                strides: Some(strides.to_vec()),
+                dilations: Some(dil.to_vec()),
+                ..Default::default()
+            };
+            let sp = win.resolve("Conv", &input, &kernel).unwrap().to3("Conv").unwrap();
+            let mut r = Lcg(ci as u64 + 40);
+            let x = r.vec(sp.in_size());
+            let w = r.vec(sp.kernel_size());
+            let bias = r.next();
+            let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+            let dims = ConvDims {
+                n: 1,
+                c: 1,
+                m: 1,
+                group: 1,
+            };
+            let want: Vec<f32> =
+                conv_reference(&f64v(&x), &f64v(&w), Some(&[bias as f64]), dims, &sp)
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect();
+            let sw = sp.strides[2];
+            let mut src = vec![0.0f32; sp.input[0] * sp.input[1] * sw * sp.input[2].div_ceil(sw)];
+            phase_split(&x, sp.input[2], sw, &mut src);
+            let mut builds: Vec<(&str, Vec<f32>)> = Vec::new();
+            let mut out = vec![f32::NAN; sp.out_size()];
+            direct_plane_body(&src, &w, bias, &sp, Activation::None, &mut out, |o, w, i| {
+                *o += w * i
+            });
+            builds.push(("portable", out.clone()));
+            #[cfg(target_arch = "x86_64")]
+            {
+                if Isa::Avx2.supported() {
+                    out.fill(f32::NAN);
+                    // SAFETY: AVX2 and FMA are present (checked above).
+                    unsafe { direct_plane_avx2(&src, &w, bias, &sp, Activation::None, &mut out) };
+                    builds.push(("avx2", out.clone()));
+                }
+                if Isa::Avx512.supported() {
+                    out.fill(f32::NAN);
+                    // SAFETY: AVX-512F is present (checked above).
+                    unsafe {
+                        direct_plane_avx512(&src, &w, bias, &sp, Activation::None, &mut out)
+                    };
+                    builds.push(("avx512", out.clone()));
+                }
+            }
+            for (name, got) in builds {
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-5, "case {ci} {name}: diff {d}");
             }
         }
     }

@@ -51,6 +51,31 @@ impl Isa {
         })
     }
 
+    /// Rows of the family's micro-kernel tile (the strip height of packed A).
+    pub fn mr(self) -> usize {
+        match self {
+            Isa::Scalar => 4,
+            Isa::Avx2 => 6,
+            Isa::Avx512 => 8,
+        }
+    }
+
+    /// Stable name (`scalar`, `avx2`, `avx512`), as stored in plans.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// The family a [`Isa::name`] names.
+    pub fn from_name(name: &str) -> Option<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .find(|i| i.name() == name)
+    }
+
     /// True when this CPU can run the family.
     pub fn supported(self) -> bool {
         match self {
@@ -85,6 +110,108 @@ struct DstPtr(*mut f32);
 unsafe impl Send for DstPtr {}
 // SAFETY: as above.
 unsafe impl Sync for DstPtr {}
+
+/// Where the packed loop takes A from.
+#[derive(Clone, Copy)]
+enum ASrc {
+    /// A strided operand, packed block by block on every call.
+    Strided(Operand),
+    /// A already in [`pack_a_whole`] layout for the running family.
+    Packed(*const f32),
+}
+// SAFETY: read-only view, as for Operand.
+unsafe impl Send for ASrc {}
+// SAFETY: as above.
+unsafe impl Sync for ASrc {}
+
+/// Number of f32 values of an `m × k` A in packed layout (the same as unpacked: tail
+/// strips are stored without padding).
+pub fn packed_a_len(m: usize, k: usize) -> usize {
+    m * k
+}
+
+/// Packs a row-major `m × k` matrix `a` into the layout the packed loop reads for kernel
+/// family `isa`, so a constant A (conv or Gemm weights) can be packed once at build time:
+/// depth blocks of `KC`, in each row blocks of `MC`, in each strips of `MR` rows stored
+/// depth-major (`[p][r]`); a block's last strip keeps only its real rows. The output has
+/// exactly `m·k` values.
+pub fn pack_a_whole(isa: Isa, m: usize, k: usize, a: &[f32], out: &mut [f32]) {
+    let mr = isa.mr();
+    let mut o = 0;
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
+        for i0 in (0..m).step_by(MC) {
+            let mc = MC.min(m - i0);
+            for ir in (0..mc).step_by(mr) {
+                let rows = mr.min(mc - ir);
+                for p in 0..kc {
+                    for r in 0..rows {
+                        out[o] = a[(i0 + ir + r) * k + p0 + p];
+                        o += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The inverse of [`pack_a_whole`]: back to a row-major `m × k` matrix.
+pub fn unpack_a_whole(isa: Isa, m: usize, k: usize, packed: &[f32], out: &mut [f32]) {
+    let mr = isa.mr();
+    let mut o = 0;
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
+        for i0 in (0..m).step_by(MC) {
+            let mc = MC.min(m - i0);
+            for ir in (0..mc).step_by(mr) {
+                let rows = mr.min(mc - ir);
+                for p in 0..kc {
+                    for r in 0..rows {
+                        out[(i0 + ir + r) * k + p0 + p] = packed[o];
+                        o += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[m×n] = (accumulate ? dst : 0) + scale · A·B` with A already packed by
+/// [`pack_a_whole`] for `isa`: no A packing per call (B is still packed per block).
+///
+/// # Safety
+/// `pa` holds `m·k` values packed for `isa`; B and dst as for [`sgemm`]; `isa.supported()`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_packed_a(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    pa: *const f32,
+    b: Operand,
+    scale: f32,
+    parallel: bool,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        packed_loop(
+            isa,
+            m,
+            n,
+            k,
+            dst,
+            dst_rs,
+            accumulate,
+            ASrc::Packed(pa),
+            b,
+            scale,
+            parallel,
+        )
+    }
+}
 
 /// `dst[m×n] = (accumulate ? dst : 0) + scale · A[m×k] · B[k×n]` with the given kernel
 /// family.
@@ -136,6 +263,47 @@ pub unsafe fn sgemm(
         };
         return;
     }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        packed_loop(
+            isa,
+            m,
+            n,
+            k,
+            dst,
+            dst_rs,
+            accumulate,
+            ASrc::Strided(a),
+            b,
+            scale,
+            parallel,
+        )
+    }
+}
+
+/// The packed (Goto/BLIS) loop of [`sgemm`], columns split over threads.
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_loop(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: ASrc,
+    b: Operand,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let nr = match isa {
+        Isa::Scalar => 4,
+        Isa::Avx2 => 16,
+        Isa::Avx512 => 32,
+    };
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
@@ -396,7 +564,7 @@ unsafe fn serial<const MR: usize, const NR: usize>(
     dst: *mut f32,
     dst_rs: usize,
     accumulate: bool,
-    a: Operand,
+    a: ASrc,
     b: Operand,
     scale: f32,
     micro: Micro,
@@ -429,20 +597,55 @@ unsafe fn serial<const MR: usize, const NR: usize>(
                     let mut ic = 0;
                     while ic < m {
                         let mc = MC.min(m - ic);
-                        // SAFETY: the block lies inside A's bounds.
-                        unsafe { pack_a::<MR>(a, ic, pc, mc, kc, pa) };
+                        let block: *const f32 = match a {
+                            ASrc::Strided(a) => {
+                                // SAFETY: the block lies inside A's bounds.
+                                unsafe { pack_a::<MR>(a, ic, pc, mc, kc, pa) };
+                                pa.as_ptr()
+                            }
+                            ASrc::Packed(p) => {
+                                // Prepacked: the block starts after pc·m values of earlier
+                                // depth blocks and ic·kc of earlier row blocks; its
+                                // short last strip is padded into `pa`.
+                                let block = p.wrapping_add(pc * m + ic * kc);
+                                let (full, rows) = (mc / MR * MR, mc % MR);
+                                if rows > 0 {
+                                    for q in 0..kc {
+                                        for r in 0..MR {
+                                            pa[q * MR + r] = if r < rows {
+                                                // SAFETY: inside the block's last strip
+                                                // (kc·rows values at full·kc).
+                                                unsafe { *block.add(full * kc + q * rows + r) }
+                                            } else {
+                                                0.0
+                                            };
+                                        }
+                                    }
+                                }
+                                block
+                            }
+                        };
+                        let full_strips = match a {
+                            ASrc::Strided(_) => mc,
+                            ASrc::Packed(_) => mc / MR * MR,
+                        };
                         let mut jr = 0;
                         while jr < nc {
                             let nr_eff = NR.min(nc - jr);
                             let mut ir = 0;
                             while ir < mc {
                                 let mr_eff = MR.min(mc - ir);
+                                let strip = if ir < full_strips {
+                                    block.wrapping_add(ir * kc)
+                                } else {
+                                    pa.as_ptr()
+                                };
                                 // SAFETY: panels hold kc·MR / kc·NR packed values; the
                                 // tile lies inside dst's bounds (mr_eff, nr_eff clip it).
                                 unsafe {
                                     micro(
                                         kc,
-                                        pa.as_ptr().add(ir * kc),
+                                        strip,
                                         pb.as_ptr().add(jr * kc),
                                         dst.add((ic + ir) * dst_rs + jc + jr),
                                         dst_rs,
@@ -1104,6 +1307,67 @@ mod tests {
                             (g - w).abs() <= 1e-4 * (1.0 + w.abs()) * (k as f32).sqrt(),
                             "{isa:?} {m}x{n}x{k} ta={transpose_a} tb={transpose_b} acc={acc}: \
                              element {idx}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prepacked_a_matches_the_reference_and_unpacks_back() {
+        let shapes = [
+            (1, 1, 1),
+            (7, 9, 3),
+            (13, 70, 257),
+            (97, 45, 19),
+            (200, 33, 600),
+            (101, 40, 513),
+            (5, 2, 40),
+            (3, 100, 7),
+        ];
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+            if !isa.supported() {
+                continue;
+            }
+            for (si, &(m, n, k)) in shapes.iter().enumerate() {
+                let a = values(m * k, si as u64 * 5 + 11);
+                let b = values(k * n, si as u64 * 5 + 12);
+                let mut packed = vec![f32::NAN; packed_a_len(m, k)];
+                pack_a_whole(isa, m, k, &a, &mut packed);
+                let mut back = vec![f32::NAN; m * k];
+                unpack_a_whole(isa, m, k, &packed, &mut back);
+                assert_eq!(back, a, "{isa:?} {m}x{k}: unpack(pack(a)) != a");
+                for (acc, par) in [(false, false), (true, true)] {
+                    let ldd = n + 1;
+                    let init = values(m * ldd, si as u64 * 5 + 13);
+                    let mut want = init.clone();
+                    let mut got = init.clone();
+                    reference(m, n, k, &mut want, ldd, acc, &a, (k, 1), &b, (n, 1), 1.5);
+                    // SAFETY: packed holds m·k values packed for isa; b and got are sized.
+                    unsafe {
+                        sgemm_packed_a(
+                            isa,
+                            m,
+                            n,
+                            k,
+                            got.as_mut_ptr(),
+                            ldd,
+                            acc,
+                            packed.as_ptr(),
+                            Operand {
+                                ptr: b.as_ptr(),
+                                rs: n,
+                                cs: 1,
+                            },
+                            1.5,
+                            par,
+                        )
+                    };
+                    for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()) * (k as f32).sqrt(),
+                            "{isa:?} {m}x{n}x{k} acc={acc}: element {idx}: {g} vs {w}"
                         );
                     }
                 }
