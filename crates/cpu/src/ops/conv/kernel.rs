@@ -62,7 +62,10 @@ pub fn pack_weights(w: &[f32], m: usize, group: usize, isa: Isa) -> Result<Vec<f
     if group == 0 || m % group != 0 || w.len() % m.max(1) != 0 {
         return Err(KilnError::kernel(
             "Conv",
-            format!("cannot pack {} weights as {m} filters in {group} groups", w.len()),
+            format!(
+                "cannot pack {} weights as {m} filters in {group} groups",
+                w.len()
+            ),
         ));
     }
     let mg = m / group;
@@ -527,7 +530,11 @@ mod tests {
                 dilations: Some(dil.to_vec()),
                 ..Default::default()
             };
-            let sp = win.resolve("Conv", &input, &kernel).unwrap().to3("Conv").unwrap();
+            let sp = win
+                .resolve("Conv", &input, &kernel)
+                .unwrap()
+                .to3("Conv")
+                .unwrap();
             let mut r = Lcg(ci as u64 + 40);
             let x = r.vec(sp.in_size());
             let w = r.vec(sp.kernel_size());
@@ -549,9 +556,15 @@ mod tests {
             phase_split(&x, sp.input[2], sw, &mut src);
             let mut builds: Vec<(&str, Vec<f32>)> = Vec::new();
             let mut out = vec![f32::NAN; sp.out_size()];
-            direct_plane_body(&src, &w, bias, &sp, Activation::None, &mut out, |o, w, i| {
-                *o += w * i
-            });
+            direct_plane_body(
+                &src,
+                &w,
+                bias,
+                &sp,
+                Activation::None,
+                &mut out,
+                |o, w, i| *o += w * i,
+            );
             builds.push(("portable", out.clone()));
             #[cfg(target_arch = "x86_64")]
             {
@@ -564,9 +577,7 @@ mod tests {
                 if Isa::Avx512.supported() {
                     out.fill(f32::NAN);
                     // SAFETY: AVX-512F is present (checked above).
-                    unsafe {
-                        direct_plane_avx512(&src, &w, bias, &sp, Activation::None, &mut out)
-                    };
+                    unsafe { direct_plane_avx512(&src, &w, bias, &sp, Activation::None, &mut out) };
                     builds.push(("avx512", out.clone()));
                 }
             }

@@ -479,7 +479,10 @@ mod tests {
                         .into_tensor()
                         .unwrap();
                     let d = max_diff(got.as_slice::<f32>().unwrap(), &want);
-                    assert!(d < 1e-4, "xs={xs:?} ws={ws:?} {algo:?} packed {isa:?}: diff {d}");
+                    assert!(
+                        d < 1e-4,
+                        "xs={xs:?} ws={ws:?} {algo:?} packed {isa:?}: diff {d}"
+                    );
                 }
             } else {
                 let pw = Value::from(Tensor::from_vec(ws, w.clone()).unwrap());
@@ -761,7 +764,7 @@ mod tests {
                 group,
                 act: Activation::Relu,
                 algo: ConvAlgo::Auto,
-            packed: None,
+                packed: None,
             };
             let inputs = [Some(&x), Some(&w), Some(&b)];
             let y = conv.eval(&inputs).unwrap().remove(0).into_tensor().unwrap();

@@ -509,10 +509,15 @@ mod tests {
         let x: Vec<f32> = r.vec(len).iter().map(|v| v * 8.0).collect();
         let y = r.vec(len);
         let z = [0.75f32];
-        let want: Vec<f32> = (0..len).map(|e| prog.eval_one(&[x[e], y[e], z[0]])).collect();
+        let want: Vec<f32> = (0..len)
+            .map(|e| prog.eval_one(&[x[e], y[e], z[0]]))
+            .collect();
         let check = |name: &str, got: &[f32]| {
             for (e, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{name} element {e}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{name} element {e}: {g} vs {w}"
+                );
             }
         };
         let mut out = vec![f32::NAN; len];
