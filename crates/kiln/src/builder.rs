@@ -140,13 +140,22 @@ impl Builder {
                 n.fused_from.push(n.name.clone());
             }
         }
-        let report = if config.optimize {
+        let mut report = if config.optimize {
             let r = optimize(&mut graph, registry())?;
             graph.infer_facts_with(true)?;
             r
         } else {
             Default::default()
         };
+        if config.optimize && fingerprint.backend != "cuda" {
+            // CPU engines only: the GPU executor has no layer for the fused chain.
+            let chains = crate::fuse_elementwise::fuse_elementwise(&mut graph, registry())?;
+            if chains > 0 {
+                graph.infer_facts_with(true)?;
+                report.nodes_after = graph.nodes.len();
+            }
+            tracing::info!(chains, "fused elementwise chains");
+        }
         tracing::info!(
             before = report.nodes_before,
             after = report.nodes_after,
@@ -179,7 +188,13 @@ impl Builder {
         // are heuristic until its tactics are offered to the tuner.
         tuner::pools(config.fp16, config.int8)?;
         let tuning = if fingerprint.backend == "cpu" {
-            self.tune(&mut graph, &fingerprint, config, tactics, timer)?
+            let tuning = self.tune(&mut graph, &fingerprint, config, tactics, timer)?;
+            if config.optimize {
+                // After tuning: the chosen tactics decide which weights the packed GEMM reads.
+                let packed = crate::pack_weights::pack_conv_weights(&mut graph, registry())?;
+                tracing::info!(packed, "conv weights packed at build time");
+            }
+            tuning
         } else {
             tracing::info!("GPU engine: tactics chosen by the CUDA backend's heuristics");
             TuneReport::default()

@@ -42,8 +42,9 @@ fn bincode_opts(limit: u64) -> impl bincode::Options {
 
 /// The magic bytes at the start of every plan.
 pub const MAGIC: &[u8; 8] = b"KILNPLAN";
-/// The plan format version this kiln writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+/// The plan format version this kiln writes and reads. 3: Conv weights may be stored
+/// packed for the GEMM kernels (`kiln_weight_layout`), which an older kiln would misread.
+pub const FORMAT_VERSION: u32 = 3;
 const PREFIX: usize = 24;
 
 /// The JSON header of a plan.

@@ -10,6 +10,7 @@ use super::geom::Spatial3;
 use super::reference::ConvDims;
 use crate::fused::Activation;
 use crate::ops::linalg::blas::{self, MatRef};
+use crate::ops::linalg::sgemm::{pack_a_whole, Isa};
 
 /// Target number of im2col elements per tile (keeps the scratch in L2): the default.
 pub const TILE_ELEMS: usize = 1 << 16;
@@ -49,6 +50,31 @@ pub struct ConvF32<'a> {
     pub act: Activation,
     /// Which implementation to run.
     pub algo: ConvAlgo,
+    /// `Some(isa)`: `w` holds each group's `mg × k` weights in the packed-A layout of
+    /// [`crate::ops::linalg::sgemm::pack_a_whole`] for `isa` (see [`pack_weights`]).
+    pub packed: Option<Isa>,
+}
+
+/// Packs conv weights (M × C/group × kernel, f32) group by group into the packed-A layout
+/// the GEMM tactics read for `isa`, so they are packed once at build time. The result has
+/// as many values as `w` (each group's block stays at its offset).
+pub fn pack_weights(w: &[f32], m: usize, group: usize, isa: Isa) -> Result<Vec<f32>> {
+    if group == 0 || m % group != 0 || w.len() % m.max(1) != 0 {
+        return Err(KilnError::kernel(
+            "Conv",
+            format!(
+                "cannot pack {} weights as {m} filters in {group} groups",
+                w.len()
+            ),
+        ));
+    }
+    let mg = m / group;
+    let k = w.len() / m.max(1);
+    let mut out = vec![0.0f32; w.len()];
+    for (src, dst) in w.chunks_exact(mg * k).zip(out.chunks_exact_mut(mg * k)) {
+        pack_a_whole(isa, mg, k, src, dst);
+    }
+    Ok(out)
 }
 
 /// Adds `b` to every value and applies `act`, in one pass.
@@ -112,6 +138,14 @@ impl ConvF32<'_> {
             return Ok(());
         }
         let depthwise = cg == 1 && group > 1;
+        if self.packed.is_some()
+            && (matches!(self.algo, ConvAlgo::Direct) || (depthwise && self.algo == ConvAlgo::Auto))
+        {
+            return Err(KilnError::kernel(
+                "Conv",
+                "weights packed for GEMM but the direct kernel was chosen; rebuild the plan",
+            ));
+        }
         let (tile_elems, outer) = match self.algo {
             ConvAlgo::Auto if depthwise => return self.run_direct(out),
             ConvAlgo::Auto => (TILE_ELEMS, true),
@@ -162,18 +196,7 @@ impl ConvF32<'_> {
         let k = cg * self.sp.kernel_size();
         let par = par && mg * p * k >= blas::PARALLEL_THRESHOLD;
         if self.sp.is_pointwise() {
-            blas::gemm(
-                mg,
-                p,
-                k,
-                out,
-                p,
-                false,
-                MatRef::row_major(wg, k),
-                MatRef::row_major(xg, p),
-                1.0,
-                par,
-            )?;
+            self.product(mg, p, k, out, p, wg, MatRef::row_major(xg, p), par)?;
             self.apply_epilogue(out, bias, mg, 0, p);
             return Ok(());
         }
@@ -204,22 +227,50 @@ impl ConvF32<'_> {
             let p1 = (p0 + tile).min(p);
             let tw = p1 - p0;
             im2col_tile(xg, cg, &self.sp, p0, p1, &mut col[..k * tw]);
-            blas::gemm(
+            self.product(
                 mg,
                 tw,
                 k,
                 &mut out[p0..],
                 p,
-                false,
-                MatRef::row_major(wg, k),
+                wg,
                 MatRef::row_major(&col[..k * tw], tw),
-                1.0,
                 par,
             )?;
             self.apply_epilogue(out, bias, mg, p0, p1);
             p0 = p1;
         }
         Ok(())
+    }
+
+    /// `out[mg × n] = W_g · b`, with the group's weights plain or prepacked.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        mg: usize,
+        n: usize,
+        k: usize,
+        out: &mut [f32],
+        out_rs: usize,
+        wg: &[f32],
+        b: MatRef<'_, f32>,
+        par: bool,
+    ) -> Result<()> {
+        match self.packed {
+            Some(isa) => blas::gemm_packed_a(isa, mg, n, k, out, out_rs, false, wg, b, 1.0, par),
+            None => blas::gemm(
+                mg,
+                n,
+                k,
+                out,
+                out_rs,
+                false,
+                MatRef::row_major(wg, k),
+                b,
+                1.0,
+                par,
+            ),
+        }
     }
 
     fn apply_epilogue(
@@ -248,19 +299,25 @@ impl ConvF32<'_> {
         let ConvDims { c, m, group, .. } = self.dims;
         let mg = m / group;
         let (p, isz, ksz) = (self.sp.out_size(), self.sp.in_size(), self.sp.kernel_size());
+        let sw = self.sp.strides[2];
         let body = |(idx, plane): (usize, &mut [f32])| {
             let (bn, om) = (idx / m, idx % m);
             let cin = om / mg;
             let xp = &self.x[(bn * c + cin) * isz..(bn * c + cin + 1) * isz];
             let wk = &self.w[om * ksz..(om + 1) * ksz];
-            direct_plane(
-                xp,
-                wk,
-                self.bias.map_or(0.0, |b| b[om]),
-                &self.sp,
-                self.act,
-                plane,
-            );
+            let bias = self.bias.map_or(0.0, |b| b[om]);
+            if sw == 1 {
+                direct_plane(xp, wk, bias, &self.sp, self.act, plane);
+            } else {
+                // Strided: the plane's rows split into `sw` phases first, so every tap reads
+                // a contiguous run (and the loop vectorises).
+                let [id_n, ih_n, iw_n] = self.sp.input;
+                let row = sw * iw_n.div_ceil(sw);
+                crate::scratch::with_scratch::<f32, _>(id_n * ih_n * row, |ph| {
+                    phase_split(xp, iw_n, sw, ph);
+                    direct_plane(ph, wk, bias, &self.sp, self.act, plane);
+                });
+            }
         };
         if rayon::current_num_threads() > 1 && out.len() >= 4096 {
             out.par_chunks_mut(p).enumerate().for_each(body);
@@ -271,8 +328,22 @@ impl ConvF32<'_> {
     }
 }
 
-/// One output plane of a single-input-channel convolution, row by row (the output row
-/// stays in L1 while every tap is accumulated into it).
+/// Splits every row of `iw` values of `x` into `s` phases: row `r` of `out` (length
+/// `s·⌈iw/s⌉`) holds `x[r][q + s·t]` at `q·⌈iw/s⌉ + t` (the unused tail of a phase is 0).
+fn phase_split(x: &[f32], iw: usize, s: usize, out: &mut [f32]) {
+    let pl = iw.div_ceil(s);
+    for (src, dst) in x.chunks_exact(iw).zip(out.chunks_exact_mut(s * pl)) {
+        for (q, ph) in dst.chunks_exact_mut(pl).enumerate() {
+            for (t, v) in ph.iter_mut().enumerate() {
+                *v = src.get(q + s * t).copied().unwrap_or(0.0);
+            }
+        }
+    }
+}
+
+/// One output plane of a single-input-channel convolution with the best SIMD this CPU
+/// has (AVX-512 or AVX2+FMA builds of the same loop, detected at run time; portable code
+/// otherwise). With a stride above 1 in the last dim, `xp` is the [`phase_split`] plane.
 fn direct_plane(
     xp: &[f32],
     wk: &[f32],
@@ -281,10 +352,67 @@ fn direct_plane(
     act: Activation,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::linalg::sgemm::Isa;
+        match Isa::detect() {
+            // SAFETY: the CPU supports the features (run-time detection).
+            Isa::Avx512 => return unsafe { direct_plane_avx512(xp, wk, bias, sp, act, out) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { direct_plane_avx2(xp, wk, bias, sp, act, out) },
+            Isa::Scalar => {}
+        }
+    }
+    direct_plane_body(xp, wk, bias, sp, act, out, |o, w, i| *o += w * i)
+}
+
+/// [`direct_plane_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn direct_plane_avx512(
+    xp: &[f32],
+    wk: &[f32],
+    bias: f32,
+    sp: &Spatial3,
+    act: Activation,
+    out: &mut [f32],
+) {
+    direct_plane_body(xp, wk, bias, sp, act, out, |o, w, i| *o = w.mul_add(i, *o))
+}
+
+/// [`direct_plane_body`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn direct_plane_avx2(
+    xp: &[f32],
+    wk: &[f32],
+    bias: f32,
+    sp: &Spatial3,
+    act: Activation,
+    out: &mut [f32],
+) {
+    direct_plane_body(xp, wk, bias, sp, act, out, |o, w, i| *o = w.mul_add(i, *o))
+}
+
+/// One output plane, row by row (the output row stays in L1 while every tap is
+/// accumulated into it with `fma(out, w, in)`); every tap reads a contiguous input run.
+#[inline(always)]
+fn direct_plane_body(
+    xp: &[f32],
+    wk: &[f32],
+    bias: f32,
+    sp: &Spatial3,
+    act: Activation,
+    out: &mut [f32],
+    fma: impl Fn(&mut f32, f32, f32),
+) {
     let [kd_n, kh_n, kw_n] = sp.kernel;
     let [_, ih_n, iw_n] = sp.input;
     let [od_n, oh_n, ow_n] = sp.output;
     let (sw, dw, pw) = (sp.strides[2], sp.dilations[2], sp.pad_begin[2]);
+    // Input row length in `xp`: phase-split rows are `sw` phases of ⌈iw/sw⌉.
+    let pl = iw_n.div_ceil(sw);
+    let row_len = sw * pl;
     let ranges: smallvec::SmallVec<[(usize, usize); 16]> =
         (0..kw_n).map(|kw| sp.valid_range(2, kw)).collect();
     for od in 0..od_n {
@@ -299,22 +427,19 @@ fn direct_plane(
                     let Some(ih) = sp.in_coord(1, oh, kh) else {
                         continue;
                     };
-                    let irow = &xp[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
+                    let irow = &xp[(id * ih_n + ih) * row_len..(id * ih_n + ih + 1) * row_len];
                     for (kw, &(lo, hi)) in ranges.iter().enumerate() {
                         if lo >= hi {
                             continue;
                         }
                         let wv = wk[(kd * kh_n + kh) * kw_n + kw];
+                        // Input index of output lo: base; of lo + j: base + sw·j, i.e.
+                        // phase base % sw, position base / sw + j.
                         let base = lo * sw + kw * dw - pw;
-                        let o = &mut orow[lo..hi];
-                        if sw == 1 {
-                            for (ov, iv) in o.iter_mut().zip(&irow[base..base + (hi - lo)]) {
-                                *ov += wv * iv;
-                            }
-                        } else {
-                            for (j, ov) in o.iter_mut().enumerate() {
-                                *ov += wv * irow[base + j * sw];
-                            }
+                        let start = (base % sw) * pl + base / sw;
+                        let src = &irow[start..start + (hi - lo)];
+                        for (ov, &iv) in orow[lo..hi].iter_mut().zip(src) {
+                            fma(ov, wv, iv);
                         }
                     }
                 }
@@ -375,6 +500,90 @@ pub fn im2col_tile(xg: &[f32], cg: usize, sp: &Spatial3, p0: usize, p1: usize, c
                         p = end;
                     }
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv::geom::WindowAttrs;
+    use crate::ops::conv::reference::conv_reference;
+    use crate::ops::conv::test_util::{max_diff, Lcg};
+    use crate::ops::linalg::sgemm::Isa;
+
+    /// Every build of the depthwise row loop (portable, AVX2, AVX-512 where the CPU has
+    /// them) against the reference convolution of one plane, strided and dilated.
+    #[test]
+    fn every_direct_plane_build_matches_the_reference() {
+        let cases: [([usize; 2], [usize; 2], [usize; 4], [usize; 2], [usize; 2]); 4] = [
+            ([9, 53], [3, 3], [1, 1, 1, 1], [2, 2], [1, 1]),
+            ([13, 17], [3, 5], [1, 2, 0, 1], [2, 3], [1, 2]),
+            ([7, 40], [5, 5], [2, 2, 2, 2], [1, 1], [1, 1]),
+            ([6, 6], [3, 3], [0, 0, 0, 0], [1, 4], [2, 1]),
+        ];
+        for (ci, (input, kernel, pads, strides, dil)) in cases.into_iter().enumerate() {
+            let win = WindowAttrs {
+                pads: Some(pads.to_vec()),
+                strides: Some(strides.to_vec()),
+                dilations: Some(dil.to_vec()),
+                ..Default::default()
+            };
+            let sp = win
+                .resolve("Conv", &input, &kernel)
+                .unwrap()
+                .to3("Conv")
+                .unwrap();
+            let mut r = Lcg(ci as u64 + 40);
+            let x = r.vec(sp.in_size());
+            let w = r.vec(sp.kernel_size());
+            let bias = r.next();
+            let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+            let dims = ConvDims {
+                n: 1,
+                c: 1,
+                m: 1,
+                group: 1,
+            };
+            let want: Vec<f32> =
+                conv_reference(&f64v(&x), &f64v(&w), Some(&[bias as f64]), dims, &sp)
+                    .iter()
+                    .map(|&v| v as f32)
+                    .collect();
+            let sw = sp.strides[2];
+            let mut src = vec![0.0f32; sp.input[0] * sp.input[1] * sw * sp.input[2].div_ceil(sw)];
+            phase_split(&x, sp.input[2], sw, &mut src);
+            let mut builds: Vec<(&str, Vec<f32>)> = Vec::new();
+            let mut out = vec![f32::NAN; sp.out_size()];
+            direct_plane_body(
+                &src,
+                &w,
+                bias,
+                &sp,
+                Activation::None,
+                &mut out,
+                |o, w, i| *o += w * i,
+            );
+            builds.push(("portable", out.clone()));
+            #[cfg(target_arch = "x86_64")]
+            {
+                if Isa::Avx2.supported() {
+                    out.fill(f32::NAN);
+                    // SAFETY: AVX2 and FMA are present (checked above).
+                    unsafe { direct_plane_avx2(&src, &w, bias, &sp, Activation::None, &mut out) };
+                    builds.push(("avx2", out.clone()));
+                }
+                if Isa::Avx512.supported() {
+                    out.fill(f32::NAN);
+                    // SAFETY: AVX-512F is present (checked above).
+                    unsafe { direct_plane_avx512(&src, &w, bias, &sp, Activation::None, &mut out) };
+                    builds.push(("avx512", out.clone()));
+                }
+            }
+            for (name, got) in builds {
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-5, "case {ci} {name}: diff {d}");
             }
         }
     }

@@ -18,6 +18,7 @@ use self::geom::{Spatial, WindowAttrs};
 use self::kernel::{ConvAlgo, ConvF32};
 use self::reference::ConvDims;
 use crate::fused::{Activation, KILN_DOMAIN};
+use crate::ops::linalg::sgemm::Isa;
 use crate::ops::linalg::{as_f32, from_f32};
 
 /// Registers this family's ops.
@@ -144,6 +145,57 @@ pub struct Conv {
     pub act: Activation,
     /// The implementation the tuner chose (`Auto` when untuned).
     pub algo: ConvAlgo,
+    /// `Some(isa)` when W was packed at build time for that GEMM kernel family
+    /// (attribute [`WEIGHT_LAYOUT_ATTR`] = `packed_a.<isa>`).
+    pub packed: Option<Isa>,
+}
+
+/// Attribute naming the layout of a Conv's constant weights when the builder packed them
+/// (`packed_a.scalar`, `packed_a.avx2`, `packed_a.avx512`); absent: ONNX layout.
+pub const WEIGHT_LAYOUT_ATTR: &str = "kiln_weight_layout";
+
+impl Conv {
+    /// The kernel family to pack this layer's weights for at build time, when its GEMM
+    /// tactic would use the packed product (not the depthwise direct kernel, not a product
+    /// with ≤ 4 filters per group or a handful of output positions, which take unpacked
+    /// paths); `None` otherwise.
+    pub fn weight_packing(&self, x: &[usize], w: &[usize]) -> Option<Isa> {
+        if self.packed.is_some() || self.algo == ConvAlgo::Direct {
+            return None;
+        }
+        let (dims, sp) = conv_geometry("Conv", &self.win, self.group, x, w).ok()?;
+        let sp = sp.to3("Conv").ok()?;
+        let (cg, mg) = (dims.c / dims.group, dims.m / dims.group);
+        if cg == 1 && dims.group > 1 && self.algo == ConvAlgo::Auto {
+            return None;
+        }
+        let (p, k) = (sp.out_size(), cg * sp.kernel_size());
+        let tile_elems = match self.algo {
+            ConvAlgo::Im2colGemm { tile_elems, .. } => tile_elems.max(1),
+            _ => kernel::TILE_ELEMS,
+        };
+        let n = if sp.is_pointwise() {
+            p
+        } else {
+            (tile_elems / k.max(1)).max(128).min(p)
+        };
+        let isa = Isa::detect();
+        let nr = match isa {
+            Isa::Scalar => 4,
+            Isa::Avx2 => 16,
+            Isa::Avx512 => 32,
+        };
+        (mg > 4 && n * 4 > nr && k > 0).then_some(isa)
+    }
+
+    /// This op reading weights packed for `isa` (the builder sets the same in the
+    /// description with [`WEIGHT_LAYOUT_ATTR`]).
+    pub fn with_packed(&self, isa: Isa) -> Conv {
+        Conv {
+            packed: Some(isa),
+            ..self.clone()
+        }
+    }
 }
 
 fn build_conv(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
@@ -161,6 +213,18 @@ fn build_conv(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         algo: match a.opt_string(kiln_core::tactic::TACTIC_ATTR)? {
             Some(id) => tactics::parse(&id).map_err(|e| a.invalid(e.to_string()))?,
             None => ConvAlgo::Auto,
+        },
+        packed: match a.opt_string(WEIGHT_LAYOUT_ATTR)? {
+            None => None,
+            Some(l) => Some(
+                l.strip_prefix("packed_a.")
+                    .and_then(Isa::from_name)
+                    .ok_or_else(|| {
+                        a.invalid(format!(
+                            "unknown weight layout `{l}` (this kiln knows packed_a.<scalar|avx2|avx512>); rebuild the plan"
+                        ))
+                    })?,
+            ),
         },
     }))
 }
@@ -211,6 +275,7 @@ impl Conv {
             sp: call.sp.to3("Conv")?,
             act: self.act,
             algo: self.algo,
+            packed: self.packed,
         }
         .run(out)
     }
@@ -378,6 +443,7 @@ mod tests {
             group,
             act,
             algo: ConvAlgo::Auto,
+            packed: None,
         };
         // The heuristic and every tactic the tuner may choose compute the same function.
         let tactics = heuristic.tactics(&[Some(&fx), Some(&fw)]);
@@ -396,6 +462,34 @@ mod tests {
                 d < 1e-4,
                 "xs={xs:?} ws={ws:?} group={group} win={win:?} {algo:?}: diff {d}"
             );
+            // weights packed at build time give the same result, for every kernel family
+            // (one this CPU lacks unpacks into scratch)
+            let depthwise = ws[1] == 1 && group > 1;
+            if algo != ConvAlgo::Direct && !(depthwise && algo == ConvAlgo::Auto) {
+                for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+                    let pw = kernel::pack_weights(&w, ws[0], group, isa).unwrap();
+                    let pwv = Value::from(Tensor::from_vec(ws, pw).unwrap());
+                    let mut pin = inputs.clone();
+                    pin[1] = Some(&pwv);
+                    let got = conv
+                        .with_packed(isa)
+                        .eval(&pin)
+                        .unwrap()
+                        .remove(0)
+                        .into_tensor()
+                        .unwrap();
+                    let d = max_diff(got.as_slice::<f32>().unwrap(), &want);
+                    assert!(
+                        d < 1e-4,
+                        "xs={xs:?} ws={ws:?} {algo:?} packed {isa:?}: diff {d}"
+                    );
+                }
+            } else {
+                let pw = Value::from(Tensor::from_vec(ws, w.clone()).unwrap());
+                let mut pin = inputs.clone();
+                pin[1] = Some(&pw);
+                assert!(conv.with_packed(Isa::Scalar).eval(&pin).is_err());
+            }
             // infer agrees
             let f = conv.infer(&[Some(&fx), Some(&fw)], 1).unwrap().remove(0);
             assert_eq!(f.concrete_shape().unwrap(), got.shape());
@@ -486,6 +580,26 @@ mod tests {
             Activation::None,
             7,
         );
+        // depthwise with a depth multiplier, strides 2×3, dilation, asymmetric pads
+        check(
+            &[2, 6, 13, 17],
+            &[12, 1, 3, 5],
+            6,
+            win(Some(vec![1, 2, 0, 1]), Some(vec![2, 3]), Some(vec![1, 2])),
+            true,
+            Activation::HardSwish,
+            14,
+        );
+        // depthwise, stride 2, wide rows (full SIMD vectors plus a tail)
+        check(
+            &[1, 3, 9, 53],
+            &[3, 1, 3, 3],
+            3,
+            win(Some(vec![1, 1, 1, 1]), Some(vec![2, 2]), None),
+            false,
+            Activation::Relu,
+            15,
+        );
         // large enough to use several im2col tiles
         check(
             &[1, 8, 40, 37],
@@ -527,6 +641,16 @@ mod tests {
             Activation::None,
             12,
         );
+        // 3-D depthwise, strides in every dim
+        check(
+            &[1, 2, 5, 6, 19],
+            &[2, 1, 3, 2, 3],
+            2,
+            win(Some(vec![1, 0, 1, 1, 1, 2]), Some(vec![2, 2, 2]), None),
+            true,
+            Activation::None,
+            16,
+        );
         for ap in [AutoPad::SameUpper, AutoPad::SameLower, AutoPad::Valid] {
             let w = WindowAttrs {
                 auto_pad: ap,
@@ -554,6 +678,7 @@ mod tests {
             group: 1,
             act: Activation::None,
             algo: ConvAlgo::Auto,
+            packed: None,
         };
         let y = conv
             .eval(&[Some(&x.clone().into()), Some(&w.clone().into())])
@@ -581,6 +706,7 @@ mod tests {
             group: 2,
             act: Activation::None,
             algo: ConvAlgo::Auto,
+            packed: None,
         };
         let x: Value = Tensor::from_vec(&[1, 3, 4, 4], vec![0.0f32; 48])
             .unwrap()
@@ -594,6 +720,7 @@ mod tests {
             group: 1,
             act: Activation::None,
             algo: ConvAlgo::Auto,
+            packed: None,
         };
         let w: Value = Tensor::from_vec(&[2, 3, 5, 5], vec![0.0f32; 150])
             .unwrap()
@@ -637,6 +764,7 @@ mod tests {
                 group,
                 act: Activation::Relu,
                 algo: ConvAlgo::Auto,
+                packed: None,
             };
             let inputs = [Some(&x), Some(&w), Some(&b)];
             let y = conv.eval(&inputs).unwrap().remove(0).into_tensor().unwrap();

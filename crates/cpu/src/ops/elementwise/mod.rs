@@ -7,6 +7,7 @@
 //! [`infer_unary`] / [`infer_broadcast`].
 
 pub mod broadcast;
+pub mod chain;
 pub mod num;
 
 mod binary;
@@ -30,6 +31,7 @@ pub fn register(reg: &mut OpRegistry) {
     binary::register(reg);
     variadic::register(reg);
     cast::register(reg);
+    chain::register(reg);
 }
 
 /// A fresh tensor of `dtype` and `shape` whose elements (viewed as `T`, of the dtype's

@@ -207,6 +207,84 @@ pub fn gemm<T: GemmFloat>(
     Ok(())
 }
 
+/// `dst[m×n] = (accumulate ? dst : 0) + scale · A·b[k×n]` with A (`m × k`) given in the
+/// packed layout of [`super::sgemm::pack_a_whole`] for kernel family `isa`. On a CPU that
+/// cannot run `isa`, A is unpacked into scratch and the ordinary product runs. Errors
+/// (never panics) when a view is too small.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_packed_a(
+    isa: super::sgemm::Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    packed_a: &[f32],
+    b: MatRef<'_, f32>,
+    scale: f32,
+    parallel: bool,
+) -> Result<()> {
+    use super::sgemm;
+    if packed_a.len() < sgemm::packed_a_len(m, k) {
+        return Err(KilnError::Other(format!(
+            "gemm: packed A holds {} values, {m}×{k} needs {}",
+            packed_a.len(),
+            sgemm::packed_a_len(m, k)
+        )));
+    }
+    if !isa.supported() || m == 0 || n == 0 || k == 0 {
+        return crate::scratch::with_scratch::<f32, _>(m * k, |a| {
+            sgemm::unpack_a_whole(isa, m, k, packed_a, a);
+            gemm(
+                m,
+                n,
+                k,
+                dst,
+                dst_rs,
+                accumulate,
+                MatRef::row_major(a, k),
+                b,
+                scale,
+                parallel,
+            )
+        });
+    }
+    let dst_view = MatRef {
+        data: &*dst,
+        rs: dst_rs,
+        cs: 1,
+    };
+    if dst_rs < n || !dst_view.fits(m, n) || !b.fits(k, n) {
+        return Err(KilnError::Other(format!(
+            "gemm: operand or destination too small for {m}×{k}·{k}×{n}"
+        )));
+    }
+    // SAFETY: `fits` checked every addressed element of b and dst; packed_a holds m·k
+    // values; dst is borrowed mutably so it aliases neither operand; isa is supported.
+    #[allow(unsafe_code)]
+    unsafe {
+        sgemm::sgemm_packed_a(
+            isa,
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_rs,
+            accumulate,
+            packed_a.as_ptr(),
+            sgemm::Operand {
+                ptr: b.data.as_ptr(),
+                rs: b.rs,
+                cs: b.cs,
+            },
+            scale,
+            parallel && rayon::current_num_threads() > 1,
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,31 @@ impl Isa {
         })
     }
 
+    /// Rows of the family's micro-kernel tile (the strip height of packed A).
+    pub fn mr(self) -> usize {
+        match self {
+            Isa::Scalar => 4,
+            Isa::Avx2 => 6,
+            Isa::Avx512 => 8,
+        }
+    }
+
+    /// Stable name (`scalar`, `avx2`, `avx512`), as stored in plans.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// The family a [`Isa::name`] names.
+    pub fn from_name(name: &str) -> Option<Isa> {
+        [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .find(|i| i.name() == name)
+    }
+
     /// True when this CPU can run the family.
     pub fn supported(self) -> bool {
         match self {
@@ -86,6 +111,108 @@ unsafe impl Send for DstPtr {}
 // SAFETY: as above.
 unsafe impl Sync for DstPtr {}
 
+/// Where the packed loop takes A from.
+#[derive(Clone, Copy)]
+enum ASrc {
+    /// A strided operand, packed block by block on every call.
+    Strided(Operand),
+    /// A already in [`pack_a_whole`] layout for the running family.
+    Packed(*const f32),
+}
+// SAFETY: read-only view, as for Operand.
+unsafe impl Send for ASrc {}
+// SAFETY: as above.
+unsafe impl Sync for ASrc {}
+
+/// Number of f32 values of an `m × k` A in packed layout (the same as unpacked: tail
+/// strips are stored without padding).
+pub fn packed_a_len(m: usize, k: usize) -> usize {
+    m * k
+}
+
+/// Packs a row-major `m × k` matrix `a` into the layout the packed loop reads for kernel
+/// family `isa`, so a constant A (conv or Gemm weights) can be packed once at build time:
+/// depth blocks of `KC`, in each row blocks of `MC`, in each strips of `MR` rows stored
+/// depth-major (`[p][r]`); a block's last strip keeps only its real rows. The output has
+/// exactly `m·k` values.
+pub fn pack_a_whole(isa: Isa, m: usize, k: usize, a: &[f32], out: &mut [f32]) {
+    let mr = isa.mr();
+    let mut o = 0;
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
+        for i0 in (0..m).step_by(MC) {
+            let mc = MC.min(m - i0);
+            for ir in (0..mc).step_by(mr) {
+                let rows = mr.min(mc - ir);
+                for p in 0..kc {
+                    for r in 0..rows {
+                        out[o] = a[(i0 + ir + r) * k + p0 + p];
+                        o += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The inverse of [`pack_a_whole`]: back to a row-major `m × k` matrix.
+pub fn unpack_a_whole(isa: Isa, m: usize, k: usize, packed: &[f32], out: &mut [f32]) {
+    let mr = isa.mr();
+    let mut o = 0;
+    for p0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - p0);
+        for i0 in (0..m).step_by(MC) {
+            let mc = MC.min(m - i0);
+            for ir in (0..mc).step_by(mr) {
+                let rows = mr.min(mc - ir);
+                for p in 0..kc {
+                    for r in 0..rows {
+                        out[(i0 + ir + r) * k + p0 + p] = packed[o];
+                        o += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `dst[m×n] = (accumulate ? dst : 0) + scale · A·B` with A already packed by
+/// [`pack_a_whole`] for `isa`: no A packing per call (B is still packed per block).
+///
+/// # Safety
+/// `pa` holds `m·k` values packed for `isa`; B and dst as for [`sgemm`]; `isa.supported()`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_packed_a(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    pa: *const f32,
+    b: Operand,
+    scale: f32,
+    parallel: bool,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        packed_loop(
+            isa,
+            m,
+            n,
+            k,
+            dst,
+            dst_rs,
+            accumulate,
+            ASrc::Packed(pa),
+            b,
+            scale,
+            parallel,
+        )
+    }
+}
+
 /// `dst[m×n] = (accumulate ? dst : 0) + scale · A[m×k] · B[k×n]` with the given kernel
 /// family.
 ///
@@ -119,26 +246,64 @@ pub unsafe fn sgemm(
         // Few columns (conv with a handful of output positions): packing would cost as
         // much as the product and most of each tile would be padding.
         // SAFETY: forwarded from the caller.
-        unsafe {
-            match n {
-                1 => narrow::<1>(m, k, dst, dst_rs, accumulate, a, b, scale),
-                2 => narrow::<2>(m, k, dst, dst_rs, accumulate, a, b, scale),
-                3 => narrow::<3>(m, k, dst, dst_rs, accumulate, a, b, scale),
-                4 => narrow::<4>(m, k, dst, dst_rs, accumulate, a, b, scale),
-                5 => narrow::<5>(m, k, dst, dst_rs, accumulate, a, b, scale),
-                6 => narrow::<6>(m, k, dst, dst_rs, accumulate, a, b, scale),
-                7 => narrow::<7>(m, k, dst, dst_rs, accumulate, a, b, scale),
-                _ => narrow::<8>(m, k, dst, dst_rs, accumulate, a, b, scale),
-            }
-        };
+        unsafe { narrow_dispatch(isa, m, n, k, dst, dst_rs, accumulate, a, b, scale, parallel) };
         return;
     }
     if m <= 4 && b.cs == 1 && k > 0 {
         // Few rows (recurrent steps, matrix-vector products): stream B's rows once.
         // SAFETY: forwarded from the caller.
-        unsafe { short(m, n, k, dst, dst_rs, accumulate, a, b, scale) };
+        unsafe {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => x86::short_avx512(m, n, k, dst, dst_rs, accumulate, a, b, scale),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => x86::short_avx2(m, n, k, dst, dst_rs, accumulate, a, b, scale),
+                _ => short(m, n, k, dst, dst_rs, accumulate, a, b, scale),
+            }
+        };
         return;
     }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        packed_loop(
+            isa,
+            m,
+            n,
+            k,
+            dst,
+            dst_rs,
+            accumulate,
+            ASrc::Strided(a),
+            b,
+            scale,
+            parallel,
+        )
+    }
+}
+
+/// The packed (Goto/BLIS) loop of [`sgemm`], columns split over threads.
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_loop(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: ASrc,
+    b: Operand,
+    scale: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let nr = match isa {
+        Isa::Scalar => 4,
+        Isa::Avx2 => 16,
+        Isa::Avx512 => 32,
+    };
     let threads = if parallel {
         rayon::current_num_threads()
     } else {
@@ -212,6 +377,80 @@ pub unsafe fn sgemm(
     }
 }
 
+/// Rows per task below which the narrow path does not split over threads.
+const NARROW_ROWS_PER_TASK: usize = 16;
+
+/// The narrow product (`n` ≤ 8 columns): with SIMD and A's rows contiguous, B's columns
+/// are copied into contiguous rows (scratch, `n·k` values) and every output is a dot
+/// product vectorised over the depth; otherwise the scalar register-sum loop.
+#[allow(clippy::too_many_arguments)]
+unsafe fn narrow_dispatch(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    scale: f32,
+    parallel: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar && a.cs == 1 {
+        with_scratch::<f32, _>(n * k, |bt| {
+            for l in 0..k {
+                for j in 0..n {
+                    // SAFETY: (l, j) is inside B (caller's bounds).
+                    bt[j * k + l] = unsafe { *b.ptr.add(l * b.rs + j * b.cs) };
+                }
+            }
+            let bt = Operand {
+                ptr: bt.as_ptr(),
+                rs: k,
+                cs: 1,
+            };
+            let d = DstPtr(dst);
+            let rows = |i0: usize, i1: usize| {
+                let d = d;
+                // SAFETY: rows i0..i1 of A and dst are inside the caller's bounds; `bt`
+                // holds n rows of k values; tasks write disjoint rows; `isa` is supported.
+                unsafe { x86::narrow_dot(isa, i0, i1, n, k, d.0, dst_rs, accumulate, a, bt, scale) }
+            };
+            let tasks = if parallel {
+                rayon::current_num_threads()
+                    .min(m / NARROW_ROWS_PER_TASK)
+                    .max(1)
+            } else {
+                1
+            };
+            if tasks > 1 {
+                (0..tasks)
+                    .into_par_iter()
+                    .for_each(|t| rows(m * t / tasks, m * (t + 1) / tasks));
+            } else {
+                rows(0, m);
+            }
+        });
+        return;
+    }
+    let _ = (isa, parallel);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match n {
+            1 => narrow::<1>(m, k, dst, dst_rs, accumulate, a, b, scale),
+            2 => narrow::<2>(m, k, dst, dst_rs, accumulate, a, b, scale),
+            3 => narrow::<3>(m, k, dst, dst_rs, accumulate, a, b, scale),
+            4 => narrow::<4>(m, k, dst, dst_rs, accumulate, a, b, scale),
+            5 => narrow::<5>(m, k, dst, dst_rs, accumulate, a, b, scale),
+            6 => narrow::<6>(m, k, dst, dst_rs, accumulate, a, b, scale),
+            7 => narrow::<7>(m, k, dst, dst_rs, accumulate, a, b, scale),
+            _ => narrow::<8>(m, k, dst, dst_rs, accumulate, a, b, scale),
+        }
+    }
+}
+
 /// `dst = (accumulate ? dst : 0) + scale · A·B` for `N` ≤ 8 columns: each output row
 /// keeps its `N` sums in registers over the depth.
 #[allow(clippy::too_many_arguments)]
@@ -264,6 +503,30 @@ unsafe fn short(
     b: Operand,
     scale: f32,
 ) {
+    // SAFETY: forwarded.
+    unsafe {
+        short_body(m, n, k, dst, dst_rs, accumulate, a, b, scale, |v, x, y| {
+            *v += x * y
+        })
+    }
+}
+
+/// The loop of [`short`], inlined into each instruction-set wrapper with its
+/// multiply-add `fma(acc, a, b)`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn short_body(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    scale: f32,
+    fma: impl Fn(&mut f32, f32, f32),
+) {
     for i in 0..m {
         // SAFETY: row i of dst has n elements and does not overlap the operands.
         let c = unsafe { std::slice::from_raw_parts_mut(dst.add(i * dst_rs), n) };
@@ -274,7 +537,7 @@ unsafe fn short(
             // SAFETY: (i, l) is inside A; row l of B has n contiguous columns.
             let av = scale * unsafe { *a.ptr.add(i * a.rs + l * a.cs) };
             let row = unsafe { std::slice::from_raw_parts(b.ptr.add(l * b.rs), n) };
-            c.iter_mut().zip(row).for_each(|(v, bv)| *v += av * bv);
+            c.iter_mut().zip(row).for_each(|(v, &bv)| fma(v, av, bv));
         }
     }
 }
@@ -301,7 +564,7 @@ unsafe fn serial<const MR: usize, const NR: usize>(
     dst: *mut f32,
     dst_rs: usize,
     accumulate: bool,
-    a: Operand,
+    a: ASrc,
     b: Operand,
     scale: f32,
     micro: Micro,
@@ -334,20 +597,55 @@ unsafe fn serial<const MR: usize, const NR: usize>(
                     let mut ic = 0;
                     while ic < m {
                         let mc = MC.min(m - ic);
-                        // SAFETY: the block lies inside A's bounds.
-                        unsafe { pack_a::<MR>(a, ic, pc, mc, kc, pa) };
+                        let block: *const f32 = match a {
+                            ASrc::Strided(a) => {
+                                // SAFETY: the block lies inside A's bounds.
+                                unsafe { pack_a::<MR>(a, ic, pc, mc, kc, pa) };
+                                pa.as_ptr()
+                            }
+                            ASrc::Packed(p) => {
+                                // Prepacked: the block starts after pc·m values of earlier
+                                // depth blocks and ic·kc of earlier row blocks; its
+                                // short last strip is padded into `pa`.
+                                let block = p.wrapping_add(pc * m + ic * kc);
+                                let (full, rows) = (mc / MR * MR, mc % MR);
+                                if rows > 0 {
+                                    for q in 0..kc {
+                                        for r in 0..MR {
+                                            pa[q * MR + r] = if r < rows {
+                                                // SAFETY: inside the block's last strip
+                                                // (kc·rows values at full·kc).
+                                                unsafe { *block.add(full * kc + q * rows + r) }
+                                            } else {
+                                                0.0
+                                            };
+                                        }
+                                    }
+                                }
+                                block
+                            }
+                        };
+                        let full_strips = match a {
+                            ASrc::Strided(_) => mc,
+                            ASrc::Packed(_) => mc / MR * MR,
+                        };
                         let mut jr = 0;
                         while jr < nc {
                             let nr_eff = NR.min(nc - jr);
                             let mut ir = 0;
                             while ir < mc {
                                 let mr_eff = MR.min(mc - ir);
+                                let strip = if ir < full_strips {
+                                    block.wrapping_add(ir * kc)
+                                } else {
+                                    pa.as_ptr()
+                                };
                                 // SAFETY: panels hold kc·MR / kc·NR packed values; the
                                 // tile lies inside dst's bounds (mr_eff, nr_eff clip it).
                                 unsafe {
                                     micro(
                                         kc,
-                                        pa.as_ptr().add(ir * kc),
+                                        strip,
                                         pb.as_ptr().add(jr * kc),
                                         dst.add((ic + ir) * dst_rs + jc + jr),
                                         dst_rs,
@@ -489,6 +787,239 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::store_tile;
+    use super::{short_body, Isa, Operand};
+
+    /// Writes `scale · sum` (plus the old value when `acc`) to `*p`.
+    ///
+    /// # Safety
+    /// `p` is valid for reads and writes.
+    #[inline(always)]
+    unsafe fn put(p: *mut f32, acc: bool, scale: f32, sum: f32) {
+        // SAFETY: forwarded.
+        unsafe { *p = if acc { *p + scale * sum } else { scale * sum } };
+    }
+
+    /// Rows `i0..i1` of the narrow product as dot products over the depth: A's rows are
+    /// contiguous (`a.cs == 1`), `bt` holds B's `n` columns as contiguous rows.
+    ///
+    /// # Safety
+    /// Rows `i0..i1` of A (k values each) and of dst (n values each) are valid; `bt` holds
+    /// `n` rows of `k` values at stride `bt.rs`; `isa` is AVX2 or AVX-512 and supported.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn narrow_dot(
+        isa: Isa,
+        i0: usize,
+        i1: usize,
+        n: usize,
+        k: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        acc: bool,
+        a: Operand,
+        bt: Operand,
+        scale: f32,
+    ) {
+        macro_rules! go {
+            ($f:ident) => {
+                // SAFETY: forwarded (feature support checked by the dispatcher).
+                unsafe {
+                    match n {
+                        1 => $f::<1>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
+                        2 => $f::<2>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
+                        3 => $f::<3>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
+                        4 => $f::<4>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
+                        5 => $f::<5>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
+                        6 => $f::<6>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
+                        7 => $f::<7>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
+                        _ => $f::<8>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
+                    }
+                }
+            };
+        }
+        match isa {
+            Isa::Avx512 => go!(dot_avx512),
+            _ => go!(dot_avx2),
+        }
+    }
+
+    /// AVX-512 dot products, two rows at a time (2·N accumulators), masked depth tail.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot_avx512<const N: usize>(
+        i0: usize,
+        i1: usize,
+        k: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        acc: bool,
+        a: Operand,
+        bt: Operand,
+        scale: f32,
+    ) {
+        let mut i = i0;
+        while i < i1 {
+            let rows = if i + 1 < i1 { 2 } else { 1 };
+            let a0 = a.ptr.wrapping_add(i * a.rs);
+            let a1 = a.ptr.wrapping_add((i + rows - 1) * a.rs);
+            let mut s0 = [_mm512_setzero_ps(); N];
+            let mut s1 = [_mm512_setzero_ps(); N];
+            let mut l = 0;
+            while l < k {
+                let mask: __mmask16 = if k - l >= 16 {
+                    0xffff
+                } else {
+                    (1u16 << (k - l)) - 1
+                };
+                // SAFETY: masked loads touch only depth indices < k of valid rows.
+                unsafe {
+                    let va0 = _mm512_maskz_loadu_ps(mask, a0.add(l));
+                    let va1 = _mm512_maskz_loadu_ps(mask, a1.add(l));
+                    for j in 0..N {
+                        let vb = _mm512_maskz_loadu_ps(mask, bt.ptr.add(j * bt.rs + l));
+                        s0[j] = _mm512_fmadd_ps(va0, vb, s0[j]);
+                        s1[j] = _mm512_fmadd_ps(va1, vb, s1[j]);
+                    }
+                }
+                l += 16;
+            }
+            for j in 0..N {
+                // SAFETY: (i, j) and (i+1, j) when rows == 2 are inside dst.
+                unsafe {
+                    put(
+                        dst.add(i * dst_rs + j),
+                        acc,
+                        scale,
+                        _mm512_reduce_add_ps(s0[j]),
+                    );
+                    if rows == 2 {
+                        put(
+                            dst.add((i + 1) * dst_rs + j),
+                            acc,
+                            scale,
+                            _mm512_reduce_add_ps(s1[j]),
+                        );
+                    }
+                }
+            }
+            i += rows;
+        }
+    }
+
+    /// Horizontal sum of 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum256(v: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let d = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)))
+    }
+
+    /// AVX2 dot products, two rows at a time (2·N accumulators), scalar depth tail.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn dot_avx2<const N: usize>(
+        i0: usize,
+        i1: usize,
+        k: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        acc: bool,
+        a: Operand,
+        bt: Operand,
+        scale: f32,
+    ) {
+        let kv = k / 8 * 8;
+        let mut i = i0;
+        while i < i1 {
+            let rows = if i + 1 < i1 { 2 } else { 1 };
+            let a0 = a.ptr.wrapping_add(i * a.rs);
+            let a1 = a.ptr.wrapping_add((i + rows - 1) * a.rs);
+            let mut s0 = [_mm256_setzero_ps(); N];
+            let mut s1 = [_mm256_setzero_ps(); N];
+            let mut l = 0;
+            while l < kv {
+                // SAFETY: l + 8 ≤ k: full vectors inside valid rows.
+                unsafe {
+                    let va0 = _mm256_loadu_ps(a0.add(l));
+                    let va1 = _mm256_loadu_ps(a1.add(l));
+                    for j in 0..N {
+                        let vb = _mm256_loadu_ps(bt.ptr.add(j * bt.rs + l));
+                        s0[j] = _mm256_fmadd_ps(va0, vb, s0[j]);
+                        s1[j] = _mm256_fmadd_ps(va1, vb, s1[j]);
+                    }
+                }
+                l += 8;
+            }
+            for j in 0..N {
+                let (mut t0, mut t1) = (hsum256(s0[j]), hsum256(s1[j]));
+                for l in kv..k {
+                    // SAFETY: l < k inside valid rows.
+                    unsafe {
+                        let vb = *bt.ptr.add(j * bt.rs + l);
+                        t0 += *a0.add(l) * vb;
+                        t1 += *a1.add(l) * vb;
+                    }
+                }
+                // SAFETY: (i, j) and (i+1, j) when rows == 2 are inside dst.
+                unsafe {
+                    put(dst.add(i * dst_rs + j), acc, scale, t0);
+                    if rows == 2 {
+                        put(dst.add((i + 1) * dst_rs + j), acc, scale, t1);
+                    }
+                }
+            }
+            i += rows;
+        }
+    }
+
+    /// The few-rows product compiled for AVX-512 (the loop is vectorised by the compiler).
+    ///
+    /// # Safety
+    /// As `super::short`; the CPU supports AVX-512F.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn short_avx512(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        accumulate: bool,
+        a: Operand,
+        b: Operand,
+        scale: f32,
+    ) {
+        // SAFETY: forwarded.
+        unsafe {
+            short_body(m, n, k, dst, dst_rs, accumulate, a, b, scale, |v, x, y| {
+                *v = x.mul_add(y, *v)
+            })
+        }
+    }
+
+    /// The few-rows product compiled for AVX2 + FMA.
+    ///
+    /// # Safety
+    /// As `super::short`; the CPU supports AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn short_avx2(
+        m: usize,
+        n: usize,
+        k: usize,
+        dst: *mut f32,
+        dst_rs: usize,
+        accumulate: bool,
+        a: Operand,
+        b: Operand,
+        scale: f32,
+    ) {
+        // SAFETY: forwarded.
+        unsafe {
+            short_body(m, n, k, dst, dst_rs, accumulate, a, b, scale, |v, x, y| {
+                *v = x.mul_add(y, *v)
+            })
+        }
+    }
 
     /// AVX2 + FMA, 6 rows × 16 columns (12 ymm accumulators).
     ///
@@ -707,6 +1238,12 @@ mod tests {
             (8, 32, 8),
             (200, 2100, 3),
             (3, 5, 600),
+            (33, 5, 17),
+            (64, 7, 300),
+            (258, 4, 256),
+            (3, 6, 15),
+            (41, 8, 1000),
+            (2, 100, 7),
         ];
         for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
             if !isa.supported() {
@@ -770,6 +1307,67 @@ mod tests {
                             (g - w).abs() <= 1e-4 * (1.0 + w.abs()) * (k as f32).sqrt(),
                             "{isa:?} {m}x{n}x{k} ta={transpose_a} tb={transpose_b} acc={acc}: \
                              element {idx}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prepacked_a_matches_the_reference_and_unpacks_back() {
+        let shapes = [
+            (1, 1, 1),
+            (7, 9, 3),
+            (13, 70, 257),
+            (97, 45, 19),
+            (200, 33, 600),
+            (101, 40, 513),
+            (5, 2, 40),
+            (3, 100, 7),
+        ];
+        for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+            if !isa.supported() {
+                continue;
+            }
+            for (si, &(m, n, k)) in shapes.iter().enumerate() {
+                let a = values(m * k, si as u64 * 5 + 11);
+                let b = values(k * n, si as u64 * 5 + 12);
+                let mut packed = vec![f32::NAN; packed_a_len(m, k)];
+                pack_a_whole(isa, m, k, &a, &mut packed);
+                let mut back = vec![f32::NAN; m * k];
+                unpack_a_whole(isa, m, k, &packed, &mut back);
+                assert_eq!(back, a, "{isa:?} {m}x{k}: unpack(pack(a)) != a");
+                for (acc, par) in [(false, false), (true, true)] {
+                    let ldd = n + 1;
+                    let init = values(m * ldd, si as u64 * 5 + 13);
+                    let mut want = init.clone();
+                    let mut got = init.clone();
+                    reference(m, n, k, &mut want, ldd, acc, &a, (k, 1), &b, (n, 1), 1.5);
+                    // SAFETY: packed holds m·k values packed for isa; b and got are sized.
+                    unsafe {
+                        sgemm_packed_a(
+                            isa,
+                            m,
+                            n,
+                            k,
+                            got.as_mut_ptr(),
+                            ldd,
+                            acc,
+                            packed.as_ptr(),
+                            Operand {
+                                ptr: b.as_ptr(),
+                                rs: n,
+                                cs: 1,
+                            },
+                            1.5,
+                            par,
+                        )
+                    };
+                    for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()) * (k as f32).sqrt(),
+                            "{isa:?} {m}x{n}x{k} acc={acc}: element {idx}: {g} vs {w}"
                         );
                     }
                 }

@@ -1,0 +1,580 @@
+//! `kiln::ElementwiseChain`: several f32 elementwise ops fused into one pass over memory.
+//!
+//! The optimiser (`kiln`'s `fuse_elementwise` pass) replaces a connected group of
+//! elementwise nodes with a single output by one node carrying a small program. Every
+//! instruction reads operands that are graph inputs of the group (a full tensor of the
+//! output's shape, or a one-element tensor broadcast to all), immediate constants, or
+//! earlier instructions' results; the last instruction is the output. The kernel runs the
+//! program over chunks of [`CHUNK`] elements, so intermediates live in a few KiB of
+//! thread-local scratch instead of full tensors in memory.
+//!
+//! Attributes: `kiln_program` (ints, three per instruction: opcode, operand a, operand b)
+//! and `kiln_constants` (floats). Operand `i` names input `i` when `i < inputs`, constant
+//! `i − inputs` when below `inputs + constants`, else the result of instruction
+//! `i − inputs − constants` (an earlier one).
+
+use rayon::prelude::*;
+
+use kiln_core::{
+    input_tensor, Attr, BuildCtx, DType, Fact, KilnError, Op, OpDesc, OpRegistry, Result,
+    TensorMut, Value,
+};
+
+use super::{infer_broadcast, new_tensor};
+use crate::fused::KILN_DOMAIN;
+
+/// Op type of the fused chain (in the `kiln` domain).
+pub const CHAIN_OP: &str = "ElementwiseChain";
+/// Attribute holding the instructions.
+pub const PROGRAM_ATTR: &str = "kiln_program";
+/// Attribute holding the immediate constants.
+pub const CONSTANTS_ATTR: &str = "kiln_constants";
+/// Elements per chunk of the kernel.
+pub const CHUNK: usize = 256;
+/// Elements from which the chain splits over threads.
+const PARALLEL_MIN: usize = 1 << 15;
+
+/// One operation of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainOp {
+    /// a + b.
+    Add,
+    /// a − b.
+    Sub,
+    /// a · b.
+    Mul,
+    /// a / b.
+    Div,
+    /// max(a, b).
+    Max,
+    /// min(a, b).
+    Min,
+    /// max(a, 0).
+    Relu,
+    /// 1 / (1 + e^−a).
+    Sigmoid,
+    /// tanh(a).
+    Tanh,
+    /// a · max(0, min(1, a/6 + 1/2)).
+    HardSwish,
+    /// −a.
+    Neg,
+    /// |a|.
+    Abs,
+}
+
+const OPS: [ChainOp; 12] = [
+    ChainOp::Add,
+    ChainOp::Sub,
+    ChainOp::Mul,
+    ChainOp::Div,
+    ChainOp::Max,
+    ChainOp::Min,
+    ChainOp::Relu,
+    ChainOp::Sigmoid,
+    ChainOp::Tanh,
+    ChainOp::HardSwish,
+    ChainOp::Neg,
+    ChainOp::Abs,
+];
+
+impl ChainOp {
+    /// True for ops of two operands.
+    pub fn is_binary(self) -> bool {
+        matches!(
+            self,
+            ChainOp::Add | ChainOp::Sub | ChainOp::Mul | ChainOp::Div | ChainOp::Max | ChainOp::Min
+        )
+    }
+
+    fn code(self) -> i64 {
+        OPS.iter().position(|&o| o == self).unwrap_or(0) as i64
+    }
+
+    /// The op applied to one pair of values (`b` ignored by unary ops).
+    #[inline(always)]
+    pub fn apply(self, a: f32, b: f32) -> f32 {
+        match self {
+            ChainOp::Add => a + b,
+            ChainOp::Sub => a - b,
+            ChainOp::Mul => a * b,
+            ChainOp::Div => a / b,
+            ChainOp::Max => a.max(b),
+            ChainOp::Min => a.min(b),
+            ChainOp::Relu => a.max(0.0),
+            ChainOp::Sigmoid => 1.0 / (1.0 + (-a).exp()),
+            ChainOp::Tanh => a.tanh(),
+            ChainOp::HardSwish => a * (a * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0),
+            ChainOp::Neg => -a,
+            ChainOp::Abs => a.abs(),
+        }
+    }
+}
+
+/// One instruction: `op(operand a, operand b)` (see the module doc for operand numbers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Instr {
+    /// The operation.
+    pub op: ChainOp,
+    /// First operand.
+    pub a: usize,
+    /// Second operand (ignored by unary ops).
+    pub b: usize,
+}
+
+/// A validated chain program.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Program {
+    /// Number of tensor inputs.
+    pub inputs: usize,
+    /// Immediate constants.
+    pub constants: Vec<f32>,
+    /// Instructions; the last one's result is the output.
+    pub instrs: Vec<Instr>,
+}
+
+impl Program {
+    /// Checks operand numbers (each refers to an input, a constant or an earlier result).
+    pub fn validate(&self) -> Result<()> {
+        if self.instrs.is_empty() {
+            return Err(KilnError::Other(format!("{CHAIN_OP}: empty program")));
+        }
+        let base = self.inputs + self.constants.len();
+        for (t, ins) in self.instrs.iter().enumerate() {
+            let ops: &[usize] = if ins.op.is_binary() {
+                &[ins.a, ins.b]
+            } else {
+                &[ins.a]
+            };
+            if let Some(bad) = ops.iter().find(|&&o| o >= base + t) {
+                return Err(KilnError::Other(format!(
+                    "{CHAIN_OP}: instruction {t} reads operand {bad}, but only {} exist before it",
+                    base + t
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the program into an op description in the `kiln` domain.
+    pub fn to_desc(&self) -> OpDesc {
+        let mut desc = OpDesc {
+            domain: KILN_DOMAIN.into(),
+            op_type: CHAIN_OP.into(),
+            opset: 1,
+            attrs: Default::default(),
+        };
+        let prog: Vec<i64> = self
+            .instrs
+            .iter()
+            .flat_map(|i| [i.op.code(), i.a as i64, i.b as i64])
+            .collect();
+        desc.attrs.insert(PROGRAM_ATTR.into(), Attr::Ints(prog));
+        desc.attrs
+            .insert(CONSTANTS_ATTR.into(), Attr::Floats(self.constants.clone()));
+        desc
+    }
+
+    /// The program's value for one element (`inputs[i]` is input i's value): the reference
+    /// the kernel is tested against.
+    pub fn eval_one(&self, inputs: &[f32]) -> f32 {
+        let mut vals: Vec<f32> = inputs.to_vec();
+        vals.extend_from_slice(&self.constants);
+        for ins in &self.instrs {
+            let b = if ins.op.is_binary() { vals[ins.b] } else { 0.0 };
+            vals.push(ins.op.apply(vals[ins.a], b));
+        }
+        vals.last().copied().unwrap_or(0.0)
+    }
+}
+
+fn build_chain(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
+    let a = ctx.attrs();
+    let code = a
+        .opt_ints(PROGRAM_ATTR)?
+        .ok_or_else(|| a.invalid(format!("{PROGRAM_ATTR} is missing")))?;
+    if code.len() % 3 != 0 {
+        return Err(a.invalid(format!(
+            "{PROGRAM_ATTR} must hold three ints per instruction"
+        )));
+    }
+    let operand = |v: i64| usize::try_from(v).map_err(|_| a.invalid("negative operand"));
+    let instrs = code
+        .chunks_exact(3)
+        .map(|c| {
+            let op = usize::try_from(c[0])
+                .ok()
+                .and_then(|i| OPS.get(i).copied())
+                .ok_or_else(|| a.invalid(format!("unknown chain opcode {}", c[0])))?;
+            Ok(Instr {
+                op,
+                a: operand(c[1])?,
+                b: operand(c[2])?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let prog = Program {
+        inputs: ctx.n_inputs,
+        constants: a.opt_floats(CONSTANTS_ATTR)?.unwrap_or_default(),
+        instrs,
+    };
+    prog.validate().map_err(|e| a.invalid(e.to_string()))?;
+    Ok(Box::new(ElementwiseChain { prog }))
+}
+
+/// Registers `kiln::ElementwiseChain`.
+pub fn register(reg: &mut OpRegistry) {
+    reg.register_in(KILN_DOMAIN, CHAIN_OP, build_chain);
+}
+
+/// The fused elementwise chain op.
+#[derive(Debug, Clone)]
+pub struct ElementwiseChain {
+    /// Its program.
+    pub prog: Program,
+}
+
+impl ElementwiseChain {
+    /// Reads the f32 inputs: each has `len` elements or one (broadcast).
+    fn slices<'a>(
+        &self,
+        inputs: &[Option<&'a Value>],
+        len: usize,
+    ) -> Result<smallvec::SmallVec<[&'a [f32]; 8]>> {
+        let mut out = smallvec::SmallVec::new();
+        for i in 0..self.prog.inputs {
+            let t = input_tensor(inputs, i, CHAIN_OP)?;
+            let s = t.as_slice::<f32>().map_err(|_| {
+                KilnError::kernel(
+                    CHAIN_OP,
+                    format!("input {i} must be f32, found {}", t.dtype()),
+                )
+            })?;
+            if s.len() != len && s.len() != 1 {
+                return Err(KilnError::kernel(
+                    CHAIN_OP,
+                    format!("input {i} has {} elements; expected {len} or 1", s.len()),
+                ));
+            }
+            out.push(s);
+        }
+        Ok(out)
+    }
+}
+
+impl Op for ElementwiseChain {
+    fn op_type(&self) -> &str {
+        CHAIN_OP
+    }
+
+    fn infer(&self, inputs: &[Option<&Fact>], _n_outputs: usize) -> Result<Vec<Fact>> {
+        infer_broadcast(CHAIN_OP, inputs, Some(DType::F32))
+    }
+
+    fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
+        let facts: Vec<Fact> = inputs
+            .iter()
+            .map(|v| match v {
+                Some(Value::Tensor(t)) => Fact::concrete(t.dtype(), t.shape()),
+                _ => Fact::unknown(),
+            })
+            .collect();
+        let refs: Vec<Option<&Fact>> = facts.iter().map(Some).collect();
+        let shape = self
+            .infer(&refs, 1)?
+            .remove(0)
+            .concrete_shape()
+            .ok_or_else(|| KilnError::kernel(CHAIN_OP, "inputs do not broadcast"))?;
+        let t = new_tensor::<f32>(DType::F32, &shape, |out| {
+            let ins = self.slices(inputs, out.len())?;
+            run(&self.prog, &ins, out);
+            Ok(())
+        })?;
+        Ok(vec![t.into()])
+    }
+
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let Some(slot) = outputs.first_mut() else {
+            return Err(KilnError::kernel(CHAIN_OP, "no output slot"));
+        };
+        let out = slot.as_mut_slice::<f32>()?;
+        let ins = self.slices(inputs, out.len())?;
+        run(&self.prog, &ins, out);
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Runs `prog` over every element: `inputs[i]` has `out.len()` elements or one.
+pub fn run(prog: &Program, inputs: &[&[f32]], out: &mut [f32]) {
+    let block = CHUNK * 16;
+    if out.len() >= PARALLEL_MIN && rayon::current_num_threads() > 1 {
+        out.par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(i, o)| run_block(prog, inputs, i * block, o));
+    } else {
+        run_block(prog, inputs, 0, out);
+    }
+}
+
+/// Elements `off..off + out.len()`, with the best SIMD build of the loops.
+fn run_block(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::linalg::sgemm::Isa;
+        match Isa::detect() {
+            // SAFETY: the CPU supports the features (run-time detection).
+            Isa::Avx512 => return unsafe { block_avx512(prog, inputs, off, out) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { block_avx2(prog, inputs, off, out) },
+            Isa::Scalar => {}
+        }
+    }
+    block_body(prog, inputs, off, out)
+}
+
+/// [`block_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn block_avx512(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32]) {
+    block_body(prog, inputs, off, out)
+}
+
+/// [`block_body`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn block_avx2(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32]) {
+    block_body(prog, inputs, off, out)
+}
+
+/// An operand over one chunk.
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Run(&'a [f32]),
+    Splat(f32),
+}
+
+#[inline(always)]
+fn block_body(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32]) {
+    let n = prog.instrs.len();
+    let base = prog.inputs + prog.constants.len();
+    crate::scratch::with_scratch::<f32, _>((n - 1) * CHUNK, |regs| {
+        let mut c0 = 0;
+        while c0 < out.len() {
+            let len = CHUNK.min(out.len() - c0);
+            let at = off + c0;
+            for (t, ins) in prog.instrs.iter().enumerate() {
+                let (done, rest) = regs.split_at_mut(t * CHUNK);
+                let dst: &mut [f32] = if t + 1 == n {
+                    &mut out[c0..c0 + len]
+                } else {
+                    &mut rest[..len]
+                };
+                let src = |o: usize| -> Src<'_> {
+                    if o < prog.inputs {
+                        let s = inputs[o];
+                        if s.len() == 1 {
+                            Src::Splat(s[0])
+                        } else {
+                            Src::Run(&s[at..at + len])
+                        }
+                    } else if o < base {
+                        Src::Splat(prog.constants[o - prog.inputs])
+                    } else {
+                        let r = o - base;
+                        Src::Run(&done[r * CHUNK..r * CHUNK + len])
+                    }
+                };
+                let a = src(ins.a);
+                let b = if ins.op.is_binary() {
+                    src(ins.b)
+                } else {
+                    Src::Splat(0.0)
+                };
+                apply(ins.op, a, b, dst);
+            }
+            c0 += len;
+        }
+    });
+}
+
+#[inline(always)]
+fn apply(op: ChainOp, a: Src, b: Src, dst: &mut [f32]) {
+    macro_rules! each {
+        ($f:expr) => {{
+            let f = $f;
+            match (a, b) {
+                (Src::Run(x), Src::Run(y)) => {
+                    for ((d, &x), &y) in dst.iter_mut().zip(x).zip(y) {
+                        *d = f(x, y);
+                    }
+                }
+                (Src::Run(x), Src::Splat(y)) => {
+                    for (d, &x) in dst.iter_mut().zip(x) {
+                        *d = f(x, y);
+                    }
+                }
+                (Src::Splat(x), Src::Run(y)) => {
+                    for (d, &y) in dst.iter_mut().zip(y) {
+                        *d = f(x, y);
+                    }
+                }
+                (Src::Splat(x), Src::Splat(y)) => dst.fill(f(x, y)),
+            }
+        }};
+    }
+    // One monomorphic loop per op so each vectorises.
+    match op {
+        ChainOp::Add => each!(|x: f32, y: f32| x + y),
+        ChainOp::Sub => each!(|x: f32, y: f32| x - y),
+        ChainOp::Mul => each!(|x: f32, y: f32| x * y),
+        ChainOp::Div => each!(|x: f32, y: f32| x / y),
+        ChainOp::Max => each!(|x: f32, y: f32| x.max(y)),
+        ChainOp::Min => each!(|x: f32, y: f32| x.min(y)),
+        other => each!(|x: f32, y: f32| other.apply(x, y)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv::test_util::Lcg;
+    use kiln_core::Tensor;
+
+    /// x·clip(x+3, 0, 6)/6 + y·sigmoid(z), with z a broadcast one-element input.
+    fn sample() -> Program {
+        // inputs 0 (x), 1 (y), 2 (z, one element); constants 3 (3.0), 4 (0.0), 5 (6.0)
+        let i = |op, a, b| Instr { op, a, b };
+        Program {
+            inputs: 3,
+            constants: vec![3.0, 0.0, 6.0],
+            instrs: vec![
+                i(ChainOp::Add, 0, 3),     // 6
+                i(ChainOp::Max, 6, 4),     // 7
+                i(ChainOp::Min, 7, 5),     // 8
+                i(ChainOp::Mul, 0, 8),     // 9
+                i(ChainOp::Div, 9, 5),     // 10
+                i(ChainOp::Sigmoid, 2, 0), // 11
+                i(ChainOp::Mul, 1, 11),    // 12
+                i(ChainOp::Add, 10, 12),   // 13
+                i(ChainOp::HardSwish, 13, 0),
+                i(ChainOp::Sub, 4, 14),
+                i(ChainOp::Abs, 15, 0),
+                i(ChainOp::Neg, 16, 0),
+                i(ChainOp::Tanh, 17, 0),
+                i(ChainOp::Relu, 18, 0),
+            ],
+        }
+    }
+
+    #[test]
+    fn kernel_matches_the_per_element_program_on_odd_lengths() {
+        let prog = sample();
+        prog.validate().unwrap();
+        for len in [
+            1,
+            7,
+            CHUNK - 1,
+            CHUNK,
+            CHUNK + 3,
+            5 * CHUNK + 11,
+            PARALLEL_MIN + 77,
+        ] {
+            let mut r = Lcg(len as u64);
+            let x: Vec<f32> = r.vec(len).iter().map(|v| v * 8.0).collect();
+            let y = r.vec(len);
+            let z = [r.next() * 4.0];
+            let mut out = vec![f32::NAN; len];
+            run(&prog, &[&x, &y, &z], &mut out);
+            for e in 0..len {
+                let want = prog.eval_one(&[x[e], y[e], z[0]]);
+                assert!(
+                    (out[e] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "len {len} element {e}: {} vs {want}",
+                    out[e]
+                );
+            }
+        }
+    }
+
+    /// The portable and AVX2 builds of the chunk loop (the dispatcher picks AVX-512 here).
+    #[test]
+    fn every_build_of_the_chunk_loop_agrees() {
+        let prog = sample();
+        let len = 3 * CHUNK + 5;
+        let mut r = Lcg(77);
+        let x: Vec<f32> = r.vec(len).iter().map(|v| v * 8.0).collect();
+        let y = r.vec(len);
+        let z = [0.75f32];
+        let want: Vec<f32> = (0..len)
+            .map(|e| prog.eval_one(&[x[e], y[e], z[0]]))
+            .collect();
+        let check = |name: &str, got: &[f32]| {
+            for (e, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{name} element {e}: {g} vs {w}"
+                );
+            }
+        };
+        let mut out = vec![f32::NAN; len];
+        block_body(&prog, &[&x, &y, &z], 0, &mut out);
+        check("portable", &out);
+        #[cfg(target_arch = "x86_64")]
+        if crate::ops::linalg::sgemm::Isa::Avx2.supported() {
+            out.fill(f32::NAN);
+            // SAFETY: AVX2 and FMA are present (checked above).
+            unsafe { block_avx2(&prog, &[&x, &y, &z], 0, &mut out) };
+            check("avx2", &out);
+        }
+    }
+
+    #[test]
+    fn op_round_trips_through_its_description_and_rejects_bad_programs() {
+        let prog = sample();
+        let desc = prog.to_desc();
+        let mut reg = OpRegistry::new();
+        register(&mut reg);
+        fn ctx(desc: &OpDesc, n: usize) -> BuildCtx<'_> {
+            BuildCtx {
+                node: "chain",
+                desc,
+                n_inputs: n,
+                n_outputs: 1,
+            }
+        }
+        let op = reg.build(&ctx(&desc, 3)).unwrap();
+        let x = Tensor::from_vec(&[2, 3], vec![-4.0f32, -1.0, 0.0, 1.0, 2.5, 9.0]).unwrap();
+        let y = Tensor::from_vec(&[2, 3], vec![0.5f32; 6]).unwrap();
+        let z = Tensor::from_vec(&[1], vec![0.25f32]).unwrap();
+        let (xv, yv, zv) = (Value::from(x.clone()), Value::from(y), Value::from(z));
+        let got = op.eval(&[Some(&xv), Some(&yv), Some(&zv)]).unwrap();
+        let got = got[0].as_tensor().unwrap();
+        assert_eq!(got.shape(), &[2, 3]);
+        for (g, xe) in got
+            .as_slice::<f32>()
+            .unwrap()
+            .iter()
+            .zip(x.as_slice::<f32>().unwrap())
+        {
+            assert_eq!(*g, prog.eval_one(&[*xe, 0.5, 0.25]));
+        }
+        // wrong sizes and dtypes are errors, not panics
+        let bad = Value::from(Tensor::from_vec(&[4], vec![1.0f32; 4]).unwrap());
+        assert!(op.eval(&[Some(&xv), Some(&bad), Some(&zv)]).is_err());
+        let int = Value::from(Tensor::from_vec(&[2, 3], vec![1i32; 6]).unwrap());
+        assert!(op.eval(&[Some(&xv), Some(&int), Some(&zv)]).is_err());
+        // an operand from the future, a bad opcode
+        let mut fwd = desc.clone();
+        fwd.attrs
+            .insert(PROGRAM_ATTR.into(), Attr::Ints(vec![0, 0, 7]));
+        assert!(reg.build(&ctx(&fwd, 3)).is_err());
+        let mut code = desc.clone();
+        code.attrs
+            .insert(PROGRAM_ATTR.into(), Attr::Ints(vec![99, 0, 0]));
+        assert!(reg.build(&ctx(&code, 3)).is_err());
+    }
+}
