@@ -19,6 +19,7 @@ pub mod config;
 pub mod context;
 pub mod engine;
 pub mod fingerprint;
+pub mod int8;
 pub mod memory;
 pub mod npy;
 pub mod optimize;
