@@ -13,7 +13,8 @@
 //!   added to the last bin, and `Q` = those `i` bins merged into 128 levels and spread back
 //!   evenly over the bins that were non-zero; the threshold minimising KL(P‖Q) wins.
 //!
-//! The scale stored is `amax / 127` (symmetric INT8).
+//! Exact zeros are counted but kept out of the histogram (they quantize exactly whatever
+//! the threshold). The scale stored is `amax / 127` (symmetric INT8).
 
 use crate::int8::cache::Algorithm;
 
@@ -74,7 +75,10 @@ impl TensorStats {
         } else {
             0.0
         };
-        for v in values.iter().filter(|v| v.is_finite()) {
+        // Exact zeros (ReLU outputs, padding) quantize exactly whatever the threshold: they
+        // are left out of the histogram so their spike does not drag the entropy
+        // calibrator's threshold down.
+        for v in values.iter().filter(|v| v.is_finite() && **v != 0.0) {
             let b = ((v.abs() * scale) as usize).min(BINS - 1);
             self.hist[b] += 1;
         }
@@ -262,6 +266,18 @@ mod tests {
         s.observe(&uniform(400_000, 1.0, 7));
         let ent = s.threshold(Algorithm::Entropy);
         assert!(ent > 0.85 && ent <= 1.0, "entropy threshold {ent}");
+    }
+
+    #[test]
+    fn exact_zeros_do_not_pull_the_entropy_threshold_down() {
+        // Half zeros (a ReLU output) and a uniform rest: the threshold stays near the top.
+        let mut v = uniform(100_000, 1.0, 8);
+        v.iter_mut().for_each(|x| *x = x.max(0.0));
+        let mut s = TensorStats::default();
+        s.observe(&v);
+        let ent = s.threshold(Algorithm::Entropy);
+        assert!(ent > 0.85, "entropy threshold {ent}");
+        assert_eq!(s.count, 100_000);
     }
 
     #[test]
