@@ -8,8 +8,8 @@ use kiln_core::{
     TensorMut, Value,
 };
 
-use super::gemm::{col_index, gemm, Isa, PackedWeights, COL_ALIGN};
-use super::{parse_tactic, OutPtr, Requant, W_SCALES, X_SCALE, Y_SCALE};
+use super::gemm::{gemm, Isa, PackedWeights, COL_ALIGN};
+use super::{parse_tactic, requant_row, OutPtr, Requant, W_SCALES, X_SCALE, Y_SCALE};
 use crate::fused::Activation;
 use crate::ops::conv::geom::{Spatial3, WindowAttrs};
 use crate::ops::conv::reference::ConvDims;
@@ -85,30 +85,42 @@ pub fn lowerable(desc: &OpDesc, inputs: &[Option<&Fact>]) -> bool {
     x.len() >= 3 && x.len() <= 5 && w.len() == x.len() && w[0] % group == 0 && w[0] / group >= 4 && w[1] >= 4
 }
 
-/// im2col of columns `p0..p0 + tw` of one image × group into the interleaved tile layout.
+/// im2col of columns `p0..p0 + tw` of one image × group into the interleaved tile layout
+/// (row `k` = (channel, kernel offset), walked one output row segment at a time).
 #[allow(clippy::too_many_arguments)]
 fn im2col(xg: &[i8], cg: usize, sp: &Spatial3, p0: usize, tw: usize, pp: usize, kp: usize, col: &mut [i8]) {
     col[..kp * pp].fill(0);
     let [kd_n, kh_n, kw_n] = sp.kernel;
     let [_, ih_n, iw_n] = sp.input;
     let [_, oh_n, ow_n] = sp.output;
+    let (sw, dw, pw) = (sp.strides[2], sp.dilations[2], sp.pad_begin[2]);
     let isz = sp.in_size();
-    let ksz = kd_n * kh_n * kw_n;
-    for t in 0..tw {
-        let p = p0 + t;
-        let ow = p % ow_n;
-        let r = p / ow_n;
-        let (oh, od) = (r % oh_n, r / oh_n);
+    let mut k = 0;
+    for c in 0..cg {
+        let xc = &xg[c * isz..(c + 1) * isz];
         for kd in 0..kd_n {
-            let Some(id) = sp.in_coord(0, od, kd) else { continue };
             for kh in 0..kh_n {
-                let Some(ih) = sp.in_coord(1, oh, kh) else { continue };
                 for kw in 0..kw_n {
-                    let Some(iw) = sp.in_coord(2, ow, kw) else { continue };
-                    let off = (id * ih_n + ih) * iw_n + iw;
-                    let k0 = (kd * kh_n + kh) * kw_n + kw;
-                    for c in 0..cg {
-                        col[col_index(c * ksz + k0, t, pp)] = xg[c * isz + off];
+                    let base = (k >> 2) * pp * 4 + (k & 3);
+                    k += 1;
+                    let mut t = 0;
+                    while t < tw {
+                        let p = p0 + t;
+                        let ow0 = p % ow_n;
+                        let r = p / ow_n;
+                        let (oh, od) = (r % oh_n, r / oh_n);
+                        let seg = (ow_n - ow0).min(tw - t);
+                        if let (Some(id), Some(ih)) = (sp.in_coord(0, od, kd), sp.in_coord(1, oh, kh)) {
+                            let xrow = &xc[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
+                            let dst = &mut col[base + t * 4..];
+                            for j in 0..seg {
+                                let iw = ((ow0 + j) * sw + kw * dw).wrapping_sub(pw);
+                                if iw < iw_n {
+                                    dst[j * 4] = xrow[iw];
+                                }
+                            }
+                        }
+                        t += seg;
                     }
                 }
             }
@@ -171,15 +183,14 @@ impl Int8Conv {
                 im2col(xg, cg, &sp, p0, tw, pp, pw.kp, col);
                 crate::scratch::with_scratch::<i32, _>(mg * pp, |acc| {
                     gemm(self.isa, pw, col, pp, acc);
+                    let mut tmp = [0f32; TILE];
                     for r in 0..mg {
                         let o = g * mg + r;
                         let base = (img * m + o) * p_n + p0;
-                        let q = rq[o];
-                        for t in 0..tw {
-                            // SAFETY: base + t < n·m·p_n = out.len(); tasks cover disjoint
-                            // (image, group, tile) triples, so no two write one element.
-                            unsafe { *optr.0.add(base + t) = q.apply(acc[r * pp + t], self.act) };
-                        }
+                        // SAFETY: base + tw ≤ n·m·p_n = out.len(); tasks cover disjoint
+                        // (image, group, tile) triples, so no two write one element.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(base), tw) };
+                        requant_row(&acc[r * pp..r * pp + tw], rq[o], self.act, &mut tmp, dst);
                     }
                 });
             });

@@ -91,10 +91,33 @@ pub fn tactics_for(desc: &OpDesc, inputs: &[Option<&Fact>]) -> Vec<Tactic> {
         .collect()
 }
 
-/// Quantizes one value: `clamp(round(x / scale), -127, 127)` given `inv = 1 / scale`.
+/// Quantizes one value: `clamp(round(x / scale), -127, 127)` given `inv = 1 / scale`,
+/// rounding half to even as QuantizeLinear does. (Adding and subtracting 1.5·2^23 rounds a
+/// clamped value to an integer in the FPU's default mode without a libm call, so loops
+/// over it vectorize; NaN becomes 0.)
 #[inline(always)]
 pub fn quantize_one(x: f32, inv: f32) -> i8 {
-    (x * inv).round().clamp(-127.0, 127.0) as i8
+    const MAGIC: f32 = 12_582_912.0;
+    let c = (x * inv).clamp(-127.0, 127.0);
+    ((c + MAGIC) - MAGIC) as i8
+}
+
+/// Requantizes one row of accumulators: `out[t] = q(act(acc[t]·mul + bias))`.
+pub(crate) fn requant_row(
+    acc: &[i32],
+    q: Requant,
+    act: crate::fused::Activation,
+    tmp: &mut [f32],
+    out: &mut [i8],
+) {
+    let n = acc.len();
+    for (v, &a) in tmp[..n].iter_mut().zip(acc) {
+        *v = a as f32 * q.mul;
+    }
+    crate::ops::conv::kernel::epilogue(&mut tmp[..n], q.bias, act);
+    for (d, &v) in out[..n].iter_mut().zip(&tmp[..n]) {
+        *d = quantize_one(v, q.inv_y);
+    }
 }
 
 /// Symmetric per-row quantization of a weight matrix (`rows × cols` f32): returns the i8
@@ -128,9 +151,12 @@ pub(crate) struct Requant {
 }
 
 impl Requant {
+    /// The same arithmetic as [`requant_row`], for one value.
     #[inline(always)]
     pub fn apply(self, acc: i32, act: crate::fused::Activation) -> i8 {
-        quantize_one(act.apply(acc as f32 * self.mul + self.bias), self.inv_y)
+        let mut v = [acc as f32 * self.mul];
+        crate::ops::conv::kernel::epilogue(&mut v, self.bias, act);
+        quantize_one(v[0], self.inv_y)
     }
 }
 
