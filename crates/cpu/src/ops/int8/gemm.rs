@@ -111,7 +111,10 @@ pub fn col_index(k: usize, p: usize, pp: usize) -> usize {
 /// `col` holds `kp/4 × pp × 4` values, `acc` at least `w.m × pp`; `pp` must be a multiple
 /// of [`COL_ALIGN`]. An `isa` this CPU lacks runs the scalar loops.
 pub fn gemm(isa: Isa, w: &PackedWeights, col: &[i8], pp: usize, acc: &mut [i32]) {
-    assert!(pp % COL_ALIGN == 0, "column tile width {pp} is not padded");
+    assert!(
+        pp.is_multiple_of(COL_ALIGN),
+        "column tile width {pp} is not padded"
+    );
     assert!(col.len() >= w.kp * pp && acc.len() >= w.m * pp);
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -198,10 +201,7 @@ mod x86 {
                 let o = _mm512_sub_epi32(sv, fix);
                 // SAFETY: (r0 + r)·pp + p0 + 16v + 16 ≤ m·pp ≤ acc.len().
                 unsafe {
-                    _mm512_storeu_si512(
-                        acc.as_mut_ptr().add((r0 + r) * pp + p0 + v * 16).cast(),
-                        o,
-                    )
+                    _mm512_storeu_si512(acc.as_mut_ptr().add((r0 + r) * pp + p0 + v * 16).cast(), o)
                 };
             }
         }
@@ -266,10 +266,7 @@ mod x86 {
             for (v, &sv) in sr.iter().enumerate() {
                 // SAFETY: (r0 + r)·pp + p0 + 8v + 8 ≤ m·pp ≤ acc.len().
                 unsafe {
-                    _mm256_storeu_si256(
-                        acc.as_mut_ptr().add((r0 + r) * pp + p0 + v * 8).cast(),
-                        sv,
-                    )
+                    _mm256_storeu_si256(acc.as_mut_ptr().add((r0 + r) * pp + p0 + v * 8).cast(), sv)
                 };
             }
         }
@@ -318,7 +315,9 @@ mod tests {
         let mut out = vec![0; m * p];
         for r in 0..m {
             for c in 0..p {
-                out[r * p + c] = (0..k).map(|j| w[r * k + j] as i32 * col[j * p + c] as i32).sum();
+                out[r * p + c] = (0..k)
+                    .map(|j| w[r * k + j] as i32 * col[j * p + c] as i32)
+                    .sum();
             }
         }
         out
@@ -327,7 +326,15 @@ mod tests {
     #[test]
     fn every_isa_matches_the_reference() {
         let mut rng = Rng(0x1234_5678);
-        for &(m, k, p) in &[(1, 1, 1), (3, 5, 7), (4, 4, 16), (5, 37, 70), (9, 130, 33), (16, 288, 100), (7, 9, 130)] {
+        for &(m, k, p) in &[
+            (1, 1, 1),
+            (3, 5, 7),
+            (4, 4, 16),
+            (5, 37, 70),
+            (9, 130, 33),
+            (16, 288, 100),
+            (7, 9, 130),
+        ] {
             let w: Vec<i8> = (0..m * k).map(|_| rng.i8()).collect();
             let mut col_plain: Vec<i8> = (0..k * p).map(|_| rng.i8()).collect();
             // Extremes on purpose: ±127 everywhere in one column (saturation check).
@@ -352,7 +359,11 @@ mod tests {
                 let mut acc = vec![-1i32; m * pp];
                 gemm(isa, &packed, &col, pp, &mut acc);
                 for r in 0..m {
-                    assert_eq!(&acc[r * pp..r * pp + p], &want[r * p..(r + 1) * p], "{isa:?} m={m} k={k} p={p} row {r}");
+                    assert_eq!(
+                        &acc[r * pp..r * pp + p],
+                        &want[r * p..(r + 1) * p],
+                        "{isa:?} m={m} k={k} p={p} row {r}"
+                    );
                 }
             }
         }
@@ -370,7 +381,11 @@ mod tests {
                 let mut acc = vec![0; m * p];
                 gemm(isa, &packed, &col, p, &mut acc);
                 let want = k as i32 * wv as i32 * cv as i32;
-                assert!(acc.iter().all(|&v| v == want), "{isa:?} {wv}×{cv}: {} vs {want}", acc[0]);
+                assert!(
+                    acc.iter().all(|&v| v == want),
+                    "{isa:?} {wv}×{cv}: {} vs {want}",
+                    acc[0]
+                );
             }
         }
     }

@@ -62,7 +62,10 @@ pub fn lowerable(desc: &OpDesc, inputs: &[Option<&Fact>]) -> bool {
         let n = if int("transB") != 0 { b[0] } else { b[1] };
         let c_ok = match shape(2) {
             None => inputs.get(2).copied().flatten().is_none(),
-            Some(c) => c.iter().product::<usize>() == n && c.last() == Some(&n) || c.iter().product::<usize>() == 1,
+            Some(c) => {
+                c.iter().product::<usize>() == n && c.last() == Some(&n)
+                    || c.iter().product::<usize>() == 1
+            }
         };
         return a.len() == 2 && int("transA") == 0 && c_ok;
     }
@@ -87,7 +90,11 @@ impl Int8MatMul {
         if a.dtype() != DType::I8 || w.dtype() != DType::I8 {
             return Err(KilnError::kernel(
                 "Int8MatMul",
-                format!("A and W must be int8, found {} and {}", a.dtype(), w.dtype()),
+                format!(
+                    "A and W must be int8, found {} and {}",
+                    a.dtype(),
+                    w.dtype()
+                ),
             ));
         }
         Self::out_shape(a, w)?;
@@ -96,14 +103,21 @@ impl Int8MatMul {
         if self.w_scales.len() != n {
             return Err(KilnError::kernel(
                 "Int8MatMul",
-                format!("w_scales has {} values for {n} output columns", self.w_scales.len()),
+                format!(
+                    "w_scales has {} values for {n} output columns",
+                    self.w_scales.len()
+                ),
             ));
         }
         let bias = match b {
             Some(b) if b.dtype() != DType::F32 || b.len() != n => {
                 return Err(KilnError::kernel(
                     "Int8MatMul",
-                    format!("B must be f32 with {n} values, found {} {:?}", b.dtype(), b.shape()),
+                    format!(
+                        "B must be f32 with {n} values, found {} {:?}",
+                        b.dtype(),
+                        b.shape()
+                    ),
                 ))
             }
             Some(b) => b.as_slice::<f32>()?.to_vec(),
@@ -120,7 +134,6 @@ impl Int8MatMul {
         let av = a.as_slice::<i8>()?;
         let optr = OutPtr(out.as_mut_ptr());
         (0..rows.div_ceil(TILE)).into_par_iter().for_each(|tile| {
-            let optr = optr;
             let r0 = tile * TILE;
             let tw = TILE.min(rows - r0);
             let pp = tw.div_ceil(COL_ALIGN) * COL_ALIGN;
@@ -140,7 +153,7 @@ impl Int8MatMul {
                             // SAFETY: (r0 + t)·n + o < rows·n = out.len(); tiles own
                             // disjoint rows.
                             unsafe {
-                                *optr.0.add((r0 + t) * n + o) = q.apply(acc[o * pp + t], self.act)
+                                *optr.at((r0 + t) * n + o) = q.apply(acc[o * pp + t], self.act)
                             };
                         }
                     }
@@ -159,7 +172,10 @@ impl Op for Int8MatMul {
     fn infer(&self, inputs: &[Option<&Fact>], _n_outputs: usize) -> Result<Vec<Fact>> {
         let a = inputs.first().copied().flatten();
         let w = inputs.get(1).copied().flatten();
-        let shape = match (a.and_then(|f| f.shape.clone()), w.and_then(|f| f.shape.clone())) {
+        let shape = match (
+            a.and_then(|f| f.shape.clone()),
+            w.and_then(|f| f.shape.clone()),
+        ) {
             (Some(mut s), Some(ws)) if s.len() >= 2 && ws.len() == 2 => {
                 *s.last_mut().expect("rank ≥ 2") = ws[0].clone();
                 Some(s)
@@ -196,7 +212,11 @@ impl Op for Int8MatMul {
         if slot.shape() != shape.as_slice() || slot.dtype() != DType::I8 {
             return Err(KilnError::kernel(
                 "Int8MatMul",
-                format!("output slot is {} {:?}, expected i8 {shape:?}", slot.dtype(), slot.shape()),
+                format!(
+                    "output slot is {} {:?}, expected i8 {shape:?}",
+                    slot.dtype(),
+                    slot.shape()
+                ),
             ));
         }
         self.run(a, w, b, slot.as_mut_slice::<i8>()?)
@@ -223,7 +243,13 @@ mod tests {
             s ^= s << 17;
             (((s >> 20) % 255) as i32 - 127) as i8
         };
-        for &(batch, r, k, n) in &[(1, 1, 1, 1), (2, 3, 5, 7), (1, 70, 37, 9), (3, 65, 64, 16), (1, 130, 200, 3)] {
+        for &(batch, r, k, n) in &[
+            (1, 1, 1, 1),
+            (2, 3, 5, 7),
+            (1, 70, 37, 9),
+            (3, 65, 64, 16),
+            (1, 130, 200, 3),
+        ] {
             let a: Vec<i8> = (0..batch * r * k).map(|_| i8r()).collect();
             let w: Vec<i8> = (0..n * k).map(|_| i8r()).collect();
             let bias: Vec<f32> = (0..n).map(|i| 0.5 - i as f32 * 0.25).collect();
@@ -233,21 +259,47 @@ mod tests {
                 d.attrs.insert(X_SCALE.into(), Attr::Float(0.05));
                 d.attrs.insert(Y_SCALE.into(), Attr::Float(0.2));
                 d.attrs.insert(W_SCALES.into(), Attr::Floats(ws.clone()));
-                d.attrs.insert("kiln_activation".into(), Attr::String("HardSwish".into()));
-                d.attrs.insert(kiln_core::tactic::TACTIC_ATTR.into(), Attr::String(format!("cpu.int8.matmul.{}", isa.name())));
-                let op = reg.build(&BuildCtx { node: "t", desc: &d, n_inputs: 3, n_outputs: 1 }).unwrap();
+                d.attrs
+                    .insert("kiln_activation".into(), Attr::String("HardSwish".into()));
+                d.attrs.insert(
+                    kiln_core::tactic::TACTIC_ATTR.into(),
+                    Attr::String(format!("cpu.int8.matmul.{}", isa.name())),
+                );
+                let op = reg
+                    .build(&BuildCtx {
+                        node: "t",
+                        desc: &d,
+                        n_inputs: 3,
+                        n_outputs: 1,
+                    })
+                    .unwrap();
                 let at = Tensor::from_vec(&[batch, r, k], a.clone()).unwrap();
                 let wt = Tensor::from_vec(&[n, k], w.clone()).unwrap();
                 let bt = Tensor::from_vec(&[n], bias.clone()).unwrap();
-                let out = op.eval(&[Some(&at.into()), Some(&wt.into()), Some(&bt.into())]).unwrap().remove(0);
+                let out = op
+                    .eval(&[Some(&at.into()), Some(&wt.into()), Some(&bt.into())])
+                    .unwrap()
+                    .remove(0);
                 let out = out.as_tensor().unwrap();
                 assert_eq!(out.shape(), &[batch, r, n]);
                 let got = out.as_slice::<i8>().unwrap();
                 for row in 0..batch * r {
                     for o in 0..n {
-                        let acc: i32 = (0..k).map(|j| a[row * k + j] as i32 * w[o * k + j] as i32).sum();
-                        let want = Requant { mul: 0.05 * ws[o], bias: bias[o], inv_y: 5.0 }.apply(acc, Activation::HardSwish);
-                        assert_eq!(got[row * n + o], want, "{isa:?} {:?} row {row} col {o}", (batch, r, k, n));
+                        let acc: i32 = (0..k)
+                            .map(|j| a[row * k + j] as i32 * w[o * k + j] as i32)
+                            .sum();
+                        let want = Requant {
+                            mul: 0.05 * ws[o],
+                            bias: bias[o],
+                            inv_y: 5.0,
+                        }
+                        .apply(acc, Activation::HardSwish);
+                        assert_eq!(
+                            got[row * n + o],
+                            want,
+                            "{isa:?} {:?} row {row} col {o}",
+                            (batch, r, k, n)
+                        );
                     }
                 }
             }

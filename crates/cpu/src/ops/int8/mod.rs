@@ -163,6 +163,13 @@ impl Requant {
 /// A raw output pointer shared by parallel tiles that write disjoint elements.
 #[derive(Clone, Copy)]
 pub(crate) struct OutPtr(pub *mut i8);
+impl OutPtr {
+    /// The pointer `i` elements further (a method, so closures capture the whole wrapper).
+    pub fn at(self, i: usize) -> *mut i8 {
+        self.0.wrapping_add(i)
+    }
+}
+
 // SAFETY: tiles write disjoint indices (each caller documents why), so sharing the pointer
 // between rayon tasks cannot race.
 unsafe impl Send for OutPtr {}

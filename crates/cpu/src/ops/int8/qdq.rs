@@ -3,7 +3,9 @@
 
 use rayon::prelude::*;
 
-use kiln_core::{input_tensor, BuildCtx, DType, Fact, KilnError, Op, Result, Tensor, TensorMut, Value};
+use kiln_core::{
+    input_tensor, BuildCtx, DType, Fact, KilnError, Op, Result, Tensor, TensorMut, Value,
+};
 
 use super::conv::scale_attr;
 use super::quantize_one;
@@ -16,14 +18,22 @@ pub fn quantize(src: &[f32], scale: f32, dst: &mut [i8]) {
     let inv = 1.0 / scale;
     dst.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &x)| *d = quantize_one(x, inv)));
+        .for_each(|(d, s)| {
+            d.iter_mut()
+                .zip(s)
+                .for_each(|(d, &x)| *d = quantize_one(x, inv))
+        });
 }
 
 /// i8 → f32 with one scale.
 pub fn dequantize(src: &[i8], scale: f32, dst: &mut [f32]) {
     dst.par_chunks_mut(CHUNK)
         .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &q)| *d = q as f32 * scale));
+        .for_each(|(d, s)| {
+            d.iter_mut()
+                .zip(s)
+                .for_each(|(d, &q)| *d = q as f32 * scale)
+        });
 }
 
 /// Quantize (`to_int8`) or dequantize.
@@ -139,7 +149,9 @@ mod tests {
 
     #[test]
     fn round_trip_within_half_a_step() {
-        let x: Vec<f32> = (0..100_001).map(|i| ((i as f32) * 0.37).sin() * 3.0).collect();
+        let x: Vec<f32> = (0..100_001)
+            .map(|i| ((i as f32) * 0.37).sin() * 3.0)
+            .collect();
         let mut q = vec![0i8; x.len()];
         quantize(&x, 0.02, &mut q);
         let mut back = vec![0f32; x.len()];
