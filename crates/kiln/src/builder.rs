@@ -40,6 +40,20 @@ impl Builder {
         timer: &mut dyn LayerTimer,
     ) -> Result<Engine> {
         let fingerprint = self.resolve_device(config)?;
+        if config.int8 {
+            let Some(cache) = &config.calibration else {
+                return Err(KilnError::Other(
+                    "--int8 needs per-tensor scales: pass --calib-cache MODEL.calib (make one with `kiln calibrate MODEL.onnx --data DIR --cache MODEL.calib`)".into(),
+                ));
+            };
+            cache.check_model(&crate::int8::cache::file_sha256(path)?)?;
+            if fingerprint.backend != "cpu" {
+                return Err(KilnError::Other(
+                    "--int8: INT8 kernels exist only on the CPU so far; build with --device cpu"
+                        .into(),
+                ));
+            }
+        }
         let model = kiln_onnx::load_model(path, registry())?;
         let source = path
             .file_name()
@@ -140,6 +154,20 @@ impl Builder {
                 n.fused_from.push(n.name.clone());
             }
         }
+        if config.observe_activations {
+            // Calibration: every float activation of the source model is an output too.
+            let produced: Vec<bool> = graph.producers().iter().map(|p| p.is_some()).collect();
+            let extra: Vec<usize> = (0..graph.values.len())
+                .filter(|&v| {
+                    produced[v]
+                        && !graph.is_output(v)
+                        && !graph.constants.contains_key(&v)
+                        && graph.values[v].fact.kind == kiln_core::ValueKind::Tensor
+                        && graph.values[v].fact.dtype == Some(kiln_core::DType::F32)
+                })
+                .collect();
+            graph.outputs.extend(extra);
+        }
         let mut report = if config.optimize {
             let r = optimize(&mut graph, registry())?;
             graph.infer_facts_with(true)?;
@@ -186,9 +214,31 @@ impl Builder {
         };
         // Tactics are timed on the device the engine is for; the CUDA backend's own choices
         // are heuristic until its tactics are offered to the tuner.
-        tuner::pools(config.fp16, config.int8)?;
+        let int8_layers = match (&config.calibration, config.int8) {
+            (Some(cache), true) => crate::int8::lower::annotate(&mut graph, cache),
+            _ => 0,
+        };
+        if config.int8 {
+            tracing::info!(layers = int8_layers, "layers with calibrated INT8 scales");
+        }
+        // With --int8, calibrated layers also offer INT8 tactics (and ops with no tactics of
+        // their own an FP32 "builtin" one to compare them with).
+        let with_int8 = |node: &kiln_core::Node, facts: &[Option<&Fact>]| {
+            let mut offered = tactics(node, facts);
+            if config.int8 {
+                let extra = crate::int8::lower::tactics(node, facts);
+                if !extra.is_empty() && offered.is_empty() {
+                    offered.push(kiln_core::Tactic::fp32(
+                        crate::int8::lower::BUILTIN_TACTIC,
+                        1,
+                    ));
+                }
+                offered.extend(extra);
+            }
+            offered
+        };
         let tuning = if fingerprint.backend == "cpu" {
-            let tuning = self.tune(&mut graph, &fingerprint, config, tactics, timer)?;
+            let tuning = self.tune(&mut graph, &fingerprint, config, &with_int8, timer)?;
             if config.optimize {
                 // After tuning: the chosen tactics decide which weights the packed GEMM reads.
                 let packed = crate::pack_weights::pack_conv_weights(&mut graph, registry())?;

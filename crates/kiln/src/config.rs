@@ -78,8 +78,14 @@ pub struct BuilderConfig {
     pub fp16: bool,
     /// GPU engines: allow TF32 tensor-core math in FP32 matrix products.
     pub tf32: bool,
-    /// Allow INT8 layers (refused for now: no INT8 kernels yet).
+    /// Allow INT8 layers (the INT8 + FP32 precision pools; CPU only). Needs
+    /// `calibration` (or a model with QuantizeLinear/DequantizeLinear pairs).
     pub int8: bool,
+    /// Per-tensor INT8 scales (`--calib-cache`), checked against the model's hash.
+    pub calibration: Option<std::sync::Arc<crate::int8::CalibrationCache>>,
+    /// Calibration: skip nothing and make every float activation of the source model an
+    /// extra engine output (used by [`crate::int8::Calibrator`]).
+    pub observe_activations: bool,
     /// Layers pinned to one precision (`--layer-precision NAME:fp32`).
     pub layer_precision: BTreeMap<String, kiln_core::Precision>,
     /// Timing cache file read before tuning and written after (`--timing-cache`).
@@ -97,6 +103,8 @@ impl Default for BuilderConfig {
             fp16: false,
             tf32: false,
             int8: false,
+            calibration: None,
+            observe_activations: false,
             layer_precision: BTreeMap::new(),
             timing_cache: None,
         }

@@ -381,6 +381,7 @@ impl Engine {
                                     facts.map(|f| &f[o]).unwrap_or(&g.values[o].fact).dtype
                                 }) {
                                     Some(Some(kiln_core::DType::F16)) => "fp16".to_string(),
+                                    Some(Some(kiln_core::DType::I8)) => "int8".to_string(),
                                     _ => "fp32".to_string(),
                                 },
                             )

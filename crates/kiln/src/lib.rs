@@ -20,6 +20,7 @@ pub mod context;
 pub mod engine;
 pub mod fingerprint;
 pub mod fuse_elementwise;
+pub mod int8;
 pub mod memory;
 pub mod npy;
 pub mod optimize;

@@ -11,6 +11,7 @@ pub mod detection;
 pub mod elementwise;
 pub mod gather_scatter;
 pub mod image;
+pub mod int8;
 pub mod linalg;
 pub mod loss;
 pub mod misc;
@@ -50,4 +51,5 @@ pub fn register_all(reg: &mut OpRegistry) {
     image::register(reg);
     detection::register(reg);
     attention::register(reg);
+    int8::register(reg);
 }

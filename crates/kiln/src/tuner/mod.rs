@@ -40,18 +40,18 @@ pub struct TuneSettings {
     pub pins: BTreeMap<String, Precision>,
 }
 
-/// The precision pools for a build's flags, exactly as TensorRT forms them.
+/// The precision pools for a build's flags, exactly as TensorRT forms them: FP32 always,
+/// plus FP16 with `--fp16` and INT8 with `--int8`.
 pub fn pools(fp16: bool, int8: bool) -> Result<Vec<Precision>> {
+    let mut v = Vec::new();
     if int8 {
-        return Err(KilnError::Other(
-            "--int8: INT8 kernels are not implemented yet, so the INT8 pool is empty; build with FP32 (default) or --fp16".into(),
-        ));
+        v.push(Precision::Int8);
     }
-    Ok(if fp16 {
-        vec![Precision::Fp16, Precision::Fp32]
-    } else {
-        vec![Precision::Fp32]
-    })
+    if fp16 {
+        v.push(Precision::Fp16);
+    }
+    v.push(Precision::Fp32);
+    Ok(v)
 }
 
 /// One candidate as the tuner saw it.
@@ -297,6 +297,10 @@ pub fn tune(
     for (li, (ni, ok)) in kept.iter().enumerate() {
         let t = &ok[solution.choice[li]];
         let ms = problem.layers[li][solution.choice[li]].time;
+        if t.format.precision == Precision::Int8 {
+            // INT8 layers become kiln.Int8* ops with quantized weights.
+            crate::int8::lower::lower_node(graph, *ni, &t.id)?;
+        }
         let node = &mut graph.nodes[*ni];
         node.desc
             .attrs

@@ -23,10 +23,50 @@ fn onnx_code(p: Precision) -> Result<(i64, DType)> {
     match p {
         Precision::Fp32 => Ok((1, DType::F32)),
         Precision::Fp16 => Ok((10, DType::F16)),
-        Precision::Int8 => Err(KilnError::Other(
-            "INT8 reformats are not implemented yet".into(),
-        )),
+        Precision::Int8 => Ok((3, DType::I8)),
     }
+}
+
+/// The scale attribute (`x_scale` for inputs, `y_scale` for outputs) of a lowered INT8 layer.
+fn int8_scale(node: &Node, attr: &str) -> Result<f32> {
+    match node.desc.attrs.get(attr) {
+        Some(Attr::Float(s)) => Ok(*s),
+        _ => Err(KilnError::Other(format!(
+            "INT8 layer {} has no {attr} attribute: it was not lowered",
+            node.name
+        ))),
+    }
+}
+
+/// `kiln.Int8Quantize` (to INT8) or `kiln.Int8Dequantize` (back to FP32) with one scale.
+fn qdq_node(
+    name: String,
+    input: ValueId,
+    output: ValueId,
+    quantize: bool,
+    scale: f32,
+) -> Result<Node> {
+    let op = if quantize {
+        "Int8Quantize"
+    } else {
+        "Int8Dequantize"
+    };
+    let mut desc = OpDesc::new(kiln_cpu::fused::KILN_DOMAIN, op, 1);
+    desc.attrs.insert("scale".into(), Attr::Float(scale));
+    let op = registry().build(&BuildCtx {
+        node: &name,
+        desc: &desc,
+        n_inputs: 1,
+        n_outputs: 1,
+    })?;
+    Ok(Node {
+        fused_from: vec![name.clone()],
+        name,
+        desc,
+        op,
+        inputs: vec![Some(input)],
+        outputs: vec![Some(output)],
+    })
 }
 
 fn cast_node(name: String, input: ValueId, output: ValueId, to: Precision) -> Result<Node> {
@@ -81,10 +121,19 @@ pub fn insert(graph: &mut Graph, formats: &HashMap<usize, Format>) -> Result<usi
             continue;
         }
         let (_, dtype) = onnx_code(p)?;
+        let int8 = p == Precision::Int8;
+        let (x_scale, y_scale) = if int8 {
+            (int8_scale(&node, "x_scale")?, int8_scale(&node, "y_scale")?)
+        } else {
+            (1.0, 1.0)
+        };
         for input in node.inputs.iter_mut().flatten() {
             let v = *input;
             if graph.values[v].fact.dtype != Some(DType::F32) {
                 continue; // only FP32 activations and weights change precision
+            }
+            if int8 && graph.constants.contains_key(&v) {
+                continue; // lowering quantized the weights; biases stay FP32
             }
             if let Some(&c) = converted.get(&(v, p)) {
                 *input = c;
@@ -96,6 +145,9 @@ pub fn insert(graph: &mut Graph, formats: &HashMap<usize, Format>) -> Result<usi
             if let Some(t) = graph.constants.get(&v) {
                 let t = t.cast(dtype)?;
                 graph.constants.insert(c, t);
+            } else if int8 {
+                nodes.push(qdq_node(format!("reformat:{name}"), v, c, true, x_scale)?);
+                inserted += 1;
             } else {
                 nodes.push(cast_node(format!("reformat:{name}"), v, c, p)?);
                 inserted += 1;
@@ -113,12 +165,12 @@ pub fn insert(graph: &mut Graph, formats: &HashMap<usize, Format>) -> Result<usi
             let low = graph.add_value(name.clone(), with_dtype(&graph.values[v].fact, dtype));
             *output = low;
             converted.insert((v, p), low);
-            restores.push(cast_node(
-                format!("reformat:{name}->fp32"),
-                low,
-                v,
-                Precision::Fp32,
-            )?);
+            let restore = format!("reformat:{name}->fp32");
+            restores.push(if int8 {
+                qdq_node(restore, low, v, false, y_scale)?
+            } else {
+                cast_node(restore, low, v, Precision::Fp32)?
+            });
         }
         nodes.push(node);
         inserted += restores.len();

@@ -96,13 +96,11 @@ pub fn random_input(fact: &Fact, seed: u64) -> Result<Tensor> {
     Tensor::from_vec(&shape, v)?.cast(dtype)
 }
 
-fn dtype_of(p: Precision) -> Result<DType> {
+fn dtype_of(p: Precision) -> DType {
     match p {
-        Precision::Fp32 => Ok(DType::F32),
-        Precision::Fp16 => Ok(DType::F16),
-        Precision::Int8 => Err(KilnError::Other(
-            "INT8 is not supported yet (no INT8 kernels); build without --int8".into(),
-        )),
+        Precision::Fp32 => DType::F32,
+        Precision::Fp16 => DType::F16,
+        Precision::Int8 => DType::I8,
     }
 }
 
@@ -119,23 +117,51 @@ impl LayerTimer for CpuTimer {
             kiln_core::tactic::TACTIC_ATTR.into(),
             kiln_core::Attr::String(tactic.id.clone()),
         );
+        // INT8 tactics run the lowered layer: quantized weights, i8 activations.
+        let int8 = tactic.format.precision == Precision::Int8;
+        let mut replaced: Vec<Option<Tensor>> = Vec::new();
+        if int8 {
+            (desc, replaced) = crate::int8::lower::lowered(node, constants, &tactic.id)?;
+        }
+        let n_inputs = if int8 {
+            replaced.len()
+        } else {
+            node.inputs.len()
+        };
         let op = registry().build(&BuildCtx {
             node: &node.name,
             desc: &desc,
-            n_inputs: node.inputs.len(),
+            n_inputs,
             n_outputs: node.outputs.len(),
         })?;
-        let values: Vec<Option<Value>> = inputs
-            .iter()
-            .enumerate()
-            .map(|(i, f)| match (constants.get(i).copied().flatten(), f) {
-                (Some(c), _) => Ok(Some(Value::Tensor(c.clone()))),
-                (None, Some(f)) => random_input(f, 0x7475_6e65 + i as u64).map(|t| Some(t.into())),
-                (None, None) => Ok(None),
-            })
-            .collect::<Result<_>>()?;
+        let mut facts: Vec<Option<Fact>> = Vec::with_capacity(n_inputs);
+        let mut values: Vec<Option<Value>> = Vec::with_capacity(n_inputs);
+        for i in 0..n_inputs {
+            let fact = inputs.get(i).copied().flatten();
+            let konst = constants.get(i).copied().flatten();
+            let (f, v) = match (replaced.get(i).cloned().flatten(), konst, fact) {
+                (Some(t), _, _) => (Some(Fact::concrete(t.dtype(), t.shape())), Some(t)),
+                (None, Some(c), f) => (f.cloned(), Some(c.clone())),
+                (None, None, Some(f)) => {
+                    let f = if int8 {
+                        Fact {
+                            dtype: Some(DType::I8),
+                            ..f.clone()
+                        }
+                    } else {
+                        f.clone()
+                    };
+                    let t = random_input(&f, 0x7475_6e65 + i as u64)?;
+                    (Some(f), Some(t))
+                }
+                (None, None, None) => (None, None),
+            };
+            facts.push(f);
+            values.push(v.map(Value::Tensor));
+        }
+        let fact_refs: Vec<Option<&Fact>> = facts.iter().map(|f| f.as_ref()).collect();
         let args: Vec<Option<&Value>> = values.iter().map(|v| v.as_ref()).collect();
-        let out_facts = op.infer(inputs, node.outputs.len())?;
+        let out_facts = op.infer(&fact_refs, node.outputs.len())?;
         let mut shapes = Vec::with_capacity(out_facts.len());
         let mut bufs = Vec::with_capacity(out_facts.len());
         for f in &out_facts {
@@ -165,12 +191,28 @@ impl LayerTimer for CpuTimer {
         }
         let src = random_input(
             &Fact {
-                dtype: Some(dtype_of(from.precision)?),
+                dtype: Some(dtype_of(from.precision)),
                 ..fact.clone()
             },
             0x7265_666d,
         )?;
-        let to = dtype_of(to.precision)?;
+        let to = dtype_of(to.precision);
+        if to == DType::I8 && src.dtype() == DType::F32 {
+            let mut dst = vec![0i8; src.len()];
+            let x = src.as_slice::<f32>()?;
+            return self.median_ms(|| {
+                kiln_cpu::ops::int8::qdq::quantize(x, 0.01, &mut dst);
+                Ok(())
+            });
+        }
+        if src.dtype() == DType::I8 && to == DType::F32 {
+            let mut dst = vec![0f32; src.len()];
+            let q = src.as_slice::<i8>()?;
+            return self.median_ms(|| {
+                kiln_cpu::ops::int8::qdq::dequantize(q, 0.01, &mut dst);
+                Ok(())
+            });
+        }
         self.median_ms(|| src.cast(to).map(drop))
     }
 }

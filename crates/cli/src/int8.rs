@@ -1,0 +1,284 @@
+//! `kiln calibrate` (INT8 calibration cache from real data) and `kiln compare` (accuracy of
+//! one engine against another on the same inputs).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use kiln::int8::data::list_batches;
+use kiln::int8::{Algorithm, Calibrator};
+use kiln::Tensor;
+
+use crate::common::{self, CliError, CliResult, Globals, ShapesArg};
+
+/// Calibration algorithm for `--algo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Algo {
+    /// KL divergence over activation histograms (TensorRT's EntropyCalibration2).
+    Entropy,
+    /// Largest absolute value.
+    Minmax,
+    /// A percentile of the absolute values (--percentile).
+    Percentile,
+}
+
+/// Arguments of `kiln calibrate`.
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// The ONNX model (FP32).
+    #[arg(value_name = "MODEL.onnx")]
+    pub model: PathBuf,
+    /// Calibration batches: one subdirectory per batch with <input>.npy per model input,
+    /// or (one-input models) .npy files directly, each one batch.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Calibration algorithm.
+    #[arg(long, value_enum, default_value_t = Algo::Entropy)]
+    pub algo: Algo,
+    /// Percentile kept by --algo percentile.
+    #[arg(long, default_value_t = 99.99)]
+    pub percentile: f64,
+    /// Where to write the cache [default: MODEL with the extension .calib].
+    #[arg(long, value_name = "MODEL.calib")]
+    pub cache: Option<PathBuf>,
+}
+
+/// Arguments of `kiln compare`.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The reference engine or model (e.g. the FP32 ONNX model).
+    #[arg(value_name = "A")]
+    pub a: PathBuf,
+    /// The engine or model to check (e.g. an INT8 plan).
+    #[arg(value_name = "B")]
+    pub b: PathBuf,
+    /// Input batches, laid out as for `kiln calibrate --data`.
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+    /// Input shapes for ONNX models with open dims [default: the first batch's shapes].
+    #[arg(long, value_name = "NAME:1x3x224x224,...", value_parser = common::parse_shapes_arg)]
+    pub shapes: Option<ShapesArg>,
+    /// Print a JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn progress(g: &Globals, n: usize, what: &str) -> ProgressBar {
+    if g.quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(n as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} batches {elapsed}")
+    {
+        pb.set_style(style);
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn shapes_of(batch: &[(String, Tensor)]) -> BTreeMap<String, Vec<usize>> {
+    batch
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+        .collect()
+}
+
+/// Runs `kiln calibrate`.
+pub fn calibrate(g: &Globals, a: CalibrateArgs) -> CliResult<()> {
+    let algorithm = match a.algo {
+        Algo::Entropy => Algorithm::Entropy,
+        Algo::Minmax => Algorithm::MinMax,
+        Algo::Percentile => {
+            if !(a.percentile > 0.0 && a.percentile <= 100.0) {
+                return Err(CliError(format!(
+                    "--percentile {} must be in (0, 100]",
+                    a.percentile
+                )));
+            }
+            Algorithm::Percentile(a.percentile)
+        }
+    };
+    let out = a
+        .cache
+        .clone()
+        .unwrap_or_else(|| a.model.with_extension("calib"));
+    let inputs = kiln::int8::calibrate::model_inputs(&a.model)?;
+    let batches = list_batches(&a.data, &inputs)?;
+    let first = batches[0].load()?;
+    let pb = common::spinner(
+        g,
+        format!(
+            "building the observing FP32 engine for {}",
+            a.model.display()
+        ),
+    );
+    let cal = Calibrator::new(&a.model, shapes_of(&first));
+    pb.finish_and_clear();
+    let mut cal = cal?;
+    let bar = progress(g, batches.len(), "calibrating");
+    for b in &batches {
+        let tensors = b.load()?;
+        cal.observe(&tensors)
+            .map_err(|e| CliError(format!("batch {}: {e}", b.label)))?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let cache = cal.cache(algorithm);
+    cache.save(&out)?;
+    println!(
+        "wrote {} ({} tensors, {} batches, {})",
+        out.display(),
+        cache.scales.len(),
+        batches.len(),
+        algorithm.header_name()
+    );
+    Ok(())
+}
+
+/// Accumulated differences of one output.
+#[derive(Debug, Default, Clone)]
+struct Diff {
+    sq_err: f64,
+    sq_ref: f64,
+    sq_b: f64,
+    dot: f64,
+    max_abs: f64,
+    rows: usize,
+    top1_same: usize,
+    classifier: bool,
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+/// Runs `kiln compare`.
+pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
+    let load = |path: &PathBuf, shapes: &BTreeMap<String, Vec<usize>>| {
+        common::load_model(g, path, shapes, &[], kiln::DeviceKind::Cpu, true).map(|l| l.engine)
+    };
+    // Input names from A (a plan or a model: build it at the first batch's shapes).
+    let probe = load(&a.a, &a.shapes.clone().unwrap_or_default());
+    let names: Vec<String> = match &probe {
+        Ok(e) => e.inputs().iter().map(|i| i.name.clone()).collect(),
+        Err(_) => kiln::int8::calibrate::model_inputs(&a.a)?,
+    };
+    let batches = list_batches(&a.data, &names)?;
+    let shapes = a
+        .shapes
+        .clone()
+        .unwrap_or_else(|| shapes_of(&batches[0].load().unwrap_or_default()));
+    let ea = load(&a.a, &shapes)?;
+    let eb = load(&a.b, &shapes)?;
+    let outs: Vec<String> = ea.outputs().iter().map(|o| o.name.clone()).collect();
+    let outs_b: Vec<String> = eb.outputs().iter().map(|o| o.name.clone()).collect();
+    if outs != outs_b {
+        return Err(CliError(format!(
+            "A and B have different outputs ({} vs {})",
+            outs.join(", "),
+            outs_b.join(", ")
+        )));
+    }
+    let mut diffs = vec![Diff::default(); outs.len()];
+    let (mut ca, mut cb) = (ea.create_context(), eb.create_context());
+    let bar = progress(g, batches.len(), "comparing");
+    for batch in &batches {
+        let tensors = batch.load()?;
+        let args: Vec<(&str, Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.clone()))
+            .collect();
+        let ra = ca.execute_tensors(&args)?;
+        let rb = cb.execute_tensors(&args)?;
+        for ((d, x), y) in diffs.iter_mut().zip(&ra).zip(&rb) {
+            let (x, y) = (x.cast(kiln::DType::F32)?, y.cast(kiln::DType::F32)?);
+            let (xs, ys) = (x.as_slice::<f32>()?, y.as_slice::<f32>()?);
+            if xs.len() != ys.len() {
+                return Err(CliError(format!(
+                    "output shapes differ: {:?} vs {:?}",
+                    x.shape(),
+                    y.shape()
+                )));
+            }
+            for (&p, &q) in xs.iter().zip(ys) {
+                let (p, q) = (p as f64, q as f64);
+                d.sq_err += (p - q) * (p - q);
+                d.sq_ref += p * p;
+                d.sq_b += q * q;
+                d.dot += p * q;
+                d.max_abs = d.max_abs.max((p - q).abs());
+            }
+            // Top-1 for classifier-like outputs: rank 2, N × classes.
+            if x.shape().len() == 2 && x.shape()[1] > 1 {
+                d.classifier = true;
+                let c = x.shape()[1];
+                for (rx, ry) in xs.chunks(c).zip(ys.chunks(c)) {
+                    d.rows += 1;
+                    d.top1_same += usize::from(argmax(rx) == argmax(ry));
+                }
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let rows: Vec<serde_json::Value> = outs
+        .iter()
+        .zip(&diffs)
+        .map(|(name, d)| {
+            serde_json::json!({
+                "output": name,
+                "rel_l2": (d.sq_err / d.sq_ref.max(f64::MIN_POSITIVE)).sqrt(),
+                "max_abs": d.max_abs,
+                "cosine": d.dot / (d.sq_ref.sqrt() * d.sq_b.sqrt()).max(f64::MIN_POSITIVE),
+                "top1_agreement": d.classifier.then(|| d.top1_same as f64 / d.rows.max(1) as f64),
+                "top1_rows": d.classifier.then_some(d.rows),
+            })
+        })
+        .collect();
+    if a.json {
+        return common::print_json(&serde_json::json!({
+            "a": a.a.display().to_string(),
+            "b": a.b.display().to_string(),
+            "batches": batches.len(),
+            "outputs": rows,
+        }));
+    }
+    println!(
+        "{} vs {} on {} batches",
+        a.a.display(),
+        a.b.display(),
+        batches.len()
+    );
+    let mut table = vec![vec![
+        "output".to_string(),
+        "rel L2".into(),
+        "max abs".into(),
+        "cosine".into(),
+        "top-1 agreement".into(),
+    ]];
+    for r in &rows {
+        table.push(vec![
+            r["output"].as_str().unwrap_or("").to_string(),
+            format!("{:.5}", r["rel_l2"].as_f64().unwrap_or(f64::NAN)),
+            format!("{:.5}", r["max_abs"].as_f64().unwrap_or(f64::NAN)),
+            format!("{:.6}", r["cosine"].as_f64().unwrap_or(f64::NAN)),
+            match (r["top1_agreement"].as_f64(), r["top1_rows"].as_u64()) {
+                (Some(t), Some(n)) => format!("{:.2} % of {n}", t * 100.0),
+                _ => "-".into(),
+            },
+        ]);
+    }
+    print!("{}", common::table(&table));
+    Ok(())
+}

@@ -1,0 +1,455 @@
+//! `kiln.Int8Conv`: convolution on i8 activations and weights (im2col + the i8 GEMM),
+//! i32 accumulation, bias and fused activation in f32, i8 output.
+
+use rayon::prelude::*;
+
+use kiln_core::{
+    input_tensor, optional_tensor, BuildCtx, DType, Fact, KilnError, Op, OpDesc, Result, Tensor,
+    TensorMut, Value,
+};
+
+use super::gemm::{gemm, Isa, PackedWeights, COL_ALIGN};
+use super::{parse_tactic, requant_row, OutPtr, Requant, W_SCALES, X_SCALE, Y_SCALE};
+use crate::fused::Activation;
+use crate::ops::conv::geom::{Spatial3, WindowAttrs};
+use crate::ops::conv::reference::ConvDims;
+use crate::ops::conv::{conv_geometry, infer_conv_like};
+
+/// Output columns (pixels) per parallel tile.
+const TILE: usize = 128;
+
+/// The INT8 convolution.
+#[derive(Debug, Clone)]
+pub struct Int8Conv {
+    win: WindowAttrs,
+    group: usize,
+    act: Activation,
+    x_scale: f32,
+    y_scale: f32,
+    w_scales: Vec<f32>,
+    isa: Isa,
+}
+
+fn group_of(a: &kiln_core::AttrReader) -> Result<usize> {
+    usize::try_from(a.int("group", 1)?)
+        .ok()
+        .filter(|&g| g > 0)
+        .ok_or_else(|| a.invalid("group must be positive"))
+}
+
+/// Reads a positive finite scale attribute.
+pub(crate) fn scale_attr(a: &kiln_core::AttrReader, name: &str) -> Result<f32> {
+    let s = a
+        .opt_float(name)?
+        .ok_or_else(|| a.invalid(format!("missing float attribute {name}")))?;
+    if s.is_finite() && s > 0.0 {
+        Ok(s)
+    } else {
+        Err(a.invalid(format!("{name} must be a positive finite scale, found {s}")))
+    }
+}
+
+/// Builds `kiln.Int8Conv` from its description.
+pub fn build(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
+    let a = ctx.attrs();
+    let mut win = WindowAttrs::parse(&a)?;
+    win.ceil_mode = false;
+    let id = a
+        .opt_string(kiln_core::tactic::TACTIC_ATTR)?
+        .unwrap_or_else(|| format!("cpu.int8.conv.{}", Isa::best().name()));
+    Ok(Box::new(Int8Conv {
+        win,
+        group: group_of(&a)?,
+        act: Activation::from_attrs(&a)?,
+        x_scale: scale_attr(&a, X_SCALE)?,
+        y_scale: scale_attr(&a, Y_SCALE)?,
+        w_scales: a
+            .opt_floats(W_SCALES)?
+            .ok_or_else(|| a.invalid("missing w_scales"))?,
+        isa: parse_tactic("conv", &id).map_err(|e| a.invalid(e.to_string()))?,
+    }))
+}
+
+/// Whether an FP32 Conv with these facts can run as `Int8Conv` (known shapes, at least
+/// 4 output channels and 4 input channels per group; weights are checked when lowering).
+pub fn lowerable(desc: &OpDesc, inputs: &[Option<&Fact>]) -> bool {
+    let shape = |i: usize| inputs.get(i).copied().flatten()?.concrete_shape();
+    let group = match desc.attrs.get("group") {
+        Some(kiln_core::Attr::Int(g)) if *g > 0 => *g as usize,
+        None => 1,
+        _ => return false,
+    };
+    let (Some(x), Some(w)) = (shape(0), shape(1)) else {
+        return false;
+    };
+    x.len() >= 3
+        && x.len() <= 5
+        && w.len() == x.len()
+        && w[0] % group == 0
+        && w[0] / group >= 4
+        && w[1] >= 4
+}
+
+/// im2col of columns `p0..p0 + tw` of one image × group into the interleaved tile layout
+/// (row `k` = (channel, kernel offset), walked one output row segment at a time).
+#[allow(clippy::too_many_arguments)]
+fn im2col(
+    xg: &[i8],
+    cg: usize,
+    sp: &Spatial3,
+    p0: usize,
+    tw: usize,
+    pp: usize,
+    kp: usize,
+    col: &mut [i8],
+) {
+    col[..kp * pp].fill(0);
+    let [kd_n, kh_n, kw_n] = sp.kernel;
+    let [_, ih_n, iw_n] = sp.input;
+    let [_, oh_n, ow_n] = sp.output;
+    let (sw, dw, pw) = (sp.strides[2], sp.dilations[2], sp.pad_begin[2]);
+    let isz = sp.in_size();
+    let mut k = 0;
+    for c in 0..cg {
+        let xc = &xg[c * isz..(c + 1) * isz];
+        for kd in 0..kd_n {
+            for kh in 0..kh_n {
+                for kw in 0..kw_n {
+                    let base = (k >> 2) * pp * 4 + (k & 3);
+                    k += 1;
+                    let mut t = 0;
+                    while t < tw {
+                        let p = p0 + t;
+                        let ow0 = p % ow_n;
+                        let r = p / ow_n;
+                        let (oh, od) = (r % oh_n, r / oh_n);
+                        let seg = (ow_n - ow0).min(tw - t);
+                        if let (Some(id), Some(ih)) =
+                            (sp.in_coord(0, od, kd), sp.in_coord(1, oh, kh))
+                        {
+                            let xrow = &xc[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
+                            let dst = &mut col[base + t * 4..];
+                            for j in 0..seg {
+                                let iw = ((ow0 + j) * sw + kw * dw).wrapping_sub(pw);
+                                if iw < iw_n {
+                                    dst[j * 4] = xrow[iw];
+                                }
+                            }
+                        }
+                        t += seg;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Int8Conv {
+    fn run(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, out: &mut [i8]) -> Result<()> {
+        let bad = |msg: String| Err(KilnError::kernel("Int8Conv", msg));
+        if x.dtype() != DType::I8 || w.dtype() != DType::I8 {
+            return bad(format!(
+                "X and W must be int8, found {} and {}",
+                x.dtype(),
+                w.dtype()
+            ));
+        }
+        let (dims, sp) = conv_geometry("Int8Conv", &self.win, self.group, x.shape(), w.shape())?;
+        let sp = sp.to3("Int8Conv")?;
+        let ConvDims { n, c, m, group } = dims;
+        if self.w_scales.len() != m {
+            return bad(format!(
+                "w_scales has {} values for {m} output channels",
+                self.w_scales.len()
+            ));
+        }
+        let bias = match b {
+            Some(b) if b.dtype() != DType::F32 || b.shape() != [m] => {
+                return bad(format!(
+                    "B must be f32 [{m}], found {} {:?}",
+                    b.dtype(),
+                    b.shape()
+                ))
+            }
+            Some(b) => b.as_slice::<f32>()?.to_vec(),
+            None => vec![0.0; m],
+        };
+        let (cg, mg) = (c / group, m / group);
+        let ksz: usize = sp.kernel.iter().product();
+        let k = cg * ksz;
+        let p_n = sp.out_size();
+        if out.len() != n * m * p_n {
+            return bad(format!(
+                "output has {} values, expected {}",
+                out.len(),
+                n * m * p_n
+            ));
+        }
+        let xs = x.as_slice::<i8>()?;
+        let ws = w.as_slice::<i8>()?;
+        let packed: Vec<PackedWeights> = (0..group)
+            .map(|g| PackedWeights::pack(&ws[g * mg * k..(g + 1) * mg * k], mg, k))
+            .collect();
+        let inv_y = 1.0 / self.y_scale;
+        let rq: Vec<Requant> = (0..m)
+            .map(|o| Requant {
+                mul: self.x_scale * self.w_scales[o],
+                bias: bias[o],
+                inv_y,
+            })
+            .collect();
+        let tiles = p_n.div_ceil(TILE);
+        let isz = sp.in_size();
+        let optr = OutPtr(out.as_mut_ptr());
+        (0..n * group * tiles).into_par_iter().for_each(|task| {
+            let (img_g, tile) = (task / tiles, task % tiles);
+            let (img, g) = (img_g / group, img_g % group);
+            let p0 = tile * TILE;
+            let tw = TILE.min(p_n - p0);
+            let pp = tw.div_ceil(COL_ALIGN) * COL_ALIGN;
+            let pw = &packed[g];
+            let xg = &xs[(img * c + g * cg) * isz..(img * c + (g + 1) * cg) * isz];
+            crate::scratch::with_scratch::<i8, _>(pw.kp * pp, |col| {
+                im2col(xg, cg, &sp, p0, tw, pp, pw.kp, col);
+                crate::scratch::with_scratch::<i32, _>(mg * pp, |acc| {
+                    gemm(self.isa, pw, col, pp, acc);
+                    let mut tmp = [0f32; TILE];
+                    for r in 0..mg {
+                        let o = g * mg + r;
+                        let base = (img * m + o) * p_n + p0;
+                        // SAFETY: base + tw ≤ n·m·p_n = out.len(); tasks cover disjoint
+                        // (image, group, tile) triples, so no two write one element.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(optr.at(base), tw) };
+                        requant_row(&acc[r * pp..r * pp + tw], rq[o], self.act, &mut tmp, dst);
+                    }
+                });
+            });
+        });
+        Ok(())
+    }
+
+    fn out_shape(&self, x: &Tensor, w: &Tensor) -> Result<Vec<usize>> {
+        let (dims, sp) = conv_geometry("Int8Conv", &self.win, self.group, x.shape(), w.shape())?;
+        Ok(crate::ops::conv::out_shape(&dims, &sp).to_vec())
+    }
+}
+
+impl Op for Int8Conv {
+    fn op_type(&self) -> &str {
+        "Int8Conv"
+    }
+
+    fn infer(&self, inputs: &[Option<&Fact>], _n_outputs: usize) -> Result<Vec<Fact>> {
+        Ok(vec![infer_conv_like(
+            "Int8Conv",
+            &self.win,
+            inputs.first().copied().flatten(),
+            inputs.get(1).copied().flatten(),
+            Some(DType::I8),
+        )?])
+    }
+
+    fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
+        let x = input_tensor(inputs, 0, "Int8Conv")?;
+        let w = input_tensor(inputs, 1, "Int8Conv")?;
+        let b = optional_tensor(inputs, 2, "Int8Conv")?;
+        let shape = self.out_shape(x, w)?;
+        let mut out = vec![0i8; shape.iter().product()];
+        self.run(x, w, b, &mut out)?;
+        Ok(vec![Tensor::from_vec(&shape, out)?.into()])
+    }
+
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        let x = input_tensor(inputs, 0, "Int8Conv")?;
+        let w = input_tensor(inputs, 1, "Int8Conv")?;
+        let b = optional_tensor(inputs, 2, "Int8Conv")?;
+        let shape = self.out_shape(x, w)?;
+        let slot = outputs
+            .first_mut()
+            .ok_or_else(|| KilnError::kernel("Int8Conv", "no output slot"))?;
+        if slot.shape() != shape.as_slice() || slot.dtype() != DType::I8 {
+            return Err(KilnError::kernel(
+                "Int8Conv",
+                format!(
+                    "output slot is {} {:?}, expected i8 {shape:?}",
+                    slot.dtype(),
+                    slot.shape()
+                ),
+            ));
+        }
+        self.run(x, w, b, slot.as_mut_slice::<i8>()?)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv::reference::conv_reference;
+    use kiln_core::{Attr, OpRegistry};
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 >> 16
+        }
+        fn i8(&mut self) -> i8 {
+            ((self.next() % 255) as i32 - 127) as i8
+        }
+    }
+
+    fn desc(attrs: &[(&str, Attr)], isa: Isa, m: usize) -> OpDesc {
+        let mut d = OpDesc::new("kiln", "Int8Conv", 1);
+        for (k, v) in attrs {
+            d.attrs.insert(k.to_string(), v.clone());
+        }
+        d.attrs.insert(X_SCALE.into(), Attr::Float(0.02));
+        d.attrs.insert(Y_SCALE.into(), Attr::Float(0.5));
+        d.attrs.insert(
+            W_SCALES.into(),
+            Attr::Floats((0..m).map(|i| 0.01 + 0.001 * i as f32).collect()),
+        );
+        d.attrs.insert(
+            kiln_core::tactic::TACTIC_ATTR.into(),
+            Attr::String(format!("cpu.int8.conv.{}", isa.name())),
+        );
+        d.attrs
+            .insert("kiln_activation".into(), Attr::String("Relu".into()));
+        d
+    }
+
+    #[test]
+    fn matches_the_reference_convolution() {
+        let mut reg = OpRegistry::new();
+        super::super::register(&mut reg);
+        let mut rng = Rng(99);
+        // (n, c, m, group, h, w, k, stride, pad, dilation)
+        let cases = [
+            (1, 4, 4, 1, 5, 5, 1, 1, 0, 1),
+            (2, 5, 8, 1, 9, 7, 3, 1, 1, 1),
+            (1, 8, 12, 2, 11, 10, 3, 2, 1, 1),
+            (1, 6, 7, 1, 13, 17, 3, 1, 2, 2),
+            (1, 16, 20, 1, 15, 15, 5, 2, 2, 1),
+            (3, 12, 16, 4, 6, 6, 1, 1, 0, 1),
+        ];
+        for &(n, c, m, group, h, wd, k, s, p, d) in &cases {
+            let xs: Vec<i8> = (0..n * c * h * wd).map(|_| rng.i8()).collect();
+            let ws: Vec<i8> = (0..m * (c / group) * k * k).map(|_| rng.i8()).collect();
+            let bs: Vec<f32> = (0..m).map(|i| i as f32 * 0.37 - 1.0).collect();
+            let x = Tensor::from_vec(&[n, c, h, wd], xs.clone()).unwrap();
+            let w = Tensor::from_vec(&[m, c / group, k, k], ws.clone()).unwrap();
+            let b = Tensor::from_vec(&[m], bs.clone()).unwrap();
+            let attrs = [
+                ("group", Attr::Int(group as i64)),
+                ("strides", Attr::Ints(vec![s as i64; 2])),
+                ("pads", Attr::Ints(vec![p as i64; 4])),
+                ("dilations", Attr::Ints(vec![d as i64; 2])),
+            ];
+            let mut want = None;
+            for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+                let dsc = desc(&attrs, isa, m);
+                let op = reg
+                    .build(&BuildCtx {
+                        node: "t",
+                        desc: &dsc,
+                        n_inputs: 3,
+                        n_outputs: 1,
+                    })
+                    .unwrap();
+                let ic = op.as_any().downcast_ref::<Int8Conv>().unwrap().clone();
+                let args = [
+                    Some(&Value::Tensor(x.clone())),
+                    Some(&Value::Tensor(w.clone())),
+                    Some(&Value::Tensor(b.clone())),
+                ];
+                let got = op.eval(&args).unwrap().remove(0);
+                let got = got.as_tensor().unwrap().clone();
+                if want.is_none() {
+                    let (dims, sp) =
+                        conv_geometry("t", &ic.win, group, x.shape(), w.shape()).unwrap();
+                    let sp = sp.to3("t").unwrap();
+                    let xf: Vec<f64> = xs.iter().map(|&v| v as f64).collect();
+                    let wf: Vec<f64> = ws.iter().map(|&v| v as f64).collect();
+                    let acc = conv_reference(&xf, &wf, None, dims, &sp);
+                    let per = sp.out_size();
+                    let q: Vec<i8> = acc
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &a)| {
+                            let o = (i / per) % m;
+                            Requant {
+                                mul: ic.x_scale * ic.w_scales[o],
+                                bias: bs[o],
+                                inv_y: 1.0 / ic.y_scale,
+                            }
+                            .apply(a as i32, Activation::Relu)
+                        })
+                        .collect();
+                    assert!(q.iter().any(|&v| v != 0));
+                    want = Some(q);
+                }
+                assert_eq!(got.shape()[1], m);
+                assert_eq!(
+                    got.as_slice::<i8>().unwrap(),
+                    want.as_deref().unwrap(),
+                    "{isa:?} case {:?}",
+                    (n, c, m, group, h, wd, k, s, p, d)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let mut reg = OpRegistry::new();
+        super::super::register(&mut reg);
+        let dsc = desc(&[], Isa::Scalar, 4);
+        let op = reg
+            .build(&BuildCtx {
+                node: "t",
+                desc: &dsc,
+                n_inputs: 2,
+                n_outputs: 1,
+            })
+            .unwrap();
+        let x = Tensor::from_vec(&[1, 4, 3, 3], vec![1.0f32; 36]).unwrap();
+        let w = Tensor::from_vec(&[4, 4, 1, 1], vec![1i8; 16]).unwrap();
+        let e = op
+            .eval(&[Some(&x.clone().into()), Some(&w.clone().into())])
+            .unwrap_err();
+        assert!(e.to_string().contains("int8"), "{e}");
+        let w5 = Tensor::from_vec(&[5, 4, 1, 1], vec![1i8; 20]).unwrap();
+        let x8 = Tensor::from_vec(&[1, 4, 3, 3], vec![1i8; 36]).unwrap();
+        let e = op.eval(&[Some(&x8.into()), Some(&w5.into())]).unwrap_err();
+        assert!(e.to_string().contains("w_scales"), "{e}");
+        let mut no_scale = dsc.clone();
+        no_scale.attrs.remove(X_SCALE);
+        assert!(reg
+            .build(&BuildCtx {
+                node: "t",
+                desc: &no_scale,
+                n_inputs: 2,
+                n_outputs: 1
+            })
+            .is_err());
+        let mut bad = dsc.clone();
+        bad.attrs.insert(
+            kiln_core::tactic::TACTIC_ATTR.into(),
+            Attr::String("cpu.int8.conv.sse9".into()),
+        );
+        assert!(reg
+            .build(&BuildCtx {
+                node: "t",
+                desc: &bad,
+                n_inputs: 2,
+                n_outputs: 1
+            })
+            .is_err());
+    }
+}

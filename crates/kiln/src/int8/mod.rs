@@ -1,0 +1,11 @@
+//! INT8: post-training calibration, the portable calibration cache, and lowering layers
+//! to INT8 kernels. See `docs/int8.md`.
+
+pub mod cache;
+pub mod calibrate;
+pub mod data;
+pub mod histogram;
+pub mod lower;
+
+pub use cache::{Algorithm, CalibCacheError, CalibrationCache};
+pub use calibrate::Calibrator;
