@@ -98,7 +98,18 @@ pub struct GpuEngine {
     info: GpuInfo,
     opts: GpuOptions,
     runners: Vec<Runner>,
+    /// Some layer runs on cuDNN (contexts create a handle).
+    uses_dnn: bool,
+    /// Per node: runs in FP16.
+    lo: Vec<bool>,
     slots: Vec<Option<Slot>>,
+    /// Copies of values in another precision than stored (weights per precision, converted
+    /// activations).
+    extra: Vec<Slot>,
+    /// Per node, per input: the `extra` slot it reads instead of the value's own.
+    inmap: Vec<Vec<Option<usize>>>,
+    /// Per node: conversions (value → `extra` slot) enqueued before it.
+    convs: Vec<Vec<(usize, usize)>>,
     modules: ModuleSet,
     images: ModuleImages,
     convert: KernelSource,
@@ -229,13 +240,92 @@ fn compile_all(sources: &[KernelSource], arch: &str) -> Result<ModuleImages> {
     Ok(images)
 }
 
+/// Per-node and per-value precision of an engine: FP16 engines run every layer in FP16
+/// except those the FP16 policy ([`crate::precision`]) keeps in FP32.
+#[derive(Debug, Clone)]
+struct Precisions {
+    /// Node runs in FP16 (reads and writes its graph-F32 values as F16).
+    lo: Vec<bool>,
+    /// A graph-F32 value is stored as F16 on the device (outputs of FP16 layers; graph
+    /// inputs that no FP32 layer reads). Constants are stored once per precision read.
+    value16: Vec<bool>,
+    /// Graph dtype of each value (None: not a tensor with a known dtype).
+    dtypes: Vec<Option<DType>>,
+}
+
+impl Precisions {
+    fn new(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Precisions {
+        let n = graph.nodes.len();
+        let dtypes: Vec<Option<DType>> = facts.iter().map(|f| f.dtype).collect();
+        if !opts.fp16 {
+            return Precisions {
+                lo: vec![false; n],
+                value16: vec![false; graph.values.len()],
+                dtypes,
+            };
+        }
+        let keep = crate::precision::fp32_layers(
+            graph,
+            facts,
+            &crate::precision::Policy::default(),
+        );
+        let lo: Vec<bool> = keep.iter().map(|k| !k).collect();
+        let mut value16 = vec![false; graph.values.len()];
+        for (i, node) in graph.nodes.iter().enumerate() {
+            for o in node.outputs.iter().flatten() {
+                value16[*o] = lo[i];
+            }
+        }
+        for &x in &graph.inputs {
+            value16[x] = !graph
+                .nodes
+                .iter()
+                .enumerate()
+                .any(|(k, nd)| !lo[k] && nd.inputs.contains(&Some(x)));
+        }
+        Precisions {
+            lo,
+            value16,
+            dtypes,
+        }
+    }
+
+    /// Device dtype in which node `i` reads value `v`.
+    fn read(&self, i: usize, v: usize) -> Option<DType> {
+        let dt = self.dtypes.get(v).copied().flatten()?;
+        Some(if dt == DType::F32 && self.lo[i] {
+            DType::F16
+        } else {
+            dt
+        })
+    }
+
+    /// Device dtype in which (non-constant) value `v` is stored.
+    fn stored(&self, v: usize) -> Option<DType> {
+        let dt = self.dtypes.get(v).copied().flatten()?;
+        Some(if dt == DType::F32 && self.value16[v] {
+            DType::F16
+        } else {
+            dt
+        })
+    }
+}
+
+fn with_dtype(f: &Fact, dt: DType) -> Fact {
+    Fact {
+        dtype: Some(dt),
+        ..f.clone()
+    }
+}
+
 /// Decides how each node runs (no GPU needed): a library or NVRTC layer, or the CPU with the
 /// reason. `facts` are the engine's concrete facts, one per value.
-fn lower_nodes(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<Runner>> {
+fn lower_nodes(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<(Vec<Runner>, Precisions)> {
     let dfacts = device_facts(graph, facts, opts)?;
+    let prec = Precisions::new(graph, facts, opts);
     let unknown = Fact::unknown();
     let mut runners = Vec::with_capacity(graph.nodes.len());
-    for node in &graph.nodes {
+    for (ni, node) in graph.nodes.iter().enumerate() {
         let ids = node.inputs.iter().chain(&node.outputs).flatten();
         let mut why = None;
         if !node.op.subgraphs().is_empty() {
@@ -253,12 +343,28 @@ fn lower_nodes(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<Ru
         let fin: Vec<Fact> = node
             .inputs
             .iter()
-            .map(|i| i.map_or_else(|| unknown.clone(), |v| dfacts[v].clone().expect("checked")))
+            .map(|i| {
+                i.map_or_else(
+                    || unknown.clone(),
+                    |v| {
+                        let f = dfacts[v].as_ref().expect("checked");
+                        with_dtype(f, prec.read(ni, v).expect("device facts have a dtype"))
+                    },
+                )
+            })
             .collect();
         let fout: Vec<Fact> = node
             .outputs
             .iter()
-            .map(|o| o.map_or_else(|| unknown.clone(), |v| dfacts[v].clone().expect("checked")))
+            .map(|o| {
+                o.map_or_else(
+                    || unknown.clone(),
+                    |v| {
+                        let f = dfacts[v].as_ref().expect("checked");
+                        with_dtype(f, prec.stored(v).expect("device facts have a dtype"))
+                    },
+                )
+            })
             .collect();
         let lowered = crate::library::lower(node, &fin, &fout)
             .or_else(|| crate::kernels::lower(node, &fin, &fout));
@@ -268,16 +374,17 @@ fn lower_nodes(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<Ru
             None => Runner::Cpu("no GPU kernel".into()),
         });
     }
-    Ok(runners)
+    Ok((runners, prec))
 }
 
 /// How each node of `graph` would run on the GPU under `opts` (no GPU needed): what
 /// `kiln inspect` shows for a GPU engine. Used by tests of lowering decisions and fallbacks.
 pub fn plan_layers(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<LayerPlacement>> {
-    Ok(placements_of(&lower_nodes(graph, facts, opts)?, opts))
+    let (runners, prec) = lower_nodes(graph, facts, opts)?;
+    Ok(placements_of(&runners, &prec.lo))
 }
 
-fn placements_of(runners: &[Runner], opts: GpuOptions) -> Vec<LayerPlacement> {
+fn placements_of(runners: &[Runner], lo: &[bool]) -> Vec<LayerPlacement> {
     runners
         .iter()
         .enumerate()
@@ -286,7 +393,7 @@ fn placements_of(runners: &[Runner], opts: GpuOptions) -> Vec<LayerPlacement> {
                 node: i,
                 device: "gpu",
                 tactic: l.tactic(),
-                precision: if opts.fp16 {
+                precision: if lo[i] {
                     "fp16".into()
                 } else {
                     "fp32".into()
@@ -296,7 +403,11 @@ fn placements_of(runners: &[Runner], opts: GpuOptions) -> Vec<LayerPlacement> {
                 node: i,
                 device: "cpu",
                 tactic: format!("cpu.fallback ({why})"),
-                precision: "fp32".into(),
+                precision: if lo[i] {
+                    "fp32 (stores fp16)".into()
+                } else {
+                    "fp32".into()
+                },
             },
         })
         .collect()
@@ -314,7 +425,7 @@ impl GpuEngine {
     ) -> Result<GpuEngine> {
         let ctx = device::context()?;
         let info = device::info(&ctx)?;
-        let runners = lower_nodes(graph, facts, opts)?;
+        let (runners, prec) = lower_nodes(graph, facts, opts)?;
         let dfacts = device_facts(graph, facts, opts)?;
 
         // Modules.
@@ -360,38 +471,100 @@ impl GpuEngine {
                 .map_err(|e| KilnError::Other(format!("CUDA: cannot load module {name}: {e}")))?;
             modules.insert(name.clone(), m);
         }
-        // Which values does the GPU read or write?
-        let n_steps = graph.nodes.len();
-        let mut gpu_read = vec![false; graph.values.len()];
-        for (node, r) in graph.nodes.iter().zip(&runners) {
-            if matches!(r, Runner::Gpu(_)) {
-                for v in node.inputs.iter().flatten() {
-                    gpu_read[*v] = true;
+        // Device-dependent choices (cuDNN algorithms and workspaces), on this device.
+        let mut runners = runners;
+        let uses_dnn = runners
+            .iter()
+            .any(|r| matches!(r, Runner::Gpu(l) if l.uses_dnn()));
+        if uses_dnn {
+            let h = crate::dnn::DnnHandle::new(&ctx.default_stream())?;
+            let pcx = crate::layer::PrepareCx {
+                dnn: Some(&h),
+                tf32: opts.tf32,
+            };
+            for (node, r) in graph.nodes.iter().zip(runners.iter_mut()) {
+                if let Runner::Gpu(l) = r {
+                    if let Err(e) = l.prepare(&pcx) {
+                        tracing::warn!(node = %node.name, error = %e, "GPU layer cannot be prepared; it runs on the CPU");
+                        *r = Runner::Cpu(format!("prepare failed: {e}"));
+                    }
                 }
             }
         }
+        let uses_dnn = runners
+            .iter()
+            .any(|r| matches!(r, Runner::Gpu(l) if l.uses_dnn()));
+        let n_steps = graph.nodes.len();
         let mut slots: Vec<Option<Slot>> = vec![None; graph.values.len()];
-        // Weights: constants read by GPU layers.
+        // Inputs of GPU layers read in another precision than stored: `extra` slots (weights
+        // uploaded once per precision; activations converted at the first reading step).
+        let mut extra: Vec<Slot> = Vec::new();
+        let mut inmap: Vec<Vec<Option<usize>>> = vec![Vec::new(); n_steps];
+        let mut convs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n_steps];
+        let mut extra_of: HashMap<(usize, DType), usize> = HashMap::new();
+        let mut extra_life: Vec<(usize, usize)> = Vec::new();
         let mut wbytes: Vec<u8> = Vec::new();
-        for (id, t) in &graph.constants {
-            let Some(df) = &dfacts[*id] else { continue };
-            if !gpu_read[*id] {
+        for (i, (node, r)) in graph.nodes.iter().zip(&runners).enumerate() {
+            if !matches!(r, Runner::Gpu(_)) {
+                inmap[i] = vec![None; node.inputs.len()];
                 continue;
             }
-            let dev = if df.dtype != Some(t.dtype()) {
-                to_f16_saturating(t)?
-            } else {
-                t.clone()
-            };
-            let off = wbytes.len();
-            wbytes.extend_from_slice(dev.bytes());
-            wbytes.resize(wbytes.len().div_ceil(256) * 256, 0);
-            slots[*id] = Some(Slot {
-                place: Place::Weight(off),
-                host_dtype: t.dtype(),
-                dev_dtype: dev.dtype(),
-                shape: t.shape().to_vec(),
-            });
+            for inp in &node.inputs {
+                let Some(v) = *inp else {
+                    inmap[i].push(None);
+                    continue;
+                };
+                let (Some(df), Some(want)) = (&dfacts[v], prec.read(i, v)) else {
+                    inmap[i].push(None);
+                    continue;
+                };
+                let shape = df.concrete_shape().expect("device facts are concrete");
+                let host_dtype = facts[v].dtype.expect("device facts have a dtype");
+                if let Some(t) = graph.constants.get(&v) {
+                    let k = *extra_of.entry((v, want)).or_insert_with(|| {
+                        extra.push(Slot {
+                            place: Place::Weight(usize::MAX),
+                            host_dtype,
+                            dev_dtype: want,
+                            shape: shape.clone(),
+                        });
+                        extra_life.push((usize::MAX, 0));
+                        extra.len() - 1
+                    });
+                    if extra[k].place == Place::Weight(usize::MAX) {
+                        let dev = if want != t.dtype() {
+                            to_f16_saturating(t)?
+                        } else {
+                            t.clone()
+                        };
+                        let off = wbytes.len();
+                        wbytes.extend_from_slice(dev.bytes());
+                        wbytes.resize(wbytes.len().div_ceil(256) * 256, 0);
+                        extra[k].place = Place::Weight(off);
+                    }
+                    inmap[i].push(Some(k));
+                } else if prec.stored(v) != Some(want) {
+                    let k = match extra_of.get(&(v, want)) {
+                        Some(&k) => k,
+                        None => {
+                            extra.push(Slot {
+                                place: Place::Arena(0),
+                                host_dtype,
+                                dev_dtype: want,
+                                shape,
+                            });
+                            extra_life.push((i, i));
+                            convs[i].push((v, extra.len() - 1));
+                            extra_of.insert((v, want), extra.len() - 1);
+                            extra.len() - 1
+                        }
+                    };
+                    extra_life[k].1 = i;
+                    inmap[i].push(Some(k));
+                } else {
+                    inmap[i].push(None);
+                }
+            }
         }
         // Activations: every other device value, with lifetimes in steps.
         let mut first = vec![usize::MAX; graph.values.len()];
@@ -422,7 +595,7 @@ impl GpuEngine {
             let slot = Slot {
                 place: Place::Arena(0),
                 host_dtype: facts[id].dtype.expect("device facts have a dtype"),
-                dev_dtype: df.dtype.expect("device facts have a dtype"),
+                dev_dtype: prec.stored(id).expect("device facts have a dtype"),
                 shape,
             };
             requests.push(Request {
@@ -430,23 +603,42 @@ impl GpuEngine {
                 first: first[id],
                 last: last[id].max(first[id]),
             });
-            req_ids.push(id);
+            req_ids.push(Ok(id));
             slots[id] = Some(slot);
+        }
+        for (k, s) in extra.iter().enumerate() {
+            if matches!(s.place, Place::Arena(_)) {
+                requests.push(Request {
+                    size: s.dev_bytes().div_ceil(256) * 256,
+                    first: extra_life[k].0,
+                    last: extra_life[k].1,
+                });
+                req_ids.push(Err(k));
+            }
         }
         let plan = planner::plan(&requests);
         for (id, off) in req_ids.iter().zip(&plan.offsets) {
-            if let Some(s) = &mut slots[*id] {
-                s.place = Place::Arena(*off);
+            match id {
+                Ok(id) => {
+                    if let Some(s) = &mut slots[*id] {
+                        s.place = Place::Arena(*off);
+                    }
+                }
+                Err(k) => extra[*k].place = Place::Arena(*off),
             }
         }
         // Workspace and staging.
         let mut workspace_bytes = 0;
-        for (node, r) in graph.nodes.iter().zip(&runners) {
+        for (i, (node, r)) in graph.nodes.iter().zip(&runners).enumerate() {
             if let Runner::Gpu(l) = r {
                 let ins: Vec<DevTensor> = node
                     .inputs
                     .iter()
-                    .map(|i| match i.and_then(|v| slots[v].as_ref()) {
+                    .enumerate()
+                    .map(|(j, inp)| match inmap[i][j]
+                        .map(|k| &extra[k])
+                        .or_else(|| inp.and_then(|v| slots[v].as_ref()))
+                    {
                         Some(s) => DevTensor {
                             ptr: 0,
                             dtype: s.dev_dtype,
@@ -479,7 +671,12 @@ impl GpuEngine {
             info,
             opts,
             runners,
+            uses_dnn,
+            lo: prec.lo,
             slots,
+            extra,
+            inmap,
+            convs,
             modules,
             images,
             convert,
@@ -537,7 +734,7 @@ impl GpuEngine {
 
     /// Per-node device and tactic.
     pub fn placements(&self) -> Vec<LayerPlacement> {
-        placements_of(&self.runners, self.opts)
+        placements_of(&self.runners, &self.lo)
     }
 }
 
@@ -558,6 +755,8 @@ pub struct GpuTiming {
 
 /// Per-context device state: stream, cuBLAS handle, arena, workspace, pinned I/O buffers.
 pub struct GpuContext {
+    /// Dropped first: the handle is bound to `stream`.
+    dnn: Option<crate::dnn::DnnHandle>,
     engine: Arc<GpuEngine>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -594,7 +793,13 @@ impl GpuContext {
                 .map_err(|e| cu("create event", e))
         };
         let events = [ev()?, ev()?, ev()?, ev()?];
+        let dnn = if engine.uses_dnn {
+            Some(crate::dnn::DnnHandle::new(&stream)?)
+        } else {
+            None
+        };
         Ok(GpuContext {
+            dnn,
             arena: DevBuf::new(&ctx, engine.arena_bytes)?,
             work: DevBuf::new(&ctx, engine.workspace_bytes)?,
             staging: DevBuf::new(&ctx, engine.staging_bytes)?,
@@ -763,8 +968,30 @@ impl GpuContext {
             }
             match r {
                 Runner::Gpu(layer) => {
-                    let dev = |v: &Option<usize>| -> DevTensor {
-                        match v.and_then(|v| engine.slots[v].as_ref()) {
+                    for &(v, k) in &engine.convs[i] {
+                        let (src, dst) = match &engine.slots[v] {
+                            Some(s) => (s, &engine.extra[k]),
+                            None => {
+                                return Err(cu(
+                                    "precision conversion",
+                                    format!("{} has no device slot", graph.values[v].name),
+                                ))
+                            }
+                        };
+                        let n = src.shape.iter().product();
+                        self.convert(
+                            src.dev_dtype == DType::F32,
+                            self.addr(src),
+                            self.addr(dst),
+                            n,
+                        )?;
+                    }
+                    let slot_of = |j: Option<usize>, v: &Option<usize>| {
+                        j.map(|k| &engine.extra[k])
+                            .or_else(|| v.and_then(|v| engine.slots[v].as_ref()))
+                    };
+                    let dev = |s: Option<&Slot>| -> DevTensor {
+                        match s {
                             Some(s) => DevTensor {
                                 ptr: self.addr(s),
                                 dtype: s.dev_dtype,
@@ -777,8 +1004,14 @@ impl GpuContext {
                             },
                         }
                     };
-                    let ins: Vec<DevTensor> = node.inputs.iter().map(dev).collect();
-                    let outs: Vec<DevTensor> = node.outputs.iter().map(dev).collect();
+                    let ins: Vec<DevTensor> = node
+                        .inputs
+                        .iter()
+                        .enumerate()
+                        .map(|(j, v)| dev(slot_of(engine.inmap[i][j], v)))
+                        .collect();
+                    let outs: Vec<DevTensor> =
+                        node.outputs.iter().map(|v| dev(slot_of(None, v))).collect();
                     let cx = LaunchCx {
                         stream: &self.stream,
                         modules: &engine.modules,
@@ -786,6 +1019,7 @@ impl GpuContext {
                         workspace_bytes: self.work.len(),
                         blas: Some(&self.blas),
                         tf32: engine.opts.tf32,
+                        dnn: self.dnn.as_ref(),
                     };
                     layer
                         .enqueue(&cx, &ins, &outs)
