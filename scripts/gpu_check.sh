@@ -97,13 +97,40 @@ run)
     if [ $model = resnet50 ]; then shp="$inp:${b}x3x224x224"; else shp="$inp:${b}x128"; fi
     plan=$W/bench_${model}_$b.plan
     if $K build "$T/$model.onnx" -o "$plan" --device cuda --fp16 --shapes "$shp" -q > /dev/null 2>> "$OUT/bench.err"; then
-      line=$($K bench "$plan" --json --duration 3 --warmup 10 --profile 2>> "$OUT/bench.err")
+      line=$($K bench "$plan" --json --duration 3 --warmup 10 --profile --cuda-graph 2>> "$OUT/bench.err")
       echo "$line" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['workload']='$wl'; r['batch']=$b; print(json.dumps(r))" >> "$OUT/bench.jsonl"
       $K bench "$plan" --duration 2 --warmup 5 2>> "$OUT/bench.err" | tail -12
     else
       echo "build failed: $spec"; tail -5 "$OUT/bench.err"
     fi
   done
+
+  stamp "GPU tuning: build and inference time per --opt-level (ResNet-50 FP16 b256)"
+  : > "$OUT/tune.jsonl"
+  rm -f "$W/tc.json"
+  for spec in 0:none 1:none 2:cold 2:warm; do
+    IFS=: read -r lvl cache <<< "$spec"
+    copt=""; [ "$cache" != none ] && copt="--timing-cache $W/tc.json"
+    s=$(date +%s%N)
+    if $K build "$T/resnet50.onnx" -o "$W/tune_$lvl.plan" --device cuda --fp16 --shapes x:256x3x224x224 --opt-level $lvl $copt -q 2>> "$OUT/tune.err"; then
+      e=$(date +%s%N)
+      line=$($K bench "$W/tune_$lvl.plan" --json --duration 2 --warmup 5 2>> "$OUT/tune.err")
+      echo "{\"level\": $lvl, \"cache\": \"$cache\", \"build_s\": $(( (e - s) / 1000000 ))e-3, \"bench\": $line}" >> "$OUT/tune.jsonl"
+      $K inspect "$W/tune_$lvl.plan" > "$OUT/inspect_tune_$lvl.txt" 2>&1 || true
+    else
+      echo "tuned build failed: level $lvl"; tail -5 "$OUT/tune.err"
+    fi
+  done
+  python3 - "$OUT/tune.jsonl" <<'PY' | tee "$OUT/tune.md"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+base = next((r["bench"]["gpu_compute_ms"]["median"] for r in rows if r["level"] == 0), None)
+print("| opt level | timing cache | build s | GPU compute ms (median) | latency ms | vs level 0 |")
+print("| --- | --- | --- | --- | --- | --- |")
+for r in rows:
+    b = r["bench"]; c = b["gpu_compute_ms"]["median"]
+    print(f"| {r['level']} | {r['cache']} | {r['build_s']:.2f} | {c:.2f} | {b['gpu_latency_ms']['median']:.2f} | {c / base if base else float('nan'):.3f} |")
+PY
 
   stamp "PyTorch peers"
   modes=eager; [ "$full" = full ] && modes=eager,compile

@@ -768,6 +768,28 @@ pub struct GpuContext {
     events: [CudaEvent; 4],
     last: Option<GpuTiming>,
     profile: Option<Profile>,
+    /// `--cuda-graph`: the layers are captured once into a CUDA graph and replayed.
+    graph_mode: bool,
+    /// One uncaptured run happened since graph mode was set (libraries allocate lazily on
+    /// their first call, which capture forbids).
+    graph_warm: bool,
+    graph: Option<CapturedGraph>,
+    /// Outputs of an [`enqueue`](GpuContext::enqueue)d run, read by
+    /// [`wait`](GpuContext::wait).
+    pending: Option<(Vec<Pending>, f64)>,
+}
+
+/// A captured CUDA graph, owned by one context.
+struct CapturedGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: CUDA graph objects must not be used from two threads at once; this one is owned by
+// one GpuContext and only used through `&mut GpuContext` (one thread at a time).
+unsafe impl Send for CapturedGraph {}
+
+/// An output of an enqueued run.
+enum Pending {
+    Ready(Value),
+    Pinned(usize, DType, Vec<usize>),
 }
 
 /// Per-layer CUDA-event timing (`kiln bench --profile`).
@@ -811,7 +833,32 @@ impl GpuContext {
             events,
             last: None,
             profile: None,
+            graph_mode: false,
+            graph_warm: false,
+            graph: None,
+            pending: None,
         })
+    }
+
+    /// `--cuda-graph`: from the next run on, the layers are captured once into a CUDA graph
+    /// and each run replays it (one launch instead of one per kernel). Needs every layer on
+    /// the GPU (a CPU fallback synchronises mid-run); profiling runs are not captured.
+    pub fn set_cuda_graph(&mut self, on: bool) -> Result<()> {
+        if on && self.engine.fallbacks() > 0 {
+            return Err(KilnError::Other(format!(
+                "--cuda-graph needs every layer on the GPU; {} layer(s) of this engine run on the CPU",
+                self.engine.fallbacks()
+            )));
+        }
+        self.graph_mode = on;
+        self.graph_warm = false;
+        self.graph = None;
+        Ok(())
+    }
+
+    /// True when runs replay a captured CUDA graph.
+    pub fn cuda_graph(&self) -> bool {
+        self.graph_mode
     }
 
     /// Times every layer with a pair of CUDA events from the next run on (adds a little
@@ -905,6 +952,22 @@ impl GpuContext {
     /// Runs the engine on `inputs` (one per graph input, in order) for `graph` (the graph the
     /// engine was built from). Returns the graph outputs on the host.
     pub fn run(&mut self, graph: &Graph, inputs: &[&Value]) -> Result<Vec<Value>> {
+        self.enqueue(graph, inputs)?;
+        self.wait()
+    }
+
+    /// Starts a run on this context's stream and returns once its work is enqueued: inputs
+    /// are copied to pinned buffers and sent, the layers (or the captured CUDA graph) and
+    /// the output copies are queued. CPU-fallback layers still run (and synchronise) here.
+    /// [`wait`](Self::wait) blocks until the run is done and returns its outputs; the host may
+    /// do other work in between. One run per context at a time: a second `enqueue` before
+    /// `wait` is an error.
+    pub fn enqueue(&mut self, graph: &Graph, inputs: &[&Value]) -> Result<()> {
+        if self.pending.is_some() {
+            return Err(KilnError::Other(
+                "enqueue: the previous run was not waited for".into(),
+            ));
+        }
         let engine = self.engine.clone();
         engine
             .ctx
@@ -959,7 +1022,21 @@ impl GpuContext {
             .map_err(|e| cu("record event", e))?;
         let t_enqueue = Instant::now();
         let mut cpu_time = 0.0;
-        for (i, (node, r)) in graph.nodes.iter().zip(&engine.runners).enumerate() {
+        let replay = self.graph_mode && self.graph_warm && self.profile.is_none();
+        self.graph_warm |= self.graph_mode;
+        if replay && self.graph.is_none() {
+            self.stream
+                .begin_capture(
+                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+                .map_err(|e| cu("begin graph capture", e))?;
+        }
+        let layers: &[Runner] = if replay && self.graph.is_some() {
+            &[]
+        } else {
+            &engine.runners
+        };
+        for (i, (node, r)) in graph.nodes.iter().zip(layers).enumerate() {
             if let Some(p) = &self.profile {
                 p.events[i]
                     .0
@@ -1090,23 +1167,35 @@ impl GpuContext {
                     .map_err(|e| cu("record event", e))?;
             }
         }
+        if replay {
+            if self.graph.is_none() {
+                let g = self
+                    .stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                    .map_err(|e| cu("end graph capture", e))?
+                    .ok_or_else(|| cu("graph capture", "captured nothing"))?;
+                self.graph = Some(CapturedGraph(g));
+            }
+            self.graph
+                .as_ref()
+                .expect("captured above")
+                .0
+                .launch()
+                .map_err(|e| cu("launch CUDA graph", e))?;
+        }
         let enqueue_ms = (t_enqueue.elapsed().as_secs_f64() - cpu_time) * 1e3;
         self.events[2]
             .record(&self.stream)
             .map_err(|e| cu("record event", e))?;
         // Outputs.
-        enum Out {
-            Ready(Value),
-            Pinned(usize, DType, Vec<usize>),
-        }
         let mut pending = Vec::with_capacity(graph.outputs.len());
         for (k, &o) in graph.outputs.iter().enumerate() {
             if let Some(c) = graph.constants.get(&o) {
-                pending.push(Out::Ready(Value::Tensor(c.clone())));
+                pending.push(Pending::Ready(Value::Tensor(c.clone())));
                 continue;
             }
             if let Some(h) = host.get(&o) {
-                pending.push(Out::Ready(h.clone()));
+                pending.push(Pending::Ready(h.clone()));
                 continue;
             }
             let s = engine.slots[o].as_ref().ok_or_else(|| {
@@ -1126,11 +1215,22 @@ impl GpuContext {
                 }
             };
             dtoh(&self.stream, pin.as_mut_slice(), src)?;
-            pending.push(Out::Pinned(k, s.host_dtype, s.shape.clone()));
+            pending.push(Pending::Pinned(k, s.host_dtype, s.shape.clone()));
         }
         self.events[3]
             .record(&self.stream)
             .map_err(|e| cu("record event", e))?;
+        self.pending = Some((pending, enqueue_ms));
+        Ok(())
+    }
+
+    /// Waits for the run [`enqueue`](Self::enqueue) started and returns its outputs (graph
+    /// output order); records its timing ([`last_timing`](Self::last_timing)).
+    pub fn wait(&mut self) -> Result<Vec<Value>> {
+        let (pending, enqueue_ms) = self
+            .pending
+            .take()
+            .ok_or_else(|| KilnError::Other("wait: no run was enqueued".into()))?;
         sync(&self.stream)?;
         let el = |a: usize, b: usize| -> Result<f64> {
             Ok(self.events[a]
@@ -1153,8 +1253,8 @@ impl GpuContext {
         pending
             .into_iter()
             .map(|p| match p {
-                Out::Ready(v) => Ok(v),
-                Out::Pinned(k, dt, shape) => {
+                Pending::Ready(v) => Ok(v),
+                Pending::Pinned(k, dt, shape) => {
                     let pin = &self.pinned_out[&k];
                     Ok(Value::Tensor(Tensor::from_bytes(
                         dt,

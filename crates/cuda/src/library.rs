@@ -979,6 +979,33 @@ impl GpuLayer for ConvLayer {
     }
 }
 
+/// The cuDNN algorithms offered for a Conv node with device facts `ins`/`outs` (None when
+/// it is not a Conv cuDNN can run: other ops, geometries cuDNN does not take, no cuDNN).
+pub fn conv_dnn_candidates(
+    node: &Node,
+    ins: &[Fact],
+    outs: &[Fact],
+    h: &crate::dnn::DnnHandle,
+    tf32: bool,
+) -> Option<Result<Vec<crate::dnn::AlgoChoice>>> {
+    if node.desc.op_type != "Conv" {
+        return None;
+    }
+    let mut plain = node.clone();
+    plain.desc.attrs.insert(
+        GPU_TACTIC_ATTR.into(),
+        kiln_core::Attr::String("cudnn".into()),
+    );
+    match lower_conv(&plain, ins, outs)? {
+        Ok(ConvLayer {
+            how: ConvTactic::Cudnn(d),
+            ..
+        }) => Some(d.candidates(h, tf32)),
+        Ok(_) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
 /// Lowers MatMul, Gemm and Conv (plain ONNX or kiln's fused forms) to library layers.
 pub fn lower(node: &Node, inputs: &[Fact], outputs: &[Fact]) -> Option<Result<Box<dyn GpuLayer>>> {
     let domain = kiln_core::op::normalize_domain(&node.desc.domain);
