@@ -43,6 +43,10 @@ pub struct Policy {
     /// after every step (a scale-and-shift whose terms cancel would otherwise amplify the
     /// rounding of its product).
     pub new_values_fp32: bool,
+    /// Under [`new_values_fp32`](Self::new_values_fp32), sums ([`SUMS`]) still run in FP16:
+    /// a sum of stored values rounds once, like the layer that produced them, and keeping
+    /// residual additions in FP16 avoids converting both operands.
+    pub sums_fp16: bool,
     /// Layers with weights doing fewer multiply-adds than this stay in FP32: they are
     /// launch-bound, so FP16 saves them no time and costs only its rounding.
     pub min_macs: u64,
@@ -67,6 +71,9 @@ pub const VALUE_PRESERVING: &[&str] = &[
     "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN",
     "IsInf", "ConstantOfShape", "Trilu", "ScatterND", "ScatterElements", "NonZero",
 ];
+
+/// Sums (see [`Policy::sums_fp16`]).
+pub const SUMS: &[&str] = &["Add", "Sub", "Sum"];
 
 /// Op types of rule 1.
 pub const SENSITIVE_OPS: &[&str] = &[
@@ -95,6 +102,7 @@ impl Default for Policy {
             products_of_values: true,
             weight_rel_err: 3e-4,
             new_values_fp32: true,
+            sums_fp16: true,
             min_macs: 1 << 20,
             stem_layers: 2,
         }
@@ -148,10 +156,10 @@ pub fn fp32_layers(graph: &Graph, facts: &[Fact], policy: &Policy) -> Vec<bool> 
             .or_else(|| facts.get(v).and_then(|f| f.konst.as_ref()))
     };
     let mut weighted_seen = 0usize;
-    graph
-        .nodes
-        .iter()
-        .map(|node| {
+    let producers = graph.producers();
+    let mut keep: Vec<bool> = Vec::with_capacity(graph.nodes.len());
+    for node in &graph.nodes {
+        let k = (|| {
             let op = node.desc.op_type.as_str();
             if policy.ops.iter().any(|o| o == op) {
                 return true;
@@ -176,7 +184,14 @@ pub fn fp32_layers(graph: &Graph, facts: &[Fact], policy: &Policy) -> Vec<bool> 
                 .filter(|t| t.dtype() == DType::F32 && t.len() >= WEIGHT_MIN_LEN)
                 .collect();
             if weights.is_empty() {
-                return policy.new_values_fp32 && !VALUE_PRESERVING.contains(&op);
+                if VALUE_PRESERVING.contains(&op) {
+                    // Moves values: stays in the precision its inputs were produced in (no
+                    // conversion either way).
+                    return node.inputs.iter().flatten().any(|&v| {
+                        konst(v).is_none() && producers[v].is_some_and(|p| keep[p])
+                    });
+                }
+                return policy.new_values_fp32 && !(policy.sums_fp16 && SUMS.contains(&op));
             }
             weighted_seen += 1;
             if weighted_seen <= policy.stem_layers {
@@ -197,8 +212,10 @@ pub fn fp32_layers(graph: &Graph, facts: &[Fact], policy: &Policy) -> Vec<bool> 
             weights
                 .iter()
                 .any(|t| f16_rounding_error(t) > policy.weight_rel_err)
-        })
-        .collect()
+        })();
+        keep.push(k);
+    }
+    keep
 }
 
 #[cfg(test)]
@@ -280,7 +297,7 @@ mod tests {
             node("Exp", &[ids[2]], ids[3]),          // class: FP32
             node("Div", &[ids[3], two], ids[4]),     // by a constant: FP16
             node("Div", &[ids[4], ids[3]], ids[5]),  // by a value: FP32
-            node("Relu", &[ids[5]], ids[6]),         // FP16
+            node("Relu", &[ids[5]], ids[6]),         // follows its FP32 producer
             node("MatMul", &[ids[6], w_ok], ids[7]), // ordinary weights: FP16
             node("Mul", &[ids[7], two], ids[8]),     // scaling by a constant: FP16
             node("Mul", &[ids[8], ids[7]], ids[9]),  // product of values: FP32
@@ -294,17 +311,17 @@ mod tests {
         let got = fp32_layers(&g, &facts, &p);
         assert_eq!(
             got,
-            vec![true, true, true, true, false, true, false, false, false, true]
+            vec![true, true, true, true, false, true, true, false, false, true]
         );
         // Autocast-like: unweighted layers computing new values (Div, Mul by constants) in
-        // FP32 too; Relu only moves values.
+        // FP32 too; Relu only moves values (in its producer's precision).
         let p = Policy {
             min_macs: 0,
             ..Policy::default()
         };
         assert_eq!(
             fp32_layers(&g, &facts, &p),
-            vec![true, true, true, true, true, true, false, false, true, true]
+            vec![true, true, true, true, true, true, true, false, true, true]
         );
         // Tiny layers (16 multiply-adds here) stay in FP32 by the work rule.
         let p = Policy {
@@ -317,6 +334,7 @@ mod tests {
             products_of_values: false,
             weight_rel_err: 1.0,
             new_values_fp32: false,
+            sums_fp16: false,
             min_macs: 0,
             stem_layers: 0,
         };

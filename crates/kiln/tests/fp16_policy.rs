@@ -215,6 +215,9 @@ fn policy_from_env() -> Policy {
     if let Ok(v) = std::env::var("KILN_FP16_MACS") {
         p.min_macs = v.parse().expect("KILN_FP16_MACS");
     }
+    if let Ok(v) = std::env::var("KILN_FP16_SUMS16") {
+        p.sums_fp16 = v == "1";
+    }
     if let Ok(v) = std::env::var("KILN_FP16_NEW") {
         p.new_values_fp32 = v == "1";
     }
