@@ -11,7 +11,8 @@
 #                                        with torch and checked against torch, kiln FP16
 #                                        benchmarks next to gpu_peers.py (eager; `full` adds
 #                                        torch.compile; `quick` stops after the
-#                                        model and kernel tests), logs under $OUT,
+#                                        model and kernel tests; `perf` skips the
+#                                        kernel and thread tests), logs under $OUT,
 #                                        summary table last.
 set -uo pipefail
 mode=${1:-}
@@ -58,11 +59,13 @@ run)
   stamp "real models (FP32, FP16) vs ONNX Runtime"
   KILN_ASSETS=$here/assets "$W/bin/gpu_models" --nocapture --test-threads=1 gpu_real_models > "$OUT/models.log" 2>&1
   echo "gpu_models rc=$?"; grep -E "^\| |test result" "$OUT/models.log"
+  if [ "$full" != perf ]; then
   stamp "threads: one context per thread on one GPU engine vs serial"
   KILN_ASSETS=$here/assets "$W/bin/gpu_models" --nocapture --test-threads=1 gpu_contexts_in_parallel_equal_serial > "$OUT/stress.log" 2>&1
   echo "gpu stress rc=$?"; grep -E "gpu stress|test result|panicked" "$OUT/stress.log"
+  fi
 
-  if [ "$full" != "nokernels" ]; then
+  if [ "$full" != "nokernels" ] && [ "$full" != perf ]; then
     stamp "NVRTC kernel tests"
     timeout 240 "$W/bin/gpu_kernels" --nocapture --test-threads=1 gpu_kernels_match_cpu > "$OUT/kernels.log" 2>&1
     echo "gpu_kernels rc=$?"; grep -A12 "==== summary" "$OUT/kernels.log"; grep "^FAIL" "$OUT/kernels.log" | head -20
@@ -96,14 +99,41 @@ run)
     IFS=: read -r wl model inp b <<< "$spec"
     if [ $model = resnet50 ]; then shp="$inp:${b}x3x224x224"; else shp="$inp:${b}x128"; fi
     plan=$W/bench_${model}_$b.plan
-    if $K build "$T/$model.onnx" -o "$plan" --device cuda --fp16 --shapes "$shp" -q > /dev/null 2>> "$OUT/bench.err"; then
-      line=$($K bench "$plan" --json --duration 3 --warmup 10 --profile 2>> "$OUT/bench.err")
+    if $K build "$T/$model.onnx" -o "$plan" --device cuda --fp16 --shapes "$shp" --opt-level 0 -q > /dev/null 2>> "$OUT/bench.err"; then
+      line=$($K bench "$plan" --json --duration 3 --warmup 10 --profile --cuda-graph 2>> "$OUT/bench.err")
       echo "$line" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['workload']='$wl'; r['batch']=$b; print(json.dumps(r))" >> "$OUT/bench.jsonl"
-      $K bench "$plan" --duration 2 --warmup 5 2>> "$OUT/bench.err" | tail -12
+      [ "$full" != perf ] && $K bench "$plan" --duration 2 --warmup 5 2>> "$OUT/bench.err" | tail -12
     else
       echo "build failed: $spec"; tail -5 "$OUT/bench.err"
     fi
   done
+
+  stamp "GPU tuning: build and inference time per --opt-level (ResNet-50 FP16 b256)"
+  : > "$OUT/tune.jsonl"
+  rm -f "$W/tc.json"
+  for spec in 0:none 1:none 2:cold 2:warm; do
+    IFS=: read -r lvl cache <<< "$spec"
+    copt=""; [ "$cache" != none ] && copt="--timing-cache $W/tc.json"
+    s=$(date +%s%N)
+    if $K build "$T/resnet50.onnx" -o "$W/tune_$lvl.plan" --device cuda --fp16 --shapes x:256x3x224x224 --opt-level $lvl $copt -q > "$OUT/tune_build_${lvl}_$cache.txt" 2>> "$OUT/tune.err"; then
+      e=$(date +%s%N)
+      line=$($K bench "$W/tune_$lvl.plan" --json --duration 2 --warmup 5 2>> "$OUT/tune.err")
+      echo "{\"level\": $lvl, \"cache\": \"$cache\", \"build_s\": $(( (e - s) / 1000000 ))e-3, \"bench\": $line}" >> "$OUT/tune.jsonl"
+      $K inspect "$W/tune_$lvl.plan" > "$OUT/inspect_tune_$lvl.txt" 2>&1 || true
+    else
+      echo "tuned build failed: level $lvl"; tail -5 "$OUT/tune.err"
+    fi
+  done
+  python3 - "$OUT/tune.jsonl" <<'PY' | tee "$OUT/tune.md"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+base = next((r["bench"]["gpu_compute_ms"]["median"] for r in rows if r["level"] == 0), None)
+print("| opt level | timing cache | build s | GPU compute ms (median) | latency ms | vs level 0 |")
+print("| --- | --- | --- | --- | --- | --- |")
+for r in rows:
+    b = r["bench"]; c = b["gpu_compute_ms"]["median"]
+    print(f"| {r['level']} | {r['cache']} | {r['build_s']:.2f} | {c:.2f} | {b['gpu_latency_ms']['median']:.2f} | {c / base if base else float('nan'):.3f} |")
+PY
 
   stamp "PyTorch peers"
   modes=eager; [ "$full" = full ] && modes=eager,compile

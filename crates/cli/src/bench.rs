@@ -196,6 +196,16 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
     } else {
         Vec::new()
     };
+    // The same timing with the layers replayed from a CUDA graph.
+    let graph_metrics = if a.cuda_graph {
+        ctx.set_cuda_graph(true)?;
+        phase(&mut ctx, &values, warmup).map_err(hint)?;
+        let (_, gt) = phase(&mut ctx, &values, timing).map_err(hint)?;
+        ctx.set_cuda_graph(false)?;
+        Some(gpu_metrics(&gt))
+    } else {
+        None
+    };
 
     let lat = Latency::from_samples(&samples);
     let busy: f64 = samples.iter().sum::<f64>() / 1e3;
@@ -233,6 +243,13 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
             }
             let median = metrics[0].1.median;
             v["gpu_throughput_per_s"] = serde_json::json!(1e3 / median);
+        }
+        if let Some(m) = &graph_metrics {
+            let mut o = serde_json::Map::new();
+            for (name, l) in m {
+                o.insert(json_key(name).into(), l.to_json());
+            }
+            v["cuda_graph"] = serde_json::Value::Object(o);
         }
         if a.profile {
             v["profile"] = serde_json::json!(profile
@@ -291,7 +308,12 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
             .collect(),
     ];
     let mut rows = rows;
-    for (name, l) in &metrics {
+    let graph_rows = graph_metrics
+        .iter()
+        .flatten()
+        .map(|(name, l)| (format!("{name}, CUDA graph"), l));
+    let plain_rows = metrics.iter().map(|(name, l)| (name.to_string(), l));
+    for (name, l) in plain_rows.chain(graph_rows) {
         rows.push(
             std::iter::once(format!("{name} (ms)"))
                 .chain(

@@ -306,6 +306,10 @@ pub struct BenchArgs {
     /// the slowest layers (in `--json`: `profile`).
     #[arg(long)]
     pub profile: bool,
+    /// GPU engines: time again with the layers captured once into a CUDA graph and replayed
+    /// (reported next to the plain run; in `--json`: `cuda_graph`).
+    #[arg(long)]
+    pub cuda_graph: bool,
 }
 
 /// Arguments of `kiln inspect`.

@@ -98,7 +98,18 @@ pub struct GpuEngine {
     info: GpuInfo,
     opts: GpuOptions,
     runners: Vec<Runner>,
+    /// Some layer runs on cuDNN (contexts create a handle).
+    uses_dnn: bool,
+    /// Per node: runs in FP16.
+    lo: Vec<bool>,
     slots: Vec<Option<Slot>>,
+    /// Copies of values in another precision than stored (weights per precision, converted
+    /// activations).
+    extra: Vec<Slot>,
+    /// Per node, per input: the `extra` slot it reads instead of the value's own.
+    inmap: Vec<Vec<Option<usize>>>,
+    /// Per node: conversions (value → `extra` slot) enqueued before it.
+    convs: Vec<Vec<(usize, usize)>>,
     modules: ModuleSet,
     images: ModuleImages,
     convert: KernelSource,
@@ -229,13 +240,92 @@ fn compile_all(sources: &[KernelSource], arch: &str) -> Result<ModuleImages> {
     Ok(images)
 }
 
+/// Per-node and per-value precision of an engine: FP16 engines run every layer in FP16
+/// except those the FP16 policy ([`crate::precision`]) keeps in FP32.
+#[derive(Debug, Clone)]
+struct Precisions {
+    /// Node runs in FP16 (reads and writes its graph-F32 values as F16).
+    lo: Vec<bool>,
+    /// A graph-F32 value is stored as F16 on the device (outputs of FP16 layers; graph
+    /// inputs that no FP32 layer reads). Constants are stored once per precision read.
+    value16: Vec<bool>,
+    /// Graph dtype of each value (None: not a tensor with a known dtype).
+    dtypes: Vec<Option<DType>>,
+}
+
+impl Precisions {
+    fn new(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Precisions {
+        let n = graph.nodes.len();
+        let dtypes: Vec<Option<DType>> = facts.iter().map(|f| f.dtype).collect();
+        if !opts.fp16 {
+            return Precisions {
+                lo: vec![false; n],
+                value16: vec![false; graph.values.len()],
+                dtypes,
+            };
+        }
+        let keep = crate::precision::fp32_layers(
+            graph,
+            facts,
+            &crate::precision::Policy::default(),
+        );
+        let lo: Vec<bool> = keep.iter().map(|k| !k).collect();
+        let mut value16 = vec![false; graph.values.len()];
+        for (i, node) in graph.nodes.iter().enumerate() {
+            for o in node.outputs.iter().flatten() {
+                value16[*o] = lo[i];
+            }
+        }
+        for &x in &graph.inputs {
+            value16[x] = !graph
+                .nodes
+                .iter()
+                .enumerate()
+                .any(|(k, nd)| !lo[k] && nd.inputs.contains(&Some(x)));
+        }
+        Precisions {
+            lo,
+            value16,
+            dtypes,
+        }
+    }
+
+    /// Device dtype in which node `i` reads value `v`.
+    fn read(&self, i: usize, v: usize) -> Option<DType> {
+        let dt = self.dtypes.get(v).copied().flatten()?;
+        Some(if dt == DType::F32 && self.lo[i] {
+            DType::F16
+        } else {
+            dt
+        })
+    }
+
+    /// Device dtype in which (non-constant) value `v` is stored.
+    fn stored(&self, v: usize) -> Option<DType> {
+        let dt = self.dtypes.get(v).copied().flatten()?;
+        Some(if dt == DType::F32 && self.value16[v] {
+            DType::F16
+        } else {
+            dt
+        })
+    }
+}
+
+fn with_dtype(f: &Fact, dt: DType) -> Fact {
+    Fact {
+        dtype: Some(dt),
+        ..f.clone()
+    }
+}
+
 /// Decides how each node runs (no GPU needed): a library or NVRTC layer, or the CPU with the
 /// reason. `facts` are the engine's concrete facts, one per value.
-fn lower_nodes(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<Runner>> {
+fn lower_nodes(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<(Vec<Runner>, Precisions)> {
     let dfacts = device_facts(graph, facts, opts)?;
+    let prec = Precisions::new(graph, facts, opts);
     let unknown = Fact::unknown();
     let mut runners = Vec::with_capacity(graph.nodes.len());
-    for node in &graph.nodes {
+    for (ni, node) in graph.nodes.iter().enumerate() {
         let ids = node.inputs.iter().chain(&node.outputs).flatten();
         let mut why = None;
         if !node.op.subgraphs().is_empty() {
@@ -253,12 +343,28 @@ fn lower_nodes(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<Ru
         let fin: Vec<Fact> = node
             .inputs
             .iter()
-            .map(|i| i.map_or_else(|| unknown.clone(), |v| dfacts[v].clone().expect("checked")))
+            .map(|i| {
+                i.map_or_else(
+                    || unknown.clone(),
+                    |v| {
+                        let f = dfacts[v].as_ref().expect("checked");
+                        with_dtype(f, prec.read(ni, v).expect("device facts have a dtype"))
+                    },
+                )
+            })
             .collect();
         let fout: Vec<Fact> = node
             .outputs
             .iter()
-            .map(|o| o.map_or_else(|| unknown.clone(), |v| dfacts[v].clone().expect("checked")))
+            .map(|o| {
+                o.map_or_else(
+                    || unknown.clone(),
+                    |v| {
+                        let f = dfacts[v].as_ref().expect("checked");
+                        with_dtype(f, prec.stored(v).expect("device facts have a dtype"))
+                    },
+                )
+            })
             .collect();
         let lowered = crate::library::lower(node, &fin, &fout)
             .or_else(|| crate::kernels::lower(node, &fin, &fout));
@@ -268,16 +374,17 @@ fn lower_nodes(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<Ru
             None => Runner::Cpu("no GPU kernel".into()),
         });
     }
-    Ok(runners)
+    Ok((runners, prec))
 }
 
 /// How each node of `graph` would run on the GPU under `opts` (no GPU needed): what
 /// `kiln inspect` shows for a GPU engine. Used by tests of lowering decisions and fallbacks.
 pub fn plan_layers(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<Vec<LayerPlacement>> {
-    Ok(placements_of(&lower_nodes(graph, facts, opts)?, opts))
+    let (runners, prec) = lower_nodes(graph, facts, opts)?;
+    Ok(placements_of(&runners, &prec.lo))
 }
 
-fn placements_of(runners: &[Runner], opts: GpuOptions) -> Vec<LayerPlacement> {
+fn placements_of(runners: &[Runner], lo: &[bool]) -> Vec<LayerPlacement> {
     runners
         .iter()
         .enumerate()
@@ -286,7 +393,7 @@ fn placements_of(runners: &[Runner], opts: GpuOptions) -> Vec<LayerPlacement> {
                 node: i,
                 device: "gpu",
                 tactic: l.tactic(),
-                precision: if opts.fp16 {
+                precision: if lo[i] {
                     "fp16".into()
                 } else {
                     "fp32".into()
@@ -296,7 +403,11 @@ fn placements_of(runners: &[Runner], opts: GpuOptions) -> Vec<LayerPlacement> {
                 node: i,
                 device: "cpu",
                 tactic: format!("cpu.fallback ({why})"),
-                precision: "fp32".into(),
+                precision: if lo[i] {
+                    "fp32 (stores fp16)".into()
+                } else {
+                    "fp32".into()
+                },
             },
         })
         .collect()
@@ -314,7 +425,7 @@ impl GpuEngine {
     ) -> Result<GpuEngine> {
         let ctx = device::context()?;
         let info = device::info(&ctx)?;
-        let runners = lower_nodes(graph, facts, opts)?;
+        let (runners, prec) = lower_nodes(graph, facts, opts)?;
         let dfacts = device_facts(graph, facts, opts)?;
 
         // Modules.
@@ -360,38 +471,100 @@ impl GpuEngine {
                 .map_err(|e| KilnError::Other(format!("CUDA: cannot load module {name}: {e}")))?;
             modules.insert(name.clone(), m);
         }
-        // Which values does the GPU read or write?
-        let n_steps = graph.nodes.len();
-        let mut gpu_read = vec![false; graph.values.len()];
-        for (node, r) in graph.nodes.iter().zip(&runners) {
-            if matches!(r, Runner::Gpu(_)) {
-                for v in node.inputs.iter().flatten() {
-                    gpu_read[*v] = true;
+        // Device-dependent choices (cuDNN algorithms and workspaces), on this device.
+        let mut runners = runners;
+        let uses_dnn = runners
+            .iter()
+            .any(|r| matches!(r, Runner::Gpu(l) if l.uses_dnn()));
+        if uses_dnn {
+            let h = crate::dnn::DnnHandle::new(&ctx.default_stream())?;
+            let pcx = crate::layer::PrepareCx {
+                dnn: Some(&h),
+                tf32: opts.tf32,
+            };
+            for (node, r) in graph.nodes.iter().zip(runners.iter_mut()) {
+                if let Runner::Gpu(l) = r {
+                    if let Err(e) = l.prepare(&pcx) {
+                        tracing::warn!(node = %node.name, error = %e, "GPU layer cannot be prepared; it runs on the CPU");
+                        *r = Runner::Cpu(format!("prepare failed: {e}"));
+                    }
                 }
             }
         }
+        let uses_dnn = runners
+            .iter()
+            .any(|r| matches!(r, Runner::Gpu(l) if l.uses_dnn()));
+        let n_steps = graph.nodes.len();
         let mut slots: Vec<Option<Slot>> = vec![None; graph.values.len()];
-        // Weights: constants read by GPU layers.
+        // Inputs of GPU layers read in another precision than stored: `extra` slots (weights
+        // uploaded once per precision; activations converted at the first reading step).
+        let mut extra: Vec<Slot> = Vec::new();
+        let mut inmap: Vec<Vec<Option<usize>>> = vec![Vec::new(); n_steps];
+        let mut convs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n_steps];
+        let mut extra_of: HashMap<(usize, DType), usize> = HashMap::new();
+        let mut extra_life: Vec<(usize, usize)> = Vec::new();
         let mut wbytes: Vec<u8> = Vec::new();
-        for (id, t) in &graph.constants {
-            let Some(df) = &dfacts[*id] else { continue };
-            if !gpu_read[*id] {
+        for (i, (node, r)) in graph.nodes.iter().zip(&runners).enumerate() {
+            if !matches!(r, Runner::Gpu(_)) {
+                inmap[i] = vec![None; node.inputs.len()];
                 continue;
             }
-            let dev = if df.dtype != Some(t.dtype()) {
-                to_f16_saturating(t)?
-            } else {
-                t.clone()
-            };
-            let off = wbytes.len();
-            wbytes.extend_from_slice(dev.bytes());
-            wbytes.resize(wbytes.len().div_ceil(256) * 256, 0);
-            slots[*id] = Some(Slot {
-                place: Place::Weight(off),
-                host_dtype: t.dtype(),
-                dev_dtype: dev.dtype(),
-                shape: t.shape().to_vec(),
-            });
+            for inp in &node.inputs {
+                let Some(v) = *inp else {
+                    inmap[i].push(None);
+                    continue;
+                };
+                let (Some(df), Some(want)) = (&dfacts[v], prec.read(i, v)) else {
+                    inmap[i].push(None);
+                    continue;
+                };
+                let shape = df.concrete_shape().expect("device facts are concrete");
+                let host_dtype = facts[v].dtype.expect("device facts have a dtype");
+                if let Some(t) = graph.constants.get(&v) {
+                    let k = *extra_of.entry((v, want)).or_insert_with(|| {
+                        extra.push(Slot {
+                            place: Place::Weight(usize::MAX),
+                            host_dtype,
+                            dev_dtype: want,
+                            shape: shape.clone(),
+                        });
+                        extra_life.push((usize::MAX, 0));
+                        extra.len() - 1
+                    });
+                    if extra[k].place == Place::Weight(usize::MAX) {
+                        let dev = if want != t.dtype() {
+                            to_f16_saturating(t)?
+                        } else {
+                            t.clone()
+                        };
+                        let off = wbytes.len();
+                        wbytes.extend_from_slice(dev.bytes());
+                        wbytes.resize(wbytes.len().div_ceil(256) * 256, 0);
+                        extra[k].place = Place::Weight(off);
+                    }
+                    inmap[i].push(Some(k));
+                } else if prec.stored(v) != Some(want) {
+                    let k = match extra_of.get(&(v, want)) {
+                        Some(&k) => k,
+                        None => {
+                            extra.push(Slot {
+                                place: Place::Arena(0),
+                                host_dtype,
+                                dev_dtype: want,
+                                shape,
+                            });
+                            extra_life.push((i, i));
+                            convs[i].push((v, extra.len() - 1));
+                            extra_of.insert((v, want), extra.len() - 1);
+                            extra.len() - 1
+                        }
+                    };
+                    extra_life[k].1 = i;
+                    inmap[i].push(Some(k));
+                } else {
+                    inmap[i].push(None);
+                }
+            }
         }
         // Activations: every other device value, with lifetimes in steps.
         let mut first = vec![usize::MAX; graph.values.len()];
@@ -422,7 +595,7 @@ impl GpuEngine {
             let slot = Slot {
                 place: Place::Arena(0),
                 host_dtype: facts[id].dtype.expect("device facts have a dtype"),
-                dev_dtype: df.dtype.expect("device facts have a dtype"),
+                dev_dtype: prec.stored(id).expect("device facts have a dtype"),
                 shape,
             };
             requests.push(Request {
@@ -430,23 +603,42 @@ impl GpuEngine {
                 first: first[id],
                 last: last[id].max(first[id]),
             });
-            req_ids.push(id);
+            req_ids.push(Ok(id));
             slots[id] = Some(slot);
+        }
+        for (k, s) in extra.iter().enumerate() {
+            if matches!(s.place, Place::Arena(_)) {
+                requests.push(Request {
+                    size: s.dev_bytes().div_ceil(256) * 256,
+                    first: extra_life[k].0,
+                    last: extra_life[k].1,
+                });
+                req_ids.push(Err(k));
+            }
         }
         let plan = planner::plan(&requests);
         for (id, off) in req_ids.iter().zip(&plan.offsets) {
-            if let Some(s) = &mut slots[*id] {
-                s.place = Place::Arena(*off);
+            match id {
+                Ok(id) => {
+                    if let Some(s) = &mut slots[*id] {
+                        s.place = Place::Arena(*off);
+                    }
+                }
+                Err(k) => extra[*k].place = Place::Arena(*off),
             }
         }
         // Workspace and staging.
         let mut workspace_bytes = 0;
-        for (node, r) in graph.nodes.iter().zip(&runners) {
+        for (i, (node, r)) in graph.nodes.iter().zip(&runners).enumerate() {
             if let Runner::Gpu(l) = r {
                 let ins: Vec<DevTensor> = node
                     .inputs
                     .iter()
-                    .map(|i| match i.and_then(|v| slots[v].as_ref()) {
+                    .enumerate()
+                    .map(|(j, inp)| match inmap[i][j]
+                        .map(|k| &extra[k])
+                        .or_else(|| inp.and_then(|v| slots[v].as_ref()))
+                    {
                         Some(s) => DevTensor {
                             ptr: 0,
                             dtype: s.dev_dtype,
@@ -479,7 +671,12 @@ impl GpuEngine {
             info,
             opts,
             runners,
+            uses_dnn,
+            lo: prec.lo,
             slots,
+            extra,
+            inmap,
+            convs,
             modules,
             images,
             convert,
@@ -537,7 +734,7 @@ impl GpuEngine {
 
     /// Per-node device and tactic.
     pub fn placements(&self) -> Vec<LayerPlacement> {
-        placements_of(&self.runners, self.opts)
+        placements_of(&self.runners, &self.lo)
     }
 }
 
@@ -558,6 +755,8 @@ pub struct GpuTiming {
 
 /// Per-context device state: stream, cuBLAS handle, arena, workspace, pinned I/O buffers.
 pub struct GpuContext {
+    /// Dropped first: the handle is bound to `stream`.
+    dnn: Option<crate::dnn::DnnHandle>,
     engine: Arc<GpuEngine>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
@@ -569,6 +768,28 @@ pub struct GpuContext {
     events: [CudaEvent; 4],
     last: Option<GpuTiming>,
     profile: Option<Profile>,
+    /// `--cuda-graph`: the layers are captured once into a CUDA graph and replayed.
+    graph_mode: bool,
+    /// One uncaptured run happened since graph mode was set (libraries allocate lazily on
+    /// their first call, which capture forbids).
+    graph_warm: bool,
+    graph: Option<CapturedGraph>,
+    /// Outputs of an [`enqueue`](GpuContext::enqueue)d run, read by
+    /// [`wait`](GpuContext::wait).
+    pending: Option<(Vec<Pending>, f64)>,
+}
+
+/// A captured CUDA graph, owned by one context.
+struct CapturedGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: CUDA graph objects must not be used from two threads at once; this one is owned by
+// one GpuContext and only used through `&mut GpuContext` (one thread at a time).
+unsafe impl Send for CapturedGraph {}
+
+/// An output of an enqueued run.
+enum Pending {
+    Ready(Value),
+    Pinned(usize, DType, Vec<usize>),
 }
 
 /// Per-layer CUDA-event timing (`kiln bench --profile`).
@@ -594,7 +815,13 @@ impl GpuContext {
                 .map_err(|e| cu("create event", e))
         };
         let events = [ev()?, ev()?, ev()?, ev()?];
+        let dnn = if engine.uses_dnn {
+            Some(crate::dnn::DnnHandle::new(&stream)?)
+        } else {
+            None
+        };
         Ok(GpuContext {
+            dnn,
             arena: DevBuf::new(&ctx, engine.arena_bytes)?,
             work: DevBuf::new(&ctx, engine.workspace_bytes)?,
             staging: DevBuf::new(&ctx, engine.staging_bytes)?,
@@ -606,7 +833,32 @@ impl GpuContext {
             events,
             last: None,
             profile: None,
+            graph_mode: false,
+            graph_warm: false,
+            graph: None,
+            pending: None,
         })
+    }
+
+    /// `--cuda-graph`: from the next run on, the layers are captured once into a CUDA graph
+    /// and each run replays it (one launch instead of one per kernel). Needs every layer on
+    /// the GPU (a CPU fallback synchronises mid-run); profiling runs are not captured.
+    pub fn set_cuda_graph(&mut self, on: bool) -> Result<()> {
+        if on && self.engine.fallbacks() > 0 {
+            return Err(KilnError::Other(format!(
+                "--cuda-graph needs every layer on the GPU; {} layer(s) of this engine run on the CPU",
+                self.engine.fallbacks()
+            )));
+        }
+        self.graph_mode = on;
+        self.graph_warm = false;
+        self.graph = None;
+        Ok(())
+    }
+
+    /// True when runs replay a captured CUDA graph.
+    pub fn cuda_graph(&self) -> bool {
+        self.graph_mode
     }
 
     /// Times every layer with a pair of CUDA events from the next run on (adds a little
@@ -700,6 +952,22 @@ impl GpuContext {
     /// Runs the engine on `inputs` (one per graph input, in order) for `graph` (the graph the
     /// engine was built from). Returns the graph outputs on the host.
     pub fn run(&mut self, graph: &Graph, inputs: &[&Value]) -> Result<Vec<Value>> {
+        self.enqueue(graph, inputs)?;
+        self.wait()
+    }
+
+    /// Starts a run on this context's stream and returns once its work is enqueued: inputs
+    /// are copied to pinned buffers and sent, the layers (or the captured CUDA graph) and
+    /// the output copies are queued. CPU-fallback layers still run (and synchronise) here.
+    /// [`wait`](Self::wait) blocks until the run is done and returns its outputs; the host may
+    /// do other work in between. One run per context at a time: a second `enqueue` before
+    /// `wait` is an error.
+    pub fn enqueue(&mut self, graph: &Graph, inputs: &[&Value]) -> Result<()> {
+        if self.pending.is_some() {
+            return Err(KilnError::Other(
+                "enqueue: the previous run was not waited for".into(),
+            ));
+        }
         let engine = self.engine.clone();
         engine
             .ctx
@@ -754,7 +1022,21 @@ impl GpuContext {
             .map_err(|e| cu("record event", e))?;
         let t_enqueue = Instant::now();
         let mut cpu_time = 0.0;
-        for (i, (node, r)) in graph.nodes.iter().zip(&engine.runners).enumerate() {
+        let replay = self.graph_mode && self.graph_warm && self.profile.is_none();
+        self.graph_warm |= self.graph_mode;
+        if replay && self.graph.is_none() {
+            self.stream
+                .begin_capture(
+                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+                .map_err(|e| cu("begin graph capture", e))?;
+        }
+        let layers: &[Runner] = if replay && self.graph.is_some() {
+            &[]
+        } else {
+            &engine.runners
+        };
+        for (i, (node, r)) in graph.nodes.iter().zip(layers).enumerate() {
             if let Some(p) = &self.profile {
                 p.events[i]
                     .0
@@ -763,8 +1045,30 @@ impl GpuContext {
             }
             match r {
                 Runner::Gpu(layer) => {
-                    let dev = |v: &Option<usize>| -> DevTensor {
-                        match v.and_then(|v| engine.slots[v].as_ref()) {
+                    for &(v, k) in &engine.convs[i] {
+                        let (src, dst) = match &engine.slots[v] {
+                            Some(s) => (s, &engine.extra[k]),
+                            None => {
+                                return Err(cu(
+                                    "precision conversion",
+                                    format!("{} has no device slot", graph.values[v].name),
+                                ))
+                            }
+                        };
+                        let n = src.shape.iter().product();
+                        self.convert(
+                            src.dev_dtype == DType::F32,
+                            self.addr(src),
+                            self.addr(dst),
+                            n,
+                        )?;
+                    }
+                    let slot_of = |j: Option<usize>, v: &Option<usize>| {
+                        j.map(|k| &engine.extra[k])
+                            .or_else(|| v.and_then(|v| engine.slots[v].as_ref()))
+                    };
+                    let dev = |s: Option<&Slot>| -> DevTensor {
+                        match s {
                             Some(s) => DevTensor {
                                 ptr: self.addr(s),
                                 dtype: s.dev_dtype,
@@ -777,8 +1081,14 @@ impl GpuContext {
                             },
                         }
                     };
-                    let ins: Vec<DevTensor> = node.inputs.iter().map(dev).collect();
-                    let outs: Vec<DevTensor> = node.outputs.iter().map(dev).collect();
+                    let ins: Vec<DevTensor> = node
+                        .inputs
+                        .iter()
+                        .enumerate()
+                        .map(|(j, v)| dev(slot_of(engine.inmap[i][j], v)))
+                        .collect();
+                    let outs: Vec<DevTensor> =
+                        node.outputs.iter().map(|v| dev(slot_of(None, v))).collect();
                     let cx = LaunchCx {
                         stream: &self.stream,
                         modules: &engine.modules,
@@ -786,6 +1096,7 @@ impl GpuContext {
                         workspace_bytes: self.work.len(),
                         blas: Some(&self.blas),
                         tf32: engine.opts.tf32,
+                        dnn: self.dnn.as_ref(),
                     };
                     layer
                         .enqueue(&cx, &ins, &outs)
@@ -856,23 +1167,35 @@ impl GpuContext {
                     .map_err(|e| cu("record event", e))?;
             }
         }
+        if replay {
+            if self.graph.is_none() {
+                let g = self
+                    .stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                    .map_err(|e| cu("end graph capture", e))?
+                    .ok_or_else(|| cu("graph capture", "captured nothing"))?;
+                self.graph = Some(CapturedGraph(g));
+            }
+            self.graph
+                .as_ref()
+                .expect("captured above")
+                .0
+                .launch()
+                .map_err(|e| cu("launch CUDA graph", e))?;
+        }
         let enqueue_ms = (t_enqueue.elapsed().as_secs_f64() - cpu_time) * 1e3;
         self.events[2]
             .record(&self.stream)
             .map_err(|e| cu("record event", e))?;
         // Outputs.
-        enum Out {
-            Ready(Value),
-            Pinned(usize, DType, Vec<usize>),
-        }
         let mut pending = Vec::with_capacity(graph.outputs.len());
         for (k, &o) in graph.outputs.iter().enumerate() {
             if let Some(c) = graph.constants.get(&o) {
-                pending.push(Out::Ready(Value::Tensor(c.clone())));
+                pending.push(Pending::Ready(Value::Tensor(c.clone())));
                 continue;
             }
             if let Some(h) = host.get(&o) {
-                pending.push(Out::Ready(h.clone()));
+                pending.push(Pending::Ready(h.clone()));
                 continue;
             }
             let s = engine.slots[o].as_ref().ok_or_else(|| {
@@ -892,11 +1215,22 @@ impl GpuContext {
                 }
             };
             dtoh(&self.stream, pin.as_mut_slice(), src)?;
-            pending.push(Out::Pinned(k, s.host_dtype, s.shape.clone()));
+            pending.push(Pending::Pinned(k, s.host_dtype, s.shape.clone()));
         }
         self.events[3]
             .record(&self.stream)
             .map_err(|e| cu("record event", e))?;
+        self.pending = Some((pending, enqueue_ms));
+        Ok(())
+    }
+
+    /// Waits for the run [`enqueue`](Self::enqueue) started and returns its outputs (graph
+    /// output order); records its timing ([`last_timing`](Self::last_timing)).
+    pub fn wait(&mut self) -> Result<Vec<Value>> {
+        let (pending, enqueue_ms) = self
+            .pending
+            .take()
+            .ok_or_else(|| KilnError::Other("wait: no run was enqueued".into()))?;
         sync(&self.stream)?;
         let el = |a: usize, b: usize| -> Result<f64> {
             Ok(self.events[a]
@@ -919,8 +1253,8 @@ impl GpuContext {
         pending
             .into_iter()
             .map(|p| match p {
-                Out::Ready(v) => Ok(v),
-                Out::Pinned(k, dt, shape) => {
+                Pending::Ready(v) => Ok(v),
+                Pending::Pinned(k, dt, shape) => {
                     let pin = &self.pinned_out[&k];
                     Ok(Value::Tensor(Tensor::from_bytes(
                         dt,

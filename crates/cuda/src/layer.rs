@@ -104,6 +104,16 @@ pub struct LaunchCx<'a> {
     pub blas: Option<&'a cudarc::cublas::CudaBlas>,
     /// Allow TF32 tensor-core math for FP32 matrix products.
     pub tf32: bool,
+    /// The context's cuDNN handle, bound to `stream` (cuDNN layers need it).
+    pub dnn: Option<&'a crate::dnn::DnnHandle>,
+}
+
+/// What a layer may use while it is prepared on the device at engine build (and load).
+pub struct PrepareCx<'a> {
+    /// A cuDNN handle (None where cuDNN cannot be loaded).
+    pub dnn: Option<&'a crate::dnn::DnnHandle>,
+    /// Allow TF32 tensor-core math for FP32 matrix products.
+    pub tf32: bool,
 }
 
 /// One node lowered to the GPU.
@@ -114,6 +124,18 @@ pub trait GpuLayer: Send + Sync + Debug {
     /// CUDA C modules this layer launches (empty for library-only layers).
     fn sources(&self) -> Vec<KernelSource> {
         Vec::new()
+    }
+
+    /// Fixes device-dependent choices (a library's algorithm, its workspace) once, on the
+    /// build device, before [`workspace_bytes`](Self::workspace_bytes) is asked.
+    fn prepare(&self, cx: &PrepareCx<'_>) -> Result<()> {
+        let _ = cx;
+        Ok(())
+    }
+
+    /// True when the layer enqueues cuDNN work (its context needs a cuDNN handle).
+    fn uses_dnn(&self) -> bool {
+        false
     }
 
     /// Scratch bytes needed for these input shapes.

@@ -5,16 +5,19 @@
 
 pub mod compile;
 pub mod device;
+pub mod dnn;
 pub mod exec;
 pub mod kernels;
 pub mod layer;
 pub mod library;
 pub mod mem;
 pub mod monitor;
+pub mod precision;
+pub mod tune;
 
 pub use device::{no_driver_error, GpuInfo};
 pub use exec::{GpuContext, GpuEngine, GpuOptions, GpuTiming, LayerPlacement, ModuleImages};
-pub use layer::{DevShape, DevTensor, GpuLayer, KernelSource, LaunchCx, ModuleSet};
+pub use layer::{DevShape, DevTensor, GpuLayer, KernelSource, LaunchCx, ModuleSet, PrepareCx};
 
 /// True when the CUDA driver library (libcuda) can be loaded on this machine.
 pub fn driver_present() -> bool {

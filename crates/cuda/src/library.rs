@@ -10,7 +10,7 @@
 
 use cudarc::cublas::sys as cb;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use kiln_core::{AttrReader, DType, Fact, Node, Result};
+use kiln_core::{AttrReader, DType, Fact, KilnError, Node, Result};
 
 use crate::kernels::common::{
     broadcast_strides, ctype, grid_for, load, prelude, source, store, BLOCK,
@@ -524,6 +524,41 @@ pub enum ConvTactic {
     Im2col(GemmCall),
     /// One thread per output element (groups > 1).
     Direct,
+    /// cuDNN (`cudnnConvolutionForward`, NCHW), any groups.
+    Cudnn(std::sync::Arc<crate::dnn::DnnConv>),
+}
+
+impl PartialEq for crate::dnn::DnnConv {
+    fn eq(&self, o: &Self) -> bool {
+        (self.p, self.spatial, self.dtype, self.forced) == (o.p, o.spatial, o.dtype, o.forced)
+    }
+}
+
+/// Attribute (string) choosing a GPU layer's implementation: for Conv `cudnn` (cuDNN's
+/// heuristic algorithm), `cudnn.<algo>` (that `cudnnConvolutionFwdAlgo_t`), or `kiln`
+/// (kiln's own GEMM / im2col / direct paths). Set by the GPU tuner; absent = heuristics
+/// (cuDNN where it loads and fits, else kiln's paths).
+pub const GPU_TACTIC_ATTR: &str = "kiln_gpu_tactic";
+
+/// How a Conv node's GPU tactic attribute asks it to run: `None` = cuDNN, or `Some(algo)`;
+/// `Err(())` = kiln's own paths.
+fn conv_choice(node: &Node) -> Result<std::result::Result<Option<u32>, ()>> {
+    let a = AttrReader {
+        node: &node.name,
+        desc: &node.desc,
+    };
+    match a.opt_string(GPU_TACTIC_ATTR)? {
+        None if crate::dnn::available() => Ok(Ok(None)),
+        None => Ok(Err(())),
+        Some(s) if s == "kiln" => Ok(Err(())),
+        Some(s) if s == "cudnn" => Ok(Ok(None)),
+        Some(s) => match s.strip_prefix("cudnn.").and_then(|n| n.parse::<u32>().ok()) {
+            Some(n) if crate::dnn::algo_of(n).is_some() => Ok(Ok(Some(n))),
+            _ => Err(a.invalid(format!(
+                "{GPU_TACTIC_ATTR} `{s}` is not `kiln`, `cudnn` or `cudnn.<0-7>`"
+            ))),
+        },
+    }
 }
 
 /// A Conv node (plain or with kiln's fused activation).
@@ -672,6 +707,40 @@ fn lower_conv(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<ConvLay
         sw.iter().product(),
         so.iter().product(),
     ];
+    let choice = match conv_choice(node) {
+        Ok(c) => c,
+        Err(e) => return Some(Err(e)),
+    };
+    let spatial = sx.len() - 2;
+    if let Ok(algo) = choice {
+        if crate::dnn::fits(&p, spatial) {
+            if !crate::dnn::available() {
+                return Some(Err(KilnError::kernel(
+                    "Conv",
+                    "the plan asks for cuDNN, which cannot be loaded here",
+                )));
+            }
+            let epilogue = Epilogue::new(
+                dx,
+                [p.n, p.m, p.opos],
+                has_bias.then_some([0, 1, 0]),
+                1.0,
+                &act,
+            )?;
+            return Some(Ok(ConvLayer {
+                tactic: format!("cudnn.conv.{dts}"),
+                p,
+                how: ConvTactic::Cudnn(std::sync::Arc::new(crate::dnn::DnnConv::new(
+                    p, spatial, dx, algo,
+                ))),
+                src: None,
+                epilogue,
+                has_bias,
+                dtype: dx,
+                sizes,
+            }));
+        }
+    }
     let k = (p.cg * p.kpos) as usize;
     let gemm = |trans_b_src_stride: i64| GemmCall {
         m: p.m as usize,
@@ -775,7 +844,30 @@ fn lower_conv(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<ConvLay
 
 impl GpuLayer for ConvLayer {
     fn tactic(&self) -> String {
-        self.tactic.clone()
+        match &self.how {
+            ConvTactic::Cudnn(d) => match d.algo() {
+                Some(a) => format!(
+                    "cudnn.conv.{}.{}{}",
+                    crate::dnn::algo_name(a),
+                    if self.dtype == DType::F16 { "f16" } else { "f32" },
+                    if self.epilogue.is_some() { "+epilogue" } else { "" }
+                ),
+                None => self.tactic.clone(),
+            },
+            _ => self.tactic.clone(),
+        }
+    }
+    fn prepare(&self, cx: &crate::layer::PrepareCx<'_>) -> Result<()> {
+        if let ConvTactic::Cudnn(d) = &self.how {
+            let h = cx
+                .dnn
+                .ok_or_else(|| cuda_err(&self.tactic, "no cuDNN handle to prepare with"))?;
+            d.prepare(h, cx.tf32)?;
+        }
+        Ok(())
+    }
+    fn uses_dnn(&self) -> bool {
+        matches!(self.how, ConvTactic::Cudnn(_))
     }
     fn sources(&self) -> Vec<KernelSource> {
         self.src
@@ -789,6 +881,7 @@ impl GpuLayer for ConvLayer {
             ConvTactic::Im2col(_) => {
                 (self.p.n * self.p.c * self.p.kpos * self.p.opos) as usize * self.dtype.size()
             }
+            ConvTactic::Cudnn(d) => d.workspace(),
             _ => 0,
         }
     }
@@ -818,6 +911,12 @@ impl GpuLayer for ConvLayer {
             0
         };
         match &self.how {
+            ConvTactic::Cudnn(d) => {
+                let h = cx
+                    .dnn
+                    .ok_or_else(|| cuda_err(&self.tactic, "no cuDNN handle in this context"))?;
+                d.enqueue(h, x.ptr, w.ptr, y.ptr, cx.workspace, cx.workspace_bytes)?;
+            }
             ConvTactic::Gemm1x1(g) => g.enqueue(cx, &self.tactic, w.ptr, x.ptr, y.ptr, 1.0, 0.0)?,
             ConvTactic::Im2col(g) => {
                 let need = self.workspace_bytes(inputs);
@@ -877,6 +976,33 @@ impl GpuLayer for ConvLayer {
             e.enqueue(cx, &self.tactic, y.ptr, bias)?;
         }
         Ok(())
+    }
+}
+
+/// The cuDNN algorithms offered for a Conv node with device facts `ins`/`outs` (None when
+/// it is not a Conv cuDNN can run: other ops, geometries cuDNN does not take, no cuDNN).
+pub fn conv_dnn_candidates(
+    node: &Node,
+    ins: &[Fact],
+    outs: &[Fact],
+    h: &crate::dnn::DnnHandle,
+    tf32: bool,
+) -> Option<Result<Vec<crate::dnn::AlgoChoice>>> {
+    if node.desc.op_type != "Conv" {
+        return None;
+    }
+    let mut plain = node.clone();
+    plain.desc.attrs.insert(
+        GPU_TACTIC_ATTR.into(),
+        kiln_core::Attr::String("cudnn".into()),
+    );
+    match lower_conv(&plain, ins, outs)? {
+        Ok(ConvLayer {
+            how: ConvTactic::Cudnn(d),
+            ..
+        }) => Some(d.candidates(h, tf32)),
+        Ok(_) => None,
+        Err(e) => Some(Err(e)),
     }
 }
 

@@ -46,6 +46,7 @@ enum In {
     None,
 }
 
+#[derive(Clone)]
 struct Case {
     family: &'static str,
     op: &'static str,
@@ -186,6 +187,13 @@ fn cases() -> Vec<Case> {
         11,
         vec![r(&[1, 2, 4, 5, 6]), r(&[3, 2, 2, 3, 3])],
     ));
+    // Every convolution again on kiln's own paths (the plain cases take cuDNN where it loads).
+    let own: Vec<Case> = v
+        .iter()
+        .filter(|c| c.op == "Conv")
+        .map(|c| c.clone().a("kiln_gpu_tactic", s("kiln")))
+        .collect();
+    v.extend(own);
     // --- elementwise
     let e = "elementwise";
     v.push(c(e, "Add", 14, vec![r(&[3, 5, 7]), r(&[5, 1])]));
@@ -1015,6 +1023,17 @@ fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::R
         allocs.push(p);
         outs.push(dev(p, (dt, shape)));
     }
+    let dnn = if layer.uses_dnn() {
+        Some(kiln_cuda::dnn::DnnHandle::new(&gpu.stream).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    layer
+        .prepare(&kiln_cuda::PrepareCx {
+            dnn: dnn.as_ref(),
+            tf32: false,
+        })
+        .map_err(|e| format!("prepare: {e}"))?;
     let wbytes = layer.workspace_bytes(&ins);
     let work = if wbytes > 0 {
         // SAFETY: plain allocation.
@@ -1032,6 +1051,7 @@ fn run_case(gpu: &mut Gpu, case: &Case, fdt: DType, seed: u64) -> std::result::R
         workspace_bytes: wbytes,
         blas: Some(&gpu.blas),
         tf32: false,
+        dnn: dnn.as_ref(),
     };
     let res = layer
         .enqueue(&cx, &ins, &outs)
@@ -1344,6 +1364,7 @@ fn gpu_kernel_throughput() {
             workspace_bytes: 0,
             blas: None,
             tf32: false,
+            dnn: None,
         };
         for _ in 0..3 {
             layer.enqueue(&cx, &dins, &douts).unwrap();

@@ -26,6 +26,9 @@ pub struct ExecutionContext {
     pool: Option<rayon::ThreadPool>,
     key: ShapeKey,
     gpu: Option<kiln_cuda::GpuContext>,
+    /// Outputs of an [`ExecutionContext::enqueue`]d CPU run (empty for a GPU run, whose
+    /// outputs the device side holds).
+    pending: Option<Vec<Value>>,
     profile: usize,
     input_shapes: Vec<Option<Vec<usize>>>,
     current: Option<Arc<ShapePlan>>,
@@ -62,6 +65,7 @@ impl ExecutionContext {
             pool: None,
             key: Vec::new(),
             gpu: None,
+            pending: None,
             profile: 0,
             input_shapes,
             current: None,
@@ -215,6 +219,74 @@ impl ExecutionContext {
             self.gpu = Some(kiln_cuda::GpuContext::new(gpu)?);
         }
         self.gpu.as_mut().expect("created above").set_profiling(on)
+    }
+
+    /// For GPU engines: capture the layers into a CUDA graph once (after one uncaptured
+    /// run) and replay it on every later run (`--cuda-graph`). Errors on CPU engines and
+    /// on GPU engines with CPU-fallback layers.
+    pub fn set_cuda_graph(&mut self, on: bool) -> Result<()> {
+        let Some(gpu) = self.engine.gpu().cloned() else {
+            return Err(KilnError::Other(
+                "--cuda-graph needs a GPU engine (built with --device cuda)".into(),
+            ));
+        };
+        if self.gpu.is_none() {
+            self.gpu = Some(kiln_cuda::GpuContext::new(gpu)?);
+        }
+        self.gpu.as_mut().expect("created above").set_cuda_graph(on)
+    }
+
+    /// Starts inference without waiting for it: on a GPU engine the work is queued on this
+    /// context's CUDA stream and the call returns; [`ExecutionContext::wait`] blocks until it
+    /// is done and returns the outputs (the documented way to wait). On a CPU engine the run
+    /// happens here and `wait` returns its outputs. One run in flight per context.
+    pub fn enqueue(&mut self, inputs: &[(&str, Value)]) -> Result<()> {
+        if self.pending.is_some() {
+            return Err(KilnError::Other(
+                "enqueue: the previous run was not waited for".into(),
+            ));
+        }
+        if self.engine.gpu().is_none() {
+            let outputs = self.execute(inputs)?;
+            self.pending = Some(outputs);
+            return Ok(());
+        }
+        self.bind_inputs(inputs)?;
+        let engine = self.engine.clone();
+        let ordered: Vec<Value> = engine
+            .graph()
+            .inputs
+            .iter()
+            .map(|id| self.slots[*id].take())
+            .collect::<Option<_>>()
+            .ok_or_else(|| KilnError::Other("an input was not bound".into()))?;
+        let gpu = engine
+            .gpu()
+            .cloned()
+            .ok_or_else(|| KilnError::Other("not a GPU engine".into()))?;
+        if self.gpu.is_none() {
+            self.gpu = Some(kiln_cuda::GpuContext::new(gpu)?);
+        }
+        let refs: Vec<&Value> = ordered.iter().collect();
+        self.gpu
+            .as_mut()
+            .expect("created above")
+            .enqueue(engine.graph(), &refs)?;
+        self.pending = Some(Vec::new());
+        Ok(())
+    }
+
+    /// Waits for the run started by [`ExecutionContext::enqueue`] and returns its outputs in
+    /// the engine's output order.
+    pub fn wait(&mut self) -> Result<Vec<Value>> {
+        let done = self
+            .pending
+            .take()
+            .ok_or_else(|| KilnError::Other("wait: no run was enqueued".into()))?;
+        match self.gpu.as_mut() {
+            Some(g) if self.engine.gpu().is_some() => g.wait(),
+            _ => Ok(done),
+        }
     }
 
     /// For GPU engines with profiling on: mean milliseconds per layer, in node order.

@@ -50,7 +50,9 @@ fn lowering_of_real_models() {
                         node.name, l.tactic
                     );
                     assert!(
-                        l.tactic.contains("cublas") || l.tactic.contains("conv_direct"),
+                        l.tactic.contains("cublas")
+                            || l.tactic.contains("conv_direct")
+                            || l.tactic.contains("cudnn"),
                         "{name}: {op} tactic {}",
                         l.tactic
                     );

@@ -8,6 +8,7 @@
 //! time in [`TACTIC_TIME_ATTR`]), so plans carry it and ops are rebuilt with it.
 
 pub mod cache;
+pub mod gpu;
 pub mod reformat;
 pub mod select;
 pub mod timer;
@@ -304,16 +305,24 @@ pub fn tune(
         let node = &mut graph.nodes[*ni];
         node.desc
             .attrs
-            .insert(TACTIC_ATTR.into(), Attr::String(t.id.clone()));
-        node.desc
-            .attrs
             .insert(TACTIC_TIME_ATTR.into(), Attr::Float(ms as f32));
-        node.op = registry().build(&BuildCtx {
-            node: &node.name,
-            desc: &node.desc,
-            n_inputs: node.inputs.len(),
-            n_outputs: node.outputs.len(),
-        })?;
+        if let Some(v) = kiln_cuda::tune::attr_value(&t.id) {
+            // A GPU implementation: read by the CUDA backend's lowering, not by the op.
+            node.desc.attrs.insert(
+                kiln_cuda::library::GPU_TACTIC_ATTR.into(),
+                Attr::String(v.into()),
+            );
+        } else {
+            node.desc
+                .attrs
+                .insert(TACTIC_ATTR.into(), Attr::String(t.id.clone()));
+            node.op = registry().build(&BuildCtx {
+                node: &node.name,
+                desc: &node.desc,
+                n_inputs: node.inputs.len(),
+                n_outputs: node.outputs.len(),
+            })?;
+        }
         formats.insert(*ni, t.format);
         let lt = &mut report.layers[li];
         lt.chosen = t.id.clone();
