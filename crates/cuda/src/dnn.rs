@@ -289,7 +289,11 @@ impl DnnConv {
             if r.status != sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS {
                 tracing::debug!(algo = algo_name(algo), status = ?r.status, "cuDNN algorithm dropped: not supported");
             } else if r.memory > WORKSPACE_LIMIT {
-                tracing::debug!(algo = algo_name(algo), bytes = r.memory, "cuDNN algorithm dropped: workspace over the limit");
+                tracing::debug!(
+                    algo = algo_name(algo),
+                    bytes = r.memory,
+                    "cuDNN algorithm dropped: workspace over the limit"
+                );
             } else if !out.iter().any(|c: &AlgoChoice| c.algo == algo) {
                 out.push(AlgoChoice {
                     algo,
@@ -351,7 +355,15 @@ impl DnnConv {
     }
 
     /// Enqueues `y = conv(x, w)` on the handle's stream.
-    pub fn enqueue(&self, h: &DnnHandle, x: u64, w: u64, y: u64, work: u64, work_bytes: usize) -> Result<()> {
+    pub fn enqueue(
+        &self,
+        h: &DnnHandle,
+        x: u64,
+        w: u64,
+        y: u64,
+        work: u64,
+        work_bytes: usize,
+    ) -> Result<()> {
         let r = self
             .ready
             .get()
@@ -414,13 +426,25 @@ mod tests {
     #[test]
     fn symmetric_pads_only() {
         // 3x3, pad 1, stride 1: same size.
-        assert!(fits(&geom([1, 8, 8], [1, 3, 3], [1; 3], [0, 1, 1], [1, 8, 8]), 2));
+        assert!(fits(
+            &geom([1, 8, 8], [1, 3, 3], [1; 3], [0, 1, 1], [1, 8, 8]),
+            2
+        ));
         // SAME_UPPER on an even input with stride 2: ONNX pads (0 front, 1 back), output 4;
         // cuDNN with pad 0 gives (8-3)/2+1 = 3: refused.
-        assert!(!fits(&geom([1, 8, 8], [1, 3, 3], [1, 2, 2], [0; 3], [1, 4, 4]), 2));
+        assert!(!fits(
+            &geom([1, 8, 8], [1, 3, 3], [1, 2, 2], [0; 3], [1, 4, 4]),
+            2
+        ));
         // Trailing pad smaller than leading, output still the same: accepted.
-        assert!(fits(&geom([1, 7, 7], [1, 3, 3], [1, 2, 2], [0, 1, 1], [1, 4, 4]), 2));
-        assert!(!fits(&geom([1, 8, 8], [1, 3, 3], [1; 3], [0, 1, 1], [1, 8, 8]), 4));
+        assert!(fits(
+            &geom([1, 7, 7], [1, 3, 3], [1, 2, 2], [0, 1, 1], [1, 4, 4]),
+            2
+        ));
+        assert!(!fits(
+            &geom([1, 8, 8], [1, 3, 3], [1; 3], [0, 1, 1], [1, 8, 8]),
+            4
+        ));
     }
 
     #[test]

@@ -264,11 +264,8 @@ impl Precisions {
                 dtypes,
             };
         }
-        let keep = crate::precision::fp32_layers(
-            graph,
-            facts,
-            &crate::precision::Policy::default(),
-        );
+        let keep =
+            crate::precision::fp32_layers(graph, facts, &crate::precision::Policy::default());
         let lo: Vec<bool> = keep.iter().map(|k| !k).collect();
         let mut value16 = vec![false; graph.values.len()];
         for (i, node) in graph.nodes.iter().enumerate() {
@@ -320,7 +317,11 @@ fn with_dtype(f: &Fact, dt: DType) -> Fact {
 
 /// Decides how each node runs (no GPU needed): a library or NVRTC layer, or the CPU with the
 /// reason. `facts` are the engine's concrete facts, one per value.
-fn lower_nodes(graph: &Graph, facts: &[Fact], opts: GpuOptions) -> Result<(Vec<Runner>, Precisions)> {
+fn lower_nodes(
+    graph: &Graph,
+    facts: &[Fact],
+    opts: GpuOptions,
+) -> Result<(Vec<Runner>, Precisions)> {
     let dfacts = device_facts(graph, facts, opts)?;
     let prec = Precisions::new(graph, facts, opts);
     let unknown = Fact::unknown();
@@ -393,11 +394,7 @@ fn placements_of(runners: &[Runner], lo: &[bool]) -> Vec<LayerPlacement> {
                 node: i,
                 device: "gpu",
                 tactic: l.tactic(),
-                precision: if lo[i] {
-                    "fp16".into()
-                } else {
-                    "fp32".into()
-                },
+                precision: if lo[i] { "fp16".into() } else { "fp32".into() },
             },
             Runner::Cpu(why) => LayerPlacement {
                 node: i,
@@ -635,20 +632,22 @@ impl GpuEngine {
                     .inputs
                     .iter()
                     .enumerate()
-                    .map(|(j, inp)| match inmap[i][j]
-                        .map(|k| &extra[k])
-                        .or_else(|| inp.and_then(|v| slots[v].as_ref()))
-                    {
-                        Some(s) => DevTensor {
-                            ptr: 0,
-                            dtype: s.dev_dtype,
-                            shape: s.shape.iter().copied().collect(),
-                        },
-                        None => DevTensor {
-                            ptr: 0,
-                            dtype: DType::F32,
-                            shape: Default::default(),
-                        },
+                    .map(|(j, inp)| {
+                        match inmap[i][j]
+                            .map(|k| &extra[k])
+                            .or_else(|| inp.and_then(|v| slots[v].as_ref()))
+                        {
+                            Some(s) => DevTensor {
+                                ptr: 0,
+                                dtype: s.dev_dtype,
+                                shape: s.shape.iter().copied().collect(),
+                            },
+                            None => DevTensor {
+                                ptr: 0,
+                                dtype: DType::F32,
+                                shape: Default::default(),
+                            },
+                        }
                     })
                     .collect();
                 workspace_bytes = workspace_bytes.max(l.workspace_bytes(&ins));

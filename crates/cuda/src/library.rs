@@ -849,8 +849,16 @@ impl GpuLayer for ConvLayer {
                 Some(a) => format!(
                     "cudnn.conv.{}.{}{}",
                     crate::dnn::algo_name(a),
-                    if self.dtype == DType::F16 { "f16" } else { "f32" },
-                    if self.epilogue.is_some() { "+epilogue" } else { "" }
+                    if self.dtype == DType::F16 {
+                        "f16"
+                    } else {
+                        "f32"
+                    },
+                    if self.epilogue.is_some() {
+                        "+epilogue"
+                    } else {
+                        ""
+                    }
                 ),
                 None => self.tactic.clone(),
             },

@@ -63,13 +63,62 @@ pub const WEIGHT_MIN_LEN: usize = 16;
 /// Ops whose outputs are input values moved, selected or compared (no new rounding in F16):
 /// they run in the precision of their inputs' storage, FP16.
 pub const VALUE_PRESERVING: &[&str] = &[
-    "Relu", "Clip", "Max", "Min", "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin",
-    "ArgMax", "ArgMin", "TopK", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity",
-    "Dropout", "Transpose", "Slice", "Split", "Concat", "Gather", "GatherElements",
-    "GatherND", "Expand", "Tile", "Pad", "DepthToSpace", "SpaceToDepth", "Cast", "CastLike",
-    "Shape", "Size", "Where", "Abs", "Neg", "Sign", "Floor", "Ceil", "Round", "Equal",
-    "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN",
-    "IsInf", "ConstantOfShape", "Trilu", "ScatterND", "ScatterElements", "NonZero",
+    "Relu",
+    "Clip",
+    "Max",
+    "Min",
+    "MaxPool",
+    "GlobalMaxPool",
+    "ReduceMax",
+    "ReduceMin",
+    "ArgMax",
+    "ArgMin",
+    "TopK",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Dropout",
+    "Transpose",
+    "Slice",
+    "Split",
+    "Concat",
+    "Gather",
+    "GatherElements",
+    "GatherND",
+    "Expand",
+    "Tile",
+    "Pad",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "Cast",
+    "CastLike",
+    "Shape",
+    "Size",
+    "Where",
+    "Abs",
+    "Neg",
+    "Sign",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Equal",
+    "Less",
+    "Greater",
+    "LessOrEqual",
+    "GreaterOrEqual",
+    "Not",
+    "And",
+    "Or",
+    "Xor",
+    "IsNaN",
+    "IsInf",
+    "ConstantOfShape",
+    "Trilu",
+    "ScatterND",
+    "ScatterElements",
+    "NonZero",
 ];
 
 /// Sums (see [`Policy::sums_fp16`]).
@@ -187,9 +236,11 @@ pub fn fp32_layers(graph: &Graph, facts: &[Fact], policy: &Policy) -> Vec<bool> 
                 if VALUE_PRESERVING.contains(&op) {
                     // Moves values: stays in the precision its inputs were produced in (no
                     // conversion either way).
-                    return node.inputs.iter().flatten().any(|&v| {
-                        konst(v).is_none() && producers[v].is_some_and(|p| keep[p])
-                    });
+                    return node
+                        .inputs
+                        .iter()
+                        .flatten()
+                        .any(|&v| konst(v).is_none() && producers[v].is_some_and(|p| keep[p]));
                 }
                 return policy.new_values_fp32 && !(policy.sums_fp16 && SUMS.contains(&op));
             }
@@ -253,7 +304,10 @@ mod tests {
         fn op_type(&self) -> &str {
             &self.0
         }
-        fn eval(&self, _: &[Option<&kiln_core::Value>]) -> kiln_core::Result<Vec<kiln_core::Value>> {
+        fn eval(
+            &self,
+            _: &[Option<&kiln_core::Value>],
+        ) -> kiln_core::Result<Vec<kiln_core::Value>> {
             unreachable!("decision tests never run ops")
         }
         fn as_any(&self) -> &dyn std::any::Any {
@@ -264,7 +318,10 @@ mod tests {
     #[test]
     fn multiply_adds() {
         // Conv 64->128, 3x3, output 1x128x56x56: 56*56*128 outputs x 64*9.
-        assert_eq!(macs("Conv", &[1, 128, 56, 56], &[128, 64, 3, 3]), 56 * 56 * 128 * 576);
+        assert_eq!(
+            macs("Conv", &[1, 128, 56, 56], &[128, 64, 3, 3]),
+            56 * 56 * 128 * 576
+        );
         // MatMul [128, 768] x [768, 3072].
         assert_eq!(macs("MatMul", &[128, 3072], &[768, 3072]), 128 * 3072 * 768);
         // Gemm with transB: W [N, K] = [1000, 2048].
@@ -291,16 +348,16 @@ mod tests {
             .map(|i| g.add_value(format!("t{i}"), Fact::concrete(DType::F32, &[1, 4])))
             .collect();
         g.nodes = vec![
-            node("MatMul", &[x, w_ok], ids[0]),      // stem: FP32
-            node("MatMul", &[ids[0], w_ok], ids[1]), // stem: FP32
+            node("MatMul", &[x, w_ok], ids[0]),        // stem: FP32
+            node("MatMul", &[ids[0], w_ok], ids[1]),   // stem: FP32
             node("MatMul", &[ids[1], w_tiny], ids[2]), // subnormal weights: FP32
-            node("Exp", &[ids[2]], ids[3]),          // class: FP32
-            node("Div", &[ids[3], two], ids[4]),     // by a constant: FP16
-            node("Div", &[ids[4], ids[3]], ids[5]),  // by a value: FP32
-            node("Relu", &[ids[5]], ids[6]),         // follows its FP32 producer
-            node("MatMul", &[ids[6], w_ok], ids[7]), // ordinary weights: FP16
-            node("Mul", &[ids[7], two], ids[8]),     // scaling by a constant: FP16
-            node("Mul", &[ids[8], ids[7]], ids[9]),  // product of values: FP32
+            node("Exp", &[ids[2]], ids[3]),            // class: FP32
+            node("Div", &[ids[3], two], ids[4]),       // by a constant: FP16
+            node("Div", &[ids[4], ids[3]], ids[5]),    // by a value: FP32
+            node("Relu", &[ids[5]], ids[6]),           // follows its FP32 producer
+            node("MatMul", &[ids[6], w_ok], ids[7]),   // ordinary weights: FP16
+            node("Mul", &[ids[7], two], ids[8]),       // scaling by a constant: FP16
+            node("Mul", &[ids[8], ids[7]], ids[9]),    // product of values: FP32
         ];
         let facts: Vec<Fact> = g.values.iter().map(|v| v.fact.clone()).collect();
         let p = Policy {

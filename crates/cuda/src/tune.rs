@@ -57,7 +57,9 @@ pub struct GpuTuner {
 
 impl std::fmt::Debug for GpuTuner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GpuTuner").field("arch", &self.arch).finish()
+        f.debug_struct("GpuTuner")
+            .field("arch", &self.arch)
+            .finish()
     }
 }
 
@@ -112,7 +114,12 @@ impl GpuTuner {
         let mut out: Vec<(String, u8)> = algos
             .iter()
             .enumerate()
-            .map(|(i, a)| (format!("{PREFIX}cudnn.{}", a.algo), if i == 0 { 1 } else { 2 }))
+            .map(|(i, a)| {
+                (
+                    format!("{PREFIX}cudnn.{}", a.algo),
+                    if i == 0 { 1 } else { 2 },
+                )
+            })
             .collect();
         out.push((format!("{PREFIX}kiln"), 1));
         out
@@ -182,25 +189,25 @@ impl GpuTuner {
             let host: Tensor = match cached {
                 Some(t) => t,
                 None => match consts.get(i).copied().flatten() {
-                Some(t) => t.clone(),
-                None => {
-                    // Seeded non-zero values in ±[0.1, 1.1).
-                    let mut s = 0x9e37_79b9_7f4a_7c15u64 ^ (i as u64);
-                    let v: Vec<f32> = (0..n)
-                        .map(|_| {
-                            s ^= s << 13;
-                            s ^= s >> 7;
-                            s ^= s << 17;
-                            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-                            if s & 1 == 0 {
-                                0.1 + u
-                            } else {
-                                -0.1 - u
-                            }
-                        })
-                        .collect();
-                    Tensor::from_vec(&shape, v)?
-                }
+                    Some(t) => t.clone(),
+                    None => {
+                        // Seeded non-zero values in ±[0.1, 1.1).
+                        let mut s = 0x9e37_79b9_7f4a_7c15u64 ^ (i as u64);
+                        let v: Vec<f32> = (0..n)
+                            .map(|_| {
+                                s ^= s << 13;
+                                s ^= s >> 7;
+                                s ^= s << 17;
+                                let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+                                if s & 1 == 0 {
+                                    0.1 + u
+                                } else {
+                                    -0.1 - u
+                                }
+                            })
+                            .collect();
+                        Tensor::from_vec(&shape, v)?
+                    }
                 },
             };
             let host = if host.dtype() == dt {
@@ -228,7 +235,10 @@ impl GpuTuner {
         for f in fout {
             let dt = f.dtype.unwrap_or(DType::F32);
             let shape = f.concrete_shape().unwrap_or_default();
-            let b = DevBuf::new(&self.ctx, (shape.iter().product::<usize>() * dt.size()).max(1))?;
+            let b = DevBuf::new(
+                &self.ctx,
+                (shape.iter().product::<usize>() * dt.size()).max(1),
+            )?;
             outs.push(DevTensor {
                 ptr: b.ptr(),
                 dtype: dt,
@@ -273,7 +283,11 @@ impl GpuTuner {
 }
 
 /// Per node name, whether it runs in FP16 in an engine built with `fp16` (the policy).
-pub fn node_precisions(graph: &kiln_core::Graph, facts: &[Fact], fp16: bool) -> HashMap<String, bool> {
+pub fn node_precisions(
+    graph: &kiln_core::Graph,
+    facts: &[Fact],
+    fp16: bool,
+) -> HashMap<String, bool> {
     let keep = crate::precision::fp32_layers(graph, facts, &crate::precision::Policy::default());
     graph
         .nodes
@@ -314,6 +328,9 @@ mod tests {
         let d = device_node_facts(&[Some(&f), Some(&i), None], true);
         assert_eq!(d[0].dtype, Some(DType::F16));
         assert_eq!(d[1].dtype, Some(DType::I64));
-        assert_eq!(device_node_facts(&[Some(&f)], false)[0].dtype, Some(DType::F32));
+        assert_eq!(
+            device_node_facts(&[Some(&f)], false)[0].dtype,
+            Some(DType::F32)
+        );
     }
 }

@@ -246,14 +246,17 @@ impl Builder {
             tuning
         } else if config.opt_level > 0 && matches!(gpu, GpuSetup::Build(_)) {
             // GPU tactics (cuDNN algorithms, kiln's own paths) timed on this GPU.
-            let g = tuner::gpu::GpuTactics::new(&graph, config.fp16, config.tf32, config.opt_level)?;
+            let g =
+                tuner::gpu::GpuTactics::new(&graph, config.fp16, config.tf32, config.opt_level)?;
             let lister = |n: &kiln_core::Node, f: &[Option<&Fact>]| g.list(n, f);
             let lister_ptr: &TacticLister<'_> = &lister;
             // The lister and the timer share the device tuner (one borrow at a time).
             let mut timer2 = tuner::gpu::GpuTactics::sharing(&g);
             self.tune(&mut graph, &fingerprint, config, lister_ptr, &mut timer2)?
         } else {
-            tracing::info!("GPU engine: opt level 0, tactics chosen by the CUDA backend's heuristics");
+            tracing::info!(
+                "GPU engine: opt level 0, tactics chosen by the CUDA backend's heuristics"
+            );
             TuneReport::default()
         };
         let profiles = if config.profiles.is_empty() && !config.shapes.is_empty() {

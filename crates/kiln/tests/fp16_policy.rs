@@ -46,12 +46,7 @@ fn round16(v: &Value) -> Value {
 /// Runs `graph` with FP16 roundings: `fp32[i]` keeps node i in FP32; `cpu[i]` marks CPU
 /// fallbacks (they read exact weights, but their stored outputs are rounded like any FP16
 /// layer's unless kept in FP32).
-fn emulate(
-    graph: &Graph,
-    inputs: &[(String, Tensor)],
-    fp32: &[bool],
-    cpu: &[bool],
-) -> Vec<Tensor> {
+fn emulate(graph: &Graph, inputs: &[(String, Tensor)], fp32: &[bool], cpu: &[bool]) -> Vec<Tensor> {
     let mut vals: HashMap<usize, (Value, bool)> = HashMap::new();
     // A graph input is stored in F16 unless an FP32 layer reads it.
     for &i in &graph.inputs {
@@ -198,7 +193,10 @@ fn fp16_policy_keeps_real_models_within_limits() {
             failed.push(name.clone());
         }
     }
-    assert!(failed.is_empty(), "FP16 emulation over the limit: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "FP16 emulation over the limit: {failed:?}"
+    );
     assert!(
         without_worse,
         "no case fails without the policy: the test no longer shows the policy working"
@@ -228,7 +226,11 @@ fn policy_from_env() -> Policy {
         p.products_of_values = v == "1";
     }
     if let Ok(v) = std::env::var("KILN_FP16_OPS") {
-        p.ops = v.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
+        p.ops = v
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
     }
     p
 }
