@@ -16,14 +16,14 @@ pub fn pack_conv_weights(graph: &mut Graph, registry: &OpRegistry) -> Result<usi
         let Some(conv) = node.op.as_any().downcast_ref::<Conv>() else {
             continue;
         };
-        let (Some(Some(x)), Some(Some(w_id))) = (node.inputs.first(), node.inputs.get(1)) else {
+        let (Some(&Some(x)), Some(&Some(w_id))) = (node.inputs.first(), node.inputs.get(1)) else {
             continue;
         };
-        let xf = &graph.values[*x].fact;
+        let xf = &graph.values[x].fact;
         let (Some(xs), Some(DType::F32)) = (xf.concrete_shape(), xf.dtype) else {
             continue;
         };
-        let Some(w) = graph.constants.get(w_id) else {
+        let Some(w) = graph.constants.get(&w_id) else {
             continue;
         };
         if w.dtype() != DType::F32 {
@@ -34,10 +34,10 @@ pub fn pack_conv_weights(graph: &mut Graph, registry: &OpRegistry) -> Result<usi
         };
         let data = pack_weights(w.as_slice::<f32>()?, w.shape()[0], conv.group, isa)?;
         let shape = w.shape().to_vec();
-        let name = format!("{}.packed_{}", graph.name_of(*w_id), isa.name());
+        let name = format!("{}.packed_{}", graph.name_of(w_id), isa.name());
         let id = graph.add_value(name, Fact::concrete(DType::F32, &shape));
         graph.constants.insert(id, Tensor::from_vec(&shape, data)?);
-        replaced.push(*w_id);
+        replaced.push(w_id);
         let node = &mut graph.nodes[ni];
         node.inputs[1] = Some(id);
         node.desc.attrs.insert(
