@@ -293,8 +293,14 @@ fn pools_follow_the_flags() {
         tuner::pools(true, false).unwrap(),
         vec![Precision::Fp16, Precision::Fp32]
     );
-    let e = tuner::pools(true, true).unwrap_err().to_string();
-    assert!(e.contains("INT8") && e.contains("not implemented"), "{e}");
+    assert_eq!(
+        tuner::pools(false, true).unwrap(),
+        vec![Precision::Int8, Precision::Fp32]
+    );
+    assert_eq!(
+        tuner::pools(true, true).unwrap(),
+        vec![Precision::Int8, Precision::Fp16, Precision::Fp32]
+    );
     // Without --fp16 the FP16 twins are never considered.
     let Some((case, config)) = orientation() else {
         panic!("the tuning tests need the assets (cargo xtask fetch-assets)");
