@@ -117,12 +117,15 @@ fn is_one_element(s: &[Dim]) -> bool {
     s.iter().all(|d| d.known() == Some(1))
 }
 
+/// One node's chain steps (op, first operand, second operand) and its output shape.
+type FusableNode = (Vec<(ChainOp, Local, Local)>, Vec<Dim>);
+
 /// Fuses elementwise groups of two or more nodes; returns the number of groups made.
 pub fn fuse_elementwise(graph: &mut Graph, registry: &OpRegistry) -> Result<usize> {
     let consumers = graph.consumers();
     let n = graph.nodes.len();
     // Per node: its steps and output shape when fusable.
-    let info: Vec<Option<(Vec<(ChainOp, Local, Local)>, Vec<Dim>)>> = graph
+    let info: Vec<Option<FusableNode>> = graph
         .nodes
         .iter()
         .map(|node| {

@@ -59,7 +59,7 @@ pub struct ConvF32<'a> {
 /// the GEMM tactics read for `isa`, so they are packed once at build time. The result has
 /// as many values as `w` (each group's block stays at its offset).
 pub fn pack_weights(w: &[f32], m: usize, group: usize, isa: Isa) -> Result<Vec<f32>> {
-    if group == 0 || m % group != 0 || w.len() % m.max(1) != 0 {
+    if group == 0 || !m.is_multiple_of(group) || !w.len().is_multiple_of(m.max(1)) {
         return Err(KilnError::kernel(
             "Conv",
             format!(
@@ -517,7 +517,9 @@ mod tests {
     /// them) against the reference convolution of one plane, strided and dilated.
     #[test]
     fn every_direct_plane_build_matches_the_reference() {
-        let cases: [([usize; 2], [usize; 2], [usize; 4], [usize; 2], [usize; 2]); 4] = [
+        /// Input plane, kernel, pads, strides, dilations.
+        type Case = ([usize; 2], [usize; 2], [usize; 4], [usize; 2], [usize; 2]);
+        let cases: [Case; 4] = [
             ([9, 53], [3, 3], [1, 1, 1, 1], [2, 2], [1, 1]),
             ([13, 17], [3, 5], [1, 2, 0, 1], [2, 3], [1, 2]),
             ([7, 40], [5, 5], [2, 2, 2, 2], [1, 1], [1, 1]),

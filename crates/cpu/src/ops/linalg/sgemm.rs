@@ -412,7 +412,10 @@ unsafe fn narrow_dispatch(
                 cs: 1,
             };
             let d = DstPtr(dst);
+            #[allow(clippy::redundant_locals)]
             let rows = |i0: usize, i1: usize| {
+                // Moves the whole `DstPtr` (Send + Sync) into the closure rather than
+                // its raw-pointer field, which edition 2021 would capture alone.
                 let d = d;
                 // SAFETY: rows i0..i1 of A and dst are inside the caller's bounds; `bt`
                 // holds n rows of k values; tasks write disjoint rows; `isa` is supported.
