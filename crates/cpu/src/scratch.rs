@@ -1,9 +1,12 @@
 //! Per-thread scratch memory for kernels that need temporaries (im2col panels, packed tiles,
 //! intermediate rows), reused across calls so that steady-state inference does not allocate.
 //!
-//! Each thread keeps a small stack of buffers. [`with_scratch`] pops one (or makes one the
-//! first time), grows it if it is too small, lends it to the closure and pushes it back, so
-//! nested calls get distinct buffers and, once warm, no call allocates.
+//! Each thread keeps a small set of buffers. [`with_scratch`] takes the smallest one that is
+//! large enough (or, when none is, the largest, grown; or a new one the first time), lends it
+//! to the closure and puts it back, so nested calls get distinct buffers and, once warm, no
+//! call allocates. Best fit matters under work stealing: a job stolen by another pool thread
+//! may run at a different nesting depth there than on the thread that usually runs it, and
+//! taking the buffer that fits (rather than the top of a stack) keeps that from growing one.
 
 use std::cell::RefCell;
 
@@ -25,7 +28,7 @@ thread_local! {
 pub fn with_scratch<T: Pod, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     let bytes = len * std::mem::size_of::<T>();
     let lines = bytes.div_ceil(64);
-    let mut buf = POOL.with(|p| p.borrow_mut().pop()).unwrap_or_default();
+    let mut buf = POOL.with(|p| take_best_fit(&mut p.borrow_mut(), lines));
     if buf.len() < lines {
         buf.resize(lines, Line([0; 64]));
     }
@@ -33,6 +36,27 @@ pub fn with_scratch<T: Pod, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     let out = f(bytemuck::cast_slice_mut(&mut all[..bytes]));
     POOL.with(|p| p.borrow_mut().push(buf));
     out
+}
+
+/// Removes and returns the smallest buffer of at least `lines` lines, else the largest one
+/// (to be grown), else a new empty one.
+fn take_best_fit(pool: &mut Vec<Vec<Line>>, lines: usize) -> Vec<Line> {
+    let fitting = pool
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.len() >= lines)
+        .min_by_key(|(_, b)| b.len())
+        .map(|(i, _)| i);
+    let pick = fitting.or_else(|| {
+        pool.iter()
+            .enumerate()
+            .max_by_key(|(_, b)| b.len())
+            .map(|(i, _)| i)
+    });
+    match pick {
+        Some(i) => pool.swap_remove(i),
+        None => Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -51,6 +75,19 @@ mod tests {
             });
             assert!(a.iter().all(|&x| x == 1.5));
         });
+    }
+
+    #[test]
+    fn the_smallest_fitting_buffer_is_lent() {
+        // Two buffers on this thread: 64 and 4096 bytes.
+        let (small, big) = with_scratch::<u8, _>(4096, |a| {
+            let small = with_scratch::<u8, _>(64, |b| b.as_ptr() as usize);
+            (small, a.as_ptr() as usize)
+        });
+        // Outside any nesting, a 4096-byte request gets the big one and a 10-byte request
+        // the small one, so neither has to grow.
+        assert_eq!(with_scratch::<u8, _>(10, |a| a.as_ptr() as usize), small);
+        assert_eq!(with_scratch::<u8, _>(4000, |a| a.as_ptr() as usize), big);
     }
 
     #[test]
