@@ -444,6 +444,16 @@ impl ExecutionContext {
             }
         }
         let plan = self.plan_for_key(self.key.clone())?;
+        if let Some(g) = &plan.graph {
+            // A specialised graph: its extra values get slots, its constants (inlined
+            // branches bring theirs) are bound once per switch to this plan.
+            if self.slots.len() < g.values.len() {
+                self.slots.resize(g.values.len(), None);
+            }
+            for (id, t) in &g.constants {
+                self.slots[*id] = Some(Value::Tensor(t.clone()));
+            }
+        }
         self.current = Some(plan.clone());
         Ok(plan)
     }
@@ -488,7 +498,7 @@ impl ExecutionContext {
 
     fn run_nodes(&mut self, plan: &ShapePlan) -> Result<()> {
         let engine = self.engine.clone();
-        let graph = engine.graph();
+        let graph = plan.graph.as_deref().unwrap_or(engine.graph());
         for (i, node) in graph.nodes.iter().enumerate() {
             let produced: SmallVec<[Option<Value>; 4]> = {
                 let mut args: SmallVec<[Option<&Value>; 8]> = SmallVec::new();
@@ -640,7 +650,11 @@ impl ExecutionContext {
     }
 
     fn clear_activations(&mut self) {
-        let graph = self.engine.graph();
+        // The current plan's graph when it is specialised (its inlined constants stay).
+        let graph = match self.current.as_ref().and_then(|p| p.graph.as_deref()) {
+            Some(g) => g,
+            None => self.engine.graph(),
+        };
         for (id, slot) in self.slots.iter_mut().enumerate() {
             if !graph.constants.contains_key(&id) {
                 *slot = None;

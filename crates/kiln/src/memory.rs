@@ -2,6 +2,8 @@
 //! which offsets, and when each value can be dropped.
 
 use kiln_core::planner::{self, Request};
+use std::sync::Arc;
+
 use kiln_core::{DType, Fact, Graph, KilnError, Result, Shape, ValueKind};
 
 /// Input dtypes and shapes, one per graph input (`None` for a non-tensor input): the key
@@ -39,6 +41,11 @@ pub struct ShapePlan {
     pub lower_bound: usize,
     /// Value facts inferred for these shapes.
     pub facts: Vec<Fact>,
+    /// The graph specialised to these shapes, when it differs from the engine's: an `If`
+    /// whose condition became constant is replaced by the branch it takes, so the branch's
+    /// layers are planned into the arena instead of running through the interpreter. Node
+    /// and value indices of this plan refer to this graph when it is present.
+    pub graph: Option<Arc<Graph>>,
 }
 
 impl ShapePlan {
@@ -87,6 +94,23 @@ pub fn plan_for_inputs(graph: &Graph, inputs: &[Option<(DType, Vec<usize>)>]) ->
         }
     }
     g.infer_facts_with(true)?;
+    // Conditions that these shapes decide (`If(Equal(Shape(x)[1], 512))`): inline the
+    // branch taken, repeatedly for nested ones.
+    let mut specialised = false;
+    if g.nodes.iter().any(|n| !n.op.subgraphs().is_empty()) {
+        for _ in 0..8 {
+            let inlined = crate::optimize::inline_constant_ifs(&mut g, crate::engine::registry())?;
+            if inlined == 0 {
+                break;
+            }
+            specialised = true;
+            g.infer_facts_with(true)?;
+        }
+        if specialised {
+            // The condition's computation has no reader left.
+            kiln_core::passes::remove_dead_nodes(&mut g)?;
+        }
+    }
 
     let n_values = g.values.len();
     let mut last_use = vec![0usize; n_values];
@@ -152,6 +176,7 @@ pub fn plan_for_inputs(graph: &Graph, inputs: &[Option<(DType, Vec<usize>)>]) ->
         last_use,
         arena_size: mem.arena_size,
         lower_bound: mem.lower_bound,
-        facts: g.values.into_iter().map(|v| v.fact).collect(),
+        facts: g.values.iter().map(|v| v.fact.clone()).collect(),
+        graph: specialised.then(|| Arc::new(g)),
     })
 }

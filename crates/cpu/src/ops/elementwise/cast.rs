@@ -23,7 +23,7 @@ pub fn cast_tensor_with(t: &Tensor, to: DType, opts: CastOptions) -> Result<Tens
 
 /// Allocation-free casts for the common pairs: same dtype (a copy), and integer or f32/f64
 /// sources to f32/f64/i64/i32 (Rust's `as`, as the reference does: round-to-nearest into
-/// floats, truncating and saturating into integers). Returns false, writing nothing, for
+/// floats, truncating and saturating into integers) and to bool. Returns false, writing nothing, for
 /// any other pair.
 fn cast_into(x: &Tensor, out: &mut TensorMut<'_>) -> Result<bool> {
     if x.dtype() == out.dtype() && x.dtype() != DType::String {
@@ -70,8 +70,31 @@ fn cast_into(x: &Tensor, out: &mut TensorMut<'_>) -> Result<bool> {
         DType::F64 => to_float!(f64),
         DType::I64 => to_float!(i64),
         DType::I32 => to_float!(i32),
+        DType::Bool => cast_to_bool(x, out.bytes_mut()),
         _ => Ok(false),
     }
+}
+
+/// Bool target (one byte per element): any non-zero value (NaN included) is true, as in
+/// the reference's `x != 0.0`.
+fn cast_to_bool(x: &Tensor, o: &mut [u8]) -> Result<bool> {
+    macro_rules! nonzero {
+        ($T:ty, $zero:expr) => {
+            o.iter_mut()
+                .zip(x.as_slice::<$T>()?)
+                .for_each(|(d, s)| *d = (*s != $zero) as u8)
+        };
+    }
+    match x.dtype() {
+        DType::F32 => nonzero!(f32, 0.0),
+        DType::F64 => nonzero!(f64, 0.0),
+        DType::I64 => nonzero!(i64, 0),
+        DType::I32 => nonzero!(i32, 0),
+        DType::U8 => nonzero!(u8, 0),
+        DType::I8 => nonzero!(i8, 0),
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 /// Reads the `saturate` (opset 19+) and `round_mode` (opset 24+) attributes of
@@ -227,6 +250,35 @@ mod tests {
         assert_eq!(y.dtype(), kiln_core::DType::F64);
         assert!(build("Cast", 19, vec![("to", Attr::Int(14))], 1, 1).is_err());
         assert!(build("Cast", 19, vec![], 1, 1).is_err());
+    }
+
+    /// Every pair the in-place cast handles itself agrees bit for bit with the reference,
+    /// on values that exercise rounding, saturation, zero and NaN.
+    #[test]
+    fn in_place_casts_match_the_reference() {
+        use kiln_core::DType;
+        let vals = [1.7f64, -2.5, 0.0, 3e10, -0.4, 255.0, f64::NAN, 7.0];
+        let sources: Vec<Tensor> = vec![
+            f32t(&[8], vals.iter().map(|v| *v as f32).collect()),
+            Tensor::from_vec(&[8], vals.to_vec()).unwrap(),
+            Tensor::from_vec(&[2, 4], vec![5i64, -3, 0, i64::MAX, 9, -1, 2, 1 << 40]).unwrap(),
+            Tensor::from_vec(&[8], vec![5i32, -3, 0, i32::MIN, 9, -1, 2, 77]).unwrap(),
+            Tensor::from_vec(&[8], vec![5u8, 0, 255, 1, 9, 0, 2, 128]).unwrap(),
+            Tensor::from_vec(&[8], vec![5i8, -3, 0, -128, 127, -1, 2, 1]).unwrap(),
+        ];
+        for x in &sources {
+            for to in [DType::F32, DType::F64, DType::I64, DType::I32, DType::Bool] {
+                let op = build(
+                    "Cast",
+                    19,
+                    vec![("to", Attr::Int(to.onnx_code() as i64))],
+                    1,
+                    1,
+                )
+                .unwrap();
+                check_into(op.as_ref(), &[Some(x.clone())]);
+            }
+        }
     }
 
     #[test]
