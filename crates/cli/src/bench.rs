@@ -81,26 +81,51 @@ fn phase(
     Ok((samples, gpu))
 }
 
-/// Per-layer profile of a GPU engine: (layer, op, tactic, mean ms, share of the total),
-/// slowest first, from 10 runs with CUDA events around every layer.
+/// Per-layer profile: (layer, op, tactic, mean ms, share of the total), slowest first,
+/// from 10 runs with CUDA events (GPU engines) or a monotonic clock (CPU engines) around
+/// every layer.
 type LayerProfile = (String, String, String, f64, f64);
 
 fn profile_layers(
     ctx: &mut ExecutionContext,
     inputs: &[(&str, Value)],
 ) -> CliResult<Vec<LayerProfile>> {
-    ctx.set_gpu_profiling(true)?;
-    for _ in 0..10 {
-        ctx.execute(inputs)?;
-    }
-    let times = ctx.gpu_layer_times().unwrap_or_default();
-    ctx.set_gpu_profiling(false)?;
     let layers = ctx.engine().layers();
-    let total: f64 = times.iter().sum::<f64>().max(1e-12);
-    let mut v: Vec<LayerProfile> = layers
+    let rows: Vec<(String, String, String, f64)> = if ctx.engine().gpu().is_some() {
+        ctx.set_gpu_profiling(true)?;
+        for _ in 0..10 {
+            ctx.execute(inputs)?;
+        }
+        let times = ctx.gpu_layer_times().unwrap_or_default();
+        ctx.set_gpu_profiling(false)?;
+        layers
+            .into_iter()
+            .zip(times)
+            .map(|(l, t)| (l.name, l.op, l.tactic, t))
+            .collect()
+    } else {
+        ctx.set_cpu_profiling(true)?;
+        for _ in 0..10 {
+            ctx.execute(inputs)?;
+        }
+        let times = ctx.cpu_layer_times().unwrap_or_default();
+        ctx.set_cpu_profiling(false)?;
+        // Tactics by layer name (a dynamic plan may run inlined layers the engine's list
+        // does not have: "-").
+        let tactic: std::collections::HashMap<String, String> =
+            layers.into_iter().map(|l| (l.name, l.tactic)).collect();
+        times
+            .into_iter()
+            .map(|t| {
+                let tac = tactic.get(&t.name).cloned().unwrap_or_else(|| "-".into());
+                (t.name, t.op, tac, t.mean_ms)
+            })
+            .collect()
+    };
+    let total: f64 = rows.iter().map(|r| r.3).sum::<f64>().max(1e-12);
+    let mut v: Vec<LayerProfile> = rows
         .into_iter()
-        .zip(times)
-        .map(|(l, t)| (l.name, l.op, l.tactic, t, t / total))
+        .map(|(n, o, t, ms)| (n, o, t, ms, ms / total))
         .collect();
     v.sort_by(|a, b| b.3.total_cmp(&a.3));
     Ok(v)
@@ -190,7 +215,12 @@ pub fn run(g: &Globals, a: BenchArgs) -> CliResult<()> {
     pb.finish_and_clear();
     let nvml = sampler.map(|s| s.stop());
     let (samples, gpu_t) = samples?;
-    let metrics = gpu_metrics(&gpu_t);
+    // CPU engines have no device timings: no GPU rows.
+    let metrics = if gpu_t.is_empty() {
+        Vec::new()
+    } else {
+        gpu_metrics(&gpu_t)
+    };
     let profile = if a.profile {
         profile_layers(&mut ctx, &values)?
     } else {

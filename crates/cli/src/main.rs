@@ -302,8 +302,8 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    /// GPU engines: after timing, run again with CUDA events around every layer and print
-    /// the slowest layers (in `--json`: `profile`).
+    /// After timing, run 10 more times with every layer timed (CUDA events on the GPU, a
+    /// monotonic clock on the CPU) and print the slowest layers (in `--json`: `profile`).
     #[arg(long)]
     pub profile: bool,
     /// GPU engines: time again with the layers captured once into a CUDA graph and replayed

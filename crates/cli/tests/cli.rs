@@ -795,6 +795,56 @@ fn bench_json_has_the_contract_keys() {
     for want in ["median", "p99", "throughput", "batch 1"] {
         assert!(out.contains(want), "missing {want}:\n{out}");
     }
+    // A CPU engine has no GPU rows.
+    assert!(
+        !out.contains("GPU compute") && !out.contains("NaN"),
+        "{out}"
+    );
+}
+
+/// `bench --profile` on a CPU engine: every layer of the plan timed, slowest first, the
+/// shares summing to one, and the text table naming the slowest layer.
+#[test]
+fn bench_profile_times_every_cpu_layer() {
+    let Some((plan, _)) = orientation_plan() else {
+        return;
+    };
+    let args = [
+        "bench",
+        s(&plan),
+        "--iterations",
+        "3",
+        "--warmup",
+        "1",
+        "--profile",
+    ];
+    let out = assert_ok(&run(&[&args[..], &["--json"]].concat()));
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("bench --json: {e}\n{out}"));
+    let layers = v["profile"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no profile: {v}"));
+    let inspect: serde_json::Value =
+        serde_json::from_str(&assert_ok(&run(&["inspect", s(&plan), "--json"]))).unwrap();
+    let n_layers = inspect["layers"].as_array().map_or(0, |l| l.len());
+    assert_eq!(layers.len(), n_layers, "{v}");
+    let ms: Vec<f64> = layers.iter().map(|l| l["ms"].as_f64().unwrap()).collect();
+    assert!(
+        ms.iter().all(|&t| t >= 0.0) && ms.iter().any(|&t| t > 0.0),
+        "{ms:?}"
+    );
+    assert!(
+        ms.windows(2).all(|w| w[0] >= w[1]),
+        "not slowest first: {ms:?}"
+    );
+    let share: f64 = layers.iter().map(|l| l["share"].as_f64().unwrap()).sum();
+    assert!((share - 1.0).abs() < 1e-6, "shares sum to {share}");
+    let text = assert_ok(&run(&args));
+    let slowest = layers[0]["layer"].as_str().unwrap();
+    assert!(
+        text.contains("slowest layers") && text.contains(slowest),
+        "{text}"
+    );
 }
 
 #[test]

@@ -7,8 +7,13 @@
 //! call allocates. Best fit matters under work stealing: a job stolen by another pool thread
 //! may run at a different nesting depth there than on the thread that usually runs it, and
 //! taking the buffer that fits (rather than the top of a stack) keeps that from growing one.
+//! For the same reason a buffer that has to grow (or be made) is sized to the largest
+//! request any thread has made so far (up to [`HIGH_WATER_CAP`]), not just to this one: once
+//! every size has been requested somewhere, a thread only allocates when work stealing
+//! nests its calls one level deeper than ever before.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytemuck::{Pod, Zeroable};
 
@@ -16,6 +21,13 @@ use bytemuck::{Pod, Zeroable};
 #[derive(Clone, Copy, Pod, Zeroable)]
 #[repr(C, align(64))]
 struct Line([u8; 64]);
+
+/// Largest request (in 64-byte lines) seen on any thread, capped at [`HIGH_WATER_CAP`].
+static HIGH_WATER: AtomicUsize = AtomicUsize::new(0);
+
+/// Requests up to this many lines (16 MiB) raise the shared high-water mark; larger ones
+/// are sized exactly, so one huge temporary does not make every thread's buffers huge.
+pub const HIGH_WATER_CAP: usize = (16 << 20) / 64;
 
 thread_local! {
     static POOL: RefCell<Vec<Vec<Line>>> = const { RefCell::new(Vec::new()) };
@@ -30,7 +42,12 @@ pub fn with_scratch<T: Pod, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
     let lines = bytes.div_ceil(64);
     let mut buf = POOL.with(|p| take_best_fit(&mut p.borrow_mut(), lines));
     if buf.len() < lines {
-        buf.resize(lines, Line([0; 64]));
+        let target = if lines <= HIGH_WATER_CAP {
+            HIGH_WATER.fetch_max(lines, Ordering::Relaxed).max(lines)
+        } else {
+            lines
+        };
+        buf.resize(target, Line([0; 64]));
     }
     let all: &mut [u8] = bytemuck::cast_slice_mut(&mut buf[..lines]);
     let out = f(bytemuck::cast_slice_mut(&mut all[..bytes]));
@@ -78,16 +95,23 @@ mod tests {
     }
 
     #[test]
-    fn the_smallest_fitting_buffer_is_lent() {
-        // Two buffers on this thread: 64 and 4096 bytes.
-        let (small, big) = with_scratch::<u8, _>(4096, |a| {
-            let small = with_scratch::<u8, _>(64, |b| b.as_ptr() as usize);
-            (small, a.as_ptr() as usize)
+    fn warm_buffers_serve_any_nesting_order() {
+        // Two buffers on this thread, made by a nested pair of requests.
+        let (inner, outer) = with_scratch::<u8, _>(4096, |a| {
+            let inner = with_scratch::<u8, _>(64, |b| b.as_ptr() as usize);
+            (inner, a.as_ptr() as usize)
         });
-        // Outside any nesting, a 4096-byte request gets the big one and a 10-byte request
-        // the small one, so neither has to grow.
-        assert_eq!(with_scratch::<u8, _>(10, |a| a.as_ptr() as usize), small);
-        assert_eq!(with_scratch::<u8, _>(4000, |a| a.as_ptr() as usize), big);
+        // The reverse nesting (small outside, large inside) reuses the same two buffers.
+        let (outer2, inner2) = with_scratch::<u8, _>(10, |a| {
+            let inner2 = with_scratch::<u8, _>(4000, |b| b.as_ptr() as usize);
+            (a.as_ptr() as usize, inner2)
+        });
+        let mut before = [inner, outer];
+        let mut after = [outer2, inner2];
+        before.sort();
+        after.sort();
+        assert_eq!(before, after);
+        assert_ne!(outer2, inner2);
     }
 
     #[test]

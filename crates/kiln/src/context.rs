@@ -32,7 +32,31 @@ pub struct ExecutionContext {
     profile: usize,
     input_shapes: Vec<Option<Vec<usize>>>,
     current: Option<Arc<ShapePlan>>,
+    /// CPU per-layer timing, when on ([`ExecutionContext::set_cpu_profiling`]).
+    cpu_profile: Option<CpuLayerProfile>,
     _not_sync: PhantomData<Cell<()>>,
+}
+
+/// Wall-clock time per layer summed over the profiled CPU runs.
+#[derive(Debug, Default, Clone)]
+struct CpuLayerProfile {
+    /// (layer name, op type) per node of the graph that ran.
+    layers: Vec<(String, String)>,
+    /// Summed seconds per node.
+    seconds: Vec<f64>,
+    /// Profiled runs.
+    runs: usize,
+}
+
+/// One CPU layer's mean time over the profiled runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuLayerTime {
+    /// Layer (node) name.
+    pub name: String,
+    /// Op type.
+    pub op: String,
+    /// Mean milliseconds per run.
+    pub mean_ms: f64,
 }
 
 impl ExecutionContext {
@@ -69,6 +93,7 @@ impl ExecutionContext {
             profile: 0,
             input_shapes,
             current: None,
+            cpu_profile: None,
             _not_sync: PhantomData,
         }
     }
@@ -289,6 +314,37 @@ impl ExecutionContext {
         }
     }
 
+    /// For CPU engines: time every layer of the following runs with a monotonic clock
+    /// (`kiln bench --profile`); turning it off forgets the times. Errors on GPU engines
+    /// (see [`ExecutionContext::set_gpu_profiling`]).
+    pub fn set_cpu_profiling(&mut self, on: bool) -> Result<()> {
+        if self.engine.gpu().is_some() {
+            return Err(KilnError::Other(
+                "CPU layer profiling on a GPU engine: use set_gpu_profiling".into(),
+            ));
+        }
+        self.cpu_profile = on.then(CpuLayerProfile::default);
+        Ok(())
+    }
+
+    /// For CPU engines with profiling on: mean time per layer over the profiled runs, in
+    /// execution order (the layers of the graph that ran: a dynamic plan may have inlined
+    /// `If` branches). None when profiling is off or nothing ran yet.
+    pub fn cpu_layer_times(&self) -> Option<Vec<CpuLayerTime>> {
+        let p = self.cpu_profile.as_ref().filter(|p| p.runs > 0)?;
+        Some(
+            p.layers
+                .iter()
+                .zip(&p.seconds)
+                .map(|((name, op), s)| CpuLayerTime {
+                    name: name.clone(),
+                    op: op.clone(),
+                    mean_ms: s * 1e3 / p.runs as f64,
+                })
+                .collect(),
+        )
+    }
+
     /// For GPU engines with profiling on: mean milliseconds per layer, in node order.
     pub fn gpu_layer_times(&self) -> Option<Vec<f64>> {
         self.gpu.as_ref().and_then(|g| g.layer_times())
@@ -499,7 +555,26 @@ impl ExecutionContext {
     fn run_nodes(&mut self, plan: &ShapePlan) -> Result<()> {
         let engine = self.engine.clone();
         let graph = plan.graph.as_deref().unwrap_or(engine.graph());
+        if let Some(p) = &mut self.cpu_profile {
+            if p.layers.len() != graph.nodes.len()
+                || p.layers
+                    .iter()
+                    .zip(&graph.nodes)
+                    .any(|(l, n)| l.0 != n.name)
+            {
+                // First profiled run, or another specialised graph: start over.
+                p.layers = graph
+                    .nodes
+                    .iter()
+                    .map(|n| (n.name.clone(), n.desc.op_type.clone()))
+                    .collect();
+                p.seconds = vec![0.0; graph.nodes.len()];
+                p.runs = 0;
+            }
+            p.runs += 1;
+        }
         for (i, node) in graph.nodes.iter().enumerate() {
+            let started = self.cpu_profile.is_some().then(std::time::Instant::now);
             let produced: SmallVec<[Option<Value>; 4]> = {
                 let mut args: SmallVec<[Option<&Value>; 8]> = SmallVec::new();
                 for inp in &node.inputs {
@@ -537,6 +612,9 @@ impl ExecutionContext {
                     outs.into_iter().map(|v| Some(detach(v))).collect()
                 }
             };
+            if let (Some(t0), Some(p)) = (started, &mut self.cpu_profile) {
+                p.seconds[i] += t0.elapsed().as_secs_f64();
+            }
             for (slot, v) in node.outputs.iter().zip(produced) {
                 if let Some(id) = slot {
                     self.slots[*id] = v;

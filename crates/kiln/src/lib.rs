@@ -31,7 +31,7 @@ pub mod tuner;
 
 pub use builder::Builder;
 pub use config::{parse_layer_precision, parse_shapes, BuilderConfig, DeviceKind};
-pub use context::{ExecutionContext, IoInfo};
+pub use context::{CpuLayerTime, ExecutionContext, IoInfo};
 pub use engine::{registry, Engine, LayerInfo, MemoryReport, Runtime};
 pub use fingerprint::Fingerprint;
 pub use kiln_core::{DType, Dim, KilnError, Result, Tensor, TensorMut, Value};
