@@ -150,7 +150,7 @@ fn count_case(name: &str, specialise: bool, threads: usize) -> Option<Vec<usize>
     let windows = if threads > 1 { WINDOWS } else { 1 };
     let mut counts = vec![0; windows];
     for round in 0..WARMUP + RUNS * windows {
-        if round >= WARMUP + RUNS && (round - WARMUP) % RUNS == 0 {
+        if round >= WARMUP + RUNS && (round - WARMUP).is_multiple_of(RUNS) {
             let done = (round - WARMUP) / RUNS;
             if counts[done - 1] == 0 {
                 counts.truncate(done);
