@@ -13,6 +13,9 @@
 #                                        torch.compile; `quick` stops after the
 #                                        model and kernel tests; `perf` skips the
 #                                        kernel and thread tests), logs under $OUT,
+#                                        KILN_BENCH_OPT=L builds the benchmark plans
+#                                        at --opt-level L (default 0), KILN_SKIP_SWEEP=1
+#                                        skips the opt-level sweep,
 #                                        summary table last.
 set -uo pipefail
 mode=${1:-}
@@ -99,7 +102,7 @@ run)
     IFS=: read -r wl model inp b <<< "$spec"
     if [ $model = resnet50 ]; then shp="$inp:${b}x3x224x224"; else shp="$inp:${b}x128"; fi
     plan=$W/bench_${model}_$b.plan
-    if $K build "$T/$model.onnx" -o "$plan" --device cuda --fp16 --shapes "$shp" --opt-level 0 -q > /dev/null 2>> "$OUT/bench.err"; then
+    if $K build "$T/$model.onnx" -o "$plan" --device cuda --fp16 --shapes "$shp" --opt-level "${KILN_BENCH_OPT:-0}" -q > /dev/null 2>> "$OUT/bench.err"; then
       line=$($K bench "$plan" --json --duration 3 --warmup 10 --profile --cuda-graph 2>> "$OUT/bench.err")
       echo "$line" | python3 -c "import json,sys; r=json.loads(sys.stdin.read()); r['workload']='$wl'; r['batch']=$b; print(json.dumps(r))" >> "$OUT/bench.jsonl"
       [ "$full" != perf ] && $K bench "$plan" --duration 2 --warmup 5 2>> "$OUT/bench.err" | tail -12
@@ -110,8 +113,9 @@ run)
 
   stamp "GPU tuning: build and inference time per --opt-level (ResNet-50 FP16 b256)"
   : > "$OUT/tune.jsonl"
+  [ -n "${KILN_SKIP_SWEEP:-}" ] && echo "skipped (KILN_SKIP_SWEEP)"
   rm -f "$W/tc.json"
-  for spec in 0:none 1:none 2:cold 2:warm; do
+  for spec in $([ -z "${KILN_SKIP_SWEEP:-}" ] && echo 0:none 1:none 2:cold 2:warm); do
     IFS=: read -r lvl cache <<< "$spec"
     copt=""; [ "$cache" != none ] && copt="--timing-cache $W/tc.json"
     s=$(date +%s%N)
