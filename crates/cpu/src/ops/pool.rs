@@ -307,6 +307,25 @@ impl Pool {
         col_major: bool,
     ) {
         let (isz, osz) = (g.sp.in_size(), g.sp.out_size());
+        if idx.is_empty() {
+            // Values only: a two-word accumulator instead of the argmax bookkeeping (same
+            // rule: the first valid tap, replaced by any later one that compares greater).
+            let body = |pl: usize, yp: &mut [T], _: &mut [i64]| {
+                let xp = &x[pl * isz..(pl + 1) * isz];
+                g.for_each_window(
+                    || (T::default(), false),
+                    |acc, fi, _| {
+                        let v = xp[fi];
+                        if !acc.1 || v > acc.0 {
+                            *acc = (v, true);
+                        }
+                    },
+                    |oi, acc, _, _| yp[oi] = acc.0,
+                );
+            };
+            run_planes(y, idx, osz, x.len(), body);
+            return;
+        }
         let [id_n, ih_n, _] = g.sp.input;
         let body = |pl: usize, yp: &mut [T], ip: &mut [i64]| {
             let xp = &x[pl * isz..(pl + 1) * isz];

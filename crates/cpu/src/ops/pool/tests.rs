@@ -179,6 +179,14 @@ fn pools_match_naive_2d() {
                     ind.as_slice(),
                     "{k:?} {w:?}"
                 );
+                // Without the Indices output (its own path): the same values.
+                let values_only = pool(k, w.clone(), false).eval(&[Some(&xt)]).unwrap();
+                assert_eq!(values_only.len(), 1);
+                assert_eq!(
+                    values_only[0].as_tensor().unwrap().bytes(),
+                    y.bytes(),
+                    "{k:?} {w:?}"
+                );
             }
             let f = op
                 .infer(&[Some(&Fact::concrete(DType::F32, &xs))], 1)
