@@ -499,24 +499,8 @@ pub fn bench_inputs(
     Ok((out, generated))
 }
 
-/// An output name as a file name: every character outside `[A-Za-z0-9._-]` becomes `_`.
-pub fn sanitize_name(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    match s.as_str() {
-        "" => "_".into(),
-        "." | ".." => s.replace('.', "_"),
-        _ => s,
-    }
-}
+/// An output name as a file name (`kiln::npy::file_name_for`).
+pub use kiln::npy::file_name_for as sanitize_name;
 
 /// `1.5 MiB`-style size.
 pub fn human_bytes(n: usize) -> String {

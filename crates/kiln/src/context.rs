@@ -276,26 +276,12 @@ impl ExecutionContext {
             self.pending = Some(outputs);
             return Ok(());
         }
-        self.bind_inputs(inputs)?;
+        let ordered = self.bind_gpu_inputs(inputs)?;
         let engine = self.engine.clone();
-        let ordered: Vec<Value> = engine
-            .graph()
-            .inputs
-            .iter()
-            .map(|id| self.slots[*id].take())
-            .collect::<Option<_>>()
-            .ok_or_else(|| KilnError::Other("an input was not bound".into()))?;
-        let gpu = engine
-            .gpu()
-            .cloned()
-            .ok_or_else(|| KilnError::Other("not a GPU engine".into()))?;
-        if self.gpu.is_none() {
-            self.gpu = Some(kiln_cuda::GpuContext::new(gpu)?);
-        }
         let refs: Vec<&Value> = ordered.iter().collect();
         self.gpu
             .as_mut()
-            .expect("created above")
+            .expect("created by bind_gpu_inputs")
             .enqueue(engine.graph(), &refs)?;
         self.pending = Some(Vec::new());
         Ok(())
@@ -531,6 +517,16 @@ impl ExecutionContext {
     /// GPU engines: inputs checked and bound as on the CPU, then run by this context's
     /// device side (created on first use).
     fn execute_gpu(&mut self, inputs: &[(&str, Value)]) -> Result<Vec<Value>> {
+        let ordered = self.bind_gpu_inputs(inputs)?;
+        let engine = self.engine.clone();
+        let ctx = self.gpu.as_mut().expect("created by bind_gpu_inputs");
+        let refs: Vec<&Value> = ordered.iter().collect();
+        ctx.run(engine.graph(), &refs)
+    }
+
+    /// GPU engines: checks and binds `inputs`, takes them out of their slots in the
+    /// engine's input order, and creates this context's device side on first use.
+    fn bind_gpu_inputs(&mut self, inputs: &[(&str, Value)]) -> Result<Vec<Value>> {
         self.bind_inputs(inputs)?;
         let engine = self.engine.clone();
         let ordered: Vec<Value> = engine
@@ -547,9 +543,7 @@ impl ExecutionContext {
         if self.gpu.is_none() {
             self.gpu = Some(kiln_cuda::GpuContext::new(gpu)?);
         }
-        let ctx = self.gpu.as_mut().expect("created above");
-        let refs: Vec<&Value> = ordered.iter().collect();
-        ctx.run(engine.graph(), &refs)
+        Ok(ordered)
     }
 
     fn run_nodes(&mut self, plan: &ShapePlan) -> Result<()> {

@@ -595,6 +595,26 @@ impl PyParser<'_> {
     }
 }
 
+/// A tensor name as a file name (`kiln run`'s outputs, calibration inputs): every character
+/// outside `[A-Za-z0-9._-]` becomes `_`, and an empty, `.` or `..` result becomes underscores.
+pub fn file_name_for(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    match s.as_str() {
+        "" => "_".into(),
+        "." | ".." => s.replace('.', "_"),
+        _ => s,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

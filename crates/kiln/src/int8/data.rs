@@ -16,25 +16,6 @@ use kiln_core::{KilnError, Result, Tensor};
 
 use crate::npy::read_npy;
 
-/// An input name as a file name (every character outside `[A-Za-z0-9._-]` becomes `_`).
-pub fn file_stem(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if s.is_empty() {
-        "_".into()
-    } else {
-        s
-    }
-}
-
 /// One batch: a file per input.
 #[derive(Debug, Clone)]
 pub struct BatchFiles {
@@ -86,7 +67,7 @@ pub fn list_batches(dir: &Path, inputs: &[String]) -> Result<Vec<BatchFiles>> {
                 let files = inputs
                     .iter()
                     .map(|n| {
-                        let p = d.join(format!("{}.npy", file_stem(n)));
+                        let p = d.join(format!("{}.npy", crate::npy::file_name_for(n)));
                         if p.is_file() {
                             Ok((n.clone(), p))
                         } else {

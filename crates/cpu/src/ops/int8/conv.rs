@@ -264,20 +264,7 @@ impl Op for Int8Conv {
         let w = input_tensor(inputs, 1, "Int8Conv")?;
         let b = optional_tensor(inputs, 2, "Int8Conv")?;
         let shape = self.out_shape(x, w)?;
-        let slot = outputs
-            .first_mut()
-            .ok_or_else(|| KilnError::kernel("Int8Conv", "no output slot"))?;
-        if slot.shape() != shape.as_slice() || slot.dtype() != DType::I8 {
-            return Err(KilnError::kernel(
-                "Int8Conv",
-                format!(
-                    "output slot is {} {:?}, expected i8 {shape:?}",
-                    slot.dtype(),
-                    slot.shape()
-                ),
-            ));
-        }
-        self.run(x, w, b, slot.as_mut_slice::<i8>()?)
+        self.run(x, w, b, super::i8_output_slot("Int8Conv", outputs, &shape)?)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

@@ -206,20 +206,12 @@ impl Op for Int8MatMul {
         let w = input_tensor(inputs, 1, "Int8MatMul")?;
         let b = optional_tensor(inputs, 2, "Int8MatMul")?;
         let shape = Self::out_shape(a, w)?;
-        let slot = outputs
-            .first_mut()
-            .ok_or_else(|| KilnError::kernel("Int8MatMul", "no output slot"))?;
-        if slot.shape() != shape.as_slice() || slot.dtype() != DType::I8 {
-            return Err(KilnError::kernel(
-                "Int8MatMul",
-                format!(
-                    "output slot is {} {:?}, expected i8 {shape:?}",
-                    slot.dtype(),
-                    slot.shape()
-                ),
-            ));
-        }
-        self.run(a, w, b, slot.as_mut_slice::<i8>()?)
+        self.run(
+            a,
+            w,
+            b,
+            super::i8_output_slot("Int8MatMul", outputs, &shape)?,
+        )
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

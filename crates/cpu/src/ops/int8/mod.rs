@@ -176,6 +176,28 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
+/// The i8 output slot of an INT8 layer, checked against the shape it computes.
+fn i8_output_slot<'a>(
+    op: &str,
+    outputs: &'a mut [kiln_core::TensorMut<'_>],
+    shape: &[usize],
+) -> Result<&'a mut [i8]> {
+    let slot = outputs
+        .first_mut()
+        .ok_or_else(|| KilnError::kernel(op, "no output slot"))?;
+    if slot.shape() != shape || slot.dtype() != kiln_core::DType::I8 {
+        return Err(KilnError::kernel(
+            op,
+            format!(
+                "output slot is {} {:?}, expected i8 {shape:?}",
+                slot.dtype(),
+                slot.shape()
+            ),
+        ));
+    }
+    slot.as_mut_slice::<i8>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
