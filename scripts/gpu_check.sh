@@ -16,7 +16,9 @@
 #                                        KILN_BENCH_OPT=L builds the benchmark plans
 #                                        at --opt-level L (default 0), KILN_SKIP_SWEEP=1
 #                                        skips the opt-level sweep,
-#                                        summary table last.
+#                                        summary table last. `conformance` runs only
+#                                        the ONNX node suite's float cases on the GPU
+#                                        (every other mode runs them too, except perf).
 set -uo pipefail
 mode=${1:-}
 case "$mode" in
@@ -30,11 +32,18 @@ stage)
   exe() { cargo test --release -p "$1" --test "$2" --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))/\1/p' | tail -1; }
   gm=$(exe kiln gpu_models)
   gk=$(exe kiln-cuda gpu_kernels)
+  cargo build --release -p kiln-conformance
   rm -rf "$carry"
   mkdir -p "$carry/bin" "$carry/assets"
   strip -o "$carry/bin/kiln" "$CARGO_TARGET_DIR/release/kiln"
   strip -o "$carry/bin/gpu_models" "$gm"
   strip -o "$carry/bin/gpu_kernels" "$gk"
+  strip -o "$carry/bin/kiln-conformance" "$CARGO_TARGET_DIR/release/kiln-conformance"
+  # The ONNX node suite's float cases (the GPU conformance run), and the CPU expectations.
+  "$CARGO_TARGET_DIR/release/kiln-conformance" --suite node --float-only --json 2>/dev/null |
+    python3 -c "import json,sys; [print('onnx-backend/' + r['case']) for r in json.load(sys.stdin)]" > "$carry/node-float.txt"
+  tar czf "$carry/node-float.tar.gz" -C assets -T "$carry/node-float.txt"
+  cp tests/conformance/expected_pass.txt "$carry/"
   tar czf "$carry/bins.tar.gz" -C "$carry" bin
   rm -rf "$carry/bin"
   cp -rL assets/models assets/reference "$carry/assets/"
@@ -59,6 +68,22 @@ run)
   $K version || true
   $K monitor --count 1 || true
 
+  conformance() {
+    stamp "ONNX node suite, float cases, on the GPU (FP32, opt level 0)"
+    mkdir -p "$W/assets" && tar xzf "$here/node-float.tar.gz" -C "$W/assets"
+    timeout 420 "$W/bin/kiln-conformance" --assets "$W/assets" --suite node --float-only \
+      --device cuda -j "${KILN_CONF_JOBS:-16}" --timeout 120 --check \
+      --expected "$here/expected_pass.txt" --list-failures --json \
+      --report "$OUT/conformance_gpu.md" > "$OUT/conformance.json" 2> "$OUT/conformance.log"
+    echo "conformance rc=$?"; grep -v "^\[" "$OUT/conformance.log" | tail -12
+  }
+  if [ "$full" = conformance ]; then
+    conformance
+    stamp "summary"
+    python3 "$here/gpu_summary.py" "$OUT" | tee "$OUT/summary.md"
+    exit 0
+  fi
+
   stamp "real models (FP32, FP16) vs ONNX Runtime"
   KILN_ASSETS=$here/assets "$W/bin/gpu_models" --nocapture --test-threads=1 gpu_real_models > "$OUT/models.log" 2>&1
   echo "gpu_models rc=$?"; grep -E "^\| |test result" "$OUT/models.log"
@@ -72,6 +97,9 @@ run)
     stamp "NVRTC kernel tests"
     timeout 240 "$W/bin/gpu_kernels" --nocapture --test-threads=1 gpu_kernels_match_cpu > "$OUT/kernels.log" 2>&1
     echo "gpu_kernels rc=$?"; grep -A12 "==== summary" "$OUT/kernels.log"; grep "^FAIL" "$OUT/kernels.log" | head -20
+  fi
+  if [ "$full" != perf ] && [ "$full" != nokernels ]; then
+    conformance
   fi
 
   if [ "$full" = quick ]; then

@@ -28,6 +28,15 @@ print("\n".join(fam[-15:]) if fam else "\n".join(k.splitlines()[-12:]))
 m = re.search(r"test result: (\w+)\. (\d+) passed; (\d+) failed", k)
 print(f"gpu_kernels: {m.group(0) if m else 'did not finish'}")
 
+print("\n## ONNX node suite, float cases, on the GPU (kiln-conformance --device cuda)\n")
+conf = read("conformance.log").splitlines()
+keep = [l for l in conf if not l.startswith("[") and not l.startswith("FAIL ")]
+print("\n".join(keep[-10:]) if keep else "(not run)")
+fails = [l for l in conf if l.startswith("FAIL ")]
+if fails:
+    print(f"\nfailing cases ({len(fails)}):")
+    print("\n".join(fails[:60]))
+
 print("\n## ResNet-50 / BERT-base exported with torch, kiln vs PyTorch FP32 (CPU)\n")
 print("| model | precision | rel L2 | argmax | result |")
 print("| --- | --- | --- | --- | --- |")

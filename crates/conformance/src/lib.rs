@@ -47,6 +47,16 @@ pub struct CaseResult {
     pub ops: Vec<String>,
     /// Wall time in seconds.
     pub seconds: f64,
+    /// True when a graph input or output is a floating-point tensor (f32, f16, bf16, f64):
+    /// the "float cases" a GPU run is judged on.
+    #[serde(default)]
+    pub float: bool,
+    /// Layers that ran on the GPU and layers in all, for a case built for CUDA.
+    #[serde(default)]
+    pub gpu_layers: Option<[usize; 2]>,
+    /// Op types of the layers of a CUDA-built case that fell back to the CPU.
+    #[serde(default)]
+    pub cpu_fallback_ops: Vec<String>,
 }
 
 impl CaseResult {
@@ -63,6 +73,9 @@ impl CaseResult {
             reason: first_line(reason),
             ops,
             seconds,
+            float: false,
+            gpu_layers: None,
+            cpu_fallback_ops: Vec::new(),
         }
     }
 }
@@ -144,10 +157,7 @@ pub fn discover(assets: &Path, suite: &str) -> Vec<PathBuf> {
 
 /// Op types of the top-level nodes of a model file (empty when it cannot be decoded).
 pub fn model_ops(model_path: &Path) -> Vec<String> {
-    let Ok(bytes) = std::fs::read(model_path) else {
-        return Vec::new();
-    };
-    let Ok(m) = kiln_onnx::proto::ModelProto::decode(bytes.as_slice()) else {
+    let Some(m) = decode_model(model_path) else {
         return Vec::new();
     };
     let mut ops: Vec<String> = m
@@ -166,8 +176,87 @@ pub fn model_ops(model_path: &Path) -> Vec<String> {
 
 /// Builds the case's model into an engine through kiln's public API (the same path as
 /// `kiln build`: import, optimise, plan). This is the one place that chooses the engine.
-pub fn build_engine(model_path: &Path) -> Result<kiln::Engine> {
-    kiln::Builder::new().build_onnx_file(model_path, &kiln::BuilderConfig::default())
+///
+/// For [`kiln::DeviceKind::Cuda`] the engine is built at `shapes` (GPU engines need
+/// concrete input shapes; the runner passes the first data set's) with tactic timing off
+/// (`--opt-level 0`: the heuristic tactic of every layer; timing per case would cost more
+/// than the case), in FP32 without TF32, so ONNX's tolerances apply unchanged.
+pub fn build_engine(
+    model_path: &Path,
+    device: kiln::DeviceKind,
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> Result<kiln::Engine> {
+    let mut config = kiln::BuilderConfig {
+        device,
+        ..kiln::BuilderConfig::default()
+    };
+    if device == kiln::DeviceKind::Cuda {
+        config.shapes = shapes.clone();
+        config.opt_level = 0;
+    }
+    kiln::Builder::new().build_onnx_file(model_path, &config)
+}
+
+/// True when a graph input or output of the model is a floating-point tensor.
+pub fn model_is_float(model_path: &Path) -> bool {
+    let Some(m) = decode_model(model_path) else {
+        return false;
+    };
+    let Some(g) = m.graph.as_ref() else {
+        return false;
+    };
+    g.input.iter().chain(g.output.iter()).any(|vi| {
+        vi.r#type
+            .as_ref()
+            .and_then(|t| kiln_onnx::fact_from_type(t, vi.name()).ok())
+            .is_some_and(|f| {
+                f.kind == kiln_core::ValueKind::Tensor
+                    && matches!(
+                        f.dtype,
+                        Some(DType::F32 | DType::F16 | DType::BF16 | DType::F64)
+                    )
+            })
+    })
+}
+
+/// Shapes of the tensor inputs of a data set, by graph input name (inputs that are not
+/// tensors, or whose file cannot be decoded, are left out).
+pub fn data_set_shapes(model_path: &Path, set: &Path) -> BTreeMap<String, Vec<usize>> {
+    let mut out = BTreeMap::new();
+    let Some(m) = decode_model(model_path) else {
+        return out;
+    };
+    let Some(g) = m.graph.as_ref() else {
+        return out;
+    };
+    let inits: std::collections::BTreeSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
+    let inputs = g.input.iter().filter(|vi| !inits.contains(vi.name()));
+    for (vi, file) in inputs.zip(numbered(set, "input")) {
+        let is_tensor = matches!(
+            vi.r#type.as_ref().and_then(|t| t.value.as_ref()),
+            Some(kiln_onnx::proto::type_proto::Value::TensorType(_))
+        );
+        if !is_tensor {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
+        if let Ok(t) = kiln_onnx::proto::TensorProto::decode(bytes.as_slice()) {
+            if t.dims.iter().all(|&d| d >= 0) {
+                out.insert(
+                    vi.name().to_string(),
+                    t.dims.iter().map(|&d| d as usize).collect(),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn decode_model(model_path: &Path) -> Option<kiln_onnx::proto::ModelProto> {
+    let bytes = std::fs::read(model_path).ok()?;
+    kiln_onnx::proto::ModelProto::decode(bytes.as_slice()).ok()
 }
 
 /// Runs an engine on one set of inputs (in the engine's input order).
@@ -182,21 +271,34 @@ pub fn run_engine(ctx: &mut kiln::ExecutionContext, inputs: Vec<Value>) -> Resul
     ctx.execute(&named)
 }
 
-/// Runs one case (a directory with `model.onnx` and `test_data_set_N/`) in-process.
-pub fn run_case(dir: &Path) -> CaseResult {
+/// Runs one case (a directory with `model.onnx` and `test_data_set_N/`) in-process, on
+/// `device`.
+pub fn run_case(dir: &Path, device: kiln::DeviceKind) -> CaseResult {
     let start = Instant::now();
-    let ops = model_ops(&dir.join("model.onnx"));
+    let model = dir.join("model.onnx");
+    let ops = model_ops(&model);
     let name = case_name(dir);
-    match run_case_inner(dir) {
+    let float = model_is_float(&model);
+    let mut gpu_layers = None;
+    let mut fallback = Vec::new();
+    let outcome = run_case_inner(dir, device, &mut gpu_layers, &mut fallback);
+    let mut r = match outcome {
         Ok(()) => CaseResult {
             case: name,
             status: Status::Pass,
             reason: String::new(),
             ops,
             seconds: start.elapsed().as_secs_f64(),
+            float,
+            gpu_layers: None,
+            cpu_fallback_ops: Vec::new(),
         },
         Err(e) => CaseResult::fail(&name, &e, ops, start.elapsed().as_secs_f64()),
-    }
+    };
+    r.float = float;
+    r.gpu_layers = gpu_layers;
+    r.cpu_fallback_ops = fallback;
+    r
 }
 
 /// The test data sets of a case, in numeric order.
@@ -233,14 +335,32 @@ fn numbered(set: &Path, prefix: &str) -> Vec<PathBuf> {
     out
 }
 
-fn run_case_inner(dir: &Path) -> std::result::Result<(), String> {
-    let engine = build_engine(&dir.join("model.onnx")).map_err(|e| e.to_string())?;
-    let mut ctx = engine.create_context();
-    let (model_inputs, model_outputs) = (engine.inputs(), engine.outputs());
+fn run_case_inner(
+    dir: &Path,
+    device: kiln::DeviceKind,
+    gpu_layers: &mut Option<[usize; 2]>,
+    cpu_fallback_ops: &mut Vec<String>,
+) -> std::result::Result<(), String> {
+    let model = dir.join("model.onnx");
     let sets = data_sets(dir);
     if sets.is_empty() {
         return Err("no test_data_set_N directory".into());
     }
+    let shapes = data_set_shapes(&model, &sets[0]);
+    let engine = build_engine(&model, device, &shapes).map_err(|e| e.to_string())?;
+    if device == kiln::DeviceKind::Cuda {
+        let layers = engine.layers();
+        let on_gpu = layers.iter().filter(|l| l.device == "gpu").count();
+        *gpu_layers = Some([on_gpu, layers.len()]);
+        cpu_fallback_ops.extend(
+            layers
+                .iter()
+                .filter(|l| l.device != "gpu")
+                .map(|l| l.op.clone()),
+        );
+    }
+    let mut ctx = engine.create_context();
+    let (model_inputs, model_outputs) = (engine.inputs(), engine.outputs());
     for set in &sets {
         let set_name = set
             .file_name()
@@ -548,6 +668,38 @@ mod tests {
 
     fn t32(shape: &[usize], v: Vec<f32>) -> Tensor {
         Tensor::from_vec(shape, v).unwrap()
+    }
+
+    /// A node-suite case from the assets, or None (with a note) when assets are missing.
+    fn node_case(name: &str) -> Option<PathBuf> {
+        let dir = default_assets_dir().join("onnx-backend/node").join(name);
+        if dir.join("model.onnx").is_file() {
+            Some(dir)
+        } else {
+            eprintln!("{} missing: run `python3 scripts/assets.py all`", dir.display());
+            None
+        }
+    }
+
+    #[test]
+    fn float_cases_and_first_set_shapes() {
+        let (Some(abs), Some(shift), Some(gather)) = (
+            node_case("test_abs"),
+            node_case("test_bitshift_right_uint8"),
+            node_case("test_gather_0"),
+        ) else {
+            return;
+        };
+        assert!(model_is_float(&abs.join("model.onnx")));
+        assert!(!model_is_float(&shift.join("model.onnx")));
+        let set = |d: &Path| data_sets(d).into_iter().next().unwrap();
+        let s = data_set_shapes(&abs.join("model.onnx"), &set(&abs));
+        assert_eq!(s.get("x"), Some(&vec![3, 4, 5]), "{s:?}");
+        // Two inputs: float data, int64 indices; both named and shaped.
+        let s = data_set_shapes(&gather.join("model.onnx"), &set(&gather));
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s.get("data"), Some(&vec![5, 4, 3, 2]), "{s:?}");
+        assert_eq!(s.get("indices"), Some(&vec![3]), "{s:?}");
     }
 
     #[test]

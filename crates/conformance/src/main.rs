@@ -9,8 +9,9 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_conformance::{
-    case_name, default_assets_dir, discover, fmt_duration, model_ops, read_expected, report,
-    run_case, tally_by_suite, workspace_root, write_expected, CaseResult, Tally, SUITES,
+    case_name, default_assets_dir, discover, fmt_duration, model_is_float, model_ops,
+    read_expected, report, run_case, tally_by_suite, workspace_root, write_expected, CaseResult,
+    Tally, SUITES,
 };
 
 const USAGE: &str = "\
@@ -35,6 +36,10 @@ options:
   --assets DIR       assets directory (default: $KILN_ASSETS, ./assets, <repo>/assets)
   --in-process       run cases in this process (no isolation; for debugging)
   --one DIR          run one case directory in this process and print its result
+  --device D         cpu (default) or cuda: build every case's engine for that device
+                     (cuda: at the first data set's shapes, FP32, opt level 0; the per-case
+                     memory limit defaults to none, CUDA reserves large address ranges)
+  --float-only       only cases with a floating-point tensor input or output
 
 The output always ends with `N passed, M failed`.";
 
@@ -58,6 +63,8 @@ struct Opts {
     assets: PathBuf,
     in_process: bool,
     one: Option<PathBuf>,
+    device: kiln::DeviceKind,
+    float_only: bool,
 }
 
 fn parse_args(args: Vec<String>) -> Result<Opts, String> {
@@ -77,7 +84,10 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
         assets: default_assets_dir(),
         in_process: false,
         one: None,
+        device: kiln::DeviceKind::Cpu,
+        float_only: false,
     };
+    let mut mem_limit_given = false;
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -107,8 +117,17 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--mem-limit" => {
                 o.mem_limit_mb = value("--mem-limit")?
                     .parse()
-                    .map_err(|_| "--mem-limit needs MB".to_string())?
+                    .map_err(|_| "--mem-limit needs MB".to_string())?;
+                mem_limit_given = true;
             }
+            "--device" => {
+                o.device = match value("--device")?.as_str() {
+                    "cpu" => kiln::DeviceKind::Cpu,
+                    "cuda" | "gpu" => kiln::DeviceKind::Cuda,
+                    d => return Err(format!("unknown device {d:?} (cpu, cuda)")),
+                }
+            }
+            "--float-only" => o.float_only = true,
             "--list-failures" => o.list_failures = true,
             "-v" | "--verbose" => o.verbose = true,
             "--update" => o.update = true,
@@ -121,6 +140,9 @@ fn parse_args(args: Vec<String>) -> Result<Opts, String> {
             "--one" => o.one = Some(PathBuf::from(value("--one")?)),
             other => return Err(format!("unknown option {other:?}")),
         }
+    }
+    if o.device == kiln::DeviceKind::Cuda && !mem_limit_given {
+        o.mem_limit_mb = 0;
     }
     Ok(o)
 }
@@ -138,13 +160,13 @@ fn main() -> ExitCode {
         }
     };
     if let Some(dir) = &opts.one {
-        return run_one(dir);
+        return run_one(dir, opts.device);
     }
     run_all(&opts)
 }
 
 /// Child mode: run one case, catching panics, and print the result line.
-fn run_one(dir: &Path) -> ExitCode {
+fn run_one(dir: &Path, device: kiln::DeviceKind) -> ExitCode {
     static PANIC: OnceLock<Mutex<String>> = OnceLock::new();
     std::panic::set_hook(Box::new(|info| {
         let msg = match (
@@ -166,7 +188,7 @@ fn run_one(dir: &Path) -> ExitCode {
         }
     }));
     let start = Instant::now();
-    let result = std::panic::catch_unwind(|| run_case(dir)).unwrap_or_else(|_| {
+    let result = std::panic::catch_unwind(|| run_case(dir, device)).unwrap_or_else(|_| {
         let msg = PANIC
             .get_or_init(Default::default)
             .lock()
@@ -260,6 +282,11 @@ fn run_isolated(dir: &Path, opts: &Opts) -> CaseResult {
     };
     cmd.arg("--one")
         .arg(dir)
+        .arg("--device")
+        .arg(match opts.device {
+            kiln::DeviceKind::Cuda => "cuda",
+            _ => "cpu",
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -340,7 +367,9 @@ fn selected_cases(opts: &Opts) -> Vec<PathBuf> {
     for suite in &opts.suites {
         for dir in discover(&opts.assets, suite) {
             let name = case_name(&dir);
-            if opts.filters.is_empty() || opts.filters.iter().any(|f| name.contains(f.as_str())) {
+            let wanted =
+                opts.filters.is_empty() || opts.filters.iter().any(|f| name.contains(f.as_str()));
+            if wanted && (!opts.float_only || model_is_float(&dir.join("model.onnx"))) {
                 cases.push(dir);
             }
         }
@@ -368,7 +397,7 @@ fn run_cases(cases: &[PathBuf], opts: &Opts) -> Vec<CaseResult> {
                 let next = queue.lock().ok().and_then(|mut q| q.next());
                 let Some((i, dir)) = next else { break };
                 let r = if opts.in_process {
-                    run_case(&dir)
+                    run_case(&dir, opts.device)
                 } else {
                     run_isolated(&dir, opts)
                 };
@@ -435,7 +464,7 @@ fn run_all(opts: &Opts) -> ExitCode {
             say(&format!("FAIL {}: {}", r.case, r.reason));
         }
     }
-    let partial = !opts.filters.is_empty() || opts.suites.len() != SUITES.len();
+    let partial = !opts.filters.is_empty() || opts.suites.len() != SUITES.len() || opts.float_only;
     let expected = read_expected(&opts.expected);
     let expected_set: BTreeSet<&str> = expected.iter().map(String::as_str).collect();
     let by_name: BTreeMap<&str, &CaseResult> =
@@ -495,7 +524,12 @@ fn run_all(opts: &Opts) -> ExitCode {
         let text = report::render(
             &results,
             partial,
-            "kiln::Builder + ExecutionContext (import, optimise, plan, run)",
+            match opts.device {
+                kiln::DeviceKind::Cuda => {
+                    "kiln::Builder --device cuda (FP32, opt level 0) + ExecutionContext"
+                }
+                _ => "kiln::Builder + ExecutionContext (import, optimise, plan, run)",
+            },
         );
         match std::fs::write(path, text) {
             Ok(()) => say(&format!("wrote {}", path.display())),
@@ -512,8 +546,16 @@ fn run_all(opts: &Opts) -> ExitCode {
         }
     }
     let mut all = Tally::default();
+    let mut float = Tally::default();
     for r in &results {
         all.add(r.passed());
+        if r.float {
+            float.add(r.passed());
+        }
+    }
+    say(&format!("float cases: {}", float.line()));
+    if opts.device == kiln::DeviceKind::Cuda {
+        say(&gpu_layer_line(&results));
     }
     say(&format!(
         "{} cases in {} with {} job(s)",
@@ -523,4 +565,33 @@ fn run_all(opts: &Opts) -> ExitCode {
     ));
     say(&all.line());
     code
+}
+
+/// How many layers of the passing cases ran on the GPU (the rest were CPU fallbacks), and
+/// in how many passing cases every layer did.
+fn gpu_layer_line(results: &[CaseResult]) -> String {
+    let passing: Vec<[usize; 2]> = results
+        .iter()
+        .filter(|r| r.passed())
+        .filter_map(|r| r.gpu_layers)
+        .collect();
+    let on_gpu: usize = passing.iter().map(|c| c[0]).sum();
+    let total: usize = passing.iter().map(|c| c[1]).sum();
+    let all_gpu = passing.iter().filter(|c| c[0] == c[1]).count();
+    let mut by_op: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in results.iter().filter(|r| r.passed()) {
+        for op in &r.cpu_fallback_ops {
+            *by_op.entry(op.as_str()).or_default() += 1;
+        }
+    }
+    let mut ops: Vec<(&str, usize)> = by_op.into_iter().collect();
+    ops.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let ops: Vec<String> = ops.iter().map(|(op, n)| format!("{op} {n}")).collect();
+    format!(
+        "GPU layers in passing cases: {on_gpu} of {total} ({:.1}%); {all_gpu} of {} passing \
+         cases ran every layer on the GPU\nCPU-fallback layers by op: {}",
+        100.0 * on_gpu as f64 / total.max(1) as f64,
+        passing.len(),
+        ops.join(", ")
+    )
 }

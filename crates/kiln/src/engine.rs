@@ -154,6 +154,21 @@ impl Engine {
             None => None,
             Some((opts, images)) => {
                 let Some((_, plan)) = &static_plan else {
+                    // Like TensorRT, GPU engines bind tensors only: a sequence, map or
+                    // optional graph input has no device buffer to plan.
+                    let non_tensor: Vec<String> = inputs
+                        .iter()
+                        .filter(|i| i.kind != kiln_core::ValueKind::Tensor)
+                        .map(|i| format!("{} ({})", i.name, i.describe()))
+                        .collect();
+                    if !non_tensor.is_empty() {
+                        return Err(KilnError::Other(format!(
+                            "GPU engines take tensor inputs only; {} {} not a tensor: build \
+                             this model for the CPU (--device cpu)",
+                            non_tensor.join(", "),
+                            if non_tensor.len() == 1 { "is" } else { "are" }
+                        )));
+                    }
                     let missing: Vec<String> = inputs
                         .iter()
                         .filter(|i| {
