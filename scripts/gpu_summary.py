@@ -37,6 +37,9 @@ if fails:
     print(f"\nfailing cases ({len(fails)}):")
     print("\n".join(fails[:60]))
 
+print("\n## INT8 on the GPU, caches calibrated on the CPU (int8.md)\n")
+print(read("int8.md") or "(not run)")
+
 print("\n## ResNet-50 / BERT-base exported with torch, kiln vs PyTorch FP32 (CPU)\n")
 print("| model | precision | rel L2 | argmax | result |")
 print("| --- | --- | --- | --- | --- |")

@@ -676,7 +676,10 @@ mod tests {
         if dir.join("model.onnx").is_file() {
             Some(dir)
         } else {
-            eprintln!("{} missing: run `python3 scripts/assets.py all`", dir.display());
+            eprintln!(
+                "{} missing: run `python3 scripts/assets.py all`",
+                dir.display()
+            );
             None
         }
     }

@@ -171,7 +171,7 @@ pub fn fused_activation(node: &Node) -> Result<Option<(String, Vec<f32>)>> {
     })
 }
 
-fn act_code(act: &Option<(String, Vec<f32>)>, x: &str) -> Option<String> {
+pub(crate) fn act_code(act: &Option<(String, Vec<f32>)>, x: &str) -> Option<String> {
     match act {
         None => Some(x.to_string()),
         Some((n, p)) => activation_expr(n, p, x),
@@ -494,7 +494,7 @@ unsafe impl DeviceRepr for ConvParams {}
 /// The parameter struct and the input-position helper of the convolution kernels. Index
 /// math runs in `I` (`int` when every offset fits in 31 bits: 64-bit division is several
 /// times slower on the GPU, and im2col is index-bound).
-const CONV_STRUCT: &str = "struct ConvP { long long n, c, m, cg, mg, kpos, opos, ipos; long long is[3], os[3], ks[3], st[3], dl[3], pb[3]; };\n\
+pub(crate) const CONV_STRUCT: &str = "struct ConvP { long long n, c, m, cg, mg, kpos, opos, ipos; long long is[3], os[3], ks[3], st[3], dl[3], pb[3]; };\n\
 __device__ __forceinline__ bool kiln_conv_in(const ConvP& p, I kidx, I o, I* off) {\n\
   I ks2 = (I)p.ks[2], ks1 = (I)p.ks[1], os2 = (I)p.os[2], os1 = (I)p.os[1];\n\
   I k2 = kidx % ks2, k1 = (kidx / ks2) % ks1, k0 = kidx / (ks2 * ks1);\n\
@@ -582,7 +582,12 @@ pub struct ConvLayer {
     pub sizes: [usize; 3],
 }
 
-fn conv_geometry(node: &Node, sx: &[usize], sw: &[usize], so: &[usize]) -> Option<ConvParams> {
+pub(crate) fn conv_geometry(
+    node: &Node,
+    sx: &[usize],
+    sw: &[usize],
+    so: &[usize],
+) -> Option<ConvParams> {
     let a = AttrReader {
         node: &node.name,
         desc: &node.desc,

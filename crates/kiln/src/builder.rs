@@ -47,12 +47,6 @@ impl Builder {
                 ));
             };
             cache.check_model(&crate::int8::cache::file_sha256(path)?)?;
-            if fingerprint.backend != "cpu" {
-                return Err(KilnError::Other(
-                    "--int8: INT8 kernels exist only on the CPU so far; build with --device cpu"
-                        .into(),
-                ));
-            }
         }
         let model = kiln_onnx::load_model(path, registry())?;
         let source = path
@@ -219,6 +213,12 @@ impl Builder {
         };
         if config.int8 {
             tracing::info!(layers = int8_layers, "layers with calibrated INT8 scales");
+            if fingerprint.backend != "cpu" {
+                // GPU engines: every calibrated layer with an INT8 form runs in INT8 (the
+                // GPU's INT8 pool is not timed yet; see int8::gpu).
+                let lowered = crate::int8::gpu::lower_all(&mut graph)?;
+                tracing::info!(layers = lowered, "layers lowered to INT8 for the GPU");
+            }
         }
         // With --int8, calibrated layers also offer INT8 tactics (and ops with no tactics of
         // their own an FP32 "builtin" one to compare them with).

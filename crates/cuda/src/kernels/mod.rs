@@ -16,6 +16,7 @@
 pub mod common;
 pub mod elementwise;
 pub mod extra;
+pub mod int8;
 pub mod movement;
 pub mod norm;
 pub mod pool;
@@ -136,6 +137,7 @@ pub fn lower_layer(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     if domain == "kiln" {
         return match cx.op() {
             "Activation" => elementwise::lower(cx),
+            "Int8Quantize" | "Int8Dequantize" | "Int8Conv" | "Int8MatMul" => int8::lower(cx),
             _ => None,
         };
     }

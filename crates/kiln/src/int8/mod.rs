@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod calibrate;
 pub mod data;
+pub mod gpu;
 pub mod histogram;
 pub mod lower;
 

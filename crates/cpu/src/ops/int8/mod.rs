@@ -53,8 +53,14 @@ fn tactic(family: &str, isa: Isa) -> Tactic {
     }
 }
 
-/// The ISA a tactic id names (`cpu.int8.<family>.<isa>`), refusing one this CPU lacks.
+/// The ISA a tactic id names (`cpu.int8.<family>.<isa>`), refusing one this CPU lacks; a
+/// GPU tactic id (`cuda.…`) gets the best ISA available.
 pub fn parse_tactic(family: &str, id: &str) -> Result<Isa> {
+    if id.starts_with("cuda.") {
+        // A GPU layer (`cuda.int8.<family>`): this op only runs as the GPU engine's CPU
+        // fallback, with the best kernel this CPU has.
+        return Ok(Isa::best());
+    }
     let isa = id
         .strip_prefix("cpu.int8.")
         .and_then(|r| r.strip_prefix(family))
