@@ -106,14 +106,16 @@ run)
         if ! $K build "$model" --device cuda $flags --shapes "$inp:$shape" -o "$plan" -q >> "$OUT/int8.log" 2>&1; then
           echo "int8 build failed: $short $mode"; tail -3 "$OUT/int8.log"; continue
         fi
+        compact() { python3 -c 'import json,sys; print(json.dumps(json.loads(sys.stdin.read() or "{}")))' 2>/dev/null || echo '{}'; }
         cmp='{}'
-        [ "$prec" != fp32 ] && cmp=$($K compare "$model" "$plan" --data "$here/int8/$short-eval" --json -q 2>> "$OUT/int8.log" || echo '{}')
-        bench=$($K bench "$plan" --json --duration 2 --warmup 10 2>> "$OUT/int8.log" || echo '{}')
+        [ "$prec" != fp32 ] && cmp=$($K compare "$model" "$plan" --data "$here/int8/$short-eval" --json -q 2>> "$OUT/int8.log" | compact)
+        bench=$($K bench "$plan" --json --duration 2 --warmup 10 2>> "$OUT/int8.log" | compact)
         layers=$($K inspect "$plan" 2>/dev/null | grep -c int8 || true)
         echo "{\"model\": \"$short\", \"mode\": \"$mode\", \"int8_lines\": $layers, \"compare\": $cmp, \"bench\": $bench}" >> "$OUT/int8.jsonl"
-        $K inspect "$plan" > "$OUT/inspect_${short}_${prec}_${algo:-none}.txt" 2>&1 || true
+        $K inspect "$plan" > "$W/inspect_${short}_${prec}_${algo:-none}.txt" 2>&1 || true
       done
     done
+    tar czf "$OUT/int8_inspect.tar.gz" -C "$W" $(cd "$W" && ls inspect_*.txt) 2>/dev/null || true
     python3 - "$OUT/int8.jsonl" <<'PY' | tee "$OUT/int8.md"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

@@ -394,7 +394,14 @@ fn placements_of(runners: &[Runner], lo: &[bool]) -> Vec<LayerPlacement> {
                 node: i,
                 device: "gpu",
                 tactic: l.tactic(),
-                precision: if lo[i] { "fp16".into() } else { "fp32".into() },
+                precision: if l.tactic().starts_with("nvrtc.int8.") {
+                    // INT8 products and the quantize/dequantize reformats around them.
+                    "int8".into()
+                } else if lo[i] {
+                    "fp16".into()
+                } else {
+                    "fp32".into()
+                },
             },
             Runner::Cpu(why) => LayerPlacement {
                 node: i,
