@@ -15,7 +15,9 @@
 #                                        kernel and thread tests), logs under $OUT,
 #                                        KILN_BENCH_OPT=L builds the benchmark plans
 #                                        at --opt-level L (default 0), KILN_SKIP_SWEEP=1
-#                                        skips the opt-level sweep,
+#                                        skips the opt-level sweep, KILN_SKIP_CONFORMANCE=1
+#                                        the node-suite run (KILN_CONF_FILTER=S runs
+#                                        only the cases whose name contains S),
 #                                        summary table last. `conformance` runs only
 #                                        the ONNX node suite's float cases on the GPU
 #                                        (every other mode runs them too, except perf);
@@ -86,7 +88,7 @@ run)
     stamp "ONNX node suite, float cases, on the GPU (FP32, opt level 0)"
     mkdir -p "$W/assets" && tar xzf "$here/node-float.tar.gz" -C "$W/assets"
     timeout 420 "$W/bin/kiln-conformance" --assets "$W/assets" --suite node --float-only \
-      --device cuda -j "${KILN_CONF_JOBS:-16}" --timeout 120 --check \
+      --device cuda -j "${KILN_CONF_JOBS:-16}" --timeout 120 --check ${KILN_CONF_FILTER:+--filter "$KILN_CONF_FILTER"} \
       --expected "$here/expected_pass.txt" --list-failures --json \
       --report "$OUT/conformance_gpu.md" > "$OUT/conformance.json" 2> "$OUT/conformance.log"
     echo "conformance rc=$?"; grep -v "^\[" "$OUT/conformance.log" | tail -12
@@ -156,7 +158,7 @@ PY
     timeout 240 "$W/bin/gpu_kernels" --nocapture --test-threads=1 gpu_kernels_match_cpu > "$OUT/kernels.log" 2>&1
     echo "gpu_kernels rc=$?"; grep -A12 "==== summary" "$OUT/kernels.log"; grep "^FAIL" "$OUT/kernels.log" | head -20
   fi
-  if [ "$full" != perf ] && [ "$full" != nokernels ]; then
+  if [ "$full" != perf ] && [ "$full" != nokernels ] && [ -z "${KILN_SKIP_CONFORMANCE:-}" ]; then
     conformance
   fi
   int8

@@ -215,6 +215,8 @@ mod tests {
             assert_eq!(parse_tactic("conv", &t.id).unwrap(), isa);
             assert!(parse_tactic("matmul", &t.id).is_err());
         }
+        // GPU INT8 layers (`cuda.int8.<family>`) run on the CPU only as fallbacks: best ISA.
+        assert_eq!(parse_tactic("conv", "cuda.int8.conv").unwrap(), Isa::best());
         let e = parse_tactic("conv", "cpu.int8.conv.neon").unwrap_err();
         assert!(e.to_string().contains("unknown INT8 tactic"), "{e}");
     }
