@@ -13,6 +13,7 @@ pub mod library;
 pub mod mem;
 pub mod monitor;
 pub mod precision;
+pub mod rnn;
 pub mod tune;
 
 pub use device::{no_driver_error, GpuInfo};

@@ -1014,11 +1014,16 @@ pub fn conv_dnn_candidates(
     }
 }
 
-/// Lowers MatMul, Gemm and Conv (plain ONNX or kiln's fused forms) to library layers.
+/// Lowers MatMul, Gemm and Conv (plain ONNX or kiln's fused forms), ConvTranspose and LSTM
+/// ([`crate::rnn`]) to library layers.
 pub fn lower(node: &Node, inputs: &[Fact], outputs: &[Fact]) -> Option<Result<Box<dyn GpuLayer>>> {
     let domain = kiln_core::op::normalize_domain(&node.desc.domain);
     if !(domain.is_empty() || domain == "kiln") {
         return None;
+    }
+    if node.desc.op_type == "LSTM" {
+        return crate::rnn::lower_lstm(node, inputs, outputs)
+            .map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>));
     }
     if node.outputs.len() != 1 || node.outputs[0].is_none() {
         return None;

@@ -42,6 +42,8 @@ enum In {
     Idx(DType, Vec<usize>, i64),
     /// Random bools.
     B(Vec<usize>),
+    /// An int32 tensor known only at run time (LSTM's sequence_lens).
+    I32(Vec<i32>),
     /// An absent optional input.
     None,
 }
@@ -194,6 +196,108 @@ fn cases() -> Vec<Case> {
         .map(|c| c.clone().a("kiln_gpu_tactic", s("kiln")))
         .collect();
     v.extend(own);
+    // --- LSTM (cuBLAS projections + NVRTC cell kernel; F32 only: the FP16 policy keeps
+    // recurrent layers in FP32). seq 5, batch 3, input 7, hidden 9.
+    let ls = "lstm";
+    let (sq, bt, ni, nh) = (5usize, 3usize, 7usize, 9usize);
+    let lstm = |nd: usize, layout: usize, ins: Vec<In>, n_out: usize| {
+        let mut inputs = vec![
+            r(&if layout == 0 {
+                [sq, bt, ni]
+            } else {
+                [bt, sq, ni]
+            }),
+            r(&[nd, 4 * nh, ni]),
+            r(&[nd, 4 * nh, nh]),
+        ];
+        inputs.extend(ins);
+        let mut cs = c(ls, "LSTM", 14, inputs).outs(n_out).f32_only();
+        if nd == 2 {
+            cs = cs.a("direction", s("bidirectional"));
+        }
+        if layout == 1 {
+            cs = cs.a("layout", Attr::Int(1));
+        }
+        cs.a("hidden_size", Attr::Int(nh as i64))
+    };
+    let st = |nd: usize, layout: usize| {
+        r(&if layout == 0 {
+            [nd, bt, nh]
+        } else {
+            [bt, nd, nh]
+        })
+    };
+    // Forward, no optional input, every output.
+    v.push(lstm(1, 0, vec![], 3));
+    // Forward with B, Y only.
+    v.push(lstm(1, 0, vec![r(&[1, 8 * nh])], 1));
+    // Bidirectional with B, sequence_lens, initial states.
+    v.push(lstm(
+        2,
+        0,
+        vec![r(&[2, 8 * nh]), In::I32(vec![5, 2, 4]), st(2, 0), st(2, 0)],
+        3,
+    ));
+    // Reverse with sequence_lens (one empty row), initial states and peepholes.
+    v.push(
+        lstm(
+            1,
+            0,
+            vec![
+                r(&[1, 8 * nh]),
+                In::I32(vec![3, 0, 5]),
+                st(1, 0),
+                st(1, 0),
+                r(&[1, 3 * nh]),
+            ],
+            3,
+        )
+        .a("direction", s("reverse")),
+    );
+    // Bidirectional, peepholes, no sequence_lens, Y and Y_h.
+    v.push(lstm(
+        2,
+        0,
+        vec![
+            r(&[2, 8 * nh]),
+            In::None,
+            In::None,
+            st(2, 0),
+            r(&[2, 3 * nh]),
+        ],
+        2,
+    ));
+    // Layout 1, bidirectional, everything.
+    v.push(lstm(
+        2,
+        1,
+        vec![
+            r(&[2, 8 * nh]),
+            In::I32(vec![4, 5, 1]),
+            st(2, 1),
+            st(2, 1),
+            r(&[2, 3 * nh]),
+        ],
+        3,
+    ));
+    // Layout 1, forward, no optional input.
+    v.push(lstm(1, 1, vec![], 3));
+    // Clip and input_forget.
+    v.push(
+        lstm(1, 0, vec![r(&[1, 8 * nh]), In::None, st(1, 0), st(1, 0)], 3)
+            .a("clip", Attr::Float(0.8))
+            .a("input_forget", Attr::Int(1)),
+    );
+    // Other activations with alpha/beta (LeakyRelu takes 0.1, ScaledTanh 0.7 and 1.3).
+    v.push(
+        lstm(1, 0, vec![r(&[1, 8 * nh])], 3)
+            .a(
+                "activations",
+                Attr::Strings(vec!["LeakyRelu".into(), "Tanh".into(), "ScaledTanh".into()]),
+            )
+            .a("activation_alpha", Attr::Floats(vec![0.1, 0.7]))
+            .a("activation_beta", Attr::Floats(vec![1.3])),
+    );
     // --- elementwise
     let e = "elementwise";
     v.push(c(e, "Add", 14, vec![r(&[3, 5, 7]), r(&[5, 1])]));
@@ -800,6 +904,10 @@ fn make_input(i: &In, rng: &mut Rng, fdt: DType) -> Option<(Tensor, Tensor, bool
                 .map(|_| (rng.next() % (2 * *n as u64)) as i64 - n)
                 .collect();
             let t = Tensor::from_vec(s, v).unwrap().cast(*dt).unwrap();
+            (t.clone(), t, false)
+        }
+        In::I32(v) => {
+            let t = Tensor::from_vec(&[v.len()], v.clone()).unwrap();
             (t.clone(), t, false)
         }
         In::B(s) => {
