@@ -4,6 +4,7 @@
 //! on machines without a GPU (where [`driver_present`] is false and the CPU backend is used).
 
 pub mod compile;
+pub mod convt;
 pub mod device;
 pub mod dnn;
 pub mod exec;

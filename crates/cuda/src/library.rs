@@ -1038,6 +1038,8 @@ pub fn lower(node: &Node, inputs: &[Fact], outputs: &[Fact]) -> Option<Result<Bo
         "Conv" => {
             lower_conv(node, inputs, outputs).map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>))
         }
+        "ConvTranspose" => crate::convt::lower_conv_t(node, inputs, outputs)
+            .map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>)),
         _ => None,
     }
 }

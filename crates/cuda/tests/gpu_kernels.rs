@@ -196,6 +196,48 @@ fn cases() -> Vec<Case> {
         .map(|c| c.clone().a("kiln_gpu_tactic", s("kiln")))
         .collect();
     v.extend(own);
+    // --- ConvTranspose (per-group cuBLAS GEMM + NVRTC col2im gather), in the library family.
+    let ct = "ConvTranspose";
+    v.push(
+        c(l, ct, 11, vec![r(&[2, 4, 5, 7]), r(&[4, 3, 2, 2]), r(&[3])]).a("strides", ai(&[2, 2])),
+    );
+    v.push(
+        c(l, ct, 11, vec![r(&[1, 3, 6, 5]), r(&[3, 4, 3, 3])])
+            .a("strides", ai(&[2, 3]))
+            .a("pads", ai(&[1, 0, 2, 1]))
+            .a("output_padding", ai(&[1, 2]))
+            .a("dilations", ai(&[2, 1])),
+    );
+    v.push(
+        c(l, ct, 11, vec![r(&[2, 6, 5, 4]), r(&[6, 2, 3, 3]), r(&[6])])
+            .a("group", Attr::Int(3))
+            .a("strides", ai(&[1, 2]))
+            .a("pads", ai(&[1, 1, 1, 1])),
+    );
+    v.push(
+        c(l, ct, 11, vec![r(&[2, 4, 7]), r(&[4, 5, 3]), r(&[5])])
+            .a("strides", ai(&[2]))
+            .a("output_shape", ai(&[16])),
+    );
+    v.push(
+        c(l, ct, 11, vec![r(&[1, 3, 5]), r(&[3, 2, 4])])
+            .a("strides", ai(&[3]))
+            .a("auto_pad", s("SAME_UPPER")),
+    );
+    v.push(
+        c(l, ct, 11, vec![r(&[1, 2, 4, 5]), r(&[2, 3, 3, 3])])
+            .a("strides", ai(&[2, 2]))
+            .a("auto_pad", s("SAME_LOWER")),
+    );
+    v.push(
+        c(
+            l,
+            ct,
+            11,
+            vec![r(&[1, 2, 3, 4, 3]), r(&[2, 3, 2, 2, 2]), r(&[3])],
+        )
+        .a("strides", ai(&[2, 1, 2])),
+    );
     // --- LSTM (cuBLAS projections + NVRTC cell kernel; F32 only: the FP16 policy keeps
     // recurrent layers in FP32). seq 5, batch 3, input 7, hidden 9.
     let ls = "lstm";
