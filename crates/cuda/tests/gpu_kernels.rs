@@ -330,15 +330,20 @@ fn cases() -> Vec<Case> {
             .a("clip", Attr::Float(0.8))
             .a("input_forget", Attr::Int(1)),
     );
-    // Other activations with alpha/beta (LeakyRelu takes 0.1, ScaledTanh 0.7 and 1.3).
+    // Other activations with alpha/beta (HardSigmoid takes 0.3 and 0.4, ScaledTanh 0.7
+    // and 1.3).
     v.push(
         lstm(1, 0, vec![r(&[1, 8 * nh])], 3)
             .a(
                 "activations",
-                Attr::Strings(vec!["LeakyRelu".into(), "Tanh".into(), "ScaledTanh".into()]),
+                Attr::Strings(vec![
+                    "HardSigmoid".into(),
+                    "Tanh".into(),
+                    "ScaledTanh".into(),
+                ]),
             )
-            .a("activation_alpha", Attr::Floats(vec![0.1, 0.7]))
-            .a("activation_beta", Attr::Floats(vec![1.3])),
+            .a("activation_alpha", Attr::Floats(vec![0.3, 0.7]))
+            .a("activation_beta", Attr::Floats(vec![0.4, 1.3])),
     );
     // --- elementwise
     let e = "elementwise";
