@@ -11,6 +11,7 @@ pub mod exec;
 pub mod kernels;
 pub mod layer;
 pub mod library;
+pub mod lt;
 pub mod mem;
 pub mod monitor;
 pub mod precision;

@@ -196,6 +196,68 @@ fn cases() -> Vec<Case> {
         .map(|c| c.clone().a("kiln_gpu_tactic", s("kiln")))
         .collect();
     v.extend(own);
+    // --- cuBLASLt tactic (kiln_gpu_tactic = cublaslt): bias / ReLU / GELU in cuBLASLt's
+    // epilogue, the rest in the NVRTC epilogue; odd M/N/K and batches.
+    let lt = |c: Case| c.a("kiln_gpu_tactic", s("cublaslt"));
+    v.push(lt(c(
+        l,
+        "Gemm",
+        13,
+        vec![r(&[33, 17]), r(&[17, 65]), r(&[65])],
+    )));
+    v.push(lt(c(
+        l,
+        "Gemm",
+        13,
+        vec![r(&[17, 33]), r(&[65, 17]), r(&[1, 65])],
+    )
+    .a("transA", Attr::Int(1))
+    .a("transB", Attr::Int(1))
+    .a("alpha", Attr::Float(0.7))
+    .a("kiln_activation", s("Relu"))));
+    v.push(lt(c(
+        l,
+        "Gemm",
+        13,
+        vec![r(&[7, 13]), r(&[13, 9]), r(&[9])],
+    )
+    .a("kiln_activation", s("GeluTanh"))));
+    v.push(lt(
+        c(l, "Gemm", 13, vec![r(&[7, 13]), r(&[13, 9])]).a("kiln_activation", s("GeluTanh"))
+    ));
+    v.push(lt(c(
+        l,
+        "Gemm",
+        13,
+        vec![r(&[5, 7]), r(&[7, 3]), r(&[5, 3])],
+    )
+    .a("beta", Attr::Float(0.5))));
+    v.push(lt(c(l, "Gemm", 13, vec![r(&[6, 9]), r(&[4, 9]), r(&[4])])
+        .a("transB", Attr::Int(1))
+        .a("kiln_activation", s("Sigmoid"))));
+    v.push(lt(c(
+        l,
+        "Gemm",
+        13,
+        vec![r(&[5, 7]), r(&[7, 3]), r(&[5, 1])],
+    )
+    .a("kiln_activation", s("Relu"))));
+    v.push(lt(c(l, "MatMul", 13, vec![r(&[3, 5, 7]), r(&[7, 11])])));
+    v.push(lt(c(
+        l,
+        "MatMul",
+        13,
+        vec![r(&[2, 3, 5, 7]), r(&[2, 3, 7, 6])],
+    )
+    .a("kiln_activation", s("Relu"))));
+    v.push(lt(c(
+        l,
+        "MatMul",
+        13,
+        vec![r(&[3, 9, 31]), r(&[3, 31, 19])],
+    )
+    .a("kiln_activation", s("GeluTanh"))));
+    v.push(lt(c(l, "MatMul", 13, vec![r(&[4, 7]), r(&[7])])));
     // --- ConvTranspose (per-group cuBLAS GEMM + NVRTC col2im gather), in the library family.
     let ct = "ConvTranspose";
     v.push(
@@ -1060,6 +1122,14 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
     for (k, v) in &case.attrs {
         desc.attrs.insert(k.to_string(), v.clone());
     }
+    // kiln's CPU fusion has no GELU: the reference is the plain op followed by tanh-GELU.
+    let gelu_tanh =
+        matches!(desc.attrs.get("kiln_activation"), Some(Attr::String(a)) if a == "GeluTanh");
+    let mut cpu_desc = desc.clone();
+    if gelu_tanh {
+        cpu_desc.attrs.remove("kiln_activation");
+        cpu_desc.domain = String::new();
+    }
     let made: Vec<Option<(Tensor, Tensor, bool)>> = case
         .inputs
         .iter()
@@ -1069,7 +1139,7 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
     let op = reg
         .build(&BuildCtx {
             node: "case",
-            desc: &desc,
+            desc: &cpu_desc,
             n_inputs: made.len(),
             n_outputs: case.n_out,
         })
@@ -1085,6 +1155,23 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
         .into_iter()
         .take(case.n_out)
         .map(|v| v.into_tensor().unwrap())
+        .map(|t| {
+            if !gelu_tanh {
+                return t;
+            }
+            let v: Vec<f32> = t
+                .to_f32_vec()
+                .unwrap()
+                .into_iter()
+                .map(|x| {
+                    let x = x as f64;
+                    (0.5 * x
+                        * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh()))
+                        as f32
+                })
+                .collect();
+            Tensor::from_vec(t.shape(), v).unwrap()
+        })
         .collect();
     // Facts as the device sees them.
     let in_facts: Vec<Fact> = made
