@@ -480,10 +480,15 @@ impl GpuEngine {
         let uses_dnn = runners
             .iter()
             .any(|r| matches!(r, Runner::Gpu(l) if l.uses_dnn()));
-        if uses_dnn {
-            let h = crate::dnn::DnnHandle::new(&ctx.default_stream())?;
+        {
+            // Every layer is prepared (cuDNN algorithms, cuBLASLt descriptors and algorithms).
+            let h = if uses_dnn {
+                Some(crate::dnn::DnnHandle::new(&ctx.default_stream())?)
+            } else {
+                None
+            };
             let pcx = crate::layer::PrepareCx {
-                dnn: Some(&h),
+                dnn: h.as_ref(),
                 tf32: opts.tf32,
             };
             for (node, r) in graph.nodes.iter().zip(runners.iter_mut()) {

@@ -4,15 +4,18 @@
 //! on machines without a GPU (where [`driver_present`] is false and the CPU backend is used).
 
 pub mod compile;
+pub mod convt;
 pub mod device;
 pub mod dnn;
 pub mod exec;
 pub mod kernels;
 pub mod layer;
 pub mod library;
+pub mod lt;
 pub mod mem;
 pub mod monitor;
 pub mod precision;
+pub mod rnn;
 pub mod tune;
 
 pub use device::{no_driver_error, GpuInfo};

@@ -214,7 +214,14 @@ impl Epilogue {
         }))
     }
 
-    fn enqueue(&self, cx: &LaunchCx<'_>, tactic: &str, out: u64, bias: u64) -> Result<()> {
+    /// Launches the epilogue on `out` in place (`bias`: the bias tensor's address, or 0).
+    pub(crate) fn enqueue(
+        &self,
+        cx: &LaunchCx<'_>,
+        tactic: &str,
+        out: u64,
+        bias: u64,
+    ) -> Result<()> {
         let f = cx.modules.function(&self.src.module, "kiln_epilogue")?;
         let n = self.dims[0] * self.dims[1] * self.dims[2];
         let s = self.bias.unwrap_or([0; 3]);
@@ -992,6 +999,64 @@ impl GpuLayer for ConvLayer {
     }
 }
 
+/// Whether a MatMul/Gemm node's GPU tactic attribute asks for cuBLASLt (`cublaslt`) rather
+/// than cuBLAS + NVRTC epilogue (`cublas`, or no attribute: the default).
+fn gemm_choice(node: &Node) -> Result<bool> {
+    let a = AttrReader {
+        node: &node.name,
+        desc: &node.desc,
+    };
+    match a.opt_string(GPU_TACTIC_ATTR)?.as_deref() {
+        None | Some("cublas") => Ok(false),
+        Some("cublaslt") => Ok(true),
+        Some(s) => Err(a.invalid(format!(
+            "{GPU_TACTIC_ATTR} `{s}` is not `cublas` or `cublaslt`"
+        ))),
+    }
+}
+
+/// The cuBLASLt form of a lowered MatMul/Gemm: the bias goes into cuBLASLt's epilogue when
+/// it is one value per output column with `beta = 1`, ReLU / tanh-GELU when the bias (if
+/// any) did too; the rest stays in an NVRTC epilogue. `None` when cuBLASLt cannot run the
+/// product (the caller keeps the cuBLAS layer).
+fn to_lt(node: &Node, l: &MatMulLayer) -> Option<Result<Box<dyn GpuLayer>>> {
+    use crate::lt::{LtAct, LtLayer};
+    if !LtLayer::fits(&l.gemm) {
+        return None;
+    }
+    let act = match fused_activation(node) {
+        Ok(a) => a,
+        Err(e) => return Some(Err(e)),
+    };
+    let g = &l.gemm;
+    let (bias, beta, dims) = match &l.epilogue {
+        Some(e) => (e.bias, e.beta, e.dims),
+        None => (None, 0.0, [1, 1, (g.batch * g.m * g.n) as i64]),
+    };
+    let lt_bias = bias == Some([0, 0, 1]) && beta == 1.0 && g.batch == 1;
+    let lt_act = if lt_bias || bias.is_none() {
+        act.as_ref()
+            .map_or(Some(LtAct::None), |(name, _)| LtAct::of(name))
+    } else {
+        None
+    };
+    let (la, post_act) = match lt_act {
+        Some(a) => (a, None),
+        None => (LtAct::None, act.clone()),
+    };
+    let post_bias = if lt_bias { None } else { bias };
+    let post = Epilogue::new(g.dtype, dims, post_bias, beta, &post_act)?;
+    Some(Ok(Box::new(LtLayer::new(
+        g.clone(),
+        l.alpha,
+        la,
+        if lt_bias { l.bias_input } else { None },
+        post_bias.and(l.bias_input),
+        post,
+        l.sizes,
+    ))))
+}
+
 /// The cuDNN algorithms offered for a Conv node with device facts `ins`/`outs` (None when
 /// it is not a Conv cuDNN can run: other ops, geometries cuDNN does not take, no cuDNN).
 pub fn conv_dnn_candidates(
@@ -1019,25 +1084,42 @@ pub fn conv_dnn_candidates(
     }
 }
 
-/// Lowers MatMul, Gemm and Conv (plain ONNX or kiln's fused forms) to library layers.
+/// Lowers MatMul, Gemm and Conv (plain ONNX or kiln's fused forms), ConvTranspose and LSTM
+/// ([`crate::rnn`]) to library layers.
 pub fn lower(node: &Node, inputs: &[Fact], outputs: &[Fact]) -> Option<Result<Box<dyn GpuLayer>>> {
     let domain = kiln_core::op::normalize_domain(&node.desc.domain);
     if !(domain.is_empty() || domain == "kiln") {
         return None;
     }
+    if node.desc.op_type == "LSTM" {
+        return crate::rnn::lower_lstm(node, inputs, outputs)
+            .map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>));
+    }
     if node.outputs.len() != 1 || node.outputs[0].is_none() {
         return None;
     }
     match node.desc.op_type.as_str() {
-        "MatMul" => {
-            lower_matmul(node, inputs, outputs).map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>))
-        }
-        "Gemm" => {
-            lower_gemm(node, inputs, outputs).map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>))
+        op @ ("MatMul" | "Gemm") => {
+            let lowered = if op == "MatMul" {
+                lower_matmul(node, inputs, outputs)?
+            } else {
+                lower_gemm(node, inputs, outputs)?
+            };
+            let l = match lowered {
+                Ok(l) => l,
+                Err(e) => return Some(Err(e)),
+            };
+            match gemm_choice(node) {
+                Err(e) => Some(Err(e)),
+                Ok(true) => to_lt(node, &l).or_else(|| Some(Ok(Box::new(l)))),
+                Ok(false) => Some(Ok(Box::new(l))),
+            }
         }
         "Conv" => {
             lower_conv(node, inputs, outputs).map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>))
         }
+        "ConvTranspose" => crate::convt::lower_conv_t(node, inputs, outputs)
+            .map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>)),
         _ => None,
     }
 }
@@ -1136,6 +1218,73 @@ mod tests {
             (DType::F32, &[6, 4])
         )
         .is_none());
+    }
+
+    #[test]
+    fn cublaslt_tactic_and_its_epilogue_split() {
+        let gemm = |attrs: Vec<(&str, Attr)>, bias: &[usize], act: Option<&str>| {
+            let mut n = node("Gemm", 13, attrs, 3, 1);
+            n.desc
+                .attrs
+                .insert(GPU_TACTIC_ATTR.into(), Attr::String("cublaslt".into()));
+            if let Some(a) = act {
+                n.desc.domain = "kiln".into();
+                n.desc
+                    .attrs
+                    .insert(ACTIVATION_ATTR.into(), Attr::String(a.into()));
+            }
+            let fi = [
+                f(DType::F32, &[6, 9]),
+                f(DType::F32, &[9, 4]),
+                f(DType::F32, bias),
+            ];
+            lower(&n, &fi, &[f(DType::F32, &[6, 4])])
+                .unwrap()
+                .unwrap()
+                .tactic()
+        };
+        assert_eq!(
+            gemm(vec![], &[4], Some("Relu")),
+            "cublaslt.matmul.f32+bias+relu"
+        );
+        assert_eq!(
+            gemm(vec![], &[1, 4], Some("GeluTanh")),
+            "cublaslt.matmul.f32+bias+gelu"
+        );
+        // beta != 1 or a per-row bias: the NVRTC epilogue adds it (and the activation).
+        assert_eq!(
+            gemm(vec![("beta", Attr::Float(0.5))], &[4], Some("Relu")),
+            "cublaslt.matmul.f32+epilogue"
+        );
+        assert_eq!(gemm(vec![], &[6, 1], None), "cublaslt.matmul.f32+epilogue");
+        // Sigmoid has no cuBLASLt epilogue: bias in cuBLASLt, sigmoid after.
+        assert_eq!(
+            gemm(vec![], &[4], Some("Sigmoid")),
+            "cublaslt.matmul.f32+bias+epilogue"
+        );
+        // A broadcast batch (A shared across B's batch) stays on cuBLAS.
+        let mut n = node("MatMul", 13, vec![], 2, 1);
+        n.desc
+            .attrs
+            .insert(GPU_TACTIC_ATTR.into(), Attr::String("cublaslt".into()));
+        let fi = [f(DType::F16, &[5, 7]), f(DType::F16, &[2, 7, 3])];
+        let l = lower(&n, &fi, &[f(DType::F16, &[2, 5, 3])])
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.tactic(), "cublas.gemm.f16");
+        let fi = [f(DType::F16, &[2, 5, 7]), f(DType::F16, &[2, 7, 3])];
+        let l = lower(&n, &fi, &[f(DType::F16, &[2, 5, 3])])
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.tactic(), "cublaslt.matmul.f16");
+        assert_eq!(l.workspace_bytes(&[]), crate::lt::LT_WORKSPACE);
+        // Unknown choices are errors.
+        n.desc
+            .attrs
+            .insert(GPU_TACTIC_ATTR.into(), Attr::String("bogus".into()));
+        assert!(lower(&n, &fi, &[f(DType::F16, &[2, 5, 3])])
+            .unwrap()
+            .is_err());
     }
 
     #[test]

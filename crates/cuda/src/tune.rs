@@ -3,9 +3,11 @@
 //!
 //! Tactic ids are `cuda.conv.cudnn.<algo>` (a `cudnnConvolutionFwdAlgo_t` that cuDNN's
 //! heuristics offer for the layer's shapes and that fits [`crate::dnn::WORKSPACE_LIMIT`])
-//! and `cuda.conv.kiln` (kiln's own 1×1 GEMM / im2col + cuBLAS / direct paths). The chosen
-//! one is recorded as [`GPU_TACTIC_ATTR`] (`cudnn.<algo>` or `kiln`), which lowering reads
-//! back, so a plan loads without timing. Precision is not a tactic dimension on the GPU:
+//! and `cuda.conv.kiln` (kiln's own 1×1 GEMM / im2col + cuBLAS / direct paths) for Conv;
+//! `cuda.gemm.cublas` (cuBLAS + NVRTC epilogue) and `cuda.gemm.cublaslt` (cuBLASLt with its
+//! bias / ReLU / GELU epilogue, [`crate::lt`]) for MatMul and Gemm. The chosen one is
+//! recorded as [`GPU_TACTIC_ATTR`] (`cudnn.<algo>`, `kiln`, `cublas` or `cublaslt`), which
+//! lowering reads back, so a plan loads without timing. Precision is not a tactic dimension on the GPU:
 //! each layer's precision comes from the FP16 policy ([`crate::precision`]).
 
 use std::collections::HashMap;
@@ -22,12 +24,16 @@ use crate::layer::{DevTensor, GpuLayer, LaunchCx, ModuleSet, PrepareCx};
 use crate::library::GPU_TACTIC_ATTR;
 use crate::mem::{htod, sync, DevBuf};
 
-/// Prefix of GPU tactic ids.
+/// Prefix of GPU convolution tactic ids.
 pub const PREFIX: &str = "cuda.conv.";
+/// Prefix of GPU MatMul/Gemm tactic ids (`cuda.gemm.cublas`, `cuda.gemm.cublaslt`).
+pub const GEMM_PREFIX: &str = "cuda.gemm.";
 
-/// The attribute value recorded for tactic `id` (`cuda.conv.cudnn.1` → `cudnn.1`).
+/// The attribute value recorded for tactic `id` (`cuda.conv.cudnn.1` → `cudnn.1`,
+/// `cuda.gemm.cublaslt` → `cublaslt`).
 pub fn attr_value(id: &str) -> Option<&str> {
     id.strip_prefix(PREFIX)
+        .or_else(|| id.strip_prefix(GEMM_PREFIX))
 }
 
 fn with_tactic(node: &Node, value: &str) -> Node {
@@ -93,10 +99,14 @@ impl GpuTuner {
         })
     }
 
-    /// Tactics of a Conv node with device facts `fin`/`fout` (empty for other nodes or when
-    /// cuDNN does not take the geometry): cuDNN's heuristic candidates (the first from level
-    /// 1, the rest from level 2) and kiln's own path (level 1). `(id, min_level)`.
+    /// Tactics of a node with device facts `fin`/`fout`, `(id, min_level)`: for Conv (when
+    /// cuDNN takes the geometry) cuDNN's heuristic candidates (the first from level 1, the
+    /// rest from level 2) and kiln's own path (level 1); for MatMul/Gemm cuBLAS and cuBLASLt
+    /// (level 1, when cuBLASLt loads and takes the product); empty for other nodes.
     pub fn tactics(&self, node: &Node, fin: &[Fact], fout: &[Fact]) -> Vec<(String, u8)> {
+        if matches!(node.desc.op_type.as_str(), "MatMul" | "Gemm") {
+            return gemm_tactics(node, fin, fout);
+        }
         if node.desc.op_type != "Conv" {
             return Vec::new();
         }
@@ -282,6 +292,22 @@ impl GpuTuner {
     }
 }
 
+/// Tactics of a MatMul/Gemm node: cuBLAS + NVRTC epilogue and cuBLASLt (with its bias /
+/// activation epilogue), both from level 1, when cuBLASLt loads and takes the product.
+fn gemm_tactics(node: &Node, fin: &[Fact], fout: &[Fact]) -> Vec<(String, u8)> {
+    if !crate::lt::available() {
+        return Vec::new();
+    }
+    let lt = with_tactic(node, "cublaslt");
+    match crate::library::lower(&lt, fin, fout) {
+        Some(Ok(l)) if l.tactic().starts_with("cublaslt") => vec![
+            (format!("{GEMM_PREFIX}cublas"), 1),
+            (format!("{GEMM_PREFIX}cublaslt"), 1),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 /// Per node name, whether it runs in FP16 in an engine built with `fp16` (the policy).
 pub fn node_precisions(
     graph: &kiln_core::Graph,
@@ -323,6 +349,7 @@ mod tests {
         assert_eq!(attr_value("cuda.conv.cudnn.1"), Some("cudnn.1"));
         assert_eq!(attr_value("cuda.conv.kiln"), Some("kiln"));
         assert_eq!(attr_value("cpu.conv.direct"), None);
+        assert_eq!(attr_value("cuda.gemm.cublaslt"), Some("cublaslt"));
         let f = Fact::concrete(DType::F32, &[1, 2]);
         let i = Fact::concrete(DType::I64, &[2]);
         let d = device_node_facts(&[Some(&f), Some(&i), None], true);

@@ -42,6 +42,8 @@ enum In {
     Idx(DType, Vec<usize>, i64),
     /// Random bools.
     B(Vec<usize>),
+    /// An int32 tensor known only at run time (LSTM's sequence_lens).
+    I32(Vec<i32>),
     /// An absent optional input.
     None,
 }
@@ -194,6 +196,217 @@ fn cases() -> Vec<Case> {
         .map(|c| c.clone().a("kiln_gpu_tactic", s("kiln")))
         .collect();
     v.extend(own);
+    // --- cuBLASLt tactic (kiln_gpu_tactic = cublaslt): bias / ReLU / GELU in cuBLASLt's
+    // epilogue, the rest in the NVRTC epilogue; odd M/N/K and batches.
+    let lt = |c: Case| c.a("kiln_gpu_tactic", s("cublaslt"));
+    v.push(lt(c(
+        l,
+        "Gemm",
+        13,
+        vec![r(&[33, 17]), r(&[17, 65]), r(&[65])],
+    )));
+    v.push(lt(c(
+        l,
+        "Gemm",
+        13,
+        vec![r(&[17, 33]), r(&[65, 17]), r(&[1, 65])],
+    )
+    .a("transA", Attr::Int(1))
+    .a("transB", Attr::Int(1))
+    .a("alpha", Attr::Float(0.7))
+    .a("kiln_activation", s("Relu"))));
+    v.push(lt(c(
+        l,
+        "Gemm",
+        13,
+        vec![r(&[7, 13]), r(&[13, 9]), r(&[9])],
+    )
+    .a("kiln_activation", s("GeluTanh"))));
+    v.push(lt(
+        c(l, "Gemm", 13, vec![r(&[7, 13]), r(&[13, 9])]).a("kiln_activation", s("GeluTanh"))
+    ));
+    v.push(lt(c(
+        l,
+        "Gemm",
+        13,
+        vec![r(&[5, 7]), r(&[7, 3]), r(&[5, 3])],
+    )
+    .a("beta", Attr::Float(0.5))));
+    v.push(lt(c(l, "Gemm", 13, vec![r(&[6, 9]), r(&[4, 9]), r(&[4])])
+        .a("transB", Attr::Int(1))
+        .a("kiln_activation", s("Sigmoid"))));
+    v.push(lt(c(
+        l,
+        "Gemm",
+        13,
+        vec![r(&[5, 7]), r(&[7, 3]), r(&[5, 1])],
+    )
+    .a("kiln_activation", s("Relu"))));
+    v.push(lt(c(l, "MatMul", 13, vec![r(&[3, 5, 7]), r(&[7, 11])])));
+    v.push(lt(c(
+        l,
+        "MatMul",
+        13,
+        vec![r(&[2, 3, 5, 7]), r(&[2, 3, 7, 6])],
+    )
+    .a("kiln_activation", s("Relu"))));
+    v.push(lt(c(
+        l,
+        "MatMul",
+        13,
+        vec![r(&[3, 9, 31]), r(&[3, 31, 19])],
+    )
+    .a("kiln_activation", s("GeluTanh"))));
+    v.push(lt(c(l, "MatMul", 13, vec![r(&[4, 7]), r(&[7])])));
+    // --- ConvTranspose (per-group cuBLAS GEMM + NVRTC col2im gather), in the library family.
+    let ct = "ConvTranspose";
+    v.push(
+        c(l, ct, 11, vec![r(&[2, 4, 5, 7]), r(&[4, 3, 2, 2]), r(&[3])]).a("strides", ai(&[2, 2])),
+    );
+    v.push(
+        c(l, ct, 11, vec![r(&[1, 3, 6, 5]), r(&[3, 4, 3, 3])])
+            .a("strides", ai(&[2, 3]))
+            .a("pads", ai(&[1, 0, 2, 1]))
+            .a("output_padding", ai(&[1, 2]))
+            .a("dilations", ai(&[2, 1])),
+    );
+    v.push(
+        c(l, ct, 11, vec![r(&[2, 6, 5, 4]), r(&[6, 2, 3, 3]), r(&[6])])
+            .a("group", Attr::Int(3))
+            .a("strides", ai(&[1, 2]))
+            .a("pads", ai(&[1, 1, 1, 1])),
+    );
+    v.push(
+        c(l, ct, 11, vec![r(&[2, 4, 7]), r(&[4, 5, 3]), r(&[5])])
+            .a("strides", ai(&[2]))
+            .a("output_shape", ai(&[16])),
+    );
+    v.push(
+        c(l, ct, 11, vec![r(&[1, 3, 5]), r(&[3, 2, 4])])
+            .a("strides", ai(&[3]))
+            .a("auto_pad", s("SAME_UPPER")),
+    );
+    v.push(
+        c(l, ct, 11, vec![r(&[1, 2, 4, 5]), r(&[2, 3, 3, 3])])
+            .a("strides", ai(&[2, 2]))
+            .a("auto_pad", s("SAME_LOWER")),
+    );
+    v.push(
+        c(
+            l,
+            ct,
+            11,
+            vec![r(&[1, 2, 3, 4, 3]), r(&[2, 3, 2, 2, 2]), r(&[3])],
+        )
+        .a("strides", ai(&[2, 1, 2])),
+    );
+    // --- LSTM (cuBLAS projections + NVRTC cell kernel; F32 only: the FP16 policy keeps
+    // recurrent layers in FP32). seq 5, batch 3, input 7, hidden 9.
+    let ls = "lstm";
+    let (sq, bt, ni, nh) = (5usize, 3usize, 7usize, 9usize);
+    let lstm = |nd: usize, layout: usize, ins: Vec<In>, n_out: usize| {
+        let mut inputs = vec![
+            r(&if layout == 0 {
+                [sq, bt, ni]
+            } else {
+                [bt, sq, ni]
+            }),
+            r(&[nd, 4 * nh, ni]),
+            r(&[nd, 4 * nh, nh]),
+        ];
+        inputs.extend(ins);
+        let mut cs = c(ls, "LSTM", 14, inputs).outs(n_out).f32_only();
+        if nd == 2 {
+            cs = cs.a("direction", s("bidirectional"));
+        }
+        if layout == 1 {
+            cs = cs.a("layout", Attr::Int(1));
+        }
+        cs.a("hidden_size", Attr::Int(nh as i64))
+    };
+    let st = |nd: usize, layout: usize| {
+        r(&if layout == 0 {
+            [nd, bt, nh]
+        } else {
+            [bt, nd, nh]
+        })
+    };
+    // Forward, no optional input, every output.
+    v.push(lstm(1, 0, vec![], 3));
+    // Forward with B, Y only.
+    v.push(lstm(1, 0, vec![r(&[1, 8 * nh])], 1));
+    // Bidirectional with B, sequence_lens, initial states.
+    v.push(lstm(
+        2,
+        0,
+        vec![r(&[2, 8 * nh]), In::I32(vec![5, 2, 4]), st(2, 0), st(2, 0)],
+        3,
+    ));
+    // Reverse with sequence_lens (one empty row), initial states and peepholes.
+    v.push(
+        lstm(
+            1,
+            0,
+            vec![
+                r(&[1, 8 * nh]),
+                In::I32(vec![3, 0, 5]),
+                st(1, 0),
+                st(1, 0),
+                r(&[1, 3 * nh]),
+            ],
+            3,
+        )
+        .a("direction", s("reverse")),
+    );
+    // Bidirectional, peepholes, no sequence_lens, Y and Y_h.
+    v.push(lstm(
+        2,
+        0,
+        vec![
+            r(&[2, 8 * nh]),
+            In::None,
+            In::None,
+            st(2, 0),
+            r(&[2, 3 * nh]),
+        ],
+        2,
+    ));
+    // Layout 1, bidirectional, everything.
+    v.push(lstm(
+        2,
+        1,
+        vec![
+            r(&[2, 8 * nh]),
+            In::I32(vec![4, 5, 1]),
+            st(2, 1),
+            st(2, 1),
+            r(&[2, 3 * nh]),
+        ],
+        3,
+    ));
+    // Layout 1, forward, no optional input.
+    v.push(lstm(1, 1, vec![], 3));
+    // Clip and input_forget.
+    v.push(
+        lstm(1, 0, vec![r(&[1, 8 * nh]), In::None, st(1, 0), st(1, 0)], 3)
+            .a("clip", Attr::Float(0.8))
+            .a("input_forget", Attr::Int(1)),
+    );
+    // Other activations with alpha/beta (HardSigmoid takes 0.3 and 0.4, ScaledTanh 0.7
+    // and 1.3).
+    v.push(
+        lstm(1, 0, vec![r(&[1, 8 * nh])], 3)
+            .a(
+                "activations",
+                Attr::Strings(vec![
+                    "HardSigmoid".into(),
+                    "Tanh".into(),
+                    "ScaledTanh".into(),
+                ]),
+            )
+            .a("activation_alpha", Attr::Floats(vec![0.3, 0.7]))
+            .a("activation_beta", Attr::Floats(vec![0.4, 1.3])),
+    );
     // --- elementwise
     let e = "elementwise";
     v.push(c(e, "Add", 14, vec![r(&[3, 5, 7]), r(&[5, 1])]));
@@ -866,6 +1079,10 @@ fn make_input(i: &In, rng: &mut Rng, fdt: DType) -> Option<(Tensor, Tensor, bool
             let t = Tensor::from_vec(s, v).unwrap().cast(*dt).unwrap();
             (t.clone(), t, false)
         }
+        In::I32(v) => {
+            let t = Tensor::from_vec(&[v.len()], v.clone()).unwrap();
+            (t.clone(), t, false)
+        }
         In::B(s) => {
             let len: usize = s.iter().product();
             let v: Vec<bool> = (0..len).map(|_| rng.next() & 1 == 1).collect();
@@ -970,6 +1187,14 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
     for (k, v) in &case.attrs {
         desc.attrs.insert(k.to_string(), v.clone());
     }
+    // kiln's CPU fusion has no GELU: the reference is the plain op followed by tanh-GELU.
+    let gelu_tanh =
+        matches!(desc.attrs.get("kiln_activation"), Some(Attr::String(a)) if a == "GeluTanh");
+    let mut cpu_desc = desc.clone();
+    if gelu_tanh {
+        cpu_desc.attrs.remove("kiln_activation");
+        cpu_desc.domain = String::new();
+    }
     let made: Vec<Option<(Tensor, Tensor, bool)>> = case
         .inputs
         .iter()
@@ -979,7 +1204,7 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
     let op = reg
         .build(&BuildCtx {
             node: "case",
-            desc: &desc,
+            desc: &cpu_desc,
             n_inputs: made.len(),
             n_outputs: case.n_out,
         })
@@ -995,6 +1220,23 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
         .into_iter()
         .take(case.n_out)
         .map(|v| v.into_tensor().unwrap())
+        .map(|t| {
+            if !gelu_tanh {
+                return t;
+            }
+            let v: Vec<f32> = t
+                .to_f32_vec()
+                .unwrap()
+                .into_iter()
+                .map(|x| {
+                    let x = x as f64;
+                    (0.5 * x
+                        * (1.0 + (0.797_884_560_802_865_4 * (x + 0.044715 * x * x * x)).tanh()))
+                        as f32
+                })
+                .collect();
+            Tensor::from_vec(t.shape(), v).unwrap()
+        })
         .collect();
     // Facts as the device sees them.
     let in_facts: Vec<Fact> = made

@@ -26,6 +26,7 @@ pub struct EwSpec {
     pub expr: String,
 }
 
+/// A CUDA float literal for `v` (NaN and infinities spelled out).
 pub(crate) fn fl(v: f32) -> String {
     if v.is_nan() {
         "__int_as_float(0x7fffffff)".into()

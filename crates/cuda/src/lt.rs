@@ -1,0 +1,423 @@
+//! The cuBLASLt matmul tactic for MatMul / Gemm: one `cublasLtMatmul` (FP32 accumulation,
+//! TF32 only when the engine allows it) with the bias and the ReLU / GELU activation in
+//! cuBLASLt's epilogue where they fit; whatever does not fit (a bias that is not one value
+//! per output column or scaled by `beta ≠ 1`, other activations) runs in kiln's NVRTC
+//! epilogue after it. Lowering builds it only when the node's [`crate::library::GPU_TACTIC_ATTR`]
+//! is `cublaslt` (the GPU tuner times it against the cuBLAS + epilogue path, which stays
+//! the default).
+//!
+//! cuBLASLt's GELU epilogue is the tanh approximation, so only kiln's `GeluTanh` activation
+//! maps to it; `GeluErf` stays in the NVRTC epilogue.
+
+use std::sync::{Mutex, OnceLock};
+
+use cudarc::cublaslt::{result as lt, sys as lts};
+use kiln_core::{DType, KilnError, Result};
+
+use crate::layer::{cuda_err, DevTensor, GpuLayer, KernelSource, LaunchCx, PrepareCx};
+use crate::library::{Epilogue, GemmCall};
+
+/// Workspace a cuBLASLt matmul may use (NVIDIA's recommendation for Hopper).
+pub const LT_WORKSPACE: usize = 32 << 20;
+
+/// True when libcublasLt can be loaded (probed once).
+pub fn available() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only probes whether the shared library can be opened.
+    *PRESENT.get_or_init(|| unsafe { lts::is_culib_present() })
+}
+
+/// The activation done by cuBLASLt's epilogue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LtAct {
+    /// None.
+    None,
+    /// `max(x, 0)`.
+    Relu,
+    /// GELU, tanh approximation.
+    Gelu,
+}
+
+impl LtAct {
+    /// The cuBLASLt epilogue for this activation, with or without a bias.
+    pub fn epilogue(self, bias: bool) -> lts::cublasLtEpilogue_t {
+        use lts::cublasLtEpilogue_t::*;
+        match (self, bias) {
+            (LtAct::None, false) => CUBLASLT_EPILOGUE_DEFAULT,
+            (LtAct::None, true) => CUBLASLT_EPILOGUE_BIAS,
+            (LtAct::Relu, false) => CUBLASLT_EPILOGUE_RELU,
+            (LtAct::Relu, true) => CUBLASLT_EPILOGUE_RELU_BIAS,
+            (LtAct::Gelu, false) => CUBLASLT_EPILOGUE_GELU,
+            (LtAct::Gelu, true) => CUBLASLT_EPILOGUE_GELU_BIAS,
+        }
+    }
+
+    /// The cuBLASLt activation for kiln's fused activation `name`, when there is one.
+    pub fn of(name: &str) -> Option<LtAct> {
+        match name {
+            "None" => Some(LtAct::None),
+            "Relu" => Some(LtAct::Relu),
+            "GeluTanh" => Some(LtAct::Gelu),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            LtAct::None => "",
+            LtAct::Relu => "+relu",
+            LtAct::Gelu => "+gelu",
+        }
+    }
+}
+
+fn lt_err(what: &str, e: impl std::fmt::Display) -> KilnError {
+    KilnError::kernel("cublaslt", format!("{what}: {e}"))
+}
+
+/// Handle, descriptors and algorithm of one matmul, created by `prepare`.
+#[derive(Debug)]
+struct Ready {
+    handle: lts::cublasLtHandle_t,
+    desc: lts::cublasLtMatmulDesc_t,
+    /// Layouts of cuBLASLt's A (kiln's B), B (kiln's A) and C = D.
+    la: lts::cublasLtMatrixLayout_t,
+    lb: lts::cublasLtMatrixLayout_t,
+    lc: lts::cublasLtMatrixLayout_t,
+    algo: lts::cublasLtMatmulAlgo_t,
+    workspace: usize,
+}
+
+// SAFETY: the handle and descriptors are host objects used only while the layer's mutex is
+// held (one thread at a time); the bias pointer attribute is the only thing written after
+// creation, under that mutex.
+unsafe impl Send for Ready {}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        // SAFETY: each object was created once in `prepare` and is destroyed once here.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.la);
+            let _ = lt::destroy_matrix_layout(self.lb);
+            let _ = lt::destroy_matrix_layout(self.lc);
+            let _ = lt::destroy_matmul_desc(self.desc);
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+/// A MatMul or Gemm node on cuBLASLt.
+#[derive(Debug)]
+pub struct LtLayer {
+    /// Tactic id.
+    pub tactic: String,
+    /// The product (sizes, transposes, batch strides, dtype).
+    pub gemm: GemmCall,
+    /// `alpha` of Gemm (1 for MatMul).
+    pub alpha: f32,
+    /// Activation in cuBLASLt's epilogue.
+    pub act: LtAct,
+    /// Index of the bias input added by cuBLASLt's epilogue (one value per output column).
+    pub lt_bias: Option<usize>,
+    /// Index of the bias input the NVRTC epilogue adds (when cuBLASLt cannot).
+    pub post_bias: Option<usize>,
+    /// Bias and/or activation cuBLASLt cannot do, after the matmul.
+    pub post: Option<Epilogue>,
+    /// Expected element counts of A, B and the output.
+    pub sizes: [usize; 3],
+    ready: OnceLock<Mutex<Ready>>,
+}
+
+impl LtLayer {
+    /// A cuBLASLt layer (prepared on the device by [`GpuLayer::prepare`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        gemm: GemmCall,
+        alpha: f32,
+        act: LtAct,
+        lt_bias: Option<usize>,
+        post_bias: Option<usize>,
+        post: Option<Epilogue>,
+        sizes: [usize; 3],
+    ) -> LtLayer {
+        let dt = if gemm.dtype == DType::F16 {
+            "f16"
+        } else {
+            "f32"
+        };
+        LtLayer {
+            tactic: format!(
+                "cublaslt.matmul.{dt}{}{}{}",
+                if lt_bias.is_some() { "+bias" } else { "" },
+                act.name(),
+                if post.is_some() { "+epilogue" } else { "" }
+            ),
+            gemm,
+            alpha,
+            act,
+            lt_bias,
+            post_bias,
+            post,
+            sizes,
+            ready: OnceLock::new(),
+        }
+    }
+
+    /// True when cuBLASLt can run `g` (32-bit sizes; batched operands with a real stride,
+    /// no broadcast batch).
+    pub fn fits(g: &GemmCall) -> bool {
+        let lim = i32::MAX as usize;
+        let sizes = g.m <= lim && g.n <= lim && g.k <= lim && g.batch <= lim && g.m * g.n > 0;
+        let strides = g.batch == 1 || (g.stride_a > 0 && g.stride_b > 0 && g.stride_c > 0);
+        sizes && strides && matches!(g.dtype, DType::F32 | DType::F16) && g.k > 0
+    }
+
+    fn create(&self, tf32: bool) -> Result<Ready> {
+        let g = &self.gemm;
+        let (dt, compute) = match g.dtype {
+            DType::F32 => (
+                lts::cudaDataType::CUDA_R_32F,
+                if tf32 {
+                    lts::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+                } else {
+                    lts::cublasComputeType_t::CUBLAS_COMPUTE_32F
+                },
+            ),
+            DType::F16 => (
+                lts::cudaDataType::CUDA_R_16F,
+                lts::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ),
+            other => return Err(lt_err("dtype", other)),
+        };
+        let handle = lt::create_handle().map_err(|e| lt_err("create handle", e))?;
+        let desc = match lt::create_matmul_desc(compute, lts::cudaDataType::CUDA_R_32F) {
+            Ok(d) => d,
+            Err(e) => {
+                // SAFETY: created just above, destroyed once.
+                let _ = unsafe { lt::destroy_handle(handle) };
+                return Err(lt_err("create matmul descriptor", e));
+            }
+        };
+        // Row-major C[m, n] = op(A) · op(B) is column-major Cᵀ[n, m] = op(B)ᵀ · op(A)ᵀ:
+        // cuBLASLt's A is kiln's B (stored column-major as [n, k], or [k, n] when
+        // transposed), its B is kiln's A.
+        let (a_rows, a_cols) = if g.trans_b { (g.k, g.n) } else { (g.n, g.k) };
+        let (b_rows, b_cols) = if g.trans_a { (g.m, g.k) } else { (g.k, g.m) };
+        let mk = |r: usize, c: usize| lt::create_matrix_layout(dt, r as u64, c as u64, r as i64);
+        let (la, lb, lc) = match (mk(a_rows, a_cols), mk(b_rows, b_cols), mk(g.n, g.m)) {
+            (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+            (a, b, c) => {
+                // SAFETY: only the layouts that were created are destroyed, once each.
+                unsafe {
+                    for l in [a, b, c].into_iter().flatten() {
+                        let _ = lt::destroy_matrix_layout(l);
+                    }
+                    let _ = lt::destroy_matmul_desc(desc);
+                    let _ = lt::destroy_handle(handle);
+                }
+                return Err(lt_err("create matrix layouts", "failed"));
+            }
+        };
+        let mut r = Ready {
+            handle,
+            desc,
+            la,
+            lb,
+            lc,
+            algo: lts::cublasLtMatmulAlgo_t { data: [0; 8] },
+            workspace: 0,
+        };
+        let op = |t: bool| -> i32 { t as i32 }; // CUBLAS_OP_N = 0, CUBLAS_OP_T = 1
+        let (ta, tb) = (op(g.trans_b), op(g.trans_a));
+        let epi = self.act.epilogue(self.lt_bias.is_some());
+        let set_desc = |attr: lts::cublasLtMatmulDescAttributes_t,
+                        p: *const std::ffi::c_void,
+                        n: usize|
+         -> Result<()> {
+            // SAFETY: the descriptor is live; `p` points at `n` readable bytes.
+            unsafe { lt::set_matmul_desc_attribute(r.desc, attr, p, n) }
+                .map_err(|e| lt_err(&format!("set {attr:?}"), e))
+        };
+        use lts::cublasLtMatmulDescAttributes_t as A;
+        set_desc(
+            A::CUBLASLT_MATMUL_DESC_TRANSA,
+            &ta as *const i32 as *const _,
+            4,
+        )?;
+        set_desc(
+            A::CUBLASLT_MATMUL_DESC_TRANSB,
+            &tb as *const i32 as *const _,
+            4,
+        )?;
+        set_desc(
+            A::CUBLASLT_MATMUL_DESC_EPILOGUE,
+            &epi as *const lts::cublasLtEpilogue_t as *const _,
+            std::mem::size_of::<lts::cublasLtEpilogue_t>(),
+        )?;
+        if g.batch > 1 {
+            let count = g.batch as i32;
+            for (l, stride) in [(r.la, g.stride_b), (r.lb, g.stride_a), (r.lc, g.stride_c)] {
+                use lts::cublasLtMatrixLayoutAttribute_t as L;
+                // SAFETY: the layouts are live; the values are an i32 and an i64.
+                unsafe {
+                    lt::set_matrix_layout_attribute(
+                        l,
+                        L::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
+                        &count as *const i32 as *const _,
+                        4,
+                    )
+                    .map_err(|e| lt_err("set batch count", e))?;
+                    lt::set_matrix_layout_attribute(
+                        l,
+                        L::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                        &stride as *const i64 as *const _,
+                        8,
+                    )
+                    .map_err(|e| lt_err("set batch stride", e))?;
+                }
+            }
+        }
+        let pref = lt::create_matmul_pref().map_err(|e| lt_err("create preference", e))?;
+        let max_ws = LT_WORKSPACE as u64;
+        // SAFETY: `pref` is live and destroyed once below; descriptors and layouts are live.
+        let heur = unsafe {
+            let set = lt::set_matmul_pref_attribute(
+                pref,
+                lts::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &max_ws as *const u64 as *const _,
+                8,
+            );
+            let h = set.and_then(|_| {
+                lt::get_matmul_algo_heuristic(r.handle, r.desc, r.la, r.lb, r.lc, r.lc, pref)
+            });
+            let _ = lt::destroy_matmul_pref(pref);
+            h
+        }
+        .map_err(|e| lt_err("no cuBLASLt algorithm for this product", e))?;
+        r.algo = heur.algo;
+        r.workspace = heur.workspaceSize;
+        if r.workspace > LT_WORKSPACE {
+            return Err(lt_err(
+                "algorithm workspace",
+                format!("{} bytes over the limit", r.workspace),
+            ));
+        }
+        Ok(r)
+    }
+}
+
+impl GpuLayer for LtLayer {
+    fn tactic(&self) -> String {
+        self.tactic.clone()
+    }
+    fn sources(&self) -> Vec<KernelSource> {
+        self.post.iter().map(|e| e.src.clone()).collect()
+    }
+    fn prepare(&self, cx: &PrepareCx<'_>) -> Result<()> {
+        if self.ready.get().is_some() {
+            return Ok(());
+        }
+        if !available() {
+            return Err(lt_err("load", "libcublasLt cannot be loaded"));
+        }
+        let r = self.create(cx.tf32)?;
+        let _ = self.ready.set(Mutex::new(r));
+        Ok(())
+    }
+    fn workspace_bytes(&self, _inputs: &[DevTensor]) -> usize {
+        LT_WORKSPACE
+    }
+    fn enqueue(
+        &self,
+        cx: &LaunchCx<'_>,
+        inputs: &[DevTensor],
+        outputs: &[DevTensor],
+    ) -> Result<()> {
+        let (a, b, o) = match (inputs.first(), inputs.get(1), outputs.first()) {
+            (Some(a), Some(b), Some(o)) => (a, b, o),
+            _ => return Err(cuda_err(&self.tactic, "expected 2 inputs and 1 output")),
+        };
+        if [a.len(), b.len(), o.len()] != self.sizes {
+            return Err(cuda_err(
+                &self.tactic,
+                format!(
+                    "sizes {:?} differ from the lowered {:?}",
+                    [a.len(), b.len(), o.len()],
+                    self.sizes
+                ),
+            ));
+        }
+        let bias_of = |i: Option<usize>| -> Result<u64> {
+            match i {
+                None => Ok(0),
+                Some(i) => match inputs.get(i) {
+                    Some(t) if t.ptr != 0 => Ok(t.ptr),
+                    _ => Err(cuda_err(&self.tactic, "bias input missing")),
+                },
+            }
+        };
+        let lt_bias = bias_of(self.lt_bias)?;
+        let post_bias = bias_of(self.post_bias)?;
+        let ready = self
+            .ready
+            .get()
+            .ok_or_else(|| cuda_err(&self.tactic, "cuBLASLt layer not prepared"))?;
+        {
+            let r = ready
+                .lock()
+                .map_err(|_| cuda_err(&self.tactic, "cuBLASLt state poisoned"))?;
+            if cx.workspace_bytes < r.workspace {
+                return Err(cuda_err(
+                    &self.tactic,
+                    format!(
+                        "workspace of {} bytes, {} needed",
+                        cx.workspace_bytes, r.workspace
+                    ),
+                ));
+            }
+            if self.lt_bias.is_some() {
+                // SAFETY: the descriptor is live and only touched under this lock; the value
+                // is the bias tensor's device address (8 bytes).
+                unsafe {
+                    lt::set_matmul_desc_attribute(
+                        r.desc,
+                        lts::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                        &lt_bias as *const u64 as *const _,
+                        8,
+                    )
+                }
+                .map_err(|e| cuda_err(&self.tactic, format!("set bias pointer: {e}")))?;
+            }
+            let (alpha, beta) = (self.alpha, 0.0f32);
+            // SAFETY: handle, descriptor, layouts and algorithm are live (prepared for these
+            // sizes, checked above); a, b and o address tensors of those sizes; the
+            // workspace holds at least `r.workspace` bytes; alpha/beta are host f32 (FP32
+            // scale type); C and D are the output (beta = 0).
+            unsafe {
+                lt::matmul(
+                    r.handle,
+                    r.desc,
+                    &alpha as *const f32 as *const _,
+                    &beta as *const f32 as *const _,
+                    b.ptr as *const _,
+                    r.la,
+                    a.ptr as *const _,
+                    r.lb,
+                    o.ptr as *const _,
+                    r.lc,
+                    o.ptr as *mut _,
+                    r.lc,
+                    &r.algo,
+                    cx.workspace as *mut _,
+                    r.workspace,
+                    cx.stream.cu_stream() as *mut _,
+                )
+            }
+            .map_err(|e| cuda_err(&self.tactic, format!("cublasLtMatmul: {e}")))?;
+        }
+        if let Some(e) = &self.post {
+            e.enqueue(cx, &self.tactic, o.ptr, post_bias)?;
+        }
+        Ok(())
+    }
+}
