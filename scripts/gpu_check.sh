@@ -16,8 +16,8 @@
 #                                        KILN_BENCH_OPT=L builds the benchmark plans
 #                                        at --opt-level L (default 0), KILN_SKIP_SWEEP=1
 #                                        skips the opt-level sweep, KILN_SKIP_CONFORMANCE=1
-#                                        the node-suite run (KILN_CONF_FILTER=S runs
-#                                        only the cases whose name contains S),
+#                                        the node-suite run (KILN_CONF_FILTER=A,B runs
+#                                        only the cases whose name contains A or B),
 #                                        summary table last. `conformance` runs only
 #                                        the ONNX node suite's float cases on the GPU
 #                                        (every other mode runs them too, except perf);
@@ -65,6 +65,9 @@ stage)
   cp -rL assets/models assets/reference "$carry/assets/"
   cp scripts/gpu_check.sh scripts/gpu_torch.py scripts/gpu_summary.py "$carry/"
   cp "${GPU_PEERS:-/work/shared/tools/gpu_peers.py}" "$carry/"
+  # The models, references and INT8 data travel as one tar.gz (the carry limit is 64 MiB).
+  tar czf "$carry/data.tar.gz" -C "$carry" assets int8
+  rm -rf "$carry/assets" "$carry/int8"
   du -sh "$carry"
   ;;
 run)
@@ -77,6 +80,7 @@ run)
   W=/tmp/kiln-gpu
   rm -rf "$W"; mkdir -p "$W"
   tar xzf "$here/bins.tar.gz" -C "$W"
+  [ -f "$here/data.tar.gz" ] && [ ! -d "$here/assets" ] && tar xzf "$here/data.tar.gz" -C "$here"
   K=$W/bin/kiln
   t0=$(date +%s)
   stamp() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
@@ -88,7 +92,7 @@ run)
     stamp "ONNX node suite, float cases, on the GPU (FP32, opt level 0)"
     mkdir -p "$W/assets" && tar xzf "$here/node-float.tar.gz" -C "$W/assets"
     timeout 420 "$W/bin/kiln-conformance" --assets "$W/assets" --suite node --float-only \
-      --device cuda -j "${KILN_CONF_JOBS:-16}" --timeout 120 --check ${KILN_CONF_FILTER:+--filter "$KILN_CONF_FILTER"} \
+      --device cuda -j "${KILN_CONF_JOBS:-16}" --timeout 120 --check $(for f in ${KILN_CONF_FILTER//,/ }; do echo --filter "$f"; done) \
       --expected "$here/expected_pass.txt" --list-failures --json \
       --report "$OUT/conformance_gpu.md" > "$OUT/conformance.json" 2> "$OUT/conformance.log"
     echo "conformance rc=$?"; grep -v "^\[" "$OUT/conformance.log" | tail -12
