@@ -165,7 +165,7 @@ PY
   if [ "$full" != perf ] && [ "$full" != nokernels ] && [ -z "${KILN_SKIP_CONFORMANCE:-}" ]; then
     conformance
   fi
-  int8
+  [ -z "${KILN_SKIP_INT8:-}" ] && int8
 
   if [ "$full" = quick ]; then
     $K monitor --count 2 --interval-ms 200 --csv || true
