@@ -212,7 +212,10 @@ struct PerLayer {
 fn float_values(v: Vec<(String, Tensor)>) -> CliResult<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     for (n, t) in v {
-        if matches!(t.dtype(), kiln::DType::F32 | kiln::DType::F16 | kiln::DType::F64) {
+        if matches!(
+            t.dtype(),
+            kiln::DType::F32 | kiln::DType::F16 | kiln::DType::F64
+        ) {
             out.push((n, t.cast(kiln::DType::F32)?));
         }
     }
@@ -259,9 +262,15 @@ impl PerLayer {
                     diff: Diff::default(),
                 });
             }
-            let row = self.rows.get_mut(i).filter(|r| r.tensor == *name).ok_or_else(|| {
-                CliError(format!("tensor {name} appeared in one batch and not another"))
-            })?;
+            let row = self
+                .rows
+                .get_mut(i)
+                .filter(|r| r.tensor == *name)
+                .ok_or_else(|| {
+                    CliError(format!(
+                        "tensor {name} appeared in one batch and not another"
+                    ))
+                })?;
             row.diff.add(ta.as_slice::<f32>()?, tb.as_slice::<f32>()?);
             i += 1;
         }

@@ -1087,20 +1087,47 @@ fn compare_per_layer_finds_the_first_divergent_tensor() {
     let (reference, int8) = (d.join("ref.plan"), d.join("int8.plan"));
     let shapes = "x:1x3x224x224";
     let out = assert_ok(&run(&[
-        "build", s(&model), "--no-explicit-int8", "--opt-level", "0", "--shapes", shapes, "-o",
+        "build",
+        s(&model),
+        "--no-explicit-int8",
+        "--opt-level",
+        "0",
+        "--shapes",
+        shapes,
+        "-o",
         s(&reference),
     ]));
     assert!(!out.contains("explicit INT8"), "{out}");
     let out = assert_ok(&run(&[
-        "build", s(&model), "--opt-level", "0", "--shapes", shapes, "-o", s(&int8),
+        "build",
+        s(&model),
+        "--opt-level",
+        "0",
+        "--shapes",
+        shapes,
+        "-o",
+        s(&int8),
     ]));
-    assert!(out.contains("explicit INT8") && out.contains("INT8 layers"), "{out}");
+    assert!(
+        out.contains("explicit INT8") && out.contains("INT8 layers"),
+        "{out}"
+    );
     let out = assert_ok(&run(&["inspect", s(&int8)]));
-    assert!(out.contains("explicit INT8 (Q/DQ)") && out.contains("int8"), "{out}");
+    assert!(
+        out.contains("explicit INT8 (Q/DQ)") && out.contains("int8"),
+        "{out}"
+    );
 
     // Reference Q/DQ path vs INT8 kernels: every tensor both compute, in order.
     let out = assert_ok(&run(&[
-        "compare", s(&reference), s(&int8), "--data", s(&data), "--per-layer", "--tolerance", "0",
+        "compare",
+        s(&reference),
+        s(&int8),
+        "--data",
+        s(&data),
+        "--per-layer",
+        "--tolerance",
+        "0",
         "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -1120,29 +1147,64 @@ fn compare_per_layer_finds_the_first_divergent_tensor() {
         .position(|t| t["rel_l2"].as_f64().unwrap() > 0.0);
     match first {
         Some(i) => {
-            assert_eq!(pl["first_divergent"]["index"].as_u64(), Some(i as u64), "{pl}");
+            assert_eq!(
+                pl["first_divergent"]["index"].as_u64(),
+                Some(i as u64),
+                "{pl}"
+            );
             assert_eq!(pl["first_divergent"]["tensor"], tensors[i]["tensor"]);
         }
         None => assert!(pl["first_divergent"].is_null()),
     }
     // Text form, and a loose tolerance: nothing diverges.
     let out = assert_ok(&run(&[
-        "compare", s(&reference), s(&int8), "--data", s(&data), "--per-layer", "--tolerance", "10",
+        "compare",
+        s(&reference),
+        s(&int8),
+        "--data",
+        s(&data),
+        "--per-layer",
+        "--tolerance",
+        "10",
     ]));
-    assert!(out.contains("per layer (topological order") && out.contains("skipped"), "{out}");
+    assert!(
+        out.contains("per layer (topological order") && out.contains("skipped"),
+        "{out}"
+    );
     assert!(out.contains("no tensor beyond tolerance 10"), "{out}");
     // An engine against itself: zero everywhere.
     let out = assert_ok(&run(&[
-        "compare", s(&int8), s(&int8), "--data", s(&data), "--per-layer", "--json",
+        "compare",
+        s(&int8),
+        s(&int8),
+        "--data",
+        s(&data),
+        "--per-layer",
+        "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(v["per_layer"]["first_divergent"].is_null());
     assert_eq!(v["per_layer"]["skipped_only_in_a"], 0);
     // --tolerance needs --per-layer; a negative tolerance is refused.
-    let out = run(&["compare", s(&int8), s(&int8), "--data", s(&data), "--tolerance", "0.1"]);
+    let out = run(&[
+        "compare",
+        s(&int8),
+        s(&int8),
+        "--data",
+        s(&data),
+        "--tolerance",
+        "0.1",
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let out = run(&[
-        "compare", s(&int8), s(&int8), "--data", s(&data), "--per-layer", "--tolerance", "-1",
+        "compare",
+        s(&int8),
+        s(&int8),
+        "--data",
+        s(&data),
+        "--per-layer",
+        "--tolerance",
+        "-1",
     ]);
     assert_clean_failure(&out, &["--tolerance"]);
 }
@@ -1156,12 +1218,33 @@ fn build_accuracy_budget_zero_falls_back_every_int8_layer() {
     let data = d.join("data");
     let cache = d.join("o.calib");
     assert_ok(&run(&[
-        "-q", "calibrate", s(&model), "--data", s(&data), "--algo", "minmax", "--cache", s(&cache),
+        "-q",
+        "calibrate",
+        s(&model),
+        "--data",
+        s(&data),
+        "--algo",
+        "minmax",
+        "--cache",
+        s(&cache),
     ]));
     let plan = d.join("o.plan");
     let out = assert_ok(&run(&[
-        "-q", "build", s(&model), "--int8", "--calib-cache", s(&cache), "--accuracy-budget", "0",
-        "--calib-data", s(&data), "--opt-level", "1", "-o", s(&plan), "--json",
+        "-q",
+        "build",
+        s(&model),
+        "--int8",
+        "--calib-cache",
+        s(&cache),
+        "--accuracy-budget",
+        "0",
+        "--calib-data",
+        s(&data),
+        "--opt-level",
+        "1",
+        "-o",
+        s(&plan),
+        "--json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let b = &v["accuracy_budget"];
@@ -1178,14 +1261,36 @@ fn build_accuracy_budget_zero_falls_back_every_int8_layer() {
     assert!(out.contains("accuracy budget"), "{out}");
     // Usage errors: the budget needs data and --int8.
     let out = run(&[
-        "build", s(&model), "--int8", "--calib-cache", s(&cache), "--accuracy-budget", "0.1",
+        "build",
+        s(&model),
+        "--int8",
+        "--calib-cache",
+        s(&cache),
+        "--accuracy-budget",
+        "0.1",
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    let out = run(&["build", s(&model), "--accuracy-budget", "0.1", "--calib-data", s(&data)]);
+    let out = run(&[
+        "build",
+        s(&model),
+        "--accuracy-budget",
+        "0.1",
+        "--calib-data",
+        s(&data),
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let out = run(&[
-        "build", s(&model), "--int8", "--calib-cache", s(&cache), "--accuracy-budget", "-1",
-        "--calib-data", s(&data), "-o", s(&plan),
+        "build",
+        s(&model),
+        "--int8",
+        "--calib-cache",
+        s(&cache),
+        "--accuracy-budget",
+        "-1",
+        "--calib-data",
+        s(&data),
+        "-o",
+        s(&plan),
     ]);
     assert_clean_failure(&out, &["--accuracy-budget"]);
 }

@@ -171,11 +171,18 @@ impl Builder {
         // Explicit quantization (Q/DQ models): before the optimiser, whose constant folding
         // would turn DequantizeLinear(weights) into float weights. CPU engines only (the GPU
         // backend has no INT8 kernels); not while calibrating (every tensor must stay).
-        let qdq = if config.explicit_int8 && fingerprint.backend == "cpu" && !config.observe_activations {
+        let qdq = if config.explicit_int8
+            && fingerprint.backend == "cpu"
+            && !config.observe_activations
+        {
             let r = crate::int8::qdq::lower_qdq(&mut graph)?;
             if !r.lowered.is_empty() {
                 graph.infer_facts_with(true)?;
-                tracing::info!(layers = r.lowered.len(), qdq_nodes = r.qdq_nodes, "explicit quantization: Q/DQ layers lowered to INT8");
+                tracing::info!(
+                    layers = r.lowered.len(),
+                    qdq_nodes = r.qdq_nodes,
+                    "explicit quantization: Q/DQ layers lowered to INT8"
+                );
             }
             r
         } else {

@@ -433,7 +433,11 @@ impl Engine {
                                     facts.map(|f| &f[o]).unwrap_or(&g.values[o].fact).dtype
                                 }) {
                                     // Explicit-quantization layers may write u8 or f32.
-                                    _ if matches!(n.desc.op_type.as_str(), "Int8Conv" | "Int8MatMul") => {
+                                    _ if matches!(
+                                        n.desc.op_type.as_str(),
+                                        "Int8Conv" | "Int8MatMul"
+                                    ) =>
+                                    {
                                         "int8".to_string()
                                     }
                                     Some(Some(kiln_core::DType::F16)) => "fp16".to_string(),

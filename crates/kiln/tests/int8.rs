@@ -267,7 +267,10 @@ fn accuracy_budget_falls_back_layer_by_layer() {
     let r = e.optimize_report().int8_fallback.clone().unwrap();
     assert!(r.fallback.is_empty(), "{r:?}");
     assert!(r.int8_layers.len() >= 10, "{r:?}");
-    assert_eq!(kiln::int8::budget::int8_layers(&e).len(), r.int8_layers.len());
+    assert_eq!(
+        kiln::int8::budget::int8_layers(&e).len(),
+        r.int8_layers.len()
+    );
     // Zero: everything falls back, and the engine computes what the FP32 one does.
     let e = with_budget(0.0);
     let r0 = e.optimize_report().int8_fallback.clone().unwrap();
@@ -276,7 +279,10 @@ fn accuracy_budget_falls_back_layer_by_layer() {
     assert!(kiln::int8::budget::int8_layers(&e).is_empty());
     let got = kiln::int8::budget::run_all(&e, &data).unwrap();
     let rel = kiln::int8::budget::worst_rel_l2(&want, &got).unwrap();
-    assert!(rel < 1e-6, "all-FP32 fallback differs from FP32: rel L2 {rel}");
+    assert!(
+        rel < 1e-6,
+        "all-FP32 fallback differs from FP32: rel L2 {rel}"
+    );
     // In between: within budget, some layers still INT8.
     let budget = r.initial_rel_l2 / 4.0;
     let e = with_budget(budget);
@@ -293,7 +299,10 @@ fn accuracy_budget_falls_back_layer_by_layer() {
     );
     assert!(rel <= budget, "{rel} > {budget}");
     assert!((rel - rm.final_rel_l2).abs() < 1e-9);
-    assert!(!rm.fallback.is_empty() && rm.fallback.len() < rm.int8_layers.len(), "{rm:?}");
+    assert!(
+        !rm.fallback.is_empty() && rm.fallback.len() < rm.int8_layers.len(),
+        "{rm:?}"
+    );
     // Largest own error first.
     assert_eq!(rm.fallback[0], rm.layer_errors[0].layer);
     // A bad budget is an error, not a panic.

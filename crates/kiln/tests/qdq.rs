@@ -58,7 +58,10 @@ fn against_ort(engine: &Engine, dir: &Path, eval: &Path) -> (usize, usize, f64) 
         let got = ctx.execute_tensors(&args).unwrap().remove(0);
         let want = kiln::npy::read_npy(&dir.join("eval").join(&batch.label).join(&file)).unwrap();
         assert_eq!(got.shape(), want.shape());
-        let (g, w) = (got.as_slice::<f32>().unwrap(), want.as_slice::<f32>().unwrap());
+        let (g, w) = (
+            got.as_slice::<f32>().unwrap(),
+            want.as_slice::<f32>().unwrap(),
+        );
         let c = *want.shape().last().unwrap();
         for (rg, rw) in g.chunks(c).zip(w.chunks(c)) {
             same += usize::from(argmax(rg) == argmax(rw));

@@ -74,7 +74,8 @@ pub fn run_all(engine: &Engine, batches: &[Vec<(String, Tensor)>]) -> Result<Vec
     batches
         .iter()
         .map(|b| {
-            let args: Vec<(&str, Tensor)> = b.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+            let args: Vec<(&str, Tensor)> =
+                b.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
             ctx.execute_tensors(&args)?
                 .into_iter()
                 .map(|t| t.cast(kiln_core::DType::F32))
@@ -152,13 +153,15 @@ pub fn build_within_budget(
     let result = (|| {
         let builder = Builder::new();
         let mut builds = 0;
-        let mut build = |pins: &BTreeMap<String, Precision>, int8: bool, timer: &mut dyn LayerTimer| {
-            let mut c = base.clone();
-            c.int8 = int8;
-            c.layer_precision.extend(pins.iter().map(|(k, v)| (k.clone(), *v)));
-            builds += 1;
-            builder.build_onnx_file_with(path, &c, tactics, timer)
-        };
+        let mut build =
+            |pins: &BTreeMap<String, Precision>, int8: bool, timer: &mut dyn LayerTimer| {
+                let mut c = base.clone();
+                c.int8 = int8;
+                c.layer_precision
+                    .extend(pins.iter().map(|(k, v)| (k.clone(), *v)));
+                builds += 1;
+                builder.build_onnx_file_with(path, &c, tactics, timer)
+            };
         let fp32 = build(&BTreeMap::new(), false, timer)?;
         let want = run_all(&fp32, batches)?;
         let first = build(&BTreeMap::new(), true, timer)?;
@@ -172,14 +175,21 @@ pub fn build_within_budget(
             final_rel_l2: initial,
             ..Default::default()
         };
-        tracing::info!(layers = layers.len(), rel_l2 = initial, budget, "accuracy budget: all-INT8 build measured");
+        tracing::info!(
+            layers = layers.len(),
+            rel_l2 = initial,
+            budget,
+            "accuracy budget: all-INT8 build measured"
+        );
         if initial <= budget || layers.is_empty() {
             report.builds = builds;
             return Ok(first.with_int8_fallback(report));
         }
         // 2. Each layer alone in INT8.
-        let all_fp32: BTreeMap<String, Precision> =
-            layers.iter().map(|l| (l.clone(), Precision::Fp32)).collect();
+        let all_fp32: BTreeMap<String, Precision> = layers
+            .iter()
+            .map(|l| (l.clone(), Precision::Fp32))
+            .collect();
         let mut errors = Vec::new();
         for l in &layers {
             let mut pins = all_fp32.clone();
@@ -187,7 +197,10 @@ pub fn build_within_budget(
             let e = build(&pins, true, timer)?;
             let r = worst_rel_l2(&want, &run_all(&e, batches)?)?;
             tracing::info!(layer = %l, rel_l2 = r, "accuracy budget: layer alone in INT8");
-            errors.push(LayerError { layer: l.clone(), rel_l2: r });
+            errors.push(LayerError {
+                layer: l.clone(),
+                rel_l2: r,
+            });
         }
         errors.sort_by(|a, b| b.rel_l2.total_cmp(&a.rel_l2).then(a.layer.cmp(&b.layer)));
         report.layer_errors = errors.clone();

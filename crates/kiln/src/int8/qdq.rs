@@ -124,7 +124,11 @@ fn act_in(graph: &Graph, producers: &[Option<usize>], v: ValueId) -> Option<ActI
 
 /// The weight side: `DequantizeLinear(Wq const int8, scales, zero 0)`: the int8 values, their
 /// shape, and one scale per index of `axis` (per tensor: broadcast).
-fn weight_in(graph: &Graph, producers: &[Option<usize>], v: ValueId) -> Option<(Tensor, Vec<f32>, Option<usize>)> {
+fn weight_in(
+    graph: &Graph,
+    producers: &[Option<usize>],
+    v: ValueId,
+) -> Option<(Tensor, Vec<f32>, Option<usize>)> {
     let dq = &graph.nodes[producers[v]?];
     if !is_onnx(dq, "DequantizeLinear") {
         return None;
@@ -159,7 +163,10 @@ fn weight_in(graph: &Graph, producers: &[Option<usize>], v: ValueId) -> Option<(
 /// A bias: an f32 constant, or the DequantizeLinear of a constant (int32 bias).
 fn bias_in(graph: &Graph, producers: &[Option<usize>], v: ValueId) -> Option<Vec<f32>> {
     if let Some(t) = graph.constants.get(&v) {
-        return (t.dtype() == DType::F32).then(|| t.as_slice::<f32>().ok().map(|s| s.to_vec()))?;
+        if t.dtype() != DType::F32 {
+            return None;
+        }
+        return Some(t.as_slice::<f32>().ok()?.to_vec());
     }
     let dq = &graph.nodes[producers[v]?];
     if !is_onnx(dq, "DequantizeLinear") {
@@ -172,7 +179,10 @@ fn bias_in(graph: &Graph, producers: &[Option<usize>], v: ValueId) -> Option<Vec
         None => vec![0.0],
     };
     let qv = q.to_f64_vec().ok()?;
-    if q.shape().len() > 1 || (s.len() != 1 && s.len() != qv.len()) || (z.len() != 1 && z.len() != qv.len()) {
+    if q.shape().len() > 1
+        || (s.len() != 1 && s.len() != qv.len())
+        || (z.len() != 1 && z.len() != qv.len())
+    {
         return None;
     }
     Some(
@@ -238,7 +248,12 @@ fn per_channel(s: &[f32], axis: Option<usize>, want_axis: usize, m: usize) -> Op
     }
 }
 
-fn plan(graph: &Graph, producers: &[Option<usize>], consumers: &[Vec<usize>], ni: usize) -> Option<Rewrite> {
+fn plan(
+    graph: &Graph,
+    producers: &[Option<usize>],
+    consumers: &[Vec<usize>],
+    ni: usize,
+) -> Option<Rewrite> {
     let node = &graph.nodes[ni];
     let kind = ["Conv", "MatMul", "Gemm"]
         .into_iter()
@@ -282,7 +297,11 @@ fn plan(graph: &Graph, producers: &[Option<usize>], consumers: &[Vec<usize>], ni
             } else {
                 (w.shape()[0], w.shape()[1])
             };
-            let alpha = if gemm { float_attr(&node.desc, "alpha", 1.0) } else { 1.0 };
+            let alpha = if gemm {
+                float_attr(&node.desc, "alpha", 1.0)
+            } else {
+                1.0
+            };
             if !(alpha.is_finite() && alpha > 0.0) {
                 return None;
             }
@@ -323,12 +342,15 @@ fn plan(graph: &Graph, producers: &[Option<usize>], consumers: &[Vec<usize>], ni
         }
     }
     desc.attrs.insert(k8::X_SCALE.into(), Attr::Float(x.scale));
-    desc.attrs.insert(k8::X_ZERO_POINT.into(), Attr::Int(x.zp as i64));
-    desc.attrs.insert(k8::W_SCALES.into(), Attr::Floats(w_scales));
+    desc.attrs
+        .insert(k8::X_ZERO_POINT.into(), Attr::Int(x.zp as i64));
+    desc.attrs
+        .insert(k8::W_SCALES.into(), Attr::Floats(w_scales));
     match &out {
         Some(o) => {
             desc.attrs.insert(k8::Y_SCALE.into(), Attr::Float(o.scale));
-            desc.attrs.insert(k8::Y_ZERO_POINT.into(), Attr::Int(o.zp as i64));
+            desc.attrs
+                .insert(k8::Y_ZERO_POINT.into(), Attr::Int(o.zp as i64));
             desc.attrs
                 .insert(k8::Y_DTYPE.into(), Attr::Int(if o.u8 { 2 } else { 3 }));
         }
@@ -336,7 +358,11 @@ fn plan(graph: &Graph, producers: &[Option<usize>], consumers: &[Vec<usize>], ni
             desc.attrs.insert(k8::Y_DTYPE.into(), Attr::Int(1));
         }
     }
-    let family = if op_type == "Int8Conv" { "conv" } else { "matmul" };
+    let family = if op_type == "Int8Conv" {
+        "conv"
+    } else {
+        "matmul"
+    };
     desc.attrs.insert(
         kiln_core::tactic::TACTIC_ATTR.into(),
         Attr::String(format!("cpu.int8.{family}.{}", k8::explicit_isa().name())),
@@ -384,7 +410,10 @@ pub fn lower_qdq(graph: &mut Graph) -> Result<QdqReport> {
         graph.constants.insert(wid, rw.weight);
         let mut inputs = vec![Some(rw.xq), Some(wid)];
         if let Some(b) = rw.bias {
-            let bid = graph.add_value(format!("{name}:qdq_bias"), Fact::concrete(DType::F32, b.shape()));
+            let bid = graph.add_value(
+                format!("{name}:qdq_bias"),
+                Fact::concrete(DType::F32, b.shape()),
+            );
             graph.constants.insert(bid, b);
             inputs.push(Some(bid));
         }
@@ -403,7 +432,7 @@ pub fn lower_qdq(graph: &mut Graph) -> Result<QdqReport> {
         let q_name = rw.out.as_ref().map(|o| o.q_node);
         node.inputs = inputs;
         node.desc = rw.desc;
-        node.op = op.into();
+        node.op = op;
         report.lowered.push(name);
         if let Some(qi) = q_name {
             let qn = graph.nodes[qi].name.clone();
@@ -446,7 +475,13 @@ mod tests {
         id
     }
 
-    fn node(g: &mut Graph, op: &str, inputs: &[ValueId], attrs: &[(&str, Attr)], out: &str) -> ValueId {
+    fn node(
+        g: &mut Graph,
+        op: &str,
+        inputs: &[ValueId],
+        attrs: &[(&str, Attr)],
+        out: &str,
+    ) -> ValueId {
         let mut desc = OpDesc::new("", op, 21);
         for (k, v) in attrs {
             desc.attrs.insert(k.to_string(), v.clone());
@@ -463,7 +498,7 @@ mod tests {
         g.nodes.push(Node {
             name: out.into(),
             desc,
-            op: op.into(),
+            op,
             inputs: inputs.iter().map(|&i| Some(i)).collect(),
             outputs: vec![Some(y)],
             fused_from: vec![out.into()],
@@ -473,7 +508,11 @@ mod tests {
 
     /// Scale and zero point constants of one activation quantizer.
     fn qparams(g: &mut Graph, name: &str, scale: f32, zp: i32, u8: bool) -> (ValueId, ValueId) {
-        let s = konst(g, &format!("{name}_s"), Tensor::from_vec(&[], vec![scale]).unwrap());
+        let s = konst(
+            g,
+            &format!("{name}_s"),
+            Tensor::from_vec(&[], vec![scale]).unwrap(),
+        );
         let z = if u8 {
             Tensor::from_vec(&[], vec![zp as u8]).unwrap()
         } else {
@@ -519,12 +558,24 @@ mod tests {
                 let ws: Vec<f32> = (0..m).map(|_| rng.f(0.002, 0.02)).collect();
                 let w = konst(&mut g, "wq", Tensor::from_vec(&wshape, wq).unwrap());
                 let wsc = konst(&mut g, "ws", Tensor::from_vec(&[m], ws.clone()).unwrap());
-                let wd = node(&mut g, "DequantizeLinear", &[w, wsc], &[("axis", Attr::Int(0))], "wd");
+                let wd = node(
+                    &mut g,
+                    "DequantizeLinear",
+                    &[w, wsc],
+                    &[("axis", Attr::Int(0))],
+                    "wd",
+                );
                 let bq: Vec<i32> = (0..m).map(|_| (rng.next() % 2001) as i32 - 1000).collect();
                 let bs: Vec<f32> = ws.iter().map(|w| w * sx).collect();
                 let b = konst(&mut g, "bq", Tensor::from_vec(&[m], bq).unwrap());
                 let bsc = konst(&mut g, "bs", Tensor::from_vec(&[m], bs).unwrap());
-                let bd = node(&mut g, "DequantizeLinear", &[b, bsc], &[("axis", Attr::Int(0))], "bd");
+                let bd = node(
+                    &mut g,
+                    "DequantizeLinear",
+                    &[b, bsc],
+                    &[("axis", Attr::Int(0))],
+                    "bd",
+                );
                 let attrs = [
                     ("group", Attr::Int(group as i64)),
                     ("strides", Attr::Ints(vec![stride as i64; 2])),
@@ -538,7 +589,13 @@ mod tests {
                 let ws: Vec<f32> = (0..n).map(|_| rng.f(0.002, 0.02)).collect();
                 let w = konst(&mut g, "wq", Tensor::from_vec(&[k, n], wq).unwrap());
                 let wsc = konst(&mut g, "ws", Tensor::from_vec(&[n], ws).unwrap());
-                let wd = node(&mut g, "DequantizeLinear", &[w, wsc], &[("axis", Attr::Int(1))], "wd");
+                let wd = node(
+                    &mut g,
+                    "DequantizeLinear",
+                    &[w, wsc],
+                    &[("axis", Attr::Int(1))],
+                    "wd",
+                );
                 node(&mut g, "MatMul", &[xd, wd], &[], "mm")
             }
             Case::Gemm([_, k, n]) => {
@@ -546,7 +603,13 @@ mod tests {
                 let ws: Vec<f32> = (0..n).map(|_| rng.f(0.002, 0.02)).collect();
                 let w = konst(&mut g, "wq", Tensor::from_vec(&[n, k], wq).unwrap());
                 let wsc = konst(&mut g, "ws", Tensor::from_vec(&[n], ws).unwrap());
-                let wd = node(&mut g, "DequantizeLinear", &[w, wsc], &[("axis", Attr::Int(0))], "wd");
+                let wd = node(
+                    &mut g,
+                    "DequantizeLinear",
+                    &[w, wsc],
+                    &[("axis", Attr::Int(0))],
+                    "wd",
+                );
                 let cv: Vec<f32> = (0..n).map(|_| rng.f(-1.0, 1.0)).collect();
                 let c = konst(&mut g, "c", Tensor::from_vec(&[n], cv).unwrap());
                 let attrs = [
@@ -596,7 +659,9 @@ mod tests {
                 .filter(|n| n.desc.op_type.starts_with("Int8"))
                 .count();
             assert_eq!(int8, 1, "{case:?}");
-            let xs: Vec<f32> = (0..xshape.iter().product()).map(|_| rng.f(-2.5, 6.0)).collect();
+            let xs: Vec<f32> = (0..xshape.iter().product())
+                .map(|_| rng.f(-2.5, 6.0))
+                .collect();
             let x = [Value::Tensor(Tensor::from_vec(&xshape, xs).unwrap())];
             let want = kiln_core::exec::run_graph(&plain, &x, &[]).unwrap();
             let got = kiln_core::exec::run_graph(&lowered, &x, &[]).unwrap();
@@ -614,14 +679,24 @@ mod tests {
                     assert!(d < 1.01, "{case:?}: {a} vs {b}");
                     off += usize::from(d > 0.5);
                 }
-                assert!(off * 200 <= w.len(), "{case:?}: {off} of {} values off by a step", w.len());
+                assert!(
+                    off * 200 <= w.len(),
+                    "{case:?}: {off} of {} values off by a step",
+                    w.len()
+                );
                 let distinct: std::collections::BTreeSet<i64> =
                     w.iter().map(|v| (v / step).round() as i64).collect();
-                assert!(distinct.len() > 20, "{case:?}: degenerate output {distinct:?}");
+                assert!(
+                    distinct.len() > 20,
+                    "{case:?}: degenerate output {distinct:?}"
+                );
             } else {
                 // f32 output: exact integer sums, one f32 rounding of the scale product.
                 for (a, b) in w.iter().zip(g) {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{case:?}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                        "{case:?}: {a} vs {b}"
+                    );
                 }
             }
         }

@@ -195,10 +195,10 @@ impl Int8Conv {
         let ksz: usize = sp.kernel.iter().product();
         let k = cg * ksz;
         let p_n = sp.out_size();
-        if out.len() != n * m * p_n {
+        if out.count() != n * m * p_n {
             return bad(format!(
                 "output has {} values, expected {}",
-                out.len(),
+                out.count(),
                 n * m * p_n
             ));
         }
@@ -447,7 +447,11 @@ mod tests {
         assert!(e.to_string().contains("int8"), "{e}");
         let e = op
             .eval(&[
-                Some(&Tensor::from_vec(&[1, 4, 3, 3], vec![1u8; 36]).unwrap().into()),
+                Some(
+                    &Tensor::from_vec(&[1, 4, 3, 3], vec![1u8; 36])
+                        .unwrap()
+                        .into(),
+                ),
                 Some(&w.clone().into()),
             ])
             .unwrap_err();

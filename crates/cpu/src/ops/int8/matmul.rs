@@ -137,10 +137,10 @@ impl Int8MatMul {
             Some(b) => b.as_slice::<f32>()?.to_vec(),
             None => vec![0.0; n],
         };
-        if out.len() != rows * n {
+        if out.count() != rows * n {
             return Err(KilnError::kernel(
                 "Int8MatMul",
-                format!("output has {} values, expected {}", out.len(), rows * n),
+                format!("output has {} values, expected {}", out.count(), rows * n),
             ));
         }
         let packed = PackedWeights::pack(w.as_slice::<i8>()?, n, k);

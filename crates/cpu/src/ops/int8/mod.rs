@@ -90,8 +90,14 @@ impl QdqIo {
         let y_zp = y_zp.unwrap_or(0);
         let out = match y_dt {
             None if !explicit => OutKind::Sym,
-            None | Some(3) => OutKind::Zp { u8: false, zp: y_zp as i32 },
-            Some(2) => OutKind::Zp { u8: true, zp: y_zp as i32 },
+            None | Some(3) => OutKind::Zp {
+                u8: false,
+                zp: y_zp as i32,
+            },
+            Some(2) => OutKind::Zp {
+                u8: true,
+                zp: y_zp as i32,
+            },
             Some(1) => OutKind::F32,
             Some(other) => {
                 return Err(a.invalid(format!(
@@ -100,7 +106,11 @@ impl QdqIo {
             }
         };
         if let OutKind::Zp { u8, zp } = out {
-            let ok = if u8 { (0..=255).contains(&zp) } else { (-128..=127).contains(&zp) };
+            let ok = if u8 {
+                (0..=255).contains(&zp)
+            } else {
+                (-128..=127).contains(&zp)
+            };
             if !ok {
                 return Err(a.invalid(format!(
                     "{Y_ZERO_POINT} {zp} is out of range for {}",
@@ -423,7 +433,7 @@ pub(crate) enum OutBuf<'a> {
 
 impl OutBuf<'_> {
     /// Number of elements.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         match self {
             OutBuf::Bytes(b) => b.len(),
             OutBuf::F32(f) => f.len(),
@@ -468,7 +478,12 @@ fn new_output(dtype: DType, len: usize) -> (Vec<i8>, Vec<f32>) {
 }
 
 /// The tensor `eval` returns from [`new_output`]'s storage.
-fn output_tensor(dtype: DType, shape: &[usize], b: Vec<i8>, f: Vec<f32>) -> Result<kiln_core::Tensor> {
+fn output_tensor(
+    dtype: DType,
+    shape: &[usize],
+    b: Vec<i8>,
+    f: Vec<f32>,
+) -> Result<kiln_core::Tensor> {
     match dtype {
         DType::F32 => kiln_core::Tensor::from_vec(shape, f),
         DType::U8 => kiln_core::Tensor::from_vec(shape, b.into_iter().map(|v| v as u8).collect()),
