@@ -1203,8 +1203,7 @@ fn compare_per_layer_finds_the_first_divergent_tensor() {
         "--data",
         s(&data),
         "--per-layer",
-        "--tolerance",
-        "-1",
+        "--tolerance=-1",
     ]);
     assert_clean_failure(&out, &["--tolerance"]);
 }
@@ -1285,8 +1284,7 @@ fn build_accuracy_budget_zero_falls_back_every_int8_layer() {
         "--int8",
         "--calib-cache",
         s(&cache),
-        "--accuracy-budget",
-        "-1",
+        "--accuracy-budget=-1",
         "--calib-data",
         s(&data),
         "-o",
