@@ -56,7 +56,7 @@ fn against_ort(engine: &Engine, dir: &Path, eval: &Path) -> (usize, usize, f64) 
             .map(|(n, t)| (n.as_str(), t.clone()))
             .collect();
         let got = ctx.execute_tensors(&args).unwrap().remove(0);
-        let want = kiln::npy::read_npy(&dir.join("eval").join(&batch.label).join(&file)).unwrap();
+        let want = kiln::npy::read_npy(dir.join("eval").join(&batch.label).join(&file)).unwrap();
         assert_eq!(got.shape(), want.shape());
         let (g, w) = (
             got.as_slice::<f32>().unwrap(),
