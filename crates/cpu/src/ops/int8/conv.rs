@@ -426,6 +426,93 @@ mod tests {
         }
     }
 
+    /// Explicit quantization (u8 input with a zero point, u8 output with one, and f32
+    /// output) on every ISA that takes it, against the f64 reference convolution of
+    /// `q − zp` (padding = real zero); AVX2 is refused.
+    #[test]
+    fn explicit_zero_points_match_the_reference() {
+        let mut reg = OpRegistry::new();
+        super::super::register(&mut reg);
+        let mut rng = Rng(1234);
+        // (n, c, m, h, w, k, stride, pad, x_zp)
+        let cases = [
+            (1, 5, 6, 7, 9, 3, 1, 1, 37),
+            (2, 8, 5, 10, 6, 3, 2, 2, 200),
+            (1, 4, 9, 5, 5, 1, 1, 0, 0),
+        ];
+        for &(n, c, m, h, wd, k, s, p, zx) in &cases {
+            let xs: Vec<u8> = (0..n * c * h * wd)
+                .map(|_| (rng.next() % 256) as u8)
+                .collect();
+            let ws: Vec<i8> = (0..m * c * k * k).map(|_| rng.i8()).collect();
+            let x = Tensor::from_vec(&[n, c, h, wd], xs.clone()).unwrap();
+            let w = Tensor::from_vec(&[m, c, k, k], ws.clone()).unwrap();
+            for y_dtype in [2i64, 1] {
+                for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+                    let mut d = desc(
+                        &[
+                            ("strides", Attr::Ints(vec![s as i64; 2])),
+                            ("pads", Attr::Ints(vec![p as i64; 4])),
+                        ],
+                        isa,
+                        m,
+                    );
+                    d.attrs.remove("kiln_activation");
+                    d.attrs
+                        .insert(super::super::X_ZERO_POINT.into(), Attr::Int(zx as i64));
+                    d.attrs
+                        .insert(super::super::Y_ZERO_POINT.into(), Attr::Int(131));
+                    d.attrs
+                        .insert(super::super::Y_DTYPE.into(), Attr::Int(y_dtype));
+                    let built = reg.build(&BuildCtx {
+                        node: "t",
+                        desc: &d,
+                        n_inputs: 2,
+                        n_outputs: 1,
+                    });
+                    if isa == Isa::Avx2 {
+                        let e = built.err().expect("AVX2 refused").to_string();
+                        assert!(e.contains("AVX2"), "{e}");
+                        continue;
+                    }
+                    let op = built.unwrap();
+                    let ic = op.as_any().downcast_ref::<Int8Conv>().unwrap().clone();
+                    let got = op
+                        .eval(&[Some(&x.clone().into()), Some(&w.clone().into())])
+                        .unwrap()
+                        .remove(0);
+                    let got = got.as_tensor().unwrap().clone();
+                    let (dims, sp) = conv_geometry("t", &ic.win, 1, x.shape(), w.shape()).unwrap();
+                    let sp = sp.to3("t").unwrap();
+                    let xf: Vec<f64> = xs.iter().map(|&v| v as f64 - zx as f64).collect();
+                    let wf: Vec<f64> = ws.iter().map(|&v| v as f64).collect();
+                    let acc = conv_reference(&xf, &wf, None, dims, &sp);
+                    let per = sp.out_size();
+                    let rq = |i: usize| {
+                        let o = (i / per) % m;
+                        ic.io.requant(ic.x_scale * ic.w_scales[o], 0.0, ic.y_scale)
+                    };
+                    if y_dtype == 2 {
+                        let want: Vec<u8> = acc
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &a)| rq(i).apply(a as i32, Activation::None) as u8)
+                            .collect();
+                        assert!(want.iter().any(|&v| v != 131) && want.iter().any(|&v| v != 0));
+                        assert_eq!(got.as_slice::<u8>().unwrap(), &want[..], "{isa:?}");
+                    } else {
+                        let want: Vec<f32> = acc
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &a)| rq(i).apply_f32(a as i32, Activation::None))
+                            .collect();
+                        assert_eq!(got.as_slice::<f32>().unwrap(), &want[..], "{isa:?}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn bad_inputs_are_errors() {
         let mut reg = OpRegistry::new();
