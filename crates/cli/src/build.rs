@@ -18,6 +18,58 @@ pub fn weight_bytes(engine: &Engine) -> usize {
         .sum()
 }
 
+/// `--accuracy-budget`: build, measure against FP32 on the batches of `dir`, fall back.
+fn build_within_budget(
+    g: &Globals,
+    a: &BuildArgs,
+    mut config: kiln::BuilderConfig,
+    budget: f64,
+    dir: &Path,
+) -> CliResult<common::Loaded> {
+    if common::looks_like_plan(&a.model)? {
+        return Err(CliError(format!(
+            "{} is already a plan; kiln build takes an ONNX model",
+            a.model.display()
+        )));
+    }
+    let inputs = kiln::int8::calibrate::model_inputs(&a.model)?;
+    let files = kiln::int8::data::list_batches(dir, &inputs)?;
+    let batches = files
+        .iter()
+        .map(|b| b.load())
+        .collect::<kiln::Result<Vec<_>>>()?;
+    if config.shapes.is_empty() && config.profiles.is_empty() {
+        config.shapes = batches[0]
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shape().to_vec()))
+            .collect();
+    }
+    let start = Instant::now();
+    let pb = common::spinner(
+        g,
+        format!(
+            "building {} within rel L2 {budget} of FP32 on {} batches",
+            a.model.display(),
+            batches.len()
+        ),
+    );
+    let mut timer = kiln::tuner::CpuTimer::for_level(config.opt_level);
+    let engine = kiln::int8::budget::build_within_budget(
+        &a.model,
+        &config,
+        budget,
+        &batches,
+        &kiln::tuner::cpu_tactics,
+        &mut timer,
+    );
+    pb.finish_and_clear();
+    Ok(common::Loaded {
+        engine: engine?,
+        kind: ModelKind::Onnx,
+        elapsed: start.elapsed(),
+    })
+}
+
 /// Runs `kiln build`.
 pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
     let shapes = common::merge_shapes(&a.shapes)?;
@@ -46,6 +98,7 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
         fp16: a.fp16,
         tf32: a.tf32,
         int8: a.int8,
+        explicit_int8: !a.no_explicit_int8,
         calibration: match &a.calib_cache {
             Some(p) => Some(std::sync::Arc::new(
                 kiln::int8::CalibrationCache::load(p).map_err(|e| CliError(e.to_string()))?,
@@ -57,7 +110,10 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
         timing_cache: a.timing_cache.clone(),
         profiles,
     };
-    let loaded = common::load_model_with(g, &a.model, &config)?;
+    let loaded = match (a.accuracy_budget, &a.calib_data) {
+        (Some(budget), Some(dir)) => build_within_budget(g, &a, config, budget, dir)?,
+        _ => common::load_model_with(g, &a.model, &config)?,
+    };
     if loaded.kind == ModelKind::Plan {
         return Err(CliError(format!(
             "{} is already a plan; kiln build takes an ONNX model",
@@ -103,6 +159,9 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
             "weights_bytes": weights,
             "plan_bytes": plan_bytes,
             "tuning": engine.tuning_report(),
+            "int8_layers": int8_layer_count(&engine),
+            "explicit_quantization": &report.qdq,
+            "accuracy_budget": &report.int8_fallback,
             "build_time_s": build_time.as_secs_f64(),
             "total_time_s": total.as_secs_f64(),
             "inputs": engine.inputs().iter().map(io_json).collect::<Vec<_>>(),
@@ -243,9 +302,59 @@ fn print_summary(
             },
         );
     }
+    if r.qdq.qdq_nodes > 0 {
+        row(
+            "explicit INT8",
+            format!(
+                "Q/DQ model: {} Conv/MatMul/Gemm layers lowered to INT8 kernels with the model's scales and zero points ({} with INT8 outputs); the model's other QuantizeLinear/DequantizeLinear nodes run as reference ops",
+                r.qdq.lowered.len(),
+                r.qdq.int8_outputs
+            ),
+        );
+    }
+    let int8 = int8_layer_count(engine);
+    if int8 > 0 || r.int8_fallback.is_some() {
+        row("INT8 layers", int8.to_string());
+    }
+    if let Some(b) = &r.int8_fallback {
+        row(
+            "accuracy budget",
+            if b.fallback.is_empty() {
+                format!(
+                    "rel L2 {:.5} ≤ {} on {} batches with all {} INT8 layers kept",
+                    b.final_rel_l2,
+                    b.budget,
+                    b.batches,
+                    b.int8_layers.len()
+                )
+            } else {
+                format!(
+                    "{} of {} INT8 layers fell back to FP32 (rel L2 {:.5} -> {:.5}, budget {}, {} batches, {} builds): {}",
+                    b.fallback.len(),
+                    b.int8_layers.len(),
+                    b.initial_rel_l2,
+                    b.final_rel_l2,
+                    b.budget,
+                    b.batches,
+                    b.builds,
+                    b.fallback.join(", ")
+                )
+            },
+        );
+    }
     row("build time", format!("{:.2} s", build_time.as_secs_f64()));
     println!("Built {} -> {}", model.display(), output.display());
     print!("{}", common::table(&rows));
+}
+
+/// Layers running on the INT8 kernels.
+pub fn int8_layer_count(engine: &Engine) -> usize {
+    engine
+        .graph()
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.desc.op_type.as_str(), "Int8Conv" | "Int8MatMul"))
+        .count()
 }
 
 /// ` , +12.5%` style overhead of the arena over the lower bound.

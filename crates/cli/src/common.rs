@@ -185,7 +185,8 @@ pub fn spinner(g: &Globals, msg: impl Into<String>) -> ProgressBar {
 }
 
 /// True when the file starts with the plan magic.
-fn looks_like_plan(path: &Path) -> CliResult<bool> {
+/// True when the file starts with the plan magic.
+pub fn looks_like_plan(path: &Path) -> CliResult<bool> {
     use std::io::Read;
     let mut f =
         std::fs::File::open(path).context(|| format!("cannot open model {}", path.display()))?;

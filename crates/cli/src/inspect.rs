@@ -254,6 +254,33 @@ fn print_text(
             r.generic_rewrites.to_string(),
         ],
     ];
+    let mut rows = rows;
+    if r.qdq.qdq_nodes > 0 {
+        rows.push(vec![
+            "  explicit INT8 (Q/DQ)".to_string(),
+            format!(
+                "{} layers lowered to INT8 kernels ({} with INT8 outputs) of a model with {} QuantizeLinear/DequantizeLinear nodes",
+                r.qdq.lowered.len(),
+                r.qdq.int8_outputs,
+                r.qdq.qdq_nodes
+            ),
+        ]);
+    }
+    if let Some(b) = &r.int8_fallback {
+        rows.push(vec![
+            "  accuracy budget".to_string(),
+            format!(
+                "rel L2 ≤ {}: {} of {} INT8 layers fell back to FP32 (rel L2 {:.5} -> {:.5}){}{}",
+                b.budget,
+                b.fallback.len(),
+                b.int8_layers.len(),
+                b.initial_rel_l2,
+                b.final_rel_l2,
+                if b.fallback.is_empty() { "" } else { ": " },
+                b.fallback.join(", ")
+            ),
+        ]);
+    }
     print!("{}", common::table(&rows));
 
     println!("\nLayers ({})", layers.len());

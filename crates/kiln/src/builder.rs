@@ -162,6 +162,26 @@ impl Builder {
                 .collect();
             graph.outputs.extend(extra);
         }
+        // Explicit quantization (Q/DQ models): before the optimiser, whose constant folding
+        // would turn DequantizeLinear(weights) into float weights. CPU engines only (the GPU
+        // backend has no INT8 kernels); not while calibrating (every tensor must stay).
+        let qdq = if config.explicit_int8
+            && fingerprint.backend == "cpu"
+            && !config.observe_activations
+        {
+            let r = crate::int8::qdq::lower_qdq(&mut graph)?;
+            if !r.lowered.is_empty() {
+                graph.infer_facts_with(true)?;
+                tracing::info!(
+                    layers = r.lowered.len(),
+                    qdq_nodes = r.qdq_nodes,
+                    "explicit quantization: Q/DQ layers lowered to INT8"
+                );
+            }
+            r
+        } else {
+            Default::default()
+        };
         let mut report = if config.optimize {
             let r = optimize(&mut graph, registry())?;
             graph.infer_facts_with(true)?;
@@ -178,6 +198,7 @@ impl Builder {
             }
             tracing::info!(chains, "fused elementwise chains");
         }
+        report.qdq = qdq;
         tracing::info!(
             before = report.nodes_before,
             after = report.nodes_after,

@@ -81,6 +81,11 @@ pub struct BuilderConfig {
     /// Allow INT8 layers (the INT8 + FP32 precision pools; CPU only). Needs
     /// `calibration` (or a model with QuantizeLinear/DequantizeLinear pairs).
     pub int8: bool,
+    /// Explicit quantization: lower the model's QuantizeLinear/DequantizeLinear-wrapped
+    /// Conv/MatMul/Gemm layers to INT8 kernels with the model's scales and zero points
+    /// (CPU engines; on by default, needs no calibration). Off: they run through the
+    /// reference Q/DQ ops and float layers.
+    pub explicit_int8: bool,
     /// Per-tensor INT8 scales (`--calib-cache`), checked against the model's hash.
     pub calibration: Option<std::sync::Arc<crate::int8::CalibrationCache>>,
     /// Calibration: skip nothing and make every float activation of the source model an
@@ -103,6 +108,7 @@ impl Default for BuilderConfig {
             fp16: false,
             tf32: false,
             int8: false,
+            explicit_int8: true,
             calibration: None,
             observe_activations: false,
             layer_precision: BTreeMap::new(),

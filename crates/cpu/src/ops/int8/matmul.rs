@@ -11,7 +11,10 @@ use kiln_core::{
 
 use super::conv::scale_attr;
 use super::gemm::{gemm, Isa, PackedWeights, COL_ALIGN};
-use super::{parse_tactic, OutPtr, Requant, W_SCALES, X_SCALE, Y_SCALE};
+use super::{
+    check_isa, output_slot, output_tensor, parse_tactic, row_sums, OutBuf, OutPtr, OutPtrF, QdqIo,
+    Requant, W_SCALES, X_SCALE, Y_SCALE,
+};
 use crate::fused::Activation;
 
 /// Rows of A per parallel tile.
@@ -25,22 +28,36 @@ pub struct Int8MatMul {
     y_scale: f32,
     w_scales: Vec<f32>,
     isa: Isa,
+    io: QdqIo,
 }
 
 /// Builds `kiln.Int8MatMul` from its description.
 pub fn build(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
+    let io = QdqIo::from_attrs(&a)?;
+    let best = if io.explicit {
+        super::explicit_isa()
+    } else {
+        Isa::best()
+    };
     let id = a
         .opt_string(kiln_core::tactic::TACTIC_ATTR)?
-        .unwrap_or_else(|| format!("cpu.int8.matmul.{}", Isa::best().name()));
+        .unwrap_or_else(|| format!("cpu.int8.matmul.{}", best.name()));
+    let isa = parse_tactic("matmul", &id).map_err(|e| a.invalid(e.to_string()))?;
+    check_isa(&a, io, isa)?;
     Ok(Box::new(Int8MatMul {
         act: Activation::from_attrs(&a)?,
         x_scale: scale_attr(&a, X_SCALE)?,
-        y_scale: scale_attr(&a, Y_SCALE)?,
+        y_scale: if io.out == super::OutKind::F32 {
+            1.0
+        } else {
+            scale_attr(&a, Y_SCALE)?
+        },
         w_scales: a
             .opt_floats(W_SCALES)?
             .ok_or_else(|| a.invalid("missing w_scales"))?,
-        isa: parse_tactic("matmul", &id).map_err(|e| a.invalid(e.to_string()))?,
+        isa,
+        io,
     }))
 }
 
@@ -86,17 +103,14 @@ impl Int8MatMul {
         Ok(s)
     }
 
-    fn run(&self, a: &Tensor, w: &Tensor, b: Option<&Tensor>, out: &mut [i8]) -> Result<()> {
-        if a.dtype() != DType::I8 || w.dtype() != DType::I8 {
+    fn run(&self, a: &Tensor, w: &Tensor, b: Option<&Tensor>, mut out: OutBuf<'_>) -> Result<()> {
+        if w.dtype() != DType::I8 {
             return Err(KilnError::kernel(
                 "Int8MatMul",
-                format!(
-                    "A and W must be int8, found {} and {}",
-                    a.dtype(),
-                    w.dtype()
-                ),
+                format!("W must be int8, found {}", w.dtype()),
             ));
         }
+        let (flip, za) = self.io.input_domain("Int8MatMul", a.dtype())?;
         Self::out_shape(a, w)?;
         let (n, k) = (w.shape()[0], w.shape()[1]);
         let rows = a.len() / k.max(1);
@@ -123,16 +137,29 @@ impl Int8MatMul {
             Some(b) => b.as_slice::<f32>()?.to_vec(),
             None => vec![0.0; n],
         };
+        if out.count() != rows * n {
+            return Err(KilnError::kernel(
+                "Int8MatMul",
+                format!("output has {} values, expected {}", out.count(), rows * n),
+            ));
+        }
         let packed = PackedWeights::pack(w.as_slice::<i8>()?, n, k);
+        // Zero-point compensation: Σ w·(a − z) = Σ w·a − z·Σ w (exact in i32).
+        let comp: Vec<i32> = row_sums(w.as_slice::<i8>()?, n, k)
+            .into_iter()
+            .map(|s| s * za)
+            .collect();
         let rq: Vec<Requant> = (0..n)
-            .map(|o| Requant {
-                mul: self.x_scale * self.w_scales[o],
-                bias: bias[o],
-                inv_y: 1.0 / self.y_scale,
+            .map(|o| {
+                self.io
+                    .requant(self.x_scale * self.w_scales[o], bias[o], self.y_scale)
             })
             .collect();
-        let av = a.as_slice::<i8>()?;
-        let optr = OutPtr(out.as_mut_ptr());
+        let av: &[i8] = bytemuck::cast_slice(a.bytes());
+        let (optr, fptr) = match &mut out {
+            OutBuf::Bytes(o) => (Some(OutPtr(o.as_mut_ptr())), None),
+            OutBuf::F32(o) => (None, Some(OutPtrF(o.as_mut_ptr()))),
+        };
         (0..rows.div_ceil(TILE)).into_par_iter().for_each(|tile| {
             let r0 = tile * TILE;
             let tw = TILE.min(rows - r0);
@@ -143,18 +170,25 @@ impl Int8MatMul {
                     let row = &av[(r0 + t) * k..(r0 + t + 1) * k];
                     for (k4, chunk) in row.chunks(4).enumerate() {
                         let at = (k4 * pp + t) * 4;
-                        col[at..at + chunk.len()].copy_from_slice(chunk);
+                        for (d, &v) in col[at..at + chunk.len()].iter_mut().zip(chunk) {
+                            *d = v ^ flip;
+                        }
                     }
                 }
                 crate::scratch::with_scratch::<i32, _>(n * pp, |acc| {
                     gemm(self.isa, &packed, col, pp, acc);
                     for t in 0..tw {
                         for (o, q) in rq.iter().enumerate() {
-                            // SAFETY: (r0 + t)·n + o < rows·n = out.len(); tiles own
-                            // disjoint rows.
-                            unsafe {
-                                *optr.at((r0 + t) * n + o) = q.apply(acc[o * pp + t], self.act)
-                            };
+                            let v = acc[o * pp + t] - comp[o];
+                            let at = (r0 + t) * n + o;
+                            if let Some(optr) = optr {
+                                // SAFETY: at < rows·n = out.len() (checked above); tiles
+                                // own disjoint rows.
+                                unsafe { *optr.at(at) = q.apply(v, self.act) };
+                            } else if let Some(fptr) = fptr {
+                                // SAFETY: as above, for the f32 output.
+                                unsafe { *fptr.at(at) = q.apply_f32(v, self.act) };
+                            }
                         }
                     }
                 });
@@ -182,10 +216,11 @@ impl Op for Int8MatMul {
             }
             _ => None,
         };
+        let dt = self.io.out_dtype();
         Ok(vec![match shape {
-            Some(s) => Fact::tensor(DType::I8, s),
+            Some(s) => Fact::tensor(dt, s),
             None => Fact {
-                dtype: Some(DType::I8),
+                dtype: Some(dt),
                 ..Fact::unknown()
             },
         }])
@@ -196,9 +231,15 @@ impl Op for Int8MatMul {
         let w = input_tensor(inputs, 1, "Int8MatMul")?;
         let b = optional_tensor(inputs, 2, "Int8MatMul")?;
         let shape = Self::out_shape(a, w)?;
-        let mut out = vec![0i8; shape.iter().product()];
-        self.run(a, w, b, &mut out)?;
-        Ok(vec![Tensor::from_vec(&shape, out)?.into()])
+        let dt = self.io.out_dtype();
+        let (mut bytes, mut floats) = super::new_output(dt, shape.iter().product());
+        let buf = if dt == DType::F32 {
+            OutBuf::F32(&mut floats)
+        } else {
+            OutBuf::Bytes(&mut bytes)
+        };
+        self.run(a, w, b, buf)?;
+        Ok(vec![output_tensor(dt, &shape, bytes, floats)?.into()])
     }
 
     fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
@@ -206,12 +247,8 @@ impl Op for Int8MatMul {
         let w = input_tensor(inputs, 1, "Int8MatMul")?;
         let b = optional_tensor(inputs, 2, "Int8MatMul")?;
         let shape = Self::out_shape(a, w)?;
-        self.run(
-            a,
-            w,
-            b,
-            super::i8_output_slot("Int8MatMul", outputs, &shape)?,
-        )
+        let slot = output_slot("Int8MatMul", outputs, &shape, self.io.out_dtype())?;
+        self.run(a, w, b, slot)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
@@ -280,12 +317,8 @@ mod tests {
                         let acc: i32 = (0..k)
                             .map(|j| a[row * k + j] as i32 * w[o * k + j] as i32)
                             .sum();
-                        let want = Requant {
-                            mul: 0.05 * ws[o],
-                            bias: bias[o],
-                            inv_y: 5.0,
-                        }
-                        .apply(acc, Activation::HardSwish);
+                        let want = Requant::sym(0.05 * ws[o], bias[o], 5.0)
+                            .apply(acc, Activation::HardSwish);
                         assert_eq!(
                             got[row * n + o],
                             want,

@@ -14,13 +14,23 @@
 //! Both products run the i8 GEMM of [`gemm`] (AVX-512 VNNI, AVX2 or scalar, chosen by the
 //! tactic `cpu.int8.<conv|matmul>.<isa>`), accumulate in i32, and requantize in f32:
 //! `y = act(acc·x_scale·w_scale[m] + b[m])`, `q = round(y / y_scale)`.
+//!
+//! **Explicit quantization** (QuantizeLinear/DequantizeLinear models, [`QdqIo`]): with the
+//! attributes `x_zero_point`, `y_zero_point` and `y_dtype`, the products also take the
+//! ONNX form — X u8 or i8 with a zero point (`x = (q − zp)·x_scale`), Y u8, i8 (saturated
+//! to the type's full range, zero point added after rounding half to even, as
+//! QuantizeLinear does) or f32 (no requantization). An input zero point is compensated in
+//! the i32 sums (`Σ w·(a − z) = Σ w·a − z·Σ w`; convolution padding is filled with `z`, the
+//! value meaning 0), which is exact. u8 inputs are read as `q − 128` (i8, exact), so
+//! activations reach −128: only the VNNI and scalar GEMMs take that (the AVX2 one needs
+//! ±127), so this form refuses AVX2 tactics.
 
 pub mod conv;
 pub mod gemm;
 pub mod matmul;
 pub mod qdq;
 
-use kiln_core::{Fact, KilnError, OpDesc, OpRegistry, Precision, Result, Tactic};
+use kiln_core::{DType, Fact, KilnError, OpDesc, OpRegistry, Precision, Result, Tactic};
 
 use crate::fused::KILN_DOMAIN;
 use gemm::Isa;
@@ -31,6 +41,167 @@ pub const X_SCALE: &str = "x_scale";
 pub const Y_SCALE: &str = "y_scale";
 /// Attribute: per-output-channel weight scales.
 pub const W_SCALES: &str = "w_scales";
+/// Attribute (explicit quantization): the input's zero point, in the input's own type.
+pub const X_ZERO_POINT: &str = "x_zero_point";
+/// Attribute (explicit quantization): the output's zero point, in the output's type.
+pub const Y_ZERO_POINT: &str = "y_zero_point";
+/// Attribute (explicit quantization): the output's ONNX type code (1 f32, 2 u8, 3 i8).
+pub const Y_DTYPE: &str = "y_dtype";
+
+/// The output of an INT8 product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutKind {
+    /// Symmetric i8, ±127, no zero point (the calibrated form).
+    Sym,
+    /// i8 or u8 (`u8`) with a zero point, saturated to the full range.
+    Zp {
+        /// The output is u8.
+        u8: bool,
+        /// The zero point, in the output's type.
+        zp: i32,
+    },
+    /// f32: `act(acc·x_scale·w_scale + b)` without requantization.
+    F32,
+}
+
+/// The input/output form of an INT8 product: symmetric (calibrated) or ONNX Q/DQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QdqIo {
+    /// True when any explicit-quantization attribute is present (the input may then be u8
+    /// and hold −128 after the shift, so AVX2 is refused).
+    pub explicit: bool,
+    /// The input zero point, in the input's type (checked against it at run time).
+    pub x_zp: i32,
+    /// The output form.
+    pub out: OutKind,
+}
+
+impl QdqIo {
+    /// Reads the explicit-quantization attributes (none: the symmetric form).
+    pub fn from_attrs(a: &kiln_core::AttrReader) -> Result<QdqIo> {
+        let x_zp = a.opt_int(X_ZERO_POINT)?;
+        let y_zp = a.opt_int(Y_ZERO_POINT)?;
+        let y_dt = a.opt_int(Y_DTYPE)?;
+        let explicit = x_zp.is_some() || y_zp.is_some() || y_dt.is_some();
+        let x_zp = x_zp.unwrap_or(0);
+        if !(-128..=255).contains(&x_zp) {
+            return Err(a.invalid(format!("{X_ZERO_POINT} {x_zp} is not an 8-bit value")));
+        }
+        let y_zp = y_zp.unwrap_or(0);
+        let out = match y_dt {
+            None if !explicit => OutKind::Sym,
+            None | Some(3) => OutKind::Zp {
+                u8: false,
+                zp: y_zp as i32,
+            },
+            Some(2) => OutKind::Zp {
+                u8: true,
+                zp: y_zp as i32,
+            },
+            Some(1) => OutKind::F32,
+            Some(other) => {
+                return Err(a.invalid(format!(
+                    "{Y_DTYPE} {other}: expected 1 (float), 2 (uint8) or 3 (int8)"
+                )))
+            }
+        };
+        if let OutKind::Zp { u8, zp } = out {
+            let ok = if u8 {
+                (0..=255).contains(&zp)
+            } else {
+                (-128..=127).contains(&zp)
+            };
+            if !ok {
+                return Err(a.invalid(format!(
+                    "{Y_ZERO_POINT} {zp} is out of range for {}",
+                    if u8 { "uint8" } else { "int8" }
+                )));
+            }
+        }
+        Ok(QdqIo {
+            explicit,
+            x_zp: x_zp as i32,
+            out,
+        })
+    }
+
+    /// The output dtype.
+    pub fn out_dtype(self) -> DType {
+        match self.out {
+            OutKind::Sym | OutKind::Zp { u8: false, .. } => DType::I8,
+            OutKind::Zp { u8: true, .. } => DType::U8,
+            OutKind::F32 => DType::F32,
+        }
+    }
+
+    /// For an input of `dtype`: the xor mask that maps its bytes to i8 (`0x80` for u8:
+    /// `q − 128`) and the zero point in that i8 domain. Errors name `op`.
+    pub fn input_domain(self, op: &str, dtype: DType) -> Result<(i8, i32)> {
+        match dtype {
+            DType::I8 if (-128..=127).contains(&self.x_zp) => Ok((0, self.x_zp)),
+            DType::U8 if self.explicit && (0..=255).contains(&self.x_zp) => {
+                Ok((i8::MIN, self.x_zp - 128))
+            }
+            DType::U8 if !self.explicit => Err(KilnError::kernel(
+                op,
+                "a uint8 input needs the explicit-quantization attributes (x_zero_point)",
+            )),
+            other => Err(KilnError::kernel(
+                op,
+                format!(
+                    "X must be int8 or uint8 holding its zero point {}, found {other}",
+                    self.x_zp
+                ),
+            )),
+        }
+    }
+
+    /// The requantization constants of this form (`mul`, `bias` filled by the caller).
+    pub(crate) fn requant(self, mul: f32, bias: f32, y_scale: f32) -> Requant {
+        let (zp, lo, hi, flip) = match self.out {
+            OutKind::Sym | OutKind::F32 => return Requant::sym(mul, bias, 1.0 / y_scale),
+            OutKind::Zp { u8: false, zp } => (zp as f32, -128.0, 127.0, 0),
+            OutKind::Zp { u8: true, zp } => ((zp - 128) as f32, -128.0, 127.0, i8::MIN),
+        };
+        Requant {
+            mul,
+            bias,
+            inv_y: 1.0 / y_scale,
+            zp,
+            lo,
+            hi,
+            flip,
+        }
+    }
+}
+
+/// Σ over each row of a `rows × k` i8 matrix (for zero-point compensation).
+pub fn row_sums(w: &[i8], rows: usize, k: usize) -> Vec<i32> {
+    (0..rows)
+        .map(|r| w[r * k..(r + 1) * k].iter().map(|&v| v as i32).sum())
+        .collect()
+}
+
+/// Refuses the AVX2 GEMM for the explicit form (its `sign` trick needs operands in ±127,
+/// the explicit form's inputs reach −128).
+fn check_isa(a: &kiln_core::AttrReader, io: QdqIo, isa: Isa) -> Result<()> {
+    if io.explicit && isa == Isa::Avx2 {
+        return Err(a.invalid(
+            "the AVX2 INT8 GEMM needs activations in ±127; layers with zero points (explicit quantization) take the vnni or scalar tactic",
+        ));
+    }
+    Ok(())
+}
+
+/// The ISA an explicit-quantization layer runs on this CPU: VNNI when present, else the
+/// scalar loops (AVX2 cannot take −128, see [`QdqIo`]).
+pub fn explicit_isa() -> Isa {
+    if Isa::Vnni.available() {
+        Isa::Vnni
+    } else {
+        Isa::Scalar
+    }
+}
 
 /// Registers the INT8 ops in the `kiln` domain.
 pub fn register(reg: &mut OpRegistry) {
@@ -108,6 +279,16 @@ pub fn quantize_one(x: f32, inv: f32) -> i8 {
     ((c + MAGIC) - MAGIC) as i8
 }
 
+/// Quantizes one value with a zero point: `clamp(round(x / scale) + zp, lo, hi)` (all in
+/// the i8 domain; rounding half to even before the zero point is added, as
+/// QuantizeLinear does), then `^ flip` (`0x80` turns the i8 domain into u8 bytes).
+#[inline(always)]
+pub fn quantize_zp(x: f32, inv: f32, zp: f32, lo: f32, hi: f32, flip: i8) -> i8 {
+    const MAGIC: f32 = 12_582_912.0;
+    let c = (x * inv).clamp(-4_194_304.0, 4_194_304.0);
+    (((c + MAGIC) - MAGIC) + zp).clamp(lo, hi) as i8 ^ flip
+}
+
 /// Requantizes one row of accumulators: `out[t] = q(act(acc[t]·mul + bias))`.
 pub(crate) fn requant_row(
     acc: &[i32],
@@ -117,13 +298,25 @@ pub(crate) fn requant_row(
     out: &mut [i8],
 ) {
     let n = acc.len();
+    act_row(acc, q, act, tmp);
+    if q.is_sym() {
+        for (d, &v) in out[..n].iter_mut().zip(&tmp[..n]) {
+            *d = quantize_one(v, q.inv_y);
+        }
+    } else {
+        for (d, &v) in out[..n].iter_mut().zip(&tmp[..n]) {
+            *d = quantize_zp(v, q.inv_y, q.zp, q.lo, q.hi, q.flip);
+        }
+    }
+}
+
+/// `tmp[t] = act(acc[t]·mul + bias)` (the f32 result before requantization).
+pub(crate) fn act_row(acc: &[i32], q: Requant, act: crate::fused::Activation, tmp: &mut [f32]) {
+    let n = acc.len();
     for (v, &a) in tmp[..n].iter_mut().zip(acc) {
         *v = a as f32 * q.mul;
     }
     crate::ops::conv::kernel::epilogue(&mut tmp[..n], q.bias, act);
-    for (d, &v) in out[..n].iter_mut().zip(&tmp[..n]) {
-        *d = quantize_one(v, q.inv_y);
-    }
 }
 
 /// Symmetric per-row quantization of a weight matrix (`rows × cols` f32): returns the i8
@@ -154,15 +347,53 @@ pub(crate) struct Requant {
     pub bias: f32,
     /// `1 / y_scale`.
     pub inv_y: f32,
+    /// Output zero point in the i8 domain (0 for the symmetric form).
+    pub zp: f32,
+    /// Smallest output value in the i8 domain (−127 symmetric, −128 explicit).
+    pub lo: f32,
+    /// Largest output value in the i8 domain.
+    pub hi: f32,
+    /// Xor applied to the stored byte (`i8::MIN`: u8 output).
+    pub flip: i8,
 }
 
 impl Requant {
+    /// The symmetric form's constants.
+    pub fn sym(mul: f32, bias: f32, inv_y: f32) -> Requant {
+        Requant {
+            mul,
+            bias,
+            inv_y,
+            zp: 0.0,
+            lo: -127.0,
+            hi: 127.0,
+            flip: 0,
+        }
+    }
+
+    /// True for the symmetric form (the fast `quantize_one` path).
+    #[inline(always)]
+    pub fn is_sym(self) -> bool {
+        self.zp == 0.0 && self.lo == -127.0 && self.flip == 0
+    }
+
     /// The same arithmetic as [`requant_row`], for one value.
     #[inline(always)]
     pub fn apply(self, acc: i32, act: crate::fused::Activation) -> i8 {
+        let v = self.apply_f32(acc, act);
+        if self.is_sym() {
+            quantize_one(v, self.inv_y)
+        } else {
+            quantize_zp(v, self.inv_y, self.zp, self.lo, self.hi, self.flip)
+        }
+    }
+
+    /// `act(acc·mul + bias)` before requantization.
+    #[inline(always)]
+    pub fn apply_f32(self, acc: i32, act: crate::fused::Activation) -> f32 {
         let mut v = [acc as f32 * self.mul];
         crate::ops::conv::kernel::epilogue(&mut v, self.bias, act);
-        quantize_one(v[0], self.inv_y)
+        v[0]
     }
 }
 
@@ -182,26 +413,88 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
-/// The i8 output slot of an INT8 layer, checked against the shape it computes.
-fn i8_output_slot<'a>(
+/// [`OutPtr`] for f32 outputs (explicit quantization without a trailing QuantizeLinear).
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtrF(pub *mut f32);
+impl OutPtrF {
+    /// The pointer `i` elements further.
+    pub fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+// SAFETY: as for OutPtr: tiles write disjoint indices.
+unsafe impl Send for OutPtrF {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtrF {}
+
+/// Where an INT8 product writes: i8/u8 bytes (u8 stored as their bit pattern, the
+/// requantization already flipped them) or f32.
+pub(crate) enum OutBuf<'a> {
+    /// i8 or u8 output bytes.
+    Bytes(&'a mut [i8]),
+    /// f32 output.
+    F32(&'a mut [f32]),
+}
+
+impl OutBuf<'_> {
+    /// Number of elements.
+    pub fn count(&self) -> usize {
+        match self {
+            OutBuf::Bytes(b) => b.len(),
+            OutBuf::F32(f) => f.len(),
+        }
+    }
+}
+
+/// The output slot of an explicit or symmetric INT8 layer, checked against the shape and
+/// dtype it computes.
+fn output_slot<'a>(
     op: &str,
     outputs: &'a mut [kiln_core::TensorMut<'_>],
     shape: &[usize],
-) -> Result<&'a mut [i8]> {
+    dtype: DType,
+) -> Result<OutBuf<'a>> {
     let slot = outputs
         .first_mut()
         .ok_or_else(|| KilnError::kernel(op, "no output slot"))?;
-    if slot.shape() != shape || slot.dtype() != kiln_core::DType::I8 {
+    if slot.shape() != shape || slot.dtype() != dtype {
         return Err(KilnError::kernel(
             op,
             format!(
-                "output slot is {} {:?}, expected i8 {shape:?}",
+                "output slot is {} {:?}, expected {dtype} {shape:?}",
                 slot.dtype(),
                 slot.shape()
             ),
         ));
     }
-    slot.as_mut_slice::<i8>()
+    Ok(match dtype {
+        DType::F32 => OutBuf::F32(slot.as_mut_slice::<f32>()?),
+        _ => OutBuf::Bytes(bytemuck::cast_slice_mut(slot.bytes_mut())),
+    })
+}
+
+/// A fresh output tensor's storage for `eval` and the tensor made from it afterwards.
+fn new_output(dtype: DType, len: usize) -> (Vec<i8>, Vec<f32>) {
+    if dtype == DType::F32 {
+        (Vec::new(), vec![0.0; len])
+    } else {
+        (vec![0; len], Vec::new())
+    }
+}
+
+/// The tensor `eval` returns from [`new_output`]'s storage.
+fn output_tensor(
+    dtype: DType,
+    shape: &[usize],
+    b: Vec<i8>,
+    f: Vec<f32>,
+) -> Result<kiln_core::Tensor> {
+    match dtype {
+        DType::F32 => kiln_core::Tensor::from_vec(shape, f),
+        DType::U8 => kiln_core::Tensor::from_vec(shape, b.into_iter().map(|v| v as u8).collect()),
+        _ => kiln_core::Tensor::from_vec(shape, b),
+    }
 }
 
 #[cfg(test)]
