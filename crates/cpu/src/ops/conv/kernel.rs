@@ -294,37 +294,254 @@ impl ConvF32<'_> {
         }
     }
 
-    /// Depthwise (one input channel per group): a direct kernel per output plane.
+    /// Depthwise (one input channel per group): a direct kernel per output plane, planes
+    /// grouped into parallel tasks of at least [`DW_TASK_WORK`] multiply-adds.
     fn run_direct(&self, out: &mut [f32]) -> Result<()> {
         let ConvDims { c, m, group, .. } = self.dims;
         let mg = m / group;
         let (p, isz, ksz) = (self.sp.out_size(), self.sp.in_size(), self.sp.kernel_size());
-        let sw = self.sp.strides[2];
-        let body = |(idx, plane): (usize, &mut [f32])| {
-            let (bn, om) = (idx / m, idx % m);
-            let cin = om / mg;
-            let xp = &self.x[(bn * c + cin) * isz..(bn * c + cin + 1) * isz];
-            let wk = &self.w[om * ksz..(om + 1) * ksz];
-            let bias = self.bias.map_or(0.0, |b| b[om]);
-            if sw == 1 {
-                direct_plane(xp, wk, bias, &self.sp, self.act, plane);
-            } else {
-                // Strided: the plane's rows split into `sw` phases first, so every tap reads
-                // a contiguous run (and the loop vectorises).
+        let planes = out.len() / p;
+        let flat = FlatPlane::new(&self.sp);
+        let scratch = match &flat {
+            Some(f) => f.scratch_len(),
+            None => {
                 let [id_n, ih_n, iw_n] = self.sp.input;
-                let row = sw * iw_n.div_ceil(sw);
-                crate::scratch::with_scratch::<f32, _>(id_n * ih_n * row, |ph| {
-                    phase_split(xp, iw_n, sw, ph);
-                    direct_plane(ph, wk, bias, &self.sp, self.act, plane);
-                });
+                let sw = self.sp.strides[2];
+                if sw == 1 {
+                    0
+                } else {
+                    id_n * ih_n * sw * iw_n.div_ceil(sw)
+                }
             }
         };
-        if rayon::current_num_threads() > 1 && out.len() >= 4096 {
-            out.par_chunks_mut(p).enumerate().for_each(body);
+        let body = |first: usize, chunk: &mut [f32]| {
+            crate::scratch::with_scratch::<f32, _>(scratch, |buf| {
+                for (i, plane) in chunk.chunks_mut(p).enumerate() {
+                    let idx = first + i;
+                    let (bn, om) = (idx / m, idx % m);
+                    let cin = om / mg;
+                    let xp = &self.x[(bn * c + cin) * isz..(bn * c + cin + 1) * isz];
+                    let wk = &self.w[om * ksz..(om + 1) * ksz];
+                    let bias = self.bias.map_or(0.0, |b| b[om]);
+                    if let Some(f) = &flat {
+                        f.run(xp, wk, bias, self.act, buf, plane);
+                    } else if self.sp.strides[2] == 1 {
+                        direct_plane(xp, wk, bias, &self.sp, self.act, plane);
+                    } else {
+                        // Strided: the plane's rows split into `sw` phases first, so every
+                        // tap reads a contiguous run (and the loop vectorises).
+                        phase_split(xp, self.sp.input[2], self.sp.strides[2], buf);
+                        direct_plane(buf, wk, bias, &self.sp, self.act, plane);
+                    }
+                }
+            })
+        };
+        let per_task = planes_per_task(planes, p * ksz, rayon::current_num_threads());
+        if per_task < planes {
+            out.par_chunks_mut(per_task * p)
+                .enumerate()
+                .for_each(|(t, chunk)| body(t * per_task, chunk));
         } else {
-            out.chunks_mut(p).enumerate().for_each(body);
+            body(0, out);
         }
         Ok(())
+    }
+}
+
+/// Minimum multiply-adds per parallel task of the depthwise kernel (below it a task costs
+/// about as much to schedule as to run).
+pub const DW_TASK_WORK: usize = 1 << 15;
+
+/// Planes per task when `planes` planes of `work` multiply-adds each are split over
+/// `threads` threads: `planes` (one serial task) when there is one thread or too little
+/// work, else about four tasks per thread, none below [`DW_TASK_WORK`].
+pub fn planes_per_task(planes: usize, work: usize, threads: usize) -> usize {
+    let total = planes.saturating_mul(work.max(1));
+    if threads <= 1 || planes <= 1 || total < 2 * DW_TASK_WORK {
+        return planes.max(1);
+    }
+    let tasks = (threads * 4).min(planes).min(total / DW_TASK_WORK).max(1);
+    planes.div_ceil(tasks)
+}
+
+/// The 1-D/2-D depthwise plane as one long multiply-add per tap: the input plane is padded
+/// and split into `sh × sw` stride phases (phase `(qh, qw)` holds padded rows `qh + sh·r`,
+/// columns `qw + sw·t`, `ph × pw` values each), so output `(oh, ow)`'s tap `(kh, kw)` reads
+/// phase `(kh·dh mod sh, kw·dw mod sw)` at `(oh + ⌊kh·dh/sh⌋)·pw + ow + ⌊kw·dw/sw⌋`: with
+/// the output laid out at row pitch `pw` every tap is one contiguous run over the whole
+/// plane (the `pw − ow` extra columns per row are computed and dropped).
+#[derive(Debug, Clone, Copy)]
+pub struct FlatPlane {
+    sp: Spatial3,
+    /// Rows and columns of one phase.
+    ph: usize,
+    pw: usize,
+    /// Length of the flattened output run: `(oh − 1)·pw + ow`.
+    run: usize,
+}
+
+/// Flattened output values per chunk of [`FlatPlane::run`] (the chunk stays in L1 while
+/// every tap is accumulated into it).
+const FLAT_CHUNK: usize = 1024;
+
+impl FlatPlane {
+    /// The layout for `sp`, or `None` for a true 3-D window (depth > 1), which the row
+    /// kernel handles.
+    pub fn new(sp: &Spatial3) -> Option<FlatPlane> {
+        if sp.input[0] != 1 || sp.kernel[0] != 1 || sp.output[0] != 1 || sp.pad_begin[0] != 0 {
+            return None;
+        }
+        let [_, oh, ow] = sp.output;
+        let [_, kh, kw] = sp.kernel;
+        if oh == 0 || ow == 0 || kh == 0 || kw == 0 {
+            return None;
+        }
+        let (sh, sw) = (sp.strides[1].max(1), sp.strides[2].max(1));
+        let hp = (oh - 1) * sh + (kh - 1) * sp.dilations[1] + 1;
+        let wp = (ow - 1) * sw + (kw - 1) * sp.dilations[2] + 1;
+        let (ph, pw) = (hp.div_ceil(sh), wp.div_ceil(sw));
+        Some(FlatPlane {
+            sp: *sp,
+            ph,
+            pw,
+            run: (oh - 1) * pw + ow,
+        })
+    }
+
+    /// Scratch values [`FlatPlane::run`] needs: the phases, then the output run.
+    pub fn scratch_len(&self) -> usize {
+        let (sh, sw) = (self.sp.strides[1].max(1), self.sp.strides[2].max(1));
+        sh * sw * self.ph * self.pw + self.run.next_multiple_of(16)
+    }
+
+    /// Writes the padded phases of input plane `x` into `dst` (`sh·sw·ph·pw` values).
+    fn fill(&self, x: &[f32], dst: &mut [f32]) {
+        let sp = &self.sp;
+        let [_, ih, iw] = sp.input;
+        let (sh, sw) = (sp.strides[1].max(1), sp.strides[2].max(1));
+        let (pt, pl) = (sp.pad_begin[1], sp.pad_begin[2]);
+        let (ph, pw) = (self.ph, self.pw);
+        dst.fill(0.0);
+        for qh in 0..sh {
+            for qw in 0..sw {
+                let phase = &mut dst[(qh * sw + qw) * ph * pw..(qh * sw + qw + 1) * ph * pw];
+                // Columns t with qw + sw·t − pl in [0, iw).
+                let t_lo = if pl > qw { (pl - qw).div_ceil(sw) } else { 0 };
+                let t_hi = if iw + pl > qw {
+                    (iw + pl - qw).div_ceil(sw).min(pw)
+                } else {
+                    0
+                };
+                if t_lo >= t_hi {
+                    continue;
+                }
+                for r in 0..ph {
+                    let row = qh + sh * r;
+                    if row < pt || row - pt >= ih {
+                        continue;
+                    }
+                    let src = &x[(row - pt) * iw..(row - pt + 1) * iw];
+                    let d = &mut phase[r * pw + t_lo..r * pw + t_hi];
+                    let c0 = qw + sw * t_lo - pl;
+                    if sw == 1 {
+                        d.copy_from_slice(&src[c0..c0 + d.len()]);
+                    } else {
+                        for (j, v) in d.iter_mut().enumerate() {
+                            *v = src[c0 + j * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One output plane from input plane `x`, weights `wk` (kh × kw), with `buf` of
+    /// [`FlatPlane::scratch_len`] values.
+    pub fn run(
+        &self,
+        x: &[f32],
+        wk: &[f32],
+        bias: f32,
+        act: Activation,
+        buf: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let (sh, sw) = (self.sp.strides[1].max(1), self.sp.strides[2].max(1));
+        let (phases, rest) = buf.split_at_mut(sh * sw * self.ph * self.pw);
+        let acc = &mut rest[..self.run];
+        self.fill(x, phases);
+        flat_taps(self, phases, wk, acc);
+        let [_, oh, ow] = self.sp.output;
+        for r in 0..oh {
+            let orow = &mut out[r * ow..(r + 1) * ow];
+            orow.copy_from_slice(&acc[r * self.pw..r * self.pw + ow]);
+            epilogue(orow, bias, act);
+        }
+    }
+}
+
+/// The tap loop of [`FlatPlane::run`] with the best SIMD this CPU has.
+fn flat_taps(f: &FlatPlane, phases: &[f32], wk: &[f32], acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::linalg::sgemm::Isa;
+        match Isa::detect() {
+            // SAFETY: the CPU supports the features (run-time detection).
+            Isa::Avx512 => return unsafe { flat_taps_avx512(f, phases, wk, acc) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { flat_taps_avx2(f, phases, wk, acc) },
+            Isa::Scalar => {}
+        }
+    }
+    flat_taps_body(f, phases, wk, acc, |o, w, i| *o += w * i)
+}
+
+/// [`flat_taps_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn flat_taps_avx512(f: &FlatPlane, phases: &[f32], wk: &[f32], acc: &mut [f32]) {
+    flat_taps_body(f, phases, wk, acc, |o, w, i| *o = w.mul_add(i, *o))
+}
+
+/// [`flat_taps_body`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn flat_taps_avx2(f: &FlatPlane, phases: &[f32], wk: &[f32], acc: &mut [f32]) {
+    flat_taps_body(f, phases, wk, acc, |o, w, i| *o = w.mul_add(i, *o))
+}
+
+/// `acc[j] = Σ_taps w · phase[offset(tap) + j]` over the flattened run, chunk by chunk.
+#[inline(always)]
+fn flat_taps_body(
+    f: &FlatPlane,
+    phases: &[f32],
+    wk: &[f32],
+    acc: &mut [f32],
+    fma: impl Fn(&mut f32, f32, f32),
+) {
+    let sp = &f.sp;
+    let [_, kh_n, kw_n] = sp.kernel;
+    let (sh, sw) = (sp.strides[1].max(1), sp.strides[2].max(1));
+    let (dh, dw) = (sp.dilations[1], sp.dilations[2]);
+    let (ph, pw) = (f.ph, f.pw);
+    let mut j0 = 0;
+    while j0 < f.run {
+        let j1 = (j0 + FLAT_CHUNK).min(f.run);
+        let chunk = &mut acc[j0..j1];
+        chunk.fill(0.0);
+        for kh in 0..kh_n {
+            let (qh, a) = ((kh * dh) % sh, (kh * dh) / sh);
+            for kw in 0..kw_n {
+                let (qw, b) = ((kw * dw) % sw, (kw * dw) / sw);
+                let wv = wk[kh * kw_n + kw];
+                let start = (qh * sw + qw) * ph * pw + a * pw + b + j0;
+                let src = &phases[start..start + (j1 - j0)];
+                for (o, &i) in chunk.iter_mut().zip(src) {
+                    fma(o, wv, i);
+                }
+            }
+        }
+        j0 = j1;
     }
 }
 
@@ -512,6 +729,122 @@ mod tests {
     use crate::ops::conv::reference::conv_reference;
     use crate::ops::conv::test_util::{max_diff, Lcg};
     use crate::ops::linalg::sgemm::Isa;
+
+    /// The whole depthwise path (flattened planes for 1-D/2-D, the row kernel for 3-D,
+    /// planes split over tasks) against the reference convolution, at odd channel counts,
+    /// multipliers > 1, batches, every stride/dilation/pad mix below, and 1, 2 and 3
+    /// threads; also the flattened tap loop's portable and SIMD builds on their own.
+    #[test]
+    fn depthwise_matches_the_reference_at_1_2_3_threads() {
+        /// (n, channels, multiplier, input, kernel, pads (begin..., end...), strides, dilations)
+        type Case = (
+            usize,
+            usize,
+            usize,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+        );
+        let cases: Vec<Case> = vec![
+            (1, 7, 1, vec![14, 14], vec![5, 5], vec![2, 2, 2, 2], vec![1, 1], vec![1, 1]),
+            (2, 5, 1, vec![9, 53], vec![3, 3], vec![1, 1, 1, 1], vec![2, 2], vec![1, 1]),
+            (1, 3, 2, vec![13, 17], vec![3, 5], vec![1, 2, 0, 1], vec![2, 3], vec![1, 2]),
+            (3, 33, 1, vec![7, 7], vec![3, 3], vec![1, 1, 1, 1], vec![1, 1], vec![1, 1]),
+            (1, 9, 1, vec![6, 6], vec![3, 3], vec![0, 0, 0, 0], vec![1, 4], vec![2, 1]),
+            (1, 65, 1, vec![31, 29], vec![5, 5], vec![4, 1, 3, 0], vec![3, 2], vec![1, 1]),
+            (1, 4, 1, vec![3, 2], vec![3, 3], vec![2, 2, 2, 2], vec![1, 1], vec![2, 2]),
+            (2, 11, 1, vec![40], vec![7], vec![3, 3], vec![1], vec![1]),
+            (1, 6, 1, vec![37], vec![4], vec![0, 2], vec![3], vec![2]),
+            (1, 3, 1, vec![5, 6, 7], vec![3, 3, 3], vec![1, 1, 1, 1, 1, 1], vec![1, 2, 1], vec![1, 1, 1]),
+            (1, 129, 1, vec![60, 61], vec![3, 3], vec![1, 1, 1, 1], vec![2, 2], vec![1, 1]),
+        ];
+        for (ci, (n, c, mult, input, kernel, pads, strides, dil)) in cases.into_iter().enumerate() {
+            let win = WindowAttrs {
+                pads: Some(pads),
+                strides: Some(strides),
+                dilations: Some(dil),
+                ..Default::default()
+            };
+            let sp = win
+                .resolve("Conv", &input, &kernel)
+                .unwrap()
+                .to3("Conv")
+                .unwrap();
+            let m = c * mult;
+            let dims = ConvDims { n, c, m, group: c };
+            let mut r = Lcg(ci as u64 + 77);
+            let x = r.vec(n * c * sp.in_size());
+            let w = r.vec(m * sp.kernel_size());
+            let b = r.vec(m);
+            let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+            let want: Vec<f32> = conv_reference(&f64v(&x), &f64v(&w), Some(&f64v(&b)), dims, &sp)
+                .iter()
+                .map(|&v| Activation::HardSwish.apply(v as f32))
+                .collect();
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = vec![f32::NAN; n * m * sp.out_size()];
+                let conv = ConvF32 {
+                    x: &x,
+                    w: &w,
+                    bias: Some(&b),
+                    dims,
+                    sp,
+                    act: Activation::HardSwish,
+                    algo: ConvAlgo::Direct,
+                    packed: None,
+                };
+                pool.install(|| conv.run(&mut got)).unwrap();
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-5, "case {ci} at {threads} threads: diff {d}");
+            }
+            // Every build of the flattened tap loop, one plane.
+            if let Some(f) = FlatPlane::new(&sp) {
+                let mut buf = vec![0.0f32; f.scratch_len()];
+                let (sh, sw) = (sp.strides[1], sp.strides[2]);
+                let np = sh * sw * f.ph * f.pw;
+                f.fill(&x[..sp.in_size()], &mut buf[..np]);
+                let phases = buf[..np].to_vec();
+                let mut want_acc = vec![0.0f32; f.run];
+                flat_taps_body(&f, &phases, &w[..sp.kernel_size()], &mut want_acc, |o, w, i| {
+                    *o += w * i
+                });
+                let mut acc = vec![f32::NAN; f.run];
+                flat_taps(&f, &phases, &w[..sp.kernel_size()], &mut acc);
+                let d = max_diff(&acc, &want_acc);
+                assert!(d < 1e-5, "case {ci} dispatched tap loop: diff {d}");
+                #[cfg(target_arch = "x86_64")]
+                if Isa::Avx2.supported() {
+                    acc.fill(f32::NAN);
+                    // SAFETY: AVX2 and FMA are present (checked above).
+                    unsafe { flat_taps_avx2(&f, &phases, &w[..sp.kernel_size()], &mut acc) };
+                    let d = max_diff(&acc, &want_acc);
+                    assert!(d < 1e-5, "case {ci} avx2 tap loop: diff {d}");
+                }
+            } else {
+                assert_eq!(input.len(), 3, "case {ci}: only 3-D windows use the row kernel");
+            }
+        }
+    }
+
+    /// Task sizing: serial for one thread or little work, at least the minimum work per task
+    /// otherwise, every plane covered.
+    #[test]
+    fn planes_per_task_keeps_small_problems_serial() {
+        assert_eq!(planes_per_task(256, 196 * 25, 1), 256);
+        assert_eq!(planes_per_task(3, 10, 2), 3);
+        assert_eq!(planes_per_task(1, 1 << 20, 2), 1);
+        for (planes, work, threads) in [(256, 196 * 25, 2), (7, 1 << 16, 3), (1000, 49 * 9, 2)] {
+            let per = planes_per_task(planes, work, threads);
+            assert!(per >= 1 && per < planes);
+            assert!(per * work >= DW_TASK_WORK || per * work * 2 >= DW_TASK_WORK);
+        }
+    }
 
     /// Every build of the depthwise row loop (portable, AVX2, AVX-512 where the CPU has
     /// them) against the reference convolution of one plane, strided and dilated.
