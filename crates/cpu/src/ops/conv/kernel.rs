@@ -162,7 +162,25 @@ impl ConvF32<'_> {
             } => (tile_elems.max(1), parallel_outer),
         };
         let chunks = n * group;
-        let parallel_outer = outer && chunks > 1 && rayon::current_num_threads() > 1;
+        let threads = rayon::current_num_threads();
+        let parallel_outer = outer && chunks > 1 && threads > 1;
+        if !parallel_outer && threads > 1 && !self.sp.is_pointwise() {
+            // One (image, group) at a time: the output positions split over threads, each
+            // task running its own im2col tiles and a serial product.
+            let k = cg * self.sp.kernel_size();
+            let tasks = position_tasks(mg * k, p, threads);
+            if tasks > 1 {
+                for (idx, chunk) in out.chunks_mut(mg * p).enumerate() {
+                    let (bn, g) = (idx / group, idx % group);
+                    let xg = &self.x[(bn * c + g * cg) * self.sp.in_size()
+                        ..(bn * c + (g + 1) * cg) * self.sp.in_size()];
+                    let wg = &self.w[g * mg * k..(g + 1) * mg * k];
+                    let bias = self.bias.map(|b| &b[g * mg..(g + 1) * mg]);
+                    self.run_group_split(xg, wg, bias, cg, mg, chunk, tasks, tile_elems)?;
+                }
+                return Ok(());
+            }
+        }
         let body = |(idx, chunk): (usize, &mut [f32])| -> Result<()> {
             let (bn, g) = (idx / group, idx % group);
             let xg = &self.x[(bn * c + g * cg) * self.sp.in_size()
@@ -203,6 +221,70 @@ impl ConvF32<'_> {
         let tile = (tile_elems / k.max(1)).max(128).min(p);
         crate::scratch::with_scratch::<f32, _>(k * tile, |col| {
             self.tiles(xg, wg, bias, cg, mg, out, par, tile, col)
+        })
+    }
+
+    /// One (image, group) with its output positions split into `tasks` parallel ranges:
+    /// each task runs im2col tiles of its range with a serial product into a scratch tile
+    /// (`mg × tile`), applies the epilogue there and copies the rows into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_group_split(
+        &self,
+        xg: &[f32],
+        wg: &[f32],
+        bias: Option<&[f32]>,
+        cg: usize,
+        mg: usize,
+        out: &mut [f32],
+        tasks: usize,
+        tile_elems: usize,
+    ) -> Result<()> {
+        let p = self.sp.out_size();
+        let k = cg * self.sp.kernel_size();
+        let per = p.div_ceil(tasks);
+        let tile = (tile_elems / k.max(1)).max(128).min(per);
+        let dst = OutPtr(out.as_mut_ptr());
+        debug_assert_eq!(out.len(), mg * p);
+        (0..tasks).into_par_iter().try_for_each(|t| -> Result<()> {
+            let dst = dst;
+            let (r0, r1) = (p * t / tasks, p * (t + 1) / tasks);
+            crate::scratch::with_scratch::<f32, _>(k * tile, |col| {
+                crate::scratch::with_scratch::<f32, _>(mg * tile, |acc| {
+                    let mut p0 = r0;
+                    while p0 < r1 {
+                        let p1 = (p0 + tile).min(r1);
+                        let tw = p1 - p0;
+                        im2col_tile(xg, cg, &self.sp, p0, p1, &mut col[..k * tw]);
+                        let acc = &mut acc[..mg * tw];
+                        self.product(
+                            mg,
+                            tw,
+                            k,
+                            acc,
+                            tw,
+                            wg,
+                            MatRef::row_major(&col[..k * tw], tw),
+                            false,
+                        )?;
+                        for (r, row) in acc.chunks_exact_mut(tw).enumerate() {
+                            epilogue(row, bias.map_or(0.0, |b| b[r]), self.act);
+                            // SAFETY: row r, columns p0..p1 of the mg × p output lie inside
+                            // `out` (checked length); tasks own disjoint column ranges
+                            // r0..r1, so no two tasks write the same element, and `out`
+                            // is not read while the tasks run.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    row.as_ptr(),
+                                    dst.0.add(r * p + p0),
+                                    tw,
+                                )
+                            };
+                        }
+                        p0 = p1;
+                    }
+                    Ok(())
+                })
+            })
         })
     }
 
@@ -346,6 +428,27 @@ impl ConvF32<'_> {
         }
         Ok(())
     }
+}
+
+/// The output of one (image, group), shared by the tasks of
+/// [`ConvF32::run_group_split`], which write disjoint column ranges through it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (see `run_group_split`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// Minimum multiply-adds per task when an im2col convolution's output positions are
+/// split over threads.
+pub const POSITION_TASK_WORK: usize = 1 << 17;
+
+/// How many parallel tasks the `p` output positions of one (image, group) get when each
+/// position costs `per_position` multiply-adds: at most `threads`, each task at least
+/// [`POSITION_TASK_WORK`] and 64 positions; 1 (serial) for small problems.
+pub fn position_tasks(per_position: usize, p: usize, threads: usize) -> usize {
+    let work = per_position.saturating_mul(p);
+    threads.min(work / POSITION_TASK_WORK).min(p / 64).max(1)
 }
 
 /// Minimum multiply-adds per parallel task of the depthwise kernel (below it a task costs
@@ -748,17 +851,98 @@ mod tests {
             Vec<usize>,
         );
         let cases: Vec<Case> = vec![
-            (1, 7, 1, vec![14, 14], vec![5, 5], vec![2, 2, 2, 2], vec![1, 1], vec![1, 1]),
-            (2, 5, 1, vec![9, 53], vec![3, 3], vec![1, 1, 1, 1], vec![2, 2], vec![1, 1]),
-            (1, 3, 2, vec![13, 17], vec![3, 5], vec![1, 2, 0, 1], vec![2, 3], vec![1, 2]),
-            (3, 33, 1, vec![7, 7], vec![3, 3], vec![1, 1, 1, 1], vec![1, 1], vec![1, 1]),
-            (1, 9, 1, vec![6, 6], vec![3, 3], vec![0, 0, 0, 0], vec![1, 4], vec![2, 1]),
-            (1, 65, 1, vec![31, 29], vec![5, 5], vec![4, 1, 3, 0], vec![3, 2], vec![1, 1]),
-            (1, 4, 1, vec![3, 2], vec![3, 3], vec![2, 2, 2, 2], vec![1, 1], vec![2, 2]),
+            (
+                1,
+                7,
+                1,
+                vec![14, 14],
+                vec![5, 5],
+                vec![2, 2, 2, 2],
+                vec![1, 1],
+                vec![1, 1],
+            ),
+            (
+                2,
+                5,
+                1,
+                vec![9, 53],
+                vec![3, 3],
+                vec![1, 1, 1, 1],
+                vec![2, 2],
+                vec![1, 1],
+            ),
+            (
+                1,
+                3,
+                2,
+                vec![13, 17],
+                vec![3, 5],
+                vec![1, 2, 0, 1],
+                vec![2, 3],
+                vec![1, 2],
+            ),
+            (
+                3,
+                33,
+                1,
+                vec![7, 7],
+                vec![3, 3],
+                vec![1, 1, 1, 1],
+                vec![1, 1],
+                vec![1, 1],
+            ),
+            (
+                1,
+                9,
+                1,
+                vec![6, 6],
+                vec![3, 3],
+                vec![0, 0, 0, 0],
+                vec![1, 4],
+                vec![2, 1],
+            ),
+            (
+                1,
+                65,
+                1,
+                vec![31, 29],
+                vec![5, 5],
+                vec![4, 1, 3, 0],
+                vec![3, 2],
+                vec![1, 1],
+            ),
+            (
+                1,
+                4,
+                1,
+                vec![3, 2],
+                vec![3, 3],
+                vec![2, 2, 2, 2],
+                vec![1, 1],
+                vec![2, 2],
+            ),
             (2, 11, 1, vec![40], vec![7], vec![3, 3], vec![1], vec![1]),
             (1, 6, 1, vec![37], vec![4], vec![0, 2], vec![3], vec![2]),
-            (1, 3, 1, vec![5, 6, 7], vec![3, 3, 3], vec![1, 1, 1, 1, 1, 1], vec![1, 2, 1], vec![1, 1, 1]),
-            (1, 129, 1, vec![60, 61], vec![3, 3], vec![1, 1, 1, 1], vec![2, 2], vec![1, 1]),
+            (
+                1,
+                3,
+                1,
+                vec![5, 6, 7],
+                vec![3, 3, 3],
+                vec![1, 1, 1, 1, 1, 1],
+                vec![1, 2, 1],
+                vec![1, 1, 1],
+            ),
+            (
+                1,
+                129,
+                1,
+                vec![60, 61],
+                vec![3, 3],
+                vec![1, 1, 1, 1],
+                vec![2, 2],
+                vec![1, 1],
+            ),
         ];
         for (ci, (n, c, mult, input, kernel, pads, strides, dil)) in cases.into_iter().enumerate() {
             let win = WindowAttrs {
@@ -811,9 +995,13 @@ mod tests {
                 f.fill(&x[..sp.in_size()], &mut buf[..np]);
                 let phases = buf[..np].to_vec();
                 let mut want_acc = vec![0.0f32; f.run];
-                flat_taps_body(&f, &phases, &w[..sp.kernel_size()], &mut want_acc, |o, w, i| {
-                    *o += w * i
-                });
+                flat_taps_body(
+                    &f,
+                    &phases,
+                    &w[..sp.kernel_size()],
+                    &mut want_acc,
+                    |o, w, i| *o += w * i,
+                );
                 let mut acc = vec![f32::NAN; f.run];
                 flat_taps(&f, &phases, &w[..sp.kernel_size()], &mut acc);
                 let d = max_diff(&acc, &want_acc);
@@ -827,9 +1015,95 @@ mod tests {
                     assert!(d < 1e-5, "case {ci} avx2 tap loop: diff {d}");
                 }
             } else {
-                assert_eq!(input.len(), 3, "case {ci}: only 3-D windows use the row kernel");
+                assert_eq!(
+                    input.len(),
+                    3,
+                    "case {ci}: only 3-D windows use the row kernel"
+                );
             }
         }
+    }
+
+    /// im2col convolutions with the output positions split over 1, 2 and 3 threads (one
+    /// image and group, several groups, batches; one or several tiles per task; plain and
+    /// packed weights) against the reference convolution.
+    #[test]
+    fn im2col_position_split_matches_the_reference_at_1_2_3_threads() {
+        /// (n, c, m, group, input, kernel, pads, strides)
+        type Case = (
+            usize,
+            usize,
+            usize,
+            usize,
+            [usize; 2],
+            [usize; 2],
+            [usize; 4],
+            [usize; 2],
+        );
+        let cases: [Case; 4] = [
+            (1, 3, 16, 1, [67, 71], [3, 3], [1, 1, 1, 1], [2, 2]),
+            (1, 5, 13, 1, [41, 37], [3, 3], [1, 0, 1, 2], [1, 1]),
+            (2, 6, 10, 2, [30, 33], [5, 3], [2, 1, 2, 1], [1, 1]),
+            (1, 4, 7, 1, [20, 150], [1, 7], [0, 3, 0, 3], [1, 1]),
+        ];
+        for (ci, (n, c, m, group, input, kernel, pads, strides)) in cases.into_iter().enumerate() {
+            let win = WindowAttrs {
+                pads: Some(pads.to_vec()),
+                strides: Some(strides.to_vec()),
+                ..Default::default()
+            };
+            let sp = win
+                .resolve("Conv", &input, &kernel)
+                .unwrap()
+                .to3("Conv")
+                .unwrap();
+            let dims = ConvDims { n, c, m, group };
+            let mut r = Lcg(ci as u64 + 300);
+            let x = r.vec(n * c * sp.in_size());
+            let w = r.vec(m * (c / group) * sp.kernel_size());
+            let b = r.vec(m);
+            let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+            let want: Vec<f32> = conv_reference(&f64v(&x), &f64v(&w), Some(&f64v(&b)), dims, &sp)
+                .iter()
+                .map(|&v| Activation::Relu.apply(v as f32))
+                .collect();
+            let isa = Isa::detect();
+            let packed = pack_weights(&w, m, group, isa).unwrap();
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for tile_elems in [TILE_ELEMS, 2048] {
+                    for prepacked in [false, true] {
+                        let conv = ConvF32 {
+                            x: &x,
+                            w: if prepacked { &packed } else { &w },
+                            bias: Some(&b),
+                            dims,
+                            sp,
+                            act: Activation::Relu,
+                            algo: ConvAlgo::Im2colGemm {
+                                tile_elems,
+                                parallel_outer: false,
+                            },
+                            packed: prepacked.then_some(isa),
+                        };
+                        let mut got = vec![f32::NAN; n * m * sp.out_size()];
+                        pool.install(|| conv.run(&mut got)).unwrap();
+                        let d = max_diff(&got, &want);
+                        assert!(
+                            d < 1e-4,
+                            "case {ci} at {threads} threads, tile {tile_elems}, \
+                             prepacked {prepacked}: diff {d}"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(position_tasks(27 * 16, 1224, 2), 2);
+        assert_eq!(position_tasks(27 * 16, 100, 2), 1);
+        assert_eq!(position_tasks(27 * 16, 12544, 1), 1);
     }
 
     /// Task sizing: serial for one thread or little work, at least the minimum work per task
