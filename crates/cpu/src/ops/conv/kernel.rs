@@ -215,7 +215,19 @@ impl ConvF32<'_> {
         let par = par && mg * p * k >= blas::PARALLEL_THRESHOLD;
         if self.sp.is_pointwise() {
             self.product(mg, p, k, out, p, wg, MatRef::row_major(xg, p), par)?;
-            self.apply_epilogue(out, bias, mg, 0, p);
+            let rows = epilogue_rows_per_task(mg, p, rayon::current_num_threads());
+            if par && rows < mg && (bias.is_some() || self.act != Activation::None) {
+                // The product ran on every thread: so does the bias + activation pass.
+                out.par_chunks_mut(rows * p)
+                    .enumerate()
+                    .for_each(|(t, block)| {
+                        for (i, row) in block.chunks_mut(p).enumerate() {
+                            epilogue(row, bias.map_or(0.0, |b| b[t * rows + i]), self.act);
+                        }
+                    });
+            } else {
+                self.apply_epilogue(out, bias, mg, 0, p);
+            }
             return Ok(());
         }
         let tile = (tile_elems / k.max(1)).max(128).min(p);
@@ -449,6 +461,24 @@ pub const POSITION_TASK_WORK: usize = 1 << 17;
 pub fn position_tasks(per_position: usize, p: usize, threads: usize) -> usize {
     let work = per_position.saturating_mul(p);
     threads.min(work / POSITION_TASK_WORK).min(p / 64).max(1)
+}
+
+/// Minimum values per task of a parallel epilogue pass.
+const EPILOGUE_TASK_VALUES: usize = 1 << 14;
+
+/// Rows per task of the epilogue over `rows` rows of `p` values on `threads` threads: all
+/// of them (one serial pass) for one thread or few values, else about two tasks per thread
+/// of at least [`EPILOGUE_TASK_VALUES`] values.
+pub fn epilogue_rows_per_task(rows: usize, p: usize, threads: usize) -> usize {
+    let total = rows.saturating_mul(p);
+    if threads <= 1 || rows <= 1 || total < 2 * EPILOGUE_TASK_VALUES {
+        return rows.max(1);
+    }
+    let tasks = (threads * 2)
+        .min(rows)
+        .min(total / EPILOGUE_TASK_VALUES)
+        .max(1);
+    rows.div_ceil(tasks)
 }
 
 /// Minimum multiply-adds per parallel task of the depthwise kernel (below it a task costs
@@ -1104,6 +1134,57 @@ mod tests {
         assert_eq!(position_tasks(27 * 16, 1224, 2), 2);
         assert_eq!(position_tasks(27 * 16, 100, 2), 1);
         assert_eq!(position_tasks(27 * 16, 12544, 1), 1);
+    }
+
+    /// Pointwise convolutions (the product split over threads, then the parallel bias +
+    /// activation pass) at 1, 2 and 3 threads with odd channel counts.
+    #[test]
+    fn pointwise_parallel_epilogue_matches_the_reference_at_1_2_3_threads() {
+        let sp = WindowAttrs::default()
+            .resolve("Conv", &[29, 31], &[1, 1])
+            .unwrap()
+            .to3("Conv")
+            .unwrap();
+        let (c, m) = (37, 77);
+        let dims = ConvDims {
+            n: 1,
+            c,
+            m,
+            group: 1,
+        };
+        let mut r = Lcg(901);
+        let x = r.vec(c * sp.in_size());
+        let w = r.vec(m * c);
+        let b = r.vec(m);
+        let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+        let want: Vec<f32> = conv_reference(&f64v(&x), &f64v(&w), Some(&f64v(&b)), dims, &sp)
+            .iter()
+            .map(|&v| Activation::HardSwish.apply(v as f32))
+            .collect();
+        assert!(epilogue_rows_per_task(m, sp.out_size(), 2) < m);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let conv = ConvF32 {
+                x: &x,
+                w: &w,
+                bias: Some(&b),
+                dims,
+                sp,
+                act: Activation::HardSwish,
+                algo: ConvAlgo::Im2colGemm {
+                    tile_elems: TILE_ELEMS,
+                    parallel_outer: false,
+                },
+                packed: None,
+            };
+            let mut got = vec![f32::NAN; m * sp.out_size()];
+            pool.install(|| conv.run(&mut got)).unwrap();
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-4, "{threads} threads: diff {d}");
+        }
     }
 
     /// Task sizing: serial for one thread or little work, at least the minimum work per task
