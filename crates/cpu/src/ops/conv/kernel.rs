@@ -258,7 +258,6 @@ impl ConvF32<'_> {
         let dst = OutPtr(out.as_mut_ptr());
         debug_assert_eq!(out.len(), mg * p);
         (0..tasks).into_par_iter().try_for_each(|t| -> Result<()> {
-            let dst = dst;
             let (r0, r1) = (p * t / tasks, p * (t + 1) / tasks);
             crate::scratch::with_scratch::<f32, _>(k * tile, |col| {
                 crate::scratch::with_scratch::<f32, _>(mg * tile, |acc| {
@@ -287,7 +286,7 @@ impl ConvF32<'_> {
                             unsafe {
                                 std::ptr::copy_nonoverlapping(
                                     row.as_ptr(),
-                                    dst.0.add(r * p + p0),
+                                    dst.ptr().add(r * p + p0),
                                     tw,
                                 )
                             };
@@ -448,6 +447,13 @@ impl ConvF32<'_> {
 struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint elements (see `run_group_split`).
 unsafe impl Send for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
 
