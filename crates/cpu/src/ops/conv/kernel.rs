@@ -162,7 +162,25 @@ impl ConvF32<'_> {
             } => (tile_elems.max(1), parallel_outer),
         };
         let chunks = n * group;
-        let parallel_outer = outer && chunks > 1 && rayon::current_num_threads() > 1;
+        let threads = rayon::current_num_threads();
+        let parallel_outer = outer && chunks > 1 && threads > 1;
+        if !parallel_outer && threads > 1 && !self.sp.is_pointwise() {
+            // One (image, group) at a time: the output positions split over threads, each
+            // task running its own im2col tiles and a serial product.
+            let k = cg * self.sp.kernel_size();
+            let tasks = position_tasks(mg * k, p, threads);
+            if tasks > 1 {
+                for (idx, chunk) in out.chunks_mut(mg * p).enumerate() {
+                    let (bn, g) = (idx / group, idx % group);
+                    let xg = &self.x[(bn * c + g * cg) * self.sp.in_size()
+                        ..(bn * c + (g + 1) * cg) * self.sp.in_size()];
+                    let wg = &self.w[g * mg * k..(g + 1) * mg * k];
+                    let bias = self.bias.map(|b| &b[g * mg..(g + 1) * mg]);
+                    self.run_group_split(xg, wg, bias, cg, mg, chunk, tasks, tile_elems)?;
+                }
+                return Ok(());
+            }
+        }
         let body = |(idx, chunk): (usize, &mut [f32])| -> Result<()> {
             let (bn, g) = (idx / group, idx % group);
             let xg = &self.x[(bn * c + g * cg) * self.sp.in_size()
@@ -197,12 +215,87 @@ impl ConvF32<'_> {
         let par = par && mg * p * k >= blas::PARALLEL_THRESHOLD;
         if self.sp.is_pointwise() {
             self.product(mg, p, k, out, p, wg, MatRef::row_major(xg, p), par)?;
-            self.apply_epilogue(out, bias, mg, 0, p);
+            let rows = epilogue_rows_per_task(mg, p, rayon::current_num_threads());
+            if par && rows < mg && (bias.is_some() || self.act != Activation::None) {
+                // The product ran on every thread: so does the bias + activation pass.
+                out.par_chunks_mut(rows * p)
+                    .enumerate()
+                    .for_each(|(t, block)| {
+                        for (i, row) in block.chunks_mut(p).enumerate() {
+                            epilogue(row, bias.map_or(0.0, |b| b[t * rows + i]), self.act);
+                        }
+                    });
+            } else {
+                self.apply_epilogue(out, bias, mg, 0, p);
+            }
             return Ok(());
         }
         let tile = (tile_elems / k.max(1)).max(128).min(p);
         crate::scratch::with_scratch::<f32, _>(k * tile, |col| {
             self.tiles(xg, wg, bias, cg, mg, out, par, tile, col)
+        })
+    }
+
+    /// One (image, group) with its output positions split into `tasks` parallel ranges:
+    /// each task runs im2col tiles of its range with a serial product into a scratch tile
+    /// (`mg × tile`), applies the epilogue there and copies the rows into `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_group_split(
+        &self,
+        xg: &[f32],
+        wg: &[f32],
+        bias: Option<&[f32]>,
+        cg: usize,
+        mg: usize,
+        out: &mut [f32],
+        tasks: usize,
+        tile_elems: usize,
+    ) -> Result<()> {
+        let p = self.sp.out_size();
+        let k = cg * self.sp.kernel_size();
+        let per = p.div_ceil(tasks);
+        let tile = (tile_elems / k.max(1)).max(128).min(per);
+        let dst = OutPtr(out.as_mut_ptr());
+        debug_assert_eq!(out.len(), mg * p);
+        (0..tasks).into_par_iter().try_for_each(|t| -> Result<()> {
+            let (r0, r1) = (p * t / tasks, p * (t + 1) / tasks);
+            crate::scratch::with_scratch::<f32, _>(k * tile, |col| {
+                crate::scratch::with_scratch::<f32, _>(mg * tile, |acc| {
+                    let mut p0 = r0;
+                    while p0 < r1 {
+                        let p1 = (p0 + tile).min(r1);
+                        let tw = p1 - p0;
+                        im2col_tile(xg, cg, &self.sp, p0, p1, &mut col[..k * tw]);
+                        let acc = &mut acc[..mg * tw];
+                        self.product(
+                            mg,
+                            tw,
+                            k,
+                            acc,
+                            tw,
+                            wg,
+                            MatRef::row_major(&col[..k * tw], tw),
+                            false,
+                        )?;
+                        for (r, row) in acc.chunks_exact_mut(tw).enumerate() {
+                            epilogue(row, bias.map_or(0.0, |b| b[r]), self.act);
+                            // SAFETY: row r, columns p0..p1 of the mg × p output lie inside
+                            // `out` (checked length); tasks own disjoint column ranges
+                            // r0..r1, so no two tasks write the same element, and `out`
+                            // is not read while the tasks run.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    row.as_ptr(),
+                                    dst.ptr().add(r * p + p0),
+                                    tw,
+                                )
+                            };
+                        }
+                        p0 = p1;
+                    }
+                    Ok(())
+                })
+            })
         })
     }
 
@@ -294,37 +387,300 @@ impl ConvF32<'_> {
         }
     }
 
-    /// Depthwise (one input channel per group): a direct kernel per output plane.
+    /// Depthwise (one input channel per group): a direct kernel per output plane, planes
+    /// grouped into parallel tasks of at least [`DW_TASK_WORK`] multiply-adds.
     fn run_direct(&self, out: &mut [f32]) -> Result<()> {
         let ConvDims { c, m, group, .. } = self.dims;
         let mg = m / group;
         let (p, isz, ksz) = (self.sp.out_size(), self.sp.in_size(), self.sp.kernel_size());
-        let sw = self.sp.strides[2];
-        let body = |(idx, plane): (usize, &mut [f32])| {
-            let (bn, om) = (idx / m, idx % m);
-            let cin = om / mg;
-            let xp = &self.x[(bn * c + cin) * isz..(bn * c + cin + 1) * isz];
-            let wk = &self.w[om * ksz..(om + 1) * ksz];
-            let bias = self.bias.map_or(0.0, |b| b[om]);
-            if sw == 1 {
-                direct_plane(xp, wk, bias, &self.sp, self.act, plane);
-            } else {
-                // Strided: the plane's rows split into `sw` phases first, so every tap reads
-                // a contiguous run (and the loop vectorises).
+        let planes = out.len() / p;
+        let flat = FlatPlane::new(&self.sp);
+        let scratch = match &flat {
+            Some(f) => f.scratch_len(),
+            None => {
                 let [id_n, ih_n, iw_n] = self.sp.input;
-                let row = sw * iw_n.div_ceil(sw);
-                crate::scratch::with_scratch::<f32, _>(id_n * ih_n * row, |ph| {
-                    phase_split(xp, iw_n, sw, ph);
-                    direct_plane(ph, wk, bias, &self.sp, self.act, plane);
-                });
+                let sw = self.sp.strides[2];
+                if sw == 1 {
+                    0
+                } else {
+                    id_n * ih_n * sw * iw_n.div_ceil(sw)
+                }
             }
         };
-        if rayon::current_num_threads() > 1 && out.len() >= 4096 {
-            out.par_chunks_mut(p).enumerate().for_each(body);
+        let body = |first: usize, chunk: &mut [f32]| {
+            crate::scratch::with_scratch::<f32, _>(scratch, |buf| {
+                for (i, plane) in chunk.chunks_mut(p).enumerate() {
+                    let idx = first + i;
+                    let (bn, om) = (idx / m, idx % m);
+                    let cin = om / mg;
+                    let xp = &self.x[(bn * c + cin) * isz..(bn * c + cin + 1) * isz];
+                    let wk = &self.w[om * ksz..(om + 1) * ksz];
+                    let bias = self.bias.map_or(0.0, |b| b[om]);
+                    if let Some(f) = &flat {
+                        f.run(xp, wk, bias, self.act, buf, plane);
+                    } else if self.sp.strides[2] == 1 {
+                        direct_plane(xp, wk, bias, &self.sp, self.act, plane);
+                    } else {
+                        // Strided: the plane's rows split into `sw` phases first, so every
+                        // tap reads a contiguous run (and the loop vectorises).
+                        phase_split(xp, self.sp.input[2], self.sp.strides[2], buf);
+                        direct_plane(buf, wk, bias, &self.sp, self.act, plane);
+                    }
+                }
+            })
+        };
+        let per_task = planes_per_task(planes, p * ksz, rayon::current_num_threads());
+        if per_task < planes {
+            out.par_chunks_mut(per_task * p)
+                .enumerate()
+                .for_each(|(t, chunk)| body(t * per_task, chunk));
         } else {
-            out.chunks_mut(p).enumerate().for_each(body);
+            body(0, out);
         }
         Ok(())
+    }
+}
+
+/// The output of one (image, group), shared by the tasks of
+/// [`ConvF32::run_group_split`], which write disjoint column ranges through it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (see `run_group_split`).
+unsafe impl Send for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// Minimum multiply-adds per task when an im2col convolution's output positions are
+/// split over threads.
+pub const POSITION_TASK_WORK: usize = 1 << 17;
+
+/// How many parallel tasks the `p` output positions of one (image, group) get when each
+/// position costs `per_position` multiply-adds: at most `threads`, each task at least
+/// [`POSITION_TASK_WORK`] and 64 positions; 1 (serial) for small problems.
+pub fn position_tasks(per_position: usize, p: usize, threads: usize) -> usize {
+    let work = per_position.saturating_mul(p);
+    threads.min(work / POSITION_TASK_WORK).min(p / 64).max(1)
+}
+
+/// Minimum values per task of a parallel epilogue pass.
+const EPILOGUE_TASK_VALUES: usize = 1 << 14;
+
+/// Rows per task of the epilogue over `rows` rows of `p` values on `threads` threads: all
+/// of them (one serial pass) for one thread or few values, else about two tasks per thread
+/// of at least [`EPILOGUE_TASK_VALUES`] values.
+pub fn epilogue_rows_per_task(rows: usize, p: usize, threads: usize) -> usize {
+    let total = rows.saturating_mul(p);
+    if threads <= 1 || rows <= 1 || total < 2 * EPILOGUE_TASK_VALUES {
+        return rows.max(1);
+    }
+    let tasks = (threads * 2)
+        .min(rows)
+        .min(total / EPILOGUE_TASK_VALUES)
+        .max(1);
+    rows.div_ceil(tasks)
+}
+
+/// Minimum multiply-adds per parallel task of the depthwise kernel (below it a task costs
+/// about as much to schedule as to run).
+pub const DW_TASK_WORK: usize = 1 << 15;
+
+/// Planes per task when `planes` planes of `work` multiply-adds each are split over
+/// `threads` threads: `planes` (one serial task) when there is one thread or too little
+/// work, else about four tasks per thread, none below [`DW_TASK_WORK`].
+pub fn planes_per_task(planes: usize, work: usize, threads: usize) -> usize {
+    let total = planes.saturating_mul(work.max(1));
+    if threads <= 1 || planes <= 1 || total < 2 * DW_TASK_WORK {
+        return planes.max(1);
+    }
+    let tasks = (threads * 4).min(planes).min(total / DW_TASK_WORK).max(1);
+    planes.div_ceil(tasks)
+}
+
+/// The 1-D/2-D depthwise plane as one long multiply-add per tap: the input plane is padded
+/// and split into `sh × sw` stride phases (phase `(qh, qw)` holds padded rows `qh + sh·r`,
+/// columns `qw + sw·t`, `ph × pw` values each), so output `(oh, ow)`'s tap `(kh, kw)` reads
+/// phase `(kh·dh mod sh, kw·dw mod sw)` at `(oh + ⌊kh·dh/sh⌋)·pw + ow + ⌊kw·dw/sw⌋`: with
+/// the output laid out at row pitch `pw` every tap is one contiguous run over the whole
+/// plane (the `pw − ow` extra columns per row are computed and dropped).
+#[derive(Debug, Clone, Copy)]
+pub struct FlatPlane {
+    sp: Spatial3,
+    /// Rows and columns of one phase.
+    ph: usize,
+    pw: usize,
+    /// Length of the flattened output run: `(oh − 1)·pw + ow`.
+    run: usize,
+}
+
+/// Flattened output values per chunk of [`FlatPlane::run`] (the chunk stays in L1 while
+/// every tap is accumulated into it).
+const FLAT_CHUNK: usize = 1024;
+
+impl FlatPlane {
+    /// The layout for `sp`, or `None` for a true 3-D window (depth > 1), which the row
+    /// kernel handles.
+    pub fn new(sp: &Spatial3) -> Option<FlatPlane> {
+        if sp.input[0] != 1 || sp.kernel[0] != 1 || sp.output[0] != 1 || sp.pad_begin[0] != 0 {
+            return None;
+        }
+        let [_, oh, ow] = sp.output;
+        let [_, kh, kw] = sp.kernel;
+        if oh == 0 || ow == 0 || kh == 0 || kw == 0 {
+            return None;
+        }
+        let (sh, sw) = (sp.strides[1].max(1), sp.strides[2].max(1));
+        let hp = (oh - 1) * sh + (kh - 1) * sp.dilations[1] + 1;
+        let wp = (ow - 1) * sw + (kw - 1) * sp.dilations[2] + 1;
+        let (ph, pw) = (hp.div_ceil(sh), wp.div_ceil(sw));
+        Some(FlatPlane {
+            sp: *sp,
+            ph,
+            pw,
+            run: (oh - 1) * pw + ow,
+        })
+    }
+
+    /// Scratch values [`FlatPlane::run`] needs: the phases, then the output run.
+    pub fn scratch_len(&self) -> usize {
+        let (sh, sw) = (self.sp.strides[1].max(1), self.sp.strides[2].max(1));
+        sh * sw * self.ph * self.pw + self.run.next_multiple_of(16)
+    }
+
+    /// Writes the padded phases of input plane `x` into `dst` (`sh·sw·ph·pw` values).
+    fn fill(&self, x: &[f32], dst: &mut [f32]) {
+        let sp = &self.sp;
+        let [_, ih, iw] = sp.input;
+        let (sh, sw) = (sp.strides[1].max(1), sp.strides[2].max(1));
+        let (pt, pl) = (sp.pad_begin[1], sp.pad_begin[2]);
+        let (ph, pw) = (self.ph, self.pw);
+        dst.fill(0.0);
+        for qh in 0..sh {
+            for qw in 0..sw {
+                let phase = &mut dst[(qh * sw + qw) * ph * pw..(qh * sw + qw + 1) * ph * pw];
+                // Columns t with qw + sw·t − pl in [0, iw).
+                let t_lo = if pl > qw { (pl - qw).div_ceil(sw) } else { 0 };
+                let t_hi = if iw + pl > qw {
+                    (iw + pl - qw).div_ceil(sw).min(pw)
+                } else {
+                    0
+                };
+                if t_lo >= t_hi {
+                    continue;
+                }
+                for r in 0..ph {
+                    let row = qh + sh * r;
+                    if row < pt || row - pt >= ih {
+                        continue;
+                    }
+                    let src = &x[(row - pt) * iw..(row - pt + 1) * iw];
+                    let d = &mut phase[r * pw + t_lo..r * pw + t_hi];
+                    let c0 = qw + sw * t_lo - pl;
+                    if sw == 1 {
+                        d.copy_from_slice(&src[c0..c0 + d.len()]);
+                    } else {
+                        for (j, v) in d.iter_mut().enumerate() {
+                            *v = src[c0 + j * sw];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One output plane from input plane `x`, weights `wk` (kh × kw), with `buf` of
+    /// [`FlatPlane::scratch_len`] values.
+    pub fn run(
+        &self,
+        x: &[f32],
+        wk: &[f32],
+        bias: f32,
+        act: Activation,
+        buf: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let (sh, sw) = (self.sp.strides[1].max(1), self.sp.strides[2].max(1));
+        let (phases, rest) = buf.split_at_mut(sh * sw * self.ph * self.pw);
+        let acc = &mut rest[..self.run];
+        self.fill(x, phases);
+        flat_taps(self, phases, wk, acc);
+        let [_, oh, ow] = self.sp.output;
+        for r in 0..oh {
+            let orow = &mut out[r * ow..(r + 1) * ow];
+            orow.copy_from_slice(&acc[r * self.pw..r * self.pw + ow]);
+            epilogue(orow, bias, act);
+        }
+    }
+}
+
+/// The tap loop of [`FlatPlane::run`] with the best SIMD this CPU has.
+fn flat_taps(f: &FlatPlane, phases: &[f32], wk: &[f32], acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::linalg::sgemm::Isa;
+        match Isa::detect() {
+            // SAFETY: the CPU supports the features (run-time detection).
+            Isa::Avx512 => return unsafe { flat_taps_avx512(f, phases, wk, acc) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { flat_taps_avx2(f, phases, wk, acc) },
+            Isa::Scalar => {}
+        }
+    }
+    flat_taps_body(f, phases, wk, acc, |o, w, i| *o += w * i)
+}
+
+/// [`flat_taps_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn flat_taps_avx512(f: &FlatPlane, phases: &[f32], wk: &[f32], acc: &mut [f32]) {
+    flat_taps_body(f, phases, wk, acc, |o, w, i| *o = w.mul_add(i, *o))
+}
+
+/// [`flat_taps_body`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn flat_taps_avx2(f: &FlatPlane, phases: &[f32], wk: &[f32], acc: &mut [f32]) {
+    flat_taps_body(f, phases, wk, acc, |o, w, i| *o = w.mul_add(i, *o))
+}
+
+/// `acc[j] = Σ_taps w · phase[offset(tap) + j]` over the flattened run, chunk by chunk.
+#[inline(always)]
+fn flat_taps_body(
+    f: &FlatPlane,
+    phases: &[f32],
+    wk: &[f32],
+    acc: &mut [f32],
+    fma: impl Fn(&mut f32, f32, f32),
+) {
+    let sp = &f.sp;
+    let [_, kh_n, kw_n] = sp.kernel;
+    let (sh, sw) = (sp.strides[1].max(1), sp.strides[2].max(1));
+    let (dh, dw) = (sp.dilations[1], sp.dilations[2]);
+    let (ph, pw) = (f.ph, f.pw);
+    let mut j0 = 0;
+    while j0 < f.run {
+        let j1 = (j0 + FLAT_CHUNK).min(f.run);
+        let chunk = &mut acc[j0..j1];
+        chunk.fill(0.0);
+        for kh in 0..kh_n {
+            let (qh, a) = ((kh * dh) % sh, (kh * dh) / sh);
+            for kw in 0..kw_n {
+                let (qw, b) = ((kw * dw) % sw, (kw * dw) / sw);
+                let wv = wk[kh * kw_n + kw];
+                let start = (qh * sw + qw) * ph * pw + a * pw + b + j0;
+                let src = &phases[start..start + (j1 - j0)];
+                for (o, &i) in chunk.iter_mut().zip(src) {
+                    fma(o, wv, i);
+                }
+            }
+        }
+        j0 = j1;
     }
 }
 
@@ -512,6 +868,344 @@ mod tests {
     use crate::ops::conv::reference::conv_reference;
     use crate::ops::conv::test_util::{max_diff, Lcg};
     use crate::ops::linalg::sgemm::Isa;
+
+    /// The whole depthwise path (flattened planes for 1-D/2-D, the row kernel for 3-D,
+    /// planes split over tasks) against the reference convolution, at odd channel counts,
+    /// multipliers > 1, batches, every stride/dilation/pad mix below, and 1, 2 and 3
+    /// threads; also the flattened tap loop's portable and SIMD builds on their own.
+    #[test]
+    fn depthwise_matches_the_reference_at_1_2_3_threads() {
+        /// (n, channels, multiplier, input, kernel, pads (begin..., end...), strides, dilations)
+        type Case = (
+            usize,
+            usize,
+            usize,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                1,
+                7,
+                1,
+                vec![14, 14],
+                vec![5, 5],
+                vec![2, 2, 2, 2],
+                vec![1, 1],
+                vec![1, 1],
+            ),
+            (
+                2,
+                5,
+                1,
+                vec![9, 53],
+                vec![3, 3],
+                vec![1, 1, 1, 1],
+                vec![2, 2],
+                vec![1, 1],
+            ),
+            (
+                1,
+                3,
+                2,
+                vec![13, 17],
+                vec![3, 5],
+                vec![1, 2, 0, 1],
+                vec![2, 3],
+                vec![1, 2],
+            ),
+            (
+                3,
+                33,
+                1,
+                vec![7, 7],
+                vec![3, 3],
+                vec![1, 1, 1, 1],
+                vec![1, 1],
+                vec![1, 1],
+            ),
+            (
+                1,
+                9,
+                1,
+                vec![6, 6],
+                vec![3, 3],
+                vec![0, 0, 0, 0],
+                vec![1, 4],
+                vec![2, 1],
+            ),
+            (
+                1,
+                65,
+                1,
+                vec![31, 29],
+                vec![5, 5],
+                vec![4, 1, 3, 0],
+                vec![3, 2],
+                vec![1, 1],
+            ),
+            (
+                1,
+                4,
+                1,
+                vec![3, 2],
+                vec![3, 3],
+                vec![2, 2, 2, 2],
+                vec![1, 1],
+                vec![2, 2],
+            ),
+            (2, 11, 1, vec![40], vec![7], vec![3, 3], vec![1], vec![1]),
+            (1, 6, 1, vec![37], vec![4], vec![0, 2], vec![3], vec![2]),
+            (
+                1,
+                3,
+                1,
+                vec![5, 6, 7],
+                vec![3, 3, 3],
+                vec![1, 1, 1, 1, 1, 1],
+                vec![1, 2, 1],
+                vec![1, 1, 1],
+            ),
+            (
+                1,
+                129,
+                1,
+                vec![60, 61],
+                vec![3, 3],
+                vec![1, 1, 1, 1],
+                vec![2, 2],
+                vec![1, 1],
+            ),
+        ];
+        for (ci, (n, c, mult, input, kernel, pads, strides, dil)) in cases.into_iter().enumerate() {
+            let win = WindowAttrs {
+                pads: Some(pads),
+                strides: Some(strides),
+                dilations: Some(dil),
+                ..Default::default()
+            };
+            let sp = win
+                .resolve("Conv", &input, &kernel)
+                .unwrap()
+                .to3("Conv")
+                .unwrap();
+            let m = c * mult;
+            let dims = ConvDims { n, c, m, group: c };
+            let mut r = Lcg(ci as u64 + 77);
+            let x = r.vec(n * c * sp.in_size());
+            let w = r.vec(m * sp.kernel_size());
+            let b = r.vec(m);
+            let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+            let want: Vec<f32> = conv_reference(&f64v(&x), &f64v(&w), Some(&f64v(&b)), dims, &sp)
+                .iter()
+                .map(|&v| Activation::HardSwish.apply(v as f32))
+                .collect();
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = vec![f32::NAN; n * m * sp.out_size()];
+                let conv = ConvF32 {
+                    x: &x,
+                    w: &w,
+                    bias: Some(&b),
+                    dims,
+                    sp,
+                    act: Activation::HardSwish,
+                    algo: ConvAlgo::Direct,
+                    packed: None,
+                };
+                pool.install(|| conv.run(&mut got)).unwrap();
+                let d = max_diff(&got, &want);
+                assert!(d < 1e-5, "case {ci} at {threads} threads: diff {d}");
+            }
+            // Every build of the flattened tap loop, one plane.
+            if let Some(f) = FlatPlane::new(&sp) {
+                let mut buf = vec![0.0f32; f.scratch_len()];
+                let (sh, sw) = (sp.strides[1], sp.strides[2]);
+                let np = sh * sw * f.ph * f.pw;
+                f.fill(&x[..sp.in_size()], &mut buf[..np]);
+                let phases = buf[..np].to_vec();
+                let mut want_acc = vec![0.0f32; f.run];
+                flat_taps_body(
+                    &f,
+                    &phases,
+                    &w[..sp.kernel_size()],
+                    &mut want_acc,
+                    |o, w, i| *o += w * i,
+                );
+                let mut acc = vec![f32::NAN; f.run];
+                flat_taps(&f, &phases, &w[..sp.kernel_size()], &mut acc);
+                let d = max_diff(&acc, &want_acc);
+                assert!(d < 1e-5, "case {ci} dispatched tap loop: diff {d}");
+                #[cfg(target_arch = "x86_64")]
+                if Isa::Avx2.supported() {
+                    acc.fill(f32::NAN);
+                    // SAFETY: AVX2 and FMA are present (checked above).
+                    unsafe { flat_taps_avx2(&f, &phases, &w[..sp.kernel_size()], &mut acc) };
+                    let d = max_diff(&acc, &want_acc);
+                    assert!(d < 1e-5, "case {ci} avx2 tap loop: diff {d}");
+                }
+            } else {
+                assert_eq!(
+                    input.len(),
+                    3,
+                    "case {ci}: only 3-D windows use the row kernel"
+                );
+            }
+        }
+    }
+
+    /// im2col convolutions with the output positions split over 1, 2 and 3 threads (one
+    /// image and group, several groups, batches; one or several tiles per task; plain and
+    /// packed weights) against the reference convolution.
+    #[test]
+    fn im2col_position_split_matches_the_reference_at_1_2_3_threads() {
+        /// (n, c, m, group, input, kernel, pads, strides)
+        type Case = (
+            usize,
+            usize,
+            usize,
+            usize,
+            [usize; 2],
+            [usize; 2],
+            [usize; 4],
+            [usize; 2],
+        );
+        let cases: [Case; 4] = [
+            (1, 3, 16, 1, [67, 71], [3, 3], [1, 1, 1, 1], [2, 2]),
+            (1, 5, 13, 1, [41, 37], [3, 3], [1, 0, 1, 2], [1, 1]),
+            (2, 6, 10, 2, [30, 33], [5, 3], [2, 1, 2, 1], [1, 1]),
+            (1, 4, 7, 1, [20, 150], [1, 7], [0, 3, 0, 3], [1, 1]),
+        ];
+        for (ci, (n, c, m, group, input, kernel, pads, strides)) in cases.into_iter().enumerate() {
+            let win = WindowAttrs {
+                pads: Some(pads.to_vec()),
+                strides: Some(strides.to_vec()),
+                ..Default::default()
+            };
+            let sp = win
+                .resolve("Conv", &input, &kernel)
+                .unwrap()
+                .to3("Conv")
+                .unwrap();
+            let dims = ConvDims { n, c, m, group };
+            let mut r = Lcg(ci as u64 + 300);
+            let x = r.vec(n * c * sp.in_size());
+            let w = r.vec(m * (c / group) * sp.kernel_size());
+            let b = r.vec(m);
+            let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+            let want: Vec<f32> = conv_reference(&f64v(&x), &f64v(&w), Some(&f64v(&b)), dims, &sp)
+                .iter()
+                .map(|&v| Activation::Relu.apply(v as f32))
+                .collect();
+            let isa = Isa::detect();
+            let packed = pack_weights(&w, m, group, isa).unwrap();
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for tile_elems in [TILE_ELEMS, 2048] {
+                    for prepacked in [false, true] {
+                        let conv = ConvF32 {
+                            x: &x,
+                            w: if prepacked { &packed } else { &w },
+                            bias: Some(&b),
+                            dims,
+                            sp,
+                            act: Activation::Relu,
+                            algo: ConvAlgo::Im2colGemm {
+                                tile_elems,
+                                parallel_outer: false,
+                            },
+                            packed: prepacked.then_some(isa),
+                        };
+                        let mut got = vec![f32::NAN; n * m * sp.out_size()];
+                        pool.install(|| conv.run(&mut got)).unwrap();
+                        let d = max_diff(&got, &want);
+                        assert!(
+                            d < 1e-4,
+                            "case {ci} at {threads} threads, tile {tile_elems}, \
+                             prepacked {prepacked}: diff {d}"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(position_tasks(27 * 16, 1224, 2), 2);
+        assert_eq!(position_tasks(27 * 16, 100, 2), 1);
+        assert_eq!(position_tasks(27 * 16, 12544, 1), 1);
+    }
+
+    /// Pointwise convolutions (the product split over threads, then the parallel bias +
+    /// activation pass) at 1, 2 and 3 threads with odd channel counts.
+    #[test]
+    fn pointwise_parallel_epilogue_matches_the_reference_at_1_2_3_threads() {
+        let sp = WindowAttrs::default()
+            .resolve("Conv", &[29, 31], &[1, 1])
+            .unwrap()
+            .to3("Conv")
+            .unwrap();
+        let (c, m) = (37, 77);
+        let dims = ConvDims {
+            n: 1,
+            c,
+            m,
+            group: 1,
+        };
+        let mut r = Lcg(901);
+        let x = r.vec(c * sp.in_size());
+        let w = r.vec(m * c);
+        let b = r.vec(m);
+        let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+        let want: Vec<f32> = conv_reference(&f64v(&x), &f64v(&w), Some(&f64v(&b)), dims, &sp)
+            .iter()
+            .map(|&v| Activation::HardSwish.apply(v as f32))
+            .collect();
+        assert!(epilogue_rows_per_task(m, sp.out_size(), 2) < m);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let conv = ConvF32 {
+                x: &x,
+                w: &w,
+                bias: Some(&b),
+                dims,
+                sp,
+                act: Activation::HardSwish,
+                algo: ConvAlgo::Im2colGemm {
+                    tile_elems: TILE_ELEMS,
+                    parallel_outer: false,
+                },
+                packed: None,
+            };
+            let mut got = vec![f32::NAN; m * sp.out_size()];
+            pool.install(|| conv.run(&mut got)).unwrap();
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-4, "{threads} threads: diff {d}");
+        }
+    }
+
+    /// Task sizing: serial for one thread or little work, at least the minimum work per task
+    /// otherwise, every plane covered.
+    #[test]
+    fn planes_per_task_keeps_small_problems_serial() {
+        assert_eq!(planes_per_task(256, 196 * 25, 1), 256);
+        assert_eq!(planes_per_task(3, 10, 2), 3);
+        assert_eq!(planes_per_task(1, 1 << 20, 2), 1);
+        for (planes, work, threads) in [(256, 196 * 25, 2), (7, 1 << 16, 3), (1000, 49 * 9, 2)] {
+            let per = planes_per_task(planes, work, threads);
+            assert!(per >= 1 && per < planes);
+            assert!(per * work >= DW_TASK_WORK || per * work * 2 >= DW_TASK_WORK);
+        }
+    }
 
     /// Every build of the depthwise row loop (portable, AVX2, AVX-512 where the CPU has
     /// them) against the reference convolution of one plane, strided and dilated.

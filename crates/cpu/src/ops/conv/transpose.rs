@@ -276,9 +276,25 @@ impl ConvTranspose {
                     1.0,
                     par,
                 )?;
-                for (mi, plane) in chunk.chunks_mut(pout).enumerate() {
+                let col: &[f32] = col;
+                let plane_body = |(mi, plane): (usize, &mut [f32])| {
                     plane.fill(b.map_or(0.0, |b| b[gi * mg + mi]));
                     col2im_add(&col[mi * ksz * pin..(mi + 1) * ksz * pin], g, plane);
+                };
+                // col2im is a full pass over the columns: split its output channels over
+                // threads too when the (image, group) loop is not parallel.
+                let per = col2im_planes_per_task(mg, ksz * pin, rayon::current_num_threads());
+                if !outer && per < mg {
+                    chunk
+                        .par_chunks_mut(per * pout)
+                        .enumerate()
+                        .for_each(|(t, planes)| {
+                            for (i, plane) in planes.chunks_mut(pout).enumerate() {
+                                plane_body((t * per + i, plane));
+                            }
+                        });
+                } else {
+                    chunk.chunks_mut(pout).enumerate().for_each(plane_body);
                 }
                 Ok(())
             })
@@ -289,6 +305,24 @@ impl ConvTranspose {
             out.chunks_mut(mg * pout).enumerate().try_for_each(body)
         }
     }
+}
+
+/// Minimum column values per col2im task.
+const COL2IM_TASK_WORK: usize = 1 << 15;
+
+/// Output channels per col2im task for `planes` channels of `work` column values each on
+/// `threads` threads: all of them (serial) for one thread or little work, else about four
+/// tasks per thread of at least [`COL2IM_TASK_WORK`] values.
+fn col2im_planes_per_task(planes: usize, work: usize, threads: usize) -> usize {
+    let total = planes.saturating_mul(work.max(1));
+    if threads <= 1 || planes <= 1 || total < 2 * COL2IM_TASK_WORK {
+        return planes.max(1);
+    }
+    let tasks = (threads * 4)
+        .min(planes)
+        .min(total / COL2IM_TASK_WORK)
+        .max(1);
+    planes.div_ceil(tasks)
 }
 
 /// Adds the columns of one output channel (ksz × P_in) into its output plane.
@@ -598,6 +632,40 @@ mod tests {
         op.strides = Some(vec![2]);
         check(&op, &[1, 2, 5], &[2, 2, 3], &[11]);
         check(&ct(1), &[1, 1, 2, 3, 2], &[1, 2, 2, 2, 2], &[3, 4, 3]);
+    }
+
+    /// col2im split over output channels (one image and group, so the (image, group) loop
+    /// is serial) at 1, 2 and 3 threads, odd channel counts, against the naive kernel.
+    #[test]
+    fn conv_transpose_parallel_col2im_at_1_2_3_threads() {
+        let mut op = ct(1);
+        op.strides = Some(vec![2, 2]);
+        op.pads = Some(vec![1, 0, 1, 1]);
+        let (xs, ws) = ([1, 5, 19, 23], [5, 13, 3, 4]);
+        let mut r = Lcg(33);
+        let x = r.vec(xs.iter().product());
+        let w = r.vec(ws.iter().product());
+        let b = r.vec(ws[1]);
+        let (_, _, _, g) = op.geometry(&xs, &ws).unwrap();
+        let want = naive(&x, &xs, &w, &ws, &b, 1, &g);
+        let xv: Value = Tensor::from_vec(&xs, x).unwrap().into();
+        let wv: Value = Tensor::from_vec(&ws, w).unwrap().into();
+        let bv: Value = Tensor::from_vec(&[b.len()], b).unwrap().into();
+        assert!(col2im_planes_per_task(13, 12 * 19 * 23, 2) < 13);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let y = pool
+                .install(|| op.eval(&[Some(&xv), Some(&wv), Some(&bv)]))
+                .unwrap()
+                .remove(0)
+                .into_tensor()
+                .unwrap();
+            let d = max_diff(y.as_slice::<f32>().unwrap(), &want);
+            assert!(d < 1e-4, "{threads} threads: diff {d}");
+        }
     }
 
     #[test]

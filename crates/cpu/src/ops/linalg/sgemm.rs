@@ -116,8 +116,16 @@ unsafe impl Sync for DstPtr {}
 enum ASrc {
     /// A strided operand, packed block by block on every call.
     Strided(Operand),
-    /// A already in [`pack_a_whole`] layout for the running family.
-    Packed(*const f32),
+    /// A already in [`pack_a_whole`] layout for the running family: the whole matrix of
+    /// `m_total` rows, of which this product uses rows `row0..` (`row0` a multiple of MR).
+    Packed {
+        /// Start of the packed matrix.
+        ptr: *const f32,
+        /// Rows of the whole packed matrix.
+        m_total: usize,
+        /// First row this product uses.
+        row0: usize,
+    },
 }
 // SAFETY: read-only view, as for Operand.
 unsafe impl Send for ASrc {}
@@ -205,7 +213,11 @@ pub unsafe fn sgemm_packed_a(
             dst,
             dst_rs,
             accumulate,
-            ASrc::Packed(pa),
+            ASrc::Packed {
+                ptr: pa,
+                m_total: m,
+                row0: 0,
+            },
             b,
             scale,
             parallel,
@@ -309,29 +321,45 @@ unsafe fn packed_loop(
     } else {
         1
     };
-    let strips = n.div_ceil(nr);
-    let tasks = threads.min(strips).max(1);
+    let (row_tasks, col_tasks) = split_grid(m, n, k, isa.mr(), nr, threads);
+    let (row_blocks, strips) = (m.div_ceil(isa.mr()), n.div_ceil(nr));
+    let tasks = row_tasks * col_tasks;
     let dst = DstPtr(dst);
     let run = |t: usize| {
-        let j0 = strips * t / tasks * nr;
-        let j1 = (strips * (t + 1) / tasks * nr).min(n);
-        if j0 >= j1 {
+        let (tr, tc) = (t / col_tasks, t % col_tasks);
+        let j0 = strips * tc / col_tasks * nr;
+        let j1 = (strips * (tc + 1) / col_tasks * nr).min(n);
+        let i0 = row_blocks * tr / row_tasks * isa.mr();
+        let i1 = (row_blocks * (tr + 1) / row_tasks * isa.mr()).min(m);
+        if j0 >= j1 || i0 >= i1 {
             return;
         }
         let (d, b, a) = (dst, b, a);
+        let m = i1 - i0;
+        let a = match a {
+            ASrc::Strided(op) => ASrc::Strided(Operand {
+                ptr: op.ptr.wrapping_add(i0 * op.rs),
+                ..op
+            }),
+            ASrc::Packed { ptr, m_total, row0 } => ASrc::Packed {
+                ptr,
+                m_total,
+                row0: row0 + i0,
+            },
+        };
         let bj = Operand {
             ptr: b.ptr.wrapping_add(j0 * b.cs),
             ..b
         };
-        // SAFETY: columns j0..j1 of dst and b lie inside the caller's bounds; tasks get
-        // disjoint column ranges.
+        // SAFETY: rows i0..i1 and columns j0..j1 of dst (and the matching parts of a and
+        // b) lie inside the caller's bounds; tasks get disjoint blocks of the grid.
         unsafe {
             match isa {
                 Isa::Scalar => serial::<4, 4>(
                     m,
                     j1 - j0,
                     k,
-                    d.0.add(j0),
+                    d.0.add(i0 * dst_rs + j0),
                     dst_rs,
                     accumulate,
                     a,
@@ -344,7 +372,7 @@ unsafe fn packed_loop(
                     m,
                     j1 - j0,
                     k,
-                    d.0.add(j0),
+                    d.0.add(i0 * dst_rs + j0),
                     dst_rs,
                     accumulate,
                     a,
@@ -357,7 +385,7 @@ unsafe fn packed_loop(
                     m,
                     j1 - j0,
                     k,
-                    d.0.add(j0),
+                    d.0.add(i0 * dst_rs + j0),
                     dst_rs,
                     accumulate,
                     a,
@@ -375,6 +403,38 @@ unsafe fn packed_loop(
     } else {
         run(0);
     }
+}
+
+/// Minimum multiply-adds per task of the packed loop.
+const PACKED_TASK_WORK: usize = 1 << 16;
+
+/// How [`packed_loop`] splits an `m × n × k` product over `threads` threads: a grid of
+/// `rows × cols` tasks (row blocks of whole `mr` strips, column blocks of whole `nr`
+/// strips) with at most `threads` tasks, each of at least [`PACKED_TASK_WORK`]
+/// multiply-adds, chosen to make the largest task smallest (ties: fewer row blocks, which
+/// pack B only once per column block).
+pub fn split_grid(
+    m: usize,
+    n: usize,
+    k: usize,
+    mr: usize,
+    nr: usize,
+    threads: usize,
+) -> (usize, usize) {
+    let (rb, cb) = (m.div_ceil(mr.max(1)), n.div_ceil(nr.max(1)));
+    let work = m.saturating_mul(n).saturating_mul(k.max(1));
+    let max_tasks = threads.min(work / PACKED_TASK_WORK).max(1);
+    let mut best = (1, 1);
+    let mut best_cost = usize::MAX;
+    for rows in 1..=max_tasks.min(rb) {
+        let cols = (max_tasks / rows).min(cb);
+        let cost = (rb.div_ceil(rows) * mr).min(m) * (cb.div_ceil(cols) * nr).min(n);
+        if cost < best_cost {
+            best_cost = cost;
+            best = (rows, cols);
+        }
+    }
+    best
 }
 
 /// Rows per task below which the narrow path does not split over threads.
@@ -606,11 +666,11 @@ unsafe fn serial<const MR: usize, const NR: usize>(
                                 unsafe { pack_a::<MR>(a, ic, pc, mc, kc, pa) };
                                 pa.as_ptr()
                             }
-                            ASrc::Packed(p) => {
+                            ASrc::Packed { ptr, m_total, row0 } => {
                                 // Prepacked: the block starts after pc·m values of earlier
                                 // depth blocks and ic·kc of earlier row blocks; its
                                 // short last strip is padded into `pa`.
-                                let block = p.wrapping_add(pc * m + ic * kc);
+                                let block = ptr.wrapping_add(pc * m_total + (row0 + ic) * kc);
                                 let (full, rows) = (mc / MR * MR, mc % MR);
                                 if rows > 0 {
                                     for q in 0..kc {
@@ -630,7 +690,7 @@ unsafe fn serial<const MR: usize, const NR: usize>(
                         };
                         let full_strips = match a {
                             ASrc::Strided(_) => mc,
-                            ASrc::Packed(_) => mc / MR * MR,
+                            ASrc::Packed { .. } => mc / MR * MR,
                         };
                         let mut jr = 0;
                         while jr < nc {
@@ -1375,6 +1435,100 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The packed loop's task grid (row blocks × column strips) at 1, 2 and 3 threads,
+    /// strided and prepacked A, on shapes where the split goes along rows, columns or both.
+    #[test]
+    fn task_grid_matches_the_reference_at_1_2_3_threads() {
+        let shapes = [
+            (256, 49, 64),
+            (101, 40, 513),
+            (97, 196, 40),
+            (1000, 17, 33),
+            (13, 2100, 30),
+            (577, 150, 71),
+        ];
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+                if !isa.supported() {
+                    continue;
+                }
+                for (si, &(m, n, k)) in shapes.iter().enumerate() {
+                    let a = values(m * k, si as u64 * 3 + 21);
+                    let b = values(k * n, si as u64 * 3 + 22);
+                    let mut packed = vec![f32::NAN; packed_a_len(m, k)];
+                    pack_a_whole(isa, m, k, &a, &mut packed);
+                    let ldd = n + 5;
+                    let init = values(m * ldd, si as u64 * 3 + 23);
+                    let mut want = init.clone();
+                    reference(m, n, k, &mut want, ldd, true, &a, (k, 1), &b, (n, 1), 0.5);
+                    for prepacked in [false, true] {
+                        let mut got = init.clone();
+                        let bop = Operand {
+                            ptr: b.as_ptr(),
+                            rs: n,
+                            cs: 1,
+                        };
+                        let dst = DstPtr(got.as_mut_ptr());
+                        pool.install(|| {
+                            let d = dst;
+                            // SAFETY: a / packed hold m·k values (packed for isa), b k·n,
+                            // got m·ldd; isa is supported.
+                            unsafe {
+                                if prepacked {
+                                    sgemm_packed_a(
+                                        isa,
+                                        m,
+                                        n,
+                                        k,
+                                        d.0,
+                                        ldd,
+                                        true,
+                                        packed.as_ptr(),
+                                        bop,
+                                        0.5,
+                                        true,
+                                    )
+                                } else {
+                                    let aop = Operand {
+                                        ptr: a.as_ptr(),
+                                        rs: k,
+                                        cs: 1,
+                                    };
+                                    sgemm(isa, m, n, k, d.0, ldd, true, aop, bop, 0.5, true)
+                                }
+                            }
+                        });
+                        for (idx, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - w).abs() <= 1e-4 * (1.0 + w.abs()) * (k as f32).sqrt(),
+                                "{isa:?} {m}x{n}x{k} prepacked={prepacked} at {threads} \
+                                 threads: element {idx}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The grid never has more tasks than threads, keeps small products in one task and
+    /// splits rows when there are fewer column strips than threads.
+    #[test]
+    fn split_grid_picks_the_dimension_with_the_most_work() {
+        assert_eq!(split_grid(256, 196, 256, 8, 32, 1), (1, 1));
+        assert_eq!(split_grid(8, 32, 8, 8, 32, 2), (1, 1));
+        assert_eq!(split_grid(256, 49, 256, 8, 32, 2), (2, 1));
+        assert_eq!(split_grid(16, 4096, 27, 8, 32, 2), (1, 2));
+        for (m, n, k, t) in [(577, 150, 71, 3), (1000, 17, 33, 4), (5, 5000, 300, 3)] {
+            let (r, c) = split_grid(m, n, k, 8, 32, t);
+            assert!(r * c <= t && r >= 1 && c >= 1, "{m}x{n}x{k}/{t}: {r}x{c}");
         }
     }
 }
