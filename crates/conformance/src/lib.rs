@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kiln_core::{DType, KilnError, Result, Tensor, Value};
+use kiln_onnx::proto::ModelProto;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -157,9 +158,12 @@ pub fn discover(assets: &Path, suite: &str) -> Vec<PathBuf> {
 
 /// Op types of the top-level nodes of a model file (empty when it cannot be decoded).
 pub fn model_ops(model_path: &Path) -> Vec<String> {
-    let Some(m) = decode_model(model_path) else {
-        return Vec::new();
-    };
+    decode_model(model_path)
+        .map(|m| ops_of(&m))
+        .unwrap_or_default()
+}
+
+fn ops_of(m: &ModelProto) -> Vec<String> {
     let mut ops: Vec<String> = m
         .graph
         .iter()
@@ -199,9 +203,10 @@ pub fn build_engine(
 
 /// True when a graph input or output of the model is a floating-point tensor.
 pub fn model_is_float(model_path: &Path) -> bool {
-    let Some(m) = decode_model(model_path) else {
-        return false;
-    };
+    decode_model(model_path).is_some_and(|m| is_float(&m))
+}
+
+fn is_float(m: &ModelProto) -> bool {
     let Some(g) = m.graph.as_ref() else {
         return false;
     };
@@ -222,10 +227,13 @@ pub fn model_is_float(model_path: &Path) -> bool {
 /// Shapes of the tensor inputs of a data set, by graph input name (inputs that are not
 /// tensors, or whose file cannot be decoded, are left out).
 pub fn data_set_shapes(model_path: &Path, set: &Path) -> BTreeMap<String, Vec<usize>> {
+    decode_model(model_path)
+        .map(|m| shapes_of(&m, set))
+        .unwrap_or_default()
+}
+
+fn shapes_of(m: &ModelProto, set: &Path) -> BTreeMap<String, Vec<usize>> {
     let mut out = BTreeMap::new();
-    let Some(m) = decode_model(model_path) else {
-        return out;
-    };
     let Some(g) = m.graph.as_ref() else {
         return out;
     };
@@ -254,9 +262,9 @@ pub fn data_set_shapes(model_path: &Path, set: &Path) -> BTreeMap<String, Vec<us
     out
 }
 
-fn decode_model(model_path: &Path) -> Option<kiln_onnx::proto::ModelProto> {
+fn decode_model(model_path: &Path) -> Option<ModelProto> {
     let bytes = std::fs::read(model_path).ok()?;
-    kiln_onnx::proto::ModelProto::decode(bytes.as_slice()).ok()
+    ModelProto::decode(bytes.as_slice()).ok()
 }
 
 /// Runs an engine on one set of inputs (in the engine's input order).
@@ -275,27 +283,20 @@ pub fn run_engine(ctx: &mut kiln::ExecutionContext, inputs: Vec<Value>) -> Resul
 /// `device`.
 pub fn run_case(dir: &Path, device: kiln::DeviceKind) -> CaseResult {
     let start = Instant::now();
-    let model = dir.join("model.onnx");
-    let ops = model_ops(&model);
+    // Decoded once: op list, float-ness and (for CUDA) the build shapes all come from it.
+    let model = decode_model(&dir.join("model.onnx"));
+    let ops = model.as_ref().map(ops_of).unwrap_or_default();
     let name = case_name(dir);
-    let float = model_is_float(&model);
     let mut gpu_layers = None;
     let mut fallback = Vec::new();
-    let outcome = run_case_inner(dir, device, &mut gpu_layers, &mut fallback);
-    let mut r = match outcome {
-        Ok(()) => CaseResult {
-            case: name,
-            status: Status::Pass,
-            reason: String::new(),
-            ops,
-            seconds: start.elapsed().as_secs_f64(),
-            float,
-            gpu_layers: None,
-            cpu_fallback_ops: Vec::new(),
-        },
-        Err(e) => CaseResult::fail(&name, &e, ops, start.elapsed().as_secs_f64()),
-    };
-    r.float = float;
+    let outcome = run_case_inner(dir, model.as_ref(), device, &mut gpu_layers, &mut fallback);
+    let seconds = start.elapsed().as_secs_f64();
+    let reason = outcome.as_ref().err().map_or("", String::as_str);
+    let mut r = CaseResult::fail(&name, reason, ops, seconds);
+    if outcome.is_ok() {
+        r.status = Status::Pass;
+    }
+    r.float = model.as_ref().is_some_and(is_float);
     r.gpu_layers = gpu_layers;
     r.cpu_fallback_ops = fallback;
     r
@@ -337,6 +338,7 @@ fn numbered(set: &Path, prefix: &str) -> Vec<PathBuf> {
 
 fn run_case_inner(
     dir: &Path,
+    proto: Option<&ModelProto>,
     device: kiln::DeviceKind,
     gpu_layers: &mut Option<[usize; 2]>,
     cpu_fallback_ops: &mut Vec<String>,
@@ -346,7 +348,11 @@ fn run_case_inner(
     if sets.is_empty() {
         return Err("no test_data_set_N directory".into());
     }
-    let shapes = data_set_shapes(&model, &sets[0]);
+    // Only GPU engines are built at fixed shapes.
+    let shapes = match (device, proto) {
+        (kiln::DeviceKind::Cuda, Some(m)) => shapes_of(m, &sets[0]),
+        _ => BTreeMap::new(),
+    };
     let engine = build_engine(&model, device, &shapes).map_err(|e| e.to_string())?;
     if device == kiln::DeviceKind::Cuda {
         let layers = engine.layers();

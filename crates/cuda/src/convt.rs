@@ -9,51 +9,21 @@
 //! deciding where the padding goes) and `auto_pad` SAME_UPPER / SAME_LOWER; 1-3 spatial
 //! dims; F32 and F16 (GEMM accumulates in FP32, col2im sums in `float`).
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use kiln_core::{AttrReader, DType, Fact, Node, Result};
 
 use crate::kernels::common::{ctype, grid_for, load, prelude, source, store, BLOCK};
 use crate::layer::{cuda_err, DevTensor, GpuLayer, KernelSource, LaunchCx};
-use crate::library::{fused_activation, GemmCall};
+use crate::library::{fused_activation, ConvParams, GemmCall};
 
-/// Geometry of a transposed convolution, spatial dims padded in front to 3.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ConvTParams {
-    /// Batch.
-    pub n: i64,
-    /// Input channels.
-    pub c: i64,
-    /// Output channels.
-    pub m: i64,
-    /// Input channels per group.
-    pub cg: i64,
-    /// Output channels per group.
-    pub mg: i64,
-    /// Kernel positions.
-    pub kpos: i64,
-    /// Input positions.
-    pub ipos: i64,
-    /// Output positions.
-    pub opos: i64,
-    /// Input spatial dims.
-    pub is: [i64; 3],
-    /// Output spatial dims.
-    pub os: [i64; 3],
-    /// Kernel dims.
-    pub ks: [i64; 3],
-    /// Strides.
-    pub st: [i64; 3],
-    /// Dilations.
-    pub dl: [i64; 3],
-    /// Leading pads (negative when `output_shape` asks for more than the natural size).
-    pub pb: [i64; 3],
-}
+/// The geometry of a transposed convolution uses [`ConvParams`]' fields with their
+/// convolution meaning seen from the ConvTranspose side: `is` / `ipos` its input, `os` /
+/// `opos` its output, `pb` its leading pads (negative when `output_shape` asks for more than
+/// the natural size).
+pub type ConvTParams = ConvParams;
 
-// SAFETY: repr(C) plain integers, valid for any bit pattern; mirrors `struct CtP` below.
-unsafe impl DeviceRepr for ConvTParams {}
-
-const CT_STRUCT: &str = "struct CtP { long long n, c, m, cg, mg, kpos, ipos, opos; long long is[3], os[3], ks[3], st[3], dl[3], pb[3]; };\n";
+/// The CUDA mirror of [`ConvParams`] (same field order).
+const CT_STRUCT: &str = "struct CtP { long long n, c, m, cg, mg, kpos, opos, ipos; long long is[3], os[3], ks[3], st[3], dl[3], pb[3]; };\n";
 
 /// Output spatial sizes and leading pads, as the CPU reference op resolves them.
 fn resolve(a: &AttrReader<'_>, input: &[usize], kernel: &[usize]) -> Option<(Vec<i64>, Vec<i64>)> {
@@ -218,23 +188,13 @@ impl GpuLayer for ConvTLayer {
         inputs: &[DevTensor],
         outputs: &[DevTensor],
     ) -> Result<()> {
-        let (x, w, y) = match (inputs.first(), inputs.get(1), outputs.first()) {
-            (Some(x), Some(w), Some(y)) => (x, w, y),
-            _ => return Err(cuda_err(&self.tactic, "expected X, W and an output")),
-        };
-        if [x.len(), w.len(), y.len()] != self.sizes
-            || x.dtype != self.dtype
-            || w.dtype != self.dtype
-            || y.dtype != self.dtype
-        {
+        let (x, w, y) = crate::layer::product_io(&self.tactic, inputs, outputs, self.sizes)?;
+        if [x.dtype, w.dtype, y.dtype] != [self.dtype; 3] {
             return Err(cuda_err(
                 &self.tactic,
                 format!(
-                    "sizes {:?} ({}) differ from the lowered {:?} ({})",
-                    [x.len(), w.len(), y.len()],
-                    x.dtype,
-                    self.sizes,
-                    self.dtype
+                    "dtypes {} {} {} differ from the lowered {}",
+                    x.dtype, w.dtype, y.dtype, self.dtype
                 ),
             ));
         }

@@ -154,3 +154,24 @@ pub trait GpuLayer: Send + Sync + Debug {
 pub fn cuda_err(layer: &str, what: impl std::fmt::Display) -> KilnError {
     KilnError::kernel(layer, format!("CUDA: {what}"))
 }
+
+/// The two inputs and the output of a product-like layer (A, B → C), checked against the
+/// element counts it was lowered for.
+pub fn product_io<'a>(
+    layer: &str,
+    inputs: &'a [DevTensor],
+    outputs: &'a [DevTensor],
+    sizes: [usize; 3],
+) -> Result<(&'a DevTensor, &'a DevTensor, &'a DevTensor)> {
+    let (Some(a), Some(b), Some(o)) = (inputs.first(), inputs.get(1), outputs.first()) else {
+        return Err(cuda_err(layer, "expected 2 inputs and 1 output"));
+    };
+    let found = [a.len(), b.len(), o.len()];
+    if found != sizes {
+        return Err(cuda_err(
+            layer,
+            format!("sizes {found:?} differ from the lowered {sizes:?}"),
+        ));
+    }
+    Ok((a, b, o))
+}

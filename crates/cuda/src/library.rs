@@ -279,20 +279,7 @@ impl GpuLayer for MatMulLayer {
         inputs: &[DevTensor],
         outputs: &[DevTensor],
     ) -> Result<()> {
-        let (a, b, o) = match (inputs.first(), inputs.get(1), outputs.first()) {
-            (Some(a), Some(b), Some(o)) => (a, b, o),
-            _ => return Err(cuda_err(&self.tactic, "expected 2 inputs and 1 output")),
-        };
-        if [a.len(), b.len(), o.len()] != self.sizes {
-            return Err(cuda_err(
-                &self.tactic,
-                format!(
-                    "sizes {:?} differ from the lowered {:?}",
-                    [a.len(), b.len(), o.len()],
-                    self.sizes
-                ),
-            ));
-        }
+        let (a, b, o) = crate::layer::product_io(&self.tactic, inputs, outputs, self.sizes)?;
         self.gemm
             .enqueue(cx, &self.tactic, a.ptr, b.ptr, o.ptr, self.alpha, 0.0)?;
         if let Some(e) = &self.epilogue {
@@ -911,20 +898,7 @@ impl GpuLayer for ConvLayer {
         inputs: &[DevTensor],
         outputs: &[DevTensor],
     ) -> Result<()> {
-        let (x, w, y) = match (inputs.first(), inputs.get(1), outputs.first()) {
-            (Some(x), Some(w), Some(y)) => (x, w, y),
-            _ => return Err(cuda_err(&self.tactic, "expected X, W and an output")),
-        };
-        if [x.len(), w.len(), y.len()] != self.sizes {
-            return Err(cuda_err(
-                &self.tactic,
-                format!(
-                    "sizes {:?} differ from the lowered {:?}",
-                    [x.len(), w.len(), y.len()],
-                    self.sizes
-                ),
-            ));
-        }
+        let (x, w, y) = crate::layer::product_io(&self.tactic, inputs, outputs, self.sizes)?;
         let bias = if self.has_bias {
             inputs.get(2).map(|t| t.ptr).unwrap_or(0)
         } else {

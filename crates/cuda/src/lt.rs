@@ -333,20 +333,7 @@ impl GpuLayer for LtLayer {
         inputs: &[DevTensor],
         outputs: &[DevTensor],
     ) -> Result<()> {
-        let (a, b, o) = match (inputs.first(), inputs.get(1), outputs.first()) {
-            (Some(a), Some(b), Some(o)) => (a, b, o),
-            _ => return Err(cuda_err(&self.tactic, "expected 2 inputs and 1 output")),
-        };
-        if [a.len(), b.len(), o.len()] != self.sizes {
-            return Err(cuda_err(
-                &self.tactic,
-                format!(
-                    "sizes {:?} differ from the lowered {:?}",
-                    [a.len(), b.len(), o.len()],
-                    self.sizes
-                ),
-            ));
-        }
+        let (a, b, o) = crate::layer::product_io(&self.tactic, inputs, outputs, self.sizes)?;
         let bias_of = |i: Option<usize>| -> Result<u64> {
             match i {
                 None => Ok(0),

@@ -16,7 +16,7 @@
 //! One thread per output value: these are the correctness-first kernels (tactic ids
 //! `nvrtc.int8.*`); they do not use the tensor cores' IMMA path.
 
-use kiln_core::{AttrReader, DType};
+use kiln_core::DType;
 
 use super::common::{
     grid_for, load, prelude, source, store, KernelLayer, Params, Ptr, Step, BLOCK,
@@ -51,13 +51,9 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     }
 }
 
-fn attrs<'a>(cx: &LowerCx<'a>) -> AttrReader<'a> {
-    cx.attrs()
-}
-
 /// A positive finite float attribute.
 fn scale(cx: &LowerCx<'_>, name: &str) -> Option<f32> {
-    attrs(cx)
+    cx.attrs()
         .opt_float(name)
         .ok()
         .flatten()
@@ -149,7 +145,7 @@ fn epilogue(cx: &LowerCx<'_>, channels: usize) -> Option<(String, String)> {
     }
     let xs = scale(cx, "x_scale")?;
     let ys = scale(cx, "y_scale")?;
-    let ws = attrs(cx).opt_floats("w_scales").ok().flatten()?;
+    let ws = cx.attrs().opt_floats("w_scales").ok().flatten()?;
     if ws.len() != channels {
         return None;
     }

@@ -34,11 +34,10 @@ pub fn lower_all(graph: &mut Graph) -> Result<usize> {
             .iter()
             .map(|i| i.map(|v| &graph.values[v].fact))
             .collect();
-        let offered = k8::tactics_for(&node.desc, &facts);
-        let Some(first) = offered.first() else {
+        if k8::tactics_for(&node.desc, &facts).is_empty() {
             continue;
-        };
-        let family = if first.id.contains(".conv.") {
+        }
+        let family = if node.desc.op_type == "Conv" {
             "conv"
         } else {
             "matmul"

@@ -455,19 +455,7 @@ fn output_slot<'a>(
     shape: &[usize],
     dtype: DType,
 ) -> Result<OutBuf<'a>> {
-    let slot = outputs
-        .first_mut()
-        .ok_or_else(|| KilnError::kernel(op, "no output slot"))?;
-    if slot.shape() != shape || slot.dtype() != dtype {
-        return Err(KilnError::kernel(
-            op,
-            format!(
-                "output slot is {} {:?}, expected {dtype} {shape:?}",
-                slot.dtype(),
-                slot.shape()
-            ),
-        ));
-    }
+    let slot = crate::ops::linalg::slot_of(outputs, op, dtype, shape)?;
     Ok(match dtype {
         DType::F32 => OutBuf::F32(slot.as_mut_slice::<f32>()?),
         _ => OutBuf::Bytes(bytemuck::cast_slice_mut(slot.bytes_mut())),

@@ -60,7 +60,7 @@ fn infer_err(op: &str, msg: impl Into<String>) -> KilnError {
 }
 
 /// Writes a kernel's result into an output slot, checking its dtype and shape.
-fn slot_of<'s, 'a>(
+pub(crate) fn slot_of<'s, 'a>(
     outputs: &'s mut [TensorMut<'a>],
     op: &str,
     dtype: DType,
