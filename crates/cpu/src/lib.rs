@@ -11,6 +11,7 @@
 pub mod dispatch;
 pub mod fused;
 pub mod ops;
+pub mod parallel;
 pub mod plan_cache;
 pub mod scratch;
 

@@ -24,6 +24,12 @@ pub struct ExecutionContext {
     arena: Arc<Arena>,
     slots: Vec<Option<Value>>,
     pool: Option<rayon::ThreadPool>,
+    /// Set by `set_threads(1)`: layers run on the caller's thread with intra-op parallelism
+    /// off (no pool to hand the work to and wait for).
+    serial: bool,
+    /// With a pool: per shape plan, whether it runs faster in the pool or on the caller's
+    /// thread alone (timed over its first runs).
+    modes: Vec<(usize, ModeProbe)>,
     key: ShapeKey,
     gpu: Option<kiln_cuda::GpuContext>,
     /// Outputs of an [`ExecutionContext::enqueue`]d CPU run (empty for a GPU run, whose
@@ -87,6 +93,8 @@ impl ExecutionContext {
             arena: Arc::new(Arena::new(arena_size)),
             slots,
             pool: None,
+            serial: false,
+            modes: Vec::new(),
             key: Vec::new(),
             gpu: None,
             pending: None,
@@ -104,8 +112,22 @@ impl ExecutionContext {
     }
 
     /// Runs intra-op parallel kernels on a private pool of `threads` threads (default: the
-    /// global rayon pool, one thread per core).
+    /// global rayon pool, one thread per core). With one thread (or 0) every layer runs on
+    /// the thread that calls [`ExecutionContext::execute`], with no pool at all.
+    ///
+    /// With several, the pool's threads poll for work while an inference runs (no wake-up
+    /// latency between layers), and the first [`MODE_PROBE_RUNS`] runs of every input shape
+    /// alternate between the pool and the calling thread alone: a model too small to gain
+    /// from a second thread then keeps running serially (handing an inference to a pool
+    /// and waiting for it costs tens of µs).
     pub fn set_threads(&mut self, threads: usize) -> Result<()> {
+        self.modes.clear();
+        if threads <= 1 {
+            self.pool = None;
+            self.serial = true;
+            return Ok(());
+        }
+        self.serial = false;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
             .build()
@@ -405,10 +427,28 @@ impl ExecutionContext {
         }
         match self.pool.take() {
             Some(pool) => {
-                let r = pool.install(|| self.run_nodes(&plan));
+                let key = Arc::as_ptr(&plan) as usize;
+                let at = match self.modes.iter().position(|(k, _)| *k == key) {
+                    Some(i) => i,
+                    None => {
+                        self.modes.push((key, ModeProbe::default()));
+                        self.modes.len() - 1
+                    }
+                };
+                let use_pool = self.modes[at].1.next_in_pool();
+                let start = std::time::Instant::now();
+                let r = if use_pool {
+                    kiln_cpu::parallel::install_spinning(&pool, || self.run_nodes(&plan))
+                } else {
+                    kiln_cpu::parallel::serial(|| self.run_nodes(&plan))
+                };
+                self.modes[at]
+                    .1
+                    .record(use_pool, start.elapsed().as_secs_f64());
                 self.pool = Some(pool);
                 r
             }
+            None if self.serial => kiln_cpu::parallel::serial(|| self.run_nodes(&plan)),
             None => self.run_nodes(&plan),
         }
     }
@@ -839,5 +879,86 @@ impl IoInfo {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs of one input shape that a multi-threaded context spends deciding between its pool
+/// and the calling thread alone: one warm-up each, then three timed runs each, alternated.
+pub const MODE_PROBE_RUNS: usize = 8;
+
+/// The pool-or-serial decision for one shape plan (see [`ExecutionContext::set_threads`]).
+#[derive(Debug, Default, Clone)]
+struct ModeProbe {
+    runs: usize,
+    pool: [f64; 3],
+    serial: [f64; 3],
+    /// Decided: run in the pool (true) or serially.
+    choice: Option<bool>,
+}
+
+impl ModeProbe {
+    /// Whether the next run goes to the pool: alternating while probing (pool first).
+    fn next_in_pool(&self) -> bool {
+        self.choice.unwrap_or(self.runs.is_multiple_of(2))
+    }
+
+    /// Records a run's seconds; after [`MODE_PROBE_RUNS`] runs keeps the mode whose median
+    /// was lower (the pool on a tie).
+    fn record(&mut self, in_pool: bool, seconds: f64) {
+        if self.choice.is_some() {
+            return;
+        }
+        // Runs 0 and 1 are the warm-ups (scratch buffers sized, caches filled).
+        if self.runs >= 2 {
+            let slot = (self.runs - 2) / 2;
+            if in_pool {
+                self.pool[slot] = seconds;
+            } else {
+                self.serial[slot] = seconds;
+            }
+        }
+        self.runs += 1;
+        if self.runs == MODE_PROBE_RUNS {
+            self.choice = Some(median3(self.pool) <= median3(self.serial));
+        }
+    }
+}
+
+/// The median of three values.
+fn median3(mut v: [f64; 3]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[1]
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::*;
+
+    /// Probing alternates pool / serial, then sticks to the faster mode.
+    #[test]
+    fn mode_probe_keeps_the_faster_mode() {
+        for (pool_s, serial_s, want) in [(1.0, 2.0, true), (3.0, 2.0, false), (2.0, 2.0, true)] {
+            let mut p = ModeProbe::default();
+            let mut seen = Vec::new();
+            for _ in 0..MODE_PROBE_RUNS {
+                let in_pool = p.next_in_pool();
+                seen.push(in_pool);
+                p.record(in_pool, if in_pool { pool_s } else { serial_s });
+            }
+            assert_eq!(seen, [true, false, true, false, true, false, true, false]);
+            for _ in 0..5 {
+                assert_eq!(p.next_in_pool(), want);
+                p.record(want, 100.0);
+            }
+        }
+        // One outlier does not decide: medians.
+        let mut p = ModeProbe::default();
+        for (i, t) in [9.0, 9.0, 1.0, 2.0, 50.0, 2.0, 1.0, 2.0]
+            .into_iter()
+            .enumerate()
+        {
+            p.record(i % 2 == 0, t);
+        }
+        assert!(p.next_in_pool());
     }
 }

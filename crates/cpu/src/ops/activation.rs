@@ -540,7 +540,8 @@ pub fn softmax_into<T: Real>(
             soft_strided(src, dst, kind, n, inner);
         }
     };
-    if v.len() >= super::elementwise::broadcast::PAR_MIN && outer > 1 {
+    if v.len() >= super::elementwise::broadcast::PAR_MIN && outer > 1 && crate::parallel::enabled()
+    {
         o.par_chunks_mut(block)
             .zip(v.par_chunks(block))
             .for_each(|(d, s)| work(s, d));
@@ -594,7 +595,8 @@ pub fn softmax_into_f32(
     if inner != 1 || kind == SoftKind::Hardmax || n == 0 || outer == 0 {
         return softmax_into(v, o, kind, outer, n, inner);
     }
-    if v.len() >= super::elementwise::broadcast::PAR_MIN && outer > 1 {
+    if v.len() >= super::elementwise::broadcast::PAR_MIN && outer > 1 && crate::parallel::enabled()
+    {
         let rows = (super::elementwise::broadcast::PAR_CHUNK / n).max(1);
         o.par_chunks_mut(rows * n)
             .zip(v.par_chunks(rows * n))

@@ -322,66 +322,75 @@ impl Attention {
         let softcap = T::from_f64(self.softcap);
         let mut y = vec![T::zero(); b * hq * sq * dv];
         let mut qk_out = vec![T::zero(); b * hq * sq * skv];
-        y.par_chunks_mut(sq * dv.max(1))
-            .zip(qk_out.par_chunks_mut(sq * skv.max(1)))
-            .enumerate()
-            .for_each(|(bh, (yb, qkb))| {
-                let (bi, hi) = (bh / hq, bh % hq);
-                let kh = hi / reps;
-                let mut logits = vec![T::zero(); skv];
-                for i in 0..sq {
-                    let qr: Vec<T> = q.row(bi, hi, i).iter().map(|&x| x * sqrt_scale).collect();
-                    for (j, l) in logits.iter_mut().enumerate() {
-                        let kr = k.row(bi, kh, j);
-                        *l = qr
-                            .iter()
-                            .zip(kr)
-                            .fold(T::zero(), |acc, (&a, &c)| acc + a * (c * sqrt_scale));
+        let head = |(bh, (yb, qkb)): (usize, (&mut [T], &mut [T]))| {
+            let (bi, hi) = (bh / hq, bh % hq);
+            let kh = hi / reps;
+            let mut logits = vec![T::zero(); skv];
+            for i in 0..sq {
+                let qr: Vec<T> = q.row(bi, hi, i).iter().map(|&x| x * sqrt_scale).collect();
+                for (j, l) in logits.iter_mut().enumerate() {
+                    let kr = k.row(bi, kh, j);
+                    *l = qr
+                        .iter()
+                        .zip(kr)
+                        .fold(T::zero(), |acc, (&a, &c)| acc + a * (c * sqrt_scale));
+                }
+                let qk_row = &mut qkb[i * skv..(i + 1) * skv];
+                if self.qk_mode == 0 {
+                    qk_row.copy_from_slice(&logits);
+                }
+                for (j, l) in logits.iter_mut().enumerate() {
+                    let mut bias = T::zero();
+                    if let Some(m) = &mask {
+                        bias = bias + m.at(bi, hi, i, j);
                     }
-                    let qk_row = &mut qkb[i * skv..(i + 1) * skv];
-                    if self.qk_mode == 0 {
-                        qk_row.copy_from_slice(&logits);
+                    if self.is_causal && j > past_len + i {
+                        bias = bias + T::neg_infinity();
                     }
-                    for (j, l) in logits.iter_mut().enumerate() {
-                        let mut bias = T::zero();
-                        if let Some(m) = &mask {
-                            bias = bias + m.at(bi, hi, i, j);
-                        }
-                        if self.is_causal && j > past_len + i {
+                    if let Some(np) = &nonpad {
+                        if (j as i64) >= np[bi] {
                             bias = bias + T::neg_infinity();
                         }
-                        if let Some(np) = &nonpad {
-                            if (j as i64) >= np[bi] {
-                                bias = bias + T::neg_infinity();
-                            }
-                        }
-                        *l = *l + bias;
                     }
-                    if self.qk_mode == 1 {
-                        qk_row.copy_from_slice(&logits);
-                    }
-                    if self.softcap > 0.0 {
-                        logits
-                            .iter_mut()
-                            .for_each(|l| *l = (*l / softcap).tanh() * softcap);
-                    }
-                    if self.qk_mode == 2 {
-                        qk_row.copy_from_slice(&logits);
-                    }
-                    let mx = logits.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
-                    logits.iter_mut().for_each(|l| *l = (*l - mx).exp());
-                    let sum = logits.iter().fold(T::zero(), |a, &b| a + b);
-                    logits.iter_mut().for_each(|l| *l = *l / sum);
-                    if self.qk_mode == 3 {
-                        qk_row.copy_from_slice(&logits);
-                    }
-                    let yr = &mut yb[i * dv..(i + 1) * dv];
-                    for (j, &p) in logits.iter().enumerate() {
-                        let vr = v.row(bi, kh, j);
-                        yr.iter_mut().zip(vr).for_each(|(o, &x)| *o = *o + p * x);
-                    }
+                    *l = *l + bias;
                 }
-            });
+                if self.qk_mode == 1 {
+                    qk_row.copy_from_slice(&logits);
+                }
+                if self.softcap > 0.0 {
+                    logits
+                        .iter_mut()
+                        .for_each(|l| *l = (*l / softcap).tanh() * softcap);
+                }
+                if self.qk_mode == 2 {
+                    qk_row.copy_from_slice(&logits);
+                }
+                let mx = logits.iter().fold(T::neg_infinity(), |a, &b| a.max(b));
+                logits.iter_mut().for_each(|l| *l = (*l - mx).exp());
+                let sum = logits.iter().fold(T::zero(), |a, &b| a + b);
+                logits.iter_mut().for_each(|l| *l = *l / sum);
+                if self.qk_mode == 3 {
+                    qk_row.copy_from_slice(&logits);
+                }
+                let yr = &mut yb[i * dv..(i + 1) * dv];
+                for (j, &p) in logits.iter().enumerate() {
+                    let vr = v.row(bi, kh, j);
+                    yr.iter_mut().zip(vr).for_each(|(o, &x)| *o = *o + p * x);
+                }
+            }
+        };
+        let (y_rows, qk_rows) = (sq * dv.max(1), sq * skv.max(1));
+        if crate::parallel::enabled() {
+            y.par_chunks_mut(y_rows)
+                .zip(qk_out.par_chunks_mut(qk_rows))
+                .enumerate()
+                .for_each(head);
+        } else {
+            y.chunks_mut(y_rows)
+                .zip(qk_out.chunks_mut(qk_rows))
+                .enumerate()
+                .for_each(head);
+        }
         // Y back to the input form.
         let dtype = qt.dtype();
         let y_t = if qt.rank() == 3 {

@@ -322,7 +322,7 @@ pub fn affine_channels<T: Real>(x: &[T], o: &mut [T], c: usize, spatial: usize, 
             *d = s * a + b;
         }
     };
-    if x.len() >= PAR_MIN {
+    if x.len() >= PAR_MIN && crate::parallel::enabled() {
         o.par_chunks_mut(spatial)
             .zip(x.par_chunks(spatial))
             .enumerate()
@@ -355,7 +355,7 @@ fn for_rows<T: Real>(x: &[T], o: &mut [T], len: usize, f: impl Fn(usize, &[T], &
     if len == 0 {
         return;
     }
-    if x.len() >= PAR_MIN && x.len() / len > 1 {
+    if x.len() >= PAR_MIN && x.len() / len > 1 && crate::parallel::enabled() {
         o.par_chunks_mut(len)
             .zip(x.par_chunks(len))
             .enumerate()

@@ -413,7 +413,7 @@ fn run_planes<T: Send>(
     body: impl Fn(usize, &mut [T], &mut [i64]) + Send + Sync,
 ) {
     let osz = osz.max(1);
-    let par = work >= PAR_MIN && y.len() > osz && rayon::current_num_threads() > 1;
+    let par = work >= PAR_MIN && y.len() > osz && crate::parallel::threads() > 1;
     match (idx.is_empty(), par) {
         (true, true) => y
             .par_chunks_mut(osz)
@@ -664,7 +664,7 @@ impl GlobalPool {
             out.fill(F::zero());
             return;
         }
-        if x.len() >= PAR_MIN && rayon::current_num_threads() > 1 {
+        if x.len() >= PAR_MIN && crate::parallel::threads() > 1 {
             out.par_iter_mut()
                 .zip(x.par_chunks(sz))
                 .for_each(|(o, p)| *o = f(p));

@@ -771,7 +771,8 @@ impl Recurrent {
         let dir_len = d.seq * bt * h;
         let state = bt * h;
         with_scratch::<T, _>(d.nd * dir_len, |ydirs| {
-            let parallel = d.nd == 2 && d.seq * bt * h * d.input >= 1 << 16;
+            let parallel =
+                d.nd == 2 && d.seq * bt * h * d.input >= 1 << 16 && crate::parallel::enabled();
             if parallel {
                 let (y0, y1) = ydirs.split_at_mut(dir_len);
                 let (h0, h1) = yh.split_at_mut(state);

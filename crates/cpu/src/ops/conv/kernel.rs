@@ -162,7 +162,7 @@ impl ConvF32<'_> {
             } => (tile_elems.max(1), parallel_outer),
         };
         let chunks = n * group;
-        let threads = rayon::current_num_threads();
+        let threads = crate::parallel::threads();
         let parallel_outer = outer && chunks > 1 && threads > 1;
         if !parallel_outer && threads > 1 && !self.sp.is_pointwise() {
             // One (image, group) at a time: the output positions split over threads, each
@@ -215,7 +215,7 @@ impl ConvF32<'_> {
         let par = par && mg * p * k >= blas::PARALLEL_THRESHOLD;
         if self.sp.is_pointwise() {
             self.product(mg, p, k, out, p, wg, MatRef::row_major(xg, p), par)?;
-            let rows = epilogue_rows_per_task(mg, p, rayon::current_num_threads());
+            let rows = epilogue_rows_per_task(mg, p, crate::parallel::threads());
             if par && rows < mg && (bias.is_some() || self.act != Activation::None) {
                 // The product ran on every thread: so does the bias + activation pass.
                 out.par_chunks_mut(rows * p)
@@ -429,7 +429,7 @@ impl ConvF32<'_> {
                 }
             })
         };
-        let per_task = planes_per_task(planes, p * ksz, rayon::current_num_threads());
+        let per_task = planes_per_task(planes, p * ksz, crate::parallel::threads());
         if per_task < planes {
             out.par_chunks_mut(per_task * p)
                 .enumerate()

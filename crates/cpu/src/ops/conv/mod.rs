@@ -782,7 +782,7 @@ mod tests {
                 "{name}: {:.3} ms, {:.1} GFLOP/s ({} threads)",
                 best * 1e3,
                 flops / best / 1e9,
-                rayon::current_num_threads()
+                crate::parallel::threads()
             );
         }
     }

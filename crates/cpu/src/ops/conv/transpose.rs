@@ -257,7 +257,7 @@ impl ConvTranspose {
             return Ok(());
         }
         let chunks = n * group;
-        let outer = chunks > 1 && rayon::current_num_threads() > 1;
+        let outer = chunks > 1 && crate::parallel::threads() > 1;
         let body = |(idx, chunk): (usize, &mut [f32])| -> Result<()> {
             let (bn, gi) = (idx / group, idx % group);
             let xg = &x[(bn * c + gi * cg) * pin..(bn * c + (gi + 1) * cg) * pin];
@@ -283,7 +283,7 @@ impl ConvTranspose {
                 };
                 // col2im is a full pass over the columns: split its output channels over
                 // threads too when the (image, group) loop is not parallel.
-                let per = col2im_planes_per_task(mg, ksz * pin, rayon::current_num_threads());
+                let per = col2im_planes_per_task(mg, ksz * pin, crate::parallel::threads());
                 if !outer && per < mg {
                     chunk
                         .par_chunks_mut(per * pout)

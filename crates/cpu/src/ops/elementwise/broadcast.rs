@@ -170,7 +170,7 @@ impl Plan {
                 self.advance(&mut coords, &mut offs);
             }
         };
-        if out.len() >= PAR_MIN {
+        if out.len() >= PAR_MIN && crate::parallel::enabled() {
             let rows_per_chunk = (PAR_CHUNK / n).max(1);
             out.par_chunks_mut(rows_per_chunk * n)
                 .enumerate()
@@ -271,7 +271,7 @@ fn row2<A, B, O>(a: &[A], sa: usize, b: &[B], sb: usize, out: &mut [O], f: &impl
 
 /// `out[i] = f(&x[i])`, in parallel for large slices.
 pub fn map_into<A: Sync, O: Send>(x: &[A], out: &mut [O], f: impl Fn(&A) -> O + Sync) {
-    if out.len() >= PAR_MIN {
+    if out.len() >= PAR_MIN && crate::parallel::enabled() {
         out.par_chunks_mut(PAR_CHUNK)
             .zip(x.par_chunks(PAR_CHUNK))
             .for_each(|(o, x)| {

@@ -311,7 +311,7 @@ impl Op for ElementwiseChain {
 /// Runs `prog` over every element: `inputs[i]` has `out.len()` elements or one.
 pub fn run(prog: &Program, inputs: &[&[f32]], out: &mut [f32]) {
     let block = CHUNK * 16;
-    if out.len() >= PARALLEL_MIN && rayon::current_num_threads() > 1 {
+    if out.len() >= PARALLEL_MIN && crate::parallel::threads() > 1 {
         out.par_chunks_mut(block)
             .enumerate()
             .for_each(|(i, o)| run_block(prog, inputs, i * block, o));

@@ -233,7 +233,7 @@ impl GridSample {
                         .fold(0.0, |acc, &(i, w)| acc + w * src[i]);
                 }
             };
-            if c * n_out >= 1 << 14 {
+            if c * n_out >= 1 << 14 && crate::parallel::enabled() {
                 ob.par_chunks_mut(n_out).enumerate().for_each(body);
             } else {
                 ob.chunks_mut(n_out).enumerate().for_each(body);

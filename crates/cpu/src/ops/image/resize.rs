@@ -647,7 +647,7 @@ fn gather_pass<T: Copy + Send + Sync>(
 
 /// Runs `body(o, block)` for every `block`-long chunk of `dst`, in parallel when large.
 fn for_each_block<T: Send>(dst: &mut [T], block: usize, body: impl Fn(usize, &mut [T]) + Sync) {
-    if dst.len() >= 2 * TASK {
+    if dst.len() >= 2 * TASK && crate::parallel::enabled() {
         let per = (TASK / block).max(1);
         dst.par_chunks_mut(per * block)
             .enumerate()

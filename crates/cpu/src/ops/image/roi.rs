@@ -3,7 +3,6 @@
 use kiln_core::{
     input_tensor, BuildCtx, Dim, Fact, KilnError, Op, OpRegistry, Result, Tensor, Value,
 };
-use rayon::prelude::*;
 
 /// Registers `RoiAlign` and `Col2Im`.
 pub fn register(reg: &mut OpRegistry) {
@@ -142,80 +141,73 @@ impl RoiAlign {
         let bv = batch.to_i64_vec()?;
         let mut out = vec![0.0f64; num_rois * c * ph_n * pw_n];
         let plane = ph_n * pw_n;
-        let jobs: Vec<Result<()>> = out
-            .par_chunks_mut(c * plane)
-            .enumerate()
-            .map(|(r, dst)| {
-                let b = bv[r];
-                if b < 0 || b as usize >= n {
-                    return Err(err(format!("batch index {b} is out of range [0, {n})")));
+        crate::parallel::try_for_each_chunk_mut(&mut out, c * plane, |r, dst| {
+            let b = bv[r];
+            if b < 0 || b as usize >= n {
+                return Err(err(format!("batch index {b} is out of range [0, {n})")));
+            }
+            let off = if self.half_pixel { 0.5 } else { 0.0 };
+            let roi = &rv[r * 4..r * 4 + 4];
+            let (sw, sh) = (
+                roi[0] * self.spatial_scale - off,
+                roi[1] * self.spatial_scale - off,
+            );
+            let (ew, eh) = (
+                roi[2] * self.spatial_scale - off,
+                roi[3] * self.spatial_scale - off,
+            );
+            let (mut rw, mut rh) = (ew - sw, eh - sh);
+            if !self.half_pixel {
+                rw = rw.max(1.0);
+                rh = rh.max(1.0);
+            }
+            let (bh, bw) = (rh / ph_n as f64, rw / pw_n as f64);
+            let grid = |v: f64, p: usize| -> usize {
+                if self.sampling_ratio > 0 {
+                    self.sampling_ratio as usize
+                } else {
+                    (v / p as f64).ceil().clamp(0.0, 1e6) as usize
                 }
-                let off = if self.half_pixel { 0.5 } else { 0.0 };
-                let roi = &rv[r * 4..r * 4 + 4];
-                let (sw, sh) = (
-                    roi[0] * self.spatial_scale - off,
-                    roi[1] * self.spatial_scale - off,
-                );
-                let (ew, eh) = (
-                    roi[2] * self.spatial_scale - off,
-                    roi[3] * self.spatial_scale - off,
-                );
-                let (mut rw, mut rh) = (ew - sw, eh - sh);
-                if !self.half_pixel {
-                    rw = rw.max(1.0);
-                    rh = rh.max(1.0);
+            };
+            let (gh, gw) = (grid(rh, ph_n), grid(rw, pw_n));
+            let count = (gh * gw).max(1) as f64;
+            let mut samples = Vec::with_capacity(plane * gh * gw);
+            for ph in 0..ph_n {
+                for pw in 0..pw_n {
+                    for iy in 0..gh {
+                        let yy = sh + ph as f64 * bh + (iy as f64 + 0.5) * bh / gh as f64;
+                        for ix in 0..gw {
+                            let xx = sw + pw as f64 * bw + (ix as f64 + 0.5) * bw / gw as f64;
+                            samples.push(sample_at(yy, xx, h, w));
+                        }
+                    }
                 }
-                let (bh, bw) = (rh / ph_n as f64, rw / pw_n as f64);
-                let grid = |v: f64, p: usize| -> usize {
-                    if self.sampling_ratio > 0 {
-                        self.sampling_ratio as usize
+            }
+            let per = gh * gw;
+            for (ch, d) in dst.chunks_mut(plane).enumerate() {
+                let src = &xv[(b as usize * c + ch) * h * w..(b as usize * c + ch + 1) * h * w];
+                for (p, v) in d.iter_mut().enumerate() {
+                    let ss = &samples[p * per..(p + 1) * per];
+                    if self.max {
+                        let mut acc: Option<f64> = None;
+                        for s in ss {
+                            let m = (0..4)
+                                .map(|k| s.w[k] * src[s.pos[k]])
+                                .fold(f64::NEG_INFINITY, f64::max);
+                            acc = Some(acc.map_or(m, |a| a.max(m)));
+                        }
+                        *v = acc.unwrap_or(0.0);
                     } else {
-                        (v / p as f64).ceil().clamp(0.0, 1e6) as usize
-                    }
-                };
-                let (gh, gw) = (grid(rh, ph_n), grid(rw, pw_n));
-                let count = (gh * gw).max(1) as f64;
-                let mut samples = Vec::with_capacity(plane * gh * gw);
-                for ph in 0..ph_n {
-                    for pw in 0..pw_n {
-                        for iy in 0..gh {
-                            let yy = sh + ph as f64 * bh + (iy as f64 + 0.5) * bh / gh as f64;
-                            for ix in 0..gw {
-                                let xx = sw + pw as f64 * bw + (ix as f64 + 0.5) * bw / gw as f64;
-                                samples.push(sample_at(yy, xx, h, w));
-                            }
-                        }
+                        let sum: f64 = ss
+                            .iter()
+                            .map(|s| (0..4).map(|k| s.w[k] * src[s.pos[k]]).sum::<f64>())
+                            .sum();
+                        *v = sum / count;
                     }
                 }
-                let per = gh * gw;
-                for (ch, d) in dst.chunks_mut(plane).enumerate() {
-                    let src = &xv[(b as usize * c + ch) * h * w..(b as usize * c + ch + 1) * h * w];
-                    for (p, v) in d.iter_mut().enumerate() {
-                        let ss = &samples[p * per..(p + 1) * per];
-                        if self.max {
-                            let mut acc: Option<f64> = None;
-                            for s in ss {
-                                let m = (0..4)
-                                    .map(|k| s.w[k] * src[s.pos[k]])
-                                    .fold(f64::NEG_INFINITY, f64::max);
-                                acc = Some(acc.map_or(m, |a| a.max(m)));
-                            }
-                            *v = acc.unwrap_or(0.0);
-                        } else {
-                            let sum: f64 = ss
-                                .iter()
-                                .map(|s| (0..4).map(|k| s.w[k] * src[s.pos[k]]).sum::<f64>())
-                                .sum();
-                            *v = sum / count;
-                        }
-                    }
-                }
-                Ok(())
-            })
-            .collect();
-        for j in jobs {
-            j?;
-        }
+            }
+            Ok(())
+        })?;
         Tensor::from_vec(&out_shape, out)?.cast(x.dtype())
     }
 }
@@ -347,32 +339,30 @@ impl Col2Im {
         let lst = kiln_core::strides(&ncols);
         let ist = kiln_core::strides(&img);
         let ku = k as usize;
-        out.par_chunks_mut(img_size.max(1))
-            .enumerate()
-            .for_each(|(nc, dst)| {
-                let (b, ch) = (nc / c, nc % c);
-                for kk in 0..ku {
-                    let src =
-                        &xv[(b * c * ku + ch * ku + kk) * l..(b * c * ku + ch * ku + kk + 1) * l];
-                    for (li, &v) in src.iter().enumerate() {
-                        let mut pos = 0usize;
-                        let mut inside = true;
-                        for ax in 0..r {
-                            let ko = (kk / kst[ax]) % kshape[ax];
-                            let lo = (li / lst[ax]) % ncols[ax];
-                            let p = lo as i64 * strides[ax] - pads[ax] + ko as i64 * dil[ax];
-                            if p < 0 || p >= image[ax] {
-                                inside = false;
-                                break;
-                            }
-                            pos += p as usize * ist[ax];
+        crate::parallel::try_for_each_chunk_mut(&mut out, img_size.max(1), |nc, dst| {
+            let (b, ch) = (nc / c, nc % c);
+            for kk in 0..ku {
+                let src = &xv[(b * c * ku + ch * ku + kk) * l..(b * c * ku + ch * ku + kk + 1) * l];
+                for (li, &v) in src.iter().enumerate() {
+                    let mut pos = 0usize;
+                    let mut inside = true;
+                    for ax in 0..r {
+                        let ko = (kk / kst[ax]) % kshape[ax];
+                        let lo = (li / lst[ax]) % ncols[ax];
+                        let p = lo as i64 * strides[ax] - pads[ax] + ko as i64 * dil[ax];
+                        if p < 0 || p >= image[ax] {
+                            inside = false;
+                            break;
                         }
-                        if inside {
-                            dst[pos] += v;
-                        }
+                        pos += p as usize * ist[ax];
+                    }
+                    if inside {
+                        dst[pos] += v;
                     }
                 }
-            });
+            }
+            Ok::<(), KilnError>(())
+        })?;
         Tensor::from_vec(&out_shape, out)?.cast(x.dtype())
     }
 }

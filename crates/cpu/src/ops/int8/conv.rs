@@ -1,8 +1,6 @@
 //! `kiln.Int8Conv`: convolution on i8 activations and weights (im2col + the i8 GEMM),
 //! i32 accumulation, bias and fused activation in f32, i8 output.
 
-use rayon::prelude::*;
-
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Fact, KilnError, Op, OpDesc, Result, Tensor,
     TensorMut, Value,
@@ -222,7 +220,7 @@ impl Int8Conv {
             OutBuf::Bytes(o) => (Some(OutPtr(o.as_mut_ptr())), None),
             OutBuf::F32(o) => (None, Some(OutPtrF(o.as_mut_ptr()))),
         };
-        (0..n * group * tiles).into_par_iter().for_each(|task| {
+        crate::parallel::for_each_index(n * group * tiles, |task| {
             let (img_g, tile) = (task / tiles, task % tiles);
             let (img, g) = (img_g / group, img_g % group);
             let p0 = tile * TILE;

@@ -2,8 +2,6 @@
 //! form of MatMul and Gemm with constant weights), i32 accumulation, bias and fused
 //! activation in f32, i8 output.
 
-use rayon::prelude::*;
-
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Fact, KilnError, Op, OpDesc, Result, Tensor,
     TensorMut, Value,
@@ -160,7 +158,7 @@ impl Int8MatMul {
             OutBuf::Bytes(o) => (Some(OutPtr(o.as_mut_ptr())), None),
             OutBuf::F32(o) => (None, Some(OutPtrF(o.as_mut_ptr()))),
         };
-        (0..rows.div_ceil(TILE)).into_par_iter().for_each(|tile| {
+        crate::parallel::for_each_index(rows.div_ceil(TILE), |tile| {
             let r0 = tile * TILE;
             let tw = TILE.min(rows - r0);
             let pp = tw.div_ceil(COL_ALIGN) * COL_ALIGN;

@@ -1,8 +1,6 @@
 //! The reformat layers between the FP32 and INT8 pools: `kiln.Int8Quantize` (f32 → i8,
 //! `clamp(round(x / scale), -127, 127)`) and `kiln.Int8Dequantize` (i8 → f32, `q·scale`).
 
-use rayon::prelude::*;
-
 use kiln_core::{
     input_tensor, BuildCtx, DType, Fact, KilnError, Op, Result, Tensor, TensorMut, Value,
 };
@@ -16,24 +14,20 @@ const CHUNK: usize = 1 << 15;
 /// f32 → i8 with one scale.
 pub fn quantize(src: &[f32], scale: f32, dst: &mut [i8]) {
     let inv = 1.0 / scale;
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| {
-            d.iter_mut()
-                .zip(s)
-                .for_each(|(d, &x)| *d = quantize_one(x, inv))
-        });
+    crate::parallel::for_each_chunk_pair(dst, src, CHUNK, |d, s| {
+        d.iter_mut()
+            .zip(s)
+            .for_each(|(d, &x)| *d = quantize_one(x, inv))
+    });
 }
 
 /// i8 → f32 with one scale.
 pub fn dequantize(src: &[i8], scale: f32, dst: &mut [f32]) {
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .for_each(|(d, s)| {
-            d.iter_mut()
-                .zip(s)
-                .for_each(|(d, &q)| *d = q as f32 * scale)
-        });
+    crate::parallel::for_each_chunk_pair(dst, src, CHUNK, |d, s| {
+        d.iter_mut()
+            .zip(s)
+            .for_each(|(d, &q)| *d = q as f32 * scale)
+    });
 }
 
 /// Quantize (`to_int8`) or dequantize.

@@ -166,12 +166,12 @@ pub fn gemm<T: GemmFloat>(
                     cs: b_cs as usize,
                 },
                 sc,
-                parallel && rayon::current_num_threads() > 1,
+                parallel && crate::parallel::threads() > 1,
             );
         }
         return Ok(());
     }
-    let par = if parallel && rayon::current_num_threads() > 1 {
+    let par = if parallel && crate::parallel::threads() > 1 {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
@@ -279,7 +279,7 @@ pub fn gemm_packed_a(
                 cs: b.cs,
             },
             scale,
-            parallel && rayon::current_num_threads() > 1,
+            parallel && crate::parallel::threads() > 1,
         );
     }
     Ok(())

@@ -333,7 +333,7 @@ pub fn matmul_float<T: GemmFloat>(
             big && nb < 2,
         )
     };
-    if nb > 1 && rayon::current_num_threads() > 1 && nb * m * n * k >= blas::PARALLEL_THRESHOLD {
+    if nb > 1 && crate::parallel::threads() > 1 && nb * m * n * k >= blas::PARALLEL_THRESHOLD {
         out.par_chunks_mut(per).enumerate().try_for_each(one)
     } else {
         out.chunks_mut(per).enumerate().try_for_each(one)

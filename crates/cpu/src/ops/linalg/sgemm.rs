@@ -317,7 +317,7 @@ unsafe fn packed_loop(
         Isa::Avx512 => 32,
     };
     let threads = if parallel {
-        rayon::current_num_threads()
+        crate::parallel::threads()
     } else {
         1
     };
@@ -482,7 +482,7 @@ unsafe fn narrow_dispatch(
                 unsafe { x86::narrow_dot(isa, i0, i1, n, k, d.0, dst_rs, accumulate, a, bt, scale) }
             };
             let tasks = if parallel {
-                rayon::current_num_threads()
+                crate::parallel::threads()
                     .min(m / NARROW_ROWS_PER_TASK)
                     .max(1)
             } else {

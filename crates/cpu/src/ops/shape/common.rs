@@ -327,7 +327,7 @@ where
     F: Fn(&mut [T], usize) + Sync,
 {
     let total = dst.len();
-    let threads = rayon::current_num_threads();
+    let threads = crate::parallel::threads();
     if total < PAR_THRESHOLD || threads < 2 || n_blocks < 2 {
         f(dst, 0);
         return;
