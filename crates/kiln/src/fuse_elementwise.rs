@@ -290,7 +290,7 @@ pub fn fuse_elementwise(graph: &mut Graph, registry: &OpRegistry) -> Result<usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_core::{Fact, OpDesc, Tensor, Value};
+    use kiln_core::{Fact, Tensor, Value};
 
     fn node(
         graph: &mut Graph,
@@ -299,38 +299,11 @@ mod tests {
         inputs: &[ValueId],
         out: &str,
     ) -> ValueId {
-        let desc = OpDesc {
-            domain: String::new(),
-            op_type: op_type.into(),
-            opset: 13,
-            attrs: Default::default(),
-        };
-        let op = reg
-            .build(&BuildCtx {
-                node: out,
-                desc: &desc,
-                n_inputs: inputs.len(),
-                n_outputs: 1,
-            })
-            .unwrap();
-        let y = graph.add_value(out, Fact::unknown());
-        graph.nodes.push(Node {
-            name: out.into(),
-            desc,
-            op,
-            inputs: inputs.iter().map(|&i| Some(i)).collect(),
-            outputs: vec![Some(y)],
-            fused_from: vec![out.into()],
-        });
-        y
+        crate::test_graph::add_node(graph, reg, 13, op_type, inputs, &[], out)
     }
 
     fn scalar(graph: &mut Graph, name: &str, v: f32) -> ValueId {
-        let id = graph.add_value(name, Fact::concrete(DType::F32, &[]));
-        graph
-            .constants
-            .insert(id, Tensor::from_vec(&[], vec![v]).unwrap());
-        id
+        crate::test_graph::add_constant(graph, name, Tensor::from_vec(&[], vec![v]).unwrap())
     }
 
     /// hard-swish written out, a residual Add, a Sigmoid·x gate, a one-element runtime

@@ -27,6 +27,8 @@ pub mod optimize;
 pub mod pack_weights;
 pub mod plan;
 pub mod profile;
+#[cfg(test)]
+mod test_graph;
 pub mod tuner;
 
 pub use builder::Builder;

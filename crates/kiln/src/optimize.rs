@@ -435,6 +435,111 @@ fn activation_of(graph: &Graph, node: usize) -> Option<Activation> {
 
 const FUSABLE_PRODUCERS: &[&str] = &["Conv", "Gemm", "MatMul"];
 
+/// The single f32 value of constant `v` (a scalar or a one-element tensor).
+fn scalar_f32(graph: &Graph, v: Option<ValueId>) -> Option<f32> {
+    match constant_f32(graph, v)?.as_slice() {
+        [c] => Some(*c),
+        _ => None,
+    }
+}
+
+/// Whether node `n` computes `v / 6` (Div by 6, or Mul by 1/6 in either order).
+fn divides_by_six(graph: &Graph, n: usize, v: ValueId) -> bool {
+    let ins = &graph.nodes[n].inputs;
+    if ins.len() != 2 {
+        return false;
+    }
+    let (a, b) = (ins[0], ins[1]);
+    if is_plain(graph, n, "Div") {
+        return a == Some(v) && scalar_f32(graph, b) == Some(6.0);
+    }
+    let sixth =
+        |c: Option<ValueId>| scalar_f32(graph, c).is_some_and(|c| (c - 1.0 / 6.0).abs() < 1e-6);
+    is_plain(graph, n, "Mul") && ((a == Some(v) && sixth(b)) || (b == Some(v) && sixth(a)))
+}
+
+/// Matches hard-swish written out after `y`: `y · clip(y + 3, 0, 6) / 6`, with the division
+/// by 6 (or multiplication by 1/6) before or after the product, or `y · HardSigmoid(y)`
+/// with alpha 1/6 and beta 0.5. Every intermediate value must feed only the next node.
+/// Returns the nodes to remove and the value the activation's result replaces.
+fn written_hard_swish(
+    graph: &Graph,
+    consumers: &[Vec<usize>],
+    y: ValueId,
+) -> Option<(Vec<usize>, ValueId)> {
+    let [c0, c1] = consumers[y].as_slice() else {
+        return None;
+    };
+    let out_of = |n: usize| graph.nodes[n].outputs.first().copied().flatten();
+    let product_of = |m: usize, gate: ValueId| {
+        let ins = &graph.nodes[m].inputs;
+        is_plain(graph, m, "Mul")
+            && ins.len() == 2
+            && ((ins[0] == Some(y) && ins[1] == Some(gate))
+                || (ins[0] == Some(gate) && ins[1] == Some(y)))
+    };
+    for (gi, mi) in [(*c0, *c1), (*c1, *c0)] {
+        // The gate: HardSigmoid(y), or clip(y + 3, 0, 6) with an optional / 6.
+        let mut chain = vec![gi];
+        let mut gate = out_of(gi)?;
+        let mut scaled = false;
+        if is_plain(graph, gi, "HardSigmoid") {
+            let sixth_plus_half = matches!(
+                activation_of(graph, gi),
+                Some(Activation::HardSigmoid { alpha, beta })
+                    if (alpha - 1.0 / 6.0).abs() < 1e-6 && beta == 0.5
+            );
+            if !sixth_plus_half {
+                continue;
+            }
+            scaled = true;
+        } else {
+            let ins = &graph.nodes[gi].inputs;
+            let adds_three = is_plain(graph, gi, "Add")
+                && ins.len() == 2
+                && ((ins[0] == Some(y) && scalar_f32(graph, ins[1]) == Some(3.0))
+                    || (ins[1] == Some(y) && scalar_f32(graph, ins[0]) == Some(3.0)));
+            if !adds_three {
+                continue;
+            }
+            let Some(ci) = sole_consumer(graph, consumers, gate) else {
+                continue;
+            };
+            let relu6 = Activation::Clip { min: 0.0, max: 6.0 };
+            if !is_plain(graph, ci, "Clip")
+                || graph.nodes[ci].inputs.first() != Some(&Some(gate))
+                || activation_of(graph, ci) != Some(relu6)
+            {
+                continue;
+            }
+            chain.push(ci);
+            gate = out_of(ci)?;
+            if let Some(di) = sole_consumer(graph, consumers, gate) {
+                if di != mi && divides_by_six(graph, di, gate) {
+                    chain.push(di);
+                    gate = out_of(di)?;
+                    scaled = true;
+                }
+            }
+        }
+        if sole_consumer(graph, consumers, gate) != Some(mi) || !product_of(mi, gate) {
+            continue;
+        }
+        chain.push(mi);
+        let mut out = out_of(mi)?;
+        if !scaled {
+            let di = sole_consumer(graph, consumers, out)?;
+            if !divides_by_six(graph, di, out) {
+                continue;
+            }
+            chain.push(di);
+            out = out_of(di)?;
+        }
+        return Some((chain, out));
+    }
+    None
+}
+
 /// Fuses a following activation (or the x·sigmoid(x) pattern) into Conv, Gemm and MatMul
 /// with f32 outputs.
 pub fn fuse_activations(graph: &mut Graph, registry: &OpRegistry) -> Result<usize> {
@@ -464,6 +569,11 @@ pub fn fuse_activations(graph: &mut Graph, registry: &OpRegistry) -> Result<usiz
                         break;
                     }
                 }
+            }
+            // Hard-swish written out: y · clip(y + 3, 0, 6) / 6 and its orderings.
+            if let Some((removed, out)) = written_hard_swish(graph, &consumers, y) {
+                plan = Some((pi, removed, Activation::HardSwish, out));
+                break;
             }
             // y -> Sigmoid -> Mul(y, sigmoid(y))
             if consumers[y].len() == 2 {
@@ -514,4 +624,108 @@ pub fn fuse_activations(graph: &mut Graph, registry: &OpRegistry) -> Result<usiz
         fused += 1;
     }
     Ok(fused)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_graph::add_node;
+    use kiln_core::Value;
+
+    fn constant(graph: &mut Graph, name: &str, shape: &[usize], v: Vec<f32>) -> ValueId {
+        crate::test_graph::add_constant(graph, name, Tensor::from_vec(shape, v).unwrap())
+    }
+
+    /// Conv followed by hard-swish written out in one of its forms.
+    fn conv_then(reg: &OpRegistry, form: usize) -> Graph {
+        let mut g = Graph::default();
+        let x = g.add_value("x", Fact::concrete(DType::F32, &[1, 2, 5, 6]));
+        g.inputs = vec![x];
+        let w: Vec<f32> = (0..3 * 2 * 9)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0)
+            .collect();
+        let w = constant(&mut g, "w", &[3, 2, 3, 3], w);
+        let b = constant(&mut g, "b", &[3], vec![0.5, -1.0, 2.0]);
+        let three = constant(&mut g, "three", &[], vec![3.0]);
+        let zero = constant(&mut g, "zero", &[], vec![0.0]);
+        let six = constant(&mut g, "six", &[], vec![6.0]);
+        let sixth = constant(&mut g, "sixth", &[1], vec![1.0 / 6.0]);
+        let pads = ("pads", Attr::Ints(vec![1, 1, 1, 1]));
+        let y = add_node(&mut g, reg, 13, "Conv", &[x, w, b], &[pads], "y");
+        let out = match form {
+            // y · clip(y + 3, 0, 6) / 6
+            0 => {
+                let a = add_node(&mut g, reg, 13, "Add", &[y, three], &[], "a");
+                let c = add_node(&mut g, reg, 13, "Clip", &[a, zero, six], &[], "c");
+                let m = add_node(&mut g, reg, 13, "Mul", &[c, y], &[], "m");
+                add_node(&mut g, reg, 13, "Div", &[m, six], &[], "out")
+            }
+            // y · (clip(3 + y, 0, 6) · 1/6)
+            1 => {
+                let a = add_node(&mut g, reg, 13, "Add", &[three, y], &[], "a");
+                let c = add_node(&mut g, reg, 13, "Clip", &[a, zero, six], &[], "c");
+                let d = add_node(&mut g, reg, 13, "Mul", &[sixth, c], &[], "d");
+                add_node(&mut g, reg, 13, "Mul", &[y, d], &[], "out")
+            }
+            // y · HardSigmoid(y; 1/6, 0.5)
+            _ => {
+                let attrs = [
+                    ("alpha", Attr::Float(1.0 / 6.0)),
+                    ("beta", Attr::Float(0.5)),
+                ];
+                let h = add_node(&mut g, reg, 13, "HardSigmoid", &[y], &attrs, "h");
+                add_node(&mut g, reg, 13, "Mul", &[y, h], &[], "out")
+            }
+        };
+        g.outputs = vec![out];
+        g.infer_facts().unwrap();
+        g
+    }
+
+    /// Every written-out hard-swish becomes the Conv's fused activation and computes the
+    /// same values; a gate that is not clip(y + 3, 0, 6) is left alone.
+    #[test]
+    fn written_out_hard_swish_fuses_into_conv() {
+        let reg = kiln_cpu::registry();
+        let x: Vec<f32> = (0..60)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 2.5)
+            .collect();
+        let input = [Value::from(Tensor::from_vec(&[1, 2, 5, 6], x).unwrap())];
+        for form in 0..3 {
+            let mut g = conv_then(&reg, form);
+            let want = kiln_core::exec::run_graph(&g, &input, &[]).unwrap();
+            assert_eq!(fuse_activations(&mut g, &reg).unwrap(), 1, "form {form}");
+            assert_eq!(g.nodes.len(), 1, "form {form}");
+            assert_eq!(g.nodes[0].desc.op_type, "Conv");
+            let got = kiln_core::exec::run_graph(&g, &input, &[]).unwrap();
+            let (a, b) = (
+                want[0]
+                    .as_tensor()
+                    .unwrap()
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .to_vec(),
+                got[0]
+                    .as_tensor()
+                    .unwrap()
+                    .as_slice::<f32>()
+                    .unwrap()
+                    .to_vec(),
+            );
+            assert!(a.iter().any(|&v| v > 0.0) && a.contains(&0.0));
+            for (p, q) in a.iter().zip(&b) {
+                assert!(
+                    (p - q).abs() <= 1e-5 * (1.0 + p.abs()),
+                    "form {form}: {p} vs {q}"
+                );
+            }
+        }
+        // clip(y + 3, 0, 6) · y / 5 is not hard-swish: nothing fuses.
+        let mut g = conv_then(&reg, 0);
+        let five = constant(&mut g, "five", &[], vec![5.0]);
+        let div = g.nodes.len() - 1;
+        g.nodes[div].inputs[1] = Some(five);
+        assert_eq!(fuse_activations(&mut g, &reg).unwrap(), 0);
+        assert_eq!(g.nodes.len(), 5);
+    }
 }

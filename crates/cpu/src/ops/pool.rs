@@ -258,6 +258,71 @@ impl PoolGeom {
     }
 }
 
+impl PoolGeom {
+    /// Max pooling of one plane, values only, output row by output row: every tap is one
+    /// pass over the output positions it is valid for, instead of a window visit per
+    /// output. Same result as the window visit: each output starts from its first valid
+    /// tap and takes any later tap that compares greater (so a leading NaN stays), and an
+    /// output without a valid tap is `T::default()`.
+    fn max_plane_rows<T: Copy + PartialOrd + Default>(&self, xp: &[T], yp: &mut [T]) {
+        let sp = &self.sp;
+        let [_, ih_n, iw_n] = sp.input;
+        let [od_n, oh_n, ow_n] = sp.output;
+        let (sw, kw_n) = (sp.strides[2], sp.kernel[2]);
+        let ranges: smallvec::SmallVec<[(usize, usize); 16]> =
+            (0..kw_n).map(|kw| sp.valid_range(2, kw)).collect();
+        let w_taps = &self.taps[2];
+        for od in 0..od_n {
+            let (d_lo, d_hi) = (self.taps[0].lo[od], self.taps[0].hi[od]);
+            for oh in 0..oh_n {
+                let (h_lo, h_hi) = (self.taps[1].lo[oh], self.taps[1].hi[oh]);
+                let orow = &mut yp[(od * oh_n + oh) * ow_n..(od * oh_n + oh + 1) * ow_n];
+                if d_lo == d_hi || h_lo == h_hi {
+                    orow.fill(T::default());
+                    continue;
+                }
+                // The first valid tap of each output: (d_lo, h_lo, its first valid kw).
+                let first = (self.coord(0, od, d_lo) * ih_n + self.coord(1, oh, h_lo)) * iw_n;
+                for (ow, o) in orow.iter_mut().enumerate() {
+                    let (lo, hi) = (w_taps.lo[ow], w_taps.hi[ow]);
+                    *o = if lo < hi {
+                        xp[first + self.coord(2, ow, lo)]
+                    } else {
+                        T::default()
+                    };
+                }
+                for kd in d_lo..d_hi {
+                    let id = self.coord(0, od, kd);
+                    for kh in h_lo..h_hi {
+                        let row = (id * ih_n + self.coord(1, oh, kh)) * iw_n;
+                        for (kw, &(lo, hi)) in ranges.iter().enumerate() {
+                            if lo >= hi {
+                                continue;
+                            }
+                            // Input column of output `lo`; each next output is `sw` further.
+                            let c0 = self.coord(2, lo, kw);
+                            let src = &xp[row + c0..];
+                            // Written as an unconditional select (max instructions, no
+                            // branch to mispredict on random data).
+                            if sw == 1 {
+                                for (o, &v) in orow[lo..hi].iter_mut().zip(src) {
+                                    let cur = *o;
+                                    *o = if v > cur { v } else { cur };
+                                }
+                            } else {
+                                for (j, o) in orow[lo..hi].iter_mut().enumerate() {
+                                    let (v, cur) = (src[j * sw], *o);
+                                    *o = if v > cur { v } else { cur };
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Pool {
     fn geometry(&self, xs: &[usize]) -> Result<PoolGeom> {
         if xs.len() < 3 {
@@ -311,17 +376,7 @@ impl Pool {
             // Values only: a two-word accumulator instead of the argmax bookkeeping (same
             // rule: the first valid tap, replaced by any later one that compares greater).
             let body = |pl: usize, yp: &mut [T], _: &mut [i64]| {
-                let xp = &x[pl * isz..(pl + 1) * isz];
-                g.for_each_window(
-                    || (T::default(), false),
-                    |acc, fi, _| {
-                        let v = xp[fi];
-                        if !acc.1 || v > acc.0 {
-                            *acc = (v, true);
-                        }
-                    },
-                    |oi, acc, _, _| yp[oi] = acc.0,
-                );
+                g.max_plane_rows(&x[pl * isz..(pl + 1) * isz], yp);
             };
             run_planes(y, idx, osz, x.len(), body);
             return;

@@ -470,9 +470,7 @@ mod tests {
     }
 
     fn konst(g: &mut Graph, name: &str, t: Tensor) -> ValueId {
-        let id = g.add_value(name, Fact::concrete(t.dtype(), t.shape()));
-        g.constants.insert(id, t);
-        id
+        crate::test_graph::add_constant(g, name, t)
     }
 
     fn node(
@@ -482,28 +480,7 @@ mod tests {
         attrs: &[(&str, Attr)],
         out: &str,
     ) -> ValueId {
-        let mut desc = OpDesc::new("", op, 21);
-        for (k, v) in attrs {
-            desc.attrs.insert(k.to_string(), v.clone());
-        }
-        let op = registry()
-            .build(&BuildCtx {
-                node: out,
-                desc: &desc,
-                n_inputs: inputs.len(),
-                n_outputs: 1,
-            })
-            .unwrap();
-        let y = g.add_value(out, Fact::unknown());
-        g.nodes.push(Node {
-            name: out.into(),
-            desc,
-            op,
-            inputs: inputs.iter().map(|&i| Some(i)).collect(),
-            outputs: vec![Some(y)],
-            fused_from: vec![out.into()],
-        });
-        y
+        crate::test_graph::add_node(g, registry(), 21, op, inputs, attrs, out)
     }
 
     /// Scale and zero point constants of one activation quantizer.

@@ -29,9 +29,25 @@ pub enum ConvAlgo {
         /// Parallel over images × groups (true) or inside each GEMM (false).
         parallel_outer: bool,
     },
-    /// The direct kernel (depthwise convolutions only: one input channel per group).
+    /// The direct kernel (depthwise convolutions only: one input channel per group), each
+    /// plane flattened so every tap is one long multiply-add ([`FlatPlane`]; true 3-D
+    /// windows use the row kernel).
     Direct,
+    /// The direct kernel row by row (depthwise only): no padded copy of the plane and no
+    /// work on padding, but vector runs only as long as an output row.
+    DirectRows,
 }
+
+impl ConvAlgo {
+    /// One of the depthwise direct kernels.
+    pub fn is_direct(self) -> bool {
+        matches!(self, ConvAlgo::Direct | ConvAlgo::DirectRows)
+    }
+}
+
+/// Output rows at least this wide run the depthwise row kernel when no tactic was chosen
+/// (the row loop's vector body covers them; narrower rows gain from [`FlatPlane`]).
+pub const DIRECT_ROWS_MIN_WIDTH: usize = 32;
 
 /// One f32 convolution problem (NC(D)(H)W layout, weights M × C/group × kernel).
 #[derive(Debug, Clone, Copy)]
@@ -139,7 +155,7 @@ impl ConvF32<'_> {
         }
         let depthwise = cg == 1 && group > 1;
         if self.packed.is_some()
-            && (matches!(self.algo, ConvAlgo::Direct) || (depthwise && self.algo == ConvAlgo::Auto))
+            && (self.algo.is_direct() || (depthwise && self.algo == ConvAlgo::Auto))
         {
             return Err(KilnError::kernel(
                 "Conv",
@@ -147,10 +163,13 @@ impl ConvF32<'_> {
             ));
         }
         let (tile_elems, outer) = match self.algo {
-            ConvAlgo::Auto if depthwise => return self.run_direct(out),
+            ConvAlgo::Auto if depthwise => {
+                return self.run_direct(out, self.sp.output[2] >= DIRECT_ROWS_MIN_WIDTH)
+            }
             ConvAlgo::Auto => (TILE_ELEMS, true),
-            ConvAlgo::Direct if depthwise => return self.run_direct(out),
-            ConvAlgo::Direct => {
+            ConvAlgo::Direct if depthwise => return self.run_direct(out, false),
+            ConvAlgo::DirectRows if depthwise => return self.run_direct(out, true),
+            ConvAlgo::Direct | ConvAlgo::DirectRows => {
                 return Err(KilnError::kernel(
                     "Conv",
                     "the direct tactic needs one input channel per group (depthwise)",
@@ -387,14 +406,15 @@ impl ConvF32<'_> {
         }
     }
 
-    /// Depthwise (one input channel per group): a direct kernel per output plane, planes
-    /// grouped into parallel tasks of at least [`DW_TASK_WORK`] multiply-adds.
-    fn run_direct(&self, out: &mut [f32]) -> Result<()> {
+    /// Depthwise (one input channel per group): a direct kernel per output plane (row by
+    /// row with `rows`, else flattened), planes grouped into parallel tasks of at least
+    /// [`DW_TASK_WORK`] multiply-adds.
+    fn run_direct(&self, out: &mut [f32], rows: bool) -> Result<()> {
         let ConvDims { c, m, group, .. } = self.dims;
         let mg = m / group;
         let (p, isz, ksz) = (self.sp.out_size(), self.sp.in_size(), self.sp.kernel_size());
         let planes = out.len() / p;
-        let flat = FlatPlane::new(&self.sp);
+        let flat = if rows { None } else { FlatPlane::new(&self.sp) };
         let scratch = match &flat {
             Some(f) => f.scratch_len(),
             None => {
@@ -1003,7 +1023,10 @@ mod tests {
                 .iter()
                 .map(|&v| Activation::HardSwish.apply(v as f32))
                 .collect();
-            for threads in [1, 2, 3] {
+            for (threads, algo) in [1, 2, 3]
+                .into_iter()
+                .flat_map(|t| [(t, ConvAlgo::Direct), (t, ConvAlgo::DirectRows)])
+            {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
@@ -1016,12 +1039,15 @@ mod tests {
                     dims,
                     sp,
                     act: Activation::HardSwish,
-                    algo: ConvAlgo::Direct,
+                    algo,
                     packed: None,
                 };
                 pool.install(|| conv.run(&mut got)).unwrap();
                 let d = max_diff(&got, &want);
-                assert!(d < 1e-5, "case {ci} at {threads} threads: diff {d}");
+                assert!(
+                    d < 1e-5,
+                    "case {ci} {algo:?} at {threads} threads: diff {d}"
+                );
             }
             // Every build of the flattened tap loop, one plane.
             if let Some(f) = FlatPlane::new(&sp) {

@@ -160,7 +160,7 @@ impl Conv {
     /// with ≤ 4 filters per group or a handful of output positions, which take unpacked
     /// paths); `None` otherwise.
     pub fn weight_packing(&self, x: &[usize], w: &[usize]) -> Option<Isa> {
-        if self.packed.is_some() || self.algo == ConvAlgo::Direct {
+        if self.packed.is_some() || self.algo.is_direct() {
             return None;
         }
         let (dims, sp) = conv_geometry("Conv", &self.win, self.group, x, w).ok()?;
@@ -320,6 +320,7 @@ impl Op for Conv {
         };
         tactics::list(tactics::ConvShapeClass {
             depthwise: cg == 1 && dims.group > 1,
+            wide_rows: sp3.output[2] >= kernel::DIRECT_ROWS_MIN_WIDTH,
             pointwise: sp3.is_pointwise(),
             chunks: dims.n * dims.group,
         })
@@ -465,7 +466,7 @@ mod tests {
             // weights packed at build time give the same result, for every kernel family
             // (one this CPU lacks unpacks into scratch)
             let depthwise = ws[1] == 1 && group > 1;
-            if algo != ConvAlgo::Direct && !(depthwise && algo == ConvAlgo::Auto) {
+            if !(algo.is_direct() || (depthwise && algo == ConvAlgo::Auto)) {
                 for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
                     let pw = kernel::pack_weights(&w, ws[0], group, isa).unwrap();
                     let pwv = Value::from(Tensor::from_vec(ws, pw).unwrap());

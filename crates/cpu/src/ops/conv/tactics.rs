@@ -1,7 +1,8 @@
 //! Conv's tactics on the CPU: which implementations exist for a given problem, their
 //! stable ids, and the mapping from an id back to a [`ConvAlgo`].
 //!
-//! Ids: `cpu.conv.direct` (depthwise only), `cpu.conv.gemm_1x1.{outer,inner}` (1×1,
+//! Ids: `cpu.conv.direct` and `cpu.conv.direct.rows` (depthwise only: flattened planes or
+//! row by row), `cpu.conv.gemm_1x1.{outer,inner}` (1×1,
 //! stride 1, no padding) and `cpu.conv.im2col_gemm.t<tile elements>.{outer,inner}`
 //! (everything), where `outer`/`inner` says whether threads split images × groups or each
 //! GEMM.
@@ -24,6 +25,9 @@ const TILES: [(usize, u8); 5] = [
 pub struct ConvShapeClass {
     /// One input channel per group, several groups.
     pub depthwise: bool,
+    /// Output rows at least [`super::kernel::DIRECT_ROWS_MIN_WIDTH`] wide (the depthwise
+    /// heuristic then prefers the row kernel).
+    pub wide_rows: bool,
     /// 1×1 kernel, unit strides, no padding: the im2col matrix is the input itself.
     pub pointwise: bool,
     /// Images × groups: more than one lets threads split the outer loop.
@@ -39,7 +43,15 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
     };
     let mut out = Vec::new();
     if class.depthwise {
-        out.push(Tactic::fp32("cpu.conv.direct", 1));
+        let (flat, rows) = (
+            Tactic::fp32("cpu.conv.direct", 1),
+            Tactic::fp32("cpu.conv.direct.rows", 1),
+        );
+        if class.wide_rows {
+            out.extend([rows, flat]);
+        } else {
+            out.extend([flat, rows]);
+        }
     }
     if class.pointwise {
         for p in par {
@@ -64,11 +76,13 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
 pub fn parse(id: &str) -> Result<ConvAlgo> {
     let bad = || {
         KilnError::Other(format!(
-            "unknown Conv tactic `{id}` (this kiln knows cpu.conv.direct, cpu.conv.gemm_1x1.<outer|inner> and cpu.conv.im2col_gemm.t<N>.<outer|inner>); rebuild the plan with this kiln"
+            "unknown Conv tactic `{id}` (this kiln knows cpu.conv.direct, cpu.conv.direct.rows, cpu.conv.gemm_1x1.<outer|inner> and cpu.conv.im2col_gemm.t<N>.<outer|inner>); rebuild the plan with this kiln"
         ))
     };
-    if id == "cpu.conv.direct" {
-        return Ok(ConvAlgo::Direct);
+    match id {
+        "cpu.conv.direct" => return Ok(ConvAlgo::Direct),
+        "cpu.conv.direct.rows" => return Ok(ConvAlgo::DirectRows),
+        _ => {}
     }
     let parallel = |p: &str| match p {
         "outer" => Ok(true),
@@ -101,9 +115,10 @@ mod tests {
     fn every_listed_id_parses_back() {
         for depthwise in [false, true] {
             for pointwise in [false, true] {
-                for chunks in [1, 4] {
+                for (chunks, wide_rows) in [(1, false), (4, false), (1, true), (4, true)] {
                     let class = ConvShapeClass {
                         depthwise,
+                        wide_rows,
                         pointwise,
                         chunks,
                     };
@@ -114,6 +129,15 @@ mod tests {
                     }
                     let ids: std::collections::HashSet<_> = list.iter().map(|t| &t.id).collect();
                     assert_eq!(ids.len(), list.len(), "duplicate tactic ids");
+                    if depthwise {
+                        // The heuristic's choice comes first: rows for wide output rows.
+                        let want = if wide_rows {
+                            ConvAlgo::DirectRows
+                        } else {
+                            ConvAlgo::Direct
+                        };
+                        assert_eq!(parse(&list[0].id).unwrap(), want);
+                    }
                 }
             }
         }

@@ -361,3 +361,90 @@ fn pool_errors() {
     );
     assert!(op.eval(&[Some(&xi)]).is_err());
 }
+
+/// The row-by-row max kernel equals the per-window visit (the op's reference loop) on
+/// random data with NaNs, for 1-D/2-D/3-D windows with pads, strides, dilations, ceil mode
+/// and windows that fall wholly in the padding.
+#[test]
+fn max_rows_equal_the_window_visit() {
+    let cases: [(Vec<usize>, WindowAttrs); 6] = [
+        (
+            vec![2, 3, 7, 9],
+            win([3, 3], None, None, None, false, AutoPad::NotSet),
+        ),
+        (
+            vec![1, 2, 6, 11],
+            win([2, 2], None, Some(vec![2, 2]), None, true, AutoPad::NotSet),
+        ),
+        (
+            vec![1, 2, 5, 8],
+            win(
+                [3, 2],
+                Some(vec![2, 1, 2, 1]),
+                Some(vec![2, 3]),
+                Some(vec![2, 1]),
+                true,
+                AutoPad::NotSet,
+            ),
+        ),
+        (
+            vec![1, 1, 4, 4],
+            win(
+                [3, 3],
+                None,
+                Some(vec![1, 2]),
+                None,
+                false,
+                AutoPad::SameUpper,
+            ),
+        ),
+        (
+            vec![2, 3, 13],
+            WindowAttrs {
+                kernel_shape: Some(vec![4]),
+                pads: Some(vec![3, 3]),
+                strides: Some(vec![3]),
+                ..Default::default()
+            },
+        ),
+        (
+            vec![1, 2, 3, 4, 5],
+            WindowAttrs {
+                kernel_shape: Some(vec![2, 3, 2]),
+                pads: Some(vec![1, 0, 1, 1, 2, 0]),
+                strides: Some(vec![1, 2, 2]),
+                ceil_mode: true,
+                ..Default::default()
+            },
+        ),
+    ];
+    for (ci, (xs, w)) in cases.iter().enumerate() {
+        let p = pool(PoolKind::Max { storage_order: 0 }, w.clone(), false);
+        let g = p.geometry(xs).unwrap();
+        let mut r = Lcg(ci as u64 + 5);
+        let isz = g.sp.in_size();
+        let mut x = r.vec(isz);
+        // NaNs first in some windows and later in others.
+        for i in (0..isz).step_by(7) {
+            x[i] = f32::NAN;
+        }
+        let mut want = vec![0.0f32; g.sp.out_size()];
+        g.for_each_window(
+            || (0.0f32, false),
+            |acc, fi, _| {
+                if !acc.1 || x[fi] > acc.0 {
+                    *acc = (x[fi], true);
+                }
+            },
+            |oi, acc, _, _| want[oi] = acc.0,
+        );
+        let mut got = vec![7.5f32; g.sp.out_size()];
+        g.max_plane_rows(&x, &mut got);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                a.to_bits() == b.to_bits(),
+                "case {ci} output {i}: rows {a} vs window visit {b}"
+            );
+        }
+    }
+}
