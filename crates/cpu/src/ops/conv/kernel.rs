@@ -96,6 +96,40 @@ pub fn pack_weights(w: &[f32], m: usize, group: usize, isa: Isa) -> Result<Vec<f
 /// Adds `b` to every value and applies `act`, in one pass.
 #[inline]
 pub fn epilogue(row: &mut [f32], b: f32, act: Activation) {
+    if b == 0.0 && act == Activation::None {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::linalg::sgemm::Isa;
+        match Isa::detect() {
+            // SAFETY: the CPU supports the features (run-time detection).
+            Isa::Avx512 => return unsafe { epilogue_avx512(row, b, act) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { epilogue_avx2(row, b, act) },
+            Isa::Scalar => {}
+        }
+    }
+    epilogue_body(row, b, act)
+}
+
+/// [`epilogue_body`] compiled for AVX-512 (16 lanes instead of the baseline's 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn epilogue_avx512(row: &mut [f32], b: f32, act: Activation) {
+    epilogue_body(row, b, act)
+}
+
+/// [`epilogue_body`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn epilogue_avx2(row: &mut [f32], b: f32, act: Activation) {
+    epilogue_body(row, b, act)
+}
+
+/// The bias + activation pass of [`epilogue`], for the compiler to vectorize per build.
+#[inline(always)]
+fn epilogue_body(row: &mut [f32], b: f32, act: Activation) {
     match act {
         Activation::None => {
             if b != 0.0 {
@@ -1230,6 +1264,63 @@ mod tests {
             let per = planes_per_task(planes, work, threads);
             assert!(per >= 1 && per < planes);
             assert!(per * work >= DW_TASK_WORK || per * work * 2 >= DW_TASK_WORK);
+        }
+    }
+
+    /// Every build of the bias + activation epilogue equals `Activation::apply` of the
+    /// biased value, for every activation, on odd lengths.
+    #[test]
+    fn every_epilogue_build_matches_apply() {
+        let acts = [
+            Activation::None,
+            Activation::Relu,
+            Activation::Clip {
+                min: -0.5,
+                max: 1.5,
+            },
+            Activation::Sigmoid,
+            Activation::HardSigmoid {
+                alpha: 0.2,
+                beta: 0.5,
+            },
+            Activation::HardSwish,
+            Activation::Swish,
+            Activation::LeakyRelu { alpha: 0.1 },
+            Activation::Tanh,
+        ];
+        let mut r = Lcg(31);
+        for act in acts {
+            for len in [1, 15, 16, 17, 100] {
+                let x: Vec<f32> = r.vec(len).iter().map(|v| v * 8.0).collect();
+                for b in [0.0f32, 0.75] {
+                    let want: Vec<f32> = x.iter().map(|&v| act.apply(v + b)).collect();
+                    let mut builds: Vec<(&str, Vec<f32>)> = Vec::new();
+                    let mut got = x.clone();
+                    epilogue(&mut got, b, act);
+                    builds.push(("dispatched", got));
+                    let mut got = x.clone();
+                    epilogue_body(&mut got, b, act);
+                    builds.push(("portable", got));
+                    #[cfg(target_arch = "x86_64")]
+                    if Isa::Avx2.supported() {
+                        let mut got = x.clone();
+                        // SAFETY: AVX2 and FMA are present (checked above).
+                        unsafe { epilogue_avx2(&mut got, b, act) };
+                        builds.push(("avx2", got));
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if Isa::Avx512.supported() {
+                        let mut got = x.clone();
+                        // SAFETY: AVX-512 is present (checked above).
+                        unsafe { epilogue_avx512(&mut got, b, act) };
+                        builds.push(("avx512", got));
+                    }
+                    for (name, got) in builds {
+                        let d = max_diff(&got, &want);
+                        assert!(d <= 1e-6, "{act:?} len {len} bias {b} {name}: diff {d}");
+                    }
+                }
+            }
         }
     }
 
