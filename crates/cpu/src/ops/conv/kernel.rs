@@ -614,7 +614,6 @@ impl FlatPlane {
         let (sh, sw) = (sp.strides[1].max(1), sp.strides[2].max(1));
         let (pt, pl) = (sp.pad_begin[1], sp.pad_begin[2]);
         let (ph, pw) = (self.ph, self.pw);
-        dst.fill(0.0);
         for qh in 0..sh {
             for qw in 0..sw {
                 let phase = &mut dst[(qh * sw + qw) * ph * pw..(qh * sw + qw + 1) * ph * pw];
@@ -625,16 +624,18 @@ impl FlatPlane {
                 } else {
                     0
                 };
-                if t_lo >= t_hi {
-                    continue;
-                }
                 for r in 0..ph {
                     let row = qh + sh * r;
-                    if row < pt || row - pt >= ih {
+                    let prow = &mut phase[r * pw..(r + 1) * pw];
+                    if t_lo >= t_hi || row < pt || row - pt >= ih {
+                        prow.fill(0.0);
                         continue;
                     }
+                    // Only the padding columns are zeroed; the rest is copied over.
+                    prow[..t_lo].fill(0.0);
+                    prow[t_hi..].fill(0.0);
                     let src = &x[(row - pt) * iw..(row - pt + 1) * iw];
-                    let d = &mut phase[r * pw + t_lo..r * pw + t_hi];
+                    let d = &mut prow[t_lo..t_hi];
                     let c0 = qw + sw * t_lo - pl;
                     if sw == 1 {
                         d.copy_from_slice(&src[c0..c0 + d.len()]);
@@ -1085,11 +1086,15 @@ mod tests {
             }
             // Every build of the flattened tap loop, one plane.
             if let Some(f) = FlatPlane::new(&sp) {
-                let mut buf = vec![0.0f32; f.scratch_len()];
+                let mut buf = vec![f32::NAN; f.scratch_len()];
                 let (sh, sw) = (sp.strides[1], sp.strides[2]);
                 let np = sh * sw * f.ph * f.pw;
                 f.fill(&x[..sp.in_size()], &mut buf[..np]);
                 let phases = buf[..np].to_vec();
+                assert!(
+                    phases.iter().all(|v| v.is_finite()),
+                    "case {ci}: fill left part of the phases unwritten"
+                );
                 let mut want_acc = vec![0.0f32; f.run];
                 flat_taps_body(
                     &f,
