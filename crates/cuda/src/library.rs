@@ -1058,6 +1058,17 @@ pub fn conv_dnn_candidates(
     }
 }
 
+/// Lowers a node as the executor does: a library layer ([`lower`]) when there is one,
+/// otherwise one of kiln's NVRTC kernels ([`crate::kernels::lower`]); `None` when neither
+/// has it (the CPU runs it).
+pub fn lower_any(
+    node: &Node,
+    inputs: &[Fact],
+    outputs: &[Fact],
+) -> Option<Result<Box<dyn GpuLayer>>> {
+    lower(node, inputs, outputs).or_else(|| crate::kernels::lower(node, inputs, outputs))
+}
+
 /// Lowers MatMul, Gemm and Conv (plain ONNX or kiln's fused forms), ConvTranspose and LSTM
 /// ([`crate::rnn`]) to library layers.
 pub fn lower(node: &Node, inputs: &[Fact], outputs: &[Fact]) -> Option<Result<Box<dyn GpuLayer>>> {

@@ -306,7 +306,9 @@ pub fn tune(
         node.desc
             .attrs
             .insert(TACTIC_TIME_ATTR.into(), Attr::Float(ms as f32));
-        if let Some(v) = kiln_cuda::tune::attr_value(&t.id) {
+        if t.id == kiln_cuda::tune::DEFAULT_TACTIC {
+            // The GPU backend's own float choice: nothing to record.
+        } else if let Some(v) = kiln_cuda::tune::attr_value(&t.id) {
             // A GPU implementation: read by the CUDA backend's lowering, not by the op.
             node.desc.attrs.insert(
                 kiln_cuda::library::GPU_TACTIC_ATTR.into(),
