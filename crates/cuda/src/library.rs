@@ -1105,8 +1105,40 @@ pub fn lower(node: &Node, inputs: &[Fact], outputs: &[Fact]) -> Option<Result<Bo
         }
         "ConvTranspose" => crate::convt::lower_conv_t(node, inputs, outputs)
             .map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>)),
+        "Int8MatMul" if domain == "kiln" => lower_int8_lt(node, inputs, outputs),
         _ => None,
     }
+}
+
+/// `kiln.Int8MatMul` on cuBLASLt's IMMA path ([`crate::lt::Int8LtLayer`]) when its
+/// [`GPU_TACTIC_ATTR`] is `cublaslt`, cuBLASLt loads and the product meets IMMA's alignment
+/// rules; otherwise `None` (the `nvrtc.int8.matmul` kernel runs it).
+fn lower_int8_lt(
+    node: &Node,
+    inputs: &[Fact],
+    outputs: &[Fact],
+) -> Option<Result<Box<dyn GpuLayer>>> {
+    match gemm_choice(node) {
+        Err(e) => return Some(Err(e)),
+        Ok(false) => return None,
+        Ok(true) => {}
+    }
+    let cx = crate::kernels::LowerCx {
+        node,
+        inputs,
+        outputs,
+    };
+    let (rows, n, k) = crate::kernels::int8::matmul_dims(&cx)?;
+    if !crate::kernels::int8::symmetric(node)
+        || !crate::lt::Int8LtLayer::fits(rows, n, k)
+        || !crate::lt::available()
+    {
+        return None;
+    }
+    let requant = crate::kernels::int8::requant_layer(&cx)?;
+    Some(Ok(Box::new(crate::lt::Int8LtLayer::new(
+        rows, n, k, requant,
+    ))))
 }
 
 #[cfg(test)]

@@ -976,6 +976,28 @@ fn cases() -> Vec<Case> {
             .a("y_scale", Attr::Float(0.02))
             .a("w_scales", scales(9)),
     );
+    // cuBLASLt IMMA (kiln_gpu_tactic = cublaslt; K and N multiples of 4): i32 sums on the
+    // tensor cores, then the same requantization; `prepare` checks it did not fall back.
+    v.push(
+        c(
+            q,
+            "Int8MatMul",
+            1,
+            vec![i8s(&[2, 9, 32]), i8s(&[12, 32]), bias(12)],
+        )
+        .a("x_scale", Attr::Float(0.05))
+        .a("y_scale", Attr::Float(0.01))
+        .a("w_scales", scales(12))
+        .a("kiln_activation", s("HardSwish"))
+        .a("kiln_gpu_tactic", s("cublaslt")),
+    );
+    v.push(
+        c(q, "Int8MatMul", 1, vec![i8s(&[37, 264]), i8s(&[40, 264])])
+            .a("x_scale", Attr::Float(0.02))
+            .a("y_scale", Attr::Float(0.03))
+            .a("w_scales", scales(40))
+            .a("kiln_gpu_tactic", s("cublaslt")),
+    );
     v
 }
 
@@ -1277,6 +1299,13 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
         Some(Err(e)) => return Err(format!("lower: {e}")),
         Some(Ok(l)) => l,
     };
+    let imma = case.op == "Int8MatMul"
+        && case.attrs.iter().any(|(k, v)| {
+            *k == "kiln_gpu_tactic" && matches!(v, Attr::String(t) if t == "cublaslt")
+        });
+    if imma && kiln_cuda::lt::available() && layer.tactic() != "cublaslt.int8.imma" {
+        return Err(format!("IMMA case lowered to {}", layer.tactic()));
+    }
     Ok(Prepared {
         made,
         want,

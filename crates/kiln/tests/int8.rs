@@ -337,6 +337,10 @@ impl LayerTimer for GpuCostModel {
         consts: &[Option<&Tensor>],
         t: &Tactic,
     ) -> kiln::Result<f64> {
+        if t.id.starts_with("cpu.") {
+            // The CPU builder also offers its own INT8 kernels: not on this "device".
+            return Err(kiln::KilnError::Other("not a GPU tactic".into()));
+        }
         if t.format.precision != Precision::Int8 {
             return Ok(1.0);
         }
@@ -391,7 +395,7 @@ fn gpu_int8_pool_keeps_int8_only_where_it_pays() {
         } else {
             Vec::new()
         };
-        kiln::int8::gpu::offer(n, f, float, true)
+        kiln::int8::gpu::offer(n, f, float, true, false)
     };
     let int8_layers = |e: &Engine| -> std::collections::BTreeSet<String> {
         e.graph()

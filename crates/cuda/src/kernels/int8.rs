@@ -33,13 +33,7 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     if !cx.single_output() {
         return None;
     }
-    // Explicit-quantization layers (zero points, u8 or f32 outputs) are not covered by
-    // these symmetric kernels: the CPU runs them.
-    let attrs = &cx.node.desc.attrs;
-    if ["x_zero_point", "y_zero_point", "y_dtype"]
-        .iter()
-        .any(|k| attrs.contains_key(*k))
-    {
+    if !symmetric(cx.node) {
         return None;
     }
     match cx.op() {
@@ -49,6 +43,15 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         "Int8MatMul" => matmul(cx),
         _ => None,
     }
+}
+
+/// True for the symmetric INT8 layers these kernels cover; explicit-quantization layers
+/// (zero points, u8 or f32 outputs) are left to the CPU.
+pub fn symmetric(node: &kiln_core::Node) -> bool {
+    let attrs = &node.desc.attrs;
+    !["x_zero_point", "y_zero_point", "y_dtype"]
+        .iter()
+        .any(|k| attrs.contains_key(*k))
 }
 
 /// A positive finite float attribute.
@@ -215,8 +218,7 @@ extern \"C\" __global__ void kiln_i8_conv(const signed char* __restrict__ x, con
         p.arr(&a, 3, 0);
     }
     let total: usize = sy.iter().product();
-    let mut in_facts = vec![Some((dx, sx)), Some((dw, sw))];
-    in_facts.resize(cx.n_in(), None);
+    let in_facts = product_in_facts(cx)?;
     Some(KernelLayer {
         tactic: "nvrtc.int8.conv".into(),
         src: Some(source("int8", code)),
@@ -232,7 +234,9 @@ extern \"C\" __global__ void kiln_i8_conv(const signed char* __restrict__ x, con
     })
 }
 
-fn matmul(cx: &LowerCx<'_>) -> Option<KernelLayer> {
+/// The sizes `(rows, n, k)` of an `Int8MatMul` (`[.., k]` i8 activations, `[n, k]` i8
+/// weights, `[.., n]` i8 output); `None` when the facts do not fit.
+pub fn matmul_dims(cx: &LowerCx<'_>) -> Option<(usize, usize, usize)> {
     let (da, sa) = cx.input(0)?;
     let (dw, sw) = cx.input(1)?;
     let (dy, sy) = cx.output(0)?;
@@ -244,7 +248,52 @@ fn matmul(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     if sa[r - 1] != k || sy.len() != r || sy[..r - 1] != sa[..r - 1] || sy[r - 1] != n {
         return None;
     }
-    let rows: usize = sa[..r - 1].iter().product();
+    Some((sa[..r - 1].iter().product(), n, k))
+}
+
+/// Expected `(dtype, shape)` of each input of a layer (`None`: absent or not read).
+type InFacts = Vec<Option<(DType, Vec<usize>)>>;
+
+/// Expected input facts of an INT8 product layer (activations, weights; others unread).
+fn product_in_facts(cx: &LowerCx<'_>) -> Option<InFacts> {
+    let mut v = vec![Some(cx.input(0)?), Some(cx.input(1)?)];
+    v.resize(cx.n_in(), None);
+    Some(v)
+}
+
+/// The requantization of an `Int8MatMul` whose i32 sums `acc[rows × n]` (row-major) are
+/// at the start of the layer's workspace: `y = quantize(act(acc·mul[col] + bias[col]))`,
+/// the epilogue of the `nvrtc.int8.matmul` kernel. Used after cuBLASLt's IMMA product
+/// ([`crate::lt::Int8LtLayer`]).
+pub fn requant_layer(cx: &LowerCx<'_>) -> Option<KernelLayer> {
+    let (rows, n, _) = matmul_dims(cx)?;
+    let (tables, expr) = epilogue(cx, n)?;
+    let code = format!(
+        "{}{QUANT_FN}{tables}struct P {{ long long total, n; }};\n\
+__device__ __forceinline__ signed char kiln_epi(int acc, long long ch) {{ {expr} }}\n\
+extern \"C\" __global__ void kiln_i8_requant(const int* __restrict__ acc, signed char* __restrict__ y, const P p) {{\n\
+  for (long long i = KILN_TID; i < p.total; i += KILN_STRIDE) y[i] = kiln_epi(acc[i], i % p.n);\n}}\n",
+        prelude(&[])
+    );
+    let mut p = Params::new();
+    p.i((rows * n) as i64).i(n as i64);
+    Some(KernelLayer {
+        tactic: "nvrtc.int8.requant".into(),
+        src: Some(source("int8", code)),
+        steps: vec![step(
+            "kiln_i8_requant",
+            rows * n,
+            vec![Ptr::Work(0), Ptr::Out(0, 0)],
+            p,
+        )],
+        in_facts: product_in_facts(cx)?,
+        out_facts: vec![Some(cx.output(0)?)],
+        work: rows * n * 4,
+    })
+}
+
+fn matmul(cx: &LowerCx<'_>) -> Option<KernelLayer> {
+    let (rows, n, k) = matmul_dims(cx)?;
     let (tables, expr) = epilogue(cx, n)?;
     // Four products per __dp4a when every row starts on a 4-byte boundary.
     let dot = if k % 4 == 0 {
@@ -268,8 +317,8 @@ extern \"C\" __global__ void kiln_i8_matmul(const signed char* __restrict__ a, c
     );
     let mut p = Params::new();
     p.i(rows as i64).i(n as i64).i(k as i64);
-    let mut in_facts = vec![Some((da, sa)), Some((dw, sw))];
-    in_facts.resize(cx.n_in(), None);
+    let in_facts = product_in_facts(cx)?;
+    let (dy, sy) = cx.output(0)?;
     Some(KernelLayer {
         tactic: "nvrtc.int8.matmul".into(),
         src: Some(source("int8", code)),
@@ -336,16 +385,20 @@ mod tests {
         ];
         let n = kiln_node("Int8MatMul", attrs.clone(), 3);
         let bias = Fact::constant(Tensor::from_vec(&[3], vec![1.0f32, -2.0, 0.5]).unwrap());
-        let l = lower(&LowerCx {
-            node: &n,
-            inputs: &[
+        let (ins, outs) = (
+            [
                 f(DType::I8, &[2, 5, 8]),
                 f(DType::I8, &[3, 8]),
                 bias.clone(),
             ],
-            outputs: &[f(DType::I8, &[2, 5, 3])],
-        })
-        .expect("lowered");
+            [f(DType::I8, &[2, 5, 3])],
+        );
+        let cx = LowerCx {
+            node: &n,
+            inputs: &ins,
+            outputs: &outs,
+        };
+        let l = lower(&cx).expect("lowered");
         let code = &l.src.as_ref().unwrap().code;
         assert!(code.contains("__dp4a"), "K = 8 uses dp4a: {code}");
         assert!(code.contains(&fl(0.5f32 * 0.2)), "{code}");
@@ -369,6 +422,14 @@ mod tests {
             3,
         );
         assert!(lower_with(bias.clone(), &short).is_none());
+        // The requantization after cuBLASLt's IMMA product reads the i32 sums from the
+        // workspace, with the same tables.
+        let rq = requant_layer(&cx).expect("requant");
+        assert_eq!(rq.work, 2 * 5 * 3 * 4);
+        let rcode = &rq.src.as_ref().unwrap().code;
+        assert!(rcode.contains("kiln_i8_requant") && rcode.contains(&fl(0.5f32 * 0.2)));
+        assert!(matches!(&rq.steps[0], Step::Launch { ptrs, .. } if ptrs[0] == Ptr::Work(0)));
+        assert_eq!(matmul_dims(&cx), Some((10, 3, 8)));
         // K = 7: the plain loop.
         let l = lower_with(bias, &n).expect("lowered");
         assert!(!l.src.unwrap().code.contains("__dp4a"));

@@ -34,9 +34,28 @@ pub fn tactic_id(family: &str) -> String {
     format!("cuda.int8.{family}")
 }
 
+/// The GPU INT8 MatMul tactic on cuBLASLt's IMMA path ([`kiln_cuda::lt::Int8LtLayer`]).
+pub const IMMA_TACTIC: &str = "cuda.int8.matmul.cublaslt";
+
 /// True for the id of a GPU INT8 tactic.
 pub fn is_tactic(id: &str) -> bool {
     id.starts_with("cuda.int8.")
+}
+
+/// The [`kiln_cuda::library::GPU_TACTIC_ATTR`] value a GPU INT8 tactic records on its
+/// lowered layer (`cublaslt` for [`IMMA_TACTIC`]; none for the NVRTC kernels).
+pub fn gpu_attr(id: &str) -> Option<&'static str> {
+    (id == IMMA_TACTIC).then_some("cublaslt")
+}
+
+/// Records what [`gpu_attr`] says for tactic `id` on a lowered INT8 node.
+pub fn mark(node: &mut Node, id: &str) {
+    if let Some(v) = gpu_attr(id) {
+        node.desc.attrs.insert(
+            kiln_cuda::library::GPU_TACTIC_ATTR.into(),
+            kiln_core::Attr::String(v.into()),
+        );
+    }
 }
 
 /// The INT8 family (`conv` or `matmul`) of a calibrated layer that has an INT8 form; `None`
@@ -55,11 +74,18 @@ pub fn family(node: &Node, inputs: &[Option<&Fact>]) -> Option<&'static str> {
 
 /// What a GPU layer offers the tuner: its float tactics (`float`, ids of
 /// [`kiln_cuda::tune`], all FP32/linear at graph level) and, for a calibrated layer with an
-/// INT8 form when `int8` is allowed, `cuda.int8.<family>` in the INT8 format. A layer with
-/// an INT8 candidate but no float alternative gets the backend's own float choice
+/// INT8 form when `int8` is allowed, `cuda.int8.<family>` in the INT8 format (and for
+/// MatMul/Gemm [`IMMA_TACTIC`] too when `imma`: cuBLASLt loads). A layer with an INT8
+/// candidate but no float alternative gets the backend's own float choice
 /// ([`kiln_cuda::tune::DEFAULT_TACTIC`]) to be timed against. Empty when there is nothing
 /// to choose between (fewer than two candidates).
-pub fn offer(node: &Node, inputs: &[Option<&Fact>], float: Vec<Tactic>, int8: bool) -> Vec<Tactic> {
+pub fn offer(
+    node: &Node,
+    inputs: &[Option<&Fact>],
+    float: Vec<Tactic>,
+    int8: bool,
+    imma: bool,
+) -> Vec<Tactic> {
     let mut out = float;
     if let Some(f) = family(node, inputs).filter(|_| int8) {
         if out.is_empty() {
@@ -74,6 +100,13 @@ pub fn offer(node: &Node, inputs: &[Option<&Fact>], float: Vec<Tactic>, int8: bo
             format: INT8_LINEAR,
             min_level: 1,
         });
+        if f == "matmul" && imma {
+            out.push(Tactic {
+                id: IMMA_TACTIC.into(),
+                format: INT8_LINEAR,
+                min_level: 1,
+            });
+        }
     }
     if out.len() < 2 {
         out.clear();
@@ -144,6 +177,7 @@ pub fn probe(
     n.inputs.resize(replaced.len(), None);
     n.desc = desc;
     n.op = op;
+    mark(&mut n, tactic_id);
     Ok(Probe {
         node: n,
         inputs: fin,
@@ -309,6 +343,7 @@ mod tests {
             &f,
             float(&["cuda.conv.kiln", "cuda.conv.cudnn.1"]),
             true,
+            true,
         );
         assert_eq!(
             ids(&both),
@@ -320,22 +355,22 @@ mod tests {
         );
         assert!(is_tactic(&both[2].id) && !is_tactic(&both[0].id));
         // Without --int8: the float tactics only.
-        assert_eq!(offer(&conv, &f, float(&["a", "b"]), false).len(), 2);
+        assert_eq!(offer(&conv, &f, float(&["a", "b"]), false, true).len(), 2);
         // No float alternative: the backend's own choice is timed against INT8.
         assert_eq!(
-            ids(&offer(&conv, &f, Vec::new(), true)),
+            ids(&offer(&conv, &f, Vec::new(), true, true)),
             vec![
                 (kiln_cuda::tune::DEFAULT_TACTIC.into(), Precision::Fp32),
                 ("cuda.int8.conv".into(), Precision::Int8),
             ]
         );
         // One candidate is no choice.
-        assert!(offer(&conv, &f, float(&["a"]), false).is_empty());
+        assert!(offer(&conv, &f, float(&["a"]), false, false).is_empty());
         // Not calibrated, or no INT8 form (depthwise): no INT8 candidate.
         let (plain, pf) = layer("Conv", &[], &[1, 8, 6, 6], &[16, 8, 1, 1], true, false);
         let pf: Vec<Option<&Fact>> = pf.iter().map(Some).collect();
         assert_eq!(family(&plain, &pf), None);
-        assert!(offer(&plain, &pf, float(&["a"]), true).is_empty());
+        assert!(offer(&plain, &pf, float(&["a"]), true, true).is_empty());
         let (dw, df) = layer(
             "Conv",
             &[("group", Attr::Int(8))],
@@ -346,7 +381,24 @@ mod tests {
         );
         let df: Vec<Option<&Fact>> = df.iter().map(Some).collect();
         assert_eq!(family(&dw, &df), None);
-        assert_eq!(ids(&offer(&dw, &df, float(&["a", "b"]), true)).len(), 2);
+        assert_eq!(
+            ids(&offer(&dw, &df, float(&["a", "b"]), true, true)).len(),
+            2
+        );
+        // MatMul/Gemm: the NVRTC kernel and, where cuBLASLt loads, its IMMA path.
+        let (gemm, gf) = layer("Gemm", &[], &[3, 16], &[16, 8], false, true);
+        let gf: Vec<Option<&Fact>> = gf.iter().map(Some).collect();
+        assert_eq!(
+            ids(&offer(&gemm, &gf, Vec::new(), true, true)),
+            vec![
+                (kiln_cuda::tune::DEFAULT_TACTIC.into(), Precision::Fp32),
+                ("cuda.int8.matmul".into(), Precision::Int8),
+                (IMMA_TACTIC.into(), Precision::Int8),
+            ]
+        );
+        assert_eq!(offer(&gemm, &gf, Vec::new(), true, false).len(), 2);
+        assert_eq!(gpu_attr(IMMA_TACTIC), Some("cublaslt"));
+        assert_eq!(gpu_attr("cuda.int8.matmul"), None);
     }
 
     /// The layer the tuner times for an INT8 candidate is the one the CUDA backend runs:
@@ -393,6 +445,17 @@ mod tests {
         let consts: Vec<Option<&Tensor>> = facts.iter().map(|f| f.konst.as_ref()).collect();
         let p = probe(&gemm, &f, &consts, &tactic_id("matmul")).unwrap();
         assert_eq!(p.outputs[0].concrete_shape(), Some(vec![3, 10]));
+        let l = kiln_cuda::library::lower_any(&p.node, &p.inputs, &p.outputs)
+            .expect("a GPU layer")
+            .unwrap();
+        assert_eq!(l.tactic(), "nvrtc.int8.matmul");
+        // The IMMA tactic records `cublaslt`; it lowers to cuBLASLt where it loads (K = 16 and
+        // N = 10: N is not a multiple of 4, so IMMA's alignment rule sends it to the kernel).
+        let p = probe(&gemm, &f, &consts, IMMA_TACTIC).unwrap();
+        assert!(matches!(
+            p.node.desc.attrs.get(kiln_cuda::library::GPU_TACTIC_ATTR),
+            Some(Attr::String(v)) if v == "cublaslt"
+        ));
         let l = kiln_cuda::library::lower_any(&p.node, &p.inputs, &p.outputs)
             .expect("a GPU layer")
             .unwrap();

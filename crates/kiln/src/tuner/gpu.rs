@@ -79,7 +79,7 @@ impl GpuTactics {
                 min_level: level,
             })
             .collect();
-        gpu8::offer(node, inputs, float, self.int8)
+        gpu8::offer(node, inputs, float, self.int8, kiln_cuda::lt::available())
     }
 
     /// The dtype float activations have on the device next to INT8 layers.
@@ -102,6 +102,17 @@ impl LayerTimer for GpuTactics {
     ) -> Result<f64> {
         if tactic.format.precision == Precision::Int8 {
             let p = gpu8::probe(node, inputs, constants, &tactic.id)?;
+            if gpu8::gpu_attr(&tactic.id).is_some() {
+                // A library tactic (IMMA) the product does not fit falls back to the NVRTC
+                // kernel at lowering: that is the other candidate, not this one.
+                let lowered = kiln_cuda::library::lower(&p.node, &p.inputs, &p.outputs);
+                if !matches!(lowered, Some(Ok(_))) {
+                    return Err(kiln_core::KilnError::Other(format!(
+                        "{}: the product does not fit cuBLASLt's IMMA rules",
+                        tactic.id
+                    )));
+                }
+            }
             return self.tuner.borrow_mut().time_node(
                 &p.node,
                 &p.inputs,

@@ -301,6 +301,7 @@ pub fn tune(
         if t.format.precision == Precision::Int8 {
             // INT8 layers become kiln.Int8* ops with quantized weights.
             crate::int8::lower::lower_node(graph, *ni, &t.id)?;
+            crate::int8::gpu::mark(&mut graph.nodes[*ni], &t.id);
         }
         let node = &mut graph.nodes[*ni];
         node.desc
