@@ -21,8 +21,9 @@
 #                                        summary table last. `conformance` runs only
 #                                        the ONNX node suite's float cases on the GPU
 #                                        (every other mode runs them too, except perf);
-#                                        `int8` runs only the GPU INT8 builds, accuracy
-#                                        and speed (every mode runs them).
+#                                        `int8` runs only the int8 kernel family (IMMA
+#                                        included) and the GPU INT8 builds, accuracy
+#                                        and speed (every mode runs the builds).
 set -uo pipefail
 mode=${1:-}
 case "$mode" in
@@ -159,6 +160,9 @@ for r in rows:
 PY
   }
   if [ "$full" = int8 ]; then
+    stamp "NVRTC/cuBLASLt INT8 kernel tests (int8 family, IMMA cases included)"
+    KILN_GPU_CASES=int8 timeout 240 "$W/bin/gpu_kernels" --nocapture --test-threads=1 gpu_kernels_match_cpu > "$OUT/kernels_int8.log" 2>&1
+    echo "gpu_kernels (int8) rc=$?"; grep -A12 "==== summary" "$OUT/kernels_int8.log"; grep "^FAIL" "$OUT/kernels_int8.log" | head -20
     int8
     exit 0
   fi
