@@ -393,8 +393,10 @@ fn placements_of(runners: &[Runner], lo: &[bool]) -> Vec<LayerPlacement> {
                 node: i,
                 device: "gpu",
                 tactic: l.tactic(),
-                precision: if l.tactic().starts_with("nvrtc.int8.") {
-                    // INT8 products and the quantize/dequantize reformats around them.
+                precision: if l.tactic().starts_with("nvrtc.int8.")
+                    || l.tactic().starts_with("cublaslt.int8.")
+                {
+                    // INT8 products (NVRTC or IMMA) and the quantize/dequantize reformats.
                     "int8".into()
                 } else if lo[i] {
                     "fp16".into()
