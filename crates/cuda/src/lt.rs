@@ -474,60 +474,74 @@ impl GpuLayer for LtLayer {
     }
 }
 
-/// `kiln.Int8MatMul` on the tensor cores (IMMA): one `cublasLtMatmul` with i8 inputs and
-/// i32 accumulators (`CUBLAS_COMPUTE_32I`) into the workspace, then kiln's NVRTC epilogue
+/// kiln's INT8 products on the tensor cores (IMMA): `kiln.Int8MatMul` and 1×1
+/// `kiln.Int8Conv`. One `cublasLtMatmul` with i8 inputs and i32 sums
+/// (`CUBLAS_COMPUTE_32I`) into the workspace, then kiln's NVRTC requantization
 /// ([`crate::kernels::int8::requant_layer`]: per-channel scale, bias, activation,
-/// requantization to i8, exactly as the `nvrtc.int8.matmul` kernel rounds).
+/// requantization to i8, rounding as the `nvrtc.int8.*` kernels do).
 ///
-/// Row-major `Y[rows, n] = A[rows, k] · W[n, k]ᵀ` is column-major `Yᵀ[n, rows] =
-/// W · Aᵀ`: cuBLASLt's A is W stored column-major `[k, n]` and transposed, its B is A
-/// stored column-major `[k, rows]`, not transposed — the "TN" form IMMA requires. IMMA's
-/// alignment rules (k and n multiples of 4, so every leading dimension is a multiple of 4
-/// bytes; buffers 16-byte aligned) are checked at lowering and at enqueue.
+/// cuBLASLt computes column-major `C[m, n] = Wᵀ-stored-A · B`: its A is the weights,
+/// row-major `[m, k]` = column-major `[k, m]`, transposed; its B is the activations as a
+/// row-major `[n, k]` matrix = column-major `[k, n]`, not transposed — the "TN" form IMMA
+/// requires; C is the sums, row-major `[n, m]`. For MatMul the activations `[rows, k]`
+/// already are that matrix (`n` = rows); a 1×1 convolution's NCHW input is first copied to
+/// NHWC in the workspace ([`crate::kernels::int8::nhwc_layer`], `n` = batch · pixels) and
+/// the requantization writes NCHW back. IMMA's alignment rules (`m` and `k` multiples of
+/// 4, so every leading dimension is a multiple of 4 bytes; buffers 16-byte aligned) are
+/// checked at lowering and at enqueue.
 #[derive(Debug)]
 pub struct Int8LtLayer {
     tactic: String,
-    rows: usize,
+    /// cuBLASLt's m (output channels), n (output rows / pixels) and k (reduction).
+    m: usize,
     n: usize,
     k: usize,
+    /// Element counts of the node's activations, weights and output.
+    sizes: [usize; 3],
+    /// The NHWC copy of the activations (convolutions), into the workspace.
+    pre: Option<crate::kernels::common::KernelLayer>,
     requant: crate::kernels::common::KernelLayer,
     ready: OnceLock<Mutex<Ready>>,
 }
 
 impl Int8LtLayer {
-    /// True when IMMA can take the product: sizes in i32, `k` and `n` multiples of 4.
-    pub fn fits(rows: usize, n: usize, k: usize) -> bool {
+    /// True when IMMA can take the product: sizes in i32, `m` and `k` multiples of 4.
+    pub fn fits(m: usize, n: usize, k: usize) -> bool {
         let lim = i32::MAX as usize;
-        rows > 0
-            && n > 0
-            && k > 0
-            && rows <= lim
-            && n <= lim
-            && k <= lim
-            && k.is_multiple_of(4)
-            && n.is_multiple_of(4)
+        [m, n, k].iter().all(|&d| d > 0 && d <= lim) && m.is_multiple_of(4) && k.is_multiple_of(4)
     }
 
-    /// The layer for `rows × k` activations and `n × k` weights, with its requantization.
+    /// The layer for cuBLASLt sizes `m`, `n`, `k`, the node's element counts `sizes`
+    /// (activations, weights, output), an optional NHWC copy in front and the
+    /// requantization after.
     pub fn new(
-        rows: usize,
-        n: usize,
-        k: usize,
+        [m, n, k]: [usize; 3],
+        sizes: [usize; 3],
+        pre: Option<crate::kernels::common::KernelLayer>,
         requant: crate::kernels::common::KernelLayer,
     ) -> Int8LtLayer {
         Int8LtLayer {
-            tactic: "cublaslt.int8.imma".into(),
-            rows,
+            tactic: format!(
+                "cublaslt.int8.imma{}",
+                if pre.is_some() { ".nhwc" } else { "" }
+            ),
+            m,
             n,
             k,
+            sizes,
+            pre,
             requant,
             ready: OnceLock::new(),
         }
     }
 
-    /// Bytes of the i32 accumulators (after cuBLASLt's workspace).
-    fn acc_bytes(&self) -> usize {
-        self.rows * self.n * 4
+    /// Bytes of the i32 sums (after cuBLASLt's workspace), rounded up to 256.
+    fn acc_span(&self) -> usize {
+        (self.m * self.n * 4).next_multiple_of(256)
+    }
+
+    fn pre_bytes(&self) -> usize {
+        self.pre.as_ref().map_or(0, |p| p.work)
     }
 }
 
@@ -536,7 +550,11 @@ impl GpuLayer for Int8LtLayer {
         self.tactic.clone()
     }
     fn sources(&self) -> Vec<KernelSource> {
-        self.requant.sources()
+        let mut v = self.requant.sources();
+        if let Some(p) = &self.pre {
+            v.extend(p.sources());
+        }
+        v
     }
     fn prepare(&self, _cx: &PrepareCx<'_>) -> Result<()> {
         if self.ready.get().is_some() {
@@ -550,9 +568,9 @@ impl GpuLayer for Int8LtLayer {
             lts::cublasComputeType_t::CUBLAS_COMPUTE_32I,
             CUDA_R_32I,
             [
+                (CUDA_R_8I, self.k, self.m),
                 (CUDA_R_8I, self.k, self.n),
-                (CUDA_R_8I, self.k, self.rows),
-                (CUDA_R_32I, self.n, self.rows),
+                (CUDA_R_32I, self.m, self.n),
             ],
         )?;
         r.transposes(1, 0)?;
@@ -561,7 +579,7 @@ impl GpuLayer for Int8LtLayer {
         Ok(())
     }
     fn workspace_bytes(&self, _inputs: &[DevTensor]) -> usize {
-        LT_WORKSPACE + self.acc_bytes()
+        LT_WORKSPACE + self.acc_span() + self.pre_bytes()
     }
     fn enqueue(
         &self,
@@ -569,12 +587,11 @@ impl GpuLayer for Int8LtLayer {
         inputs: &[DevTensor],
         outputs: &[DevTensor],
     ) -> Result<()> {
-        let sizes = [self.rows * self.k, self.n * self.k, self.rows * self.n];
-        let (a, w, _) = crate::layer::product_io(&self.tactic, inputs, outputs, sizes)?;
+        let (a, w, _) = crate::layer::product_io(&self.tactic, inputs, outputs, self.sizes)?;
         if [a.ptr, w.ptr, cx.workspace].iter().any(|p| p % 16 != 0) {
             return Err(cuda_err(&self.tactic, "IMMA needs 16-byte aligned buffers"));
         }
-        if cx.workspace_bytes < LT_WORKSPACE + self.acc_bytes() {
+        if cx.workspace_bytes < self.workspace_bytes(inputs) {
             return Err(cuda_err(&self.tactic, "workspace too small"));
         }
         let ready = self
@@ -582,18 +599,33 @@ impl GpuLayer for Int8LtLayer {
             .get()
             .ok_or_else(|| cuda_err(&self.tactic, "cuBLASLt layer not prepared"))?;
         let acc = cx.workspace + LT_WORKSPACE as u64;
+        let b = match &self.pre {
+            None => a.ptr,
+            Some(pre) => {
+                let xt = acc + self.acc_span() as u64;
+                let pre_cx = LaunchCx {
+                    workspace: xt,
+                    workspace_bytes: pre.work,
+                    ..*cx
+                };
+                pre.enqueue(&pre_cx, inputs, outputs)?;
+                xt
+            }
+        };
         {
             let r = ready
                 .lock()
                 .map_err(|_| cuda_err(&self.tactic, "cuBLASLt state poisoned"))?;
             let (alpha, beta) = (1i32, 0i32);
-            // SAFETY: prepared for these sizes (checked by product_io): w is n×k i8, a is
-            // rows×k i8, acc holds rows×n i32 after cuBLASLt's LT_WORKSPACE bytes (checked
-            // above); alpha/beta are i32, the descriptor's scale type.
+            // SAFETY: prepared for these sizes (product_io checked the node's element
+            // counts): w is m×k i8, b is n×k i8 (the activations or their NHWC copy, which
+            // the workspace holds after the sums), acc holds m×n i32 after cuBLASLt's
+            // LT_WORKSPACE bytes (workspace size checked above); alpha/beta are i32, the
+            // descriptor's scale type.
             unsafe {
                 r.matmul(
                     cx,
-                    [w.ptr, a.ptr, acc],
+                    [w.ptr, b, acc],
                     &alpha as *const i32 as *const _,
                     &beta as *const i32 as *const _,
                 )
@@ -602,7 +634,7 @@ impl GpuLayer for Int8LtLayer {
         }
         let requant_cx = LaunchCx {
             workspace: acc,
-            workspace_bytes: self.acc_bytes(),
+            workspace_bytes: self.m * self.n * 4,
             ..*cx
         };
         self.requant.enqueue(&requant_cx, inputs, outputs)
@@ -615,12 +647,13 @@ mod tests {
 
     #[test]
     fn imma_alignment_rules() {
-        assert!(Int8LtLayer::fits(1, 384, 384));
-        assert!(Int8LtLayer::fits(7, 4, 8));
-        // k and n must be multiples of 4 (leading dimensions in 4-byte units).
-        assert!(!Int8LtLayer::fits(7, 4, 6));
-        assert!(!Int8LtLayer::fits(7, 10, 8));
-        assert!(!Int8LtLayer::fits(0, 4, 8));
-        assert!(!Int8LtLayer::fits(1 << 31, 4, 8));
+        // (m output channels, n rows or pixels, k reduction)
+        assert!(Int8LtLayer::fits(384, 1, 384));
+        assert!(Int8LtLayer::fits(4, 7, 8));
+        // m and k must be multiples of 4 (leading dimensions in 4-byte units); n is free.
+        assert!(!Int8LtLayer::fits(4, 7, 6));
+        assert!(!Int8LtLayer::fits(10, 7, 8));
+        assert!(!Int8LtLayer::fits(4, 0, 8));
+        assert!(!Int8LtLayer::fits(4, 1 << 31, 8));
     }
 }

@@ -181,14 +181,19 @@ fn epilogue(cx: &LowerCx<'_>, channels: usize) -> Option<(String, String)> {
     Some((tables, expr))
 }
 
-fn conv(cx: &LowerCx<'_>) -> Option<KernelLayer> {
+/// The geometry of an `Int8Conv` with i8 input, weights and output.
+fn i8_conv_geometry(cx: &LowerCx<'_>) -> Option<crate::library::ConvParams> {
     let (dx, sx) = cx.input(0)?;
     let (dw, sw) = cx.input(1)?;
     let (dy, sy) = cx.output(0)?;
     if dx != DType::I8 || dw != DType::I8 || dy != DType::I8 {
         return None;
     }
-    let g = conv_geometry(cx.node, &sx, &sw, &sy)?;
+    conv_geometry(cx.node, &sx, &sw, &sy)
+}
+
+fn conv(cx: &LowerCx<'_>) -> Option<KernelLayer> {
+    let g = i8_conv_geometry(cx)?;
     let (tables, expr) = epilogue(cx, g.m as usize)?;
     let code = format!(
         "{}{QUANT_FN}typedef long long I;\n{CONV_STRUCT}{tables}\
@@ -217,7 +222,7 @@ extern \"C\" __global__ void kiln_i8_conv(const signed char* __restrict__ x, con
     for a in [g.is, g.os, g.ks, g.st, g.dl, g.pb] {
         p.arr(&a, 3, 0);
     }
-    let total: usize = sy.iter().product();
+    let total = (g.n * g.m * g.opos) as usize;
     let in_facts = product_in_facts(cx)?;
     Some(KernelLayer {
         tactic: "nvrtc.int8.conv".into(),
@@ -229,7 +234,7 @@ extern \"C\" __global__ void kiln_i8_conv(const signed char* __restrict__ x, con
             p,
         )],
         in_facts,
-        out_facts: vec![Some((dy, sy))],
+        out_facts: vec![Some(cx.output(0)?)],
         work: 0,
     })
 }
@@ -261,35 +266,114 @@ fn product_in_facts(cx: &LowerCx<'_>) -> Option<InFacts> {
     Some(v)
 }
 
-/// The requantization of an `Int8MatMul` whose i32 sums `acc[rows × n]` (row-major) are
-/// at the start of the layer's workspace: `y = quantize(act(acc·mul[col] + bias[col]))`,
-/// the epilogue of the `nvrtc.int8.matmul` kernel. Used after cuBLASLt's IMMA product
-/// ([`crate::lt::Int8LtLayer`]).
-pub fn requant_layer(cx: &LowerCx<'_>) -> Option<KernelLayer> {
-    let (rows, n, _) = matmul_dims(cx)?;
-    let (tables, expr) = epilogue(cx, n)?;
-    let code = format!(
-        "{}{QUANT_FN}{tables}struct P {{ long long total, n; }};\n\
-__device__ __forceinline__ signed char kiln_epi(int acc, long long ch) {{ {expr} }}\n\
-extern \"C\" __global__ void kiln_i8_requant(const int* __restrict__ acc, signed char* __restrict__ y, const P p) {{\n\
-  for (long long i = KILN_TID; i < p.total; i += KILN_STRIDE) y[i] = kiln_epi(acc[i], i % p.n);\n}}\n",
+/// `(batch, c, m, positions)` of an `Int8Conv` that is a plain product: 1×1 kernel,
+/// strides 1, no pads, one group (`y[b][m][p] = Σ_c w[m][c]·x[b][c][p]`); `None` otherwise.
+pub fn pointwise_dims(cx: &LowerCx<'_>) -> Option<(usize, usize, usize, usize)> {
+    let g = i8_conv_geometry(cx)?;
+    let plain = g.kpos == 1 && g.cg == g.c && g.st == [1; 3] && g.pb == [0; 3] && g.is == g.os;
+    plain.then_some((g.n as usize, g.c as usize, g.m as usize, g.opos as usize))
+}
+
+/// The requantization of an INT8 product whose i32 sums are at the start of the layer's
+/// workspace, row-major `acc[batch · positions, m]` (one row per output pixel or MatMul
+/// row): `y[b][ch][p] = quantize(act(acc·mul[ch] + bias[ch]))`, the epilogue of the
+/// `nvrtc.int8.*` kernels (`positions` = 1 for MatMul, whose output is `[rows, m]`). Used
+/// after cuBLASLt's IMMA product ([`crate::lt::Int8LtLayer`]).
+pub fn requant_layer(
+    cx: &LowerCx<'_>,
+    batch: usize,
+    m: usize,
+    positions: usize,
+) -> Option<KernelLayer> {
+    let (tables, expr) = epilogue(cx, m)?;
+    let head = format!(
+        "{}{QUANT_FN}{tables}__device__ __forceinline__ signed char kiln_epi(int acc, long long ch) {{ {expr} }}\n",
         prelude(&[])
     );
+    // i = (b, ch, q) of the NCHW output; the sums are [b, q, ch].
+    let total = batch * m * positions;
+    grid3_layer(
+        cx,
+        Grid3 {
+            func: "kiln_i8_requant",
+            head,
+            args: "const int* __restrict__ acc, signed char* __restrict__ y",
+            body: "y[i] = kiln_epi(acc[(i0 * p.d1 + i1) * p.d2 + i2], i2);",
+        },
+        [total, positions, m],
+        vec![Ptr::Work(0), Ptr::Out(0, 0)],
+        total * 4,
+    )
+}
+
+/// One grid-stride kernel over `i < p.total`, with `i` split as `(i0, i2, i1)` for the
+/// sizes `p.d2` (middle) and `p.d1` (innermost): `i1 = i % d1`, `i2 = (i / d1) % d2`,
+/// `i0 = i / (d1 · d2)`.
+struct Grid3 {
+    func: &'static str,
+    /// Code before the kernel (prelude, helpers).
+    head: String,
+    /// Pointer parameters.
+    args: &'static str,
+    /// Statement computing element `i`.
+    body: &'static str,
+}
+
+/// A layer of one [`Grid3`] kernel with `[total, d1, d2]` = `dims`, the INT8 product's
+/// input/output facts, and `work` bytes of workspace.
+fn grid3_layer(
+    cx: &LowerCx<'_>,
+    k: Grid3,
+    dims: [usize; 3],
+    ptrs: Vec<Ptr>,
+    work: usize,
+) -> Option<KernelLayer> {
+    let code = format!(
+        "{}struct P {{ long long total, d1, d2; }};\n\
+extern \"C\" __global__ void {}({}, const P p) {{\n\
+  for (long long i = KILN_TID; i < p.total; i += KILN_STRIDE) {{\n\
+    long long i1 = i % p.d1, i2 = (i / p.d1) % p.d2, i0 = i / (p.d1 * p.d2);\n\
+    {}\n\
+  }}\n}}\n",
+        k.head, k.func, k.args, k.body
+    );
     let mut p = Params::new();
-    p.i((rows * n) as i64).i(n as i64);
+    for v in dims {
+        p.i(v as i64);
+    }
     Some(KernelLayer {
-        tactic: "nvrtc.int8.requant".into(),
+        tactic: format!("nvrtc.int8.{}", k.func.trim_start_matches("kiln_i8_")),
         src: Some(source("int8", code)),
-        steps: vec![step(
-            "kiln_i8_requant",
-            rows * n,
-            vec![Ptr::Work(0), Ptr::Out(0, 0)],
-            p,
-        )],
+        steps: vec![step(k.func, dims[0], ptrs, p)],
         in_facts: product_in_facts(cx)?,
         out_facts: vec![Some(cx.output(0)?)],
-        work: rows * n * 4,
+        work,
     })
+}
+
+/// The NCHW → NHWC copy in front of a 1×1 convolution on IMMA: `x[b][ch][p]` to
+/// `xt[(b · positions + p) · c + ch]` at the start of the layer's workspace (the row-major
+/// `[batch · positions, c]` operand cuBLASLt's TN product takes).
+pub fn nhwc_layer(
+    cx: &LowerCx<'_>,
+    batch: usize,
+    c: usize,
+    positions: usize,
+) -> Option<KernelLayer> {
+    // i = (b, q, ch) of the NHWC copy.
+    let total = batch * c * positions;
+    grid3_layer(
+        cx,
+        Grid3 {
+            func: "kiln_i8_nhwc",
+            head: prelude(&[]),
+            args: "const signed char* __restrict__ x, signed char* __restrict__ xt",
+            body: "xt[i] = x[(i0 * p.d1 + i1) * p.d2 + i2];",
+        },
+        [total, c, positions],
+        vec![Ptr::In(0, 0), Ptr::Work(0)],
+        total,
+    )
 }
 
 fn matmul(cx: &LowerCx<'_>) -> Option<KernelLayer> {
@@ -424,7 +508,7 @@ mod tests {
         assert!(lower_with(bias.clone(), &short).is_none());
         // The requantization after cuBLASLt's IMMA product reads the i32 sums from the
         // workspace, with the same tables.
-        let rq = requant_layer(&cx).expect("requant");
+        let rq = requant_layer(&cx, 10, 3, 1).expect("requant");
         assert_eq!(rq.work, 2 * 5 * 3 * 4);
         let rcode = &rq.src.as_ref().unwrap().code;
         assert!(rcode.contains("kiln_i8_requant") && rcode.contains(&fl(0.5f32 * 0.2)));
@@ -434,14 +518,32 @@ mod tests {
         let l = lower_with(bias, &n).expect("lowered");
         assert!(!l.src.unwrap().code.contains("__dp4a"));
         // Conv: 2-D with pads.
-        let mut cattrs = attrs;
+        let mut cattrs = attrs.clone();
         cattrs.push(("pads", Attr::Ints(vec![1, 1, 1, 1])));
         let c = kiln_node("Int8Conv", cattrs, 2);
-        assert!(lower(&LowerCx {
+        let padded = LowerCx {
             node: &c,
             inputs: &[f(DType::I8, &[1, 4, 5, 6]), f(DType::I8, &[3, 4, 3, 3])],
             outputs: &[f(DType::I8, &[1, 3, 5, 6])],
-        })
-        .is_some());
+        };
+        assert!(lower(&padded).is_some());
+        assert_eq!(
+            pointwise_dims(&padded),
+            None,
+            "3x3 with pads is not a plain product"
+        );
+        // A 1×1 conv is: the NHWC copy and the requantization with positions.
+        let pw = kiln_node("Int8Conv", attrs, 2);
+        let cx = LowerCx {
+            node: &pw,
+            inputs: &[f(DType::I8, &[2, 4, 5, 6]), f(DType::I8, &[3, 4, 1, 1])],
+            outputs: &[f(DType::I8, &[2, 3, 5, 6])],
+        };
+        assert_eq!(pointwise_dims(&cx), Some((2, 4, 3, 30)));
+        let t = nhwc_layer(&cx, 2, 4, 30).expect("nhwc");
+        assert_eq!(t.work, 2 * 4 * 30);
+        assert!(matches!(&t.steps[0], Step::Launch { ptrs, .. } if ptrs[1] == Ptr::Work(0)));
+        let rq = requant_layer(&cx, 2, 3, 30).expect("requant");
+        assert_eq!(rq.work, 2 * 30 * 3 * 4);
     }
 }

@@ -34,8 +34,11 @@ pub fn tactic_id(family: &str) -> String {
     format!("cuda.int8.{family}")
 }
 
-/// The GPU INT8 MatMul tactic on cuBLASLt's IMMA path ([`kiln_cuda::lt::Int8LtLayer`]).
-pub const IMMA_TACTIC: &str = "cuda.int8.matmul.cublaslt";
+/// The GPU INT8 tactic of a family on cuBLASLt's IMMA path ([`kiln_cuda::lt::Int8LtLayer`]:
+/// MatMul/Gemm, and 1×1 convolutions).
+pub fn imma_tactic_id(family: &str) -> String {
+    format!("cuda.int8.{family}.cublaslt")
+}
 
 /// True for the id of a GPU INT8 tactic.
 pub fn is_tactic(id: &str) -> bool {
@@ -43,9 +46,10 @@ pub fn is_tactic(id: &str) -> bool {
 }
 
 /// The [`kiln_cuda::library::GPU_TACTIC_ATTR`] value a GPU INT8 tactic records on its
-/// lowered layer (`cublaslt` for [`IMMA_TACTIC`]; none for the NVRTC kernels).
+/// lowered layer (`cublaslt` for the IMMA ones, [`imma_tactic_id`]; none for the NVRTC
+/// kernels).
 pub fn gpu_attr(id: &str) -> Option<&'static str> {
-    (id == IMMA_TACTIC).then_some("cublaslt")
+    (is_tactic(id) && id.ends_with(".cublaslt")).then_some("cublaslt")
 }
 
 /// Records what [`gpu_attr`] says for tactic `id` on a lowered INT8 node.
@@ -74,8 +78,9 @@ pub fn family(node: &Node, inputs: &[Option<&Fact>]) -> Option<&'static str> {
 
 /// What a GPU layer offers the tuner: its float tactics (`float`, ids of
 /// [`kiln_cuda::tune`], all FP32/linear at graph level) and, for a calibrated layer with an
-/// INT8 form when `int8` is allowed, `cuda.int8.<family>` in the INT8 format (and for
-/// MatMul/Gemm [`IMMA_TACTIC`] too when `imma`: cuBLASLt loads). A layer with an INT8
+/// INT8 form when `int8` is allowed, `cuda.int8.<family>` in the INT8 format (and
+/// `cuda.int8.<family>.cublaslt` too when `imma`: cuBLASLt loads; the timer drops it where
+/// the product does not fit IMMA: convolutions other than 1×1, unaligned sizes). A layer with an INT8
 /// candidate but no float alternative gets the backend's own float choice
 /// ([`kiln_cuda::tune::DEFAULT_TACTIC`]) to be timed against. Empty when there is nothing
 /// to choose between (fewer than two candidates).
@@ -100,9 +105,9 @@ pub fn offer(
             format: INT8_LINEAR,
             min_level: 1,
         });
-        if f == "matmul" && imma {
+        if imma {
             out.push(Tactic {
-                id: IMMA_TACTIC.into(),
+                id: imma_tactic_id(f),
                 format: INT8_LINEAR,
                 min_level: 1,
             });
@@ -343,7 +348,7 @@ mod tests {
             &f,
             float(&["cuda.conv.kiln", "cuda.conv.cudnn.1"]),
             true,
-            true,
+            false,
         );
         assert_eq!(
             ids(&both),
@@ -362,6 +367,7 @@ mod tests {
             vec![
                 (kiln_cuda::tune::DEFAULT_TACTIC.into(), Precision::Fp32),
                 ("cuda.int8.conv".into(), Precision::Int8),
+                ("cuda.int8.conv.cublaslt".into(), Precision::Int8),
             ]
         );
         // One candidate is no choice.
@@ -393,11 +399,13 @@ mod tests {
             vec![
                 (kiln_cuda::tune::DEFAULT_TACTIC.into(), Precision::Fp32),
                 ("cuda.int8.matmul".into(), Precision::Int8),
-                (IMMA_TACTIC.into(), Precision::Int8),
+                ("cuda.int8.matmul.cublaslt".into(), Precision::Int8),
             ]
         );
         assert_eq!(offer(&gemm, &gf, Vec::new(), true, false).len(), 2);
-        assert_eq!(gpu_attr(IMMA_TACTIC), Some("cublaslt"));
+        assert_eq!(offer(&conv, &f, float(&["a"]), true, true).len(), 3);
+        assert_eq!(gpu_attr(&imma_tactic_id("conv")), Some("cublaslt"));
+        assert_eq!(gpu_attr("cuda.gemm.cublaslt"), None);
         assert_eq!(gpu_attr("cuda.int8.matmul"), None);
     }
 
@@ -451,7 +459,7 @@ mod tests {
         assert_eq!(l.tactic(), "nvrtc.int8.matmul");
         // The IMMA tactic records `cublaslt`; it lowers to cuBLASLt where it loads (K = 16 and
         // N = 10: N is not a multiple of 4, so IMMA's alignment rule sends it to the kernel).
-        let p = probe(&gemm, &f, &consts, IMMA_TACTIC).unwrap();
+        let p = probe(&gemm, &f, &consts, &imma_tactic_id("matmul")).unwrap();
         assert!(matches!(
             p.node.desc.attrs.get(kiln_cuda::library::GPU_TACTIC_ATTR),
             Some(Attr::String(v)) if v == "cublaslt"
