@@ -611,12 +611,20 @@ def cmd_calib() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(pyref) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["KILN_ASSETS"] = str(ASSETS)
-    if dest.exists():
-        shutil.rmtree(dest)
-    proc = subprocess.run([sys.executable, "-s", str(script), str(whl)], env=env)
+    # Written next to the old tree and swapped in, so readers never see a half-written one.
+    new, old = dest.with_name("calib.new"), dest.with_name("calib.old")
+    for d in (new, old):
+        if d.exists():
+            shutil.rmtree(d)
+    proc = subprocess.run([sys.executable, "-s", str(script), str(whl), str(new)], env=env)
     if proc.returncode != 0:
         raise AssetError(f"calibration data script failed (exit {proc.returncode})")
-    marker.write_text(json.dumps(expected, indent=2) + "\n")
+    (new / CALIB_MARKER).write_text(json.dumps(expected, indent=2) + "\n")
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 QDQ_MARKER = ".kiln-qdq.json"

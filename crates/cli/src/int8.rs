@@ -70,6 +70,11 @@ pub struct CompareArgs {
     /// --per-layer: the rel L2 (‖a−b‖/‖a‖ over all batches) above which a tensor diverges.
     #[arg(long, default_value_t = 0.05, requires = "per_layer")]
     pub tolerance: f64,
+    /// Also compare every output thresholded at T (for probability or segmentation maps,
+    /// e.g. a text detector's 0.3): IoU of the `> T` elements of A and B, and the share of
+    /// elements on the same side of T.
+    #[arg(long, value_name = "T")]
+    pub threshold: Option<f64>,
 }
 
 fn progress(g: &Globals, n: usize, what: &str) -> ProgressBar {
@@ -156,6 +161,71 @@ struct Diff {
     rows: usize,
     top1_same: usize,
     classifier: bool,
+    /// `--threshold`: counts of elements above it.
+    thresholded: Option<Thresholded>,
+}
+
+/// `--threshold T`: how the `> T` masks of A and B agree.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Thresholded {
+    t: f64,
+    /// Elements above T in A, in B, in both.
+    in_a: u64,
+    in_b: u64,
+    both: u64,
+    /// All elements compared.
+    total: u64,
+}
+
+impl Thresholded {
+    fn new(t: f64) -> Self {
+        Thresholded {
+            t,
+            in_a: 0,
+            in_b: 0,
+            both: 0,
+            total: 0,
+        }
+    }
+
+    fn add(&mut self, p: f64, q: f64) {
+        let (a, b) = (p > self.t, q > self.t);
+        self.in_a += u64::from(a);
+        self.in_b += u64::from(b);
+        self.both += u64::from(a && b);
+        self.total += 1;
+    }
+
+    /// |A ∩ B| / |A ∪ B| of the masks; 1 when both are empty (they agree).
+    fn iou(&self) -> f64 {
+        let union = self.in_a + self.in_b - self.both;
+        if union == 0 {
+            1.0
+        } else {
+            self.both as f64 / union as f64
+        }
+    }
+
+    /// Share of elements on the same side of T in A and B.
+    fn agreement(&self) -> f64 {
+        let differ = self.in_a + self.in_b - 2 * self.both;
+        if self.total == 0 {
+            1.0
+        } else {
+            1.0 - differ as f64 / self.total as f64
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "threshold": self.t,
+            "iou": self.iou(),
+            "agreement": self.agreement(),
+            "above_a": self.in_a,
+            "above_b": self.in_b,
+            "elements": self.total,
+        })
+    }
 }
 
 impl Diff {
@@ -167,6 +237,9 @@ impl Diff {
             self.sq_b += q * q;
             self.dot += p * q;
             self.max_abs = self.max_abs.max((p - q).abs());
+            if let Some(t) = self.thresholded.as_mut() {
+                t.add(p, q);
+            }
         }
     }
 
@@ -321,7 +394,18 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
             outs_b.join(", ")
         )));
     }
-    let mut diffs = vec![Diff::default(); outs.len()];
+    if let Some(t) = a.threshold.filter(|t| !t.is_finite()) {
+        return Err(CliError(format!(
+            "--threshold {t}: expected a finite value (e.g. 0.3)"
+        )));
+    }
+    let mut diffs = vec![
+        Diff {
+            thresholded: a.threshold.map(Thresholded::new),
+            ..Diff::default()
+        };
+        outs.len()
+    ];
     let mut per_layer = a.per_layer.then(|| PerLayer {
         rows: Vec::new(),
         skipped_a: 0,
@@ -382,6 +466,7 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
                 "cosine": d.cosine(),
                 "top1_agreement": d.classifier.then(|| d.top1_same as f64 / d.rows.max(1) as f64),
                 "top1_rows": d.classifier.then_some(d.rows),
+                "thresholded": d.thresholded.map(|t| t.json()),
             })
         })
         .collect();
@@ -432,6 +517,10 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
         "cosine".into(),
         "top-1 agreement".into(),
     ]];
+    if let Some(t) = a.threshold {
+        table[0].push(format!("IoU of > {t}"));
+        table[0].push(format!("same side of {t}"));
+    }
     for r in &rows {
         table.push(vec![
             r["output"].as_str().unwrap_or("").to_string(),
@@ -443,6 +532,15 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
                 _ => "-".into(),
             },
         ]);
+        let th = &r["thresholded"];
+        if !th.is_null() {
+            let row = table.last_mut().expect("a row was just pushed");
+            row.push(format!("{:.4}", th["iou"].as_f64().unwrap_or(f64::NAN)));
+            row.push(format!(
+                "{:.4} %",
+                100.0 * th["agreement"].as_f64().unwrap_or(f64::NAN)
+            ));
+        }
     }
     print!("{}", common::table(&table));
     if let (Some(pl), Some(js)) = (&per_layer, &per_layer_json) {
@@ -489,4 +587,40 @@ pub fn compare(g: &Globals, a: CompareArgs) -> CliResult<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholded_masks_iou_and_agreement() {
+        let mut t = Thresholded::new(0.3);
+        // A above at 0, 1, 2; B above at 1, 2, 3; element 4 below in both; 0.3 is not above.
+        for (p, q) in [
+            (0.9, 0.1),
+            (0.5, 0.4),
+            (0.31, 0.99),
+            (0.3, 0.7),
+            (-1.0, 0.3),
+        ] {
+            t.add(p, q);
+        }
+        assert_eq!((t.in_a, t.in_b, t.both, t.total), (3, 3, 2, 5));
+        assert!((t.iou() - 2.0 / 4.0).abs() < 1e-12);
+        assert!((t.agreement() - 3.0 / 5.0).abs() < 1e-12);
+        // No element above T in either: the masks agree.
+        let mut e = Thresholded::new(10.0);
+        e.add(1.0, 2.0);
+        assert_eq!((e.iou(), e.agreement()), (1.0, 1.0));
+        // Through Diff, as compare accumulates it.
+        let mut d = Diff {
+            thresholded: Some(Thresholded::new(0.5)),
+            ..Diff::default()
+        };
+        d.add(&[0.6, 0.2, 0.7], &[0.6, 0.8, 0.1]);
+        let th = d.thresholded.unwrap();
+        assert_eq!((th.in_a, th.in_b, th.both), (2, 2, 1));
+        assert!((th.iou() - 1.0 / 3.0).abs() < 1e-12);
+    }
 }

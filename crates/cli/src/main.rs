@@ -223,8 +223,9 @@ pub struct BuildArgs {
     /// GPU engines: allow TF32 tensor-core math in FP32 matrix products (off by default).
     #[arg(long)]
     pub tf32: bool,
-    /// Also allow INT8 layers (INT8 + FP32 pools; CPU only): calibrated Conv/MatMul/Gemm
-    /// layers get INT8 tactics, timed against FP32 with the reformats they need.
+    /// Also allow INT8 layers (INT8 + FP32 pools; CPU and GPU): calibrated Conv/MatMul/Gemm
+    /// layers get INT8 tactics, timed against the float ones with the reformats they need
+    /// (GPU engines at --opt-level 0: every such layer runs INT8, untimed).
     #[arg(long, requires = "calib_cache")]
     pub int8: bool,
     /// Calibration cache from `kiln calibrate` (checked against the model's sha256).

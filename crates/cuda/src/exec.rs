@@ -367,8 +367,7 @@ fn lower_nodes(
                 )
             })
             .collect();
-        let lowered = crate::library::lower(node, &fin, &fout)
-            .or_else(|| crate::kernels::lower(node, &fin, &fout));
+        let lowered = crate::library::lower_any(node, &fin, &fout);
         runners.push(match lowered {
             Some(Ok(l)) => Runner::Gpu(l),
             Some(Err(e)) => Runner::Cpu(format!("lowering failed: {e}")),
@@ -394,8 +393,10 @@ fn placements_of(runners: &[Runner], lo: &[bool]) -> Vec<LayerPlacement> {
                 node: i,
                 device: "gpu",
                 tactic: l.tactic(),
-                precision: if l.tactic().starts_with("nvrtc.int8.") {
-                    // INT8 products and the quantize/dequantize reformats around them.
+                precision: if l.tactic().starts_with("nvrtc.int8.")
+                    || l.tactic().starts_with("cublaslt.int8.")
+                {
+                    // INT8 products (NVRTC or IMMA) and the quantize/dequantize reformats.
                     "int8".into()
                 } else if lo[i] {
                     "fp16".into()

@@ -1058,6 +1058,17 @@ pub fn conv_dnn_candidates(
     }
 }
 
+/// Lowers a node as the executor does: a library layer ([`lower`]) when there is one,
+/// otherwise one of kiln's NVRTC kernels ([`crate::kernels::lower`]); `None` when neither
+/// has it (the CPU runs it).
+pub fn lower_any(
+    node: &Node,
+    inputs: &[Fact],
+    outputs: &[Fact],
+) -> Option<Result<Box<dyn GpuLayer>>> {
+    lower(node, inputs, outputs).or_else(|| crate::kernels::lower(node, inputs, outputs))
+}
+
 /// Lowers MatMul, Gemm and Conv (plain ONNX or kiln's fused forms), ConvTranspose and LSTM
 /// ([`crate::rnn`]) to library layers.
 pub fn lower(node: &Node, inputs: &[Fact], outputs: &[Fact]) -> Option<Result<Box<dyn GpuLayer>>> {
@@ -1094,8 +1105,59 @@ pub fn lower(node: &Node, inputs: &[Fact], outputs: &[Fact]) -> Option<Result<Bo
         }
         "ConvTranspose" => crate::convt::lower_conv_t(node, inputs, outputs)
             .map(|r| r.map(|l| Box::new(l) as Box<dyn GpuLayer>)),
+        "Int8MatMul" | "Int8Conv" if domain == "kiln" => lower_int8_lt(node, inputs, outputs),
         _ => None,
     }
+}
+
+/// `kiln.Int8MatMul` and 1×1 `kiln.Int8Conv` on cuBLASLt's IMMA path
+/// ([`crate::lt::Int8LtLayer`]) when the node's [`GPU_TACTIC_ATTR`] is `cublaslt`,
+/// cuBLASLt loads and the product meets IMMA's alignment rules; otherwise `None` (the
+/// `nvrtc.int8.*` kernels run it).
+fn lower_int8_lt(
+    node: &Node,
+    inputs: &[Fact],
+    outputs: &[Fact],
+) -> Option<Result<Box<dyn GpuLayer>>> {
+    use crate::kernels::int8 as k8;
+    use crate::lt::Int8LtLayer;
+    match gemm_choice(node) {
+        Err(e) => return Some(Err(e)),
+        Ok(false) => return None,
+        Ok(true) => {}
+    }
+    if !k8::symmetric(node) || !crate::lt::available() {
+        return None;
+    }
+    let cx = crate::kernels::LowerCx {
+        node,
+        inputs,
+        outputs,
+    };
+    let layer = if node.desc.op_type == "Int8Conv" {
+        let (b, c, m, hw) = k8::pointwise_dims(&cx)?;
+        if !Int8LtLayer::fits(m, b * hw, c) {
+            return None;
+        }
+        Int8LtLayer::new(
+            [m, b * hw, c],
+            [b * c * hw, m * c, b * m * hw],
+            Some(k8::nhwc_layer(&cx, b, c, hw)?),
+            k8::requant_layer(&cx, b, m, hw)?,
+        )
+    } else {
+        let (rows, n, k) = k8::matmul_dims(&cx)?;
+        if !Int8LtLayer::fits(n, rows, k) {
+            return None;
+        }
+        Int8LtLayer::new(
+            [n, rows, k],
+            [rows * k, n * k, rows * n],
+            None,
+            k8::requant_layer(&cx, rows, n, 1)?,
+        )
+    };
+    Some(Ok(Box::new(layer)))
 }
 
 #[cfg(test)]

@@ -28,6 +28,9 @@ use crate::mem::{htod, sync, DevBuf};
 pub const PREFIX: &str = "cuda.conv.";
 /// Prefix of GPU MatMul/Gemm tactic ids (`cuda.gemm.cublas`, `cuda.gemm.cublaslt`).
 pub const GEMM_PREFIX: &str = "cuda.gemm.";
+/// The float tactic of a layer whose only alternative is INT8: the backend's own choice
+/// (lowering without [`GPU_TACTIC_ATTR`]); nothing is recorded when it wins.
+pub const DEFAULT_TACTIC: &str = "cuda.default";
 
 /// The attribute value recorded for tactic `id` (`cuda.conv.cudnn.1` → `cudnn.1`,
 /// `cuda.gemm.cublaslt` → `cublaslt`).
@@ -160,13 +163,37 @@ impl GpuTuner {
         consts: &[Option<&Tensor>],
         id: &str,
     ) -> Result<f64> {
-        let value = attr_value(id)
-            .ok_or_else(|| KilnError::Other(format!("`{id}` is not a GPU tactic")))?;
-        let node = with_tactic(node, value);
-        let layer = match crate::library::lower(&node, fin, fout) {
+        let node = if id == DEFAULT_TACTIC {
+            node.clone()
+        } else {
+            let value = attr_value(id)
+                .ok_or_else(|| KilnError::Other(format!("`{id}` is not a GPU tactic")))?;
+            with_tactic(node, value)
+        };
+        self.time_node(&node, fin, fout, consts)
+            .map_err(|e| KilnError::Other(format!("{id}: {e}")))
+    }
+
+    /// Median milliseconds of `node` as the backend lowers it (its own attributes decide the
+    /// implementation: kiln's INT8 layers, the quantize/dequantize reformats, a GPU tactic
+    /// already recorded), on device inputs of `fin` (`consts[i]`: the real value of input
+    /// i when it is a weight), outputs of `fout`.
+    pub fn time_node(
+        &mut self,
+        node: &Node,
+        fin: &[Fact],
+        fout: &[Fact],
+        consts: &[Option<&Tensor>],
+    ) -> Result<f64> {
+        let layer = match crate::library::lower_any(node, fin, fout) {
             Some(Ok(l)) => l,
             Some(Err(e)) => return Err(e),
-            None => return Err(KilnError::Other(format!("{id}: does not lower"))),
+            None => {
+                return Err(KilnError::Other(format!(
+                    "{} ({}) does not lower to a GPU layer",
+                    node.name, node.desc.op_type
+                )))
+            }
         };
         self.ctx
             .bind_to_thread()

@@ -976,6 +976,54 @@ fn cases() -> Vec<Case> {
             .a("y_scale", Attr::Float(0.02))
             .a("w_scales", scales(9)),
     );
+    // cuBLASLt IMMA (kiln_gpu_tactic = cublaslt; reduction and output channels multiples of
+    // 4): i32 sums on the tensor cores, then the same requantization; 1×1 convolutions
+    // through an NHWC copy; `prepare` checks they did not fall back to the NVRTC kernels.
+    v.push(
+        c(
+            q,
+            "Int8Conv",
+            1,
+            vec![i8s(&[2, 16, 5, 7]), i8s(&[12, 16, 1, 1]), bias(12)],
+        )
+        .a("x_scale", Attr::Float(0.05))
+        .a("y_scale", Attr::Float(0.02))
+        .a("w_scales", scales(12))
+        .a("kiln_activation", s("Relu"))
+        .a("kiln_gpu_tactic", s("cublaslt")),
+    );
+    v.push(
+        c(
+            q,
+            "Int8Conv",
+            1,
+            vec![i8s(&[1, 96, 9, 11]), i8s(&[40, 96, 1, 1])],
+        )
+        .a("x_scale", Attr::Float(0.02))
+        .a("y_scale", Attr::Float(0.05))
+        .a("w_scales", scales(40))
+        .a("kiln_gpu_tactic", s("cublaslt")),
+    );
+    v.push(
+        c(
+            q,
+            "Int8MatMul",
+            1,
+            vec![i8s(&[2, 9, 32]), i8s(&[12, 32]), bias(12)],
+        )
+        .a("x_scale", Attr::Float(0.05))
+        .a("y_scale", Attr::Float(0.01))
+        .a("w_scales", scales(12))
+        .a("kiln_activation", s("HardSwish"))
+        .a("kiln_gpu_tactic", s("cublaslt")),
+    );
+    v.push(
+        c(q, "Int8MatMul", 1, vec![i8s(&[37, 264]), i8s(&[40, 264])])
+            .a("x_scale", Attr::Float(0.02))
+            .a("y_scale", Attr::Float(0.03))
+            .a("w_scales", scales(40))
+            .a("kiln_gpu_tactic", s("cublaslt")),
+    );
     v
 }
 
@@ -1277,6 +1325,13 @@ fn prepare(case: &Case, fdt: DType, seed: u64) -> std::result::Result<Prepared, 
         Some(Err(e)) => return Err(format!("lower: {e}")),
         Some(Ok(l)) => l,
     };
+    let imma = matches!(case.op, "Int8MatMul" | "Int8Conv")
+        && case.attrs.iter().any(|(k, v)| {
+            *k == "kiln_gpu_tactic" && matches!(v, Attr::String(t) if t == "cublaslt")
+        });
+    if imma && kiln_cuda::lt::available() && !layer.tactic().starts_with("cublaslt.int8.imma") {
+        return Err(format!("IMMA case lowered to {}", layer.tactic()));
+    }
     Ok(Prepared {
         made,
         want,

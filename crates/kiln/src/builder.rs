@@ -234,11 +234,14 @@ impl Builder {
         };
         if config.int8 {
             tracing::info!(layers = int8_layers, "layers with calibrated INT8 scales");
-            if fingerprint.backend != "cpu" {
-                // GPU engines: every calibrated layer with an INT8 form runs in INT8 (the
-                // GPU's INT8 pool is not timed yet; see int8::gpu).
+            if fingerprint.backend != "cpu" && config.opt_level == 0 {
+                // GPU engines at level 0 (nothing timed): every calibrated layer with an
+                // INT8 form runs in INT8. From level 1 the GPU tuner times the INT8 pool.
                 let lowered = crate::int8::gpu::lower_all(&mut graph)?;
-                tracing::info!(layers = lowered, "layers lowered to INT8 for the GPU");
+                tracing::info!(
+                    layers = lowered,
+                    "layers lowered to INT8 for the GPU (untimed)"
+                );
             }
         }
         // With --int8, calibrated layers also offer INT8 tactics (and ops with no tactics of
@@ -266,9 +269,15 @@ impl Builder {
             }
             tuning
         } else if config.opt_level > 0 && matches!(gpu, GpuSetup::Build(_)) {
-            // GPU tactics (cuDNN algorithms, kiln's own paths) timed on this GPU.
-            let g =
-                tuner::gpu::GpuTactics::new(&graph, config.fp16, config.tf32, config.opt_level)?;
+            // GPU tactics (cuDNN algorithms, kiln's own paths, INT8 layers with their
+            // reformats) timed on this GPU.
+            let g = tuner::gpu::GpuTactics::new(
+                &graph,
+                config.fp16,
+                config.tf32,
+                config.int8,
+                config.opt_level,
+            )?;
             let lister = |n: &kiln_core::Node, f: &[Option<&Fact>]| g.list(n, f);
             let lister_ptr: &TacticLister<'_> = &lister;
             // The lister and the timer share the device tuner (one borrow at a time).

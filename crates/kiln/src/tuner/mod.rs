@@ -301,12 +301,15 @@ pub fn tune(
         if t.format.precision == Precision::Int8 {
             // INT8 layers become kiln.Int8* ops with quantized weights.
             crate::int8::lower::lower_node(graph, *ni, &t.id)?;
+            crate::int8::gpu::mark(&mut graph.nodes[*ni], &t.id);
         }
         let node = &mut graph.nodes[*ni];
         node.desc
             .attrs
             .insert(TACTIC_TIME_ATTR.into(), Attr::Float(ms as f32));
-        if let Some(v) = kiln_cuda::tune::attr_value(&t.id) {
+        if t.id == kiln_cuda::tune::DEFAULT_TACTIC {
+            // The GPU backend's own float choice: nothing to record.
+        } else if let Some(v) = kiln_cuda::tune::attr_value(&t.id) {
             // A GPU implementation: read by the CUDA backend's lowering, not by the op.
             node.desc.attrs.insert(
                 kiln_cuda::library::GPU_TACTIC_ATTR.into(),

@@ -39,7 +39,7 @@ fn int8_scale(node: &Node, attr: &str) -> Result<f32> {
 }
 
 /// `kiln.Int8Quantize` (to INT8) or `kiln.Int8Dequantize` (back to FP32) with one scale.
-fn qdq_node(
+pub(crate) fn qdq_node(
     name: String,
     input: ValueId,
     output: ValueId,
