@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use kiln_core::{KilnError, Result};
 
+use super::flat::{FlatConv, FlatGeom, DIRECT_MAX_TAPS};
 use super::geom::Spatial3;
 use super::reference::ConvDims;
 use crate::fused::Activation;
@@ -29,9 +30,9 @@ pub enum ConvAlgo {
         /// Parallel over images × groups (true) or inside each GEMM (false).
         parallel_outer: bool,
     },
-    /// The direct kernel (depthwise convolutions only: one input channel per group), each
-    /// plane flattened so every tap is one long multiply-add ([`FlatPlane`]; true 3-D
-    /// windows use the row kernel).
+    /// The direct kernel for depthwise convolutions and for 1-D/2-D convolutions with at
+    /// most [`DIRECT_MAX_TAPS`] weights per output channel: planes flattened so every tap is
+    /// one long multiply-add ([`FlatConv`]; true 3-D depthwise windows use the row kernel).
     Direct,
     /// The direct kernel row by row (depthwise only): no padded copy of the plane and no
     /// work on padding, but vector runs only as long as an output row.
@@ -46,8 +47,15 @@ impl ConvAlgo {
 }
 
 /// Output rows at least this wide run the depthwise row kernel when no tactic was chosen
-/// (the row loop's vector body covers them; narrower rows gain from [`FlatPlane`]).
+/// (the row loop's vector body covers them; narrower rows gain from [`FlatConv`]).
 pub const DIRECT_ROWS_MIN_WIDTH: usize = 32;
+
+/// Whether the flattened direct kernel takes a convolution that is not depthwise: a 1-D/2-D
+/// window and at most [`DIRECT_MAX_TAPS`] weights (`cg` input channels × kernel) per output
+/// channel.
+pub fn few_taps(cg: usize, sp: &Spatial3) -> bool {
+    cg * sp.kernel_size() <= DIRECT_MAX_TAPS && FlatGeom::new(sp).is_some()
+}
 
 /// One f32 convolution problem (NC(D)(H)W layout, weights M × C/group × kernel).
 #[derive(Debug, Clone, Copy)]
@@ -201,12 +209,17 @@ impl ConvF32<'_> {
                 return self.run_direct(out, self.sp.output[2] >= DIRECT_ROWS_MIN_WIDTH)
             }
             ConvAlgo::Auto => (TILE_ELEMS, true),
-            ConvAlgo::Direct if depthwise => return self.run_direct(out, false),
+            ConvAlgo::Direct if depthwise || few_taps(cg, &self.sp) => {
+                return self.run_direct(out, false)
+            }
             ConvAlgo::DirectRows if depthwise => return self.run_direct(out, true),
             ConvAlgo::Direct | ConvAlgo::DirectRows => {
                 return Err(KilnError::kernel(
                     "Conv",
-                    "the direct tactic needs one input channel per group (depthwise)",
+                    format!(
+                        "the direct tactic needs one input channel per group (depthwise), or a 1-D/2-D window with at most {DIRECT_MAX_TAPS} weights per output channel (this one has {})",
+                        cg * self.sp.kernel_size()
+                    ),
                 ))
             }
             ConvAlgo::Im2colGemm {
@@ -440,25 +453,34 @@ impl ConvF32<'_> {
         }
     }
 
-    /// Depthwise (one input channel per group): a direct kernel per output plane (row by
-    /// row with `rows`, else flattened), planes grouped into parallel tasks of at least
+    /// The direct kernels: flattened ([`FlatConv`]: depthwise or few weights per output
+    /// channel; 1-D/2-D windows) unless `rows` or the window is 3-D, else the depthwise row
+    /// kernel per output plane, planes grouped into parallel tasks of at least
     /// [`DW_TASK_WORK`] multiply-adds.
     fn run_direct(&self, out: &mut [f32], rows: bool) -> Result<()> {
+        if !rows {
+            if let Some(geom) = FlatGeom::new(&self.sp) {
+                FlatConv { conv: *self, geom }.run(out);
+                return Ok(());
+            }
+        }
         let ConvDims { c, m, group, .. } = self.dims;
+        if c != group {
+            return Err(KilnError::kernel(
+                "Conv",
+                "the direct row kernel needs one input channel per group (depthwise)",
+            ));
+        }
         let mg = m / group;
         let (p, isz, ksz) = (self.sp.out_size(), self.sp.in_size(), self.sp.kernel_size());
         let planes = out.len() / p;
-        let flat = if rows { None } else { FlatPlane::new(&self.sp) };
-        let scratch = match &flat {
-            Some(f) => f.scratch_len(),
-            None => {
-                let [id_n, ih_n, iw_n] = self.sp.input;
-                let sw = self.sp.strides[2];
-                if sw == 1 {
-                    0
-                } else {
-                    id_n * ih_n * sw * iw_n.div_ceil(sw)
-                }
+        let scratch = {
+            let [id_n, ih_n, iw_n] = self.sp.input;
+            let sw = self.sp.strides[2];
+            if sw == 1 {
+                0
+            } else {
+                id_n * ih_n * sw * iw_n.div_ceil(sw)
             }
         };
         let body = |first: usize, chunk: &mut [f32]| {
@@ -470,9 +492,7 @@ impl ConvF32<'_> {
                     let xp = &self.x[(bn * c + cin) * isz..(bn * c + cin + 1) * isz];
                     let wk = &self.w[om * ksz..(om + 1) * ksz];
                     let bias = self.bias.map_or(0.0, |b| b[om]);
-                    if let Some(f) = &flat {
-                        f.run(xp, wk, bias, self.act, buf, plane);
-                    } else if self.sp.strides[2] == 1 {
+                    if self.sp.strides[2] == 1 {
                         direct_plane(xp, wk, bias, &self.sp, self.act, plane);
                     } else {
                         // Strided: the plane's rows split into `sw` phases first, so every
@@ -557,197 +577,17 @@ pub fn planes_per_task(planes: usize, work: usize, threads: usize) -> usize {
     planes.div_ceil(tasks)
 }
 
-/// The 1-D/2-D depthwise plane as one long multiply-add per tap: the input plane is padded
-/// and split into `sh × sw` stride phases (phase `(qh, qw)` holds padded rows `qh + sh·r`,
-/// columns `qw + sw·t`, `ph × pw` values each), so output `(oh, ow)`'s tap `(kh, kw)` reads
-/// phase `(kh·dh mod sh, kw·dw mod sw)` at `(oh + ⌊kh·dh/sh⌋)·pw + ow + ⌊kw·dw/sw⌋`: with
-/// the output laid out at row pitch `pw` every tap is one contiguous run over the whole
-/// plane (the `pw − ow` extra columns per row are computed and dropped).
-#[derive(Debug, Clone, Copy)]
-pub struct FlatPlane {
-    sp: Spatial3,
-    /// Rows and columns of one phase.
-    ph: usize,
-    pw: usize,
-    /// Length of the flattened output run: `(oh − 1)·pw + ow`.
-    run: usize,
-}
-
-/// Flattened output values per chunk of [`FlatPlane::run`] (the chunk stays in L1 while
-/// every tap is accumulated into it).
-const FLAT_CHUNK: usize = 1024;
-
-impl FlatPlane {
-    /// The layout for `sp`, or `None` for a true 3-D window (depth > 1), which the row
-    /// kernel handles.
-    pub fn new(sp: &Spatial3) -> Option<FlatPlane> {
-        if sp.input[0] != 1 || sp.kernel[0] != 1 || sp.output[0] != 1 || sp.pad_begin[0] != 0 {
-            return None;
-        }
-        let [_, oh, ow] = sp.output;
-        let [_, kh, kw] = sp.kernel;
-        if oh == 0 || ow == 0 || kh == 0 || kw == 0 {
-            return None;
-        }
-        let (sh, sw) = (sp.strides[1].max(1), sp.strides[2].max(1));
-        let hp = (oh - 1) * sh + (kh - 1) * sp.dilations[1] + 1;
-        let wp = (ow - 1) * sw + (kw - 1) * sp.dilations[2] + 1;
-        let (ph, pw) = (hp.div_ceil(sh), wp.div_ceil(sw));
-        Some(FlatPlane {
-            sp: *sp,
-            ph,
-            pw,
-            run: (oh - 1) * pw + ow,
-        })
-    }
-
-    /// Scratch values [`FlatPlane::run`] needs: the phases, then the output run.
-    pub fn scratch_len(&self) -> usize {
-        let (sh, sw) = (self.sp.strides[1].max(1), self.sp.strides[2].max(1));
-        sh * sw * self.ph * self.pw + self.run.next_multiple_of(16)
-    }
-
-    /// Writes the padded phases of input plane `x` into `dst` (`sh·sw·ph·pw` values).
-    fn fill(&self, x: &[f32], dst: &mut [f32]) {
-        let sp = &self.sp;
-        let [_, ih, iw] = sp.input;
-        let (sh, sw) = (sp.strides[1].max(1), sp.strides[2].max(1));
-        let (pt, pl) = (sp.pad_begin[1], sp.pad_begin[2]);
-        let (ph, pw) = (self.ph, self.pw);
-        for qh in 0..sh {
-            for qw in 0..sw {
-                let phase = &mut dst[(qh * sw + qw) * ph * pw..(qh * sw + qw + 1) * ph * pw];
-                // Columns t with qw + sw·t − pl in [0, iw).
-                let t_lo = if pl > qw { (pl - qw).div_ceil(sw) } else { 0 };
-                let t_hi = if iw + pl > qw {
-                    (iw + pl - qw).div_ceil(sw).min(pw)
-                } else {
-                    0
-                };
-                for r in 0..ph {
-                    let row = qh + sh * r;
-                    let prow = &mut phase[r * pw..(r + 1) * pw];
-                    if t_lo >= t_hi || row < pt || row - pt >= ih {
-                        prow.fill(0.0);
-                        continue;
-                    }
-                    // Only the padding columns are zeroed; the rest is copied over.
-                    prow[..t_lo].fill(0.0);
-                    prow[t_hi..].fill(0.0);
-                    let src = &x[(row - pt) * iw..(row - pt + 1) * iw];
-                    let d = &mut prow[t_lo..t_hi];
-                    let c0 = qw + sw * t_lo - pl;
-                    if sw == 1 {
-                        d.copy_from_slice(&src[c0..c0 + d.len()]);
-                    } else {
-                        for (j, v) in d.iter_mut().enumerate() {
-                            *v = src[c0 + j * sw];
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// One output plane from input plane `x`, weights `wk` (kh × kw), with `buf` of
-    /// [`FlatPlane::scratch_len`] values.
-    pub fn run(
-        &self,
-        x: &[f32],
-        wk: &[f32],
-        bias: f32,
-        act: Activation,
-        buf: &mut [f32],
-        out: &mut [f32],
-    ) {
-        let (sh, sw) = (self.sp.strides[1].max(1), self.sp.strides[2].max(1));
-        let (phases, rest) = buf.split_at_mut(sh * sw * self.ph * self.pw);
-        let acc = &mut rest[..self.run];
-        self.fill(x, phases);
-        flat_taps(self, phases, wk, acc);
-        let [_, oh, ow] = self.sp.output;
-        for r in 0..oh {
-            let orow = &mut out[r * ow..(r + 1) * ow];
-            orow.copy_from_slice(&acc[r * self.pw..r * self.pw + ow]);
-            epilogue(orow, bias, act);
-        }
-    }
-}
-
-/// The tap loop of [`FlatPlane::run`] with the best SIMD this CPU has.
-fn flat_taps(f: &FlatPlane, phases: &[f32], wk: &[f32], acc: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use crate::ops::linalg::sgemm::Isa;
-        match Isa::detect() {
-            // SAFETY: the CPU supports the features (run-time detection).
-            Isa::Avx512 => return unsafe { flat_taps_avx512(f, phases, wk, acc) },
-            // SAFETY: as above.
-            Isa::Avx2 => return unsafe { flat_taps_avx2(f, phases, wk, acc) },
-            Isa::Scalar => {}
-        }
-    }
-    flat_taps_body(f, phases, wk, acc, |o, w, i| *o += w * i)
-}
-
-/// [`flat_taps_body`] compiled for AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn flat_taps_avx512(f: &FlatPlane, phases: &[f32], wk: &[f32], acc: &mut [f32]) {
-    flat_taps_body(f, phases, wk, acc, |o, w, i| *o = w.mul_add(i, *o))
-}
-
-/// [`flat_taps_body`] compiled for AVX2 + FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn flat_taps_avx2(f: &FlatPlane, phases: &[f32], wk: &[f32], acc: &mut [f32]) {
-    flat_taps_body(f, phases, wk, acc, |o, w, i| *o = w.mul_add(i, *o))
-}
-
-/// `acc[j] = Σ_taps w · phase[offset(tap) + j]` over the flattened run, chunk by chunk.
-#[inline(always)]
-fn flat_taps_body(
-    f: &FlatPlane,
-    phases: &[f32],
-    wk: &[f32],
-    acc: &mut [f32],
-    fma: impl Fn(&mut f32, f32, f32),
-) {
-    let sp = &f.sp;
-    let [_, kh_n, kw_n] = sp.kernel;
-    let (sh, sw) = (sp.strides[1].max(1), sp.strides[2].max(1));
-    let (dh, dw) = (sp.dilations[1], sp.dilations[2]);
-    let (ph, pw) = (f.ph, f.pw);
-    let mut j0 = 0;
-    while j0 < f.run {
-        let j1 = (j0 + FLAT_CHUNK).min(f.run);
-        let chunk = &mut acc[j0..j1];
-        chunk.fill(0.0);
-        for kh in 0..kh_n {
-            let (qh, a) = ((kh * dh) % sh, (kh * dh) / sh);
-            for kw in 0..kw_n {
-                let (qw, b) = ((kw * dw) % sw, (kw * dw) / sw);
-                let wv = wk[kh * kw_n + kw];
-                let start = (qh * sw + qw) * ph * pw + a * pw + b + j0;
-                let src = &phases[start..start + (j1 - j0)];
-                for (o, &i) in chunk.iter_mut().zip(src) {
-                    fma(o, wv, i);
-                }
-            }
-        }
-        j0 = j1;
-    }
-}
-
 /// Splits every row of `iw` values of `x` into `s` phases: row `r` of `out` (length
 /// `s·⌈iw/s⌉`) holds `x[r][q + s·t]` at `q·⌈iw/s⌉ + t` (the unused tail of a phase is 0).
 fn phase_split(x: &[f32], iw: usize, s: usize, out: &mut [f32]) {
     let pl = iw.div_ceil(s);
     for (src, dst) in x.chunks_exact(iw).zip(out.chunks_exact_mut(s * pl)) {
         for (q, ph) in dst.chunks_exact_mut(pl).enumerate() {
-            for (t, v) in ph.iter_mut().enumerate() {
-                *v = src.get(q + s * t).copied().unwrap_or(0.0);
-            }
+            // Phase q has ⌈(iw − q)/s⌉ values; the rest of its row is 0.
+            let n = (iw - q.min(iw)).div_ceil(s);
+            let (vals, rest) = ph.split_at_mut(n);
+            super::flat::gather_strided(&src[q.min(iw)..], s, vals);
+            rest.fill(0.0);
         }
     }
 }
@@ -927,7 +767,7 @@ mod tests {
     /// The whole depthwise path (flattened planes for 1-D/2-D, the row kernel for 3-D,
     /// planes split over tasks) against the reference convolution, at odd channel counts,
     /// multipliers > 1, batches, every stride/dilation/pad mix below, and 1, 2 and 3
-    /// threads; also the flattened tap loop's portable and SIMD builds on their own.
+    /// threads.
     #[test]
     fn depthwise_matches_the_reference_at_1_2_3_threads() {
         /// (n, channels, multiplier, input, kernel, pads (begin..., end...), strides, dilations)
@@ -1082,44 +922,6 @@ mod tests {
                 assert!(
                     d < 1e-5,
                     "case {ci} {algo:?} at {threads} threads: diff {d}"
-                );
-            }
-            // Every build of the flattened tap loop, one plane.
-            if let Some(f) = FlatPlane::new(&sp) {
-                let mut buf = vec![f32::NAN; f.scratch_len()];
-                let (sh, sw) = (sp.strides[1], sp.strides[2]);
-                let np = sh * sw * f.ph * f.pw;
-                f.fill(&x[..sp.in_size()], &mut buf[..np]);
-                let phases = buf[..np].to_vec();
-                assert!(
-                    phases.iter().all(|v| v.is_finite()),
-                    "case {ci}: fill left part of the phases unwritten"
-                );
-                let mut want_acc = vec![0.0f32; f.run];
-                flat_taps_body(
-                    &f,
-                    &phases,
-                    &w[..sp.kernel_size()],
-                    &mut want_acc,
-                    |o, w, i| *o += w * i,
-                );
-                let mut acc = vec![f32::NAN; f.run];
-                flat_taps(&f, &phases, &w[..sp.kernel_size()], &mut acc);
-                let d = max_diff(&acc, &want_acc);
-                assert!(d < 1e-5, "case {ci} dispatched tap loop: diff {d}");
-                #[cfg(target_arch = "x86_64")]
-                if Isa::Avx2.supported() {
-                    acc.fill(f32::NAN);
-                    // SAFETY: AVX2 and FMA are present (checked above).
-                    unsafe { flat_taps_avx2(&f, &phases, &w[..sp.kernel_size()], &mut acc) };
-                    let d = max_diff(&acc, &want_acc);
-                    assert!(d < 1e-5, "case {ci} avx2 tap loop: diff {d}");
-                }
-            } else {
-                assert_eq!(
-                    input.len(),
-                    3,
-                    "case {ci}: only 3-D windows use the row kernel"
                 );
             }
         }

@@ -2,6 +2,7 @@
 //! activation in the `kiln` domain), ConvTranspose, ConvInteger, QLinearConv, DeformConv.
 
 pub mod deform;
+pub mod flat;
 pub mod geom;
 pub mod kernel;
 pub mod quant;
@@ -322,6 +323,7 @@ impl Op for Conv {
             depthwise: cg == 1 && dims.group > 1,
             wide_rows: sp3.output[2] >= kernel::DIRECT_ROWS_MIN_WIDTH,
             pointwise: sp3.is_pointwise(),
+            few_taps: !sp3.is_pointwise() && kernel::few_taps(cg, &sp3),
             chunks: dims.n * dims.group,
         })
     }
@@ -385,6 +387,49 @@ pub(crate) mod test_util {
         pub fn vec(&mut self, n: usize) -> Vec<f32> {
             (0..n).map(|_| self.next()).collect()
         }
+    }
+
+    /// A random f32 convolution problem: its geometry, input, weights, bias and the
+    /// reference output (in f64, then `act`), with or without the bias.
+    pub struct Problem {
+        /// Window geometry.
+        pub sp: super::geom::Spatial3,
+        /// Input, weights, bias.
+        pub x: Vec<f32>,
+        /// Weights.
+        pub w: Vec<f32>,
+        /// Bias (M values; the reference used it only with `with_bias`).
+        pub b: Vec<f32>,
+        /// Reference output.
+        pub want: Vec<f32>,
+    }
+
+    /// Makes a [`Problem`] for `dims`, `win` over `input` with `kernel`, seeded.
+    pub fn problem(
+        dims: super::reference::ConvDims,
+        win: &super::geom::WindowAttrs,
+        (input, kernel): (&[usize], &[usize]),
+        with_bias: bool,
+        act: crate::fused::Activation,
+        seed: u64,
+    ) -> Problem {
+        let sp = win
+            .resolve("Conv", input, kernel)
+            .unwrap()
+            .to3("Conv")
+            .unwrap();
+        let mut r = Lcg(seed);
+        let x = r.vec(dims.n * dims.c * sp.in_size());
+        let w = r.vec(dims.m * (dims.c / dims.group) * sp.kernel_size());
+        let b = r.vec(dims.m);
+        let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+        let bias = with_bias.then(|| f64v(&b));
+        let want =
+            super::reference::conv_reference(&f64v(&x), &f64v(&w), bias.as_deref(), dims, &sp)
+                .iter()
+                .map(|&v| act.apply(v as f32))
+                .collect();
+        Problem { sp, x, w, b, want }
     }
 
     /// Max absolute difference, asserting equal lengths.

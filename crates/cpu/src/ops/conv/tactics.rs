@@ -1,8 +1,8 @@
 //! Conv's tactics on the CPU: which implementations exist for a given problem, their
 //! stable ids, and the mapping from an id back to a [`ConvAlgo`].
 //!
-//! Ids: `cpu.conv.direct` and `cpu.conv.direct.rows` (depthwise only: flattened planes or
-//! row by row), `cpu.conv.gemm_1x1.{outer,inner}` (1×1,
+//! Ids: `cpu.conv.direct` (depthwise, or few weights per output channel: flattened planes),
+//! `cpu.conv.direct.rows` (depthwise only: row by row), `cpu.conv.gemm_1x1.{outer,inner}` (1×1,
 //! stride 1, no padding) and `cpu.conv.im2col_gemm.t<tile elements>.{outer,inner}`
 //! (everything), where `outer`/`inner` says whether threads split images × groups or each
 //! GEMM.
@@ -30,6 +30,9 @@ pub struct ConvShapeClass {
     pub wide_rows: bool,
     /// 1×1 kernel, unit strides, no padding: the im2col matrix is the input itself.
     pub pointwise: bool,
+    /// Not depthwise, but the flattened direct kernel takes it (not pointwise, a 1-D/2-D
+    /// window, few weights per output channel: [`super::kernel::few_taps`]).
+    pub few_taps: bool,
     /// Images × groups: more than one lets threads split the outer loop.
     pub chunks: usize,
 }
@@ -52,6 +55,8 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
         } else {
             out.extend([flat, rows]);
         }
+    } else if class.few_taps {
+        out.push(Tactic::fp32("cpu.conv.direct", 1));
     }
     if class.pointwise {
         for p in par {
@@ -120,6 +125,7 @@ mod tests {
                         depthwise,
                         wide_rows,
                         pointwise,
+                        few_taps: !depthwise && !pointwise && chunks == 1,
                         chunks,
                     };
                     let list = list(class);
