@@ -1,6 +1,6 @@
-//! The flattened direct convolution (tactic `cpu.conv.direct`), for depthwise convolutions
-//! and convolutions with few weights per output channel (C/group × kernel, e.g. an RGB
-//! stem).
+//! The flattened direct convolution (tactic `cpu.conv.direct`): any 1-D/2-D convolution,
+//! without an im2col copy (depthwise convolutions, RGB stems, and k×k convolutions where it
+//! beats im2col + GEMM: the tuner times both).
 //!
 //! Each input plane of a group is padded and split into `sh × sw` stride phases once
 //! (phase `(qh, qw)` holds padded rows `qh + sh·r`, columns `qw + sw·t`, `ph × pw` values).
@@ -13,6 +13,7 @@
 //! chunk, and the chunk gets bias + activation and is copied row by row into the output.
 
 use rayon::prelude::*;
+use smallvec::SmallVec;
 
 use super::geom::Spatial3;
 use super::kernel::{epilogue, planes_per_task, ConvF32};
@@ -24,6 +25,9 @@ use crate::scratch::with_scratch;
 /// group has at least this many.
 const MR: usize = 4;
 
+/// The wider block (AVX-512 only).
+const MR_MAX: usize = 8;
+
 /// Flattened output positions per chunk (a multiple of every block width): `MR` chunks of
 /// accumulators stay in L1.
 const CHUNK: usize = 512;
@@ -32,9 +36,9 @@ const CHUNK: usize = 512;
 /// end; the results there are dropped).
 const SLACK: usize = 64;
 
-/// Weights per output channel (C/group × kernel) up to which the tuner also times the
-/// flattened kernel for convolutions that are not depthwise.
-pub const DIRECT_MAX_TAPS: usize = 64;
+/// Most phase values (C/group × padded plane) the flattened kernel fills per (image, group):
+/// 32 MiB of scratch.
+pub const FLAT_MAX_PHASES: usize = 1 << 23;
 
 /// The flattened layout of one convolution's planes.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +76,11 @@ impl FlatGeom {
             run: (oh - 1) * pw + ow,
             set: sh * sw * ph * pw,
         })
+    }
+
+    /// Whether the phases of `cg` input channels stay within [`FLAT_MAX_PHASES`].
+    pub fn fits(&self, cg: usize) -> bool {
+        cg.saturating_mul(self.set) <= FLAT_MAX_PHASES
     }
 
     /// Scratch values for the phases of `cg` input channels.
@@ -184,8 +193,8 @@ pub struct FlatConv<'a> {
 
 impl FlatConv<'_> {
     /// Computes `out`. Images × groups are split over threads when there are enough of
-    /// them; otherwise each (image, group)'s phases are filled once and its output channels
-    /// are split over threads.
+    /// them; otherwise each (image, group)'s phases are filled once and its output is split
+    /// over threads by channel blocks × row ranges.
     pub fn run(&self, out: &mut [f32]) {
         let ConvDims { n, c, m, group } = self.conv.dims;
         let (cg, mg) = (c / group, m / group);
@@ -193,22 +202,26 @@ impl FlatConv<'_> {
         let p = self.geom.sp.out_size();
         let units = n * group;
         let threads = crate::parallel::threads();
+        let bw = block_channels();
         with_scratch::<usize, _>(k, |offs| {
             self.geom.offsets(cg, offs);
             let offs = &*offs;
             let per_task = planes_per_task(units, mg * p * k, threads);
-            let blocks = mg.div_ceil(MR);
-            let split_channels = per_task == units
-                && blocks > 1
-                && planes_per_task(blocks, MR * p * k, threads) < blocks;
-            if !split_channels {
+            let split = per_task == units && planes_per_task(mg, p * k, threads) < mg;
+            if !split {
                 // Whole (image, group) units per task.
                 let body = |first: usize, chunk: &mut [f32]| {
                     with_scratch::<f32, _>(self.geom.phases_len(cg) + chunk_scratch(k), |buf| {
                         let (phases, rest) = buf.split_at_mut(self.geom.phases_len(cg));
                         for (i, out_u) in chunk.chunks_mut(mg * p).enumerate() {
                             self.fill_unit(first + i, phases);
-                            self.channels(first + i, 0, phases, offs, rest, out_u);
+                            for (b, block) in out_u.chunks_mut(bw * p).enumerate() {
+                                let mut planes: SmallVec<[&mut [f32]; 8]> =
+                                    block.chunks_mut(p).collect();
+                                let rows = (0, self.geom.run);
+                                let at = (first + i, b * bw, 0);
+                                self.channels(at, rows, phases, offs, rest, &mut planes);
+                            }
                         }
                     })
                 };
@@ -221,19 +234,31 @@ impl FlatConv<'_> {
                 }
                 return;
             }
-            // Few units: the channels of each unit split over threads.
+            // Few units: each unit's channel blocks × row ranges split over threads.
+            let oh = self.geom.sp.output[1];
+            let (ow, pw) = (self.geom.sp.output[2], self.geom.pw);
+            let blocks = mg.div_ceil(bw);
+            let parts = (4 * threads).div_ceil(blocks).clamp(1, oh);
+            let rows_per = oh.div_ceil(parts);
+            let parts = oh.div_ceil(rows_per);
             for (u, out_u) in out.chunks_mut(mg * p).enumerate() {
                 with_scratch::<f32, _>(self.geom.phases_len(cg), |phases| {
                     self.fill_unit(u, phases);
                     let phases = &*phases;
-                    out_u
-                        .par_chunks_mut(MR * p)
-                        .enumerate()
-                        .for_each(|(t, out_c)| {
-                            with_scratch::<f32, _>(chunk_scratch(k), |rest| {
-                                self.channels(u, t * MR, phases, offs, rest, out_c)
-                            })
-                        });
+                    let shared = SharedOut::new(out_u);
+                    crate::parallel::for_each_index(blocks * parts, |t| {
+                        let (b, q) = (t / parts, t % parts);
+                        let (r0, r1) = (q * rows_per, ((q + 1) * rows_per).min(oh));
+                        let (c0, c1) = (b * bw, ((b + 1) * bw).min(mg));
+                        // SAFETY: task (b, q) alone writes rows r0..r1 of channels c0..c1.
+                        let mut planes: SmallVec<[&mut [f32]; 8]> = (c0..c1)
+                            .map(|ch| unsafe { shared.slice(ch * p + r0 * ow, (r1 - r0) * ow) })
+                            .collect();
+                        let rows = (r0 * pw, (r1 * pw).min(self.geom.run));
+                        with_scratch::<f32, _>(chunk_scratch(k), |rest| {
+                            self.channels((u, c0, r0), rows, phases, offs, rest, &mut planes)
+                        })
+                    });
                 });
             }
         })
@@ -250,25 +275,29 @@ impl FlatConv<'_> {
             .fill_channels(&self.conv.x[first * isz..(first + cg) * isz], cg, phases);
     }
 
-    /// Output channels `o0..` of unit `u` (as many as `out` holds planes), from its filled
-    /// phases, with `scratch` of [`chunk_scratch`] values.
+    /// Flattened positions `j_lo..j_hi` of the output channels `o0..o0 + planes.len()` of
+    /// unit `u` (`at = (u, o0, r0)`), from its filled phases, with `scratch` of
+    /// [`chunk_scratch`] values; each plane holds the channel's output rows from `r0` on.
     fn channels(
         &self,
-        u: usize,
-        o0: usize,
+        (u, o0, r0): (usize, usize, usize),
+        (j_lo, j_hi): (usize, usize),
         phases: &[f32],
         offs: &[usize],
         scratch: &mut [f32],
-        out: &mut [f32],
+        planes: &mut [&mut [f32]],
     ) {
         let ConvDims { m, group, .. } = self.conv.dims;
         let (mg, g) = (m / group, u % group);
         let k = offs.len();
-        let p = self.geom.sp.out_size();
-        let (wbuf, acc) = scratch.split_at_mut(MR * k);
+        let (wbuf, acc) = scratch.split_at_mut(MR_MAX * k);
         let mut o = 0;
-        while o < out.len() / p {
-            let rc = if out.len() / p - o >= MR { MR } else { 1 };
+        while o < planes.len() {
+            let left = planes.len() - o;
+            let rc = [block_channels(), MR, 1]
+                .into_iter()
+                .find(|&r| r <= left)
+                .unwrap_or(1);
             let ch = g * mg + o0 + o;
             debug_assert!(o0 + o + rc <= mg);
             let w = &self.conv.w[ch * k..(ch + rc) * k];
@@ -276,16 +305,16 @@ impl FlatConv<'_> {
                 w
             } else {
                 // Interleaved: tap t's weights for the rc channels side by side.
-                for (t, dst) in wbuf.chunks_exact_mut(rc).enumerate() {
+                for (t, dst) in wbuf[..rc * k].chunks_exact_mut(rc).enumerate() {
                     for (r, v) in dst.iter_mut().enumerate() {
                         *v = w[r * k + t];
                     }
                 }
                 &wbuf[..rc * k]
             };
-            let mut j0 = 0;
-            while j0 < self.geom.run {
-                let len = CHUNK.min(self.geom.run - j0);
+            let mut j0 = j_lo;
+            while j0 < j_hi {
+                let len = CHUNK.min(j_hi - j0);
                 taps(rc, &phases[j0..], offs, wt, acc, len);
                 for r in 0..rc {
                     let row = &mut acc[r * CHUNK..r * CHUNK + len];
@@ -294,7 +323,7 @@ impl FlatConv<'_> {
                         self.conv.bias.map_or(0.0, |b| b[ch + r]),
                         self.conv.act,
                     );
-                    self.copy_rows(row, j0, &mut out[(o + r) * p..(o + r + 1) * p]);
+                    self.copy_rows(row, j0, r0, planes[o + r]);
                 }
                 j0 += len;
             }
@@ -302,8 +331,9 @@ impl FlatConv<'_> {
         }
     }
 
-    /// Copies the output columns of flattened positions `j0..j0 + acc.len()` into `plane`.
-    fn copy_rows(&self, acc: &[f32], j0: usize, plane: &mut [f32]) {
+    /// Copies the output columns of flattened positions `j0..j0 + acc.len()` into `plane`,
+    /// which holds the output rows from `r0` on.
+    fn copy_rows(&self, acc: &[f32], j0: usize, r0: usize, plane: &mut [f32]) {
         let (pw, ow) = (self.geom.pw, self.geom.sp.output[2]);
         let j1 = j0 + acc.len();
         let mut r = j0 / pw;
@@ -311,7 +341,8 @@ impl FlatConv<'_> {
             let lo = j0.max(r * pw);
             let hi = j1.min(r * pw + ow);
             if lo < hi {
-                plane[r * ow + (lo - r * pw)..r * ow + (hi - r * pw)]
+                let at = (r - r0) * ow;
+                plane[at + (lo - r * pw)..at + (hi - r * pw)]
                     .copy_from_slice(&acc[lo - j0..hi - j0]);
             }
             r += 1;
@@ -320,9 +351,50 @@ impl FlatConv<'_> {
 }
 
 /// Scratch values [`FlatConv::channels`] needs besides the phases: interleaved weights and
-/// `MR` accumulator chunks.
+/// [`MR_MAX`] accumulator chunks.
 fn chunk_scratch(k: usize) -> usize {
-    MR * k + MR * CHUNK
+    MR_MAX * k + MR_MAX * CHUNK
+}
+
+/// Output channels per block: [`MR_MAX`] with AVX-512 (16 accumulators of its 32
+/// registers), else [`MR`].
+fn block_channels() -> usize {
+    if Isa::detect() == Isa::Avx512 {
+        MR_MAX
+    } else {
+        MR
+    }
+}
+
+/// The output of one unit, written by several tasks at disjoint places.
+#[derive(Clone, Copy)]
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks only write through `slice`, whose callers guarantee disjoint ranges.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn new(out: &mut [f32]) -> SharedOut {
+        SharedOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        }
+    }
+
+    /// `len` values from `start`.
+    ///
+    /// # Safety
+    /// No two live slices may overlap, and the output must outlive them.
+    unsafe fn slice<'a>(self, start: usize, len: usize) -> &'a mut [f32] {
+        assert!(start + len <= self.len);
+        // SAFETY: in bounds (checked); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
 }
 
 /// `acc[r·CHUNK + j] = Σ_t wt[t·rc + r] · src[offs[t] + j]` for `j < len` (rounded up to
@@ -339,6 +411,10 @@ fn taps(rc: usize, src: &[f32], offs: &[usize], wt: &[f32], acc: &mut [f32], len
         match (Isa::detect(), rc) {
             // SAFETY: AVX-512F is present (run-time detection); the asserts above bound
             // every read of `src`, `wt` and every write of `acc`.
+            (Isa::Avx512, MR_MAX) => {
+                return unsafe { avx512::taps::<MR_MAX, 2>(s, offs, wt, a, len) }
+            }
+            // SAFETY: as above.
             (Isa::Avx512, MR) => return unsafe { avx512::taps::<MR, 2>(s, offs, wt, a, len) },
             // SAFETY: as above.
             (Isa::Avx512, _) => return unsafe { avx512::taps::<1, 4>(s, offs, wt, a, len) },
@@ -619,37 +695,39 @@ mod tests {
     }
 
     /// Every build of the tap loop (portable, AVX2, AVX-512 where the CPU has them), for one
-    /// channel and for [`MR`] channels, with odd lengths and offsets, against the portable
-    /// loop.
+    /// channel, [`MR`] and [`MR_MAX`] channels, with odd lengths and offsets, against the
+    /// portable loop.
     #[test]
     fn every_taps_build_matches_the_portable_loop() {
         let mut r = Lcg(5);
         let src = r.vec(3000);
-        for (rc, k, len) in [
+        let cases = [
             (1, 9, 500),
             (1, 25, 37),
             (MR, 27, 512),
             (MR, 3, 1),
             (1, 1, 64),
-        ] {
+            (MR_MAX, 40, 300),
+            (MR_MAX, 2, 33),
+        ];
+        for (rc, k, len) in cases {
             let offs: Vec<usize> = (0..k).map(|t| (t * 37) % 700 + t).collect();
             let wt = r.vec(rc * k);
-            let mut want = vec![f32::NAN; MR * CHUNK];
+            let mut want = vec![f32::NAN; MR_MAX * CHUNK];
             taps_portable(rc, &src, &offs, &wt, &mut want, len);
             let mut builds = vec![];
-            let mut got = vec![f32::NAN; MR * CHUNK];
+            let mut got = vec![f32::NAN; MR_MAX * CHUNK];
             taps(rc, &src, &offs, &wt, &mut got, len);
             builds.push(("dispatched", got.clone()));
             #[cfg(target_arch = "x86_64")]
             {
                 let (s, a) = (src.as_ptr(), got.as_mut_ptr());
-                if Isa::Avx2.supported() {
+                if Isa::Avx2.supported() && rc != MR_MAX {
                     // SAFETY: AVX2 + FMA present; src holds max(offs) + 576 values.
                     unsafe {
-                        if rc == MR {
-                            avx2::taps::<MR, 2>(s, &offs, &wt, a, len)
-                        } else {
-                            avx2::taps::<1, 4>(s, &offs, &wt, a, len)
+                        match rc {
+                            MR => avx2::taps::<MR, 2>(s, &offs, &wt, a, len),
+                            _ => avx2::taps::<1, 4>(s, &offs, &wt, a, len),
                         }
                     }
                     builds.push(("avx2", got.clone()));
@@ -657,10 +735,10 @@ mod tests {
                 if Isa::Avx512.supported() {
                     // SAFETY: AVX-512F present; bounds as above.
                     unsafe {
-                        if rc == MR {
-                            avx512::taps::<MR, 2>(s, &offs, &wt, a, len)
-                        } else {
-                            avx512::taps::<1, 4>(s, &offs, &wt, a, len)
+                        match rc {
+                            MR_MAX => avx512::taps::<MR_MAX, 2>(s, &offs, &wt, a, len),
+                            MR => avx512::taps::<MR, 2>(s, &offs, &wt, a, len),
+                            _ => avx512::taps::<1, 4>(s, &offs, &wt, a, len),
                         }
                     }
                     builds.push(("avx512", got.clone()));

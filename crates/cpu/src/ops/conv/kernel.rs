@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use kiln_core::{KilnError, Result};
 
-use super::flat::{FlatConv, FlatGeom, DIRECT_MAX_TAPS};
+use super::flat::{FlatConv, FlatGeom};
 use super::geom::Spatial3;
 use super::reference::ConvDims;
 use crate::fused::Activation;
@@ -30,9 +30,10 @@ pub enum ConvAlgo {
         /// Parallel over images × groups (true) or inside each GEMM (false).
         parallel_outer: bool,
     },
-    /// The direct kernel for depthwise convolutions and for 1-D/2-D convolutions with at
-    /// most [`DIRECT_MAX_TAPS`] weights per output channel: planes flattened so every tap is
-    /// one long multiply-add ([`FlatConv`]; true 3-D depthwise windows use the row kernel).
+    /// The direct kernel for depthwise convolutions and any 1-D/2-D convolution whose
+    /// padded input planes fit [`super::flat::FLAT_MAX_PHASES`]: planes flattened so every
+    /// tap is one long multiply-add ([`FlatConv`]; true 3-D depthwise windows use the row
+    /// kernel).
     Direct,
     /// The direct kernel row by row (depthwise only): no padded copy of the plane and no
     /// work on padding, but vector runs only as long as an output row.
@@ -50,11 +51,10 @@ impl ConvAlgo {
 /// (the row loop's vector body covers them; narrower rows gain from [`FlatConv`]).
 pub const DIRECT_ROWS_MIN_WIDTH: usize = 32;
 
-/// Whether the flattened direct kernel takes a convolution that is not depthwise: a 1-D/2-D
-/// window and at most [`DIRECT_MAX_TAPS`] weights (`cg` input channels × kernel) per output
-/// channel.
-pub fn few_taps(cg: usize, sp: &Spatial3) -> bool {
-    cg * sp.kernel_size() <= DIRECT_MAX_TAPS && FlatGeom::new(sp).is_some()
+/// Whether the flattened direct kernel takes a convolution with `cg` input channels per
+/// group: a 1-D/2-D window whose padded planes fit [`super::flat::FLAT_MAX_PHASES`].
+pub fn flat_fits(cg: usize, sp: &Spatial3) -> bool {
+    FlatGeom::new(sp).is_some_and(|g| g.fits(cg))
 }
 
 /// One f32 convolution problem (NC(D)(H)W layout, weights M × C/group × kernel).
@@ -209,17 +209,14 @@ impl ConvF32<'_> {
                 return self.run_direct(out, self.sp.output[2] >= DIRECT_ROWS_MIN_WIDTH)
             }
             ConvAlgo::Auto => (TILE_ELEMS, true),
-            ConvAlgo::Direct if depthwise || few_taps(cg, &self.sp) => {
+            ConvAlgo::Direct if depthwise || flat_fits(cg, &self.sp) => {
                 return self.run_direct(out, false)
             }
             ConvAlgo::DirectRows if depthwise => return self.run_direct(out, true),
             ConvAlgo::Direct | ConvAlgo::DirectRows => {
                 return Err(KilnError::kernel(
                     "Conv",
-                    format!(
-                        "the direct tactic needs one input channel per group (depthwise), or a 1-D/2-D window with at most {DIRECT_MAX_TAPS} weights per output channel (this one has {})",
-                        cg * self.sp.kernel_size()
-                    ),
+                    "the direct tactic needs one input channel per group (depthwise), or a 1-D/2-D window whose padded input planes fit in 32 MiB of scratch",
                 ))
             }
             ConvAlgo::Im2colGemm {

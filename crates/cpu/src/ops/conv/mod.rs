@@ -323,7 +323,7 @@ impl Op for Conv {
             depthwise: cg == 1 && dims.group > 1,
             wide_rows: sp3.output[2] >= kernel::DIRECT_ROWS_MIN_WIDTH,
             pointwise: sp3.is_pointwise(),
-            few_taps: !sp3.is_pointwise() && kernel::few_taps(cg, &sp3),
+            flat: !sp3.is_pointwise() && kernel::flat_fits(cg, &sp3),
             chunks: dims.n * dims.group,
         })
     }

@@ -1,7 +1,7 @@
 //! Conv's tactics on the CPU: which implementations exist for a given problem, their
 //! stable ids, and the mapping from an id back to a [`ConvAlgo`].
 //!
-//! Ids: `cpu.conv.direct` (depthwise, or few weights per output channel: flattened planes),
+//! Ids: `cpu.conv.direct` (flattened planes: depthwise, or any 1-D/2-D window that fits),
 //! `cpu.conv.direct.rows` (depthwise only: row by row), `cpu.conv.gemm_1x1.{outer,inner}` (1×1,
 //! stride 1, no padding) and `cpu.conv.im2col_gemm.t<tile elements>.{outer,inner}`
 //! (everything), where `outer`/`inner` says whether threads split images × groups or each
@@ -30,9 +30,9 @@ pub struct ConvShapeClass {
     pub wide_rows: bool,
     /// 1×1 kernel, unit strides, no padding: the im2col matrix is the input itself.
     pub pointwise: bool,
-    /// Not depthwise, but the flattened direct kernel takes it (not pointwise, a 1-D/2-D
-    /// window, few weights per output channel: [`super::kernel::few_taps`]).
-    pub few_taps: bool,
+    /// Not pointwise, and the flattened direct kernel takes it (a 1-D/2-D window whose
+    /// padded planes fit: [`super::kernel::flat_fits`]).
+    pub flat: bool,
     /// Images × groups: more than one lets threads split the outer loop.
     pub chunks: usize,
 }
@@ -55,7 +55,7 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
         } else {
             out.extend([flat, rows]);
         }
-    } else if class.few_taps {
+    } else if class.flat {
         out.push(Tactic::fp32("cpu.conv.direct", 1));
     }
     if class.pointwise {
@@ -125,7 +125,7 @@ mod tests {
                         depthwise,
                         wide_rows,
                         pointwise,
-                        few_taps: !depthwise && !pointwise && chunks == 1,
+                        flat: !depthwise && !pointwise && chunks == 1,
                         chunks,
                     };
                     let list = list(class);
