@@ -31,7 +31,7 @@ pub enum ConvAlgo {
         parallel_outer: bool,
     },
     /// The direct kernel for depthwise convolutions and any 1-D/2-D convolution whose
-    /// padded input planes fit [`super::flat::FLAT_MAX_PHASES`]: planes flattened so every
+    /// padded input planes fit ([`super::flat::FlatGeom::fits`]): planes flattened so every
     /// tap is one long multiply-add ([`FlatConv`]; true 3-D depthwise windows use the row
     /// kernel).
     Direct,
@@ -52,7 +52,7 @@ impl ConvAlgo {
 pub const DIRECT_ROWS_MIN_WIDTH: usize = 32;
 
 /// Whether the flattened direct kernel takes a convolution with `cg` input channels per
-/// group: a 1-D/2-D window whose padded planes fit [`super::flat::FLAT_MAX_PHASES`].
+/// group: a 1-D/2-D window whose padded planes fit ([`super::flat::FlatGeom::fits`]).
 pub fn flat_fits(cg: usize, sp: &Spatial3) -> bool {
     FlatGeom::new(sp).is_some_and(|g| g.fits(cg))
 }
@@ -216,7 +216,7 @@ impl ConvF32<'_> {
             ConvAlgo::Direct | ConvAlgo::DirectRows => {
                 return Err(KilnError::kernel(
                     "Conv",
-                    "the direct tactic needs one input channel per group (depthwise), or a 1-D/2-D window whose padded input planes fit in 32 MiB of scratch",
+                    "the direct tactic needs one input channel per group (depthwise), or a 1-D/2-D window whose padded input planes fit in scratch (16 MiB for up to 4 input channels per group, 4 MiB for more)",
                 ))
             }
             ConvAlgo::Im2colGemm {
