@@ -10,6 +10,7 @@
 
 use std::borrow::Cow;
 
+use super::activation::exp_f32_fast;
 use super::linalg::blas::{self, GemmFloat, MatRef};
 use crate::scratch::with_scratch;
 use kiln_core::{
@@ -96,8 +97,8 @@ impl RnnAct {
         let c = |v: f32| T::from_f32(v);
         match self {
             RnnAct::Relu => xs.iter_mut().for_each(|x| *x = x.max(T::zero())),
-            RnnAct::Tanh => xs.iter_mut().for_each(|x| *x = x.tanh()),
-            RnnAct::Sigmoid => xs.iter_mut().for_each(|x| *x = sigmoid(*x)),
+            RnnAct::Tanh => T::tanh_all(xs),
+            RnnAct::Sigmoid => T::sigmoid_all(xs),
             RnnAct::Affine(a, b) => xs.iter_mut().for_each(|x| *x = c(a) * *x + c(b)),
             RnnAct::LeakyRelu(a) => xs.iter_mut().for_each(|x| {
                 if *x < T::zero() {
@@ -147,12 +148,38 @@ pub trait RnnFloat: GemmFloat + bytemuck::Pod + std::fmt::Debug {
     const DTYPE: DType;
     /// Converts an attribute value.
     fn from_f32(v: f32) -> Self;
+    /// The logistic sigmoid of every value, in place.
+    fn sigmoid_all(xs: &mut [Self]) {
+        xs.iter_mut().for_each(|x| *x = sigmoid(*x));
+    }
+    /// tanh of every value, in place.
+    fn tanh_all(xs: &mut [Self]) {
+        xs.iter_mut().for_each(|x| *x = x.tanh());
+    }
 }
 
 impl RnnFloat for f32 {
     const DTYPE: DType = DType::F32;
     fn from_f32(v: f32) -> Self {
         v
+    }
+    /// With [`exp_f32_fast`] (a polynomial the loop vectorises; relative error ~2e-7)
+    /// instead of libm's scalar `exp`: the gates of every recurrent step.
+    fn sigmoid_all(xs: &mut [f32]) {
+        xs.iter_mut()
+            .for_each(|x| *x = 1.0 / (1.0 + exp_f32_fast(-*x)));
+    }
+    /// `1 − 2 / (1 + e^{2x})` with [`exp_f32_fast`] (absolute error ~1e-7; ±1 at the
+    /// extremes, NaN kept), and the Taylor series to x⁷ for |x| < 1/16, where that formula
+    /// would lose the relative precision of tiny results.
+    fn tanh_all(xs: &mut [f32]) {
+        xs.iter_mut().for_each(|x| {
+            let v = *x;
+            let big = 1.0 - 2.0 / (1.0 + exp_f32_fast(2.0 * v));
+            let v2 = v * v;
+            let small = v * (1.0 + v2 * (-1.0 / 3.0 + v2 * (2.0 / 15.0 + v2 * (-17.0 / 315.0))));
+            *x = if v.abs() < 0.0625 { small } else { big };
+        });
     }
 }
 
@@ -176,8 +203,25 @@ fn matmul_bt<T: RnnFloat>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mu
     let a = &a[..m * k];
     let b = &b[..n * k];
     if m == 1 {
-        for (j, out) in c.iter_mut().enumerate() {
-            *out = dot(a, &b[j * k..(j + 1) * k]);
+        // One row (batch 1, every recurrent step): cᵀ = b · aᵀ, an n × k by k × 1 product,
+        // which the GEMM's narrow path runs as SIMD dot products over b's contiguous rows.
+        if blas::gemm(
+            n,
+            1,
+            k,
+            c,
+            1,
+            false,
+            MatRef::row_major(b, k),
+            MatRef::row_major(a, 1),
+            T::one(),
+            false,
+        )
+        .is_err()
+        {
+            for (j, out) in c.iter_mut().enumerate() {
+                *out = dot(a, &b[j * k..(j + 1) * k]);
+            }
         }
         return;
     }
@@ -1332,6 +1376,40 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (*x as f64 - y).abs())
             .fold(0.0, f64::max)
+    }
+
+    /// The f32 gate activations (vectorisable polynomials) against f64 libm, including the
+    /// tanh branch switch at 1/16, tiny and huge inputs, and NaN.
+    #[test]
+    fn fast_f32_gates_match_libm() {
+        let xs: Vec<f32> = (-2000..=2000)
+            .map(|i| i as f32 * 0.01)
+            .chain([1e-6, -3e-5, 0.0624, 0.0626, -0.0625, 90.0, -90.0, 1e-30])
+            .collect();
+        let mut s = xs.clone();
+        f32::sigmoid_all(&mut s);
+        let mut t = xs.clone();
+        f32::tanh_all(&mut t);
+        for ((&x, &sv), &tv) in xs.iter().zip(&s).zip(&t) {
+            let (ws, wt) = (1.0 / (1.0 + (-(x as f64)).exp()), (x as f64).tanh());
+            let tol = 1e-6 * ws + 1e-30;
+            assert!(
+                (sv as f64 - ws).abs() <= tol.max(1e-38),
+                "sigmoid({x}) = {sv}, want {ws}"
+            );
+            // Taylor branch: relative precision; exp branch: ~1e-7 absolute.
+            let tol = if x.abs() < 0.0625 {
+                1e-6 * wt.abs()
+            } else {
+                3e-7
+            };
+            assert!((tv as f64 - wt).abs() <= tol, "tanh({x}) = {tv}, want {wt}");
+        }
+        let mut n = [f32::NAN];
+        f32::tanh_all(&mut n);
+        assert!(n[0].is_nan());
+        f32::sigmoid_all(&mut n);
+        assert!(n[0].is_nan());
     }
 
     #[test]
