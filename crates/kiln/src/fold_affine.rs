@@ -607,13 +607,15 @@ mod tests {
         let reg = kiln_cpu::registry();
         let x_shape = [1, 4, 5, 5];
         let inputs = input(&x_shape);
-        let forms: [(&str, &[usize], bool, &str, &[usize], bool); 4] = [
-            ("Mul", &[1, 4, 1, 1], false, "Add", &[4, 1, 1], true),
-            ("Mul", &[], true, "Add", &[1], false),
-            ("Div", &[4, 1, 1], false, "Sub", &[], false),
-            ("Mul", &[1], false, "Sub", &[1, 4, 1, 1], true),
+        // (op, constant shape, constant first) for the first and the second node.
+        type Step<'a> = (&'a str, &'a [usize], bool);
+        let forms: [(Step, Step); 4] = [
+            (("Mul", &[1, 4, 1, 1], false), ("Add", &[4, 1, 1], true)),
+            (("Mul", &[], true), ("Add", &[1], false)),
+            (("Div", &[4, 1, 1], false), ("Sub", &[], false)),
+            (("Mul", &[1], false), ("Sub", &[1, 4, 1, 1], true)),
         ];
-        for (i, &(op1, s1, f1, op2, s2, f2)) in forms.iter().enumerate() {
+        for (i, &((op1, s1, f1), (op2, s2, f2))) in forms.iter().enumerate() {
             for (group, kernel) in [(1, [1, 1]), (2, [1, 1]), (2, [2, 3]), (4, [3, 3])] {
                 for pad in [0, 1] {
                     let what = format!("form {i} group {group} kernel {kernel:?} pad {pad}");
@@ -668,7 +670,11 @@ mod tests {
         let (mut g, _, y) = conv_graph(&reg, &spec);
         let scale = constant(&mut g, "scale", &[1, 4, 1, 1], 50);
         let shift = constant(&mut g, "shift", &[1, 4, 1, 1], 51);
-        let three = add_constant(&mut g, "three", Tensor::from_vec(&[], vec![3.0f32]).unwrap());
+        let three = add_constant(
+            &mut g,
+            "three",
+            Tensor::from_vec(&[], vec![3.0f32]).unwrap(),
+        );
         let zero = add_constant(&mut g, "zero", Tensor::from_vec(&[], vec![0.0f32]).unwrap());
         let six = add_constant(&mut g, "six", Tensor::from_vec(&[], vec![6.0f32]).unwrap());
         let a = constant(&mut g, "a", &[1], 52);
