@@ -24,7 +24,10 @@
 #                                        `int8` runs only the int8 kernel family (IMMA
 #                                        included) and the GPU INT8 builds, accuracy
 #                                        and speed (every mode runs the builds;
-#                                        KILN_INT8_MODELS=ppocr_det,... limits them).
+#                                        KILN_INT8_MODELS=ppocr_det,... limits them;
+#                                        it first checks every-layer-INT8 GPU engines
+#                                        against their graph on the CPU ops, per layer:
+#                                        KILN_INT8_ONLY_VS_CPU=1 stops after that).
 set -uo pipefail
 mode=${1:-}
 case "$mode" in
@@ -168,6 +171,11 @@ PY
     stamp "NVRTC/cuBLASLt INT8 kernel tests (int8 family, IMMA cases included)"
     KILN_GPU_CASES=int8 timeout 240 "$W/bin/gpu_kernels" --nocapture --test-threads=1 gpu_kernels_match_cpu > "$OUT/kernels_int8.log" 2>&1
     echo "gpu_kernels (int8) rc=$?"; grep -A12 "==== summary" "$OUT/kernels_int8.log"; grep "^FAIL" "$OUT/kernels_int8.log" | head -20
+    stamp "GPU INT8, every layer INT8 (opt level 0), vs the same engine's graph through the CPU ops"
+    KILN_ASSETS=$here/assets KILN_INT8_DIR=$here/int8 timeout 400 "$W/bin/gpu_models" --nocapture --test-threads=1 \
+      gpu_int8_all_layers_match_cpu > "$OUT/int8_vs_cpu.log" 2>&1
+    echo "gpu_int8_all_layers_match_cpu rc=$?"; grep -E "rel L2|test result|panicked" "$OUT/int8_vs_cpu.log" | head -60
+    [ -n "${KILN_INT8_ONLY_VS_CPU:-}" ] && exit 0
     int8
     exit 0
   fi
