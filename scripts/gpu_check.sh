@@ -28,6 +28,13 @@
 #                                        it first checks every-layer-INT8 GPU engines
 #                                        against their graph on the CPU ops, per layer:
 #                                        KILN_INT8_ONLY_VS_CPU=1 stops after that).
+#                                        `int8-vs-cpu` builds det all-INT8 on the GPU and
+#                                        on the CPU from one cache and compares both with
+#                                        FP32 (all eval batches, the first two, each one)
+#                                        and with each other (--per-layer).
+#   scripts/gpu_check.sh stage-int8 [CARRY]  a ~46 MB carry for `run int8` / `run int8-vs-cpu`
+#                                        alone: kiln, gpu_models, the INT8 models, each
+#                                        calibrator's cache, every eval batch.
 set -uo pipefail
 mode=${1:-}
 case "$mode" in
@@ -348,5 +355,5 @@ PY
   python3 "$here/gpu_summary.py" "$OUT" | tee "$OUT/summary.md"
   ;;
 *)
-  sed -n '2,14p' "$0"; exit 2 ;;
+  sed -n '2,37p' "$0"; exit 2 ;;
 esac
