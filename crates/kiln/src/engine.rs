@@ -285,6 +285,7 @@ impl Engine {
         self
     }
 
+    /// Attaches the tuning report of the build that made this engine.
     pub(crate) fn with_tuning(mut self, tuning: TuneReport) -> Engine {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.tuning = Some(tuning);
