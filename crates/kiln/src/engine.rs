@@ -209,18 +209,49 @@ impl Engine {
         })
     }
 
-    /// Attaches the tuning report of the build that made this engine.
-    /// Runs the engine's graph on the CPU op by op and returns every tensor value it
-    /// computes (not the inputs or constants), by name, in the order the layers produce
-    /// them. For debugging (`kiln compare --per-layer`): slower than an
-    /// [`ExecutionContext`](crate::ExecutionContext) and it keeps every tensor. CPU engines
-    /// only.
+    /// Every tensor value the engine computes (not the inputs or constants), by name, in the
+    /// order the layers produce them. For debugging (`kiln compare --per-layer`): slower
+    /// than an [`ExecutionContext`](crate::ExecutionContext) and it keeps every tensor. A
+    /// CPU engine runs its graph op by op on the CPU ([`Self::cpu_values`]); a GPU engine
+    /// runs on the GPU a copy of itself in which every produced device value is an output
+    /// (the same layers and kernels; only the memory plan differs, since every tensor
+    /// stays live).
     pub fn all_values(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>> {
-        if self.inner.gpu.is_some() {
-            return Err(KilnError::Other(
-                "per-layer values need a CPU engine; this one runs on the GPU (build it with --device cpu)".into(),
-            ));
-        }
+        let Some(gpu) = &self.inner.gpu else {
+            return self.cpu_values(inputs);
+        };
+        let (mut g, args) = self.values_graph(inputs)?;
+        let facts = self
+            .planned_facts()
+            .ok_or_else(|| KilnError::Other("a GPU engine without a static plan".into()))?;
+        // Only values with a device buffer can be outputs of a GPU engine.
+        g.outputs.retain(|&v| {
+            let f = &facts[v];
+            f.kind == kiln_core::ValueKind::Tensor
+                && f.concrete_shape().is_some()
+                && f.dtype
+                    .is_some_and(|d| kiln_cuda::kernels::common::ctype(d).is_some())
+        });
+        let engine = kiln_cuda::GpuEngine::build(&g, facts, gpu.options(), Some(gpu.images()))?;
+        let mut ctx = kiln_cuda::GpuContext::new(Arc::new(engine))?;
+        let refs: Vec<&Value> = args.iter().collect();
+        let values = ctx.run(&g, &refs)?;
+        Ok(named(&g, values))
+    }
+
+    /// Runs the engine's graph on the CPU op by op, whatever device the engine was built
+    /// for (a GPU engine's layers through their CPU ops: the reference its kernels must
+    /// match), and returns every tensor value it computes (not the inputs or constants), by
+    /// name, in the order the layers produce them. For debugging; keeps every tensor.
+    pub fn cpu_values(&self, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+        let (g, args) = self.values_graph(inputs)?;
+        let values = kiln_core::exec::run_graph(&g, &args, &[])?;
+        Ok(named(&g, values))
+    }
+
+    /// The engine's graph with every produced (non-constant) value as an output, in the
+    /// order the layers produce them, and `inputs` in the graph's input order.
+    fn values_graph(&self, inputs: &[(&str, Tensor)]) -> Result<(Graph, Vec<Value>)> {
         let mut g = self.inner.graph.clone();
         let mut args = Vec::with_capacity(g.inputs.len());
         for &id in &g.inputs {
@@ -242,16 +273,8 @@ impl Engine {
                 }
             }
         }
-        g.outputs = produced.clone();
-        let values = kiln_core::exec::run_graph(&g, &args, &[])?;
-        Ok(produced
-            .into_iter()
-            .zip(values)
-            .filter_map(|(id, v)| match v {
-                Value::Tensor(t) => Some((g.values[id].name.clone(), t)),
-                _ => None,
-            })
-            .collect())
+        g.outputs = produced;
+        Ok((g, args))
     }
 
     /// Records what `--accuracy-budget` did (kept in the plan's optimiser report).
@@ -262,6 +285,7 @@ impl Engine {
         self
     }
 
+    /// Attaches the tuning report of the build that made this engine.
     pub(crate) fn with_tuning(mut self, tuning: TuneReport) -> Engine {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.tuning = Some(tuning);
@@ -545,4 +569,16 @@ impl Runtime {
             gpu,
         )
     }
+}
+
+/// `values` (one per output of `g`) by the outputs' names, tensors only.
+fn named(g: &Graph, values: Vec<Value>) -> Vec<(String, Tensor)> {
+    g.outputs
+        .iter()
+        .zip(values)
+        .filter_map(|(&id, v)| match v {
+            Value::Tensor(t) => Some((g.values[id].name.clone(), t)),
+            _ => None,
+        })
+        .collect()
 }

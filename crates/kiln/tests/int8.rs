@@ -456,3 +456,35 @@ fn gpu_int8_pool_keeps_int8_only_where_it_pays() {
     assert!(int8_layers(&engine).is_empty());
     assert_eq!(engine.tuning_report().unwrap().reformats, 0);
 }
+
+/// `Engine::cpu_values` (any engine's graph through the CPU ops) and `Engine::all_values`
+/// (the engine on its own device, every tensor kept) are the same run for a CPU engine, and
+/// their output value is what the engine's context returns.
+#[test]
+fn cpu_values_equal_all_values_on_cpu_engines() {
+    let Some(assets) = common::assets() else {
+        return;
+    };
+    let model = assets.join("models/ch_ppocr_mobile_v2.0_cls_infer.onnx");
+    let shapes = kiln::parse_shapes("x:2x3x48x192").unwrap();
+    let engine = build(&model, &shapes, None).unwrap();
+    let x: Vec<f32> = (0..2 * 3 * 48 * 192)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+        .collect();
+    let args = [("x", Tensor::from_vec(&[2, 3, 48, 192], x).unwrap())];
+    let all = engine.all_values(&args).unwrap();
+    let cpu = engine.cpu_values(&args).unwrap();
+    assert_eq!(all.len(), cpu.len());
+    assert!(all.len() > 10, "{} tensors", all.len());
+    for ((na, ta), (nc, tc)) in all.iter().zip(&cpu) {
+        assert_eq!(na, nc);
+        assert_eq!(ta.bytes(), tc.bytes(), "{na}");
+    }
+    let out = engine.create_context().execute_tensors(&args).unwrap();
+    let name = &engine.outputs()[0].name;
+    let (_, y) = all
+        .iter()
+        .find(|(n, _)| n == name)
+        .expect("the output is a value");
+    assert!(common::rel_l2(&out[0], y) < 1e-6);
+}
