@@ -182,6 +182,8 @@ BACKEND_MARKER = ".kiln-extracted.json"
 # CPython 3.11-3.13 on manylinux x86_64 and aarch64.
 PYREF_PINS = (
     "onnxruntime==1.23.2",
+    # tract's Python package (the Rust runtime, prebuilt): the CPU benchmark's third column
+    "tract==0.23.9",
     "numpy==2.2.6",
     "onnx==1.19.1",
     # dependencies of the above, pinned as resolved when this was written
