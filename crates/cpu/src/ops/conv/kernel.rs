@@ -47,6 +47,10 @@ impl ConvAlgo {
     }
 }
 
+/// Output positions per image up to which a batch of images (one group) runs as one product
+/// with the images side by side ([`ConvF32::run_batch_columns`]).
+pub const BATCH_COLUMNS_MAX_P: usize = 16;
+
 /// Output rows at least this wide run the depthwise row kernel when no tactic was chosen
 /// (the row loop's vector body covers them; narrower rows gain from [`FlatConv`]).
 pub const DIRECT_ROWS_MIN_WIDTH: usize = 32;
@@ -224,6 +228,9 @@ impl ConvF32<'_> {
                 parallel_outer,
             } => (tile_elems.max(1), parallel_outer),
         };
+        if group == 1 && n > 1 && p <= BATCH_COLUMNS_MAX_P {
+            return self.run_batch_columns(out);
+        }
         let chunks = n * group;
         let threads = crate::parallel::threads();
         let parallel_outer = outer && chunks > 1 && threads > 1;
@@ -258,6 +265,53 @@ impl ConvF32<'_> {
         } else {
             out.chunks_mut(mg * p).enumerate().try_for_each(body)
         }
+    }
+
+    /// Every image in one product when each has few output positions (one group):
+    /// `tmp[M × N·P] = W[M × K] · col[K × N·P]` with the images' im2col matrices side by
+    /// side, then bias + activation on `tmp` and a scatter into N × M × P. The weights are
+    /// read once for the batch instead of once per image, and the product gets N·P columns
+    /// instead of P.
+    fn run_batch_columns(&self, out: &mut [f32]) -> Result<()> {
+        let ConvDims { n, c, m, .. } = self.dims;
+        let (p, isz) = (self.sp.out_size(), self.sp.in_size());
+        let k = c * self.sp.kernel_size();
+        let cols = n * p;
+        crate::scratch::with_scratch::<f32, _>(k * cols + k * p + m * cols, |buf| {
+            let (col, rest) = buf.split_at_mut(k * cols);
+            let (one, tmp) = rest.split_at_mut(k * p);
+            for b in 0..n {
+                im2col_tile(
+                    &self.x[b * c * isz..(b + 1) * c * isz],
+                    c,
+                    &self.sp,
+                    0,
+                    p,
+                    one,
+                );
+                for (dst, src) in col.chunks_exact_mut(cols).zip(one.chunks_exact(p)) {
+                    dst[b * p..(b + 1) * p].copy_from_slice(src);
+                }
+            }
+            let par = m * cols * k >= blas::PARALLEL_THRESHOLD;
+            self.product(
+                m,
+                cols,
+                k,
+                tmp,
+                cols,
+                self.w,
+                MatRef::row_major(col, cols),
+                par,
+            )?;
+            for (r, row) in tmp.chunks_exact_mut(cols).enumerate() {
+                epilogue(row, self.bias.map_or(0.0, |bv| bv[r]), self.act);
+                for (b, src) in row.chunks_exact(p).enumerate() {
+                    out[(b * m + r) * p..(b * m + r + 1) * p].copy_from_slice(src);
+                }
+            }
+            Ok(())
+        })
     }
 
     /// One (image, group): out[mg × P] = W_g[mg × K] · col[K × P].
@@ -920,6 +974,77 @@ mod tests {
                     d < 1e-5,
                     "case {ci} {algo:?} at {threads} threads: diff {d}"
                 );
+            }
+        }
+    }
+
+    /// Batches of images with few output positions (one product with the images side by
+    /// side), 1-D and 2-D, pointwise and k×k, with and without bias, plain and packed
+    /// weights, against the reference convolution.
+    #[test]
+    fn batch_columns_match_the_reference() {
+        use crate::ops::conv::test_util::problem;
+        // (n, c, m, input, kernel, pads, strides, bias)
+        type Case = (
+            usize,
+            usize,
+            usize,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            bool,
+        );
+        let cases: Vec<Case> = vec![
+            (8, 13, 11, vec![4], vec![3], vec![1, 1], vec![1], true),
+            (3, 9, 17, vec![5], vec![3], vec![0, 0], vec![2], false),
+            (
+                4,
+                20,
+                9,
+                vec![1, 1],
+                vec![1, 1],
+                vec![0, 0, 0, 0],
+                vec![1, 1],
+                true,
+            ),
+            (
+                2,
+                5,
+                7,
+                vec![3, 4],
+                vec![3, 3],
+                vec![1, 1, 1, 1],
+                vec![1, 1],
+                true,
+            ),
+        ];
+        for (ci, (n, c, m, input, kernel, pads, strides, bias)) in cases.into_iter().enumerate() {
+            let win = WindowAttrs {
+                pads: Some(pads),
+                strides: Some(strides),
+                ..Default::default()
+            };
+            let dims = ConvDims { n, c, m, group: 1 };
+            let act = Activation::Relu;
+            let pr = problem(dims, &win, (&input, &kernel), bias, act, ci as u64 + 500);
+            assert!(pr.sp.out_size() <= BATCH_COLUMNS_MAX_P);
+            let packed = pack_weights(&pr.w, m, 1, Isa::detect()).unwrap();
+            for (w, isa) in [(&pr.w, None), (&packed, Some(Isa::detect()))] {
+                let mut got = vec![f32::NAN; n * m * pr.sp.out_size()];
+                let conv = ConvF32 {
+                    x: &pr.x,
+                    w,
+                    bias: bias.then_some(pr.b.as_slice()),
+                    dims,
+                    sp: pr.sp,
+                    act,
+                    algo: ConvAlgo::Auto,
+                    packed: isa,
+                };
+                conv.run(&mut got).unwrap();
+                let d = max_diff(&got, &pr.want);
+                assert!(d < 1e-4, "case {ci} packed {isa:?}: diff {d}");
             }
         }
     }

@@ -175,7 +175,10 @@ impl Conv {
             ConvAlgo::Im2colGemm { tile_elems, .. } => tile_elems.max(1),
             _ => kernel::TILE_ELEMS,
         };
-        let n = if sp.is_pointwise() {
+        let n = if dims.group == 1 && dims.n > 1 && p <= kernel::BATCH_COLUMNS_MAX_P {
+            // The batch runs as one product with every image's positions side by side.
+            dims.n * p
+        } else if sp.is_pointwise() {
             p
         } else {
             (tile_elems / k.max(1)).max(128).min(p)
