@@ -1,7 +1,6 @@
 //! The optimisation pipeline: generic folding and cleanup from `kiln_core::passes`, plus the
-//! fusions that need kiln's CPU kernels (BatchNormalization and constant per-channel
-//! Mul/Add/Sub/Div folded into Conv weights, see [`crate::fold_affine`], activations fused
-//! into the epilogue of Conv, Gemm and MatMul).
+//! fusions that need kiln's CPU kernels (BatchNormalization folded into Conv, activations
+//! fused into the epilogue of Conv, Gemm and MatMul).
 //!
 //! Subgraphs (If/Loop/Scan bodies) are not optimised yet; they run as imported.
 
@@ -10,8 +9,6 @@ use kiln_core::{
     Attr, BuildCtx, DType, Fact, Graph, KilnError, OpRegistry, Result, Tensor, ValueId,
 };
 use kiln_cpu::fused::Activation;
-
-use crate::fold_affine;
 
 /// What the optimiser did, for logs and `kiln inspect`.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -48,33 +45,19 @@ pub fn optimize(graph: &mut Graph, registry: &OpRegistry) -> Result<OptimizeRepo
         ("remove_identities", passes::remove_identities),
         ("remove_dead_nodes", passes::remove_dead_nodes),
     ];
-    let mut affines = (0, 0);
     for _ in 0..8 {
         let g = passes::run_to_fixpoint(graph, &generic)?;
         let g = g + inline_constant_ifs(graph, registry)?;
         let bn = fold_batchnorm_into_conv(graph, registry)?;
-        // Constant affines into the producing Conv before the activation fusion, so an
-        // activation behind a per-channel Mul/Add (an unfused BatchNorm) fuses too.
-        let into_conv = fold_affine::fold_affine_into_conv(graph, registry)?;
         let act = fuse_activations(graph, registry)?;
-        // After the activation fusion: a written-out activation's constants (`/ 6`) must
-        // not be folded forward before the activation is recognised.
-        let into_next = fold_affine::fold_affine_into_next_conv(graph, registry)?;
         report.generic_rewrites += g;
         report.batchnorms_folded += bn;
         report.activations_fused += act;
-        affines.0 += into_conv;
-        affines.1 += into_next;
-        if g + bn + act + into_conv + into_next == 0 {
+        if g + bn + act == 0 {
             break;
         }
         graph.infer_facts()?;
     }
-    tracing::debug!(
-        into_conv = affines.0,
-        into_next_conv = affines.1,
-        "constant affines folded into Conv weights"
-    );
     passes::remove_dead_nodes(graph)?;
     report.nodes_after = graph.nodes.len();
     Ok(report)
@@ -239,8 +222,7 @@ fn splice_branch(
     Ok(Some(n))
 }
 
-/// Rebuilds node `node`'s kernel from its (changed) description.
-pub(crate) fn rebuild(graph: &mut Graph, node: usize, registry: &OpRegistry) -> Result<()> {
+fn rebuild(graph: &mut Graph, node: usize, registry: &OpRegistry) -> Result<()> {
     let n = &graph.nodes[node];
     let op = registry.build(&BuildCtx {
         node: &n.name,
@@ -253,7 +235,7 @@ pub(crate) fn rebuild(graph: &mut Graph, node: usize, registry: &OpRegistry) -> 
 }
 
 /// The only node reading `v`, when exactly one node (and no graph output) reads it.
-pub(crate) fn sole_consumer(graph: &Graph, consumers: &[Vec<usize>], v: ValueId) -> Option<usize> {
+fn sole_consumer(graph: &Graph, consumers: &[Vec<usize>], v: ValueId) -> Option<usize> {
     if graph.is_output(v) {
         return None;
     }
@@ -270,16 +252,14 @@ pub(crate) fn sole_consumer(graph: &Graph, consumers: &[Vec<usize>], v: ValueId)
     }
 }
 
-/// The data of `v` when it is an f32 constant.
-pub(crate) fn constant_f32(graph: &Graph, v: Option<ValueId>) -> Option<Vec<f32>> {
+fn constant_f32(graph: &Graph, v: Option<ValueId>) -> Option<Vec<f32>> {
     let t = graph.constants.get(&v?)?;
     (t.dtype() == DType::F32)
         .then(|| t.as_slice::<f32>().ok().map(|s| s.to_vec()))
         .flatten()
 }
 
-/// Whether node `node` is a default-domain `op_type`.
-pub(crate) fn is_plain(graph: &Graph, node: usize, op_type: &str) -> bool {
+fn is_plain(graph: &Graph, node: usize, op_type: &str) -> bool {
     let d = &graph.nodes[node].desc;
     d.domain.is_empty() && d.op_type == op_type
 }
