@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use smallvec::SmallVec;
 
 use super::geom::Spatial3;
-use super::kernel::{epilogue, planes_per_task, ConvF32};
+use super::kernel::{epilogue, planes_per_task, ConvF32, OutPtr};
 use super::reference::ConvDims;
 use crate::ops::linalg::sgemm::Isa;
 use crate::scratch::with_scratch;
@@ -261,14 +261,19 @@ impl FlatConv<'_> {
                 with_scratch::<f32, _>(self.geom.phases_len(cg), |phases| {
                     self.fill_unit(u, phases);
                     let phases = &*phases;
-                    let shared = SharedOut::new(out_u);
+                    let (shared, len) = (OutPtr(out_u.as_mut_ptr()), out_u.len());
                     crate::parallel::for_each_index(blocks * parts, |t| {
                         let (b, q) = (t / parts, t % parts);
                         let (r0, r1) = (q * rows_per, ((q + 1) * rows_per).min(oh));
                         let (c0, c1) = (b * bw, ((b + 1) * bw).min(mg));
-                        // SAFETY: task (b, q) alone writes rows r0..r1 of channels c0..c1.
                         let mut planes: SmallVec<[&mut [f32]; 8]> = (c0..c1)
-                            .map(|ch| unsafe { shared.slice(ch * p + r0 * ow, (r1 - r0) * ow) })
+                            .map(|ch| {
+                                let (start, n) = (ch * p + r0 * ow, (r1 - r0) * ow);
+                                assert!(start + n <= len);
+                                // SAFETY: in bounds (checked); task (b, q) alone writes rows
+                                // r0..r1 of channels c0..c1, and `out_u` outlives the tasks.
+                                unsafe { shared.slice(start, n) }
+                            })
                             .collect();
                         let rows = (r0 * pw, (r1 * pw).min(self.geom.run));
                         with_scratch::<f32, _>(chunk_scratch(k), |rest| {
@@ -379,37 +384,6 @@ fn block_channels() -> usize {
         MR_MAX
     } else {
         MR
-    }
-}
-
-/// The output of one unit, written by several tasks at disjoint places.
-#[derive(Clone, Copy)]
-struct SharedOut {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: tasks only write through `slice`, whose callers guarantee disjoint ranges.
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn new(out: &mut [f32]) -> SharedOut {
-        SharedOut {
-            ptr: out.as_mut_ptr(),
-            len: out.len(),
-        }
-    }
-
-    /// `len` values from `start`.
-    ///
-    /// # Safety
-    /// No two live slices may overlap, and the output must outlive them.
-    unsafe fn slice<'a>(self, start: usize, len: usize) -> &'a mut [f32] {
-        assert!(start + len <= self.len);
-        // SAFETY: in bounds (checked); exclusive by the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
 }
 

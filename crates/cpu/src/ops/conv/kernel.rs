@@ -569,7 +569,7 @@ impl ConvF32<'_> {
 /// The output of one (image, group), shared by the tasks of
 /// [`ConvF32::run_group_split`], which write disjoint column ranges through it.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: tasks write disjoint elements (see `run_group_split`).
 unsafe impl Send for OutPtr {}
 
@@ -577,6 +577,16 @@ impl OutPtr {
     /// The pointer (a method, so closures capture the whole `Send + Sync` wrapper).
     fn ptr(self) -> *mut f32 {
         self.0
+    }
+
+    /// `len` values from `start`.
+    ///
+    /// # Safety
+    /// `start + len` must lie inside the output, no two live slices may overlap, and the
+    /// output must outlive them.
+    pub(super) unsafe fn slice<'a>(self, start: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: in bounds and exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }
 }
 // SAFETY: as above.
