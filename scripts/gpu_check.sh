@@ -161,12 +161,13 @@ run)
       model=$here/assets/models/$file
       [ -d "$here/int8/$short-eval" ] || { echo "int8: no data for $short (re-stage)"; continue; }
       thr=""; [ "$short" = ppocr_det ] && thr="--threshold 0.3"
-      for mode in fp32 fp16 int8:minmax int8:percentile int8:entropy int8+fp16:entropy int8-untimed:entropy; do
+      for mode in fp32 fp16 int8:minmax int8:percentile int8:entropy int8-nocheck:entropy int8+fp16:entropy int8-untimed:entropy; do
         IFS=: read -r prec algo <<< "$mode"
         flags=""
         case $prec in fp16|int8+fp16) flags="--fp16";; esac
         case $prec in int8*) flags="$flags --int8 --calib-cache $here/int8/${short}_$algo.calib";; esac
         [ "$prec" = int8-untimed ] && flags="$flags --opt-level 0"
+        [ "$prec" = int8-nocheck ] && flags="$flags --no-engine-check"
         plan=$W/${short}_${prec}_${algo:-none}.plan
         if ! $K build "$model" --device cuda $flags --shapes "$inp:$shape" -o "$plan" --json > "$W/build.json" 2>> "$OUT/int8.log"; then
           echo "int8 build failed: $short $mode"; tail -3 "$OUT/int8.log"; continue
@@ -184,8 +185,8 @@ run)
     python3 - "$OUT/int8.jsonl" <<'PY' | tee "$OUT/int8.md"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-print("| model | engine | INT8 layers | INT8-capable (timed) | INT8 won / Σ best float → Σ best INT8 ms | reformats | top-1 agreement vs FP32 | rel L2 | IoU > 0.3 | GPU compute ms (median) |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| model | engine | INT8 layers | INT8-capable (timed) | INT8 won / Σ best float → Σ best INT8 ms | reformats | engine check: tuned / float ms → kept | top-1 agreement vs FP32 | rel L2 | IoU > 0.3 | GPU compute ms (median) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for r in rows:
     outs = r.get("compare", {}).get("outputs") or [{}]
     o = outs[0]
@@ -206,7 +207,9 @@ for r in rows:
     t1s = f"{100 * t1:.1f} % ({o.get('top1_rows')})" if t1 is not None else "-"
     l2 = o.get("rel_l2")
     iou = (o.get("thresholded") or {}).get("iou")
-    print(f"| {r['model']} | {r['mode']} | {b.get('int8_layers', '?')} | {capable} | {per_layer} | {tuning.get('reformats', '-')} | {t1s} | "
+    race = tuning.get("whole_engine")
+    check = f"{race['int8_layers']} INT8: {race['tuned_ms']:.3f} / {race['float_ms']:.3f} → {race['kept']}" if race else "-"
+    print(f"| {r['model']} | {r['mode']} | {b.get('int8_layers', '?')} | {capable} | {per_layer} | {tuning.get('reformats', '-')} | {check} | {t1s} | "
           f"{l2 if l2 is None else f'{l2:.4f}'} | {'-' if iou is None else f'{iou:.4f}'} | {ms:.3f} |")
 PY
   }

@@ -108,6 +108,7 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
         observe_activations: false,
         layer_precision,
         timing_cache: a.timing_cache.clone(),
+        engine_check: !a.no_engine_check,
         profiles,
     };
     let loaded = match (a.accuracy_budget, &a.calib_data) {
@@ -300,6 +301,24 @@ fn print_summary(
                     t.seconds
                 )
             },
+        );
+    }
+    if let Some(race) = engine.tuning_report().and_then(|t| t.whole_engine.as_ref()) {
+        row(
+            "engine check",
+            format!(
+                "tuned engine ({} INT8 layers) {:.3} ms vs float-only {:.3} ms ({}, median of {} runs each): kept the {}",
+                race.int8_layers,
+                race.tuned_ms,
+                race.float_ms,
+                race.clock,
+                race.rounds,
+                match race.kept {
+                    kiln::tuner::whole_engine::Kept::Tuned => "tuned engine",
+                    kiln::tuner::whole_engine::Kept::Float =>
+                        "float engine (INT8 did not pay end to end)",
+                }
+            ),
         );
     }
     if r.qdq.qdq_nodes > 0 {

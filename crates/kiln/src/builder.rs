@@ -11,7 +11,7 @@ use crate::memory::plan_for_inputs;
 use crate::optimize::optimize;
 use crate::profile::{OptimizationProfile, ProfileBound};
 use crate::tuner::{
-    self, CpuTimer, LayerTimer, TacticLister, TimingCache, TuneReport, TuneSettings,
+    self, whole_engine, CpuTimer, LayerTimer, TacticLister, TimingCache, TuneReport, TuneSettings,
 };
 
 /// Builds engines from ONNX models.
@@ -260,29 +260,86 @@ impl Builder {
             }
             offered
         };
+        let parts = EngineParts {
+            fingerprint: &fingerprint,
+            optimized: &report,
+            opsets: &model.opsets,
+            source: &source,
+            gpu: match gpu {
+                GpuSetup::Build(options) => Some(options),
+                _ => None,
+            },
+        };
+        let mut cache = load_timing_cache(config, &fingerprint);
+        // The whole-engine check (`tuner::whole_engine`): keep a copy of the graph as it is
+        // before tuning, to build the float-only engine the tuned one is raced against.
+        let before_tuning = whole_engine::applies(config).then(|| graph.clone());
+        let engine = self.tune_and_assemble(
+            graph,
+            config,
+            &parts,
+            config.int8,
+            &with_int8,
+            timer,
+            &mut cache,
+        )?;
+        let engine = match before_tuning {
+            Some(g) if engine.tuning_report().is_some_and(|t| t.int8_layers() > 0) => {
+                let float = self
+                    .tune_and_assemble(g, config, &parts, false, &with_int8, timer, &mut cache)?;
+                whole_engine::keep_faster(engine, float, timer)?
+            }
+            _ => engine,
+        };
+        if let Some(path) = &config.timing_cache {
+            cache.save(path)?;
+        }
+        Ok(engine)
+    }
+
+    /// Tunes `graph` (with or without the INT8 pool), packs weights and makes the engine.
+    #[allow(clippy::too_many_arguments)]
+    fn tune_and_assemble(
+        &self,
+        mut graph: kiln_core::Graph,
+        config: &BuilderConfig,
+        parts: &EngineParts<'_>,
+        int8_pool: bool,
+        tactics: &TacticLister<'_>,
+        timer: &mut dyn LayerTimer,
+        cache: &mut TimingCache,
+    ) -> Result<Engine> {
+        let fingerprint = parts.fingerprint;
         let tuning = if fingerprint.backend == "cpu" {
-            let tuning = self.tune(&mut graph, &fingerprint, config, &with_int8, timer)?;
+            let tuning = self.tune(&mut graph, config, int8_pool, tactics, timer, cache)?;
             if config.optimize {
                 // After tuning: the chosen tactics decide which weights the packed GEMM reads.
                 let packed = crate::pack_weights::pack_conv_weights(&mut graph, registry())?;
                 tracing::info!(packed, "conv weights packed at build time");
             }
             tuning
-        } else if config.opt_level > 0 && matches!(gpu, GpuSetup::Build(_)) {
+        } else if config.opt_level > 0 && parts.gpu.is_some() {
             // GPU tactics (cuDNN algorithms, kiln's own paths, INT8 layers with their
             // reformats) timed on this GPU.
             let g = tuner::gpu::GpuTactics::new(
                 &graph,
                 config.fp16,
                 config.tf32,
-                config.int8,
+                int8_pool,
                 config.opt_level,
             )?;
             let lister = |n: &kiln_core::Node, f: &[Option<&Fact>]| g.list(n, f);
             let lister_ptr: &TacticLister<'_> = &lister;
             // The lister and the timer share the device tuner (one borrow at a time).
             let mut timer2 = tuner::gpu::GpuTactics::sharing(&g);
-            self.tune(&mut graph, &fingerprint, config, lister_ptr, &mut timer2)?
+            self.tune(
+                &mut graph,
+                config,
+                int8_pool,
+                lister_ptr,
+                &mut timer2,
+                cache,
+            )?
         } else {
             tracing::info!(
                 "GPU engine: opt level 0, tactics chosen by the CUDA backend's heuristics"
@@ -296,13 +353,16 @@ impl Builder {
         };
         let engine = Engine::from_parts(
             graph,
-            fingerprint,
+            fingerprint.clone(),
             config.shapes.clone(),
             profiles,
-            report,
-            model.opsets,
-            source,
-            gpu,
+            parts.optimized.clone(),
+            parts.opsets.clone(),
+            parts.source.to_string(),
+            match parts.gpu {
+                Some(options) => GpuSetup::Build(options),
+                None => GpuSetup::None,
+            },
         )?;
         for (index, p) in config.profiles.iter().enumerate() {
             p.validate(index, engine.inputs(), true)?;
@@ -326,10 +386,11 @@ impl Builder {
     fn tune(
         &self,
         graph: &mut kiln_core::Graph,
-        fingerprint: &Fingerprint,
         config: &BuilderConfig,
+        int8_pool: bool,
         tactics: &TacticLister<'_>,
         timer: &mut dyn LayerTimer,
+        cache: &mut TimingCache,
     ) -> Result<TuneReport> {
         if config.opt_level > 5 {
             return Err(KilnError::Other(format!(
@@ -339,23 +400,11 @@ impl Builder {
         }
         let settings = TuneSettings {
             level: config.opt_level,
-            pools: tuner::pools(config.fp16, config.int8)?,
+            pools: tuner::pools(config.fp16, int8_pool)?,
             pins: config.layer_precision.clone(),
         };
-        let device = fingerprint.device_key();
-        let mut cache = match &config.timing_cache {
-            Some(path) => {
-                let (cache, warning) = TimingCache::load(path, &device);
-                if let Some(w) = warning {
-                    tracing::warn!("{w}");
-                    eprintln!("warning: {w}");
-                }
-                cache
-            }
-            None => TimingCache::new(device),
-        };
         let report = match config.profiles.first() {
-            None => tuner::tune(graph, &settings, tactics, timer, &mut cache)?,
+            None => tuner::tune(graph, &settings, tactics, timer, cache)?,
             Some(profile) => {
                 // Engines with optimization profiles keep symbolic shapes: tune a copy whose
                 // inputs take the first profile's opt shapes (shape inference only, so its
@@ -373,7 +422,7 @@ impl Builder {
                     }
                 }
                 at_opt.infer_facts_with(true)?;
-                let report = tuner::tune(&mut at_opt, &settings, tactics, timer, &mut cache)?;
+                let report = tuner::tune(&mut at_opt, &settings, tactics, timer, cache)?;
                 if at_opt.nodes.len() != graph.nodes.len() {
                     return Err(KilnError::Other(
                         "tuning at the opt shape inserted reformat layers, which engines with optimization profiles do not support yet; build with --shapes or without --fp16".into(),
@@ -389,9 +438,6 @@ impl Builder {
         if report.reformats > 0 {
             graph.infer_facts_with(true)?;
         }
-        if let Some(path) = &config.timing_cache {
-            cache.save(path)?;
-        }
         tracing::info!(
             level = report.level,
             layers = report.layers.len(),
@@ -402,5 +448,32 @@ impl Builder {
             "tuned tactics"
         );
         Ok(report)
+    }
+}
+
+/// What every engine a build makes shares, whatever its tactics.
+struct EngineParts<'a> {
+    fingerprint: &'a Fingerprint,
+    optimized: &'a crate::optimize::OptimizeReport,
+    opsets: &'a std::collections::BTreeMap<String, i64>,
+    source: &'a str,
+    /// GPU engines: the options to build the device side with.
+    gpu: Option<kiln_cuda::GpuOptions>,
+}
+
+/// The build's timing cache: `--timing-cache`'s file (a stale or foreign one is reported
+/// and replaced), or an empty one. One cache serves every tuning of the build.
+fn load_timing_cache(config: &BuilderConfig, fingerprint: &Fingerprint) -> TimingCache {
+    let device = fingerprint.device_key();
+    match &config.timing_cache {
+        Some(path) => {
+            let (cache, warning) = TimingCache::load(path, &device);
+            if let Some(w) = warning {
+                tracing::warn!("{w}");
+                eprintln!("warning: {w}");
+            }
+            cache
+        }
+        None => TimingCache::new(device),
     }
 }

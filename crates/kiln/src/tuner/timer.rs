@@ -26,6 +26,16 @@ pub trait LayerTimer {
 
     /// Median time (ms) of converting a tensor with `fact` from `from` to `to`.
     fn time_reformat(&mut self, fact: &Fact, from: Format, to: Format) -> Result<f64>;
+
+    /// The whole-engine check's race: `[tuned, float]` run end to end on their device,
+    /// interleaved ([`super::whole_engine::race`]). `None` skips the check (the default:
+    /// test timers with made-up layer times have no engine times to match them).
+    fn race_engines(
+        &mut self,
+        _engines: [&crate::Engine; 2],
+    ) -> Option<Result<super::whole_engine::EngineRace>> {
+        None
+    }
 }
 
 /// Times on this machine's CPU: warm-up runs, then `reps` timed runs, median.
@@ -214,5 +224,20 @@ impl LayerTimer for CpuTimer {
             });
         }
         self.median_ms(|| src.cast(to).map(drop))
+    }
+
+    /// Races the engines for about 1 s (opt levels ≤ 2), 2 s (3) or 4 s (4–5): GPU engines
+    /// by CUDA events, CPU engines by this clock.
+    fn race_engines(
+        &mut self,
+        engines: [&crate::Engine; 2],
+    ) -> Option<Result<super::whole_engine::EngineRace>> {
+        let int8_layers = engines[0].tuning_report().map_or(0, |t| t.int8_layers());
+        let budget = std::time::Duration::from_millis(match self.reps {
+            0..=3 => 1000,
+            4..=5 => 2000,
+            _ => 4000,
+        });
+        Some(super::whole_engine::race(engines, int8_layers, budget))
     }
 }
