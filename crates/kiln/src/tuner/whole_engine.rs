@@ -48,6 +48,9 @@ pub struct EngineRace {
     pub clock: String,
     /// The engine kept.
     pub kept: Kept,
+    /// When the float engine was kept: the tuned engine's own tuning report (its INT8
+    /// candidates and choices), which the kept engine's report no longer shows.
+    pub tuned: Option<Box<super::TuneReport>>,
 }
 
 /// Whether a build with `config` runs the check (when its tuning then puts layers in INT8):
@@ -71,7 +74,7 @@ pub fn tuned_wins(tuned_ms: f64, float_ms: f64) -> bool {
 }
 
 /// Runs `[tuned, float]` end to end, interleaved (the order alternates per round), on the
-/// same seeded random inputs, for about `budget` after two warm-up runs each (at least 5
+/// same seeded random inputs, for about `budget` after 2–20 warm-up runs each (at least 5
 /// and at most 50 rounds). Returns the medians; `kept` is decided by [`tuned_wins`].
 pub fn race(engines: [&Engine; 2], int8_layers: usize, budget: Duration) -> Result<EngineRace> {
     let [tuned, float] = engines;
@@ -105,6 +108,8 @@ pub fn race(engines: [&Engine; 2], int8_layers: usize, budget: Duration) -> Resu
         let wall = start.elapsed().as_secs_f64() * 1e3;
         Ok(ctx.gpu_timing().map_or(wall, |t| t.compute_ms))
     };
+    // Warm-up: two runs each, then more (up to 20 each, about a tenth of the budget) so a
+    // GPU's clocks and caches settle before timing.
     let mut first = [0.0; 2];
     for _ in 0..2 {
         for (which, f) in first.iter_mut().enumerate() {
@@ -112,6 +117,11 @@ pub fn race(engines: [&Engine; 2], int8_layers: usize, budget: Duration) -> Resu
         }
     }
     let per_round = (first[0] + first[1]).max(1e-3);
+    let warm = ((0.1 * budget.as_secs_f64() * 1e3 / per_round) as usize).min(18);
+    for _ in 0..warm {
+        run(0)?;
+        run(1)?;
+    }
     let rounds = ((budget.as_secs_f64() * 1e3 / per_round) as usize).clamp(5, 50);
     let mut times = [Vec::with_capacity(rounds), Vec::with_capacity(rounds)];
     for round in 0..rounds {
@@ -139,6 +149,7 @@ pub fn race(engines: [&Engine; 2], int8_layers: usize, budget: Duration) -> Resu
         } else {
             Kept::Float
         },
+        tuned: None,
     })
 }
 
@@ -147,14 +158,15 @@ pub fn race(engines: [&Engine; 2], int8_layers: usize, budget: Duration) -> Resu
 /// keeps `tuned`; a race that fails (an engine that cannot run on random inputs) keeps
 /// `tuned` with a warning, since both engines passed the build.
 pub fn keep_faster(tuned: Engine, float: Engine, timer: &mut dyn LayerTimer) -> Result<Engine> {
-    let race = match timer.race_engines([&tuned, &float]) {
+    let mut race = match timer.race_engines([&tuned, &float]) {
         None => return Ok(tuned),
         Some(Err(e)) => {
             tracing::warn!("whole-engine check skipped: {e}");
             return Ok(tuned);
         }
-        Some(Ok(mut race)) => {
+        Some(Ok(race)) => {
             // The decision is made here, whatever the timer reported.
+            let mut race = race;
             race.kept = if tuned_wins(race.tuned_ms, race.float_ms) {
                 Kept::Tuned
             } else {
@@ -173,7 +185,10 @@ pub fn keep_faster(tuned: Engine, float: Engine, timer: &mut dyn LayerTimer) -> 
     );
     let keep = match race.kept {
         Kept::Tuned => tuned,
-        Kept::Float => float,
+        Kept::Float => {
+            race.tuned = tuned.tuning_report().cloned().map(Box::new);
+            float
+        }
     };
     let mut report = keep.tuning_report().cloned().unwrap_or_default();
     report.whole_engine = Some(race);

@@ -9,6 +9,7 @@ pub mod quant;
 pub mod reference;
 pub mod tactics;
 pub mod transpose;
+mod transpose_tiles;
 
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,

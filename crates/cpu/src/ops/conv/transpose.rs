@@ -1,5 +1,6 @@
 //! ConvTranspose: GEMM (Wᵀ·X per group) then col2im scatter-add, with output_padding,
-//! output_shape, auto_pad, groups and dilations.
+//! output_shape, auto_pad, groups and dilations. Geometries whose taps never overlap (e.g.
+//! 2×2 stride 2) take [`super::transpose_tiles`] instead: tiled GEMM, direct writes.
 
 use rayon::prelude::*;
 
@@ -234,7 +235,8 @@ impl ConvTranspose {
         Ok(*cached)
     }
 
-    /// f32 kernel: per (image, group) GEMM into a column buffer, then col2im.
+    /// f32 kernel: per (image, group) GEMM into a column buffer, then col2im (or the tiled
+    /// direct path when taps do not overlap).
     #[allow(clippy::too_many_arguments)]
     fn run_f32(
         &self,
@@ -255,6 +257,17 @@ impl ConvTranspose {
         let rows = mg * ksz;
         if out.is_empty() {
             return Ok(());
+        }
+        if super::transpose_tiles::non_overlapping(g) {
+            return super::transpose_tiles::run(
+                x,
+                w,
+                b,
+                (n, c, m, group),
+                g,
+                out,
+                crate::parallel::threads() > 1,
+            );
         }
         let chunks = n * group;
         let outer = chunks > 1 && crate::parallel::threads() > 1;
@@ -636,6 +649,89 @@ mod tests {
 
     /// col2im split over output channels (one image and group, so the (image, group) loop
     /// is serial) at 1, 2 and 3 threads, odd channel counts, against the naive kernel.
+    /// Geometries whose taps never overlap take the tiled direct path
+    /// (`transpose_tiles`): exact 2×2 stride 2, gaps (stride > kernel) with pads and output
+    /// padding, dilation, groups and batches, 1-D and 3-D, several tiles; each against the
+    /// naive kernel (through `check`, so the in-place path too) and at 1, 2 and 3 threads.
+    #[test]
+    fn non_overlapping_taps_take_the_tiled_path() {
+        let op_with = |group: usize, s: &[usize], f: &dyn Fn(&mut ConvTranspose)| {
+            let mut op = ct(group);
+            op.strides = Some(s.to_vec());
+            f(&mut op);
+            op
+        };
+        /// (op, X shape, W shape, output spatial shape).
+        type Case = (ConvTranspose, Vec<usize>, Vec<usize>, Vec<usize>);
+        let cases: Vec<Case> = vec![
+            (
+                op_with(1, &[2, 2], &|_| {}),
+                vec![1, 5, 7, 9],
+                vec![5, 3, 2, 2],
+                vec![14, 18],
+            ),
+            (
+                op_with(1, &[3, 3], &|o| {
+                    o.pads = Some(vec![1, 0, 0, 2]);
+                    o.output_padding = Some(vec![1, 1]);
+                }),
+                vec![1, 3, 4, 5],
+                vec![3, 2, 2, 2],
+                vec![11, 13],
+            ),
+            (
+                op_with(1, &[4, 4], &|o| o.dilations = Some(vec![2, 3])),
+                vec![1, 2, 3, 4],
+                vec![2, 3, 2, 2],
+                vec![11, 16],
+            ),
+            (
+                op_with(2, &[2, 2], &|_| {}),
+                vec![2, 4, 6, 5],
+                vec![4, 3, 2, 2],
+                vec![12, 10],
+            ),
+            (
+                op_with(1, &[2], &|_| {}),
+                vec![1, 3, 11],
+                vec![3, 2, 2],
+                vec![22],
+            ),
+            (
+                op_with(1, &[2, 2, 2], &|_| {}),
+                vec![1, 2, 3, 4, 2],
+                vec![2, 2, 2, 2, 2],
+                vec![6, 8, 4],
+            ),
+            (
+                op_with(1, &[2, 2], &|o| o.auto_pad = AutoPad::SameUpper),
+                vec![1, 3, 5, 6],
+                vec![3, 2, 2, 2],
+                vec![10, 12],
+            ),
+            (
+                op_with(1, &[2, 2], &|_| {}),
+                vec![1, 16, 64, 64],
+                vec![16, 16, 2, 2],
+                vec![128, 128],
+            ),
+        ];
+        for (op, xs, ws, want_spatial) in &cases {
+            let (_, _, _, g) = op.geometry(xs, ws).unwrap();
+            assert!(
+                super::super::transpose_tiles::non_overlapping(&g),
+                "{xs:?} {ws:?}"
+            );
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| check(op, xs, ws, want_spatial));
+            }
+        }
+    }
+
     #[test]
     fn conv_transpose_parallel_col2im_at_1_2_3_threads() {
         let mut op = ct(1);
