@@ -262,11 +262,13 @@ pub fn lower_conv_t(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<C
     }
     let has_bias = matches!(node.inputs.get(2), Some(Some(_))) && ins.len() > 2;
     let p = conv_t_geometry(node, &sx, &sw, &so)?;
+    let mut bias_dtype = dx;
     if has_bias {
         let (db, sb) = concrete(&ins[2])?;
-        if db != dx || sb != [p.m as usize] {
+        if !crate::library::bias_dtype_ok(dx, db) || sb != [p.m as usize] {
             return None;
         }
+        bias_dtype = db;
     }
     let act = match fused_activation(node) {
         Ok(a) => a,
@@ -300,7 +302,7 @@ pub fn lower_conv_t(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<C
     };
     let t = ctype(dx)?;
     let code = format!(
-        "{pre}{idx}{CT_STRUCT}extern \"C\" __global__ void kiln_col2im_t(const {t}* col, const {t}* bias, {t}* y, long long total, const CtP p) {{\n\
+        "{pre}{idx}{CT_STRUCT}extern \"C\" __global__ void kiln_col2im_t(const {t}* col, const {tb}* bias, {t}* y, long long total, const CtP p) {{\n\
          I opos = (I)p.opos, m_ = (I)p.m;\n\
          I os1 = (I)p.os[1], os2 = (I)p.os[2], is0 = (I)p.is[0], is1 = (I)p.is[1], is2 = (I)p.is[2];\n\
          I ks0 = (I)p.ks[0], ks1 = (I)p.ks[1], ks2 = (I)p.ks[2];\n\
@@ -321,8 +323,9 @@ pub fn lower_conv_t(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<C
            }}\n\
            y[j] = {st};\n\
          }}\n}}\n",
-        pre = prelude(&[dx]),
-        lb = load(dx, "bias[m]"),
+        pre = prelude(&[dx, bias_dtype]),
+        tb = ctype(bias_dtype)?,
+        lb = load(bias_dtype, "bias[m]"),
         lc = load(dx, "cb[(long long)((k0 * ks1 + k1) * ks2 + k2) * p.ipos + (i0 * is1 + i1) * is2 + i2]"),
         st = store(dx, &e),
     );
@@ -442,5 +445,18 @@ mod tests {
         assert_eq!((l.gemm.m, l.gemm.n, l.gemm.k, l.gemm.batch), (12, 35, 4, 2));
         assert!(l.src.code.contains("__half2float(bias[m])"));
         assert!(l.has_bias);
+        // An F32 bias under F16 data (how FP16 layers read it) is read as float; an F16
+        // bias under F32 data is refused.
+        let lower = |dx: DType, db: DType| {
+            lower_conv_t(
+                &n,
+                &[f(dx, &[2, 4, 5, 7]), f(dx, &[4, 3, 2, 2]), f(db, &[3])],
+                &[f(dx, &[2, 3, 10, 14])],
+            )
+        };
+        let l = lower(DType::F16, DType::F32).unwrap().unwrap();
+        assert!(l.src.code.contains("const float* bias"));
+        assert!(!l.src.code.contains("__half2float(bias[m])"));
+        assert!(lower(DType::F32, DType::F16).is_none());
     }
 }

@@ -23,7 +23,7 @@ use cudarc::driver::{CudaContext, CudaEvent, CudaStream, LaunchConfig, PushKerne
 use cudarc::nvrtc::Ptx;
 use half::f16;
 use kiln_core::planner::{self, Request};
-use kiln_core::{DType, Fact, Graph, KilnError, Result, Tensor, Value, ValueKind};
+use kiln_core::{DType, Fact, Graph, KilnError, Node, Result, Tensor, Value, ValueKind};
 
 use crate::device::{self, GpuInfo};
 use crate::kernels::common::{grid_for, source, BLOCK};
@@ -287,14 +287,10 @@ impl Precisions {
         }
     }
 
-    /// Device dtype in which node `i` reads value `v`.
-    fn read(&self, i: usize, v: usize) -> Option<DType> {
+    /// Device dtype in which node `i` (`node`) reads value `v` as its input `input`.
+    fn read(&self, node: &Node, i: usize, input: usize, v: usize) -> Option<DType> {
         let dt = self.dtypes.get(v).copied().flatten()?;
-        Some(if dt == DType::F32 && self.lo[i] {
-            DType::F16
-        } else {
-            dt
-        })
+        Some(crate::precision::read_dtype(node, input, dt, self.lo[i]))
     }
 
     /// Device dtype in which (non-constant) value `v` is stored.
@@ -344,12 +340,14 @@ fn lower_nodes(
         let fin: Vec<Fact> = node
             .inputs
             .iter()
-            .map(|i| {
+            .enumerate()
+            .map(|(j, i)| {
                 i.map_or_else(
                     || unknown.clone(),
                     |v| {
                         let f = dfacts[v].as_ref().expect("checked");
-                        with_dtype(f, prec.read(ni, v).expect("device facts have a dtype"))
+                        let dt = prec.read(node, ni, j, v);
+                        with_dtype(f, dt.expect("device facts have a dtype"))
                     },
                 )
             })
@@ -519,12 +517,12 @@ impl GpuEngine {
                 inmap[i] = vec![None; node.inputs.len()];
                 continue;
             }
-            for inp in &node.inputs {
+            for (j, inp) in node.inputs.iter().enumerate() {
                 let Some(v) = *inp else {
                     inmap[i].push(None);
                     continue;
                 };
-                let (Some(df), Some(want)) = (&dfacts[v], prec.read(i, v)) else {
+                let (Some(df), Some(want)) = (&dfacts[v], prec.read(node, i, j, v)) else {
                     inmap[i].push(None);
                     continue;
                 };

@@ -150,6 +150,9 @@ pub struct Epilogue {
     pub dims: [i64; 3],
     /// Bias strides over that view (None: no bias).
     pub bias: Option<[i64; 3]>,
+    /// Element type of the bias (F32 under an FP16 output: see
+    /// [`crate::precision::reads_f32`]).
+    pub bias_dtype: DType,
     /// Factor of the bias.
     pub beta: f32,
 }
@@ -179,10 +182,11 @@ pub(crate) fn act_code(act: &Option<(String, Vec<f32>)>, x: &str) -> Option<Stri
 }
 
 impl Epilogue {
-    /// An epilogue for `dtype`, or `None` when there is nothing to do or the activation has
-    /// no CUDA expression.
+    /// An epilogue for output `dtype` with a bias of `bias_dtype`, or `None` when there is
+    /// nothing to do or the activation has no CUDA expression.
     pub fn new(
         dtype: DType,
+        bias_dtype: DType,
         dims: [i64; 3],
         bias: Option<[i64; 3]>,
         beta: f32,
@@ -192,24 +196,26 @@ impl Epilogue {
             return Some(None);
         }
         let t = ctype(dtype)?;
+        let tb = ctype(bias_dtype)?;
         let e = act_code(act, "v")?;
         let code = format!(
-            "{pre}extern \"C\" __global__ void kiln_epilogue({t}* out, const {t}* bias, long long n, long long d1, long long d2, long long s0, long long s1, long long s2, float beta, int has_bias) {{\n\
+            "{pre}extern \"C\" __global__ void kiln_epilogue({t}* out, const {tb}* bias, long long n, long long d1, long long d2, long long s0, long long s1, long long s2, float beta, int has_bias) {{\n\
              for (long long i = KILN_TID; i < n; i += KILN_STRIDE) {{\n\
                float v = {lo};\n\
                if (has_bias) {{ long long i2 = i % d2; long long i1 = (i / d2) % d1; long long i0 = i / (d1 * d2);\n\
                  v += beta * {lb}; }}\n\
                out[i] = {st};\n\
              }}\n}}\n",
-            pre = prelude(&[dtype]),
+            pre = prelude(&[dtype, bias_dtype]),
             lo = load(dtype, "out[i]"),
-            lb = load(dtype, "bias[i0 * s0 + i1 * s1 + i2 * s2]"),
+            lb = load(bias_dtype, "bias[i0 * s0 + i1 * s1 + i2 * s2]"),
             st = store(dtype, &e),
         );
         Some(Some(Epilogue {
             src: source("epilogue", code),
             dims,
             bias,
+            bias_dtype,
             beta,
         }))
     }
@@ -304,6 +310,12 @@ fn is_gemm_dtype(d: DType) -> bool {
     matches!(d, DType::F32 | DType::F16)
 }
 
+/// A bias of dtype `bias` can be added to a product of dtype `data`: the same type, or F32
+/// under F16 (FP16 layers read their bias in F32, [`crate::precision::reads_f32`]).
+pub(crate) fn bias_dtype_ok(data: DType, bias: DType) -> bool {
+    bias == data || (data == DType::F16 && bias == DType::F32)
+}
+
 fn lower_matmul(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<MatMulLayer>> {
     let (da, sa) = concrete(ins.first()?)?;
     let (db, sb) = concrete(ins.get(1)?)?;
@@ -368,7 +380,7 @@ fn lower_matmul(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<MatMu
         Ok(a) => a,
         Err(e) => return Some(Err(e)),
     };
-    let epilogue = Epilogue::new(da, [1, 1, numel_out as i64], None, 0.0, &act)?;
+    let epilogue = Epilogue::new(da, da, [1, 1, numel_out as i64], None, 0.0, &act)?;
     let dt = if da == DType::F16 { "f16" } else { "f32" };
     Some(Ok(MatMulLayer {
         tactic: format!(
@@ -404,11 +416,13 @@ fn lower_gemm(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<MatMulL
         return None;
     }
     let has_c = matches!(node.inputs.get(2), Some(Some(_))) && ins.len() > 2;
+    let mut bias_dtype = da;
     let bias = if has_c && beta != 0.0 {
         let (dc, sc) = concrete(&ins[2])?;
-        if dc != da {
+        if !bias_dtype_ok(da, dc) {
             return None;
         }
+        bias_dtype = dc;
         let s = broadcast_strides(&sc, &[m, n])?;
         Some([0, s[0], s[1]])
     } else {
@@ -433,7 +447,7 @@ fn lower_gemm(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<MatMulL
         Ok(a) => a,
         Err(e) => return Some(Err(e)),
     };
-    let epilogue = Epilogue::new(da, [1, m as i64, n as i64], bias, beta, &act)?;
+    let epilogue = Epilogue::new(da, bias_dtype, [1, m as i64, n as i64], bias, beta, &act)?;
     let dt = if da == DType::F16 { "f16" } else { "f32" };
     Some(Ok(MatMulLayer {
         tactic: format!(
@@ -688,11 +702,13 @@ fn lower_conv(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<ConvLay
         return None;
     }
     let has_bias = matches!(node.inputs.get(2), Some(Some(_))) && ins.len() > 2;
+    let mut bias_dtype = dx;
     if has_bias {
         let (db, sb) = concrete(&ins[2])?;
-        if db != dx || sb != [sw[0]] {
+        if !bias_dtype_ok(dx, db) || sb != [sw[0]] {
             return None;
         }
+        bias_dtype = db;
     }
     let p = conv_geometry(node, &sx, &sw, &so)?;
     let act = match fused_activation(node) {
@@ -721,6 +737,7 @@ fn lower_conv(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<ConvLay
             }
             let epilogue = Epilogue::new(
                 dx,
+                bias_dtype,
                 [p.n, p.m, p.opos],
                 has_bias.then_some([0, 1, 0]),
                 1.0,
@@ -757,6 +774,7 @@ fn lower_conv(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<ConvLay
         let one = p.kpos == 1 && p.st == [1; 3] && p.pb == [0; 3] && p.ipos == p.opos;
         let epilogue = Epilogue::new(
             dx,
+            bias_dtype,
             [p.n, p.m, p.opos],
             has_bias.then_some([0, 1, 0]),
             1.0,
@@ -808,7 +826,7 @@ fn lower_conv(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<ConvLay
     let e = act_code(&act, "acc")?;
     let largest = (p.n * p.m * p.opos).max(p.n * p.c * p.ipos);
     let code = format!(
-        "{pre}{idx}{CONV_STRUCT}extern \"C\" __global__ void kiln_conv_direct(const {t}* x, const {t}* w, const {t}* b, {t}* y, long long total, int has_bias, const ConvP p) {{\n\
+        "{pre}{idx}{CONV_STRUCT}extern \"C\" __global__ void kiln_conv_direct(const {t}* x, const {t}* w, const {tb}* b, {t}* y, long long total, int has_bias, const ConvP p) {{\n\
          I opos = (I)p.opos, m_ = (I)p.m, cg = (I)p.cg, kpos = (I)p.kpos, ipos = (I)p.ipos;\n\
          for (long long j = KILN_TID; j < total; j += KILN_STRIDE) {{\n\
            I i = (I)j; I o = i % opos; I m = (i / opos) % m_; I n = i / (opos * m_);\n\
@@ -822,11 +840,12 @@ fn lower_conv(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<ConvLay
            if (has_bias) acc += {lb};\n\
            y[j] = {st};\n\
          }}\n}}\n",
-        pre = prelude(&[dx]),
+        pre = prelude(&[dx, bias_dtype]),
         idx = index_typedef(largest),
+        tb = ctype(bias_dtype)?,
         lx = load(dx, "xb[c * ipos + off]"),
         lw = load(dx, "wb[c * kpos + kidx]"),
-        lb = load(dx, "b[m]"),
+        lb = load(bias_dtype, "b[m]"),
         st = store(dx, &e),
     );
     Some(Ok(ConvLayer {
@@ -1003,11 +1022,13 @@ fn to_lt(node: &Node, l: &MatMulLayer) -> Option<Result<Box<dyn GpuLayer>>> {
         Err(e) => return Some(Err(e)),
     };
     let g = &l.gemm;
-    let (bias, beta, dims) = match &l.epilogue {
-        Some(e) => (e.bias, e.beta, e.dims),
-        None => (None, 0.0, [1, 1, (g.batch * g.m * g.n) as i64]),
+    let (bias, bias_dtype, beta, dims) = match &l.epilogue {
+        Some(e) => (e.bias, e.bias_dtype, e.beta, e.dims),
+        None => (None, g.dtype, 0.0, [1, 1, (g.batch * g.m * g.n) as i64]),
     };
-    let lt_bias = bias == Some([0, 0, 1]) && beta == 1.0 && g.batch == 1;
+    // cuBLASLt's bias epilogue reads the bias in the output's type; an F32 bias under an
+    // F16 output stays in the NVRTC epilogue.
+    let lt_bias = bias == Some([0, 0, 1]) && beta == 1.0 && g.batch == 1 && bias_dtype == g.dtype;
     let lt_act = if lt_bias || bias.is_none() {
         act.as_ref()
             .map_or(Some(LtAct::None), |(name, _)| LtAct::of(name))
@@ -1019,7 +1040,7 @@ fn to_lt(node: &Node, l: &MatMulLayer) -> Option<Result<Box<dyn GpuLayer>>> {
         None => (LtAct::None, act.clone()),
     };
     let post_bias = if lt_bias { None } else { bias };
-    let post = Epilogue::new(g.dtype, dims, post_bias, beta, &post_act)?;
+    let post = Epilogue::new(g.dtype, bias_dtype, dims, post_bias, beta, &post_act)?;
     Some(Ok(Box::new(LtLayer::new(
         g.clone(),
         l.alpha,
@@ -1368,6 +1389,59 @@ mod tests {
             (DType::F32, &[2, 8, 3, 5])
         )
         .is_none());
+    }
+
+    #[test]
+    fn f32_bias_under_f16_products() {
+        // FP16 layers read their bias in F32: every Conv tactic and the Gemm epilogue load it
+        // as float; an F16 bias under F32 data is refused.
+        let code = |l: Box<dyn GpuLayer>| -> String {
+            l.sources().iter().map(|s| s.code.clone()).collect()
+        };
+        let x = (DType::F16, &[2usize, 6, 5, 7][..]);
+        for (attrs, w, o) in [
+            (vec![], &[8usize, 6, 1, 1][..], &[2usize, 8, 5, 7][..]),
+            (
+                vec![("pads", Attr::Ints(vec![1, 1, 1, 1]))],
+                &[8, 6, 3, 3],
+                &[2, 8, 5, 7],
+            ),
+            (vec![("group", Attr::Int(3))], &[6, 2, 3, 3], &[2, 6, 3, 5]),
+        ] {
+            let ins = [x, (DType::F16, w), (DType::F32, &[w[0]][..])];
+            let l = lower_one("Conv", attrs.clone(), &ins, (DType::F16, o)).unwrap();
+            assert!(l.tactic().ends_with("f16"), "{}", l.tactic());
+            let c = code(l);
+            assert!(c.contains("const float* b"), "{c}");
+            assert!(!c.contains("__half2float(b"), "{c}");
+            let ins32 = [
+                (DType::F32, x.1),
+                (DType::F32, w),
+                (DType::F16, &[w[0]][..]),
+            ];
+            assert!(lower_one("Conv", attrs, &ins32, (DType::F32, o)).is_none());
+        }
+        let gemm = |lt: bool| {
+            let mut n = node("Gemm", 13, vec![], 3, 1);
+            if lt {
+                n.desc
+                    .attrs
+                    .insert(GPU_TACTIC_ATTR.into(), Attr::String("cublaslt".into()));
+            }
+            let fi = [
+                f(DType::F16, &[6, 9]),
+                f(DType::F16, &[9, 4]),
+                f(DType::F32, &[4]),
+            ];
+            lower(&n, &fi, &[f(DType::F16, &[6, 4])]).unwrap().unwrap()
+        };
+        let l = gemm(false);
+        assert_eq!(l.tactic(), "cublas.gemm.f16+epilogue");
+        assert!(code(l).contains("const float* bias"));
+        // cuBLASLt's bias epilogue reads the output's type: the F32 bias stays in NVRTC's.
+        let l = gemm(true);
+        assert_eq!(l.tactic(), "cublaslt.matmul.f16+epilogue");
+        assert!(code(l).contains("const float* bias"));
     }
 
     #[test]

@@ -17,11 +17,21 @@
 //!    input, whose range the build cannot bound, and every later layer amplifies their
 //!    rounding.
 //!
+//! Inside an FP16 layer, one input stays FP32 ([`reads_f32`]): the **bias** of a Conv,
+//! ConvTranspose or Gemm. Its rounding would be one fixed error per output channel, the same
+//! at every output position, so unlike the rounding of activations (a different error at
+//! each element) it does not average out in the sums, poolings and products that follow;
+//! and a bias that nearly cancels the product it is added to (an affine folded into the
+//! layer, a BatchNorm shift) rounds with an error large against the output. On the real
+//! models this was the largest FP16 error left once the rules above apply (see
+//! `docs/cuda.md`). The kernels add the bias in f32 anyway, so reading it in F32 costs one
+//! f32 load per output channel.
+//!
 //! The decision is a pure function of the graph and its facts (no GPU), so it is recomputed
 //! identically when a plan is loaded.
 
 use half::f16;
-use kiln_core::{DType, Fact, Graph, Tensor};
+use kiln_core::{DType, Fact, Graph, Node, Tensor};
 
 /// Thresholds of the FP16 policy.
 #[derive(Debug, Clone, PartialEq)]
@@ -158,6 +168,30 @@ impl Default for Policy {
     }
 }
 
+/// Op types (ONNX's or kiln's fused forms) whose input 2 is a bias that FP16 layers read in
+/// FP32 (see [`reads_f32`]).
+pub const BIASED_OPS: &[&str] = &["Conv", "ConvTranspose", "Gemm"];
+
+/// True when input `input` of `node` is read in FP32 even when the node runs in FP16: the
+/// bias (input 2) of the [`BIASED_OPS`], in the default or kiln domain.
+pub fn reads_f32(node: &Node, input: usize) -> bool {
+    let domain = kiln_core::op::normalize_domain(&node.desc.domain);
+    input == 2
+        && (domain.is_empty() || domain == "kiln")
+        && BIASED_OPS.contains(&node.desc.op_type.as_str())
+}
+
+/// The device dtype in which `node` reads its input `input` of graph dtype `dtype`, when the
+/// node runs in FP16 (`lo`) or not: F32 becomes F16 in FP16 layers, except the inputs of
+/// [`reads_f32`].
+pub fn read_dtype(node: &Node, input: usize, dtype: DType, lo: bool) -> DType {
+    if lo && dtype == DType::F32 && !reads_f32(node, input) {
+        DType::F16
+    } else {
+        dtype
+    }
+}
+
 /// Relative L2 error of rounding `t` (F32) to F16, saturating at ±65504; 0 for other
 /// dtypes and all-zero tensors.
 pub fn f16_rounding_error(t: &Tensor) -> f64 {
@@ -225,11 +259,13 @@ pub fn fp32_layers(graph: &Graph, facts: &[Fact], policy: &Policy) -> Vec<bool> 
             {
                 return true;
             }
+            // Constant float inputs the layer reads in F16 (biases stay F32).
             let weights: Vec<&Tensor> = node
                 .inputs
                 .iter()
-                .flatten()
-                .filter_map(|&v| konst(v))
+                .enumerate()
+                .filter(|&(j, _)| !reads_f32(node, j))
+                .filter_map(|(_, &v)| konst(v?))
                 .filter(|t| t.dtype() == DType::F32 && t.len() >= WEIGHT_MIN_LEN)
                 .collect();
             if weights.is_empty() {
@@ -313,6 +349,56 @@ mod tests {
         fn as_any(&self) -> &dyn std::any::Any {
             self
         }
+    }
+
+    #[test]
+    fn biases_read_in_f32() {
+        let mut conv = node("Conv", &[0, 1, 2], 3);
+        assert!(reads_f32(&conv, 2));
+        assert!(!reads_f32(&conv, 0) && !reads_f32(&conv, 1));
+        assert_eq!(read_dtype(&conv, 2, DType::F32, true), DType::F32);
+        assert_eq!(read_dtype(&conv, 1, DType::F32, true), DType::F16);
+        assert_eq!(read_dtype(&conv, 1, DType::F32, false), DType::F32);
+        assert_eq!(read_dtype(&conv, 2, DType::I64, true), DType::I64);
+        conv.desc = OpDesc::new("kiln", "Conv", 1);
+        assert!(reads_f32(&conv, 2));
+        conv.desc = OpDesc::new("com.example", "Conv", 1);
+        assert!(!reads_f32(&conv, 2));
+        assert!(reads_f32(&node("Gemm", &[0, 1, 2], 3), 2));
+        assert!(reads_f32(&node("ConvTranspose", &[0, 1, 2], 3), 2));
+        // Other ops' third inputs are not biases (Clip's max, Where's else branch).
+        assert!(!reads_f32(&node("Clip", &[0, 1, 2], 3), 2));
+        assert!(!reads_f32(&node("Where", &[0, 1, 2], 3), 2));
+    }
+
+    #[test]
+    fn bias_rounding_does_not_count_against_fp16() {
+        // Normal-range weights, a bias with F16-subnormal entries: the bias is read in F32,
+        // so only the weights decide (the layer runs in FP16).
+        let mut g = Graph::default();
+        let x = g.add_value("x", Fact::concrete(DType::F32, &[1, 16, 8, 8]));
+        g.inputs.push(x);
+        let w = g.add_value("w", Fact::concrete(DType::F32, &[16, 16, 1, 1]));
+        let wv: Vec<f32> = (0..256).map(|i| 0.05 + 0.003 * (i % 50) as f32).collect();
+        g.constants
+            .insert(w, Tensor::from_vec(&[16, 16, 1, 1], wv).unwrap());
+        let b = g.add_value("b", Fact::concrete(DType::F32, &[16]));
+        let bv: Vec<f32> = (0..16).map(|i| 1.3e-7 * (i + 1) as f32).collect();
+        let bt = Tensor::from_vec(&[16], bv).unwrap();
+        assert!(f16_rounding_error(&bt) > 1e-2);
+        g.constants.insert(b, bt);
+        let y = g.add_value("y", Fact::concrete(DType::F32, &[1, 16, 8, 8]));
+        g.nodes = vec![node("Conv", &[x, w, b], y)];
+        let facts: Vec<Fact> = g.values.iter().map(|v| v.fact.clone()).collect();
+        let p = Policy {
+            stem_layers: 0,
+            min_macs: 0,
+            ..Policy::default()
+        };
+        assert_eq!(fp32_layers(&g, &facts, &p), vec![false]);
+        // The same values as the weights: FP32.
+        g.nodes = vec![node("Conv", &[x, b, w], y)];
+        assert_eq!(fp32_layers(&g, &facts, &p), vec![true]);
     }
 
     #[test]

@@ -350,7 +350,7 @@ pub fn node_precisions(
         .collect()
 }
 
-/// Device facts of a node's inputs and outputs in precision `lo` (F32 → F16 when true).
+/// Device facts of a node's outputs in precision `lo` (F32 → F16 when true).
 pub fn device_node_facts(node_facts: &[Option<&Fact>], lo: bool) -> Vec<Fact> {
     node_facts
         .iter()
@@ -359,6 +359,25 @@ pub fn device_node_facts(node_facts: &[Option<&Fact>], lo: bool) -> Vec<Fact> {
                 let mut f = (*f).clone();
                 if lo && f.dtype == Some(DType::F32) {
                     f.dtype = Some(DType::F16);
+                }
+                f
+            }
+            None => Fact::unknown(),
+        })
+        .collect()
+}
+
+/// Device facts of `node`'s inputs in precision `lo`, as the engine reads them
+/// ([`crate::precision::read_dtype`]: F32 → F16 when true, biases excepted).
+pub fn device_input_facts(node: &Node, inputs: &[Option<&Fact>], lo: bool) -> Vec<Fact> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(j, f)| match f {
+            Some(f) => {
+                let mut f = (*f).clone();
+                if let Some(dt) = f.dtype {
+                    f.dtype = Some(crate::precision::read_dtype(node, j, dt, lo));
                 }
                 f
             }
@@ -385,6 +404,13 @@ mod tests {
         assert_eq!(
             device_node_facts(&[Some(&f)], false)[0].dtype,
             Some(DType::F32)
+        );
+        let conv = crate::kernels::testutil::node("Conv", 17, vec![], 3, 1);
+        let d = device_input_facts(&conv, &[Some(&f), Some(&f), Some(&f)], true);
+        let dts: Vec<_> = d.iter().map(|f| f.dtype).collect();
+        assert_eq!(
+            dts,
+            vec![Some(DType::F16), Some(DType::F16), Some(DType::F32)]
         );
     }
 }

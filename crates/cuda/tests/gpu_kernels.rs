@@ -189,6 +189,36 @@ fn cases() -> Vec<Case> {
         11,
         vec![r(&[1, 2, 4, 5, 6]), r(&[3, 2, 2, 3, 3])],
     ));
+    // FP16 layers read their bias in F32 (`precision::reads_f32`): in the F16 runs these
+    // cases add an F32 bias (im2col with an activation, 1×1, depthwise direct; cuDNN and
+    // kiln's paths, below).
+    let b32 = |n: usize| In::As(DType::F32, vec![n]);
+    v.push(
+        c(
+            l,
+            "Conv",
+            11,
+            vec![r(&[2, 3, 9, 11]), r(&[4, 3, 3, 3]), b32(4)],
+        )
+        .a("pads", ai(&[1, 1, 1, 1]))
+        .a("kiln_activation", s("Relu")),
+    );
+    v.push(c(
+        l,
+        "Conv",
+        11,
+        vec![r(&[2, 6, 5, 7]), r(&[8, 6, 1, 1]), b32(8)],
+    ));
+    v.push(
+        c(
+            l,
+            "Conv",
+            11,
+            vec![r(&[2, 4, 7, 7]), r(&[4, 1, 3, 3]), b32(4)],
+        )
+        .a("group", Attr::Int(4))
+        .a("pads", ai(&[1, 1, 1, 1])),
+    );
     // Every convolution again on kiln's own paths (the plain cases take cuDNN where it loads).
     let own: Vec<Case> = v
         .iter()
@@ -258,8 +288,21 @@ fn cases() -> Vec<Case> {
     )
     .a("kiln_activation", s("GeluTanh"))));
     v.push(lt(c(l, "MatMul", 13, vec![r(&[4, 7]), r(&[7])])));
+    // An F32 bias under F16 data: cuBLAS + NVRTC epilogue, and cuBLASLt (the bias then in
+    // the NVRTC epilogue, not cuBLASLt's).
+    v.push(c(l, "Gemm", 13, vec![r(&[5, 7]), r(&[7, 3]), b32(3)]));
+    v.push(lt(c(
+        l,
+        "Gemm",
+        13,
+        vec![r(&[33, 17]), r(&[17, 65]), b32(65)],
+    )
+    .a("kiln_activation", s("Relu"))));
     // --- ConvTranspose (per-group cuBLAS GEMM + NVRTC col2im gather), in the library family.
     let ct = "ConvTranspose";
+    v.push(
+        c(l, ct, 11, vec![r(&[2, 4, 5, 7]), r(&[4, 3, 2, 2]), b32(3)]).a("strides", ai(&[2, 2])),
+    );
     v.push(
         c(l, ct, 11, vec![r(&[2, 4, 5, 7]), r(&[4, 3, 2, 2]), r(&[3])]).a("strides", ai(&[2, 2])),
     );

@@ -19,6 +19,7 @@ pub mod config;
 pub mod context;
 pub mod engine;
 pub mod fingerprint;
+pub mod fold_affine;
 pub mod fuse_elementwise;
 pub mod int8;
 pub mod memory;

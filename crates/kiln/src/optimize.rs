@@ -1,6 +1,7 @@
 //! The optimisation pipeline: generic folding and cleanup from `kiln_core::passes`, plus the
-//! fusions that need kiln's CPU kernels (BatchNormalization folded into Conv, activations
-//! fused into the epilogue of Conv, Gemm and MatMul).
+//! fusions that need kiln's CPU kernels (BatchNormalization and constant per-channel
+//! Mul/Add/Sub/Div folded into Conv weights, see [`crate::fold_affine`], activations fused
+//! into the epilogue of Conv, Gemm and MatMul).
 //!
 //! Subgraphs (If/Loop/Scan bodies) are not optimised yet; they run as imported.
 
@@ -9,6 +10,8 @@ use kiln_core::{
     Attr, BuildCtx, DType, Fact, Graph, KilnError, OpRegistry, Result, Tensor, ValueId,
 };
 use kiln_cpu::fused::Activation;
+
+use crate::fold_affine;
 
 /// What the optimiser did, for logs and `kiln inspect`.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -45,19 +48,33 @@ pub fn optimize(graph: &mut Graph, registry: &OpRegistry) -> Result<OptimizeRepo
         ("remove_identities", passes::remove_identities),
         ("remove_dead_nodes", passes::remove_dead_nodes),
     ];
+    let mut affines = (0, 0);
     for _ in 0..8 {
         let g = passes::run_to_fixpoint(graph, &generic)?;
         let g = g + inline_constant_ifs(graph, registry)?;
         let bn = fold_batchnorm_into_conv(graph, registry)?;
+        // Constant affines into the producing Conv before the activation fusion, so an
+        // activation behind a per-channel Mul/Add (an unfused BatchNorm) fuses too.
+        let into_conv = fold_affine::fold_affine_into_conv(graph, registry)?;
         let act = fuse_activations(graph, registry)?;
+        // After the activation fusion: a written-out activation's constants (`/ 6`) must
+        // not be folded forward before the activation is recognised.
+        let into_next = fold_affine::fold_affine_into_next_conv(graph, registry)?;
         report.generic_rewrites += g;
         report.batchnorms_folded += bn;
         report.activations_fused += act;
-        if g + bn + act == 0 {
+        affines.0 += into_conv;
+        affines.1 += into_next;
+        if g + bn + act + into_conv + into_next == 0 {
             break;
         }
         graph.infer_facts()?;
     }
+    tracing::debug!(
+        into_conv = affines.0,
+        into_next_conv = affines.1,
+        "constant affines folded into Conv weights"
+    );
     passes::remove_dead_nodes(graph)?;
     report.nodes_after = graph.nodes.len();
     Ok(report)
@@ -222,7 +239,8 @@ fn splice_branch(
     Ok(Some(n))
 }
 
-fn rebuild(graph: &mut Graph, node: usize, registry: &OpRegistry) -> Result<()> {
+/// Rebuilds node `node`'s kernel from its (changed) description.
+pub(crate) fn rebuild(graph: &mut Graph, node: usize, registry: &OpRegistry) -> Result<()> {
     let n = &graph.nodes[node];
     let op = registry.build(&BuildCtx {
         node: &n.name,
@@ -235,7 +253,7 @@ fn rebuild(graph: &mut Graph, node: usize, registry: &OpRegistry) -> Result<()> 
 }
 
 /// The only node reading `v`, when exactly one node (and no graph output) reads it.
-fn sole_consumer(graph: &Graph, consumers: &[Vec<usize>], v: ValueId) -> Option<usize> {
+pub(crate) fn sole_consumer(graph: &Graph, consumers: &[Vec<usize>], v: ValueId) -> Option<usize> {
     if graph.is_output(v) {
         return None;
     }
@@ -252,14 +270,16 @@ fn sole_consumer(graph: &Graph, consumers: &[Vec<usize>], v: ValueId) -> Option<
     }
 }
 
-fn constant_f32(graph: &Graph, v: Option<ValueId>) -> Option<Vec<f32>> {
+/// The data of `v` when it is an f32 constant.
+pub(crate) fn constant_f32(graph: &Graph, v: Option<ValueId>) -> Option<Vec<f32>> {
     let t = graph.constants.get(&v?)?;
     (t.dtype() == DType::F32)
         .then(|| t.as_slice::<f32>().ok().map(|s| s.to_vec()))
         .flatten()
 }
 
-fn is_plain(graph: &Graph, node: usize, op_type: &str) -> bool {
+/// Whether node `node` is a default-domain `op_type`.
+pub(crate) fn is_plain(graph: &Graph, node: usize, op_type: &str) -> bool {
     let d = &graph.nodes[node].desc;
     d.domain.is_empty() && d.op_type == op_type
 }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use kiln_core::{DType, Fact, Format, Graph, Node, Precision, Result, Tactic, Tensor};
-use kiln_cuda::tune::{device_node_facts, node_precisions, GpuTuner};
+use kiln_cuda::tune::{device_input_facts, device_node_facts, node_precisions, GpuTuner};
 
 use crate::int8::gpu as gpu8;
 
@@ -66,7 +66,7 @@ impl GpuTactics {
         let Ok(outs) = Self::out_facts(node, inputs) else {
             return Vec::new();
         };
-        let fin = device_node_facts(inputs, lo);
+        let fin = device_input_facts(node, inputs, lo);
         let outs: Vec<Option<&Fact>> = outs.iter().map(Some).collect();
         let fout = device_node_facts(&outs, lo);
         let t = self.tuner.borrow();
@@ -122,7 +122,7 @@ impl LayerTimer for GpuTactics {
         }
         let lo = self.lo(node);
         let outs = Self::out_facts(node, inputs)?;
-        let fin = device_node_facts(inputs, lo);
+        let fin = device_input_facts(node, inputs, lo);
         let outs: Vec<Option<&Fact>> = outs.iter().map(Some).collect();
         let fout = device_node_facts(&outs, lo);
         self.tuner
