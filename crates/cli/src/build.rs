@@ -325,7 +325,7 @@ fn print_summary(
         row(
             "explicit INT8",
             format!(
-                "Q/DQ model: {} Conv/MatMul/Gemm layers lowered to INT8 kernels with the model's scales and zero points ({} with INT8 outputs); the model's other QuantizeLinear/DequantizeLinear nodes run as reference ops",
+                "Q/DQ model: {} Conv/MatMul/Gemm layers lowered to INT8 kernels with the model's scales and zero points ({} with INT8 outputs); the model's other QuantizeLinear/DequantizeLinear nodes run as their own layers (vectorised f32<->u8/i8 kernels where per tensor or per axis)",
                 r.qdq.lowered.len(),
                 r.qdq.int8_outputs
             ),

@@ -133,16 +133,28 @@ pub fn for_each_chunk_pair<D: Send, S: Sync>(
     chunk: usize,
     f: impl Fn(&mut [D], &[S]) + Sync + Send,
 ) {
+    for_each_chunk_pair_indexed(dst, src, chunk, |_, d, s| f(d, s))
+}
+
+/// [`for_each_chunk_pair`] with the chunk's index: `f(i, dst chunk i, src chunk i)`.
+pub fn for_each_chunk_pair_indexed<D: Send, S: Sync>(
+    dst: &mut [D],
+    src: &[S],
+    chunk: usize,
+    f: impl Fn(usize, &mut [D], &[S]) + Sync + Send,
+) {
     use rayon::prelude::*;
     let chunk = chunk.max(1);
     if dst.len() > chunk && enabled() {
         dst.par_chunks_mut(chunk)
             .zip(src.par_chunks(chunk))
-            .for_each(|(d, s)| f(d, s));
+            .enumerate()
+            .for_each(|(i, (d, s))| f(i, d, s));
     } else {
         dst.chunks_mut(chunk)
             .zip(src.chunks(chunk))
-            .for_each(|(d, s)| f(d, s));
+            .enumerate()
+            .for_each(|(i, (d, s))| f(i, d, s));
     }
 }
 

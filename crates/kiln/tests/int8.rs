@@ -156,13 +156,13 @@ fn check_model(model_file: &str, data: &str, min_top1: f64, max_rel_l2: f64) {
             algo.short_name(),
             top1 * 100.0
         );
-        if algo != Algorithm::Entropy {
-            assert!(
-                top1 >= min_top1,
-                "{model_file} {algo:?}: top-1 agreement {top1}"
-            );
-            assert!(rel <= max_rel_l2, "{model_file} {algo:?}: rel L2 {rel}");
-        }
+        // Entropy too since its small-sample rule (before it, cls's entropy cache gave
+        // top-1 44 % and rel L2 0.60: SE tensors with a few values per batch clipped).
+        assert!(
+            top1 >= min_top1,
+            "{model_file} {algo:?}: top-1 agreement {top1}"
+        );
+        assert!(rel <= max_rel_l2, "{model_file} {algo:?}: rel L2 {rel}");
     }
 }
 

@@ -1,15 +1,20 @@
 //! Linear quantization: QuantizeLinear, DequantizeLinear (per-tensor, per-axis and blocked;
 //! 4-, 8- and 16-bit integer types, float8 and float4) and DynamicQuantizeLinear.
+//!
+//! The reference kernels compute through f64. The common case of Q/DQ models — f32 ↔
+//! u8/i8 with f32 scales per tensor or per axis — runs the vectorised kernels of
+//! [`crate::ops::int8::linear`] instead (bit-identical, see there), writing in place.
 
 use std::any::Any;
 
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Fact, KilnError, Op, OpRegistry, Result,
-    Tensor, Value,
+    Tensor, TensorMut, Value,
 };
 
 use super::elementwise::num::Num;
 use super::elementwise::{bad_dtype, infer_unary, new_tensor};
+use super::int8::linear::{self, Code};
 
 /// How scale / zero-point elements map onto input elements.
 #[derive(Debug, Clone, Copy)]
@@ -149,6 +154,68 @@ impl Op for Quantize {
         let x = input_tensor(inputs, 0, OP)?;
         let scale = input_tensor(inputs, 1, OP)?;
         let zp = optional_tensor(inputs, 2, OP)?;
+        if let Some((out_dt, layout)) = self.fast(x, scale, zp) {
+            let out = if out_dt == DType::U8 {
+                let mut q = vec![0u8; x.len()];
+                quantize_fast(x, scale, zp, layout, &mut q)?;
+                Tensor::from_vec(x.shape(), q)?
+            } else {
+                let mut q = vec![0i8; x.len()];
+                quantize_fast(x, scale, zp, layout, &mut q)?;
+                Tensor::from_vec(x.shape(), q)?
+            };
+            return Ok(vec![Value::Tensor(out)]);
+        }
+        self.eval_reference(inputs)
+    }
+
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        const OP: &str = "QuantizeLinear";
+        let x = input_tensor(inputs, 0, OP)?;
+        let scale = input_tensor(inputs, 1, OP)?;
+        let zp = optional_tensor(inputs, 2, OP)?;
+        if let (Some((out_dt, layout)), Some(slot)) = (self.fast(x, scale, zp), outputs.first_mut())
+        {
+            if slot.dtype() == out_dt && slot.shape() == x.shape() {
+                return if out_dt == DType::U8 {
+                    quantize_fast::<u8>(x, scale, zp, layout, slot.as_mut_slice()?)
+                } else {
+                    quantize_fast::<i8>(x, scale, zp, layout, slot.as_mut_slice()?)
+                };
+            }
+        }
+        copy_reference(OP, self.eval(inputs)?, outputs)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Quantize {
+    /// The output type and layout when the fast kernels apply: f32 input and scale, u8/i8
+    /// output (zero point absent or of the output type, one per scale), one scale per
+    /// tensor or per axis index. `None` otherwise (the reference kernel then runs, and
+    /// reports any error).
+    fn fast(&self, x: &Tensor, scale: &Tensor, zp: Option<&Tensor>) -> Option<(DType, Layout)> {
+        if x.dtype() != DType::F32 || scale.dtype() != DType::F32 {
+            return None;
+        }
+        let out_dt = match (zp.map(Tensor::dtype), self.output_dtype) {
+            (Some(z), Some(o)) if z != o => return None,
+            (Some(z), _) => z,
+            (None, Some(o)) => o,
+            (None, None) => DType::U8,
+        };
+        fast_layout(out_dt, x, scale, zp, self.axis, self.block_size).map(|l| (out_dt, l))
+    }
+
+    /// The reference kernel (through f64; every type and layout).
+    pub fn eval_reference(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
+        const OP: &str = "QuantizeLinear";
+        let x = input_tensor(inputs, 0, OP)?;
+        let scale = input_tensor(inputs, 1, OP)?;
+        let zp = optional_tensor(inputs, 2, OP)?;
         let out_dt = match (zp, self.output_dtype) {
             (Some(z), Some(o)) if z.dtype() != o => {
                 return Err(KilnError::kernel(
@@ -226,9 +293,82 @@ impl Op for Quantize {
         }), _ => Err(bad_dtype(OP, out_dt)))?;
         Ok(vec![Value::Tensor(out)])
     }
+}
 
-    fn as_any(&self) -> &dyn Any {
-        self
+/// The layout when the fast kernels apply to codes of `dt` (u8 or i8) with these scale and
+/// zero point tensors: per tensor or per axis, the zero point of the codes' type and one
+/// per scale.
+fn fast_layout(
+    dt: DType,
+    x: &Tensor,
+    scale: &Tensor,
+    zp: Option<&Tensor>,
+    axis: i64,
+    block: i64,
+) -> Option<Layout> {
+    if !matches!(dt, DType::U8 | DType::I8)
+        || zp.is_some_and(|z| z.dtype() != dt || z.len() != scale.len())
+    {
+        return None;
+    }
+    match Layout::of("", x.shape(), scale.shape(), axis, block).ok()? {
+        l @ (Layout::Tensor | Layout::Axis { .. }) => Some(l),
+        Layout::Block { .. } => None,
+    }
+}
+
+/// The fast kernels' per-channel arguments: the zero points (as codes of `T`, empty when
+/// absent) and the run length `inner` of one scale (the whole tensor per tensor).
+fn fast_args<T: kiln_core::Element>(
+    zp: Option<&Tensor>,
+    layout: Layout,
+    n: usize,
+) -> Result<(&[T], usize)> {
+    let zps = match zp {
+        Some(z) => z.as_slice::<T>()?,
+        None => &[],
+    };
+    let inner = match layout {
+        Layout::Axis { inner, .. } => inner,
+        _ => n,
+    };
+    Ok((zps, inner))
+}
+
+/// A fast QuantizeLinear into `dst` (codes of `T`, u8 or i8, as many as `x` has; see
+/// [`Quantize::fast`]).
+fn quantize_fast<T: Code + kiln_core::Element>(
+    x: &Tensor,
+    scale: &Tensor,
+    zp: Option<&Tensor>,
+    layout: Layout,
+    dst: &mut [T],
+) -> Result<()> {
+    let (zps, inner) = fast_args(zp, layout, x.len())?;
+    linear::quantize(x.as_slice()?, scale.as_slice()?, zps, inner, dst);
+    Ok(())
+}
+
+/// A fast DequantizeLinear of codes of `T` (u8 or i8) into `dst` (f32, as many as `x`
+/// has; see [`Dequantize::fast`]).
+fn dequantize_fast<T: Code + kiln_core::Element>(
+    x: &Tensor,
+    scale: &Tensor,
+    zp: Option<&Tensor>,
+    layout: Layout,
+    dst: &mut [f32],
+) -> Result<()> {
+    let (zps, inner) = fast_args::<T>(zp, layout, x.len())?;
+    linear::dequantize(x.as_slice()?, scale.as_slice()?, zps, inner, dst);
+    Ok(())
+}
+
+/// `eval_into` for the cases the fast kernels decline: the reference kernel's one output
+/// copied into the slot.
+fn copy_reference(op: &str, produced: Vec<Value>, outputs: &mut [TensorMut<'_>]) -> Result<()> {
+    match (produced.first(), outputs.first_mut()) {
+        (Some(v), Some(slot)) => slot.copy_from(v.as_tensor()?),
+        _ => Err(KilnError::kernel(op, "expected one output")),
     }
 }
 
@@ -279,6 +419,58 @@ impl Op for Dequantize {
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
+        const OP: &str = "DequantizeLinear";
+        let x = input_tensor(inputs, 0, OP)?;
+        let scale = input_tensor(inputs, 1, OP)?;
+        let zp = optional_tensor(inputs, 2, OP)?;
+        if let Some(layout) = self.fast(x, scale, zp) {
+            let mut out = vec![0f32; x.len()];
+            if x.dtype() == DType::U8 {
+                dequantize_fast::<u8>(x, scale, zp, layout, &mut out)?;
+            } else {
+                dequantize_fast::<i8>(x, scale, zp, layout, &mut out)?;
+            }
+            return Ok(vec![Value::Tensor(Tensor::from_vec(x.shape(), out)?)]);
+        }
+        self.eval_reference(inputs)
+    }
+
+    fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
+        const OP: &str = "DequantizeLinear";
+        let x = input_tensor(inputs, 0, OP)?;
+        let scale = input_tensor(inputs, 1, OP)?;
+        let zp = optional_tensor(inputs, 2, OP)?;
+        if let (Some(layout), Some(slot)) = (self.fast(x, scale, zp), outputs.first_mut()) {
+            if slot.dtype() == DType::F32 && slot.shape() == x.shape() {
+                let dst = slot.as_mut_slice::<f32>()?;
+                return if x.dtype() == DType::U8 {
+                    dequantize_fast::<u8>(x, scale, zp, layout, dst)
+                } else {
+                    dequantize_fast::<i8>(x, scale, zp, layout, dst)
+                };
+            }
+        }
+        copy_reference(OP, self.eval(inputs)?, outputs)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Dequantize {
+    /// The layout when the fast kernels apply: u8/i8 input, f32 scale and output, zero
+    /// point absent or of the input's type (one per scale), one scale per tensor or per axis
+    /// index. `None` otherwise (the reference kernel then runs, and reports any error).
+    fn fast(&self, x: &Tensor, scale: &Tensor, zp: Option<&Tensor>) -> Option<Layout> {
+        if scale.dtype() != DType::F32 || self.output_dtype.is_some_and(|d| d != DType::F32) {
+            return None;
+        }
+        fast_layout(x.dtype(), x, scale, zp, self.axis, self.block_size)
+    }
+
+    /// The reference kernel (through f64; every type and layout).
+    pub fn eval_reference(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         const OP: &str = "DequantizeLinear";
         let x = input_tensor(inputs, 0, OP)?;
         let scale = input_tensor(inputs, 1, OP)?;
@@ -336,10 +528,6 @@ impl Op for Dequantize {
             .collect();
         let out = Tensor::from_vec(x.shape(), vals)?.cast(out_dt)?;
         Ok(vec![Value::Tensor(out)])
-    }
-
-    fn as_any(&self) -> &dyn Any {
-        self
     }
 }
 
@@ -515,6 +703,276 @@ mod tests {
             13,
             vec![("axis", Attr::Int(1))],
             &[Some(x2), Some(f32t(&[3], vec![1.0; 3]))]
+        )
+        .is_err());
+    }
+
+    /// Deterministic pseudo-random numbers.
+    struct Rng(u64);
+    impl Rng {
+        fn unit(&mut self) -> f32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 40) as f32 / (1u64 << 24) as f32
+        }
+    }
+
+    /// `n` inputs for a quantizer of `scale` and zero point `zp` (codes in [lo, hi]): random
+    /// values over three times the representable range, every third one an exact tie
+    /// `(k + ½)·scale` (scales here are powers of two or ties are approximate), and the
+    /// special values NaN, ±∞, −0 and ±1e30.
+    fn inputs(n: usize, scale: f32, zp: i32, lo: i32, hi: i32, rng: &mut Rng) -> Vec<f32> {
+        let span = (hi - lo) as f32 * scale;
+        let centre = (-zp as f32 + (lo + hi) as f32 / 2.0) * scale;
+        let special = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            1e30,
+            -1e30,
+        ];
+        (0..n)
+            .map(|i| match i % 3 {
+                _ if i % 97 == 5 => special[(i / 97) % special.len()],
+                0 => {
+                    let k = (rng.unit() * 3.0 * (hi - lo) as f32) as i32 - (hi - lo) * 3 / 2;
+                    (k as f32 + 0.5 + (lo + hi) as f32 / 2.0 - zp as f32).round() * scale
+                        - 0.5 * scale
+                }
+                _ => centre + (rng.unit() - 0.5) * 3.0 * span,
+            })
+            .collect()
+    }
+
+    /// Runs `op` (QuantizeLinear or DequantizeLinear, opset 13) on `ins` three ways — the
+    /// reference kernel, `eval` and `eval_into` — checks that the fast kernels were
+    /// eligible and that all three agree bit for bit, and returns the reference output.
+    fn agree(op: &str, attrs: Vec<(&str, Attr)>, ins: &[Option<Tensor>], what: &str) -> Tensor {
+        use super::{Dequantize, Quantize};
+        use kiln_core::Value;
+        let o = build(op, 13, attrs, ins.len(), 1).unwrap();
+        let vals: Vec<Option<Value>> = ins.iter().map(|t| t.clone().map(Value::Tensor)).collect();
+        let refs: Vec<Option<&Value>> = vals.iter().map(|v| v.as_ref()).collect();
+        let t = |i: usize| ins[i].as_ref().unwrap();
+        let want = if let Some(q) = o.as_any().downcast_ref::<Quantize>() {
+            assert!(q.fast(t(0), t(1), ins[2].as_ref()).is_some(), "{what}");
+            q.eval_reference(&refs)
+        } else {
+            let d = o.as_any().downcast_ref::<Dequantize>().unwrap();
+            assert!(d.fast(t(0), t(1), ins[2].as_ref()).is_some(), "{what}");
+            d.eval_reference(&refs)
+        };
+        let want = want.unwrap().remove(0).into_tensor().unwrap();
+        let got = run(o.as_ref(), ins).unwrap().remove(0);
+        assert_eq!(got.dtype(), want.dtype(), "{what}");
+        assert_eq!(got.bytes(), want.bytes(), "{op} eval: {what}");
+        // eval_into (the executor's path) writes the same in place.
+        let mut buf = vec![0xAAu8; want.bytes().len()];
+        let shape = want.shape().to_vec();
+        let mut slot = [kiln_core::TensorMut::new(want.dtype(), &shape, &mut buf).unwrap()];
+        o.eval_into(&refs, &mut slot).unwrap();
+        assert_eq!(&buf, want.bytes(), "{op} eval_into: {what}");
+        want
+    }
+
+    /// Per tensor, u8 and i8, zero points 0 / mid / extreme, odd lengths (SIMD tails,
+    /// parallel chunks): the op (fast kernels) gives exactly the reference kernel's codes,
+    /// then dequantizes them to exactly the reference's floats; and each kernel
+    /// implementation this CPU has matches the reference too.
+    #[test]
+    fn fast_quantize_dequantize_match_the_reference() {
+        use super::super::int8::linear;
+        use crate::ops::linalg::sgemm::Isa;
+        use kiln_core::DType;
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut cases = 0;
+        let mut ties = 0;
+        // (dtype, zero point, scale)
+        let params: [(DType, i32, f32); 7] = [
+            (DType::U8, 0, 0.25),
+            (DType::U8, 128, 0.0625),
+            (DType::U8, 37, 0.037),
+            (DType::U8, 255, 2.0),
+            (DType::I8, 0, 0.5),
+            (DType::I8, -9, 0.125),
+            (DType::I8, 127, 0.011),
+        ];
+        let isas = [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.supported());
+        for &(dt, zp, scale) in &params {
+            let (lo, hi) = if dt == DType::U8 {
+                (0, 255)
+            } else {
+                (-128, 127)
+            };
+            for n in [1usize, 7, 15, 16, 17, 31, 33, 63, 100, 1001, 70_001] {
+                let x = inputs(n, scale, zp, lo, hi, &mut rng);
+                ties += x
+                    .iter()
+                    .filter(|v| {
+                        let d = *v / scale;
+                        d.fract().abs() == 0.5 && d > (lo - zp) as f32 && d < (hi - zp) as f32
+                    })
+                    .count();
+                let zt = if dt == DType::U8 {
+                    Tensor::scalar(zp as u8)
+                } else {
+                    Tensor::scalar(zp as i8)
+                };
+                let st = Tensor::scalar(scale);
+                let what = format!("{dt} zp {zp} scale {scale} n {n}");
+                let xt = Tensor::from_vec(&[n], x.clone()).unwrap();
+                let ins = [Some(xt), Some(st.clone()), Some(zt.clone())];
+                let want = agree("QuantizeLinear", vec![], &ins, &what);
+                assert_eq!(want.dtype(), dt);
+                // Dequantize the codes back.
+                let dins = [Some(want.clone()), Some(st), Some(zt)];
+                let dwant = agree("DequantizeLinear", vec![], &dins, &what);
+                // Each implementation, straight.
+                for isa in isas.clone() {
+                    let mut f = vec![f32::NAN; n];
+                    let codes: Vec<u8> = if dt == DType::U8 {
+                        let mut d = vec![0u8; n];
+                        linear::quantize_run(isa, &x, scale, zp as u8, &mut d);
+                        let w = want.as_slice::<u8>().unwrap();
+                        linear::dequantize_run(isa, w, scale, zp as u8, &mut f);
+                        d
+                    } else {
+                        let mut d = vec![0i8; n];
+                        linear::quantize_run(isa, &x, scale, zp as i8, &mut d);
+                        let w = want.as_slice::<i8>().unwrap();
+                        linear::dequantize_run(isa, w, scale, zp as i8, &mut f);
+                        d.iter().map(|&v| v as u8).collect()
+                    };
+                    assert_eq!(&codes, want.bytes(), "{isa:?} quantize {what}");
+                    let fb: &[u8] = bytemuck::cast_slice(&f);
+                    assert_eq!(fb, dwant.bytes(), "{isa:?} dequantize {what}");
+                }
+                cases += 1;
+            }
+        }
+        assert_eq!(cases, 77);
+        // Both kinds of tie (even and odd integer below) were exercised many times.
+        assert!(ties > 10_000, "only {ties} ties");
+    }
+
+    #[test]
+    fn fast_quantize_rounds_ties_to_even_and_saturates() {
+        // x / scale = k + ½: to the even neighbour, then + zp, then clamped.
+        let x = f32t(
+            &[10],
+            vec![
+                0.5,
+                1.5,
+                2.5,
+                -0.5,
+                -1.5,
+                -2.5,
+                126.5,
+                300.0,
+                -300.0,
+                f32::NAN,
+            ],
+        );
+        let y = run1(
+            "QuantizeLinear",
+            13,
+            vec![],
+            &[
+                Some(x.clone()),
+                Some(Tensor::scalar(1f32)),
+                Some(Tensor::scalar(3i8)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            y.as_slice::<i8>().unwrap(),
+            &[3, 5, 5, 3, 1, 1, 127, 127, -128, 0]
+        );
+        let y = run1(
+            "QuantizeLinear",
+            13,
+            vec![],
+            &[
+                Some(x),
+                Some(Tensor::scalar(1f32)),
+                Some(Tensor::scalar(2u8)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            y.as_slice::<u8>().unwrap(),
+            &[2, 4, 4, 2, 0, 0, 128, 255, 0, 0]
+        );
+    }
+
+    /// Per-axis scales and zero points (axis 1 of a 4-D tensor with odd sizes, the last
+    /// axis, a negative axis, the first), u8 and i8: the fast op equals the reference.
+    #[test]
+    fn fast_per_axis_matches_the_reference() {
+        use kiln_core::DType;
+        let mut rng = Rng(77);
+        let shape = [2usize, 5, 3, 37];
+        let n: usize = shape.iter().product();
+        for (axis, c) in [(1i64, 5usize), (3, 37), (-2, 3), (0, 2)] {
+            for dt in [DType::U8, DType::I8] {
+                let scales: Vec<f32> = (0..c).map(|_| 0.01 + rng.unit() * 0.2).collect();
+                let off = if dt == DType::I8 { 128 } else { 0 };
+                let zps: Vec<i32> = (0..c).map(|_| (rng.unit() * 255.0) as i32 - off).collect();
+                let x: Vec<f32> = (0..n).map(|_| (rng.unit() - 0.5) * 120.0).collect();
+                let xt = Tensor::from_vec(&shape, x).unwrap();
+                let st = Tensor::from_vec(&[c], scales).unwrap();
+                let zt = if dt == DType::U8 {
+                    Tensor::from_vec(&[c], zps.iter().map(|&z| z as u8).collect()).unwrap()
+                } else {
+                    Tensor::from_vec(&[c], zps.iter().map(|&z| z as i8).collect()).unwrap()
+                };
+                let what = format!("axis {axis} {dt}");
+                let attrs = || vec![("axis", Attr::Int(axis))];
+                let ins = [Some(xt), Some(st.clone()), Some(zt.clone())];
+                let q = agree("QuantizeLinear", attrs(), &ins, &what);
+                agree(
+                    "DequantizeLinear",
+                    attrs(),
+                    &[Some(q), Some(st), Some(zt)],
+                    &what,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fast_path_declines_what_it_does_not_handle() {
+        use super::Quantize;
+        let x = f32t(&[1, 4], vec![1.0, 2.0, 3.0, 4.0]);
+        let q = build(
+            "QuantizeLinear",
+            21,
+            vec![("block_size", Attr::Int(2))],
+            2,
+            1,
+        )
+        .unwrap();
+        let qop = q.as_any().downcast_ref::<Quantize>().unwrap();
+        // Blocked scales, u16 zero points, f64 inputs: the reference kernel runs.
+        assert!(qop.fast(&x, &f32t(&[1, 2], vec![1.0, 2.0]), None).is_none());
+        let q = build("QuantizeLinear", 13, vec![], 3, 1).unwrap();
+        let qop = q.as_any().downcast_ref::<Quantize>().unwrap();
+        assert!(qop
+            .fast(&x, &Tensor::scalar(1f32), Some(&Tensor::scalar(3u16)))
+            .is_none());
+        let x64 = Tensor::from_vec(&[2], vec![1.0f64, 2.0]).unwrap();
+        assert!(qop.fast(&x64, &Tensor::scalar(1f32), None).is_none());
+        // A zero point of the wrong length is the reference kernel's error, not a panic.
+        let z = Tensor::from_vec(&[2], vec![1u8, 2]).unwrap();
+        assert!(run1(
+            "QuantizeLinear",
+            13,
+            vec![],
+            &[Some(x), Some(Tensor::scalar(1f32)), Some(z)]
         )
         .is_err());
     }

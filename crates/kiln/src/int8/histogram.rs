@@ -11,7 +11,10 @@
 //! - **entropy** (TensorRT's EntropyCalibration2): for every candidate threshold `i` bins
 //!   (128..=2048), the reference distribution `P` = bins `0..i` with everything above
 //!   added to the last bin, and `Q` = those `i` bins merged into 128 levels and spread back
-//!   evenly over the bins that were non-zero; the threshold minimising KL(P‖Q) wins.
+//!   evenly over the bins that were non-zero; the threshold minimising KL(P‖Q) wins (on
+//!   an exact tie the larger one: clipping that loses nothing more is not preferred).
+//!   With fewer than [`MIN_ENTROPY_SAMPLES`] non-zero values the KL search is not run and
+//!   the threshold is the min-max one (see that constant for why).
 //!
 //! Exact zeros are counted but kept out of the histogram (they quantize exactly whatever
 //! the threshold). The scale stored is `amax / 127` (symmetric INT8).
@@ -22,6 +25,20 @@ use crate::int8::cache::Algorithm;
 pub const BINS: usize = 2048;
 /// INT8 levels on one side of zero (the entropy calibrator merges into this many).
 const LEVELS: usize = 128;
+/// The fewest non-zero values (those in the histogram) the entropy calibrator needs: one
+/// per histogram bin, [`BINS`]. Below it the threshold is the largest |x| (min-max).
+///
+/// Why: KL(P‖Q) is estimated from the histogram, which stands for a density only when its
+/// bins hold several values each. With fewer values than bins it is a list of isolated
+/// samples: most of Q's levels then cover at most one non-empty bin, where Q equals P
+/// whatever the threshold, and the KL sees little but the bin the clipped values are
+/// added to. When everything below a threshold falls into one level (e.g. a squeeze-excite
+/// gate with 24 values per image: exact zeros, exact ones and a few in between) P and Q
+/// are the same single spike, the KL is exactly 0 and the smallest such threshold won,
+/// clipping the gate's 1.0 to 0.21. With so few values nothing can be told apart from an
+/// outlier either, so the largest value is kept: what percentile 99.99 gives too (below
+/// 10 000 values its 99.99 % point is the largest value).
+pub const MIN_ENTROPY_SAMPLES: u64 = BINS as u64;
 
 /// What calibration learned about one tensor.
 #[derive(Debug, Clone)]
@@ -122,6 +139,10 @@ impl TensorStats {
     }
 
     fn entropy(&self) -> f32 {
+        // Too few values to estimate the distribution the KL compares (MIN_ENTROPY_SAMPLES).
+        if self.hist.iter().sum::<u64>() < MIN_ENTROPY_SAMPLES {
+            return self.amax;
+        }
         // Bins beyond the last non-empty one carry no information.
         let last = self.hist.iter().rposition(|&h| h > 0).unwrap_or(0) + 1;
         if last <= LEVELS {
@@ -130,7 +151,9 @@ impl TensorStats {
         let mut best = (f64::INFINITY, last);
         for i in LEVELS..=last {
             let kl = kl_for_threshold(&self.hist, i);
-            if kl < best.0 {
+            // `<=`: of equally good thresholds the largest, which clips least (a discrete
+            // tensor, e.g. only 0.5s and 1.0s, has KL 0 both at 0.5 and at 1.0).
+            if kl <= best.0 {
                 best = (kl, i);
             }
         }
@@ -278,6 +301,82 @@ mod tests {
         let ent = s.threshold(Algorithm::Entropy);
         assert!(ent > 0.85, "entropy threshold {ent}");
         assert_eq!(s.count, 100_000);
+    }
+
+    /// Six batches of a squeeze-excite gate (HardSigmoid over 24 channels): mostly exact
+    /// zeros and exact ones, a few values in between.
+    fn gate_batches(mid: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut r = Rng(seed);
+        let mut v = vec![0.0f32; 88];
+        v.extend((0..mid).map(|_| r.next() as f32));
+        v.resize(144, 1.0);
+        // Spread over the batches in a fixed shuffled order.
+        for i in (1..v.len()).rev() {
+            v.swap(i, (r.next() * (i + 1) as f64) as usize);
+        }
+        v.chunks(24).map(|c| c.to_vec()).collect()
+    }
+
+    #[test]
+    fn entropy_keeps_the_range_of_a_tensor_with_few_values() {
+        // PP-OCR det's `hardsigmoid_10.tmp_0` over the six calibration images: 88 zeros, one
+        // 0.21, 55 ones. The KL search alone clipped it to 0.21.
+        let mut s = TensorStats::default();
+        for b in [vec![0.0f32; 88], vec![0.21], vec![1.0; 55]] {
+            s.observe(&b);
+        }
+        assert_eq!(s.threshold(Algorithm::Entropy), 1.0);
+        // The same kind of tensor with a few more values in between, several draws.
+        for (mid, seed) in [(1, 21), (4, 22), (8, 23), (8, 24), (16, 25), (40, 26)] {
+            let mut s = TensorStats::default();
+            for b in gate_batches(mid, seed) {
+                s.observe(&b);
+            }
+            let ent = s.threshold(Algorithm::Entropy);
+            assert_eq!(ent, 1.0, "{mid} values in (0, 1), seed {seed}: {ent}");
+        }
+        // A few values spread over [0, 1]: near the largest.
+        let mut s = TensorStats::default();
+        let v: Vec<f32> = uniform(300, 1.0, 27).iter().map(|x| x.abs()).collect();
+        s.observe(&v);
+        assert_eq!(s.threshold(Algorithm::Entropy), s.amax);
+    }
+
+    #[test]
+    fn entropy_still_clips_a_long_tail_just_above_the_sample_floor() {
+        // MIN_ENTROPY_SAMPLES values and more of N(0, 1) with three outliers at 55..60: the
+        // KL search runs and clips them, as with 200 000 values. One value fewer: min-max.
+        for (n, seed) in [(MIN_ENTROPY_SAMPLES as usize, 31), (4096, 32), (20_000, 33)] {
+            let mut r = Rng(seed);
+            let mut v: Vec<f32> = (0..n - 3).map(|_| r.normal()).collect();
+            v.extend([60.0, -55.0, 58.0]);
+            let mut s = TensorStats::default();
+            s.observe(&v);
+            let ent = s.threshold(Algorithm::Entropy);
+            assert!(
+                ent > 2.0 && ent < 12.0,
+                "{n} values: entropy threshold {ent}"
+            );
+            let mut s = TensorStats::default();
+            s.observe(&v[1..]);
+            let ent = s.threshold(Algorithm::Entropy);
+            if n == MIN_ENTROPY_SAMPLES as usize {
+                assert_eq!(ent, 60.0, "{} values", n - 1);
+            } else {
+                assert!(ent < 12.0, "{} values: {ent}", n - 1);
+            }
+        }
+    }
+
+    #[test]
+    fn entropy_keeps_a_discrete_tensor_whole() {
+        // Only 0.5s and 1.0s, many of them: clipping at 0.5 and keeping 1.0 both give
+        // KL 0; the larger threshold is kept (the smaller one halves every 1.0).
+        let mut v = vec![0.5f32; 5000];
+        v.extend(vec![1.0f32; 5000]);
+        let mut s = TensorStats::default();
+        s.observe(&v);
+        assert_eq!(s.threshold(Algorithm::Entropy), 1.0);
     }
 
     #[test]

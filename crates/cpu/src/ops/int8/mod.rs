@@ -27,6 +27,7 @@
 
 pub mod conv;
 pub mod gemm;
+pub mod linear;
 pub mod matmul;
 pub mod qdq;
 
