@@ -93,16 +93,16 @@ pub fn run(
     let tiles = in_rows.div_ceil(per_tile);
     let jobs = n * group * tiles;
     let dst = OutPtr(out.as_mut_ptr());
-    let ranges: Vec<[(usize, usize); 3]> = (0..ksz)
-        .map(|tap| {
-            let k = [
-                tap / (g.kernel[1] * g.kernel[2]),
-                tap / g.kernel[2] % g.kernel[1],
-                tap % g.kernel[2],
-            ];
-            [0, 1, 2].map(|d| valid_range(g, d, k[d]))
-        })
-        .collect();
+    // Per tap: its kernel coordinates and the input ranges it maps inside the output
+    // (computed per use, not collected: steady-state inference allocates nothing).
+    let tap_of = |tap: usize| -> ([usize; 3], [(usize, usize); 3]) {
+        let k = [
+            tap / (g.kernel[1] * g.kernel[2]),
+            tap / g.kernel[2] % g.kernel[1],
+            tap % g.kernel[2],
+        ];
+        (k, [0, 1, 2].map(|d| valid_range(g, d, k[d])))
+    };
     let job = |j: usize| -> Result<()> {
         let (chunk, tile) = (j / tiles, j % tiles);
         let (bn, gi) = (chunk / group, chunk % group);
@@ -132,12 +132,8 @@ pub fn run(
                 let om = gi * mg + mi;
                 let bias = b.map_or(0.0, |b| b[om]);
                 let plane = (bn * m + om) * pout;
-                for (tap, range) in ranges.iter().enumerate() {
-                    let k = [
-                        tap / (g.kernel[1] * g.kernel[2]),
-                        tap / g.kernel[2] % g.kernel[1],
-                        tap % g.kernel[2],
-                    ];
+                for tap in 0..ksz {
+                    let (k, range) = tap_of(tap);
                     let crow = &col[(mi * ksz + tap) * cols..(mi * ksz + tap + 1) * cols];
                     let (w_lo, w_hi) = range[2];
                     let ow0 = (w_lo * g.strides[2] + k[2] * g.dilations[2]) as i64 - g.pad_begin[2];
