@@ -1,18 +1,21 @@
 //! `kiln.Int8Conv`: convolution on i8 activations and weights (im2col + the i8 GEMM),
 //! i32 accumulation, bias and fused activation in f32, i8 output.
 
+use std::sync::{Arc, RwLock};
+
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Fact, KilnError, Op, OpDesc, Result, Tensor,
     TensorMut, Value,
 };
 
 use super::gemm::{gemm, Isa, PackedWeights, COL_ALIGN};
+use super::im2col::im2col;
 use super::{
     act_row, check_isa, output_slot, output_tensor, parse_tactic, requant_row, row_sums, OutBuf,
     OutPtr, OutPtrF, QdqIo, Requant, W_SCALES, X_SCALE, Y_SCALE,
 };
 use crate::fused::Activation;
-use crate::ops::conv::geom::{Spatial3, WindowAttrs};
+use crate::ops::conv::geom::WindowAttrs;
 use crate::ops::conv::reference::ConvDims;
 use crate::ops::conv::{conv_geometry, infer_conv_like};
 
@@ -30,6 +33,22 @@ pub struct Int8Conv {
     w_scales: Vec<f32>,
     isa: Isa,
     io: QdqIo,
+    /// Weights packed for the GEMM, zero-point compensation and requantization constants,
+    /// made on the first call and reused while the same weight and bias tensors come back
+    /// (a plan's constants do not move), so inference neither packs nor allocates.
+    prepared: Arc<RwLock<Option<Arc<Prepared>>>>,
+}
+
+/// What [`Int8Conv`] derives from its constant inputs, with the tensors it came from.
+#[derive(Debug)]
+struct Prepared {
+    /// Address and length of W's data, and B's address (0 when absent).
+    key: (usize, usize, usize),
+    /// Input zero point the compensation was made for.
+    zx: i32,
+    packed: Vec<PackedWeights>,
+    comp: Vec<i32>,
+    rq: Vec<Requant>,
 }
 
 fn group_of(a: &kiln_core::AttrReader) -> Result<usize> {
@@ -83,6 +102,7 @@ pub fn build(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
             .ok_or_else(|| a.invalid("missing w_scales"))?,
         isa,
         io,
+        prepared: Arc::default(),
     }))
 }
 
@@ -106,62 +126,6 @@ pub fn lowerable(desc: &OpDesc, inputs: &[Option<&Fact>]) -> bool {
         && w[1] >= 4
 }
 
-/// im2col of columns `p0..p0 + tw` of one image × group into the interleaved tile layout
-/// (row `k` = (channel, kernel offset), walked one output row segment at a time).
-#[allow(clippy::too_many_arguments)]
-fn im2col(
-    xg: &[i8],
-    cg: usize,
-    sp: &Spatial3,
-    p0: usize,
-    tw: usize,
-    pp: usize,
-    kp: usize,
-    col: &mut [i8],
-    (flip, pad): (i8, i8),
-) {
-    // Padding holds the value meaning 0 (the zero point); rows past k meet zero weights.
-    col[..kp * pp].fill(pad);
-    let [kd_n, kh_n, kw_n] = sp.kernel;
-    let [_, ih_n, iw_n] = sp.input;
-    let [_, oh_n, ow_n] = sp.output;
-    let (sw, dw, pw) = (sp.strides[2], sp.dilations[2], sp.pad_begin[2]);
-    let isz = sp.in_size();
-    let mut k = 0;
-    for c in 0..cg {
-        let xc = &xg[c * isz..(c + 1) * isz];
-        for kd in 0..kd_n {
-            for kh in 0..kh_n {
-                for kw in 0..kw_n {
-                    let base = (k >> 2) * pp * 4 + (k & 3);
-                    k += 1;
-                    let mut t = 0;
-                    while t < tw {
-                        let p = p0 + t;
-                        let ow0 = p % ow_n;
-                        let r = p / ow_n;
-                        let (oh, od) = (r % oh_n, r / oh_n);
-                        let seg = (ow_n - ow0).min(tw - t);
-                        if let (Some(id), Some(ih)) =
-                            (sp.in_coord(0, od, kd), sp.in_coord(1, oh, kh))
-                        {
-                            let xrow = &xc[(id * ih_n + ih) * iw_n..(id * ih_n + ih + 1) * iw_n];
-                            let dst = &mut col[base + t * 4..];
-                            for j in 0..seg {
-                                let iw = ((ow0 + j) * sw + kw * dw).wrapping_sub(pw);
-                                if iw < iw_n {
-                                    dst[j * 4] = xrow[iw] ^ flip;
-                                }
-                            }
-                        }
-                        t += seg;
-                    }
-                }
-            }
-        }
-    }
-}
-
 impl Int8Conv {
     fn run(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, mut out: OutBuf<'_>) -> Result<()> {
         let bad = |msg: String| Err(KilnError::kernel("Int8Conv", msg));
@@ -178,20 +142,28 @@ impl Int8Conv {
                 self.w_scales.len()
             ));
         }
-        let bias = match b {
-            Some(b) if b.dtype() != DType::F32 || b.shape() != [m] => {
-                return bad(format!(
-                    "B must be f32 [{m}], found {} {:?}",
-                    b.dtype(),
-                    b.shape()
-                ))
+        let key = (
+            w.bytes().as_ptr() as usize,
+            w.bytes().len(),
+            b.map_or(0, |b| b.bytes().as_ptr() as usize),
+        );
+        let cached = self
+            .prepared
+            .read()
+            .ok()
+            .and_then(|g| g.as_ref().filter(|p| p.key == key && p.zx == zx).cloned());
+        let prep = match cached {
+            Some(p) => p,
+            None => {
+                let p = Arc::new(self.prepare(key, zx, w, b, dims, sp.kernel_size())?);
+                if let Ok(mut g) = self.prepared.write() {
+                    *g = Some(p.clone());
+                }
+                p
             }
-            Some(b) => b.as_slice::<f32>()?.to_vec(),
-            None => vec![0.0; m],
         };
         let (cg, mg) = (c / group, m / group);
-        let ksz: usize = sp.kernel.iter().product();
-        let k = cg * ksz;
+        let k = cg * sp.kernel_size();
         let p_n = sp.out_size();
         if out.count() != n * m * p_n {
             return bad(format!(
@@ -201,19 +173,9 @@ impl Int8Conv {
             ));
         }
         let xs: &[i8] = bytemuck::cast_slice(x.bytes());
-        let ws = w.as_slice::<i8>()?;
-        // Zero-point compensation: Σ w·(a − z) = Σ w·a − z·Σ w (exact in i32).
-        let comp: Vec<i32> = row_sums(ws, m, k).into_iter().map(|s| s * zx).collect();
+        let (packed, comp, rq) = (&prep.packed, &prep.comp, &prep.rq);
         let pad = zx as i8;
-        let packed: Vec<PackedWeights> = (0..group)
-            .map(|g| PackedWeights::pack(&ws[g * mg * k..(g + 1) * mg * k], mg, k))
-            .collect();
-        let rq: Vec<Requant> = (0..m)
-            .map(|o| {
-                self.io
-                    .requant(self.x_scale * self.w_scales[o], bias[o], self.y_scale)
-            })
-            .collect();
+        debug_assert!(packed.iter().all(|p| p.kp == k.div_ceil(4) * 4));
         let tiles = p_n.div_ceil(TILE);
         let isz = sp.in_size();
         let (optr, fptr) = match &mut out {
@@ -255,6 +217,50 @@ impl Int8Conv {
             });
         });
         Ok(())
+    }
+
+    /// Packs W per group and computes the per-channel constants (see [`Prepared`]).
+    fn prepare(
+        &self,
+        key: (usize, usize, usize),
+        zx: i32,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        dims: ConvDims,
+        ksz: usize,
+    ) -> Result<Prepared> {
+        let ConvDims { c, m, group, .. } = dims;
+        let bias = match b {
+            Some(b) if b.dtype() != DType::F32 || b.shape() != [m] => {
+                return Err(KilnError::kernel(
+                    "Int8Conv",
+                    format!("B must be f32 [{m}], found {} {:?}", b.dtype(), b.shape()),
+                ))
+            }
+            Some(b) => b.as_slice::<f32>()?.to_vec(),
+            None => vec![0.0; m],
+        };
+        let (cg, mg) = (c / group, m / group);
+        let k = cg * ksz;
+        let ws = w.as_slice::<i8>()?;
+        // Zero-point compensation: Σ w·(a − z) = Σ w·a − z·Σ w (exact in i32).
+        let comp: Vec<i32> = row_sums(ws, m, k).into_iter().map(|s| s * zx).collect();
+        let packed: Vec<PackedWeights> = (0..group)
+            .map(|g| PackedWeights::pack(&ws[g * mg * k..(g + 1) * mg * k], mg, k))
+            .collect();
+        let rq: Vec<Requant> = (0..m)
+            .map(|o| {
+                self.io
+                    .requant(self.x_scale * self.w_scales[o], bias[o], self.y_scale)
+            })
+            .collect();
+        Ok(Prepared {
+            key,
+            zx,
+            packed,
+            comp,
+            rq,
+        })
     }
 
     fn out_shape(&self, x: &Tensor, w: &Tensor) -> Result<Vec<usize>> {
@@ -427,6 +433,60 @@ mod tests {
     /// Explicit quantization (u8 input with a zero point, u8 output with one, and f32
     /// output) on every ISA that takes it, against the f64 reference convolution of
     /// `q − zp` (padding = real zero); AVX2 is refused.
+    /// The prepared (packed) weights are reused only for the tensor they came from: one op
+    /// run on W, then W2, then W again gives what fresh ops give for each.
+    #[test]
+    fn prepared_weights_follow_the_weight_tensor() {
+        let mut reg = OpRegistry::new();
+        super::super::register(&mut reg);
+        let mut rng = Rng(7);
+        let (c, m, h, wd) = (8, 8, 6, 7);
+        let x =
+            Tensor::from_vec(&[1, c, h, wd], (0..c * h * wd).map(|_| rng.i8()).collect()).unwrap();
+        let w1 =
+            Tensor::from_vec(&[m, c, 3, 3], (0..m * c * 9).map(|_| rng.i8()).collect()).unwrap();
+        let w2 =
+            Tensor::from_vec(&[m, c, 3, 3], (0..m * c * 9).map(|_| rng.i8()).collect()).unwrap();
+        let attrs = [("pads", Attr::Ints(vec![1; 4]))];
+        let dsc = desc(&attrs, Isa::best(), m);
+        let ctx = BuildCtx {
+            node: "t",
+            desc: &dsc,
+            n_inputs: 2,
+            n_outputs: 1,
+        };
+        let run = |op: &dyn Op, w: &Tensor| {
+            let args = [
+                Some(&Value::Tensor(x.clone())),
+                Some(&Value::Tensor(w.clone())),
+            ];
+            op.eval(&args)
+                .unwrap()
+                .remove(0)
+                .as_tensor()
+                .unwrap()
+                .clone()
+        };
+        let fresh1 = run(&*reg.build(&ctx).unwrap(), &w1);
+        let fresh2 = run(&*reg.build(&ctx).unwrap(), &w2);
+        assert_ne!(
+            fresh1.as_slice::<i8>().unwrap(),
+            fresh2.as_slice::<i8>().unwrap()
+        );
+        let op = reg.build(&ctx).unwrap();
+        for (w, want) in [
+            (&w1, &fresh1),
+            (&w2, &fresh2),
+            (&w1, &fresh1),
+            (&w1, &fresh1),
+        ] {
+            assert_eq!(
+                run(&*op, w).as_slice::<i8>().unwrap(),
+                want.as_slice::<i8>().unwrap()
+            );
+        }
+    }
+
     #[test]
     fn explicit_zero_points_match_the_reference() {
         let mut reg = OpRegistry::new();

@@ -27,6 +27,7 @@
 
 pub mod conv;
 pub mod gemm;
+pub mod im2col;
 pub mod linear;
 pub mod matmul;
 pub mod qdq;
@@ -290,7 +291,8 @@ pub fn quantize_zp(x: f32, inv: f32, zp: f32, lo: f32, hi: f32, flip: i8) -> i8 
     (((c + MAGIC) - MAGIC) + zp).clamp(lo, hi) as i8 ^ flip
 }
 
-/// Requantizes one row of accumulators: `out[t] = q(act(acc[t]·mul + bias))`.
+/// Requantizes one row of accumulators: `out[t] = q(act(acc[t]·mul + bias))`, with the
+/// best SIMD build of the loops this CPU has.
 pub(crate) fn requant_row(
     acc: &[i32],
     q: Requant,
@@ -298,26 +300,96 @@ pub(crate) fn requant_row(
     tmp: &mut [f32],
     out: &mut [i8],
 ) {
-    let n = acc.len();
     act_row(acc, q, act, tmp);
-    if q.is_sym() {
-        for (d, &v) in out[..n].iter_mut().zip(&tmp[..n]) {
-            *d = quantize_one(v, q.inv_y);
+    let (tmp, out) = (&tmp[..acc.len()], &mut out[..acc.len()]);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::linalg::sgemm::Isa as F32Isa;
+        match F32Isa::detect() {
+            // SAFETY: the CPU has these features (run-time detection).
+            F32Isa::Avx512 => return unsafe { quantize_row_avx512(tmp, q, out) },
+            // SAFETY: as above.
+            F32Isa::Avx2 => return unsafe { quantize_row_avx2(tmp, q, out) },
+            _ => {}
         }
+    }
+    quantize_row_body(tmp, q, out)
+}
+
+/// [`quantize_row_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn quantize_row_avx512(v: &[f32], q: Requant, out: &mut [i8]) {
+    quantize_row_body(v, q, out)
+}
+
+/// [`quantize_row_body`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_row_avx2(v: &[f32], q: Requant, out: &mut [i8]) {
+    quantize_row_body(v, q, out)
+}
+
+/// `out[t] = quantize(v[t])` in `q`'s form: the arithmetic of [`quantize_one`] /
+/// [`quantize_zp`] (NaN → 0), written so that the compiler vectorises it per build (the
+/// saturating `f32 as i8` of those helpers turns the loop scalar).
+#[inline(always)]
+fn quantize_row_body(v: &[f32], q: Requant, out: &mut [i8]) {
+    const MAGIC: f32 = 12_582_912.0;
+    let (lo, hi, zp, flip) = if q.is_sym() {
+        (-127.0f32, 127.0f32, 0.0f32, 0i8)
     } else {
-        for (d, &v) in out[..n].iter_mut().zip(&tmp[..n]) {
-            *d = quantize_zp(v, q.inv_y, q.zp, q.lo, q.hi, q.flip);
-        }
+        (q.lo, q.hi, q.zp, q.flip)
+    };
+    for (d, &x) in out.iter_mut().zip(v) {
+        let c = (x * q.inv_y).clamp(-4_194_304.0, 4_194_304.0);
+        let r = (((c + MAGIC) - MAGIC) + zp).clamp(lo, hi);
+        let r = if r.is_nan() { 0.0 } else { r };
+        // SAFETY: `r` is finite and within [lo, hi] ⊂ [-128, 127] (NaN was replaced).
+        let i = unsafe { r.to_int_unchecked::<i32>() };
+        *d = i as i8 ^ flip;
     }
 }
 
 /// `tmp[t] = act(acc[t]·mul + bias)` (the f32 result before requantization).
 pub(crate) fn act_row(acc: &[i32], q: Requant, act: crate::fused::Activation, tmp: &mut [f32]) {
     let n = acc.len();
-    for (v, &a) in tmp[..n].iter_mut().zip(acc) {
-        *v = a as f32 * q.mul;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::linalg::sgemm::Isa as F32Isa;
+        match F32Isa::detect() {
+            // SAFETY: the CPU has these features (run-time detection).
+            F32Isa::Avx512 => unsafe { scale_row_avx512(acc, q.mul, &mut tmp[..n]) },
+            // SAFETY: as above.
+            F32Isa::Avx2 => unsafe { scale_row_avx2(acc, q.mul, &mut tmp[..n]) },
+            _ => scale_row_body(acc, q.mul, &mut tmp[..n]),
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    scale_row_body(acc, q.mul, &mut tmp[..n]);
     crate::ops::conv::kernel::epilogue(&mut tmp[..n], q.bias, act);
+}
+
+/// [`scale_row_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn scale_row_avx512(acc: &[i32], mul: f32, out: &mut [f32]) {
+    scale_row_body(acc, mul, out)
+}
+
+/// [`scale_row_body`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scale_row_avx2(acc: &[i32], mul: f32, out: &mut [f32]) {
+    scale_row_body(acc, mul, out)
+}
+
+/// `out[t] = acc[t] as f32 · mul`.
+#[inline(always)]
+fn scale_row_body(acc: &[i32], mul: f32, out: &mut [f32]) {
+    for (v, &a) in out.iter_mut().zip(acc) {
+        *v = a as f32 * mul;
+    }
 }
 
 /// Symmetric per-row quantization of a weight matrix (`rows × cols` f32): returns the i8
@@ -514,5 +586,66 @@ mod tests {
         assert_eq!(&q[6..9], &[127, 64, -1]);
         assert_eq!(quantize_one(1e9, 1.0), 127);
         assert_eq!(quantize_one(-1e9, 1.0), -127);
+    }
+
+    /// Every build of the row requantization gives `Requant::apply`'s bytes: random values
+    /// over 3× the range, exact ties, NaN and infinities, symmetric and zero-point forms.
+    #[test]
+    fn requant_rows_match_the_scalar_form() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let io_forms = [
+            OutKind::Sym,
+            OutKind::Zp { u8: true, zp: 37 },
+            OutKind::Zp { u8: false, zp: -9 },
+            OutKind::Zp { u8: true, zp: 255 },
+        ];
+        for (fi, out) in io_forms.into_iter().enumerate() {
+            let io = QdqIo {
+                explicit: fi > 0,
+                x_zp: 0,
+                out,
+            };
+            let q = io.requant(0.01 + fi as f32 * 0.003, -0.3, 0.05);
+            for n in [1usize, 7, 16, 33, 128] {
+                let acc: Vec<i32> = (0..n)
+                    .map(|i| match i % 5 {
+                        // ties of the requantized value: (k + ½)·y_scale
+                        0 => ((((next() % 200) as f32 - 100.0 + 0.5) * 0.05 + 0.3) / q.mul) as i32,
+                        _ => (next() % 40_001) as i32 - 20_000,
+                    })
+                    .collect();
+                let act = crate::fused::Activation::None;
+                let want: Vec<i8> = acc.iter().map(|&a| q.apply(a, act)).collect();
+                let mut tmp = vec![0f32; n];
+                let mut got = vec![0i8; n];
+                requant_row(&acc, q, act, &mut tmp, &mut got);
+                assert_eq!(got, want, "form {fi} n {n}");
+                let mut vals = tmp.clone();
+                vals[0] = f32::NAN;
+                if n > 2 {
+                    vals[1] = f32::INFINITY;
+                    vals[2] = f32::NEG_INFINITY;
+                }
+                let scalar: Vec<i8> = vals
+                    .iter()
+                    .map(|&v| {
+                        if q.is_sym() {
+                            quantize_one(v, q.inv_y)
+                        } else {
+                            quantize_zp(v, q.inv_y, q.zp, q.lo, q.hi, q.flip)
+                        }
+                    })
+                    .collect();
+                let mut body = vec![0i8; n];
+                quantize_row_body(&vals, q, &mut body);
+                assert_eq!(body, scalar, "portable build, form {fi} n {n}");
+            }
+        }
     }
 }
