@@ -191,6 +191,8 @@ impl Builder {
         };
         if config.optimize && fingerprint.backend != "cuda" {
             // CPU engines only: the GPU executor has no layer for the fused chain.
+            // `int8::qdq_pairs::fold_qdq_pairs` is not run yet: it is exact, but det QDQ ran
+            // 2x slower with it (docs/int8.md, "Not done yet").
             let chains = crate::fuse_elementwise::fuse_elementwise(&mut graph, registry())?;
             if chains > 0 {
                 graph.infer_facts_with(true)?;

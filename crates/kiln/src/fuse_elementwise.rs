@@ -15,7 +15,8 @@
 use std::collections::HashMap;
 
 use kiln_core::{Attr, BuildCtx, DType, Dim, Graph, Node, OpRegistry, Result, ValueId};
-use kiln_cpu::ops::elementwise::chain::{ChainOp, Instr, Program};
+use kiln_cpu::fused::KILN_DOMAIN;
+use kiln_cpu::ops::elementwise::chain::{ChainOp, Instr, Program, CHAIN_OP};
 
 /// An operand of one node's steps, before numbering.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +32,9 @@ enum Local {
 /// The steps a node computes, when it is a fusable elementwise node.
 fn steps_of(node: &Node) -> Option<Vec<(ChainOp, Local, Local)>> {
     let d = &node.desc;
+    if d.domain == KILN_DOMAIN && d.op_type == CHAIN_OP {
+        return chain_steps(node);
+    }
     if !d.domain.is_empty() || node.outputs.len() != 1 {
         return None;
     }
@@ -101,6 +105,38 @@ fn steps_of(node: &Node) -> Option<Vec<(ChainOp, Local, Local)>> {
         }
         _ => None,
     }
+}
+
+/// The steps of an existing chain node (e.g. one made by `fold_qdq_pairs`), so that
+/// chains merge with their elementwise neighbours.
+fn chain_steps(node: &Node) -> Option<Vec<(ChainOp, Local, Local)>> {
+    if node.outputs.len() != 1 || node.inputs.iter().any(|i| i.is_none()) {
+        return None;
+    }
+    let prog = Program::from_desc(&node.desc, &node.name, node.inputs.len()).ok()?;
+    let base = prog.inputs + prog.constants.len();
+    let local = |o: usize| {
+        if o < prog.inputs {
+            Local::Input(o)
+        } else if o < base {
+            Local::Const(prog.constants[o - prog.inputs])
+        } else {
+            Local::Step(o - base)
+        }
+    };
+    Some(
+        prog.instrs
+            .iter()
+            .map(|ins| {
+                let b = if ins.op.is_binary() {
+                    local(ins.b)
+                } else {
+                    Local::Const(0.0)
+                };
+                (ins.op, local(ins.a), b)
+            })
+            .collect(),
+    )
 }
 
 /// The f32 shape of a value with every dim known or symbolic.

@@ -9,6 +9,7 @@ pub mod gpu;
 pub mod histogram;
 pub mod lower;
 pub mod qdq;
+pub mod qdq_pairs;
 
 pub use cache::{Algorithm, CalibCacheError, CalibrationCache};
 pub use calibrate::Calibrator;

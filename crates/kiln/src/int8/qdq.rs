@@ -40,7 +40,7 @@ pub struct QdqReport {
     pub int8_outputs: usize,
 }
 
-fn is_onnx(node: &Node, op: &str) -> bool {
+pub(super) fn is_onnx(node: &Node, op: &str) -> bool {
     node.desc.op_type == op && (node.desc.domain.is_empty() || node.desc.domain == "ai.onnx")
 }
 
@@ -51,7 +51,7 @@ fn konst<'a>(graph: &'a Graph, node: &Node, i: usize) -> Option<&'a Tensor> {
 }
 
 /// A DequantizeLinear/QuantizeLinear's scale: f32 constant, `n` values or one.
-fn scales(graph: &Graph, node: &Node) -> Option<Vec<f32>> {
+pub(super) fn scales(graph: &Graph, node: &Node) -> Option<Vec<f32>> {
     let s = konst(graph, node, 1)?;
     if s.dtype() != DType::F32 {
         return None;
@@ -61,7 +61,7 @@ fn scales(graph: &Graph, node: &Node) -> Option<Vec<f32>> {
 }
 
 /// Per-tensor zero point of a Q/DQ node (`None` input: 0 of `default`), with its type.
-fn zero_point(graph: &Graph, node: &Node, default: DType) -> Option<(i32, DType)> {
+pub(super) fn zero_point(graph: &Graph, node: &Node, default: DType) -> Option<(i32, DType)> {
     match node.inputs.get(2).copied().flatten() {
         None => Some((0, default)),
         Some(v) => {
@@ -79,7 +79,7 @@ fn zero_point(graph: &Graph, node: &Node, default: DType) -> Option<(i32, DType)
     }
 }
 
-fn int_attr(desc: &OpDesc, name: &str, default: i64) -> i64 {
+pub(super) fn int_attr(desc: &OpDesc, name: &str, default: i64) -> i64 {
     match desc.attrs.get(name) {
         Some(Attr::Int(v)) => *v,
         _ => default,

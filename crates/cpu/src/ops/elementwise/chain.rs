@@ -61,9 +61,14 @@ pub enum ChainOp {
     Neg,
     /// |a|.
     Abs,
+    /// a rounded to the nearest integer, halves to even (ONNX QuantizeLinear's rounding).
+    RoundEven,
+    /// b where a is NaN, else a.
+    NanTo,
 }
 
-const OPS: [ChainOp; 12] = [
+/// Opcodes are positions in this list: new ops go at the end, so plans stay readable.
+const OPS: [ChainOp; 14] = [
     ChainOp::Add,
     ChainOp::Sub,
     ChainOp::Mul,
@@ -76,6 +81,8 @@ const OPS: [ChainOp; 12] = [
     ChainOp::HardSwish,
     ChainOp::Neg,
     ChainOp::Abs,
+    ChainOp::RoundEven,
+    ChainOp::NanTo,
 ];
 
 impl ChainOp {
@@ -83,7 +90,13 @@ impl ChainOp {
     pub fn is_binary(self) -> bool {
         matches!(
             self,
-            ChainOp::Add | ChainOp::Sub | ChainOp::Mul | ChainOp::Div | ChainOp::Max | ChainOp::Min
+            ChainOp::Add
+                | ChainOp::Sub
+                | ChainOp::Mul
+                | ChainOp::Div
+                | ChainOp::Max
+                | ChainOp::Min
+                | ChainOp::NanTo
         )
     }
 
@@ -107,7 +120,30 @@ impl ChainOp {
             ChainOp::HardSwish => a * (a * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0),
             ChainOp::Neg => -a,
             ChainOp::Abs => a.abs(),
+            ChainOp::RoundEven => round_even(a),
+            ChainOp::NanTo => {
+                if a.is_nan() {
+                    b
+                } else {
+                    a
+                }
+            }
         }
+    }
+}
+
+/// Rounds half to even like `f32::round_ties_even`, in a form that vectorises without
+/// SSE4.1's `roundps` (the std call is a libm call per element on the portable and AVX
+/// builds): below 2^23 adding and subtracting 2^23 rounds in the default mode; larger
+/// values, ±∞ and NaN are already integral or pass through.
+#[inline(always)]
+pub fn round_even(a: f32) -> f32 {
+    const TWO23: f32 = 8_388_608.0;
+    let m = a.abs();
+    if m < TWO23 {
+        ((m + TWO23) - TWO23).copysign(a)
+    } else {
+        a
     }
 }
 
@@ -188,37 +224,51 @@ impl Program {
     }
 }
 
-fn build_chain(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
-    let a = ctx.attrs();
-    let code = a
-        .opt_ints(PROGRAM_ATTR)?
-        .ok_or_else(|| a.invalid(format!("{PROGRAM_ATTR} is missing")))?;
-    if code.len() % 3 != 0 {
-        return Err(a.invalid(format!(
-            "{PROGRAM_ATTR} must hold three ints per instruction"
-        )));
-    }
-    let operand = |v: i64| usize::try_from(v).map_err(|_| a.invalid("negative operand"));
-    let instrs = code
-        .chunks_exact(3)
-        .map(|c| {
-            let op = usize::try_from(c[0])
-                .ok()
-                .and_then(|i| OPS.get(i).copied())
-                .ok_or_else(|| a.invalid(format!("unknown chain opcode {}", c[0])))?;
-            Ok(Instr {
-                op,
-                a: operand(c[1])?,
-                b: operand(c[2])?,
+impl Program {
+    /// Reads a program back from its op description (`inputs`: the node's input count).
+    pub fn from_desc(desc: &OpDesc, node: &str, inputs: usize) -> Result<Program> {
+        let ctx = BuildCtx {
+            node,
+            desc,
+            n_inputs: inputs,
+            n_outputs: 1,
+        };
+        let a = ctx.attrs();
+        let code = a
+            .opt_ints(PROGRAM_ATTR)?
+            .ok_or_else(|| a.invalid(format!("{PROGRAM_ATTR} is missing")))?;
+        if code.len() % 3 != 0 {
+            return Err(a.invalid(format!(
+                "{PROGRAM_ATTR} must hold three ints per instruction"
+            )));
+        }
+        let operand = |v: i64| usize::try_from(v).map_err(|_| a.invalid("negative operand"));
+        let instrs = code
+            .chunks_exact(3)
+            .map(|c| {
+                let op = usize::try_from(c[0])
+                    .ok()
+                    .and_then(|i| OPS.get(i).copied())
+                    .ok_or_else(|| a.invalid(format!("unknown chain opcode {}", c[0])))?;
+                Ok(Instr {
+                    op,
+                    a: operand(c[1])?,
+                    b: operand(c[2])?,
+                })
             })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let prog = Program {
-        inputs: ctx.n_inputs,
-        constants: a.opt_floats(CONSTANTS_ATTR)?.unwrap_or_default(),
-        instrs,
-    };
-    prog.validate().map_err(|e| a.invalid(e.to_string()))?;
+            .collect::<Result<Vec<_>>>()?;
+        let prog = Program {
+            inputs,
+            constants: a.opt_floats(CONSTANTS_ATTR)?.unwrap_or_default(),
+            instrs,
+        };
+        prog.validate().map_err(|e| a.invalid(e.to_string()))?;
+        Ok(prog)
+    }
+}
+
+fn build_chain(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
+    let prog = Program::from_desc(ctx.desc, ctx.node, ctx.n_inputs)?;
     Ok(Box::new(ElementwiseChain { prog }))
 }
 
@@ -434,6 +484,8 @@ fn apply(op: ChainOp, a: Src, b: Src, dst: &mut [f32]) {
         ChainOp::Div => each!(|x: f32, y: f32| x / y),
         ChainOp::Max => each!(|x: f32, y: f32| x.max(y)),
         ChainOp::Min => each!(|x: f32, y: f32| x.min(y)),
+        ChainOp::RoundEven => each!(|x: f32, _y: f32| round_even(x)),
+        ChainOp::NanTo => each!(|x: f32, y: f32| if x.is_nan() { y } else { x }),
         other => each!(|x: f32, y: f32| other.apply(x, y)),
     }
 }
@@ -466,8 +518,46 @@ mod tests {
                 i(ChainOp::Neg, 16, 0),
                 i(ChainOp::Tanh, 17, 0),
                 i(ChainOp::Relu, 18, 0),
+                i(ChainOp::Mul, 0, 5),        // 20: x·6, some exact halves
+                i(ChainOp::RoundEven, 20, 0), // 21
+                i(ChainOp::Div, 21, 4),       // 22: ±inf or NaN (0/0)
+                i(ChainOp::NanTo, 22, 3),     // 23
+                i(ChainOp::Min, 23, 5),       // 24
+                i(ChainOp::Max, 24, 4),       // 25
+                i(ChainOp::Add, 19, 25),
             ],
         }
+    }
+
+    #[test]
+    fn round_even_is_round_ties_even() {
+        let mut r = Lcg(5);
+        let mut xs: Vec<f32> = (0..4000)
+            .map(|i| r.next() * (1u64 << (i % 30)) as f32)
+            .collect();
+        xs.extend((-40..40).map(|k| k as f32 + 0.5));
+        xs.extend([
+            0.0,
+            -0.0,
+            -0.3,
+            0.49999997,
+            8_388_607.5,
+            -8_388_607.5,
+            4_194_304.5,
+            1e30,
+            -1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+        ]);
+        for x in xs {
+            assert_eq!(
+                round_even(x).to_bits(),
+                x.round_ties_even().to_bits(),
+                "{x}"
+            );
+        }
+        assert!(round_even(f32::NAN).is_nan());
     }
 
     #[test]
