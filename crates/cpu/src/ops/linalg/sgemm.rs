@@ -804,9 +804,19 @@ unsafe fn short(
 ) {
     // SAFETY: forwarded.
     unsafe {
-        short_body(m, n, k, dst, dst_rs, accumulate, a, b, scale, epi, |v, x, y| {
-            *v += x * y
-        })
+        short_body(
+            m,
+            n,
+            k,
+            dst,
+            dst_rs,
+            accumulate,
+            a,
+            b,
+            scale,
+            epi,
+            |v, x, y| *v += x * y,
+        )
     }
 }
 
@@ -1413,9 +1423,19 @@ mod x86 {
     ) {
         // SAFETY: forwarded.
         unsafe {
-            short_body(m, n, k, dst, dst_rs, accumulate, a, b, scale, epi, |v, x, y| {
-                *v = x.mul_add(y, *v)
-            })
+            short_body(
+                m,
+                n,
+                k,
+                dst,
+                dst_rs,
+                accumulate,
+                a,
+                b,
+                scale,
+                epi,
+                |v, x, y| *v = x.mul_add(y, *v),
+            )
         }
     }
 
@@ -1439,9 +1459,19 @@ mod x86 {
     ) {
         // SAFETY: forwarded.
         unsafe {
-            short_body(m, n, k, dst, dst_rs, accumulate, a, b, scale, epi, |v, x, y| {
-                *v = x.mul_add(y, *v)
-            })
+            short_body(
+                m,
+                n,
+                k,
+                dst,
+                dst_rs,
+                accumulate,
+                a,
+                b,
+                scale,
+                epi,
+                |v, x, y| *v = x.mul_add(y, *v),
+            )
         }
     }
 
@@ -2114,8 +2144,16 @@ mod tests {
                             }
                         }
                         let epi = Epilogue {
-                            row_bias: if use_rb { rb.as_ptr() } else { std::ptr::null() },
-                            col_bias: if use_cb { cb.as_ptr() } else { std::ptr::null() },
+                            row_bias: if use_rb {
+                                rb.as_ptr()
+                            } else {
+                                std::ptr::null()
+                            },
+                            col_bias: if use_cb {
+                                cb.as_ptr()
+                            } else {
+                                std::ptr::null()
+                            },
                             residual: if use_res {
                                 res.as_ptr()
                             } else {
@@ -2157,7 +2195,9 @@ mod tests {
                                         &epi,
                                     )
                                 } else {
-                                    sgemm_epi(isa, m, n, k, d.0, ldd, acc, aop, bop, 0.5, true, &epi)
+                                    sgemm_epi(
+                                        isa, m, n, k, d.0, ldd, acc, aop, bop, 0.5, true, &epi,
+                                    )
                                 }
                             }
                         });
@@ -2174,6 +2214,92 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Timing, not a check (`--ignored --nocapture`): conv-like products (bias per row +
+    /// activation) with the epilogue in the tile store against the product followed by
+    /// the conv's separate bias + activation pass; best of interleaved repetitions.
+    #[test]
+    #[ignore]
+    fn epilogue_in_store_speed() {
+        use std::time::Instant;
+        let isa = Isa::detect();
+        // (m, n, k): pointwise convs of the det / orientation models.
+        for &(m, n, k) in &[
+            (64, 25600, 32),
+            (128, 6400, 64),
+            (256, 1600, 128),
+            (96, 6400, 96),
+            (512, 196, 256),
+        ] {
+            for act in [Activation::Relu, Activation::HardSwish, Activation::Sigmoid] {
+                let a = values(m * k, 1);
+                let b = values(k * n, 2);
+                let bias = values(m, 3);
+                let mut packed = vec![0.0; packed_a_len(m, k)];
+                pack_a_whole(isa, m, k, &a, &mut packed);
+                let mut out = vec![0.0f32; m * n];
+                let bop = Operand {
+                    ptr: b.as_ptr(),
+                    rs: n,
+                    cs: 1,
+                };
+                let epi = Epilogue {
+                    row_bias: bias.as_ptr(),
+                    act,
+                    ..Epilogue::NONE
+                };
+                let (mut sep, mut fused) = (f64::MAX, f64::MAX);
+                for _ in 0..15 {
+                    let t = Instant::now();
+                    // SAFETY: sizes as allocated above; isa detected.
+                    unsafe {
+                        sgemm_packed_a(
+                            isa,
+                            m,
+                            n,
+                            k,
+                            out.as_mut_ptr(),
+                            n,
+                            false,
+                            packed.as_ptr(),
+                            bop,
+                            1.0,
+                            false,
+                        )
+                    };
+                    for (r, row) in out.chunks_exact_mut(n).enumerate() {
+                        crate::ops::conv::kernel::epilogue(row, bias[r], act);
+                    }
+                    sep = sep.min(t.elapsed().as_secs_f64());
+                    let t = Instant::now();
+                    // SAFETY: as above; the epilogue covers m rows.
+                    unsafe {
+                        sgemm_packed_a_epi(
+                            isa,
+                            m,
+                            n,
+                            k,
+                            out.as_mut_ptr(),
+                            n,
+                            false,
+                            packed.as_ptr(),
+                            bop,
+                            1.0,
+                            false,
+                            &epi,
+                        )
+                    };
+                    fused = fused.min(t.elapsed().as_secs_f64());
+                }
+                eprintln!(
+                    "{isa:?} {m}x{n}x{k} {act:?}: separate {:.3} ms, in store {:.3} ms ({:+.1} %)",
+                    sep * 1e3,
+                    fused * 1e3,
+                    (fused / sep - 1.0) * 100.0
+                );
             }
         }
     }

@@ -276,10 +276,7 @@ fn fused_activation_and_c_match_naive_then_activation() {
         let a = r.vec(2 * m * k);
         let b = r.vec(k * n);
         let plan = matmul_plan("MatMul", &sa, &sb).unwrap();
-        let want: Vec<f32> = naive(&a, &b, &plan)
-            .iter()
-            .map(|&v| act.apply(v))
-            .collect();
+        let want: Vec<f32> = naive(&a, &b, &plan).iter().map(|&v| act.apply(v)).collect();
         let op = MatMul { act };
         let (ta, tb) = (
             Tensor::from_vec(&sa, a).unwrap(),
