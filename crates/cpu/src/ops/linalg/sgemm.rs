@@ -435,9 +435,9 @@ pub unsafe fn sgemm(
     }
 }
 
-/// [`sgemm`] followed by `epi`: `dst = act((accumulate ? dst : 0) + scale·A·B + row_bias
-/// + col_bias + residual)`, the epilogue applied in the final store of each tile (after
-/// the last depth block).
+/// [`sgemm`] followed by `epi`: `dst = act((accumulate ? dst : 0) + scale·A·B +
+/// row_bias + col_bias + residual)`, the epilogue applied in the final store of each tile
+/// (after the last depth block).
 ///
 /// # Safety
 /// As [`sgemm`]; every element `epi` addresses for `i < m, j < n` is valid and does not
