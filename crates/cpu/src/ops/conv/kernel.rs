@@ -1,6 +1,8 @@
 //! The production f32 convolution: a direct kernel for depthwise convolutions, a plain
 //! GEMM for 1×1 convolutions, and tiled im2col + GEMM for everything else. Bias and the
-//! fused activation are applied in the same pass over each freshly computed output tile.
+//! fused activation are applied by the GEMM kernels in the final store of each output
+//! tile ([`blas::GemmEpilogue`]), and by the direct kernels in the same pass over each
+//! freshly computed output row.
 
 use rayon::prelude::*;
 
@@ -10,7 +12,7 @@ use super::flat::{FlatConv, FlatGeom};
 use super::geom::Spatial3;
 use super::reference::ConvDims;
 use crate::fused::Activation;
-use crate::ops::linalg::blas::{self, MatRef};
+use crate::ops::linalg::blas::{self, GemmEpilogue, MatRef};
 use crate::ops::linalg::sgemm::{pack_a_whole, Isa};
 
 /// Target number of im2col elements per tile (keeps the scratch in L2): the default.
@@ -269,7 +271,7 @@ impl ConvF32<'_> {
 
     /// Every image in one product when each has few output positions (one group):
     /// `tmp[M × N·P] = W[M × K] · col[K × N·P]` with the images' im2col matrices side by
-    /// side, then bias + activation on `tmp` and a scatter into N × M × P. The weights are
+    /// side (bias + activation in the product's epilogue), then a scatter into N × M × P. The weights are
     /// read once for the batch instead of once per image, and the product gets N·P columns
     /// instead of P.
     fn run_batch_columns(&self, out: &mut [f32]) -> Result<()> {
@@ -303,9 +305,9 @@ impl ConvF32<'_> {
                 self.w,
                 MatRef::row_major(col, cols),
                 par,
+                &self.epi(self.bias),
             )?;
-            for (r, row) in tmp.chunks_exact_mut(cols).enumerate() {
-                epilogue(row, self.bias.map_or(0.0, |bv| bv[r]), self.act);
+            for (r, row) in tmp.chunks_exact(cols).enumerate() {
                 for (b, src) in row.chunks_exact(p).enumerate() {
                     out[(b * m + r) * p..(b * m + r + 1) * p].copy_from_slice(src);
                 }
@@ -331,21 +333,17 @@ impl ConvF32<'_> {
         let k = cg * self.sp.kernel_size();
         let par = par && mg * p * k >= blas::PARALLEL_THRESHOLD;
         if self.sp.is_pointwise() {
-            self.product(mg, p, k, out, p, wg, MatRef::row_major(xg, p), par)?;
-            let rows = epilogue_rows_per_task(mg, p, crate::parallel::threads());
-            if par && rows < mg && (bias.is_some() || self.act != Activation::None) {
-                // The product ran on every thread: so does the bias + activation pass.
-                out.par_chunks_mut(rows * p)
-                    .enumerate()
-                    .for_each(|(t, block)| {
-                        for (i, row) in block.chunks_mut(p).enumerate() {
-                            epilogue(row, bias.map_or(0.0, |b| b[t * rows + i]), self.act);
-                        }
-                    });
-            } else {
-                self.apply_epilogue(out, bias, mg, 0, p);
-            }
-            return Ok(());
+            return self.product(
+                mg,
+                p,
+                k,
+                out,
+                p,
+                wg,
+                MatRef::row_major(xg, p),
+                par,
+                &self.epi(bias),
+            );
         }
         let tile = (tile_elems / k.max(1)).max(128).min(p);
         crate::scratch::with_scratch::<f32, _>(k * tile, |col| {
@@ -354,8 +352,8 @@ impl ConvF32<'_> {
     }
 
     /// One (image, group) with its output positions split into `tasks` parallel ranges:
-    /// each task runs im2col tiles of its range with a serial product into a scratch tile
-    /// (`mg × tile`), applies the epilogue there and copies the rows into `out`.
+    /// each task runs im2col tiles of its range with a serial product (epilogue included)
+    /// into a scratch tile (`mg × tile`) and copies the rows into `out`.
     #[allow(clippy::too_many_arguments)]
     fn run_group_split(
         &self,
@@ -393,9 +391,9 @@ impl ConvF32<'_> {
                             wg,
                             MatRef::row_major(&col[..k * tw], tw),
                             false,
+                            &self.epi(bias),
                         )?;
-                        for (r, row) in acc.chunks_exact_mut(tw).enumerate() {
-                            epilogue(row, bias.map_or(0.0, |b| b[r]), self.act);
+                        for (r, row) in acc.chunks_exact(tw).enumerate() {
                             // SAFETY: row r, columns p0..p1 of the mg × p output lie inside
                             // `out` (checked length); tasks own disjoint column ranges
                             // r0..r1, so no two tasks write the same element, and `out`
@@ -446,14 +444,24 @@ impl ConvF32<'_> {
                 wg,
                 MatRef::row_major(&col[..k * tw], tw),
                 par,
+                &self.epi(bias),
             )?;
-            self.apply_epilogue(out, bias, mg, p0, p1);
             p0 = p1;
         }
         Ok(())
     }
 
-    /// `out[mg × n] = W_g · b`, with the group's weights plain or prepacked.
+    /// The GEMM epilogue of a group whose output channels have `bias`: that bias per row
+    /// of the product, then the fused activation.
+    fn epi<'b>(&self, bias: Option<&'b [f32]>) -> GemmEpilogue<'b> {
+        GemmEpilogue {
+            row_bias: bias,
+            act: self.act,
+            ..GemmEpilogue::default()
+        }
+    }
+
+    /// `out[mg × n] = epi(W_g · b)`, with the group's weights plain or prepacked.
     #[allow(clippy::too_many_arguments)]
     fn product(
         &self,
@@ -465,10 +473,13 @@ impl ConvF32<'_> {
         wg: &[f32],
         b: MatRef<'_, f32>,
         par: bool,
+        epi: &GemmEpilogue<'_>,
     ) -> Result<()> {
         match self.packed {
-            Some(isa) => blas::gemm_packed_a(isa, mg, n, k, out, out_rs, false, wg, b, 1.0, par),
-            None => blas::gemm(
+            Some(isa) => {
+                blas::gemm_packed_a_epi(isa, mg, n, k, out, out_rs, false, wg, b, 1.0, par, epi)
+            }
+            None => blas::gemm_epi(
                 mg,
                 n,
                 k,
@@ -479,28 +490,8 @@ impl ConvF32<'_> {
                 b,
                 1.0,
                 par,
+                epi,
             ),
-        }
-    }
-
-    fn apply_epilogue(
-        &self,
-        out: &mut [f32],
-        bias: Option<&[f32]>,
-        mg: usize,
-        p0: usize,
-        p1: usize,
-    ) {
-        if bias.is_none() && self.act == Activation::None {
-            return;
-        }
-        let p = self.sp.out_size();
-        for r in 0..mg {
-            epilogue(
-                &mut out[r * p + p0..r * p + p1],
-                bias.map_or(0.0, |b| b[r]),
-                self.act,
-            );
         }
     }
 
@@ -602,24 +593,6 @@ pub const POSITION_TASK_WORK: usize = 1 << 17;
 pub fn position_tasks(per_position: usize, p: usize, threads: usize) -> usize {
     let work = per_position.saturating_mul(p);
     threads.min(work / POSITION_TASK_WORK).min(p / 64).max(1)
-}
-
-/// Minimum values per task of a parallel epilogue pass.
-const EPILOGUE_TASK_VALUES: usize = 1 << 14;
-
-/// Rows per task of the epilogue over `rows` rows of `p` values on `threads` threads: all
-/// of them (one serial pass) for one thread or few values, else about two tasks per thread
-/// of at least [`EPILOGUE_TASK_VALUES`] values.
-pub fn epilogue_rows_per_task(rows: usize, p: usize, threads: usize) -> usize {
-    let total = rows.saturating_mul(p);
-    if threads <= 1 || rows <= 1 || total < 2 * EPILOGUE_TASK_VALUES {
-        return rows.max(1);
-    }
-    let tasks = (threads * 2)
-        .min(rows)
-        .min(total / EPILOGUE_TASK_VALUES)
-        .max(1);
-    rows.div_ceil(tasks)
 }
 
 /// Minimum multiply-adds per parallel task of the depthwise kernel (below it a task costs
@@ -1141,8 +1114,8 @@ mod tests {
         assert_eq!(position_tasks(27 * 16, 12544, 1), 1);
     }
 
-    /// Pointwise convolutions (the product split over threads, then the parallel bias +
-    /// activation pass) at 1, 2 and 3 threads with odd channel counts.
+    /// Pointwise convolutions (the product split over threads, bias + activation in its
+    /// epilogue) at 1, 2 and 3 threads with odd channel counts.
     #[test]
     fn pointwise_parallel_epilogue_matches_the_reference_at_1_2_3_threads() {
         let sp = WindowAttrs::default()
@@ -1166,7 +1139,6 @@ mod tests {
             .iter()
             .map(|&v| Activation::HardSwish.apply(v as f32))
             .collect();
-        assert!(epilogue_rows_per_task(m, sp.out_size(), 2) < m);
         for threads in [1, 2, 3] {
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)

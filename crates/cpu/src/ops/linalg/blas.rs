@@ -4,6 +4,8 @@
 
 use kiln_core::{KilnError, Result};
 
+use crate::fused::Activation;
+
 /// Float types the `gemm` crate multiplies natively.
 pub trait GemmFloat: Copy + Send + Sync + 'static + num_traits::Float {
     /// The elements as f32 when `Self` is f32 (kiln's own kernels take those).
@@ -77,6 +79,166 @@ impl<'a, T> MatRef<'a, T> {
         });
         matches!(last, Some(l) if l < self.data.len())
     }
+}
+
+/// What [`gemm_epi`] applies to each value of the product before it leaves the kernel:
+/// `dst[i,j] = act(sum + row_bias[i] + col_bias[j] + residual[i,j])`, each term only when
+/// given. The kernels apply it in the final store of each tile, so no separate pass reads
+/// the output again.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GemmEpilogue<'a> {
+    /// One value per row of the output (`m` values): a conv's bias per output channel.
+    pub row_bias: Option<&'a [f32]>,
+    /// One value per column of the output (`n` values): a Gemm's C broadcast along rows.
+    pub col_bias: Option<&'a [f32]>,
+    /// A matrix of the output's shape added before the activation (its column stride must
+    /// be 1); it must not be the destination.
+    pub residual: Option<MatRef<'a, f32>>,
+    /// The activation, applied last.
+    pub act: Activation,
+}
+
+impl GemmEpilogue<'_> {
+    /// True when the epilogue changes nothing.
+    pub fn is_none(&self) -> bool {
+        self.row_bias.is_none()
+            && self.col_bias.is_none()
+            && self.residual.is_none()
+            && self.act == Activation::None
+    }
+
+    /// Errors when a part is too small for an `m × n` output.
+    fn check(&self, m: usize, n: usize) -> Result<()> {
+        let bad = |what: &str| {
+            Err(KilnError::Other(format!(
+                "gemm: epilogue {what} too small for {m}×{n}"
+            )))
+        };
+        if self.row_bias.is_some_and(|b| b.len() < m) {
+            return bad("row bias");
+        }
+        if self.col_bias.is_some_and(|b| b.len() < n) {
+            return bad("column bias");
+        }
+        if let Some(r) = self.residual {
+            if (r.cs != 1 && n > 1) || !r.fits(m, n) {
+                return bad("residual");
+            }
+        }
+        Ok(())
+    }
+
+    /// The raw form the kernels read (valid while the borrowed slices are).
+    fn raw(&self) -> super::sgemm::Epilogue {
+        super::sgemm::Epilogue {
+            row_bias: self.row_bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+            col_bias: self.col_bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+            residual: self.residual.map_or(std::ptr::null(), |r| r.data.as_ptr()),
+            res_rs: self.residual.map_or(0, |r| r.rs),
+            act: self.act,
+        }
+    }
+
+    /// Applies the epilogue to an `m × n` region of `dst` in a plain pass (the `k = 0`
+    /// product).
+    fn apply_plain(&self, m: usize, n: usize, dst: &mut [f32], dst_rs: usize) {
+        for i in 0..m {
+            for j in 0..n {
+                let mut x = dst[i * dst_rs + j];
+                if let Some(b) = self.row_bias {
+                    x += b[i];
+                }
+                if let Some(b) = self.col_bias {
+                    x += b[j];
+                }
+                if let Some(r) = self.residual {
+                    x += r.data[i * r.rs + j * r.cs];
+                }
+                dst[i * dst_rs + j] = super::sgemm::act_value(self.act, x);
+            }
+        }
+    }
+}
+
+/// [`gemm`] for f32 with an epilogue: `dst = act((accumulate ? dst : 0) + scale·a·b +
+/// row_bias + col_bias + residual)`, the epilogue applied in the kernels' final store.
+/// Errors (never panics) when a view or an epilogue part is too small.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_epi(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    scale: f32,
+    parallel: bool,
+    epi: &GemmEpilogue<'_>,
+) -> Result<()> {
+    if epi.is_none() {
+        return gemm(m, n, k, dst, dst_rs, accumulate, a, b, scale, parallel);
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    epi.check(m, n)?;
+    let dst_view = MatRef {
+        data: &*dst,
+        rs: dst_rs,
+        cs: 1,
+    };
+    if dst_rs < n || !dst_view.fits(m, n) {
+        return Err(KilnError::Other(format!(
+            "gemm: destination too small for {m}×{n}"
+        )));
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * dst_rs..i * dst_rs + n].fill(0.0);
+            }
+        }
+        epi.apply_plain(m, n, dst, dst_rs);
+        return Ok(());
+    }
+    if !a.fits(m, k) || !b.fits(k, n) {
+        return Err(KilnError::Other(format!(
+            "gemm: operand too small for {m}×{k}·{k}×{n}"
+        )));
+    }
+    let isa = super::sgemm::Isa::detect();
+    // SAFETY: `fits` / `check` verified that every addressed element of the operands, of
+    // dst and of the epilogue's parts lies inside its slice; dst is borrowed mutably so it
+    // aliases neither the operands nor the epilogue; dst_rs ≥ n; `detect` only returns a
+    // supported kernel family.
+    #[allow(unsafe_code)]
+    unsafe {
+        super::sgemm::sgemm_epi(
+            isa,
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_rs,
+            accumulate,
+            super::sgemm::Operand {
+                ptr: a.data.as_ptr(),
+                rs: a.rs,
+                cs: a.cs,
+            },
+            super::sgemm::Operand {
+                ptr: b.data.as_ptr(),
+                rs: b.rs,
+                cs: b.cs,
+            },
+            scale,
+            parallel && crate::parallel::threads() > 1,
+            &epi.raw(),
+        );
+    }
+    Ok(())
 }
 
 /// Products at least this large (m·n·k) use gemm's rayon parallelism.
@@ -225,6 +387,39 @@ pub fn gemm_packed_a(
     scale: f32,
     parallel: bool,
 ) -> Result<()> {
+    gemm_packed_a_epi(
+        isa,
+        m,
+        n,
+        k,
+        dst,
+        dst_rs,
+        accumulate,
+        packed_a,
+        b,
+        scale,
+        parallel,
+        &GemmEpilogue::default(),
+    )
+}
+
+/// [`gemm_packed_a`] with an epilogue (see [`gemm_epi`]), applied in the kernels' final
+/// store. Errors (never panics) when a view or an epilogue part is too small.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_packed_a_epi(
+    isa: super::sgemm::Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    packed_a: &[f32],
+    b: MatRef<'_, f32>,
+    scale: f32,
+    parallel: bool,
+    epi: &GemmEpilogue<'_>,
+) -> Result<()> {
     use super::sgemm;
     if packed_a.len() < sgemm::packed_a_len(m, k) {
         return Err(KilnError::Other(format!(
@@ -236,7 +431,7 @@ pub fn gemm_packed_a(
     if !isa.supported() || m == 0 || n == 0 || k == 0 {
         return crate::scratch::with_scratch::<f32, _>(m * k, |a| {
             sgemm::unpack_a_whole(isa, m, k, packed_a, a);
-            gemm(
+            gemm_epi(
                 m,
                 n,
                 k,
@@ -247,6 +442,7 @@ pub fn gemm_packed_a(
                 b,
                 scale,
                 parallel,
+                epi,
             )
         });
     }
@@ -260,11 +456,13 @@ pub fn gemm_packed_a(
             "gemm: operand or destination too small for {m}×{k}·{k}×{n}"
         )));
     }
-    // SAFETY: `fits` checked every addressed element of b and dst; packed_a holds m·k
-    // values; dst is borrowed mutably so it aliases neither operand; isa is supported.
+    epi.check(m, n)?;
+    // SAFETY: `fits` / `check` verified every addressed element of b, dst and the
+    // epilogue's parts; packed_a holds m·k values; dst is borrowed mutably so it aliases
+    // neither the operands nor the epilogue; isa is supported.
     #[allow(unsafe_code)]
     unsafe {
-        sgemm::sgemm_packed_a(
+        sgemm::sgemm_packed_a_epi(
             isa,
             m,
             n,
@@ -280,6 +478,7 @@ pub fn gemm_packed_a(
             },
             scale,
             parallel && crate::parallel::threads() > 1,
+            &epi.raw(),
         );
     }
     Ok(())

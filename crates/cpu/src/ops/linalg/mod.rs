@@ -17,7 +17,7 @@ use kiln_core::{
     OpRegistry, Result, Tensor, TensorMut, Value,
 };
 
-use self::blas::{GemmFloat, MatRef};
+use self::blas::{GemmEpilogue, GemmFloat, MatRef};
 use crate::fused::{Activation, KILN_DOMAIN};
 
 /// Registers this family's ops.
@@ -295,20 +295,50 @@ pub fn matmul_float<T: GemmFloat>(
     b: &[T],
     out: &mut [T],
 ) -> Result<()> {
+    matmul_with(plan, a, b, out, |m, n, k, o, a, b, par| {
+        blas::gemm(m, n, k, o, n, false, a, b, T::one(), par)
+    })
+}
+
+/// [`matmul_float`] for f32 with `act` applied in the kernels' epilogue (no separate pass
+/// over the output).
+pub fn matmul_f32_act(
+    plan: &MatMulPlan,
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    act: Activation,
+) -> Result<()> {
+    let epi = GemmEpilogue {
+        act,
+        ..GemmEpilogue::default()
+    };
+    matmul_with(plan, a, b, out, |m, n, k, o, a, b, par| {
+        blas::gemm_epi(m, n, k, o, n, false, a, b, 1.0, par, &epi)
+    })
+}
+
+/// The batch loop of [`matmul_float`], each `m × n` product (row-major, `out` row stride
+/// `n`) computed by `product(m, n, k, out, a, b, parallel)`.
+fn matmul_with<T: GemmFloat>(
+    plan: &MatMulPlan,
+    a: &[T],
+    b: &[T],
+    out: &mut [T],
+    product: impl Fn(usize, usize, usize, &mut [T], MatRef<'_, T>, MatRef<'_, T>, bool) -> Result<()>
+        + Sync,
+) -> Result<()> {
     let MatMulPlan { m, k, n, .. } = *plan;
     if plan.fold {
         let rows = m * plan.offsets.len();
         let par = rows * n * k >= blas::PARALLEL_THRESHOLD;
-        return blas::gemm(
+        return product(
             rows,
             n,
             k,
             out,
-            n,
-            false,
             MatRef::row_major(a, k),
             MatRef::row_major(&b[plan.offsets[0].1..], n),
-            T::one(),
             par,
         );
     }
@@ -320,16 +350,13 @@ pub fn matmul_float<T: GemmFloat>(
     let one = |(i, o): (usize, &mut [T])| {
         let (oa, ob) = plan.offsets[i];
         let big = m * n * k >= blas::PARALLEL_THRESHOLD;
-        blas::gemm(
+        product(
             m,
             n,
             k,
             o,
-            n,
-            false,
             MatRef::row_major(&a[oa..], k),
             MatRef::row_major(&b[ob..], n),
-            T::one(),
             big && nb < 2,
         )
     };
@@ -386,8 +413,13 @@ impl MatMul {
         match (dtype, slot) {
             (DType::F32, Some(slot)) => {
                 let out = slot.as_mut_slice::<f32>()?;
-                matmul_float(plan, a.as_slice::<f32>()?, b.as_slice::<f32>()?, out)?;
-                self.act.apply_slice(out);
+                matmul_f32_act(
+                    plan,
+                    a.as_slice::<f32>()?,
+                    b.as_slice::<f32>()?,
+                    out,
+                    self.act,
+                )?;
                 Ok(None)
             }
             (DType::F64, _) => {
@@ -401,8 +433,7 @@ impl MatMul {
             }
             (d, _) if d.is_float() => {
                 let mut out = vec![0.0f32; len];
-                matmul_float(plan, &as_f32(a)?, &as_f32(b)?, &mut out)?;
-                self.act.apply_slice(&mut out);
+                matmul_f32_act(plan, &as_f32(a)?, &as_f32(b)?, &mut out, self.act)?;
                 from_f32(d, shape, out).map(Some)
             }
             (d, _) => dispatch_int!(d, T => {
@@ -459,8 +490,13 @@ impl Op for MatMul {
         let (a, b, plan) = Self::prepare(inputs)?;
         if a.dtype() == DType::F32 {
             let mut out = vec![0.0f32; plan.out_shape.iter().product()];
-            matmul_float(&plan, a.as_slice::<f32>()?, b.as_slice::<f32>()?, &mut out)?;
-            self.act.apply_slice(&mut out);
+            matmul_f32_act(
+                &plan,
+                a.as_slice::<f32>()?,
+                b.as_slice::<f32>()?,
+                &mut out,
+                self.act,
+            )?;
             return Ok(vec![Tensor::from_vec(&plan.out_shape, out)?.into()]);
         }
         let t = self.run(a, b, &plan, None)?;
@@ -644,6 +680,68 @@ impl Gemm {
         )
     }
 
+    /// The f32 product with the fused activation, C broadcast along rows (`[n]`, `[1, n]`)
+    /// or columns (`[m, 1]`) and the activation applied in the kernels' epilogue; any
+    /// other C is written first and accumulated onto.
+    fn run_f32(
+        &self,
+        call: &GemmCall,
+        a: &[f32],
+        b: &[f32],
+        c: Option<&[f32]>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (m, k, n) = (call.m, call.k, call.n);
+        let am = if self.trans_a {
+            MatRef::transposed(a, m)
+        } else {
+            MatRef::row_major(a, k)
+        };
+        let bm = if self.trans_b {
+            MatRef::transposed(b, k)
+        } else {
+            MatRef::row_major(b, n)
+        };
+        let par = m * n * k >= blas::PARALLEL_THRESHOLD;
+        let run = |out: &mut [f32], accumulate: bool, epi: &GemmEpilogue| {
+            blas::gemm_epi(m, n, k, out, n, accumulate, am, bm, self.alpha, par, epi)
+        };
+        let plain = GemmEpilogue {
+            act: self.act,
+            ..GemmEpilogue::default()
+        };
+        let c = match c {
+            Some(c) if self.beta != 0.0 => c,
+            _ => return run(out, false, &plain),
+        };
+        let cs = call.c.map(|t| t.shape()).unwrap_or(&[]);
+        let per_col = matches!(cs, [x] | [1, x] if *x == n);
+        let per_row = !per_col && matches!(cs, [x, 1] if *x == m);
+        if !per_col && !per_row {
+            self.c_init(call, c, out, |v| v * self.beta);
+            return run(out, true, &plain);
+        }
+        let mut with_bias = |bias: &[f32]| {
+            let epi = GemmEpilogue {
+                row_bias: per_row.then_some(bias),
+                col_bias: per_col.then_some(bias),
+                ..plain
+            };
+            run(out, false, &epi)
+        };
+        if self.beta == 1.0 {
+            with_bias(c)
+        } else {
+            crate::scratch::with_scratch::<f32, _>(c.len(), |scaled| {
+                scaled
+                    .iter_mut()
+                    .zip(c)
+                    .for_each(|(s, &v)| *s = v * self.beta);
+                with_bias(scaled)
+            })
+        }
+    }
+
     fn run_int<T: IntElem>(&self, call: &GemmCall, a: &[T], b: &[T], c: Option<&[T]>) -> Vec<T>
     where
         f64: AsPrimitive<T>,
@@ -700,14 +798,12 @@ impl Gemm {
                 match slot {
                     Some(slot) => {
                         let out = slot.as_mut_slice::<f32>()?;
-                        self.run_float(call, a, b, c, out)?;
-                        self.act.apply_slice(out);
+                        self.run_f32(call, a, b, c, out)?;
                         Ok(None)
                     }
                     None => {
                         let mut out = vec![0.0f32; len];
-                        self.run_float(call, a, b, c, &mut out)?;
-                        self.act.apply_slice(&mut out);
+                        self.run_f32(call, a, b, c, &mut out)?;
                         Ok(Some(Tensor::from_vec(&shape, out)?))
                     }
                 }
@@ -731,14 +827,13 @@ impl Gemm {
             d if d.is_float() => {
                 let c = call.c.map(as_f32).transpose()?;
                 let mut out = vec![0.0f32; len];
-                self.run_float(
+                self.run_f32(
                     call,
                     &as_f32(call.a)?,
                     &as_f32(call.b)?,
                     c.as_deref(),
                     &mut out,
                 )?;
-                self.act.apply_slice(&mut out);
                 Ok(Some(from_f32(d, &shape, out)?))
             }
             d => dispatch_int!(d, T => {

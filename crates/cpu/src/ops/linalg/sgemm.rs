@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use crate::fused::Activation;
 use crate::scratch::with_scratch;
 
 /// Depth of one packed block.
@@ -103,6 +104,136 @@ pub struct Operand {
 unsafe impl Send for Operand {}
 // SAFETY: as above (read-only).
 unsafe impl Sync for Operand {}
+
+/// What the final store of a product applies to each value of C, after the product (and
+/// the old value when accumulating): `C[i,j] = act(C[i,j] + row_bias[i] + col_bias[j] +
+/// residual[i,j])`, each term only when its pointer is non-null. Raw view: the bounds were
+/// checked by the caller (`blas::gemm_epi`). The kernels apply it while the tile is still
+/// in registers (or, for the activations without a vector form, right after storing the
+/// tile, while it is in L1), and only once the whole depth has been summed.
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue {
+    /// One value per row of C (`row_bias.add(i)`), or null.
+    pub row_bias: *const f32,
+    /// One value per column of C (`col_bias.add(j)`), or null.
+    pub col_bias: *const f32,
+    /// A matrix of C's shape (`residual.add(i * res_rs + j)`), added before the
+    /// activation; or null.
+    pub residual: *const f32,
+    /// Row stride of `residual`, in elements.
+    pub res_rs: usize,
+    /// The activation, applied last.
+    pub act: Activation,
+}
+
+// SAFETY: a read-only view tied by the caller to borrowed slices for one `sgemm` call, as
+// for Operand.
+unsafe impl Send for Epilogue {}
+// SAFETY: as above (read-only).
+unsafe impl Sync for Epilogue {}
+
+impl Epilogue {
+    /// No epilogue: the plain product.
+    pub const NONE: Epilogue = Epilogue {
+        row_bias: std::ptr::null(),
+        col_bias: std::ptr::null(),
+        residual: std::ptr::null(),
+        res_rs: 0,
+        act: Activation::None,
+    };
+
+    /// True when the epilogue changes nothing.
+    pub fn is_none(&self) -> bool {
+        self.row_bias.is_null()
+            && self.col_bias.is_null()
+            && self.residual.is_null()
+            && self.act == Activation::None
+    }
+
+    /// The epilogue of the sub-matrix of C whose top-left element is `(i, j)`.
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> Epilogue {
+        Epilogue {
+            row_bias: if self.row_bias.is_null() {
+                self.row_bias
+            } else {
+                self.row_bias.wrapping_add(i)
+            },
+            col_bias: if self.col_bias.is_null() {
+                self.col_bias
+            } else {
+                self.col_bias.wrapping_add(j)
+            },
+            residual: if self.residual.is_null() {
+                self.residual
+            } else {
+                self.residual.wrapping_add(i * self.res_rs + j)
+            },
+            ..*self
+        }
+    }
+
+    /// The finished value of element `(r, j)` (relative to this view) whose sum is `v`.
+    ///
+    /// # Safety
+    /// `(r, j)` is inside the region the view's pointers cover.
+    #[inline(always)]
+    unsafe fn apply(&self, r: usize, j: usize, v: f32) -> f32 {
+        let mut x = v;
+        // SAFETY: (r, j) is inside the covered region (caller's contract).
+        unsafe {
+            if !self.row_bias.is_null() {
+                x += *self.row_bias.add(r);
+            }
+            if !self.col_bias.is_null() {
+                x += *self.col_bias.add(j);
+            }
+            if !self.residual.is_null() {
+                x += *self.residual.add(r * self.res_rs + j);
+            }
+        }
+        act_value(self.act, x)
+    }
+
+    /// Applies the epilogue in place to the `m × n` region at `dst` (row stride `dst_rs`).
+    ///
+    /// # Safety
+    /// The region and the matching parts of the epilogue's operands are valid.
+    unsafe fn apply_region(&self, m: usize, n: usize, dst: *mut f32, dst_rs: usize) {
+        for i in 0..m {
+            for j in 0..n {
+                // SAFETY: inside the region (caller's contract).
+                unsafe {
+                    let p = dst.add(i * dst_rs + j);
+                    *p = self.apply(i, j, *p);
+                }
+            }
+        }
+    }
+}
+
+/// `act(x)` with the same arithmetic as the conv epilogue pass (`x · (x·⅙ + ½)` for
+/// HardSwish; `Activation::apply` for the rest).
+#[inline(always)]
+pub fn act_value(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::None => x,
+        Activation::Relu => x.max(0.0),
+        Activation::Clip { min, max } => x.max(min).min(max),
+        Activation::HardSwish => x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0),
+        other => other.apply(x),
+    }
+}
+
+/// True when the SIMD store paths apply `act` in registers (the rest, which need `exp` or
+/// `tanh`, run [`act_value`] over the freshly stored tile).
+#[inline(always)]
+fn act_in_registers(act: Activation) -> bool {
+    !matches!(
+        act,
+        Activation::Sigmoid | Activation::Swish | Activation::Tanh
+    )
+}
 
 #[derive(Clone, Copy)]
 struct DstPtr(*mut f32);
@@ -205,6 +336,44 @@ pub unsafe fn sgemm_packed_a(
 ) {
     // SAFETY: forwarded.
     unsafe {
+        sgemm_packed_a_epi(
+            isa,
+            m,
+            n,
+            k,
+            dst,
+            dst_rs,
+            accumulate,
+            pa,
+            b,
+            scale,
+            parallel,
+            &Epilogue::NONE,
+        )
+    }
+}
+
+/// [`sgemm_packed_a`] followed by `epi`, applied in the final store of each tile.
+///
+/// # Safety
+/// As [`sgemm_packed_a`]; every element `epi` addresses for `i < m, j < n` is valid.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_packed_a_epi(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    pa: *const f32,
+    b: Operand,
+    scale: f32,
+    parallel: bool,
+    epi: &Epilogue,
+) {
+    // SAFETY: forwarded.
+    unsafe {
         packed_loop(
             isa,
             m,
@@ -221,6 +390,7 @@ pub unsafe fn sgemm_packed_a(
             b,
             scale,
             parallel,
+            epi,
         )
     }
 }
@@ -246,6 +416,47 @@ pub unsafe fn sgemm(
     scale: f32,
     parallel: bool,
 ) {
+    // SAFETY: forwarded.
+    unsafe {
+        sgemm_epi(
+            isa,
+            m,
+            n,
+            k,
+            dst,
+            dst_rs,
+            accumulate,
+            a,
+            b,
+            scale,
+            parallel,
+            &Epilogue::NONE,
+        )
+    }
+}
+
+/// [`sgemm`] followed by `epi`: `dst = act((accumulate ? dst : 0) + scale·A·B +
+/// row_bias + col_bias + residual)`, the epilogue applied in the final store of each tile
+/// (after the last depth block).
+///
+/// # Safety
+/// As [`sgemm`]; every element `epi` addresses for `i < m, j < n` is valid and does not
+/// overlap `dst`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_epi(
+    isa: Isa,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    scale: f32,
+    parallel: bool,
+    epi: &Epilogue,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -258,7 +469,11 @@ pub unsafe fn sgemm(
         // Few columns (conv with a handful of output positions): packing would cost as
         // much as the product and most of each tile would be padding.
         // SAFETY: forwarded from the caller.
-        unsafe { narrow_dispatch(isa, m, n, k, dst, dst_rs, accumulate, a, b, scale, parallel) };
+        unsafe {
+            narrow_dispatch(
+                isa, m, n, k, dst, dst_rs, accumulate, a, b, scale, parallel, epi,
+            )
+        };
         return;
     }
     if m <= 4 && b.cs == 1 && k > 0 {
@@ -267,10 +482,12 @@ pub unsafe fn sgemm(
         unsafe {
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => x86::short_avx512(m, n, k, dst, dst_rs, accumulate, a, b, scale),
+                Isa::Avx512 => {
+                    x86::short_avx512(m, n, k, dst, dst_rs, accumulate, a, b, scale, epi)
+                }
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => x86::short_avx2(m, n, k, dst, dst_rs, accumulate, a, b, scale),
-                _ => short(m, n, k, dst, dst_rs, accumulate, a, b, scale),
+                Isa::Avx2 => x86::short_avx2(m, n, k, dst, dst_rs, accumulate, a, b, scale, epi),
+                _ => short(m, n, k, dst, dst_rs, accumulate, a, b, scale, epi),
             }
         };
         return;
@@ -289,6 +506,7 @@ pub unsafe fn sgemm(
             b,
             scale,
             parallel,
+            epi,
         )
     }
 }
@@ -307,10 +525,12 @@ unsafe fn packed_loop(
     b: Operand,
     scale: f32,
     parallel: bool,
+    epi: &Epilogue,
 ) {
     if m == 0 || n == 0 {
         return;
     }
+    let epi = *epi;
     let nr = match isa {
         Isa::Scalar => 4,
         Isa::Avx2 => 16,
@@ -351,6 +571,7 @@ unsafe fn packed_loop(
             ptr: b.ptr.wrapping_add(j0 * b.cs),
             ..b
         };
+        let e = epi.at(i0, j0);
         // SAFETY: rows i0..i1 and columns j0..j1 of dst (and the matching parts of a and
         // b) lie inside the caller's bounds; tasks get disjoint blocks of the grid.
         unsafe {
@@ -366,6 +587,7 @@ unsafe fn packed_loop(
                     bj,
                     scale,
                     micro_scalar::<4, 4>,
+                    &e,
                 ),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => serial::<6, 16>(
@@ -379,6 +601,7 @@ unsafe fn packed_loop(
                     bj,
                     scale,
                     x86::micro_avx2,
+                    &e,
                 ),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx512 => serial::<8, 32>(
@@ -392,6 +615,7 @@ unsafe fn packed_loop(
                     bj,
                     scale,
                     x86::micro_avx512,
+                    &e,
                 ),
                 #[cfg(not(target_arch = "x86_64"))]
                 _ => unreachable!("x86 kernels selected on another architecture"),
@@ -456,7 +680,9 @@ unsafe fn narrow_dispatch(
     b: Operand,
     scale: f32,
     parallel: bool,
+    epi: &Epilogue,
 ) {
+    let epi = *epi;
     #[cfg(target_arch = "x86_64")]
     if isa != Isa::Scalar && a.cs == 1 {
         with_scratch::<f32, _>(n * k, |bt| {
@@ -479,7 +705,11 @@ unsafe fn narrow_dispatch(
                 let d = d;
                 // SAFETY: rows i0..i1 of A and dst are inside the caller's bounds; `bt`
                 // holds n rows of k values; tasks write disjoint rows; `isa` is supported.
-                unsafe { x86::narrow_dot(isa, i0, i1, n, k, d.0, dst_rs, accumulate, a, bt, scale) }
+                unsafe {
+                    x86::narrow_dot(
+                        isa, i0, i1, n, k, d.0, dst_rs, accumulate, a, bt, scale, &epi,
+                    )
+                }
             };
             let tasks = if parallel {
                 crate::parallel::threads()
@@ -502,14 +732,14 @@ unsafe fn narrow_dispatch(
     // SAFETY: forwarded from the caller.
     unsafe {
         match n {
-            1 => narrow::<1>(m, k, dst, dst_rs, accumulate, a, b, scale),
-            2 => narrow::<2>(m, k, dst, dst_rs, accumulate, a, b, scale),
-            3 => narrow::<3>(m, k, dst, dst_rs, accumulate, a, b, scale),
-            4 => narrow::<4>(m, k, dst, dst_rs, accumulate, a, b, scale),
-            5 => narrow::<5>(m, k, dst, dst_rs, accumulate, a, b, scale),
-            6 => narrow::<6>(m, k, dst, dst_rs, accumulate, a, b, scale),
-            7 => narrow::<7>(m, k, dst, dst_rs, accumulate, a, b, scale),
-            _ => narrow::<8>(m, k, dst, dst_rs, accumulate, a, b, scale),
+            1 => narrow::<1>(m, k, dst, dst_rs, accumulate, a, b, scale, &epi),
+            2 => narrow::<2>(m, k, dst, dst_rs, accumulate, a, b, scale, &epi),
+            3 => narrow::<3>(m, k, dst, dst_rs, accumulate, a, b, scale, &epi),
+            4 => narrow::<4>(m, k, dst, dst_rs, accumulate, a, b, scale, &epi),
+            5 => narrow::<5>(m, k, dst, dst_rs, accumulate, a, b, scale, &epi),
+            6 => narrow::<6>(m, k, dst, dst_rs, accumulate, a, b, scale, &epi),
+            7 => narrow::<7>(m, k, dst, dst_rs, accumulate, a, b, scale, &epi),
+            _ => narrow::<8>(m, k, dst, dst_rs, accumulate, a, b, scale, &epi),
         }
     }
 }
@@ -526,7 +756,9 @@ unsafe fn narrow<const N: usize>(
     a: Operand,
     b: Operand,
     scale: f32,
+    epi: &Epilogue,
 ) {
+    let with_epi = !epi.is_none();
     for i in 0..m {
         let mut acc = [0.0f32; N];
         for l in 0..k {
@@ -547,6 +779,9 @@ unsafe fn narrow<const N: usize>(
                 } else {
                     scale * c
                 };
+                if with_epi {
+                    *p = epi.apply(i, j, *p);
+                }
             }
         }
     }
@@ -565,12 +800,23 @@ unsafe fn short(
     a: Operand,
     b: Operand,
     scale: f32,
+    epi: &Epilogue,
 ) {
     // SAFETY: forwarded.
     unsafe {
-        short_body(m, n, k, dst, dst_rs, accumulate, a, b, scale, |v, x, y| {
-            *v += x * y
-        })
+        short_body(
+            m,
+            n,
+            k,
+            dst,
+            dst_rs,
+            accumulate,
+            a,
+            b,
+            scale,
+            epi,
+            |v, x, y| *v += x * y,
+        )
     }
 }
 
@@ -588,6 +834,7 @@ unsafe fn short_body(
     a: Operand,
     b: Operand,
     scale: f32,
+    epi: &Epilogue,
     fma: impl Fn(&mut f32, f32, f32),
 ) {
     for i in 0..m {
@@ -602,10 +849,19 @@ unsafe fn short_body(
             let row = unsafe { std::slice::from_raw_parts(b.ptr.add(l * b.rs), n) };
             c.iter_mut().zip(row).for_each(|(v, &bv)| fma(v, av, bv));
         }
+        if !epi.is_none() {
+            // The row is finished and still in L1.
+            let e = epi.at(i, 0);
+            // SAFETY: row i, columns 0..n are inside the epilogue's region.
+            c.iter_mut()
+                .enumerate()
+                .for_each(|(j, v)| *v = unsafe { e.apply(0, j, *v) });
+        }
     }
 }
 
-/// A micro-kernel: `C[mr×nr] = (load ? C : 0) + scale · Apanel · Bpanel` over `kc` steps;
+/// A micro-kernel: `C[mr×nr] = (load ? C : 0) + scale · Apanel · Bpanel` over `kc` steps,
+/// then the epilogue when given (the last depth block; the view starts at the tile);
 /// only the top-left `mr_eff × nr_eff` of the tile is written.
 type Micro = unsafe fn(
     kc: usize,
@@ -617,6 +873,7 @@ type Micro = unsafe fn(
     scale: f32,
     mr_eff: usize,
     nr_eff: usize,
+    epi: Option<&Epilogue>,
 );
 
 #[allow(clippy::too_many_arguments)]
@@ -631,6 +888,7 @@ unsafe fn serial<const MR: usize, const NR: usize>(
     b: Operand,
     scale: f32,
     micro: Micro,
+    epi: &Epilogue,
 ) {
     if k == 0 {
         if !accumulate {
@@ -641,8 +899,11 @@ unsafe fn serial<const MR: usize, const NR: usize>(
                 }
             }
         }
+        // SAFETY: inside the caller's bounds.
+        unsafe { epi.apply_region(m, n, dst, dst_rs) };
         return;
     }
+    let with_epi = !epi.is_none();
     let kc_max = KC.min(k);
     let nc_max = NC.min(n).div_ceil(NR) * NR;
     let mc_max = MC.min(m).div_ceil(MR) * MR;
@@ -657,6 +918,7 @@ unsafe fn serial<const MR: usize, const NR: usize>(
                     // SAFETY: the block lies inside B's bounds.
                     unsafe { pack_b::<NR>(b, pc, jc, kc, nc, pb) };
                     let load = accumulate || pc > 0;
+                    let last = pc + kc == k && with_epi;
                     let mut ic = 0;
                     while ic < m {
                         let mc = MC.min(m - ic);
@@ -703,8 +965,10 @@ unsafe fn serial<const MR: usize, const NR: usize>(
                                 } else {
                                     pa.as_ptr()
                                 };
+                                let e = epi.at(ic + ir, jc + jr);
                                 // SAFETY: panels hold kc·MR / kc·NR packed values; the
-                                // tile lies inside dst's bounds (mr_eff, nr_eff clip it).
+                                // tile lies inside dst's bounds (mr_eff, nr_eff clip it),
+                                // and so inside the epilogue's.
                                 unsafe {
                                     micro(
                                         kc,
@@ -716,6 +980,7 @@ unsafe fn serial<const MR: usize, const NR: usize>(
                                         scale,
                                         mr_eff,
                                         nr_eff,
+                                        last.then_some(&e),
                                     )
                                 };
                                 ir += MR;
@@ -804,13 +1069,19 @@ unsafe fn store_tile<const MR: usize, const NR: usize>(
     scale: f32,
     mr_eff: usize,
     nr_eff: usize,
+    epi: Option<&Epilogue>,
 ) {
     for (r, row) in acc.iter().enumerate().take(mr_eff) {
         for (j, v) in row.iter().enumerate().take(nr_eff) {
-            // SAFETY: the caller guarantees the clipped tile is inside C.
+            // SAFETY: the caller guarantees the clipped tile is inside C (and inside the
+            // epilogue's region).
             unsafe {
                 let p = c.add(r * ldc + j);
-                *p = if load { *p + scale * v } else { scale * v };
+                let x = if load { *p + scale * v } else { scale * v };
+                *p = match epi {
+                    Some(e) => e.apply(r, j, x),
+                    None => x,
+                };
             }
         }
     }
@@ -827,6 +1098,7 @@ unsafe fn micro_scalar<const MR: usize, const NR: usize>(
     scale: f32,
     mr_eff: usize,
     nr_eff: usize,
+    epi: Option<&Epilogue>,
 ) {
     let mut acc = [[0.0f32; NR]; MR];
     for p in 0..kc {
@@ -840,7 +1112,7 @@ unsafe fn micro_scalar<const MR: usize, const NR: usize>(
         }
     }
     // SAFETY: forwarded from the caller.
-    unsafe { store_tile::<MR, NR>(&acc, c, ldc, load, scale, mr_eff, nr_eff) };
+    unsafe { store_tile::<MR, NR>(&acc, c, ldc, load, scale, mr_eff, nr_eff, epi) };
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -850,16 +1122,103 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::store_tile;
-    use super::{short_body, Isa, Operand};
+    use super::{act_in_registers, act_value, short_body, Epilogue, Isa, Operand};
+    use crate::fused::Activation;
 
-    /// Writes `scale · sum` (plus the old value when `acc`) to `*p`.
+    /// Writes `scale · sum` (plus the old value when `acc`) to `*p`, element `(i, j)` of
+    /// C, finished by `epi` when given.
     ///
     /// # Safety
-    /// `p` is valid for reads and writes.
+    /// `p` is valid for reads and writes; `(i, j)` is inside the epilogue's region.
     #[inline(always)]
-    unsafe fn put(p: *mut f32, acc: bool, scale: f32, sum: f32) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn put(
+        p: *mut f32,
+        acc: bool,
+        scale: f32,
+        sum: f32,
+        epi: Option<&Epilogue>,
+        i: usize,
+        j: usize,
+    ) {
         // SAFETY: forwarded.
-        unsafe { *p = if acc { *p + scale * sum } else { scale * sum } };
+        unsafe {
+            let x = if acc { *p + scale * sum } else { scale * sum };
+            *p = match epi {
+                Some(e) => e.apply(i, j, x),
+                None => x,
+            };
+        }
+    }
+
+    /// `act` on 16 lanes, the same arithmetic as [`act_value`] (`act_in_registers(act)`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn act512(act: Activation, v: __m512) -> __m512 {
+        {
+            let zero = _mm512_setzero_ps();
+            let one = _mm512_set1_ps(1.0);
+            match act {
+                Activation::Relu => _mm512_max_ps(v, zero),
+                Activation::Clip { min, max } => {
+                    _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(min)), _mm512_set1_ps(max))
+                }
+                Activation::LeakyRelu { alpha } => {
+                    let ge = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, zero);
+                    _mm512_mask_blend_ps(ge, _mm512_mul_ps(v, _mm512_set1_ps(alpha)), v)
+                }
+                Activation::HardSigmoid { alpha, beta } => {
+                    let t = _mm512_add_ps(
+                        _mm512_mul_ps(_mm512_set1_ps(alpha), v),
+                        _mm512_set1_ps(beta),
+                    );
+                    _mm512_min_ps(one, _mm512_max_ps(zero, t))
+                }
+                Activation::HardSwish => {
+                    let t = _mm512_add_ps(
+                        _mm512_mul_ps(v, _mm512_set1_ps(1.0 / 6.0)),
+                        _mm512_set1_ps(0.5),
+                    );
+                    _mm512_mul_ps(v, _mm512_min_ps(one, _mm512_max_ps(zero, t)))
+                }
+                _ => v,
+            }
+        }
+    }
+
+    /// `act` on 8 lanes, the same arithmetic as [`act_value`] (`act_in_registers(act)`).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn act256(act: Activation, v: __m256) -> __m256 {
+        {
+            let zero = _mm256_setzero_ps();
+            let one = _mm256_set1_ps(1.0);
+            match act {
+                Activation::Relu => _mm256_max_ps(v, zero),
+                Activation::Clip { min, max } => {
+                    _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(min)), _mm256_set1_ps(max))
+                }
+                Activation::LeakyRelu { alpha } => {
+                    let ge = _mm256_cmp_ps::<_CMP_GE_OQ>(v, zero);
+                    _mm256_blendv_ps(_mm256_mul_ps(v, _mm256_set1_ps(alpha)), v, ge)
+                }
+                Activation::HardSigmoid { alpha, beta } => {
+                    let t = _mm256_add_ps(
+                        _mm256_mul_ps(_mm256_set1_ps(alpha), v),
+                        _mm256_set1_ps(beta),
+                    );
+                    _mm256_min_ps(one, _mm256_max_ps(zero, t))
+                }
+                Activation::HardSwish => {
+                    let t = _mm256_add_ps(
+                        _mm256_mul_ps(v, _mm256_set1_ps(1.0 / 6.0)),
+                        _mm256_set1_ps(0.5),
+                    );
+                    _mm256_mul_ps(v, _mm256_min_ps(one, _mm256_max_ps(zero, t)))
+                }
+                _ => v,
+            }
+        }
     }
 
     /// Rows `i0..i1` of the narrow product as dot products over the depth: A's rows are
@@ -881,20 +1240,22 @@ mod x86 {
         a: Operand,
         bt: Operand,
         scale: f32,
+        epi: &Epilogue,
     ) {
+        let epi = (!epi.is_none()).then_some(epi);
         macro_rules! go {
             ($f:ident) => {
                 // SAFETY: forwarded (feature support checked by the dispatcher).
                 unsafe {
                     match n {
-                        1 => $f::<1>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
-                        2 => $f::<2>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
-                        3 => $f::<3>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
-                        4 => $f::<4>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
-                        5 => $f::<5>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
-                        6 => $f::<6>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
-                        7 => $f::<7>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
-                        _ => $f::<8>(i0, i1, k, dst, dst_rs, acc, a, bt, scale),
+                        1 => $f::<1>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
+                        2 => $f::<2>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
+                        3 => $f::<3>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
+                        4 => $f::<4>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
+                        5 => $f::<5>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
+                        6 => $f::<6>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
+                        7 => $f::<7>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
+                        _ => $f::<8>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
                     }
                 }
             };
@@ -918,6 +1279,7 @@ mod x86 {
         a: Operand,
         bt: Operand,
         scale: f32,
+        epi: Option<&Epilogue>,
     ) {
         let mut i = i0;
         while i < i1 {
@@ -953,6 +1315,9 @@ mod x86 {
                         acc,
                         scale,
                         _mm512_reduce_add_ps(s0[j]),
+                        epi,
+                        i,
+                        j,
                     );
                     if rows == 2 {
                         put(
@@ -960,6 +1325,9 @@ mod x86 {
                             acc,
                             scale,
                             _mm512_reduce_add_ps(s1[j]),
+                            epi,
+                            i + 1,
+                            j,
                         );
                     }
                 }
@@ -989,6 +1357,7 @@ mod x86 {
         a: Operand,
         bt: Operand,
         scale: f32,
+        epi: Option<&Epilogue>,
     ) {
         let kv = k / 8 * 8;
         let mut i = i0;
@@ -1024,9 +1393,9 @@ mod x86 {
                 }
                 // SAFETY: (i, j) and (i+1, j) when rows == 2 are inside dst.
                 unsafe {
-                    put(dst.add(i * dst_rs + j), acc, scale, t0);
+                    put(dst.add(i * dst_rs + j), acc, scale, t0, epi, i, j);
                     if rows == 2 {
-                        put(dst.add((i + 1) * dst_rs + j), acc, scale, t1);
+                        put(dst.add((i + 1) * dst_rs + j), acc, scale, t1, epi, i + 1, j);
                     }
                 }
             }
@@ -1050,12 +1419,23 @@ mod x86 {
         a: Operand,
         b: Operand,
         scale: f32,
+        epi: &Epilogue,
     ) {
         // SAFETY: forwarded.
         unsafe {
-            short_body(m, n, k, dst, dst_rs, accumulate, a, b, scale, |v, x, y| {
-                *v = x.mul_add(y, *v)
-            })
+            short_body(
+                m,
+                n,
+                k,
+                dst,
+                dst_rs,
+                accumulate,
+                a,
+                b,
+                scale,
+                epi,
+                |v, x, y| *v = x.mul_add(y, *v),
+            )
         }
     }
 
@@ -1075,12 +1455,23 @@ mod x86 {
         a: Operand,
         b: Operand,
         scale: f32,
+        epi: &Epilogue,
     ) {
         // SAFETY: forwarded.
         unsafe {
-            short_body(m, n, k, dst, dst_rs, accumulate, a, b, scale, |v, x, y| {
-                *v = x.mul_add(y, *v)
-            })
+            short_body(
+                m,
+                n,
+                k,
+                dst,
+                dst_rs,
+                accumulate,
+                a,
+                b,
+                scale,
+                epi,
+                |v, x, y| *v = x.mul_add(y, *v),
+            )
         }
     }
 
@@ -1100,9 +1491,10 @@ mod x86 {
         scale: f32,
         mr_eff: usize,
         nr_eff: usize,
+        epi: Option<&Epilogue>,
     ) {
         // SAFETY: forwarded (feature support checked by the dispatcher).
-        unsafe { avx2_impl(kc, pa, pb, c, ldc, load, scale, mr_eff, nr_eff) }
+        unsafe { avx2_impl(kc, pa, pb, c, ldc, load, scale, mr_eff, nr_eff, epi) }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -1117,6 +1509,7 @@ mod x86 {
         scale: f32,
         mr_eff: usize,
         nr_eff: usize,
+        epi: Option<&Epilogue>,
     ) {
         const MR: usize = 6;
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
@@ -1134,6 +1527,11 @@ mod x86 {
         }
         let vs = _mm256_set1_ps(scale);
         if mr_eff == MR && nr_eff == 16 {
+            if let Some(e) = epi {
+                // SAFETY: the full tile is inside C and the epilogue's region.
+                unsafe { avx2_store_epi(&acc, c, ldc, load, scale, e) };
+                return;
+            }
             for (r, row) in acc.iter().enumerate() {
                 // SAFETY: the full tile is inside C.
                 unsafe {
@@ -1158,7 +1556,7 @@ mod x86 {
             }
         }
         // SAFETY: forwarded.
-        unsafe { store_tile::<MR, 16>(&tile, c, ldc, load, scale, mr_eff, nr_eff) };
+        unsafe { store_tile::<MR, 16>(&tile, c, ldc, load, scale, mr_eff, nr_eff, epi) };
     }
 
     /// AVX-512F, 8 rows × 32 columns (16 zmm accumulators).
@@ -1177,9 +1575,10 @@ mod x86 {
         scale: f32,
         mr_eff: usize,
         nr_eff: usize,
+        epi: Option<&Epilogue>,
     ) {
         // SAFETY: forwarded (feature support checked by the dispatcher).
-        unsafe { avx512_impl(kc, pa, pb, c, ldc, load, scale, mr_eff, nr_eff) }
+        unsafe { avx512_impl(kc, pa, pb, c, ldc, load, scale, mr_eff, nr_eff, epi) }
     }
 
     #[target_feature(enable = "avx512f")]
@@ -1194,6 +1593,7 @@ mod x86 {
         scale: f32,
         mr_eff: usize,
         nr_eff: usize,
+        epi: Option<&Epilogue>,
     ) {
         const MR: usize = 8;
         let mut acc = [[_mm512_setzero_ps(); 2]; MR];
@@ -1211,6 +1611,11 @@ mod x86 {
         }
         let vs = _mm512_set1_ps(scale);
         if nr_eff == 32 {
+            if let Some(e) = epi {
+                // SAFETY: the tile's mr_eff full rows are inside C and the epilogue's region.
+                unsafe { avx512_store_epi(&acc, mr_eff, c, ldc, load, scale, e) };
+                return;
+            }
             for (r, row) in acc.iter().enumerate().take(mr_eff) {
                 // SAFETY: the row's 32 columns are inside C.
                 unsafe {
@@ -1235,7 +1640,140 @@ mod x86 {
             }
         }
         // SAFETY: forwarded.
-        unsafe { store_tile::<MR, 32>(&tile, c, ldc, load, scale, mr_eff, nr_eff) };
+        unsafe { store_tile::<MR, 32>(&tile, c, ldc, load, scale, mr_eff, nr_eff, epi) };
+    }
+
+    /// The final store of a full 6 × 16 AVX2 tile with its epilogue applied in registers
+    /// (for `exp`/`tanh` activations: biases in registers, the activation over the stored
+    /// tile while it is in L1).
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; the 6 × 16 tile at `c` and the epilogue's matching
+    /// region are valid.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn avx2_store_epi(
+        acc: &[[__m256; 2]; 6],
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+        scale: f32,
+        e: &Epilogue,
+    ) {
+        let vs = _mm256_set1_ps(scale);
+        let regs = act_in_registers(e.act);
+        // SAFETY: the tile and the epilogue's region are valid (caller's contract).
+        unsafe {
+            let (cb0, cb1) = if e.col_bias.is_null() {
+                (_mm256_setzero_ps(), _mm256_setzero_ps())
+            } else {
+                (
+                    _mm256_loadu_ps(e.col_bias),
+                    _mm256_loadu_ps(e.col_bias.add(8)),
+                )
+            };
+            for (r, row) in acc.iter().enumerate() {
+                let p = c.add(r * ldc);
+                let (mut v0, mut v1) = (_mm256_mul_ps(row[0], vs), _mm256_mul_ps(row[1], vs));
+                if load {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(p));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(p.add(8)));
+                }
+                if !e.row_bias.is_null() {
+                    let b = _mm256_set1_ps(*e.row_bias.add(r));
+                    v0 = _mm256_add_ps(v0, b);
+                    v1 = _mm256_add_ps(v1, b);
+                }
+                if !e.col_bias.is_null() {
+                    v0 = _mm256_add_ps(v0, cb0);
+                    v1 = _mm256_add_ps(v1, cb1);
+                }
+                if !e.residual.is_null() {
+                    let q = e.residual.add(r * e.res_rs);
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(q));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(q.add(8)));
+                }
+                if regs {
+                    v0 = act256(e.act, v0);
+                    v1 = act256(e.act, v1);
+                }
+                _mm256_storeu_ps(p, v0);
+                _mm256_storeu_ps(p.add(8), v1);
+            }
+            if !regs {
+                for r in 0..6 {
+                    let row = std::slice::from_raw_parts_mut(c.add(r * ldc), 16);
+                    row.iter_mut().for_each(|v| *v = act_value(e.act, *v));
+                }
+            }
+        }
+    }
+
+    /// The final store of the first `rows` rows of an 8 × 32 AVX-512 tile (all 32 columns)
+    /// with its epilogue applied in registers (for `exp`/`tanh` activations: biases in
+    /// registers, the activation over the stored rows while they are in L1).
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F; `rows` full rows at `c` and the epilogue's matching region
+    /// are valid.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn avx512_store_epi(
+        acc: &[[__m512; 2]; 8],
+        rows: usize,
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+        scale: f32,
+        e: &Epilogue,
+    ) {
+        let vs = _mm512_set1_ps(scale);
+        let regs = act_in_registers(e.act);
+        // SAFETY: the rows and the epilogue's region are valid (caller's contract).
+        unsafe {
+            let (cb0, cb1) = if e.col_bias.is_null() {
+                (_mm512_setzero_ps(), _mm512_setzero_ps())
+            } else {
+                (
+                    _mm512_loadu_ps(e.col_bias),
+                    _mm512_loadu_ps(e.col_bias.add(16)),
+                )
+            };
+            for (r, row) in acc.iter().enumerate().take(rows) {
+                let p = c.add(r * ldc);
+                let (mut v0, mut v1) = (_mm512_mul_ps(row[0], vs), _mm512_mul_ps(row[1], vs));
+                if load {
+                    v0 = _mm512_add_ps(v0, _mm512_loadu_ps(p));
+                    v1 = _mm512_add_ps(v1, _mm512_loadu_ps(p.add(16)));
+                }
+                if !e.row_bias.is_null() {
+                    let b = _mm512_set1_ps(*e.row_bias.add(r));
+                    v0 = _mm512_add_ps(v0, b);
+                    v1 = _mm512_add_ps(v1, b);
+                }
+                if !e.col_bias.is_null() {
+                    v0 = _mm512_add_ps(v0, cb0);
+                    v1 = _mm512_add_ps(v1, cb1);
+                }
+                if !e.residual.is_null() {
+                    let q = e.residual.add(r * e.res_rs);
+                    v0 = _mm512_add_ps(v0, _mm512_loadu_ps(q));
+                    v1 = _mm512_add_ps(v1, _mm512_loadu_ps(q.add(16)));
+                }
+                if regs {
+                    v0 = act512(e.act, v0);
+                    v1 = act512(e.act, v1);
+                }
+                _mm512_storeu_ps(p, v0);
+                _mm512_storeu_ps(p.add(16), v1);
+            }
+            if !regs {
+                for r in 0..rows {
+                    let row = std::slice::from_raw_parts_mut(c.add(r * ldc), 32);
+                    row.iter_mut().for_each(|v| *v = act_value(e.act, *v));
+                }
+            }
+        }
     }
 }
 
@@ -1514,6 +2052,254 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Every kernel path (narrow, short, packed with strided and prepacked A; each
+    /// supported family; full and clipped tiles; depth split into several blocks;
+    /// accumulating or not; 1–3 threads) with each epilogue kind against the reference
+    /// product followed by a separate epilogue pass.
+    #[test]
+    fn epilogue_matches_reference_then_separate_pass() {
+        let acts = [
+            Activation::None,
+            Activation::Relu,
+            Activation::Clip {
+                min: -0.25,
+                max: 0.5,
+            },
+            Activation::LeakyRelu { alpha: 0.1 },
+            Activation::HardSigmoid {
+                alpha: 0.2,
+                beta: 0.5,
+            },
+            Activation::HardSwish,
+            Activation::Sigmoid,
+            Activation::Swish,
+            Activation::Tanh,
+        ];
+        // (m, n, k): narrow (n ≤ 8 with SIMD), short (m ≤ 4), packed with clipped and full
+        // tiles, depth of 1, of one block, and of 2–4 blocks of KC.
+        let shapes = [
+            (7, 3, 9),
+            (33, 5, 600),
+            (3, 40, 33),
+            (2, 100, 300),
+            (13, 70, 257),
+            (16, 64, 40),
+            (25, 97, 1),
+            (97, 45, 530),
+            (41, 130, 1000),
+            (200, 37, 19),
+        ];
+        // (row bias, column bias, residual)
+        let parts = [
+            (true, false, false),
+            (false, true, false),
+            (false, false, true),
+            (true, true, true),
+            (false, false, false),
+        ];
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+                if !isa.supported() {
+                    continue;
+                }
+                for (si, &(m, n, k)) in shapes.iter().enumerate() {
+                    let seed = si as u64 * 13 + threads as u64;
+                    let a = values(m * k, seed + 1);
+                    let b = values(k * n, seed + 2);
+                    let rb = values(m, seed + 3);
+                    let cb = values(n, seed + 4);
+                    let res_rs = n + 2;
+                    let res = values(m * res_rs, seed + 5);
+                    let mut packed = vec![f32::NAN; packed_a_len(m, k)];
+                    pack_a_whole(isa, m, k, &a, &mut packed);
+                    let ldd = n + 1;
+                    let init = values(m * ldd, seed + 6);
+                    for (ai, &act) in acts.iter().enumerate() {
+                        let (use_rb, use_cb, use_res) = parts[(ai + si) % parts.len()];
+                        let acc = (ai + si + threads) % 2 == 0;
+                        let prepacked = (ai + si) % 3 == 0 && n * 4 > 32;
+                        let mut want = init.clone();
+                        reference(m, n, k, &mut want, ldd, acc, &a, (k, 1), &b, (n, 1), 0.5);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let mut x = want[i * ldd + j];
+                                if use_rb {
+                                    x += rb[i];
+                                }
+                                if use_cb {
+                                    x += cb[j];
+                                }
+                                if use_res {
+                                    x += res[i * res_rs + j];
+                                }
+                                want[i * ldd + j] = act.apply(x);
+                            }
+                        }
+                        let epi = Epilogue {
+                            row_bias: if use_rb {
+                                rb.as_ptr()
+                            } else {
+                                std::ptr::null()
+                            },
+                            col_bias: if use_cb {
+                                cb.as_ptr()
+                            } else {
+                                std::ptr::null()
+                            },
+                            residual: if use_res {
+                                res.as_ptr()
+                            } else {
+                                std::ptr::null()
+                            },
+                            res_rs,
+                            act,
+                        };
+                        let mut got = init.clone();
+                        let dst = DstPtr(got.as_mut_ptr());
+                        let bop = Operand {
+                            ptr: b.as_ptr(),
+                            rs: n,
+                            cs: 1,
+                        };
+                        let aop = Operand {
+                            ptr: a.as_ptr(),
+                            rs: k,
+                            cs: 1,
+                        };
+                        pool.install(|| {
+                            let d = dst;
+                            // SAFETY: a / packed hold m·k values, b k·n, got m·ldd, the
+                            // epilogue's parts m, n and m·res_rs; isa is supported.
+                            unsafe {
+                                if prepacked {
+                                    sgemm_packed_a_epi(
+                                        isa,
+                                        m,
+                                        n,
+                                        k,
+                                        d.0,
+                                        ldd,
+                                        acc,
+                                        packed.as_ptr(),
+                                        bop,
+                                        0.5,
+                                        true,
+                                        &epi,
+                                    )
+                                } else {
+                                    sgemm_epi(
+                                        isa, m, n, k, d.0, ldd, acc, aop, bop, 0.5, true, &epi,
+                                    )
+                                }
+                            }
+                        });
+                        for i in 0..m {
+                            for j in 0..ldd {
+                                let (g, w) = (got[i * ldd + j], want[i * ldd + j]);
+                                assert!(
+                                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()) * (k as f32).sqrt(),
+                                    "{isa:?} {m}x{n}x{k} {act:?} rb={use_rb} cb={use_cb} \
+                                     res={use_res} acc={acc} prepacked={prepacked} at \
+                                     {threads} threads: ({i}, {j}): {g} vs {w}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Timing, not a check (`--ignored --nocapture`): conv-like products (bias per row +
+    /// activation) with the epilogue in the tile store against the product followed by
+    /// the conv's separate bias + activation pass; best of interleaved repetitions.
+    #[test]
+    #[ignore]
+    fn epilogue_in_store_speed() {
+        use std::time::Instant;
+        let isa = Isa::detect();
+        // (m, n, k): pointwise convs of the det / orientation models.
+        for &(m, n, k) in &[
+            (64, 25600, 32),
+            (128, 6400, 64),
+            (256, 1600, 128),
+            (96, 6400, 96),
+            (512, 196, 256),
+        ] {
+            for act in [Activation::Relu, Activation::HardSwish, Activation::Sigmoid] {
+                let a = values(m * k, 1);
+                let b = values(k * n, 2);
+                let bias = values(m, 3);
+                let mut packed = vec![0.0; packed_a_len(m, k)];
+                pack_a_whole(isa, m, k, &a, &mut packed);
+                let mut out = vec![0.0f32; m * n];
+                let bop = Operand {
+                    ptr: b.as_ptr(),
+                    rs: n,
+                    cs: 1,
+                };
+                let epi = Epilogue {
+                    row_bias: bias.as_ptr(),
+                    act,
+                    ..Epilogue::NONE
+                };
+                let (mut sep, mut fused) = (f64::MAX, f64::MAX);
+                for _ in 0..15 {
+                    let t = Instant::now();
+                    // SAFETY: sizes as allocated above; isa detected.
+                    unsafe {
+                        sgemm_packed_a(
+                            isa,
+                            m,
+                            n,
+                            k,
+                            out.as_mut_ptr(),
+                            n,
+                            false,
+                            packed.as_ptr(),
+                            bop,
+                            1.0,
+                            false,
+                        )
+                    };
+                    for (r, row) in out.chunks_exact_mut(n).enumerate() {
+                        crate::ops::conv::kernel::epilogue(row, bias[r], act);
+                    }
+                    sep = sep.min(t.elapsed().as_secs_f64());
+                    let t = Instant::now();
+                    // SAFETY: as above; the epilogue covers m rows.
+                    unsafe {
+                        sgemm_packed_a_epi(
+                            isa,
+                            m,
+                            n,
+                            k,
+                            out.as_mut_ptr(),
+                            n,
+                            false,
+                            packed.as_ptr(),
+                            bop,
+                            1.0,
+                            false,
+                            &epi,
+                        )
+                    };
+                    fused = fused.min(t.elapsed().as_secs_f64());
+                }
+                eprintln!(
+                    "{isa:?} {m}x{n}x{k} {act:?}: separate {:.3} ms, in store {:.3} ms ({:+.1} %)",
+                    sep * 1e3,
+                    fused * 1e3,
+                    (fused / sep - 1.0) * 100.0
+                );
             }
         }
     }

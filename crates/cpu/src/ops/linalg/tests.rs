@@ -204,3 +204,92 @@ fn gemm_ints_no_c_and_errors() {
         .eval(&[Some(&a.into()), Some(&v.into())])
         .is_err());
 }
+
+/// Gemm and MatMul with a fused activation (applied in the kernels' epilogue) and every C
+/// broadcast (per column and per row: the epilogue's biases; full and scalar: written then
+/// accumulated onto), on the packed, narrow and few-rows paths, depth split in blocks.
+#[test]
+fn fused_activation_and_c_match_naive_then_activation() {
+    let acts = [
+        Activation::Relu,
+        Activation::HardSwish,
+        Activation::LeakyRelu { alpha: 0.2 },
+        Activation::Sigmoid,
+        Activation::Clip {
+            min: -0.5,
+            max: 0.5,
+        },
+    ];
+    let mut r = Lcg(77);
+    for (si, &(m, k, n)) in [(37, 300, 45), (3, 20, 50), (20, 9, 5), (9, 600, 33)]
+        .iter()
+        .enumerate()
+    {
+        for (ci, cshape) in [vec![], vec![n], vec![1, n], vec![m, 1], vec![m, n], vec![1]]
+            .into_iter()
+            .enumerate()
+        {
+            let act = acts[(si + ci) % acts.len()];
+            let beta = if ci % 2 == 0 { 1.0 } else { 2.0 };
+            let (ta, tb) = (ci % 3 == 1, si % 2 == 1);
+            let a = r.vec(m * k);
+            let b = r.vec(k * n);
+            let c = r.vec(cshape.iter().product());
+            let at = Tensor::from_vec(&if ta { [k, m] } else { [m, k] }, a.clone()).unwrap();
+            let bt = Tensor::from_vec(&if tb { [n, k] } else { [k, n] }, b.clone()).unwrap();
+            let ct = Tensor::from_vec(&cshape, c.clone()).unwrap();
+            let op = Gemm {
+                act,
+                ..gemm_op(0.5, beta, ta, tb)
+            };
+            let y = op
+                .eval(&[Some(&at.into()), Some(&bt.into()), Some(&ct.into())])
+                .unwrap()
+                .remove(0)
+                .into_tensor()
+                .unwrap();
+            let mut want = vec![];
+            for i in 0..m {
+                for j in 0..n {
+                    let mut s = 0.0f64;
+                    for l in 0..k {
+                        let av = if ta { a[l * m + i] } else { a[i * k + l] };
+                        let bv = if tb { b[j * k + l] } else { b[l * n + j] };
+                        s += av as f64 * bv as f64;
+                    }
+                    let cv = match cshape.len() {
+                        0 => c[0],
+                        1 => c[if cshape[0] == 1 { 0 } else { j }],
+                        _ => {
+                            c[(if cshape[0] == 1 { 0 } else { i }) * cshape[1]
+                                + if cshape[1] == 1 { 0 } else { j }]
+                        }
+                    };
+                    want.push(act.apply(0.5 * s as f32 + beta * cv));
+                }
+            }
+            let d = max_diff(y.as_slice::<f32>().unwrap(), &want);
+            assert!(d < 1e-4, "{m}x{k}x{n} C {cshape:?} {act:?}: diff {d}");
+        }
+        let act = acts[si % acts.len()];
+        let (sa, sb) = ([2, m, k], [k, n]);
+        let a = r.vec(2 * m * k);
+        let b = r.vec(k * n);
+        let plan = matmul_plan("MatMul", &sa, &sb).unwrap();
+        let want: Vec<f32> = naive(&a, &b, &plan).iter().map(|&v| act.apply(v)).collect();
+        let op = MatMul { act };
+        let (ta, tb) = (
+            Tensor::from_vec(&sa, a).unwrap(),
+            Tensor::from_vec(&sb, b).unwrap(),
+        );
+        let got = run_matmul(&op, ta.clone(), tb.clone());
+        assert!(max_diff(got.as_slice::<f32>().unwrap(), &want) < 1e-4);
+        let mut bytes = vec![0u8; want.len() * 4];
+        let out_shape = [2, m, n];
+        let mut slots = [TensorMut::new(DType::F32, &out_shape, &mut bytes).unwrap()];
+        op.eval_into(&[Some(&ta.into()), Some(&tb.into())], &mut slots)
+            .unwrap();
+        let d = max_diff(bytemuck::cast_slice::<u8, f32>(&bytes), &want);
+        assert!(d < 1e-4, "MatMul {m}x{k}x{n} {act:?}: diff {d}");
+    }
+}
