@@ -42,10 +42,9 @@ pub fn pack_conv_weights(graph: &mut Graph, registry: &OpRegistry) -> Result<usi
         replaced.push(w_id);
         let node = &mut graph.nodes[ni];
         node.inputs[1] = Some(id);
-        node.desc.attrs.insert(
-            WEIGHT_LAYOUT_ATTR.into(),
-            Attr::String(layout),
-        );
+        node.desc
+            .attrs
+            .insert(WEIGHT_LAYOUT_ATTR.into(), Attr::String(layout));
         let n = &graph.nodes[ni];
         let op = registry.build(&BuildCtx {
             node: &n.name,

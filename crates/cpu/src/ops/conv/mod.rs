@@ -252,7 +252,9 @@ impl Conv {
             if ws.len() != 4 || ws[2] != a || ws[3] != a {
                 return Err(KilnError::kernel(
                     "Conv",
-                    format!("Winograd weights must have shape M × C/group × {a} × {a}, found {ws:?}"),
+                    format!(
+                        "Winograd weights must have shape M × C/group × {a} × {a}, found {ws:?}"
+                    ),
                 ));
             }
             s[2] = 3;
@@ -373,11 +375,9 @@ impl Op for Conv {
         }
         let mut w = inputs.get(1).copied().flatten();
         let logical;
-        if let (ConvAlgo::Winograd(_), Some(_), Some(ws)) = (
-            self.algo,
-            self.packed,
-            w.and_then(|f| f.shape.as_ref()),
-        ) {
+        if let (ConvAlgo::Winograd(_), Some(_), Some(ws)) =
+            (self.algo, self.packed, w.and_then(|f| f.shape.as_ref()))
+        {
             // Transformed weights: the window is 3 × 3.
             let mut s = ws.clone();
             if s.len() == 4 {

@@ -132,6 +132,7 @@ impl WinoTile {
             .find(|t| t.name() == name)
     }
 
+    #[cfg(test)]
     fn bt(self) -> &'static [f32] {
         match self {
             WinoTile::F23 => &BT23,
@@ -146,6 +147,7 @@ impl WinoTile {
         }
     }
 
+    #[cfg(test)]
     fn at(self) -> &'static [f32] {
         match self {
             WinoTile::F23 => &AT23,
@@ -259,9 +261,9 @@ fn transform_weights_into(
 
 /// Largest scratch per block (bytes) the block size aims for: transformed inputs and
 /// products of a block stay in L2.
-const BLOCK_BYTES: usize = 1 << 20;
+const BLOCK_BYTES: usize = 2 << 20;
 /// Fewest tiles per block when there are enough (the products' column count).
-const MIN_BLOCK: usize = 32;
+const MIN_BLOCK: usize = 64;
 /// Most tiles per block.
 const MAX_BLOCK: usize = 512;
 
@@ -319,54 +321,91 @@ impl Geo {
     }
 }
 
-/// Tiles per block: the scratch of a block (`per_tile` values a tile) within
-/// [`BLOCK_BYTES`], between [`MIN_BLOCK`] and [`MAX_BLOCK`], no more than there are, and
-/// small enough that `tasks_wanted` blocks exist when there are enough tiles.
+/// Tiles per block, a multiple of [`LANES`]: the scratch of a block (`per_tile` values a
+/// tile) within [`BLOCK_BYTES`], between [`MIN_BLOCK`] and [`MAX_BLOCK`], no more than
+/// there are, and small enough that `tasks_wanted` blocks exist when there are enough tiles.
 fn block_tiles(per_tile: usize, total: usize, tasks_wanted: usize) -> usize {
-    let fit = (BLOCK_BYTES / 4 / per_tile.max(1)).clamp(MIN_BLOCK, MAX_BLOCK);
-    let mut nb = fit.min(total).max(1);
+    let fit = (BLOCK_BYTES / 4 / per_tile.max(1) / LANES * LANES).clamp(MIN_BLOCK, MAX_BLOCK);
+    let mut nb = fit.min(total.next_multiple_of(LANES));
     if tasks_wanted > 1 {
-        let split = total.div_ceil(tasks_wanted).next_multiple_of(16);
-        nb = nb.min(split.max(16)).min(total).max(1);
+        nb = nb.min(total.div_ceil(tasks_wanted).next_multiple_of(LANES));
     }
-    nb
+    nb.max(LANES)
 }
 
-/// `dst[..n] = Σ_r coef[r] · src[first + r·stride ..][..n]` (zero coefficients skipped).
+/// Tiles transformed together: one AVX-512 vector (two AVX2 ones) per coefficient.
+const LANES: usize = 16;
+
+/// `Σ_r coef[r] · vec(r)` over `LANES` tiles (zero coefficients skipped; with the
+/// matrix a constant and the loops unrolled, the checks fold away).
 #[inline(always)]
-fn lin_comb(coef: &[f32], src: &[f32], first: usize, stride: usize, n: usize, dst: &mut [f32]) {
-    let dst = &mut dst[..n];
-    let mut init = false;
-    for (r, &cf) in coef.iter().enumerate() {
-        if cf == 0.0 {
+fn comb<const A: usize>(coef: &[f32], vec: impl Fn(usize) -> [f32; LANES]) -> [f32; LANES] {
+    let mut acc = [0.0f32; LANES];
+    for (r, &c) in coef[..A].iter().enumerate() {
+        if c == 0.0 {
             continue;
         }
-        let s = &src[first + r * stride..][..n];
-        if !init {
-            if cf == 1.0 {
-                dst.copy_from_slice(s);
-            } else {
-                for (o, &x) in dst.iter_mut().zip(s) {
-                    *o = cf * x;
-                }
-            }
-            init = true;
-        } else if cf == 1.0 {
-            for (o, &x) in dst.iter_mut().zip(s) {
-                *o += x;
-            }
-        } else if cf == -1.0 {
-            for (o, &x) in dst.iter_mut().zip(s) {
-                *o -= x;
-            }
-        } else {
-            for (o, &x) in dst.iter_mut().zip(s) {
-                *o += cf * x;
-            }
+        for (a, x) in acc.iter_mut().zip(vec(r)) {
+            *a += c * x;
         }
     }
-    if !init {
-        dst.fill(0.0);
+    acc
+}
+
+/// `LANES` values of `src` from `at`.
+#[inline(always)]
+fn load(src: &[f32], at: usize) -> [f32; LANES] {
+    src[at..at + LANES].try_into().unwrap()
+}
+
+/// The input transform `Bᵀ d B` of `LANES` tiles: `d[(r·A + s)·nb + j..]` holds patch
+/// value (r, s) of tile `j..`; position ξ goes to `v[ξ·stride + j0..][..LANES]`.
+#[inline(always)]
+fn in_chunk<const A: usize>(
+    bt: &[f32],
+    d: &[f32],
+    nb: usize,
+    j: usize,
+    v: &mut [f32],
+    stride: usize,
+    j0: usize,
+) {
+    let mut t = [[[0.0f32; LANES]; A]; A];
+    for (i, ti) in t.iter_mut().enumerate() {
+        for (s, ts) in ti.iter_mut().enumerate() {
+            *ts = comb::<A>(&bt[i * A..], |r| load(d, (r * A + s) * nb + j));
+        }
+    }
+    for (i, ti) in t.iter().enumerate() {
+        for jj in 0..A {
+            let val = comb::<A>(&bt[jj * A..], |s| ti[s]);
+            v[(i * A + jj) * stride + j0..][..LANES].copy_from_slice(&val);
+        }
+    }
+}
+
+/// The output transform `Aᵀ M A` of `LANES` tiles: product ξ at `prod[ξ·stride + j..]`;
+/// output (i, jj) goes to `y[(i·MT + jj)·nb + j..][..LANES]`.
+#[inline(always)]
+fn out_chunk<const A: usize, const MT: usize>(
+    at: &[f32],
+    prod: &[f32],
+    stride: usize,
+    j: usize,
+    y: &mut [f32],
+    nb: usize,
+) {
+    let mut t = [[[0.0f32; LANES]; A]; MT];
+    for (i, ti) in t.iter_mut().enumerate() {
+        for (s, ts) in ti.iter_mut().enumerate() {
+            *ts = comb::<A>(&at[i * A..], |r| load(prod, (r * A + s) * stride + j));
+        }
+    }
+    for (i, ti) in t.iter().enumerate() {
+        for jj in 0..MT {
+            let val = comb::<A>(&at[jj * A..], |s| ti[s]);
+            y[(i * MT + jj) * nb + j..][..LANES].copy_from_slice(&val);
+        }
     }
 }
 
@@ -387,13 +426,12 @@ struct InBlock<'a> {
 
 impl InBlock<'_> {
     /// Gathers and transforms: `v[(ξ·cg + c)·nb + j] = (Bᵀ d B)_ξ` of tile `t0 + j`,
-    /// channel `c`, with `d` and `tmp` α²·nb values each.
+    /// channel `c`, with `d` (the gathered patches) α²·nb values.
     #[inline(always)]
-    fn run_body(&self, d: &mut [f32], tmp: &mut [f32], v: &mut [f32]) {
+    fn run_body(&self, d: &mut [f32], v: &mut [f32]) {
         let g = &self.geo;
         let (a, nb, n) = (g.alpha, self.nb, self.n);
         let isz = g.ih * g.iw;
-        let bt = g.tile.bt();
         for ci in 0..self.cg {
             // Gather the α × α patches (zero outside the image).
             g.runs(self.t0, n, |b, ty, tx0, len, j0| {
@@ -438,30 +476,17 @@ impl InBlock<'_> {
                     }
                 }
             });
-            // tmp[i][s] = Σ_r Bᵀ[i][r] d[r][s]; v[i][j] = Σ_s Bᵀ[j][s] tmp[i][s].
-            for i in 0..a {
-                for s in 0..a {
-                    lin_comb(
-                        &bt[i * a..(i + 1) * a],
-                        d,
-                        s * nb,
-                        a * nb,
-                        n,
-                        &mut tmp[(i * a + s) * nb..],
-                    );
-                }
+            // Whole vectors: the tail's patch values are 0 (its columns are never used).
+            let nv = n.next_multiple_of(LANES);
+            for row in d.chunks_exact_mut(nb).take(a * a) {
+                row[n..nv].fill(0.0);
             }
-            for i in 0..a {
-                for j in 0..a {
-                    let xi = i * a + j;
-                    lin_comb(
-                        &bt[j * a..(j + 1) * a],
-                        tmp,
-                        i * a * nb,
-                        nb,
-                        n,
-                        &mut v[(xi * self.cg + ci) * nb..],
-                    );
+            let stride = self.cg * nb;
+            for j in (0..nv).step_by(LANES) {
+                let (v, j0) = (&mut *v, ci * nb + j);
+                match g.tile {
+                    WinoTile::F23 => in_chunk::<4>(&BT23, d, nb, j, v, stride, j0),
+                    WinoTile::F43 => in_chunk::<6>(&BT43, d, nb, j, v, stride, j0),
                 }
             }
         }
@@ -487,38 +512,29 @@ struct OutBlock<'a> {
 
 impl OutBlock<'_> {
     /// Transforms the products `prod[(ξ·mg + k)·nb + j]` back (`Aᵀ M A`), adds the bias,
-    /// applies the activation and writes the tiles' pixels inside the output; `tmp` holds
-    /// α²·nb values, `y` m²·nb.
+    /// applies the activation and writes the tiles' pixels inside the output; `y` holds
+    /// m²·nb values.
     ///
     /// # Safety
     /// `out` must point at the whole output, and no other thread may access the pixels of
     /// this block's tiles while it runs.
     #[inline(always)]
-    unsafe fn run_body(&self, prod: &[f32], tmp: &mut [f32], y: &mut [f32]) {
+    unsafe fn run_body(&self, prod: &[f32], y: &mut [f32]) {
         let g = &self.geo;
-        let (a, mt, nb, n) = (g.alpha, g.mt, self.nb, self.n);
-        let at = g.tile.at();
+        let (mt, nb, n) = (g.mt, self.nb, self.n);
         let osz = g.oh * g.ow;
+        let nv = n.next_multiple_of(LANES);
         for k in 0..self.mg {
-            for i in 0..mt {
-                for s in 0..a {
-                    lin_comb(
-                        &at[i * a..(i + 1) * a],
-                        prod,
-                        (s * self.mg + k) * nb,
-                        a * self.mg * nb,
-                        n,
-                        &mut tmp[(i * a + s) * nb..],
-                    );
+            let pk = &prod[k * nb..];
+            for j in (0..nv).step_by(LANES) {
+                match g.tile {
+                    WinoTile::F23 => out_chunk::<4, 2>(&AT23, pk, self.mg * nb, j, y, nb),
+                    WinoTile::F43 => out_chunk::<6, 4>(&AT43, pk, self.mg * nb, j, y, nb),
                 }
             }
             let bias = self.bias.map_or(0.0, |b| b[k]);
-            for i in 0..mt {
-                for j in 0..mt {
-                    let yv = &mut y[(i * mt + j) * nb..];
-                    lin_comb(&at[j * a..(j + 1) * a], tmp, i * a * nb, nb, n, yv);
-                    epilogue(&mut yv[..n], bias, self.act);
-                }
+            for yv in y.chunks_exact_mut(nb).take(mt * mt) {
+                epilogue(&mut yv[..n], bias, self.act);
             }
             g.runs(self.t0, n, |b, ty, tx0, len, j0| {
                 let plane = (b * self.m + self.k0 + k) * osz;
@@ -549,61 +565,61 @@ impl OutBlock<'_> {
 
 /// Which build of the transforms runs (the portable one, or it compiled for AVX2 / AVX-512
 /// so the loops over a block's tiles vectorise).
-fn run_in(simd: Isa, blk: &InBlock<'_>, d: &mut [f32], tmp: &mut [f32], v: &mut [f32]) {
+fn run_in(simd: Isa, blk: &InBlock<'_>, d: &mut [f32], v: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match simd {
         // SAFETY: callers pass a family this CPU supports (`Isa::supported`).
-        Isa::Avx512 => return unsafe { in_avx512(blk, d, tmp, v) },
+        Isa::Avx512 => return unsafe { in_avx512(blk, d, v) },
         // SAFETY: as above.
-        Isa::Avx2 => return unsafe { in_avx2(blk, d, tmp, v) },
+        Isa::Avx2 => return unsafe { in_avx2(blk, d, v) },
         Isa::Scalar => {}
     }
     let _ = simd;
-    blk.run_body(d, tmp, v)
+    blk.run_body(d, v)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn in_avx512(blk: &InBlock<'_>, d: &mut [f32], tmp: &mut [f32], v: &mut [f32]) {
-    blk.run_body(d, tmp, v)
+fn in_avx512(blk: &InBlock<'_>, d: &mut [f32], v: &mut [f32]) {
+    blk.run_body(d, v)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn in_avx2(blk: &InBlock<'_>, d: &mut [f32], tmp: &mut [f32], v: &mut [f32]) {
-    blk.run_body(d, tmp, v)
+fn in_avx2(blk: &InBlock<'_>, d: &mut [f32], v: &mut [f32]) {
+    blk.run_body(d, v)
 }
 
 /// The output transform in the build `simd` names.
 ///
 /// # Safety
 /// As [`OutBlock::run_body`]; `simd` must be supported by this CPU.
-unsafe fn run_out(simd: Isa, blk: &OutBlock<'_>, prod: &[f32], tmp: &mut [f32], y: &mut [f32]) {
+unsafe fn run_out(simd: Isa, blk: &OutBlock<'_>, prod: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match simd {
         // SAFETY: the caller's contract.
-        Isa::Avx512 => return unsafe { out_avx512(blk, prod, tmp, y) },
+        Isa::Avx512 => return unsafe { out_avx512(blk, prod, y) },
         // SAFETY: the caller's contract.
-        Isa::Avx2 => return unsafe { out_avx2(blk, prod, tmp, y) },
+        Isa::Avx2 => return unsafe { out_avx2(blk, prod, y) },
         Isa::Scalar => {}
     }
     let _ = simd;
     // SAFETY: the caller's contract.
-    unsafe { blk.run_body(prod, tmp, y) }
+    unsafe { blk.run_body(prod, y) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn out_avx512(blk: &OutBlock<'_>, prod: &[f32], tmp: &mut [f32], y: &mut [f32]) {
+unsafe fn out_avx512(blk: &OutBlock<'_>, prod: &[f32], y: &mut [f32]) {
     // SAFETY: the caller's contract.
-    unsafe { blk.run_body(prod, tmp, y) }
+    unsafe { blk.run_body(prod, y) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn out_avx2(blk: &OutBlock<'_>, prod: &[f32], tmp: &mut [f32], y: &mut [f32]) {
+unsafe fn out_avx2(blk: &OutBlock<'_>, prod: &[f32], y: &mut [f32]) {
     // SAFETY: the caller's contract.
-    unsafe { blk.run_body(prod, tmp, y) }
+    unsafe { blk.run_body(prod, y) }
 }
 
 /// Runs `conv` (a window [`applies`] takes) with Winograd F(`tile`) into `out` (checked
@@ -661,8 +677,8 @@ fn run_transformed(
         return Ok(());
     }
     let threads = crate::parallel::threads();
-    // Scratch values per tile: transformed inputs, products, two staging buffers, outputs.
-    let per_tile = a2 * (cg + mg) + 2 * a2 + mt2;
+    // Scratch values per tile: transformed inputs, products, patches, outputs.
+    let per_tile = a2 * (cg + mg) + a2 + mt2;
     let nb = block_tiles(per_tile, total, threads.div_ceil(group));
     let blocks = total.div_ceil(nb);
     let tasks = group * blocks;
@@ -675,12 +691,13 @@ fn run_transformed(
         let (g, blk) = (task / blocks, task % blocks);
         let t0 = blk * nb;
         let nbt = nb.min(total - t0);
-        let len = a2 * cg * nb + a2 * mg * nb + 2 * a2 * nb + mt2 * nb;
+        // The products run on whole vectors of tiles (the tail's inputs are 0).
+        let nv = nbt.next_multiple_of(LANES);
+        let len = a2 * cg * nb + a2 * mg * nb + a2 * nb + mt2 * nb;
         crate::scratch::with_scratch::<f32, _>(len, |buf| {
             let (v, rest) = buf.split_at_mut(a2 * cg * nb);
             let (prod, rest) = rest.split_at_mut(a2 * mg * nb);
-            let (d, rest) = rest.split_at_mut(a2 * nb);
-            let (tmp, y) = rest.split_at_mut(a2 * nb);
+            let (d, y) = rest.split_at_mut(a2 * nb);
             let inb = InBlock {
                 geo,
                 x: conv.x,
@@ -691,7 +708,7 @@ fn run_transformed(
                 n: nbt,
                 nb,
             };
-            run_in(simd, &inb, d, tmp, v);
+            run_in(simd, &inb, d, v);
             let ug = &u[g * a2 * ublock..(g + 1) * a2 * ublock];
             let product = |xi: usize, dst: &mut [f32]| -> Result<()> {
                 let uk = &ug[xi * ublock..(xi + 1) * ublock];
@@ -702,11 +719,11 @@ fn run_transformed(
                 };
                 match isa {
                     Some(isa) => {
-                        blas::gemm_packed_a(isa, mg, nbt, cg, dst, nb, false, uk, b, 1.0, false)
+                        blas::gemm_packed_a(isa, mg, nv, cg, dst, nb, false, uk, b, 1.0, false)
                     }
                     None => blas::gemm(
                         mg,
-                        nbt,
+                        nv,
                         cg,
                         dst,
                         nb,
@@ -742,7 +759,7 @@ fn run_transformed(
             // SAFETY: `dst` is the whole output (`out`, checked by the caller), tasks
             // cover disjoint tiles (one block of one group each) and `out` is not used
             // otherwise while they run.
-            unsafe { run_out(simd, &outb, prod, tmp, y) };
+            unsafe { run_out(simd, &outb, prod, y) };
             Ok(())
         })
     };
@@ -869,11 +886,38 @@ mod tests {
             (1, 3, 5, 1, [7, 9], [1, 1, 1, 1], true, Activation::None),
             (1, 17, 3, 1, [7, 9], [0, 0, 0, 0], false, Activation::Relu),
             (1, 4, 6, 1, [1, 1], [1, 1, 1, 1], true, Activation::None),
-            (2, 5, 7, 1, [2, 5], [1, 1, 1, 1], true, Activation::HardSwish),
+            (
+                2,
+                5,
+                7,
+                1,
+                [2, 5],
+                [1, 1, 1, 1],
+                true,
+                Activation::HardSwish,
+            ),
             (1, 6, 17, 1, [3, 3], [0, 0, 0, 0], true, Activation::None),
             (2, 6, 4, 2, [9, 7], [1, 0, 2, 1], true, Activation::Relu),
-            (1, 34, 10, 2, [11, 13], [0, 2, 1, 0], false, Activation::None),
-            (2, 17, 17, 1, [13, 11], [2, 2, 2, 2], true, Activation::Sigmoid),
+            (
+                1,
+                34,
+                10,
+                2,
+                [11, 13],
+                [0, 2, 1, 0],
+                false,
+                Activation::None,
+            ),
+            (
+                2,
+                17,
+                17,
+                1,
+                [13, 11],
+                [2, 2, 2, 2],
+                true,
+                Activation::Sigmoid,
+            ),
             (1, 8, 16, 1, [40, 37], [1, 1, 1, 1], true, Activation::Relu),
             (
                 2,
@@ -1004,11 +1048,14 @@ mod tests {
 
     #[test]
     fn block_sizes() {
-        assert_eq!(block_tiles(100, 10, 1), 10);
+        assert_eq!(block_tiles(100, 10, 1), 16);
+        assert_eq!(block_tiles(100, 40, 1), 48);
         assert_eq!(block_tiles(100, 10_000, 1), 512);
         let nb = block_tiles(36 * 512, 10_000, 1);
         assert_eq!(nb, MIN_BLOCK);
         let nb = block_tiles(100, 1000, 2);
-        assert!(nb <= 512 && 1000_usize.div_ceil(nb) >= 2);
+        assert!(nb <= 512 && 1000_usize.div_ceil(nb) >= 2 && nb % LANES == 0);
+        let nb = block_tiles(36 * 200, 5000, 1);
+        assert!(nb >= MIN_BLOCK && nb % LANES == 0);
     }
 }
