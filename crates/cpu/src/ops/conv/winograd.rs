@@ -1054,8 +1054,8 @@ mod tests {
         let nb = block_tiles(36 * 512, 10_000, 1);
         assert_eq!(nb, MIN_BLOCK);
         let nb = block_tiles(100, 1000, 2);
-        assert!(nb <= 512 && 1000_usize.div_ceil(nb) >= 2 && nb % LANES == 0);
+        assert!(nb <= 512 && 1000_usize.div_ceil(nb) >= 2 && nb.is_multiple_of(LANES));
         let nb = block_tiles(36 * 200, 5000, 1);
-        assert!(nb >= MIN_BLOCK && nb % LANES == 0);
+        assert!(nb >= MIN_BLOCK && nb.is_multiple_of(LANES));
     }
 }
