@@ -358,6 +358,30 @@ fn load(src: &[f32], at: usize) -> [f32; LANES] {
     src[at..at + LANES].try_into().unwrap()
 }
 
+/// `dst[q] = src[q·MT]`: whole chunks of `LANES` with fixed offsets (unrolled, no
+/// bounds checks inside), then the tail.
+#[inline(always)]
+fn gather_strided<const MT: usize>(src: &[f32], dst: &mut [f32]) {
+    let mut chunks = dst.chunks_exact_mut(LANES);
+    let mut off = 0;
+    for c in &mut chunks {
+        let s = &src[off..off + (LANES - 1) * MT + 1];
+        for (i, o) in c.iter_mut().enumerate() {
+            *o = s[i * MT];
+        }
+        off += LANES * MT;
+    }
+    // (After whole chunks `off` may lie past the end of `src`: then there is no tail.)
+    let tail = src.get(off..).unwrap_or(&[]);
+    for (o, &x) in chunks
+        .into_remainder()
+        .iter_mut()
+        .zip(tail.iter().step_by(MT))
+    {
+        *o = x;
+    }
+}
+
 /// The input transform `Bᵀ d B` of `LANES` tiles: `d[(r·A + s)·nb + j..]` holds patch
 /// value (r, s) of tile `j..`; position ξ goes to `v[ξ·stride + j0..][..LANES]`.
 #[inline(always)]
@@ -466,9 +490,12 @@ impl InBlock<'_> {
                         for (q, o) in dst[..l].iter_mut().enumerate() {
                             *o = edge(tx0 + q);
                         }
-                        let base = lo * g.mt + s - g.pl;
-                        for (q, o) in dst[l..h].iter_mut().enumerate() {
-                            *o = row[base + q * g.mt];
+                        if h > l {
+                            let src = &row[lo * g.mt + s - g.pl..];
+                            match g.tile {
+                                WinoTile::F23 => gather_strided::<2>(src, &mut dst[l..h]),
+                                WinoTile::F43 => gather_strided::<4>(src, &mut dst[l..h]),
+                            }
                         }
                         for (q, o) in dst[h..].iter_mut().enumerate() {
                             *o = edge(tx0 + h + q);
@@ -1044,6 +1071,28 @@ mod tests {
         let mut got = vec![0.0; pr.want.len()];
         conv.run(&mut got).unwrap();
         assert!(max_diff(&got, &pr.want) > tolerance(WinoTile::F43, &pr.want));
+    }
+
+    /// The strided gather on every length (whole chunks, tails, none), with `src` exactly
+    /// as long as it needs to be.
+    #[test]
+    fn gather_strided_takes_every_mt_th_value() {
+        for n in 0..50usize {
+            let src2: Vec<f32> = (0..(n.max(1) - 1) * 2 + 1).map(|v| v as f32).collect();
+            let mut dst = vec![f32::NAN; n];
+            gather_strided::<2>(&src2, &mut dst);
+            assert!(
+                dst.iter().enumerate().all(|(q, &v)| v == (2 * q) as f32),
+                "n {n}"
+            );
+            let src4: Vec<f32> = (0..(n.max(1) - 1) * 4 + 1).map(|v| v as f32).collect();
+            let mut dst = vec![f32::NAN; n];
+            gather_strided::<4>(&src4, &mut dst);
+            assert!(
+                dst.iter().enumerate().all(|(q, &v)| v == (4 * q) as f32),
+                "n {n}"
+            );
+        }
     }
 
     #[test]
