@@ -3,9 +3,11 @@
 //! into the packed-A layout of `kiln_cpu::ops::linalg::sgemm` (for this CPU's kernel
 //! family) and stored that way in the plan, so inference packs no weights. The node
 //! carries `kiln_weight_layout = packed_a.<isa>`; the weights keep their shape and size.
+//! A Conv tuned to a Winograd tactic gets its filters transformed (`G g Gᵀ`) and packed
+//! instead (`winograd_<f23|f43>.<isa>`, stored as M × C/group × α × α).
 
 use kiln_core::{Attr, BuildCtx, DType, Fact, Graph, OpRegistry, Result, Tensor};
-use kiln_cpu::ops::conv::{kernel::pack_weights, Conv, WEIGHT_LAYOUT_ATTR};
+use kiln_cpu::ops::conv::{Conv, WEIGHT_LAYOUT_ATTR};
 
 /// Packs the weights of every Conv that benefits; returns how many were packed.
 pub fn pack_conv_weights(graph: &mut Graph, registry: &OpRegistry) -> Result<usize> {
@@ -32,18 +34,17 @@ pub fn pack_conv_weights(graph: &mut Graph, registry: &OpRegistry) -> Result<usi
         let Some(isa) = conv.weight_packing(&xs, w.shape()) else {
             continue;
         };
-        let data = pack_weights(w.as_slice::<f32>()?, w.shape()[0], conv.group, isa)?;
-        let shape = w.shape().to_vec();
+        let (data, shape) = conv.packed_weights(w.as_slice::<f32>()?, w.shape(), isa)?;
+        let layout = conv.weight_layout(isa);
         let name = format!("{}.packed_{}", graph.name_of(w_id), isa.name());
         let id = graph.add_value(name, Fact::concrete(DType::F32, &shape));
         graph.constants.insert(id, Tensor::from_vec(&shape, data)?);
         replaced.push(w_id);
         let node = &mut graph.nodes[ni];
         node.inputs[1] = Some(id);
-        node.desc.attrs.insert(
-            WEIGHT_LAYOUT_ATTR.into(),
-            Attr::String(format!("packed_a.{}", isa.name())),
-        );
+        node.desc
+            .attrs
+            .insert(WEIGHT_LAYOUT_ATTR.into(), Attr::String(layout));
         let n = &graph.nodes[ni];
         let op = registry.build(&BuildCtx {
             node: &n.name,

@@ -106,6 +106,38 @@ pub fn random_input(fact: &Fact, seed: u64) -> Result<Tensor> {
     Tensor::from_vec(&shape, v)?.cast(dtype)
 }
 
+/// A Conv with a Winograd tactic is timed the way the engine runs it: with its constant
+/// weights transformed once, as the builder stores them (unpacked, the filters would be
+/// transformed on every run). Any other op is returned as it is.
+fn winograd_packed(
+    op: std::sync::Arc<dyn kiln_core::Op>,
+    facts: &mut [Option<Fact>],
+    values: &mut [Option<Value>],
+) -> Result<std::sync::Arc<dyn kiln_core::Op>> {
+    use kiln_cpu::ops::conv::{kernel::ConvAlgo, Conv};
+    let Some(conv) = op.as_any().downcast_ref::<Conv>() else {
+        return Ok(op);
+    };
+    if !matches!(conv.algo, ConvAlgo::Winograd(_)) {
+        return Ok(op);
+    }
+    let xs = facts.first().and_then(|f| f.as_ref()?.concrete_shape());
+    let (Some(xs), Some(Some(Value::Tensor(w)))) = (xs, values.get(1)) else {
+        return Ok(op);
+    };
+    if w.dtype() != DType::F32 {
+        return Ok(op);
+    }
+    let Some(isa) = conv.weight_packing(&xs, w.shape()) else {
+        return Ok(op);
+    };
+    let (data, shape) = conv.packed_weights(w.as_slice::<f32>()?, w.shape(), isa)?;
+    let packed: std::sync::Arc<dyn kiln_core::Op> = std::sync::Arc::new(conv.with_packed(isa));
+    values[1] = Some(Value::Tensor(Tensor::from_vec(&shape, data)?));
+    facts[1] = Some(Fact::concrete(DType::F32, &shape));
+    Ok(packed)
+}
+
 fn dtype_of(p: Precision) -> DType {
     match p {
         Precision::Fp32 => DType::F32,
@@ -169,6 +201,11 @@ impl LayerTimer for CpuTimer {
             facts.push(f);
             values.push(v.map(Value::Tensor));
         }
+        let op = if int8 {
+            op
+        } else {
+            winograd_packed(op, &mut facts, &mut values)?
+        };
         let fact_refs: Vec<Option<&Fact>> = facts.iter().map(|f| f.as_ref()).collect();
         let args: Vec<Option<&Value>> = values.iter().map(|v| v.as_ref()).collect();
         let out_facts = op.infer(&fact_refs, node.outputs.len())?;

@@ -11,6 +11,7 @@ use kiln_core::{KilnError, Result};
 use super::flat::{FlatConv, FlatGeom};
 use super::geom::Spatial3;
 use super::reference::ConvDims;
+use super::winograd::{self, WinoTile};
 use crate::fused::Activation;
 use crate::ops::linalg::blas::{self, GemmEpilogue, MatRef};
 use crate::ops::linalg::sgemm::{pack_a_whole, Isa};
@@ -40,6 +41,9 @@ pub enum ConvAlgo {
     /// The direct kernel row by row (depthwise only): no padded copy of the plane and no
     /// work on padding, but vector runs only as long as an output row.
     DirectRows,
+    /// Winograd F(m×m, 3×3) ([`super::winograd`]): 2-D 3×3 windows with unit strides and
+    /// dilations only.
+    Winograd(WinoTile),
 }
 
 impl ConvAlgo {
@@ -180,7 +184,11 @@ impl ConvF32<'_> {
         if self.x.len() != n * c * self.sp.in_size() {
             return err("X");
         }
-        if self.w.len() != m * (c / group) * self.sp.kernel_size() {
+        let w_len = match (self.algo, self.packed) {
+            (ConvAlgo::Winograd(t), Some(_)) => winograd::transformed_len(t, m, c / group),
+            _ => m * (c / group) * self.sp.kernel_size(),
+        };
+        if self.w.len() != w_len {
             return err("W");
         }
         if self.bias.is_some_and(|b| b.len() != m) {
@@ -211,6 +219,7 @@ impl ConvF32<'_> {
             ));
         }
         let (tile_elems, outer) = match self.algo {
+            ConvAlgo::Winograd(tile) => return winograd::run(self, tile, out),
             ConvAlgo::Auto if depthwise => {
                 return self.run_direct(out, self.sp.output[2] >= DIRECT_ROWS_MIN_WIDTH)
             }

@@ -10,6 +10,7 @@ pub mod reference;
 pub mod tactics;
 pub mod transpose;
 mod transpose_tiles;
+pub mod winograd;
 
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
@@ -148,12 +149,15 @@ pub struct Conv {
     /// The implementation the tuner chose (`Auto` when untuned).
     pub algo: ConvAlgo,
     /// `Some(isa)` when W was packed at build time for that GEMM kernel family
-    /// (attribute [`WEIGHT_LAYOUT_ATTR`] = `packed_a.<isa>`).
+    /// (attribute [`WEIGHT_LAYOUT_ATTR`] = `packed_a.<isa>`), or, with a Winograd `algo`,
+    /// transformed and packed ([`winograd::transform_weights`], `winograd_<f23|f43>.<isa>`,
+    /// stored as M × C/group × α × α).
     pub packed: Option<Isa>,
 }
 
 /// Attribute naming the layout of a Conv's constant weights when the builder packed them
-/// (`packed_a.scalar`, `packed_a.avx2`, `packed_a.avx512`); absent: ONNX layout.
+/// (`packed_a.scalar`, `packed_a.avx2`, `packed_a.avx512`, or `winograd_f23.<isa>` /
+/// `winograd_f43.<isa>` for Winograd-transformed weights); absent: ONNX layout.
 pub const WEIGHT_LAYOUT_ATTR: &str = "kiln_weight_layout";
 
 impl Conv {
@@ -167,6 +171,10 @@ impl Conv {
         }
         let (dims, sp) = conv_geometry("Conv", &self.win, self.group, x, w).ok()?;
         let sp = sp.to3("Conv").ok()?;
+        if let ConvAlgo::Winograd(_) = self.algo {
+            // Winograd weights are always transformed at build time.
+            return (winograd::applies(&sp) && dims.m > 0).then(Isa::detect);
+        }
         let (cg, mg) = (dims.c / dims.group, dims.m / dims.group);
         if cg == 1 && dims.group > 1 && self.algo == ConvAlgo::Auto {
             return None;
@@ -201,6 +209,59 @@ impl Conv {
             ..self.clone()
         }
     }
+
+    /// The weights `w` (ONNX layout, shape `ws`) as [`Conv::with_packed`]`(isa)` reads
+    /// them, and their shape: packed-A blocks of the same shape for the GEMM tactics,
+    /// Winograd-transformed (M × C/group × α × α) for the Winograd ones.
+    pub fn packed_weights(
+        &self,
+        w: &[f32],
+        ws: &[usize],
+        isa: Isa,
+    ) -> Result<(Vec<f32>, Vec<usize>)> {
+        if ws.len() < 2 {
+            return Err(KilnError::kernel("Conv", format!("bad W shape {ws:?}")));
+        }
+        match self.algo {
+            ConvAlgo::Winograd(t) => {
+                let a = t.alpha();
+                let data = winograd::transform_weights(t, w, ws[0], self.group, Some(isa))?;
+                Ok((data, vec![ws[0], ws[1], a, a]))
+            }
+            _ => Ok((
+                kernel::pack_weights(w, ws[0], self.group, isa)?,
+                ws.to_vec(),
+            )),
+        }
+    }
+
+    /// The [`WEIGHT_LAYOUT_ATTR`] value of [`Conv::packed_weights`] for `isa`.
+    pub fn weight_layout(&self, isa: Isa) -> String {
+        match self.algo {
+            ConvAlgo::Winograd(t) => format!("winograd_{}.{}", t.name(), isa.name()),
+            _ => format!("packed_a.{}", isa.name()),
+        }
+    }
+
+    /// W's shape as the window sees it: Winograd weights transformed at build time are
+    /// stored as M × C/group × α × α for a 3 × 3 window.
+    fn logical_w_shape(&self, ws: &[usize]) -> Result<kiln_core::Shape> {
+        let mut s: kiln_core::Shape = ws.iter().copied().collect();
+        if let (ConvAlgo::Winograd(t), Some(_)) = (self.algo, self.packed) {
+            let a = t.alpha();
+            if ws.len() != 4 || ws[2] != a || ws[3] != a {
+                return Err(KilnError::kernel(
+                    "Conv",
+                    format!(
+                        "Winograd weights must have shape M × C/group × {a} × {a}, found {ws:?}"
+                    ),
+                ));
+            }
+            s[2] = 3;
+            s[3] = 3;
+        }
+        Ok(s)
+    }
 }
 
 fn build_conv(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
@@ -211,26 +272,35 @@ fn build_conv(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
         .ok_or_else(|| a.invalid("group must be positive"))?;
     let mut win = WindowAttrs::parse(&a)?;
     win.ceil_mode = false;
+    let algo = match a.opt_string(kiln_core::tactic::TACTIC_ATTR)? {
+        Some(id) => tactics::parse(&id).map_err(|e| a.invalid(e.to_string()))?,
+        None => ConvAlgo::Auto,
+    };
+    let packed = match a.opt_string(WEIGHT_LAYOUT_ATTR)? {
+        None => None,
+        Some(l) => {
+            // The layout must be the one the tactic reads.
+            let prefix = match algo {
+                ConvAlgo::Winograd(t) => format!("winograd_{}.", t.name()),
+                _ => "packed_a.".to_string(),
+            };
+            Some(
+                l.strip_prefix(prefix.as_str())
+                    .and_then(Isa::from_name)
+                    .ok_or_else(|| {
+                        a.invalid(format!(
+                            "weight layout `{l}` does not fit tactic {algo:?} (this kiln knows packed_a.<scalar|avx2|avx512> and winograd_<f23|f43>.<isa> for the Winograd tactics); rebuild the plan"
+                        ))
+                    })?,
+            )
+        }
+    };
     Ok(Box::new(Conv {
         win,
         group,
         act: Activation::from_attrs(&a)?,
-        algo: match a.opt_string(kiln_core::tactic::TACTIC_ATTR)? {
-            Some(id) => tactics::parse(&id).map_err(|e| a.invalid(e.to_string()))?,
-            None => ConvAlgo::Auto,
-        },
-        packed: match a.opt_string(WEIGHT_LAYOUT_ATTR)? {
-            None => None,
-            Some(l) => Some(
-                l.strip_prefix("packed_a.")
-                    .and_then(Isa::from_name)
-                    .ok_or_else(|| {
-                        a.invalid(format!(
-                            "unknown weight layout `{l}` (this kiln knows packed_a.<scalar|avx2|avx512>); rebuild the plan"
-                        ))
-                    })?,
-            ),
-        },
+        algo,
+        packed,
     }))
 }
 
@@ -257,7 +327,8 @@ impl Conv {
         if w.dtype() != x.dtype() || b.is_some_and(|b| b.dtype() != x.dtype()) {
             return Err(KilnError::kernel("Conv", "X, W and B must share one dtype"));
         }
-        let (dims, sp) = conv_geometry("Conv", &self.win, self.group, x.shape(), w.shape())?;
+        let ws = self.logical_w_shape(w.shape())?;
+        let (dims, sp) = conv_geometry("Conv", &self.win, self.group, x.shape(), &ws)?;
         if let Some(b) = b {
             if b.shape() != [dims.m] {
                 return Err(KilnError::kernel(
@@ -302,13 +373,25 @@ impl Op for Conv {
                 ));
             }
         }
-        Ok(vec![infer_conv_like(
-            "Conv",
-            &self.win,
-            x,
-            inputs.get(1).copied().flatten(),
-            dtype,
-        )?])
+        let mut w = inputs.get(1).copied().flatten();
+        let logical;
+        if let (ConvAlgo::Winograd(_), Some(_), Some(ws)) =
+            (self.algo, self.packed, w.and_then(|f| f.shape.as_ref()))
+        {
+            // Transformed weights: the window is 3 × 3.
+            let mut s = ws.clone();
+            if s.len() == 4 {
+                s[2] = Dim::Known(3);
+                s[3] = Dim::Known(3);
+            }
+            logical = Fact {
+                shape: Some(s),
+                dtype: w.and_then(|f| f.dtype),
+                ..Fact::unknown()
+            };
+            w = Some(&logical);
+        }
+        Ok(vec![infer_conv_like("Conv", &self.win, x, w, dtype)?])
     }
 
     fn tactics(&self, inputs: &[Option<&Fact>]) -> Vec<Tactic> {
@@ -323,12 +406,16 @@ impl Op for Conv {
         let Ok(sp3) = sp.to3("Conv") else {
             return Vec::new();
         };
+        let mg = dims.m / dims.group.max(1);
         tactics::list(tactics::ConvShapeClass {
             depthwise: cg == 1 && dims.group > 1,
             wide_rows: sp3.output[2] >= kernel::DIRECT_ROWS_MIN_WIDTH,
             pointwise: sp3.is_pointwise(),
             flat: !sp3.is_pointwise() && kernel::flat_fits(cg, &sp3),
             chunks: dims.n * dims.group,
+            winograd: winograd::applies(&sp3)
+                && cg >= winograd::MIN_CHANNELS
+                && mg >= winograd::MIN_CHANNELS,
         })
     }
 
@@ -507,9 +594,15 @@ mod tests {
             };
             let got = conv.eval(&inputs).unwrap().remove(0).into_tensor().unwrap();
             assert_eq!(got.shape(), out_shape(&dims, &sp).as_slice());
+            // Winograd loses some precision (relative to the values' magnitude).
+            let scale = want.iter().fold(1.0f32, |a, &v| a.max(v.abs()));
+            let tol = match algo {
+                ConvAlgo::Winograd(_) => 2e-5 * scale,
+                _ => 1e-4,
+            };
             let d = max_diff(got.as_slice::<f32>().unwrap(), &want);
             assert!(
-                d < 1e-4,
+                d < tol,
                 "xs={xs:?} ws={ws:?} group={group} win={win:?} {algo:?}: diff {d}"
             );
             // weights packed at build time give the same result, for every kernel family
@@ -517,8 +610,8 @@ mod tests {
             let depthwise = ws[1] == 1 && group > 1;
             if !(algo.is_direct() || (depthwise && algo == ConvAlgo::Auto)) {
                 for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
-                    let pw = kernel::pack_weights(&w, ws[0], group, isa).unwrap();
-                    let pwv = Value::from(Tensor::from_vec(ws, pw).unwrap());
+                    let (pw, pshape) = conv.packed_weights(&w, ws, isa).unwrap();
+                    let pwv = Value::from(Tensor::from_vec(&pshape, pw).unwrap());
                     let mut pin = inputs.clone();
                     pin[1] = Some(&pwv);
                     let got = conv
@@ -530,9 +623,17 @@ mod tests {
                         .unwrap();
                     let d = max_diff(got.as_slice::<f32>().unwrap(), &want);
                     assert!(
-                        d < 1e-4,
+                        d < tol,
                         "xs={xs:?} ws={ws:?} {algo:?} packed {isa:?}: diff {d}"
                     );
+                    // infer agrees on the packed form
+                    let fpw = Fact::concrete(DType::F32, &pshape);
+                    let f = conv
+                        .with_packed(isa)
+                        .infer(&[Some(&fx), Some(&fpw)], 1)
+                        .unwrap()
+                        .remove(0);
+                    assert_eq!(f.concrete_shape().unwrap(), got.shape());
                 }
             } else {
                 let pw = Value::from(Tensor::from_vec(ws, w.clone()).unwrap());
@@ -649,6 +750,17 @@ mod tests {
             false,
             Activation::Relu,
             15,
+        );
+        // 3×3 stride 1 with enough channels per group for the Winograd tactics: two
+        // groups, a batch, asymmetric pads, odd sizes
+        check(
+            &[2, 16, 9, 7],
+            &[18, 8, 3, 3],
+            2,
+            win(Some(vec![1, 0, 2, 1]), None, None),
+            true,
+            Activation::Relu,
+            9,
         );
         // large enough to use several im2col tiles
         check(

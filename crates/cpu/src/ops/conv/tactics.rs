@@ -5,11 +5,13 @@
 //! `cpu.conv.direct.rows` (depthwise only: row by row), `cpu.conv.gemm_1x1.{outer,inner}` (1×1,
 //! stride 1, no padding) and `cpu.conv.im2col_gemm.t<tile elements>.{outer,inner}`
 //! (everything), where `outer`/`inner` says whether threads split images × groups or each
-//! GEMM.
+//! GEMM, and `cpu.conv.winograd.{f23,f43}` (2-D 3×3, unit strides and dilations, enough
+//! channels per group: Winograd F(2×2, 3×3) and F(4×4, 3×3)).
 
 use kiln_core::{KilnError, Result, Tactic};
 
 use super::kernel::{ConvAlgo, TILE_ELEMS};
+use super::winograd::WinoTile;
 
 /// im2col tile sizes (elements) the tuner may try, with the level from which each is timed.
 const TILES: [(usize, u8); 5] = [
@@ -35,6 +37,9 @@ pub struct ConvShapeClass {
     pub flat: bool,
     /// Images × groups: more than one lets threads split the outer loop.
     pub chunks: usize,
+    /// The Winograd kernels take it ([`super::winograd::applies`]) and it has at least
+    /// [`super::winograd::MIN_CHANNELS`] input and output channels per group.
+    pub winograd: bool,
 }
 
 /// The tactics for a problem of this class, the heuristic's choice first.
@@ -74,6 +79,11 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
             ));
         }
     }
+    if class.winograd {
+        for t in [WinoTile::F43, WinoTile::F23] {
+            out.push(Tactic::fp32(format!("cpu.conv.winograd.{}", t.name()), 1));
+        }
+    }
     out
 }
 
@@ -81,13 +91,18 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
 pub fn parse(id: &str) -> Result<ConvAlgo> {
     let bad = || {
         KilnError::Other(format!(
-            "unknown Conv tactic `{id}` (this kiln knows cpu.conv.direct, cpu.conv.direct.rows, cpu.conv.gemm_1x1.<outer|inner> and cpu.conv.im2col_gemm.t<N>.<outer|inner>); rebuild the plan with this kiln"
+            "unknown Conv tactic `{id}` (this kiln knows cpu.conv.direct, cpu.conv.direct.rows, cpu.conv.gemm_1x1.<outer|inner>, cpu.conv.im2col_gemm.t<N>.<outer|inner> and cpu.conv.winograd.<f23|f43>); rebuild the plan with this kiln"
         ))
     };
     match id {
         "cpu.conv.direct" => return Ok(ConvAlgo::Direct),
         "cpu.conv.direct.rows" => return Ok(ConvAlgo::DirectRows),
         _ => {}
+    }
+    if let Some(t) = id.strip_prefix("cpu.conv.winograd.") {
+        return WinoTile::from_name(t)
+            .map(ConvAlgo::Winograd)
+            .ok_or_else(bad);
     }
     let parallel = |p: &str| match p {
         "outer" => Ok(true),
@@ -121,18 +136,25 @@ mod tests {
         for depthwise in [false, true] {
             for pointwise in [false, true] {
                 for (chunks, wide_rows) in [(1, false), (4, false), (1, true), (4, true)] {
+                    let winograd = !depthwise && !pointwise;
                     let class = ConvShapeClass {
                         depthwise,
                         wide_rows,
                         pointwise,
                         flat: !depthwise && !pointwise && chunks == 1,
                         chunks,
+                        winograd,
                     };
                     let list = list(class);
                     assert!(!list.is_empty());
                     for t in &list {
                         parse(&t.id).unwrap();
                     }
+                    let wino = list
+                        .iter()
+                        .filter(|t| matches!(parse(&t.id), Ok(ConvAlgo::Winograd(_))))
+                        .count();
+                    assert_eq!(wino, if winograd { 2 } else { 0 });
                     let ids: std::collections::HashSet<_> = list.iter().map(|t| &t.id).collect();
                     assert_eq!(ids.len(), list.len(), "duplicate tactic ids");
                     if depthwise {
@@ -153,6 +175,7 @@ mod tests {
     fn unknown_ids_are_errors() {
         for id in [
             "cpu.conv.winograd",
+            "cpu.conv.winograd.f63",
             "cpu.conv.im2col_gemm.t0.outer",
             "cpu.conv.im2col_gemm.tx.outer",
             "cpu.conv.gemm_1x1.sideways",
