@@ -168,8 +168,9 @@ pub fn applies(sp: &Spatial3) -> bool {
 }
 
 /// Channels per group (input and output) from which the tuner is offered the Winograd
-/// tactics: below it the products are too thin for the transforms to pay.
-pub const MIN_CHANNELS: usize = 8;
+/// tactics: below it the products are too thin for the transforms to pay (PP-OCR det's 96→24
+/// layers lost at run time with F(4,3) after a near-tie in the tuner).
+pub const MIN_CHANNELS: usize = 32;
 
 /// Number of values of the transformed weights of `m` filters with `cg` input channels.
 pub fn transformed_len(tile: WinoTile, m: usize, cg: usize) -> usize {
