@@ -371,33 +371,40 @@ pub fn run(prog: &Program, inputs: &[&[f32]], out: &mut [f32]) {
 }
 
 /// Elements `off..off + out.len()`, with the best SIMD build of the loops.
+///
+/// The scratch is taken here, outside the `#[target_feature]` functions: a closure does
+/// not inherit its enclosing function's target features, so a chunk loop written inside
+/// `with_scratch`'s closure was compiled for plain SSE2 whatever the build.
 fn run_block(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use crate::ops::linalg::sgemm::Isa;
-        match Isa::detect() {
-            // SAFETY: the CPU supports the features (run-time detection).
-            Isa::Avx512 => return unsafe { block_avx512(prog, inputs, off, out) },
-            // SAFETY: as above.
-            Isa::Avx2 => return unsafe { block_avx2(prog, inputs, off, out) },
-            Isa::Scalar => {}
+    let regs_len = (prog.instrs.len() - 1) * CHUNK;
+    crate::scratch::with_scratch::<f32, _>(regs_len, |regs| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::ops::linalg::sgemm::Isa;
+            match Isa::detect() {
+                // SAFETY: the CPU supports the features (run-time detection).
+                Isa::Avx512 => return unsafe { block_avx512(prog, inputs, off, out, regs) },
+                // SAFETY: as above.
+                Isa::Avx2 => return unsafe { block_avx2(prog, inputs, off, out, regs) },
+                Isa::Scalar => {}
+            }
         }
-    }
-    block_body(prog, inputs, off, out)
+        block_body(prog, inputs, off, out, regs)
+    })
 }
 
 /// [`block_body`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn block_avx512(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32]) {
-    block_body(prog, inputs, off, out)
+fn block_avx512(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32], regs: &mut [f32]) {
+    block_body(prog, inputs, off, out, regs)
 }
 
 /// [`block_body`] compiled for AVX2 + FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn block_avx2(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32]) {
-    block_body(prog, inputs, off, out)
+fn block_avx2(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32], regs: &mut [f32]) {
+    block_body(prog, inputs, off, out, regs)
 }
 
 /// An operand over one chunk.
@@ -407,48 +414,60 @@ enum Src<'a> {
     Splat(f32),
 }
 
+/// Runs the program chunk by chunk; `regs` holds `instrs − 1` chunks of intermediates.
+/// Written without closures around the loops so that the SIMD builds above inline it.
 #[inline(always)]
-fn block_body(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32]) {
+fn block_body(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32], regs: &mut [f32]) {
     let n = prog.instrs.len();
     let base = prog.inputs + prog.constants.len();
-    crate::scratch::with_scratch::<f32, _>((n - 1) * CHUNK, |regs| {
-        let mut c0 = 0;
-        while c0 < out.len() {
-            let len = CHUNK.min(out.len() - c0);
-            let at = off + c0;
-            for (t, ins) in prog.instrs.iter().enumerate() {
-                let (done, rest) = regs.split_at_mut(t * CHUNK);
-                let dst: &mut [f32] = if t + 1 == n {
-                    &mut out[c0..c0 + len]
-                } else {
-                    &mut rest[..len]
-                };
-                let src = |o: usize| -> Src<'_> {
-                    if o < prog.inputs {
-                        let s = inputs[o];
-                        if s.len() == 1 {
-                            Src::Splat(s[0])
-                        } else {
-                            Src::Run(&s[at..at + len])
-                        }
-                    } else if o < base {
-                        Src::Splat(prog.constants[o - prog.inputs])
-                    } else {
-                        let r = o - base;
-                        Src::Run(&done[r * CHUNK..r * CHUNK + len])
-                    }
-                };
-                let a = src(ins.a);
-                let b = if ins.op.is_binary() {
-                    src(ins.b)
-                } else {
-                    Src::Splat(0.0)
-                };
-                apply(ins.op, a, b, dst);
-            }
-            c0 += len;
+    let mut c0 = 0;
+    while c0 < out.len() {
+        let len = CHUNK.min(out.len() - c0);
+        let at = off + c0;
+        for (t, ins) in prog.instrs.iter().enumerate() {
+            let (done, rest) = regs.split_at_mut(t * CHUNK);
+            let dst: &mut [f32] = if t + 1 == n {
+                &mut out[c0..c0 + len]
+            } else {
+                &mut rest[..len]
+            };
+            let a = operand(prog, inputs, done, base, ins.a, at, len);
+            let b = if ins.op.is_binary() {
+                operand(prog, inputs, done, base, ins.b, at, len)
+            } else {
+                Src::Splat(0.0)
+            };
+            apply(ins.op, a, b, dst);
         }
-    });
+        c0 += len;
+    }
+}
+
+/// Operand `o` over elements `at..at + len` (see the module doc for operand numbers);
+/// `done` holds the results of the instructions already run in this chunk.
+#[inline(always)]
+fn operand<'a>(
+    prog: &'a Program,
+    inputs: &[&'a [f32]],
+    done: &'a [f32],
+    base: usize,
+    o: usize,
+    at: usize,
+    len: usize,
+) -> Src<'a> {
+    if o < prog.inputs {
+        let s = inputs[o];
+        if s.len() == 1 {
+            Src::Splat(s[0])
+        } else {
+            Src::Run(&s[at..at + len])
+        }
+    } else if o < base {
+        Src::Splat(prog.constants[o - prog.inputs])
+    } else {
+        let r = o - base;
+        Src::Run(&done[r * CHUNK..r * CHUNK + len])
+    }
 }
 
 #[inline(always)]
@@ -611,14 +630,22 @@ mod tests {
             }
         };
         let mut out = vec![f32::NAN; len];
-        block_body(&prog, &[&x, &y, &z], 0, &mut out);
+        let mut regs = vec![f32::NAN; (prog.instrs.len() - 1) * CHUNK];
+        block_body(&prog, &[&x, &y, &z], 0, &mut out, &mut regs);
         check("portable", &out);
         #[cfg(target_arch = "x86_64")]
         if crate::ops::linalg::sgemm::Isa::Avx2.supported() {
             out.fill(f32::NAN);
             // SAFETY: AVX2 and FMA are present (checked above).
-            unsafe { block_avx2(&prog, &[&x, &y, &z], 0, &mut out) };
+            unsafe { block_avx2(&prog, &[&x, &y, &z], 0, &mut out, &mut regs) };
             check("avx2", &out);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if crate::ops::linalg::sgemm::Isa::Avx512.supported() {
+            out.fill(f32::NAN);
+            // SAFETY: AVX-512F, AVX2 and FMA are present (checked above).
+            unsafe { block_avx512(&prog, &[&x, &y, &z], 0, &mut out, &mut regs) };
+            check("avx512", &out);
         }
     }
 
