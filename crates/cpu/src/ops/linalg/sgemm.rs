@@ -1424,7 +1424,7 @@ mod x86 {
     /// recomputes its last row in the spare slots and stores only its own), masked depth
     /// tail.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     unsafe fn dot_avx512<const N: usize, const R: usize>(
         i0: usize,
         i1: usize,
@@ -1498,7 +1498,7 @@ mod x86 {
     /// AVX2 dot products, `R` rows at a time (R·N accumulators, a short last block as in
     /// `dot_avx512`), scalar depth tail.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     unsafe fn dot_avx2<const N: usize, const R: usize>(
         i0: usize,
         i1: usize,
@@ -1873,12 +1873,20 @@ mod x86 {
             f32::NAN,
         ];
         let mut seed = 7u64;
-        while vals.len() % 16 != 0 || vals.len() < 4096 {
+        while !vals.len().is_multiple_of(16) || vals.len() < 4096 {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let u = (seed >> 40) as f32 / (1u64 << 24) as f32;
-            vals.push((u - 0.5) * 40.0 * if vals.len() % 3 == 0 { 0.01 } else { 1.0 });
+            vals.push(
+                (u - 0.5)
+                    * 40.0
+                    * if vals.len().is_multiple_of(3) {
+                        0.01
+                    } else {
+                        1.0
+                    },
+            );
         }
         let acts = [
             Activation::Relu,
