@@ -2,16 +2,18 @@
 //!
 //! One shared driver handles directions, layouts, sequence lengths and initial states;
 //! the cells differ only in their per-step update. The input projection of every
-//! timestep is one GEMM (the `gemm` crate); the recurrent product uses GEMM for batches
-//! larger than one and a plain dot-product loop otherwise (the common streaming case,
+//! timestep is one product (transposed for short sequences, so the weights are read
+//! as contiguous rows); the recurrent product uses GEMM for batches larger than one and
+//! the GEMM's dot-product path otherwise (the common streaming case,
 //! e.g. silero VAD with hidden size 128).
 //!
 //! Floats are computed in f32 (f16/bf16 are widened) or f64 for f64 inputs.
 
 use std::borrow::Cow;
 
-use super::activation::exp_f32_fast;
+use super::activation::{exp_f32_fast, tanh_f32_fast};
 use super::linalg::blas::{self, GemmFloat, MatRef};
+use super::linalg::sgemm::{narrow_max_cols, Isa};
 use crate::scratch::with_scratch;
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
@@ -169,17 +171,10 @@ impl RnnFloat for f32 {
         xs.iter_mut()
             .for_each(|x| *x = 1.0 / (1.0 + exp_f32_fast(-*x)));
     }
-    /// `1 − 2 / (1 + e^{2x})` with [`exp_f32_fast`] (absolute error ~1e-7; ±1 at the
-    /// extremes, NaN kept), and the Taylor series to x⁷ for |x| < 1/16, where that formula
-    /// would lose the relative precision of tiny results.
+    /// [`tanh_f32_fast`]: `1 − 2 / (1 + e^{2x})` with [`exp_f32_fast`], the Taylor series
+    /// near zero.
     fn tanh_all(xs: &mut [f32]) {
-        xs.iter_mut().for_each(|x| {
-            let v = *x;
-            let big = 1.0 - 2.0 / (1.0 + exp_f32_fast(2.0 * v));
-            let v2 = v * v;
-            let small = v * (1.0 + v2 * (-1.0 / 3.0 + v2 * (2.0 / 15.0 + v2 * (-17.0 / 315.0))));
-            *x = if v.abs() < 0.0625 { small } else { big };
-        });
+        xs.iter_mut().for_each(|x| *x = tanh_f32_fast(*x));
     }
 }
 
@@ -225,9 +220,40 @@ fn matmul_bt<T: RnnFloat>(m: usize, n: usize, k: usize, a: &[T], b: &[T], c: &mu
         }
         return;
     }
+    let parallel = m * n * k >= blas::PARALLEL_THRESHOLD;
+    if T::DTYPE == DType::F32 && m <= narrow_max_cols(Isa::detect()) {
+        // A few rows (the input projection of a short sequence): cᵀ = b · aᵀ runs as SIMD
+        // dot products over b's contiguous rows (the GEMM's narrow path), where c = a · bᵀ
+        // would pack b read transposed, one strided load per weight. Then cᵀ → c.
+        let done = with_scratch::<T, _>(n * m, |ct| {
+            let ok = blas::gemm(
+                n,
+                m,
+                k,
+                ct,
+                m,
+                false,
+                MatRef::row_major(b, k),
+                MatRef::transposed(a, k),
+                T::one(),
+                parallel,
+            )
+            .is_ok();
+            if ok {
+                for (j, row) in ct.chunks_exact(m).enumerate() {
+                    for (i, v) in row.iter().enumerate() {
+                        c[i * n + j] = *v;
+                    }
+                }
+            }
+            ok
+        });
+        if done {
+            return;
+        }
+    }
     // c = a · bᵀ: b (n×k row-major) read transposed. The shapes were checked above, so the
     // wrapper cannot fail; fall back to dot products if it ever does.
-    let parallel = m * n * k >= blas::PARALLEL_THRESHOLD;
     if blas::gemm(
         m,
         n,

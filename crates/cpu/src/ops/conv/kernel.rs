@@ -162,7 +162,10 @@ fn epilogue_body(row: &mut [f32], b: f32, act: Activation) {
             let x = *v + b;
             *v = x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0)
         }),
-        other => row.iter_mut().for_each(|v| *v = other.apply(*v + b)),
+        // Sigmoid, Swish, Tanh with the vectorisable exp (the GEMM store's arithmetic).
+        other => row
+            .iter_mut()
+            .for_each(|v| *v = crate::ops::linalg::sgemm::act_value(other, *v + b)),
     }
 }
 
@@ -288,22 +291,26 @@ impl ConvF32<'_> {
         let (p, isz) = (self.sp.out_size(), self.sp.in_size());
         let k = c * self.sp.kernel_size();
         let cols = n * p;
-        crate::scratch::with_scratch::<f32, _>(k * cols + k * p + m * cols, |buf| {
-            let (col, rest) = buf.split_at_mut(k * cols);
-            let (one, tmp) = rest.split_at_mut(k * p);
-            for b in 0..n {
-                im2col_tile(
-                    &self.x[b * c * isz..(b + 1) * c * isz],
-                    c,
-                    &self.sp,
-                    0,
-                    p,
-                    one,
-                );
-                for (dst, src) in col.chunks_exact_mut(cols).zip(one.chunks_exact(p)) {
-                    dst[b * p..(b + 1) * p].copy_from_slice(src);
+        let ks = self.sp.kernel_size();
+        let table_ok = isz < PAD_OFFSET as usize;
+        crate::scratch::with_scratch::<f32, _>(k * cols + m * cols, |buf| {
+            let (col, tmp) = buf.split_at_mut(k * cols);
+            // Each image's im2col block written straight into its columns: one offset
+            // table for every image and channel.
+            crate::scratch::with_scratch::<u32, _>(if table_ok { ks * p } else { 0 }, |table| {
+                if table_ok {
+                    im2col_offsets(&self.sp, 0, p, table);
                 }
-            }
+                for b in 0..n {
+                    let xb = &self.x[b * c * isz..(b + 1) * c * isz];
+                    let dst = &mut col[b * p..];
+                    if table_ok {
+                        im2col_gather(xb, c, isz, table, p, dst, cols);
+                    } else {
+                        im2col_segments(xb, c, &self.sp, 0, p, dst, cols);
+                    }
+                }
+            });
             let par = m * cols * k >= blas::PARALLEL_THRESHOLD;
             self.product(
                 m,
@@ -318,7 +325,7 @@ impl ConvF32<'_> {
             )?;
             for (r, row) in tmp.chunks_exact(cols).enumerate() {
                 for (b, src) in row.chunks_exact(p).enumerate() {
-                    out[(b * m + r) * p..(b * m + r + 1) * p].copy_from_slice(src);
+                    copy_short(&mut out[(b * m + r) * p..(b * m + r + 1) * p], src);
                 }
             }
             Ok(())
@@ -743,9 +750,139 @@ fn direct_plane_body(
     }
 }
 
+/// Copies a short run (a few output positions) without a `memcpy` call, whose fixed cost
+/// exceeds the copy itself for runs of ≤ 16 values.
+#[inline]
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len().min(src.len());
+    let mut i = 0;
+    while i + 4 <= n {
+        let v = [src[i], src[i + 1], src[i + 2], src[i + 3]];
+        dst[i..i + 4].copy_from_slice(&v);
+        i += 4;
+    }
+    if i + 2 <= n {
+        dst[i] = src[i];
+        dst[i + 1] = src[i + 1];
+        i += 2;
+    }
+    if i < n {
+        dst[i] = src[i];
+    }
+}
+
+/// Tiles of at most this many output positions are gathered through a table of input
+/// offsets ([`im2col_offsets`], [`im2col_gather`]) instead of row segments: with a handful
+/// of positions per row, the segment bookkeeping (valid ranges, coordinate divisions, a
+/// copy call per row) costs more than the values moved.
+pub const IM2COL_TABLE_MAX_TW: usize = 32;
+
+/// Marks a (tap, position) of [`im2col_offsets`] that lands in the padding.
+const PAD_OFFSET: u32 = u32::MAX;
+
 /// Writes columns `p0..p1` (flattened output positions) of the im2col matrix of one group
 /// (`cg` channels) into `col` (K × (p1 − p0), row-major).
 pub fn im2col_tile(xg: &[f32], cg: usize, sp: &Spatial3, p0: usize, p1: usize, col: &mut [f32]) {
+    im2col_tile_ld(xg, cg, sp, p0, p1, col, p1 - p0);
+}
+
+/// [`im2col_tile`] into rows `ld` apart: row `r` of the tile is `col[r·ld..r·ld + p1 − p0]`
+/// (`ld ≥ p1 − p0`; values between the rows are left alone).
+pub fn im2col_tile_ld(
+    xg: &[f32],
+    cg: usize,
+    sp: &Spatial3,
+    p0: usize,
+    p1: usize,
+    col: &mut [f32],
+    ld: usize,
+) {
+    let tw = p1 - p0;
+    if tw == 0 {
+        return;
+    }
+    if tw <= IM2COL_TABLE_MAX_TW && sp.in_size() < PAD_OFFSET as usize {
+        let ks = sp.kernel_size();
+        crate::scratch::with_scratch::<u32, _>(ks * tw, |table| {
+            im2col_offsets(sp, p0, p1, table);
+            im2col_gather(xg, cg, sp.in_size(), table, tw, col, ld);
+        });
+        return;
+    }
+    im2col_segments(xg, cg, sp, p0, p1, col, ld);
+}
+
+/// For every kernel tap (row order of the im2col matrix within one channel) and output
+/// position `p0..p1`, the offset of the input value inside one channel's plane, or
+/// [`PAD_OFFSET`] in the padding. `table` holds `kernel_size · (p1 − p0)` entries and
+/// `sp.in_size()` must be below [`PAD_OFFSET`].
+pub fn im2col_offsets(sp: &Spatial3, p0: usize, p1: usize, table: &mut [u32]) {
+    let tw = p1 - p0;
+    let [kd_n, kh_n, kw_n] = sp.kernel;
+    let [_, ih_n, iw_n] = sp.input;
+    let [_, oh_n, ow_n] = sp.output;
+    let mut rows = table.chunks_exact_mut(tw);
+    for kd in 0..kd_n {
+        for kh in 0..kh_n {
+            for kw in 0..kw_n {
+                let Some(dst) = rows.next() else { return };
+                for (p, d) in (p0..p1).zip(dst.iter_mut()) {
+                    let ow = p % ow_n;
+                    let r = p / ow_n;
+                    let (oh, od) = (r % oh_n, r / oh_n);
+                    *d = match (
+                        sp.in_coord(0, od, kd),
+                        sp.in_coord(1, oh, kh),
+                        sp.in_coord(2, ow, kw),
+                    ) {
+                        (Some(id), Some(ih), Some(iw)) => ((id * ih_n + ih) * iw_n + iw) as u32,
+                        _ => PAD_OFFSET,
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Gathers the im2col rows of `cg` channels (planes of `isz` values in `xg`) through
+/// `table` ([`im2col_offsets`] of `tw` positions): row `c·taps + t` of the result is
+/// `col[(c·taps + t)·ld..][..tw]`, zeros where the table says padding.
+pub fn im2col_gather(
+    xg: &[f32],
+    cg: usize,
+    isz: usize,
+    table: &[u32],
+    tw: usize,
+    col: &mut [f32],
+    ld: usize,
+) {
+    if tw == 0 {
+        return;
+    }
+    let taps = table.len() / tw;
+    for c in 0..cg {
+        let xc = &xg[c * isz..(c + 1) * isz];
+        for (t, offs) in table.chunks_exact(tw).enumerate() {
+            let dst = &mut col[(c * taps + t) * ld..][..tw];
+            for (d, &o) in dst.iter_mut().zip(offs) {
+                // A padding entry (u32::MAX) is never a valid index: `get` gives None.
+                *d = xc.get(o as usize).copied().unwrap_or(0.0);
+            }
+        }
+    }
+}
+
+/// The row-segment im2col of [`im2col_tile_ld`] (long tiles: each row's valid run copied
+/// at once).
+fn im2col_segments(
+    xg: &[f32],
+    cg: usize,
+    sp: &Spatial3,
+    p0: usize,
+    p1: usize,
+    col: &mut [f32],
+    ld: usize,
+) {
     let tw = p1 - p0;
     let [kd_n, kh_n, kw_n] = sp.kernel;
     let [_, ih_n, iw_n] = sp.input;
@@ -758,7 +895,7 @@ pub fn im2col_tile(xg: &[f32], cg: usize, sp: &Spatial3, p0: usize, p1: usize, c
         for kd in 0..kd_n {
             for kh in 0..kh_n {
                 for kw in 0..kw_n {
-                    let dst = &mut col[row * tw..(row + 1) * tw];
+                    let dst = &mut col[row * ld..row * ld + tw];
                     row += 1;
                     let (lo, hi) = sp.valid_range(2, kw);
                     let mut p = p0;
@@ -990,6 +1127,9 @@ mod tests {
         let cases: Vec<Case> = vec![
             (8, 13, 11, vec![4], vec![3], vec![1, 1], vec![1], true),
             (3, 9, 17, vec![5], vec![3], vec![0, 0], vec![2], false),
+            // STFT-like: one channel, a long window with a large stride, few positions.
+            (5, 1, 19, vec![71], vec![24], vec![0, 0], vec![11], true),
+            (7, 3, 6, vec![9], vec![5], vec![3, 2], vec![3], true),
             (
                 4,
                 20,
@@ -1037,6 +1177,82 @@ mod tests {
                 conv.run(&mut got).unwrap();
                 let d = max_diff(&got, &pr.want);
                 assert!(d < 1e-4, "case {ci} packed {isa:?}: diff {d}");
+            }
+        }
+    }
+
+    /// The offset-table im2col (short tiles) against the row-segment one, 1-D/2-D/3-D
+    /// windows with padding, strides and dilations, tiles at odd offsets, rows `ld` apart
+    /// (the values between rows untouched).
+    #[test]
+    fn im2col_table_matches_segments() {
+        // (input, kernel, pads, strides, dilations, channels)
+        type Case = (
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            Vec<usize>,
+            usize,
+        );
+        let cases: Vec<Case> = vec![
+            (vec![37], vec![5], vec![2, 3], vec![3], vec![2], 3),
+            (vec![71], vec![24], vec![0, 0], vec![11], vec![1], 1),
+            (
+                vec![9, 11],
+                vec![3, 2],
+                vec![1, 0, 2, 1],
+                vec![2, 1],
+                vec![1, 3],
+                2,
+            ),
+            (
+                vec![5, 4, 7],
+                vec![2, 3, 3],
+                vec![1, 1, 0, 0, 2, 1],
+                vec![1, 2, 2],
+                vec![2, 1, 1],
+                3,
+            ),
+        ];
+        for (ci, (input, kernel, pads, strides, dilations, cg)) in cases.into_iter().enumerate() {
+            let sp = WindowAttrs {
+                pads: Some(pads),
+                strides: Some(strides),
+                dilations: Some(dilations),
+                ..Default::default()
+            }
+            .resolve("Conv", &input, &kernel)
+            .unwrap()
+            .to3("Conv")
+            .unwrap();
+            let x = Lcg(ci as u64 + 900).vec(cg * sp.in_size());
+            let k = cg * sp.kernel_size();
+            let p = sp.out_size();
+            for (p0, p1) in [(0, p), (1, p.min(6)), (p / 3, p - p / 4), (p - 1, p)] {
+                if p0 >= p1 {
+                    continue;
+                }
+                let tw = p1 - p0;
+                let ld = tw + 3;
+                let mut want = vec![f32::NAN; k * ld];
+                im2col_segments(&x, cg, &sp, p0, p1, &mut want, ld);
+                let mut got = vec![f32::NAN; k * ld];
+                let mut table = vec![0u32; sp.kernel_size() * tw];
+                im2col_offsets(&sp, p0, p1, &mut table);
+                im2col_gather(&x, cg, sp.in_size(), &table, tw, &mut got, ld);
+                for (r, (g, w)) in got.chunks(ld).zip(want.chunks(ld)).enumerate() {
+                    assert_eq!(&g[..tw], &w[..tw], "case {ci} tile {p0}..{p1} row {r}");
+                    assert!(
+                        g[tw..].iter().all(|v| v.is_nan()),
+                        "case {ci}: wrote past a row"
+                    );
+                }
+                let mut dispatched = vec![f32::NAN; k * tw];
+                im2col_tile(&x, cg, &sp, p0, p1, &mut dispatched);
+                for (g, w) in dispatched.chunks(tw).zip(want.chunks(ld)) {
+                    assert_eq!(g, &w[..tw], "case {ci} tile {p0}..{p1}: im2col_tile");
+                }
             }
         }
     }
@@ -1236,8 +1452,14 @@ mod tests {
                         builds.push(("avx512", got));
                     }
                     for (name, got) in builds {
-                        let d = max_diff(&got, &want);
-                        assert!(d <= 1e-6, "{act:?} len {len} bias {b} {name}: diff {d}");
+                        // Sigmoid/Swish/Tanh use the polynomial exp (~2e-7 relative).
+                        for (g, w) in got.iter().zip(&want) {
+                            let d = (g - w).abs();
+                            assert!(
+                                d <= 1e-6 * (1.0 + w.abs()),
+                                "{act:?} len {len} bias {b} {name}: {g} vs {w}"
+                            );
+                        }
                     }
                 }
             }

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use crate::fused::Activation;
+use crate::ops::activation::{exp_f32_fast, tanh_f32_fast};
 use crate::scratch::with_scratch;
 
 /// Depth of one packed block.
@@ -212,8 +213,10 @@ impl Epilogue {
     }
 }
 
-/// `act(x)` with the same arithmetic as the conv epilogue pass (`x · (x·⅙ + ½)` for
-/// HardSwish; `Activation::apply` for the rest).
+/// `act(x)` with the arithmetic of the SIMD store paths and of the conv epilogue pass:
+/// `x · (x·⅙ + ½)` for HardSwish, mul-then-add for HardSigmoid, and `exp`/`tanh` as the
+/// vectorisable polynomials [`exp_f32_fast`] / [`tanh_f32_fast`] (the standalone Sigmoid
+/// op's arithmetic; relative error ~2e-7 against libm) for Sigmoid, Swish and Tanh.
 #[inline(always)]
 pub fn act_value(act: Activation, x: f32) -> f32 {
     match act {
@@ -221,18 +224,11 @@ pub fn act_value(act: Activation, x: f32) -> f32 {
         Activation::Relu => x.max(0.0),
         Activation::Clip { min, max } => x.max(min).min(max),
         Activation::HardSwish => x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0),
+        Activation::Sigmoid => 1.0 / (1.0 + exp_f32_fast(-x)),
+        Activation::Swish => x / (1.0 + exp_f32_fast(-x)),
+        Activation::Tanh => tanh_f32_fast(x),
         other => other.apply(x),
     }
-}
-
-/// True when the SIMD store paths apply `act` in registers (the rest, which need `exp` or
-/// `tanh`, run [`act_value`] over the freshly stored tile).
-#[inline(always)]
-fn act_in_registers(act: Activation) -> bool {
-    !matches!(
-        act,
-        Activation::Sigmoid | Activation::Swish | Activation::Tanh
-    )
 }
 
 #[derive(Clone, Copy)]
@@ -659,6 +655,21 @@ pub fn split_grid(
         }
     }
     best
+}
+
+/// Columns up to which [`sgemm`] runs the narrow path with `isa` (dot products over the
+/// depth, no packing): a quarter of the family's tile width.
+pub fn narrow_max_cols(isa: Isa) -> usize {
+    nr_of(isa) / 4
+}
+
+/// Tile width (columns) of the family's micro-kernel.
+fn nr_of(isa: Isa) -> usize {
+    match isa {
+        Isa::Scalar => 4,
+        Isa::Avx2 => 16,
+        Isa::Avx512 => 32,
+    }
 }
 
 /// Rows per task below which the narrow path does not split over threads.
@@ -1122,7 +1133,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::store_tile;
-    use super::{act_in_registers, act_value, short_body, Epilogue, Isa, Operand};
+    use super::{short_body, Epilogue, Isa, Operand};
     use crate::fused::Activation;
 
     /// Writes `scale · sum` (plus the old value when `acc`) to `*p`, element `(i, j)` of
@@ -1151,7 +1162,93 @@ mod x86 {
         }
     }
 
-    /// `act` on 16 lanes, the same arithmetic as [`act_value`] (`act_in_registers(act)`).
+    /// The Taylor series of [`super::tanh_f32_fast`] near zero, with the given vector
+    /// multiply, add and splat (same operation order as the scalar code).
+    macro_rules! tanh_taylor {
+        ($v:expr, $mul:ident, $add:ident, $set1:ident) => {{
+            let v = $v;
+            let v2 = $mul(v, v);
+            let t = $add($set1(2.0 / 15.0), $mul(v2, $set1(-17.0 / 315.0)));
+            let t = $add($set1(-1.0 / 3.0), $mul(v2, t));
+            let t = $add($set1(1.0), $mul(v2, t));
+            $mul(v, t)
+        }};
+    }
+
+    /// [`super::exp_f32_fast`] on vectors, operation for operation (separate multiplies
+    /// and adds, no FMA contraction), so the lanes equal the scalar results bit for bit.
+    macro_rules! exp_fast {
+        ($x:expr, $t:ident, $mul:ident, $add:ident, $sub:ident, $min:ident, $max:ident,
+         $set1:ident, $cast_i:ident, $cast_f:ident, $sub_i:ident, $add_i:ident, $set1_i:ident,
+         $sll:ident) => {{
+            // min(c, x) / max(c, x) return x when x is NaN, as the scalar comparisons do.
+            let x = $min($set1(88.0), $x);
+            let x = $max($set1(-87.0), x);
+            let magic = $set1(12_582_912.0);
+            let t = $add($mul(x, $set1(std::f32::consts::LOG2_E)), magic);
+            let n = $sub(t, magic);
+            let ni = $sub_i($cast_i(t), $set1_i(12_582_912.0f32.to_bits() as i32));
+            let r = $sub(
+                $sub(x, $mul(n, $set1(0.693_359_4))),
+                $mul(n, $set1(-2.121_944_4e-4)),
+            );
+            let mut p = $set1(1.987_569_1e-4);
+            p = $add($mul(p, r), $set1(1.398_199_9e-3));
+            p = $add($mul(p, r), $set1(8.333_452e-3));
+            p = $add($mul(p, r), $set1(4.166_579_6e-2));
+            p = $add($mul(p, r), $set1(1.666_666_5e-1));
+            p = $add($mul(p, r), $set1(0.5));
+            let e = $add($add($mul($mul(p, r), r), r), $set1(1.0));
+            let scale: $t = $cast_f($sll::<23>($add_i(ni, $set1_i(127))));
+            $mul(e, scale)
+        }};
+    }
+
+    /// e^x on 16 lanes ([`super::exp_f32_fast`]'s arithmetic).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn exp512(x: __m512) -> __m512 {
+        exp_fast!(
+            x,
+            __m512,
+            _mm512_mul_ps,
+            _mm512_add_ps,
+            _mm512_sub_ps,
+            _mm512_min_ps,
+            _mm512_max_ps,
+            _mm512_set1_ps,
+            _mm512_castps_si512,
+            _mm512_castsi512_ps,
+            _mm512_sub_epi32,
+            _mm512_add_epi32,
+            _mm512_set1_epi32,
+            _mm512_slli_epi32
+        )
+    }
+
+    /// e^x on 8 lanes ([`super::exp_f32_fast`]'s arithmetic).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn exp256(x: __m256) -> __m256 {
+        exp_fast!(
+            x,
+            __m256,
+            _mm256_mul_ps,
+            _mm256_add_ps,
+            _mm256_sub_ps,
+            _mm256_min_ps,
+            _mm256_max_ps,
+            _mm256_set1_ps,
+            _mm256_castps_si256,
+            _mm256_castsi256_ps,
+            _mm256_sub_epi32,
+            _mm256_add_epi32,
+            _mm256_set1_epi32,
+            _mm256_slli_epi32
+        )
+    }
+
+    /// `act` on 16 lanes, the same arithmetic as [`act_value`] (bit for bit).
     #[target_feature(enable = "avx512f")]
     #[inline]
     fn act512(act: Activation, v: __m512) -> __m512 {
@@ -1181,12 +1278,27 @@ mod x86 {
                     );
                     _mm512_mul_ps(v, _mm512_min_ps(one, _mm512_max_ps(zero, t)))
                 }
-                _ => v,
+                Activation::Sigmoid => {
+                    _mm512_div_ps(one, _mm512_add_ps(one, exp512(_mm512_sub_ps(zero, v))))
+                }
+                Activation::Swish => {
+                    _mm512_div_ps(v, _mm512_add_ps(one, exp512(_mm512_sub_ps(zero, v))))
+                }
+                Activation::Tanh => {
+                    let two = _mm512_set1_ps(2.0);
+                    let e = exp512(_mm512_mul_ps(two, v));
+                    let big = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(one, e)));
+                    let small = tanh_taylor!(v, _mm512_mul_ps, _mm512_add_ps, _mm512_set1_ps);
+                    let abs = _mm512_abs_ps(v);
+                    let tiny = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs, _mm512_set1_ps(0.0625));
+                    _mm512_mask_blend_ps(tiny, big, small)
+                }
+                Activation::None => v,
             }
         }
     }
 
-    /// `act` on 8 lanes, the same arithmetic as [`act_value`] (`act_in_registers(act)`).
+    /// `act` on 8 lanes, the same arithmetic as [`act_value`] (bit for bit).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     fn act256(act: Activation, v: __m256) -> __m256 {
@@ -1216,7 +1328,22 @@ mod x86 {
                     );
                     _mm256_mul_ps(v, _mm256_min_ps(one, _mm256_max_ps(zero, t)))
                 }
-                _ => v,
+                Activation::Sigmoid => {
+                    _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, v))))
+                }
+                Activation::Swish => {
+                    _mm256_div_ps(v, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, v))))
+                }
+                Activation::Tanh => {
+                    let two = _mm256_set1_ps(2.0);
+                    let e = exp256(_mm256_mul_ps(two, v));
+                    let big = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(one, e)));
+                    let small = tanh_taylor!(v, _mm256_mul_ps, _mm256_add_ps, _mm256_set1_ps);
+                    let abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0), v);
+                    let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(abs, _mm256_set1_ps(0.0625));
+                    _mm256_blendv_ps(big, small, tiny)
+                }
+                Activation::None => v,
             }
         }
     }
@@ -1244,32 +1371,61 @@ mod x86 {
     ) {
         let epi = (!epi.is_none()).then_some(epi);
         macro_rules! go {
-            ($f:ident) => {
+            ($f:ident, $w:expr) => {
                 // SAFETY: forwarded (feature support checked by the dispatcher).
                 unsafe {
                     match n {
-                        1 => $f::<1>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
-                        2 => $f::<2>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
-                        3 => $f::<3>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
-                        4 => $f::<4>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
-                        5 => $f::<5>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
-                        6 => $f::<6>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
-                        7 => $f::<7>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
-                        _ => $f::<8>(i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi),
+                        1 => $f::<1, { dot_rows(1, $w) }>(
+                            i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi,
+                        ),
+                        2 => $f::<2, { dot_rows(2, $w) }>(
+                            i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi,
+                        ),
+                        3 => $f::<3, { dot_rows(3, $w) }>(
+                            i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi,
+                        ),
+                        4 => $f::<4, { dot_rows(4, $w) }>(
+                            i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi,
+                        ),
+                        5 => $f::<5, { dot_rows(5, $w) }>(
+                            i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi,
+                        ),
+                        6 => $f::<6, { dot_rows(6, $w) }>(
+                            i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi,
+                        ),
+                        7 => $f::<7, { dot_rows(7, $w) }>(
+                            i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi,
+                        ),
+                        _ => $f::<8, { dot_rows(8, $w) }>(
+                            i0, i1, k, dst, dst_rs, acc, a, bt, scale, epi,
+                        ),
                     }
                 }
             };
         }
         match isa {
-            Isa::Avx512 => go!(dot_avx512),
-            _ => go!(dot_avx2),
+            Isa::Avx512 => go!(dot_avx512, true),
+            _ => go!(dot_avx2, false),
         }
     }
 
-    /// AVX-512 dot products, two rows at a time (2·N accumulators), masked depth tail.
+    /// Rows per pass of the dot-product kernels for `n` columns (`wide`: AVX-512's 32
+    /// registers): enough independent accumulators (rows × columns ≥ 8) that the
+    /// multiply-adds are not waiting on each other's latency.
+    const fn dot_rows(n: usize, wide: bool) -> usize {
+        match (n, wide) {
+            (1, true) => 8,
+            (1, false) | (2..=4, true) | (2, false) => 4,
+            _ => 2,
+        }
+    }
+
+    /// AVX-512 dot products, `R` rows at a time (R·N accumulators; a short last block
+    /// recomputes its last row in the spare slots and stores only its own), masked depth
+    /// tail.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn dot_avx512<const N: usize>(
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn dot_avx512<const N: usize, const R: usize>(
         i0: usize,
         i1: usize,
         k: usize,
@@ -1283,11 +1439,12 @@ mod x86 {
     ) {
         let mut i = i0;
         while i < i1 {
-            let rows = if i + 1 < i1 { 2 } else { 1 };
-            let a0 = a.ptr.wrapping_add(i * a.rs);
-            let a1 = a.ptr.wrapping_add((i + rows - 1) * a.rs);
-            let mut s0 = [_mm512_setzero_ps(); N];
-            let mut s1 = [_mm512_setzero_ps(); N];
+            let rows = R.min(i1 - i);
+            let mut ar = [a.ptr; R];
+            for (r, p) in ar.iter_mut().enumerate() {
+                *p = a.ptr.wrapping_add((i + r.min(rows - 1)) * a.rs);
+            }
+            let mut s = [[_mm512_setzero_ps(); N]; R];
             let mut l = 0;
             while l < k {
                 let mask: __mmask16 = if k - l >= 16 {
@@ -1297,39 +1454,33 @@ mod x86 {
                 };
                 // SAFETY: masked loads touch only depth indices < k of valid rows.
                 unsafe {
-                    let va0 = _mm512_maskz_loadu_ps(mask, a0.add(l));
-                    let va1 = _mm512_maskz_loadu_ps(mask, a1.add(l));
+                    let mut va = [_mm512_setzero_ps(); R];
+                    for r in 0..R {
+                        va[r] = _mm512_maskz_loadu_ps(mask, ar[r].add(l));
+                    }
                     for j in 0..N {
                         let vb = _mm512_maskz_loadu_ps(mask, bt.ptr.add(j * bt.rs + l));
-                        s0[j] = _mm512_fmadd_ps(va0, vb, s0[j]);
-                        s1[j] = _mm512_fmadd_ps(va1, vb, s1[j]);
+                        for r in 0..R {
+                            s[r][j] = _mm512_fmadd_ps(va[r], vb, s[r][j]);
+                        }
                     }
                 }
                 l += 16;
             }
-            for j in 0..N {
-                // SAFETY: (i, j) and (i+1, j) when rows == 2 are inside dst.
-                unsafe {
-                    put(
-                        dst.add(i * dst_rs + j),
-                        acc,
-                        scale,
-                        _mm512_reduce_add_ps(s0[j]),
-                        epi,
-                        i,
-                        j,
-                    );
-                    if rows == 2 {
+            for (r, sr) in s.iter().enumerate().take(rows) {
+                for (j, v) in sr.iter().enumerate() {
+                    // SAFETY: (i + r, j) is inside dst for r < rows.
+                    unsafe {
                         put(
-                            dst.add((i + 1) * dst_rs + j),
+                            dst.add((i + r) * dst_rs + j),
                             acc,
                             scale,
-                            _mm512_reduce_add_ps(s1[j]),
+                            _mm512_reduce_add_ps(*v),
                             epi,
-                            i + 1,
+                            i + r,
                             j,
-                        );
-                    }
+                        )
+                    };
                 }
             }
             i += rows;
@@ -1344,10 +1495,11 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(d, _mm_shuffle_ps(d, d, 1)))
     }
 
-    /// AVX2 dot products, two rows at a time (2·N accumulators), scalar depth tail.
+    /// AVX2 dot products, `R` rows at a time (R·N accumulators, a short last block as in
+    /// `dot_avx512`), scalar depth tail.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn dot_avx2<const N: usize>(
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn dot_avx2<const N: usize, const R: usize>(
         i0: usize,
         i1: usize,
         k: usize,
@@ -1362,41 +1514,38 @@ mod x86 {
         let kv = k / 8 * 8;
         let mut i = i0;
         while i < i1 {
-            let rows = if i + 1 < i1 { 2 } else { 1 };
-            let a0 = a.ptr.wrapping_add(i * a.rs);
-            let a1 = a.ptr.wrapping_add((i + rows - 1) * a.rs);
-            let mut s0 = [_mm256_setzero_ps(); N];
-            let mut s1 = [_mm256_setzero_ps(); N];
+            let rows = R.min(i1 - i);
+            let mut ar = [a.ptr; R];
+            for (r, p) in ar.iter_mut().enumerate() {
+                *p = a.ptr.wrapping_add((i + r.min(rows - 1)) * a.rs);
+            }
+            let mut s = [[_mm256_setzero_ps(); N]; R];
             let mut l = 0;
             while l < kv {
                 // SAFETY: l + 8 ≤ k: full vectors inside valid rows.
                 unsafe {
-                    let va0 = _mm256_loadu_ps(a0.add(l));
-                    let va1 = _mm256_loadu_ps(a1.add(l));
+                    let mut va = [_mm256_setzero_ps(); R];
+                    for r in 0..R {
+                        va[r] = _mm256_loadu_ps(ar[r].add(l));
+                    }
                     for j in 0..N {
                         let vb = _mm256_loadu_ps(bt.ptr.add(j * bt.rs + l));
-                        s0[j] = _mm256_fmadd_ps(va0, vb, s0[j]);
-                        s1[j] = _mm256_fmadd_ps(va1, vb, s1[j]);
+                        for r in 0..R {
+                            s[r][j] = _mm256_fmadd_ps(va[r], vb, s[r][j]);
+                        }
                     }
                 }
                 l += 8;
             }
-            for j in 0..N {
-                let (mut t0, mut t1) = (hsum256(s0[j]), hsum256(s1[j]));
-                for l in kv..k {
-                    // SAFETY: l < k inside valid rows.
-                    unsafe {
-                        let vb = *bt.ptr.add(j * bt.rs + l);
-                        t0 += *a0.add(l) * vb;
-                        t1 += *a1.add(l) * vb;
+            for (r, sr) in s.iter().enumerate().take(rows) {
+                for (j, v) in sr.iter().enumerate() {
+                    let mut t = hsum256(*v);
+                    for l in kv..k {
+                        // SAFETY: l < k inside valid rows.
+                        unsafe { t += *ar[r].add(l) * *bt.ptr.add(j * bt.rs + l) };
                     }
-                }
-                // SAFETY: (i, j) and (i+1, j) when rows == 2 are inside dst.
-                unsafe {
-                    put(dst.add(i * dst_rs + j), acc, scale, t0, epi, i, j);
-                    if rows == 2 {
-                        put(dst.add((i + 1) * dst_rs + j), acc, scale, t1, epi, i + 1, j);
-                    }
+                    // SAFETY: (i + r, j) is inside dst for r < rows.
+                    unsafe { put(dst.add((i + r) * dst_rs + j), acc, scale, t, epi, i + r, j) };
                 }
             }
             i += rows;
@@ -1526,12 +1675,14 @@ mod x86 {
             }
         }
         let vs = _mm256_set1_ps(scale);
-        if mr_eff == MR && nr_eff == 16 {
+        if nr_eff == 16 {
             if let Some(e) = epi {
-                // SAFETY: the full tile is inside C and the epilogue's region.
-                unsafe { avx2_store_epi(&acc, c, ldc, load, scale, e) };
+                // SAFETY: the tile's mr_eff full rows are inside C and the epilogue's region.
+                unsafe { avx2_store_epi(&acc, mr_eff, c, ldc, load, scale, e) };
                 return;
             }
+        }
+        if mr_eff == MR && nr_eff == 16 {
             for (r, row) in acc.iter().enumerate() {
                 // SAFETY: the full tile is inside C.
                 unsafe {
@@ -1643,138 +1794,185 @@ mod x86 {
         unsafe { store_tile::<MR, 32>(&tile, c, ldc, load, scale, mr_eff, nr_eff, epi) };
     }
 
-    /// The final store of a full 6 × 16 AVX2 tile with its epilogue applied in registers
-    /// (for `exp`/`tanh` activations: biases in registers, the activation over the stored
-    /// tile while it is in L1).
-    ///
-    /// # Safety
-    /// The CPU supports AVX2 and FMA; the 6 × 16 tile at `c` and the epilogue's matching
-    /// region are valid.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn avx2_store_epi(
-        acc: &[[__m256; 2]; 6],
-        c: *mut f32,
-        ldc: usize,
-        load: bool,
-        scale: f32,
-        e: &Epilogue,
-    ) {
-        let vs = _mm256_set1_ps(scale);
-        let regs = act_in_registers(e.act);
-        // SAFETY: the tile and the epilogue's region are valid (caller's contract).
-        unsafe {
-            let (cb0, cb1) = if e.col_bias.is_null() {
-                (_mm256_setzero_ps(), _mm256_setzero_ps())
-            } else {
-                (
-                    _mm256_loadu_ps(e.col_bias),
-                    _mm256_loadu_ps(e.col_bias.add(8)),
-                )
-            };
-            for (r, row) in acc.iter().enumerate() {
-                let p = c.add(r * ldc);
-                let (mut v0, mut v1) = (_mm256_mul_ps(row[0], vs), _mm256_mul_ps(row[1], vs));
-                if load {
-                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(p));
-                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(p.add(8)));
+    /// Defines the final store of the first `rows` rows of an `MR × 2·LANES` tile (all
+    /// columns) with its epilogue applied in registers: scale, the old value when `load`,
+    /// row bias, column bias, residual, then the activation, one store per vector. One body
+    /// for both vector widths (the intrinsics passed in).
+    macro_rules! store_epi {
+        ($(#[$doc:meta])* $name:ident, $feat:literal, $v:ty, $mr:literal, $lanes:literal,
+         $act:ident, $mul:ident, $add:ident, $load:ident, $store:ident, $set1:ident,
+         $zero:ident) => {
+            $(#[$doc])*
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn $name(
+                acc: &[[$v; 2]; $mr],
+                rows: usize,
+                c: *mut f32,
+                ldc: usize,
+                load: bool,
+                scale: f32,
+                e: &Epilogue,
+            ) {
+                let vs = $set1(scale);
+                // SAFETY: the rows and the epilogue's region are valid (caller's contract).
+                unsafe {
+                    let (cb0, cb1) = if e.col_bias.is_null() {
+                        ($zero(), $zero())
+                    } else {
+                        ($load(e.col_bias), $load(e.col_bias.add($lanes)))
+                    };
+                    for (r, row) in acc.iter().enumerate().take(rows) {
+                        let p = c.add(r * ldc);
+                        let (mut v0, mut v1) = ($mul(row[0], vs), $mul(row[1], vs));
+                        if load {
+                            v0 = $add(v0, $load(p));
+                            v1 = $add(v1, $load(p.add($lanes)));
+                        }
+                        if !e.row_bias.is_null() {
+                            let b = $set1(*e.row_bias.add(r));
+                            v0 = $add(v0, b);
+                            v1 = $add(v1, b);
+                        }
+                        if !e.col_bias.is_null() {
+                            v0 = $add(v0, cb0);
+                            v1 = $add(v1, cb1);
+                        }
+                        if !e.residual.is_null() {
+                            let q = e.residual.add(r * e.res_rs);
+                            v0 = $add(v0, $load(q));
+                            v1 = $add(v1, $load(q.add($lanes)));
+                        }
+                        $store(p, $act(e.act, v0));
+                        $store(p.add($lanes), $act(e.act, v1));
+                    }
                 }
-                if !e.row_bias.is_null() {
-                    let b = _mm256_set1_ps(*e.row_bias.add(r));
-                    v0 = _mm256_add_ps(v0, b);
-                    v1 = _mm256_add_ps(v1, b);
-                }
-                if !e.col_bias.is_null() {
-                    v0 = _mm256_add_ps(v0, cb0);
-                    v1 = _mm256_add_ps(v1, cb1);
-                }
-                if !e.residual.is_null() {
-                    let q = e.residual.add(r * e.res_rs);
-                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(q));
-                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(q.add(8)));
-                }
-                if regs {
-                    v0 = act256(e.act, v0);
-                    v1 = act256(e.act, v1);
-                }
-                _mm256_storeu_ps(p, v0);
-                _mm256_storeu_ps(p.add(8), v1);
             }
-            if !regs {
-                for r in 0..6 {
-                    let row = std::slice::from_raw_parts_mut(c.add(r * ldc), 16);
-                    row.iter_mut().for_each(|v| *v = act_value(e.act, *v));
+        };
+    }
+
+    /// The vector activations against [`super::act_value`], bit for bit, on random values
+    /// and the edges (±0, tiny, the exp clamps, ±inf, NaN).
+    #[cfg(test)]
+    #[test]
+    fn vector_activations_equal_act_value() {
+        let mut vals: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1e-30,
+            -1e-7,
+            0.0624,
+            0.0625,
+            -0.0626,
+            44.0,
+            -43.6,
+            87.5,
+            -90.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        let mut seed = 7u64;
+        while !vals.len().is_multiple_of(16) || vals.len() < 4096 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = (seed >> 40) as f32 / (1u64 << 24) as f32;
+            vals.push(
+                (u - 0.5)
+                    * 40.0
+                    * if vals.len().is_multiple_of(3) {
+                        0.01
+                    } else {
+                        1.0
+                    },
+            );
+        }
+        let acts = [
+            Activation::Relu,
+            Activation::Clip {
+                min: -1.5,
+                max: 2.0,
+            },
+            Activation::Sigmoid,
+            Activation::HardSigmoid {
+                alpha: 0.2,
+                beta: 0.5,
+            },
+            Activation::HardSwish,
+            Activation::Swish,
+            Activation::LeakyRelu { alpha: 0.1 },
+            Activation::Tanh,
+        ];
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        for act in acts {
+            let want: Vec<f32> = vals.iter().map(|&v| super::act_value(act, v)).collect();
+            if Isa::Avx512.supported() {
+                for (x, w) in vals.chunks_exact(16).zip(want.chunks_exact(16)) {
+                    let mut got = [0.0f32; 16];
+                    // SAFETY: AVX-512F is present (checked above); 16 values each.
+                    unsafe {
+                        _mm512_storeu_ps(got.as_mut_ptr(), act512(act, _mm512_loadu_ps(x.as_ptr())))
+                    };
+                    for ((g, w), x) in got.iter().zip(w).zip(x) {
+                        assert!(same(*g, *w), "avx512 {act:?}({x}) = {g}, scalar {w}");
+                    }
+                }
+            }
+            if Isa::Avx2.supported() {
+                for (x, w) in vals.chunks_exact(8).zip(want.chunks_exact(8)) {
+                    let mut got = [0.0f32; 8];
+                    // SAFETY: AVX2 and FMA are present (checked above); 8 values each.
+                    unsafe {
+                        _mm256_storeu_ps(got.as_mut_ptr(), act256(act, _mm256_loadu_ps(x.as_ptr())))
+                    };
+                    for ((g, w), x) in got.iter().zip(w).zip(x) {
+                        assert!(same(*g, *w), "avx2 {act:?}({x}) = {g}, scalar {w}");
+                    }
                 }
             }
         }
     }
 
-    /// The final store of the first `rows` rows of an 8 × 32 AVX-512 tile (all 32 columns)
-    /// with its epilogue applied in registers (for `exp`/`tanh` activations: biases in
-    /// registers, the activation over the stored rows while they are in L1).
-    ///
-    /// # Safety
-    /// The CPU supports AVX-512F; `rows` full rows at `c` and the epilogue's matching region
-    /// are valid.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn avx512_store_epi(
-        acc: &[[__m512; 2]; 8],
-        rows: usize,
-        c: *mut f32,
-        ldc: usize,
-        load: bool,
-        scale: f32,
-        e: &Epilogue,
-    ) {
-        let vs = _mm512_set1_ps(scale);
-        let regs = act_in_registers(e.act);
-        // SAFETY: the rows and the epilogue's region are valid (caller's contract).
-        unsafe {
-            let (cb0, cb1) = if e.col_bias.is_null() {
-                (_mm512_setzero_ps(), _mm512_setzero_ps())
-            } else {
-                (
-                    _mm512_loadu_ps(e.col_bias),
-                    _mm512_loadu_ps(e.col_bias.add(16)),
-                )
-            };
-            for (r, row) in acc.iter().enumerate().take(rows) {
-                let p = c.add(r * ldc);
-                let (mut v0, mut v1) = (_mm512_mul_ps(row[0], vs), _mm512_mul_ps(row[1], vs));
-                if load {
-                    v0 = _mm512_add_ps(v0, _mm512_loadu_ps(p));
-                    v1 = _mm512_add_ps(v1, _mm512_loadu_ps(p.add(16)));
-                }
-                if !e.row_bias.is_null() {
-                    let b = _mm512_set1_ps(*e.row_bias.add(r));
-                    v0 = _mm512_add_ps(v0, b);
-                    v1 = _mm512_add_ps(v1, b);
-                }
-                if !e.col_bias.is_null() {
-                    v0 = _mm512_add_ps(v0, cb0);
-                    v1 = _mm512_add_ps(v1, cb1);
-                }
-                if !e.residual.is_null() {
-                    let q = e.residual.add(r * e.res_rs);
-                    v0 = _mm512_add_ps(v0, _mm512_loadu_ps(q));
-                    v1 = _mm512_add_ps(v1, _mm512_loadu_ps(q.add(16)));
-                }
-                if regs {
-                    v0 = act512(e.act, v0);
-                    v1 = act512(e.act, v1);
-                }
-                _mm512_storeu_ps(p, v0);
-                _mm512_storeu_ps(p.add(16), v1);
-            }
-            if !regs {
-                for r in 0..rows {
-                    let row = std::slice::from_raw_parts_mut(c.add(r * ldc), 32);
-                    row.iter_mut().for_each(|v| *v = act_value(e.act, *v));
-                }
-            }
-        }
-    }
+    store_epi!(
+        /// The epilogue store of an AVX2 6 × 16 tile's first `rows` rows.
+        ///
+        /// # Safety
+        /// The CPU supports AVX2 and FMA; `rows` full rows at `c` and the epilogue's
+        /// matching region are valid.
+        avx2_store_epi,
+        "avx2,fma",
+        __m256,
+        6,
+        8,
+        act256,
+        _mm256_mul_ps,
+        _mm256_add_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_setzero_ps
+    );
+
+    store_epi!(
+        /// The epilogue store of an AVX-512 8 × 32 tile's first `rows` rows.
+        ///
+        /// # Safety
+        /// The CPU supports AVX-512F; `rows` full rows at `c` and the epilogue's matching
+        /// region are valid.
+        avx512_store_epi,
+        "avx512f",
+        __m512,
+        8,
+        16,
+        act512,
+        _mm512_mul_ps,
+        _mm512_add_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_setzero_ps
+    );
 }
 
 #[cfg(test)]
@@ -2234,7 +2432,13 @@ mod tests {
             (96, 6400, 96),
             (512, 196, 256),
         ] {
-            for act in [Activation::Relu, Activation::HardSwish, Activation::Sigmoid] {
+            for act in [
+                Activation::Relu,
+                Activation::HardSwish,
+                Activation::Sigmoid,
+                Activation::Swish,
+                Activation::Tanh,
+            ] {
                 let a = values(m * k, 1);
                 let b = values(k * n, 2);
                 let bias = values(m, 3);
