@@ -133,6 +133,9 @@ mod tests {
         add_constant(g, name, Tensor::from_vec(shape, values(n, seed)).unwrap())
     }
 
+    /// A convolution's input shape, weight shape, group and other attributes.
+    type Geometry<'a> = (&'a [usize], &'a [usize], usize, Vec<(&'a str, Attr)>);
+
     /// How the residual reaches the Add.
     #[derive(Clone, Copy, Debug, PartialEq)]
     enum Residual {
@@ -150,7 +153,7 @@ mod tests {
     /// order `swap`. Returns the graph and its inputs.
     fn graph(
         reg: &OpRegistry,
-        (xs, ws, group, attrs): (&[usize], &[usize], usize, Vec<(&str, Attr)>),
+        (xs, ws, group, attrs): Geometry<'_>,
         res: Residual,
         swap: bool,
         act: Option<&str>,
@@ -230,7 +233,7 @@ mod tests {
     #[test]
     fn fused_graph_matches_the_unfused_one() {
         let reg = kiln_cpu::registry();
-        let geometries: Vec<(&[usize], &[usize], usize, Vec<(&str, Attr)>)> = vec![
+        let geometries: Vec<Geometry<'_>> = vec![
             (
                 &[1, 3, 7, 9],
                 &[5, 3, 3, 3],
@@ -315,7 +318,7 @@ mod tests {
     #[test]
     fn fusion_declines() {
         let reg = kiln_cpu::registry();
-        let geo = || -> (&[usize], &[usize], usize, Vec<(&str, Attr)>) {
+        let geo = || -> Geometry<'_> {
             (
                 &[1, 3, 7, 9],
                 &[5, 3, 3, 3],

@@ -887,6 +887,15 @@ mod tests {
     /// flattened kernel's channel × row split of one image.
     #[test]
     fn residual_on_every_path_at_1_2_3_threads() {
+        /// X shape, W shape, group, window, bias, activation.
+        type Case<'a> = (
+            &'a [usize],
+            &'a [usize],
+            usize,
+            WindowAttrs,
+            bool,
+            Activation,
+        );
         let p1 = || Some(vec![1, 1, 1, 1]);
         let clip = Activation::Clip {
             min: -0.5,
@@ -898,7 +907,7 @@ mod tests {
                 .build()
                 .unwrap();
             pool.install(|| {
-                let cases: [(&[usize], &[usize], usize, WindowAttrs, bool, Activation); 7] = [
+                let cases: [Case<'_>; 7] = [
                     (
                         &[1, 32, 13, 17],
                         &[40, 32, 3, 3],
