@@ -244,8 +244,8 @@ fn print_summary(
         row(
             "fusions",
             format!(
-                "{} BatchNormalization folded into Conv, {} activations fused, {} folding/cleanup rewrites",
-                r.batchnorms_folded, r.activations_fused, r.generic_rewrites
+                "{} BatchNormalization folded into Conv, {} activations fused, {} residual Adds fused into Conv, {} folding/cleanup rewrites",
+                r.batchnorms_folded, r.activations_fused, r.residuals_fused, r.generic_rewrites
             ),
         );
     }

@@ -250,6 +250,10 @@ fn print_text(
             r.activations_fused.to_string(),
         ],
         vec![
+            "  residual Adds fused".to_string(),
+            r.residuals_fused.to_string(),
+        ],
+        vec![
             "  folding/cleanup rewrites".to_string(),
             r.generic_rewrites.to_string(),
         ],

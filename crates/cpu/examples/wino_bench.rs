@@ -69,6 +69,7 @@ fn main() {
                 dims,
                 sp,
                 act: Activation::Relu,
+                residual: None,
                 algo: *algo,
                 packed: if matches!(algo, ConvAlgo::Direct) {
                     None

@@ -695,6 +695,11 @@ pub(crate) fn conv_geometry(
 }
 
 fn lower_conv(node: &Node, ins: &[Fact], outs: &[Fact]) -> Option<Result<ConvLayer>> {
+    // kiln's CPU Conv with a fused residual (input 3, `act(conv + R)`): no GPU epilogue
+    // takes it, so the layer is left to the CPU.
+    if matches!(node.inputs.get(3), Some(Some(_))) {
+        return None;
+    }
     let (dx, sx) = concrete(ins.first()?)?;
     let (dw, sw) = concrete(ins.get(1)?)?;
     let (dout, so) = concrete(outs.first()?)?;

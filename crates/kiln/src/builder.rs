@@ -193,6 +193,14 @@ impl Builder {
             // CPU engines only: the GPU executor has no layer for the fused chain.
             // `int8::qdq_pairs::fold_qdq_pairs` is not run yet: it is exact, but det QDQ ran
             // 2x slower with it (docs/int8.md, "Not done yet").
+            // Residual Adds into the Conv before the chains (which would take the Add).
+            let residuals = crate::fuse_residual::fuse_residual_adds(&mut graph, registry())?;
+            if residuals > 0 {
+                graph.infer_facts_with(true)?;
+                report.nodes_after = graph.nodes.len();
+            }
+            report.residuals_fused = residuals;
+            tracing::info!(residuals, "residual adds fused into Conv");
             let chains = crate::fuse_elementwise::fuse_elementwise(&mut graph, registry())?;
             if chains > 0 {
                 graph.infer_facts_with(true)?;

@@ -453,10 +453,16 @@ impl Engine {
                             kiln_core::Attr::String(s) => s.clone(),
                             _ => String::new(),
                         });
+                // A fused residual shows as `+Add` (`kiln.Conv+Add+Relu`).
+                let op_type = if kiln_cpu::ops::conv::has_residual(n) {
+                    format!("{}+Add", n.desc.op_type)
+                } else {
+                    n.desc.op_type.clone()
+                };
                 let op = match &activation {
-                    Some(a) => format!("kiln.{}+{}", n.desc.op_type, a),
-                    None if fused => format!("kiln.{}", n.desc.op_type),
-                    None => n.desc.op_type.clone(),
+                    Some(a) => format!("kiln.{op_type}+{a}"),
+                    None if fused => format!("kiln.{op_type}"),
+                    None => op_type,
                 };
                 let (device, tactic, precision) =
                     match placements.as_ref().and_then(|p| p.get(i)) {

@@ -105,7 +105,8 @@ fn affine_of(
 fn rewritable_conv(graph: &Graph, ci: usize, activation_ok: bool) -> bool {
     let n = &graph.nodes[ci];
     let d = &n.desc;
-    if d.op_type != "Conv" || n.outputs.len() != 1 {
+    // A fused residual: an affine after the sum is not one of the Conv's weights.
+    if d.op_type != "Conv" || n.outputs.len() != 1 || n.inputs.len() > 3 {
         return false;
     }
     if d.domain.is_empty() {

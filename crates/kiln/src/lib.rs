@@ -21,6 +21,7 @@ pub mod engine;
 pub mod fingerprint;
 pub mod fold_affine;
 pub mod fuse_elementwise;
+pub mod fuse_residual;
 pub mod int8;
 pub mod memory;
 pub mod npy;

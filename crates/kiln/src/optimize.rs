@@ -26,6 +26,10 @@ pub struct OptimizeReport {
     pub batchnorms_folded: usize,
     /// Activations fused into Conv/Gemm/MatMul.
     pub activations_fused: usize,
+    /// Residual Adds fused into the Conv before them (CPU engines, see
+    /// [`crate::fuse_residual`]).
+    #[serde(default)]
+    pub residuals_fused: usize,
     /// Explicit quantization: QuantizeLinear/DequantizeLinear layers lowered to INT8
     /// kernels (see [`crate::int8::qdq`]).
     #[serde(default)]

@@ -31,7 +31,10 @@ pub const BUILTIN_TACTIC: &str = "cpu.builtin";
 pub fn annotate(graph: &mut Graph, cache: &CalibrationCache) -> usize {
     let mut count = 0;
     for node in &mut graph.nodes {
-        if !matches!(node.desc.op_type.as_str(), "Conv" | "MatMul" | "Gemm") {
+        // A Conv with a fused residual has no INT8 form (its kernels take no residual).
+        if !matches!(node.desc.op_type.as_str(), "Conv" | "MatMul" | "Gemm")
+            || kiln_cpu::ops::conv::has_residual(node)
+        {
             continue;
         }
         let (Some(Some(x)), Some(Some(y))) = (node.inputs.first(), node.outputs.first()) else {

@@ -44,7 +44,8 @@ fn bincode_opts(limit: u64) -> impl bincode::Options {
 pub const MAGIC: &[u8; 8] = b"KILNPLAN";
 /// The plan format version this kiln writes and reads. 3: Conv weights may be stored
 /// packed for the GEMM kernels (`kiln_weight_layout`), which an older kiln would misread.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: a `kiln.Conv` may read a fused residual (input 3), which an older kiln would ignore.
+pub const FORMAT_VERSION: u32 = 4;
 const PREFIX: usize = 24;
 
 /// The JSON header of a plan.

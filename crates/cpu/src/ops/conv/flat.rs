@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use smallvec::SmallVec;
 
 use super::geom::Spatial3;
-use super::kernel::{epilogue, planes_per_task, ConvF32, OutPtr};
+use super::kernel::{add_residual, epilogue, planes_per_task, ConvF32, OutPtr};
 use super::reference::ConvDims;
 use crate::ops::linalg::sgemm::Isa;
 use crate::scratch::with_scratch;
@@ -311,6 +311,7 @@ impl FlatConv<'_> {
         let ConvDims { m, group, .. } = self.conv.dims;
         let (mg, g) = (m / group, u % group);
         let k = offs.len();
+        let (p, ow) = (self.geom.sp.out_size(), self.geom.sp.output[2]);
         let (wbuf, acc) = scratch.split_at_mut(MR_MAX * k);
         let mut o = 0;
         while o < planes.len() {
@@ -342,9 +343,15 @@ impl FlatConv<'_> {
                     epilogue(
                         row,
                         self.conv.bias.map_or(0.0, |b| b[ch + r]),
-                        self.conv.act,
+                        self.conv.act_before_residual(),
                     );
-                    self.copy_rows(row, j0, r0, planes[o + r]);
+                    // The residual of this plane's rows from r0 on (plane (u·mg + channel)
+                    // of the output).
+                    let res = self
+                        .conv
+                        .residual
+                        .map(|res| &res[(u * mg + o0 + o + r) * p + r0 * ow..]);
+                    self.copy_rows(row, j0, r0, planes[o + r], res);
                 }
                 j0 += len;
             }
@@ -353,8 +360,9 @@ impl FlatConv<'_> {
     }
 
     /// Copies the output columns of flattened positions `j0..j0 + acc.len()` into `plane`,
-    /// which holds the output rows from `r0` on.
-    fn copy_rows(&self, acc: &[f32], j0: usize, r0: usize, plane: &mut [f32]) {
+    /// which holds the output rows from `r0` on; with `res` (the residual, laid out as
+    /// `plane`), adds it and applies the activation to the copied values.
+    fn copy_rows(&self, acc: &[f32], j0: usize, r0: usize, plane: &mut [f32], res: Option<&[f32]>) {
         let (pw, ow) = (self.geom.pw, self.geom.sp.output[2]);
         let j1 = j0 + acc.len();
         let mut r = j0 / pw;
@@ -363,8 +371,11 @@ impl FlatConv<'_> {
             let hi = j1.min(r * pw + ow);
             if lo < hi {
                 let at = (r - r0) * ow;
-                plane[at + (lo - r * pw)..at + (hi - r * pw)]
-                    .copy_from_slice(&acc[lo - j0..hi - j0]);
+                let (a, b) = (at + (lo - r * pw), at + (hi - r * pw));
+                plane[a..b].copy_from_slice(&acc[lo - j0..hi - j0]);
+                if let Some(res) = res {
+                    add_residual(&mut plane[a..b], &res[a..b], self.conv.act);
+                }
             }
             r += 1;
         }
@@ -658,6 +669,7 @@ mod tests {
                         dims,
                         sp,
                         act,
+                        residual: None,
                         algo: super::super::kernel::ConvAlgo::Direct,
                         packed: None,
                     },

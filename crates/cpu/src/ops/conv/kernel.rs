@@ -1,8 +1,9 @@
 //! The production f32 convolution: a direct kernel for depthwise convolutions, a plain
-//! GEMM for 1×1 convolutions, and tiled im2col + GEMM for everything else. Bias and the
-//! fused activation are applied by the GEMM kernels in the final store of each output
-//! tile ([`blas::GemmEpilogue`]), and by the direct kernels in the same pass over each
-//! freshly computed output row.
+//! GEMM for 1×1 convolutions, and tiled im2col + GEMM for everything else. Bias, a fused
+//! residual (a tensor of the output's shape) and the fused activation are applied by the
+//! GEMM kernels in the final store of each output tile ([`blas::GemmEpilogue`]), and by
+//! the direct and Winograd kernels in the same pass over each freshly computed output row
+//! (bias first, then [`add_residual`] adds the residual and applies the activation).
 
 use rayon::prelude::*;
 
@@ -82,6 +83,9 @@ pub struct ConvF32<'a> {
     pub sp: Spatial3,
     /// Fused activation.
     pub act: Activation,
+    /// A tensor of the output's shape (N × M × output spatial) added before the activation
+    /// (kiln's fused `Conv → Add`); it must not be the output buffer.
+    pub residual: Option<&'a [f32]>,
     /// Which implementation to run.
     pub algo: ConvAlgo,
     /// `Some(isa)`: `w` holds each group's `mg × k` weights in the packed-A layout of
@@ -145,6 +149,56 @@ fn epilogue_avx2(row: &mut [f32], b: f32, act: Activation) {
     epilogue_body(row, b, act)
 }
 
+/// `row[i] = act(row[i] + res[i])` in one pass: the residual tail of the kernels that do
+/// not end in a GEMM store (direct, Winograd, the batch-columns scatter). `res` must be
+/// at least as long as `row`.
+#[inline]
+pub fn add_residual(row: &mut [f32], res: &[f32], act: Activation) {
+    let res = &res[..row.len()];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::linalg::sgemm::Isa;
+        match Isa::detect() {
+            // SAFETY: the CPU supports the features (run-time detection).
+            Isa::Avx512 => return unsafe { add_residual_avx512(row, res, act) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { add_residual_avx2(row, res, act) },
+            Isa::Scalar => {}
+        }
+    }
+    add_residual_body(row, res, act)
+}
+
+/// [`add_residual_body`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn add_residual_avx512(row: &mut [f32], res: &[f32], act: Activation) {
+    add_residual_body(row, res, act)
+}
+
+/// [`add_residual_body`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn add_residual_avx2(row: &mut [f32], res: &[f32], act: Activation) {
+    add_residual_body(row, res, act)
+}
+
+/// The pass of [`add_residual`], for the compiler to vectorize per build.
+#[inline(always)]
+fn add_residual_body(row: &mut [f32], res: &[f32], act: Activation) {
+    let pairs = row.iter_mut().zip(res);
+    match act {
+        Activation::None => pairs.for_each(|(v, r)| *v += r),
+        Activation::Relu => pairs.for_each(|(v, r)| *v = (*v + r).max(0.0)),
+        Activation::Clip { min, max } => pairs.for_each(|(v, r)| *v = (*v + r).max(min).min(max)),
+        Activation::HardSwish => pairs.for_each(|(v, r)| {
+            let x = *v + r;
+            *v = x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0)
+        }),
+        other => pairs.for_each(|(v, r)| *v = other.apply(*v + r)),
+    }
+}
+
 /// The bias + activation pass of [`epilogue`], for the compiler to vectorize per build.
 #[inline(always)]
 fn epilogue_body(row: &mut [f32], b: f32, act: Activation) {
@@ -200,7 +254,29 @@ impl ConvF32<'_> {
         if out.len() != n * m * self.sp.out_size() {
             return err("the output");
         }
+        if self.residual.is_some_and(|r| r.len() != out.len()) {
+            return err("the residual");
+        }
         Ok(())
+    }
+
+    /// The activation the kernels apply together with the bias: none when a residual
+    /// follows ([`add_residual`] applies [`ConvF32::act`] after adding it).
+    pub fn act_before_residual(&self) -> Activation {
+        if self.residual.is_some() {
+            Activation::None
+        } else {
+            self.act
+        }
+    }
+
+    /// The residual of output rows `start..` as a matrix with row stride `rs`.
+    fn res_mat(&self, start: usize, rs: usize) -> Option<MatRef<'_, f32>> {
+        self.residual.map(|r| MatRef {
+            data: &r[start..],
+            rs,
+            cs: 1,
+        })
     }
 
     /// Runs the convolution into `out` (N × M × output spatial).
@@ -260,7 +336,8 @@ impl ConvF32<'_> {
                         ..(bn * c + (g + 1) * cg) * self.sp.in_size()];
                     let wg = &self.w[g * mg * k..(g + 1) * mg * k];
                     let bias = self.bias.map(|b| &b[g * mg..(g + 1) * mg]);
-                    self.run_group_split(xg, wg, bias, cg, mg, chunk, tasks, tile_elems)?;
+                    let at = (bias, idx * mg * p);
+                    self.run_group_split(xg, wg, at, cg, mg, chunk, tasks, tile_elems)?;
                 }
                 return Ok(());
             }
@@ -272,7 +349,8 @@ impl ConvF32<'_> {
             let wg = &self.w
                 [g * mg * cg * self.sp.kernel_size()..(g + 1) * mg * cg * self.sp.kernel_size()];
             let bias = self.bias.map(|b| &b[g * mg..(g + 1) * mg]);
-            self.run_group(xg, wg, bias, cg, mg, chunk, !parallel_outer, tile_elems)
+            let at = (bias, idx * mg * p);
+            self.run_group(xg, wg, at, cg, mg, chunk, !parallel_outer, tile_elems)
         };
         if parallel_outer {
             out.par_chunks_mut(mg * p).enumerate().try_for_each(body)
@@ -321,24 +399,34 @@ impl ConvF32<'_> {
                 self.w,
                 MatRef::row_major(col, cols),
                 par,
-                &self.epi(self.bias),
+                &GemmEpilogue {
+                    row_bias: self.bias,
+                    act: self.act_before_residual(),
+                    ..GemmEpilogue::default()
+                },
             )?;
             for (r, row) in tmp.chunks_exact(cols).enumerate() {
                 for (b, src) in row.chunks_exact(p).enumerate() {
-                    copy_short(&mut out[(b * m + r) * p..(b * m + r + 1) * p], src);
+                    let at = (b * m + r) * p;
+                    let dst = &mut out[at..at + p];
+                    copy_short(dst, src);
+                    if let Some(res) = self.residual {
+                        add_residual(dst, &res[at..at + p], self.act);
+                    }
                 }
             }
             Ok(())
         })
     }
 
-    /// One (image, group): out[mg × P] = W_g[mg × K] · col[K × P].
+    /// One (image, group): out[mg × P] = W_g[mg × K] · col[K × P]; `(bias, base)`: the
+    /// group's bias and the offset of `out` in the whole output (where its residual is).
     #[allow(clippy::too_many_arguments)]
     fn run_group(
         &self,
         xg: &[f32],
         wg: &[f32],
-        bias: Option<&[f32]>,
+        (bias, base): (Option<&[f32]>, usize),
         cg: usize,
         mg: usize,
         out: &mut [f32],
@@ -358,24 +446,25 @@ impl ConvF32<'_> {
                 wg,
                 MatRef::row_major(xg, p),
                 par,
-                &self.epi(bias),
+                &self.epi(bias, self.res_mat(base, p)),
             );
         }
         let tile = (tile_elems / k.max(1)).max(128).min(p);
         crate::scratch::with_scratch::<f32, _>(k * tile, |col| {
-            self.tiles(xg, wg, bias, cg, mg, out, par, tile, col)
+            self.tiles(xg, wg, (bias, base), cg, mg, out, par, tile, col)
         })
     }
 
     /// One (image, group) with its output positions split into `tasks` parallel ranges:
     /// each task runs im2col tiles of its range with a serial product (epilogue included)
-    /// into a scratch tile (`mg × tile`) and copies the rows into `out`.
+    /// into a scratch tile (`mg × tile`) and copies the rows into `out` (`(bias, base)` as
+    /// in [`ConvF32::run_group`]).
     #[allow(clippy::too_many_arguments)]
     fn run_group_split(
         &self,
         xg: &[f32],
         wg: &[f32],
-        bias: Option<&[f32]>,
+        (bias, base): (Option<&[f32]>, usize),
         cg: usize,
         mg: usize,
         out: &mut [f32],
@@ -407,7 +496,7 @@ impl ConvF32<'_> {
                             wg,
                             MatRef::row_major(&col[..k * tw], tw),
                             false,
-                            &self.epi(bias),
+                            &self.epi(bias, self.res_mat(base + p0, p)),
                         )?;
                         for (r, row) in acc.chunks_exact(tw).enumerate() {
                             // SAFETY: row r, columns p0..p1 of the mg × p output lie inside
@@ -436,7 +525,7 @@ impl ConvF32<'_> {
         &self,
         xg: &[f32],
         wg: &[f32],
-        bias: Option<&[f32]>,
+        (bias, base): (Option<&[f32]>, usize),
         cg: usize,
         mg: usize,
         out: &mut [f32],
@@ -460,7 +549,7 @@ impl ConvF32<'_> {
                 wg,
                 MatRef::row_major(&col[..k * tw], tw),
                 par,
-                &self.epi(bias),
+                &self.epi(bias, self.res_mat(base + p0, p)),
             )?;
             p0 = p1;
         }
@@ -468,10 +557,15 @@ impl ConvF32<'_> {
     }
 
     /// The GEMM epilogue of a group whose output channels have `bias`: that bias per row
-    /// of the product, then the fused activation.
-    fn epi<'b>(&self, bias: Option<&'b [f32]>) -> GemmEpilogue<'b> {
+    /// of the product, the residual of the product's rows, then the fused activation.
+    fn epi<'b>(
+        &self,
+        bias: Option<&'b [f32]>,
+        residual: Option<MatRef<'b, f32>>,
+    ) -> GemmEpilogue<'b> {
         GemmEpilogue {
             row_bias: bias,
+            residual,
             act: self.act,
             ..GemmEpilogue::default()
         }
@@ -550,13 +644,17 @@ impl ConvF32<'_> {
                     let xp = &self.x[(bn * c + cin) * isz..(bn * c + cin + 1) * isz];
                     let wk = &self.w[om * ksz..(om + 1) * ksz];
                     let bias = self.bias.map_or(0.0, |b| b[om]);
+                    let act = self.act_before_residual();
                     if self.sp.strides[2] == 1 {
-                        direct_plane(xp, wk, bias, &self.sp, self.act, plane);
+                        direct_plane(xp, wk, bias, &self.sp, act, plane);
                     } else {
                         // Strided: the plane's rows split into `sw` phases first, so every
                         // tap reads a contiguous run (and the loop vectorises).
                         phase_split(xp, self.sp.input[2], self.sp.strides[2], buf);
-                        direct_plane(buf, wk, bias, &self.sp, self.act, plane);
+                        direct_plane(buf, wk, bias, &self.sp, act, plane);
+                    }
+                    if let Some(res) = self.residual {
+                        add_residual(plane, &res[idx * p..(idx + 1) * p], self.act);
                     }
                 }
             })
@@ -1094,6 +1192,7 @@ mod tests {
                     dims,
                     sp,
                     act: Activation::HardSwish,
+                    residual: None,
                     algo,
                     packed: None,
                 };
@@ -1171,6 +1270,7 @@ mod tests {
                     dims,
                     sp: pr.sp,
                     act,
+                    residual: None,
                     algo: ConvAlgo::Auto,
                     packed: isa,
                 };
@@ -1316,6 +1416,7 @@ mod tests {
                             dims,
                             sp,
                             act: Activation::Relu,
+                            residual: None,
                             algo: ConvAlgo::Im2colGemm {
                                 tile_elems,
                                 parallel_outer: false,
@@ -1376,6 +1477,7 @@ mod tests {
                 dims,
                 sp,
                 act: Activation::HardSwish,
+                residual: None,
                 algo: ConvAlgo::Im2colGemm {
                     tile_elems: TILE_ELEMS,
                     parallel_outer: false,

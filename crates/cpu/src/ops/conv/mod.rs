@@ -1,5 +1,6 @@
-//! Convolutions: Conv (1-D/2-D/3-D, groups, depthwise, dilations, auto_pad, fused
-//! activation in the `kiln` domain), ConvTranspose, ConvInteger, QLinearConv, DeformConv.
+//! Convolutions: Conv (1-D/2-D/3-D, groups, depthwise, dilations, auto_pad; in the `kiln`
+//! domain a fused activation and a fused residual, see [`RESIDUAL_INPUT`]), ConvTranspose,
+//! ConvInteger, QLinearConv, DeformConv.
 
 pub mod deform;
 pub mod flat;
@@ -153,6 +154,15 @@ pub struct Conv {
     /// transformed and packed ([`winograd::transform_weights`], `winograd_<f23|f43>.<isa>`,
     /// stored as M × C/group × α × α).
     pub packed: Option<Isa>,
+}
+
+/// Index of the residual input of kiln's fused Conv: `Y = act(Conv(X, W, B) + R)` with R
+/// of Y's shape (an `Add` after the Conv fused by the graph optimiser; no broadcasting).
+pub const RESIDUAL_INPUT: usize = 3;
+
+/// Whether `node` is a Conv carrying a fused residual input (see [`RESIDUAL_INPUT`]).
+pub fn has_residual(node: &kiln_core::Node) -> bool {
+    node.desc.op_type == "Conv" && matches!(node.inputs.get(RESIDUAL_INPUT), Some(Some(_)))
 }
 
 /// Attribute naming the layout of a Conv's constant weights when the builder packed them
@@ -309,6 +319,8 @@ struct ConvCall<'a> {
     x: &'a Tensor,
     w: &'a Tensor,
     b: Option<&'a Tensor>,
+    /// The fused residual, of the output's shape.
+    r: Option<&'a Tensor>,
     dims: ConvDims,
     sp: Spatial,
 }
@@ -318,6 +330,7 @@ impl Conv {
         let x = input_tensor(inputs, 0, "Conv")?;
         let w = input_tensor(inputs, 1, "Conv")?;
         let b = optional_tensor(inputs, 2, "Conv")?;
+        let r = optional_tensor(inputs, RESIDUAL_INPUT, "Conv")?;
         if !x.dtype().is_float() {
             return Err(KilnError::kernel(
                 "Conv",
@@ -337,12 +350,34 @@ impl Conv {
                 ));
             }
         }
-        Ok(ConvCall { x, w, b, dims, sp })
+        if let Some(r) = r {
+            let want = out_shape(&dims, &sp);
+            if r.dtype() != x.dtype() || r.shape() != want.as_slice() {
+                return Err(KilnError::kernel(
+                    "Conv",
+                    format!(
+                        "the residual must be {} of the output's shape {want:?}, found {} {:?}",
+                        x.dtype(),
+                        r.dtype(),
+                        r.shape()
+                    ),
+                ));
+            }
+        }
+        Ok(ConvCall {
+            x,
+            w,
+            b,
+            r,
+            dims,
+            sp,
+        })
     }
 
     fn compute(&self, call: &ConvCall, out: &mut [f32]) -> Result<()> {
         let (x, w) = (as_f32(call.x)?, as_f32(call.w)?);
         let b = call.b.map(as_f32).transpose()?;
+        let r = call.r.map(as_f32).transpose()?;
         ConvF32 {
             x: &x,
             w: &w,
@@ -350,6 +385,7 @@ impl Conv {
             dims: call.dims,
             sp: call.sp.to3("Conv")?,
             act: self.act,
+            residual: r.as_deref(),
             algo: self.algo,
             packed: self.packed,
         }
@@ -572,7 +608,25 @@ mod tests {
             dims,
             &sp.to3("Conv").unwrap(),
         );
-        let want: Vec<f32> = want.iter().map(|&v| act.apply(v as f32)).collect();
+        let raw: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        let want: Vec<f32> = raw.iter().map(|&v| act.apply(v)).collect();
+        // A fused residual (input 3, bias present or not): act(conv + R), with this case's
+        // activation and one more that rotates with the seed.
+        let res = r.vec(raw.len());
+        let rv = Value::from(Tensor::from_vec(&out_shape(&dims, &sp), res.clone()).unwrap());
+        let mut res_inputs = inputs.clone();
+        res_inputs.resize(RESIDUAL_INPUT, None);
+        res_inputs.push(Some(&rv));
+        let extra = [
+            Activation::Relu,
+            Activation::Clip {
+                min: -0.25,
+                max: 0.5,
+            },
+            Activation::HardSwish,
+            Activation::Sigmoid,
+            Activation::None,
+        ][seed as usize % 5];
         let fx = Fact::concrete(DType::F32, xs);
         let fw = Fact::concrete(DType::F32, ws);
         let heuristic = Conv {
@@ -650,7 +704,60 @@ mod tests {
             let mut slots = [TensorMut::new(DType::F32, &shape, &mut bytes).unwrap()];
             conv.eval_into(&inputs, &mut slots).unwrap();
             assert_eq!(bytes, got.bytes());
+            // With the residual: every path adds it before the activation, plain or
+            // packed weights.
+            for ract in [act, extra] {
+                let want: Vec<f32> = raw
+                    .iter()
+                    .zip(&res)
+                    .map(|(v, r)| ract.apply(v + r))
+                    .collect();
+                // Winograd's error scales with the values before the activation.
+                let scale = raw
+                    .iter()
+                    .zip(&res)
+                    .fold(1.0f32, |a, (v, r)| a.max((v + r).abs()));
+                let tol = match algo {
+                    ConvAlgo::Winograd(_) => 2e-5 * scale,
+                    _ => 1e-4,
+                };
+                let rconv = Conv {
+                    act: ract,
+                    ..conv.clone()
+                };
+                let mut runs = vec![("plain", rconv.clone(), None)];
+                if !(algo.is_direct() || (depthwise && algo == ConvAlgo::Auto)) {
+                    let isa = Isa::detect();
+                    let (pw, pshape) = rconv.packed_weights(&w, ws, isa).unwrap();
+                    let pwv = Value::from(Tensor::from_vec(&pshape, pw).unwrap());
+                    runs.push(("packed", rconv.with_packed(isa), Some(pwv)));
+                }
+                for (name, c, pw) in &runs {
+                    let mut ins = res_inputs.clone();
+                    if let Some(pw) = pw {
+                        ins[1] = Some(pw);
+                    }
+                    let mut bytes = vec![0u8; got.len() * 4];
+                    let mut slots = [TensorMut::new(DType::F32, &shape, &mut bytes).unwrap()];
+                    c.eval_into(&ins, &mut slots).unwrap();
+                    let got: Vec<f32> = bytes
+                        .chunks_exact(4)
+                        .map(|q| f32::from_le_bytes([q[0], q[1], q[2], q[3]]))
+                        .collect();
+                    let d = max_diff(&got, &want);
+                    assert!(
+                        d < tol,
+                        "residual, {ract:?}, {name}: xs={xs:?} ws={ws:?} group={group} \
+                         win={win:?} {algo:?}: diff {d}"
+                    );
+                }
+            }
         }
+        // A residual of the wrong shape is an error.
+        let bad = Value::from(Tensor::from_vec(&[res.len()], res.clone()).unwrap());
+        let mut ins = res_inputs.clone();
+        ins[RESIDUAL_INPUT] = Some(&bad);
+        assert!(heuristic.eval(&ins).is_err());
     }
 
     fn win(
@@ -772,6 +879,97 @@ mod tests {
             Activation::None,
             8,
         );
+    }
+
+    /// The fused residual (and the rest of [`check`]) on the paths small cases miss, at 1, 2
+    /// and 3 threads: Winograd (one group and two), batch columns, output positions split
+    /// over threads, depthwise planes split over tasks (flattened and row kernels), and the
+    /// flattened kernel's channel × row split of one image.
+    #[test]
+    fn residual_on_every_path_at_1_2_3_threads() {
+        /// X shape, W shape, group, window, bias, activation.
+        type Case<'a> = (
+            &'a [usize],
+            &'a [usize],
+            usize,
+            WindowAttrs,
+            bool,
+            Activation,
+        );
+        let p1 = || Some(vec![1, 1, 1, 1]);
+        let clip = Activation::Clip {
+            min: -0.5,
+            max: 0.75,
+        };
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let cases: [Case<'_>; 7] = [
+                    (
+                        &[1, 32, 13, 17],
+                        &[40, 32, 3, 3],
+                        1,
+                        win(p1(), None, None),
+                        true,
+                        Activation::Relu,
+                    ),
+                    (
+                        &[2, 64, 9, 10],
+                        &[64, 32, 3, 3],
+                        2,
+                        win(Some(vec![1, 0, 1, 1]), None, None),
+                        false,
+                        Activation::None,
+                    ),
+                    (
+                        &[4, 9, 3, 4],
+                        &[11, 9, 3, 3],
+                        1,
+                        win(p1(), None, None),
+                        true,
+                        Activation::HardSwish,
+                    ),
+                    (
+                        &[1, 5, 41, 37],
+                        &[13, 5, 3, 3],
+                        1,
+                        win(Some(vec![1, 0, 1, 2]), None, None),
+                        true,
+                        clip,
+                    ),
+                    (
+                        &[1, 33, 20, 21],
+                        &[33, 1, 3, 3],
+                        33,
+                        win(p1(), None, None),
+                        true,
+                        Activation::Relu,
+                    ),
+                    (
+                        &[2, 8, 9, 70],
+                        &[16, 1, 3, 3],
+                        8,
+                        win(p1(), Some(vec![2, 2]), None),
+                        true,
+                        Activation::None,
+                    ),
+                    (
+                        &[1, 3, 40, 41],
+                        &[16, 3, 3, 3],
+                        1,
+                        win(p1(), Some(vec![2, 2]), None),
+                        true,
+                        Activation::Sigmoid,
+                    ),
+                ];
+                for (i, (xs, ws, group, w, bias, act)) in cases.into_iter().enumerate() {
+                    check(xs, ws, group, w, bias, act, 40 + i as u64);
+                }
+            });
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 use kiln_core::{KilnError, Result};
 
 use super::geom::Spatial3;
-use super::kernel::{epilogue, ConvF32, OutPtr};
+use super::kernel::{add_residual, epilogue, ConvF32, OutPtr};
 use super::reference::ConvDims;
 use crate::fused::Activation;
 use crate::ops::linalg::blas::{self, MatRef};
@@ -531,6 +531,8 @@ struct OutBlock<'a> {
     /// The group's bias.
     bias: Option<&'a [f32]>,
     act: Activation,
+    /// The whole residual (laid out as the output), added before `act`.
+    residual: Option<&'a [f32]>,
     t0: usize,
     n: usize,
     nb: usize,
@@ -561,8 +563,12 @@ impl OutBlock<'_> {
                 }
             }
             let bias = self.bias.map_or(0.0, |b| b[k]);
+            let act = match self.residual {
+                Some(_) => Activation::None,
+                None => self.act,
+            };
             for yv in y.chunks_exact_mut(nb).take(mt * mt) {
-                epilogue(&mut yv[..n], bias, self.act);
+                epilogue(&mut yv[..n], bias, act);
             }
             g.runs(self.t0, n, |b, ty, tx0, len, j0| {
                 let plane = (b * self.m + self.k0 + k) * osz;
@@ -584,6 +590,10 @@ impl OutBlock<'_> {
                                 *o = val;
                             }
                         }
+                    }
+                    if let Some(res) = self.residual {
+                        let at = plane + oy * g.ow + x0;
+                        add_residual(row, &res[at..at + width], self.act);
                     }
                 }
             });
@@ -779,6 +789,7 @@ fn run_transformed(
                 mg,
                 bias: conv.bias.map(|b| &b[g * mg..(g + 1) * mg]),
                 act: conv.act,
+                residual: conv.residual,
                 t0,
                 n: nbt,
                 nb,
@@ -994,6 +1005,7 @@ mod tests {
                             dims,
                             sp: pr.sp,
                             act,
+                            residual: None,
                             algo: ConvAlgo::Winograd(tile),
                             packed: wisa,
                         };
@@ -1066,6 +1078,7 @@ mod tests {
             dims,
             sp: pr.sp,
             act: Activation::None,
+            residual: None,
             algo: ConvAlgo::Winograd(WinoTile::F43),
             packed: Some(isa),
         };
