@@ -696,22 +696,13 @@ impl GlobalPool {
         let sz = x.len().checked_div(planes).unwrap_or(0);
         let f = |p: &[F]| -> F {
             match self.kind {
-                GlobalKind::Max => p.iter().copied().fold(F::neg_infinity(), |a, b| {
-                    if b > a || b.is_nan() {
-                        b
-                    } else {
-                        a
-                    }
-                }),
-                GlobalKind::Avg => {
-                    let s = p.iter().fold(F::zero(), |a, &b| a + b);
-                    s / F::from(p.len()).unwrap_or_else(F::one)
-                }
+                GlobalKind::Max => lane_max(p),
+                GlobalKind::Avg => lane_sum(p, |v| v) / F::from(p.len()).unwrap_or_else(F::one),
+                GlobalKind::Lp(pw) if pw == 1.0 => lane_sum(p, |v| v.abs()),
+                GlobalKind::Lp(pw) if pw == 2.0 => lane_sum(p, |v| v * v).sqrt(),
                 GlobalKind::Lp(pw) => {
                     let pw = F::from(pw).unwrap_or_else(F::one);
-                    p.iter()
-                        .fold(F::zero(), |a, &b| a + b.abs().powf(pw))
-                        .powf(pw.recip())
+                    lane_sum(p, |v| v.abs().powf(pw)).powf(pw.recip())
                 }
             }
         };
@@ -729,6 +720,48 @@ impl GlobalPool {
                 .for_each(|(o, p)| *o = f(p));
         }
     }
+}
+
+/// Independent accumulators of the plane reductions: enough to hide the add latency and
+/// let the compiler keep them in vector registers (the result differs from a sequential
+/// sum only by rounding).
+const LANES: usize = 8;
+
+/// Sum of `term(v)` over `x`, in [`LANES`] interleaved partial sums.
+#[inline]
+fn lane_sum<F: Float>(x: &[F], term: impl Fn(F) -> F) -> F {
+    let mut acc = [F::zero(); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = *a + term(v);
+        }
+    }
+    let tail = rest.iter().fold(F::zero(), |a, &v| a + term(v));
+    acc.iter().fold(F::zero(), |a, &v| a + v) + tail
+}
+
+/// Maximum of `x` (−inf when empty), NaN when any element is NaN, as ONNX
+/// GlobalMaxPool propagates it.
+#[inline]
+fn lane_max<F: Float>(x: &[F]) -> F {
+    let mut acc = [F::neg_infinity(); LANES];
+    let mut nan = [false; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for ((a, n), &v) in acc.iter_mut().zip(nan.iter_mut()).zip(c) {
+            *a = if v > *a { v } else { *a };
+            *n |= v.is_nan();
+        }
+    }
+    if nan.iter().any(|&n| n) || rest.iter().any(|v| v.is_nan()) {
+        return F::nan();
+    }
+    acc.iter()
+        .chain(rest)
+        .fold(F::neg_infinity(), |a, &v| if v > a { v } else { a })
 }
 
 impl Op for GlobalPool {

@@ -279,6 +279,47 @@ fn global_pools() {
     assert!((l.as_slice::<f32>().unwrap()[0] - 30f32.sqrt()).abs() < 1e-5);
 }
 
+/// The lane reductions against sequential f64 sums and maxima, on random planes of odd
+/// sizes (shorter than, equal to and longer than the lane count), with a NaN planted in
+/// one plane for GlobalMaxPool.
+#[test]
+fn global_pools_match_sequential_reference_on_odd_planes() {
+    let mut r = Lcg(17);
+    for &sz in &[1usize, 3, 7, 8, 9, 31, 49, 300, 1001] {
+        let planes = 5;
+        let mut data = r.vec(planes * sz);
+        for (kind, exp) in [
+            (GlobalKind::Avg, 0.0),
+            (GlobalKind::Max, 0.0),
+            (GlobalKind::Lp(1.0), 1.0),
+            (GlobalKind::Lp(2.0), 2.0),
+            (GlobalKind::Lp(3.0), 3.0),
+        ] {
+            let got = GlobalPool { kind }.reduce(&data, planes);
+            for (pl, &g) in data.chunks(sz).zip(&got) {
+                let want = match kind {
+                    GlobalKind::Avg => pl.iter().map(|&v| v as f64).sum::<f64>() / sz as f64,
+                    GlobalKind::Max => pl.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64)),
+                    GlobalKind::Lp(_) => pl
+                        .iter()
+                        .map(|&v| (v as f64).abs().powf(exp))
+                        .sum::<f64>()
+                        .powf(1.0 / exp),
+                };
+                let tol = 1e-5 * (1.0 + want.abs());
+                assert!(
+                    (g as f64 - want).abs() <= tol,
+                    "{kind:?} size {sz}: {g} vs {want}"
+                );
+            }
+        }
+        data[2 * sz + sz / 2] = f32::NAN;
+        let got = GlobalPool { kind: GlobalKind::Max }.reduce(&data, planes);
+        assert!(got[2].is_nan(), "size {sz}: NaN not propagated");
+        assert!(got[1].is_finite() && got[3].is_finite());
+    }
+}
+
 #[test]
 fn max_unpool_roundtrip() {
     let xs = [1, 2, 4, 4];
