@@ -360,13 +360,68 @@ impl Op for ElementwiseChain {
 
 /// Runs `prog` over every element: `inputs[i]` has `out.len()` elements or one.
 pub fn run(prog: &Program, inputs: &[&[f32]], out: &mut [f32]) {
+    let slots = SlotPlan::new(prog);
     let block = CHUNK * 16;
     if out.len() >= PARALLEL_MIN && crate::parallel::threads() > 1 {
         out.par_chunks_mut(block)
             .enumerate()
-            .for_each(|(i, o)| run_block(prog, inputs, i * block, o));
+            .for_each(|(i, o)| run_block(prog, &slots, inputs, i * block, o));
     } else {
-        run_block(prog, inputs, 0, out);
+        run_block(prog, &slots, inputs, 0, out);
+    }
+}
+
+/// Where each instruction's chunk of results lives in the scratch: slots are reused once
+/// their value's last reader has run, so a long chain (Q/DQ chains reach ~60 steps) works
+/// in a few live chunks that stay in L1 instead of one chunk per instruction.
+#[derive(Debug)]
+struct SlotPlan {
+    /// Slot of instruction `t`'s result (unused for the last instruction, which writes
+    /// the output).
+    slot: smallvec::SmallVec<[usize; 64]>,
+    /// Number of slots.
+    count: usize,
+}
+
+impl SlotPlan {
+    /// Greedy allocation in program order. An instruction's destination is taken before
+    /// its operands' slots are released, so it never aliases an operand.
+    fn new(prog: &Program) -> SlotPlan {
+        let n = prog.instrs.len();
+        let base = prog.inputs + prog.constants.len();
+        let reads = |ins: &Instr| {
+            let b = if ins.op.is_binary() { Some(ins.b) } else { None };
+            [Some(ins.a), b]
+                .into_iter()
+                .flatten()
+                .filter_map(move |o| o.checked_sub(base))
+        };
+        // Last reader of every result (itself when nothing reads it).
+        let mut last: smallvec::SmallVec<[usize; 64]> = (0..n).collect();
+        for (t, ins) in prog.instrs.iter().enumerate() {
+            for r in reads(ins) {
+                last[r] = last[r].max(t);
+            }
+        }
+        let mut slot = smallvec::SmallVec::from_elem(0, n);
+        let mut free: smallvec::SmallVec<[usize; 16]> = smallvec::SmallVec::new();
+        let mut count = 0;
+        for (t, ins) in prog.instrs.iter().enumerate() {
+            if t + 1 < n {
+                slot[t] = free.pop().unwrap_or_else(|| {
+                    count += 1;
+                    count - 1
+                });
+            }
+            let mut released: smallvec::SmallVec<[usize; 2]> = smallvec::SmallVec::new();
+            for r in reads(ins).chain((t + 1 < n).then_some(t)) {
+                if last[r] == t && !released.contains(&r) {
+                    released.push(r);
+                    free.push(slot[r]);
+                }
+            }
+        }
+        SlotPlan { slot, count }
     }
 }
 
@@ -375,36 +430,50 @@ pub fn run(prog: &Program, inputs: &[&[f32]], out: &mut [f32]) {
 /// The scratch is taken here, outside the `#[target_feature]` functions: a closure does
 /// not inherit its enclosing function's target features, so a chunk loop written inside
 /// `with_scratch`'s closure was compiled for plain SSE2 whatever the build.
-fn run_block(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32]) {
-    let regs_len = (prog.instrs.len() - 1) * CHUNK;
+fn run_block(prog: &Program, slots: &SlotPlan, inputs: &[&[f32]], off: usize, out: &mut [f32]) {
+    let regs_len = slots.count * CHUNK;
     crate::scratch::with_scratch::<f32, _>(regs_len, |regs| {
         #[cfg(target_arch = "x86_64")]
         {
             use crate::ops::linalg::sgemm::Isa;
             match Isa::detect() {
                 // SAFETY: the CPU supports the features (run-time detection).
-                Isa::Avx512 => return unsafe { block_avx512(prog, inputs, off, out, regs) },
+                Isa::Avx512 => return unsafe { block_avx512(prog, slots, inputs, off, out, regs) },
                 // SAFETY: as above.
-                Isa::Avx2 => return unsafe { block_avx2(prog, inputs, off, out, regs) },
+                Isa::Avx2 => return unsafe { block_avx2(prog, slots, inputs, off, out, regs) },
                 Isa::Scalar => {}
             }
         }
-        block_body(prog, inputs, off, out, regs)
+        block_body(prog, slots, inputs, off, out, regs)
     })
 }
 
 /// [`block_body`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn block_avx512(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32], regs: &mut [f32]) {
-    block_body(prog, inputs, off, out, regs)
+fn block_avx512(
+    prog: &Program,
+    slots: &SlotPlan,
+    inputs: &[&[f32]],
+    off: usize,
+    out: &mut [f32],
+    regs: &mut [f32],
+) {
+    block_body(prog, slots, inputs, off, out, regs)
 }
 
 /// [`block_body`] compiled for AVX2 + FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn block_avx2(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32], regs: &mut [f32]) {
-    block_body(prog, inputs, off, out, regs)
+fn block_avx2(
+    prog: &Program,
+    slots: &SlotPlan,
+    inputs: &[&[f32]],
+    off: usize,
+    out: &mut [f32],
+    regs: &mut [f32],
+) {
+    block_body(prog, slots, inputs, off, out, regs)
 }
 
 /// An operand over one chunk.
@@ -414,26 +483,37 @@ enum Src<'a> {
     Splat(f32),
 }
 
-/// Runs the program chunk by chunk; `regs` holds `instrs − 1` chunks of intermediates.
-/// Written without closures around the loops so that the SIMD builds above inline it.
+/// Runs the program chunk by chunk; `regs` holds the [`SlotPlan`]'s chunks of
+/// intermediates. Written without closures around the loops so that the SIMD builds above
+/// inline it.
 #[inline(always)]
-fn block_body(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32], regs: &mut [f32]) {
+fn block_body(
+    prog: &Program,
+    slots: &SlotPlan,
+    inputs: &[&[f32]],
+    off: usize,
+    out: &mut [f32],
+    regs: &mut [f32],
+) {
     let n = prog.instrs.len();
-    let base = prog.inputs + prog.constants.len();
     let mut c0 = 0;
     while c0 < out.len() {
         let len = CHUNK.min(out.len() - c0);
         let at = off + c0;
         for (t, ins) in prog.instrs.iter().enumerate() {
-            let (done, rest) = regs.split_at_mut(t * CHUNK);
-            let dst: &mut [f32] = if t + 1 == n {
-                &mut out[c0..c0 + len]
+            // The destination chunk split out of the scratch; operands read the rest.
+            let (below, dst, above, d): (&[f32], &mut [f32], &[f32], usize) = if t + 1 == n {
+                (&*regs, &mut out[c0..c0 + len], &[], usize::MAX)
             } else {
-                &mut rest[..len]
+                let d = slots.slot[t];
+                let (lo, hi) = regs.split_at_mut(d * CHUNK);
+                let (dst, hi) = hi.split_at_mut(CHUNK);
+                (&*lo, &mut dst[..len], &*hi, d)
             };
-            let a = operand(prog, inputs, done, base, ins.a, at, len);
+            let regs = Regs { below, above, d };
+            let a = operand(prog, slots, inputs, &regs, ins.a, at, len);
             let b = if ins.op.is_binary() {
-                operand(prog, inputs, done, base, ins.b, at, len)
+                operand(prog, slots, inputs, &regs, ins.b, at, len)
             } else {
                 Src::Splat(0.0)
             };
@@ -443,18 +523,26 @@ fn block_body(prog: &Program, inputs: &[&[f32]], off: usize, out: &mut [f32], re
     }
 }
 
+/// The scratch slots other than the destination `d`: slots below it and above it.
+struct Regs<'a> {
+    below: &'a [f32],
+    above: &'a [f32],
+    d: usize,
+}
+
 /// Operand `o` over elements `at..at + len` (see the module doc for operand numbers);
-/// `done` holds the results of the instructions already run in this chunk.
+/// results of earlier instructions are read from their slots in `regs`.
 #[inline(always)]
 fn operand<'a>(
     prog: &'a Program,
+    slots: &SlotPlan,
     inputs: &[&'a [f32]],
-    done: &'a [f32],
-    base: usize,
+    regs: &Regs<'a>,
     o: usize,
     at: usize,
     len: usize,
 ) -> Src<'a> {
+    let base = prog.inputs + prog.constants.len();
     if o < prog.inputs {
         let s = inputs[o];
         if s.len() == 1 {
@@ -465,8 +553,15 @@ fn operand<'a>(
     } else if o < base {
         Src::Splat(prog.constants[o - prog.inputs])
     } else {
-        let r = o - base;
-        Src::Run(&done[r * CHUNK..r * CHUNK + len])
+        let r = slots.slot[o - base];
+        let start = if r < regs.d {
+            r * CHUNK
+        } else {
+            // Slot r sits after the destination's chunk in `above`.
+            (r - regs.d - 1) * CHUNK
+        };
+        let src = if r < regs.d { regs.below } else { regs.above };
+        Src::Run(&src[start..start + len])
     }
 }
 
@@ -630,22 +725,73 @@ mod tests {
             }
         };
         let mut out = vec![f32::NAN; len];
-        let mut regs = vec![f32::NAN; (prog.instrs.len() - 1) * CHUNK];
-        block_body(&prog, &[&x, &y, &z], 0, &mut out, &mut regs);
+        let slots = SlotPlan::new(&prog);
+        let mut regs = vec![f32::NAN; slots.count * CHUNK];
+        block_body(&prog, &slots, &[&x, &y, &z], 0, &mut out, &mut regs);
         check("portable", &out);
         #[cfg(target_arch = "x86_64")]
         if crate::ops::linalg::sgemm::Isa::Avx2.supported() {
             out.fill(f32::NAN);
             // SAFETY: AVX2 and FMA are present (checked above).
-            unsafe { block_avx2(&prog, &[&x, &y, &z], 0, &mut out, &mut regs) };
+            unsafe { block_avx2(&prog, &slots, &[&x, &y, &z], 0, &mut out, &mut regs) };
             check("avx2", &out);
         }
         #[cfg(target_arch = "x86_64")]
         if crate::ops::linalg::sgemm::Isa::Avx512.supported() {
             out.fill(f32::NAN);
             // SAFETY: AVX-512F, AVX2 and FMA are present (checked above).
-            unsafe { block_avx512(&prog, &[&x, &y, &z], 0, &mut out, &mut regs) };
+            unsafe { block_avx512(&prog, &slots, &[&x, &y, &z], 0, &mut out, &mut regs) };
             check("avx512", &out);
+        }
+    }
+
+    /// Random long programs (operands from anywhere earlier, results read late, never or
+    /// twice by one instruction) against the per-element reference: the reused slots
+    /// must never hand out a value that a later reader still needs.
+    #[test]
+    fn reused_slots_keep_every_live_value() {
+        let unary = [ChainOp::Relu, ChainOp::Neg, ChainOp::Abs, ChainOp::Tanh];
+        let binary = [ChainOp::Add, ChainOp::Sub, ChainOp::Mul, ChainOp::Max, ChainOp::Min];
+        for seed in 0..20u64 {
+            let mut r = Lcg(seed + 1000);
+            let mut pick = |n: usize| ((r.next() + 1.0) * 0.5 * n as f32) as usize % n;
+            let (inputs, constants) = (2, vec![0.5f32, -1.25]);
+            let base = inputs + constants.len();
+            let n = 20 + seed as usize * 4;
+            let instrs: Vec<Instr> = (0..n)
+                .map(|t| {
+                    // Mostly recent results (long live ranges now and then).
+                    let near = |p: usize| base + t - 1 - p.min(t - 1);
+                    let a = if t == 0 { pick(base) } else { near(pick(3)) };
+                    let b = match pick(4) {
+                        0 => pick(base + t),
+                        1 => a,
+                        _ => pick(base + t),
+                    };
+                    if pick(3) == 0 {
+                        Instr { op: unary[pick(unary.len())], a, b: 0 }
+                    } else {
+                        Instr { op: binary[pick(binary.len())], a, b }
+                    }
+                })
+                .collect();
+            let prog = Program { inputs, constants, instrs };
+            prog.validate().unwrap();
+            let slots = SlotPlan::new(&prog);
+            assert!(slots.count < n, "seed {seed}: no slot reused ({} for {n})", slots.count);
+            let len = 2 * CHUNK + 9;
+            let mut r = Lcg(seed);
+            let (x, y) = (r.vec(len), r.vec(len));
+            let mut out = vec![f32::NAN; len];
+            run(&prog, &[&x, &y], &mut out);
+            for e in 0..len {
+                let want = prog.eval_one(&[x[e], y[e]]);
+                assert!(
+                    (out[e] - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "seed {seed} element {e}: {} vs {want}",
+                    out[e]
+                );
+            }
         }
     }
 
