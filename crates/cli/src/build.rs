@@ -248,6 +248,15 @@ fn print_summary(
                 r.batchnorms_folded, r.activations_fused, r.residuals_fused, r.generic_rewrites
             ),
         );
+        if r.qdq_pairs_folded > 0 {
+            row(
+                "Q/DQ pairs",
+                format!(
+                    "{} QuantizeLinear -> DequantizeLinear pairs folded into fused elementwise chains",
+                    r.qdq_pairs_folded
+                ),
+            );
+        }
     }
     for i in engine.inputs() {
         row("input", format!("{} {}", i.name, i.describe()));

@@ -254,6 +254,10 @@ fn print_text(
             r.residuals_fused.to_string(),
         ],
         vec![
+            "  Q/DQ pairs folded".to_string(),
+            r.qdq_pairs_folded.to_string(),
+        ],
+        vec![
             "  folding/cleanup rewrites".to_string(),
             r.generic_rewrites.to_string(),
         ],

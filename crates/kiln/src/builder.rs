@@ -191,8 +191,19 @@ impl Builder {
         };
         if config.optimize && fingerprint.backend != "cuda" {
             // CPU engines only: the GPU executor has no layer for the fused chain.
-            // `int8::qdq_pairs::fold_qdq_pairs` is not run yet: it is exact, but det QDQ ran
-            // 2x slower with it (docs/int8.md, "Not done yet").
+            // Q -> DQ pairs of a Q/DQ model become FakeQuant chain steps first, so that the
+            // elementwise fusion below merges them with the float ops around them (exact;
+            // det QDQ 126 -> 111 ms, docs/int8.md). Not while observing activations, whose
+            // names the calibration reads.
+            if !config.observe_activations {
+                let pairs = crate::int8::qdq_pairs::fold_qdq_pairs(&mut graph)?;
+                if pairs > 0 {
+                    graph.infer_facts_with(true)?;
+                    report.nodes_after = graph.nodes.len();
+                }
+                report.qdq_pairs_folded = pairs;
+                tracing::info!(pairs, "Q/DQ pairs folded into chains");
+            }
             // Residual Adds into the Conv before the chains (which would take the Add).
             let residuals = crate::fuse_residual::fuse_residual_adds(&mut graph, registry())?;
             if residuals > 0 {

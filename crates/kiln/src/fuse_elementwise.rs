@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use kiln_core::{Attr, BuildCtx, DType, Dim, Graph, Node, OpRegistry, Result, ValueId};
 use kiln_cpu::fused::KILN_DOMAIN;
-use kiln_cpu::ops::elementwise::chain::{ChainOp, Instr, Program, CHAIN_OP};
+use kiln_cpu::ops::elementwise::chain::{ChainOp, Instr, Program, CHAIN_OP, FAKE_QUANT_PARAMS};
 
 /// An operand of one node's steps, before numbering.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +27,8 @@ enum Local {
     Const(f32),
     /// An earlier step of the same node.
     Step(usize),
+    /// A FakeQuant's parameter block (consecutive immediates).
+    Params([f32; FAKE_QUANT_PARAMS]),
 }
 
 /// The steps a node computes, when it is a fusable elementwise node.
@@ -128,7 +130,9 @@ fn chain_steps(node: &Node) -> Option<Vec<(ChainOp, Local, Local)>> {
         prog.instrs
             .iter()
             .map(|ins| {
-                let b = if ins.op.is_binary() {
+                let b = if ins.op == ChainOp::FakeQuant {
+                    Local::Params(prog.fake_quant_params(ins.b))
+                } else if ins.op.is_binary() {
                     local(ins.b)
                 } else {
                     Local::Const(0.0)
@@ -243,6 +247,10 @@ pub fn fuse_elementwise(graph: &mut Graph, registry: &OpRegistry) -> Result<usiz
                         Local::Const(c) => {
                             constants.push(c);
                             Ref::Const(constants.len() - 1)
+                        }
+                        Local::Params(p) => {
+                            constants.extend_from_slice(&p);
+                            Ref::Const(constants.len() - p.len())
                         }
                         Local::Step(s) => Ref::Res(first + s),
                         Local::Input(k) => {

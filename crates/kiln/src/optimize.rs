@@ -30,6 +30,10 @@ pub struct OptimizeReport {
     /// [`crate::fuse_residual`]).
     #[serde(default)]
     pub residuals_fused: usize,
+    /// QuantizeLinear → DequantizeLinear pairs folded into FakeQuant chain steps (CPU
+    /// engines, see [`crate::int8::qdq_pairs`]).
+    #[serde(default)]
+    pub qdq_pairs_folded: usize,
     /// Explicit quantization: QuantizeLinear/DequantizeLinear layers lowered to INT8
     /// kernels (see [`crate::int8::qdq`]).
     #[serde(default)]

@@ -698,8 +698,8 @@ impl GlobalPool {
             match self.kind {
                 GlobalKind::Max => lane_max(p),
                 GlobalKind::Avg => lane_sum(p, |v| v) / F::from(p.len()).unwrap_or_else(F::one),
-                GlobalKind::Lp(pw) if pw == 1.0 => lane_sum(p, |v| v.abs()),
-                GlobalKind::Lp(pw) if pw == 2.0 => lane_sum(p, |v| v * v).sqrt(),
+                GlobalKind::Lp(1.0) => lane_sum(p, |v| v.abs()),
+                GlobalKind::Lp(2.0) => lane_sum(p, |v| v * v).sqrt(),
                 GlobalKind::Lp(pw) => {
                     let pw = F::from(pw).unwrap_or_else(F::one);
                     lane_sum(p, |v| v.abs().powf(pw)).powf(pw.recip())

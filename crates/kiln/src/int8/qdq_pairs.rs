@@ -4,8 +4,9 @@
 //! then merges with the float ops around it.
 //!
 //! Without this, every such pair is two passes over memory (f32 → u8, u8 → f32) and splits
-//! the elementwise chains into single ops. The chain computes exactly what the pair does
-//! (kiln's vectorised QuantizeLinear/DequantizeLinear kernels, bit for bit):
+//! the elementwise chains into single ops. The chain step (`ChainOp::FakeQuant`, one
+//! instruction kept in registers) computes exactly what the pair does (kiln's vectorised
+//! QuantizeLinear/DequantizeLinear kernels, bit for bit):
 //!
 //! ```text
 //! d = x / scale                      (f32 division, as QuantizeLinear)
@@ -18,10 +19,11 @@
 //! with bit-identical parameters, f32 in and out, no blocked quantization. Each matching
 //! DequantizeLinear is replaced in place; the QuantizeLinear stays while anything else
 //! (e.g. a `kiln.Int8Conv`) reads its integer output. CPU engines only (the GPU executor has
-//! no chain layer).
+//! no chain layer); the builder runs it before the elementwise fusion.
 //!
-//! **Not wired into the builder yet**: on PP-OCR det QDQ the engine ran 2× slower with it
-//! (250–296 ms against 125–142 ms, 1 thread), for reasons not yet found (docs/int8.md).
+//! Measured on PP-OCR det QDQ (1 thread, interleaved ×5): 126 → 111 ms. Written as seven
+//! separate chain steps the pair made the engine slower (each step one pass over a scratch
+//! chunk); one FakeQuant step keeps the pair in registers (docs/int8.md).
 
 use kiln_core::{BuildCtx, DType, Graph, Node, Result, ValueId};
 use kiln_cpu::ops::elementwise::chain::{ChainOp, Instr, Program};
@@ -38,27 +40,23 @@ struct PairParams {
 }
 
 impl PairParams {
-    /// The chain that computes `DequantizeLinear(QuantizeLinear(x))` with these parameters.
+    /// The chain that computes `DequantizeLinear(QuantizeLinear(x))` with these parameters:
+    /// one FakeQuant instruction (the whole pair in registers).
     fn program(self) -> Program {
         let (lo, hi) = match self.code {
             DType::I8 => (i8::MIN as i32, i8::MAX as i32),
             _ => (u8::MIN as i32, u8::MAX as i32),
         };
         let z = self.zp;
-        // Operand 0: x; constants 1..=5; results from 6.
-        let i = |op, a, b| Instr { op, a, b };
+        // Operand 0: x; constants 1..=4, FakeQuant's parameter block.
         Program {
             inputs: 1,
-            constants: vec![self.scale, -z as f32, (lo - z) as f32, (hi - z) as f32, 0.0],
-            instrs: vec![
-                i(ChainOp::Div, 0, 1),       // 6: x / scale
-                i(ChainOp::NanTo, 6, 2),     // 7: NaN → code 0
-                i(ChainOp::Max, 7, 3),       // 8
-                i(ChainOp::Min, 8, 4),       // 9
-                i(ChainOp::RoundEven, 9, 0), // 10
-                i(ChainOp::Mul, 10, 1),      // 11
-                i(ChainOp::Add, 11, 5),      // 12: −0 → +0
-            ],
+            constants: vec![self.scale, -z as f32, (lo - z) as f32, (hi - z) as f32],
+            instrs: vec![Instr {
+                op: ChainOp::FakeQuant,
+                a: 0,
+                b: 1,
+            }],
         }
     }
 }

@@ -65,10 +65,18 @@ pub enum ChainOp {
     RoundEven,
     /// b where a is NaN, else a.
     NanTo,
+    /// QuantizeLinear then DequantizeLinear with one per-tensor scale and zero point, in
+    /// registers: operand b names the first of [`FAKE_QUANT_PARAMS`] consecutive constants
+    /// `[scale, −zp, lo − zp, hi − zp]` (lo, hi: the integer type's range); see
+    /// [`fake_quant`].
+    FakeQuant,
 }
 
+/// Constants a [`ChainOp::FakeQuant`] reads, from its operand b on.
+pub const FAKE_QUANT_PARAMS: usize = 4;
+
 /// Opcodes are positions in this list: new ops go at the end, so plans stay readable.
-const OPS: [ChainOp; 14] = [
+const OPS: [ChainOp; 15] = [
     ChainOp::Add,
     ChainOp::Sub,
     ChainOp::Mul,
@@ -83,6 +91,7 @@ const OPS: [ChainOp; 14] = [
     ChainOp::Abs,
     ChainOp::RoundEven,
     ChainOp::NanTo,
+    ChainOp::FakeQuant,
 ];
 
 impl ChainOp {
@@ -121,6 +130,8 @@ impl ChainOp {
             ChainOp::Neg => -a,
             ChainOp::Abs => a.abs(),
             ChainOp::RoundEven => round_even(a),
+            // Needs its parameter block: evaluated by `Program::eval_one` and the kernel.
+            ChainOp::FakeQuant => f32::NAN,
             ChainOp::NanTo => {
                 if a.is_nan() {
                     b
@@ -145,6 +156,18 @@ pub fn round_even(a: f32) -> f32 {
     } else {
         a
     }
+}
+
+/// `DequantizeLinear(QuantizeLinear(x))` with per-tensor parameters `p = [scale, −zp,
+/// lo − zp, hi − zp]`, bit for bit what kiln's QuantizeLinear and DequantizeLinear kernels
+/// compute one after the other: `x / scale` (a division, as ONNX specifies), NaN → code 0,
+/// clamped to the type's range, rounded half to even, times the scale, `+ 0` (turning −0
+/// into +0 as `(q − zp) · scale` does).
+#[inline(always)]
+pub fn fake_quant(x: f32, p: [f32; FAKE_QUANT_PARAMS]) -> f32 {
+    let d = x / p[0];
+    let d = if d.is_nan() { p[1] } else { d };
+    round_even(d.max(p[2]).min(p[3])) * p[0] + 0.0
 }
 
 /// One instruction: `op(operand a, operand b)` (see the module doc for operand numbers).
@@ -177,6 +200,16 @@ impl Program {
         }
         let base = self.inputs + self.constants.len();
         for (t, ins) in self.instrs.iter().enumerate() {
+            if ins.op == ChainOp::FakeQuant {
+                let block = ins.b.checked_sub(self.inputs);
+                if block.is_none_or(|c| c + FAKE_QUANT_PARAMS > self.constants.len()) {
+                    return Err(KilnError::Other(format!(
+                        "{CHAIN_OP}: instruction {t} (FakeQuant) needs {FAKE_QUANT_PARAMS} \
+                         constants from operand {}, but constants are operands {}..{}",
+                        ins.b, self.inputs, base
+                    )));
+                }
+            }
             let ops: &[usize] = if ins.op.is_binary() {
                 &[ins.a, ins.b]
             } else {
@@ -217,14 +250,27 @@ impl Program {
         let mut vals: Vec<f32> = inputs.to_vec();
         vals.extend_from_slice(&self.constants);
         for ins in &self.instrs {
-            let b = if ins.op.is_binary() { vals[ins.b] } else { 0.0 };
-            vals.push(ins.op.apply(vals[ins.a], b));
+            let v = if ins.op == ChainOp::FakeQuant {
+                fake_quant(vals[ins.a], self.fake_quant_params(ins.b))
+            } else {
+                let b = if ins.op.is_binary() { vals[ins.b] } else { 0.0 };
+                ins.op.apply(vals[ins.a], b)
+            };
+            vals.push(v);
         }
         vals.last().copied().unwrap_or(0.0)
     }
 }
 
 impl Program {
+    /// The parameter block of a FakeQuant whose operand b is `b` (checked by `validate`).
+    pub fn fake_quant_params(&self, b: usize) -> [f32; FAKE_QUANT_PARAMS] {
+        let c = b - self.inputs;
+        let mut p = [0.0; FAKE_QUANT_PARAMS];
+        p.copy_from_slice(&self.constants[c..c + FAKE_QUANT_PARAMS]);
+        p
+    }
+
     /// Reads a program back from its op description (`inputs`: the node's input count).
     pub fn from_desc(desc: &OpDesc, node: &str, inputs: usize) -> Result<Program> {
         let ctx = BuildCtx {
@@ -390,7 +436,11 @@ impl SlotPlan {
         let n = prog.instrs.len();
         let base = prog.inputs + prog.constants.len();
         let reads = |ins: &Instr| {
-            let b = if ins.op.is_binary() { Some(ins.b) } else { None };
+            let b = if ins.op.is_binary() {
+                Some(ins.b)
+            } else {
+                None
+            };
             [Some(ins.a), b]
                 .into_iter()
                 .flatten()
@@ -512,6 +562,10 @@ fn block_body(
             };
             let regs = Regs { below, above, d };
             let a = operand(prog, slots, inputs, &regs, ins.a, at, len);
+            if ins.op == ChainOp::FakeQuant {
+                apply_fake_quant(a, prog.fake_quant_params(ins.b), dst);
+                continue;
+            }
             let b = if ins.op.is_binary() {
                 operand(prog, slots, inputs, &regs, ins.b, at, len)
             } else {
@@ -562,6 +616,19 @@ fn operand<'a>(
         };
         let src = if r < regs.d { regs.below } else { regs.above };
         Src::Run(&src[start..start + len])
+    }
+}
+
+/// [`fake_quant`] over one chunk (one loop, so the whole pair stays in registers).
+#[inline(always)]
+fn apply_fake_quant(a: Src, p: [f32; FAKE_QUANT_PARAMS], dst: &mut [f32]) {
+    match a {
+        Src::Run(x) => {
+            for (d, &x) in dst.iter_mut().zip(x) {
+                *d = fake_quant(x, p);
+            }
+        }
+        Src::Splat(x) => dst.fill(fake_quant(x, p)),
     }
 }
 
@@ -745,13 +812,100 @@ mod tests {
         }
     }
 
+    /// FakeQuant against the seven separate steps it replaces (divide, NaN → code 0,
+    /// clamp, round half to even, multiply, + 0), bit for bit, through `eval_one` and every
+    /// kernel path (full runs and a one-element broadcast input), for u8 and i8 ranges and
+    /// several zero points, on random values, exact ties and special values; and a
+    /// FakeQuant whose parameter block runs past the constants is rejected.
+    #[test]
+    fn fake_quant_is_the_seven_step_pair_bit_for_bit() {
+        let i = |op, a, b| Instr { op, a, b };
+        let mut r = Lcg(9);
+        let mut xs: Vec<f32> = (0..3000).map(|k| r.next() * (k % 300) as f32).collect();
+        xs.extend([
+            0.0,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e30,
+            -1e30,
+            f32::MIN_POSITIVE,
+        ]);
+        for (scale, zp, lo, hi) in [
+            (0.05f32, 128i32, 0i32, 255i32),
+            (0.0173, 0, 0, 255),
+            (0.5, 3, 0, 255),
+            (0.031, 0, -128, 127),
+            (0.25, -9, -128, 127),
+        ] {
+            // Exact ties of x / scale.
+            let mut xs = xs.clone();
+            xs.extend((-300..300).map(|k| (k as f32 + 0.5) * scale));
+            let params = vec![scale, -zp as f32, (lo - zp) as f32, (hi - zp) as f32, 0.0];
+            let steps = Program {
+                inputs: 1,
+                constants: params.clone(),
+                instrs: vec![
+                    i(ChainOp::Div, 0, 1),
+                    i(ChainOp::NanTo, 6, 2),
+                    i(ChainOp::Max, 7, 3),
+                    i(ChainOp::Min, 8, 4),
+                    i(ChainOp::RoundEven, 9, 0),
+                    i(ChainOp::Mul, 10, 1),
+                    i(ChainOp::Add, 11, 5),
+                ],
+            };
+            let fused = Program {
+                inputs: 1,
+                constants: params,
+                instrs: vec![i(ChainOp::FakeQuant, 0, 1)],
+            };
+            fused.validate().unwrap();
+            let mut out = vec![f32::NAN; xs.len()];
+            run(&fused, &[&xs], &mut out);
+            for (&x, &got) in xs.iter().zip(&out) {
+                let want = steps.eval_one(&[x]);
+                assert_eq!(
+                    fused.eval_one(&[x]).to_bits(),
+                    want.to_bits(),
+                    "{x} / {scale}"
+                );
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "kernel: {x} / {scale} zp {zp}"
+                );
+                let mut one = [f32::NAN; 3];
+                run(&fused, &[&[x]], &mut one);
+                assert_eq!(one[1].to_bits(), want.to_bits(), "splat: {x}");
+            }
+        }
+        let bad = Program {
+            inputs: 1,
+            constants: vec![0.5, 0.0, 0.0],
+            instrs: vec![i(ChainOp::FakeQuant, 0, 1)],
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("FakeQuant"));
+    }
+
     /// Random long programs (operands from anywhere earlier, results read late, never or
     /// twice by one instruction) against the per-element reference: the reused slots
     /// must never hand out a value that a later reader still needs.
     #[test]
     fn reused_slots_keep_every_live_value() {
         let unary = [ChainOp::Relu, ChainOp::Neg, ChainOp::Abs, ChainOp::Tanh];
-        let binary = [ChainOp::Add, ChainOp::Sub, ChainOp::Mul, ChainOp::Max, ChainOp::Min];
+        let binary = [
+            ChainOp::Add,
+            ChainOp::Sub,
+            ChainOp::Mul,
+            ChainOp::Max,
+            ChainOp::Min,
+        ];
         for seed in 0..20u64 {
             let mut r = Lcg(seed + 1000);
             let mut pick = |n: usize| ((r.next() + 1.0) * 0.5 * n as f32) as usize % n;
@@ -769,16 +923,32 @@ mod tests {
                         _ => pick(base + t),
                     };
                     if pick(3) == 0 {
-                        Instr { op: unary[pick(unary.len())], a, b: 0 }
+                        Instr {
+                            op: unary[pick(unary.len())],
+                            a,
+                            b: 0,
+                        }
                     } else {
-                        Instr { op: binary[pick(binary.len())], a, b }
+                        Instr {
+                            op: binary[pick(binary.len())],
+                            a,
+                            b,
+                        }
                     }
                 })
                 .collect();
-            let prog = Program { inputs, constants, instrs };
+            let prog = Program {
+                inputs,
+                constants,
+                instrs,
+            };
             prog.validate().unwrap();
             let slots = SlotPlan::new(&prog);
-            assert!(slots.count < n, "seed {seed}: no slot reused ({} for {n})", slots.count);
+            assert!(
+                slots.count < n,
+                "seed {seed}: no slot reused ({} for {n})",
+                slots.count
+            );
             let len = 2 * CHUNK + 9;
             let mut r = Lcg(seed);
             let (x, y) = (r.vec(len), r.vec(len));

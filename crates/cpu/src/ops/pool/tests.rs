@@ -314,7 +314,10 @@ fn global_pools_match_sequential_reference_on_odd_planes() {
             }
         }
         data[2 * sz + sz / 2] = f32::NAN;
-        let got = GlobalPool { kind: GlobalKind::Max }.reduce(&data, planes);
+        let got = GlobalPool {
+            kind: GlobalKind::Max,
+        }
+        .reduce(&data, planes);
         assert!(got[2].is_nan(), "size {sz}: NaN not propagated");
         assert!(got[1].is_finite() && got[3].is_finite());
     }
