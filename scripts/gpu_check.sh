@@ -53,6 +53,7 @@ stage)
   mkdir -p "$carry/bin" "$carry/assets"
   strip -o "$carry/bin/kiln" "$CARGO_TARGET_DIR/release/kiln"
   strip -o "$carry/bin/gpu_models" "$gm"
+  strip -o "$carry/bin/gpu_kernels" "$gk"
   strip -o "$carry/bin/kiln-conformance" "$CARGO_TARGET_DIR/release/kiln-conformance"
   # The ONNX node suite's float cases (the GPU conformance run), and the CPU expectations.
   "$CARGO_TARGET_DIR/release/kiln-conformance" --suite node --float-only --json 2>/dev/null |
