@@ -334,7 +334,7 @@ fn print_summary(
         row(
             "explicit INT8",
             format!(
-                "Q/DQ model: {} Conv/MatMul/Gemm layers lowered to INT8 kernels with the model's scales and zero points ({} with INT8 outputs); the model's other QuantizeLinear/DequantizeLinear nodes run as their own layers (vectorised f32<->u8/i8 kernels where per tensor or per axis)",
+                "Q/DQ model: {} Conv/MatMul/Gemm layers lowered to INT8 kernels with the model's scales and zero points ({} with INT8 outputs); Q->DQ pairs with equal parameters run inside the fused elementwise chains, the other QuantizeLinear/DequantizeLinear nodes as their own layers (vectorised f32<->u8/i8 kernels where per tensor or per axis)",
                 r.qdq.lowered.len(),
                 r.qdq.int8_outputs
             ),
