@@ -57,7 +57,11 @@ fn lowering_of_real_models() {
                     Some(kiln_core::Attr::String(s)) if s.starts_with("winograd")
                 );
                 if winograd {
-                    assert_eq!(l.device, "cpu", "{name}: {} lowered Winograd filters", node.name);
+                    assert_eq!(
+                        l.device, "cpu",
+                        "{name}: {} lowered Winograd filters",
+                        node.name
+                    );
                 }
                 if matches!(op, "Conv" | "Gemm" | "MatMul") && !dynamic && !residual && !winograd {
                     assert_eq!(
