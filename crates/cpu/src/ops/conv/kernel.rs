@@ -42,6 +42,9 @@ pub enum ConvAlgo {
     /// The direct kernel row by row (depthwise only): no padded copy of the plane and no
     /// work on padding, but vector runs only as long as an output row.
     DirectRows,
+    /// The depthwise kernel on blocks of 16 channels ([`super::dw_block`]): vectors across
+    /// channels, so small planes keep them full.
+    DirectBlocked,
     /// Winograd F(m×m, 3×3) ([`super::winograd`]): 2-D 3×3 windows with unit strides and
     /// dilations only.
     Winograd(WinoTile),
@@ -50,7 +53,10 @@ pub enum ConvAlgo {
 impl ConvAlgo {
     /// One of the depthwise direct kernels.
     pub fn is_direct(self) -> bool {
-        matches!(self, ConvAlgo::Direct | ConvAlgo::DirectRows)
+        matches!(
+            self,
+            ConvAlgo::Direct | ConvAlgo::DirectRows | ConvAlgo::DirectBlocked
+        )
     }
 }
 
@@ -307,7 +313,8 @@ impl ConvF32<'_> {
                 return self.run_direct(out, false)
             }
             ConvAlgo::DirectRows if depthwise => return self.run_direct(out, true),
-            ConvAlgo::Direct | ConvAlgo::DirectRows => {
+            ConvAlgo::DirectBlocked if depthwise => return super::dw_block::run(self, out),
+            ConvAlgo::Direct | ConvAlgo::DirectRows | ConvAlgo::DirectBlocked => {
                 return Err(KilnError::kernel(
                     "Conv",
                     "the direct tactic needs one input channel per group (depthwise), or a 1-D/2-D window whose padded input planes fit in scratch (16 MiB for up to 4 input channels per group, 4 MiB for more)",
@@ -1176,10 +1183,13 @@ mod tests {
                 .iter()
                 .map(|&v| Activation::HardSwish.apply(v as f32))
                 .collect();
-            for (threads, algo) in [1, 2, 3]
-                .into_iter()
-                .flat_map(|t| [(t, ConvAlgo::Direct), (t, ConvAlgo::DirectRows)])
-            {
+            for (threads, algo) in [1, 2, 3].into_iter().flat_map(|t| {
+                [
+                    (t, ConvAlgo::Direct),
+                    (t, ConvAlgo::DirectRows),
+                    (t, ConvAlgo::DirectBlocked),
+                ]
+            }) {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()

@@ -3,6 +3,7 @@
 //! ConvInteger, QLinearConv, DeformConv.
 
 pub mod deform;
+pub mod dw_block;
 pub mod flat;
 pub mod geom;
 pub mod kernel;

@@ -2,7 +2,8 @@
 //! stable ids, and the mapping from an id back to a [`ConvAlgo`].
 //!
 //! Ids: `cpu.conv.direct` (flattened planes: depthwise, or any 1-D/2-D window that fits),
-//! `cpu.conv.direct.rows` (depthwise only: row by row), `cpu.conv.gemm_1x1.{outer,inner}` (1×1,
+//! `cpu.conv.direct.rows` (depthwise only: row by row), `cpu.conv.direct.cblock` (depthwise
+//! only: vectors across blocks of 16 channels), `cpu.conv.gemm_1x1.{outer,inner}` (1×1,
 //! stride 1, no padding) and `cpu.conv.im2col_gemm.t<tile elements>.{outer,inner}`
 //! (everything), where `outer`/`inner` says whether threads split images × groups or each
 //! GEMM, and `cpu.conv.winograd.{f23,f43}` (2-D 3×3, unit strides and dilations, enough
@@ -60,6 +61,7 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
         } else {
             out.extend([flat, rows]);
         }
+        out.push(Tactic::fp32("cpu.conv.direct.cblock", 1));
     } else if class.flat {
         out.push(Tactic::fp32("cpu.conv.direct", 1));
     }
@@ -91,12 +93,13 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
 pub fn parse(id: &str) -> Result<ConvAlgo> {
     let bad = || {
         KilnError::Other(format!(
-            "unknown Conv tactic `{id}` (this kiln knows cpu.conv.direct, cpu.conv.direct.rows, cpu.conv.gemm_1x1.<outer|inner>, cpu.conv.im2col_gemm.t<N>.<outer|inner> and cpu.conv.winograd.<f23|f43>); rebuild the plan with this kiln"
+            "unknown Conv tactic `{id}` (this kiln knows cpu.conv.direct, cpu.conv.direct.rows, cpu.conv.direct.cblock, cpu.conv.gemm_1x1.<outer|inner>, cpu.conv.im2col_gemm.t<N>.<outer|inner> and cpu.conv.winograd.<f23|f43>); rebuild the plan with this kiln"
         ))
     };
     match id {
         "cpu.conv.direct" => return Ok(ConvAlgo::Direct),
         "cpu.conv.direct.rows" => return Ok(ConvAlgo::DirectRows),
+        "cpu.conv.direct.cblock" => return Ok(ConvAlgo::DirectBlocked),
         _ => {}
     }
     if let Some(t) = id.strip_prefix("cpu.conv.winograd.") {

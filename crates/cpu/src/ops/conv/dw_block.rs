@@ -1,0 +1,380 @@
+//! Depthwise convolution on blocks of [`LANES`] channels (tactic `cpu.conv.direct.cblock`).
+//!
+//! The plane kernels ([`super::flat`], the row kernel) vectorise along an output row, so a
+//! 7×7 or 14×14 plane (the late layers of MobileNet-style networks) leaves most of a
+//! vector idle and pays the loop bookkeeping once per tap and row. Here the vector runs
+//! across channels instead: each (image, block of 16 output channels) copies its input
+//! planes, zero-padded, into a channel-interleaved buffer (`[position][16]`), every output
+//! position is then `Σ_taps w[tap] · x[position + tap]` with 16-lane multiply-adds (four
+//! positions per step, so each tap's weights are loaded once per four), and the result is
+//! transposed back into the output planes. Any window (1-D to 3-D), stride, dilation,
+//! padding and channel multiplier is taken; blocks of one image write disjoint output
+//! planes, so the (image, block) pairs run in parallel.
+
+use rayon::prelude::*;
+
+use kiln_core::{KilnError, Result};
+
+use super::geom::Spatial3;
+use super::kernel::{add_residual, epilogue, ConvF32};
+use crate::fused::Activation;
+
+/// Channels per block: one AVX-512 vector or two AVX2 vectors.
+pub const LANES: usize = 16;
+
+/// Output positions per register tile (each tap's weight vector is reused this often).
+const TILE: usize = 4;
+
+/// The region of the zero-padded input that the window reaches, per spatial dimension:
+/// padded coordinate `q` is input coordinate `q − pad_begin`.
+fn padded_dims(sp: &Spatial3) -> [usize; 3] {
+    std::array::from_fn(|d| {
+        (sp.output[d].max(1) - 1) * sp.strides[d] + (sp.kernel[d] - 1) * sp.dilations[d] + 1
+    })
+}
+
+/// Scratch values one block needs: the padded input, the weights, the bias and the output,
+/// all channel-interleaved.
+fn block_scratch(sp: &Spatial3) -> usize {
+    let [pd, ph, pw] = padded_dims(sp);
+    LANES * (pd * ph * pw + sp.kernel_size() + 1 + sp.out_size())
+}
+
+/// Runs a depthwise convolution (one input channel per group) on channel blocks.
+pub fn run(conv: &ConvF32<'_>, out: &mut [f32]) -> Result<()> {
+    let dims = conv.dims;
+    if dims.group == 0 || dims.c != dims.group || !dims.m.is_multiple_of(dims.group) {
+        return Err(KilnError::kernel(
+            "Conv",
+            format!(
+                "the channel-block direct kernel needs one input channel per group (depthwise), got {} input channels in {} groups",
+                dims.c, dims.group
+            ),
+        ));
+    }
+    let p = conv.sp.out_size();
+    let plane_block = LANES * p;
+    let image = dims.m * p;
+    if p == 0 || image == 0 {
+        return Ok(());
+    }
+    let blocks = dims.m.div_ceil(LANES);
+    let parallel = crate::parallel::threads() > 1 && dims.n * blocks > 1;
+    let block = |bn: usize, blk: usize, dst: &mut [f32]| {
+        crate::scratch::with_scratch::<f32, _>(block_scratch(&conv.sp), |buf| {
+            run_block(conv, bn, blk * LANES, dst, buf)
+        })
+    };
+    if parallel {
+        out.par_chunks_mut(image).enumerate().for_each(|(bn, img)| {
+            img.par_chunks_mut(plane_block)
+                .enumerate()
+                .for_each(|(blk, dst)| block(bn, blk, dst))
+        });
+    } else {
+        for (bn, img) in out.chunks_mut(image).enumerate() {
+            for (blk, dst) in img.chunks_mut(plane_block).enumerate() {
+                block(bn, blk, dst);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Output channels `om0..` of image `bn` (as many as `dst` holds planes, at most
+/// [`LANES`]) into `dst`, with `buf` of [`block_scratch`] values.
+fn run_block(conv: &ConvF32<'_>, bn: usize, om0: usize, dst: &mut [f32], buf: &mut [f32]) {
+    let sp = &conv.sp;
+    let (p, isz, ksz) = (sp.out_size(), sp.in_size(), sp.kernel_size());
+    let nb = dst.len() / p;
+    let mg = conv.dims.m / conv.dims.group;
+    let [pd, ph, pw] = padded_dims(sp);
+    let (xb, rest) = buf.split_at_mut(LANES * pd * ph * pw);
+    let (wb, rest) = rest.split_at_mut(LANES * ksz);
+    let (bb, rest) = rest.split_at_mut(LANES);
+    let ob = &mut rest[..LANES * p];
+    let plane = |l: usize| {
+        let cin = (om0 + l) / mg;
+        let at = (bn * conv.dims.c + cin) * isz;
+        &conv.x[at..at + isz]
+    };
+    pack_input(sp, nb, plane, xb);
+    for (l, lanes) in (0..LANES).map(|l| (l, l < nb)) {
+        let om = om0 + l;
+        for t in 0..ksz {
+            wb[t * LANES + l] = if lanes { conv.w[om * ksz + t] } else { 0.0 };
+        }
+        bb[l] = match conv.bias {
+            Some(b) if lanes => b[om],
+            _ => 0.0,
+        };
+    }
+    accumulate(sp, xb, wb, bb, ob);
+    let act = conv.act_before_residual();
+    if act != Activation::None {
+        epilogue(ob, 0.0, act);
+    }
+    for (l, plane) in dst.chunks_exact_mut(p).enumerate() {
+        for (o, v) in plane.iter_mut().zip(ob.chunks_exact(LANES)) {
+            *o = v[l];
+        }
+        if let Some(res) = conv.residual {
+            let at = (bn * conv.dims.m + om0 + l) * p;
+            add_residual(plane, &res[at..at + p], conv.act);
+        }
+    }
+}
+
+/// Copies the planes of lanes `0..nb` (`plane(l)`) into `xb`, channel-interleaved and
+/// zero-padded to [`padded_dims`]; lanes `nb..` are zero.
+fn pack_input<'x>(sp: &Spatial3, nb: usize, plane: impl Fn(usize) -> &'x [f32], xb: &mut [f32]) {
+    let [pd, ph, pw] = padded_dims(sp);
+    let [id_n, ih_n, iw_n] = sp.input;
+    let [bd, bh, bw] = sp.pad_begin;
+    // Padded columns bw..bw + iw_n hold the input row (clipped to the padded width).
+    let (c0, c1) = (bw.min(pw), (bw + iw_n).min(pw));
+    let planes: [&[f32]; LANES] = std::array::from_fn(|l| if l < nb { plane(l) } else { &[] });
+    for (r, row) in xb.chunks_exact_mut(LANES * pw).take(pd * ph).enumerate() {
+        let (qd, qh) = (r / ph, r % ph);
+        let input_row = match (qd.checked_sub(bd), qh.checked_sub(bh)) {
+            (Some(id), Some(ih)) if id < id_n && ih < ih_n => Some((id * ih_n + ih) * iw_n),
+            _ => None,
+        };
+        let Some(at) = input_row.filter(|_| c0 < c1) else {
+            row.fill(0.0);
+            continue;
+        };
+        row[..LANES * c0].fill(0.0);
+        row[LANES * c1..].fill(0.0);
+        let body = &mut row[LANES * c0..LANES * c1];
+        for (l, src) in planes.iter().enumerate() {
+            if l < nb {
+                let src = &src[at..at + (c1 - c0)];
+                for (d, &v) in body.chunks_exact_mut(LANES).zip(src) {
+                    d[l] = v;
+                }
+            } else {
+                for d in body.chunks_exact_mut(LANES) {
+                    d[l] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// `ob[o] = bb + Σ_taps wb[tap] · xb[o·stride + tap·dilation]` for every output position,
+/// with the best SIMD this CPU has.
+fn accumulate(sp: &Spatial3, xb: &[f32], wb: &[f32], bb: &[f32], ob: &mut [f32]) {
+    check_lengths(sp, xb, wb, bb, ob);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::ops::linalg::sgemm::Isa;
+        match Isa::detect() {
+            // SAFETY: the CPU supports the features (run-time detection); the buffer
+            // lengths were checked above.
+            Isa::Avx512 => return unsafe { simd::accumulate_avx512(sp, xb, wb, bb, ob) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { simd::accumulate_avx2(sp, xb, wb, bb, ob) },
+            Isa::Scalar => {}
+        }
+    }
+    accumulate_portable(sp, xb, wb, bb, ob)
+}
+
+/// Panics unless the buffers have the lengths [`run_block`] gives them: every index the
+/// SIMD loops form is then in bounds (the largest input index is the last padded position,
+/// by [`padded_dims`]).
+fn check_lengths(sp: &Spatial3, xb: &[f32], wb: &[f32], bb: &[f32], ob: &[f32]) {
+    let [pd, ph, pw] = padded_dims(sp);
+    assert!(
+        xb.len() >= LANES * pd * ph * pw
+            && wb.len() >= LANES * sp.kernel_size()
+            && bb.len() >= LANES
+            && ob.len() >= LANES * sp.out_size(),
+        "dw_block buffers too short"
+    );
+}
+
+/// Input offset (in values) of output position `o`'s first tap in the padded buffer, and
+/// the offset of each tap from it, in tap order.
+fn tap_offsets(sp: &Spatial3, ph: usize, pw: usize, taps: &mut [usize]) {
+    let [kd_n, kh_n, kw_n] = sp.kernel;
+    let [dd, dh, dw] = sp.dilations;
+    let mut t = 0;
+    for kd in 0..kd_n {
+        for kh in 0..kh_n {
+            for kw in 0..kw_n {
+                taps[t] = ((kd * dd * ph + kh * dh) * pw + kw * dw) * LANES;
+                t += 1;
+            }
+        }
+    }
+}
+
+/// Offset of output position `[od, oh, ow]`'s window origin in the padded buffer.
+#[inline(always)]
+fn origin(sp: &Spatial3, ph: usize, pw: usize, o: [usize; 3]) -> usize {
+    let [sd, sh, sw] = sp.strides;
+    ((o[0] * sd * ph + o[1] * sh) * pw + o[2] * sw) * LANES
+}
+
+/// The portable loop of [`accumulate`].
+fn accumulate_portable(sp: &Spatial3, xb: &[f32], wb: &[f32], bb: &[f32], ob: &mut [f32]) {
+    let [_, ph, pw] = padded_dims(sp);
+    let [od_n, oh_n, ow_n] = sp.output;
+    let mut taps = smallvec::SmallVec::<[usize; 32]>::from_elem(0, sp.kernel_size());
+    tap_offsets(sp, ph, pw, &mut taps);
+    for (i, o) in ob
+        .chunks_exact_mut(LANES)
+        .take(od_n * oh_n * ow_n)
+        .enumerate()
+    {
+        let at = origin(sp, ph, pw, [i / (oh_n * ow_n), (i / ow_n) % oh_n, i % ow_n]);
+        o.copy_from_slice(&bb[..LANES]);
+        for (t, &off) in taps.iter().enumerate() {
+            let (w, x) = (&wb[t * LANES..][..LANES], &xb[at + off..][..LANES]);
+            for l in 0..LANES {
+                o[l] += w[l] * x[l];
+            }
+        }
+    }
+}
+
+/// The AVX-512 and AVX2 loops of [`accumulate`]: output rows in tiles of [`TILE`]
+/// positions (single positions at the end of a row), each tap's weight vector loaded once
+/// per tile.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use super::{origin, padded_dims, tap_offsets, Spatial3, LANES, TILE};
+
+    /// 16 lanes as one AVX-512 register.
+    #[derive(Clone, Copy)]
+    struct V512(__m512);
+
+    /// 16 lanes as two AVX2 registers.
+    #[derive(Clone, Copy)]
+    struct V256([__m256; 2]);
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load512(p: *const f32) -> V512 {
+        // SAFETY: the caller passes 16 readable values.
+        V512(unsafe { _mm512_loadu_ps(p) })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fma512(a: V512, w: V512, x: V512) -> V512 {
+        V512(_mm512_fmadd_ps(w.0, x.0, a.0))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store512(p: *mut f32, v: V512) {
+        // SAFETY: the caller passes 16 writable values.
+        unsafe { _mm512_storeu_ps(p, v.0) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load256(p: *const f32) -> V256 {
+        // SAFETY: the caller passes 16 readable values.
+        unsafe { V256([_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))]) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fma256(a: V256, w: V256, x: V256) -> V256 {
+        V256([
+            _mm256_fmadd_ps(w.0[0], x.0[0], a.0[0]),
+            _mm256_fmadd_ps(w.0[1], x.0[1], a.0[1]),
+        ])
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store256(p: *mut f32, v: V256) {
+        // SAFETY: the caller passes 16 writable values.
+        unsafe {
+            _mm256_storeu_ps(p, v.0[0]);
+            _mm256_storeu_ps(p.add(8), v.0[1]);
+        }
+    }
+
+    /// One accumulate loop per instruction set, from the same text.
+    macro_rules! accumulate_with {
+        ($(#[$doc:meta])* $name:ident, $feat:literal, $load:ident, $fma:ident, $store:ident) => {
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// The CPU must have the named features and the buffers the lengths
+            /// `check_lengths` asks for.
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $name(
+                sp: &Spatial3,
+                xb: &[f32],
+                wb: &[f32],
+                bb: &[f32],
+                ob: &mut [f32],
+            ) {
+                let [_, ph, pw] = padded_dims(sp);
+                let [od_n, oh_n, ow_n] = sp.output;
+                let ksz = sp.kernel_size();
+                let mut taps = smallvec::SmallVec::<[usize; 32]>::from_elem(0, ksz);
+                tap_offsets(sp, ph, pw, &mut taps);
+                let step = sp.strides[2] * LANES;
+                let (x, w, out) = (xb.as_ptr(), wb.as_ptr(), ob.as_mut_ptr());
+                // SAFETY (every block below): offsets stay inside the checked lengths:
+                // each output position's window lies in the padded buffer, weights are
+                // `ksz` vectors, outputs `out_size` vectors.
+                let bias = unsafe { $load(bb.as_ptr()) };
+                let mut o = 0;
+                for od in 0..od_n {
+                    for oh in 0..oh_n {
+                        let row = origin(sp, ph, pw, [od, oh, 0]);
+                        let mut ow = 0;
+                        while ow + TILE <= ow_n {
+                            let base = row + ow * step;
+                            let mut acc = [bias; TILE];
+                            for (t, &off) in taps.iter().enumerate() {
+                                let wv = unsafe { $load(w.add(t * LANES)) };
+                                for (j, a) in acc.iter_mut().enumerate() {
+                                    let xv = unsafe { $load(x.add(base + off + j * step)) };
+                                    *a = unsafe { $fma(*a, wv, xv) };
+                                }
+                            }
+                            for (j, a) in acc.iter().enumerate() {
+                                unsafe { $store(out.add((o + j) * LANES), *a) };
+                            }
+                            o += TILE;
+                            ow += TILE;
+                        }
+                        while ow < ow_n {
+                            let base = row + ow * step;
+                            let mut a = bias;
+                            for (t, &off) in taps.iter().enumerate() {
+                                let wv = unsafe { $load(w.add(t * LANES)) };
+                                let xv = unsafe { $load(x.add(base + off)) };
+                                a = unsafe { $fma(a, wv, xv) };
+                            }
+                            unsafe { $store(out.add(o * LANES), a) };
+                            o += 1;
+                            ow += 1;
+                        }
+                    }
+                }
+            }
+        };
+    }
+
+    accumulate_with!(
+        /// The loop on AVX-512 registers.
+        accumulate_avx512, "avx512f,avx2,fma", load512, fma512, store512
+    );
+    accumulate_with!(
+        /// The loop on pairs of AVX2 registers.
+        accumulate_avx2, "avx2,fma", load256, fma256, store256
+    );
+}
