@@ -18,6 +18,8 @@ use kiln_core::{KilnError, Result};
 use super::geom::Spatial3;
 use super::kernel::{add_residual, epilogue, ConvF32};
 use crate::fused::Activation;
+#[cfg(target_arch = "x86_64")]
+use crate::ops::linalg::sgemm::Isa;
 
 /// Channels per block: one AVX-512 vector or two AVX2 vectors.
 pub const LANES: usize = 16;
@@ -114,10 +116,8 @@ fn run_block(conv: &ConvF32<'_>, bn: usize, om0: usize, dst: &mut [f32], buf: &m
     if act != Activation::None {
         epilogue(ob, 0.0, act);
     }
+    unpack_output(ob, p, dst);
     for (l, plane) in dst.chunks_exact_mut(p).enumerate() {
-        for (o, v) in plane.iter_mut().zip(ob.chunks_exact(LANES)) {
-            *o = v[l];
-        }
         if let Some(res) = conv.residual {
             let at = (bn * conv.dims.m + om0 + l) * p;
             add_residual(plane, &res[at..at + p], conv.act);
@@ -147,16 +147,47 @@ fn pack_input<'x>(sp: &Spatial3, nb: usize, plane: impl Fn(usize) -> &'x [f32], 
         row[..LANES * c0].fill(0.0);
         row[LANES * c1..].fill(0.0);
         let body = &mut row[LANES * c0..LANES * c1];
-        for (l, src) in planes.iter().enumerate() {
-            if l < nb {
-                let src = &src[at..at + (c1 - c0)];
-                for (d, &v) in body.chunks_exact_mut(LANES).zip(src) {
-                    d[l] = v;
+        let n = c1 - c0;
+        for l0 in (0..LANES).step_by(8) {
+            #[cfg(target_arch = "x86_64")]
+            if l0 + 8 <= nb && Isa::detect() != Isa::Scalar {
+                let src: [&[f32]; 8] = std::array::from_fn(|i| &planes[l0 + i][at..at + n]);
+                // SAFETY: AVX2 is present (the AVX2 and AVX-512 levels both have it); `src` rows hold `n`
+                // values and `body` holds `n` positions of LANES values.
+                unsafe { simd::interleave8(src, n, &mut body[l0..]) };
+                continue;
+            }
+            for (l, src) in planes.iter().enumerate().skip(l0).take(8) {
+                let positions = body.chunks_exact_mut(LANES);
+                if l < nb {
+                    for (d, &v) in positions.zip(&src[at..at + n]) {
+                        d[l] = v;
+                    }
+                } else {
+                    positions.for_each(|d| d[l] = 0.0);
                 }
-            } else {
-                for d in body.chunks_exact_mut(LANES) {
-                    d[l] = 0.0;
-                }
+            }
+        }
+    }
+}
+
+/// Writes the channel-interleaved `ob` (`[position][LANES]`) back as the planes of `dst`
+/// (`p` positions each, at most [`LANES`] planes).
+fn unpack_output(ob: &[f32], p: usize, dst: &mut [f32]) {
+    let nb = dst.len() / p;
+    for l0 in (0..nb).step_by(8) {
+        let lanes = (nb - l0).min(8);
+        let group = &mut dst[l0 * p..(l0 + lanes) * p];
+        #[cfg(target_arch = "x86_64")]
+        if lanes == 8 && Isa::detect() != Isa::Scalar {
+            // SAFETY: AVX2 is present (the AVX2 and AVX-512 levels both have it); `ob` holds `p` positions
+            // of LANES values and `group` 8 planes of `p`.
+            unsafe { simd::deinterleave8(&ob[l0..], p, group) };
+            continue;
+        }
+        for (l, plane) in group.chunks_exact_mut(p).enumerate() {
+            for (o, v) in plane.iter_mut().zip(ob.chunks_exact(LANES)) {
+                *o = v[l0 + l];
             }
         }
     }
@@ -168,7 +199,6 @@ fn accumulate(sp: &Spatial3, xb: &[f32], wb: &[f32], bb: &[f32], ob: &mut [f32])
     check_lengths(sp, xb, wb, bb, ob);
     #[cfg(target_arch = "x86_64")]
     {
-        use crate::ops::linalg::sgemm::Isa;
         match Isa::detect() {
             // SAFETY: the CPU supports the features (run-time detection); the buffer
             // lengths were checked above.
@@ -300,6 +330,94 @@ mod simd {
         unsafe {
             _mm256_storeu_ps(p, v.0[0]);
             _mm256_storeu_ps(p.add(8), v.0[1]);
+        }
+    }
+
+    /// The 8×8 transpose of rows `r`: result `j` is `[r[0][j], …, r[7][j]]`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let s2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let s4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let s6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ]
+    }
+
+    /// A mask of the first `n` (≤ 8) lanes for the masked loads and stores.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn first_lanes(n: usize) -> __m256i {
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane)
+    }
+
+    /// `dst[q·LANES + i] = src[i][q]` for all `n` positions `q` and 8 lanes `i` (the
+    /// interleaved layout with `dst` starting at the first of the 8 lanes).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn interleave8(src: [&[f32]; 8], n: usize, dst: &mut [f32]) {
+        assert!(src.iter().all(|r| r.len() >= n) && (n == 0 || dst.len() >= (n - 1) * LANES + 8));
+        for q in (0..n).step_by(8) {
+            let valid = (n - q).min(8);
+            let mask = first_lanes(valid);
+            // SAFETY: the masked loads read only the rows' first `n` values, the stores
+            // reach position `n − 1` of `dst` (asserted).
+            let rows = std::array::from_fn(|i| unsafe {
+                _mm256_maskload_ps(src[i].as_ptr().add(q), mask)
+            });
+            for (j, v) in transpose8(rows).into_iter().take(valid).enumerate() {
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr().add((q + j) * LANES), v) };
+            }
+        }
+    }
+
+    /// `dst[i·p + q] = src[q·LANES + i]` for 8 lanes `i` and all `p` positions `q`
+    /// (`src` starting at the first of the 8 lanes).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn deinterleave8(src: &[f32], p: usize, dst: &mut [f32]) {
+        assert!(dst.len() >= 8 * p && (p == 0 || src.len() >= (p - 1) * LANES + 8));
+        for q in (0..p).step_by(8) {
+            let valid = (p - q).min(8);
+            let mask = first_lanes(valid);
+            // SAFETY: rows past position `p − 1` are not read (zeros instead), the
+            // masked stores write only positions below `p` of the 8 planes (asserted).
+            let rows = std::array::from_fn(|i| {
+                if i < valid {
+                    unsafe { _mm256_loadu_ps(src.as_ptr().add((q + i) * LANES)) }
+                } else {
+                    _mm256_setzero_ps()
+                }
+            });
+            for (j, v) in transpose8(rows).into_iter().enumerate() {
+                unsafe { _mm256_maskstore_ps(dst.as_mut_ptr().add(j * p + q), mask, v) };
+            }
         }
     }
 
