@@ -100,7 +100,8 @@ fn run_block(conv: &ConvF32<'_>, bn: usize, om0: usize, dst: &mut [f32], buf: &m
         let at = (bn * conv.dims.c + cin) * isz;
         &conv.x[at..at + isz]
     };
-    pack_input(sp, nb, plane, xb);
+    let simd = avx2();
+    pack_input(sp, nb, plane, xb, simd);
     for (l, lanes) in (0..LANES).map(|l| (l, l < nb)) {
         let om = om0 + l;
         for t in 0..ksz {
@@ -116,7 +117,7 @@ fn run_block(conv: &ConvF32<'_>, bn: usize, om0: usize, dst: &mut [f32], buf: &m
     if act != Activation::None {
         epilogue(ob, 0.0, act);
     }
-    unpack_output(ob, p, dst);
+    unpack_output(ob, p, dst, simd);
     for (l, plane) in dst.chunks_exact_mut(p).enumerate() {
         if let Some(res) = conv.residual {
             let at = (bn * conv.dims.m + om0 + l) * p;
@@ -125,9 +126,28 @@ fn run_block(conv: &ConvF32<'_>, bn: usize, om0: usize, dst: &mut [f32], buf: &m
     }
 }
 
+/// Whether the AVX2 transposes may run (the AVX2 and AVX-512 levels both have AVX2).
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::detect() != Isa::Scalar
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Copies the planes of lanes `0..nb` (`plane(l)`) into `xb`, channel-interleaved and
-/// zero-padded to [`padded_dims`]; lanes `nb..` are zero.
-fn pack_input<'x>(sp: &Spatial3, nb: usize, plane: impl Fn(usize) -> &'x [f32], xb: &mut [f32]) {
+/// zero-padded to [`padded_dims`]; lanes `nb..` are zero. `simd`: with the AVX2
+/// transposes (only where [`avx2`] says so).
+fn pack_input<'x>(
+    sp: &Spatial3,
+    nb: usize,
+    plane: impl Fn(usize) -> &'x [f32],
+    xb: &mut [f32],
+    simd: bool,
+) {
     let [pd, ph, pw] = padded_dims(sp);
     let [id_n, ih_n, iw_n] = sp.input;
     let [bd, bh, bw] = sp.pad_begin;
@@ -150,7 +170,7 @@ fn pack_input<'x>(sp: &Spatial3, nb: usize, plane: impl Fn(usize) -> &'x [f32], 
         let n = c1 - c0;
         for l0 in (0..LANES).step_by(8) {
             #[cfg(target_arch = "x86_64")]
-            if l0 + 8 <= nb && Isa::detect() != Isa::Scalar {
+            if l0 + 8 <= nb && simd {
                 let src: [&[f32]; 8] = std::array::from_fn(|i| &planes[l0 + i][at..at + n]);
                 // SAFETY: AVX2 is present (the AVX2 and AVX-512 levels both have it); `src` rows hold `n`
                 // values and `body` holds `n` positions of LANES values.
@@ -172,14 +192,14 @@ fn pack_input<'x>(sp: &Spatial3, nb: usize, plane: impl Fn(usize) -> &'x [f32], 
 }
 
 /// Writes the channel-interleaved `ob` (`[position][LANES]`) back as the planes of `dst`
-/// (`p` positions each, at most [`LANES`] planes).
-fn unpack_output(ob: &[f32], p: usize, dst: &mut [f32]) {
+/// (`p` positions each, at most [`LANES`] planes); `simd` as for [`pack_input`].
+fn unpack_output(ob: &[f32], p: usize, dst: &mut [f32], simd: bool) {
     let nb = dst.len() / p;
     for l0 in (0..nb).step_by(8) {
         let lanes = (nb - l0).min(8);
         let group = &mut dst[l0 * p..(l0 + lanes) * p];
         #[cfg(target_arch = "x86_64")]
-        if lanes == 8 && Isa::detect() != Isa::Scalar {
+        if lanes == 8 && simd {
             // SAFETY: AVX2 is present (the AVX2 and AVX-512 levels both have it); `ob` holds `p` positions
             // of LANES values and `group` 8 planes of `p`.
             unsafe { simd::deinterleave8(&ob[l0..], p, group) };
@@ -225,16 +245,18 @@ fn check_lengths(sp: &Spatial3, xb: &[f32], wb: &[f32], bb: &[f32], ob: &[f32]) 
     );
 }
 
-/// Input offset (in values) of output position `o`'s first tap in the padded buffer, and
-/// the offset of each tap from it, in tap order.
-fn tap_offsets(sp: &Spatial3, ph: usize, pw: usize, taps: &mut [usize]) {
+/// Calls `f(tap, offset)` for every tap of the window, in weight order, with the tap's
+/// offset (in values) from a window origin in the padded buffer.
+#[inline(always)]
+fn for_each_tap(sp: &Spatial3, ph: usize, pw: usize, mut f: impl FnMut(usize, usize)) {
     let [kd_n, kh_n, kw_n] = sp.kernel;
     let [dd, dh, dw] = sp.dilations;
     let mut t = 0;
     for kd in 0..kd_n {
         for kh in 0..kh_n {
+            let row = (kd * dd * ph + kh * dh) * pw * LANES;
             for kw in 0..kw_n {
-                taps[t] = ((kd * dd * ph + kh * dh) * pw + kw * dw) * LANES;
+                f(t, row + kw * dw * LANES);
                 t += 1;
             }
         }
@@ -252,8 +274,6 @@ fn origin(sp: &Spatial3, ph: usize, pw: usize, o: [usize; 3]) -> usize {
 fn accumulate_portable(sp: &Spatial3, xb: &[f32], wb: &[f32], bb: &[f32], ob: &mut [f32]) {
     let [_, ph, pw] = padded_dims(sp);
     let [od_n, oh_n, ow_n] = sp.output;
-    let mut taps = smallvec::SmallVec::<[usize; 32]>::from_elem(0, sp.kernel_size());
-    tap_offsets(sp, ph, pw, &mut taps);
     for (i, o) in ob
         .chunks_exact_mut(LANES)
         .take(od_n * oh_n * ow_n)
@@ -261,12 +281,12 @@ fn accumulate_portable(sp: &Spatial3, xb: &[f32], wb: &[f32], bb: &[f32], ob: &m
     {
         let at = origin(sp, ph, pw, [i / (oh_n * ow_n), (i / ow_n) % oh_n, i % ow_n]);
         o.copy_from_slice(&bb[..LANES]);
-        for (t, &off) in taps.iter().enumerate() {
+        for_each_tap(sp, ph, pw, |t, off| {
             let (w, x) = (&wb[t * LANES..][..LANES], &xb[at + off..][..LANES]);
             for l in 0..LANES {
                 o[l] += w[l] * x[l];
             }
-        }
+        });
     }
 }
 
@@ -277,7 +297,7 @@ fn accumulate_portable(sp: &Spatial3, xb: &[f32], wb: &[f32], bb: &[f32], ob: &m
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{origin, padded_dims, tap_offsets, Spatial3, LANES, TILE};
+    use super::{for_each_tap, origin, padded_dims, Spatial3, LANES, TILE};
 
     /// 16 lanes as one AVX-512 register.
     #[derive(Clone, Copy)]
@@ -439,9 +459,6 @@ mod simd {
             ) {
                 let [_, ph, pw] = padded_dims(sp);
                 let [od_n, oh_n, ow_n] = sp.output;
-                let ksz = sp.kernel_size();
-                let mut taps = smallvec::SmallVec::<[usize; 32]>::from_elem(0, ksz);
-                tap_offsets(sp, ph, pw, &mut taps);
                 let step = sp.strides[2] * LANES;
                 let (x, w, out) = (xb.as_ptr(), wb.as_ptr(), ob.as_mut_ptr());
                 // SAFETY (every block below): offsets stay inside the checked lengths:
@@ -456,13 +473,13 @@ mod simd {
                         while ow + TILE <= ow_n {
                             let base = row + ow * step;
                             let mut acc = [bias; TILE];
-                            for (t, &off) in taps.iter().enumerate() {
+                            for_each_tap(sp, ph, pw, |t, off| {
                                 let wv = unsafe { $load(w.add(t * LANES)) };
                                 for (j, a) in acc.iter_mut().enumerate() {
                                     let xv = unsafe { $load(x.add(base + off + j * step)) };
                                     *a = unsafe { $fma(*a, wv, xv) };
                                 }
-                            }
+                            });
                             for (j, a) in acc.iter().enumerate() {
                                 unsafe { $store(out.add((o + j) * LANES), *a) };
                             }
@@ -472,11 +489,11 @@ mod simd {
                         while ow < ow_n {
                             let base = row + ow * step;
                             let mut a = bias;
-                            for (t, &off) in taps.iter().enumerate() {
+                            for_each_tap(sp, ph, pw, |t, off| {
                                 let wv = unsafe { $load(w.add(t * LANES)) };
                                 let xv = unsafe { $load(x.add(base + off)) };
                                 a = unsafe { $fma(a, wv, xv) };
-                            }
+                            });
                             unsafe { $store(out.add(o * LANES), a) };
                             o += 1;
                             ow += 1;
@@ -495,4 +512,82 @@ mod simd {
         /// The loop on pairs of AVX2 registers.
         accumulate_avx2, "avx2,fma", load256, fma256, store256
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv::test_util::Lcg;
+
+    fn geometry(input: [usize; 3], kernel: [usize; 3], s: [usize; 3], d: [usize; 3]) -> Spatial3 {
+        let pad_begin = [kernel[0] / 2, kernel[1] / 2, kernel[2].saturating_sub(2)];
+        let output = std::array::from_fn(|i| {
+            let span = (kernel[i] - 1) * d[i] + 1;
+            (input[i] + pad_begin[i] + 1).saturating_sub(span) / s[i] + 1
+        });
+        Spatial3 {
+            input,
+            kernel,
+            strides: s,
+            dilations: d,
+            pad_begin,
+            output,
+        }
+    }
+
+    /// The AVX2 transposes and the SIMD accumulate loop give exactly what the portable code
+    /// gives, for partial blocks, rows shorter and longer than 8 and odd windows (so the
+    /// portable path, which this machine's dispatch never takes, is checked too).
+    #[test]
+    fn simd_and_portable_paths_agree_bit_for_bit() {
+        if !avx2() {
+            return;
+        }
+        let cases = [
+            ([1, 7, 7], [1, 5, 5], [1, 1, 1], [1, 1, 1]),
+            ([1, 14, 14], [1, 3, 3], [1, 2, 2], [1, 1, 1]),
+            ([1, 9, 21], [1, 3, 5], [1, 2, 3], [1, 2, 1]),
+            ([3, 5, 6], [2, 3, 3], [1, 1, 2], [2, 1, 1]),
+            ([1, 1, 29], [1, 1, 4], [1, 1, 1], [1, 1, 3]),
+        ];
+        let mut r = Lcg(11);
+        for (i, &(input, kernel, s, d)) in cases.iter().enumerate() {
+            let sp = geometry(input, kernel, s, d);
+            let isz = sp.in_size();
+            for nb in [16, 8, 13, 5] {
+                let x = r.vec(nb * isz);
+                let plane = |l: usize| &x[l * isz..(l + 1) * isz];
+                let [pd, ph, pw] = padded_dims(&sp);
+                let len = LANES * pd * ph * pw;
+                let (mut xs, mut xv) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                pack_input(&sp, nb, plane, &mut xs, false);
+                pack_input(&sp, nb, plane, &mut xv, true);
+                assert_eq!(xs, xv, "case {i}, {nb} lanes: packing");
+                assert!(
+                    xs.iter().all(|v| v.is_finite()),
+                    "case {i}: unwritten values"
+                );
+                let wb = r.vec(LANES * sp.kernel_size());
+                let bb = r.vec(LANES);
+                let p = sp.out_size();
+                let (mut os, mut ov) = (vec![0.0; LANES * p], vec![0.0; LANES * p]);
+                accumulate_portable(&sp, &xs, &wb, &bb, &mut os);
+                accumulate(&sp, &xs, &wb, &bb, &mut ov);
+                let diff = os
+                    .iter()
+                    .zip(&ov)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff < 1e-5, "case {i}: accumulate differs by {diff}");
+                let (mut ds, mut dv) = (vec![f32::NAN; nb * p], vec![f32::NAN; nb * p]);
+                unpack_output(&ov, p, &mut ds, false);
+                unpack_output(&ov, p, &mut dv, true);
+                assert_eq!(ds, dv, "case {i}, {nb} lanes: unpacking");
+                for (l, plane) in ds.chunks_exact(p).enumerate() {
+                    for (q, &v) in plane.iter().enumerate() {
+                        assert_eq!(v, ov[q * LANES + l]);
+                    }
+                }
+            }
+        }
+    }
 }
