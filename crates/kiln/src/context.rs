@@ -119,7 +119,10 @@ impl ExecutionContext {
     /// latency between layers), and the first [`MODE_PROBE_RUNS`] runs of every input shape
     /// alternate between the pool and the calling thread alone: a model too small to gain
     /// from a second thread then keeps running serially (handing an inference to a pool
-    /// and waiting for it costs tens of µs).
+    /// and waiting for it costs tens of µs). The mode not chosen is tried again at runs
+    /// 26, 52, 104, … (up to run 3,328) and taken over when it beats the chosen mode's best
+    /// run by 10 %: the pool's first runs can be slow (its threads' scratch still growing)
+    /// and a noisy probe must not fix a context at half speed.
     pub fn set_threads(&mut self, threads: usize) -> Result<()> {
         self.modes.clear();
         if threads <= 1 {
@@ -891,6 +894,17 @@ const MODE_PROBE_SAMPLES: usize = 4;
 /// each, alternated.
 pub const MODE_PROBE_RUNS: usize = 2 + 2 * MODE_PROBE_SAMPLES;
 
+/// After the decision, the first run that tries the other mode again (doubling after
+/// each try, see [`ModeProbe::record`]).
+const MODE_RETRY_FIRST: usize = 26;
+
+/// No more tries of the other mode from this run on.
+const MODE_RETRY_LAST: usize = MODE_RETRY_FIRST << 7;
+
+/// A try of the other mode takes over when it is at least this much faster (as a ratio of
+/// the chosen mode's best run).
+const MODE_SWITCH_RATIO: f64 = 0.9;
+
 /// The pool-or-serial decision for one shape plan (see [`ExecutionContext::set_threads`]).
 #[derive(Debug, Clone)]
 struct ModeProbe {
@@ -900,6 +914,8 @@ struct ModeProbe {
     serial: f64,
     /// Decided: run in the pool (true) or serially.
     choice: Option<bool>,
+    /// The run that next tries the mode not chosen.
+    retry_at: usize,
 }
 
 impl Default for ModeProbe {
@@ -909,35 +925,59 @@ impl Default for ModeProbe {
             pool: f64::INFINITY,
             serial: f64::INFINITY,
             choice: None,
+            retry_at: MODE_RETRY_FIRST,
         }
     }
 }
 
 impl ModeProbe {
-    /// Whether the next run goes to the pool: alternating while probing (pool first).
+    /// Whether the next run goes to the pool: alternating while probing (pool first), then
+    /// the chosen mode, except on a retry run.
     fn next_in_pool(&self) -> bool {
-        self.choice.unwrap_or(self.runs.is_multiple_of(2))
+        match self.choice {
+            None => self.runs.is_multiple_of(2),
+            Some(pool) => pool != (self.runs == self.retry_at),
+        }
     }
 
-    /// Records a run's seconds; after [`MODE_PROBE_RUNS`] runs keeps the mode whose fastest
+    /// The best run so far of one mode.
+    fn best(&mut self, in_pool: bool) -> &mut f64 {
+        if in_pool {
+            &mut self.pool
+        } else {
+            &mut self.serial
+        }
+    }
+
+    /// Records a run's seconds. After [`MODE_PROBE_RUNS`] runs keeps the mode whose fastest
     /// run was faster (the pool on a tie): the minimum is what the mode can do, the other
-    /// samples mostly measure what else the machine was doing.
+    /// samples mostly measure what else the machine was doing. Later, a retry of the other
+    /// mode that beats the chosen mode's best by [`MODE_SWITCH_RATIO`] switches to it.
     fn record(&mut self, in_pool: bool, seconds: f64) {
-        if self.choice.is_some() {
+        let run = self.runs;
+        self.runs = self.runs.saturating_add(1);
+        // Runs 0 and 1 are the warm-ups (scratch buffers sized, caches filled).
+        if run < 2 {
             return;
         }
-        // Runs 0 and 1 are the warm-ups (scratch buffers sized, caches filled).
-        if self.runs >= 2 {
-            let best = if in_pool {
-                &mut self.pool
-            } else {
-                &mut self.serial
-            };
-            *best = best.min(seconds);
-        }
-        self.runs += 1;
-        if self.runs == MODE_PROBE_RUNS {
-            self.choice = Some(self.pool <= self.serial);
+        let best = self.best(in_pool);
+        *best = best.min(seconds);
+        match self.choice {
+            None if self.runs == MODE_PROBE_RUNS => {
+                self.choice = Some(self.pool <= self.serial);
+            }
+            None => {}
+            Some(chosen) if run == self.retry_at && in_pool != chosen => {
+                if seconds < *self.best(chosen) * MODE_SWITCH_RATIO {
+                    self.choice = Some(in_pool);
+                }
+                self.retry_at = if run >= MODE_RETRY_LAST {
+                    usize::MAX
+                } else {
+                    run * 2
+                };
+            }
+            Some(_) => {}
         }
     }
 }
@@ -964,6 +1004,52 @@ mod mode_tests {
                 p.record(want, 100.0);
             }
         }
+    }
+
+    /// A wrong early decision (the pool's first runs slow) is undone by a later try of the
+    /// other mode; a mode that stays slower is tried less and less often, then never.
+    #[test]
+    fn mode_probe_retries_the_other_mode_with_backoff() {
+        // The pool reads 10 ms while warming up, 5 ms afterwards; serial is always 9 ms.
+        let mut p = ModeProbe::default();
+        let mut pool_runs = 0;
+        let mut switched_at = None;
+        for run in 0..200 {
+            let in_pool = p.next_in_pool();
+            let ms = if in_pool {
+                pool_runs += 1;
+                if pool_runs <= 6 {
+                    10.0
+                } else {
+                    5.0
+                }
+            } else {
+                9.0
+            };
+            p.record(in_pool, ms);
+            if run == MODE_PROBE_RUNS {
+                assert_eq!(p.choice, Some(false), "the probe sees a slower pool");
+            }
+            if switched_at.is_none() && p.choice == Some(true) {
+                switched_at = Some(run);
+            }
+        }
+        // The first retry (run 26) is the pool's 6th run, still slow; run 52 switches.
+        assert_eq!(switched_at, Some(2 * MODE_RETRY_FIRST));
+        assert!(p.next_in_pool());
+        // A pool that is always slower: retries at 26, 52, 104, …, never after the last.
+        let mut p = ModeProbe::default();
+        let mut retries = Vec::new();
+        for run in 0..MODE_RETRY_LAST * 3 {
+            let in_pool = p.next_in_pool();
+            if run >= MODE_PROBE_RUNS && in_pool {
+                retries.push(run);
+            }
+            p.record(in_pool, if in_pool { 2.0 } else { 1.0 });
+        }
+        let want: Vec<usize> = (0..8).map(|i| MODE_RETRY_FIRST << i).collect();
+        assert_eq!(retries, want);
+        assert_eq!(p.choice, Some(false));
         // Slow outliers (another process running) do not decide: the fastest runs do;
         // the warm-ups are not counted.
         let mut p = ModeProbe::default();
