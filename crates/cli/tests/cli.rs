@@ -1284,7 +1284,10 @@ fn build_accuracy_budget_zero_falls_back_every_int8_layer() {
         b["int8_layers"].as_array().unwrap().len(),
         "{b}"
     );
-    assert_eq!(b["final_rel_l2"], 0.0, "{b}");
+    // Every layer back in float: only the float tactics' summation orders can differ
+    // (the final build's tuner may pick other kernels than the reference build's).
+    let final_err = b["final_rel_l2"].as_f64().unwrap();
+    assert!(final_err < 1e-5, "{b}");
     // The plan records it; inspect shows it.
     let out = assert_ok(&run(&["inspect", s(&plan)]));
     assert!(out.contains("accuracy budget"), "{out}");
