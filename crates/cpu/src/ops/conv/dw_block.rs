@@ -118,10 +118,10 @@ fn run_block(conv: &ConvF32<'_>, bn: usize, om0: usize, dst: &mut [f32], buf: &m
         epilogue(ob, 0.0, act);
     }
     unpack_output(ob, p, dst, simd);
-    for (l, plane) in dst.chunks_exact_mut(p).enumerate() {
-        if let Some(res) = conv.residual {
-            let at = (bn * conv.dims.m + om0 + l) * p;
-            add_residual(plane, &res[at..at + p], conv.act);
+    if let Some(res) = conv.residual {
+        let at = (bn * conv.dims.m + om0) * p;
+        for (plane, r) in dst.chunks_exact_mut(p).zip(res[at..].chunks_exact(p)) {
+            add_residual(plane, r, conv.act);
         }
     }
 }
