@@ -29,7 +29,7 @@ const TILE: usize = 4;
 
 /// The region of the zero-padded input that the window reaches, per spatial dimension:
 /// padded coordinate `q` is input coordinate `q − pad_begin`.
-fn padded_dims(sp: &Spatial3) -> [usize; 3] {
+pub(super) fn padded_dims(sp: &Spatial3) -> [usize; 3] {
     std::array::from_fn(|d| {
         (sp.output[d].max(1) - 1) * sp.strides[d] + (sp.kernel[d] - 1) * sp.dilations[d] + 1
     })
@@ -37,7 +37,7 @@ fn padded_dims(sp: &Spatial3) -> [usize; 3] {
 
 /// Scratch values one block needs: the padded input, the weights, the bias and the output,
 /// all channel-interleaved.
-fn block_scratch(sp: &Spatial3) -> usize {
+pub(super) fn block_scratch(sp: &Spatial3) -> usize {
     let [pd, ph, pw] = padded_dims(sp);
     LANES * (pd * ph * pw + sp.kernel_size() + 1 + sp.out_size())
 }
@@ -215,7 +215,7 @@ fn unpack_output(ob: &[f32], p: usize, dst: &mut [f32], simd: bool) {
 
 /// `ob[o] = bb + Σ_taps wb[tap] · xb[o·stride + tap·dilation]` for every output position,
 /// with the best SIMD this CPU has.
-fn accumulate(sp: &Spatial3, xb: &[f32], wb: &[f32], bb: &[f32], ob: &mut [f32]) {
+pub(super) fn accumulate(sp: &Spatial3, xb: &[f32], wb: &[f32], bb: &[f32], ob: &mut [f32]) {
     check_lengths(sp, xb, wb, bb, ob);
     #[cfg(target_arch = "x86_64")]
     {

@@ -48,6 +48,12 @@ pub enum ConvAlgo {
     /// Winograd F(m×m, 3×3) ([`super::winograd`]): 2-D 3×3 windows with unit strides and
     /// dilations only.
     Winograd(WinoTile),
+    /// Channels-last 1×1 product ([`super::nhwc::pointwise`]): X, Y and a residual are
+    /// N × H × W × C (tactic `cpu.conv.nhwc.gemm_1x1`, format `fp32/nhwc`).
+    NhwcPointwise,
+    /// Channels-last depthwise kernel ([`super::nhwc::depthwise`]; tactic
+    /// `cpu.conv.nhwc.dw`, format `fp32/nhwc`).
+    NhwcDepthwise,
 }
 
 impl ConvAlgo {
@@ -55,8 +61,16 @@ impl ConvAlgo {
     pub fn is_direct(self) -> bool {
         matches!(
             self,
-            ConvAlgo::Direct | ConvAlgo::DirectRows | ConvAlgo::DirectBlocked
+            ConvAlgo::Direct
+                | ConvAlgo::DirectRows
+                | ConvAlgo::DirectBlocked
+                | ConvAlgo::NhwcDepthwise
         )
+    }
+
+    /// One of the channels-last tactics: activations are N × H × W × C.
+    pub fn is_nhwc(self) -> bool {
+        matches!(self, ConvAlgo::NhwcPointwise | ConvAlgo::NhwcDepthwise)
     }
 }
 
@@ -305,6 +319,10 @@ impl ConvF32<'_> {
         }
         let (tile_elems, outer) = match self.algo {
             ConvAlgo::Winograd(tile) => return winograd::run(self, tile, out),
+            ConvAlgo::NhwcPointwise => {
+                return super::nhwc::pointwise(self, self.packed.is_some(), out)
+            }
+            ConvAlgo::NhwcDepthwise => return super::nhwc::depthwise(self, out),
             ConvAlgo::Auto if depthwise => {
                 return self.run_direct(out, self.sp.output[2] >= DIRECT_ROWS_MIN_WIDTH)
             }
@@ -1212,6 +1230,27 @@ mod tests {
                     d < 1e-5,
                     "case {ci} {algo:?} at {threads} threads: diff {d}"
                 );
+                if input.len() == 2 && algo == ConvAlgo::DirectBlocked {
+                    // The channels-last kernel, on the same problem in NHWC.
+                    let planes = |v: &[f32], ch: usize, hw: usize| -> Vec<f32> {
+                        (0..v.len())
+                            .map(|i| {
+                                let (b, q, c) = (i / (hw * ch), (i / ch) % hw, i % ch);
+                                v[(b * ch + c) * hw + q]
+                            })
+                            .collect()
+                    };
+                    let xt = planes(&x, c, sp.in_size());
+                    let mut got = vec![f32::NAN; n * m * sp.out_size()];
+                    let conv = ConvF32 {
+                        x: &xt,
+                        algo: ConvAlgo::NhwcDepthwise,
+                        ..conv
+                    };
+                    pool.install(|| conv.run(&mut got)).unwrap();
+                    let d = max_diff(&got, &planes(&want, m, sp.out_size()));
+                    assert!(d < 1e-5, "case {ci} NHWC at {threads} threads: diff {d}");
+                }
             }
         }
     }

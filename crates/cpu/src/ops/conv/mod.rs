@@ -7,6 +7,7 @@ pub mod dw_block;
 pub mod flat;
 pub mod geom;
 pub mod kernel;
+pub mod nhwc;
 pub mod quant;
 pub mod reference;
 pub mod tactics;
@@ -171,6 +172,10 @@ pub fn has_residual(node: &kiln_core::Node) -> bool {
 /// `winograd_f43.<isa>` for Winograd-transformed weights); absent: ONNX layout.
 pub const WEIGHT_LAYOUT_ATTR: &str = "kiln_weight_layout";
 
+/// [`WEIGHT_LAYOUT_ATTR`] prefix of the channels-last 1×1 tactic's weights, stored C × M
+/// (the ONNX M × C transposed) under their ONNX shape.
+pub const NHWC_IO_LAYOUT: &str = "nhwc_io";
+
 impl Conv {
     /// The kernel family to pack this layer's weights for at build time, when its GEMM
     /// tactic would use the packed product (not the depthwise direct kernel, not a product
@@ -179,6 +184,10 @@ impl Conv {
     pub fn weight_packing(&self, x: &[usize], w: &[usize]) -> Option<Isa> {
         if self.packed.is_some() || self.algo.is_direct() {
             return None;
+        }
+        if self.algo == ConvAlgo::NhwcPointwise {
+            // Channels-last 1×1 weights are always stored transposed (C × M).
+            return (w.len() == 4 && w[0] > 0).then(Isa::detect);
         }
         let (dims, sp) = conv_geometry("Conv", &self.win, self.group, x, w).ok()?;
         let sp = sp.to3("Conv").ok()?;
@@ -239,6 +248,7 @@ impl Conv {
                 let data = winograd::transform_weights(t, w, ws[0], self.group, Some(isa))?;
                 Ok((data, vec![ws[0], ws[1], a, a]))
             }
+            ConvAlgo::NhwcPointwise => Ok((nhwc::transpose_weights(w, ws[0])?, ws.to_vec())),
             _ => Ok((
                 kernel::pack_weights(w, ws[0], self.group, isa)?,
                 ws.to_vec(),
@@ -250,6 +260,7 @@ impl Conv {
     pub fn weight_layout(&self, isa: Isa) -> String {
         match self.algo {
             ConvAlgo::Winograd(t) => format!("winograd_{}.{}", t.name(), isa.name()),
+            ConvAlgo::NhwcPointwise => format!("{NHWC_IO_LAYOUT}.{}", isa.name()),
             _ => format!("packed_a.{}", isa.name()),
         }
     }
@@ -293,6 +304,7 @@ fn build_conv(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
             // The layout must be the one the tactic reads.
             let prefix = match algo {
                 ConvAlgo::Winograd(t) => format!("winograd_{}.", t.name()),
+                ConvAlgo::NhwcPointwise => format!("{NHWC_IO_LAYOUT}."),
                 _ => "packed_a.".to_string(),
             };
             Some(
@@ -300,7 +312,7 @@ fn build_conv(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
                     .and_then(Isa::from_name)
                     .ok_or_else(|| {
                         a.invalid(format!(
-                            "weight layout `{l}` does not fit tactic {algo:?} (this kiln knows packed_a.<scalar|avx2|avx512> and winograd_<f23|f43>.<isa> for the Winograd tactics); rebuild the plan"
+                            "weight layout `{l}` does not fit tactic {algo:?} (this kiln knows packed_a.<scalar|avx2|avx512>, winograd_<f23|f43>.<isa> for the Winograd tactics and nhwc_io.<isa> for cpu.conv.nhwc.gemm_1x1); rebuild the plan"
                         ))
                     })?,
             )
@@ -324,9 +336,36 @@ struct ConvCall<'a> {
     r: Option<&'a Tensor>,
     dims: ConvDims,
     sp: Spatial,
+    /// The output's shape as stored (N × H × W × M for the channels-last tactics).
+    y_shape: kiln_core::Shape,
 }
 
 impl Conv {
+    /// X's shape as the window sees it (N × C × spatial): the channels-last tactics store
+    /// it N × H × W × C.
+    fn logical_x_shape(&self, xs: &[usize]) -> Result<Vec<usize>> {
+        if !self.algo.is_nhwc() {
+            return Ok(xs.to_vec());
+        }
+        if xs.len() != 4 {
+            return Err(KilnError::kernel(
+                "Conv",
+                format!("the channels-last tactics take N × H × W × C inputs, found shape {xs:?}"),
+            ));
+        }
+        Ok(nhwc::to_nchw(xs))
+    }
+
+    /// The output's shape as this op stores it.
+    fn stored_out_shape(&self, dims: &ConvDims, sp: &Spatial) -> kiln_core::Shape {
+        let s = out_shape(dims, sp);
+        if self.algo.is_nhwc() {
+            nhwc::to_nhwc(&s).into_iter().collect()
+        } else {
+            s
+        }
+    }
+
     fn prepare<'a>(&self, inputs: &[Option<&'a Value>]) -> Result<ConvCall<'a>> {
         let x = input_tensor(inputs, 0, "Conv")?;
         let w = input_tensor(inputs, 1, "Conv")?;
@@ -342,7 +381,8 @@ impl Conv {
             return Err(KilnError::kernel("Conv", "X, W and B must share one dtype"));
         }
         let ws = self.logical_w_shape(w.shape())?;
-        let (dims, sp) = conv_geometry("Conv", &self.win, self.group, x.shape(), &ws)?;
+        let xs = self.logical_x_shape(x.shape())?;
+        let (dims, sp) = conv_geometry("Conv", &self.win, self.group, &xs, &ws)?;
         if let Some(b) = b {
             if b.shape() != [dims.m] {
                 return Err(KilnError::kernel(
@@ -351,8 +391,9 @@ impl Conv {
                 ));
             }
         }
+        let y_shape = self.stored_out_shape(&dims, &sp);
         if let Some(r) = r {
-            let want = out_shape(&dims, &sp);
+            let want = &y_shape;
             if r.dtype() != x.dtype() || r.shape() != want.as_slice() {
                 return Err(KilnError::kernel(
                     "Conv",
@@ -372,6 +413,7 @@ impl Conv {
             r,
             dims,
             sp,
+            y_shape,
         })
     }
 
@@ -428,7 +470,32 @@ impl Op for Conv {
             };
             w = Some(&logical);
         }
-        Ok(vec![infer_conv_like("Conv", &self.win, x, w, dtype)?])
+        if !self.algo.is_nhwc() {
+            return Ok(vec![infer_conv_like("Conv", &self.win, x, w, dtype)?]);
+        }
+        // Channels-last: X is N × H × W × C, and so is the output.
+        let logical_x = match x {
+            Some(f) => match &f.shape {
+                Some(s) if s.len() == 4 => Some(Fact {
+                    shape: Some(nhwc::to_nchw(s).into_iter().collect()),
+                    ..f.clone()
+                }),
+                Some(s) => return Err(infer_err(
+                    "Conv",
+                    format!(
+                        "the channels-last tactics take rank-4 N × H × W × C inputs, found rank {}",
+                        s.len()
+                    ),
+                )),
+                None => Some(f.clone()),
+            },
+            None => None,
+        };
+        let mut y = infer_conv_like("Conv", &self.win, logical_x.as_ref(), w, dtype)?;
+        if let Some(s) = &y.shape {
+            y.shape = Some(nhwc::to_nhwc(s).into_iter().collect());
+        }
+        Ok(vec![y])
     }
 
     fn tactics(&self, inputs: &[Option<&Fact>]) -> Vec<Tactic> {
@@ -453,12 +520,14 @@ impl Op for Conv {
             winograd: winograd::applies(&sp3)
                 && cg >= winograd::MIN_CHANNELS
                 && mg >= winograd::MIN_CHANNELS,
+            nhwc_pointwise: x.len() == 4 && sp3.is_pointwise() && dims.group == 1,
+            nhwc_depthwise: x.len() == 4 && cg == 1 && dims.group > 1,
         })
     }
 
     fn eval(&self, inputs: &[Option<&Value>]) -> Result<Vec<Value>> {
         let call = self.prepare(inputs)?;
-        let shape = out_shape(&call.dims, &call.sp);
+        let shape = call.y_shape.clone();
         let mut out = vec![0.0f32; shape.iter().product()];
         self.compute(&call, &mut out)?;
         Ok(vec![from_f32(call.x.dtype(), &shape, out)?.into()])
@@ -466,7 +535,7 @@ impl Op for Conv {
 
     fn eval_into(&self, inputs: &[Option<&Value>], outputs: &mut [TensorMut<'_>]) -> Result<()> {
         let call = self.prepare(inputs)?;
-        let shape = out_shape(&call.dims, &call.sp);
+        let shape = call.y_shape.clone();
         let Some(slot) = outputs.first_mut() else {
             return Err(KilnError::kernel("Conv", "no output slot"));
         };
@@ -647,6 +716,11 @@ mod tests {
                 algo,
                 ..heuristic.clone()
             };
+            if algo.is_nhwc() {
+                let res = (&res[..], extra);
+                check_nhwc(&conv, &inputs, (&w, ws), res, &raw, &out_shape(&dims, &sp));
+                continue;
+            }
             let got = conv.eval(&inputs).unwrap().remove(0).into_tensor().unwrap();
             assert_eq!(got.shape(), out_shape(&dims, &sp).as_slice());
             // Winograd loses some precision (relative to the values' magnitude).
@@ -759,6 +833,87 @@ mod tests {
         let mut ins = res_inputs.clone();
         ins[RESIDUAL_INPUT] = Some(&bad);
         assert!(heuristic.eval(&ins).is_err());
+    }
+
+    /// `v` of NCHW shape `s` in NHWC order (`to_nhwc`), or back (`!to_nhwc`, `s` still the
+    /// NCHW shape).
+    fn permute(v: &[f32], s: &[usize], to_nhwc: bool) -> Vec<f32> {
+        let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
+        let mut out = vec![0.0; v.len()];
+        for i in 0..n * c * h * w {
+            let (b, ch, y, x) = (i / (c * h * w), (i / (h * w)) % c, (i / w) % h, i % w);
+            let j = ((b * h + y) * w + x) * c + ch;
+            if to_nhwc {
+                out[j] = v[i];
+            } else {
+                out[i] = v[j];
+            }
+        }
+        out
+    }
+
+    /// A channels-last tactic computes the convolution on NHWC data: plain and with weights
+    /// packed at build time, with the fused residual (NHWC too) under two activations.
+    fn check_nhwc(
+        conv: &Conv,
+        inputs: &[Option<&Value>],
+        (w, ws): (&[f32], &[usize]),
+        (res, extra): (&[f32], Activation),
+        raw: &[f32],
+        ys: &[usize],
+    ) {
+        let x = inputs[0].unwrap().as_tensor().unwrap();
+        let xs = x.shape().to_vec();
+        let xv = Value::from(
+            Tensor::from_vec(
+                &nhwc::to_nhwc(&xs),
+                permute(x.as_slice::<f32>().unwrap(), &xs, true),
+            )
+            .unwrap(),
+        );
+        let rv = Value::from(Tensor::from_vec(&nhwc::to_nhwc(ys), permute(res, ys, true)).unwrap());
+        let fx = Fact::concrete(DType::F32, &nhwc::to_nhwc(&xs));
+        let fw = Fact::concrete(DType::F32, ws);
+        let f = conv.infer(&[Some(&fx), Some(&fw)], 1).unwrap().remove(0);
+        assert_eq!(f.concrete_shape().unwrap(), nhwc::to_nhwc(ys).as_slice());
+        let mut variants = vec![(conv.clone(), None)];
+        if let Some(isa) = conv.weight_packing(&xs, ws) {
+            let (pw, pshape) = conv.packed_weights(w, ws, isa).unwrap();
+            variants.push((
+                conv.with_packed(isa),
+                Some(Tensor::from_vec(&pshape, pw).unwrap()),
+            ));
+        }
+        for (c, pw) in &variants {
+            let pwv = pw.clone().map(Value::from);
+            for (act, residual) in [(conv.act, false), (conv.act, true), (extra, true)] {
+                let c = Conv { act, ..c.clone() };
+                let mut ins = inputs.to_vec();
+                ins[0] = Some(&xv);
+                if let Some(p) = &pwv {
+                    ins[1] = Some(p);
+                }
+                if residual {
+                    ins.resize(RESIDUAL_INPUT, None);
+                    ins.push(Some(&rv));
+                }
+                let got = c.eval(&ins).unwrap().remove(0).into_tensor().unwrap();
+                assert_eq!(got.shape(), nhwc::to_nhwc(ys).as_slice());
+                let got = permute(got.as_slice::<f32>().unwrap(), ys, false);
+                let want: Vec<f32> = raw
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| act.apply(if residual { v + res[i] } else { v }))
+                    .collect();
+                let d = max_diff(&got, &want);
+                assert!(
+                    d < 1e-4,
+                    "{:?} packed={} residual={residual} {act:?} xs={xs:?} ws={ws:?}: diff {d}",
+                    conv.algo,
+                    pw.is_some()
+                );
+            }
+        }
     }
 
     fn win(

@@ -7,9 +7,11 @@
 //! stride 1, no padding) and `cpu.conv.im2col_gemm.t<tile elements>.{outer,inner}`
 //! (everything), where `outer`/`inner` says whether threads split images × groups or each
 //! GEMM, and `cpu.conv.winograd.{f23,f43}` (2-D 3×3, unit strides and dilations, enough
-//! channels per group: Winograd F(2×2, 3×3) and F(4×4, 3×3)).
+//! channels per group: Winograd F(2×2, 3×3) and F(4×4, 3×3)). In the `fp32/nhwc` format
+//! (channels-last activations, [`super::nhwc`]): `cpu.conv.nhwc.gemm_1x1` (2-D, 1×1,
+//! stride 1, no padding, one group) and `cpu.conv.nhwc.dw` (2-D depthwise).
 
-use kiln_core::{KilnError, Result, Tactic};
+use kiln_core::{Format, KilnError, Layout, Precision, Result, Tactic};
 
 use super::kernel::{ConvAlgo, TILE_ELEMS};
 use super::winograd::WinoTile;
@@ -41,6 +43,24 @@ pub struct ConvShapeClass {
     /// The Winograd kernels take it ([`super::winograd::applies`]) and it has at least
     /// [`super::winograd::MIN_CHANNELS`] input and output channels per group.
     pub winograd: bool,
+    /// A 2-D, ungrouped 1×1 problem the channels-last product takes.
+    pub nhwc_pointwise: bool,
+    /// A 2-D depthwise problem the channels-last depthwise kernel takes.
+    pub nhwc_depthwise: bool,
+}
+
+/// FP32 with channels-last activations: the format of the `cpu.conv.nhwc.*` tactics.
+pub const FP32_NHWC: Format = Format {
+    precision: Precision::Fp32,
+    layout: Layout::ChannelsLast,
+};
+
+fn nhwc(id: &str) -> Tactic {
+    Tactic {
+        id: id.into(),
+        format: FP32_NHWC,
+        min_level: 1,
+    }
 }
 
 /// The tactics for a problem of this class, the heuristic's choice first.
@@ -51,6 +71,11 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
         &["inner"]
     };
     let mut out = Vec::new();
+    // The channels-last tactics come last: the first entry is the heuristic's choice.
+    let channels_last = [
+        class.nhwc_depthwise.then(|| nhwc("cpu.conv.nhwc.dw")),
+        class.nhwc_pointwise.then(|| nhwc("cpu.conv.nhwc.gemm_1x1")),
+    ];
     if class.depthwise {
         let (flat, rows) = (
             Tactic::fp32("cpu.conv.direct", 1),
@@ -69,6 +94,7 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
         for p in par {
             out.push(Tactic::fp32(format!("cpu.conv.gemm_1x1.{p}"), 1));
         }
+        out.extend(channels_last.into_iter().flatten());
         return out;
     }
     for &(tile, level) in &TILES {
@@ -86,6 +112,7 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
             out.push(Tactic::fp32(format!("cpu.conv.winograd.{}", t.name()), 1));
         }
     }
+    out.extend(channels_last.into_iter().flatten());
     out
 }
 
@@ -93,13 +120,15 @@ pub fn list(class: ConvShapeClass) -> Vec<Tactic> {
 pub fn parse(id: &str) -> Result<ConvAlgo> {
     let bad = || {
         KilnError::Other(format!(
-            "unknown Conv tactic `{id}` (this kiln knows cpu.conv.direct, cpu.conv.direct.rows, cpu.conv.direct.cblock, cpu.conv.gemm_1x1.<outer|inner>, cpu.conv.im2col_gemm.t<N>.<outer|inner> and cpu.conv.winograd.<f23|f43>); rebuild the plan with this kiln"
+            "unknown Conv tactic `{id}` (this kiln knows cpu.conv.direct, cpu.conv.direct.rows, cpu.conv.direct.cblock, cpu.conv.gemm_1x1.<outer|inner>, cpu.conv.im2col_gemm.t<N>.<outer|inner>, cpu.conv.winograd.<f23|f43> and cpu.conv.nhwc.<gemm_1x1|dw>); rebuild the plan with this kiln"
         ))
     };
     match id {
         "cpu.conv.direct" => return Ok(ConvAlgo::Direct),
         "cpu.conv.direct.rows" => return Ok(ConvAlgo::DirectRows),
         "cpu.conv.direct.cblock" => return Ok(ConvAlgo::DirectBlocked),
+        "cpu.conv.nhwc.gemm_1x1" => return Ok(ConvAlgo::NhwcPointwise),
+        "cpu.conv.nhwc.dw" => return Ok(ConvAlgo::NhwcDepthwise),
         _ => {}
     }
     if let Some(t) = id.strip_prefix("cpu.conv.winograd.") {
@@ -147,6 +176,8 @@ mod tests {
                         flat: !depthwise && !pointwise && chunks == 1,
                         chunks,
                         winograd,
+                        nhwc_pointwise: pointwise,
+                        nhwc_depthwise: depthwise,
                     };
                     let list = list(class);
                     assert!(!list.is_empty());
@@ -160,6 +191,15 @@ mod tests {
                     assert_eq!(wino, if winograd { 2 } else { 0 });
                     let ids: std::collections::HashSet<_> = list.iter().map(|t| &t.id).collect();
                     assert_eq!(ids.len(), list.len(), "duplicate tactic ids");
+                    // channels-last tactics are offered where they apply, and never first
+                    let nhwc: Vec<_> = list
+                        .iter()
+                        .filter(|t| t.format == FP32_NHWC)
+                        .map(|t| parse(&t.id).unwrap())
+                        .collect();
+                    assert_eq!(nhwc.len(), usize::from(depthwise) + usize::from(pointwise));
+                    assert!(nhwc.iter().all(|a| a.is_nhwc()));
+                    assert_ne!(list[0].format, FP32_NHWC);
                     if depthwise {
                         // The heuristic's choice comes first: rows for wide output rows.
                         let want = if wide_rows {
