@@ -423,6 +423,7 @@ impl Builder {
             level: config.opt_level,
             pools: tuner::pools(config.fp16, int8_pool)?,
             pins: config.layer_precision.clone(),
+            layouts: config.profiles.is_empty(),
         };
         let report = match config.profiles.first() {
             None => tuner::tune(graph, &settings, tactics, timer, cache)?,

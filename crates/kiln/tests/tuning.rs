@@ -60,6 +60,35 @@ fn tactic_of(engine: &kiln::Engine, layer: &str) -> String {
         .tactic
 }
 
+/// Runs `engine` on the case's inputs, checks the output against ONNX Runtime's (relative
+/// L2 below `tol`), saves it as `plan`, and checks the loaded plan gives the same output bit
+/// for bit. Returns the loaded engine.
+fn matches_ort_through_a_plan(
+    engine: &kiln::Engine,
+    case: &common::Case,
+    plan: &str,
+    tol: f64,
+) -> kiln::Engine {
+    let out = engine
+        .create_context()
+        .execute(&common::named(&case.inputs))
+        .unwrap();
+    let err = common::rel_l2(out[0].as_tensor().unwrap(), &case.outputs[0].1);
+    assert!(err < tol, "rel L2 {err}");
+    let plan = temp(plan);
+    engine.save(&plan).unwrap();
+    let loaded = Runtime::load(&plan).unwrap();
+    let out2 = loaded
+        .create_context()
+        .execute(&common::named(&case.inputs))
+        .unwrap();
+    assert!(out2[0]
+        .as_tensor()
+        .unwrap()
+        .same_as(out[0].as_tensor().unwrap()));
+    loaded
+}
+
 fn temp(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-tuning-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -250,25 +279,9 @@ fn reformat_layers_are_inserted_only_when_they_pay() {
         .filter(|l| !l.reformat && l.name != "Conv.3" && l.tactic_time_ms.is_some())
         .all(|l| l.precision == "fp32"));
     assert_eq!(mixed.tuning_report().unwrap().reformats, reformats.len());
-    // It still computes the model: FP16 rounding in one layer, FP16-sized error at most.
-    let out = mixed
-        .create_context()
-        .execute(&common::named(&case.inputs))
-        .unwrap();
-    let err = common::rel_l2(out[0].as_tensor().unwrap(), &case.outputs[0].1);
-    assert!(err < 1e-2, "rel L2 {err}");
-    // Through a plan file too.
-    let plan = temp("mixed.plan");
-    mixed.save(&plan).unwrap();
-    let loaded = Runtime::load(&plan).unwrap();
-    let out2 = loaded
-        .create_context()
-        .execute(&common::named(&case.inputs))
-        .unwrap();
-    assert!(out2[0]
-        .as_tensor()
-        .unwrap()
-        .same_as(out[0].as_tensor().unwrap()));
+    // It still computes the model: FP16 rounding in one layer, FP16-sized error at most;
+    // through a plan file too.
+    matches_ort_through_a_plan(&mixed, &case, "mixed.plan", 1e-2);
 
     // Expensive reformats: FP16 does not pay for them, everything stays FP32.
     let uniform = fp16_build(&case, &config, "Conv.3", 50.0);
@@ -378,4 +391,85 @@ fn engines_with_profiles_are_tuned_at_the_opt_shape() {
         .unwrap();
     let err = common::rel_l2(out[0].as_tensor().unwrap(), &case.outputs[0].1);
     assert!(err < 1e-4, "rel L2 {err}");
+}
+
+/// Builds orientation with channels-last tactics twice as fast as the rest and every
+/// reformat costing `reformat_ms`.
+fn channels_last_build(
+    case: &common::Case,
+    config: &BuilderConfig,
+    reformat_ms: f64,
+) -> kiln::Engine {
+    let mut timer = FakeTimer {
+        rule: |_n: &Node, t: &Tactic| {
+            if t.format.layout == Layout::ChannelsLast {
+                0.5
+            } else {
+                1.0
+            }
+        },
+        reformat_ms,
+        calls: Cell::new(0),
+    };
+    Builder::new()
+        .build_onnx_file_with(&case.model, config, &tuner::cpu_tactics, &mut timer)
+        .unwrap()
+}
+
+#[test]
+fn channels_last_runs_take_transposes_only_at_their_ends() {
+    let Some((case, config)) = orientation() else {
+        panic!("the tuning tests need the assets (cargo xtask fetch-assets)");
+    };
+    let engine = channels_last_build(&case, &config, 0.01);
+    let report = engine.tuning_report().unwrap();
+    let offered: Vec<_> = report
+        .layers
+        .iter()
+        .filter(|l| l.candidates.iter().any(|c| c.format == "fp32/nhwc"))
+        .collect();
+    assert!(offered.len() >= 20, "{} layers offer nhwc", offered.len());
+    for l in &offered {
+        assert_eq!(l.format, "fp32/nhwc", "{}", l.layer);
+        assert!(l.chosen.starts_with("cpu.conv.nhwc."), "{}", l.layer);
+    }
+    // Runs of channels-last layers pass their tensors on directly: far fewer Transposes
+    // than channels-last layers, each one a reformat layer.
+    let layers = engine.layers();
+    let transposes: Vec<_> = layers.iter().filter(|l| l.op == "Transpose").collect();
+    assert!(!transposes.is_empty());
+    assert!(transposes.iter().all(|l| l.reformat), "{transposes:?}");
+    assert!(
+        transposes.len() * 2 < offered.len(),
+        "{} transposes for {} channels-last layers",
+        transposes.len(),
+        offered.len()
+    );
+    assert_eq!(report.reformats, transposes.len());
+    // The engine computes the model (checked against ONNX Runtime), from a plan file too.
+    let loaded = matches_ort_through_a_plan(&engine, &case, "nhwc.plan", 1e-4);
+    for l in &offered {
+        assert_eq!(tactic_of(&loaded, &l.layer), l.chosen);
+    }
+
+    // Transposes dearer than what the layers gain: everything stays linear.
+    let linear = channels_last_build(&case, &config, 100.0);
+    let all_linear = |e: &kiln::Engine| {
+        e.layers()
+            .iter()
+            .all(|l| l.op != "Transpose" && !l.tactic.contains(".nhwc."))
+    };
+    assert!(all_linear(&linear));
+    // Engines with optimization profiles take no reformat layers: no channels-last layer.
+    let shapes = |s: &str| parse_shapes(s).unwrap();
+    let profiled = BuilderConfig {
+        profiles: vec![kiln::OptimizationProfile::new(
+            shapes("x:1x3x224x224"),
+            shapes("x:1x3x224x224"),
+            shapes("x:2x3x224x224"),
+        )
+        .unwrap()],
+        ..Default::default()
+    };
+    assert!(all_linear(&channels_last_build(&case, &profiled, 0.01)));
 }

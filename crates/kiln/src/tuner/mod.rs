@@ -19,7 +19,8 @@ use std::time::Instant;
 
 use kiln_core::tactic::{TACTIC_ATTR, TACTIC_TIME_ATTR};
 use kiln_core::{
-    Attr, BuildCtx, Fact, Format, Graph, KilnError, Node, Precision, Result, Tactic, ValueKind,
+    Attr, BuildCtx, Fact, Format, Graph, KilnError, Layout, Node, Precision, Result, Tactic,
+    ValueKind,
 };
 use serde::Serialize;
 
@@ -40,6 +41,9 @@ pub struct TuneSettings {
     /// Layers pinned to one precision, by node name (or the name of a source node fused
     /// into it).
     pub pins: BTreeMap<String, Precision>,
+    /// Whether tactics in layouts other than the linear one (`fp32/nhwc`) may be chosen:
+    /// false for engines with optimization profiles, whose graphs take no reformat layers.
+    pub layouts: bool,
 }
 
 /// The precision pools for a build's flags, exactly as TensorRT forms them: FP32 always,
@@ -188,6 +192,7 @@ pub fn tune(
             .filter(|t| t.min_level <= settings.level.max(1))
             .filter(|t| settings.pools.contains(&t.format.precision))
             .filter(|t| pin.is_none_or(|p| t.format.precision == p))
+            .filter(|t| settings.layouts || t.format.layout == Layout::Linear)
             .collect();
         if allowed.is_empty() {
             return Err(KilnError::Other(format!(

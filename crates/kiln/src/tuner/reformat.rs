@@ -6,10 +6,16 @@
 //! weights are converted once, at build time). Its outputs are produced in that precision
 //! under a new name, and a `Cast` back to FP32 (named `reformat:<value>->fp32`) restores the
 //! original value for FP32 consumers and engine outputs; consumers in the same precision
-//! read the low-precision value directly. Layout changes are not implemented yet and are
-//! refused with an error.
+//! read the low-precision value directly.
+//!
+//! A layer tuned to the channels-last layout (`fp32/nhwc`) reads and writes N × H × W × C:
+//! an ONNX `Transpose` named `reformat:<value>->nhwc` converts each of its rank-4
+//! activation inputs (once per value), its outputs are produced under new names
+//! (`<value>:nhwc`), and a `Transpose` back (`reformat:<value>:nhwc->linear`) restores the
+//! original value where a linear consumer or an engine output reads it. A run of
+//! channels-last layers passes its tensors on with no reformat between them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use kiln_core::{
     passes, Attr, BuildCtx, DType, Fact, Format, Graph, KilnError, Layout, Node, OpDesc, Precision,
@@ -96,14 +102,147 @@ fn with_dtype(fact: &Fact, dtype: DType) -> Fact {
     }
 }
 
-/// Rewrites `graph` so every node in `formats` (node index → chosen format; absent = FP32)
-/// reads and writes its chosen format. Returns the number of reformat layers inserted.
-pub fn insert(graph: &mut Graph, formats: &HashMap<usize, Format>) -> Result<usize> {
-    if let Some(f) = formats.values().find(|f| f.layout != Layout::Linear) {
+/// The shape a tensor of linear (ONNX) shape `shape` has when stored in `layout`.
+pub fn layout_shape(layout: Layout, shape: &[usize]) -> Vec<usize> {
+    match layout {
+        Layout::Linear => shape.to_vec(),
+        Layout::ChannelsLast => kiln_cpu::ops::conv::nhwc::to_nhwc(shape),
+    }
+}
+
+/// The reformat layer converting the FP32 tensor of linear shape `shape` (rank 4) from
+/// layout `from` to `to`: an ONNX `Transpose` reading value `input` and writing `output`.
+/// Returns it with the shape it reads.
+pub(crate) fn layout_node(
+    name: String,
+    input: ValueId,
+    output: ValueId,
+    from: Layout,
+    to: Layout,
+    shape: &[usize],
+) -> Result<(Node, Vec<usize>)> {
+    if shape.len() != 4 {
         return Err(KilnError::Other(format!(
-            "the tuner chose format {f}, but layout reformats are not implemented yet"
+            "layout reformat {name}: only rank-4 tensors change layout, found shape {shape:?}"
         )));
     }
+    let perm: Vec<i64> = match (from, to) {
+        (Layout::Linear, Layout::ChannelsLast) => vec![0, 2, 3, 1],
+        (Layout::ChannelsLast, Layout::Linear) => vec![0, 3, 1, 2],
+        _ => {
+            return Err(KilnError::Other(format!(
+                "layout reformat {name}: no conversion from {} to {}",
+                from.name(),
+                to.name()
+            )))
+        }
+    };
+    let mut desc = OpDesc::new("", "Transpose", 13);
+    desc.attrs.insert("perm".into(), Attr::Ints(perm));
+    let op = registry().build(&BuildCtx {
+        node: &name,
+        desc: &desc,
+        n_inputs: 1,
+        n_outputs: 1,
+    })?;
+    let node = Node {
+        fused_from: vec![name.clone()],
+        name,
+        desc,
+        op,
+        inputs: vec![Some(input)],
+        outputs: vec![Some(output)],
+    };
+    Ok((node, layout_shape(from, shape)))
+}
+
+/// Rewrites `graph` so every node in `formats` (node index → chosen format; absent = FP32,
+/// linear) reads and writes its chosen format. Returns the number of reformat layers
+/// inserted.
+pub fn insert(graph: &mut Graph, formats: &HashMap<usize, Format>) -> Result<usize> {
+    let channels_last: HashSet<String> = formats
+        .iter()
+        .filter(|(_, f)| f.layout == Layout::ChannelsLast)
+        .map(|(&ni, _)| graph.nodes[ni].name.clone())
+        .collect();
+    if let Some(f) = formats
+        .values()
+        .find(|f| f.layout == Layout::ChannelsLast && f.precision != Precision::Fp32)
+    {
+        return Err(KilnError::Other(format!(
+            "the tuner chose format {f}: channels-last layers run in fp32 only"
+        )));
+    }
+    let mut inserted = insert_precisions(graph, formats)?;
+    if !channels_last.is_empty() {
+        inserted += insert_layouts(graph, &channels_last)?;
+    }
+    Ok(inserted)
+}
+
+/// The layout part of [`insert`]: Transposes around the nodes named in `channels_last`.
+fn insert_layouts(graph: &mut Graph, channels_last: &HashSet<String>) -> Result<usize> {
+    let old_nodes = std::mem::take(&mut graph.nodes);
+    // linear value → the value holding it channels-last.
+    let mut converted: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut nodes = Vec::with_capacity(old_nodes.len());
+    let mut inserted = 0;
+    let nhwc_value = |graph: &mut Graph, v: ValueId| -> Option<(ValueId, Vec<usize>)> {
+        let fact = &graph.values[v].fact;
+        let shape = fact.concrete_shape().filter(|s| s.len() == 4)?;
+        let fact = Fact::concrete(fact.dtype?, &layout_shape(Layout::ChannelsLast, &shape));
+        let name = format!("{}:nhwc", graph.values[v].name);
+        Some((graph.add_value(name, fact), shape))
+    };
+    for mut node in old_nodes {
+        if !channels_last.contains(&node.name) {
+            nodes.push(node);
+            continue;
+        }
+        for input in node.inputs.iter_mut().flatten() {
+            let v = *input;
+            if graph.constants.contains_key(&v) {
+                continue;
+            }
+            if let Some(&c) = converted.get(&v) {
+                *input = c;
+                continue;
+            }
+            let Some((c, shape)) = nhwc_value(graph, v) else {
+                continue; // not rank 4: read as it is
+            };
+            let name = format!("reformat:{}->nhwc", graph.values[v].name);
+            let to = Layout::ChannelsLast;
+            nodes.push(layout_node(name, v, c, Layout::Linear, to, &shape)?.0);
+            inserted += 1;
+            converted.insert(v, c);
+            *input = c;
+        }
+        let mut restores = Vec::new();
+        for output in node.outputs.iter_mut().flatten() {
+            let v = *output;
+            let Some((c, shape)) = nhwc_value(graph, v) else {
+                return Err(KilnError::Other(format!(
+                    "layer {} was tuned channels-last, but its output {} is not a known rank-4 tensor",
+                    node.name, graph.values[v].name
+                )));
+            };
+            *output = c;
+            converted.insert(v, c);
+            let name = format!("reformat:{}->linear", graph.values[c].name);
+            let from = Layout::ChannelsLast;
+            restores.push(layout_node(name, c, v, from, Layout::Linear, &shape)?.0);
+        }
+        nodes.push(node);
+        inserted += restores.len();
+        nodes.extend(restores);
+    }
+    finish(graph, nodes, inserted)
+}
+
+/// The precision part of [`insert`]: Casts (or INT8 quantize/dequantize layers) around the
+/// nodes tuned to a lower precision.
+fn insert_precisions(graph: &mut Graph, formats: &HashMap<usize, Format>) -> Result<usize> {
     if formats.values().all(|f| f.precision == Precision::Fp32) {
         return Ok(0);
     }
@@ -176,11 +315,17 @@ pub fn insert(graph: &mut Graph, formats: &HashMap<usize, Format>) -> Result<usi
         inserted += restores.len();
         nodes.extend(restores);
     }
+    finish(graph, nodes, inserted)
+}
+
+/// Installs the rewritten node list: restores no consumer or engine output reads are
+/// dropped again, the nodes are put back in topological order. Returns how many of the
+/// `inserted` reformat layers remain.
+fn finish(graph: &mut Graph, nodes: Vec<Node>, inserted: usize) -> Result<usize> {
     graph.nodes = nodes;
-    // Restores whose value no FP32 consumer or output reads are dropped again.
     let before = graph.nodes.len();
     passes::remove_dead_nodes(graph)?;
-    inserted = inserted.saturating_sub(before - graph.nodes.len());
+    let inserted = inserted.saturating_sub(before - graph.nodes.len());
     graph.toposort()?;
     Ok(inserted)
 }

@@ -5,8 +5,8 @@
 use std::time::Instant;
 
 use kiln_core::{
-    AlignedBuf, BuildCtx, DType, Fact, Format, KilnError, Node, Precision, Result, Tactic, Tensor,
-    TensorMut, Value,
+    AlignedBuf, BuildCtx, DType, Fact, Format, KilnError, Layout, Node, Precision, Result, Tactic,
+    Tensor, TensorMut, Value,
 };
 
 use crate::engine::registry;
@@ -106,9 +106,10 @@ pub fn random_input(fact: &Fact, seed: u64) -> Result<Tensor> {
     Tensor::from_vec(&shape, v)?.cast(dtype)
 }
 
-/// A Conv with a Winograd tactic is timed the way the engine runs it: with its constant
-/// weights transformed once, as the builder stores them (unpacked, the filters would be
-/// transformed on every run). Any other op is returned as it is.
+/// A Conv with a Winograd or channels-last 1×1 tactic is timed the way the engine runs it:
+/// with its constant weights transformed once, as the builder stores them (unpacked, the
+/// filters would be transformed or read transposed on every run). Any other op is returned
+/// as it is.
 fn winograd_packed(
     op: std::sync::Arc<dyn kiln_core::Op>,
     facts: &mut [Option<Fact>],
@@ -118,10 +119,19 @@ fn winograd_packed(
     let Some(conv) = op.as_any().downcast_ref::<Conv>() else {
         return Ok(op);
     };
-    if !matches!(conv.algo, ConvAlgo::Winograd(_)) {
+    if !matches!(conv.algo, ConvAlgo::Winograd(_) | ConvAlgo::NhwcPointwise) {
         return Ok(op);
     }
-    let xs = facts.first().and_then(|f| f.as_ref()?.concrete_shape());
+    let xs = facts
+        .first()
+        .and_then(|f| f.as_ref()?.concrete_shape())
+        .map(|s| {
+            if conv.algo.is_nhwc() {
+                kiln_cpu::ops::conv::nhwc::to_nchw(&s)
+            } else {
+                s
+            }
+        });
     let (Some(xs), Some(Some(Value::Tensor(w)))) = (xs, values.get(1)) else {
         return Ok(op);
     };
@@ -143,6 +153,29 @@ fn dtype_of(p: Precision) -> DType {
         Precision::Fp32 => DType::F32,
         Precision::Fp16 => DType::F16,
         Precision::Int8 => DType::I8,
+    }
+}
+
+impl CpuTimer {
+    /// Times the layout reformat layer [`super::reformat::insert`] places: an ONNX
+    /// `Transpose` of the FP32 tensor `fact` (given in the linear layout).
+    fn time_transpose(&self, fact: &Fact, from: Layout, to: Layout) -> Result<f64> {
+        let Some(shape) = fact.concrete_shape() else {
+            return Err(KilnError::Other(
+                "cannot time a layout change of a tensor whose shape is not known".into(),
+            ));
+        };
+        let (node, in_shape) =
+            super::reformat::layout_node("timing".into(), 0, 1, from, to, &shape)?;
+        let src = random_input(&Fact::concrete(DType::F32, &in_shape), 0x6c61_796f)?;
+        let args = [Some(Value::Tensor(src))];
+        let args: Vec<Option<&Value>> = args.iter().map(|v| v.as_ref()).collect();
+        let mut buf = AlignedBuf::zeroed(shape.iter().product::<usize>() * 4);
+        let out_shape = super::reformat::layout_shape(to, &shape);
+        self.median_ms(|| {
+            let mut slots = [TensorMut::new(DType::F32, &out_shape, buf.as_mut_slice())?];
+            node.op.eval_into(&args, &mut slots)
+        })
     }
 }
 
@@ -190,6 +223,13 @@ impl LayerTimer for CpuTimer {
                             dtype: Some(DType::I8),
                             ..f.clone()
                         }
+                    } else if tactic.format.layout != Layout::Linear {
+                        // The layer reads its activations in the tactic's layout.
+                        let shape = f.concrete_shape().ok_or_else(|| {
+                            KilnError::Other("an input's shape is not known".into())
+                        })?;
+                        let shape = super::reformat::layout_shape(tactic.format.layout, &shape);
+                        Fact::concrete(f.dtype.unwrap_or(DType::F32), &shape)
                     } else {
                         f.clone()
                     };
@@ -232,9 +272,20 @@ impl LayerTimer for CpuTimer {
 
     fn time_reformat(&mut self, fact: &Fact, from: Format, to: Format) -> Result<f64> {
         if from.layout != to.layout {
-            return Err(KilnError::Other(format!(
-                "layout reformats ({from} -> {to}) are not implemented on the CPU"
-            )));
+            // A layout change runs in FP32 (the channels-last tactics are FP32): the
+            // precision change, when there is one too, is a second layer.
+            let fp32 = |f: Format| Format {
+                precision: Precision::Fp32,
+                layout: f.layout,
+            };
+            let mut ms = self.time_transpose(fact, from.layout, to.layout)?;
+            if from.precision != Precision::Fp32 {
+                ms += self.time_reformat(fact, from, fp32(from))?;
+            }
+            if to.precision != Precision::Fp32 {
+                ms += self.time_reformat(fact, fp32(to), to)?;
+            }
+            return Ok(ms);
         }
         let src = random_input(
             &Fact {

@@ -480,13 +480,15 @@ impl Op for Conv {
                     shape: Some(nhwc::to_nchw(s).into_iter().collect()),
                     ..f.clone()
                 }),
-                Some(s) => return Err(infer_err(
-                    "Conv",
-                    format!(
+                Some(s) => {
+                    return Err(infer_err(
+                        "Conv",
+                        format!(
                         "the channels-last tactics take rank-4 N × H × W × C inputs, found rank {}",
                         s.len()
                     ),
-                )),
+                    ))
+                }
                 None => Some(f.clone()),
             },
             None => None,

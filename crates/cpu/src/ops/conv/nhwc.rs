@@ -156,6 +156,18 @@ pub fn depthwise(conv: &ConvF32<'_>, out: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
+/// `dst = src` for one block of [`LANES`] values, as one fixed-size copy (no call per
+/// position); slices of another length are left alone.
+#[inline(always)]
+fn copy_block(dst: &mut [f32], src: &[f32]) {
+    if let (Ok(d), Ok(s)) = (
+        <&mut [f32; LANES]>::try_from(dst),
+        <&[f32; LANES]>::try_from(src),
+    ) {
+        *d = *s;
+    }
+}
+
 /// Output channels `om0..om0 + LANES` (clipped to M) of image `bn`.
 ///
 /// # Safety
@@ -185,7 +197,10 @@ unsafe fn run_block(conv: &ConvF32<'_>, bn: usize, om0: usize, dst: OutPtr, buf:
                 continue;
             };
             let at = (ih * iw_n + iw) * c;
-            if mg == 1 {
+            if mg == 1 && nb == LANES {
+                copy_block(d, &image[at + om0..at + om0 + LANES]);
+                continue;
+            } else if mg == 1 {
                 d[..nb].copy_from_slice(&image[at + om0..at + om0 + nb]);
             } else {
                 for (l, v) in d[..nb].iter_mut().enumerate() {
@@ -219,7 +234,14 @@ unsafe fn run_block(conv: &ConvF32<'_>, bn: usize, om0: usize, dst: OutPtr, buf:
         let at = (bn * p + q) * m + om0;
         // SAFETY: `at + nb ≤ n · p · m` (caller's contract), and these values belong to
         // this task alone.
-        unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), dst.0.add(at), nb) };
+        unsafe {
+            if let (LANES, Ok(src)) = (nb, <&[f32; LANES]>::try_from(o)) {
+                // A whole block: one fixed-size store (no call per position).
+                std::ptr::write_unaligned(dst.0.add(at).cast::<[f32; LANES]>(), *src);
+            } else {
+                std::ptr::copy_nonoverlapping(o.as_ptr(), dst.0.add(at), nb);
+            }
+        }
     }
 }
 

@@ -1021,6 +1021,22 @@ unsafe fn pack_a<const MR: usize>(
     let mut ir = 0;
     while ir < mc {
         let rows = MR.min(mc - ir);
+        if rows == MR && a.cs == 1 {
+            // Row-major A (e.g. channels-last activations): each row is read once, in order,
+            // into every MR-th slot of the strip.
+            let strip = &mut out[o..o + kc * MR];
+            for r in 0..MR {
+                // SAFETY: row i0+ir+r (< m), columns p0..p0+kc (≤ k) are inside A.
+                let row =
+                    unsafe { std::slice::from_raw_parts(a.ptr.add((i0 + ir + r) * a.rs + p0), kc) };
+                for (dst, &v) in strip.chunks_exact_mut(MR).zip(row) {
+                    dst[r] = v;
+                }
+            }
+            o += kc * MR;
+            ir += MR;
+            continue;
+        }
         for p in 0..kc {
             for r in 0..MR {
                 out[o + r] = if r < rows {
