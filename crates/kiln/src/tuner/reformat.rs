@@ -59,6 +59,11 @@ pub(crate) fn qdq_node(
     };
     let mut desc = OpDesc::new(kiln_cpu::fused::KILN_DOMAIN, op, 1);
     desc.attrs.insert("scale".into(), Attr::Float(scale));
+    one_to_one(name, desc, input, output)
+}
+
+/// A reformat layer: `desc`'s op reading `input` and writing `output`.
+fn one_to_one(name: String, desc: OpDesc, input: ValueId, output: ValueId) -> Result<Node> {
     let op = registry().build(&BuildCtx {
         node: &name,
         desc: &desc,
@@ -78,20 +83,7 @@ pub(crate) fn qdq_node(
 fn cast_node(name: String, input: ValueId, output: ValueId, to: Precision) -> Result<Node> {
     let mut desc = OpDesc::new("", "Cast", 19);
     desc.attrs.insert("to".into(), Attr::Int(onnx_code(to)?.0));
-    let op = registry().build(&BuildCtx {
-        node: &name,
-        desc: &desc,
-        n_inputs: 1,
-        n_outputs: 1,
-    })?;
-    Ok(Node {
-        fused_from: vec![name.clone()],
-        name,
-        desc,
-        op,
-        inputs: vec![Some(input)],
-        outputs: vec![Some(output)],
-    })
+    one_to_one(name, desc, input, output)
 }
 
 fn with_dtype(fact: &Fact, dtype: DType) -> Fact {
@@ -139,21 +131,10 @@ pub(crate) fn layout_node(
     };
     let mut desc = OpDesc::new("", "Transpose", 13);
     desc.attrs.insert("perm".into(), Attr::Ints(perm));
-    let op = registry().build(&BuildCtx {
-        node: &name,
-        desc: &desc,
-        n_inputs: 1,
-        n_outputs: 1,
-    })?;
-    let node = Node {
-        fused_from: vec![name.clone()],
-        name,
-        desc,
-        op,
-        inputs: vec![Some(input)],
-        outputs: vec![Some(output)],
-    };
-    Ok((node, layout_shape(from, shape)))
+    Ok((
+        one_to_one(name, desc, input, output)?,
+        layout_shape(from, shape),
+    ))
 }
 
 /// Rewrites `graph` so every node in `formats` (node index → chosen format; absent = FP32,
