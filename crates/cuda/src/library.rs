@@ -10,7 +10,7 @@
 
 use cudarc::cublas::sys as cb;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use kiln_core::{AttrReader, DType, Fact, KilnError, Node, Result};
+use kiln_core::{Attr, AttrReader, DType, Fact, KilnError, Node, Result};
 
 use crate::kernels::common::{
     broadcast_strides, ctype, grid_for, load, prelude, source, store, BLOCK,
@@ -1092,14 +1092,27 @@ pub fn lower_any(
     inputs: &[Fact],
     outputs: &[Fact],
 ) -> Option<Result<Box<dyn GpuLayer>>> {
+    if cpu_layout(node) {
+        return None;
+    }
     lower(node, inputs, outputs).or_else(|| crate::kernels::lower(node, inputs, outputs))
+}
+
+/// Whether the CPU tuner put `node` in a layout of its own (the `fp32/nhwc` tactics,
+/// `cpu.*.nhwc*`): its tensors are not in the layout the GPU layers read, so it stays on
+/// the CPU.
+pub fn cpu_layout(node: &Node) -> bool {
+    matches!(
+        node.desc.attrs.get(kiln_core::tactic::TACTIC_ATTR),
+        Some(Attr::String(t)) if t.starts_with("cpu.") && t.contains(".nhwc")
+    )
 }
 
 /// Lowers MatMul, Gemm and Conv (plain ONNX or kiln's fused forms), ConvTranspose and LSTM
 /// ([`crate::rnn`]) to library layers.
 pub fn lower(node: &Node, inputs: &[Fact], outputs: &[Fact]) -> Option<Result<Box<dyn GpuLayer>>> {
     let domain = kiln_core::op::normalize_domain(&node.desc.domain);
-    if !(domain.is_empty() || domain == "kiln") {
+    if !(domain.is_empty() || domain == "kiln") || cpu_layout(node) {
         return None;
     }
     if node.desc.op_type == "LSTM" {

@@ -63,7 +63,17 @@ fn lowering_of_real_models() {
                         node.name
                     );
                 }
-                if matches!(op, "Conv" | "Gemm" | "MatMul") && !dynamic && !residual && !winograd {
+                // And a layer the CPU tuner put channels-last (NHWC tensors).
+                let nhwc = kiln_cuda::library::cpu_layout(node);
+                if nhwc {
+                    assert_eq!(l.device, "cpu", "{name}: {} lowered NHWC data", node.name);
+                }
+                if matches!(op, "Conv" | "Gemm" | "MatMul")
+                    && !dynamic
+                    && !residual
+                    && !winograd
+                    && !nhwc
+                {
                     assert_eq!(
                         l.device, "gpu",
                         "{name}: {} ({op}) fell back: {}",

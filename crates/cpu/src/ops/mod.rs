@@ -18,6 +18,7 @@ pub mod misc;
 pub mod ml;
 pub mod normalization;
 pub mod pool;
+pub mod pool_nhwc;
 pub mod quantize;
 pub mod random;
 pub mod reduce;

@@ -9,10 +9,11 @@ use rayon::prelude::*;
 
 use kiln_core::{
     input_tensor, optional_tensor, BuildCtx, DType, Dim, Fact, KilnError, Op, OpRegistry, Result,
-    Tensor, TensorMut, Value,
+    Tactic, Tensor, TensorMut, Value,
 };
 
 use super::conv::geom::{Spatial3, WindowAttrs};
+use super::pool_nhwc::{GlobalPoolNhwc, NHWC_TACTIC};
 use crate::dispatch_numeric;
 use crate::plan_cache::{CachedPlan, PlanCache, PlanKey};
 
@@ -21,15 +22,9 @@ pub fn register(reg: &mut OpRegistry) {
     reg.register("MaxPool", build_max_pool);
     reg.register("AveragePool", build_average_pool);
     reg.register("LpPool", build_lp_pool);
-    reg.register("GlobalMaxPool", |_| {
-        Ok(Box::new(GlobalPool {
-            kind: GlobalKind::Max,
-        }))
-    });
-    reg.register("GlobalAveragePool", |_| {
-        Ok(Box::new(GlobalPool {
-            kind: GlobalKind::Avg,
-        }))
+    reg.register("GlobalMaxPool", |ctx| build_global(ctx, GlobalKind::Max));
+    reg.register("GlobalAveragePool", |ctx| {
+        build_global(ctx, GlobalKind::Avg)
     });
     reg.register("GlobalLpPool", build_global_lp_pool);
     reg.register("MaxUnpool", build_max_unpool);
@@ -660,6 +655,24 @@ pub struct GlobalPool {
     kind: GlobalKind,
 }
 
+/// GlobalMaxPool / GlobalAveragePool, channels-last when the tuner chose
+/// [`NHWC_TACTIC`].
+fn build_global(ctx: &BuildCtx, kind: GlobalKind) -> Result<Box<dyn Op>> {
+    let a = ctx.attrs();
+    match a.opt_string(kiln_core::tactic::TACTIC_ATTR)?.as_deref() {
+        None | Some(LINEAR_TACTIC) => Ok(Box::new(GlobalPool { kind })),
+        Some(NHWC_TACTIC) => Ok(Box::new(GlobalPoolNhwc {
+            max: kind == GlobalKind::Max,
+        })),
+        Some(t) => Err(a.invalid(format!(
+            "unknown tactic `{t}` (this kiln knows {LINEAR_TACTIC} and {NHWC_TACTIC}); rebuild the plan"
+        ))),
+    }
+}
+
+/// Id of the global pools' linear tactic.
+const LINEAR_TACTIC: &str = "cpu.globalpool";
+
 fn build_global_lp_pool(ctx: &BuildCtx) -> Result<Box<dyn Op>> {
     let a = ctx.attrs();
     let p = if ctx.opset() < 2 {
@@ -767,6 +780,25 @@ fn lane_max<F: Float>(x: &[F]) -> F {
 impl Op for GlobalPool {
     fn op_type(&self) -> &str {
         self.name()
+    }
+
+    fn tactics(&self, inputs: &[Option<&Fact>]) -> Vec<Tactic> {
+        // Average and max pools of rank-4 f32 data also run channels-last.
+        let x = inputs.first().copied().flatten();
+        let rank4_f32 = x.is_some_and(|f| {
+            f.dtype == Some(DType::F32) && f.concrete_shape().is_some_and(|s| s.len() == 4)
+        });
+        if matches!(self.kind, GlobalKind::Lp(_)) || !rank4_f32 {
+            return Vec::new();
+        }
+        vec![
+            Tactic::fp32(LINEAR_TACTIC, 1),
+            Tactic {
+                id: NHWC_TACTIC.into(),
+                format: crate::ops::conv::tactics::FP32_NHWC,
+                min_level: 1,
+            },
+        ]
     }
 
     fn infer(&self, inputs: &[Option<&Fact>], _n_outputs: usize) -> Result<Vec<Fact>> {

@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod gpu;
+pub mod layout;
 pub mod reformat;
 pub mod select;
 pub mod timer;
@@ -127,9 +128,14 @@ impl TuneReport {
 /// Lists the tactics of a node for its input facts (a backend's offer).
 pub type TacticLister<'a> = dyn Fn(&Node, &[Option<&Fact>]) -> Vec<Tactic> + 'a;
 
-/// The CPU backend's offer: what each op lists.
+/// The CPU backend's offer: what each op lists, and both layouts for the elementwise layers
+/// that run in either ([`layout`]).
 pub fn cpu_tactics(node: &Node, inputs: &[Option<&Fact>]) -> Vec<Tactic> {
-    node.op.tactics(inputs)
+    let offered = node.op.tactics(inputs);
+    if offered.is_empty() && layout::is_layout_free(node, inputs) {
+        return layout::tactics();
+    }
+    offered
 }
 
 fn matches_pin(node: &Node, name: &str) -> bool {

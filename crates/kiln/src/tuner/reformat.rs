@@ -180,9 +180,13 @@ fn insert_layouts(graph: &mut Graph, channels_last: &HashSet<String>) -> Result<
             nodes.push(node);
             continue;
         }
+        // A Conv's constants are its weights, in the Conv's own layout; the constant
+        // operands of the other (elementwise) layers are permuted like their activations.
+        let is_conv = node.desc.op_type == "Conv";
         for input in node.inputs.iter_mut().flatten() {
             let v = *input;
-            if graph.constants.contains_key(&v) {
+            let konst = graph.constants.contains_key(&v);
+            if konst && is_conv {
                 continue;
             }
             if let Some(&c) = converted.get(&v) {
@@ -192,6 +196,13 @@ fn insert_layouts(graph: &mut Graph, channels_last: &HashSet<String>) -> Result<
             let Some((c, shape)) = nhwc_value(graph, v) else {
                 continue; // not rank 4: read as it is
             };
+            if let Some(t) = graph.constants.get(&v) {
+                let permuted = permute_constant(t)?;
+                graph.constants.insert(c, permuted);
+                converted.insert(v, c);
+                *input = c;
+                continue;
+            }
             let name = format!("reformat:{}->nhwc", graph.values[v].name);
             let to = Layout::ChannelsLast;
             nodes.push(layout_node(name, v, c, Layout::Linear, to, &shape)?.0);
@@ -219,6 +230,22 @@ fn insert_layouts(graph: &mut Graph, channels_last: &HashSet<String>) -> Result<
         nodes.extend(restores);
     }
     finish(graph, nodes, inserted)
+}
+
+/// A rank-4 constant `t` (linear layout) in the channels-last layout.
+pub(crate) fn permute_constant(t: &kiln_core::Tensor) -> Result<kiln_core::Tensor> {
+    let (node, _) = layout_node(
+        "constant".into(),
+        0,
+        1,
+        Layout::Linear,
+        Layout::ChannelsLast,
+        t.shape(),
+    )?;
+    node.op
+        .eval(&[Some(&kiln_core::Value::Tensor(t.clone()))])?
+        .remove(0)
+        .into_tensor()
 }
 
 /// The precision part of [`insert`]: Casts (or INT8 quantize/dequantize layers) around the

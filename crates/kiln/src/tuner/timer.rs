@@ -216,6 +216,16 @@ impl LayerTimer for CpuTimer {
             let konst = constants.get(i).copied().flatten();
             let (f, v) = match (replaced.get(i).cloned().flatten(), konst, fact) {
                 (Some(t), _, _) => (Some(Fact::concrete(t.dtype(), t.shape())), Some(t)),
+                (None, Some(c), _)
+                    if tactic.format.layout == Layout::ChannelsLast
+                        && c.rank() == 4
+                        && node.desc.op_type != "Conv" =>
+                {
+                    // An elementwise layer's constant operand, permuted as the engine
+                    // stores it.
+                    let t = super::reformat::permute_constant(c)?;
+                    (Some(Fact::concrete(t.dtype(), t.shape())), Some(t))
+                }
                 (None, Some(c), f) => (f.cloned(), Some(c.clone())),
                 (None, None, Some(f)) => {
                     let f = if int8 {
