@@ -313,19 +313,30 @@ fn print_summary(
         );
     }
     if let Some(race) = engine.tuning_report().and_then(|t| t.whole_engine.as_ref()) {
+        use kiln::tuner::whole_engine::{Check, Kept};
+        let (tuned, other, lost) = match race.check {
+            Check::Int8 => (
+                format!("{} INT8 layers", race.int8_layers),
+                "float-only",
+                "float engine (INT8 did not pay end to end)",
+            ),
+            Check::Layouts => (
+                "channels-last layers".to_string(),
+                "linear-only",
+                "linear engine (channels-last did not pay end to end)",
+            ),
+        };
         row(
             "engine check",
             format!(
-                "tuned engine ({} INT8 layers) {:.3} ms vs float-only {:.3} ms ({}, median of {} runs each): kept the {}",
-                race.int8_layers,
+                "tuned engine ({tuned}) {:.3} ms vs {other} {:.3} ms ({}, median of {} runs each): kept the {}",
                 race.tuned_ms,
                 race.float_ms,
                 race.clock,
                 race.rounds,
                 match race.kept {
-                    kiln::tuner::whole_engine::Kept::Tuned => "tuned engine",
-                    kiln::tuner::whole_engine::Kept::Float =>
-                        "float engine (INT8 did not pay end to end)",
+                    Kept::Tuned => "tuned engine",
+                    Kept::Float => lost,
                 }
             ),
         );

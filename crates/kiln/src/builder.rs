@@ -294,21 +294,38 @@ impl Builder {
         let mut cache = load_timing_cache(config, &fingerprint);
         // The whole-engine check (`tuner::whole_engine`): keep a copy of the graph as it is
         // before tuning, to build the float-only engine the tuned one is raced against.
-        let before_tuning = whole_engine::applies(config).then(|| graph.clone());
-        let engine = self.tune_and_assemble(
-            graph,
-            config,
-            &parts,
-            config.int8,
-            &with_int8,
-            timer,
-            &mut cache,
-        )?;
+        // The same check races an engine with channels-last layers against one tuned in the
+        // linear layout only.
+        let before_tuning = (whole_engine::applies(config)
+            || whole_engine::applies_to_layouts(config))
+        .then(|| graph.clone());
+        let pools = Pools {
+            int8: config.int8,
+            layouts: true,
+        };
+        let engine =
+            self.tune_and_assemble(graph, config, &parts, pools, &with_int8, timer, &mut cache)?;
+        let report = engine.tuning_report();
+        let int8_layers = report.is_some_and(|t| t.int8_layers() > 0);
+        let nhwc_layers = report.is_some_and(|t| t.channels_last_layers() > 0);
         let engine = match before_tuning {
-            Some(g) if engine.tuning_report().is_some_and(|t| t.int8_layers() > 0) => {
+            Some(g) if int8_layers && whole_engine::applies(config) => {
+                let float = Pools {
+                    int8: false,
+                    ..pools
+                };
                 let float = self
-                    .tune_and_assemble(g, config, &parts, false, &with_int8, timer, &mut cache)?;
-                whole_engine::keep_faster(engine, float, timer)?
+                    .tune_and_assemble(g, config, &parts, float, &with_int8, timer, &mut cache)?;
+                whole_engine::keep_faster(engine, float, timer, whole_engine::Check::Int8)?
+            }
+            Some(g) if nhwc_layers && !int8_layers => {
+                let linear = Pools {
+                    layouts: false,
+                    ..pools
+                };
+                let linear = self
+                    .tune_and_assemble(g, config, &parts, linear, &with_int8, timer, &mut cache)?;
+                whole_engine::keep_faster(engine, linear, timer, whole_engine::Check::Layouts)?
             }
             _ => engine,
         };
@@ -325,14 +342,14 @@ impl Builder {
         mut graph: kiln_core::Graph,
         config: &BuilderConfig,
         parts: &EngineParts<'_>,
-        int8_pool: bool,
+        pools: Pools,
         tactics: &TacticLister<'_>,
         timer: &mut dyn LayerTimer,
         cache: &mut TimingCache,
     ) -> Result<Engine> {
         let fingerprint = parts.fingerprint;
         let tuning = if fingerprint.backend == "cpu" {
-            let tuning = self.tune(&mut graph, config, int8_pool, tactics, timer, cache)?;
+            let tuning = self.tune(&mut graph, config, pools, tactics, timer, cache)?;
             if config.optimize {
                 // After tuning: the chosen tactics decide which weights the packed GEMM reads.
                 let packed = crate::pack_weights::pack_conv_weights(&mut graph, registry())?;
@@ -346,21 +363,14 @@ impl Builder {
                 &graph,
                 config.fp16,
                 config.tf32,
-                int8_pool,
+                pools.int8,
                 config.opt_level,
             )?;
             let lister = |n: &kiln_core::Node, f: &[Option<&Fact>]| g.list(n, f);
             let lister_ptr: &TacticLister<'_> = &lister;
             // The lister and the timer share the device tuner (one borrow at a time).
             let mut timer2 = tuner::gpu::GpuTactics::sharing(&g);
-            self.tune(
-                &mut graph,
-                config,
-                int8_pool,
-                lister_ptr,
-                &mut timer2,
-                cache,
-            )?
+            self.tune(&mut graph, config, pools, lister_ptr, &mut timer2, cache)?
         } else {
             tracing::info!(
                 "GPU engine: opt level 0, tactics chosen by the CUDA backend's heuristics"
@@ -408,7 +418,7 @@ impl Builder {
         &self,
         graph: &mut kiln_core::Graph,
         config: &BuilderConfig,
-        int8_pool: bool,
+        pools: Pools,
         tactics: &TacticLister<'_>,
         timer: &mut dyn LayerTimer,
         cache: &mut TimingCache,
@@ -421,9 +431,9 @@ impl Builder {
         }
         let settings = TuneSettings {
             level: config.opt_level,
-            pools: tuner::pools(config.fp16, int8_pool)?,
+            pools: tuner::pools(config.fp16, pools.int8)?,
             pins: config.layer_precision.clone(),
-            layouts: config.profiles.is_empty(),
+            layouts: pools.layouts && config.profiles.is_empty(),
         };
         let report = match config.profiles.first() {
             None => tuner::tune(graph, &settings, tactics, timer, cache)?,
@@ -471,6 +481,16 @@ impl Builder {
         );
         Ok(report)
     }
+}
+
+/// Which tactics one tuning of a build may choose beyond FP32 (and FP16 with `--fp16`) in
+/// the linear layout.
+#[derive(Debug, Clone, Copy)]
+struct Pools {
+    /// The INT8 pool (`--int8`).
+    int8: bool,
+    /// Layouts other than the linear one (the CPU's channels-last tactics).
+    layouts: bool,
 }
 
 /// What every engine a build makes shares, whatever its tactics.

@@ -540,6 +540,7 @@ impl LayerTimer for RaceAs {
             clock: "test".into(),
             // Deliberately wrong: the builder decides from the times.
             kept: kiln::tuner::whole_engine::Kept::Tuned,
+            check: kiln::tuner::whole_engine::Check::Int8,
             tuned: None,
         }))
     }

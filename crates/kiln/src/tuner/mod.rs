@@ -123,6 +123,15 @@ impl TuneReport {
             .filter(|l| l.format.starts_with(Precision::Int8.name()))
             .count()
     }
+
+    /// Layers the tuner put in the channels-last layout.
+    pub fn channels_last_layers(&self) -> usize {
+        let nhwc = Layout::ChannelsLast.name();
+        self.layers
+            .iter()
+            .filter(|l| l.format.ends_with(&format!("/{nhwc}")))
+            .count()
+    }
 }
 
 /// Lists the tactics of a node for its input facts (a backend's offer).

@@ -6,6 +6,11 @@
 //! at least [`MIN_GAIN`] faster; otherwise the float engine (which is also the more accurate
 //! one) is kept. The race is recorded in the tuning report ([`EngineRace`]).
 //!
+//! The same check guards the CPU's channels-last layouts ([`Check::Layouts`]): when tuning
+//! put layers in `fp32/nhwc`, an engine tuned in the linear layout only is raced against it
+//! (a layer timed alone reads hot inputs; in the engine its Transposes and its neighbours
+//! decide).
+//!
 //! GPU engines are timed by CUDA events around the layers (the compute time, what `kiln
 //! bench` reports as GPU compute); CPU engines by a monotonic clock around the run.
 
@@ -27,10 +32,21 @@ pub const MIN_GAIN: f64 = 0.02;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kept {
-    /// The tuned engine, with its INT8 layers.
+    /// The tuned engine, with its INT8 (or channels-last) layers.
     Tuned,
-    /// The engine tuned without the INT8 pool.
+    /// The engine tuned without the INT8 pool (or in the linear layout only).
     Float,
+}
+
+/// What a race checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    /// INT8 layers against the engine tuned without the INT8 pool.
+    #[default]
+    Int8,
+    /// Channels-last layers against the engine tuned in the linear layout only.
+    Layouts,
 }
 
 /// One whole-engine race, as the tuning report shows it.
@@ -48,6 +64,9 @@ pub struct EngineRace {
     pub clock: String,
     /// The engine kept.
     pub kept: Kept,
+    /// What was raced.
+    #[serde(default)]
+    pub check: Check,
     /// When the float engine was kept: the tuned engine's own tuning report (its INT8
     /// candidates and choices), which the kept engine's report no longer shows.
     pub tuned: Option<Box<super::TuneReport>>,
@@ -57,15 +76,22 @@ pub struct EngineRace {
 /// INT8 allowed, timed tuning (opt level ≥ 1), static shapes (no optimization profiles),
 /// no layer pinned to INT8 (a pin is the user's choice, not the tuner's), and not turned off.
 pub fn applies(config: &BuilderConfig) -> bool {
-    config.engine_check
-        && config.int8
-        && config.opt_level >= 1
-        && config.profiles.is_empty()
-        && !config.observe_activations
+    config.int8
+        && applies_to_layouts(config)
         && !config
             .layer_precision
             .values()
             .any(|&p| p == Precision::Int8)
+}
+
+/// Whether a build with `config` races an engine with channels-last layers against one in
+/// the linear layout (when its tuning then chooses any): timed tuning, static shapes, not
+/// turned off.
+pub fn applies_to_layouts(config: &BuilderConfig) -> bool {
+    config.engine_check
+        && config.opt_level >= 1
+        && config.profiles.is_empty()
+        && !config.observe_activations
 }
 
 /// True when the tuned engine's time beats the float engine's by at least [`MIN_GAIN`].
@@ -149,6 +175,7 @@ pub fn race(engines: [&Engine; 2], int8_layers: usize, budget: Duration) -> Resu
         } else {
             Kept::Float
         },
+        check: Check::Int8,
         tuned: None,
     })
 }
@@ -157,7 +184,12 @@ pub fn race(engines: [&Engine; 2], int8_layers: usize, budget: Duration) -> Resu
 /// the engine to keep, its tuning report carrying the race. A timer that does not race
 /// keeps `tuned`; a race that fails (an engine that cannot run on random inputs) keeps
 /// `tuned` with a warning, since both engines passed the build.
-pub fn keep_faster(tuned: Engine, float: Engine, timer: &mut dyn LayerTimer) -> Result<Engine> {
+pub fn keep_faster(
+    tuned: Engine,
+    float: Engine,
+    timer: &mut dyn LayerTimer,
+    check: Check,
+) -> Result<Engine> {
     let mut race = match timer.race_engines([&tuned, &float]) {
         None => return Ok(tuned),
         Some(Err(e)) => {
@@ -172,10 +204,12 @@ pub fn keep_faster(tuned: Engine, float: Engine, timer: &mut dyn LayerTimer) -> 
             } else {
                 Kept::Float
             };
+            race.check = check;
             race
         }
     };
     tracing::info!(
+        check = ?race.check,
         int8_layers = race.int8_layers,
         tuned_ms = race.tuned_ms,
         float_ms = race.float_ms,
