@@ -116,7 +116,40 @@ const WINDOWS: usize = 3;
 /// zero (at most `WINDOWS`): which pool thread runs which job changes from run to run, so
 /// a thread can meet a scratch nesting it has not seen during warm-up and size one more
 /// buffer once — the steady state is reached when a whole window allocates nothing.
+/// A tuning timer under which every channels-last tactic wins and reformats are cheap, so
+/// an engine runs its layers in NHWC wherever they can.
+struct PreferChannelsLast;
+
+impl kiln::tuner::LayerTimer for PreferChannelsLast {
+    fn time_tactic(
+        &mut self,
+        _: &kiln_core::Node,
+        _: &[Option<&kiln_core::Fact>],
+        _: &[Option<&Tensor>],
+        t: &kiln_core::Tactic,
+    ) -> kiln::Result<f64> {
+        Ok(if t.format.layout == kiln_core::Layout::ChannelsLast {
+            0.5
+        } else {
+            1.0
+        })
+    }
+    fn time_reformat(
+        &mut self,
+        _: &kiln_core::Fact,
+        _: kiln_core::Format,
+        _: kiln_core::Format,
+    ) -> kiln::Result<f64> {
+        Ok(0.01)
+    }
+}
+
 fn count_case(name: &str, specialise: bool, threads: usize) -> Option<Vec<usize>> {
+    count_engine(name, specialise, threads, false)
+}
+
+/// [`count_case`], with `nhwc`: the engine tuned to run channels-last wherever it can.
+fn count_engine(name: &str, specialise: bool, threads: usize, nhwc: bool) -> Option<Vec<usize>> {
     let assets = common::assets()?;
     let case = common::case(&assets, name);
     let config = BuilderConfig {
@@ -127,9 +160,21 @@ fn count_case(name: &str, specialise: bool, threads: usize) -> Option<Vec<usize>
         },
         ..Default::default()
     };
-    let engine: Engine = Builder::new()
-        .build_onnx_file(&case.model, &config)
-        .expect("build");
+    let engine: Engine = if nhwc {
+        let tactics = &kiln::tuner::cpu_tactics;
+        let engine = Builder::new()
+            .build_onnx_file_with(&case.model, &config, tactics, &mut PreferChannelsLast)
+            .expect("build");
+        let layers = engine
+            .tuning_report()
+            .map_or(0, |t| t.channels_last_layers());
+        assert!(layers > 0, "{name}: no channels-last layer");
+        engine
+    } else {
+        Builder::new()
+            .build_onnx_file(&case.model, &config)
+            .expect("build")
+    };
     let mut ctx = engine.create_context();
     ctx.set_threads(threads).expect("pool");
     let inputs = common::named(&case.inputs);
@@ -214,6 +259,25 @@ fn steady_state_inference_does_not_allocate() {
             if n > 0 && required {
                 bad.push(format!(
                     "{name} (static plan: {specialise}, {threads} threads): {counts:?}"
+                ));
+            }
+        }
+    }
+    // Engines that run channels-last wherever they can (Transposes, NHWC convs, pools and
+    // elementwise layers), at 1 and 2 threads.
+    for threads in [1, 2] {
+        for name in ["orientation_b4", "ppocr_cls_b6", "ppocr_det_640"] {
+            if only.as_deref().is_some_and(|o| o != name) {
+                continue;
+            }
+            let Some(counts) = count_engine(name, true, threads, true) else {
+                return;
+            };
+            let n = *counts.last().expect("one window at least");
+            eprintln!("{name} (channels-last, {threads} threads): {n} allocations in {RUNS} runs");
+            if n > 0 {
+                bad.push(format!(
+                    "{name} (channels-last, {threads} threads): {counts:?}"
                 ));
             }
         }

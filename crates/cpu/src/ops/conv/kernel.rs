@@ -1540,6 +1540,76 @@ mod tests {
         }
     }
 
+    /// The channels-last 1×1 product at 1, 2 and 3 threads, with a residual, plain and with
+    /// transposed weights: many positions (threads split the rows) and few (they split the
+    /// columns), against the reference convolution.
+    #[test]
+    fn nhwc_pointwise_matches_the_reference_at_1_2_3_threads() {
+        for (ci, (n, input, c, m)) in [
+            (3, [29, 31], 37, 77),
+            (1, [3, 5], 37, 77),
+            (2, [1, 1], 5, 3),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let sp = WindowAttrs::default()
+                .resolve("Conv", &input, &[1, 1])
+                .unwrap()
+                .to3("Conv")
+                .unwrap();
+            let p = sp.out_size();
+            let dims = ConvDims { n, c, m, group: 1 };
+            let mut r = Lcg(911 + ci as u64);
+            let x = r.vec(n * c * p);
+            let w = r.vec(m * c);
+            let b = r.vec(m);
+            let res = r.vec(n * m * p);
+            let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+            let raw = conv_reference(&f64v(&x), &f64v(&w), Some(&f64v(&b)), dims, &sp);
+            // NCHW → NHWC of `v` with `ch` channels.
+            let nhwc = |v: &[f64], ch: usize| -> Vec<f64> {
+                (0..v.len())
+                    .map(|i| v[((i / (p * ch)) * ch + i % ch) * p + (i / ch) % p])
+                    .collect()
+            };
+            let res_nhwc: Vec<f32> = nhwc(&f64v(&res), m).iter().map(|&v| v as f32).collect();
+            let want: Vec<f32> = nhwc(&raw, m)
+                .iter()
+                .zip(&res_nhwc)
+                .map(|(&v, &r)| Activation::HardSwish.apply(v as f32 + r))
+                .collect();
+            let x_nhwc: Vec<f32> = nhwc(&f64v(&x), c).iter().map(|&v| v as f32).collect();
+            let w_t = super::super::nhwc::transpose_weights(&w, m).unwrap();
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                for (weights, packed) in [(&w, None), (&w_t, Some(Isa::detect()))] {
+                    let conv = ConvF32 {
+                        x: &x_nhwc,
+                        w: weights,
+                        bias: Some(&b),
+                        dims,
+                        sp,
+                        act: Activation::HardSwish,
+                        residual: Some(&res_nhwc),
+                        algo: ConvAlgo::NhwcPointwise,
+                        packed,
+                    };
+                    let mut got = vec![f32::NAN; n * m * p];
+                    pool.install(|| conv.run(&mut got)).unwrap();
+                    let d = max_diff(&got, &want);
+                    assert!(
+                        d < 1e-4,
+                        "case {ci}, {threads} threads, {packed:?}: diff {d}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Task sizing: serial for one thread or little work, at least the minimum work per task
     /// otherwise, every plane covered.
     #[test]

@@ -343,9 +343,10 @@ struct ConvCall<'a> {
 impl Conv {
     /// X's shape as the window sees it (N × C × spatial): the channels-last tactics store
     /// it N × H × W × C.
-    fn logical_x_shape(&self, xs: &[usize]) -> Result<Vec<usize>> {
+    fn logical_x_shape(&self, xs: &[usize]) -> Result<kiln_core::Shape> {
+        // (a Shape, not a Vec: the steady state allocates nothing)
         if !self.algo.is_nhwc() {
-            return Ok(xs.to_vec());
+            return Ok(xs.iter().copied().collect());
         }
         if xs.len() != 4 {
             return Err(KilnError::kernel(
@@ -353,14 +354,14 @@ impl Conv {
                 format!("the channels-last tactics take N × H × W × C inputs, found shape {xs:?}"),
             ));
         }
-        Ok(nhwc::to_nchw(xs))
+        Ok(smallvec::smallvec![xs[0], xs[3], xs[1], xs[2]])
     }
 
     /// The output's shape as this op stores it.
     fn stored_out_shape(&self, dims: &ConvDims, sp: &Spatial) -> kiln_core::Shape {
         let s = out_shape(dims, sp);
-        if self.algo.is_nhwc() {
-            nhwc::to_nhwc(&s).into_iter().collect()
+        if self.algo.is_nhwc() && s.len() == 4 {
+            smallvec::smallvec![s[0], s[2], s[3], s[1]]
         } else {
             s
         }

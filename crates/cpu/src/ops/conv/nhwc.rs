@@ -75,27 +75,46 @@ pub fn pointwise(conv: &ConvF32<'_>, transposed_w: bool, out: &mut [f32]) -> Res
     } else {
         MatRef::transposed(conv.w, c)
     };
-    let epi = GemmEpilogue {
-        row_bias: None,
-        col_bias: conv.bias,
-        residual: conv.residual.map(|r| MatRef::row_major(r, m)),
-        act: conv.act,
+    // Rows `r0..r0 + out.len() / m` of the product, serial or with the product's own
+    // threads (which split the columns, each packing all of the rows' activations).
+    let part = |r0: usize, out: &mut [f32], parallel: bool| {
+        let epi = GemmEpilogue {
+            row_bias: None,
+            col_bias: conv.bias,
+            residual: conv.residual.map(|r| MatRef::row_major(&r[r0 * m..], m)),
+            act: conv.act,
+        };
+        let x = MatRef::row_major(&conv.x[r0 * c..], c);
+        gemm_epi(
+            out.len() / m,
+            m,
+            c,
+            out,
+            m,
+            false,
+            x,
+            b,
+            1.0,
+            parallel,
+            &epi,
+        )
     };
-    let parallel = crate::parallel::threads() > 1;
-    gemm_epi(
-        rows,
-        m,
-        c,
-        out,
-        m,
-        false,
-        MatRef::row_major(conv.x, c),
-        b,
-        1.0,
-        parallel,
-        &epi,
-    )
+    let threads = crate::parallel::threads();
+    if threads > 1 && rows >= ROWS_PER_TASK_MIN * threads && rows > m && m > 0 {
+        // More activations than weights: threads take row ranges (each packs its own
+        // rows and the weights) instead of column ranges (each packing every row).
+        let per_task = rows.div_ceil(threads).next_multiple_of(ROWS_PER_TASK_MIN);
+        return out
+            .par_chunks_mut(per_task * m)
+            .enumerate()
+            .try_for_each(|(i, o)| part(i * per_task, o, false));
+    }
+    part(0, out, threads > 1)
 }
+
+/// Rows (output positions) below which a thread does not take a range of its own in
+/// [`pointwise`].
+const ROWS_PER_TASK_MIN: usize = 16;
 
 /// The output pointer shared by the channel-block tasks of [`depthwise`].
 #[derive(Clone, Copy)]
