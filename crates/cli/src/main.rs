@@ -216,9 +216,10 @@ pub struct BuildArgs {
     /// ignored with a warning) and written after.
     #[arg(long, value_name = "FILE")]
     pub timing_cache: Option<PathBuf>,
-    /// With --int8: skip the whole-engine check. By default, when tuning puts layers in
-    /// INT8, the engine is also built without INT8 and both are timed end to end on the
-    /// device; the INT8 one is kept only if it is at least 2 % faster.
+    /// Skip the whole-engine check. By default, when tuning puts layers in INT8 (with
+    /// --int8) or in the CPU's channels-last layout, the engine is also built without them
+    /// (without INT8; in the linear layout only) and both are timed end to end on the
+    /// device; the tuned one is kept only if it is at least 2 % faster.
     #[arg(long)]
     pub no_engine_check: bool,
     /// Also allow FP16 layers (FP16 + FP32 precision pools); GPU engines store float

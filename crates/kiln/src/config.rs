@@ -96,8 +96,9 @@ pub struct BuilderConfig {
     /// Timing cache file read before tuning and written after (`--timing-cache`).
     pub timing_cache: Option<std::path::PathBuf>,
     /// The whole-engine check (`--no-engine-check` turns it off): when tuning put layers
-    /// in INT8, the engine is raced end to end against the float-only engine and the
-    /// faster is kept (per-layer times do not always add up to the engine's).
+    /// in INT8 (or, on the CPU, in the channels-last layout), the engine is raced end to
+    /// end against the float-only (linear-only) engine and the faster is kept (per-layer
+    /// times do not always add up to the engine's).
     pub engine_check: bool,
 }
 

@@ -473,3 +473,96 @@ fn channels_last_runs_take_transposes_only_at_their_ends() {
     };
     assert!(all_linear(&channels_last_build(&case, &profiled, 0.01)));
 }
+
+/// [`FakeTimer`]'s choices, raced end to end with made-up engine times.
+struct RacingTimer<T: LayerTimer> {
+    inner: T,
+    tuned_ms: f64,
+    other_ms: f64,
+    raced: usize,
+}
+
+impl<T: LayerTimer> LayerTimer for RacingTimer<T> {
+    fn time_tactic(
+        &mut self,
+        node: &Node,
+        inputs: &[Option<&Fact>],
+        constants: &[Option<&Tensor>],
+        tactic: &Tactic,
+    ) -> Result<f64> {
+        self.inner.time_tactic(node, inputs, constants, tactic)
+    }
+    fn time_reformat(&mut self, fact: &Fact, from: Format, to: Format) -> Result<f64> {
+        self.inner.time_reformat(fact, from, to)
+    }
+    fn race_engines(
+        &mut self,
+        [tuned, linear]: [&kiln::Engine; 2],
+    ) -> Option<Result<kiln::tuner::whole_engine::EngineRace>> {
+        let nhwc = |e: &kiln::Engine| e.tuning_report().unwrap().channels_last_layers();
+        assert!(nhwc(tuned) > 0);
+        assert_eq!(nhwc(linear), 0);
+        assert!(linear.layers().iter().all(|l| l.op != "Transpose"));
+        self.raced += 1;
+        Some(Ok(kiln::tuner::whole_engine::EngineRace {
+            int8_layers: 0,
+            tuned_ms: self.tuned_ms,
+            float_ms: self.other_ms,
+            rounds: 5,
+            clock: "test".into(),
+            // Deliberately wrong: the builder decides from the times.
+            kept: kiln::tuner::whole_engine::Kept::Float,
+            check: kiln::tuner::whole_engine::Check::Int8,
+            tuned: None,
+        }))
+    }
+}
+
+#[test]
+fn the_whole_engine_check_keeps_channels_last_only_when_it_pays_end_to_end() {
+    use kiln::tuner::whole_engine::{Check, Kept};
+    let Some((case, config)) = orientation() else {
+        panic!("the tuning tests need the assets (cargo xtask fetch-assets)");
+    };
+    for (tuned_ms, other_ms, kept) in [(1.0, 1.5, Kept::Tuned), (1.0, 1.01, Kept::Float)] {
+        let mut timer = RacingTimer {
+            inner: FakeTimer {
+                rule: |_n: &Node, t: &Tactic| {
+                    if t.format.layout == Layout::ChannelsLast {
+                        0.5
+                    } else {
+                        1.0
+                    }
+                },
+                reformat_ms: 0.01,
+                calls: Cell::new(0),
+            },
+            tuned_ms,
+            other_ms,
+            raced: 0,
+        };
+        let engine = Builder::new()
+            .build_onnx_file_with(&case.model, &config, &tuner::cpu_tactics, &mut timer)
+            .unwrap();
+        assert_eq!(timer.raced, 1);
+        let report = engine.tuning_report().unwrap();
+        let race = report.whole_engine.as_ref().unwrap();
+        assert_eq!((race.check, race.kept), (Check::Layouts, kept));
+        let nhwc = report.channels_last_layers();
+        match kept {
+            Kept::Tuned => assert!(nhwc > 0),
+            Kept::Float => {
+                assert_eq!(nhwc, 0);
+                assert!(engine.layers().iter().all(|l| l.op != "Transpose"));
+            }
+        }
+    }
+    // Turned off: no race, the tuner's channels-last choice stays.
+    let off = BuilderConfig {
+        engine_check: false,
+        ..config
+    };
+    let engine = channels_last_build(&case, &off, 0.01);
+    assert!(engine.tuning_report().unwrap().whole_engine.is_none());
+    assert!(engine.tuning_report().unwrap().channels_last_layers() > 0);
+}
