@@ -144,11 +144,7 @@ mod tests {
                 (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
             })
             .collect();
-        let mut xt = vec![0.0; x.len()];
-        for (i, &v) in x.iter().enumerate() {
-            let (b, ch, q) = (i / (c * h * w), (i / (h * w)) % c, i % (h * w));
-            xt[(b * h * w + q) * c + ch] = v;
-        }
+        let xt = crate::ops::conv::nhwc::permute_data(&x, [n, c, h, w], true);
         for max in [false, true] {
             let planes = x.chunks_exact(h * w);
             let want: Vec<f32> = if max {

@@ -118,9 +118,10 @@ pub(crate) fn layout_node(
             "layout reformat {name}: only rank-4 tensors change layout, found shape {shape:?}"
         )));
     }
-    let perm: Vec<i64> = match (from, to) {
-        (Layout::Linear, Layout::ChannelsLast) => vec![0, 2, 3, 1],
-        (Layout::ChannelsLast, Layout::Linear) => vec![0, 3, 1, 2],
+    use kiln_cpu::ops::conv::nhwc::{NCHW_TO_NHWC, NHWC_TO_NCHW};
+    let perm = match (from, to) {
+        (Layout::Linear, Layout::ChannelsLast) => NCHW_TO_NHWC,
+        (Layout::ChannelsLast, Layout::Linear) => NHWC_TO_NCHW,
         _ => {
             return Err(KilnError::Other(format!(
                 "layout reformat {name}: no conversion from {} to {}",
@@ -130,6 +131,7 @@ pub(crate) fn layout_node(
         }
     };
     let mut desc = OpDesc::new("", "Transpose", 13);
+    let perm = perm.iter().map(|&a| a as i64).collect();
     desc.attrs.insert("perm".into(), Attr::Ints(perm));
     Ok((
         one_to_one(name, desc, input, output)?,

@@ -17,6 +17,7 @@ use kiln_core::{KilnError, Result};
 
 use super::geom::Spatial3;
 use super::kernel::{add_residual, epilogue, ConvF32};
+use super::reference::ConvDims;
 use crate::fused::Activation;
 #[cfg(target_arch = "x86_64")]
 use crate::ops::linalg::sgemm::Isa;
@@ -45,15 +46,7 @@ pub(super) fn block_scratch(sp: &Spatial3) -> usize {
 /// Runs a depthwise convolution (one input channel per group) on channel blocks.
 pub fn run(conv: &ConvF32<'_>, out: &mut [f32]) -> Result<()> {
     let dims = conv.dims;
-    if dims.group == 0 || dims.c != dims.group || !dims.m.is_multiple_of(dims.group) {
-        return Err(KilnError::kernel(
-            "Conv",
-            format!(
-                "the channel-block direct kernel needs one input channel per group (depthwise), got {} input channels in {} groups",
-                dims.c, dims.group
-            ),
-        ));
-    }
+    check_depthwise(&dims, "channel-block direct")?;
     let p = conv.sp.out_size();
     let plane_block = LANES * p;
     let image = dims.m * p;
@@ -102,16 +95,7 @@ fn run_block(conv: &ConvF32<'_>, bn: usize, om0: usize, dst: &mut [f32], buf: &m
     };
     let simd = avx2();
     pack_input(sp, nb, plane, xb, simd);
-    for (l, lanes) in (0..LANES).map(|l| (l, l < nb)) {
-        let om = om0 + l;
-        for t in 0..ksz {
-            wb[t * LANES + l] = if lanes { conv.w[om * ksz + t] } else { 0.0 };
-        }
-        bb[l] = match conv.bias {
-            Some(b) if lanes => b[om],
-            _ => 0.0,
-        };
-    }
+    fill_weights(conv, om0, nb, wb, bb);
     accumulate(sp, xb, wb, bb, ob);
     let act = conv.act_before_residual();
     if act != Activation::None {
@@ -124,6 +108,43 @@ fn run_block(conv: &ConvF32<'_>, bn: usize, om0: usize, dst: &mut [f32], buf: &m
             add_residual(plane, r, conv.act);
         }
     }
+}
+
+/// The weights (`[tap][LANES]`) and bias of output channels `om0..om0 + nb` into `wb` and
+/// `bb`, channel-interleaved; lanes `nb..` are zero.
+pub(super) fn fill_weights(
+    conv: &ConvF32<'_>,
+    om0: usize,
+    nb: usize,
+    wb: &mut [f32],
+    bb: &mut [f32],
+) {
+    let ksz = conv.sp.kernel_size();
+    for (l, lanes) in (0..LANES).map(|l| (l, l < nb)) {
+        let om = om0 + l;
+        for t in 0..ksz {
+            wb[t * LANES + l] = if lanes { conv.w[om * ksz + t] } else { 0.0 };
+        }
+        bb[l] = match conv.bias {
+            Some(b) if lanes => b[om],
+            _ => 0.0,
+        };
+    }
+}
+
+/// Errors unless `dims` is a depthwise problem (one input channel per group), naming the
+/// `kernel` that needs it.
+pub(super) fn check_depthwise(dims: &ConvDims, kernel: &str) -> Result<()> {
+    if dims.group == 0 || dims.c != dims.group || !dims.m.is_multiple_of(dims.group) {
+        return Err(KilnError::kernel(
+            "Conv",
+            format!(
+                "the {kernel} kernel needs one input channel per group (depthwise), got {} input channels in {} groups",
+                dims.c, dims.group
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the AVX2 transposes may run (the AVX2 and AVX-512 levels both have AVX2).

@@ -1232,13 +1232,8 @@ mod tests {
                 );
                 if input.len() == 2 && algo == ConvAlgo::DirectBlocked {
                     // The channels-last kernel, on the same problem in NHWC.
-                    let planes = |v: &[f32], ch: usize, hw: usize| -> Vec<f32> {
-                        (0..v.len())
-                            .map(|i| {
-                                let (b, q, c) = (i / (hw * ch), (i / ch) % hw, i % ch);
-                                v[(b * ch + c) * hw + q]
-                            })
-                            .collect()
+                    let planes = |v: &[f32], ch: usize, hw: usize| {
+                        super::super::nhwc::permute_data(v, [n, ch, hw, 1], true)
                     };
                     let xt = planes(&x, c, sp.in_size());
                     let mut got = vec![f32::NAN; n * m * sp.out_size()];
@@ -1568,11 +1563,8 @@ mod tests {
             let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
             let raw = conv_reference(&f64v(&x), &f64v(&w), Some(&f64v(&b)), dims, &sp);
             // NCHW → NHWC of `v` with `ch` channels.
-            let nhwc = |v: &[f64], ch: usize| -> Vec<f64> {
-                (0..v.len())
-                    .map(|i| v[((i / (p * ch)) * ch + i % ch) * p + (i / ch) % p])
-                    .collect()
-            };
+            let nhwc =
+                |v: &[f64], ch: usize| super::super::nhwc::permute_data(v, [n, ch, p, 1], true);
             let res_nhwc: Vec<f32> = nhwc(&f64v(&res), m).iter().map(|&v| v as f32).collect();
             let want: Vec<f32> = nhwc(&raw, m)
                 .iter()

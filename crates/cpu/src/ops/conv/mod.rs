@@ -354,14 +354,14 @@ impl Conv {
                 format!("the channels-last tactics take N × H × W × C inputs, found shape {xs:?}"),
             ));
         }
-        Ok(smallvec::smallvec![xs[0], xs[3], xs[1], xs[2]])
+        Ok(nhwc::to_nchw(xs))
     }
 
     /// The output's shape as this op stores it.
     fn stored_out_shape(&self, dims: &ConvDims, sp: &Spatial) -> kiln_core::Shape {
         let s = out_shape(dims, sp);
-        if self.algo.is_nhwc() && s.len() == 4 {
-            smallvec::smallvec![s[0], s[2], s[3], s[1]]
+        if self.algo.is_nhwc() {
+            nhwc::to_nhwc(&s)
         } else {
             s
         }
@@ -478,7 +478,7 @@ impl Op for Conv {
         let logical_x = match x {
             Some(f) => match &f.shape {
                 Some(s) if s.len() == 4 => Some(Fact {
-                    shape: Some(nhwc::to_nchw(s).into_iter().collect()),
+                    shape: Some(nhwc::to_nchw(s)),
                     ..f.clone()
                 }),
                 Some(s) => {
@@ -496,7 +496,7 @@ impl Op for Conv {
         };
         let mut y = infer_conv_like("Conv", &self.win, logical_x.as_ref(), w, dtype)?;
         if let Some(s) = &y.shape {
-            y.shape = Some(nhwc::to_nhwc(s).into_iter().collect());
+            y.shape = Some(nhwc::to_nhwc(s));
         }
         Ok(vec![y])
     }
@@ -838,23 +838,6 @@ mod tests {
         assert!(heuristic.eval(&ins).is_err());
     }
 
-    /// `v` of NCHW shape `s` in NHWC order (`to_nhwc`), or back (`!to_nhwc`, `s` still the
-    /// NCHW shape).
-    fn permute(v: &[f32], s: &[usize], to_nhwc: bool) -> Vec<f32> {
-        let (n, c, h, w) = (s[0], s[1], s[2], s[3]);
-        let mut out = vec![0.0; v.len()];
-        for i in 0..n * c * h * w {
-            let (b, ch, y, x) = (i / (c * h * w), (i / (h * w)) % c, (i / w) % h, i % w);
-            let j = ((b * h + y) * w + x) * c + ch;
-            if to_nhwc {
-                out[j] = v[i];
-            } else {
-                out[i] = v[j];
-            }
-        }
-        out
-    }
-
     /// A channels-last tactic computes the convolution on NHWC data: plain and with weights
     /// packed at build time, with the fused residual (NHWC too) under two activations.
     fn check_nhwc(
@@ -867,18 +850,22 @@ mod tests {
     ) {
         let x = inputs[0].unwrap().as_tensor().unwrap();
         let xs = x.shape().to_vec();
+        let permute = |v: &[f32], s: &[usize], to_nhwc: bool| {
+            nhwc::permute_data(v, [s[0], s[1], s[2], s[3]], to_nhwc)
+        };
+        let nhwc_shape = |s: &[usize]| nhwc::to_nhwc::<_, Vec<usize>>(s);
         let xv = Value::from(
             Tensor::from_vec(
-                &nhwc::to_nhwc(&xs),
+                &nhwc_shape(&xs),
                 permute(x.as_slice::<f32>().unwrap(), &xs, true),
             )
             .unwrap(),
         );
-        let rv = Value::from(Tensor::from_vec(&nhwc::to_nhwc(ys), permute(res, ys, true)).unwrap());
-        let fx = Fact::concrete(DType::F32, &nhwc::to_nhwc(&xs));
+        let rv = Value::from(Tensor::from_vec(&nhwc_shape(ys), permute(res, ys, true)).unwrap());
+        let fx = Fact::concrete(DType::F32, &nhwc_shape(&xs));
         let fw = Fact::concrete(DType::F32, ws);
         let f = conv.infer(&[Some(&fx), Some(&fw)], 1).unwrap().remove(0);
-        assert_eq!(f.concrete_shape().unwrap(), nhwc::to_nhwc(ys).as_slice());
+        assert_eq!(f.concrete_shape().unwrap(), nhwc_shape(ys));
         let mut variants = vec![(conv.clone(), None)];
         if let Some(isa) = conv.weight_packing(&xs, ws) {
             let (pw, pshape) = conv.packed_weights(w, ws, isa).unwrap();
@@ -901,7 +888,7 @@ mod tests {
                     ins.push(Some(&rv));
                 }
                 let got = c.eval(&ins).unwrap().remove(0).into_tensor().unwrap();
-                assert_eq!(got.shape(), nhwc::to_nhwc(ys).as_slice());
+                assert_eq!(got.shape(), nhwc_shape(ys).as_slice());
                 let got = permute(got.as_slice::<f32>().unwrap(), ys, false);
                 let want: Vec<f32> = raw
                     .iter()

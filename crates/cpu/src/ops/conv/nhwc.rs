@@ -16,25 +16,53 @@ use rayon::prelude::*;
 
 use kiln_core::{KilnError, Result};
 
-use super::dw_block::{accumulate, block_scratch, padded_dims, LANES};
+use super::dw_block::{
+    accumulate, block_scratch, check_depthwise, fill_weights, padded_dims, LANES,
+};
 use super::kernel::{epilogue, ConvF32};
 use super::reference::ConvDims;
 use crate::ops::linalg::blas::{gemm_epi, GemmEpilogue, MatRef};
 
-/// `[n, c, h, w]` → `[n, h, w, c]` (the NHWC shape of an NCHW one).
-pub fn to_nhwc<T: Clone>(s: &[T]) -> Vec<T> {
+/// Transpose `perm` taking an NCHW tensor to NHWC (output axis i = input axis perm[i]).
+pub const NCHW_TO_NHWC: [usize; 4] = [0, 2, 3, 1];
+/// Transpose `perm` taking an NHWC tensor back to NCHW.
+pub const NHWC_TO_NCHW: [usize; 4] = [0, 3, 1, 2];
+
+/// `s` with its axes taken in `perm` order; a shape of another rank than 4 is returned as
+/// it is. Collects into any container (a `Shape` keeps it off the heap).
+fn permuted<T: Clone, C: FromIterator<T>>(s: &[T], perm: [usize; 4]) -> C {
     if s.len() != 4 {
-        return s.to_vec();
+        return s.iter().cloned().collect();
     }
-    vec![s[0].clone(), s[2].clone(), s[3].clone(), s[1].clone()]
+    perm.iter().map(|&a| s[a].clone()).collect()
+}
+
+/// `[n, c, h, w]` → `[n, h, w, c]` (the NHWC shape of an NCHW one).
+pub fn to_nhwc<T: Clone, C: FromIterator<T>>(s: &[T]) -> C {
+    permuted(s, NCHW_TO_NHWC)
 }
 
 /// `[n, h, w, c]` → `[n, c, h, w]` (the NCHW shape of an NHWC one).
-pub fn to_nchw<T: Clone>(s: &[T]) -> Vec<T> {
-    if s.len() != 4 {
-        return s.to_vec();
+pub fn to_nchw<T: Clone, C: FromIterator<T>>(s: &[T]) -> C {
+    permuted(s, NHWC_TO_NCHW)
+}
+
+/// The values `v` of an NCHW tensor of shape `nchw` in NHWC order (`to_nhwc`), or the
+/// values of its NHWC form back in NCHW order (`!to_nhwc`). For tests.
+#[cfg(test)]
+pub(crate) fn permute_data<T: Copy + Default>(v: &[T], nchw: [usize; 4], to_nhwc: bool) -> Vec<T> {
+    let [_, c, h, w] = nchw;
+    let mut out = vec![T::default(); v.len()];
+    for i in 0..v.len() {
+        let (b, ch, q) = (i / (c * h * w), (i / (h * w)) % c, i % (h * w));
+        let j = (b * h * w + q) * c + ch;
+        if to_nhwc {
+            out[j] = v[i];
+        } else {
+            out[i] = v[j];
+        }
     }
-    vec![s[0].clone(), s[3].clone(), s[1].clone(), s[2].clone()]
+    out
 }
 
 /// ONNX pointwise weights (M × C) as the C × M matrix the packed pointwise kernel reads.
@@ -75,46 +103,18 @@ pub fn pointwise(conv: &ConvF32<'_>, transposed_w: bool, out: &mut [f32]) -> Res
     } else {
         MatRef::transposed(conv.w, c)
     };
-    // Rows `r0..r0 + out.len() / m` of the product, serial or with the product's own
-    // threads (which split the columns, each packing all of the rows' activations).
-    let part = |r0: usize, out: &mut [f32], parallel: bool| {
-        let epi = GemmEpilogue {
-            row_bias: None,
-            col_bias: conv.bias,
-            residual: conv.residual.map(|r| MatRef::row_major(&r[r0 * m..], m)),
-            act: conv.act,
-        };
-        let x = MatRef::row_major(&conv.x[r0 * c..], c);
-        gemm_epi(
-            out.len() / m,
-            m,
-            c,
-            out,
-            m,
-            false,
-            x,
-            b,
-            1.0,
-            parallel,
-            &epi,
-        )
+    let epi = GemmEpilogue {
+        row_bias: None,
+        col_bias: conv.bias,
+        residual: conv.residual.map(|r| MatRef::row_major(r, m)),
+        act: conv.act,
     };
-    let threads = crate::parallel::threads();
-    if threads > 1 && rows >= ROWS_PER_TASK_MIN * threads && rows > m && m > 0 {
-        // More activations than weights: threads take row ranges (each packs its own
-        // rows and the weights) instead of column ranges (each packing every row).
-        let per_task = rows.div_ceil(threads).next_multiple_of(ROWS_PER_TASK_MIN);
-        return out
-            .par_chunks_mut(per_task * m)
-            .enumerate()
-            .try_for_each(|(i, o)| part(i * per_task, o, false));
-    }
-    part(0, out, threads > 1)
+    // With several threads the product splits its rows (the activations, packed on every
+    // call) when they outweigh the weights: `sgemm::split_grid`.
+    let x = MatRef::row_major(conv.x, c);
+    let parallel = crate::parallel::threads() > 1;
+    gemm_epi(rows, m, c, out, m, false, x, b, 1.0, parallel, &epi)
 }
-
-/// Rows (output positions) below which a thread does not take a range of its own in
-/// [`pointwise`].
-const ROWS_PER_TASK_MIN: usize = 16;
 
 /// The output pointer shared by the channel-block tasks of [`depthwise`].
 #[derive(Clone, Copy)]
@@ -131,15 +131,7 @@ unsafe impl Sync for OutPtr {}
 /// channels of every output position.
 pub fn depthwise(conv: &ConvF32<'_>, out: &mut [f32]) -> Result<()> {
     let dims = conv.dims;
-    if dims.group == 0 || dims.c != dims.group || !dims.m.is_multiple_of(dims.group) {
-        return Err(KilnError::kernel(
-            "Conv",
-            format!(
-                "the channels-last depthwise kernel needs one input channel per group, got {} input channels in {} groups",
-                dims.c, dims.group
-            ),
-        ));
-    }
+    check_depthwise(&dims, "channels-last depthwise")?;
     if conv.sp.input[0] != 1 || conv.sp.kernel[0] != 1 {
         return Err(KilnError::kernel(
             "Conv",
@@ -219,26 +211,14 @@ unsafe fn run_block(conv: &ConvF32<'_>, bn: usize, om0: usize, dst: OutPtr, buf:
             if mg == 1 && nb == LANES {
                 copy_block(d, &image[at + om0..at + om0 + LANES]);
                 continue;
-            } else if mg == 1 {
-                d[..nb].copy_from_slice(&image[at + om0..at + om0 + nb]);
-            } else {
-                for (l, v) in d[..nb].iter_mut().enumerate() {
-                    *v = image[at + (om0 + l) / mg];
-                }
+            }
+            for (l, v) in d[..nb].iter_mut().enumerate() {
+                *v = image[at + (om0 + l) / mg];
             }
             d[nb..].fill(0.0);
         }
     }
-    for l in 0..LANES {
-        let om = om0 + l;
-        for t in 0..ksz {
-            wb[t * LANES + l] = if l < nb { conv.w[om * ksz + t] } else { 0.0 };
-        }
-        bb[l] = match conv.bias {
-            Some(b) if l < nb => b[om],
-            _ => 0.0,
-        };
-    }
+    fill_weights(conv, om0, nb, wb, bb);
     accumulate(sp, xb, wb, bb, ob);
     if let Some(res) = conv.residual {
         for (q, o) in ob.chunks_exact_mut(LANES).enumerate() {
@@ -271,9 +251,14 @@ mod tests {
     #[test]
     fn shape_permutations_round_trip() {
         let s = [2usize, 3, 5, 7];
-        assert_eq!(to_nhwc(&s), vec![2, 5, 7, 3]);
-        assert_eq!(to_nchw(&to_nhwc(&s)), s.to_vec());
-        assert_eq!(to_nhwc(&[4usize, 5]), vec![4, 5]);
+        assert_eq!(to_nhwc::<_, Vec<_>>(&s), vec![2, 5, 7, 3]);
+        assert_eq!(to_nchw::<_, Vec<_>>(&to_nhwc::<_, Vec<_>>(&s)), s.to_vec());
+        assert_eq!(to_nhwc::<_, Vec<_>>(&[4usize, 5]), vec![4, 5]);
+        // the data permutation agrees with the shape's, and round-trips
+        let v: Vec<usize> = (0..2 * 3 * 5 * 7).collect();
+        let t = permute_data(&v, s, true);
+        assert_eq!(t[1], 5 * 7); // NHWC [0,0,0,1] is NCHW [0,1,0,0]
+        assert_eq!(permute_data(&t, s, false), v);
     }
 
     #[test]

@@ -537,7 +537,8 @@ unsafe fn packed_loop(
     } else {
         1
     };
-    let (row_tasks, col_tasks) = split_grid(m, n, k, isa.mr(), nr, threads);
+    let a_per_call = matches!(a, ASrc::Strided(_));
+    let (row_tasks, col_tasks) = split_grid(m, n, k, (isa.mr(), nr), threads, a_per_call);
     let (row_blocks, strips) = (m.div_ceil(isa.mr()), n.div_ceil(nr));
     let tasks = row_tasks * col_tasks;
     let dst = DstPtr(dst);
@@ -631,25 +632,28 @@ const PACKED_TASK_WORK: usize = 1 << 16;
 /// How [`packed_loop`] splits an `m × n × k` product over `threads` threads: a grid of
 /// `rows × cols` tasks (row blocks of whole `mr` strips, column blocks of whole `nr`
 /// strips) with at most `threads` tasks, each of at least [`PACKED_TASK_WORK`]
-/// multiply-adds, chosen to make the largest task smallest (ties: fewer row blocks, which
-/// pack B only once per column block).
+/// multiply-adds, chosen to make the largest task smallest. Ties go to the grid that packs
+/// less: every task packs all of B for its rows and, when A is packed per call
+/// (`a_per_call`), all of A for its columns, so with more rows of A than columns of B the
+/// rows are split; otherwise the columns (fewer row blocks).
 pub fn split_grid(
     m: usize,
     n: usize,
     k: usize,
-    mr: usize,
-    nr: usize,
+    (mr, nr): (usize, usize),
     threads: usize,
+    a_per_call: bool,
 ) -> (usize, usize) {
     let (rb, cb) = (m.div_ceil(mr.max(1)), n.div_ceil(nr.max(1)));
     let work = m.saturating_mul(n).saturating_mul(k.max(1));
     let max_tasks = threads.min(work / PACKED_TASK_WORK).max(1);
+    let prefer_rows = a_per_call && m > n;
     let mut best = (1, 1);
     let mut best_cost = usize::MAX;
     for rows in 1..=max_tasks.min(rb) {
         let cols = (max_tasks / rows).min(cb);
         let cost = (rb.div_ceil(rows) * mr).min(m) * (cb.div_ceil(cols) * nr).min(n);
-        if cost < best_cost {
+        if cost < best_cost || (cost == best_cost && prefer_rows) {
             best_cost = cost;
             best = (rows, cols);
         }
@@ -2528,13 +2532,21 @@ mod tests {
     /// splits rows when there are fewer column strips than threads.
     #[test]
     fn split_grid_picks_the_dimension_with_the_most_work() {
-        assert_eq!(split_grid(256, 196, 256, 8, 32, 1), (1, 1));
-        assert_eq!(split_grid(8, 32, 8, 8, 32, 2), (1, 1));
-        assert_eq!(split_grid(256, 49, 256, 8, 32, 2), (2, 1));
-        assert_eq!(split_grid(16, 4096, 27, 8, 32, 2), (1, 2));
-        for (m, n, k, t) in [(577, 150, 71, 3), (1000, 17, 33, 4), (5, 5000, 300, 3)] {
-            let (r, c) = split_grid(m, n, k, 8, 32, t);
-            assert!(r * c <= t && r >= 1 && c >= 1, "{m}x{n}x{k}/{t}: {r}x{c}");
+        for a_per_call in [false, true] {
+            let grid = |m, n, k, t| split_grid(m, n, k, (8, 32), t, a_per_call);
+            assert_eq!(grid(256, 196, 256, 1), (1, 1));
+            assert_eq!(grid(8, 32, 8, 2), (1, 1));
+            assert_eq!(grid(256, 49, 256, 2), (2, 1));
+            assert_eq!(grid(16, 4096, 27, 2), (1, 2));
+            for (m, n, k, t) in [(577, 150, 71, 3), (1000, 17, 33, 4), (5, 5000, 300, 3)] {
+                let (r, c) = grid(m, n, k, t);
+                assert!(r * c <= t && r >= 1 && c >= 1, "{m}x{n}x{k}/{t}: {r}x{c}");
+            }
         }
+        // A tie (784 rows, 256 columns, 2 threads): split the operand packed on every call
+        // that is larger — A's rows when A is packed per call (channels-last activations),
+        // B's columns when A was packed at build time.
+        assert_eq!(split_grid(784, 256, 256, (8, 32), 2, true), (2, 1));
+        assert_eq!(split_grid(784, 256, 256, (8, 32), 2, false), (1, 2));
     }
 }
