@@ -13,7 +13,10 @@
 //!    engine, so this ends).
 //!
 //! Pins go through [`BuilderConfig::layer_precision`], so the tuner still decides per layer
-//! among what stays allowed. Builds share a timing cache (a temporary file when the
+//! among what stays allowed. Every rebuild also pins to FP32 the INT8-capable layers the
+//! unconstrained build kept in float: a pin elsewhere changes a layer's neighbours and so
+//! its reformat costs, and the tuner could otherwise move a layer into INT8 whose error was
+//! never measured (the final engine must hold only measured INT8 layers). Builds share a timing cache (a temporary file when the
 //! configuration has none), so rebuilds time nothing new.
 
 use std::collections::BTreeMap;
@@ -189,11 +192,22 @@ pub fn build_within_budget(
             report.builds = builds;
             return Ok(first.with_int8_fallback(report));
         }
+        // Layers that could have run in INT8 but did not stay in float in every rebuild.
+        let int8 = Precision::Int8.name();
+        let stay_float: BTreeMap<String, Precision> = first
+            .tuning_report()
+            .map(|t| {
+                t.layers
+                    .iter()
+                    .filter(|l| !l.format.starts_with(int8))
+                    .filter(|l| l.candidates.iter().any(|c| c.format.starts_with(int8)))
+                    .map(|l| (l.layer.clone(), Precision::Fp32))
+                    .collect()
+            })
+            .unwrap_or_default();
         // 2. Each layer alone in INT8.
-        let all_fp32: BTreeMap<String, Precision> = layers
-            .iter()
-            .map(|l| (l.clone(), Precision::Fp32))
-            .collect();
+        let mut all_fp32 = stay_float.clone();
+        all_fp32.extend(layers.iter().map(|l| (l.clone(), Precision::Fp32)));
         let mut errors = Vec::new();
         for l in &layers {
             let mut pins = all_fp32.clone();
@@ -209,7 +223,7 @@ pub fn build_within_budget(
         errors.sort_by(|a, b| b.rel_l2.total_cmp(&a.rel_l2).then(a.layer.cmp(&b.layer)));
         report.layer_errors = errors.clone();
         // 3. Greedy fallback, largest own error first.
-        let mut pins = BTreeMap::new();
+        let mut pins = stay_float;
         let mut engine = first;
         for le in &errors {
             pins.insert(le.layer.clone(), Precision::Fp32);
