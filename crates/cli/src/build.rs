@@ -53,7 +53,8 @@ fn build_within_budget(
             batches.len()
         ),
     );
-    let mut timer = kiln::tuner::CpuTimer::for_level(config.opt_level);
+    let mut timer =
+        kiln::tuner::CpuTimer::for_level(config.opt_level).with_threads(config.threads)?;
     let engine = kiln::int8::budget::build_within_budget(
         &a.model,
         &config,
@@ -109,6 +110,7 @@ pub fn run(g: &Globals, a: BuildArgs) -> CliResult<()> {
         layer_precision,
         timing_cache: a.timing_cache.clone(),
         engine_check: !a.no_engine_check,
+        threads: a.threads.map(|n| n as usize),
         profiles,
     };
     let loaded = match (a.accuracy_budget, &a.calib_data) {
@@ -301,8 +303,12 @@ fn print_summary(
                 "opt level 0: heuristic tactics, nothing timed".into()
             } else {
                 format!(
-                    "opt level {}: {} layers tuned, {} tactics timed, {} from the timing cache, {} reformat layers, {:.2} s",
+                    "opt level {}{}: {} layers tuned, {} tactics timed, {} from the timing cache, {} reformat layers, {:.2} s",
                     t.level,
+                    t.threads.map_or(String::new(), |n| format!(
+                        ", timed at {n} thread{}",
+                        if n == 1 { "" } else { "s" }
+                    )),
                     t.layers.len(),
                     t.timed,
                     t.cache_hits,

@@ -222,6 +222,13 @@ pub struct BuildArgs {
     /// device; the tuned one is kept only if it is at least 2 % faster.
     #[arg(long)]
     pub no_engine_check: bool,
+    /// CPU engines: the intra-op thread count the plan will run with (`kiln bench
+    /// --threads`, `ExecutionContext::set_threads`). Tactics are timed and the whole-engine
+    /// check is raced at it, so the plan is the fastest for that count [default: one per
+    /// core]. A timing cache made at another thread count is ignored (with a warning),
+    /// as one from another device is.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
     /// Also allow FP16 layers (FP16 + FP32 precision pools); GPU engines store float
     /// weights and activations in FP16 (GEMMs accumulate in FP32).
     #[arg(long)]
@@ -526,6 +533,8 @@ mod tests {
         ])
         .is_err());
         assert!(Cli::try_parse_from(["kiln", "bench", "m", "--threads", "0"]).is_err());
+        assert!(Cli::try_parse_from(["kiln", "build", "m.onnx", "--threads", "0"]).is_err());
+        assert!(Cli::try_parse_from(["kiln", "build", "m.onnx", "--threads", "1"]).is_ok());
         assert!(Cli::try_parse_from([
             "kiln",
             "run",

@@ -26,7 +26,7 @@ impl Builder {
 
     /// Parses, optimises and plans an ONNX model file.
     pub fn build_onnx_file(&self, path: &Path, config: &BuilderConfig) -> Result<Engine> {
-        let mut timer = CpuTimer::for_level(config.opt_level);
+        let mut timer = CpuTimer::for_level(config.opt_level).with_threads(config.threads)?;
         self.build_onnx_file_with(path, config, &tuner::cpu_tactics, &mut timer)
     }
 
@@ -349,7 +349,8 @@ impl Builder {
     ) -> Result<Engine> {
         let fingerprint = parts.fingerprint;
         let tuning = if fingerprint.backend == "cpu" {
-            let tuning = self.tune(&mut graph, config, pools, tactics, timer, cache)?;
+            let mut tuning = self.tune(&mut graph, config, pools, tactics, timer, cache)?;
+            tuning.threads = config.threads;
             if config.optimize {
                 // After tuning: the chosen tactics decide which weights the packed GEMM reads.
                 let packed = crate::pack_weights::pack_conv_weights(&mut graph, registry())?;
@@ -506,7 +507,11 @@ struct EngineParts<'a> {
 /// The build's timing cache: `--timing-cache`'s file (a stale or foreign one is reported
 /// and replaced), or an empty one. One cache serves every tuning of the build.
 fn load_timing_cache(config: &BuilderConfig, fingerprint: &Fingerprint) -> TimingCache {
-    let device = fingerprint.device_key();
+    let device = match config.threads {
+        // Times measured on another thread count do not transfer.
+        Some(n) if fingerprint.gpu.is_none() => format!("{}|threads={n}", fingerprint.device_key()),
+        _ => fingerprint.device_key(),
+    };
     match &config.timing_cache {
         Some(path) => {
             let (cache, warning) = TimingCache::load(path, &device);

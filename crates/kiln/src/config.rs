@@ -100,6 +100,11 @@ pub struct BuilderConfig {
     /// end against the float-only (linear-only) engine and the faster is kept (per-layer
     /// times do not always add up to the engine's).
     pub engine_check: bool,
+    /// CPU engines: the intra-op thread count the engine will run with (`--threads`), so
+    /// the tuner times tactics and races engines at it (a tactic or layout that wins on
+    /// two threads can lose on one). `None`: the global pool, one thread per core. Part of
+    /// the timing cache's key.
+    pub threads: Option<usize>,
 }
 
 impl Default for BuilderConfig {
@@ -119,6 +124,7 @@ impl Default for BuilderConfig {
             layer_precision: BTreeMap::new(),
             timing_cache: None,
             engine_check: true,
+            threads: None,
         }
     }
 }

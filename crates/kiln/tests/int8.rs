@@ -617,6 +617,7 @@ fn whole_engine_check_keeps_the_faster_engine() {
         [&int8, &float],
         graph_int8_layers(&int8),
         std::time::Duration::from_millis(200),
+        None,
     )
     .unwrap();
     assert!((5..=50).contains(&race.rounds), "{}", race.rounds);

@@ -196,6 +196,25 @@ fn a_warm_timing_cache_times_nothing_and_another_device_is_ignored() {
     };
     build(&mut other);
     assert_eq!(other.calls.get(), cold.calls.get());
+    // A build for another thread count (`--threads`) does not take the default build's
+    // times: they were measured with another number of cores working.
+    config.threads = Some(1);
+    let mut one_thread = FakeTimer {
+        rule,
+        reformat_ms: 0.0,
+        calls: Cell::new(0),
+    };
+    let c = Builder::new()
+        .build_onnx_file_with(&case.model, &config, &tuner::cpu_tactics, &mut one_thread)
+        .unwrap();
+    assert_eq!(one_thread.calls.get(), cold.calls.get());
+    assert_eq!(c.tuning_report().unwrap().threads, Some(1));
+    assert_eq!(a.tuning_report().unwrap().threads, None);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.contains("|threads=1"),
+        "the cache file names its thread count"
+    );
 }
 
 #[test]

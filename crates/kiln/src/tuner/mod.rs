@@ -113,6 +113,9 @@ pub struct TuneReport {
     pub seconds: f64,
     /// The whole-engine check's race, when one ran ([`whole_engine`]).
     pub whole_engine: Option<whole_engine::EngineRace>,
+    /// CPU builds: the intra-op thread count tactics were timed at (`--threads`); `None`:
+    /// the global pool, one thread per core.
+    pub threads: Option<usize>,
 }
 
 impl TuneReport {

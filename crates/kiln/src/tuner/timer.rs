@@ -45,6 +45,10 @@ pub struct CpuTimer {
     pub warmup: usize,
     /// Timed runs; the median is reported.
     pub reps: usize,
+    /// Intra-op threads to time at ([`CpuTimer::with_threads`]); `None`: the global pool.
+    threads: Option<usize>,
+    /// The pool of `threads` threads (two or more) the layers are timed in.
+    pool: Option<std::sync::Arc<rayon::ThreadPool>>,
 }
 
 impl CpuTimer {
@@ -57,10 +61,47 @@ impl CpuTimer {
                 3 => 5,
                 _ => 9,
             },
+            threads: None,
+            pool: None,
         }
     }
 
-    fn median_ms(&self, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+    /// Times layers, and races engines, at `threads` intra-op threads, as an execution
+    /// context with [`crate::ExecutionContext::set_threads`] runs them: one thread runs
+    /// every kernel on the calling thread, more run in a private pool of that size. `None`
+    /// (or 0) keeps the global pool. Errors when the pool cannot be made.
+    pub fn with_threads(mut self, threads: Option<usize>) -> Result<CpuTimer> {
+        self.threads = threads.filter(|&n| n > 0);
+        self.pool = match self.threads {
+            Some(n) if n > 1 => Some(std::sync::Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build()
+                    .map_err(|e| {
+                        KilnError::Other(format!("cannot create a pool of {n} threads: {e}"))
+                    })?,
+            )),
+            _ => None,
+        };
+        Ok(self)
+    }
+
+    /// The thread count set by [`CpuTimer::with_threads`].
+    pub fn threads(&self) -> Option<usize> {
+        self.threads
+    }
+
+    /// [`CpuTimer::measure`] at the timer's thread count.
+    fn median_ms(&self, run: impl FnMut() -> Result<()> + Send) -> Result<f64> {
+        match (&self.pool, self.threads) {
+            (Some(pool), _) => pool.install(|| self.measure(run)),
+            (None, Some(1)) => kiln_cpu::parallel::serial(|| self.measure(run)),
+            _ => self.measure(run),
+        }
+    }
+
+    /// Warm-up runs, then the median of the timed runs, in ms.
+    fn measure(&self, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
         for _ in 0..self.warmup {
             run()?;
         }
@@ -336,6 +377,48 @@ impl LayerTimer for CpuTimer {
             4..=5 => 2000,
             _ => 4000,
         });
-        Some(super::whole_engine::race(engines, int8_layers, budget))
+        Some(super::whole_engine::race(
+            engines,
+            int8_layers,
+            budget,
+            self.threads,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// The kernels a timer runs see the timer's thread count: one thread runs them
+    /// serially, more in a pool of that size, none in the global pool.
+    #[test]
+    fn layers_are_timed_at_the_timers_thread_count() {
+        let seen = |threads: Option<usize>| {
+            let timer = CpuTimer::for_level(1).with_threads(threads).unwrap();
+            assert_eq!(timer.threads(), threads);
+            let max = AtomicUsize::new(0);
+            let min = AtomicUsize::new(usize::MAX);
+            timer
+                .median_ms(|| {
+                    let n = kiln_cpu::parallel::threads();
+                    max.fetch_max(n, Ordering::Relaxed);
+                    min.fetch_min(n, Ordering::Relaxed);
+                    Ok(())
+                })
+                .unwrap();
+            let (lo, hi) = (min.into_inner(), max.into_inner());
+            assert_eq!(lo, hi, "{threads:?}");
+            hi
+        };
+        assert_eq!(seen(Some(1)), 1);
+        assert_eq!(seen(Some(3)), 3);
+        assert_eq!(seen(None), rayon::current_num_threads());
+        assert!(CpuTimer::for_level(1)
+            .with_threads(Some(0))
+            .unwrap()
+            .threads()
+            .is_none());
     }
 }

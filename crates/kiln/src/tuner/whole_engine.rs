@@ -101,8 +101,15 @@ pub fn tuned_wins(tuned_ms: f64, float_ms: f64) -> bool {
 
 /// Runs `[tuned, float]` end to end, interleaved (the order alternates per round), on the
 /// same seeded random inputs, for about `budget` after 2–20 warm-up runs each (at least 5
-/// and at most 50 rounds). Returns the medians; `kept` is decided by [`tuned_wins`].
-pub fn race(engines: [&Engine; 2], int8_layers: usize, budget: Duration) -> Result<EngineRace> {
+/// and at most 50 rounds), each engine in its own execution context with `threads`
+/// intra-op threads when given ([`crate::ExecutionContext::set_threads`]). Returns the
+/// medians; `kept` is decided by [`tuned_wins`].
+pub fn race(
+    engines: [&Engine; 2],
+    int8_layers: usize,
+    budget: Duration,
+    threads: Option<usize>,
+) -> Result<EngineRace> {
     let [tuned, float] = engines;
     let mut inputs: Vec<(String, Value)> = Vec::new();
     for (i, io) in tuned.inputs().iter().enumerate() {
@@ -126,6 +133,11 @@ pub fn race(engines: [&Engine; 2], int8_layers: usize, budget: Duration) -> Resu
         .map(|(n, v)| (n.as_str(), v.clone()))
         .collect();
     let mut contexts = [tuned.create_context(), float.create_context()];
+    if let Some(n) = threads {
+        for ctx in &mut contexts {
+            ctx.set_threads(n)?;
+        }
+    }
     let gpu = tuned.gpu().is_some();
     let mut run = |which: usize| -> Result<f64> {
         let ctx = &mut contexts[which];
