@@ -53,8 +53,7 @@ fn build_within_budget(
             batches.len()
         ),
     );
-    let mut timer =
-        kiln::tuner::CpuTimer::for_level(config.opt_level).with_threads(config.threads)?;
+    let mut timer = kiln::tuner::CpuTimer::for_config(&config)?;
     let engine = kiln::int8::budget::build_within_budget(
         &a.model,
         &config,

@@ -26,7 +26,7 @@ impl Builder {
 
     /// Parses, optimises and plans an ONNX model file.
     pub fn build_onnx_file(&self, path: &Path, config: &BuilderConfig) -> Result<Engine> {
-        let mut timer = CpuTimer::for_level(config.opt_level).with_threads(config.threads)?;
+        let mut timer = CpuTimer::for_config(config)?;
         self.build_onnx_file_with(path, config, &tuner::cpu_tactics, &mut timer)
     }
 
@@ -509,7 +509,9 @@ struct EngineParts<'a> {
 fn load_timing_cache(config: &BuilderConfig, fingerprint: &Fingerprint) -> TimingCache {
     let device = match config.threads {
         // Times measured on another thread count do not transfer.
-        Some(n) if fingerprint.gpu.is_none() => format!("{}|threads={n}", fingerprint.device_key()),
+        Some(n) if fingerprint.backend == "cpu" => {
+            format!("{}|threads={n}", fingerprint.device_key())
+        }
         _ => fingerprint.device_key(),
     };
     match &config.timing_cache {

@@ -66,6 +66,12 @@ impl CpuTimer {
         }
     }
 
+    /// The timer a build with `config` uses: its opt level's repetitions, at its thread
+    /// count ([`CpuTimer::with_threads`]).
+    pub fn for_config(config: &crate::BuilderConfig) -> Result<CpuTimer> {
+        CpuTimer::for_level(config.opt_level).with_threads(config.threads)
+    }
+
     /// Times layers, and races engines, at `threads` intra-op threads, as an execution
     /// context with [`crate::ExecutionContext::set_threads`] runs them: one thread runs
     /// every kernel on the calling thread, more run in a private pool of that size. `None`
